@@ -1,0 +1,3 @@
+//! What Inference-PIO runs when.
+pub mod sampler;
+pub mod stop;
