@@ -1,3 +1,28 @@
 //! What Inference-PIO runs when.
+//!
+//! - [`runner::Runner`] owns the paged KV cache ([`pio_model::KvCache`]) and its
+//!   [`block_pool::BlockPool`]; it turns [`runner::Sequence`]s into one flat
+//!   [`pio_model::ForwardBatch`] per step and runs the model.
+//! - [`sampler`] turns logits into tokens (pure functions plus a seeded RNG).
+//! - [`generate`] drives one sequence: the whole prompt in one forward, then one token per
+//!   step, streaming text and honouring stop tokens and [`stop`] strings.
+pub mod block_pool;
+pub mod generate;
+pub mod runner;
 pub mod sampler;
 pub mod stop;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] pio_model::Error),
+    #[error(transparent)]
+    Sampling(#[from] sampler::SamplingError),
+    #[error("the KV cache is full: {needed} more blocks needed, {free} free")]
+    OutOfCache { needed: usize, free: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

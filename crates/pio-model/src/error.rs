@@ -22,6 +22,9 @@ pub enum Error {
     /// Tokenizer construction, encoding or decoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The model has no usable tokenizer; the message says why (e.g. the missing file).
+    #[error("{0}")]
+    NoTokenizer(String),
     /// A chat template failed to parse or render.
     #[error("chat template: {0}")]
     Template(String),

@@ -1,6 +1,17 @@
 //! What Inference-PIO computes.
+pub mod batch;
 pub mod chat_template;
+pub mod config;
 pub mod error;
+pub mod layers;
+pub mod load;
+pub mod models;
+pub mod registry;
 pub mod tokenizer;
+pub mod weights;
 
+pub use batch::ForwardBatch;
 pub use error::{Error, Result};
+pub use layers::KvCache;
+pub use load::{load, load_tokenizer, GenerationDefaults, LoadedModel, ModelInfo};
+pub use models::{CausalLm, ModelShape};

@@ -1,0 +1,154 @@
+//! Command-line arguments, as the user types them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "pio", version, about = "Run large language models on the machine you have")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// An interactive conversation through the model's chat template (stdin may be piped).
+    Chat(ChatArgs),
+    /// Write the logits of one batched forward over the given sequences to a safetensors file.
+    Logits(LogitsArgs),
+    /// Print the token ids of the text on stdin as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Print the text of token ids.
+    Detokenize(DetokenizeArgs),
+    /// Print the prompt the chat template renders for an OpenAI chat-completions request body.
+    ChatTemplate(ChatTemplateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Print the architecture, parameter count, weight types and memory used.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 is greedy. Default: the checkpoint's, else 0.8.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the K most likely tokens (0: off). Default: the checkpoint's, else 40.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling (1: off). Default: the checkpoint's, else 0.95.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens below P times the top probability (0: off). Default: the checkpoint's, else 0.05.
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Penalize tokens already seen (1: off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// OpenAI presence penalty.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Context length (prompt + generated). Default: the model's, at most 4096.
+    #[arg(long)]
+    pub ctx_size: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// The prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt in the chat template as one user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A system message opening the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A sequence as comma-separated token ids (repeat for more sequences).
+    #[arg(long = "token-ids", required = true)]
+    pub token_ids: Vec<String>,
+    /// Output safetensors file: logits_0, logits_1, ... each [len, vocab] float32.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Add the tokenizer's special tokens (e.g. BOS) as the model expects them.
+    #[arg(long)]
+    pub add_special_tokens: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DetokenizeArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// Leave special tokens out of the text.
+    #[arg(long)]
+    pub skip_special_tokens: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatTemplateArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A JSON file with an OpenAI chat-completions request body.
+    #[arg(long)]
+    pub request: PathBuf,
+}

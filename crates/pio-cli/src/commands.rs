@@ -1,0 +1,301 @@
+//! The subcommands.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::sampler::SamplingParams;
+use pio_model::chat_template::ChatRequest;
+use pio_model::{LoadedModel, ModelInfo};
+use serde_json::{json, Value};
+
+use crate::args::{ChatArgs, Cli, Command, GenerateArgs, LogitsArgs, ModelArgs, SamplingArgs};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Chat(a) => cmd_chat(a),
+        Command::Logits(a) => cmd_logits(a),
+        Command::Tokenize(a) => {
+            let tok = pio_model::load_tokenizer(&a.model)?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading stdin")?;
+            let ids = tok.encode(&text, a.add_special_tokens)?;
+            out(&format!("{}\n", serde_json::to_string(&ids)?))
+        }
+        Command::Detokenize(a) => {
+            let tok = pio_model::load_tokenizer(&a.model)?;
+            if let Some(bad) = a.ids.iter().find(|&&id| id as usize >= tok.vocab_size()) {
+                bail!("token id {bad} is outside the vocabulary ({} tokens)", tok.vocab_size());
+            }
+            out(&tok.decode(&a.ids, a.skip_special_tokens)?)
+        }
+        Command::ChatTemplate(a) => {
+            let tok = pio_model::load_tokenizer(&a.model)?;
+            let template = tok
+                .chat_template()
+                .with_context(|| format!("{}: the tokenizer has no chat template", a.model.display()))?;
+            let text = std::fs::read_to_string(&a.request)
+                .with_context(|| format!("reading {}", a.request.display()))?;
+            let body: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: malformed JSON", a.request.display()))?;
+            let req = ChatRequest::from_openai_json(&body)?;
+            out(&template.render(&req)?)
+        }
+    }
+}
+
+/// Writes to stdout and flushes (errors, e.g. a closed pipe, are returned).
+fn out(s: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(s.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Loads a model with a progress bar on a terminal; prints details with `--verbose`.
+fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
+    let start = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(args.model.display().to_string());
+        bar
+    });
+    let mut progress = |done: usize, total: usize| {
+        if let Some(b) = &bar {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    };
+    let loaded = pio_model::load(&args.model, &mut progress);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let loaded = loaded?;
+    let load_s = start.elapsed().as_secs_f64();
+    if args.verbose {
+        print_info(&loaded.info, load_s);
+    }
+    Ok((loaded, load_s))
+}
+
+fn print_info(info: &ModelInfo, load_s: f64) {
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    eprintln!("model:        {} ({})", info.path.display(), info.format);
+    eprintln!("architecture: {}", info.arch);
+    eprintln!("parameters:   {:.1} M", info.num_params as f64 / 1e6);
+    let types: Vec<String> = info
+        .weight_types
+        .iter()
+        .map(|(d, n, b)| format!("{d} x{n} ({:.1} MiB)", *b as f64 / (1 << 20) as f64))
+        .collect();
+    eprintln!("weights:      {}", types.join(", "));
+    eprintln!("weight bytes: {:.3} GiB (memory-mapped)", gib(info.weight_bytes));
+    eprintln!("load time:    {load_s:.2} s");
+}
+
+/// Command-line sampling options over the checkpoint's defaults over our defaults.
+fn resolve_params(s: &SamplingArgs, loaded: &LoadedModel) -> GenerateParams {
+    let d = &loaded.generation;
+    GenerateParams {
+        sampling: SamplingParams {
+            temperature: s.temperature.or(d.temperature).unwrap_or(0.8),
+            top_k: s.top_k.or(d.top_k).unwrap_or(40),
+            top_p: s.top_p.or(d.top_p).unwrap_or(0.95),
+            min_p: s.min_p.or(d.min_p).unwrap_or(0.05),
+            repetition_penalty: s.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0),
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            seed: s.seed,
+        },
+        max_tokens: s.max_tokens,
+        stop_token_ids: d.eos_token_ids.clone(),
+        ignore_eos: s.ignore_eos,
+        stop: s.stop.clone(),
+    }
+}
+
+/// The context a run gets: `--ctx-size`, else the model's length capped at 4096.
+fn context_size(s: &SamplingArgs, loaded: &LoadedModel) -> usize {
+    s.ctx_size.unwrap_or_else(|| loaded.model.shape().max_position_embeddings.min(4096))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (loaded, load_s) = load_model(&a.model)?;
+    let prompt_ids = match (&a.prompt, &a.prompt_ids) {
+        (_, Some(ids)) if a.chat => bail!("--chat needs --prompt text, not --prompt-ids"),
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => {
+            let tok = loaded.tokenizer()?;
+            if a.chat {
+                let mut messages = Vec::new();
+                if let Some(sys) = &a.system {
+                    messages.push(json!({"role": "system", "content": sys}));
+                }
+                messages.push(json!({"role": "user", "content": text}));
+                let template = tok.chat_template().context("the model has no chat template")?;
+                let rendered = template.render(&ChatRequest {
+                    messages,
+                    tools: None,
+                    add_generation_prompt: true,
+                    kwargs: Default::default(),
+                })?;
+                tok.encode(&rendered, false)?
+            } else {
+                tok.encode(text, true)?
+            }
+        }
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let vocab = loaded.model.shape().vocab_size;
+    if let Some(bad) = prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("prompt token id {bad} is outside the vocabulary ({vocab} tokens)");
+    }
+    // Text output needs the tokenizer; --json with --prompt-ids does not.
+    let tokenizer = match (&loaded.tokenizer, a.json && a.sampling.stop.is_empty()) {
+        (Ok(t), _) => Some(t),
+        (Err(_), true) => None,
+        (Err(e), false) => bail!("{e}"),
+    };
+    let params = resolve_params(&a.sampling, &loaded);
+    let ctx = context_size(&a.sampling, &loaded);
+    if prompt_ids.len() >= ctx {
+        bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
+    }
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
+    let mut write_err = None;
+    let mut on_text = |s: &str| {
+        if !a.json && write_err.is_none() {
+            write_err = out(s).err();
+        }
+    };
+    let output = generate(&mut runner, tokenizer, &prompt_ids, &params, &mut on_text)?;
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    let rate = |n: usize, d: std::time::Duration| if d.as_secs_f64() > 0.0 { n as f64 / d.as_secs_f64() } else { 0.0 };
+    let prefill_tps = rate(prompt_ids.len(), output.prefill_time);
+    let decode_tps = rate(output.num_decode_steps, output.decode_time);
+    if a.json {
+        let v = json!({
+            "prompt_token_ids": prompt_ids,
+            "token_ids": output.token_ids,
+            "text": output.text,
+            "finish_reason": output.finish_reason.as_str(),
+            "timings": {"load_s": load_s, "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps},
+        });
+        out(&format!("{v}\n"))?;
+    } else {
+        out("\n")?;
+    }
+    if a.model.verbose {
+        eprintln!(
+            "prompt: {} tokens, {prefill_tps:.1} tok/s; generated: {} tokens, {decode_tps:.1} tok/s; KV cache {:.1} MiB; finish: {}",
+            prompt_ids.len(),
+            output.token_ids.len(),
+            runner.cache_bytes() as f64 / (1 << 20) as f64,
+            output.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn cmd_chat(a: ChatArgs) -> Result<()> {
+    let (loaded, _) = load_model(&a.model)?;
+    let tok = loaded.tokenizer()?;
+    let template = tok.chat_template().context("the model has no chat template")?;
+    let params = resolve_params(&a.sampling, &loaded);
+    let ctx = context_size(&a.sampling, &loaded);
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
+    let mut messages = Vec::new();
+    if let Some(sys) = &a.system {
+        messages.push(json!({"role": "system", "content": sys}));
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/exit" || line == "/quit" {
+            break;
+        }
+        messages.push(json!({"role": "user", "content": line}));
+        let prompt = template.render(&ChatRequest {
+            messages: messages.clone(),
+            tools: None,
+            add_generation_prompt: true,
+            kwargs: Default::default(),
+        })?;
+        let ids = tok.encode(&prompt, false)?;
+        if ids.len() >= ctx {
+            bail!("the conversation has {} tokens, the context holds {ctx} (see --ctx-size)", ids.len());
+        }
+        let mut write_err = None;
+        let output = generate(&mut runner, Some(tok), &ids, &params, &mut |s| {
+            if write_err.is_none() {
+                write_err = out(s).err();
+            }
+        })?;
+        if let Some(e) = write_err {
+            return Err(e);
+        }
+        out("\n")?;
+        messages.push(json!({"role": "assistant", "content": output.text}));
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let seqs: Vec<Vec<u32>> = a
+        .token_ids
+        .iter()
+        .map(|s| {
+            s.split(',')
+                .map(|t| t.trim().parse::<u32>().with_context(|| format!("bad token id {t:?} in --token-ids {s:?}")))
+                .collect::<Result<Vec<u32>>>()
+        })
+        .collect::<Result<_>>()?;
+    if seqs.iter().any(|s| s.is_empty()) {
+        bail!("--token-ids needs at least one id");
+    }
+    let (loaded, _) = load_model(&a.model)?;
+    let shape = loaded.model.shape();
+    for s in &seqs {
+        if let Some(bad) = s.iter().find(|&&id| id as usize >= shape.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary ({} tokens)", shape.vocab_size);
+        }
+    }
+    let total: usize = seqs.iter().map(|s| s.len().div_ceil(16) * 16).sum();
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), total);
+    let mut sequences: Vec<Sequence> = seqs.iter().map(|s| Sequence::new(s.clone())).collect();
+    let mut refs: Vec<&mut Sequence> = sequences.iter_mut().collect();
+    let logits = runner.step(&mut refs, Logits::All)?;
+    write_logits(&a.out, &logits, shape.vocab_size)
+}
+
+fn write_logits(path: &Path, logits: &[Vec<f32>], vocab: usize) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = logits.iter().map(|l| l.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let mut views = Vec::new();
+    for (i, (l, b)) in logits.iter().zip(&bytes).enumerate() {
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![l.len() / vocab, vocab], b)?;
+        views.push((format!("logits_{i}"), view));
+    }
+    safetensors::tensor::serialize_to_file(views, None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! The `pio` binary as a user runs it.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use safetensors::SafeTensors;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("testdata/synthetic").join(name)
+}
+
+fn tokenizer_dir() -> PathBuf {
+    root().join("crates/pio-model/tests/data/qwen3-tokenizer")
+}
+
+fn pio(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pio"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pio runs");
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("pio finishes")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exit 1 with `error: ...` mentioning `what`, and no panic.
+fn assert_fails(o: &Output, what: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
+    assert!(err.starts_with("error: "), "stderr: {err}");
+    assert!(err.contains(what), "stderr {err:?} does not mention {what:?}");
+    assert!(!err.contains("panicked"), "stderr: {err}");
+}
+
+fn reference(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name).join("reference.safetensors")).expect("reference")
+}
+
+fn ids_of(st: &SafeTensors<'_>, key: &str) -> Vec<u32> {
+    st.tensor(key).expect(key).data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32).collect()
+}
+
+fn f32s_of(st: &SafeTensors<'_>, key: &str) -> Vec<f32> {
+    st.tensor(key).expect(key).data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn logits_runs_all_sequences_in_one_batch_and_matches_reference() {
+    let bytes = reference("qwen2");
+    let r = SafeTensors::deserialize(&bytes).expect("reference");
+    let out = std::env::temp_dir().join(format!("pio-cli-logits-{}.safetensors", std::process::id()));
+    let (a, b) = (ids_of(&r, "input_ids"), ids_of(&r, "batch2_input_ids"));
+    let model = fixture("qwen2");
+    let o = pio(
+        &["logits", "--model", model.to_str().expect("path"), "--token-ids", &csv(&a), "--token-ids", &csv(&b), "--out", out.to_str().expect("path")],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = std::fs::read(&out).expect("logits file");
+    let _ = std::fs::remove_file(&out);
+    let w = SafeTensors::deserialize(&written).expect("valid safetensors");
+    for (key, want) in [("logits_0", "logits"), ("logits_1", "batch2_logits")] {
+        let t = w.tensor(key).expect(key);
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        let want = f32s_of(&r, want);
+        assert_eq!(t.shape(), &[want.len() / 512, 512]);
+        let got = f32s_of(&w, key);
+        let bound = 1e-4 * want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= bound, "{key}: diff {diff}");
+    }
+}
+
+#[test]
+fn generate_json_from_prompt_ids_without_tokenizer() {
+    let bytes = reference("llama");
+    let r = SafeTensors::deserialize(&bytes).expect("reference");
+    let want = ids_of(&r, "greedy_ids");
+    let model = fixture("llama");
+    let o = pio(
+        &["generate", "--model", model.to_str().expect("path"), "--prompt-ids", &csv(&ids_of(&r, "input_ids")), "--temperature", "0", "--max-tokens", &want.len().to_string(), "--ignore-eos", "--json"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let got: Vec<u32> = v["token_ids"].as_array().expect("token_ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
+    assert_eq!(got, want);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["prompt_token_ids"].as_array().map(Vec::len), Some(16));
+    for k in ["load_s", "prefill_tokens_per_s", "decode_tokens_per_s"] {
+        assert!(v["timings"][k].as_f64().is_some_and(|x| x >= 0.0), "timings.{k}");
+    }
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let model = fixture("qwen3");
+    let run = |seed: &str| {
+        let o = pio(&["generate", "--model", model.to_str().expect("path"), "--prompt-ids", "5,6,7,8", "--temperature", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", seed, "--max-tokens", "16", "--ignore-eos", "--json"], None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).expect("json");
+        v["token_ids"].clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn text_output_without_tokenizer_names_the_missing_file() {
+    let model = fixture("qwen3");
+    assert_fails(&pio(&["generate", "--model", model.to_str().expect("path"), "--prompt", "hello"], None), "tokenizer.json");
+    assert_fails(&pio(&["generate", "--model", model.to_str().expect("path"), "--prompt-ids", "5,6"], None), "tokenizer.json");
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let model = fixture("qwen3");
+    let m = model.to_str().expect("path");
+    assert_fails(&pio(&["generate", "--model", "/no/such/model.gguf", "--prompt-ids", "1"], None), "/no/such/model.gguf");
+    assert_fails(&pio(&["generate", "--model", m, "--prompt-ids", "5,99999", "--json"], None), "outside the vocabulary");
+    assert_fails(&pio(&["generate", "--model", m, "--prompt-ids", "5,6", "--json", "--temperature", "-1"], None), "temperature");
+    assert_fails(&pio(&["generate", "--model", m, "--prompt-ids", &csv(&[5; 40]), "--json", "--ctx-size", "32"], None), "context");
+    assert_fails(&pio(&["logits", "--model", m, "--token-ids", "5,x", "--out", "/tmp/x.safetensors"], None), "bad token id");
+}
+
+#[test]
+fn tokenize_and_detokenize_round_trip() {
+    let dir = tokenizer_dir();
+    let d = dir.to_str().expect("path");
+    let o = pio(&["tokenize", "--model", d], Some("Hello world<|im_end|>"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<u32> = serde_json::from_str(stdout(&o).trim()).expect("JSON array");
+    assert_eq!(ids, vec![9707, 1879, 151645]);
+    let o = pio(&["detokenize", "--model", d, "--ids", &csv(&ids)], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "Hello world<|im_end|>");
+    assert_fails(&pio(&["detokenize", "--model", d, "--ids", "99999999"], None), "outside the vocabulary");
+}
+
+#[test]
+fn chat_template_renders_a_request_file() {
+    let dir = tokenizer_dir();
+    let req = std::env::temp_dir().join(format!("pio-cli-req-{}.json", std::process::id()));
+    std::fs::write(&req, r#"{"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"enable_thinking": false}}"#).expect("write");
+    let o = pio(&["chat-template", "--model", dir.to_str().expect("path"), "--request", req.to_str().expect("path")], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
+    std::fs::write(&req, "{\"messages\": [").expect("write");
+    assert_fails(&pio(&["chat-template", "--model", dir.to_str().expect("path"), "--request", req.to_str().expect("path")], None), "malformed JSON");
+    let _ = std::fs::remove_file(&req);
+}
+
+/// The default model, when fetched: coherent chat text through the README's command.
+#[test]
+fn generate_and_chat_with_smollm2() {
+    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let model = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model.exists() {
+        assert!(std::env::var_os("CI").is_none(), "{} missing in CI", model.display());
+        eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", model.display());
+        return;
+    }
+    let m = model.to_str().expect("path");
+    let o = pio(&["generate", "--model", m, "--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "12"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("The capital of France is Paris."), "{}", stdout(&o));
+    let o = pio(&["generate", "--model", m, "--prompt", "Once upon a time", "--max-tokens", "8", "--stop", " the", "--seed", "1", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("json");
+    assert!(!v["text"].as_str().expect("text").contains(" the"));
+    let o = pio(&["chat", "--model", m, "--temperature", "0", "--max-tokens", "10"], Some("What is the capital of France?\n"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
+}

@@ -1,0 +1,120 @@
+//! The dense family against Hugging Face transformers (float32) on tiny random-weight
+//! checkpoints: logits, greedy continuations, and batched == alone.
+
+use std::path::PathBuf;
+
+use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::sampler::SamplingParams;
+use safetensors::SafeTensors;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name)
+}
+
+struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    fn open(name: &str) -> Reference {
+        let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference file");
+        Reference { bytes }
+    }
+
+    fn ids(&self, key: &str) -> Vec<u32> {
+        let st = SafeTensors::deserialize(&self.bytes).expect("reference parses");
+        let t = st.tensor(key).expect(key);
+        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32).collect()
+    }
+
+    fn f32s(&self, key: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.bytes).expect("reference parses");
+        let t = st.tensor(key).expect(key);
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+    }
+}
+
+/// Max |a - b| against the fixture bound `1e-4 · max(1, max|ref|)` (× `scale`).
+fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32], scale: f32) {
+    assert_eq!(got.len(), want.len(), "{name} {what}: length");
+    let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let bound = 1e-4 * max_ref * scale;
+    let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= bound, "{name} {what}: max abs diff {diff} > bound {bound}");
+}
+
+fn tolerance(name: &str) -> f32 {
+    if name.contains("bf16") {
+        10.0
+    } else {
+        1.0
+    }
+}
+
+const FAMILIES: [&str; 4] = ["qwen3", "qwen3-bf16-untied", "qwen2", "llama"];
+
+#[test]
+fn logits_match_transformers() {
+    for name in FAMILIES {
+        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let r = Reference::open(name);
+        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+        let mut seq = Sequence::new(r.ids("input_ids"));
+        let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
+        assert_close(name, "logits", &logits[0], &r.f32s("logits"), tolerance(name));
+    }
+}
+
+#[test]
+fn batch_of_prompts_matches_each_alone() {
+    for name in FAMILIES {
+        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let r = Reference::open(name);
+        let keys = ["input_ids", "batch1_input_ids", "batch2_input_ids", "batch3_input_ids"];
+        let refs = ["logits", "batch1_logits", "batch2_logits", "batch3_logits"];
+        let mut seqs: Vec<Sequence> = keys.iter().map(|k| Sequence::new(r.ids(k))).collect();
+        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 256);
+        let mut refs_mut: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        let batched = runner.step(&mut refs_mut, Logits::All).expect("batched forward");
+        for (i, want) in refs.iter().enumerate() {
+            assert_close(name, want, &batched[i], &r.f32s(want), tolerance(name));
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    for name in FAMILIES {
+        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let r = Reference::open(name);
+        let want = r.ids("greedy_ids");
+        let params = GenerateParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: want.len(),
+            stop_token_ids: loaded.generation.eos_token_ids.clone(),
+            ignore_eos: true,
+            stop: Vec::new(),
+        };
+        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+        let out = generate(&mut runner, None, &r.ids("input_ids"), &params, &mut |_| {}).expect("generate");
+        assert_eq!(out.token_ids, want, "{name}: greedy tokens");
+    }
+}
+
+#[test]
+fn prompt_split_across_steps_matches_one_pass() {
+    // The cache is the only memory: the prompt run in two chunks gives the same last logits.
+    let name = "qwen3";
+    let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+    let r = Reference::open(name);
+    let ids = r.ids("input_ids");
+    let mut runner = Runner::new(loaded.model.as_ref(), 4, 8);
+    let mut seq = Sequence::new(ids[..7].to_vec());
+    runner.step(&mut [&mut seq], Logits::Last).expect("first chunk");
+    seq.token_ids.extend_from_slice(&ids[7..]);
+    let rest = runner.step(&mut [&mut seq], Logits::All).expect("second chunk");
+    let all = r.f32s("logits");
+    let vocab = all.len() / ids.len();
+    assert_close(name, "chunked logits", &rest[0], &all[7 * vocab..], 1.0);
+}

@@ -1,0 +1,156 @@
+//! Real trained weights (SmolLM2-135M-Instruct Q4_1, Qwen2.5-Coder-0.5B-Instruct Q4_K_M)
+//! against the float32 references in `testdata/real/` (see its README for the acceptance rule).
+//!
+//! The GGUF files come from `scripts/fetch-models.sh` (run by `.ci/run`). Outside CI a missing
+//! file skips these tests with a printed reason; in CI it fails them.
+
+use std::path::PathBuf;
+
+use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::sampler::SamplingParams;
+use pio_model::chat_template::ChatRequest;
+use serde_json::Value;
+
+/// A reference position counts when its top-1 minus top-2 gap is at least this.
+const DECIDED: f64 = 0.3;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model_path(file: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let path = dir.join(file);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", path.display());
+    eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", path.display());
+    None
+}
+
+fn reference(name: &str) -> Value {
+    let path = root().join("testdata/real").join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference file")).expect("reference JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// Checks one reference file: prompt ids, teacher-forced top-1 on decided positions, greedy
+/// tokens up to the first undecided step.
+fn check(name: &str) {
+    let r = reference(name);
+    let Some(path) = model_path(r["model_file"].as_str().expect("model_file")) else { return };
+    let loaded = pio_model::load(&path, &mut |_, _| {}).expect("model loads");
+    let tok = loaded.tokenizer().expect("GGUF tokenizer");
+
+    // 1. The prompt through the GGUF's own chat template and tokenizer.
+    let prompt_text = r["prompt_text"].as_str().expect("prompt_text");
+    let rendered = if r["chat"].as_bool().expect("chat") {
+        let template = tok.chat_template().expect("GGUF chat template");
+        template.render(&ChatRequest::single_user(prompt_text)).expect("template renders")
+    } else {
+        prompt_text.to_string()
+    };
+    assert_eq!(rendered, r["rendered_prompt"].as_str().expect("rendered"), "{name}: rendered prompt");
+    let prompt = tok.encode(&rendered, true).expect("encode");
+    assert_eq!(prompt, ids(&r["prompt_ids"]), "{name}: prompt ids");
+
+    // 2. Teacher forcing: one pass over prompt + reference tokens.
+    let greedy_ref = ids(&r["greedy_ids"]);
+    let mut all = prompt.clone();
+    all.extend(&greedy_ref);
+    let vocab = loaded.model.shape().vocab_size;
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), all.len() + 64);
+    let mut seq = Sequence::new(all.clone());
+    let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+    runner.release(&mut seq);
+    let (mut decided, mut agree) = (0, 0);
+    for tf in r["teacher_forced"].as_array().expect("teacher_forced") {
+        if tf["gap"].as_f64().expect("gap") < DECIDED {
+            continue;
+        }
+        let pos = tf["pos"].as_u64().expect("pos") as usize;
+        let row = &logits[pos * vocab..(pos + 1) * vocab];
+        let top1 = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
+        decided += 1;
+        agree += usize::from(top1 as u64 == tf["top5_ids"][0].as_u64().expect("top1"));
+    }
+    let share = agree as f64 / decided as f64;
+    eprintln!("{name}: teacher-forced top-1 agreement {agree}/{decided} = {share:.3}");
+    assert!(share >= 0.97, "{name}: teacher-forced top-1 agreement {share:.3} < 0.97");
+
+    // 3. Greedy, end-of-sequence ignored, up to the first undecided step.
+    let params = GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: greedy_ref.len(),
+        stop_token_ids: loaded.generation.eos_token_ids.clone(),
+        ignore_eos: true,
+        stop: Vec::new(),
+    };
+    let out = generate(&mut runner, Some(tok), &prompt, &params, &mut |_| {}).expect("generate");
+    let margins: Vec<f64> = r["greedy_margins"].as_array().expect("margins").iter().map(|m| m.as_f64().expect("m")).collect();
+    let must = margins.iter().position(|&m| m < DECIDED).unwrap_or(margins.len());
+    assert_eq!(out.token_ids[..must], greedy_ref[..must], "{name}: greedy tokens (first {must} decided)");
+    let same = out.token_ids.iter().zip(&greedy_ref).take_while(|(a, b)| a == b).count();
+    eprintln!("{name}: greedy {same}/{} tokens equal the reference; text: {:?}", greedy_ref.len(), out.text);
+    if same == greedy_ref.len() {
+        assert_eq!(out.text, r["greedy_text"].as_str().expect("greedy_text"), "{name}: greedy text");
+    }
+}
+
+#[test]
+fn smollm2_story() {
+    check("smollm2-story");
+}
+
+#[test]
+fn smollm2_capital() {
+    check("smollm2-capital");
+}
+
+#[test]
+fn smollm2_haiku() {
+    check("smollm2-haiku");
+}
+
+#[test]
+fn qwen25_coder_fibonacci() {
+    check("qwen2.5-coder-fibonacci");
+}
+
+#[test]
+fn qwen25_coder_palindrome() {
+    check("qwen2.5-coder-palindrome");
+}
+
+#[test]
+fn qwen25_coder_hashmap() {
+    check("qwen2.5-coder-hashmap");
+}
+
+#[test]
+fn qwen25_gguf_tokenizer_matches_qwen3_reference_ids() {
+    // Qwen2.5 and Qwen3 share vocabulary and merges; Qwen3 adds specials from id 151665 on.
+    let Some(path) = model_path("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf") else { return };
+    let tok = pio_model::load_tokenizer(&path).expect("GGUF tokenizer");
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("crates/pio-model/tests/data/tokenizer/qwen3_cases.json")).expect("cases"),
+    )
+    .expect("cases JSON");
+    let mut checked = 0;
+    for case in cases.as_array().expect("case list") {
+        let want = ids(&case["ids"]);
+        if want.iter().any(|&id| id >= 151665) {
+            continue;
+        }
+        let text = case["text"].as_str().expect("text");
+        assert_eq!(tok.encode(text, false).expect("encode"), want, "text {text:?}");
+        assert_eq!(tok.decode(&want, false).expect("decode"), case["decoded"].as_str().expect("decoded"), "ids of {text:?}");
+        checked += 1;
+    }
+    assert!(checked > 10, "only {checked} cases checked");
+}

@@ -1,0 +1,61 @@
+//! The flat batch a forward pass runs over.
+
+use crate::{Error, Result};
+
+/// The tokens of one or more sequences, concatenated, and where their K/V go.
+///
+/// The scheduler/runner builds this; the model reads token ids and positions, and only the
+/// attention layer reads the cache fields.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForwardBatch {
+    /// `[num_tokens]` token ids, sequence after sequence.
+    pub token_ids: Vec<u32>,
+    /// `[num_tokens]` absolute position of each token in its sequence.
+    pub positions: Vec<usize>,
+    /// `[num_tokens]` index into `block_tables` of each token's sequence.
+    pub seq_indices: Vec<usize>,
+    /// `[num_tokens]` cache slot (`block * block_size + offset`) each token's K/V is written to.
+    pub slot_mapping: Vec<usize>,
+    /// `[num_seqs][blocks]` each sequence's cache blocks in position order; a token at position
+    /// `p` attends to positions `0..=p` of its sequence through this table.
+    pub block_tables: Vec<Vec<u32>>,
+    /// Rows (token indices) whose logits are wanted, in output order.
+    pub logits_indices: Vec<usize>,
+}
+
+impl ForwardBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Checks lengths and that every slot and position lies in the cache (`num_blocks` blocks
+    /// of `block_size`).
+    pub fn validate(&self, block_size: usize, num_blocks: usize) -> Result<()> {
+        let n = self.token_ids.len();
+        if self.positions.len() != n || self.seq_indices.len() != n || self.slot_mapping.len() != n {
+            return Err(Error::Batch("token_ids, positions, seq_indices and slot_mapping differ in length".into()));
+        }
+        for t in 0..n {
+            let seq = self.seq_indices[t];
+            let table = self
+                .block_tables
+                .get(seq)
+                .ok_or_else(|| Error::Batch(format!("token {t}: sequence {seq} has no block table")))?;
+            let pos = self.positions[t];
+            let block = table.get(pos / block_size).ok_or_else(|| {
+                Error::Batch(format!("token {t}: position {pos} is past its block table ({} blocks)", table.len()))
+            })?;
+            let slot = *block as usize * block_size + pos % block_size;
+            if *block as usize >= num_blocks || slot != self.slot_mapping[t] {
+                return Err(Error::Batch(format!(
+                    "token {t}: slot {} does not match block table entry {block} (cache has {num_blocks} blocks)",
+                    self.slot_mapping[t]
+                )));
+            }
+        }
+        if let Some(&i) = self.logits_indices.iter().find(|&&i| i >= n) {
+            return Err(Error::Batch(format!("logits index {i} out of {n} tokens")));
+        }
+        Ok(())
+    }
+}

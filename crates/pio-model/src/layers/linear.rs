@@ -1,0 +1,52 @@
+//! `y = x Wᵀ + b` with `W` in any storage format.
+
+use pio_kernels::{matmul, ops, DType};
+
+use crate::weights::{Checkpoint, Tensor};
+use crate::Result;
+
+/// A projection `[in_features] -> [out_features]`. The weight's format (F32, BF16, Q4_K, ...)
+/// is a property of the weight tensor, not of the model.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Tensor,
+    /// `[out_features]`.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the checkpoint.
+    pub fn load(ckpt: &mut Checkpoint, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Linear> {
+        let weight = ckpt.take(&format!("{prefix}.weight"), &[out_features, in_features])?;
+        let bias = if bias {
+            Some(ckpt.take(&format!("{prefix}.bias"), &[out_features])?.to_f32_vec())
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.shape[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.shape[0]
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype
+    }
+
+    /// `x`: `[n, in_features]` -> `[n, out_features]`.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / self.in_features();
+        let mut y = vec![0f32; n * self.out_features()];
+        matmul::matmul(self.weight.matrix(), x, n, &mut y);
+        if let Some(b) = &self.bias {
+            ops::add_bias_rows(&mut y, b);
+        }
+        y
+    }
+}

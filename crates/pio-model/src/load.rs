@@ -1,0 +1,235 @@
+//! Opening a model path: a GGUF file or a Hugging Face directory, with its tokenizer and
+//! generation defaults.
+
+use std::path::{Path, PathBuf};
+
+use pio_kernels::DType;
+use serde_json::Value;
+
+use crate::config::DenseConfig;
+use crate::models::qwen3::DenseModel;
+use crate::models::CausalLm;
+use crate::registry::{self, Family};
+use crate::tokenizer::{GgufVocab, Tokenizer};
+use crate::weights::gguf::{GgufFile, Value as GValue};
+use crate::weights::safetensors;
+use crate::{Error, Result};
+
+/// Defaults a checkpoint carries for generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    /// Token ids that end a sequence (generation_config.json, config.json, tokenizer, GGUF eos/eot).
+    pub eos_token_ids: Vec<u32>,
+    pub temperature: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+/// What was loaded, for `--verbose` and reports.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    /// "gguf" or "safetensors".
+    pub format: &'static str,
+    pub arch: String,
+    pub num_params: usize,
+    /// (format, number of matrices, bytes).
+    pub weight_types: Vec<(DType, usize, usize)>,
+    pub weight_bytes: usize,
+}
+
+/// A model ready to run, with what it needs to turn text into tokens and back.
+pub struct LoadedModel {
+    pub model: Box<dyn CausalLm>,
+    /// The tokenizer, or why there is none (names the missing file).
+    pub tokenizer: std::result::Result<Tokenizer, String>,
+    pub generation: GenerationDefaults,
+    pub info: ModelInfo,
+}
+
+impl LoadedModel {
+    /// The tokenizer, or an error saying which file is missing.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().map_err(|e| Error::NoTokenizer(e.clone()))
+    }
+}
+
+/// Loads the model at `path`. `progress(done, total)` is called as layers are built.
+pub fn load(path: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    if path.is_dir() {
+        load_hf_dir(path, progress)
+    } else {
+        load_gguf(path, progress)
+    }
+}
+
+/// Loads only the tokenizer of `path` (a GGUF file, or a directory with tokenizer files).
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if path.is_dir() {
+        Tokenizer::from_hf_dir(path)
+    } else {
+        let g = GgufFile::open(path)?;
+        tokenizer_from_gguf(&g)
+    }
+}
+
+fn load_hf_dir(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(Error::file(&config_path, "missing: a model directory needs config.json"));
+    }
+    let raw: Value = read_json(&config_path)?;
+    let arch = raw
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .ok_or_else(|| Error::file(&config_path, "no \"architectures\" entry"))?;
+    match registry::family_of_hf(arch) {
+        Some(Family::Dense) => {}
+        None => {
+            return Err(Error::file(
+                &config_path,
+                format!("unknown architecture {arch:?} (supported: {})", registry::supported_list(false)),
+            ))
+        }
+    }
+    let config = DenseConfig::from_hf_file(&config_path)?;
+    let ckpt = safetensors::load_dir(dir)?;
+    let model = DenseModel::load(config.clone(), ckpt, progress)?;
+    let tokenizer = Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string());
+    let mut generation = GenerationDefaults::default();
+    add_eos_ids(&mut generation.eos_token_ids, raw.get("eos_token_id"));
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.exists() {
+        let g: Value = read_json(&gen_path)?;
+        add_eos_ids(&mut generation.eos_token_ids, g.get("eos_token_id"));
+        let f = |k: &str| g.get(k).and_then(|v| v.as_f64()).map(|v| v as f32);
+        // Sampling defaults apply only when the checkpoint asks to sample.
+        if g.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false) {
+            generation.temperature = f("temperature");
+            generation.top_p = f("top_p");
+            generation.min_p = f("min_p");
+            generation.top_k = g.get("top_k").and_then(|v| v.as_u64()).map(|v| v as usize);
+        }
+        generation.repetition_penalty = f("repetition_penalty");
+    }
+    if let Ok(t) = &tokenizer {
+        for id in t.eos_token_ids() {
+            if !generation.eos_token_ids.contains(&id) {
+                generation.eos_token_ids.push(id);
+            }
+        }
+    }
+    let info = model_info(dir, "safetensors", &config, &model);
+    Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
+}
+
+fn load_gguf(path: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    let g = GgufFile::open(path)?;
+    let arch = g.get_str("general.architecture")?;
+    if registry::family_of_gguf(arch).is_none() {
+        return Err(Error::file(
+            path,
+            format!("unknown architecture {arch:?} (supported: {})", registry::supported_list(true)),
+        ));
+    }
+    let config = DenseConfig::from_gguf(&g)?;
+    let model = DenseModel::load(config.clone(), g.checkpoint(), progress)?;
+    let tokenizer = tokenizer_from_gguf(&g).map_err(|e| e.to_string());
+    let mut generation = GenerationDefaults::default();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = g.get(key).and_then(GValue::as_u64) {
+            if !generation.eos_token_ids.contains(&(id as u32)) {
+                generation.eos_token_ids.push(id as u32);
+            }
+        }
+    }
+    let info = model_info(path, "gguf", &config, &model);
+    Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
+}
+
+/// Rebuilds the tokenizer a GGUF file carries in its metadata.
+pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
+    let strings = |key: &str| -> Result<Vec<String>> {
+        match g.get(key) {
+            None => Ok(Vec::new()),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| Error::file(&g.path, format!("{key} is not an array of strings"))),
+        }
+    };
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(GValue::as_str)
+        .ok_or_else(|| Error::file(&g.path, "no tokenizer in this GGUF file (tokenizer.ggml.model missing)"))?
+        .to_string();
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    if tokens.is_empty() {
+        return Err(Error::file(&g.path, "tokenizer.ggml.tokens is missing or empty"));
+    }
+    let token_types = match g.get("tokenizer.ggml.token_type") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|t| t.as_i64().map(|t| t as i32)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| Error::file(&g.path, "tokenizer.ggml.token_type is not an array of integers"))?,
+    };
+    let id = |key: &str| g.get(key).and_then(GValue::as_u64).map(|v| v as u32);
+    let vocab = GgufVocab {
+        model,
+        pre: g.get("tokenizer.ggml.pre").and_then(GValue::as_str).map(str::to_string),
+        tokens,
+        token_types,
+        merges: strings("tokenizer.ggml.merges")?,
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: id("tokenizer.ggml.eos_token_id"),
+        eot_token_id: id("tokenizer.ggml.eot_token_id"),
+        add_bos_token: g.get("tokenizer.ggml.add_bos_token").and_then(GValue::as_bool).unwrap_or(false),
+        chat_template: g.get("tokenizer.chat_template").and_then(GValue::as_str).map(str::to_string),
+    };
+    Tokenizer::from_gguf_vocab(vocab).map_err(|e| Error::file(&g.path, e.to_string()))
+}
+
+fn model_info(path: &Path, format: &'static str, config: &DenseConfig, model: &DenseModel) -> ModelInfo {
+    let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();
+    for (dtype, bytes) in model.weight_dtypes() {
+        match weight_types.iter_mut().find(|(d, _, _)| *d == dtype) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += bytes;
+            }
+            None => weight_types.push((dtype, 1, bytes)),
+        }
+    }
+    ModelInfo {
+        path: path.to_path_buf(),
+        format,
+        arch: config.arch_name.clone(),
+        num_params: config.num_params(),
+        weight_bytes: weight_types.iter().map(|w| w.2).sum(),
+        weight_types,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("malformed JSON: {e}")))
+}
+
+fn add_eos_ids(ids: &mut Vec<u32>, v: Option<&Value>) {
+    let mut push = |v: &Value| {
+        if let Some(id) = v.as_u64() {
+            if !ids.contains(&(id as u32)) {
+                ids.push(id as u32);
+            }
+        }
+    };
+    match v {
+        Some(Value::Array(a)) => a.iter().for_each(&mut push),
+        Some(v) => push(v),
+        None => {}
+    }
+}

@@ -1,0 +1,31 @@
+//! Which architectures we run: a data table from checkpoint architecture strings to families.
+
+/// A family of models that share one model file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `models::qwen3`: Qwen3, Qwen2, Llama.
+    Dense,
+}
+
+/// (Hugging Face `architectures[0]`, GGUF `general.architecture`, family).
+pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
+    ("Qwen3ForCausalLM", "qwen3", Family::Dense),
+    ("Qwen2ForCausalLM", "qwen2", Family::Dense),
+    ("LlamaForCausalLM", "llama", Family::Dense),
+];
+
+/// The family of a Hugging Face architecture string.
+pub fn family_of_hf(arch: &str) -> Option<Family> {
+    ARCHITECTURES.iter().find(|(hf, _, _)| *hf == arch).map(|(_, _, f)| *f)
+}
+
+/// The family of a GGUF architecture string.
+pub fn family_of_gguf(arch: &str) -> Option<Family> {
+    ARCHITECTURES.iter().find(|(_, g, _)| *g == arch).map(|(_, _, f)| *f)
+}
+
+/// Comma-separated list for error messages.
+pub fn supported_list(gguf: bool) -> String {
+    let names: Vec<&str> = ARCHITECTURES.iter().map(|(hf, g, _)| if gguf { *g } else { *hf }).collect();
+    names.join(", ")
+}

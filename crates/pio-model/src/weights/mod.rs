@@ -1,0 +1,141 @@
+//! Checkpoint tensors, memory-mapped, under Hugging Face names.
+//!
+//! A [`Checkpoint`] is a bag of named [`Tensor`]s read from a safetensors directory or a GGUF
+//! file. GGUF names are mapped to Hugging Face names (`blk.0.attn_q.weight` ->
+//! `model.layers.0.self_attn.q_proj.weight`) by the table in [`names`], so models ask for one
+//! spelling. Models [`Checkpoint::take`] what they use; whatever is left over is an error, so a
+//! tensor the code does not understand is never silently ignored.
+
+pub mod gguf;
+pub mod names;
+pub mod safetensors;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use pio_kernels::{matmul::WeightView, quant, DType};
+
+use crate::{Error, Result};
+
+/// Where a tensor's bytes live.
+#[derive(Clone)]
+pub enum Storage {
+    /// A range of a memory-mapped file (no copy).
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    /// Bytes owned in memory (converted or quantized at load).
+    Owned(Arc<Vec<u8>>),
+}
+
+/// A tensor: format, shape (outermost first) and bytes.
+#[derive(Clone)]
+pub struct Tensor {
+    pub dtype: DType,
+    /// Outermost first: a matrix is `[rows, cols]`, as PyTorch writes it.
+    pub shape: Vec<usize>,
+    pub storage: Storage,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({}, {:?})", self.dtype, self.shape)
+    }
+}
+
+impl Tensor {
+    pub fn bytes(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Storage::Owned(v) => v,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// All elements decoded to f32 (for small tensors: norms, biases).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let cols = self.shape.last().copied().unwrap_or(1).max(1);
+        quant::dequantize(self.dtype, self.bytes(), self.numel().max(cols) / cols * cols)
+    }
+
+    /// The tensor as a row-major matrix `[rows, cols]` (1-D tensors are one row).
+    pub fn matrix(&self) -> WeightView<'_> {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        WeightView { dtype: self.dtype, rows: self.numel() / cols.max(1), cols, data: self.bytes() }
+    }
+}
+
+/// The tensors of one checkpoint, by Hugging Face name.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The file or directory they came from (for error messages).
+    pub path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    pub fn new(path: PathBuf, tensors: BTreeMap<String, Tensor>) -> Self {
+        Checkpoint { path, tensors }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Every tensor with its name, in name order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(n, t)| (n.as_str(), t))
+    }
+
+    /// Removes and returns tensor `name`, checking its shape; errors name the file and tensor.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| Error::file(&self.path, format!("missing tensor {name:?}")))?;
+        if t.shape != shape {
+            return Err(Error::file(
+                &self.path,
+                format!("tensor {name:?} has shape {:?}, the config implies {shape:?}", t.shape),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Like [`take`](Self::take) for a tensor that may be absent.
+    pub fn take_optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.take(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Drops a tensor the model knowingly does not use (e.g. a saved copy of tied embeddings).
+    pub fn discard(&mut self, name: &str) {
+        self.tensors.remove(name);
+    }
+
+    /// Errors if any tensor was not taken: the checkpoint holds something the config does not
+    /// explain.
+    pub fn finish(self) -> Result<()> {
+        if self.tensors.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.tensors.keys().map(String::as_str).take(8).collect();
+        Err(Error::file(
+            &self.path,
+            format!(
+                "{} tensor(s) the model config does not use, e.g. {names:?}: unsupported architecture variant",
+                self.tensors.len()
+            ),
+        ))
+    }
+}

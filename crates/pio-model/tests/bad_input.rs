@@ -1,0 +1,171 @@
+//! Broken checkpoints give errors that name the file and what is wrong — never a panic.
+
+use std::path::{Path, PathBuf};
+
+use pio_kernels::DType;
+use pio_model::weights::gguf::{write_gguf, TensorToWrite, Value};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name)
+}
+
+/// A scratch copy of fixture `name`, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(name: &str, tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pio-bad-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        for f in ["config.json", "generation_config.json", "model.safetensors"] {
+            std::fs::copy(fixture(name).join(f), dir.join(f)).expect("copy fixture");
+        }
+        Scratch(dir)
+    }
+
+    fn edit_config(&self, f: impl FnOnce(&mut serde_json::Value)) {
+        let path = self.0.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        f(&mut v);
+        std::fs::write(&path, v.to_string()).expect("write");
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn load_err(path: &Path) -> String {
+    match pio_model::load(path, &mut |_, _| {}) {
+        Ok(_) => panic!("{} loaded but should not have", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "error {err:?} does not mention {p:?}");
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let s = Scratch::copy_of("qwen3", "trunc-st");
+    let file = s.0.join("model.safetensors");
+    let len = std::fs::metadata(&file).expect("meta").len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).expect("open");
+    f.set_len(len / 2).expect("truncate");
+    assert_mentions(&load_err(&s.0), &["model.safetensors", "not a valid safetensors file"]);
+}
+
+#[test]
+fn garbage_safetensors_header() {
+    let s = Scratch::copy_of("qwen3", "garbage-st");
+    std::fs::write(s.0.join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").expect("write");
+    assert_mentions(&load_err(&s.0), &["model.safetensors"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let s = Scratch::copy_of("qwen3", "missing");
+    s.edit_config(|c| c["num_hidden_layers"] = 4.into());
+    assert_mentions(&load_err(&s.0), &["missing tensor", "model.layers.3."]);
+}
+
+#[test]
+fn shape_that_does_not_match_the_config() {
+    let s = Scratch::copy_of("qwen3", "shape");
+    s.edit_config(|c| c["intermediate_size"] = 200.into());
+    assert_mentions(&load_err(&s.0), &["mlp.gate_proj.weight", "shape", "[200, 128]"]);
+}
+
+#[test]
+fn unknown_architecture_and_config_values() {
+    let s = Scratch::copy_of("qwen3", "arch");
+    s.edit_config(|c| c["architectures"] = serde_json::json!(["FooForCausalLM"]));
+    assert_mentions(&load_err(&s.0), &["config.json", "unknown architecture", "FooForCausalLM"]);
+    s.edit_config(|c| {
+        c["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+        c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    });
+    assert_mentions(&load_err(&s.0), &["config.json", "rope_scaling"]);
+    s.edit_config(|c| {
+        c["rope_scaling"] = serde_json::Value::Null;
+        c["use_sliding_window"] = true.into();
+    });
+    assert_mentions(&load_err(&s.0), &["use_sliding_window"]);
+    s.edit_config(|c| {
+        c["use_sliding_window"] = false.into();
+        c["some_new_knob"] = 3.into();
+    });
+    assert_mentions(&load_err(&s.0), &["unknown config key", "some_new_knob"]);
+}
+
+#[test]
+fn malformed_config_json() {
+    let s = Scratch::copy_of("qwen3", "json");
+    std::fs::write(s.0.join("config.json"), "{\"architectures\": [").expect("write");
+    assert_mentions(&load_err(&s.0), &["config.json", "malformed JSON"]);
+}
+
+#[test]
+fn missing_tokenizer_is_named_but_weights_still_load() {
+    let s = Scratch::copy_of("qwen3", "notok");
+    let loaded = pio_model::load(&s.0, &mut |_, _| {}).expect("weights load without tokenizer");
+    let err = loaded.tokenizer().err().expect("no tokenizer").to_string();
+    assert_mentions(&err, &["tokenizer.json"]);
+    let err = pio_model::load_tokenizer(&s.0).err().expect("no tokenizer").to_string();
+    assert_mentions(&err, &["tokenizer.json"]);
+}
+
+#[test]
+fn missing_directory_or_file() {
+    let err = load_err(Path::new("/nonexistent/model.gguf"));
+    assert_mentions(&err, &["/nonexistent/model.gguf"]);
+}
+
+fn tiny_gguf(path: &Path, arch: &str) {
+    let data = vec![0u8; 64 * 4];
+    let metadata = vec![
+        ("general.architecture".to_string(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), Value::U32(1)),
+    ];
+    let tensors = [TensorToWrite { name: "token_embd.weight".into(), dtype: DType::F32, shape: vec![8, 8], data: &data }];
+    write_gguf(path, &metadata, &tensors).expect("write gguf");
+}
+
+#[test]
+fn gguf_bad_magic_truncated_and_unknown_arch() {
+    let dir = std::env::temp_dir().join(format!("pio-bad-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad-magic.gguf");
+    std::fs::write(&bad, b"GGML\x03\x00\x00\x00").expect("write");
+    assert_mentions(&load_err(&bad), &["bad-magic.gguf", "not a GGUF file"]);
+
+    let short = dir.join("short.gguf");
+    std::fs::write(&short, b"GG").expect("write");
+    assert_mentions(&load_err(&short), &["short.gguf", "too short"]);
+
+    let trunc = dir.join("truncated.gguf");
+    tiny_gguf(&trunc, "llama");
+    let len = std::fs::metadata(&trunc).expect("meta").len();
+    std::fs::OpenOptions::new().write(true).open(&trunc).expect("open").set_len(len - 100).expect("truncate");
+    assert_mentions(&load_err(&trunc), &["truncated.gguf", "token_embd.weight", "truncated"]);
+
+    let header = dir.join("header.gguf");
+    tiny_gguf(&header, "llama");
+    let bytes = std::fs::read(&header).expect("read");
+    std::fs::write(&header, &bytes[..40]).expect("write");
+    assert_mentions(&load_err(&header), &["header.gguf", "truncated"]);
+
+    let unknown = dir.join("unknown.gguf");
+    tiny_gguf(&unknown, "mamba9");
+    assert_mentions(&load_err(&unknown), &["unknown.gguf", "unknown architecture", "mamba9"]);
+
+    let incomplete = dir.join("incomplete.gguf");
+    tiny_gguf(&incomplete, "llama");
+    assert_mentions(&load_err(&incomplete), &["incomplete.gguf", "missing"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
