@@ -40,7 +40,7 @@ pub fn paged_attention(
     let row = num_heads * hd;
     assert_eq!(q.len(), queries.len() * row);
     assert_eq!(out.len(), q.len());
-    assert!(num_heads % kv.num_kv_heads == 0);
+    assert!(num_heads.is_multiple_of(kv.num_kv_heads));
     let group = num_heads / kv.num_kv_heads;
     let kv_row = kv.num_kv_heads * hd;
     let work: usize = queries.iter().map(|c| c.context_len * row).sum();

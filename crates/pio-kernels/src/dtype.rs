@@ -119,7 +119,7 @@ impl DType {
 
     /// Bytes of a row of `n` weights, or `None` when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        (n % self.block_elems() == 0).then(|| n / self.block_elems() * self.block_bytes())
+        n.is_multiple_of(self.block_elems()).then(|| n / self.block_elems() * self.block_bytes())
     }
 
     /// Bits per weight, for reports.

@@ -61,7 +61,7 @@ pub enum RopeLayout {
 /// angles of position `pos`. `inv_freq` has `rot_dims / 2` entries: `theta^(-2i/rot_dims)`.
 pub fn rope_heads(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], layout: RopeLayout) {
     let half = inv_freq.len();
-    assert!(2 * half <= head_dim && x.len() % head_dim == 0);
+    assert!(2 * half <= head_dim && x.len().is_multiple_of(head_dim));
     for head in x.chunks_exact_mut(head_dim) {
         for (i, &f) in inv_freq.iter().enumerate() {
             // f32 angle as transformers computes it (pos * inv_freq in float32).
