@@ -284,13 +284,13 @@ impl DenseConfig {
         if let Some((k, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(cfg(format!("{k} must be positive")));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(cfg(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(cfg(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
