@@ -39,10 +39,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let template = tok
                 .chat_template()
                 .with_context(|| format!("{}: the tokenizer has no chat template", a.model.display()))?;
-            let text = std::fs::read_to_string(&a.request)
-                .with_context(|| format!("reading {}", a.request.display()))?;
-            let body: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: malformed JSON", a.request.display()))?;
+            let text =
+                std::fs::read_to_string(&a.request).with_context(|| format!("reading {}", a.request.display()))?;
+            let body: Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", a.request.display()))?;
             let req = ChatRequest::from_openai_json(&body)?;
             out(&template.render(&req)?)
         }
@@ -99,6 +99,17 @@ fn print_info(info: &ModelInfo, load_s: f64) {
     eprintln!("weights:      {}", types.join(", "));
     eprintln!("weight bytes: {:.3} GiB (memory-mapped)", gib(info.weight_bytes));
     eprintln!("load time:    {load_s:.2} s");
+    if let Some(rss) = resident_bytes() {
+        eprintln!("resident:     {:.3} GiB (process RSS after load)", gib(rss));
+    }
+}
+
+/// The process's resident memory, from /proc (Linux); `None` elsewhere.
+fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Command-line sampling options over the checkpoint's defaults over our defaults.
@@ -197,10 +208,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     if a.model.verbose {
         eprintln!(
-            "prompt: {} tokens, {prefill_tps:.1} tok/s; generated: {} tokens, {decode_tps:.1} tok/s; KV cache {:.1} MiB; finish: {}",
+            "prompt: {} tokens, {prefill_tps:.1} tok/s; generated: {} tokens, {decode_tps:.1} tok/s; KV cache {:.1} MiB; RSS {:.1} MiB; finish: {}",
             prompt_ids.len(),
             output.token_ids.len(),
             runner.cache_bytes() as f64 / (1 << 20) as f64,
+            resident_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
             output.finish_reason.as_str()
         );
     }
@@ -295,7 +307,6 @@ fn write_logits(path: &Path, logits: &[Vec<f32>], vocab: usize) -> Result<()> {
         let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![l.len() / vocab, vocab], b)?;
         views.push((format!("logits_{i}"), view));
     }
-    safetensors::tensor::serialize_to_file(views, None, path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::tensor::serialize_to_file(views, None, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

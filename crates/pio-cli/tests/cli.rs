@@ -56,7 +56,12 @@ fn reference(name: &str) -> Vec<u8> {
 }
 
 fn ids_of(st: &SafeTensors<'_>, key: &str) -> Vec<u32> {
-    st.tensor(key).expect(key).data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32).collect()
+    st.tensor(key)
+        .expect(key)
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32)
+        .collect()
 }
 
 fn f32s_of(st: &SafeTensors<'_>, key: &str) -> Vec<f32> {
@@ -75,7 +80,17 @@ fn logits_runs_all_sequences_in_one_batch_and_matches_reference() {
     let (a, b) = (ids_of(&r, "input_ids"), ids_of(&r, "batch2_input_ids"));
     let model = fixture("qwen2");
     let o = pio(
-        &["logits", "--model", model.to_str().expect("path"), "--token-ids", &csv(&a), "--token-ids", &csv(&b), "--out", out.to_str().expect("path")],
+        &[
+            "logits",
+            "--model",
+            model.to_str().expect("path"),
+            "--token-ids",
+            &csv(&a),
+            "--token-ids",
+            &csv(&b),
+            "--out",
+            out.to_str().expect("path"),
+        ],
         None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -101,12 +116,25 @@ fn generate_json_from_prompt_ids_without_tokenizer() {
     let want = ids_of(&r, "greedy_ids");
     let model = fixture("llama");
     let o = pio(
-        &["generate", "--model", model.to_str().expect("path"), "--prompt-ids", &csv(&ids_of(&r, "input_ids")), "--temperature", "0", "--max-tokens", &want.len().to_string(), "--ignore-eos", "--json"],
+        &[
+            "generate",
+            "--model",
+            model.to_str().expect("path"),
+            "--prompt-ids",
+            &csv(&ids_of(&r, "input_ids")),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            &want.len().to_string(),
+            "--ignore-eos",
+            "--json",
+        ],
         None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
-    let got: Vec<u32> = v["token_ids"].as_array().expect("token_ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
+    let got: Vec<u32> =
+        v["token_ids"].as_array().expect("token_ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
     assert_eq!(got, want);
     assert_eq!(v["finish_reason"], "length");
     assert_eq!(v["prompt_token_ids"].as_array().map(Vec::len), Some(16));
@@ -119,7 +147,30 @@ fn generate_json_from_prompt_ids_without_tokenizer() {
 fn sampling_with_a_seed_is_reproducible() {
     let model = fixture("qwen3");
     let run = |seed: &str| {
-        let o = pio(&["generate", "--model", model.to_str().expect("path"), "--prompt-ids", "5,6,7,8", "--temperature", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", seed, "--max-tokens", "16", "--ignore-eos", "--json"], None);
+        let o = pio(
+            &[
+                "generate",
+                "--model",
+                model.to_str().expect("path"),
+                "--prompt-ids",
+                "5,6,7,8",
+                "--temperature",
+                "1.0",
+                "--top-k",
+                "0",
+                "--top-p",
+                "1",
+                "--min-p",
+                "0",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "16",
+                "--ignore-eos",
+                "--json",
+            ],
+            None,
+        );
         assert!(o.status.success(), "{}", stderr(&o));
         let v: Value = serde_json::from_str(&stdout(&o)).expect("json");
         v["token_ids"].clone()
@@ -131,19 +182,40 @@ fn sampling_with_a_seed_is_reproducible() {
 #[test]
 fn text_output_without_tokenizer_names_the_missing_file() {
     let model = fixture("qwen3");
-    assert_fails(&pio(&["generate", "--model", model.to_str().expect("path"), "--prompt", "hello"], None), "tokenizer.json");
-    assert_fails(&pio(&["generate", "--model", model.to_str().expect("path"), "--prompt-ids", "5,6"], None), "tokenizer.json");
+    assert_fails(
+        &pio(&["generate", "--model", model.to_str().expect("path"), "--prompt", "hello"], None),
+        "tokenizer.json",
+    );
+    assert_fails(
+        &pio(&["generate", "--model", model.to_str().expect("path"), "--prompt-ids", "5,6"], None),
+        "tokenizer.json",
+    );
 }
 
 #[test]
 fn bad_inputs_fail_cleanly() {
     let model = fixture("qwen3");
     let m = model.to_str().expect("path");
-    assert_fails(&pio(&["generate", "--model", "/no/such/model.gguf", "--prompt-ids", "1"], None), "/no/such/model.gguf");
-    assert_fails(&pio(&["generate", "--model", m, "--prompt-ids", "5,99999", "--json"], None), "outside the vocabulary");
-    assert_fails(&pio(&["generate", "--model", m, "--prompt-ids", "5,6", "--json", "--temperature", "-1"], None), "temperature");
-    assert_fails(&pio(&["generate", "--model", m, "--prompt-ids", &csv(&[5; 40]), "--json", "--ctx-size", "32"], None), "context");
-    assert_fails(&pio(&["logits", "--model", m, "--token-ids", "5,x", "--out", "/tmp/x.safetensors"], None), "bad token id");
+    assert_fails(
+        &pio(&["generate", "--model", "/no/such/model.gguf", "--prompt-ids", "1"], None),
+        "/no/such/model.gguf",
+    );
+    assert_fails(
+        &pio(&["generate", "--model", m, "--prompt-ids", "5,99999", "--json"], None),
+        "outside the vocabulary",
+    );
+    assert_fails(
+        &pio(&["generate", "--model", m, "--prompt-ids", "5,6", "--json", "--temperature=-1"], None),
+        "temperature",
+    );
+    assert_fails(
+        &pio(&["generate", "--model", m, "--prompt-ids", &csv(&[5; 40]), "--json", "--ctx-size", "32"], None),
+        "context",
+    );
+    assert_fails(
+        &pio(&["logits", "--model", m, "--token-ids", "5,x", "--out", "/tmp/x.safetensors"], None),
+        "bad token id",
+    );
 }
 
 #[test]
@@ -164,12 +236,23 @@ fn tokenize_and_detokenize_round_trip() {
 fn chat_template_renders_a_request_file() {
     let dir = tokenizer_dir();
     let req = std::env::temp_dir().join(format!("pio-cli-req-{}.json", std::process::id()));
-    std::fs::write(&req, r#"{"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"enable_thinking": false}}"#).expect("write");
-    let o = pio(&["chat-template", "--model", dir.to_str().expect("path"), "--request", req.to_str().expect("path")], None);
+    std::fs::write(
+        &req,
+        r#"{"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"enable_thinking": false}}"#,
+    )
+    .expect("write");
+    let o =
+        pio(&["chat-template", "--model", dir.to_str().expect("path"), "--request", req.to_str().expect("path")], None);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
     std::fs::write(&req, "{\"messages\": [").expect("write");
-    assert_fails(&pio(&["chat-template", "--model", dir.to_str().expect("path"), "--request", req.to_str().expect("path")], None), "malformed JSON");
+    assert_fails(
+        &pio(
+            &["chat-template", "--model", dir.to_str().expect("path"), "--request", req.to_str().expect("path")],
+            None,
+        ),
+        "malformed JSON",
+    );
     let _ = std::fs::remove_file(&req);
 }
 
@@ -184,14 +267,47 @@ fn generate_and_chat_with_smollm2() {
         return;
     }
     let m = model.to_str().expect("path");
-    let o = pio(&["generate", "--model", m, "--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-tokens", "12"], None);
+    let o = pio(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("The capital of France is Paris."), "{}", stdout(&o));
-    let o = pio(&["generate", "--model", m, "--prompt", "Once upon a time", "--max-tokens", "8", "--stop", " the", "--seed", "1", "--json"], None);
+    let o = pio(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "8",
+            "--stop",
+            " the",
+            "--seed",
+            "1",
+            "--json",
+        ],
+        None,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_str(&stdout(&o)).expect("json");
     assert!(!v["text"].as_str().expect("text").contains(" the"));
-    let o = pio(&["chat", "--model", m, "--temperature", "0", "--max-tokens", "10"], Some("What is the capital of France?\n"));
+    let o = pio(
+        &["chat", "--model", m, "--temperature", "0", "--max-tokens", "10"],
+        Some("What is the capital of France?\n"),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
 }

@@ -131,7 +131,13 @@ struct TextStream {
 
 impl TextStream {
     /// Decodes `ids`, emits what became final; returns true when a stop string was hit.
-    fn push(&mut self, tok: &Tokenizer, ids: &[u32], stops: &StopStrings, on_text: &mut dyn FnMut(&str)) -> Result<bool> {
+    fn push(
+        &mut self,
+        tok: &Tokenizer,
+        ids: &[u32],
+        stops: &StopStrings,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<bool> {
         let full = tok.decode(ids, false)?;
         if let Some(at) = stops.find(&full) {
             self.emit(&full[..at], on_text);
@@ -148,7 +154,13 @@ impl TextStream {
     }
 
     /// Emits whatever was held back at the end of generation.
-    fn flush(&mut self, tok: &Tokenizer, ids: &[u32], stops: &StopStrings, on_text: &mut dyn FnMut(&str)) -> Result<()> {
+    fn flush(
+        &mut self,
+        tok: &Tokenizer,
+        ids: &[u32],
+        stops: &StopStrings,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<()> {
         if self.stopped {
             return Ok(());
         }

@@ -69,8 +69,20 @@ fn convert(name: &str, arch: &str, out: &Path) {
 fn reference_logits(name: &str) -> (Vec<u32>, Vec<f32>) {
     let bytes = std::fs::read(fixture(name).join("reference.safetensors")).expect("reference");
     let st = SafeTensors::deserialize(&bytes).expect("parses");
-    let ids = st.tensor("input_ids").expect("ids").data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32).collect();
-    let logits = st.tensor("logits").expect("logits").data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+    let ids = st
+        .tensor("input_ids")
+        .expect("ids")
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as u32)
+        .collect();
+    let logits = st
+        .tensor("logits")
+        .expect("logits")
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+        .collect();
     (ids, logits)
 }
 

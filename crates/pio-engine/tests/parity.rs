@@ -118,3 +118,41 @@ fn prompt_split_across_steps_matches_one_pass() {
     let vocab = all.len() / ids.len();
     assert_close(name, "chunked logits", &rest[0], &all[7 * vocab..], 1.0);
 }
+
+#[test]
+fn sharded_checkpoint_loads_like_a_single_file() {
+    // Split the qwen2 fixture into two shards with an index, as large checkpoints are saved.
+    let name = "qwen2";
+    let dir = std::env::temp_dir().join(format!("pio-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(fixture(name).join(f), dir.join(f)).expect("copy");
+    }
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).expect("model");
+    let st = SafeTensors::deserialize(&bytes).expect("parses");
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = tensors.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&tensors[..half], &tensors[half..]].into_iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        for (n, _) in part {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+        safetensors::tensor::serialize_to_file(
+            part.iter().map(|(n, v)| (n.clone(), v.clone())),
+            None,
+            &dir.join(&file),
+        )
+        .expect("write shard");
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    let loaded = pio_model::load(&dir, &mut |_, _| {}).expect("sharded loads");
+    let r = Reference::open(name);
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+    let mut seq = Sequence::new(r.ids("input_ids"));
+    let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
+    assert_close(name, "sharded logits", &logits[0], &r.f32s("logits"), 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -92,7 +92,8 @@ fn check(name: &str) {
         stop: Vec::new(),
     };
     let out = generate(&mut runner, Some(tok), &prompt, &params, &mut |_| {}).expect("generate");
-    let margins: Vec<f64> = r["greedy_margins"].as_array().expect("margins").iter().map(|m| m.as_f64().expect("m")).collect();
+    let margins: Vec<f64> =
+        r["greedy_margins"].as_array().expect("margins").iter().map(|m| m.as_f64().expect("m")).collect();
     let must = margins.iter().position(|&m| m < DECIDED).unwrap_or(margins.len());
     assert_eq!(out.token_ids[..must], greedy_ref[..must], "{name}: greedy tokens (first {must} decided)");
     let same = out.token_ids.iter().zip(&greedy_ref).take_while(|(a, b)| a == b).count();
@@ -149,7 +150,11 @@ fn qwen25_gguf_tokenizer_matches_qwen3_reference_ids() {
         }
         let text = case["text"].as_str().expect("text");
         assert_eq!(tok.encode(text, false).expect("encode"), want, "text {text:?}");
-        assert_eq!(tok.decode(&want, false).expect("decode"), case["decoded"].as_str().expect("decoded"), "ids of {text:?}");
+        assert_eq!(
+            tok.decode(&want, false).expect("decode"),
+            case["decoded"].as_str().expect("decoded"),
+            "ids of {text:?}"
+        );
         checked += 1;
     }
     assert!(checked > 10, "only {checked} cases checked");

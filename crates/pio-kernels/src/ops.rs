@@ -81,9 +81,7 @@ pub fn rope_heads(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], 
 /// Inverse frequencies `theta^(-2i/rot_dims)` for `i < rot_dims/2`, in float32 as transformers
 /// computes them.
 pub fn rope_inv_freq(theta: f32, rot_dims: usize) -> Vec<f32> {
-    (0..rot_dims / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / rot_dims as f32))
-        .collect()
+    (0..rot_dims / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rot_dims as f32)).collect()
 }
 
 /// SiLU(x) = x * sigmoid(x).

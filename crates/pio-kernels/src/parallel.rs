@@ -36,9 +36,6 @@ pub fn for_each_range<T: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -
                 s.spawn(move || f(a, b))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
 }

@@ -133,9 +133,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     );
     // A chunk is a whole number of blocks for every format, so only the last may be shorter,
     // and then it is still whole blocks.
-    let chunk_bytes = dtype
-        .row_bytes(DOT_CHUNK)
-        .expect("DOT_CHUNK is whole blocks");
+    let chunk_bytes = dtype.row_bytes(DOT_CHUNK).expect("DOT_CHUNK is whole blocks");
     let mut buf = [0f32; DOT_CHUNK];
     let mut acc = [0f32; 8];
     let mut tail = 0f32;
@@ -157,11 +155,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
 }
 
 /// Runs `f` on each `BB`-byte block of `src` and its `BE` weights in `dst`.
-fn decode_blocks<const BB: usize, const BE: usize>(
-    src: &[u8],
-    dst: &mut [f32],
-    f: fn(&[u8; BB], &mut [f32; BE]),
-) {
+fn decode_blocks<const BB: usize, const BE: usize>(src: &[u8], dst: &mut [f32], f: fn(&[u8; BB], &mut [f32; BE])) {
     let (blocks, rest) = src.as_chunks::<BB>();
     let (outs, out_rest) = dst.as_chunks_mut::<BE>();
     assert!(rest.is_empty() && out_rest.is_empty() && blocks.len() == outs.len());
@@ -171,11 +165,7 @@ fn decode_blocks<const BB: usize, const BE: usize>(
 }
 
 /// Runs `f` on each `BE` weights of `src` and its `BB`-byte block in `dst`.
-fn encode_blocks<const BB: usize, const BE: usize>(
-    src: &[f32],
-    dst: &mut [u8],
-    f: fn(&[f32; BE], &mut [u8; BB]),
-) {
+fn encode_blocks<const BB: usize, const BE: usize>(src: &[f32], dst: &mut [u8], f: fn(&[f32; BE], &mut [u8; BB])) {
     let (xs, rest) = src.as_chunks::<BE>();
     let (blocks, block_rest) = dst.as_chunks_mut::<BB>();
     assert!(rest.is_empty() && block_rest.is_empty() && xs.len() == blocks.len());
@@ -268,8 +258,7 @@ fn signed_absmax(x: &[f32]) -> f32 {
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter()
-        .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
 fn inverse_or_zero(d: f32) -> f32 {
@@ -422,10 +411,7 @@ fn k4_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
+        ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
     }
 }
 
@@ -751,17 +737,9 @@ mod tests {
     fn plain_floats_round_to_nearest_even() {
         // 1 + 2^-11 is halfway between two f16 values; even mantissa is 1.0.
         let mut out = [0u8; 4];
-        quantize_row(
-            DType::F16,
-            &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)],
-            &mut out,
-        );
+        quantize_row(DType::F16, &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut out);
         assert_eq!(out, [0x00, 0x3C, 0x02, 0x3C]);
-        quantize_row(
-            DType::BF16,
-            &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)],
-            &mut out,
-        );
+        quantize_row(DType::BF16, &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)], &mut out);
         assert_eq!(out, [0x80, 0x3F, 0x82, 0x3F]);
     }
 
@@ -865,14 +843,10 @@ mod tests {
         b.extend(pack_k4(&K_SC, &K_M));
         b.extend(qs);
         let got = decode_one(DType::Q4_K, &b);
-        assert_values(DType::Q4_K, &got, |i| {
-            K_SC[i / 32] as f32 * q[i] as f32 - 0.5 * K_M[i / 32] as f32
-        });
+        assert_values(DType::Q4_K, &got, |i| K_SC[i / 32] as f32 * q[i] as f32 - 0.5 * K_M[i / 32] as f32);
         // Literal scale bytes: byte 0 = 0x41 gives scale 0 = 1 and the top bits 01 of scale 4,
         // whose low nibble is byte 8's low nibble.
-        let mut b = vec![
-            0x00, 0x3C, 0x00, 0x00, 0x41, 0, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0,
-        ];
+        let mut b = vec![0x00, 0x3C, 0x00, 0x00, 0x41, 0, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0];
         b.extend([0x11u8; 128]);
         let got = decode_one(DType::Q4_K, &b);
         assert_eq!(got[0], 1.0);
@@ -897,9 +871,7 @@ mod tests {
         b.extend(qh);
         b.extend(qs);
         let got = decode_one(DType::Q5_K, &b);
-        assert_values(DType::Q5_K, &got, |i| {
-            0.5 * K_SC[i / 32] as f32 * q[i] as f32 - 0.25 * K_M[i / 32] as f32
-        });
+        assert_values(DType::Q5_K, &got, |i| 0.5 * K_SC[i / 32] as f32 * q[i] as f32 - 0.25 * K_M[i / 32] as f32);
     }
 
     #[test]
@@ -920,9 +892,7 @@ mod tests {
         b.extend(sc.map(|s| s as u8));
         b.extend(F16_HALF);
         let got = decode_one(DType::Q6_K, &b);
-        assert_values(DType::Q6_K, &got, |i| {
-            0.5 * sc[i / 16] as f32 * (q[i] as f32 - 32.0)
-        });
+        assert_values(DType::Q6_K, &got, |i| 0.5 * sc[i / 16] as f32 * (q[i] as f32 - 32.0));
     }
 
     #[test]
@@ -941,9 +911,7 @@ mod tests {
         b.extend(F16_HALF);
         b.extend(F16_QUARTER);
         let got = decode_one(DType::Q2_K, &b);
-        assert_values(DType::Q2_K, &got, |i| {
-            0.5 * sc[i / 16] as f32 * q[i] as f32 - 0.25 * m[i / 16] as f32
-        });
+        assert_values(DType::Q2_K, &got, |i| 0.5 * sc[i / 16] as f32 * q[i] as f32 - 0.25 * m[i / 16] as f32);
     }
 
     #[test]
@@ -1043,11 +1011,7 @@ mod tests {
                 "{dtype}: max err {max_err} (bound {max_bound}), rms {rms} (bound {rms_bound})"
             );
             if dtype == DType::F16 || dtype == DType::BF16 {
-                let rel = if dtype == DType::F16 {
-                    2f32.powi(-11)
-                } else {
-                    2f32.powi(-8)
-                };
+                let rel = if dtype == DType::F16 { 2f32.powi(-11) } else { 2f32.powi(-8) };
                 for (a, b) in x.iter().zip(&y) {
                     assert!((a - b).abs() <= a.abs() * rel, "{dtype}: {a} -> {b}");
                 }
@@ -1124,11 +1088,7 @@ mod tests {
     fn dot_row_matches_dequantized_dot() {
         for (k, dtype) in DType::ALL.into_iter().enumerate() {
             // 3 super-blocks plus, where blocks allow it, a partial dot chunk.
-            let n = if dtype.block_elems() == QK_K {
-                3 * QK_K
-            } else {
-                3 * QK_K + 96 + 4
-            };
+            let n = if dtype.block_elems() == QK_K { 3 * QK_K } else { 3 * QK_K + 96 + 4 };
             let n = n - n % dtype.block_elems();
             let w = random_row(n, 100 + k as u64);
             let x = random_row(n, 200 + k as u64);
@@ -1136,16 +1096,9 @@ mod tests {
             quantize_row(dtype, &w, &mut bytes);
             let wd = dequantize(dtype, &bytes, n);
             let exact: f64 = wd.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
-            let scale: f64 = wd
-                .iter()
-                .zip(&x)
-                .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                .sum();
+            let scale: f64 = wd.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
             let got = dot_row(dtype, &bytes, &x) as f64;
-            assert!(
-                (got - exact).abs() <= 1e-4 * scale.max(1e-6),
-                "{dtype}: dot_row {got}, dequantized dot {exact}"
-            );
+            assert!((got - exact).abs() <= 1e-4 * scale.max(1e-6), "{dtype}: dot_row {got}, dequantized dot {exact}");
         }
     }
 

@@ -75,8 +75,7 @@ impl DenseConfig {
     /// Reads and validates `config.json` in `dir`.
     pub fn from_hf_file(path: &Path) -> Result<DenseConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(path, format!("malformed JSON: {e}")))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("malformed JSON: {e}")))?;
         Self::from_hf_json(&json).map_err(|e| match e {
             Error::Config(msg) => Error::file(path, format!("unsupported model config: {msg}")),
             other => other,
@@ -118,8 +117,7 @@ impl DenseConfig {
                 .transpose()
         };
         let bool_of = |key: &str, v: Option<&Value>| -> Result<Option<bool>> {
-            v.map(|v| v.as_bool().ok_or_else(|| cfg(format!("{key} must be true or false, got {v}"))))
-                .transpose()
+            v.map(|v| v.as_bool().ok_or_else(|| cfg(format!("{key} must be true or false, got {v}")))).transpose()
         };
 
         let hidden_size = req("hidden_size", usize_of("hidden_size", get("hidden_size"))?)?;
@@ -151,9 +149,7 @@ impl DenseConfig {
             return Err(cfg("rope_interleaved: true is not supported"));
         }
         if let Some(types) = get("layer_types") {
-            let all_full = types
-                .as_array()
-                .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")));
+            let all_full = types.as_array().is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")));
             if !all_full {
                 return Err(cfg(format!("layer_types {types} (only full_attention is supported)")));
             }
@@ -259,8 +255,7 @@ impl DenseConfig {
                 as f32,
             rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
             rope_layout,
-            max_position_embeddings: g.get(&key("context_length")).and_then(|v| v.as_u64()).unwrap_or(2048)
-                as usize,
+            max_position_embeddings: g.get(&key("context_length")).and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             qkv_bias,
             o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),
@@ -302,7 +297,10 @@ impl DenseConfig {
     /// Number of parameters (embedding counted once when tied).
     pub fn num_params(&self) -> usize {
         let (h, q, kv) = (self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 }
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
+            + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let mlp = 3 * h * self.intermediate_size;
         let layer = attn + mlp + 2 * h;

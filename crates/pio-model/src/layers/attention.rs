@@ -19,7 +19,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, num_kv_heads: usize, head_dim: usize, block_size: usize, num_blocks: usize) -> KvCache {
+    pub fn new(
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> KvCache {
         let len = num_blocks * block_size * num_kv_heads * head_dim;
         KvCache {
             block_size,
@@ -58,7 +64,14 @@ impl Attention {
     /// Rotates `q` (`[tokens, num_heads * head_dim]`) and `k` (`[tokens, num_kv_heads *
     /// head_dim]`) by their positions, writes `k`, `v` into the cache slots, and returns
     /// `[tokens, num_heads * head_dim]` attention outputs.
-    pub fn forward(&self, q: &mut [f32], k: &mut [f32], v: &[f32], batch: &ForwardBatch, cache: &mut KvCache) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        batch: &ForwardBatch,
+        cache: &mut KvCache,
+    ) -> Vec<f32> {
         let (qd, kd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         for (t, &pos) in batch.positions.iter().enumerate() {
             ops::rope_heads(&mut q[t * qd..(t + 1) * qd], self.head_dim, pos, &self.inv_freq, self.rope_layout);
@@ -75,7 +88,13 @@ impl Attention {
             .zip(&batch.seq_indices)
             .map(|(&pos, &s)| QueryContext { block_table: &batch.block_tables[s], context_len: pos + 1 })
             .collect();
-        let kv = PagedKv { k: kc, v: vc, block_size: cache.block_size, num_kv_heads: self.num_kv_heads, head_dim: self.head_dim };
+        let kv = PagedKv {
+            k: kc,
+            v: vc,
+            block_size: cache.block_size,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        };
         let mut out = vec![0f32; q.len()];
         paged_attention(q, self.num_heads, kv, &queries, self.scale, &mut out);
         out

@@ -17,13 +17,15 @@ pub struct Linear {
 
 impl Linear {
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the checkpoint.
-    pub fn load(ckpt: &mut Checkpoint, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Linear> {
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         let weight = ckpt.take(&format!("{prefix}.weight"), &[out_features, in_features])?;
-        let bias = if bias {
-            Some(ckpt.take(&format!("{prefix}.bias"), &[out_features])?.to_f32_vec())
-        } else {
-            None
-        };
+        let bias = if bias { Some(ckpt.take(&format!("{prefix}.bias"), &[out_features])?.to_f32_vec()) } else { None };
         Ok(Linear { weight, bias })
     }
 

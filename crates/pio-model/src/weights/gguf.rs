@@ -181,23 +181,17 @@ impl GgufFile {
         let mut tensors = HashMap::new();
         let mut tensor_order = Vec::new();
         for (name, dims, ty, offset) in infos {
-            let dtype = DType::from_ggml(ty).ok_or_else(|| {
-                err(format!("tensor {name:?}: unsupported ggml type {ty}"))
-            })?;
+            let dtype =
+                DType::from_ggml(ty).ok_or_else(|| err(format!("tensor {name:?}: unsupported ggml type {ty}")))?;
             let numel = dims
                 .iter()
                 .try_fold(1u64, |a, &d| a.checked_mul(d))
                 .and_then(|n| usize::try_from(n).ok())
                 .ok_or_else(|| err(format!("tensor {name:?}: dimensions {dims:?} overflow")))?;
             let inner = dims[0] as usize;
-            let nbytes = dtype
-                .row_bytes(inner)
-                .map(|rb| rb * (numel / inner.max(1)))
-                .ok_or_else(|| {
-                    err(format!(
-                        "tensor {name:?}: row of {inner} is not a whole number of {dtype} blocks"
-                    ))
-                })?;
+            let nbytes = dtype.row_bytes(inner).map(|rb| rb * (numel / inner.max(1))).ok_or_else(|| {
+                err(format!("tensor {name:?}: row of {inner} is not a whole number of {dtype} blocks"))
+            })?;
             let start = usize::try_from(offset)
                 .ok()
                 .and_then(|o| o.checked_add(data_start))
@@ -254,9 +248,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("header is truncated (wanted {n} bytes at offset {})", self.pos)
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| format!("header is truncated (wanted {n} bytes at offset {})", self.pos))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -361,9 +357,16 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorTo
     }
     let mut offset = 0usize;
     for t in tensors {
-        let expected = t.shape.last().and_then(|&c| t.dtype.row_bytes(c)).map(|rb| rb * t.shape.iter().rev().skip(1).product::<usize>());
+        let expected = t
+            .shape
+            .last()
+            .and_then(|&c| t.dtype.row_bytes(c))
+            .map(|rb| rb * t.shape.iter().rev().skip(1).product::<usize>());
         if expected != Some(t.data.len()) {
-            return Err(Error::file(path, format!("tensor {:?}: {} bytes do not match {} {:?}", t.name, t.data.len(), t.dtype, t.shape)));
+            return Err(Error::file(
+                path,
+                format!("tensor {:?}: {} bytes do not match {} {:?}", t.name, t.data.len(), t.dtype, t.shape),
+            ));
         }
         put_string(&mut out, &t.name);
         out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());

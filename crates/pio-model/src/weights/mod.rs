@@ -96,10 +96,7 @@ impl Checkpoint {
 
     /// Removes and returns tensor `name`, checking its shape; errors name the file and tensor.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| Error::file(&self.path, format!("missing tensor {name:?}")))?;
+        let t = self.tensors.remove(name).ok_or_else(|| Error::file(&self.path, format!("missing tensor {name:?}")))?;
         if t.shape != shape {
             return Err(Error::file(
                 &self.path,

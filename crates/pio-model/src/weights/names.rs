@@ -60,7 +60,9 @@ mod tests {
         assert_eq!(gguf_to_hf("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(gguf_to_hf("blk.x.attn_q.weight"), None);
         assert_eq!(gguf_to_hf("rope_freqs.weight"), None);
-        for name in ["model.layers.3.mlp.down_proj.weight", "model.norm.weight", "model.layers.0.self_attn.k_norm.weight"] {
+        for name in
+            ["model.layers.3.mlp.down_proj.weight", "model.norm.weight", "model.layers.0.self_attn.k_norm.weight"]
+        {
             assert_eq!(hf_to_gguf(name).and_then(|g| gguf_to_hf(&g)).as_deref(), Some(name));
         }
     }

@@ -32,10 +32,7 @@ pub fn load_dir(dir: &Path) -> Result<Checkpoint> {
     } else if single.exists() {
         vec![single]
     } else {
-        return Err(Error::file(
-            dir,
-            "no model.safetensors or model.safetensors.index.json in the model directory",
-        ));
+        return Err(Error::file(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
     };
     let mut tensors = BTreeMap::new();
     for file in &files {
@@ -50,17 +47,15 @@ pub fn load_file(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> 
     // SAFETY: read-only mapping; we assume no other process truncates the file meanwhile.
     let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
     // `deserialize` checks the header and that every tensor lies inside the buffer.
-    let st = SafeTensors::deserialize(&map)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&map).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     let base = map.as_ptr() as usize;
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(Error::file(path, format!("tensor {name:?}: unsupported dtype {other:?}")))
-            }
+            other => return Err(Error::file(path, format!("tensor {name:?}: unsupported dtype {other:?}"))),
         };
         let data = view.data();
         let offset = data.as_ptr() as usize - base;
