@@ -102,5 +102,17 @@ fn gguf_llama_and_qwen2_match_transformers() {
         let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff <= 1e-4 * max_ref, "{name} as GGUF {arch}: max abs diff {diff}");
     }
+    // GGUF v2 has the same layout as v3 (64-bit counts); only the version field differs.
+    let v3 = std::fs::read(tmp.join("llama.gguf")).expect("read");
+    let mut v2 = v3.clone();
+    v2[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let v2_path = tmp.join("llama-v2.gguf");
+    std::fs::write(&v2_path, v2).expect("write");
+    assert!(pio_model::load(&v2_path, &mut |_, _| {}).is_ok(), "GGUF v2 loads");
+    let mut v1 = v3;
+    v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&v2_path, v1).expect("write");
+    let Err(e) = pio_model::load(&v2_path, &mut |_, _| {}) else { panic!("GGUF v1 must be refused") };
+    assert!(e.to_string().contains("unsupported GGUF version 1"), "{e}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
