@@ -1,16 +1,22 @@
 //! The hot loops of Inference-PIO, knowing nothing of models or requests.
 //!
 //! - [`DType`]: the storage formats a weight can have (plain floats and GGUF block formats).
-//! - [`quant`]: decoding/encoding of every block format, and a row-times-vector dot.
+//! - [`quant`]: the scalar reference codecs of every block format, and a row-times-vector dot.
+//! - [`act`]: activations quantized to 8 bits for integer dot products.
+//! - [`cpu`]: which SIMD level the kernels dispatch to (detected; `PIO_SIMD` caps it).
+//! - [`dot`]: row-times-vector dots per format and SIMD level.
 //! - [`matmul`]: a weight matrix in any format times a batch of f32 activations.
 //! - [`attention`]: a flat batch of queries over a paged KV cache.
+//! - [`membw`]: the machine's measured memory read bandwidth (the decode roofline).
 //! - [`ops`]: RMSNorm, RoPE, SwiGLU, softmax and friends.
 //! - [`parallel`]: how an operation is split across cores.
-//!
-//! Everything here is the scalar reference; SIMD paths will be checked against it.
+pub mod act;
 pub mod attention;
+pub mod cpu;
+pub mod dot;
 pub mod dtype;
 pub mod matmul;
+pub mod membw;
 pub mod ops;
 pub mod parallel;
 pub mod quant;

@@ -1,6 +1,8 @@
 //! Products of a stored weight matrix with a batch of f32 activations.
 
-use crate::{parallel, quant, DType};
+use crate::act::{self, Q8Block};
+use crate::cpu::{self, SimdLevel};
+use crate::{dot, parallel, quant, DType};
 
 /// A row-major weight matrix `[rows, cols]` in any [`DType`], borrowed from its storage.
 #[derive(Debug, Clone, Copy)]
@@ -31,26 +33,32 @@ impl<'a> WeightView<'a> {
 
 /// `y[t, r] = sum_c w[r, c] * x[t, c]` for `n` tokens: x is `[n, cols]`, y is `[n, rows]`.
 ///
-/// Split across threads by weight rows, so each core streams its own part of the matrix.
+/// Block-quantized weights dot with activations quantized once per call to 8 bits
+/// ([`Q8Block`]); float weights dot with f32 activations. Split across threads by weight rows,
+/// so each core streams its own part of the matrix; every weight row is used for all `n`
+/// tokens while it is in cache.
 pub fn matmul(w: WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
+    matmul_at(cpu::level(), w, x, n, y)
+}
+
+/// [`matmul`] at an explicit SIMD level (tests and benchmarks).
+pub fn matmul_at(level: SimdLevel, w: WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), n * w.cols);
     assert_eq!(y.len(), n * w.rows);
     assert_eq!(w.data.len(), w.rows * w.row_bytes());
+    let acts: Vec<Q8Block> = if dot::uses_q8_activations(w.dtype) { act::quantize_q8_vec(x) } else { Vec::new() };
+    let blocks_per_row = w.cols / 32;
     let parts = parallel::for_each_range(w.rows, w.rows * w.cols * n.max(1), |r0, r1| {
         // [r1 - r0, n]: this range's outputs, row-major by weight row.
         let mut part = vec![0f32; (r1 - r0) * n];
-        if n == 1 {
-            for r in r0..r1 {
-                part[r - r0] = quant::dot_row(w.dtype, w.row(r), x);
-            }
-        } else {
-            // Decode each weight row once, then use it for every token.
-            let mut row = vec![0f32; w.cols];
-            for r in r0..r1 {
-                w.dequantize_row(r, &mut row);
-                for (t, xt) in x.chunks_exact(w.cols).enumerate() {
-                    part[(r - r0) * n + t] = crate::ops::dot(&row, xt);
-                }
+        for r in r0..r1 {
+            let row = w.row(r);
+            for t in 0..n {
+                part[(r - r0) * n + t] = if acts.is_empty() {
+                    dot::dot_f32(level, w.dtype, row, &x[t * w.cols..(t + 1) * w.cols])
+                } else {
+                    dot::dot_q8(level, w.dtype, row, &acts[t * blocks_per_row..(t + 1) * blocks_per_row])
+                };
             }
         }
         (r0, r1, part)

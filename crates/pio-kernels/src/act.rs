@@ -1,0 +1,63 @@
+//! Activations quantized on the fly to 8 bits, for integer dot products with block-quantized
+//! weights (the way llama.cpp's `q8_0`/`q8_1`/`q8_K` activations work).
+//!
+//! One [`Q8Block`] per 32 activations: `x[i] ≈ d * qs[i]`, plus `s = d * Σ qs` so formats with
+//! a per-block minimum (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K) fold the minimum in with one multiply.
+//! A per-32 scale is finer than llama.cpp's per-256 `q8_K`, so it is at least as accurate.
+
+/// 32 activations as signed bytes with one f32 scale.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[repr(C, align(8))]
+pub struct Q8Block {
+    /// Scale: `x ≈ d * q`.
+    pub d: f32,
+    /// `d * Σ qs`.
+    pub s: f32,
+    pub qs: [i8; 32],
+}
+
+/// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks), rounding to nearest
+/// with `d = max|x| / 127`.
+pub fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+    assert!(x.len().is_multiple_of(32) && out.len() == x.len() / 32);
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        b.d = d;
+        b.s = d * sum as f32;
+    }
+}
+
+/// `x` quantized into a new vector of blocks.
+pub fn quantize_q8_vec(x: &[f32]) -> Vec<Q8Block> {
+    let mut out = vec![Q8Block::default(); x.len() / 32];
+    quantize_q8(x, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_error_is_below_half_a_step() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 7.0).collect();
+        let q = quantize_q8_vec(&x);
+        for (b, xb) in q.iter().zip(x.chunks_exact(32)) {
+            let mut sum = 0.0;
+            for (&qi, &xi) in b.qs.iter().zip(xb) {
+                assert!((qi as f32 * b.d - xi).abs() <= b.d * 0.5 + 1e-6);
+                sum += qi as f32;
+            }
+            assert!((b.s - b.d * sum).abs() < 1e-4);
+        }
+        let zero = quantize_q8_vec(&[0.0; 32]);
+        assert_eq!((zero[0].d, zero[0].s, zero[0].qs), (0.0, 0.0, [0; 32]));
+    }
+}

@@ -1,0 +1,104 @@
+//! Which SIMD instruction sets the kernels may use: detected once, optionally capped by
+//! `PIO_SIMD=scalar|avx2|avx512` so every level can be tested and benchmarked on one machine.
+
+use std::sync::OnceLock;
+
+/// A dispatch level. Each level implies the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// Plain Rust; the reference every other level is tested against.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL/DQ (+ VNNI and BF16 when [`has_avx512_vnni`] / [`has_avx512_bf16`]).
+    Avx512,
+}
+
+impl SimdLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses `scalar`, `avx2` or `avx512`.
+    pub fn parse(s: &str) -> Option<SimdLevel> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(SimdLevel::Scalar),
+            "avx2" => Some(SimdLevel::Avx2),
+            "avx512" => Some(SimdLevel::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Every level this CPU can run, lowest first (for tests and benchmarks).
+    pub fn available() -> Vec<SimdLevel> {
+        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512].into_iter().filter(|&l| l <= detected()).collect()
+    }
+}
+
+/// The best level the CPU supports.
+pub fn detected() -> SimdLevel {
+    static L: OnceLock<SimdLevel> = OnceLock::new();
+    *L.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> SimdLevel {
+    use std::arch::is_x86_feature_detected as has;
+    if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") && has!("fma") && has!("f16c") {
+        SimdLevel::Avx512
+    } else if has!("avx2") && has!("fma") && has!("f16c") {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> SimdLevel {
+    SimdLevel::Scalar
+}
+
+/// The level kernels use: the detected one, capped by `PIO_SIMD` if set (an unknown value or
+/// one above what the CPU has is ignored with a message on stderr).
+pub fn level() -> SimdLevel {
+    static L: OnceLock<SimdLevel> = OnceLock::new();
+    *L.get_or_init(|| match std::env::var("PIO_SIMD") {
+        Err(_) => detected(),
+        Ok(v) => match SimdLevel::parse(&v) {
+            Some(l) if l <= detected() => l,
+            _ => {
+                eprintln!(
+                    "warning: PIO_SIMD={v:?} is not one of scalar|avx2|avx512 this CPU runs; using {}",
+                    detected().name()
+                );
+                detected()
+            }
+        },
+    })
+}
+
+/// AVX-512 VNNI (`vpdpbusd`) is available.
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: OnceLock<bool> = OnceLock::new();
+        *V.get_or_init(|| std::arch::is_x86_feature_detected!("avx512vnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// AVX-512 BF16 (`vdpbf16ps`) is available.
+pub fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: OnceLock<bool> = OnceLock::new();
+        *V.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
