@@ -7,6 +7,7 @@ pub mod layers;
 pub mod load;
 pub mod models;
 pub mod registry;
+pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 

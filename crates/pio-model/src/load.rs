@@ -38,6 +38,8 @@ pub struct ModelInfo {
     /// (format, number of matrices, bytes).
     pub weight_types: Vec<(DType, usize, usize)>,
     pub weight_bytes: usize,
+    /// Weight bytes read per decode token (the bandwidth roofline's numerator).
+    pub decode_bytes_per_token: usize,
 }
 
 /// A model ready to run, with what it needs to turn text into tokens and back.
@@ -210,6 +212,7 @@ fn model_info(path: &Path, format: &'static str, config: &DenseConfig, model: &D
         arch: config.arch_name.clone(),
         num_params: config.num_params(),
         weight_bytes: weight_types.iter().map(|w| w.2).sum(),
+        decode_bytes_per_token: model.decode_bytes_per_token(),
         weight_types,
     }
 }

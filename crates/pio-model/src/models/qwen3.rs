@@ -139,6 +139,21 @@ impl DenseModel {
         }
         all
     }
+
+    /// Weight bytes one decode step reads: every layer matrix and the LM head (the embedding
+    /// contributes one row, ignored).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let a = &l.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]
+            })
+            .map(|lin| lin.weight.bytes().len())
+            .sum();
+        layers + self.lm_head.weight.bytes().len()
+    }
 }
 
 impl SelfAttention {

@@ -1,0 +1,1005 @@
+//! Random-weight checkpoints at real shapes, for benchmarking without downloads.
+//!
+//! [`write_random_checkpoint`] reads a Hugging Face `config.json` of a supported dense model
+//! and writes every tensor the model takes, filled with seeded random numbers:
+//!
+//! - matrices uniform in `±sqrt(3 / fan_in)` (fan_in = columns), so a matrix times a
+//!   unit-variance vector gives unit-variance outputs and activations stay finite through
+//!   any number of layers;
+//! - biases uniform in `±0.02`; norm weights 1.0.
+//!
+//! Each tensor's numbers depend only on the seed and its Hugging Face name, so the same seed
+//! gives the same model as a Hugging Face directory and as GGUF (llama q/k rows are permuted
+//! for GGUF as llama.cpp's `convert_hf_to_gguf.py` does, and biases are rounded to the
+//! matrices' type before they are stored as F32, so both compute the same function).
+//!
+//! Outputs ([`SynthFormat`], chosen from the path):
+//!
+//! - a directory: `config.json` (copied), `model.safetensors`, `generation_config.json` (bos
+//!   and eos from the config) and the tokenizer files of `tokenizer_dir`;
+//! - a `.gguf` file loadable by llama.cpp: the hyper-parameters its loader reads, matrices in
+//!   the chosen type, 1-D tensors in F32, and (with `tokenizer_dir`) the tokenizer as
+//!   `convert_hf_to_gguf.py` writes a gpt2-style byte-level BPE vocabulary.
+//!
+//! Numbers are generated in chunks of [`CHUNK`] values, each from its own splitmix64 stream,
+//! on all cores, and converted to the stored type chunk by chunk: no f32 copy of the model is
+//! made, and at most one tensor's bytes are in memory at a time.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use pio_kernels::{quant, DType};
+use serde_json::Value as Json;
+
+use crate::config::{DenseArch, DenseConfig};
+use crate::weights::gguf::Value;
+use crate::weights::names::hf_to_gguf;
+use crate::{Error, Result};
+
+/// What [`write_random_checkpoint`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthFormat {
+    /// A Hugging Face model directory (`config.json` + `model.safetensors` + tokenizer).
+    HfDir,
+    /// One GGUF file.
+    Gguf,
+}
+
+impl SynthFormat {
+    /// `Gguf` when `out` ends in `.gguf` (any case), else `HfDir`.
+    pub fn from_path(out: &Path) -> SynthFormat {
+        match out.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("gguf") => SynthFormat::Gguf,
+            _ => SynthFormat::HfDir,
+        }
+    }
+}
+
+/// Writes a random-weight checkpoint of the model `config_path` describes to `out` (a
+/// directory, or a GGUF file when `out` ends in `.gguf`), with matrices stored as `dtype`
+/// (BF16, F16 or F32) and numbers drawn from `seed`. `tokenizer_dir` (with `tokenizer.json`,
+/// optionally `tokenizer_config.json` and `chat_template.jinja`) is shipped with the model.
+pub fn write_random_checkpoint(
+    config_path: &Path,
+    tokenizer_dir: Option<&Path>,
+    out: &Path,
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
+        return Err(Error::file(out, format!("cannot write {dtype} weights: only BF16, F16 and F32 are supported")));
+    }
+    let config = DenseConfig::from_hf_file(config_path)?;
+    let raw_config = read_json(config_path)?;
+    let tokenizer = tokenizer_dir.map(TokenizerFiles::read).transpose()?;
+    if let Some(t) = &tokenizer {
+        t.check_fits(config.vocab_size)?;
+    }
+    let specs = tensor_specs(&config);
+    match SynthFormat::from_path(out) {
+        SynthFormat::HfDir => write_hf_dir(config_path, &raw_config, tokenizer.as_ref(), &specs, out, dtype, seed),
+        SynthFormat::Gguf => {
+            let mut metadata = model_metadata(config_path, &config, dtype);
+            match &tokenizer {
+                Some(t) => metadata.extend(t.gguf_metadata(&config, &raw_config)?),
+                None => metadata.push(("tokenizer.ggml.model".into(), Value::String("none".into()))),
+            }
+            write_gguf_file(out, &metadata, &config, &specs, dtype, seed)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors and their numbers.
+
+/// How a tensor is filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Init {
+    /// Uniform in ±sqrt(3 / columns).
+    Matrix,
+    /// Uniform in ±[`BIAS_BOUND`].
+    Bias,
+    /// All 1.0.
+    Norm,
+}
+
+const BIAS_BOUND: f32 = 0.02;
+
+/// Values per random stream; also the unit of work of a thread.
+const CHUNK: usize = 1 << 16;
+
+/// One tensor of the model, by Hugging Face name, shape outermost first.
+#[derive(Debug, Clone)]
+struct Spec {
+    name: String,
+    shape: Vec<usize>,
+    init: Init,
+}
+
+impl Spec {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Every tensor `DenseModel::load` takes for `c`, in load order.
+fn tensor_specs(c: &DenseConfig) -> Vec<Spec> {
+    let (h, q, kv, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let mut specs =
+        vec![Spec { name: "model.embed_tokens.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix }];
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        let mut push =
+            |name: &str, shape: Vec<usize>, init| specs.push(Spec { name: format!("{p}.{name}"), shape, init });
+        push("input_layernorm.weight", vec![h], Init::Norm);
+        for (proj, rows, cols, bias) in [
+            ("self_attn.q_proj", q, h, c.qkv_bias),
+            ("self_attn.k_proj", kv, h, c.qkv_bias),
+            ("self_attn.v_proj", kv, h, c.qkv_bias),
+            ("self_attn.o_proj", h, q, c.o_bias),
+        ] {
+            push(&format!("{proj}.weight"), vec![rows, cols], Init::Matrix);
+            if bias {
+                push(&format!("{proj}.bias"), vec![rows], Init::Bias);
+            }
+        }
+        if c.qk_norm {
+            push("self_attn.q_norm.weight", vec![c.head_dim], Init::Norm);
+            push("self_attn.k_norm.weight", vec![c.head_dim], Init::Norm);
+        }
+        push("post_attention_layernorm.weight", vec![h], Init::Norm);
+        for (proj, rows, cols) in [("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h), ("mlp.down_proj", h, inter)]
+        {
+            push(&format!("{proj}.weight"), vec![rows, cols], Init::Matrix);
+            if c.mlp_bias {
+                push(&format!("{proj}.bias"), vec![rows], Init::Bias);
+            }
+        }
+    }
+    specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: Init::Norm });
+    if !c.tie_word_embeddings {
+        specs.push(Spec { name: "lm_head.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix });
+    }
+    specs
+}
+
+/// splitmix64: one step of the stream whose state is `state`.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed of tensor `name`'s numbers: the run's seed mixed with the name's FNV-1a hash.
+fn tensor_seed(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+    }
+    let mut s = seed ^ h.rotate_left(17);
+    splitmix64(&mut s)
+}
+
+/// Fills `dst` with uniform values in `±bound` from the stream of chunk `chunk` of a tensor.
+fn fill_uniform(tseed: u64, chunk: usize, bound: f32, dst: &mut [f32]) {
+    let mut state = tseed ^ (chunk as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    splitmix64(&mut state);
+    // 24 random bits per value: u in [0, 1) exactly representable, then scaled to ±bound.
+    let scale = 2.0 * bound / (1u32 << 24) as f32;
+    let mut pairs = dst.chunks_exact_mut(2);
+    for pair in &mut pairs {
+        let r = splitmix64(&mut state);
+        pair[0] = ((r >> 40) as u32) as f32 * scale - bound;
+        pair[1] = (((r >> 8) & 0xFF_FFFF) as u32) as f32 * scale - bound;
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = ((splitmix64(&mut state) >> 40) as u32) as f32 * scale - bound;
+    }
+}
+
+/// The bytes of tensor `spec` stored as `dtype` (BF16, F16 or F32), rows in Hugging Face order.
+fn tensor_bytes(spec: &Spec, dtype: DType, seed: u64) -> Vec<u8> {
+    let esize = dtype.block_bytes();
+    let n = spec.numel();
+    let mut out = vec![0u8; n * esize];
+    let bound = match spec.init {
+        Init::Norm => {
+            let ones = vec![1.0f32; n];
+            quant::quantize_row(dtype, &ones, &mut out);
+            return out;
+        }
+        Init::Bias => BIAS_BOUND,
+        Init::Matrix => (3.0 / spec.shape.last().copied().unwrap_or(1).max(1) as f64).sqrt() as f32,
+    };
+    let tseed = tensor_seed(seed, &spec.name);
+    let chunks: Vec<(usize, &mut [u8])> = out.chunks_mut(CHUNK * esize).enumerate().collect();
+    let fill = |group: Vec<(usize, &mut [u8])>| {
+        let mut vals = vec![0f32; CHUNK];
+        for (i, bytes) in group {
+            let vals = &mut vals[..bytes.len() / esize];
+            fill_uniform(tseed, i, bound, vals);
+            quant::quantize_row(dtype, vals, bytes);
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks.len() / 4).max(1);
+    if threads == 1 {
+        fill(chunks);
+        return out;
+    }
+    let per = chunks.len().div_ceil(threads);
+    let mut groups: Vec<Vec<(usize, &mut [u8])>> = Vec::with_capacity(threads);
+    for c in chunks {
+        match groups.last_mut() {
+            Some(g) if g.len() < per => g.push(c),
+            _ => groups.push(vec![c]),
+        }
+    }
+    std::thread::scope(|s| {
+        for g in groups {
+            s.spawn(|| fill(g));
+        }
+    });
+    out
+}
+
+/// Permutes the rows of a q or k projection (weight or bias) so that each head's rotation
+/// pairs are adjacent, as `convert_hf_to_gguf.py` does for llama: row `h*hd + 2j + i` of the
+/// result is row `h*hd + i*hd/2 + j` of `data`.
+fn permute_rows(data: &[u8], rows: usize, head_dim: usize) -> Vec<u8> {
+    let row_bytes = data.len() / rows.max(1);
+    let half = head_dim / 2;
+    let mut out = vec![0u8; data.len()];
+    for (r, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
+        let (head, k) = (r / head_dim, r % head_dim);
+        let src = head * head_dim + (k % 2) * half + k / 2;
+        dst.copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hugging Face directory.
+
+fn safetensors_dtype(dtype: DType) -> safetensors::Dtype {
+    match dtype {
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        _ => safetensors::Dtype::F32,
+    }
+}
+
+/// A tensor whose bytes are generated when the safetensors writer asks for them.
+struct LazyTensor<'a> {
+    spec: &'a Spec,
+    dtype: DType,
+    seed: u64,
+}
+
+impl safetensors::View for LazyTensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors_dtype(self.dtype)
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.spec.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(tensor_bytes(self.spec, self.dtype, self.seed))
+    }
+
+    fn data_len(&self) -> usize {
+        self.spec.numel() * self.dtype.block_bytes()
+    }
+}
+
+fn write_hf_dir(
+    config_path: &Path,
+    raw_config: &Json,
+    tokenizer: Option<&TokenizerFiles>,
+    specs: &[Spec],
+    out: &Path,
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    copy_file(config_path, &out.join("config.json"))?;
+    let mut gen = serde_json::Map::new();
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = raw_config.get(key).filter(|v| !v.is_null()) {
+            gen.insert(key.into(), v.clone());
+        }
+    }
+    let gen_path = out.join("generation_config.json");
+    let text = serde_json::to_string_pretty(&Json::Object(gen))
+        .map_err(|e| Error::file(&gen_path, format!("cannot serialize: {e}")))?;
+    std::fs::write(&gen_path, text + "\n").map_err(|e| Error::io(&gen_path, e))?;
+    if let Some(t) = tokenizer {
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "chat_template.json",
+            "special_tokens_map.json",
+        ] {
+            let src = t.dir.join(name);
+            if src.is_file() {
+                copy_file(&src, &out.join(name))?;
+            }
+        }
+    }
+    let st_path = out.join("model.safetensors");
+    let tensors = specs.iter().map(|s| (s.name.clone(), LazyTensor { spec: s, dtype, seed }));
+    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize_to_file(tensors, Some(info), &st_path)
+        .map_err(|e| Error::file(&st_path, format!("cannot write: {e}")))
+}
+
+fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::copy(src, dst).map_err(|e| Error::file(dst, format!("cannot copy {}: {e}", src.display())))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF.
+
+/// The GGUF architecture name of `c`.
+fn gguf_arch(c: &DenseConfig) -> &'static str {
+    match c.arch {
+        DenseArch::Qwen3 => "qwen3",
+        DenseArch::Qwen2 => "qwen2",
+        DenseArch::Llama => "llama",
+    }
+}
+
+/// `general.*` and `{arch}.*` keys, as `convert_hf_to_gguf.py` writes them (plus
+/// `general.alignment`, and `{arch}.vocab_size` for every architecture).
+fn model_metadata(config_path: &Path, c: &DenseConfig, dtype: DType) -> Vec<(String, Value)> {
+    let arch = gguf_arch(c);
+    let name = config_path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| c.arch_name.clone());
+    // llama_ftype: LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32.
+    let file_type = match dtype {
+        DType::F16 => 1,
+        DType::BF16 => 32,
+        _ => 0,
+    };
+    let u32_of = |v: usize| Value::U32(u32::try_from(v).unwrap_or(u32::MAX));
+    let k = |s: &str| format!("{arch}.{s}");
+    let mut m = vec![
+        ("general.architecture".to_string(), Value::String(arch.into())),
+        ("general.type".to_string(), Value::String("model".into())),
+        ("general.name".to_string(), Value::String(format!("{name} (random weights)"))),
+        ("general.alignment".to_string(), Value::U32(GGUF_ALIGN as u32)),
+        (k("vocab_size"), u32_of(c.vocab_size)),
+        (k("block_count"), u32_of(c.num_layers)),
+        (k("context_length"), u32_of(c.max_position_embeddings)),
+        (k("embedding_length"), u32_of(c.hidden_size)),
+        (k("feed_forward_length"), u32_of(c.intermediate_size)),
+        (k("attention.head_count"), u32_of(c.num_heads)),
+        (k("attention.head_count_kv"), u32_of(c.num_kv_heads)),
+        (k("rope.freq_base"), Value::F32(c.rope_theta)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps)),
+        (k("attention.key_length"), u32_of(c.head_dim)),
+        (k("attention.value_length"), u32_of(c.head_dim)),
+    ];
+    if c.arch == DenseArch::Llama {
+        m.push((k("rope.dimension_count"), u32_of(c.head_dim)));
+    }
+    m.push(("general.file_type".to_string(), Value::U32(file_type)));
+    m.push(("general.quantization_version".to_string(), Value::U32(2)));
+    m
+}
+
+const GGUF_ALIGN: usize = 32;
+
+/// One tensor as it lies in the GGUF file.
+struct GgufTensor<'a> {
+    spec: &'a Spec,
+    name: String,
+    /// Stored type: the matrices' type, F32 for 1-D tensors.
+    dtype: DType,
+    /// Rows to permute for llama's adjacent-pair RoPE (q/k weights and biases).
+    permute: bool,
+}
+
+impl GgufTensor<'_> {
+    fn nbytes(&self) -> usize {
+        self.spec.numel() * self.dtype.block_bytes()
+    }
+
+    /// The stored bytes, rows in Hugging Face order: generated in the matrices' type (so that
+    /// 1-D tensors hold exactly the values the safetensors output holds), widened to F32 where
+    /// stored so.
+    fn bytes(&self, dtype: DType, seed: u64) -> Vec<u8> {
+        let data = tensor_bytes(self.spec, dtype, seed);
+        if self.dtype == dtype {
+            return data;
+        }
+        let vals = quant::dequantize(dtype, &data, self.spec.numel());
+        let mut out = vec![0u8; self.nbytes()];
+        quant::quantize_row(self.dtype, &vals, &mut out);
+        out
+    }
+}
+
+/// Writes the GGUF file tensor by tensor (`weights::gguf::write_gguf` takes every tensor's
+/// bytes at once, 1.2 GB for a 0.6B model in BF16; the layout written here is the same).
+fn write_gguf_file(
+    out: &Path,
+    metadata: &[(String, Value)],
+    c: &DenseConfig,
+    specs: &[Spec],
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
+    let mut tensors = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let name = hf_to_gguf(&spec.name).ok_or_else(|| {
+            Error::file(out, format!("tensor {:?} has no GGUF name (mlp_bias is not supported in GGUF)", spec.name))
+        })?;
+        let permute = c.arch == DenseArch::Llama
+            && ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"].iter().any(|s| spec.name.ends_with(s));
+        let file_dtype = if spec.shape.len() == 1 { DType::F32 } else { dtype };
+        tensors.push(GgufTensor { spec, name, dtype: file_dtype, permute });
+    }
+
+    let mut header = Vec::new();
+    header.extend_from_slice(b"GGUF");
+    header.extend_from_slice(&3u32.to_le_bytes());
+    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_string(&mut header, key);
+        header.extend_from_slice(&value_type(value).to_le_bytes());
+        put_value(&mut header, value);
+    }
+    let mut offset = 0usize;
+    for t in &tensors {
+        put_string(&mut header, &t.name);
+        header.extend_from_slice(&(t.spec.shape.len() as u32).to_le_bytes());
+        for &d in t.spec.shape.iter().rev() {
+            header.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        header.extend_from_slice(&t.dtype.ggml_id().to_le_bytes());
+        header.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += t.nbytes().div_ceil(GGUF_ALIGN) * GGUF_ALIGN;
+    }
+    header.resize(header.len().div_ceil(GGUF_ALIGN) * GGUF_ALIGN, 0);
+
+    create_parent(out)?;
+    let write = || -> std::io::Result<()> {
+        let file = std::fs::File::create(out)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&header)?;
+        for t in &tensors {
+            let mut data = t.bytes(dtype, seed);
+            if t.permute {
+                data = permute_rows(&data, t.spec.shape[0], c.head_dim);
+            }
+            w.write_all(&data)?;
+            let pad = data.len().div_ceil(GGUF_ALIGN) * GGUF_ALIGN - data.len();
+            w.write_all(&[0u8; GGUF_ALIGN][..pad])?;
+        }
+        w.flush()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(out);
+        Error::io(out, e)
+    })
+}
+
+fn create_parent(out: &Path) -> Result<()> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => std::fs::create_dir_all(p).map_err(|e| Error::io(p, e)),
+        None => Ok(()),
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(u8::from(*x)),
+        Value::String(s) => put_string(out, s),
+        Value::Array(items) => {
+            out.extend_from_slice(&items.first().map_or(0, value_type).to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer.
+
+fn read_json(path: &Path) -> Result<Json> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("malformed JSON: {e}")))
+}
+
+/// The tokenizer files of a directory, parsed.
+struct TokenizerFiles {
+    dir: PathBuf,
+    json_path: PathBuf,
+    /// `tokenizer.json`.
+    json: Json,
+    /// `tokenizer_config.json`, or `Null` when absent.
+    config: Json,
+}
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TT_NORMAL: i32 = 1;
+const TT_CONTROL: i32 = 3;
+const TT_USER_DEFINED: i32 = 4;
+const TT_UNUSED: i32 = 5;
+
+// Split regexes of the pre-tokenizers llama.cpp knows by name (tokenizer.json form).
+const RE_QWEN2: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN35: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl TokenizerFiles {
+    fn read(dir: &Path) -> Result<TokenizerFiles> {
+        let json_path = dir.join("tokenizer.json");
+        if !json_path.is_file() {
+            return Err(Error::file(&json_path, "missing: the tokenizer directory needs tokenizer.json"));
+        }
+        let json = read_json(&json_path)?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let config = if cfg_path.is_file() { read_json(&cfg_path)? } else { Json::Null };
+        Ok(TokenizerFiles { dir: dir.to_path_buf(), json_path, json, config })
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::file(&self.json_path, msg)
+    }
+
+    /// Every token by id: the model's vocabulary and the added tokens.
+    fn tokens_by_id(&self) -> Result<HashMap<usize, String>> {
+        let vocab = self
+            .json
+            .pointer("/model/vocab")
+            .and_then(Json::as_object)
+            .ok_or_else(|| self.err("no model.vocab object"))?;
+        let mut by_id = HashMap::with_capacity(vocab.len() + 64);
+        for (tok, id) in vocab {
+            let id = id.as_u64().ok_or_else(|| self.err(format!("token {tok:?} has a non-integer id {id}")))?;
+            by_id.insert(id as usize, tok.clone());
+        }
+        for a in self.added_tokens() {
+            by_id.insert(a.id, a.content.clone());
+        }
+        Ok(by_id)
+    }
+
+    fn added_tokens(&self) -> Vec<AddedToken> {
+        let Some(list) = self.json.get("added_tokens").and_then(Json::as_array) else {
+            return Vec::new();
+        };
+        list.iter()
+            .filter_map(|a| {
+                Some(AddedToken {
+                    id: a.get("id")?.as_u64()? as usize,
+                    content: a.get("content")?.as_str()?.to_string(),
+                    special: a.get("special").and_then(Json::as_bool).unwrap_or(false),
+                })
+            })
+            .collect()
+    }
+
+    /// Errors when a token id does not fit a model of `vocab_size` rows (as the converter does).
+    fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        let by_id = self.tokens_by_id()?;
+        if let Some(max) = by_id.keys().max().filter(|&&m| m >= vocab_size) {
+            return Err(self.err(format!(
+                "token id {max} does not fit the config's vocab_size {vocab_size}: the tokenizer belongs to another model"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `tokenizer.ggml.pre` for this tokenizer: from its split rules where they are known to
+    /// llama.cpp, else from the architecture.
+    fn pre_name(&self, c: &DenseConfig) -> Result<&'static str> {
+        let mut regexes = Vec::new();
+        let mut digits = false;
+        let mut byte_level_regex = false;
+        let mut other = false;
+        let mut stack: Vec<&Json> = self.json.get("pre_tokenizer").into_iter().collect();
+        while let Some(p) = stack.pop() {
+            match p.get("type").and_then(Json::as_str) {
+                Some("Sequence") => {
+                    stack.extend(p.get("pretokenizers").and_then(Json::as_array).into_iter().flatten().rev())
+                }
+                Some("Split") => match p.pointer("/pattern/Regex").and_then(Json::as_str) {
+                    Some(re) => regexes.push(re),
+                    None => other = true,
+                },
+                Some("Digits") => digits = p.get("individual_digits").and_then(Json::as_bool).unwrap_or(false),
+                Some("ByteLevel") => {
+                    byte_level_regex |= p.get("use_regex").and_then(Json::as_bool).unwrap_or(true);
+                }
+                _ => other = true,
+            }
+        }
+        let known = match (regexes.as_slice(), digits, byte_level_regex, other) {
+            ([re], false, false, false) if *re == RE_QWEN2 => Some("qwen2"),
+            ([re], false, false, false) if *re == RE_QWEN35 => Some("qwen35"),
+            ([re], false, false, false) if *re == RE_LLAMA3 => Some("llama-bpe"),
+            ([], true, true, false) => Some("smollm"),
+            ([], false, true, false) => Some("gpt2"),
+            _ => None,
+        };
+        match (known, c.arch) {
+            (Some(k), _) => Ok(k),
+            (None, DenseArch::Qwen2 | DenseArch::Qwen3) => Ok("qwen2"),
+            (None, DenseArch::Llama) => {
+                Err(self
+                    .err("pre-tokenizer not recognized (known: Qwen2, Qwen3.5, Llama 3, SmolLM and GPT-2 split rules)"))
+            }
+        }
+    }
+
+    /// The `tokenizer.*` keys as `convert_hf_to_gguf.py` writes them for a gpt2-style BPE
+    /// vocabulary (`_set_vocab_gpt2` + `gguf.SpecialVocab`).
+    fn gguf_metadata(&self, c: &DenseConfig, raw_config: &Json) -> Result<Vec<(String, Value)>> {
+        let model = self.json.get("model").ok_or_else(|| self.err("no model"))?;
+        let model_type = model.get("type").and_then(Json::as_str).unwrap_or("BPE");
+        if model_type != "BPE" || model.get("byte_fallback").and_then(Json::as_bool).unwrap_or(false) {
+            return Err(self.err(format!(
+                "only byte-level BPE tokenizers (gpt2-style) can be written to GGUF, not {model_type}{}",
+                if model_type == "BPE" { " with byte_fallback" } else { "" }
+            )));
+        }
+        let pre = self.pre_name(c)?;
+
+        // Tokens in id order, padded to vocab_size, typed as get_vocab_base does.
+        let by_id = self.tokens_by_id()?;
+        let added: HashMap<String, bool> = self.added_tokens().into_iter().map(|a| (a.content, a.special)).collect();
+        let mut tokens = Vec::with_capacity(c.vocab_size);
+        let mut types = Vec::with_capacity(c.vocab_size);
+        for i in 0..c.vocab_size {
+            match by_id.get(&i) {
+                None => {
+                    tokens.push(Value::String(format!("[PAD{i}]")));
+                    types.push(Value::I32(TT_UNUSED));
+                }
+                Some(tok) => match added.get(tok) {
+                    Some(&special) if special || looks_special(tok) => {
+                        tokens.push(Value::String(tok.clone()));
+                        types.push(Value::I32(TT_CONTROL));
+                    }
+                    Some(_) => {
+                        tokens.push(Value::String(tok.replace('\u{2581}', " ")));
+                        types.push(Value::I32(TT_USER_DEFINED));
+                    }
+                    None => {
+                        tokens.push(Value::String(tok.clone()));
+                        types.push(Value::I32(TT_NORMAL));
+                    }
+                },
+            }
+        }
+
+        let merges = self.merges()?;
+        let mut m = vec![
+            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+            ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        ];
+        if c.arch == DenseArch::Llama {
+            if let Some(b) = self.config.get("add_prefix_space").and_then(Json::as_bool) {
+                m.push(("tokenizer.ggml.add_space_prefix".to_string(), Value::Bool(b)));
+            }
+        }
+        m.push(("tokenizer.ggml.merges".to_string(), Value::Array(merges.into_iter().map(Value::String).collect())));
+
+        // Special tokens: tokenizer_config.json's {typ}_token among the added tokens first,
+        // then config.json's {typ}_token_id.
+        let added_list = self.added_tokens();
+        let mut contents: HashMap<&str, String> = HashMap::new();
+        for typ in SPECIAL_TYPES {
+            if let Some(s) = token_content(&self.config, &format!("{typ}_token")) {
+                contents.insert(typ, s);
+            }
+        }
+        if !contents.contains_key("bos") {
+            if let Some(cls) = contents.get("cls").cloned() {
+                contents.insert("bos", cls);
+            }
+        }
+        if !contents.contains_key("eos") {
+            if let Some(sep) = contents.get("sep").cloned() {
+                contents.insert("eos", sep);
+            }
+        }
+        let add_flags = self.add_special_flags(&mut contents);
+        let mut ids: Vec<(&str, usize)> = Vec::new();
+        for typ in SPECIAL_TYPES {
+            let from_tokenizer =
+                contents.get(typ).and_then(|s| added_list.iter().find(|a| &a.content == s)).map(|a| a.id);
+            let from_config = raw_config.get(format!("{typ}_token_id")).and_then(Json::as_u64).map(|v| v as usize);
+            if let Some(id) = from_tokenizer.or(from_config).filter(|&id| id < c.vocab_size) {
+                ids.push((typ, id));
+            }
+        }
+        for (typ, id) in &ids {
+            if let Some(key) = special_key(typ) {
+                m.push((key.to_string(), Value::U32(*id as u32)));
+            }
+        }
+        let has_bos = ids.iter().any(|(t, _)| *t == "bos");
+        for (typ, on) in add_flags {
+            // Our loader (and llama.cpp, sensibly) needs a BOS id to add one.
+            let on = on && (typ != "bos" || has_bos);
+            m.push((format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(on)));
+        }
+        m.extend(self.chat_template_metadata()?);
+        m.extend(self.normalizer_metadata());
+        Ok(m)
+    }
+
+    /// `model.merges` as "a b" strings (pairs with spaces inside get them as U+0120).
+    fn merges(&self) -> Result<Vec<String>> {
+        let Some(list) = self.json.pointer("/model/merges").and_then(Json::as_array) else {
+            return Ok(Vec::new());
+        };
+        list.iter()
+            .enumerate()
+            .map(|(i, m)| match m {
+                Json::String(s) => Ok(s.clone()),
+                Json::Array(pair) if pair.len() == 2 => {
+                    let part = |v: &Json| v.as_str().map(|s| s.replace(' ', "\u{0120}"));
+                    match (part(&pair[0]), part(&pair[1])) {
+                        (Some(a), Some(b)) => Ok(format!("{a} {b}")),
+                        _ => Err(self.err(format!("merge #{i} is not a pair of strings"))),
+                    }
+                }
+                _ => Err(self.err(format!("merge #{i} is neither a string nor a pair"))),
+            })
+            .collect()
+    }
+
+    /// Whether BOS/EOS/SEP are added around a sequence: the post-processor first, then
+    /// `tokenizer_config.json`'s `add_{typ}_token` (as `SpecialVocab` does, simplified).
+    fn add_special_flags(&self, contents: &mut HashMap<&'static str, String>) -> Vec<(&'static str, bool)> {
+        let mut flags: Vec<(&'static str, bool)> = Vec::new();
+        let set_default = |flags: &mut Vec<(&'static str, bool)>, typ: &'static str, v: bool| {
+            if !flags.iter().any(|(t, _)| *t == typ) {
+                flags.push((typ, v));
+            }
+        };
+        let set = |flags: &mut Vec<(&'static str, bool)>, typ: &'static str, v: bool| {
+            flags.retain(|(t, _)| *t != typ);
+            flags.push((typ, v));
+        };
+        if let Some(pp) = self.json.get("post_processor").filter(|p| !p.is_null()) {
+            let procs: Vec<&Json> = match pp.get("processors").and_then(Json::as_array) {
+                Some(list) => list.iter().collect(),
+                None => vec![pp],
+            };
+            for p in procs {
+                match p.get("type").and_then(Json::as_str) {
+                    Some("ByteLevel") => {
+                        set_default(&mut flags, "bos", false);
+                        set_default(&mut flags, "eos", false);
+                    }
+                    Some("RobertaProcessing") => {
+                        for typ in ["bos", "eos", "sep"] {
+                            set(&mut flags, typ, true);
+                        }
+                    }
+                    Some("TemplateProcessing") => {
+                        let single = p.get("single").and_then(Json::as_array).map(Vec::as_slice).unwrap_or(&[]);
+                        let special = |e: Option<&Json>| {
+                            e.and_then(|e| e.pointer("/SpecialToken/id")).and_then(Json::as_str).map(str::to_string)
+                        };
+                        if single.len() > 1 {
+                            if let Some(first) = special(single.first()) {
+                                if !contents.contains_key("bos") {
+                                    contents.insert("bos", first.clone());
+                                }
+                                let on = contents.get("bos") == Some(&first) || contents.get("cls") == Some(&first);
+                                set(&mut flags, "bos", on);
+                            }
+                            if let Some(last) = special(single.last()) {
+                                set(&mut flags, "eos", contents.get("eos") == Some(&last));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for typ in ["bos", "eos", "sep"] {
+            if let Some(b) = self.config.get(format!("add_{typ}_token")).and_then(Json::as_bool) {
+                set_default(&mut flags, typ, b);
+            }
+        }
+        flags
+    }
+
+    /// `tokenizer.chat_template` (and named templates) from `tokenizer_config.json`, else
+    /// `chat_template.jinja`, else `chat_template.json`, as `SpecialVocab` reads them.
+    fn chat_template_metadata(&self) -> Result<Vec<(String, Value)>> {
+        let jinja = self.dir.join("chat_template.jinja");
+        let json = self.dir.join("chat_template.json");
+        let template = match self.config.get("chat_template").filter(|v| !v.is_null()) {
+            Some(t) => Some(t.clone()),
+            None if jinja.is_file() => {
+                Some(Json::String(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?))
+            }
+            None if json.is_file() => read_json(&json)?.get("chat_template").cloned(),
+            None => None,
+        };
+        let mut m = Vec::new();
+        match template {
+            Some(Json::String(s)) => m.push(("tokenizer.chat_template".to_string(), Value::String(s))),
+            Some(Json::Array(list)) => {
+                let mut names = Vec::new();
+                let mut default = None;
+                for entry in &list {
+                    let name = entry.get("name").and_then(Json::as_str).unwrap_or("");
+                    let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                    let Some(t) = entry.get("template").and_then(Json::as_str) else { continue };
+                    if name.is_empty() {
+                        continue;
+                    }
+                    if name == "default" {
+                        default = Some(t.to_string());
+                    } else {
+                        m.push((format!("tokenizer.chat_template.{name}"), Value::String(t.to_string())));
+                        names.push(Value::String(name));
+                    }
+                }
+                if !names.is_empty() {
+                    m.push(("tokenizer.chat_templates".to_string(), Value::Array(names)));
+                }
+                if let Some(t) = default {
+                    m.push(("tokenizer.chat_template".to_string(), Value::String(t)));
+                }
+            }
+            _ => {}
+        }
+        Ok(m)
+    }
+
+    /// `tokenizer.ggml.normalizer.*` flags from the normalizer (Lowercase, StripAccents).
+    fn normalizer_metadata(&self) -> Vec<(String, Value)> {
+        let (mut lower, mut strip) = (None, None);
+        let mut stack: Vec<&Json> = self.json.get("normalizer").into_iter().collect();
+        while let Some(n) = stack.pop() {
+            match n.get("type").and_then(Json::as_str) {
+                Some("Lowercase") => lower = Some(true),
+                Some("StripAccents") => strip = Some(true),
+                Some("BertNormalizer") => {
+                    lower = n.get("lowercase").and_then(Json::as_bool).or(lower);
+                    strip = n.get("strip_accents").and_then(Json::as_bool).or(strip);
+                }
+                Some("Sequence") => stack.extend(n.get("normalizers").and_then(Json::as_array).into_iter().flatten()),
+                _ => {}
+            }
+        }
+        let mut m = Vec::new();
+        if let Some(b) = lower {
+            m.push(("tokenizer.ggml.normalizer.lowercase".to_string(), Value::Bool(b)));
+        }
+        if let Some(b) = strip {
+            m.push(("tokenizer.ggml.normalizer.strip_accents".to_string(), Value::Bool(b)));
+        }
+        m
+    }
+}
+
+struct AddedToken {
+    id: usize,
+    content: String,
+    special: bool,
+}
+
+/// The special-token kinds `gguf.SpecialVocab` looks for, in its order.
+const SPECIAL_TYPES: [&str; 7] = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"];
+
+/// The GGUF key of a special-token kind (`cls` has none in gguf-py).
+fn special_key(typ: &str) -> Option<&'static str> {
+    Some(match typ {
+        "bos" => "tokenizer.ggml.bos_token_id",
+        "eos" => "tokenizer.ggml.eos_token_id",
+        "unk" => "tokenizer.ggml.unknown_token_id",
+        "sep" => "tokenizer.ggml.seperator_token_id",
+        "pad" => "tokenizer.ggml.padding_token_id",
+        "mask" => "tokenizer.ggml.mask_token_id",
+        _ => return None,
+    })
+}
+
+/// `convert_hf_to_gguf.py`'s `does_token_look_special`.
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<\u{ff5c}") && t.ends_with("\u{ff5c}>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// A `{typ}_token` entry of `tokenizer_config.json`: a string or an AddedToken object.
+fn token_content(cfg: &Json, key: &str) -> Option<String> {
+    match cfg.get(key)? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_matches_converter() {
+        // 1 head of 4 rows, 1 byte per row: rows [0 1 2 3] -> [0 2 1 3].
+        assert_eq!(permute_rows(&[0, 1, 2, 3], 4, 4), vec![0, 2, 1, 3]);
+        // 2 heads of 4.
+        assert_eq!(permute_rows(&[0, 1, 2, 3, 4, 5, 6, 7], 8, 4), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+    }
+
+    #[test]
+    fn uniform_values_are_bounded_and_centered() {
+        let mut v = vec![0f32; CHUNK];
+        fill_uniform(7, 3, 0.5, &mut v);
+        assert!(v.iter().all(|x| (-0.5..0.5).contains(x)));
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        let var = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 0.25 / 3.0).abs() < 0.005, "var {var}");
+    }
+
+    #[test]
+    fn format_from_path() {
+        assert_eq!(SynthFormat::from_path(Path::new("/tmp/a.gguf")), SynthFormat::Gguf);
+        assert_eq!(SynthFormat::from_path(Path::new("/tmp/a.GGUF")), SynthFormat::Gguf);
+        assert_eq!(SynthFormat::from_path(Path::new("/tmp/a")), SynthFormat::HfDir);
+    }
+}

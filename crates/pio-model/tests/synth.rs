@@ -1,0 +1,253 @@
+//! `pio synth`: random-weight checkpoints load, and the Hugging Face and GGUF outputs of one
+//! seed compute the same model.
+
+use std::path::{Path, PathBuf};
+
+use pio_kernels::DType;
+use pio_model::synth::{write_random_checkpoint, SynthFormat};
+use pio_model::weights::gguf::{GgufFile, Value};
+use pio_model::{ForwardBatch, LoadedModel};
+
+fn fixture_config(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name).join("config.json")
+}
+
+fn qwen3_tokenizer() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen3-tokenizer")
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pio-synth-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn load(path: &Path) -> LoadedModel {
+    match pio_model::load(path, &mut |_, _| {}) {
+        Ok(m) => m,
+        Err(e) => panic!("{} does not load: {e}", path.display()),
+    }
+}
+
+/// Logits of the 5 tokens `ids` of one sequence, run in one batch.
+fn logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
+    let n = ids.len();
+    let batch = ForwardBatch {
+        token_ids: ids.to_vec(),
+        positions: (0..n).collect(),
+        seq_indices: vec![0; n],
+        slot_mapping: (0..n).collect(),
+        block_tables: vec![vec![0]],
+        logits_indices: (0..n).collect(),
+    };
+    let mut cache = m.model.new_kv_cache(16, 4);
+    m.model.forward(&batch, &mut cache).expect("forward")
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max).max(1e-6);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(x.is_finite() && y.is_finite(), "{what}: logit {i} not finite: {x} vs {y}");
+        assert!((x - y).abs() <= 1e-4 * scale, "{what}: logit {i}: {x} vs {y} (max |logit| {scale})");
+    }
+}
+
+fn write(config: &Path, tokenizer: Option<&Path>, out: &Path, dtype: DType, seed: u64) {
+    if let Err(e) = write_random_checkpoint(config, tokenizer, out, dtype, seed) {
+        panic!("synth {} -> {}: {e}", config.display(), out.display());
+    }
+}
+
+#[test]
+fn hf_dir_and_gguf_compute_the_same_model() {
+    let ids = [3u32, 17, 200, 511, 42];
+    for (name, arch) in [("qwen3", "qwen3"), ("qwen2", "qwen2"), ("llama", "llama")] {
+        let s = Scratch::new(&format!("same-{name}"));
+        let (dir, gguf) = (s.path("hf"), s.path("model.gguf"));
+        assert_eq!(SynthFormat::from_path(&dir), SynthFormat::HfDir);
+        assert_eq!(SynthFormat::from_path(&gguf), SynthFormat::Gguf);
+        write(&fixture_config(name), None, &dir, DType::F32, 5);
+        write(&fixture_config(name), None, &gguf, DType::F32, 5);
+        let (a, b) = (load(&dir), load(&gguf));
+        assert_eq!(a.info.format, "safetensors");
+        assert_eq!(b.info.format, "gguf");
+        assert_eq!(a.info.num_params, b.info.num_params, "{name}");
+        let g = GgufFile::open(&gguf).expect("open");
+        assert_eq!(g.get_str("general.architecture").expect("arch"), arch);
+        assert_eq!(g.get("general.file_type"), Some(&Value::U32(0)));
+        assert_eq!(g.get("general.alignment"), Some(&Value::U32(32)));
+        assert_eq!(g.tensors["output_norm.weight"].dtype, DType::F32);
+        let (la, lb) = (logits(&a, &ids), logits(&b, &ids));
+        assert_eq!(la.len(), 5 * 512);
+        assert_close(&la, &lb, name);
+        // Random weights are not degenerate: the logits vary.
+        let spread = la.iter().fold(f32::MIN, |m, &x| m.max(x)) - la.iter().fold(f32::MAX, |m, &x| m.min(x));
+        assert!(spread > 1.0, "{name}: logits spread {spread}");
+        // The directory has what a checkpoint needs.
+        for f in ["config.json", "generation_config.json", "model.safetensors"] {
+            assert!(dir.join(f).is_file(), "{name}: {f} missing");
+        }
+        assert_eq!(a.generation.eos_token_ids, vec![2]);
+    }
+}
+
+#[test]
+fn same_seed_same_files_other_seed_other_weights() {
+    let s = Scratch::new("seed");
+    let cfg = fixture_config("qwen2");
+    for (i, seed) in [(0, 1u64), (1, 1), (2, 2)] {
+        write(&cfg, None, &s.path(&format!("m{i}.gguf")), DType::BF16, seed);
+        write(&cfg, None, &s.path(&format!("d{i}")), DType::BF16, seed);
+    }
+    let read = |p: PathBuf| std::fs::read(p).expect("read");
+    assert_eq!(read(s.path("m0.gguf")), read(s.path("m1.gguf")));
+    assert_eq!(read(s.path("d0/model.safetensors")), read(s.path("d1/model.safetensors")));
+    assert_ne!(read(s.path("m0.gguf")), read(s.path("m2.gguf")));
+    assert_ne!(read(s.path("d0/model.safetensors")), read(s.path("d2/model.safetensors")));
+    let g0 = GgufFile::open(&s.path("m0.gguf")).expect("open");
+    let g2 = GgufFile::open(&s.path("m2.gguf")).expect("open");
+    for name in ["token_embd.weight", "blk.1.ffn_down.weight", "blk.0.attn_q.bias"] {
+        let (a, b) = (g0.tensor(name).expect("tensor"), g2.tensor(name).expect("tensor"));
+        assert_ne!(a.bytes(), b.bytes(), "{name}");
+    }
+    // Norms are 1, biases small, matrices within ±sqrt(3/fan_in).
+    let f32s = |name: &str| g0.tensor(name).expect("tensor").to_f32_vec();
+    assert!(f32s("blk.0.attn_norm.weight").iter().all(|&x| x == 1.0));
+    assert!(f32s("blk.0.attn_k.bias").iter().all(|x| x.abs() <= 0.02));
+    let down = f32s("blk.0.ffn_down.weight");
+    let bound = (3.0f32 / 256.0).sqrt() * 1.01;
+    assert!(down.iter().all(|x| x.abs() <= bound));
+    let var = down.iter().map(|x| x * x).sum::<f32>() / down.len() as f32;
+    assert!((var * 256.0 - 1.0).abs() < 0.05, "fan_in * variance {}", var * 256.0);
+}
+
+#[test]
+fn bf16_and_f16_outputs_load_and_run() {
+    let s = Scratch::new("bf16");
+    for (dtype, file_type) in [(DType::BF16, 32u32), (DType::F16, 1)] {
+        let (dir, gguf) = (s.path(&format!("hf-{dtype}")), s.path(&format!("m-{dtype}.gguf")));
+        write(&fixture_config("llama"), None, &dir, dtype, 9);
+        write(&fixture_config("llama"), None, &gguf, dtype, 9);
+        let (a, b) = (load(&dir), load(&gguf));
+        assert!(a.info.weight_types.iter().all(|w| w.0 == dtype), "{:?}", a.info.weight_types);
+        assert!(b.info.weight_types.iter().all(|w| w.0 == dtype), "{:?}", b.info.weight_types);
+        let g = GgufFile::open(&gguf).expect("open");
+        assert_eq!(g.get("general.file_type"), Some(&Value::U32(file_type)));
+        assert_eq!(g.tensors["blk.0.attn_norm.weight"].dtype, DType::F32);
+        let ids = [1u32, 2, 3, 4, 5];
+        let (la, lb) = (logits(&a, &ids), logits(&b, &ids));
+        // Same stored values; only the order of float operations may differ.
+        assert_close(&la, &lb, &format!("llama {dtype}"));
+    }
+}
+
+#[test]
+fn gguf_carries_the_tokenizer_as_llama_cpp_converts_it() {
+    let s = Scratch::new("tok");
+    // The small qwen3 fixture with the real vocabulary size and special ids.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_config("qwen3")).expect("read")).expect("json");
+    cfg["vocab_size"] = 151936.into();
+    cfg["tie_word_embeddings"] = true.into();
+    cfg["bos_token_id"] = 151643.into();
+    cfg["eos_token_id"] = 151645.into();
+    let cfg_path = s.path("config.json");
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write config");
+    let gguf = s.path("tok.gguf");
+    write(&cfg_path, Some(&qwen3_tokenizer()), &gguf, DType::BF16, 0);
+
+    let tok = pio_model::load_tokenizer(&gguf).expect("tokenizer from GGUF");
+    assert_eq!(tok.encode("Hello world<|im_end|>", false).expect("encode"), vec![9707, 1879, 151645]);
+    assert_eq!(tok.encode("Hello world<|im_end|>", true).expect("encode"), vec![9707, 1879, 151645]);
+    assert!(tok.chat_template().is_some(), "no chat template");
+    assert_eq!(tok.vocab_size(), 151936);
+
+    let g = GgufFile::open(&gguf).expect("open");
+    let str_of = |k: &str| g.get(k).and_then(Value::as_str).map(str::to_string);
+    let u_of = |k: &str| g.get(k).and_then(Value::as_u64);
+    assert_eq!(str_of("tokenizer.ggml.model").as_deref(), Some("gpt2"));
+    assert_eq!(str_of("tokenizer.ggml.pre").as_deref(), Some("qwen2"));
+    assert_eq!(u_of("tokenizer.ggml.bos_token_id"), Some(151643));
+    assert_eq!(u_of("tokenizer.ggml.eos_token_id"), Some(151645));
+    assert_eq!(u_of("tokenizer.ggml.padding_token_id"), Some(151643));
+    assert_eq!(g.get("tokenizer.ggml.add_bos_token"), Some(&Value::Bool(false)));
+    let tokens = g.get("tokenizer.ggml.tokens").and_then(Value::as_array).expect("tokens");
+    let types = g.get("tokenizer.ggml.token_type").and_then(Value::as_array).expect("types");
+    assert_eq!(tokens.len(), 151936);
+    assert_eq!(types.len(), 151936);
+    let at = |i: usize| (tokens[i].as_str().expect("str"), types[i].as_i64().expect("int"));
+    assert_eq!(at(9707), ("Hello", 1));
+    assert_eq!(at(151645), ("<|im_end|>", 3));
+    assert_eq!(at(151657), ("<tool_call>", 4));
+    assert_eq!(at(151935), ("[PAD151935]", 5));
+    let merges = g.get("tokenizer.ggml.merges").and_then(Value::as_array).expect("merges");
+    assert_eq!(merges[0].as_str(), Some("Ġ Ġ"));
+    assert!(str_of("tokenizer.chat_template").is_some_and(|t| t.contains("<|im_start|>")));
+
+    // The model runs on the tokenizer's ids; the directory output ships the tokenizer files.
+    let m = load(&gguf);
+    assert_eq!(m.generation.eos_token_ids, vec![151645]);
+    let l = logits(&m, &[9707, 1879, 151645, 151644, 0]);
+    assert!(l.iter().all(|x| x.is_finite()));
+    let dir = s.path("hf");
+    write(&cfg_path, Some(&qwen3_tokenizer()), &dir, DType::BF16, 0);
+    let d = load(&dir);
+    let t = d.tokenizer().expect("tokenizer");
+    assert_eq!(t.encode("Hello world<|im_end|>", false).expect("encode"), vec![9707, 1879, 151645]);
+    assert!(t.chat_template().is_some());
+    assert_close(&logits(&d, &[9707, 1879, 151645, 151644, 0]), &l, "qwen3 tokenizer-sized");
+}
+
+#[test]
+fn errors_name_the_file() {
+    let s = Scratch::new("err");
+    let msg = |r: pio_model::Result<()>| match r {
+        Ok(()) => panic!("should fail"),
+        Err(e) => e.to_string(),
+    };
+    let cfg = fixture_config("qwen3");
+    let out = s.path("x.gguf");
+
+    let missing = s.path("nope/config.json");
+    let e = msg(write_random_checkpoint(&missing, None, &out, DType::F32, 0));
+    assert!(e.contains("nope/config.json"), "{e}");
+
+    let bad = s.path("bad.json");
+    std::fs::write(&bad, r#"{"architectures": ["GPT2LMHeadModel"]}"#).expect("write");
+    let e = msg(write_random_checkpoint(&bad, None, &out, DType::F32, 0));
+    assert!(e.contains("bad.json") && e.contains("GPT2LMHeadModel"), "{e}");
+
+    let e = msg(write_random_checkpoint(&cfg, None, &out, DType::Q4_0, 0));
+    assert!(e.contains("Q4_0") && e.contains("x.gguf"), "{e}");
+
+    let e = msg(write_random_checkpoint(&cfg, Some(&s.0), &out, DType::F32, 0));
+    assert!(e.contains("tokenizer.json"), "{e}");
+
+    // The qwen3 tokenizer does not fit a 512-token model.
+    let e = msg(write_random_checkpoint(&cfg, Some(&qwen3_tokenizer()), &out, DType::F32, 0));
+    assert!(e.contains("tokenizer.json") && e.contains("vocab_size"), "{e}");
+
+    let file = s.path("a-file");
+    std::fs::write(&file, "x").expect("write");
+    let e = msg(write_random_checkpoint(&cfg, None, &file.join("m.gguf"), DType::F32, 0));
+    assert!(e.contains("a-file"), "{e}");
+    let e = msg(write_random_checkpoint(&cfg, None, &file.join("dir"), DType::F32, 0));
+    assert!(e.contains("a-file"), "{e}");
+}
