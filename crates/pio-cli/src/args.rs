@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Threads for the kernels (default: all cores; also PIO_THREADS).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -25,6 +28,10 @@ pub enum Command {
     Detokenize(DetokenizeArgs),
     /// Print the prompt the chat template renders for an OpenAI chat-completions request body.
     ChatTemplate(ChatTemplateArgs),
+    /// Measure prefill and decode speed against the machine's memory-bandwidth roofline.
+    Bench(BenchArgs),
+    /// Write a random-weight checkpoint with a real config (a HF directory, or GGUF if OUT ends in .gguf).
+    Synth(SynthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -151,4 +158,44 @@ pub struct ChatTemplateArgs {
     /// A JSON file with an OpenAI chat-completions request body.
     #[arg(long)]
     pub request: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Prompts run together in the prefill forward.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Runs of each measurement; the best is reported.
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// A Hugging Face config.json of a supported architecture.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// A directory with tokenizer.json (and tokenizer_config.json) to ship with the model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Output: a directory, or a .gguf file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage type of the matrices.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: String,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

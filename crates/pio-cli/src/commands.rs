@@ -34,6 +34,30 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             out(&tok.decode(&a.ids, a.skip_special_tokens)?)
         }
+        Command::Bench(a) => crate::bench::cmd_bench(a),
+        Command::Synth(a) => {
+            let dtype = match a.dtype.as_str() {
+                "bf16" => pio_kernels::DType::BF16,
+                "f16" => pio_kernels::DType::F16,
+                "f32" => pio_kernels::DType::F32,
+                other => bail!("--dtype {other:?}: expected bf16, f16 or f32"),
+            };
+            let start = Instant::now();
+            pio_model::synth::write_random_checkpoint(&a.config, a.tokenizer.as_deref(), &a.out, dtype, a.seed)?;
+            let params = pio_model::config::DenseConfig::from_hf_file(&a.config)?.num_params();
+            let bytes: u64 = match std::fs::read_dir(&a.out) {
+                Ok(entries) => entries.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum(),
+                Err(_) => std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0),
+            };
+            eprintln!(
+                "wrote {}: {:.1}M parameters ({dtype}), {:.1} MB in {:.1}s",
+                a.out.display(),
+                params as f64 / 1e6,
+                bytes as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Command::ChatTemplate(a) => {
             let tok = pio_model::load_tokenizer(&a.model)?;
             let template = tok
@@ -50,7 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Writes to stdout and flushes (errors, e.g. a closed pipe, are returned).
-fn out(s: &str) -> Result<()> {
+pub(crate) fn out(s: &str) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(s.as_bytes())?;
     stdout.flush()?;
@@ -58,7 +82,7 @@ fn out(s: &str) -> Result<()> {
 }
 
 /// Loads a model with a progress bar on a terminal; prints details with `--verbose`.
-fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
+pub(crate) fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
     let start = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
@@ -106,8 +130,17 @@ fn print_info(info: &ModelInfo, load_s: f64) {
 
 /// The process's resident memory, from /proc (Linux); `None` elsewhere.
 fn resident_bytes() -> Option<usize> {
+    proc_status_bytes("VmRSS:")
+}
+
+/// The process's peak resident memory, from /proc (Linux); `None` elsewhere.
+pub(crate) fn peak_rss_bytes() -> Option<usize> {
+    proc_status_bytes("VmHWM:")
+}
+
+fn proc_status_bytes(key: &str) -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

@@ -4,6 +4,7 @@
 //! through `pio-engine`. Errors print `error: ...` on stderr and exit with status 1.
 
 mod args;
+mod bench;
 mod commands;
 
 use std::process::ExitCode;
@@ -12,6 +13,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::FAILURE;
+        }
+        // Read once by the kernels' thread pool; set before any kernel runs (no threads yet).
+        std::env::set_var("PIO_THREADS", n.to_string());
+    }
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,104 @@
+//! `pio bench`: prefill and decode speed of a model against this machine's memory-bandwidth
+//! roofline.
+//!
+//! Decode reads every weight once per token, so `decode tok/s × weight bytes per token` cannot
+//! exceed the memory read bandwidth; `roofline_fraction` says how close we are.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::sampler::SamplingParams;
+use serde_json::json;
+
+use crate::args::BenchArgs;
+use crate::commands::{load_model, out, peak_rss_bytes};
+
+pub fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if a.prompt_tokens == 0 || a.batch == 0 {
+        bail!("--prompt-tokens and --batch must be positive");
+    }
+    let (loaded, load_s) = load_model(&a.model)?;
+    let shape = loaded.model.shape();
+    // Token ids drawn from the vocabulary with a fixed stride: speed does not depend on them.
+    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect();
+    let ctx = (a.prompt_tokens + a.gen_tokens + 16) * a.batch;
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
+
+    // Prefill: `batch` prompts in one forward, best of `repeats`.
+    let mut prefill_s = f64::INFINITY;
+    for _ in 0..a.repeats.max(1) {
+        let mut seqs: Vec<Sequence> = (0..a.batch).map(|_| Sequence::new(prompt.clone())).collect();
+        let start = Instant::now();
+        {
+            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            runner.step(&mut refs, Logits::Last)?;
+        }
+        prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
+        for s in &mut seqs {
+            runner.release(s);
+        }
+    }
+    let prefill_tps = (a.prompt_tokens * a.batch) as f64 / prefill_s;
+
+    // Decode: one sequence, greedy, end-of-sequence ignored; best of `repeats`.
+    let params = GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: a.gen_tokens,
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+        stop: Vec::new(),
+    };
+    let decode_prompt = &prompt[..prompt.len().min(16)];
+    let mut decode_tps: f64 = 0.0;
+    for _ in 0..a.repeats.max(1) {
+        let o = generate(&mut runner, None, decode_prompt, &params, &mut |_| {})?;
+        if o.num_decode_steps > 0 {
+            decode_tps = decode_tps.max(o.num_decode_steps as f64 / o.decode_time.as_secs_f64());
+        }
+    }
+
+    // Before the bandwidth probe, whose 1 GiB buffer would otherwise be the peak.
+    let peak_rss = peak_rss_bytes().unwrap_or(0);
+    let bandwidth = pio_kernels::membw::read_bandwidth();
+    let bytes_per_token = loaded.info.decode_bytes_per_token;
+    let roofline_tps = bandwidth / bytes_per_token as f64;
+    let v = json!({
+        "model": a.model.model.display().to_string(),
+        "arch": loaded.info.arch,
+        "threads": pio_kernels::parallel::num_threads(),
+        "simd": pio_kernels::cpu::level().name(),
+        "load_s": load_s,
+        "prompt_tokens": a.prompt_tokens,
+        "batch": a.batch,
+        "gen_tokens": a.gen_tokens,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
+        "peak_rss_bytes": peak_rss,
+        "weight_bytes_per_token": bytes_per_token,
+        "mem_bandwidth_bytes_per_s": bandwidth,
+        "decode_roofline_tokens_per_s": roofline_tps,
+        "roofline_fraction": decode_tps / roofline_tps,
+    });
+    if a.json {
+        out(&format!("{v}\n"))
+    } else {
+        out(&format!(
+            "{}: {} threads, {}\n  prefill {:>8.1} tok/s ({} x {} tokens)\n  decode  {:>8.1} tok/s ({} tokens)\n  roofline {:.1} tok/s = {:.1} GB/s read / {:.1} MB per token -> {:.0}% achieved\n  peak RSS {:.1} MiB\n",
+            loaded.info.arch,
+            pio_kernels::parallel::num_threads(),
+            pio_kernels::cpu::level().name(),
+            prefill_tps,
+            a.batch,
+            a.prompt_tokens,
+            decode_tps,
+            a.gen_tokens,
+            roofline_tps,
+            bandwidth / 1e9,
+            bytes_per_token as f64 / 1e6,
+            100.0 * decode_tps / roofline_tps,
+            peak_rss as f64 / (1 << 20) as f64,
+        ))
+    }
+}
