@@ -17,16 +17,42 @@ pub struct Q8Block {
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks), rounding to nearest
-/// with `d = max|x| / 127`.
+/// (ties to even) with `d = max|x| / 127`. The same code is compiled for AVX2 / AVX-512 where the
+/// CPU has them (it vectorizes there), so every level gives the same bytes.
 pub fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
     assert!(x.len().is_multiple_of(32) && out.len() == x.len() / 32);
+    match crate::cpu::level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has.
+        crate::cpu::SimdLevel::Avx512 => unsafe { quantize_q8_avx512(x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::cpu::SimdLevel::Avx2 => unsafe { quantize_q8_avx2(x, out) },
+        _ => quantize_q8_generic(x, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_q8_avx512(x: &[f32], out: &mut [Q8Block]) {
+    quantize_q8_generic(x, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Block]) {
+    quantize_q8_generic(x, out)
+}
+
+#[inline(always)]
+fn quantize_q8_generic(x: &[f32], out: &mut [Q8Block]) {
     for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
         b.d = d;
@@ -34,10 +60,22 @@ pub fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
     }
 }
 
-/// `x` quantized into a new vector of blocks.
+/// `x` quantized into a new vector of blocks; a long `x` (a prefill's activations) is split
+/// across the threads.
 pub fn quantize_q8_vec(x: &[f32]) -> Vec<Q8Block> {
-    let mut out = vec![Q8Block::default(); x.len() / 32];
-    quantize_q8(x, &mut out);
+    let blocks = x.len() / 32;
+    let parts = crate::parallel::for_each_range(blocks, x.len() * 4, |b0, b1| {
+        let mut out = vec![Q8Block::default(); b1 - b0];
+        quantize_q8(&x[b0 * 32..b1 * 32], &mut out);
+        out
+    });
+    if parts.len() == 1 {
+        return parts.into_iter().flatten().collect();
+    }
+    let mut out = Vec::with_capacity(blocks);
+    for p in parts {
+        out.extend_from_slice(&p);
+    }
     out
 }
 

@@ -2,6 +2,7 @@
 
 use crate::act::{self, Q8Block};
 use crate::cpu::{self, SimdLevel};
+use crate::dot::float;
 use crate::{dot, parallel, quant, DType};
 
 /// A row-major weight matrix `[rows, cols]` in any [`DType`], borrowed from its storage.
@@ -31,43 +32,170 @@ impl<'a> WeightView<'a> {
     }
 }
 
+/// Tokens per tile: their activations (a few KiB each) stay in L2 while a thread's rows stream by.
+const TOKENS_PER_TILE: usize = 64;
+/// Rows per tile: their stored bytes stay in L1/L2 while a token tile streams by.
+const ROWS_PER_TILE: usize = 16;
+
 /// `y[t, r] = sum_c w[r, c] * x[t, c]` for `n` tokens: x is `[n, cols]`, y is `[n, rows]`.
 ///
 /// Block-quantized weights dot with activations quantized once per call to 8 bits
-/// ([`Q8Block`]); float weights dot with f32 activations. Split across threads by weight rows,
-/// so each core streams its own part of the matrix; every weight row is used for all `n`
-/// tokens while it is in cache.
+/// ([`Q8Block`]); float weights dot with f32 activations (bf16-rounded ones for BF16 weights
+/// where [`float::bf16_activations`] says so). Split across threads by weight rows, so each core
+/// streams its own part of the matrix; within a thread, tiles of rows x tokens reuse each
+/// decoded weight block for several tokens. Each output is bitwise independent of `n` and of
+/// the other tokens (see [`dot`]).
 pub fn matmul(w: WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
     matmul_at(cpu::level(), w, x, n, y)
 }
 
 /// [`matmul`] at an explicit SIMD level (tests and benchmarks).
 pub fn matmul_at(level: SimdLevel, w: WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), n * w.cols);
     assert_eq!(y.len(), n * w.rows);
-    assert_eq!(w.data.len(), w.rows * w.row_bytes());
-    let acts: Vec<Q8Block> = if dot::uses_q8_activations(w.dtype) { act::quantize_q8_vec(x) } else { Vec::new() };
-    let blocks_per_row = w.cols / 32;
-    let parts = parallel::for_each_range(w.rows, w.rows * w.cols * n.max(1), |r0, r1| {
-        // [r1 - r0, n]: this range's outputs, row-major by weight row.
-        let mut part = vec![0f32; (r1 - r0) * n];
-        for r in r0..r1 {
-            let row = w.row(r);
-            for t in 0..n {
-                part[(r - r0) * n + t] = if acts.is_empty() {
-                    dot::dot_f32(level, w.dtype, row, &x[t * w.cols..(t + 1) * w.cols])
-                } else {
-                    dot::dot_q8(level, w.dtype, row, &acts[t * blocks_per_row..(t + 1) * blocks_per_row])
-                };
+    let mut ys = matmul_many_at(level, &[w], x, n);
+    if let Some(out) = ys.pop() {
+        y.copy_from_slice(&out);
+    }
+}
+
+/// Several matrices with the same input width applied to the same `x` (q/k/v, gate/up): one
+/// split across threads and one activation quantization for all of them, instead of one per
+/// matrix — a decode step is mostly such hand-offs for small models. Returns each `[n, rows_i]`.
+/// Each output is bitwise the same as [`matmul`] of its matrix alone.
+pub fn matmul_many(ws: &[WeightView<'_>], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    matmul_many_at(cpu::level(), ws, x, n)
+}
+
+/// [`matmul_many`] at an explicit SIMD level.
+pub fn matmul_many_at(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let Some(cols) = ws.first().map(|w| w.cols) else { return Vec::new() };
+    for w in ws {
+        assert_eq!(w.cols, cols, "matrices of one group share their input width");
+        assert_eq!(w.data.len(), w.rows * w.row_bytes());
+    }
+    assert_eq!(x.len(), n * cols);
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+    let total: usize = ws.iter().map(|w| w.rows).sum();
+    if n == 0 || total == 0 {
+        return ys;
+    }
+    let acts: Vec<Q8Block> =
+        if ws.iter().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
+    let xb: Vec<u16> =
+        if ws.iter().any(|w| float::bf16_activations(level, w.dtype)) { float::to_bf16(x) } else { Vec::new() };
+    // Row `g` of the group is row `g - starts[i]` of matrix `i`.
+    let starts: Vec<usize> = ws
+        .iter()
+        .scan(0, |acc, w| {
+            let s = *acc;
+            *acc += w.rows;
+            Some(s)
+        })
+        .collect();
+    let nb = cols / 32;
+    let parts = parallel::for_each_range(total, total * cols * n, |g0, g1| {
+        // (matrix, first row, rows, [n, rows] outputs token-major) for each matrix the range meets.
+        let mut pieces = Vec::new();
+        for (i, w) in ws.iter().enumerate() {
+            let (a, b) = (g0.max(starts[i]), g1.min(starts[i] + w.rows));
+            if a >= b {
+                continue;
+            }
+            let (r0, r1) = (a - starts[i], b - starts[i]);
+            let width = r1 - r0;
+            let rb = w.row_bytes();
+            let mut part = vec![0f32; n * width];
+            for t0 in (0..n).step_by(TOKENS_PER_TILE) {
+                let t1 = (t0 + TOKENS_PER_TILE).min(n);
+                for ra in (r0..r1).step_by(ROWS_PER_TILE) {
+                    let rz = (ra + ROWS_PER_TILE).min(r1);
+                    let rows = &w.data[ra * rb..rz * rb];
+                    let out = &mut part[t0 * width + (ra - r0)..];
+                    if dot::uses_q8_activations(w.dtype) {
+                        dot::gemm_q8(level, w.dtype, rows, rz - ra, &acts[t0 * nb..t1 * nb], t1 - t0, out, width);
+                    } else if float::bf16_activations(level, w.dtype) {
+                        float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, width);
+                    } else {
+                        dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, width);
+                    }
+                }
+            }
+            pieces.push((i, r0, width, part));
+        }
+        pieces
+    });
+    for (i, r0, width, part) in parts.into_iter().flatten() {
+        let rows = ws[i].rows;
+        for t in 0..n {
+            ys[i][t * rows + r0..t * rows + r0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
+        }
+    }
+    ys
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn stored(rng: &mut rand::rngs::StdRng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let rb = dtype.row_bytes(cols).unwrap_or(0);
+        let mut out = vec![0u8; rows * rb];
+        for (src, dst) in w.chunks_exact(cols).zip(out.chunks_exact_mut(rb)) {
+            quant::quantize_row(dtype, src, dst);
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_is_batch_invariant_and_close_to_the_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (rows, cols, n) = (37, 256, 70);
+        for dtype in [DType::F32, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_K, DType::Q6_K] {
+            let data = stored(&mut rng, dtype, rows, cols);
+            let w = WeightView { dtype, rows, cols, data: &data };
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for level in SimdLevel::available() {
+                let mut y = vec![0f32; n * rows];
+                matmul_at(level, w, &x, n, &mut y);
+                for t in [0, 1, 63, 64, 69] {
+                    let mut one = vec![0f32; rows];
+                    matmul_at(level, w, &x[t * cols..(t + 1) * cols], 1, &mut one);
+                    assert!(
+                        one.iter().zip(&y[t * rows..(t + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype} {level:?}: token {t} alone differs from the batch"
+                    );
+                    for r in 0..rows {
+                        let want = quant::dot_row(dtype, w.row(r), &x[t * cols..(t + 1) * cols]);
+                        let got = y[t * rows + r];
+                        // Q8 activations and bf16 activations round x; floats only reorder.
+                        let tol = if dtype == DType::F32 { 1e-4 } else { 0.05 };
+                        assert!(
+                            (got - want).abs() <= tol * (1.0 + want.abs()),
+                            "{dtype} {level:?} ({r},{t}): {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
-        (r0, r1, part)
-    });
-    for (r0, r1, part) in parts {
-        for r in r0..r1 {
-            for t in 0..n {
-                y[t * w.rows + r] = part[(r - r0) * n + t];
-            }
+    }
+
+    #[test]
+    fn a_group_equals_its_matrices_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (cols, n) = (512, 5);
+        let shapes = [(DType::Q4_K, 40), (DType::Q6_K, 24), (DType::BF16, 9)];
+        let datas: Vec<Vec<u8>> = shapes.iter().map(|&(d, r)| stored(&mut rng, d, r, cols)).collect();
+        let ws: Vec<WeightView> =
+            shapes.iter().zip(&datas).map(|(&(dtype, rows), data)| WeightView { dtype, rows, cols, data }).collect();
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let group = matmul_many(&ws, &x, n);
+        for (w, got) in ws.iter().zip(&group) {
+            let mut alone = vec![0f32; n * w.rows];
+            matmul(*w, &x, n, &mut alone);
+            assert!(alone.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits()), "{}", w.dtype);
         }
     }
 }

@@ -29,12 +29,51 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// RMSNorm of each row of `x` (rows of `weight.len()`), in place: `x / sqrt(mean(x²) + eps) * w`.
+///
+/// The sum of squares runs in 16 lanes in a fixed order, so the result is the same bits at every
+/// SIMD level; the SIMD levels are the same code compiled for wider registers.
 pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
-    assert_eq!(x.len() % dim, 0);
+    assert!(dim > 0 && x.len().is_multiple_of(dim));
+    match crate::cpu::level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has.
+        crate::cpu::SimdLevel::Avx512 => unsafe { rms_norm_avx512(x, weight, eps) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::cpu::SimdLevel::Avx2 => unsafe { rms_norm_avx2(x, weight, eps) },
+        _ => rms_norm_generic(x, weight, eps),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rms_norm_avx512(x: &mut [f32], weight: &[f32], eps: f32) {
+    rms_norm_generic(x, weight, eps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rms_norm_avx2(x: &mut [f32], weight: &[f32], eps: f32) {
+    rms_norm_generic(x, weight, eps)
+}
+
+#[inline(always)]
+fn rms_norm_generic(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
     for row in x.chunks_exact_mut(dim) {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-        let inv = 1.0 / (mean_sq + eps).sqrt();
+        let mut acc = [0f32; 16];
+        let (chunks, rest) = row.as_chunks::<16>();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += c[i] * c[i];
+            }
+        }
+        let mut sum = acc.iter().sum::<f32>();
+        for v in rest {
+            sum += v * v;
+        }
+        let inv = 1.0 / (sum / dim as f32 + eps).sqrt();
         for (v, w) in row.iter_mut().zip(weight) {
             *v = *v * inv * w;
         }
@@ -60,20 +99,44 @@ pub enum RopeLayout {
 /// Rotates the first `rot_dims` dimensions of every head in `x` ([num_heads * head_dim]) by the
 /// angles of position `pos`. `inv_freq` has `rot_dims / 2` entries: `theta^(-2i/rot_dims)`.
 pub fn rope_heads(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], layout: RopeLayout) {
-    let half = inv_freq.len();
-    assert!(2 * half <= head_dim && x.len().is_multiple_of(head_dim));
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    rope_angles(pos, inv_freq, &mut cos, &mut sin);
+    rope_heads_with(x, head_dim, &cos, &sin, layout);
+}
+
+/// The cosines and sines of position `pos`'s angles (`pos * inv_freq[i]` in f32, as
+/// transformers computes them), computed once per token and shared by all its q and k heads.
+pub fn rope_angles(pos: usize, inv_freq: &[f32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    cos.clear();
+    sin.clear();
+    for &f in inv_freq {
+        let (s, c) = (pos as f32 * f).sin_cos();
+        cos.push(c);
+        sin.push(s);
+    }
+}
+
+/// [`rope_heads`] with the angles from [`rope_angles`].
+pub fn rope_heads_with(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], layout: RopeLayout) {
+    let half = cos.len();
+    assert!(sin.len() == half && 2 * half <= head_dim && x.len().is_multiple_of(head_dim));
     for head in x.chunks_exact_mut(head_dim) {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            // f32 angle as transformers computes it (pos * inv_freq in float32).
-            let angle = pos as f32 * f;
-            let (sin, cos) = angle.sin_cos();
-            let (a, b) = match layout {
-                RopeLayout::SplitHalves => (i, i + half),
-                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-            };
-            let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * cos - x1 * sin;
-            head[b] = x1 * cos + x0 * sin;
+        match layout {
+            RopeLayout::SplitHalves => {
+                let (lo, hi) = head[..2 * half].split_at_mut(half);
+                for i in 0..half {
+                    let (x0, x1) = (lo[i], hi[i]);
+                    lo[i] = x0 * cos[i] - x1 * sin[i];
+                    hi[i] = x1 * cos[i] + x0 * sin[i];
+                }
+            }
+            RopeLayout::Interleaved => {
+                for (i, pair) in head[..2 * half].chunks_exact_mut(2).enumerate() {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos[i] - x1 * sin[i];
+                    pair[1] = x1 * cos[i] + x0 * sin[i];
+                }
+            }
         }
     }
 }
@@ -90,11 +153,67 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// SwiGLU: `gate[i] = silu(gate[i]) * up[i]`, in place in `gate`.
+/// SwiGLU: `gate[i] = silu(gate[i]) * up[i]`, in place in `gate`. The SIMD levels use the
+/// vector `exp` of [`crate::attention`] (within a few ulp of `f32::exp`).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    swiglu_at(crate::cpu::level(), gate, up)
+}
+
+/// [`swiglu`] at an explicit SIMD level.
+pub fn swiglu_at(level: crate::cpu::SimdLevel, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    for (g, u) in gate.iter_mut().zip(up) {
+    let done = match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has; lengths are equal.
+        crate::cpu::SimdLevel::Avx512 => unsafe { simd::swiglu_avx512(gate, up) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::cpu::SimdLevel::Avx2 => unsafe { simd::swiglu_avx2(gate, up) },
+        _ => 0,
+    };
+    for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
         *g = silu(*g) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use crate::attention::x86::{exp256, exp512};
+
+    /// SwiGLU over whole vectors of 16; returns how many elements it did.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn swiglu_avx512(gate: &mut [f32], up: &[f32]) -> usize {
+        let n = gate.len() / 16 * 16;
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let x = _mm512_loadu_ps(g.add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            let silu = _mm512_div_ps(x, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(g.add(i), _mm512_mul_ps(silu, _mm512_loadu_ps(u.add(i))));
+            i += 16;
+        }
+        n
+    }
+
+    /// SwiGLU over whole vectors of 8; returns how many elements it did.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) -> usize {
+        let n = gate.len() / 8 * 8;
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let x = _mm256_loadu_ps(g.add(i));
+            let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(g.add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(u.add(i))));
+            i += 8;
+        }
+        n
     }
 }
 
@@ -166,6 +285,21 @@ mod tests {
         rms_norm_rows(&mut x, &[1.0, 2.0], 0.0);
         let r = (12.5f32).sqrt();
         assert!((x[0] - 3.0 / r).abs() < 1e-6 && (x[1] - 8.0 / r).abs() < 1e-6);
+    }
+
+    #[test]
+    fn swiglu_levels_match_the_scalar_formula() {
+        let n = 1000 + 13;
+        let gate: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.05).collect();
+        let up: Vec<f32> = (0..n).map(|i| 1.0 - (i % 7) as f32 * 0.3).collect();
+        for level in crate::cpu::SimdLevel::available() {
+            let mut g = gate.clone();
+            swiglu_at(level, &mut g, &up);
+            for i in 0..n {
+                let want = silu(gate[i]) * up[i];
+                assert!((g[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "{level:?} {i}: {} vs {want}", g[i]);
+            }
+        }
     }
 
     #[test]

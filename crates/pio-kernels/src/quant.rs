@@ -9,6 +9,10 @@
 //! then choose every weight's quant against the *quantized* scales (no importance weighting and
 //! no scale search, so they are a little less accurate than llama.cpp's K quantizers).
 //!
+//! INT8, INT4 and NF4 are not GGUF formats (see [`DType`] for their layouts); their encoders are
+//! the plain absmax ones: INT8 and INT4 as Q8_0 and Q4_0 are (over a row and over 128 weights),
+//! NF4 as bitsandbytes' `quantize_4bit` is (nearest codebook value of `x / absmax`).
+//!
 //! Nothing here is fast; SIMD kernels are tested against these functions.
 //!
 //! Layout notes shared by several formats:
@@ -64,6 +68,9 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
         DType::Q4_K => decode_blocks(src, dst, dequant_q4_k),
         DType::Q5_K => decode_blocks(src, dst, dequant_q5_k),
         DType::Q6_K => decode_blocks(src, dst, dequant_q6_k),
+        DType::INT8 => dequant_int8(src, dst),
+        DType::INT4 => decode_blocks(src, dst, dequant_int4),
+        DType::NF4 => decode_blocks(src, dst, dequant_nf4),
     }
 }
 
@@ -105,6 +112,9 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) {
         DType::Q4_K => encode_blocks(src, dst, quant_q4_k),
         DType::Q5_K => encode_blocks(src, dst, quant_q5_k),
         DType::Q6_K => encode_blocks(src, dst, quant_q6_k),
+        DType::INT8 => quant_int8(src, dst),
+        DType::INT4 => encode_blocks(src, dst, quant_int4),
+        DType::NF4 => encode_blocks(src, dst, quant_nf4),
     }
 }
 
@@ -131,8 +141,12 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         row.len(),
         x.len()
     );
-    // A chunk is a whole number of blocks for every format, so only the last may be shorter,
-    // and then it is still whole blocks.
+    if dtype == DType::INT8 {
+        // One scale for the whole row: no chunks to decode.
+        return dot_int8(row, x);
+    }
+    // A chunk is a whole number of blocks for every other format, so only the last may be
+    // shorter, and then it is still whole blocks.
     let chunk_bytes = dtype.row_bytes(DOT_CHUNK).expect("DOT_CHUNK is whole blocks");
     let mut buf = [0f32; DOT_CHUNK];
     let mut acc = [0f32; 8];
@@ -152,6 +166,19 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         }
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// INT8's row dot: its scale times the dot of its quants with `x` (eight partial sums).
+fn dot_int8(row: &[u8], x: &[f32]) -> f32 {
+    let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+    let mut acc = [0f32; 8];
+    // Rows are multiples of 32 weights, so there is no remainder.
+    for (q, xs) in row[4..].as_chunks::<8>().0.iter().zip(x.as_chunks::<8>().0) {
+        for k in 0..8 {
+            acc[k] += (q[k] as i8) as f32 * xs[k];
+        }
+    }
+    (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) * s
 }
 
 /// Runs `f` on each `BB`-byte block of `src` and its `BE` weights in `dst`.
@@ -677,6 +704,131 @@ fn quant_q6_k(x: &[f32; 256], b: &mut [u8; 210]) {
     write_f16(b, 208, d);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Formats GGUF has no type for: INT8 (per row), INT4 (per 128), NF4 (per 64)
+// ---------------------------------------------------------------------------------------------
+
+/// QLoRA's NormalFloat4 values as bitsandbytes' `csrc/kernels.cu` spells them (Dettmers et al.
+/// 2023, "QLoRA"): quantiles of a standard normal normalized to [-1, 1], with an exact 0 at code
+/// 7 and 8 positive / 7 negative values. Each is an f32 value, so [`NF4`] holds them exactly.
+const NF4_F64: [f64; 16] = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+];
+
+/// The NF4 codebook: `w = d * NF4[code]`.
+pub const NF4: [f32; 16] = {
+    let mut v = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        v[i] = NF4_F64[i] as f32;
+        i += 1;
+    }
+    v
+};
+
+/// The decision thresholds of the NF4 encoder: midpoints of neighbouring [`NF4`] values,
+/// computed in f64 and rounded once, which are the constants of bitsandbytes' `dQuantizeNF4`
+/// (e.g. 0.03979014977812767 between codes 7 and 8).
+const NF4_MIDPOINTS: [f32; 15] = {
+    let mut m = [0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = ((NF4_F64[i] + NF4_F64[i + 1]) * 0.5) as f32;
+        i += 1;
+    }
+    m
+};
+
+/// The NF4 code of a weight normalized by its block's absmax: the nearest codebook value, a
+/// tie going to the lower one (`v > midpoint` to go up, as bitsandbytes compares).
+fn nf4_code(v: f32) -> u8 {
+    NF4_MIDPOINTS.iter().filter(|&&m| v > m).count() as u8
+}
+
+/// INT8 row: `s: f32`, `q: [i8; n]`; w = s*q.
+fn dequant_int8(src: &[u8], dst: &mut [f32]) {
+    let (s, qs) = src.split_at(4);
+    let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    for (y, &q) in dst.iter_mut().zip(qs) {
+        *y = (q as i8) as f32 * s;
+    }
+}
+
+/// INT8 encoder: s = absmax of the row / 127, q = round(x / s) (half away from zero), as Q8_0
+/// does per 32 weights. The scale stays f32: one per row costs nothing.
+fn quant_int8(src: &[f32], dst: &mut [u8]) {
+    let amax = src.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let s = amax / 127.0;
+    let id = inverse_or_zero(s);
+    let (head, qs) = dst.split_at_mut(4);
+    head.copy_from_slice(&s.to_le_bytes());
+    for (q, &v) in qs.iter_mut().zip(src) {
+        *q = ((v * id).round().clamp(-127.0, 127.0) as i8) as u8;
+    }
+}
+
+/// INT4, 66 bytes: `d: f16`, `qs: [u8; 64]`: byte `32r + l` holds weight `64r + l` in its low
+/// nibble and `64r + 32 + l` in its high nibble; w = d*(u-8).
+fn dequant_int4(b: &[u8; 66], y: &mut [f32; 128]) {
+    let d = read_f16(b, 0);
+    for (i, &q) in b[2..].iter().enumerate() {
+        let (r, l) = (i / 32, i % 32);
+        y[64 * r + l] = ((q & 0x0F) as i32 - 8) as f32 * d;
+        y[64 * r + 32 + l] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+/// INT4 encoder: Q4_0's rule over 128 weights. The largest-magnitude weight maps to q = -8
+/// (d = max / -8), so it is exact and all 16 codes are used: a step of absmax/8 rather than
+/// the absmax/7 of a [-7, 7] code, at the price of clamping to 7 the weights of the other sign
+/// beyond 7/8 of the max. Quants are rounded (half up) against the stored f16 d.
+fn quant_int4(x: &[f32; 128], b: &mut [u8; 66]) {
+    let d = f16::from_f32(signed_absmax(x) / -8.0).to_f32();
+    let id = inverse_or_zero(d);
+    write_f16(b, 0, d);
+    let code = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+    for i in 0..64 {
+        let (r, l) = (i / 32, i % 32);
+        b[2 + i] = code(x[64 * r + l]) | (code(x[64 * r + 32 + l]) << 4);
+    }
+}
+
+/// NF4, 34 bytes: `d: f16` (the block's absmax), `qs: [u8; 32]`: byte `l` holds weight `l` in
+/// its low nibble and `32 + l` in its high nibble; w = NF4[u]*d.
+fn dequant_nf4(b: &[u8; 34], y: &mut [f32; 64]) {
+    let d = read_f16(b, 0);
+    for (l, &q) in b[2..].iter().enumerate() {
+        y[l] = NF4[(q & 0x0F) as usize] * d;
+        y[l + 32] = NF4[(q >> 4) as usize] * d;
+    }
+}
+
+/// NF4 encoder: d = absmax (f16), each weight the nearest codebook value of `x / d`.
+fn quant_nf4(x: &[f32; 64], b: &mut [u8; 34]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = f16::from_f32(amax).to_f32();
+    let id = inverse_or_zero(d);
+    write_f16(b, 0, d);
+    for l in 0..32 {
+        b[2 + l] = nf4_code(x[l] * id) | (nf4_code(x[l + 32] * id) << 4);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,6 +869,9 @@ mod tests {
             (DType::Q4_K, 144),
             (DType::Q5_K, 176),
             (DType::Q6_K, 210),
+            (DType::INT8, 32),
+            (DType::INT4, 66),
+            (DType::NF4, 34),
         ];
         for (dt, bytes) in sizes {
             assert_eq!(dt.block_bytes(), bytes, "{dt}");
@@ -988,6 +1143,13 @@ mod tests {
             DType::Q4_K => (0.09, 0.045),
             DType::Q5_K => (0.045, 0.022),
             DType::Q6_K => (0.021, 0.01),
+            // Half a step of absmax/127 (the scale is f32).
+            DType::INT8 => (0.004, 0.0025),
+            // As Q4_0: a step of absmax/8, and up to a step where the other sign clamps at 7.
+            DType::INT4 => (0.13, 0.045),
+            // Half the widest codebook gap (-1 .. -0.696) is 0.152; uniform data, which NF4 is
+            // not shaped for, puts many weights in the wide outer gaps.
+            DType::NF4 => (0.155, 0.06),
         }
     }
 
@@ -1022,7 +1184,8 @@ mod tests {
     #[test]
     fn round_trip_scales_with_magnitude() {
         // Same data at three magnitudes, one per block: errors scale with each block's range.
-        for dtype in DType::ALL {
+        // (INT8 has one scale per row, so its errors follow the row's range: next test.)
+        for dtype in DType::ALL.into_iter().filter(|&d| d != DType::INT8) {
             let be = dtype.block_elems().max(32);
             let mut x = random_row(3 * be, 7);
             for (b, chunk) in x.chunks_mut(be).enumerate() {
@@ -1036,6 +1199,16 @@ mod tests {
                 let bound = bounds(dtype).0 * s * 1.05;
                 assert!(max_err <= bound, "{dtype} block {b}: {max_err} > {bound}");
             }
+        }
+    }
+
+    #[test]
+    fn int8_error_follows_the_row_range() {
+        for s in [0.01f32, 1.0, 30.0] {
+            let x: Vec<f32> = random_row(96, 8).iter().map(|v| v * s).collect();
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let (max_err, _) = errors(&x, &round_trip(DType::INT8, &x));
+            assert!(max_err <= amax / 254.0 * 1.0001, "scale {s}: {max_err}");
         }
     }
 
@@ -1100,6 +1273,113 @@ mod tests {
             let got = dot_row(dtype, &bytes, &x) as f64;
             assert!((got - exact).abs() <= 1e-4 * scale.max(1e-6), "{dtype}: dot_row {got}, dequantized dot {exact}");
         }
+    }
+
+    #[test]
+    fn int8_hand_row() {
+        let mut b = 0.25f32.to_le_bytes().to_vec();
+        b.extend((0..32i32).map(|i| (i * 8 - 127) as i8 as u8));
+        assert_eq!(b.len(), DType::INT8.row_bytes(32).unwrap());
+        let got = dequantize(DType::INT8, &b, 32);
+        assert_values(DType::INT8, &got, |i| 0.25 * (i as f32 * 8.0 - 127.0));
+        // Literal: scale 2.0 (0x40000000), byte 0xFF is -1.
+        let mut b = vec![0x00, 0x00, 0x00, 0x40, 0xFF, 0x01];
+        b.extend([0u8; 30]);
+        assert_eq!(&dequantize(DType::INT8, &b, 32)[..3], &[-2.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn int8_encoder_uses_a_row_scale() {
+        let mut x = vec![0f32; 64];
+        x[40] = -254.0; // s = 2
+        x[0] = 3.0; // 1.5 → 2 (half away from zero)
+        x[1] = -3.0;
+        x[2] = 0.9; // 0.45 → 0
+        let mut b = vec![0u8; 68];
+        quantize_row(DType::INT8, &x, &mut b);
+        assert_eq!(f32::from_le_bytes([b[0], b[1], b[2], b[3]]), 2.0);
+        assert_eq!(&b[4..7], &[2, (-2i8) as u8, 0]);
+        assert_eq!(b[4 + 40] as i8, -127);
+    }
+
+    #[test]
+    fn int4_hand_block() {
+        let u: [u8; 128] = std::array::from_fn(|i| ((i * 7 + i / 5) % 16) as u8);
+        let mut b = F16_HALF.to_vec();
+        // Two runs of 32 bytes: weight 64r + l low, 64r + 32 + l high.
+        b.extend((0..64).map(|i| u[64 * (i / 32) + i % 32] | (u[64 * (i / 32) + 32 + i % 32] << 4)));
+        let got = decode_one(DType::INT4, &b);
+        assert_values(DType::INT4, &got, |i| 0.5 * (u[i] as f32 - 8.0));
+        // Literal: byte 0 = 0x1F: weight 0 is 15 - 8, weight 32 is 1 - 8; byte 32 = 0x08:
+        // weight 64 is 0, weight 96 is -8.
+        let mut b = F16_ONE.to_vec();
+        b.extend([0x88u8; 64]);
+        b[2] = 0x1F;
+        b[2 + 32] = 0x08;
+        let got = decode_one(DType::INT4, &b);
+        assert_eq!((got[0], got[32], got[64], got[96], got[1]), (7.0, -7.0, 0.0, -8.0, 0.0));
+    }
+
+    #[test]
+    fn int4_encoder_maps_extreme_to_minus_eight() {
+        let mut x = [0f32; 128];
+        x[100] = 4.0; // d = -0.5: code 0 is +4
+        x[3] = 1.0; // 1 / -0.5 + 8 = 6
+        x[70] = -3.9; // 7.8 + 8 = 15.8 → clamped to 15, i.e. -3.5
+        let mut b = [0u8; 66];
+        quantize_row(DType::INT4, &x, &mut b);
+        assert_eq!(&b[..2], &[0x00, 0xB8]); // f16 -0.5
+        assert_eq!(b[2 + 32 + 4] >> 4, 0); // weight 100: run 1, l = 4, high nibble
+        assert_eq!(b[2 + 3] & 0x0F, 6);
+        assert_eq!(b[2 + 32 + 6] & 0x0F, 15); // weight 70: run 1, l = 6, low nibble
+        let y = dequantize(DType::INT4, &b, 128);
+        assert_eq!((y[100], y[3], y[70], y[0]), (4.0, 1.0, -3.5, 0.0));
+    }
+
+    #[test]
+    fn nf4_codebook_is_bitsandbytes() {
+        assert_eq!(NF4[7], 0.0);
+        assert!(NF4.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!((NF4[0], NF4[15]), (-1.0, 1.0));
+        // bitsandbytes' dQuantizeNF4 thresholds, as f32.
+        for (i, t) in
+            [(0, -0.8480964004993439f64), (6, -0.04552501812577248), (7, 0.03979014977812767), (14, 0.8614784181118011)]
+        {
+            assert_eq!(NF4_MIDPOINTS[i], t as f32, "threshold {i}");
+        }
+    }
+
+    #[test]
+    fn nf4_hand_block() {
+        let u: [u8; 64] = std::array::from_fn(|i| ((i * 5 + 3) % 16) as u8);
+        let mut b = [0x00, 0x40].to_vec(); // f16 2.0
+        b.extend((0..32).map(|l| u[l] | (u[l + 32] << 4)));
+        let got = decode_one(DType::NF4, &b);
+        assert_values(DType::NF4, &got, |i| NF4[u[i] as usize] * 2.0);
+        // Literal: byte 0 = 0xF0: weight 0 is -2 (code 0), weight 32 is +2 (code 15).
+        let mut b = vec![0x00, 0x40, 0xF0];
+        b.extend([0x77u8; 31]);
+        let got = decode_one(DType::NF4, &b);
+        assert_eq!((got[0], got[32], got[1]), (-2.0, 2.0, 0.0));
+    }
+
+    #[test]
+    fn nf4_encoder_picks_the_nearest_code() {
+        let mut x = [0f32; 64];
+        x[10] = -2.0; // absmax 2: code 0
+        x[0] = 2.0 * NF4[12]; // exactly on a code
+        x[1] = 2.0 * NF4_MIDPOINTS[7]; // on the 0 / 0.0796 midpoint: the lower code
+        x[2] = 2.0 * NF4_MIDPOINTS[7] * 1.01; // just above it
+        x[33] = 1.9; // above the 0.7230 / 1.0 midpoint (0.861): code 15
+        let mut b = [0u8; 34];
+        quantize_row(DType::NF4, &x, &mut b);
+        assert_eq!(&b[..2], &[0x00, 0x40]);
+        let codes: Vec<u8> = (0..4).map(|l| b[2 + l] & 0x0F).collect();
+        assert_eq!(codes, [12, 7, 8, 7]);
+        assert_eq!(b[2 + 10] & 0x0F, 0);
+        assert_eq!(b[2 + 1] >> 4, 15);
+        let y = dequantize(DType::NF4, &b, 64);
+        assert_eq!((y[0], y[10], y[33]), (2.0 * NF4[12], -2.0, 2.0));
     }
 
     #[test]

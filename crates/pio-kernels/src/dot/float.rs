@@ -54,6 +54,99 @@ pub fn dot_scalar(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     sum
 }
 
+/// A batch-invariant tile of products (see [`super::gemm_f32`], which checked the shapes):
+/// `out[t * ldo + r] = dot(row r, token t)`.
+///
+/// The SIMD levels compute register tiles of rows x tokens, each weight vector widened to f32
+/// once and used for every token of the tile. Every (row, token) pair has one accumulator that
+/// sees the same operations in every tile shape (one FMA per vector of columns in column order,
+/// a zero-padded last vector, then a fixed horizontal sum), so outputs do not depend on the
+/// batch. The scalar level is the plain per-pair [`dot_scalar`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    x: &[f32],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let rb = w.len() / nrows;
+    let cols = x.len() / ntok;
+    assert_eq!(rb, cols * dtype.row_bytes(1).unwrap_or(0), "row and activation widths differ");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `level` only names levels the CPU has (see `cpu`); shapes were checked above and
+        // by `dot::gemm_f32`.
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { x86::gemm_avx2(dtype, w, nrows, x, ntok, out, ldo) },
+        _ => {
+            for r in 0..nrows {
+                let row = &w[r * rb..(r + 1) * rb];
+                for t in 0..ntok {
+                    out[t * ldo + r] = dot_scalar(dtype, row, &x[t * cols..(t + 1) * cols]);
+                }
+            }
+        }
+    }
+}
+
+/// Whether BF16 rows at `level` multiply bf16-rounded activations with `vdpbf16ps` (AVX-512
+/// BF16: two products per lane per instruction, twice the f32 FMA rate). This is what llama.cpp
+/// (and any engine computing "in bf16") does for BF16 weights: each activation loses its low 16
+/// bits (relative error <= 2^-9). On by default where the CPU has AVX-512 BF16; turned off with
+/// `PIO_BF16_ACTIVATIONS=0` or [`set_bf16_activations`] for results that match an f32
+/// computation over bf16 weights (the parity tests do). Other levels always keep f32.
+pub fn bf16_activations(level: SimdLevel, dtype: DType) -> bool {
+    dtype == DType::BF16 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16() && bf16_activations_enabled()
+}
+
+/// 0: not decided yet (read `PIO_BF16_ACTIVATIONS`), 1: off, 2: on.
+static BF16_ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn bf16_activations_enabled() -> bool {
+    use std::sync::atomic::Ordering;
+    match BF16_ACTIVATIONS.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = !matches!(std::env::var("PIO_BF16_ACTIVATIONS").as_deref(), Ok("0" | "false" | "off" | "no"));
+            BF16_ACTIVATIONS.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turns bf16 activations for BF16 weights on or off for the whole process (see
+/// [`bf16_activations`]).
+pub fn set_bf16_activations(on: bool) {
+    BF16_ACTIVATIONS.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `x` rounded to bf16 (to nearest even), as the bits [`gemm_bf16`] takes.
+pub fn to_bf16(x: &[f32]) -> Vec<u16> {
+    x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+}
+
+/// A batch-invariant tile of BF16 rows times bf16 activations `xb` (`ntok` tokens, token-major):
+/// `out[t * ldo + r]`. Only where [`bf16_activations`] says so.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(level: SimdLevel, w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
+    assert!(bf16_activations(level, DType::BF16), "vdpbf16ps is not available at {level:?}");
+    assert!(nrows > 0 && ntok > 0 && w.len().is_multiple_of(nrows) && xb.len().is_multiple_of(ntok));
+    assert_eq!(w.len() / nrows, 2 * (xb.len() / ntok), "row and activation widths differ");
+    assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `bf16_activations` checked the CPU has AVX-512 F/BW/VL and BF16; shapes checked above.
+    unsafe {
+        x86::gemm_bf16_avx512(w, nrows, xb, ntok, out, ldo)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -148,6 +241,269 @@ mod x86 {
         }
         sum
     }
+
+    /// The element type of a row, as a const parameter so each tile kernel is specialised.
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const BF16: u8 = 2;
+
+    #[inline(always)]
+    unsafe fn widen16<const D: u8>(p: *const u8) -> __m512 {
+        match D {
+            F32 => _mm512_loadu_ps(p as *const f32),
+            F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                p as *const __m256i,
+            )))),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn widen8<const D: u8>(p: *const u8) -> __m256 {
+        match D {
+            F32 => _mm256_loadu_ps(p as *const f32),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+                p as *const __m128i,
+            )))),
+        }
+    }
+
+    /// Walks a `nrows x ntok` block in tiles of `R` rows x (`T` or 1) tokens. Rows past the end of
+    /// a partial row tile repeat the tile's first row and their results are dropped, so every
+    /// written output comes from the same per-accumulator code.
+    macro_rules! tile_driver {
+        ($name:ident, $kernel:ident, $feat:literal, $r:literal, $t:literal) => {
+            #[target_feature(enable = $feat)]
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name(
+                dtype: DType,
+                w: &[u8],
+                nrows: usize,
+                x: &[f32],
+                ntok: usize,
+                out: &mut [f32],
+                ldo: usize,
+            ) {
+                match dtype {
+                    DType::F32 => drive::<F32>(w, nrows, x, ntok, out, ldo),
+                    DType::F16 => drive::<F16>(w, nrows, x, ntok, out, ldo),
+                    _ => drive::<BF16>(w, nrows, x, ntok, out, ldo),
+                }
+
+                #[target_feature(enable = $feat)]
+                unsafe fn drive<const D: u8>(
+                    w: &[u8],
+                    nrows: usize,
+                    x: &[f32],
+                    ntok: usize,
+                    out: &mut [f32],
+                    ldo: usize,
+                ) {
+                    let rb = w.len() / nrows;
+                    let cols = x.len() / ntok;
+                    let mut r0 = 0;
+                    while r0 < nrows {
+                        let live = (nrows - r0).min($r);
+                        let rows: [*const u8; $r] =
+                            std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+                        let mut t0 = 0;
+                        while t0 + $t <= ntok {
+                            let xs: [*const f32; $t] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * cols));
+                            let sums = $kernel::<D, $r, $t>(rows, xs, cols);
+                            for (j, row_sums) in sums.iter().enumerate() {
+                                for i in 0..live {
+                                    out[(t0 + j) * ldo + r0 + i] = row_sums[i];
+                                }
+                            }
+                            t0 += $t;
+                        }
+                        while t0 < ntok {
+                            let sums = $kernel::<D, $r, 1>(rows, [x.as_ptr().add(t0 * cols)], cols);
+                            for i in 0..live {
+                                out[t0 * ldo + r0 + i] = sums[0][i];
+                            }
+                            t0 += 1;
+                        }
+                        r0 += $r;
+                    }
+                }
+            }
+        };
+    }
+
+    /// Sums of `R` rows times `T` tokens, `[token][row]`, 16 columns per FMA.
+    #[inline(always)]
+    unsafe fn tile512<const D: u8, const R: usize, const T: usize>(
+        rows: [*const u8; R],
+        xs: [*const f32; T],
+        cols: usize,
+    ) -> [[f32; R]; T] {
+        let esz = if D == F32 { 4 } else { 2 };
+        let mut acc = [[_mm512_setzero_ps(); R]; T];
+        let full = cols / 16 * 16;
+        let mut c = 0;
+        while c < full {
+            let wv: [__m512; R] = std::array::from_fn(|i| widen16::<D>(rows[i].add(c * esz)));
+            for j in 0..T {
+                let xv = _mm512_loadu_ps(xs[j].add(c));
+                for i in 0..R {
+                    acc[j][i] = _mm512_fmadd_ps(wv[i], xv, acc[j][i]);
+                }
+            }
+            c += 16;
+        }
+        if full < cols {
+            // The last partial vector, zero-padded through stack copies.
+            let n = cols - full;
+            let mut wpad = [[0u8; 64]; R];
+            for i in 0..R {
+                std::ptr::copy_nonoverlapping(rows[i].add(full * esz), wpad[i].as_mut_ptr(), n * esz);
+            }
+            for j in 0..T {
+                let mut xpad = [0f32; 16];
+                std::ptr::copy_nonoverlapping(xs[j].add(full), xpad.as_mut_ptr(), n);
+                let xv = _mm512_loadu_ps(xpad.as_ptr());
+                for i in 0..R {
+                    acc[j][i] = _mm512_fmadd_ps(widen16::<D>(wpad[i].as_ptr()), xv, acc[j][i]);
+                }
+            }
+        }
+        let mut sums = [[0f32; R]; T];
+        for j in 0..T {
+            for i in 0..R {
+                sums[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+            }
+        }
+        sums
+    }
+
+    /// Sums of `R` rows times `T` tokens, `[token][row]`, 8 columns per FMA.
+    #[inline(always)]
+    unsafe fn tile256<const D: u8, const R: usize, const T: usize>(
+        rows: [*const u8; R],
+        xs: [*const f32; T],
+        cols: usize,
+    ) -> [[f32; R]; T] {
+        let esz = if D == F32 { 4 } else { 2 };
+        let mut acc = [[_mm256_setzero_ps(); R]; T];
+        let full = cols / 8 * 8;
+        let mut c = 0;
+        while c < full {
+            let wv: [__m256; R] = std::array::from_fn(|i| widen8::<D>(rows[i].add(c * esz)));
+            for j in 0..T {
+                let xv = _mm256_loadu_ps(xs[j].add(c));
+                for i in 0..R {
+                    acc[j][i] = _mm256_fmadd_ps(wv[i], xv, acc[j][i]);
+                }
+            }
+            c += 8;
+        }
+        if full < cols {
+            let n = cols - full;
+            let mut wpad = [[0u8; 32]; R];
+            for i in 0..R {
+                std::ptr::copy_nonoverlapping(rows[i].add(full * esz), wpad[i].as_mut_ptr(), n * esz);
+            }
+            for j in 0..T {
+                let mut xpad = [0f32; 8];
+                std::ptr::copy_nonoverlapping(xs[j].add(full), xpad.as_mut_ptr(), n);
+                let xv = _mm256_loadu_ps(xpad.as_ptr());
+                for i in 0..R {
+                    acc[j][i] = _mm256_fmadd_ps(widen8::<D>(wpad[i].as_ptr()), xv, acc[j][i]);
+                }
+            }
+        }
+        let mut sums = [[0f32; R]; T];
+        for j in 0..T {
+            for i in 0..R {
+                sums[j][i] = hsum256(acc[j][i]);
+            }
+        }
+        sums
+    }
+
+    tile_driver!(gemm_avx512, tile512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 4, 4);
+    tile_driver!(gemm_avx2, tile256, "avx2,fma,f16c", 2, 4);
+
+    /// Sums of `R` BF16 rows times `T` bf16 tokens, `[token][row]`, 32 columns per `vdpbf16ps`.
+    #[inline(always)]
+    unsafe fn tile_bf16<const R: usize, const T: usize>(
+        rows: [*const u8; R],
+        xs: [*const u16; T],
+        cols: usize,
+    ) -> [[f32; R]; T] {
+        let mut acc = [[_mm512_setzero_ps(); R]; T];
+        let full = cols / 32 * 32;
+        let mut c = 0;
+        while c < full {
+            let wv: [__m512bh; R] =
+                std::array::from_fn(|i| std::mem::transmute(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
+            for j in 0..T {
+                let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xs[j].add(c) as *const _));
+                for i in 0..R {
+                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv[i], xv);
+                }
+            }
+            c += 32;
+        }
+        if full < cols {
+            // The last partial vector, zero-padded through stack copies.
+            let n = cols - full;
+            let mut wpad = [[0u16; 32]; R];
+            for i in 0..R {
+                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr() as *mut u8, 2 * n);
+            }
+            for j in 0..T {
+                let mut xpad = [0u16; 32];
+                std::ptr::copy_nonoverlapping(xs[j].add(full), xpad.as_mut_ptr(), n);
+                let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xpad.as_ptr() as *const _));
+                for i in 0..R {
+                    let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(wpad[i].as_ptr() as *const _));
+                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], wv, xv);
+                }
+            }
+        }
+        let mut sums = [[0f32; R]; T];
+        for j in 0..T {
+            for i in 0..R {
+                sums[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+            }
+        }
+        sums
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and BF16; shapes as [`super::gemm_bf16`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn gemm_bf16_avx512(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
+        const R: usize = 4;
+        const T: usize = 4;
+        let rb = w.len() / nrows;
+        let cols = xb.len() / ntok;
+        let mut r0 = 0;
+        while r0 < nrows {
+            // Rows past the end of a partial tile repeat its first row; their sums are dropped.
+            let live = (nrows - r0).min(R);
+            let rows: [*const u8; R] =
+                std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+            let mut t0 = 0;
+            while t0 + T <= ntok {
+                let xs: [*const u16; T] = std::array::from_fn(|j| xb.as_ptr().add((t0 + j) * cols));
+                let sums = tile_bf16::<R, T>(rows, xs, cols);
+                for (j, row_sums) in sums.iter().enumerate() {
+                    out[(t0 + j) * ldo + r0..(t0 + j) * ldo + r0 + live].copy_from_slice(&row_sums[..live]);
+                }
+                t0 += T;
+            }
+            while t0 < ntok {
+                let sums = tile_bf16::<R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols);
+                out[t0 * ldo + r0..t0 * ldo + r0 + live].copy_from_slice(&sums[0][..live]);
+                t0 += 1;
+            }
+            r0 += R;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +527,110 @@ mod tests {
                 for level in SimdLevel::available() {
                     let got = dot(level, dtype, &row, &x);
                     assert!((got - want).abs() <= 1e-5 * scale.max(1.0), "{dtype} n={n} {level:?}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// A random `[rows, cols]` matrix stored as `dtype` and `[ntok, cols]` activations.
+    fn random_tile(
+        rng: &mut rand::rngs::StdRng,
+        dtype: DType,
+        rows: usize,
+        ntok: usize,
+        cols: usize,
+    ) -> (Vec<u8>, Vec<f32>) {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let x: Vec<f32> = (0..ntok * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let rb = dtype.row_bytes(cols).unwrap_or(0);
+        let mut stored = vec![0u8; rows * rb];
+        for (src, dst) in w.chunks_exact(cols).zip(stored.chunks_exact_mut(rb)) {
+            quant::quantize_row(dtype, src, dst);
+        }
+        (stored, x)
+    }
+
+    #[test]
+    fn gemm_matches_the_reference_at_every_level() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for cols in [1, 7, 16, 33, 100, 264] {
+                let (rows, ntok) = (13, 11);
+                let (w, x) = random_tile(&mut rng, dtype, rows, ntok, cols);
+                let rb = w.len() / rows;
+                for level in SimdLevel::available() {
+                    let mut out = vec![f32::NAN; ntok * rows];
+                    gemm(level, dtype, &w, rows, &x, ntok, &mut out, rows);
+                    for t in 0..ntok {
+                        for r in 0..rows {
+                            let xr = &x[t * cols..(t + 1) * cols];
+                            let want = quant::dot_row(dtype, &w[r * rb..(r + 1) * rb], xr);
+                            let got = out[t * rows + r];
+                            assert!(
+                                (got - want).abs() <= 1e-5 * cols as f32,
+                                "{dtype} {level:?} cols={cols} ({r},{t}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_is_batch_invariant() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (rows, ntok, cols) = (13, 11, 71);
+            let (w, x) = random_tile(&mut rng, dtype, rows, ntok, cols);
+            let rb = w.len() / rows;
+            for level in SimdLevel::available() {
+                let mut whole = vec![0f32; ntok * rows];
+                gemm(level, dtype, &w, rows, &x, ntok, &mut whole, rows);
+                // One pair at a time.
+                for t in 0..ntok {
+                    for r in 0..rows {
+                        let mut one = [0f32];
+                        gemm(level, dtype, &w[r * rb..(r + 1) * rb], 1, &x[t * cols..(t + 1) * cols], 1, &mut one, 1);
+                        assert_eq!(one[0].to_bits(), whole[t * rows + r].to_bits(), "{dtype} {level:?} ({r},{t})");
+                    }
+                }
+                // A 5 x 3 sub-tile at an offset.
+                let (r0, t0) = (6, 7);
+                let mut sub = vec![0f32; 3 * 5];
+                gemm(level, dtype, &w[r0 * rb..(r0 + 5) * rb], 5, &x[t0 * cols..(t0 + 3) * cols], 3, &mut sub, 5);
+                for t in 0..3 {
+                    for r in 0..5 {
+                        assert_eq!(sub[t * 5 + r].to_bits(), whole[(t0 + t) * rows + r0 + r].to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_gemm_matches_the_reference_and_is_batch_invariant() {
+        let Some(level) = SimdLevel::available().into_iter().find(|&l| bf16_activations(l, DType::BF16)) else {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for cols in [1, 31, 32, 33, 100, 264] {
+            let (rows, ntok) = (13, 11);
+            let (w, x) = random_tile(&mut rng, DType::BF16, rows, ntok, cols);
+            let rb = w.len() / rows;
+            let xb = to_bf16(&x);
+            let xr: Vec<f32> = xb.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+            let mut whole = vec![0f32; ntok * rows];
+            gemm_bf16(level, &w, rows, &xb, ntok, &mut whole, rows);
+            for t in 0..ntok {
+                for r in 0..rows {
+                    let want = quant::dot_row(DType::BF16, &w[r * rb..(r + 1) * rb], &xr[t * cols..(t + 1) * cols]);
+                    let got = whole[t * rows + r];
+                    assert!((got - want).abs() <= 1e-5 * cols as f32, "cols={cols} ({r},{t}): {got} vs {want}");
+                    let mut one = [0f32];
+                    gemm_bf16(level, &w[r * rb..(r + 1) * rb], 1, &xb[t * cols..(t + 1) * cols], 1, &mut one, 1);
+                    assert_eq!(one[0].to_bits(), got.to_bits(), "cols={cols} ({r},{t}) alone");
                 }
             }
         }

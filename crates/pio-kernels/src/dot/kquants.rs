@@ -20,6 +20,12 @@
 //! AVX-512 (512-bit, two Q8Blocks per register) is used for Q4_K and Q6_K, where it measured
 //! faster than AVX2 on a Sapphire Rapids core; Q5_K, Q3_K and Q2_K run their AVX2 code at the
 //! AVX-512 level.
+//!
+//! [`gemm`] computes tiles of rows x tokens (prefill, and decode's 16-row tiles): for Q4_K,
+//! Q5_K and Q6_K, each super-block of 16 rows is transposed and unpacked once into columns with
+//! one row per 32-bit lane, then meets every token of the tile, 16 rows per instruction, with
+//! floats applied once per (Q8Block, token) for all 16 rows (see `tiled`). Q3_K and Q2_K use one
+//! [`dot_q8`] per pair.
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
@@ -731,6 +737,1067 @@ mod x86 {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tiles of rows x tokens
+// ---------------------------------------------------------------------------------------------
+
+/// A batch-invariant tile of products (see [`super::gemm_q8`], which checked the shapes):
+/// `out[t * ldo + r] = row r · token t`.
+///
+/// Q4_K, Q5_K and Q6_K have tiled kernels at the AVX2 and AVX-512 levels (see `tiled`): each
+/// super-block of 16 rows is unpacked once and used for every token of the call. Q3_K, Q2_K and
+/// the scalar level (the reference) compute one [`dot_q8`] per pair. Either way an output does
+/// not depend on the number of rows or tokens in the call, nor on its place in the tile.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    act: &[Q8Block],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    let nb = act.len() / ntok;
+    assert!(
+        matches!(dtype, DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K),
+        "{dtype} is not a K format"
+    );
+    assert!(nb.is_multiple_of(ACT_PER_SUPER), "{nb} activation blocks per token are not whole super-blocks");
+    assert_eq!(w.len() / nrows, nb / ACT_PER_SUPER * dtype.block_bytes(), "{dtype}: row and activation widths differ");
+    #[cfg(target_arch = "x86_64")]
+    if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K) {
+        match level {
+            // SAFETY (all three): `level` only names levels the CPU has (see `cpu`), VNNI was
+            // checked; shapes were checked above and by `dot::gemm_q8` (`out` is also indexed
+            // with bounds checks).
+            SimdLevel::Avx512 if crate::cpu::has_avx512_vnni() => {
+                return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, act, ntok, out, ldo) }
+            }
+            SimdLevel::Avx512 => return unsafe { tiled::gemm_avx512(dtype, w, nrows, act, ntok, out, ldo) },
+            SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, act, ntok, out, ldo) },
+            SimdLevel::Scalar => {}
+        }
+    }
+    super::gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo)
+}
+
+/// Tiled Q4_K / Q5_K / Q6_K products on x86-64.
+///
+/// **Layout.** Rows go 16 at a time, one per 32-bit lane of a *column*: a 512-bit register
+/// (AVX-512) or two 256-bit ones (AVX2). For each super-block, the 16 rows' packed quants are
+/// transposed (16 x 16 dword transposes at AVX-512, 8 x 8 ones at AVX2: a dword of packed bytes
+/// holds the same four weight positions in every row) and unpacked so that column
+/// `8 * j + g` holds, in lane `i`, the four weights of row `i` that meet bytes `4g..4g + 4` of
+/// Q8Block `j`. That costs a few operations per row and super-block, about what one row's
+/// [`dot_q8`] spends unpacking, and is then reused by every token of the call (up to 64 at a
+/// time).
+///
+/// **Products.** A token's four activation bytes, broadcast to all lanes, meet a column with one
+/// `vpdpbusd` (VNNI) or `pmaddubsw` + `pmaddwd`: 16 rows advance at once and lane `i` ends with
+/// row `i`'s exact integer sum for the Q8Block; nothing is reduced horizontally. Floats enter once
+/// per (Q8Block, token) for all 16 rows: Q4_K/Q5_K add `cvt(Σ q·q_a)·(d·sc_j)·d_a − (dmin·m_j)·s_a`,
+/// Q6_K `(cvt(Σ_lo)·(d·sc_lo) + cvt(Σ_hi)·(d·sc_hi))·d_a`, with the per-row factors `d·sc` (exact
+/// products of an f16 and a 6- or 8-bit integer) prepared per super-block. Each token's
+/// accumulator is one float vector; tokens run `TT` at a time (8 at AVX-512) so a column load
+/// serves several.
+///
+/// **Q6_K's −32.** `Σ q_a(q − 32)` per 16-weight half is computed one of two ways, chosen by the
+/// number of tokens: with few, the columns hold `q` and each sum starts from `−32·Σ q_a`
+/// (16 half sums per token and super-block); with many, the columns hold `q − 32` as signed bytes
+/// and the activations are made unsigned (`q_a + 128`, one xor per 32), so `vpdpbusd` computes
+/// `Σ (q_a + 128)(q − 32) = Σ q_a(q − 32) + 128·Σ(q − 32)`, whose second term depends only on
+/// the row and is subtracted from where each sum starts. Both give the same exact integer.
+///
+/// **Batch invariance.** Every operation is lane-wise, and the float operations an output sees
+/// (per super-block in order, per Q8Block in order: the same conversion, multiplies and FMAs on
+/// the same values) do not depend on the tile's shape, the pair's place in it, the register tile
+/// of tokens, or which rows share its row group. Integer sums are exact, so their order and
+/// method are free.
+#[cfg(target_arch = "x86_64")]
+mod tiled {
+    use std::arch::x86_64::*;
+
+    use super::{DType, Q8Block, ACT_PER_SUPER};
+
+    /// Rows per row group: one per 32-bit lane of a column.
+    const ROWS: usize = 16;
+    /// Tokens whose accumulators stay live while a super-block's unpacked weights are reused.
+    const TOKENS: usize = 64;
+
+    /// Columns at one instruction set: `I` holds 16 lanes of 32 bits (or 4 bytes each), `F` 16
+    /// floats, lane `i` belonging to row `i` of the row group.
+    ///
+    /// The methods are `#[inline(always)]` without target features of their own: they are only
+    /// called (inlined) from the `#[target_feature]` entry points below, which enable what each
+    /// implementation uses.
+    trait Isa {
+        type I: Copy;
+        type F: Copy;
+        unsafe fn zero_i() -> Self::I;
+        unsafe fn zero_f() -> Self::F;
+        unsafe fn set1_i8(x: i8) -> Self::I;
+        unsafe fn set1_i32(x: i32) -> Self::I;
+        unsafe fn set1_f(x: f32) -> Self::F;
+        /// 64 bytes.
+        unsafe fn load(p: *const u8) -> Self::I;
+        unsafe fn store(p: *mut u8, v: Self::I);
+        unsafe fn loadf(p: *const f32) -> Self::F;
+        unsafe fn storef(p: *mut f32, v: Self::F);
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn add_i8(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn sub_i8(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn sub_i32(a: Self::I, b: Self::I) -> Self::I;
+        /// Logical shifts of 32-bit lanes (the count is a constant once inlined).
+        unsafe fn srl(v: Self::I, n: u32) -> Self::I;
+        unsafe fn sll(v: Self::I, n: u32) -> Self::I;
+        /// Arithmetic right shift of 32-bit lanes.
+        unsafe fn sra(v: Self::I, n: u32) -> Self::I;
+        unsafe fn cvt(v: Self::I) -> Self::F;
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+        /// `a·b + c`, rounded once.
+        unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+        /// `c − a·b`, rounded once.
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+        /// The f16 in the low (`lo`) or high half of each lane, as f32.
+        unsafe fn f16_lo(v: Self::I) -> Self::F;
+        unsafe fn f16_hi(v: Self::I) -> Self::F;
+        /// 16 f16 values at `p`, as f32.
+        unsafe fn f16_load(p: *const u16) -> Self::F;
+        /// Σ of the four unsigned bytes of each lane.
+        unsafe fn hsum_bytes(v: Self::I) -> Self::I;
+        /// `init + Σ_g` over `N` groups of (the four byte products of column `g` at `w + 64g`
+        /// with the four bytes at `a + 4g`, broadcast): weights unsigned and activations signed,
+        /// or the other way round with `FLIP`. The non-VNNI form sums `I16` groups of
+        /// `pmaddubsw` pairs in i16 before widening; the caller picks `I16` so they cannot
+        /// saturate.
+        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            w: *const u8,
+            a: *const u8,
+        ) -> Self::I;
+        /// Column `c` = dword `c` (bytes `off + 4c..`) of each of the 16 rows: 64 bytes read per
+        /// row. The 16 rows' loads go out together: issuing them row group by row group (8
+        /// rows, then 8) measured up to 30% slower when decoding from memory, as the hardware
+        /// prefetchers follow the interleaved streams less well.
+        unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 16];
+        /// As [`Isa::transpose`] for 8 dwords (32 bytes read per row).
+        unsafe fn transpose8(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 8];
+        /// As [`Isa::transpose`] for 4 dwords (16 bytes read per row).
+        unsafe fn gather4(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 4];
+    }
+
+    // --- AVX-512: one 512-bit register per column ----------------------------------------------
+
+    /// AVX-512 F/BW columns; `VNNI` uses `vpdpbusd` for the byte products.
+    struct Zmm<const VNNI: bool>;
+
+    /// 16 x 16 dword transpose: `out[c]` lane `i` = `r[i]` dword `c`.
+    #[inline(always)]
+    unsafe fn transpose_16x16(r: [__m512i; 16]) -> [__m512i; 16] {
+        // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at dword 4L + m.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let (r0, r1, r2, r3) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+            let t0 = _mm512_unpacklo_epi32(r0, r1);
+            let t1 = _mm512_unpackhi_epi32(r0, r1);
+            let t2 = _mm512_unpacklo_epi32(r2, r3);
+            let t3 = _mm512_unpackhi_epi32(r2, r3);
+            u[4 * q] = _mm512_unpacklo_epi64(t0, t2);
+            u[4 * q + 1] = _mm512_unpackhi_epi64(t0, t2);
+            u[4 * q + 2] = _mm512_unpacklo_epi64(t1, t3);
+            u[4 * q + 3] = _mm512_unpackhi_epi64(t1, t3);
+        }
+        // out[4L + m] = 128-bit lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for m in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[m], u[4 + m]);
+            let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[m], u[4 + m]);
+            let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[8 + m], u[12 + m]);
+            let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[8 + m], u[12 + m]);
+            out[m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
+            out[4 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
+            out[8 + m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
+            out[12 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
+        }
+        out
+    }
+
+    impl<const VNNI: bool> Isa for Zmm<VNNI> {
+        type I = __m512i;
+        type F = __m512;
+        #[inline(always)]
+        unsafe fn zero_i() -> __m512i {
+            _mm512_setzero_si512()
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn set1_i8(x: i8) -> __m512i {
+            _mm512_set1_epi8(x)
+        }
+        #[inline(always)]
+        unsafe fn set1_i32(x: i32) -> __m512i {
+            _mm512_set1_epi32(x)
+        }
+        #[inline(always)]
+        unsafe fn set1_f(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m512i {
+            _mm512_loadu_si512(p as *const _)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut u8, v: __m512i) {
+            _mm512_storeu_si512(p as *mut _, v)
+        }
+        #[inline(always)]
+        unsafe fn loadf(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn storef(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_and_si512(a, b)
+        }
+        #[inline(always)]
+        unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_or_si512(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add_i8(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_add_epi8(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub_i8(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_sub_epi8(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub_i32(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_sub_epi32(a, b)
+        }
+        #[inline(always)]
+        unsafe fn srl(v: __m512i, n: u32) -> __m512i {
+            _mm512_srlv_epi32(v, _mm512_set1_epi32(n as i32))
+        }
+        #[inline(always)]
+        unsafe fn sll(v: __m512i, n: u32) -> __m512i {
+            _mm512_sllv_epi32(v, _mm512_set1_epi32(n as i32))
+        }
+        #[inline(always)]
+        unsafe fn sra(v: __m512i, n: u32) -> __m512i {
+            _mm512_srav_epi32(v, _mm512_set1_epi32(n as i32))
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: __m512i) -> __m512 {
+            _mm512_cvtepi32_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn f16_lo(v: __m512i) -> __m512 {
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_hi(v: __m512i) -> __m512 {
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v)))
+        }
+        #[inline(always)]
+        unsafe fn f16_load(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn hsum_bytes(v: __m512i) -> __m512i {
+            if VNNI {
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_set1_epi8(1))
+            } else {
+                _mm512_madd_epi16(_mm512_maddubs_epi16(v, _mm512_set1_epi8(1)), _mm512_set1_epi16(1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
+            init: __m512i,
+            w: *const u8,
+            a: *const u8,
+        ) -> __m512i {
+            if VNNI {
+                // Two chains halve the latency of dependent `vpdpbusd`s.
+                let mut c = [init, _mm512_setzero_si512()];
+                for g in 0..N {
+                    let wv = _mm512_loadu_si512(w.add(64 * g) as *const _);
+                    let av = _mm512_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
+                    c[g % 2] = if FLIP {
+                        _mm512_dpbusd_epi32(c[g % 2], av, wv)
+                    } else {
+                        _mm512_dpbusd_epi32(c[g % 2], wv, av)
+                    };
+                }
+                _mm512_add_epi32(c[0], c[1])
+            } else {
+                let ones = _mm512_set1_epi16(1);
+                let mut sum = init;
+                for g0 in (0..N).step_by(I16) {
+                    let mut s = _mm512_setzero_si512();
+                    for g in g0..g0 + I16 {
+                        let wv = _mm512_loadu_si512(w.add(64 * g) as *const _);
+                        let av = _mm512_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
+                        let p = if FLIP { _mm512_maddubs_epi16(av, wv) } else { _mm512_maddubs_epi16(wv, av) };
+                        s = _mm512_add_epi16(s, p);
+                    }
+                    sum = _mm512_add_epi32(sum, _mm512_madd_epi16(s, ones));
+                }
+                sum
+            }
+        }
+        #[inline(always)]
+        unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [__m512i; 16] {
+            transpose_16x16(std::array::from_fn(|i| _mm512_loadu_si512(rows[i].add(off) as *const _)))
+        }
+        #[inline(always)]
+        unsafe fn transpose8(rows: &[*const u8; ROWS], off: usize) -> [__m512i; 8] {
+            // The upper halves (zero) only reach columns 8..16, which are dropped.
+            let t = transpose_16x16(std::array::from_fn(|i| {
+                _mm512_zextsi256_si512(_mm256_loadu_si256(rows[i].add(off) as *const __m256i))
+            }));
+            std::array::from_fn(|c| t[c])
+        }
+        #[inline(always)]
+        unsafe fn gather4(rows: &[*const u8; ROWS], off: usize) -> [__m512i; 4] {
+            // x[i] holds rows i, 4 + i, 8 + i, 12 + i in its four 128-bit lanes; then a 4 x 4
+            // transpose within each lane.
+            let x: [__m512i; 4] = std::array::from_fn(|i| {
+                let l = |k: usize| _mm_loadu_si128(rows[4 * k + i].add(off) as *const __m128i);
+                let v = _mm512_castsi128_si512(l(0));
+                let v = _mm512_inserti32x4::<1>(v, l(1));
+                let v = _mm512_inserti32x4::<2>(v, l(2));
+                _mm512_inserti32x4::<3>(v, l(3))
+            });
+            let t0 = _mm512_unpacklo_epi32(x[0], x[1]);
+            let t1 = _mm512_unpackhi_epi32(x[0], x[1]);
+            let t2 = _mm512_unpacklo_epi32(x[2], x[3]);
+            let t3 = _mm512_unpackhi_epi32(x[2], x[3]);
+            [
+                _mm512_unpacklo_epi64(t0, t2),
+                _mm512_unpackhi_epi64(t0, t2),
+                _mm512_unpacklo_epi64(t1, t3),
+                _mm512_unpackhi_epi64(t1, t3),
+            ]
+        }
+    }
+
+    // --- AVX2: two 256-bit registers per column (rows 0..8, 8..16) -----------------------------
+
+    struct Ymm;
+
+    /// 8 x 8 dword transpose of 32 bytes at `off` of rows `r[0..8]`: `out[c]` lane `i` = row `i`
+    /// dword `c`.
+    #[inline(always)]
+    unsafe fn transpose_8x8(r: &[*const u8], off: usize) -> [__m256i; 8] {
+        let r: [__m256i; 8] = std::array::from_fn(|i| _mm256_loadu_si256(r[i].add(off) as *const __m256i));
+        // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at dword 4L + m.
+        let mut u = [_mm256_setzero_si256(); 8];
+        for q in 0..2 {
+            let (r0, r1, r2, r3) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+            let t0 = _mm256_unpacklo_epi32(r0, r1);
+            let t1 = _mm256_unpackhi_epi32(r0, r1);
+            let t2 = _mm256_unpacklo_epi32(r2, r3);
+            let t3 = _mm256_unpackhi_epi32(r2, r3);
+            u[4 * q] = _mm256_unpacklo_epi64(t0, t2);
+            u[4 * q + 1] = _mm256_unpackhi_epi64(t0, t2);
+            u[4 * q + 2] = _mm256_unpacklo_epi64(t1, t3);
+            u[4 * q + 3] = _mm256_unpackhi_epi64(t1, t3);
+        }
+        let mut out = [_mm256_setzero_si256(); 8];
+        for m in 0..4 {
+            out[m] = _mm256_permute2x128_si256::<0x20>(u[m], u[4 + m]);
+            out[4 + m] = _mm256_permute2x128_si256::<0x31>(u[m], u[4 + m]);
+        }
+        out
+    }
+
+    /// 4 x 8 dword transpose of 16 bytes at `off` of rows `r[0..8]`.
+    #[inline(always)]
+    unsafe fn gather4_8(r: &[*const u8], off: usize) -> [__m256i; 4] {
+        // x[i] holds rows i and 4 + i in its two 128-bit lanes; then a 4 x 4 transpose within
+        // each lane.
+        let x: [__m256i; 4] = std::array::from_fn(|i| {
+            let l = |k: usize| _mm_loadu_si128(r[4 * k + i].add(off) as *const __m128i);
+            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(l(0)), l(1))
+        });
+        let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
+        let t1 = _mm256_unpackhi_epi32(x[0], x[1]);
+        let t2 = _mm256_unpacklo_epi32(x[2], x[3]);
+        let t3 = _mm256_unpackhi_epi32(x[2], x[3]);
+        [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+        ]
+    }
+
+    /// The low 16 bits of each lane of `v` (at most 0xFFFF), packed and converted from f16.
+    #[inline(always)]
+    unsafe fn f16_of_low_words(v: __m256i) -> __m256 {
+        _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)))
+    }
+
+    /// `[f(a[0], b[0]), f(a[1], b[1])]`.
+    macro_rules! halves {
+        ($f:ident($($a:expr),*)) => {
+            [$f($($a[0]),*), $f($($a[1]),*)]
+        };
+    }
+
+    impl Isa for Ymm {
+        type I = [__m256i; 2];
+        type F = [__m256; 2];
+        #[inline(always)]
+        unsafe fn zero_i() -> Self::I {
+            [_mm256_setzero_si256(); 2]
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> Self::F {
+            [_mm256_setzero_ps(); 2]
+        }
+        #[inline(always)]
+        unsafe fn set1_i8(x: i8) -> Self::I {
+            [_mm256_set1_epi8(x); 2]
+        }
+        #[inline(always)]
+        unsafe fn set1_i32(x: i32) -> Self::I {
+            [_mm256_set1_epi32(x); 2]
+        }
+        #[inline(always)]
+        unsafe fn set1_f(x: f32) -> Self::F {
+            [_mm256_set1_ps(x); 2]
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self::I {
+            [_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i)]
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut u8, v: Self::I) {
+            _mm256_storeu_si256(p as *mut __m256i, v[0]);
+            _mm256_storeu_si256(p.add(32) as *mut __m256i, v[1]);
+        }
+        #[inline(always)]
+        unsafe fn loadf(p: *const f32) -> Self::F {
+            [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+        }
+        #[inline(always)]
+        unsafe fn storef(p: *mut f32, v: Self::F) {
+            _mm256_storeu_ps(p, v[0]);
+            _mm256_storeu_ps(p.add(8), v[1]);
+        }
+        #[inline(always)]
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_and_si256(a, b))
+        }
+        #[inline(always)]
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_or_si256(a, b))
+        }
+        #[inline(always)]
+        unsafe fn add_i8(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_add_epi8(a, b))
+        }
+        #[inline(always)]
+        unsafe fn sub_i8(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_sub_epi8(a, b))
+        }
+        #[inline(always)]
+        unsafe fn sub_i32(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_sub_epi32(a, b))
+        }
+        #[inline(always)]
+        unsafe fn srl(v: Self::I, n: u32) -> Self::I {
+            let n = [_mm256_set1_epi32(n as i32); 2];
+            halves!(_mm256_srlv_epi32(v, n))
+        }
+        #[inline(always)]
+        unsafe fn sll(v: Self::I, n: u32) -> Self::I {
+            let n = [_mm256_set1_epi32(n as i32); 2];
+            halves!(_mm256_sllv_epi32(v, n))
+        }
+        #[inline(always)]
+        unsafe fn sra(v: Self::I, n: u32) -> Self::I {
+            let n = [_mm256_set1_epi32(n as i32); 2];
+            halves!(_mm256_srav_epi32(v, n))
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: Self::I) -> Self::F {
+            halves!(_mm256_cvtepi32_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+            halves!(_mm256_mul_ps(a, b))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            halves!(_mm256_fmadd_ps(a, b, c))
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            halves!(_mm256_fnmadd_ps(a, b, c))
+        }
+        #[inline(always)]
+        unsafe fn f16_lo(v: Self::I) -> Self::F {
+            let low = [_mm256_set1_epi32(0xFFFF); 2];
+            let v = halves!(_mm256_and_si256(v, low));
+            halves!(f16_of_low_words(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_hi(v: Self::I) -> Self::F {
+            let v = [_mm256_srli_epi32::<16>(v[0]), _mm256_srli_epi32::<16>(v[1])];
+            halves!(f16_of_low_words(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_load(p: *const u16) -> Self::F {
+            [
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i)),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn hsum_bytes(v: Self::I) -> Self::I {
+            let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+            [
+                _mm256_madd_epi16(_mm256_maddubs_epi16(v[0], ones8), ones16),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(v[1], ones8), ones16),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            w: *const u8,
+            a: *const u8,
+        ) -> Self::I {
+            let ones = _mm256_set1_epi16(1);
+            let mut sum = init;
+            for g0 in (0..N).step_by(I16) {
+                let mut s = [_mm256_setzero_si256(); 2];
+                for g in g0..g0 + I16 {
+                    let av = _mm256_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
+                    for (h, s) in s.iter_mut().enumerate() {
+                        let wv = _mm256_loadu_si256(w.add(64 * g + 32 * h) as *const __m256i);
+                        let p = if FLIP { _mm256_maddubs_epi16(av, wv) } else { _mm256_maddubs_epi16(wv, av) };
+                        *s = _mm256_add_epi16(*s, p);
+                    }
+                }
+                for (sum, s) in sum.iter_mut().zip(s) {
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(s, ones));
+                }
+            }
+            sum
+        }
+        #[inline(always)]
+        unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 16] {
+            let mut out = [Self::zero_i(); 16];
+            for d in 0..2 {
+                for h in 0..2 {
+                    for (c, v) in transpose_8x8(&rows[8 * h..], off + 32 * d).into_iter().enumerate() {
+                        out[8 * d + c][h] = v;
+                    }
+                }
+            }
+            out
+        }
+        #[inline(always)]
+        unsafe fn transpose8(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 8] {
+            let (a, b) = (transpose_8x8(&rows[..8], off), transpose_8x8(&rows[8..], off));
+            std::array::from_fn(|c| [a[c], b[c]])
+        }
+        #[inline(always)]
+        unsafe fn gather4(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 4] {
+            let (a, b) = (gather4_8(&rows[..8], off), gather4_8(&rows[8..], off));
+            std::array::from_fn(|c| [a[c], b[c]])
+        }
+    }
+
+    // --- Unpacking one super-block of a row group ---------------------------------------------
+
+    /// Repeats `$body` with `$i` bound to each listed value: index arithmetic, shift counts and
+    /// branches on `$i` then fold at compile time (LLVM does not fully unroll loops this big,
+    /// and a rolled loop keeps the transposed columns in memory, indexed at run time).
+    macro_rules! unroll {
+        ($i:ident in [$($n:literal),*] $body:block) => {
+            $({
+                let $i: usize = $n;
+                $body
+            })*
+        };
+    }
+
+    /// One super-block of a row group, unpacked (see the module docs). Written in full by each
+    /// format's `unpack_*` before the products read it.
+    #[repr(C, align(64))]
+    struct Unpacked {
+        /// Column `8 * j + g`: lane `i` holds row `i`'s weights at bytes `4g..4g + 4` of Q8Block
+        /// `j`.
+        w: [[u8; 64]; 64],
+        /// Per-row float factors: Q4_K/Q5_K `d·sc_j` at `j` and `dmin·m_j` at `8 + j`; Q6_K `d·sc`
+        /// of the 16-weight half `h` of Q8Block `j` at `2j + h`.
+        f: [[f32; ROWS]; 16],
+        /// Q6_K with signed weights: `−128·Σ (q − 32)` over half `2j + h`, where its sums start.
+        c: [[i32; ROWS]; 16],
+    }
+
+    impl Unpacked {
+        /// Uninitialized, as a zeroed buffer would cost a 6 KiB memset per call (noticeable in
+        /// decode's 16 x 1 tiles); every byte is written before it is read.
+        fn uninit() -> std::mem::MaybeUninit<Unpacked> {
+            std::mem::MaybeUninit::uninit()
+        }
+        #[inline(always)]
+        unsafe fn col(p: *mut Unpacked, i: usize) -> *mut u8 {
+            (std::ptr::addr_of_mut!((*p).w) as *mut u8).add(64 * i)
+        }
+        #[inline(always)]
+        unsafe fn factor(p: *mut Unpacked, i: usize) -> *mut f32 {
+            (std::ptr::addr_of_mut!((*p).f) as *mut f32).add(ROWS * i)
+        }
+        #[inline(always)]
+        unsafe fn corr(p: *mut Unpacked, i: usize) -> *mut u8 {
+            (std::ptr::addr_of_mut!((*p).c) as *mut u8).add(4 * ROWS * i)
+        }
+    }
+
+    /// Byte `b` of each lane, zero-extended.
+    #[inline(always)]
+    unsafe fn byte_u<S: Isa>(v: S::I, b: usize) -> S::I {
+        S::and(S::srl(v, 8 * b as u32), S::set1_i32(0xFF))
+    }
+
+    /// Byte `b` of each lane, sign-extended.
+    #[inline(always)]
+    unsafe fn byte_s<S: Isa>(v: S::I, b: usize) -> S::I {
+        S::sra(S::sll(v, 24 - 8 * b as u32), 24)
+    }
+
+    /// The per-row factors of Q4_K/Q5_K from the first 16 bytes of each row's super-block
+    /// (`h[0]` = `d`, `dmin`; `h[1..4]` = the 12 packed scale bytes), unpacked with the word
+    /// operations of [`super::k4_scales_mins`].
+    #[inline(always)]
+    unsafe fn k4_factors<S: Isa>(h: [S::I; 4], un: *mut Unpacked) {
+        let (d, dmin) = (S::f16_lo(h[0]), S::f16_hi(h[0]));
+        let (low6, low4, top2) = (S::set1_i32(0x3F3F_3F3F), S::set1_i32(0x0F0F_0F0F), S::set1_i32(0x3030_3030));
+        // Scales/mins 0..4 and 4..8, one per byte.
+        let sc = [S::and(h[1], low6), S::or(S::and(h[3], low4), S::and(S::srl(h[1], 2), top2))];
+        let m = [S::and(h[2], low6), S::or(S::and(S::srl(h[3], 4), low4), S::and(S::srl(h[2], 2), top2))];
+        unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+            let (sc_j, m_j) = (S::cvt(byte_u::<S>(sc[j / 4], j % 4)), S::cvt(byte_u::<S>(m[j / 4], j % 4)));
+            S::storef(Unpacked::factor(un, j), S::mul(d, sc_j));
+            S::storef(Unpacked::factor(un, 8 + j), S::mul(dmin, m_j));
+        });
+    }
+
+    /// Q4_K, 144 bytes: `d`, `dmin`, 12 bytes of scales/mins, 128 bytes of nibbles (32 bytes per
+    /// 64 weights: low nibbles Q8Block 2k, high nibbles 2k + 1).
+    #[inline(always)]
+    unsafe fn unpack_q4k<S: Isa>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
+        k4_factors::<S>(S::gather4(rows, 0), un);
+        let m4 = S::set1_i8(0x0F);
+        unroll!(half in [0, 1] {
+            let q = S::transpose(rows, 16 + 64 * half);
+            unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+                // Nibble dword c: group c % 8 of chunk k = c / 8.
+                let c = 16 * half + i;
+                let (k, g) = (c / 8, c % 8);
+                S::store(Unpacked::col(un, 8 * (2 * k) + g), S::and(q[i], m4));
+                S::store(Unpacked::col(un, 8 * (2 * k + 1) + g), S::and(S::srl(q[i], 4), m4));
+            });
+        });
+    }
+
+    /// The two Q5_K columns of nibble dword `n` (`v`), with their fifth bits from the `qh`
+    /// dwords.
+    #[inline(always)]
+    unsafe fn q5k_cols<S: Isa>(un: *mut Unpacked, qh: &[S::I; 8], n: usize, v: S::I) {
+        let (k, g) = (n / 8, n % 8);
+        let (m4, m16) = (S::set1_i8(0x0F), S::set1_i8(0x10));
+        unroll!(e in [0, 1] {
+            let j = 2 * k + e;
+            let low = S::and(S::srl(v, 4 * e as u32), m4);
+            // Bit j of each qh byte to bit 4 (32-bit shifts only move other bytes' bits into
+            // other positions of this byte, which the mask drops).
+            let high = if j < 4 { S::sll(qh[g], 4 - j as u32) } else { S::srl(qh[g], j as u32 - 4) };
+            S::store(Unpacked::col(un, 8 * j + g), S::or(low, S::and(high, m16)));
+        });
+    }
+
+    /// Q5_K, 176 bytes: as Q4_K with `qh: [u8; 32]` before the nibbles (bit j of byte l is the
+    /// fifth bit of weight 32j + l).
+    #[inline(always)]
+    unsafe fn unpack_q5k<S: Isa>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
+        k4_factors::<S>(S::gather4(rows, 0), un);
+        // Dwords from byte 16: qh (8), then the nibbles (32), in chunks of 16, 16 and 8.
+        let a = S::transpose(rows, 16);
+        let qh: [S::I; 8] = std::array::from_fn(|g| a[g]);
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+            q5k_cols::<S>(un, &qh, i, a[8 + i]);
+        });
+        let b = S::transpose(rows, 80);
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            q5k_cols::<S>(un, &qh, 8 + i, b[i]);
+        });
+        let c = S::transpose8(rows, 144);
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+            q5k_cols::<S>(un, &qh, 24 + i, c[i]);
+        });
+    }
+
+    /// Q6_K, 210 bytes: `ql: [u8; 128]`, `qh: [u8; 64]`, `scales: [i8; 16]`, `d`. Per 128
+    /// weights h, weight 32k + l has its low nibble in `ql[64h + 32(k % 2) + l]` (low nibble for
+    /// k < 2) and its top two bits at bit 2k of `qh[32h + l]`; w = d·sc·(q − 32). Columns hold
+    /// `q` (0..64), or with `SIGNED` `q − 32` and the sums' starting values.
+    #[inline(always)]
+    unsafe fn unpack_q6k<S: Isa, const SIGNED: bool>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
+        let sc = S::gather4(rows, 192);
+        let d_bits: [u16; ROWS] = std::array::from_fn(|i| (rows[i].add(208) as *const u16).read_unaligned());
+        let d = S::f16_load(d_bits.as_ptr());
+        unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            S::storef(Unpacked::factor(un, i), S::mul(d, S::cvt(byte_s::<S>(sc[i / 4], i % 4))));
+        });
+        let qh = S::transpose(rows, 128);
+        let (m4, m30, m32) = (S::set1_i8(0x0F), S::set1_i8(0x30), S::set1_i8(32));
+        unroll!(h in [0, 1] {
+            let ql = S::transpose(rows, 64 * h);
+            unroll!(k in [0, 1, 2, 3] {
+                let j = 4 * h + k;
+                // Σ q per 16-weight half, in bytes (at most 4 · 63 per lane byte).
+                let mut sums = [S::zero_i(); 2];
+                unroll!(g in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    let low = ql[8 * (k % 2) + g];
+                    let low = S::and(if k < 2 { low } else { S::srl(low, 4) }, m4);
+                    // Bits 2k..2k+2 of qh to bits 4..6.
+                    let high = qh[8 * h + g];
+                    let high = if k < 2 { S::sll(high, 4 - 2 * k as u32) } else { S::srl(high, 2 * k as u32 - 4) };
+                    let q = S::or(low, S::and(high, m30));
+                    if SIGNED {
+                        sums[g / 4] = S::add_i8(sums[g / 4], q);
+                        S::store(Unpacked::col(un, 8 * j + g), S::sub_i8(q, m32));
+                    } else {
+                        S::store(Unpacked::col(un, 8 * j + g), q);
+                    }
+                });
+                if SIGNED {
+                    unroll!(e in [0, 1] {
+                        // −128·Σ (q − 32) = 65536 − 128·Σ q.
+                        let c = S::sub_i32(S::set1_i32(65536), S::sll(S::hsum_bytes(sums[e]), 7));
+                        S::store(Unpacked::corr(un, 2 * j + e), c);
+                    });
+                }
+            });
+        });
+    }
+
+    // --- Products for a register tile of TT tokens --------------------------------------------
+
+    /// Q4_K / Q5_K: adds one super-block to the accumulators of `TT` tokens, `a[t]` pointing at
+    /// token t's eight Q8Blocks. `I16`: groups summed in i16 without the AVX-512 VNNI (weights
+    /// < 16: 8 groups, |Σ| ≤ 8·2·15·128; < 32: 4 groups).
+    #[inline(always)]
+    unsafe fn compute_k4<S: Isa, const I16: usize, const TT: usize>(
+        un: *mut Unpacked,
+        a: [*const Q8Block; TT],
+        acc: &mut [S::F; TT],
+    ) {
+        let mut v = *acc;
+        for j in 0..ACT_PER_SUPER {
+            let (dsc, dmm) = (S::loadf(Unpacked::factor(un, j)), S::loadf(Unpacked::factor(un, 8 + j)));
+            for (v, a) in v.iter_mut().zip(&a) {
+                let b = &*a.add(j);
+                // Σ q·q_a is exact (|.| ≤ 32·31·128 < 2^24, so is its conversion).
+                let i = S::dot::<8, I16, false>(S::zero_i(), Unpacked::col(un, 8 * j), b.qs.as_ptr() as *const u8);
+                // + d·sc_j·d_a·Σ q·q_a − dmin·m_j·s_a
+                *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
+                *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
+            }
+        }
+        *acc = v;
+    }
+
+    /// −32·Σ q_a over each 16-byte half of a token's eight Q8Blocks, at `4i + 2h + e` for
+    /// Q8Block `2i + e` and half `h` (as i64; the low 32 bits are the value).
+    #[inline(always)]
+    unsafe fn q6k_offsets(a: *const Q8Block) -> [i64; 16] {
+        let (flip, zero) = (_mm256_set1_epi8(-128), _mm256_setzero_si256());
+        let mut out = [0i64; 16];
+        for i in 0..ACT_PER_SUPER / 2 {
+            // psadbw: Σ of each 8 unsigned bytes, here q_a + 128.
+            let p = _mm256_loadu_si256((*a.add(2 * i)).qs.as_ptr() as *const __m256i);
+            let q = _mm256_loadu_si256((*a.add(2 * i + 1)).qs.as_ptr() as *const __m256i);
+            let p = _mm256_sad_epu8(_mm256_xor_si256(p, flip), zero);
+            let q = _mm256_sad_epu8(_mm256_xor_si256(q, flip), zero);
+            // [lo(2i), lo(2i + 1), hi(2i), hi(2i + 1)], each Σ q_a + 16·128.
+            let s = _mm256_add_epi64(_mm256_unpacklo_epi64(p, q), _mm256_unpackhi_epi64(p, q));
+            let v = _mm256_sub_epi64(_mm256_set1_epi64x(65536), _mm256_slli_epi64::<5>(s));
+            _mm256_storeu_si256(out.as_mut_ptr().add(4 * i) as *mut __m256i, v);
+        }
+        out
+    }
+
+    /// Q6_K: as [`compute_k4`]. With `SIGNED` columns the activations are made unsigned (see the
+    /// module docs); otherwise each half's sum starts from `−32·Σ q_a` ([`q6k_offsets`]). Both
+    /// give the same exact integers.
+    #[inline(always)]
+    unsafe fn compute_q6k<S: Isa, const SIGNED: bool, const TT: usize>(
+        un: *mut Unpacked,
+        a: [*const Q8Block; TT],
+        acc: &mut [S::F; TT],
+    ) {
+        // SIGNED: q_a + 128 = q_a ^ 0x80 as unsigned bytes, 32 per Q8Block.
+        let mut ax = [[0u8; 32 * ACT_PER_SUPER]; TT];
+        // Otherwise: the starting values.
+        let mut offs = [[0i64; 16]; TT];
+        for ((x, o), a) in ax.iter_mut().zip(&mut offs).zip(&a) {
+            if SIGNED {
+                let flip = _mm256_set1_epi8(-128);
+                for j in 0..ACT_PER_SUPER {
+                    let q = _mm256_loadu_si256((*a.add(j)).qs.as_ptr() as *const __m256i);
+                    _mm256_storeu_si256(x.as_mut_ptr().add(32 * j) as *mut __m256i, _mm256_xor_si256(q, flip));
+                }
+            } else {
+                *o = q6k_offsets(*a);
+            }
+        }
+        // Read back from memory as broadcasts, rather than extracted from the registers that
+        // wrote them (shuffles, on the busiest port).
+        let (ax, offs) = (std::hint::black_box(&ax), std::hint::black_box(&offs));
+        let mut v = *acc;
+        for j in 0..ACT_PER_SUPER {
+            let (flo, fhi) = (S::loadf(Unpacked::factor(un, 2 * j)), S::loadf(Unpacked::factor(un, 2 * j + 1)));
+            let (clo, chi) = if SIGNED {
+                (S::load(Unpacked::corr(un, 2 * j)), S::load(Unpacked::corr(un, 2 * j + 1)))
+            } else {
+                (S::zero_i(), S::zero_i())
+            };
+            for (((v, a), x), o) in v.iter_mut().zip(&a).zip(ax).zip(offs) {
+                // Σ q_a·(q − 32) per half: exact, |.| ≤ 16·32·128. Without VNNI, two groups of
+                // pairs per i16: 2·2·255·32 or 2·2·63·128 at most.
+                let (lo, hi) = if SIGNED {
+                    let x = x.as_ptr().add(32 * j);
+                    (
+                        S::dot::<4, 2, true>(clo, Unpacked::col(un, 8 * j), x),
+                        S::dot::<4, 2, true>(chi, Unpacked::col(un, 8 * j + 4), x.add(16)),
+                    )
+                } else {
+                    let (b, q) = (&o[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
+                    (
+                        S::dot::<4, 2, false>(S::set1_i32(b[0] as i32), Unpacked::col(un, 8 * j), q),
+                        S::dot::<4, 2, false>(S::set1_i32(b[2] as i32), Unpacked::col(un, 8 * j + 4), q.add(16)),
+                    )
+                };
+                // + (d·sc_lo·Σ_lo + d·sc_hi·Σ_hi)·d_a
+                let u = S::fma(S::cvt(hi), fhi, S::mul(S::cvt(lo), flo));
+                *v = S::fma(u, S::set1_f((*a.add(j)).d), *v);
+            }
+        }
+        *acc = v;
+    }
+
+    /// Formats, as const parameters so each kernel is specialised.
+    const Q4K: u8 = 0;
+    const Q5K: u8 = 1;
+    /// Q6_K with unsigned columns, for a few tokens: a token costs 16 half sums per super-block.
+    const Q6K: u8 = 2;
+    /// Q6_K with signed columns, for many tokens: a row costs a few more operations per
+    /// super-block, a token one xor per Q8Block.
+    const Q6K_SIGNED: u8 = 3;
+    /// Tokens from which Q6_K uses signed columns.
+    const Q6K_SIGNED_FROM: usize = 8;
+
+    #[inline(always)]
+    unsafe fn unpack<S: Isa, const FMT: u8>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
+        match FMT {
+            Q4K => unpack_q4k::<S>(rows, un),
+            Q5K => unpack_q5k::<S>(rows, un),
+            Q6K => unpack_q6k::<S, false>(rows, un),
+            _ => unpack_q6k::<S, true>(rows, un),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn compute<S: Isa, const FMT: u8, const TT: usize>(
+        un: *mut Unpacked,
+        a: [*const Q8Block; TT],
+        acc: &mut [S::F; TT],
+    ) {
+        match FMT {
+            Q4K => compute_k4::<S, 8, TT>(un, a, acc),
+            Q5K => compute_k4::<S, 4, TT>(un, a, acc),
+            Q6K => compute_q6k::<S, false, TT>(un, a, acc),
+            _ => compute_q6k::<S, true, TT>(un, a, acc),
+        }
+    }
+
+    /// The whole tile: row groups of 16, token chunks of [`TOKENS`], super-blocks in order, and
+    /// register tiles of `TT` tokens (then single tokens).
+    #[inline(always)]
+    unsafe fn drive<S: Isa, const FMT: u8, const TT: usize>(
+        w: &[u8],
+        nrows: usize,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let bb = match FMT {
+            Q4K => 144,
+            Q5K => 176,
+            _ => 210,
+        };
+        let rb = w.len() / nrows;
+        let nb = act.len() / ntok;
+        let mut un = Unpacked::uninit();
+        let un = un.as_mut_ptr();
+        // Accumulators of a token chunk; only the used ones are initialized (a 4 KiB memset per
+        // decode tile would show).
+        let mut acc_buf = std::mem::MaybeUninit::<[S::F; TOKENS]>::uninit();
+        let acc_ptr = acc_buf.as_mut_ptr() as *mut S::F;
+        for r0 in (0..nrows).step_by(ROWS) {
+            // Lanes past the end of a partial row group repeat its first row and are dropped.
+            let live = (nrows - r0).min(ROWS);
+            let rows: [*const u8; ROWS] =
+                std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+            for t0 in (0..ntok).step_by(TOKENS) {
+                let tn = (ntok - t0).min(TOKENS);
+                for t in 0..tn {
+                    acc_ptr.add(t).write(S::zero_f());
+                }
+                // SAFETY: the first `tn` accumulators were just written.
+                let acc = std::slice::from_raw_parts_mut(acc_ptr, tn);
+                for s in 0..nb / ACT_PER_SUPER {
+                    unpack::<S, FMT>(&rows.map(|p| p.add(s * bb)), un);
+                    let a0 = act.as_ptr().add(t0 * nb + s * ACT_PER_SUPER);
+                    let mut t = 0;
+                    while let Some(tile) = acc[t..].first_chunk_mut::<TT>() {
+                        compute::<S, FMT, TT>(un, std::array::from_fn(|k| a0.add((t + k) * nb)), tile);
+                        t += TT;
+                    }
+                    for (k, tile) in acc[t..].iter_mut().enumerate() {
+                        compute::<S, FMT, 1>(un, [a0.add((t + k) * nb)], std::array::from_mut(tile));
+                    }
+                }
+                for (t, acc) in acc.iter().enumerate() {
+                    let mut lanes = [0f32; ROWS];
+                    S::storef(lanes.as_mut_ptr(), *acc);
+                    let o = (t0 + t) * ldo + r0;
+                    out[o..o + live].copy_from_slice(&lanes[..live]);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn by_format<S: Isa, const TT: usize>(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        match dtype {
+            DType::Q4_K => drive::<S, Q4K, TT>(w, nrows, act, ntok, out, ldo),
+            DType::Q5_K => drive::<S, Q5K, TT>(w, nrows, act, ntok, out, ldo),
+            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => drive::<S, Q6K_SIGNED, TT>(w, nrows, act, ntok, out, ldo),
+            DType::Q6_K => drive::<S, Q6K, TT>(w, nrows, act, ntok, out, ldo),
+            other => panic!("{other} has no tiled kernel"),
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `dtype` is Q4_K, Q5_K or Q6_K and the shapes are as
+    /// [`super::gemm`] checks (`nrows`, `ntok` > 0).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_avx2(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        by_format::<Ymm, 1>(dtype, w, nrows, act, ntok, out, ldo)
+    }
+
+    /// # Safety
+    /// As [`gemm_avx2`], with AVX-512 F/BW/VL/DQ.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    pub unsafe fn gemm_avx512(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        by_format::<Zmm<false>, 8>(dtype, w, nrows, act, ntok, out, ldo)
+    }
+
+    /// # Safety
+    /// As [`gemm_avx512`], with AVX-512 VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn gemm_avx512_vnni(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        by_format::<Zmm<true>, 8>(dtype, w, nrows, act, ntok, out, ldo)
+    }
+
+    /// A tiled kernel: `(dtype, w, nrows, act, ntok, out, ldo)`.
+    #[cfg(test)]
+    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, &[Q8Block], usize, &mut [f32], usize);
+
+    /// Every tiled kernel this CPU runs, by name, for tests.
+    #[cfg(test)]
+    pub(super) fn kernels() -> Vec<(&'static str, Gemm)> {
+        use crate::cpu::{detected, has_avx512_vnni, SimdLevel};
+        let mut out: Vec<(&'static str, Gemm)> = Vec::new();
+        if detected() >= SimdLevel::Avx2 {
+            out.push(("gemm_avx2", gemm_avx2));
+        }
+        if detected() >= SimdLevel::Avx512 {
+            out.push(("gemm_avx512", gemm_avx512));
+            if has_avx512_vnni() {
+                out.push(("gemm_avx512_vnni", gemm_avx512_vnni));
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::hint::black_box;
@@ -971,6 +2038,315 @@ mod tests {
     #[should_panic]
     fn rejects_wrong_row_length() {
         dot_q8(SimdLevel::Scalar, DType::Q6_K, &[0; 209], &[Q8Block::default(); 8]);
+    }
+
+    /// A tile's products: `(w, nrows, act, ntok, out, ldo)`.
+    type GemmFn = Box<dyn Fn(&[u8], usize, &[Q8Block], usize, &mut [f32], usize)>;
+
+    /// Every way the CPU can compute a tile of `dtype`: `gemm` at each level, and each tiled
+    /// kernel directly (including those the dispatch does not pick, e.g. AVX-512 without VNNI).
+    fn gemm_variants(dtype: DType) -> Vec<(String, GemmFn)> {
+        let mut out: Vec<(String, GemmFn)> = Vec::new();
+        for level in SimdLevel::available() {
+            out.push((
+                format!("gemm {level:?}"),
+                Box::new(move |w, nrows, act, ntok, o, ldo| gemm(level, dtype, w, nrows, act, ntok, o, ldo)),
+            ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K) {
+            for (name, kernel) in tiled::kernels() {
+                out.push((
+                    name.to_string(),
+                    Box::new(move |w, nrows, act, ntok, o, ldo| {
+                        assert!(nrows > 0 && ntok > 0 && o.len() >= (ntok - 1) * ldo + nrows);
+                        // SAFETY: `kernels` lists only what the CPU runs; the tests pass whole
+                        // super-blocks of matching widths, and the output was checked above.
+                        unsafe { kernel(dtype, w, nrows, act, ntok, o, ldo) }
+                    }),
+                ));
+            }
+        }
+        out
+    }
+
+    /// `nrows` rows of `supers` super-blocks (quantized from random floats, or random bytes with
+    /// sane scale fields) and `ntok` tokens of random activations.
+    fn random_tile(
+        rng: &mut StdRng,
+        dtype: DType,
+        nrows: usize,
+        ntok: usize,
+        supers: usize,
+        bytes: bool,
+    ) -> (Vec<u8>, Vec<Q8Block>) {
+        let n = supers * QK_K;
+        let w: Vec<u8> = (0..nrows)
+            .flat_map(|_| {
+                if bytes {
+                    (0..supers).flat_map(|_| random_block(rng, dtype)).collect::<Vec<u8>>()
+                } else {
+                    quantized_row(dtype, &random_vec(rng, n, 1.0))
+                }
+            })
+            .collect();
+        let act = if bytes { random_act(rng, ntok * n / 32) } else { quantize_q8_vec(&random_vec(rng, ntok * n, 3.0)) };
+        (w, act)
+    }
+
+    #[test]
+    fn gemm_matches_scalar_dots() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let (nrows, ntok, ldo) = (13, 11, 15);
+        for dtype in FORMATS {
+            for supers in [1, 2, 7] {
+                for bytes in [false, true] {
+                    let (w, act) = random_tile(&mut rng, dtype, nrows, ntok, supers, bytes);
+                    let (rb, nb) = (w.len() / nrows, act.len() / ntok);
+                    for (name, f) in gemm_variants(dtype) {
+                        let mut out = vec![f32::NAN; (ntok - 1) * ldo + nrows];
+                        f(&w, nrows, &act, ntok, &mut out, ldo);
+                        for t in 0..ntok {
+                            let a = &act[t * nb..(t + 1) * nb];
+                            let x = dequantized_act(a);
+                            for r in 0..nrows {
+                                let row = &w[r * rb..(r + 1) * rb];
+                                let want = dot_q8(SimdLevel::Scalar, dtype, row, a);
+                                let got = out[t * ldo + r];
+                                let scale = magnitude(dtype, row, &x).max(1e-30);
+                                assert!(
+                                    (got as f64 - want as f64).abs() <= 1e-5 * scale,
+                                    "{dtype} {name} {supers} super-blocks, bytes {bytes}, ({r},{t}): {got} vs \
+                                     scalar {want} (magnitude {scale})"
+                                );
+                            }
+                            // The stride's gap is left alone.
+                            if t + 1 < ntok {
+                                assert!(out[t * ldo + nrows..(t + 1) * ldo].iter().all(|v| v.is_nan()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_scalar_on_extreme_blocks() {
+        for dtype in FORMATS {
+            let bb = dtype.block_bytes();
+            let (d_at, dmin_at) = scale_fields(dtype);
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F, 0xAA, 0x55] {
+                for d in [1.0f32, -1.0, 65504.0, 6.0e-8] {
+                    let mut block = vec![fill; bb];
+                    for at in std::iter::once(d_at).chain(dmin_at) {
+                        block[at..at + 2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+                    }
+                    let w = [block.clone(), block.clone(), block.clone(), block].concat();
+                    let act: Vec<Q8Block> = [127i8, -127, 1, 0]
+                        .into_iter()
+                        .flat_map(|q| {
+                            (0..2 * ACT_PER_SUPER).map(move |i| {
+                                let qs: [i8; 32] = std::array::from_fn(|l| if (l + i) % 3 == 0 { -q } else { q });
+                                let d = 1.0 / 127.0;
+                                Q8Block { d, s: d * qs.iter().map(|&v| v as i32).sum::<i32>() as f32, qs }
+                            })
+                        })
+                        .collect();
+                    let (nrows, ntok, nb) = (2, 4, 2 * ACT_PER_SUPER);
+                    let rb = w.len() / nrows;
+                    for (name, f) in gemm_variants(dtype) {
+                        let mut out = vec![0f32; nrows * ntok];
+                        f(&w, nrows, &act, ntok, &mut out, nrows);
+                        for t in 0..ntok {
+                            let a = &act[t * nb..(t + 1) * nb];
+                            for r in 0..nrows {
+                                let row = &w[r * rb..(r + 1) * rb];
+                                let want = dot_q8(SimdLevel::Scalar, dtype, row, a);
+                                let scale = magnitude(dtype, row, &dequantized_act(a)).max(1e-30);
+                                let got = out[t * nrows + r];
+                                assert!(
+                                    (got as f64 - want as f64).abs() <= 1e-5 * scale,
+                                    "{dtype} {name} fill {fill:#x}, d {d} ({r},{t}): {got} vs scalar {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_is_batch_invariant() {
+        let mut rng = StdRng::seed_from_u64(18);
+        for dtype in FORMATS {
+            let (nrows, ntok, supers) = (13, 11, 3);
+            let (w, act) = random_tile(&mut rng, dtype, nrows, ntok, supers, true);
+            let (rb, nb) = (w.len() / nrows, act.len() / ntok);
+            for (name, f) in gemm_variants(dtype) {
+                let mut whole = vec![0f32; ntok * nrows];
+                f(&w, nrows, &act, ntok, &mut whole, nrows);
+                let at = |r: usize, t: usize| whole[t * nrows + r].to_bits();
+                // One pair at a time.
+                for t in 0..ntok {
+                    for r in 0..nrows {
+                        let mut one = [0f32];
+                        f(&w[r * rb..(r + 1) * rb], 1, &act[t * nb..(t + 1) * nb], 1, &mut one, 1);
+                        assert_eq!(one[0].to_bits(), at(r, t), "{dtype} {name} ({r},{t}) alone");
+                    }
+                }
+                // Sub-tiles at offsets, into a wider output.
+                for (r0, nr, t0, nt) in [(6, 5, 7, 3), (1, 12, 0, 11), (0, 13, 5, 1), (12, 1, 2, 9)] {
+                    let ldo = nr + 3;
+                    let mut sub = vec![0f32; (nt - 1) * ldo + nr];
+                    f(&w[r0 * rb..(r0 + nr) * rb], nr, &act[t0 * nb..(t0 + nt) * nb], nt, &mut sub, ldo);
+                    for t in 0..nt {
+                        for r in 0..nr {
+                            assert_eq!(
+                                sub[t * ldo + r].to_bits(),
+                                at(r0 + r, t0 + t),
+                                "{dtype} {name} ({},{}) in a {nr} x {nt} tile at ({r0},{t0})",
+                                r0 + r,
+                                t0 + t
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_is_batch_invariant_past_one_token_chunk() {
+        // 70 tokens (more than a kernel keeps at once) x 17 rows (two row groups).
+        let mut rng = StdRng::seed_from_u64(19);
+        for dtype in [DType::Q4_K, DType::Q6_K, DType::Q5_K] {
+            let (nrows, ntok) = (17, 70);
+            let (w, act) = random_tile(&mut rng, dtype, nrows, ntok, 1, true);
+            let (rb, nb) = (w.len() / nrows, act.len() / ntok);
+            for (name, f) in gemm_variants(dtype) {
+                let mut whole = vec![0f32; ntok * nrows];
+                f(&w, nrows, &act, ntok, &mut whole, nrows);
+                for t in 0..ntok {
+                    let mut col = vec![0f32; nrows];
+                    f(&w, nrows, &act[t * nb..(t + 1) * nb], 1, &mut col, nrows);
+                    for r in 0..nrows {
+                        assert_eq!(col[r].to_bits(), whole[t * nrows + r].to_bits(), "{dtype} {name} ({r},{t})");
+                    }
+                }
+                let mut one = [0f32];
+                f(&w[16 * rb..17 * rb], 1, &act[69 * nb..70 * nb], 1, &mut one, 1);
+                assert_eq!(one[0].to_bits(), whole[69 * nrows + 16].to_bits(), "{dtype} {name} (16,69) alone");
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_of_empty_rows_is_zero() {
+        for dtype in FORMATS {
+            for (name, f) in gemm_variants(dtype) {
+                let mut out = [f32::NAN; 6];
+                f(&[], 3, &[], 2, &mut out, 3);
+                assert_eq!(out, [0.0; 6], "{dtype} {name}");
+            }
+        }
+    }
+
+    /// The fastest of `rounds` timings of `f`, in ns per call.
+    fn best_ns(rounds: usize, calls: usize, mut f: impl FnMut()) -> f64 {
+        let mut ns = f64::INFINITY;
+        for _ in 0..rounds {
+            let t = Instant::now();
+            for _ in 0..calls {
+                f();
+            }
+            ns = ns.min(t.elapsed().as_nanos() as f64 / calls as f64);
+        }
+        ns
+    }
+
+    #[test]
+    #[ignore = "benchmark: cargo test --release -p pio-kernels dot::kquants -- --ignored --nocapture"]
+    fn bench_gemm_ns_per_pair() {
+        // A matmul tile (16 rows x 1 or 64 tokens) at Qwen3-0.6B widths: ns per (row, token)
+        // for the tiled kernel ("gemm") and for one `dot_q8` per pair ("dots"), both hot in
+        // cache; then decode streaming a matrix far larger than L2, ns per row.
+        const ROWS: usize = 16;
+        let mut rng = StdRng::seed_from_u64(16);
+        let only: Option<DType> =
+            std::env::var("PIO_BENCH_DTYPE").ok().and_then(|v| FORMATS.into_iter().find(|d| d.to_string() == v));
+        for dtype in FORMATS.into_iter().filter(|&d| only.is_none_or(|o| o == d)) {
+            for cols in [1024, 3072, 4864] {
+                let w: Vec<u8> =
+                    (0..ROWS).flat_map(|_| quantized_row(dtype, &random_vec(&mut rng, cols, 1.0))).collect();
+                for ntok in [1usize, 64] {
+                    let act = quantize_q8_vec(&random_vec(&mut rng, cols * ntok, 1.0));
+                    let mut out = vec![0f32; ROWS * ntok];
+                    let mut line = format!("{dtype} {cols:>4} cols, {ntok:>2} tok, ns/pair:");
+                    for level in SimdLevel::available().into_iter().filter(|&l| l != SimdLevel::Scalar) {
+                        let calls = (200_000 / (cols / 256 * ntok * ROWS)).max(1);
+                        let pairs = (ROWS * ntok) as f64;
+                        let dots = best_ns(10, calls, || {
+                            crate::dot::gemm_q8_by_dots(
+                                level,
+                                dtype,
+                                black_box(&w),
+                                ROWS,
+                                black_box(&act),
+                                ntok,
+                                &mut out,
+                                ROWS,
+                            )
+                        }) / pairs;
+                        let tiled = best_ns(10, calls, || {
+                            gemm(level, dtype, black_box(&w), ROWS, black_box(&act), ntok, &mut out, ROWS)
+                        }) / pairs;
+                        black_box(&out);
+                        line += &format!("  {} dots {dots:6.1} gemm {tiled:6.1} ({:.1}x)", level.name(), dots / tiled);
+                    }
+                    println!("{line}");
+                }
+            }
+            // Decode streaming ~23 MiB of weights (16-row tiles, as matmul runs them).
+            let cols = 3072;
+            let rb = dtype.row_bytes(cols).unwrap();
+            let rows = (24 << 20) / rb / ROWS * ROWS;
+            let row0 = quantized_row(dtype, &random_vec(&mut rng, cols, 1.0));
+            let w: Vec<u8> = (0..rows).flat_map(|_| row0.iter().copied()).collect();
+            let act = quantize_q8_vec(&random_vec(&mut rng, cols, 1.0));
+            let mut out = [0f32; ROWS];
+            let mut line = format!("{dtype} decode {rows} x {cols} ({} MiB), ns/row:", w.len() >> 20);
+            for level in SimdLevel::available().into_iter().filter(|&l| l != SimdLevel::Scalar) {
+                let run = |tiled: bool, out: &mut [f32; ROWS]| {
+                    for tile in w.chunks_exact(ROWS * rb) {
+                        if tiled {
+                            gemm(level, dtype, black_box(tile), ROWS, black_box(&act), 1, out, ROWS);
+                        } else {
+                            crate::dot::gemm_q8_by_dots(
+                                level,
+                                dtype,
+                                black_box(tile),
+                                ROWS,
+                                black_box(&act),
+                                1,
+                                out,
+                                ROWS,
+                            );
+                        }
+                    }
+                };
+                // Alternating, so neither side always runs first.
+                let (mut dots, mut tiled) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..5 {
+                    dots = dots.min(best_ns(2, 1, || run(false, &mut out)) / rows as f64);
+                    tiled = tiled.min(best_ns(2, 1, || run(true, &mut out)) / rows as f64);
+                }
+                black_box(&out);
+                line += &format!("  {} dots {dots:6.1} gemm {tiled:6.1}", level.name());
+            }
+            println!("{line}");
+        }
     }
 
     #[test]

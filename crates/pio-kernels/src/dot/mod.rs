@@ -1,12 +1,20 @@
-//! Row-times-vector dot products for every weight format, at every SIMD level.
+//! Row-times-vector dot products and small row-by-token tiles ("gemm") for every weight
+//! format, at every SIMD level.
 //!
 //! Block-quantized rows dot with activations quantized to 8 bits ([`Q8Block`], one per 32
 //! values); plain-float rows (F32, F16, BF16) dot with f32 activations. Each format's file has
 //! a scalar version (the reference for its SIMD twins) and AVX2 / AVX-512 versions.
+//!
+//! **Batch invariance.** [`gemm_q8`] and [`gemm_f32`] compute many (row, token) products at once
+//! so a decoded weight block is reused across tokens, but every output is computed by the same
+//! sequence of operations whatever the number of rows and tokens in the call and wherever the
+//! pair sits in it. A token's result is therefore bitwise the same alone, in any batch, and
+//! under any prefill chunking (at a given SIMD level).
 
 pub mod float;
 pub mod kquants;
 pub mod legacy;
+pub mod nongguf;
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
@@ -23,6 +31,7 @@ pub fn dot_q8(level: SimdLevel, dtype: DType, row: &[u8], act: &[Q8Block]) -> f3
     match dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => legacy::dot_q8(level, dtype, row, act),
         DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => kquants::dot_q8(level, dtype, row, act),
+        DType::INT8 | DType::INT4 | DType::NF4 => nongguf::dot_q8(level, dtype, row, act),
         DType::F32 | DType::F16 | DType::BF16 => panic!("{dtype} rows dot with f32 activations"),
     }
 }
@@ -30,4 +39,89 @@ pub fn dot_q8(level: SimdLevel, dtype: DType, row: &[u8], act: &[Q8Block]) -> f3
 /// Dot of one stored row of a plain-float format with f32 activations.
 pub fn dot_f32(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     float::dot(level, dtype, row, x)
+}
+
+/// A tile of products of a block-quantized matrix with quantized activations:
+/// `out[t * ldo + r] = dot_q8(row r, token t)` for `r < nrows`, `t < ntok`.
+///
+/// `w` holds `nrows` consecutive stored rows of `dtype` (`w.len() / nrows` bytes each); `act`
+/// holds `ntok` tokens' activations, token-major (`act.len() / ntok` blocks each, the row's
+/// width / 32). Each output is bitwise independent of `nrows`, `ntok` and its place in the tile
+/// (see the module docs); it may differ from [`dot_q8`] in the last bits.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_q8(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    act: &[Q8Block],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    check_tile(w.len(), nrows, act.len(), ntok, out.len(), ldo);
+    match dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
+            legacy::gemm(level, dtype, w, nrows, act, ntok, out, ldo)
+        }
+        DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
+            kquants::gemm(level, dtype, w, nrows, act, ntok, out, ldo)
+        }
+        DType::INT8 | DType::INT4 | DType::NF4 => gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo),
+        DType::F32 | DType::F16 | DType::BF16 => panic!("{dtype} rows dot with f32 activations"),
+    }
+}
+
+/// A tile of products of a plain-float matrix with f32 activations: `out[t * ldo + r] =
+/// dot_f32(row r, token t)`; `x` is `ntok` tokens of the row's width, token-major. Batch
+/// invariant like [`gemm_q8`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    x: &[f32],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    check_tile(w.len(), nrows, x.len(), ntok, out.len(), ldo);
+    float::gemm(level, dtype, w, nrows, x, ntok, out, ldo)
+}
+
+fn check_tile(w_len: usize, nrows: usize, act_len: usize, ntok: usize, out_len: usize, ldo: usize) {
+    assert!(w_len.is_multiple_of(nrows), "{w_len} weight bytes are not {nrows} equal rows");
+    assert!(act_len.is_multiple_of(ntok), "{act_len} activations are not {ntok} equal tokens");
+    assert!(ldo >= nrows, "output stride {ldo} is shorter than {nrows} rows");
+    assert!(out_len >= (ntok - 1) * ldo + nrows, "output of {out_len} cannot hold {ntok} x {nrows} at stride {ldo}");
+}
+
+/// The simplest batch-invariant tile: one [`dot_q8`] per (row, token). Formats without a tiled
+/// kernel use it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_q8_by_dots(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    act: &[Q8Block],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let rb = w.len() / nrows;
+    let nb = act.len() / ntok;
+    for r in 0..nrows {
+        let row = &w[r * rb..(r + 1) * rb];
+        for t in 0..ntok {
+            out[t * ldo + r] = dot_q8(level, dtype, row, &act[t * nb..(t + 1) * nb]);
+        }
+    }
 }

@@ -1,0 +1,59 @@
+//! Throughput of `matmul` per weight format and SIMD level, at Qwen3-0.6B's MLP shape
+//! (3072 x 1024): decode (1 token, bandwidth-bound: GB/s of weights) and prefill (64 tokens,
+//! compute-bound: GMAC/s). `cargo bench -p pio-kernels --bench matmul [-- FILTER]`; threads
+//! follow `PIO_THREADS`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use pio_kernels::cpu::SimdLevel;
+use pio_kernels::matmul::{matmul_at, WeightView};
+use pio_kernels::{quant, DType};
+
+const ROWS: usize = 3072;
+const COLS: usize = 1024;
+
+fn weights(dtype: DType) -> Vec<u8> {
+    // A cheap deterministic pattern: speed does not depend on values.
+    let w: Vec<f32> = (0..ROWS * COLS).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
+    let rb = dtype.row_bytes(COLS).unwrap_or(0);
+    let mut out = vec![0u8; ROWS * rb];
+    for (src, dst) in w.chunks_exact(COLS).zip(out.chunks_exact_mut(rb)) {
+        quant::quantize_row(dtype, src, dst);
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    for dtype in [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q4_K, DType::Q6_K]
+    {
+        let data = weights(dtype);
+        let w = WeightView { dtype, rows: ROWS, cols: COLS, data: &data };
+        for n in [1usize, 64] {
+            let mut g = c.benchmark_group(format!("matmul_{dtype}_n{n}"));
+            if n == 1 {
+                g.throughput(Throughput::Bytes(data.len() as u64));
+            } else {
+                g.throughput(Throughput::Elements((ROWS * COLS * n) as u64));
+            }
+            let x: Vec<f32> = (0..n * COLS).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+            let mut y = vec![0f32; n * ROWS];
+            for level in SimdLevel::available() {
+                if level == SimdLevel::Scalar && n > 1 {
+                    continue;
+                }
+                g.bench_with_input(BenchmarkId::from_parameter(level.name()), &level, |b, &level| {
+                    b.iter(|| matmul_at(level, w, black_box(&x), n, &mut y))
+                });
+            }
+            g.finish();
+        }
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = bench
+}
+criterion_main!(benches);
