@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use pio_kernels::DType;
 
 #[derive(Debug, Parser)]
 #[command(name = "pio", version, about = "Run large language models on the machine you have")]
@@ -30,8 +31,12 @@ pub enum Command {
     ChatTemplate(ChatTemplateArgs),
     /// Measure prefill and decode speed against the machine's memory-bandwidth roofline.
     Bench(BenchArgs),
+    /// Perplexity over a text file, and KL divergence against a reference run (as llama-perplexity).
+    Perplexity(crate::perplexity::PerplexityArgs),
     /// Write a random-weight checkpoint with a real config (a HF directory, or GGUF if OUT ends in .gguf).
     Synth(SynthArgs),
+    /// Quantize a model's weights and write them as a GGUF file (llama.cpp reads it too).
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -42,6 +47,18 @@ pub struct ModelArgs {
     /// Print the architecture, parameter count, weight types and memory used.
     #[arg(long)]
     pub verbose: bool,
+    /// Quantize the weights at load: q8_0, q6_k, q5_k, q5_0, q4_k, q4_0, nf4, int8, int4, bf16,
+    /// f16 (any format name); the LM head keeps Q6_K below 8 bits, as llama-quantize does.
+    #[arg(long, value_parser = parse_quant)]
+    pub quant: Option<DType>,
+}
+
+/// A weight format by name (`q4_k`, `NF4`, ...).
+fn parse_quant(s: &str) -> Result<DType, String> {
+    DType::from_name(s).ok_or_else(|| {
+        let names: Vec<String> = DType::ALL.iter().map(|d| d.name().to_ascii_lowercase()).collect();
+        format!("unknown format (known: {})", names.join(", "))
+    })
 }
 
 #[derive(Debug, Args, Clone)]
@@ -198,4 +215,18 @@ pub struct SynthArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// A GGUF file or a Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Format of the matrices: q8_0, q6_k, q5_k, q5_0, q4_k, q4_0, bf16, f16, ... (nf4, int8 and
+    /// int4 have no GGUF type: use them with --quant at load time).
+    #[arg(long, value_parser = parse_quant)]
+    pub quant: DType,
+    /// Output GGUF file.
+    #[arg(long)]
+    pub out: PathBuf,
 }

@@ -70,6 +70,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "threads": pio_kernels::parallel::num_threads(),
         "simd": pio_kernels::cpu::level().name(),
         "load_s": load_s,
+        "quant": loaded.info.quantized.map(|(d, _)| d.name()),
         "prompt_tokens": a.prompt_tokens,
         "batch": a.batch,
         "gen_tokens": a.gen_tokens,

@@ -35,6 +35,8 @@ pub fn run(cli: Cli) -> Result<()> {
             out(&tok.decode(&a.ids, a.skip_special_tokens)?)
         }
         Command::Bench(a) => crate::bench::cmd_bench(a),
+        Command::Perplexity(a) => crate::perplexity::cmd_perplexity(a),
+        Command::Quantize(a) => crate::quantize::cmd_quantize(a),
         Command::Synth(a) => {
             let dtype = match a.dtype.as_str() {
                 "bf16" => pio_kernels::DType::BF16,
@@ -98,7 +100,8 @@ pub(crate) fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
             b.set_position(done as u64);
         }
     };
-    let loaded = pio_model::load(&args.model, &mut progress);
+    let options = pio_model::LoadOptions { quant: args.quant };
+    let loaded = pio_model::load_with(&args.model, &options, &mut progress);
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -121,7 +124,12 @@ fn print_info(info: &ModelInfo, load_s: f64) {
         .map(|(d, n, b)| format!("{d} x{n} ({:.1} MiB)", *b as f64 / (1 << 20) as f64))
         .collect();
     eprintln!("weights:      {}", types.join(", "));
-    eprintln!("weight bytes: {:.3} GiB (memory-mapped)", gib(info.weight_bytes));
+    match info.quantized {
+        None => eprintln!("weight bytes: {:.3} GiB (memory-mapped)", gib(info.weight_bytes)),
+        Some((target, s)) => {
+            eprintln!("weight bytes: {:.3} GiB (quantized to {target} at load in {s:.2} s)", gib(info.weight_bytes))
+        }
+    }
     eprintln!("load time:    {load_s:.2} s");
     if let Some(rss) = resident_bytes() {
         eprintln!("resident:     {:.3} GiB (process RSS after load)", gib(rss));

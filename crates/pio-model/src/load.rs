@@ -12,8 +12,8 @@ use crate::models::CausalLm;
 use crate::registry::{self, Family};
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use crate::weights::gguf::{GgufFile, Value as GValue};
-use crate::weights::safetensors;
-use crate::{Error, Result};
+use crate::weights::{safetensors, Checkpoint};
+use crate::{quantize, Error, Result};
 
 /// Defaults a checkpoint carries for generation.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,6 +40,17 @@ pub struct ModelInfo {
     pub weight_bytes: usize,
     /// Weight bytes read per decode token (the bandwidth roofline's numerator).
     pub decode_bytes_per_token: usize,
+    /// The format the weights were quantized to at load ([`LoadOptions::quant`]) and the
+    /// seconds that took; `None` when they are the checkpoint's.
+    pub quantized: Option<(DType, f64)>,
+}
+
+/// How [`load_with`] loads a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Quantize every matrix to this format at load, whatever the checkpoint holds (see
+    /// [`crate::quantize`] for which format each matrix gets); `None` keeps the checkpoint's.
+    pub quant: Option<DType>,
 }
 
 /// A model ready to run, with what it needs to turn text into tokens and back.
@@ -60,10 +71,15 @@ impl LoadedModel {
 
 /// Loads the model at `path`. `progress(done, total)` is called as layers are built.
 pub fn load(path: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    load_with(path, &LoadOptions::default(), progress)
+}
+
+/// [`load`] with options (load-time quantization).
+pub fn load_with(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
     if path.is_dir() {
-        load_hf_dir(path, progress)
+        load_hf_dir(path, options, progress)
     } else {
-        load_gguf(path, progress)
+        load_gguf(path, options, progress)
     }
 }
 
@@ -77,7 +93,9 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     }
 }
 
-fn load_hf_dir(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+/// The config of the Hugging Face model directory `dir` (raw and resolved), refusing
+/// architectures we do not run.
+pub(crate) fn read_hf_config(dir: &Path) -> Result<(Value, DenseConfig)> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(Error::file(&config_path, "missing: a model directory needs config.json"));
@@ -97,8 +115,13 @@ fn load_hf_dir(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Loa
             ))
         }
     }
-    let config = DenseConfig::from_hf_file(&config_path)?;
-    let ckpt = safetensors::load_dir(dir)?;
+    Ok((raw, DenseConfig::from_hf_file(&config_path)?))
+}
+
+fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    let (raw, config) = read_hf_config(dir)?;
+    let mut ckpt = safetensors::load_dir(dir)?;
+    let quantized = quantize_at_load(&mut ckpt, &config, options);
     let model = DenseModel::load(config.clone(), ckpt, progress)?;
     let tokenizer = Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
@@ -124,21 +147,36 @@ fn load_hf_dir(dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Loa
             }
         }
     }
-    let info = model_info(dir, "safetensors", &config, &model);
+    let info = model_info(dir, "safetensors", &config, &model, quantized);
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
-fn load_gguf(path: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
-    let g = GgufFile::open(path)?;
+/// The config of GGUF file `g`, refusing architectures we do not run.
+pub(crate) fn gguf_config(g: &GgufFile) -> Result<DenseConfig> {
     let arch = g.get_str("general.architecture")?;
     if registry::family_of_gguf(arch).is_none() {
         return Err(Error::file(
-            path,
+            &g.path,
             format!("unknown architecture {arch:?} (supported: {})", registry::supported_list(true)),
         ));
     }
-    let config = DenseConfig::from_gguf(&g)?;
-    let model = DenseModel::load(config.clone(), g.checkpoint(), progress)?;
+    DenseConfig::from_gguf(g)
+}
+
+/// Quantizes `ckpt` in place when `options` ask for it: (format, seconds).
+fn quantize_at_load(ckpt: &mut Checkpoint, config: &DenseConfig, options: &LoadOptions) -> Option<(DType, f64)> {
+    let target = options.quant?;
+    let start = std::time::Instant::now();
+    quantize::quantize_checkpoint(ckpt, target, config.tie_word_embeddings);
+    Some((target, start.elapsed().as_secs_f64()))
+}
+
+fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
+    let g = GgufFile::open(path)?;
+    let config = gguf_config(&g)?;
+    let mut ckpt = g.checkpoint();
+    let quantized = quantize_at_load(&mut ckpt, &config, options);
+    let model = DenseModel::load(config.clone(), ckpt, progress)?;
     let tokenizer = tokenizer_from_gguf(&g).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
@@ -148,7 +186,7 @@ fn load_gguf(path: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Load
             }
         }
     }
-    let info = model_info(path, "gguf", &config, &model);
+    let info = model_info(path, "gguf", &config, &model, quantized);
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
@@ -195,7 +233,13 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
     Tokenizer::from_gguf_vocab(vocab).map_err(|e| Error::file(&g.path, e.to_string()))
 }
 
-fn model_info(path: &Path, format: &'static str, config: &DenseConfig, model: &DenseModel) -> ModelInfo {
+fn model_info(
+    path: &Path,
+    format: &'static str,
+    config: &DenseConfig,
+    model: &DenseModel,
+    quantized: Option<(DType, f64)>,
+) -> ModelInfo {
     let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();
     for (dtype, bytes) in model.weight_dtypes() {
         match weight_types.iter_mut().find(|(d, _, _)| *d == dtype) {
@@ -214,6 +258,7 @@ fn model_info(path: &Path, format: &'static str, config: &DenseConfig, model: &D
         weight_bytes: weight_types.iter().map(|w| w.2).sum(),
         decode_bytes_per_token: model.decode_bytes_per_token(),
         weight_types,
+        quantized,
     }
 }
 

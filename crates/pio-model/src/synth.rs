@@ -81,14 +81,57 @@ pub fn write_random_checkpoint(
     match SynthFormat::from_path(out) {
         SynthFormat::HfDir => write_hf_dir(config_path, &raw_config, tokenizer.as_ref(), &specs, out, dtype, seed),
         SynthFormat::Gguf => {
-            let mut metadata = model_metadata(config_path, &config, dtype);
-            match &tokenizer {
-                Some(t) => metadata.extend(t.gguf_metadata(&config, &raw_config)?),
-                None => metadata.push(("tokenizer.ggml.model".into(), Value::String("none".into()))),
-            }
+            let name = format!("{} (random weights)", model_name(config_path, &config));
+            let file_type = crate::quantize::llama_file_type(dtype);
+            let metadata = gguf_metadata(&config, &raw_config, tokenizer.as_ref(), &name, file_type)?;
             write_gguf_file(out, &metadata, &config, &specs, dtype, seed)
         }
     }
+}
+
+/// The metadata of a GGUF file holding the Hugging Face model whose `config.json` is
+/// `config_path`, as `convert_hf_to_gguf.py` writes it: `general.*` (with `general.name` =
+/// `name` and `general.file_type` = `file_type`, a `llama_ftype`), the `{arch}.*`
+/// hyper-parameters, and the tokenizer of `tokenizer_dir` (`tokenizer.ggml.model = "none"`
+/// without one). `pio quantize` writes these too.
+pub fn hf_gguf_metadata(
+    config_path: &Path,
+    tokenizer_dir: Option<&Path>,
+    name: &str,
+    file_type: u32,
+) -> Result<Vec<(String, Value)>> {
+    let config = DenseConfig::from_hf_file(config_path)?;
+    let raw_config = read_json(config_path)?;
+    let tokenizer = tokenizer_dir.map(TokenizerFiles::read).transpose()?;
+    if let Some(t) = &tokenizer {
+        t.check_fits(config.vocab_size)?;
+    }
+    gguf_metadata(&config, &raw_config, tokenizer.as_ref(), name, file_type)
+}
+
+fn gguf_metadata(
+    c: &DenseConfig,
+    raw_config: &Json,
+    tokenizer: Option<&TokenizerFiles>,
+    name: &str,
+    file_type: u32,
+) -> Result<Vec<(String, Value)>> {
+    let mut metadata = model_metadata(c, name, file_type);
+    match tokenizer {
+        Some(t) => metadata.extend(t.gguf_metadata(c, raw_config)?),
+        None => metadata.push(("tokenizer.ggml.model".into(), Value::String("none".into()))),
+    }
+    Ok(metadata)
+}
+
+/// The model's name for `general.name`: the directory holding its config, else the
+/// architecture.
+pub(crate) fn model_name(config_path: &Path, c: &DenseConfig) -> String {
+    config_path
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| c.arch_name.clone())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,7 +292,7 @@ fn tensor_bytes(spec: &Spec, dtype: DType, seed: u64) -> Vec<u8> {
 /// Permutes the rows of a q or k projection (weight or bias) so that each head's rotation
 /// pairs are adjacent, as `convert_hf_to_gguf.py` does for llama: row `h*hd + 2j + i` of the
 /// result is row `h*hd + i*hd/2 + j` of `data`.
-fn permute_rows(data: &[u8], rows: usize, head_dim: usize) -> Vec<u8> {
+pub(crate) fn permute_rows(data: &[u8], rows: usize, head_dim: usize) -> Vec<u8> {
     let row_bytes = data.len() / rows.max(1);
     let half = head_dim / 2;
     let mut out = vec![0u8; data.len()];
@@ -358,25 +401,14 @@ fn gguf_arch(c: &DenseConfig) -> &'static str {
 
 /// `general.*` and `{arch}.*` keys, as `convert_hf_to_gguf.py` writes them (plus
 /// `general.alignment`, and `{arch}.vocab_size` for every architecture).
-fn model_metadata(config_path: &Path, c: &DenseConfig, dtype: DType) -> Vec<(String, Value)> {
+fn model_metadata(c: &DenseConfig, name: &str, file_type: u32) -> Vec<(String, Value)> {
     let arch = gguf_arch(c);
-    let name = config_path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| c.arch_name.clone());
-    // llama_ftype: LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32.
-    let file_type = match dtype {
-        DType::F16 => 1,
-        DType::BF16 => 32,
-        _ => 0,
-    };
     let u32_of = |v: usize| Value::U32(u32::try_from(v).unwrap_or(u32::MAX));
     let k = |s: &str| format!("{arch}.{s}");
     let mut m = vec![
         ("general.architecture".to_string(), Value::String(arch.into())),
         ("general.type".to_string(), Value::String("model".into())),
-        ("general.name".to_string(), Value::String(format!("{name} (random weights)"))),
+        ("general.name".to_string(), Value::String(name.to_string())),
         ("general.alignment".to_string(), Value::U32(GGUF_ALIGN as u32)),
         (k("vocab_size"), u32_of(c.vocab_size)),
         (k("block_count"), u32_of(c.num_layers)),
@@ -468,7 +500,8 @@ fn write_gguf_file(
         for &d in t.spec.shape.iter().rev() {
             header.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        header.extend_from_slice(&t.dtype.ggml_id().to_le_bytes());
+        let id = t.dtype.ggml_id().ok_or_else(|| Error::file(out, format!("{} has no GGUF type", t.dtype)))?;
+        header.extend_from_slice(&id.to_le_bytes());
         header.extend_from_slice(&(offset as u64).to_le_bytes());
         offset += t.nbytes().div_ceil(GGUF_ALIGN) * GGUF_ALIGN;
     }

@@ -10,6 +10,7 @@
 //! tensor data, each tensor at its offset from the start of the data section.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -342,18 +343,28 @@ pub struct TensorToWrite<'a> {
     pub data: &'a [u8],
 }
 
-/// Writes a GGUF v3 file with `metadata` (in order) and `tensors`, data aligned to 32 bytes.
+/// Writes a GGUF v3 file with `metadata` (in order) and `tensors`, each tensor's data aligned
+/// to `general.alignment` when `metadata` sets it, else 32 bytes. Only the header is built in
+/// memory; tensor data is streamed to the file. A tensor in a format GGUF has no type for
+/// (INT8, INT4, NF4) is an error naming it, and a failed write removes the partial file.
 pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorToWrite<'_>]) -> Result<()> {
-    const ALIGN: usize = 32;
-    let mut out = Vec::new();
-    out.extend_from_slice(b"GGUF");
-    out.extend_from_slice(&3u32.to_le_bytes());
-    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    let align = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        None => 32,
+        Some((_, v)) => v
+            .as_u64()
+            .and_then(|a| usize::try_from(a).ok())
+            .filter(|a| a.is_power_of_two())
+            .ok_or_else(|| Error::file(path, format!("bad general.alignment {v:?}")))?,
+    };
+    let mut header = Vec::new();
+    header.extend_from_slice(b"GGUF");
+    header.extend_from_slice(&3u32.to_le_bytes());
+    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
     for (key, value) in metadata {
-        put_string(&mut out, key);
-        out.extend_from_slice(&value_type(value).to_le_bytes());
-        put_value(&mut out, value);
+        put_string(&mut header, key);
+        header.extend_from_slice(&value_type(value).to_le_bytes());
+        put_value(&mut header, value);
     }
     let mut offset = 0usize;
     for t in tensors {
@@ -368,21 +379,33 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorTo
                 format!("tensor {:?}: {} bytes do not match {} {:?}", t.name, t.data.len(), t.dtype, t.shape),
             ));
         }
-        put_string(&mut out, &t.name);
-        out.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        let id = t.dtype.ggml_id().ok_or_else(|| {
+            Error::file(path, format!("tensor {:?}: {} has no GGUF type (llama.cpp cannot read it)", t.name, t.dtype))
+        })?;
+        put_string(&mut header, &t.name);
+        header.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
         for &d in t.shape.iter().rev() {
-            out.extend_from_slice(&(d as u64).to_le_bytes());
+            header.extend_from_slice(&(d as u64).to_le_bytes());
         }
-        out.extend_from_slice(&t.dtype.ggml_id().to_le_bytes());
-        out.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset += t.data.len().div_ceil(ALIGN) * ALIGN;
+        header.extend_from_slice(&id.to_le_bytes());
+        header.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += t.data.len().div_ceil(align) * align;
     }
-    out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-    for t in tensors {
-        out.extend_from_slice(t.data);
-        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-    }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    header.resize(header.len().div_ceil(align) * align, 0);
+    let write = || -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+        w.write_all(&header)?;
+        let zeros = vec![0u8; align];
+        for t in tensors {
+            w.write_all(t.data)?;
+            w.write_all(&zeros[..t.data.len().div_ceil(align) * align - t.data.len()])?;
+        }
+        w.flush()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        Error::io(path, e)
+    })
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {

@@ -94,6 +94,11 @@ impl Checkpoint {
         self.tensors.iter().map(|(n, t)| (n.as_str(), t))
     }
 
+    /// Every tensor with its name, in name order, to convert in place (load-time quantization).
+    pub fn tensors_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
+        self.tensors.iter_mut().map(|(n, t)| (n.as_str(), t))
+    }
+
     /// Removes and returns tensor `name`, checking its shape; errors name the file and tensor.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensors.remove(name).ok_or_else(|| Error::file(&self.path, format!("missing tensor {name:?}")))?;
