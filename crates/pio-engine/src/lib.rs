@@ -6,8 +6,11 @@
 //! - [`sampler`] turns logits into tokens (pure functions plus a seeded RNG).
 //! - [`generate`] drives one sequence: the whole prompt in one forward, then one token per
 //!   step, streaming text and honouring stop tokens and [`stop`] strings.
+//! - [`perplexity`] scores a token stream chunk by chunk (PPL, and KL divergence against a
+//!   reference run's stored distributions), as llama.cpp's `llama-perplexity`.
 pub mod block_pool;
 pub mod generate;
+pub mod perplexity;
 pub mod runner;
 pub mod sampler;
 pub mod stop;

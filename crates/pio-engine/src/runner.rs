@@ -29,6 +29,8 @@ pub enum Logits {
     Last,
     /// Every token run in this step (teacher forcing, parity checks).
     All,
+    /// The tokens run in this step at positions `>= p` (perplexity scores a chunk's second half).
+    From(usize),
 }
 
 /// Owns the paged KV cache and its block pool for one model.
@@ -87,6 +89,7 @@ impl<'m> Runner<'m> {
             let first = match logits {
                 Logits::Last => end - new.min(1),
                 Logits::All => end - new,
+                Logits::From(p) => end - new + p.saturating_sub(start).min(new),
             };
             let rows = first..end;
             rows_per_seq.push(rows.len());
