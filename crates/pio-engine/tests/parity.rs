@@ -8,7 +8,10 @@ use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use safetensors::SafeTensors;
 
+/// The fixtures were computed in f32 over bf16 weights, so bf16 weights here multiply f32
+/// activations (tests/bf16_activations.rs checks the faster bf16-activation mode).
 fn fixture(name: &str) -> PathBuf {
+    pio_kernels::dot::float::set_bf16_activations(false);
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name)
 }
 

@@ -73,9 +73,11 @@ impl Attention {
         cache: &mut KvCache,
     ) -> Vec<f32> {
         let (qd, kd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for (t, &pos) in batch.positions.iter().enumerate() {
-            ops::rope_heads(&mut q[t * qd..(t + 1) * qd], self.head_dim, pos, &self.inv_freq, self.rope_layout);
-            ops::rope_heads(&mut k[t * kd..(t + 1) * kd], self.head_dim, pos, &self.inv_freq, self.rope_layout);
+            ops::rope_angles(pos, &self.inv_freq, &mut cos, &mut sin);
+            ops::rope_heads_with(&mut q[t * qd..(t + 1) * qd], self.head_dim, &cos, &sin, self.rope_layout);
+            ops::rope_heads_with(&mut k[t * kd..(t + 1) * kd], self.head_dim, &cos, &sin, self.rope_layout);
         }
         let (kc, vc) = &mut cache.layers[self.layer];
         for (t, &slot) in batch.slot_mapping.iter().enumerate() {

@@ -51,4 +51,19 @@ impl Linear {
         }
         y
     }
+
+    /// Several projections of the same input (q/k/v, gate/up) in one threaded pass: see
+    /// [`matmul::matmul_many`]. Each output equals its own [`Linear::forward`] bitwise.
+    pub fn forward_many(layers: &[&Linear], x: &[f32]) -> Vec<Vec<f32>> {
+        let Some(first) = layers.first() else { return Vec::new() };
+        let n = x.len() / first.in_features();
+        let views: Vec<_> = layers.iter().map(|l| l.weight.matrix()).collect();
+        let mut ys = matmul::matmul_many(&views, x, n);
+        for (y, l) in ys.iter_mut().zip(layers) {
+            if let Some(b) = &l.bias {
+                ops::add_bias_rows(y, b);
+            }
+        }
+        ys
+    }
 }

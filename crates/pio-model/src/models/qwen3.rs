@@ -158,9 +158,9 @@ impl DenseModel {
 
 impl SelfAttention {
     fn forward(&self, x: &[f32], batch: &ForwardBatch, cache: &mut KvCache) -> Vec<f32> {
-        let mut q = self.q_proj.forward(x);
-        let mut k = self.k_proj.forward(x);
-        let v = self.v_proj.forward(x);
+        let [mut q, mut k, v]: [Vec<f32>; 3] = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("three projections in, three out"));
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             // Per-head norm: rows of head_dim.
             qn.forward_in_place(&mut q);
@@ -173,8 +173,9 @@ impl SelfAttention {
 
 impl Mlp {
     fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let mut gate = self.gate_proj.forward(x);
-        let up = self.up_proj.forward(x);
+        let [mut gate, up]: [Vec<f32>; 2] = Linear::forward_many(&[&self.gate_proj, &self.up_proj], x)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two projections in, two out"));
         ops::swiglu(&mut gate, &up);
         self.down_proj.forward(&gate)
     }
