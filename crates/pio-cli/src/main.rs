@@ -6,12 +6,15 @@
 mod args;
 mod bench;
 mod commands;
+mod perplexity;
+mod quantize;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = args::Cli::parse();
     if let Some(n) = cli.threads {
         if n == 0 {
@@ -31,5 +34,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A forward pass allocates and frees activation buffers of a few MiB per layer. glibc returns
+/// such blocks to the kernel (mmap'd chunks, or a trimmed heap top) and every next pass pays page
+/// faults and page zeroing for them again: about a tenth of a 512-token prefill, measured with
+/// `perf`. Keeping freed memory in the heap makes the buffers reusable. (Peak RSS is unchanged:
+/// it is the largest set of buffers live at once either way.)
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
