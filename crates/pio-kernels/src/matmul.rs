@@ -34,8 +34,11 @@ impl<'a> WeightView<'a> {
 
 /// Tokens per tile: their activations (a few KiB each) stay in L2 while a thread's rows stream by.
 const TOKENS_PER_TILE: usize = 64;
-/// Rows per tile: their stored bytes stay in L1/L2 while a token tile streams by.
-const ROWS_PER_TILE: usize = 16;
+/// Rows per tile: their stored bytes (up to a few hundred KiB) stay in L2 while a token tile
+/// streams by, and the kernels' per-call work on the activations (such as the offset sums of the
+/// legacy formats) is shared by all of them. 128 measured 12-20% faster prefill than 16 on
+/// Qwen3-0.6B-shaped Q8_0 / Q4_K_M files.
+const ROWS_PER_TILE: usize = 128;
 
 /// `y[t, r] = sum_c w[r, c] * x[t, c]` for `n` tokens: x is `[n, cols]`, y is `[n, rows]`.
 ///
