@@ -202,6 +202,16 @@ fn attend(
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: the level only names features the CPU has; `check_offsets` asserted
                     // that every offset starts a whole head row inside both cache buffers.
+                    SimdLevel::Avx512 if hd == 128 => unsafe {
+                        x86::chunk_avx512_regs::<8>(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    SimdLevel::Avx512 if hd == 64 => unsafe {
+                        x86::chunk_avx512_regs::<4>(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
                     SimdLevel::Avx512 if hd.is_multiple_of(16) => unsafe {
                         x86::chunk_avx512(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
                     },
@@ -358,6 +368,58 @@ pub(crate) mod x86 {
             }
             _mm512_storeu_ps(ap.add(d), a);
             d += 16;
+        }
+        *m = mx;
+    }
+
+    /// As [`chunk_avx512`] for a head of `16 * NV` dimensions (64 or 128): the query row and the
+    /// output accumulator live in registers, each value row is read once with its probability
+    /// broadcast once, and each score is one horizontal sum.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn chunk_avx512_regs<const NV: usize>(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        offs: &[usize],
+        scale: f32,
+        m: &mut f32,
+        l: &mut f32,
+        acc: &mut [f32],
+    ) {
+        debug_assert!(q.len() == 16 * NV && acc.len() == 16 * NV);
+        let qv: [__m512; NV] = std::array::from_fn(|i| _mm512_loadu_ps(q.as_ptr().add(16 * i)));
+        let mut s = [f32::NEG_INFINITY; CHUNK];
+        for (j, &off) in offs.iter().enumerate() {
+            let kp = k.as_ptr().add(off);
+            let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+            for (i, qi) in qv.iter().enumerate().skip(1) {
+                a = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(kp.add(16 * i)), a);
+            }
+            s[j] = _mm512_reduce_add_ps(a) * scale;
+        }
+        let sv = _mm512_loadu_ps(s.as_ptr());
+        let mx = _mm512_reduce_max_ps(sv).max(*m);
+        if mx == f32::NEG_INFINITY {
+            return;
+        }
+        let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mx).exp() };
+        let p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
+        let mut pj = [0f32; CHUNK];
+        _mm512_storeu_ps(pj.as_mut_ptr(), p);
+        *l = *l * corr + _mm512_reduce_add_ps(p);
+        let cv = _mm512_set1_ps(corr);
+        let mut av: [__m512; NV] =
+            std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(acc.as_ptr().add(16 * i)), cv));
+        for (j, &off) in offs.iter().enumerate() {
+            let pv = _mm512_set1_ps(pj[j]);
+            let vp = v.as_ptr().add(off);
+            for (i, a) in av.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vp.add(16 * i)), *a);
+            }
+        }
+        for (i, a) in av.iter().enumerate() {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(16 * i), *a);
         }
         *m = mx;
     }
