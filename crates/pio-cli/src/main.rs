@@ -15,7 +15,16 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = args::Cli::parse();
+    // Usage errors exit 1 like every other error (clap's own default is 2); --help and --version
+    // print and exit 0.
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
+            let _ = e.print();
+            return code;
+        }
+    };
     if let Some(n) = cli.threads {
         if n == 0 {
             eprintln!("error: --threads must be at least 1");

@@ -216,6 +216,9 @@ fn bad_inputs_fail_cleanly() {
         &pio(&["logits", "--model", m, "--token-ids", "5,x", "--out", "/tmp/x.safetensors"], None),
         "bad token id",
     );
+    // Usage errors exit 1 too, not clap's 2.
+    assert_fails(&pio(&["generate", "--model", m, "--quant", "q9_9", "--prompt-ids", "5"], None), "unknown format");
+    assert_fails(&pio(&["no-such-command"], None), "unrecognized subcommand");
 }
 
 #[test]
