@@ -27,14 +27,13 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use pio_kernels::{quant, DType};
 use serde_json::Value as Json;
 
 use crate::config::{DenseArch, DenseConfig};
-use crate::weights::gguf::Value;
+use crate::weights::gguf::{write_gguf_with, TensorHeader, Value};
 use crate::weights::names::hf_to_gguf;
 use crate::{Error, Result};
 
@@ -462,8 +461,8 @@ impl GgufTensor<'_> {
     }
 }
 
-/// Writes the GGUF file tensor by tensor (`weights::gguf::write_gguf` takes every tensor's
-/// bytes at once, 1.2 GB for a 0.6B model in BF16; the layout written here is the same).
+/// Writes the GGUF file, generating each tensor's bytes only when it is written (a 0.6B model
+/// in BF16 is 1.2 GB).
 fn write_gguf_file(
     out: &Path,
     metadata: &[(String, Value)],
@@ -483,49 +482,15 @@ fn write_gguf_file(
         tensors.push(GgufTensor { spec, name, dtype: file_dtype, permute });
     }
 
-    let mut header = Vec::new();
-    header.extend_from_slice(b"GGUF");
-    header.extend_from_slice(&3u32.to_le_bytes());
-    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    header.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-    for (key, value) in metadata {
-        put_string(&mut header, key);
-        header.extend_from_slice(&value_type(value).to_le_bytes());
-        put_value(&mut header, value);
-    }
-    let mut offset = 0usize;
-    for t in &tensors {
-        put_string(&mut header, &t.name);
-        header.extend_from_slice(&(t.spec.shape.len() as u32).to_le_bytes());
-        for &d in t.spec.shape.iter().rev() {
-            header.extend_from_slice(&(d as u64).to_le_bytes());
-        }
-        let id = t.dtype.ggml_id().ok_or_else(|| Error::file(out, format!("{} has no GGUF type", t.dtype)))?;
-        header.extend_from_slice(&id.to_le_bytes());
-        header.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset += t.nbytes().div_ceil(GGUF_ALIGN) * GGUF_ALIGN;
-    }
-    header.resize(header.len().div_ceil(GGUF_ALIGN) * GGUF_ALIGN, 0);
-
+    let headers: Vec<TensorHeader> = tensors
+        .iter()
+        .map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, shape: t.spec.shape.clone() })
+        .collect();
     create_parent(out)?;
-    let write = || -> std::io::Result<()> {
-        let file = std::fs::File::create(out)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&header)?;
-        for t in &tensors {
-            let mut data = t.bytes(dtype, seed);
-            if t.permute {
-                data = permute_rows(&data, t.spec.shape[0], c.head_dim);
-            }
-            w.write_all(&data)?;
-            let pad = data.len().div_ceil(GGUF_ALIGN) * GGUF_ALIGN - data.len();
-            w.write_all(&[0u8; GGUF_ALIGN][..pad])?;
-        }
-        w.flush()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(out);
-        Error::io(out, e)
+    write_gguf_with(out, metadata, &headers, &mut |i| {
+        let t = &tensors[i];
+        let data = t.bytes(dtype, seed);
+        Cow::Owned(if t.permute { permute_rows(&data, t.spec.shape[0], c.head_dim) } else { data })
     })
 }
 
@@ -533,53 +498,6 @@ fn create_parent(out: &Path) -> Result<()> {
     match out.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(p) => std::fs::create_dir_all(p).map_err(|e| Error::io(p, e)),
         None => Ok(()),
-    }
-}
-
-fn put_string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn value_type(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
-}
-
-fn put_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::U8(x) => out.push(*x),
-        Value::I8(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::Bool(x) => out.push(u8::from(*x)),
-        Value::String(s) => put_string(out, s),
-        Value::Array(items) => {
-            out.extend_from_slice(&items.first().map_or(0, value_type).to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                put_value(out, item);
-            }
-        }
-        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
     }
 }
 

@@ -9,6 +9,7 @@
 //! innermost first, ggml type u32, offset u64); padding to `general.alignment` (default 32);
 //! tensor data, each tensor at its offset from the start of the data section.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -343,11 +344,39 @@ pub struct TensorToWrite<'a> {
     pub data: &'a [u8],
 }
 
+/// A tensor's header entry: name, format and shape (outermost first); its bytes come later.
+pub struct TensorHeader {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
 /// Writes a GGUF v3 file with `metadata` (in order) and `tensors`, each tensor's data aligned
 /// to `general.alignment` when `metadata` sets it, else 32 bytes. Only the header is built in
 /// memory; tensor data is streamed to the file. A tensor in a format GGUF has no type for
 /// (INT8, INT4, NF4) is an error naming it, and a failed write removes the partial file.
 pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorToWrite<'_>]) -> Result<()> {
+    let headers: Vec<TensorHeader> =
+        tensors.iter().map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    for (t, h) in tensors.iter().zip(&headers) {
+        if encoded_len(h) != Some(t.data.len()) {
+            return Err(Error::file(
+                path,
+                format!("tensor {:?}: {} bytes do not match {} {:?}", t.name, t.data.len(), t.dtype, t.shape),
+            ));
+        }
+    }
+    write_gguf_with(path, metadata, &headers, &mut |i| Cow::Borrowed(tensors[i].data))
+}
+
+/// [`write_gguf`] with each tensor's bytes produced only when it is written (`data(i)` for
+/// `tensors[i]`), so a writer need not hold every tensor at once.
+pub fn write_gguf_with<'a>(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[TensorHeader],
+    data: &mut dyn FnMut(usize) -> Cow<'a, [u8]>,
+) -> Result<()> {
     let align = match metadata.iter().find(|(k, _)| k == "general.alignment") {
         None => 32,
         Some((_, v)) => v
@@ -367,18 +396,11 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorTo
         put_value(&mut header, value);
     }
     let mut offset = 0usize;
+    let mut lens = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let expected = t
-            .shape
-            .last()
-            .and_then(|&c| t.dtype.row_bytes(c))
-            .map(|rb| rb * t.shape.iter().rev().skip(1).product::<usize>());
-        if expected != Some(t.data.len()) {
-            return Err(Error::file(
-                path,
-                format!("tensor {:?}: {} bytes do not match {} {:?}", t.name, t.data.len(), t.dtype, t.shape),
-            ));
-        }
+        let len = encoded_len(t).ok_or_else(|| {
+            Error::file(path, format!("tensor {:?}: shape {:?} is not whole {} rows", t.name, t.shape, t.dtype))
+        })?;
         let id = t.dtype.ggml_id().ok_or_else(|| {
             Error::file(path, format!("tensor {:?}: {} has no GGUF type (llama.cpp cannot read it)", t.name, t.dtype))
         })?;
@@ -389,16 +411,24 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorTo
         }
         header.extend_from_slice(&id.to_le_bytes());
         header.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset += t.data.len().div_ceil(align) * align;
+        offset += len.div_ceil(align) * align;
+        lens.push(len);
     }
     header.resize(header.len().div_ceil(align) * align, 0);
-    let write = || -> std::io::Result<()> {
+    let mut write = || -> std::io::Result<()> {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
         w.write_all(&header)?;
         let zeros = vec![0u8; align];
-        for t in tensors {
-            w.write_all(t.data)?;
-            w.write_all(&zeros[..t.data.len().div_ceil(align) * align - t.data.len()])?;
+        for (i, (t, &len)) in tensors.iter().zip(&lens).enumerate() {
+            let bytes = data(i);
+            if bytes.len() != len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("tensor {:?}: {} bytes do not match {} {:?}", t.name, bytes.len(), t.dtype, t.shape),
+                ));
+            }
+            w.write_all(&bytes)?;
+            w.write_all(&zeros[..len.div_ceil(align) * align - len])?;
         }
         w.flush()
     };
@@ -406,6 +436,11 @@ pub fn write_gguf(path: &Path, metadata: &[(String, Value)], tensors: &[TensorTo
         let _ = std::fs::remove_file(path);
         Error::io(path, e)
     })
+}
+
+/// The encoded size of a tensor of this format and shape, if its rows are whole blocks.
+fn encoded_len(t: &TensorHeader) -> Option<usize> {
+    t.shape.last().and_then(|&c| t.dtype.row_bytes(c)).map(|rb| rb * t.shape.iter().rev().skip(1).product::<usize>())
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
