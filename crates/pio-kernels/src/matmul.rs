@@ -54,11 +54,7 @@ pub fn matmul(w: WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
 
 /// [`matmul`] at an explicit SIMD level (tests and benchmarks).
 pub fn matmul_at(level: SimdLevel, w: WeightView<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-    assert_eq!(y.len(), n * w.rows);
-    let mut ys = matmul_many_at(level, &[w], x, n);
-    if let Some(out) = ys.pop() {
-        y.copy_from_slice(&out);
-    }
+    matmul_many_into(level, &[w], x, n, &mut [y]);
 }
 
 /// Several matrices with the same input width applied to the same `x` (q/k/v, gate/up): one
@@ -71,16 +67,25 @@ pub fn matmul_many(ws: &[WeightView<'_>], x: &[f32], n: usize) -> Vec<Vec<f32>> 
 
 /// [`matmul_many`] at an explicit SIMD level.
 pub fn matmul_many_at(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize) -> Vec<Vec<f32>> {
-    let Some(cols) = ws.first().map(|w| w.cols) else { return Vec::new() };
-    for w in ws {
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+    matmul_many_into(level, ws, x, n, &mut outs);
+    ys
+}
+
+/// [`matmul_many_at`] into caller-provided outputs, `ys[i]` being `[n, rows_i]`.
+fn matmul_many_into(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
+    let Some(cols) = ws.first().map(|w| w.cols) else { return };
+    assert_eq!(ys.len(), ws.len());
+    for (w, y) in ws.iter().zip(ys.iter()) {
         assert_eq!(w.cols, cols, "matrices of one group share their input width");
         assert_eq!(w.data.len(), w.rows * w.row_bytes());
+        assert_eq!(y.len(), n * w.rows);
     }
     assert_eq!(x.len(), n * cols);
-    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
     let total: usize = ws.iter().map(|w| w.rows).sum();
     if n == 0 || total == 0 {
-        return ys;
+        return;
     }
     let acts: Vec<Q8Block> =
         if ws.iter().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
@@ -133,7 +138,6 @@ pub fn matmul_many_at(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usi
             ys[i][t * rows + r0..t * rows + r0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
         }
     }
-    ys
 }
 
 #[cfg(test)]
