@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::engine::{Engine, EngineConfig, RequestParams};
+use pio_engine::generate::{generate, run_one, GenerateParams};
 use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use pio_model::chat_template::ChatRequest;
@@ -266,7 +267,17 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let template = tok.chat_template().context("the model has no chat template")?;
     let params = resolve_params(&a.sampling, &loaded);
     let ctx = context_size(&a.sampling, &loaded);
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
+    // One engine for the whole conversation: each turn's prompt starts with the previous turns,
+    // whose K/V the prefix cache still holds.
+    let cfg = EngineConfig {
+        block_size: 16,
+        num_blocks: ctx.div_ceil(16),
+        max_num_seqs: 1,
+        max_batch_tokens: 512,
+        max_model_len: ctx,
+        prefix_caching: true,
+    };
+    let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg)?;
     let mut messages = Vec::new();
     if let Some(sys) = &a.system {
         messages.push(json!({"role": "system", "content": sys}));
@@ -299,7 +310,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             bail!("the conversation has {} tokens, the context holds {ctx} (see --ctx-size)", ids.len());
         }
         let mut write_err = None;
-        let output = generate(&mut runner, Some(tok), &ids, &params, &mut |s| {
+        let output = run_one(&mut engine, &ids, RequestParams::from(&params), &mut |s| {
             if write_err.is_none() {
                 write_err = out(s).err();
             }
@@ -308,6 +319,15 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             return Err(e);
         }
         out("\n")?;
+        if a.model.verbose {
+            eprintln!(
+                "prompt: {} tokens ({} from the prefix cache); generated: {} tokens; finish: {}",
+                ids.len(),
+                output.num_cached_tokens,
+                output.token_ids.len(),
+                output.finish_reason.as_str()
+            );
+        }
         messages.push(json!({"role": "assistant", "content": output.text}));
     }
     Ok(())

@@ -1,13 +1,14 @@
-//! Generating one sequence: prompt in one forward, then a token per step, streamed as text.
+//! Generating one sequence through the [`Engine`]: prompt in one forward, then a token per step,
+//! streamed as text.
 
 use std::time::{Duration, Instant};
 
 use pio_model::tokenizer::Tokenizer;
 
-use crate::runner::{Logits, Runner, Sequence};
-use crate::sampler::{Sampler, SamplingParams};
-use crate::stop::StopStrings;
-use crate::{EngineError, Result};
+use crate::engine::{Engine, EngineConfig, RequestParams};
+use crate::runner::Runner;
+use crate::sampler::SamplingParams;
+use crate::Result;
 
 /// What to generate and when to stop.
 #[derive(Debug, Clone)]
@@ -23,20 +24,17 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
 }
 
-/// Why generation ended, as OpenAI names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token or stop string.
-    Stop,
-    /// `max_tokens` or the context length.
-    Length,
-}
+pub use crate::engine::FinishReason;
 
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
+impl From<&GenerateParams> for RequestParams {
+    fn from(p: &GenerateParams) -> RequestParams {
+        RequestParams {
+            sampling: p.sampling.clone(),
+            max_tokens: Some(p.max_tokens.max(1)),
+            eos_token_ids: p.stop_token_ids.clone(),
+            ignore_eos: p.ignore_eos,
+            stop: p.stop.clone(),
+            ..Default::default()
         }
     }
 }
@@ -52,11 +50,14 @@ pub struct GenerateOutput {
     pub decode_time: Duration,
     /// Tokens produced after the first (the ones decode_time covers).
     pub num_decode_steps: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub num_cached_tokens: usize,
 }
 
-/// Generates from `prompt` with `runner` (whose cache must hold prompt + max_tokens, else the
-/// run ends with `Length` when the cache is full). `on_text` receives each new piece of text as
-/// soon as it is final (never part of a stop string or of an incomplete UTF-8 character).
+/// Generates from `prompt` with the [`Engine`] over `runner`'s cache (the run ends with
+/// `Length` when the cache is full). `on_text` receives each new piece of text as soon as it is
+/// final (never part of a stop string or of an incomplete UTF-8 character). The whole prompt runs
+/// in one forward.
 pub fn generate(
     runner: &mut Runner<'_>,
     tokenizer: Option<&Tokenizer>,
@@ -64,120 +65,67 @@ pub fn generate(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateOutput> {
-    if prompt.is_empty() {
-        return Err(EngineError::Invalid("the prompt is empty".into()));
+    let model = runner.model();
+    let cache = runner.cache_mut();
+    let cfg = EngineConfig {
+        block_size: cache.block_size,
+        num_blocks: cache.num_blocks,
+        max_num_seqs: 1,
+        max_batch_tokens: prompt.len().max(1),
+        max_model_len: cache.block_size * cache.num_blocks,
+        prefix_caching: false,
+    };
+    let mut engine = Engine::with_cache(model, tokenizer, cache, cfg)?;
+    let request = RequestParams::from(params);
+    if params.max_tokens == 0 {
+        engine.validate(prompt, &request)?;
+        return Ok(GenerateOutput {
+            token_ids: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+            num_decode_steps: 0,
+            num_cached_tokens: 0,
+        });
     }
-    if !params.stop.is_empty() && tokenizer.is_none() {
-        return Err(EngineError::Invalid("stop strings need a tokenizer".into()));
-    }
-    let mut sampler = Sampler::new(params.sampling.clone())?;
-    let stops = StopStrings::new(params.stop.clone());
-    let mut seq = Sequence::new(prompt.to_vec());
-    let mut stream = TextStream::default();
+    run_one(&mut engine, prompt, request, on_text)
+}
+
+/// Runs one request on `engine` (alone, or beside whatever else it holds) to completion.
+pub fn run_one(
+    engine: &mut Engine<'_>,
+    prompt: &[u32],
+    request: RequestParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateOutput> {
     let start = Instant::now();
-    let mut prefill_time = Duration::ZERO;
-    let mut finish_reason = FinishReason::Length;
-    let mut generated: Vec<u32> = Vec::new();
-    let result = (|| -> Result<()> {
-        while generated.len() < params.max_tokens {
-            let logits = match runner.step(&mut [&mut seq], Logits::Last) {
-                Ok(mut l) => l.pop().unwrap_or_default(),
-                // The cache is the context: when it is full, generation ends by length.
-                Err(EngineError::OutOfCache { .. }) if !generated.is_empty() => break,
-                Err(e) => return Err(e),
-            };
-            if generated.is_empty() {
-                prefill_time = start.elapsed();
+    let id = engine.add_request(prompt.to_vec(), request)?;
+    let mut prefill_time = None;
+    let mut token_ids = Vec::new();
+    let mut text = String::new();
+    let mut finish_reason = None;
+    let mut num_cached_tokens = 0;
+    while finish_reason.is_none() && engine.has_work() {
+        for o in engine.step()?.into_iter().filter(|o| o.id == id) {
+            prefill_time.get_or_insert_with(|| start.elapsed());
+            token_ids.extend_from_slice(&o.token_ids);
+            num_cached_tokens = o.num_cached_tokens;
+            if !o.text.is_empty() {
+                on_text(&o.text);
+                text.push_str(&o.text);
             }
-            let token = sampler.sample(&logits, prompt, &generated);
-            if !params.ignore_eos && params.stop_token_ids.contains(&token) {
-                finish_reason = FinishReason::Stop;
-                break;
-            }
-            generated.push(token);
-            seq.token_ids.push(token);
-            if let Some(tok) = tokenizer {
-                if stream.push(tok, &generated, &stops, on_text)? {
-                    finish_reason = FinishReason::Stop;
-                    break;
-                }
-            }
+            finish_reason = o.finish_reason;
         }
-        Ok(())
-    })();
-    runner.release(&mut seq);
-    result?;
-    if let Some(tok) = tokenizer {
-        stream.flush(tok, &generated, &stops, on_text)?;
     }
-    let total = start.elapsed();
+    let prefill_time = prefill_time.unwrap_or_else(|| start.elapsed());
     Ok(GenerateOutput {
-        num_decode_steps: generated.len().saturating_sub(1),
-        token_ids: generated,
-        text: stream.text,
-        finish_reason,
+        num_decode_steps: token_ids.len().saturating_sub(1),
+        token_ids,
+        text,
+        finish_reason: finish_reason.unwrap_or(FinishReason::Length),
         prefill_time,
-        decode_time: total.saturating_sub(prefill_time),
+        decode_time: start.elapsed().saturating_sub(prefill_time),
+        num_cached_tokens,
     })
-}
-
-/// Incremental detokenization with stop strings.
-#[derive(Debug, Default)]
-struct TextStream {
-    /// Final text so far (emitted).
-    text: String,
-    stopped: bool,
-}
-
-impl TextStream {
-    /// Decodes `ids`, emits what became final; returns true when a stop string was hit.
-    fn push(
-        &mut self,
-        tok: &Tokenizer,
-        ids: &[u32],
-        stops: &StopStrings,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<bool> {
-        let full = tok.decode(ids, false)?;
-        if let Some(at) = stops.find(&full) {
-            self.emit(&full[..at], on_text);
-            self.stopped = true;
-            return Ok(true);
-        }
-        // An incomplete UTF-8 character decodes to U+FFFD until its last byte arrives.
-        let mut end = full.len() - stops.holdback(&full);
-        if full[..end].ends_with('\u{FFFD}') {
-            end -= '\u{FFFD}'.len_utf8();
-        }
-        self.emit(&full[..end], on_text);
-        Ok(false)
-    }
-
-    /// Emits whatever was held back at the end of generation.
-    fn flush(
-        &mut self,
-        tok: &Tokenizer,
-        ids: &[u32],
-        stops: &StopStrings,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<()> {
-        if self.stopped {
-            return Ok(());
-        }
-        let full = tok.decode(ids, false)?;
-        let end = stops.find(&full).unwrap_or(full.len());
-        self.emit(&full[..end], on_text);
-        Ok(())
-    }
-
-    fn emit(&mut self, upto: &str, on_text: &mut dyn FnMut(&str)) {
-        // Earlier text is final, so `upto` extends it; anything else means the decoder
-        // rewrote the past (never expected) and is not re-emitted.
-        if let Some(new) = upto.strip_prefix(self.text.as_str()) {
-            if !new.is_empty() {
-                on_text(new);
-                self.text.push_str(new);
-            }
-        }
-    }
 }

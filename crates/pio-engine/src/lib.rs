@@ -9,10 +9,15 @@
 //! - [`perplexity`] scores a token stream chunk by chunk (PPL, and KL divergence against a
 //!   reference run's stored distributions), as llama.cpp's `llama-perplexity`.
 pub mod block_pool;
+pub mod engine;
 pub mod generate;
+pub mod handle;
+pub mod kv_cache;
+pub mod metrics;
 pub mod perplexity;
 pub mod runner;
 pub mod sampler;
+pub mod scheduler;
 pub mod stop;
 
 /// Errors of the engine.
@@ -26,6 +31,12 @@ pub enum EngineError {
     OutOfCache { needed: usize, free: usize },
     #[error("{0}")]
     Invalid(String),
+    #[error("the prompt has {prompt} tokens, but the context holds {max_model_len} (prompt plus at least one generated token must fit)")]
+    PromptTooLong { prompt: usize, max_model_len: usize },
+    #[error("too many requests queued ({0}); try again later")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -56,6 +56,11 @@ impl<'m> Runner<'m> {
         self.model
     }
 
+    /// The cache, for an [`crate::engine::Engine`] to run over.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
     pub fn cache_bytes(&self) -> usize {
         self.cache.nbytes()
     }
@@ -74,45 +79,83 @@ impl<'m> Runner<'m> {
             let blocks = self.pool.allocate(n).ok_or(EngineError::OutOfCache { needed: n, free: 0 })?;
             s.block_table.extend(blocks);
         }
-        let mut batch = ForwardBatch::default();
-        let mut rows_per_seq = Vec::with_capacity(seqs.len());
-        for (i, s) in seqs.iter().enumerate() {
-            let start = s.num_computed_tokens;
-            for (pos, &id) in s.token_ids.iter().enumerate().skip(start) {
-                batch.token_ids.push(id);
-                batch.positions.push(pos);
-                batch.seq_indices.push(i);
-                batch.slot_mapping.push(s.block_table[pos / bs] as usize * bs + pos % bs);
-            }
-            let end = batch.token_ids.len();
-            let new = s.token_ids.len().saturating_sub(start);
-            let first = match logits {
-                Logits::Last => end - new.min(1),
-                Logits::All => end - new,
-                Logits::From(p) => end - new + p.saturating_sub(start).min(new),
-            };
-            let rows = first..end;
-            rows_per_seq.push(rows.len());
-            batch.logits_indices.extend(rows);
-            batch.block_tables.push(s.block_table.clone());
-        }
-        let out = self.model.forward(&batch, &mut self.cache)?;
+        let slices: Vec<SeqSlice<'_>> = seqs
+            .iter()
+            .map(|s| SeqSlice {
+                token_ids: &s.token_ids,
+                start: s.num_computed_tokens,
+                num_tokens: s.token_ids.len().saturating_sub(s.num_computed_tokens),
+                block_table: &s.block_table,
+                logits,
+            })
+            .collect();
+        let out = forward(self.model, &mut self.cache, &slices)?;
         for s in seqs.iter_mut() {
             s.num_computed_tokens = s.token_ids.len();
         }
-        let vocab = self.model.shape().vocab_size;
-        let mut result = Vec::with_capacity(seqs.len());
-        let mut off = 0;
-        for rows in rows_per_seq {
-            result.push(out[off * vocab..(off + rows) * vocab].to_vec());
-            off += rows;
-        }
-        Ok(result)
+        Ok(out)
     }
 
     /// Gives a finished sequence's blocks back.
     pub fn release(&mut self, seq: &mut Sequence) {
-        self.pool.release(seq.block_table.drain(..));
+        self.pool.free(seq.block_table.drain(..).rev());
         seq.num_computed_tokens = 0;
     }
+}
+
+/// Tokens `start..start + num_tokens` of one sequence, to run in a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqSlice<'a> {
+    pub token_ids: &'a [u32],
+    pub start: usize,
+    pub num_tokens: usize,
+    /// The sequence's blocks, covering at least `start + num_tokens` positions.
+    pub block_table: &'a [u32],
+    pub logits: Logits,
+}
+
+/// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
+/// requested logits (`[rows, vocab]` flattened; `Logits::Last` gives the row of the slice's
+/// last token).
+pub fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -> Result<Vec<Vec<f32>>> {
+    let bs = cache.block_size;
+    let mut batch = ForwardBatch::default();
+    let mut rows_per_seq = Vec::with_capacity(slices.len());
+    for (i, s) in slices.iter().enumerate() {
+        let end_pos = s.start + s.num_tokens;
+        if end_pos > s.token_ids.len() || end_pos > s.block_table.len() * bs {
+            return Err(EngineError::Invalid(format!(
+                "slice {}..{end_pos} runs past its {} tokens or {} blocks",
+                s.start,
+                s.token_ids.len(),
+                s.block_table.len()
+            )));
+        }
+        for pos in s.start..end_pos {
+            batch.token_ids.push(s.token_ids[pos]);
+            batch.positions.push(pos);
+            batch.seq_indices.push(i);
+            batch.slot_mapping.push(s.block_table[pos / bs] as usize * bs + pos % bs);
+        }
+        let end = batch.token_ids.len();
+        let new = s.num_tokens;
+        let first = match s.logits {
+            Logits::Last => end - new.min(1),
+            Logits::All => end - new,
+            Logits::From(p) => end - new + p.saturating_sub(s.start).min(new),
+        };
+        let rows = first..end;
+        rows_per_seq.push(rows.len());
+        batch.logits_indices.extend(rows);
+        batch.block_tables.push(s.block_table.to_vec());
+    }
+    let out = model.forward(&batch, cache)?;
+    let vocab = model.shape().vocab_size;
+    let mut result = Vec::with_capacity(slices.len());
+    let mut off = 0;
+    for rows in rows_per_seq {
+        result.push(out[off * vocab..(off + rows) * vocab].to_vec());
+        off += rows;
+    }
+    Ok(result)
 }

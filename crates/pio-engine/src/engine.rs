@@ -1,0 +1,586 @@
+//! The engine loop: `step()` = schedule -> one batched forward -> sample -> update and report.
+//!
+//! [`Engine`] is the synchronous core, driven by one thread. [`crate::handle::EngineHandle`] runs
+//! it on its own thread and lets many callers submit requests and receive their token streams.
+//!
+//! Because the forward is batch-invariant (every token's logits are bitwise the same alone, in
+//! any batch and under any prefill chunking; see `pio_kernels::matmul` and
+//! `pio_kernels::attention`), a request's greedy output does not depend on what else runs with
+//! it, on chunked prefill, on prefix-cache hits or on preemption and recomputation.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pio_model::tokenizer::Tokenizer;
+use pio_model::{CausalLm, KvCache};
+
+use crate::kv_cache::{KvCacheManager, SeqId};
+use crate::metrics::Metrics;
+use crate::runner::{forward, Logits, SeqSlice};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use crate::stop::StopStrings;
+use crate::{EngineError, Result};
+
+/// Sizes and limits of an engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV cache block.
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub num_blocks: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward (prompts longer than this are prefilled in chunks).
+    pub max_batch_tokens: usize,
+    /// Longest sequence (prompt + output); at most what the cache holds.
+    pub max_model_len: usize,
+    /// Reuse the K/V of shared prompt prefixes.
+    pub prefix_caching: bool,
+}
+
+impl EngineConfig {
+    /// A config for `model` whose cache takes at most `kv_cache_bytes`, with the context capped
+    /// at `max_model_len` (and at the model's own length and what the cache holds).
+    pub fn for_model(model: &dyn CausalLm, kv_cache_bytes: usize, max_model_len: usize) -> Result<EngineConfig> {
+        let block_size = 16;
+        let per_block = model.new_kv_cache(block_size, 1).nbytes().max(1);
+        let num_blocks = kv_cache_bytes / per_block;
+        if num_blocks == 0 {
+            return Err(EngineError::Invalid(format!(
+                "a KV cache of {kv_cache_bytes} bytes holds no block of {block_size} tokens ({per_block} bytes)"
+            )));
+        }
+        let max_model_len = max_model_len.min(model.shape().max_position_embeddings).min(num_blocks * block_size);
+        Ok(EngineConfig {
+            block_size,
+            num_blocks,
+            max_num_seqs: 64,
+            max_batch_tokens: 512,
+            max_model_len,
+            prefix_caching: true,
+        })
+    }
+}
+
+/// What a request asks for, beyond its prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestParams {
+    pub sampling: SamplingParams,
+    /// Most new tokens (`None`: until the context is full).
+    pub max_tokens: Option<usize>,
+    /// No stop (token or string) before this many tokens.
+    pub min_tokens: usize,
+    /// The model's end-of-sequence tokens (ignored with `ignore_eos`).
+    pub eos_token_ids: Vec<u32>,
+    /// More tokens that end generation (never ignored).
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// Strings that end generation; the text is cut before them.
+    pub stop: Vec<String>,
+    /// Report the sampled token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for RequestParams {
+    fn default() -> Self {
+        RequestParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: None,
+            min_tokens: 0,
+            eos_token_ids: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+/// Why a request ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    /// Cancelled by its caller.
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// A token's log-probability (natural log, over the model's raw distribution) and the most
+/// likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// `(token, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestOutput {
+    pub id: SeqId,
+    /// Tokens generated in this step (none when the step only finished the request).
+    pub token_ids: Vec<u32>,
+    /// Text that became final in this step (never part of a stop string or of an incomplete
+    /// UTF-8 character). Empty without a tokenizer.
+    pub text: String,
+    /// One per token in `token_ids`, when logprobs were asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    pub num_prompt_tokens: usize,
+    /// Tokens generated so far.
+    pub num_generated_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub num_cached_tokens: usize,
+}
+
+/// Per-request state beyond what the scheduler keeps.
+struct RequestState {
+    params: RequestParams,
+    max_tokens: usize,
+    sampler: Sampler,
+    text: TextState,
+    arrival: Instant,
+    last_token: Option<Instant>,
+    /// Still counted as waiting in the metrics.
+    queued: bool,
+}
+
+/// The engine core: a model, its paged KV cache, the scheduler and the requests.
+pub struct Engine<'m> {
+    model: &'m dyn CausalLm,
+    tokenizer: Option<&'m Tokenizer>,
+    cache: CacheSlot<'m>,
+    sched: Scheduler,
+    reqs: HashMap<SeqId, RequestState>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    next_id: SeqId,
+}
+
+/// The engine's own cache, or one borrowed from a [`crate::runner::Runner`].
+enum CacheSlot<'m> {
+    Owned(KvCache),
+    Borrowed(&'m mut KvCache),
+}
+
+impl CacheSlot<'_> {
+    fn get(&mut self) -> &mut KvCache {
+        match self {
+            CacheSlot::Owned(c) => c,
+            CacheSlot::Borrowed(c) => c,
+        }
+    }
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(model: &'m dyn CausalLm, tokenizer: Option<&'m Tokenizer>, cfg: EngineConfig) -> Result<Engine<'m>> {
+        let cache = model.new_kv_cache(cfg.block_size, cfg.num_blocks);
+        Self::build(model, tokenizer, CacheSlot::Owned(cache), cfg)
+    }
+
+    /// An engine over an existing cache (its block size and count override `cfg`'s).
+    pub fn with_cache(
+        model: &'m dyn CausalLm,
+        tokenizer: Option<&'m Tokenizer>,
+        cache: &'m mut KvCache,
+        mut cfg: EngineConfig,
+    ) -> Result<Engine<'m>> {
+        cfg.block_size = cache.block_size;
+        cfg.num_blocks = cache.num_blocks;
+        cfg.max_model_len = cfg.max_model_len.min(cache.block_size * cache.num_blocks);
+        Self::build(model, tokenizer, CacheSlot::Borrowed(cache), cfg)
+    }
+
+    fn build(
+        model: &'m dyn CausalLm,
+        tokenizer: Option<&'m Tokenizer>,
+        cache: CacheSlot<'m>,
+        cfg: EngineConfig,
+    ) -> Result<Engine<'m>> {
+        if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_num_seqs == 0 || cfg.max_batch_tokens == 0 {
+            return Err(EngineError::Invalid(format!("engine sizes must be positive: {cfg:?}")));
+        }
+        if cfg.max_model_len == 0 || cfg.max_model_len > cfg.block_size * cfg.num_blocks {
+            return Err(EngineError::Invalid(format!(
+                "max_model_len {} must be in 1..={} (what the KV cache holds)",
+                cfg.max_model_len,
+                cfg.block_size * cfg.num_blocks
+            )));
+        }
+        let sched = Scheduler::new(
+            SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens },
+            KvCacheManager::new(cfg.block_size, cfg.num_blocks, cfg.prefix_caching),
+        );
+        let metrics = Arc::new(Metrics::default());
+        metrics.kv_blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
+        Ok(Engine { model, tokenizer, cache, sched, reqs: HashMap::new(), cfg, metrics, next_id: 0 })
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.cfg
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Shares an existing metrics sink (the handle's) instead of the engine's own.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        metrics.kv_blocks_total.store(self.cfg.num_blocks, Ordering::Relaxed);
+        self.metrics = metrics;
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    pub fn num_requests(&self) -> usize {
+        self.reqs.len()
+    }
+
+    /// Bytes the KV cache holds.
+    pub fn cache_bytes(&mut self) -> usize {
+        self.cache.get().nbytes()
+    }
+
+    /// Checks a request without queueing it.
+    pub fn validate(&self, prompt: &[u32], params: &RequestParams) -> Result<()> {
+        validate_request(&self.cfg, self.model.shape().vocab_size, self.tokenizer.is_some(), prompt, params)
+    }
+
+    /// Queues a request; its id comes back in every [`RequestOutput`] for it.
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: RequestParams) -> Result<SeqId> {
+        let id = self.next_id;
+        self.add_request_with_id(id, prompt, params)?;
+        Ok(id)
+    }
+
+    /// As [`add_request`](Self::add_request) with the caller's id (which must be unused).
+    pub fn add_request_with_id(&mut self, id: SeqId, prompt: Vec<u32>, params: RequestParams) -> Result<()> {
+        self.validate(&prompt, &params)?;
+        if self.reqs.contains_key(&id) {
+            return Err(EngineError::Invalid(format!("request id {id} is in use")));
+        }
+        self.next_id = self.next_id.max(id + 1);
+        let sampler = Sampler::new(params.sampling.clone())?;
+        let room = self.cfg.max_model_len - prompt.len();
+        let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
+        let text = TextState::new(StopStrings::new(params.stop.clone()));
+        self.reqs.insert(
+            id,
+            RequestState { params, max_tokens, sampler, text, arrival: Instant::now(), last_token: None, queued: true },
+        );
+        self.sched.add(Sequence::new(id, prompt));
+        self.metrics.requests_waiting.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes a request and frees its blocks; false if it is not (or no longer) here.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        self.finish(id, FinishReason::Abort).is_some()
+    }
+
+    /// Runs one step and returns what each request it touched produced: a token for every
+    /// sequence that reached its end this step (decoding, or the last chunk of its prompt).
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let plan = self.sched.schedule();
+        self.metrics.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        self.metrics.prefix_cache_hit_tokens.fetch_add(plan.prefix_hit_tokens as u64, Ordering::Relaxed);
+        if plan.scheduled.is_empty() {
+            self.publish_gauges();
+            return Ok(Vec::new());
+        }
+        for s in &plan.scheduled {
+            if let Some(r) = self.reqs.get_mut(&s.id) {
+                if r.queued {
+                    r.queued = false;
+                    self.metrics.requests_waiting.fetch_sub(1, Ordering::Relaxed);
+                    let prompt = self.sched.get(s.id).map_or(0, |q| q.num_prompt_tokens);
+                    self.metrics.prompt_tokens.fetch_add(prompt as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        for &id in &plan.preempted {
+            if let Some(r) = self.reqs.get_mut(&id) {
+                if !r.queued {
+                    r.queued = true;
+                    self.metrics.requests_waiting.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let logits = {
+            let kv = self.sched.kv();
+            let mut slices = Vec::with_capacity(plan.scheduled.len());
+            for s in &plan.scheduled {
+                let seq =
+                    self.sched.get(s.id).ok_or_else(|| EngineError::Invalid(format!("lost sequence {}", s.id)))?;
+                slices.push(SeqSlice {
+                    token_ids: &seq.token_ids,
+                    start: s.start,
+                    num_tokens: s.num_tokens,
+                    block_table: kv.block_table(s.id),
+                    logits: if s.samples { Logits::Last } else { Logits::From(usize::MAX) },
+                });
+            }
+            forward(self.model, self.cache.get(), &slices)?
+        };
+        self.sched.complete(&plan);
+        let mut outputs = Vec::new();
+        for (s, row) in plan.scheduled.iter().zip(logits) {
+            if s.samples {
+                if let Some(out) = self.sample_one(s.id, row)? {
+                    outputs.push(out);
+                }
+            }
+        }
+        self.publish_gauges();
+        Ok(outputs)
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.requests_running.store(self.sched.num_running(), Ordering::Relaxed);
+        m.kv_blocks_used.store(self.sched.kv().pool().num_used(), Ordering::Relaxed);
+    }
+
+    /// Samples the next token of `id` from its logits row and decides whether it is finished.
+    fn sample_one(&mut self, id: SeqId, mut logits: Vec<f32>) -> Result<Option<RequestOutput>> {
+        let (Some(r), Some(seq)) = (self.reqs.get_mut(&id), self.sched.get(id)) else { return Ok(None) };
+        let num_prompt = seq.num_prompt_tokens;
+        let (prompt, generated) = seq.token_ids.split_at(num_prompt);
+        let n_gen = generated.len();
+        let p = &r.params;
+        let stops_allowed = n_gen >= p.min_tokens;
+        let is_stop_token = |t: u32| (!p.ignore_eos && p.eos_token_ids.contains(&t)) || p.stop_token_ids.contains(&t);
+        let logprobs = p.logprobs.map(|n| (n, log_softmax(&logits)));
+        if !stops_allowed {
+            for t in p.eos_token_ids.iter().chain(&p.stop_token_ids) {
+                if let Some(v) = logits.get_mut(*t as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let token = r.sampler.sample(&logits, prompt, generated);
+        let lp = logprobs.map(|(n, lsm)| token_logprob(&lsm, token, n));
+        let now = Instant::now();
+        match r.last_token {
+            None => self.metrics.time_to_first_token.observe(now - r.arrival),
+            Some(t) => self.metrics.inter_token_latency.observe(now - t),
+        }
+        r.last_token = Some(now);
+        let mut out = RequestOutput {
+            id,
+            token_ids: Vec::new(),
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish_reason: None,
+            num_prompt_tokens: num_prompt,
+            num_generated_tokens: n_gen,
+            num_cached_tokens: seq.num_cached_tokens,
+        };
+        if stops_allowed && is_stop_token(token) {
+            out.finish_reason = Some(FinishReason::Stop);
+        } else {
+            self.sched.append_token(id, token);
+            self.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+            out.token_ids.push(token);
+            out.logprobs.extend(lp);
+            out.num_generated_tokens += 1;
+            if let (Some(tok), Some(seq)) = (self.tokenizer, self.sched.get(id)) {
+                let ids = &seq.token_ids[seq.num_prompt_tokens..];
+                let hit = r.text.push(tok, ids, stops_allowed, &mut out.text)?;
+                if hit {
+                    out.finish_reason = Some(FinishReason::Stop);
+                }
+            }
+            if out.finish_reason.is_none()
+                && (out.num_generated_tokens >= r.max_tokens
+                    || num_prompt + out.num_generated_tokens >= self.cfg.max_model_len)
+            {
+                out.finish_reason = Some(FinishReason::Length);
+            }
+        }
+        if let Some(reason) = out.finish_reason {
+            if reason != FinishReason::Stop || !r.text.stopped {
+                if let (Some(tok), Some(seq)) = (self.tokenizer, self.sched.get(id)) {
+                    let ids = &seq.token_ids[seq.num_prompt_tokens..];
+                    r.text.flush(tok, ids, &mut out.text)?;
+                }
+            }
+            self.finish(id, reason);
+        }
+        Ok(Some(out))
+    }
+
+    /// Drops a request (counting it in the metrics); returns its sequence.
+    fn finish(&mut self, id: SeqId, reason: FinishReason) -> Option<Sequence> {
+        let r = self.reqs.remove(&id)?;
+        if r.queued {
+            self.metrics.requests_waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        let label = match reason {
+            FinishReason::Stop => 0,
+            FinishReason::Length => 1,
+            FinishReason::Abort => 2,
+        };
+        self.metrics.finished[label].fetch_add(1, Ordering::Relaxed);
+        self.metrics.request_duration.observe(r.arrival.elapsed());
+        let seq = self.sched.remove(id);
+        self.publish_gauges();
+        seq
+    }
+}
+
+/// The checks [`Engine::add_request`] makes, usable before a request reaches the engine thread.
+pub fn validate_request(
+    cfg: &EngineConfig,
+    vocab_size: usize,
+    has_tokenizer: bool,
+    prompt: &[u32],
+    params: &RequestParams,
+) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(EngineError::Invalid("the prompt is empty".into()));
+    }
+    if prompt.len() >= cfg.max_model_len {
+        return Err(EngineError::PromptTooLong { prompt: prompt.len(), max_model_len: cfg.max_model_len });
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(EngineError::Invalid(format!("prompt token id {bad} is outside the vocabulary ({vocab_size})")));
+    }
+    if !params.stop.is_empty() && !has_tokenizer {
+        return Err(EngineError::Invalid("stop strings need a tokenizer".into()));
+    }
+    if params.max_tokens == Some(0) {
+        return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+    }
+    if let Some(n) = params.logprobs {
+        if n > 20 {
+            return Err(EngineError::Invalid(format!("at most 20 top logprobs, asked for {n}")));
+        }
+    }
+    params.sampling.validate()?;
+    Ok(())
+}
+
+/// `log_softmax` of a logits row (NaN counts as `-inf`).
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return vec![f32::NEG_INFINITY; logits.len()];
+    }
+    let sum: f64 = logits.iter().filter(|v| !v.is_nan()).map(|&v| ((v - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    logits.iter().map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v - lse }).collect()
+}
+
+fn token_logprob(lsm: &[f32], token: u32, n: usize) -> TokenLogprob {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n);
+    if n > 0 {
+        for (i, &v) in lsm.iter().enumerate() {
+            if top.len() < n || v > top[n - 1].1 {
+                let at = top.partition_point(|&(_, x)| x >= v);
+                top.insert(at, (i as u32, v));
+                top.truncate(n);
+            }
+        }
+    }
+    TokenLogprob { token, logprob: lsm.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY), top }
+}
+
+/// Incremental detokenization with stop strings: each step decodes only a short window of the
+/// newest tokens (as Hugging Face TGI does), and searches for stop strings only in text not yet
+/// streamed.
+struct TextState {
+    stops: StopStrings,
+    /// `ids[prefix_offset..read_offset]` decode to text already accounted for; decoding from
+    /// `prefix_offset` gives the tokenizer the context it needs (spaces, byte fallback).
+    prefix_offset: usize,
+    read_offset: usize,
+    /// All decoded text; `text[..emitted]` has been streamed.
+    text: String,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl TextState {
+    fn new(stops: StopStrings) -> TextState {
+        TextState { stops, prefix_offset: 0, read_offset: 0, text: String::new(), emitted: 0, stopped: false }
+    }
+
+    /// Takes the generated ids so far (the newest last), appends newly final text to `out`;
+    /// true when a stop string was found (checked only when `stops_allowed`).
+    fn push(&mut self, tok: &Tokenizer, ids: &[u32], stops_allowed: bool, out: &mut String) -> Result<bool> {
+        let before = tok.decode(&ids[self.prefix_offset..self.read_offset], false)?;
+        let now = tok.decode(&ids[self.prefix_offset..], false)?;
+        // An incomplete UTF-8 character decodes to U+FFFD until its last byte arrives.
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+            self.text.push_str(&now[before.len()..]);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+        }
+        if stops_allowed {
+            if let Some(at) = self.stops.find(&self.text[self.emitted..]) {
+                out.push_str(&self.text[self.emitted..self.emitted + at]);
+                self.emitted += at;
+                self.stopped = true;
+                return Ok(true);
+            }
+        }
+        let pending = &self.text[self.emitted..];
+        let end = self.emitted + pending.len() - self.stops.holdback(pending);
+        out.push_str(&self.text[self.emitted..end]);
+        self.emitted = end;
+        Ok(false)
+    }
+
+    /// At the end: decodes whatever is left (an incomplete character as U+FFFD) and emits the
+    /// held-back text, cut at a stop string.
+    fn flush(&mut self, tok: &Tokenizer, ids: &[u32], out: &mut String) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        let before = tok.decode(&ids[self.prefix_offset..self.read_offset], false)?;
+        let now = tok.decode(&ids[self.prefix_offset..], false)?;
+        if now.len() > before.len() && now.is_char_boundary(before.len()) {
+            self.text.push_str(&now[before.len()..]);
+        }
+        let pending = &self.text[self.emitted..];
+        let end = self.stops.find(pending).unwrap_or(pending.len());
+        out.push_str(&pending[..end]);
+        self.emitted += end;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_normalised_and_sorted() {
+        let lsm = log_softmax(&[1.0, 3.0, 2.0, f32::NAN]);
+        let total: f32 = lsm.iter().map(|v| v.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        let lp = token_logprob(&lsm, 2, 2);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(lp.logprob, lsm[2]);
+        assert!(token_logprob(&lsm, 0, 0).top.is_empty());
+    }
+}

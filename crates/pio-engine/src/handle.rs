@@ -1,0 +1,268 @@
+//! The engine on its own thread, shared by many callers.
+//!
+//! [`EngineHandle::spawn`] starts a thread that owns an [`Engine`] and loops: take new commands,
+//! run a step, send each request's output down its stream. [`EngineHandle::submit`] returns a
+//! [`RequestStream`] to read them from (`recv().await` in async code, `blocking_recv()`
+//! elsewhere). Dropping the stream cancels the request: the engine removes it and frees its
+//! blocks before the next step, whether it was waiting, prefilling or decoding.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use pio_model::tokenizer::Tokenizer;
+use pio_model::CausalLm;
+use tokio::sync::mpsc as async_mpsc;
+
+use crate::engine::{validate_request, Engine, EngineConfig, RequestOutput, RequestParams};
+use crate::kv_cache::SeqId;
+use crate::metrics::Metrics;
+use crate::{EngineError, Result};
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Output(RequestOutput),
+    /// The request failed (the engine's error, as text); nothing follows.
+    Error(String),
+}
+
+enum Command {
+    Add { id: SeqId, prompt: Vec<u32>, params: RequestParams, tx: async_mpsc::UnboundedSender<Event> },
+    Abort(SeqId),
+    Shutdown,
+}
+
+/// A running engine thread.
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+    cfg: EngineConfig,
+    vocab_size: usize,
+    has_tokenizer: bool,
+    max_queued: usize,
+    /// Submitted requests not yet admitted by the engine thread (queued in the channel).
+    in_flight: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. `max_queued` caps the requests waiting for admission
+    /// ([`EngineError::QueueFull`] beyond it).
+    pub fn spawn(
+        model: Arc<dyn CausalLm>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+        max_queued: usize,
+    ) -> Result<EngineHandle> {
+        let vocab_size = model.shape().vocab_size;
+        let has_tokenizer = tokenizer.is_some();
+        let metrics = Arc::new(Metrics::default());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (m, f) = (metrics.clone(), in_flight.clone());
+        let thread = std::thread::Builder::new()
+            .name("pio-engine".into())
+            .spawn(move || engine_thread(model, tokenizer, cfg, m, f, rx, ready_tx))
+            .map_err(|e| EngineError::Invalid(format!("starting the engine thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(EngineError::Stopped),
+        }
+        Ok(EngineHandle {
+            tx,
+            metrics,
+            cfg,
+            vocab_size,
+            has_tokenizer,
+            max_queued,
+            in_flight,
+            next_id: AtomicU64::new(0),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.cfg
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether the engine thread is still running.
+    pub fn is_alive(&self) -> bool {
+        self.thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Checks and queues a request. Errors: the request is invalid (bad sampling values, prompt
+    /// too long...), too many are queued, or the engine has stopped.
+    pub fn submit(&self, prompt: Vec<u32>, params: RequestParams) -> Result<RequestStream> {
+        validate_request(&self.cfg, self.vocab_size, self.has_tokenizer, &prompt, &params)?;
+        let waiting = self.metrics.requests_waiting.load(Ordering::Relaxed);
+        let reserved = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if waiting + reserved >= self.max_queued {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::QueueFull(waiting + reserved));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = async_mpsc::unbounded_channel();
+        if self.tx.send(Command::Add { id, prompt, params, tx }).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Stopped);
+        }
+        Ok(RequestStream { id, rx, cmd: self.tx.clone(), done: false })
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The outputs of one request. Dropping it before the request finished cancels the request.
+pub struct RequestStream {
+    id: SeqId,
+    rx: async_mpsc::UnboundedReceiver<Event>,
+    cmd: mpsc::Sender<Command>,
+    done: bool,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
+    /// The next event; `None` after the last one (or if the engine stopped).
+    pub async fn recv(&mut self) -> Option<Event> {
+        let e = self.rx.recv().await;
+        self.note(&e);
+        e
+    }
+
+    /// [`recv`](Self::recv) for code outside an async runtime.
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        let e = self.rx.blocking_recv();
+        self.note(&e);
+        e
+    }
+
+    fn note(&mut self, e: &Option<Event>) {
+        match e {
+            Some(Event::Output(o)) if o.finish_reason.is_none() => {}
+            _ => self.done = true,
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.cmd.send(Command::Abort(self.id));
+        }
+    }
+}
+
+fn engine_thread(
+    model: Arc<dyn CausalLm>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    in_flight: Arc<AtomicUsize>,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<()>>,
+) {
+    let mut engine = match Engine::new(model.as_ref(), tokenizer.as_deref(), cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    engine.set_metrics(metrics.clone());
+    let _ = ready.send(Ok(()));
+    let mut streams: HashMap<SeqId, async_mpsc::UnboundedSender<Event>> = HashMap::new();
+    loop {
+        // Block for a command when idle; otherwise take whatever has arrived.
+        let first = if engine.has_work() {
+            None
+        } else {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        };
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match cmd {
+                Command::Add { id, prompt, params, tx } => {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    match engine.add_request_with_id(id, prompt, params) {
+                        Ok(()) => {
+                            streams.insert(id, tx);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Event::Error(e.to_string()));
+                        }
+                    }
+                }
+                Command::Abort(id) => {
+                    engine.abort(id);
+                    streams.remove(&id);
+                }
+                Command::Shutdown => return,
+            }
+        }
+        // Requests whose caller went away (a dropped stream also sends Abort; this catches a
+        // receiver closed without dropping).
+        let gone: Vec<SeqId> = streams.iter().filter(|(_, tx)| tx.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            engine.abort(id);
+            streams.remove(&id);
+        }
+        if !engine.has_work() {
+            continue;
+        }
+        match std::panic::catch_unwind(AssertUnwindSafe(|| engine.step())) {
+            Ok(Ok(outputs)) => {
+                for o in outputs {
+                    let (id, finished) = (o.id, o.finish_reason.is_some());
+                    let delivered = streams.get(&id).is_some_and(|tx| tx.send(Event::Output(o)).is_ok());
+                    if finished || !delivered {
+                        if !delivered && !finished {
+                            engine.abort(id);
+                        }
+                        streams.remove(&id);
+                    }
+                }
+            }
+            Ok(Err(e)) => fail_all(&mut engine, &mut streams, &e.to_string()),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                fail_all(&mut engine, &mut streams, &format!("internal error in the engine: {msg}"));
+                // The engine's state may be inconsistent after a panic: stop serving.
+                return;
+            }
+        }
+    }
+}
+
+/// Ends every request with `msg`.
+fn fail_all(engine: &mut Engine<'_>, streams: &mut HashMap<SeqId, async_mpsc::UnboundedSender<Event>>, msg: &str) {
+    for (id, tx) in streams.drain() {
+        let _ = tx.send(Event::Error(msg.to_string()));
+        engine.abort(id);
+    }
+}

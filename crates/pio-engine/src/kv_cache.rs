@@ -1,0 +1,218 @@
+//! Which cache blocks each sequence holds, and the prefix cache over them.
+//!
+//! The manager hands blocks to sequences as their token count grows, finds the longest cached
+//! prefix of a new sequence (whole blocks only), and enters blocks into the prefix cache once
+//! every token in them has been computed. It knows nothing of tensors: the K/V themselves live in
+//! the model's [`pio_model::KvCache`], addressed by the block ids handed out here.
+
+use std::collections::HashMap;
+
+use crate::block_pool::{BlockHash, BlockPool};
+
+/// A sequence's identity, as the engine numbers requests.
+pub type SeqId = u64;
+
+#[derive(Debug, Default)]
+struct SeqBlocks {
+    blocks: Vec<u32>,
+    /// Hashes of the sequence's first `hashes.len()` full blocks (those already cached or hit).
+    hashes: Vec<BlockHash>,
+}
+
+/// The longest cached prefix of a sequence, found by [`KvCacheManager::find_cached_prefix`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CachedPrefix {
+    pub blocks: Vec<u32>,
+    pub hashes: Vec<BlockHash>,
+}
+
+impl CachedPrefix {
+    pub fn num_tokens(&self, block_size: usize) -> usize {
+        self.blocks.len() * block_size
+    }
+}
+
+/// Blocks per sequence over one [`BlockPool`].
+#[derive(Debug)]
+pub struct KvCacheManager {
+    block_size: usize,
+    pool: BlockPool,
+    prefix_caching: bool,
+    seqs: HashMap<SeqId, SeqBlocks>,
+}
+
+impl KvCacheManager {
+    pub fn new(block_size: usize, num_blocks: usize, prefix_caching: bool) -> KvCacheManager {
+        assert!(block_size > 0);
+        KvCacheManager { block_size, pool: BlockPool::new(num_blocks), prefix_caching, seqs: HashMap::new() }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Blocks a sequence of `num_tokens` tokens needs.
+    pub fn blocks_for(&self, num_tokens: usize) -> usize {
+        num_tokens.div_ceil(self.block_size)
+    }
+
+    /// The blocks `id` holds, in position order (empty if none).
+    pub fn block_table(&self, id: SeqId) -> &[u32] {
+        self.seqs.get(&id).map_or(&[], |s| &s.blocks)
+    }
+
+    /// The longest run of whole cached blocks at the start of `tokens`, leaving at least one
+    /// token to compute (the step that computes it produces the next token's logits). Takes no
+    /// references: pass the result to [`allocate`](Self::allocate).
+    pub fn find_cached_prefix(&self, tokens: &[u32]) -> CachedPrefix {
+        let mut found = CachedPrefix::default();
+        if !self.prefix_caching {
+            return found;
+        }
+        let max_blocks = tokens.len().saturating_sub(1) / self.block_size;
+        let mut parent = None;
+        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+            let hash = self.pool.hash_block(parent, chunk);
+            let Some(b) = self.pool.lookup(hash, parent, chunk) else { break };
+            found.blocks.push(b);
+            found.hashes.push(hash);
+            parent = Some(hash);
+        }
+        found
+    }
+
+    /// Gives `id` (which holds `num_computed` computed tokens, or none yet with `prefix` its
+    /// cache hit) enough blocks for `num_computed + prefix tokens + num_new` tokens. Returns
+    /// false, changing nothing, when too few blocks are free.
+    pub fn allocate(&mut self, id: SeqId, prefix: &CachedPrefix, total_tokens: usize) -> bool {
+        let held = self.seqs.get(&id).map_or(0, |s| s.blocks.len());
+        debug_assert!(prefix.blocks.is_empty() || held == 0, "a prefix hit is only for a sequence holding nothing");
+        let have = held + prefix.blocks.len();
+        let need = self.blocks_for(total_tokens).saturating_sub(have);
+        // Hit blocks that nobody holds sit in the free queue: taking them shrinks it too.
+        let revived = prefix.blocks.iter().filter(|&&b| self.pool.ref_cnt(b) == 0).count();
+        if need + revived > self.pool.num_free() {
+            return false;
+        }
+        self.pool.touch(&prefix.blocks);
+        let Some(fresh) = self.pool.allocate(need) else {
+            // Unreachable after the check above; undo the touch to stay consistent.
+            self.pool.free(prefix.blocks.iter().rev().copied());
+            return false;
+        };
+        let s = self.seqs.entry(id).or_default();
+        s.blocks.extend_from_slice(&prefix.blocks);
+        s.hashes.extend_from_slice(&prefix.hashes);
+        s.blocks.extend(fresh);
+        true
+    }
+
+    /// Enters `id`'s blocks whose tokens (`tokens[..num_computed]`) are all computed into the
+    /// prefix cache.
+    pub fn cache_computed(&mut self, id: SeqId, tokens: &[u32], num_computed: usize) {
+        if !self.prefix_caching {
+            return;
+        }
+        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let full = (num_computed.min(tokens.len()) / self.block_size).min(s.blocks.len());
+        for i in s.hashes.len()..full {
+            let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
+            let parent = i.checked_sub(1).map(|p| s.hashes[p]);
+            let hash = self.pool.hash_block(parent, chunk);
+            self.pool.cache_block(s.blocks[i], hash, parent, chunk);
+            s.hashes.push(hash);
+        }
+    }
+
+    /// Gives back every block of `id` (cached ones stay findable until evicted).
+    pub fn free(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.remove(&id) {
+            self.pool.free(s.blocks.into_iter().rev());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toks(n: usize, base: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| base + i).collect()
+    }
+
+    #[test]
+    fn allocation_grows_with_the_sequence() {
+        let mut kv = KvCacheManager::new(4, 4, true);
+        assert!(kv.allocate(1, &CachedPrefix::default(), 5));
+        assert_eq!(kv.block_table(1).len(), 2);
+        assert!(kv.allocate(1, &CachedPrefix::default(), 8));
+        assert_eq!(kv.block_table(1).len(), 2);
+        assert!(kv.allocate(1, &CachedPrefix::default(), 9));
+        assert_eq!(kv.block_table(1).len(), 3);
+        // Two blocks more than are free: nothing changes.
+        assert!(!kv.allocate(1, &CachedPrefix::default(), 20));
+        assert_eq!(kv.block_table(1).len(), 3);
+        kv.free(1);
+        assert_eq!(kv.pool().num_free(), 4);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_found_after_it_is_computed() {
+        let mut kv = KvCacheManager::new(4, 8, true);
+        let a = toks(10, 100);
+        assert_eq!(kv.find_cached_prefix(&a), CachedPrefix::default());
+        assert!(kv.allocate(1, &CachedPrefix::default(), a.len()));
+        // Not computed yet: nothing to find.
+        assert!(kv.find_cached_prefix(&a).blocks.is_empty());
+        kv.cache_computed(1, &a, 6);
+        let mut b = a[..8].to_vec();
+        b.extend([7, 7, 7]);
+        assert_eq!(kv.find_cached_prefix(&b).blocks, kv.block_table(1)[..1].to_vec());
+        kv.cache_computed(1, &a, 10);
+        let hit = kv.find_cached_prefix(&b);
+        assert_eq!(hit.blocks, kv.block_table(1)[..2].to_vec());
+        assert_eq!(hit.num_tokens(4), 8);
+        assert!(kv.allocate(2, &hit, b.len()));
+        assert_eq!(kv.block_table(2)[..2], kv.block_table(1)[..2]);
+        assert_eq!(kv.pool().ref_cnt(kv.block_table(1)[0]), 2);
+        // A prompt that is exactly the cached blocks still leaves its last token to compute.
+        assert_eq!(kv.find_cached_prefix(&a[..8]).blocks.len(), 1);
+        assert_eq!(kv.find_cached_prefix(&a[..9]).blocks.len(), 2);
+    }
+
+    #[test]
+    fn freed_prefix_blocks_are_revived_and_count_against_the_free_pool() {
+        let mut kv = KvCacheManager::new(2, 3, true);
+        let a = toks(5, 0);
+        assert!(kv.allocate(1, &CachedPrefix::default(), 5));
+        kv.cache_computed(1, &a, 5);
+        kv.free(1);
+        assert_eq!(kv.pool().num_free(), 3);
+        let hit = kv.find_cached_prefix(&a);
+        assert_eq!(hit.blocks.len(), 2);
+        // The hit revives 2 free blocks, and 5 tokens need 3: fits exactly.
+        assert!(kv.allocate(2, &hit, 5));
+        assert_eq!(kv.pool().num_free(), 0);
+        kv.free(2);
+        // Revived blocks plus new ones beyond the pool: refused, nothing taken.
+        let hit = kv.find_cached_prefix(&toks(7, 0));
+        assert_eq!(hit.blocks.len(), 2);
+        assert!(!kv.allocate(3, &hit, 7));
+        assert_eq!(kv.pool().num_free(), 3);
+        assert!(kv.block_table(3).is_empty());
+    }
+
+    #[test]
+    fn prefix_caching_off_finds_nothing() {
+        let mut kv = KvCacheManager::new(2, 4, false);
+        let a = toks(5, 0);
+        assert!(kv.allocate(1, &CachedPrefix::default(), 5));
+        kv.cache_computed(1, &a, 5);
+        assert!(kv.find_cached_prefix(&a).blocks.is_empty());
+        assert_eq!(kv.pool().num_cached(), 0);
+    }
+}

@@ -1,0 +1,170 @@
+//! Counters, gauges and histograms the engine keeps, rendered in Prometheus' text format.
+//!
+//! Written by the engine thread, read by anyone (the server's `/metrics`), so every field is an
+//! atomic or behind a short lock.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A histogram over fixed bucket bounds (seconds).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    inner: Mutex<HistogramData>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct HistogramData {
+    /// Per bucket (not cumulative); the last one is `+Inf`.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            inner: Mutex::new(HistogramData { counts: vec![0; bounds.len() + 1], ..Default::default() }),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let v = d.as_secs_f64();
+        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
+        let mut h = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        h.counts[i] += 1;
+        h.sum += v;
+        h.count += 1;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let h = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (i, &b) in self.bounds.iter().enumerate() {
+            cum += h.counts[i];
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum {}", h.sum);
+        let _ = writeln!(out, "{name}_count {}", h.count);
+    }
+}
+
+const TTFT_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0];
+const ITL_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5];
+const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0];
+
+/// What the engine reports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests_running: AtomicUsize,
+    pub requests_waiting: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub prefix_cache_hit_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    /// Requests finished, by reason: stop, length, abort, error.
+    pub finished: [AtomicU64; 4],
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub request_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests_running: AtomicUsize::new(0),
+            requests_waiting: AtomicUsize::new(0),
+            kv_blocks_used: AtomicUsize::new(0),
+            kv_blocks_total: AtomicUsize::new(0),
+            prefix_cache_hit_tokens: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            generation_tokens: AtomicU64::new(0),
+            preemptions: AtomicU64::new(0),
+            finished: Default::default(),
+            time_to_first_token: Histogram::new(TTFT_BUCKETS),
+            inter_token_latency: Histogram::new(ITL_BUCKETS),
+            request_duration: Histogram::new(DURATION_BUCKETS),
+        }
+    }
+}
+
+/// Labels of [`Metrics::finished`].
+pub const FINISH_LABELS: [&str; 4] = ["stop", "length", "abort", "error"];
+
+impl Metrics {
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn render_prometheus(&self) -> String {
+        let mut s = String::new();
+        let gauge = |s: &mut String, name: &str, help: &str, v: usize| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |s: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let lq = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        gauge(&mut s, "pio_num_requests_running", "Requests in the running batch.", ld(&self.requests_running));
+        gauge(&mut s, "pio_num_requests_waiting", "Requests queued for admission.", ld(&self.requests_waiting));
+        gauge(&mut s, "pio_kv_cache_blocks_used", "KV cache blocks held by requests.", ld(&self.kv_blocks_used));
+        gauge(&mut s, "pio_kv_cache_blocks_total", "KV cache blocks in the pool.", ld(&self.kv_blocks_total));
+        counter(
+            &mut s,
+            "pio_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from the prefix cache.",
+            lq(&self.prefix_cache_hit_tokens),
+        );
+        counter(&mut s, "pio_prompt_tokens_total", "Prompt tokens of admitted requests.", lq(&self.prompt_tokens));
+        counter(&mut s, "pio_generation_tokens_total", "Tokens generated.", lq(&self.generation_tokens));
+        counter(
+            &mut s,
+            "pio_num_preemptions_total",
+            "Sequences preempted for lack of KV blocks.",
+            lq(&self.preemptions),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP pio_request_success_total Finished requests by reason.\n# TYPE pio_request_success_total counter"
+        );
+        for (label, v) in FINISH_LABELS.iter().zip(&self.finished) {
+            let _ = writeln!(s, "pio_request_success_total{{finished_reason=\"{label}\"}} {}", lq(v));
+        }
+        self.time_to_first_token.render(&mut s, "pio_time_to_first_token_seconds", "Time to first token.");
+        self.inter_token_latency.render(&mut s, "pio_inter_token_latency_seconds", "Time between tokens.");
+        self.request_duration.render(&mut s, "pio_request_duration_seconds", "Arrival to finish.");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.kv_blocks_total.store(10, Ordering::Relaxed);
+        m.prompt_tokens.fetch_add(7, Ordering::Relaxed);
+        m.time_to_first_token.observe(Duration::from_millis(30));
+        m.time_to_first_token.observe(Duration::from_secs(100));
+        let s = m.render_prometheus();
+        assert!(s.contains("pio_kv_cache_blocks_total 10\n"));
+        assert!(s.contains("pio_prompt_tokens_total 7\n"));
+        assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"0.025\"} 0\n"));
+        assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
+        assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(s.contains("pio_time_to_first_token_seconds_count 2\n"));
+    }
+}

@@ -1,0 +1,398 @@
+//! Which tokens of which sequences run in the next forward.
+//!
+//! There are no prefill and decode phases. Each sequence has `token_ids` (prompt, then generated
+//! tokens) and `num_computed_tokens` (those whose K/V are in the cache); a step runs some of the
+//! rest. Each step fills a token budget: first the running sequences that are decoding (one
+//! token each), then running sequences part-way through their prompt, then waiting sequences in
+//! arrival order (a prompt larger than what is left of the budget runs in chunks over several
+//! steps: chunked prefill). A waiting sequence starts after its longest cached prefix. When the
+//! cache runs out of blocks, the most recently admitted running sequence is preempted: its
+//! blocks are freed and it goes back to the front of the queue, to be recomputed later (its
+//! prefix blocks usually still cached).
+//!
+//! Pure bookkeeping: no tensors, no model.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::kv_cache::{CachedPrefix, KvCacheManager, SeqId};
+
+/// Limits of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward.
+    pub max_batch_tokens: usize,
+}
+
+/// A sequence as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    pub id: SeqId,
+    /// Prompt followed by generated tokens.
+    pub token_ids: Vec<u32>,
+    pub num_prompt_tokens: usize,
+    /// Tokens whose K/V are in the cache.
+    pub num_computed_tokens: usize,
+    /// Times this sequence was preempted.
+    pub num_preemptions: usize,
+    /// Prompt tokens that came from the prefix cache at its (last) admission.
+    pub num_cached_tokens: usize,
+}
+
+impl Sequence {
+    pub fn new(id: SeqId, prompt: Vec<u32>) -> Sequence {
+        Sequence {
+            id,
+            num_prompt_tokens: prompt.len(),
+            token_ids: prompt,
+            num_computed_tokens: 0,
+            num_preemptions: 0,
+            num_cached_tokens: 0,
+        }
+    }
+
+    pub fn num_generated(&self) -> usize {
+        self.token_ids.len() - self.num_prompt_tokens
+    }
+}
+
+/// One sequence's share of a step: tokens `start..start + num_tokens` of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduled {
+    pub id: SeqId,
+    pub start: usize,
+    pub num_tokens: usize,
+    /// The step reaches the sequence's last token, so it yields logits for the next one.
+    pub samples: bool,
+}
+
+/// What one step runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub scheduled: Vec<Scheduled>,
+    /// Sequences preempted while planning (their blocks are free again).
+    pub preempted: Vec<SeqId>,
+    /// Prompt tokens found in the prefix cache by sequences admitted this step.
+    pub prefix_hit_tokens: usize,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.num_tokens).sum()
+    }
+}
+
+/// The waiting queue, the running set, and the cache blocks they hold.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    /// In admission order.
+    running: Vec<SeqId>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, kv: KvCacheManager) -> Scheduler {
+        assert!(cfg.max_num_seqs > 0 && cfg.max_batch_tokens > 0);
+        Scheduler { cfg, kv, seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new() }
+    }
+
+    pub fn config(&self) -> SchedulerConfig {
+        self.cfg
+    }
+
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    /// Queues a sequence (its id must be new).
+    pub fn add(&mut self, seq: Sequence) {
+        debug_assert!(!self.seqs.contains_key(&seq.id));
+        self.waiting.push_back(seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    /// Removes a sequence wherever it is and frees its blocks.
+    pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
+        let seq = self.seqs.remove(&id)?;
+        self.waiting.retain(|&w| w != id);
+        self.running.retain(|&r| r != id);
+        self.kv.free(id);
+        Some(seq)
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_batch_tokens;
+        // Decoding sequences first, then those part-way through their prompt; each group in
+        // admission order.
+        let remaining = |s: &Sequence| s.token_ids.len() - s.num_computed_tokens;
+        let mut order: Vec<SeqId> = self.running.clone();
+        order.sort_by_key(|id| self.seqs.get(id).is_some_and(|s| remaining(s) > 1));
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            if !self.running.contains(&id) {
+                continue; // preempted for an earlier sequence in this loop
+            }
+            let Some(seq) = self.seqs.get(&id) else { continue };
+            let (start, n, len) = (seq.num_computed_tokens, remaining(seq).min(budget), seq.token_ids.len());
+            loop {
+                if self.kv.allocate(id, &CachedPrefix::default(), start + n) {
+                    let samples = start + n == len;
+                    plan.scheduled.push(Scheduled { id, start, num_tokens: n, samples });
+                    budget -= n;
+                    break;
+                }
+                // Out of blocks: preempt the most recently admitted sequence (maybe this one).
+                let Some(victim) = self.running.pop() else { break };
+                self.preempt(victim);
+                plan.preempted.push(victim);
+                if let Some(i) = plan.scheduled.iter().position(|s| s.id == victim) {
+                    budget += plan.scheduled.remove(i).num_tokens;
+                }
+                if victim == id {
+                    break;
+                }
+            }
+        }
+        // Admit waiting sequences while the budget, the sequence cap and the blocks allow (none
+        // if this step had to preempt: the cache is already too tight).
+        while plan.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting.front() else { break };
+            let Some(seq) = self.seqs.get(&id) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let prefix = self.kv.find_cached_prefix(&seq.token_ids);
+            let hit = prefix.num_tokens(self.kv.block_size());
+            let n = (seq.token_ids.len() - hit).min(budget);
+            if !self.kv.allocate(id, &prefix, hit + n) {
+                break;
+            }
+            let samples = hit + n == seq.token_ids.len();
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.num_computed_tokens = hit;
+                seq.num_cached_tokens = hit.min(seq.num_prompt_tokens);
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            plan.scheduled.push(Scheduled { id, start: hit, num_tokens: n, samples });
+            plan.prefix_hit_tokens += hit;
+            budget -= n;
+        }
+        plan
+    }
+
+    /// Marks the planned tokens computed (after the forward ran) and caches the blocks they
+    /// filled.
+    pub fn complete(&mut self, plan: &StepPlan) {
+        for s in &plan.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&s.id) {
+                seq.num_computed_tokens = s.start + s.num_tokens;
+                self.kv.cache_computed(s.id, &seq.token_ids, seq.num_computed_tokens);
+            }
+        }
+    }
+
+    /// Appends a sampled token to a sequence.
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.token_ids.push(token);
+        }
+    }
+
+    fn preempt(&mut self, id: SeqId) {
+        self.kv.free(id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed_tokens = 0;
+            seq.num_preemptions += 1;
+        }
+        self.waiting.push_front(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(max_num_seqs: usize, max_batch_tokens: usize, block_size: usize, blocks: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig { max_num_seqs, max_batch_tokens },
+            KvCacheManager::new(block_size, blocks, true),
+        )
+    }
+
+    fn prompt(n: usize, base: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| base + i).collect()
+    }
+
+    /// Runs a plan as the engine would: complete it, and give every sampling sequence a token.
+    fn run(s: &mut Scheduler, plan: &StepPlan) {
+        s.complete(plan);
+        for x in &plan.scheduled {
+            if x.samples {
+                s.append_token(x.id, 9999);
+            }
+        }
+    }
+
+    fn shares(plan: &StepPlan) -> Vec<(SeqId, usize, usize)> {
+        plan.scheduled.iter().map(|s| (s.id, s.start, s.num_tokens)).collect()
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_to_the_budget() {
+        let mut s = sched(4, 8, 4, 64);
+        s.add(Sequence::new(1, prompt(20, 0)));
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 0, 8)]);
+        assert!(!p.scheduled[0].samples);
+        run(&mut s, &p);
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 8, 8)]);
+        run(&mut s, &p);
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 16, 4)]);
+        assert!(p.scheduled[0].samples);
+        run(&mut s, &p);
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 20, 1)]);
+    }
+
+    #[test]
+    fn decodes_go_first_and_new_prompts_fill_the_rest() {
+        let mut s = sched(8, 10, 4, 64);
+        s.add(Sequence::new(1, prompt(3, 0)));
+        let p = s.schedule();
+        run(&mut s, &p);
+        s.add(Sequence::new(2, prompt(30, 100)));
+        s.add(Sequence::new(3, prompt(5, 200)));
+        let p = s.schedule();
+        // 1 decodes (1 token), 2 takes the other 9; 3 waits for budget.
+        assert_eq!(shares(&p), vec![(1, 3, 1), (2, 0, 9)]);
+        run(&mut s, &p);
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 4, 1), (2, 9, 9)]);
+        run(&mut s, &p);
+        // Sequence 2 still prefilling: the decode still goes first.
+        let p = s.schedule();
+        assert_eq!(p.scheduled[0], Scheduled { id: 1, start: 5, num_tokens: 1, samples: true });
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn the_sequence_cap_holds_back_admissions() {
+        let mut s = sched(2, 100, 4, 64);
+        for id in 1..=3 {
+            s.add(Sequence::new(id, prompt(4, id as u32 * 10)));
+        }
+        let p = s.schedule();
+        assert_eq!(p.scheduled.len(), 2);
+        assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+        run(&mut s, &p);
+        s.remove(1);
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(2, 4, 1), (3, 0, 4)]);
+    }
+
+    #[test]
+    fn the_newest_sequence_is_preempted_when_blocks_run_out_and_resumes_later() {
+        // 4 blocks of 2 tokens: two sequences of 3 tokens take 2 blocks each.
+        let mut s = sched(4, 100, 2, 4);
+        s.add(Sequence::new(1, prompt(3, 0)));
+        s.add(Sequence::new(2, prompt(3, 10)));
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 0, 3), (2, 0, 3)]);
+        run(&mut s, &p);
+        // Both now have 4 tokens (fits), then 5: sequence 1 needs a third block.
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 3, 1), (2, 3, 1)]);
+        run(&mut s, &p);
+        let p = s.schedule();
+        assert_eq!(p.preempted, vec![2]);
+        assert_eq!(shares(&p), vec![(1, 4, 1)]);
+        assert_eq!(s.get(2).map(|q| (q.num_computed_tokens, q.num_preemptions)), Some((0, 1)));
+        run(&mut s, &p);
+        s.remove(1);
+        // Sequence 2 comes back, recomputing its 5 tokens after its first block, still cached
+        // (its second block was the first one evicted, for sequence 1).
+        let p = s.schedule();
+        assert_eq!(p.prefix_hit_tokens, 2);
+        assert_eq!(shares(&p), vec![(2, 2, 3)]);
+        assert!(p.scheduled[0].samples);
+    }
+
+    #[test]
+    fn a_lone_sequence_that_outgrows_the_cache_preempts_itself() {
+        let mut s = sched(4, 100, 2, 2);
+        s.add(Sequence::new(1, prompt(4, 0)));
+        let p = s.schedule();
+        run(&mut s, &p);
+        let p = s.schedule();
+        assert_eq!(p.preempted, vec![1]);
+        assert!(p.scheduled.is_empty());
+        assert_eq!(s.num_waiting(), 1);
+        // It cannot come back until blocks free up.
+        let p = s.schedule();
+        assert!(p.scheduled.is_empty());
+    }
+
+    #[test]
+    fn a_shared_prefix_is_computed_once() {
+        let mut s = sched(4, 100, 4, 64);
+        let system = prompt(12, 500);
+        let mut a = system.clone();
+        a.extend([1, 2, 3]);
+        let mut b = system.clone();
+        b.extend([4, 5]);
+        s.add(Sequence::new(1, a));
+        let p = s.schedule();
+        run(&mut s, &p);
+        s.add(Sequence::new(2, b));
+        let p = s.schedule();
+        assert_eq!(p.prefix_hit_tokens, 12);
+        assert_eq!(shares(&p), vec![(1, 15, 1), (2, 12, 2)]);
+        assert_eq!(s.get(2).map(|q| q.num_cached_tokens), Some(12));
+        assert_eq!(s.kv().block_table(1)[..3], s.kv().block_table(2)[..3]);
+    }
+
+    #[test]
+    fn removing_frees_blocks_and_queue_places() {
+        let mut s = sched(4, 100, 4, 8);
+        s.add(Sequence::new(1, prompt(10, 0)));
+        s.add(Sequence::new(2, prompt(10, 50)));
+        let p = s.schedule();
+        run(&mut s, &p);
+        s.add(Sequence::new(3, prompt(3, 90)));
+        assert!(s.remove(3).is_some());
+        assert!(s.remove(1).is_some());
+        assert!(s.remove(1).is_none());
+        assert_eq!((s.num_running(), s.num_waiting()), (1, 0));
+        assert_eq!(s.kv().pool().num_used(), 3);
+        s.remove(2);
+        assert_eq!(s.kv().pool().num_used(), 0);
+        assert!(!s.has_work());
+    }
+}

@@ -1,0 +1,193 @@
+//! The engine on a tiny random-weight Qwen3: concurrent requests give exactly the greedy tokens
+//! each gives alone (whatever the batch, the prefill chunking, prefix-cache hits or preemption),
+//! a shared prefix is computed once, and cancelled requests give their blocks back.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pio_engine::engine::{Engine, EngineConfig, FinishReason, RequestParams};
+use pio_engine::handle::{EngineHandle, Event};
+use pio_engine::sampler::SamplingParams;
+use pio_engine::EngineError;
+use pio_model::{CausalLm, LoadedModel};
+
+fn model() -> LoadedModel {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/qwen3");
+    pio_model::load(&dir, &mut |_, _| {}).expect("tiny qwen3 loads")
+}
+
+fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 7919)) % 500 + 3).collect()
+}
+
+fn config(num_blocks: usize, max_batch_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        block_size: 16,
+        num_blocks,
+        max_num_seqs: 8,
+        max_batch_tokens,
+        max_model_len: 256.min(num_blocks * 16),
+        prefix_caching: true,
+    }
+}
+
+fn greedy(max_tokens: usize) -> RequestParams {
+    RequestParams { max_tokens: Some(max_tokens), ..Default::default() }
+}
+
+/// Runs requests to completion; returns each one's tokens in submission order.
+fn run_all(engine: &mut Engine<'_>, reqs: &[(Vec<u32>, RequestParams)]) -> Vec<Vec<u32>> {
+    let ids: Vec<u64> = reqs.iter().map(|(p, r)| engine.add_request(p.clone(), r.clone()).expect("request")).collect();
+    let mut out = vec![Vec::new(); reqs.len()];
+    let mut finished = 0;
+    while engine.has_work() {
+        for o in engine.step().expect("step") {
+            let i = ids.iter().position(|&id| id == o.id).expect("known id");
+            out[i].extend(&o.token_ids);
+            finished += o.finish_reason.is_some() as usize;
+        }
+    }
+    assert_eq!(finished, reqs.len());
+    out
+}
+
+fn alone(model: &dyn CausalLm, p: &[u32], r: &RequestParams) -> Vec<u32> {
+    let mut engine = Engine::new(model, None, config(64, 1024)).expect("engine");
+    run_all(&mut engine, &[(p.to_vec(), r.clone())]).remove(0)
+}
+
+#[test]
+fn concurrent_requests_equal_each_alone() {
+    let m = model();
+    let reqs: Vec<(Vec<u32>, RequestParams)> =
+        (0..8).map(|i| (prompt(5 + i * 9, i as u32), greedy(6 + i % 3 * 4))).collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|(p, r)| alone(m.model.as_ref(), p, r)).collect();
+    // A small token budget: prompts are chunked and share steps with other sequences' decodes.
+    for budget in [7, 33, 1024] {
+        let mut engine = Engine::new(m.model.as_ref(), None, config(64, budget)).expect("engine");
+        assert_eq!(run_all(&mut engine, &reqs), want, "budget {budget}");
+        assert_eq!(engine.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
+    }
+    // A cache too small for all of them: sequences are preempted and recomputed.
+    let mut engine = Engine::new(m.model.as_ref(), None, config(12, 64)).expect("engine");
+    assert_eq!(run_all(&mut engine, &reqs), want, "with preemption");
+    assert!(engine.metrics().preemptions.load(Ordering::Relaxed) > 0, "the small cache should force preemption");
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once() {
+    let m = model();
+    let system = prompt(40, 99);
+    let with = |tail: &[u32]| system.iter().chain(tail).copied().collect::<Vec<u32>>();
+    let (a, b) = (with(&[7, 8, 9]), with(&[10, 11]));
+    let mut engine = Engine::new(m.model.as_ref(), None, config(64, 1024)).expect("engine");
+    let first = run_all(&mut engine, &[(a.clone(), greedy(4))]);
+    assert_eq!(engine.metrics().prefix_cache_hit_tokens.load(Ordering::Relaxed), 0);
+    let second = run_all(&mut engine, &[(b.clone(), greedy(4))]);
+    // 40 shared tokens = 2 whole blocks of 16.
+    assert_eq!(engine.metrics().prefix_cache_hit_tokens.load(Ordering::Relaxed), 32);
+    assert_eq!(first[0], alone(m.model.as_ref(), &a, &greedy(4)));
+    assert_eq!(second[0], alone(m.model.as_ref(), &b, &greedy(4)));
+}
+
+#[test]
+fn stop_tokens_min_tokens_and_lengths() {
+    let m = model();
+    let p = prompt(10, 3);
+    let free = alone(m.model.as_ref(), &p, &greedy(8));
+    // The third token as a stop token: generation ends before it.
+    let r = RequestParams { stop_token_ids: vec![free[2]], ..greedy(8) };
+    let mut engine = Engine::new(m.model.as_ref(), None, config(64, 1024)).expect("engine");
+    let id = engine.add_request(p.clone(), r.clone()).expect("add");
+    let mut got = Vec::new();
+    let mut reason = None;
+    while engine.has_work() {
+        for o in engine.step().expect("step") {
+            assert_eq!(o.id, id);
+            got.extend(o.token_ids);
+            reason = o.finish_reason.or(reason);
+        }
+    }
+    assert_eq!(reason, Some(FinishReason::Stop));
+    assert_eq!(got, free[..2].to_vec());
+    // min_tokens masks the stop token until then: a different token comes instead.
+    let masked = alone(m.model.as_ref(), &p, &RequestParams { min_tokens: 3, ..r.clone() });
+    assert_eq!(masked[..2], free[..2]);
+    assert_ne!(masked[2], free[2]);
+    // A prompt that fills the context is refused, with the lengths.
+    let mut engine = Engine::new(m.model.as_ref(), None, config(64, 1024)).expect("engine");
+    match engine.add_request(prompt(256, 1), greedy(1)) {
+        Err(EngineError::PromptTooLong { prompt: 256, max_model_len: 256 }) => {}
+        other => panic!("expected PromptTooLong, got {other:?}"),
+    }
+    // Without max_tokens, generation runs to the end of the context.
+    let out = run_all(&mut engine, &[(prompt(250, 1), RequestParams::default())]);
+    assert_eq!(out[0].len(), 6);
+}
+
+#[test]
+fn seeded_sampling_and_logprobs() {
+    let m = model();
+    let p = prompt(12, 5);
+    let sampled = RequestParams {
+        sampling: SamplingParams { temperature: 1.0, seed: Some(42), ..Default::default() },
+        logprobs: Some(3),
+        ..greedy(5)
+    };
+    let a = alone(m.model.as_ref(), &p, &sampled);
+    let mut engine = Engine::new(m.model.as_ref(), None, config(64, 1024)).expect("engine");
+    engine.add_request(prompt(30, 8), greedy(9)).expect("add");
+    engine.add_request(p.clone(), sampled.clone()).expect("add");
+    let mut got = Vec::new();
+    while engine.has_work() {
+        for o in engine.step().expect("step") {
+            if o.id == 1 {
+                assert_eq!(o.logprobs.len(), o.token_ids.len());
+                for (t, lp) in o.token_ids.iter().zip(&o.logprobs) {
+                    assert_eq!(lp.token, *t);
+                    assert_eq!(lp.top.len(), 3);
+                    assert!(lp.logprob <= 0.0 && lp.top[0].1 >= lp.logprob);
+                }
+                got.extend(o.token_ids);
+            }
+        }
+    }
+    assert_eq!(got, a, "a seeded request samples the same tokens batched");
+}
+
+#[test]
+fn the_handle_streams_and_frees_blocks_of_dropped_requests() {
+    let m = model();
+    let model: Arc<dyn CausalLm> = Arc::from(m.model);
+    let handle = EngineHandle::spawn(model.clone(), None, config(64, 64), 2).expect("spawn");
+    let want = alone(model.as_ref(), &prompt(20, 1), &greedy(10));
+    let mut s = handle.submit(prompt(20, 1), greedy(10)).expect("submit");
+    let mut got = Vec::new();
+    while let Some(e) = s.blocking_recv() {
+        match e {
+            Event::Output(o) => got.extend(o.token_ids),
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, want);
+    // A long request dropped after its first token: its blocks come back.
+    let mut s = handle.submit(prompt(30, 2), greedy(200)).expect("submit");
+    assert!(matches!(s.blocking_recv(), Some(Event::Output(_))));
+    drop(s);
+    let metrics = handle.metrics().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metrics.kv_blocks_used.load(Ordering::Relaxed) != 0 || metrics.requests_running.load(Ordering::Relaxed) != 0 {
+        assert!(std::time::Instant::now() < deadline, "blocks were not freed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(metrics.finished[2].load(Ordering::Relaxed), 1, "one abort");
+    // Invalid requests are refused at submission.
+    assert!(matches!(handle.submit(Vec::new(), greedy(1)), Err(EngineError::Invalid(_))));
+    let bad = RequestParams { sampling: SamplingParams { top_p: 0.0, ..Default::default() }, ..greedy(1) };
+    assert!(matches!(handle.submit(prompt(3, 0), bad), Err(EngineError::Sampling(_))));
+    drop(handle);
+    // No room in the queue at all: every request is turned away.
+    let handle = EngineHandle::spawn(model, None, config(64, 64), 0).expect("spawn");
+    assert!(matches!(handle.submit(prompt(3, 0), greedy(1)), Err(EngineError::QueueFull(_))));
+}
