@@ -37,6 +37,8 @@ pub enum Command {
     Synth(SynthArgs),
     /// Quantize a model's weights and write them as a GGUF file (llama.cpp reads it too).
     Quantize(QuantizeArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]

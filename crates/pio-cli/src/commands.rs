@@ -38,6 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => crate::bench::cmd_bench(a),
         Command::Perplexity(a) => crate::perplexity::cmd_perplexity(a),
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),
+        Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::Synth(a) => {
             let dtype = match a.dtype.as_str() {
                 "bf16" => pio_kernels::DType::BF16,

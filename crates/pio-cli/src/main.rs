@@ -8,6 +8,7 @@ mod bench;
 mod commands;
 mod perplexity;
 mod quantize;
+mod serve;
 
 use std::process::ExitCode;
 

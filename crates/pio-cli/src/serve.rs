@@ -1,0 +1,148 @@
+//! `pio serve`: the OpenAI-compatible server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pio_engine::engine::EngineConfig;
+use pio_engine::handle::EngineHandle;
+use pio_server::{AppState, HttpConfig};
+
+use crate::args::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port (0 picks a free one; the address is printed either way).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "PIO_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model name clients use (default: the file or directory name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// KV cache memory, e.g. 2GiB, 512MiB, 1000000 (default: a quarter of the available RAM, at
+    /// most what max-num-seqs full contexts need).
+    #[arg(long, value_parser = parse_size)]
+    pub kv_cache_mem: Option<usize>,
+    /// Longest sequence, prompt plus output (default: the model's, at most 32768).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most requests waiting for admission; beyond it requests get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queued_requests: usize,
+    /// Most tokens per forward; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Do not reuse the KV of shared prompt prefixes.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// Largest request body.
+    #[arg(long, value_parser = parse_size, default_value = "4MiB")]
+    pub max_body_bytes: usize,
+}
+
+/// `1234`, `64KiB`, `512MiB`, `2GiB`, `1.5G` (binary units either way).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 2GiB, 512MiB)"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    Ok((num * mult as f64) as usize)
+}
+
+/// MemAvailable from /proc/meminfo.
+fn available_ram() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<usize>().ok()? * 1024)
+}
+
+pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let (loaded, _) = crate::commands::load_model(&a.model)?;
+    let tokenizer = Arc::new(loaded.tokenizer()?.clone());
+    let model: Arc<dyn pio_model::CausalLm> = Arc::from(loaded.model);
+    let max_model_len = a.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.min(32768));
+    let per_token = model.new_kv_cache(16, 1).nbytes() / 16;
+    let kv_bytes = match a.kv_cache_mem {
+        Some(b) => b,
+        None => {
+            let want = per_token.saturating_mul(max_model_len).saturating_mul(a.max_num_seqs);
+            let avail = available_ram().unwrap_or(4 << 30) / 4;
+            want.min(avail).max(per_token * 16 * 64)
+        }
+    };
+    let mut cfg = EngineConfig::for_model(model.as_ref(), kv_bytes, max_model_len)?;
+    cfg.max_num_seqs = a.max_num_seqs;
+    cfg.max_batch_tokens = a.max_batch_tokens;
+    cfg.prefix_caching = !a.no_prefix_caching;
+    if a.max_num_seqs == 0 || a.max_batch_tokens == 0 {
+        bail!("--max-num-seqs and --max-batch-tokens must be at least 1");
+    }
+    let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, a.max_queued_requests)?;
+    let model_name = a.served_model_name.clone().unwrap_or_else(|| {
+        let p = &a.model.model;
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+        name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
+    });
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer,
+        model_name: model_name.clone(),
+        defaults: loaded.generation.clone(),
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        created,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let http = HttpConfig { max_body_bytes: a.max_body_bytes };
+    let addr = SocketAddr::new(a.host, a.port);
+    let kv_mib = cfg.num_blocks * cfg.block_size * per_token / (1 << 20);
+    rt.block_on(pio_server::serve(state, http, addr, |bound| {
+        eprintln!(
+            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB{})",
+            cfg.max_model_len,
+            cfg.num_blocks,
+            cfg.block_size,
+            if a.api_key.is_some() { ", API key required" } else { "" }
+        );
+    }))
+    .with_context(|| format!("serving on {addr}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
+}

@@ -1,0 +1,326 @@
+//! `pio serve` as clients use it: raw HTTP for every error case, a client that disconnects
+//! mid-stream (its KV blocks come back, seen through /metrics), the CLI and the server agreeing
+//! on greedy text, and the official `openai` Python client (scripts/openai_client_test.py) when
+//! `PIO_TEST_PYTHON` names a Python that has it (`scripts/test.sh` installs it; required in CI).
+//!
+//! The model is the real SmolLM2-135M-Instruct (fetched by scripts/fetch-models.sh); without it
+//! these tests skip outside CI and fail in CI.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model_path() -> Option<PathBuf> {
+    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", path.display());
+    eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", path.display());
+    None
+}
+
+/// A running `pio serve`, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(model: &PathBuf, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pio"))
+            .args(["serve", "--model"])
+            .arg(model)
+            .args(["--port", "0", "--threads", "2"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pio serve starts");
+        let mut line = String::new();
+        let stderr = child.stderr.take().expect("stderr");
+        let mut reader = BufReader::new(stderr);
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("read stderr");
+            assert!(n > 0, "pio serve exited before listening");
+            if line.starts_with("serving ") {
+                break;
+            }
+        }
+        let port = line
+            .split("http://127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in reader.lines() {});
+        Server { child, port }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        s
+    }
+
+    /// One request; returns (status, headers and body as text).
+    fn raw(&self, request: &[u8]) -> (u16, String) {
+        let mut s = self.connect();
+        s.write_all(request).expect("send");
+        let mut resp = Vec::new();
+        let _ = s.read_to_end(&mut resp);
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, text)
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        for h in headers {
+            req.extend_from_slice(h.as_bytes());
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body);
+        self.raw(&req)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.request("POST", path, &[], body.to_string().as_bytes());
+        (status, body_json(&text))
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.request("GET", "/metrics", &[], b"");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn body_json(response: &str) -> Value {
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or(Value::Null)
+}
+
+/// An OpenAI error object with this status, type, and a message mentioning `what`.
+fn assert_error(status: u16, v: &Value, want_status: u16, kind: &str, what: &str) {
+    assert_eq!(status, want_status, "{v}");
+    let e = &v["error"];
+    assert_eq!(e["type"], kind, "{v}");
+    let msg = e["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(what), "{msg:?} does not mention {what:?}");
+}
+
+#[test]
+fn errors_come_back_in_openai_format_with_the_right_status() {
+    let Some(model) = model_path() else { return };
+    let srv = Server::start(&model, &["--max-model-len", "64", "--max-body-bytes", "2048"]);
+    let (s, v) = {
+        let (s, t) = srv.request("POST", "/v1/chat/completions", &[], b"{\"messages\": [");
+        (s, body_json(&t))
+    };
+    assert_error(s, &v, 400, "invalid_request_error", "malformed JSON");
+    let (s, v) = srv.post("/v1/chat/completions", &json!({"model": "gpt-9", "messages": []}));
+    assert_error(s, &v, 404, "invalid_request_error", "gpt-9");
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let long = "word ".repeat(200);
+    let (s, v) = srv.post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}));
+    assert_error(s, &v, 400, "invalid_request_error", "64");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    for bad in [
+        json!({"prompt": "hi", "temperature": -0.5}),
+        json!({"prompt": "hi", "top_p": 1.5}),
+        json!({"prompt": "hi", "max_tokens": 0}),
+        json!({"prompt": "hi", "n": 0}),
+        json!({"prompt": "hi", "logprobs": 50}),
+        json!({"prompt": "hi", "temperature": "warm"}),
+        json!({"prompt": 42}),
+    ] {
+        let (s, v) = srv.post("/v1/completions", &bad);
+        assert_error(s, &v, 400, "invalid_request_error", "");
+    }
+    let (s, v) = srv.post("/v1/chat/completions", &json!({"messages": "hello"}));
+    assert_error(s, &v, 400, "invalid_request_error", "messages");
+    let big = json!({"prompt": "x".repeat(4096)});
+    let (s, v) = srv.post("/v1/completions", &big);
+    assert_error(s, &v, 413, "invalid_request_error", "too large");
+    let (s, v) = {
+        let (s, t) = srv.request("GET", "/v1/nothing", &[], b"");
+        (s, body_json(&t))
+    };
+    assert_error(s, &v, 404, "invalid_request_error", "route");
+    // The server is still fine.
+    let (s, v) = srv.post("/v1/completions", &json!({"prompt": "The sky is", "max_tokens": 3, "temperature": 0}));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn api_key_guards_everything_but_health_and_the_queue_cap_answers_429() {
+    let Some(model) = model_path() else { return };
+    let srv = Server::start(&model, &["--api-key", "s3cret", "--max-num-seqs", "1", "--max-queued-requests", "1"]);
+    assert_eq!(srv.request("GET", "/health", &[], b"").0, 200);
+    let (s, t) = srv.request("GET", "/v1/models", &[], b"");
+    assert_error(s, &body_json(&t), 401, "authentication_error", "API key");
+    assert_eq!(srv.request("GET", "/metrics", &["Authorization: Bearer nope"], b"").0, 401);
+    let auth = ["Authorization: Bearer s3cret"];
+    let (s, t) = srv.request("GET", "/v1/models", &auth, b"");
+    assert_eq!(s, 200, "{t}");
+    // A long stream occupies the one running slot; one more request may wait; a third is refused.
+    let stream_req = |prompt: &str| {
+        let body = json!({"prompt": prompt, "max_tokens": 3000, "ignore_eos": true, "stream": true}).to_string();
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut a = srv.connect();
+    a.write_all(stream_req("Once upon a time").as_bytes()).expect("send a");
+    let mut first = [0u8; 256];
+    let n = a.read(&mut first).expect("a answers");
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metric = |name: &str| {
+        let (_, text) = srv.request("GET", "/metrics", &auth, b"");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    while metric("pio_num_requests_running") != 1.0 {
+        assert!(Instant::now() < deadline, "request a never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut b = srv.connect();
+    b.write_all(stream_req("In a hole in the ground").as_bytes()).expect("send b");
+    while metric("pio_num_requests_waiting") != 1.0 {
+        assert!(Instant::now() < deadline, "request b never queued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let body = json!({"prompt": "Hello", "max_tokens": 2}).to_string();
+    let auth_hdr = ["Authorization: Bearer s3cret"];
+    let (s, t) = srv.request("POST", "/v1/completions", &auth_hdr, body.as_bytes());
+    assert_error(s, &body_json(&t), 429, "rate_limit_error", "queued");
+    // Both clients hang up: everything is freed.
+    drop(a);
+    drop(b);
+    while metric("pio_kv_cache_blocks_used") != 0.0 || metric("pio_num_requests_running") != 0.0 {
+        assert!(Instant::now() < deadline, "blocks were not freed after the clients left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_gives_its_blocks_back() {
+    let Some(model) = model_path() else { return };
+    let srv = Server::start(&model, &[]);
+    let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 3000,
+        "ignore_eos": true, "stream": true})
+    .to_string();
+    let mut s = srv.connect();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    let mut reader = BufReader::new(s.try_clone().expect("clone"));
+    let mut events = 0;
+    let mut line = String::new();
+    while events < 5 {
+        line.clear();
+        assert!(reader.read_line(&mut line).expect("read") > 0, "stream ended early");
+        if line.starts_with("data: {") {
+            events += 1;
+        }
+    }
+    assert!(srv.metric("pio_kv_cache_blocks_used") > 0.0);
+    drop(reader);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while srv.metric("pio_kv_cache_blocks_used") != 0.0 || srv.metric("pio_num_requests_running") != 0.0 {
+        assert!(Instant::now() < deadline, "the disconnected request kept its blocks");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, text) = srv.request("GET", "/metrics", &[], b"");
+    assert!(text.contains("pio_request_success_total{finished_reason=\"abort\"} 1"), "{text}");
+    // Five events: the role chunk, then at least four tokens.
+    assert!(srv.metric("pio_generation_tokens_total") >= 4.0);
+}
+
+#[test]
+fn cli_and_server_agree_on_greedy_chat_and_streaming_matches() {
+    let Some(model) = model_path() else { return };
+    let prompt = "Write one sentence about the sea.";
+    let cli = Command::new(env!("CARGO_BIN_EXE_pio"))
+        .args(["generate", "--chat", "--temperature", "0", "--max-tokens", "24", "--prompt", prompt, "--model"])
+        .arg(&model)
+        .output()
+        .expect("pio generate");
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    let cli_text = String::from_utf8_lossy(&cli.stdout).trim_end_matches('\n').to_string();
+    let srv = Server::start(&model, &["--max-batch-tokens", "7"]);
+    let req = json!({"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 24});
+    let (s, v) = srv.post("/v1/chat/completions", &req);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(cli_text.as_str()));
+    // Streamed, the deltas add up to the same text; usage comes last, then [DONE].
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    sreq["stream_options"] = json!({"include_usage": true});
+    let (s, text) = srv.request("POST", "/v1/chat/completions", &[], sreq.to_string().as_bytes());
+    assert_eq!(s, 200);
+    let datas: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = datas.iter().filter_map(|d| serde_json::from_str(d).ok()).collect();
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().concat();
+    assert_eq!(streamed, cli_text);
+    let usage = &chunks.last().expect("chunks")["usage"];
+    assert_eq!(usage["completion_tokens"], v["usage"]["completion_tokens"]);
+    // The second identical prompt came from the prefix cache.
+    assert!(usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) > 0, "{usage}");
+}
+
+#[test]
+fn the_official_openai_client_works() {
+    let Some(model) = model_path() else { return };
+    let Some(python) = std::env::var_os("PIO_TEST_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must set PIO_TEST_PYTHON (scripts/test.sh does)");
+        eprintln!("skipping: set PIO_TEST_PYTHON to a Python with the `openai` package");
+        return;
+    };
+    let out = Command::new(python)
+        .arg(root().join("scripts/openai_client_test.py"))
+        .arg("--pio")
+        .arg(env!("CARGO_BIN_EXE_pio"))
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .expect("python runs");
+    let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai client test failed:\n{log}");
+}

@@ -1,0 +1,112 @@
+//! The OpenAI-compatible HTTP API over an [`EngineHandle`].
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streaming as server-sent events
+//! ending with `data: [DONE]`, or one JSON answer), `GET /v1/models`, `GET /health`,
+//! `GET /metrics` (Prometheus text). With an API key every route but `/health` wants
+//! `Authorization: Bearer <key>`. Errors use OpenAI's error JSON. A client that goes away
+//! mid-request drops its [`pio_engine::handle::RequestStream`]s, which cancels them and frees
+//! their KV blocks at the engine's next step.
+
+pub mod error;
+pub mod params;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use pio_engine::handle::EngineHandle;
+use pio_model::tokenizer::Tokenizer;
+use pio_model::GenerationDefaults;
+
+use crate::error::ApiError;
+
+/// What the server needs besides the engine.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The name clients pass as `model`.
+    pub model_name: String,
+    pub defaults: GenerationDefaults,
+    pub api_key: Option<String>,
+    /// Unix time the server started (`created` of `/v1/models`).
+    pub created: u64,
+}
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { max_body_bytes: 4 << 20 }
+    }
+}
+
+/// All routes over `state`.
+pub fn router(state: Arc<AppState>, http: HttpConfig) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .route("/health", get(routes::health))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such route", "not_found") })
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+        .with_state(state)
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given =
+            req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given.map(str::trim) != Some(key.as_str()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Serves until Ctrl-C (or SIGTERM). `on_listening` gets the bound address (port 0 picks one).
+pub async fn serve(
+    state: Arc<AppState>,
+    http: HttpConfig,
+    addr: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr),
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    on_listening(listener.local_addr()?);
+    axum::serve(listener, router(state, http)).with_graceful_shutdown(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,438 @@
+//! The route handlers.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use pio_engine::engine::{FinishReason, RequestOutput, RequestParams, TokenLogprob};
+use pio_engine::handle::{Event, RequestStream};
+use pio_model::chat_template::ChatRequest;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::params::{self, CommonParams};
+use crate::AppState;
+
+pub async fn health(State(s): State<Arc<AppState>>) -> Response {
+    if s.engine.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, ..ApiError::internal("the engine has stopped") }
+            .into_response()
+    }
+}
+
+pub async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": s.model_name,
+            "object": "model",
+            "created": s.created,
+            "owned_by": "pio",
+            "max_model_len": s.engine.config().max_model_len,
+        }],
+    }))
+}
+
+pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.engine.metrics().render_prometheus())
+        .into_response()
+}
+
+pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    run(&s, body, Kind::Chat).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    run(&s, body, Kind::Completion).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// One choice being produced: which prompt it answers and its stream.
+struct Choice {
+    index: usize,
+    prompt: usize,
+    stream: RequestStream,
+}
+
+async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is too large".to_string()
+        } else {
+            format!("could not read the request body: {r}")
+        };
+        ApiError { status, ..ApiError::bad_request(message) }
+    })?;
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let o = params::object(&body)?;
+    match o.get("model") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(m)) if *m == s.model_name => {}
+        Some(Value::String(m)) => {
+            return Err(ApiError::not_found(
+                format!("the model `{m}` does not exist; this server serves `{}`", s.model_name),
+                "model_not_found",
+            ))
+        }
+        Some(_) => return Err(ApiError::bad_param("model", "`model` must be a string")),
+    }
+    let (prompts, logprobs) = match kind {
+        Kind::Chat => (vec![chat_prompt(s, &body)?], params::chat_logprobs(o)?),
+        Kind::Completion => {
+            if params::get_bool(o, "echo")?.unwrap_or(false) {
+                return Err(ApiError::bad_param("echo", "`echo` is not supported"));
+            }
+            (completion_prompts(s, o)?, params::completion_logprobs(o)?)
+        }
+    };
+    let common = params::common(o, &s.defaults, logprobs)?;
+    let mut choices = Vec::new();
+    for (p, ids) in prompts.iter().enumerate() {
+        for j in 0..common.n {
+            let mut rp: RequestParams = common.params.clone();
+            rp.sampling.seed = rp.sampling.seed.map(|seed| seed.wrapping_add(j as u64));
+            // On an error the streams submitted so far are dropped, which cancels them.
+            let stream = s.engine.submit(ids.clone(), rp).map_err(|e| with_param(e.into(), kind))?;
+            choices.push(Choice { index: choices.len(), prompt: p, stream });
+        }
+    }
+    let meta =
+        Meta { id: new_id(kind), created: unix_time(), model: s.model_name.clone(), kind, num_prompts: prompts.len() };
+    if common.stream {
+        Ok(stream_response(s.clone(), meta, choices, &common))
+    } else {
+        collect_response(s, meta, choices).await
+    }
+}
+
+fn with_param(mut e: ApiError, kind: Kind) -> ApiError {
+    if e.code == Some("context_length_exceeded") && kind == Kind::Completion {
+        e.param = Some("prompt".into());
+    }
+    e
+}
+
+/// The chat template applied to the messages, as token ids.
+fn chat_prompt(s: &AppState, body: &Value) -> Result<Vec<u32>, ApiError> {
+    let req = ChatRequest::from_openai_json(body)?;
+    let template =
+        s.tokenizer.chat_template().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
+    let text = template.render(&req)?;
+    Ok(s.tokenizer.encode(&text, false)?)
+}
+
+/// `prompt`: a string, an array of strings, an array of token ids or an array of those.
+fn completion_prompts(s: &AppState, o: &Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let bad = || ApiError::bad_param("prompt", "`prompt` must be a string, an array of strings or of token ids");
+    let ids = |v: &[Value]| -> Option<Vec<u32>> {
+        v.iter().map(|x| x.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
+    };
+    let prompts = match o.get("prompt") {
+        None | Some(Value::Null) => return Err(ApiError::bad_param("prompt", "`prompt` is required")),
+        Some(Value::String(t)) => vec![s.tokenizer.encode(t, true)?],
+        Some(Value::Array(a)) if a.is_empty() => return Err(bad()),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            a.iter().map(|t| s.tokenizer.encode(t.as_str().unwrap_or_default(), true)).collect::<Result<_, _>>()?
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => vec![ids(a).ok_or_else(bad)?],
+        Some(Value::Array(a)) if a.iter().all(Value::is_array) => {
+            a.iter().map(|p| p.as_array().and_then(|p| ids(p))).collect::<Option<Vec<_>>>().ok_or_else(bad)?
+        }
+        Some(_) => return Err(bad()),
+    };
+    Ok(prompts)
+}
+
+/// The fields every answer and chunk repeats.
+#[derive(Debug, Clone)]
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    num_prompts: usize,
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+}
+
+/// Token counts for `usage`.
+#[derive(Debug, Clone, Default)]
+struct Usage {
+    /// Per prompt: (tokens, cached tokens), from its first output.
+    prompts: Vec<Option<(usize, usize)>>,
+    completion: usize,
+}
+
+impl Usage {
+    fn new(num_prompts: usize) -> Usage {
+        Usage { prompts: vec![None; num_prompts], completion: 0 }
+    }
+
+    fn add(&mut self, prompt: usize, o: &RequestOutput) {
+        if let Some(p) = self.prompts.get_mut(prompt) {
+            p.get_or_insert((o.num_prompt_tokens, o.num_cached_tokens));
+        }
+        self.completion += o.token_ids.len();
+    }
+
+    fn json(&self) -> Value {
+        let prompt: usize = self.prompts.iter().flatten().map(|p| p.0).sum();
+        let cached: usize = self.prompts.iter().flatten().map(|p| p.1).sum();
+        json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        })
+    }
+}
+
+fn finish_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Abort => "stop",
+    }
+}
+
+/// Log-probabilities in the endpoint's format, for `text_offset` starting at `offset`.
+struct LogprobWriter {
+    kind: Kind,
+    entries: Vec<Value>,
+    tokens: Vec<Value>,
+    token_logprobs: Vec<Value>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl LogprobWriter {
+    fn new(kind: Kind) -> LogprobWriter {
+        LogprobWriter {
+            kind,
+            entries: Vec::new(),
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top: Vec::new(),
+            offsets: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, s: &AppState, lps: &[TokenLogprob], mut offset: usize) {
+        let piece = |t: u32| s.tokenizer.decode(&[t], false).unwrap_or_default();
+        for lp in lps {
+            let tok = piece(lp.token);
+            match self.kind {
+                Kind::Chat => {
+                    let top: Vec<Value> = lp
+                        .top
+                        .iter()
+                        .map(|&(t, l)| {
+                            let p = piece(t);
+                            json!({"token": p, "logprob": l, "bytes": p.as_bytes()})
+                        })
+                        .collect();
+                    self.entries.push(
+                        json!({"token": tok, "logprob": lp.logprob, "bytes": tok.as_bytes(), "top_logprobs": top}),
+                    );
+                }
+                Kind::Completion => {
+                    let mut top = Map::new();
+                    for &(t, l) in &lp.top {
+                        top.insert(piece(t), json!(l));
+                    }
+                    self.offsets.push(offset);
+                    offset += tok.len();
+                    self.tokens.push(json!(tok));
+                    self.token_logprobs.push(json!(lp.logprob));
+                    self.top.push(Value::Object(top));
+                }
+            }
+        }
+    }
+
+    fn json(self) -> Value {
+        match self.kind {
+            Kind::Chat => json!({"content": self.entries}),
+            Kind::Completion => json!({
+                "tokens": self.tokens,
+                "token_logprobs": self.token_logprobs,
+                "top_logprobs": self.top,
+                "text_offset": self.offsets,
+            }),
+        }
+    }
+}
+
+async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -> Result<Response, ApiError> {
+    let mut usage = Usage::new(meta.num_prompts);
+    let mut out = Vec::with_capacity(choices.len());
+    let want_logprobs = choices.first().is_some();
+    for mut c in choices {
+        let mut text = String::new();
+        let mut finish = FinishReason::Length;
+        let mut lp = LogprobWriter::new(meta.kind);
+        let mut any_logprobs = false;
+        while let Some(e) = c.stream.recv().await {
+            match e {
+                Event::Output(o) => {
+                    usage.add(c.prompt, &o);
+                    if !o.logprobs.is_empty() {
+                        any_logprobs = true;
+                        lp.push(s, &o.logprobs, text.len());
+                    }
+                    text.push_str(&o.text);
+                    if let Some(r) = o.finish_reason {
+                        finish = r;
+                    }
+                }
+                Event::Error(e) => return Err(ApiError::internal(e)),
+            }
+        }
+        let logprobs = if any_logprobs && want_logprobs { lp.json() } else { Value::Null };
+        out.push(match meta.kind {
+            Kind::Chat => json!({
+                "index": c.index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish_str(finish),
+            }),
+            Kind::Completion => json!({
+                "index": c.index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish_str(finish),
+            }),
+        });
+    }
+    Ok(Json(json!({
+        "id": meta.id,
+        "object": meta.object(false),
+        "created": meta.created,
+        "model": meta.model,
+        "choices": out,
+        "usage": usage.json(),
+    }))
+    .into_response())
+}
+
+fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &CommonParams) -> Response {
+    let include_usage = common.include_usage;
+    let usage = Arc::new(Mutex::new(Usage::new(meta.num_prompts)));
+    let chunk = {
+        let meta = meta.clone();
+        move |choices: Value, usage: Option<Value>| -> SseEvent {
+            let mut v = json!({
+                "id": meta.id,
+                "object": meta.object(true),
+                "created": meta.created,
+                "model": meta.model,
+                "choices": choices,
+            });
+            if include_usage {
+                v["usage"] = usage.unwrap_or(Value::Null);
+            }
+            SseEvent::default().data(v.to_string())
+        }
+    };
+    // Chat streams open each choice with the assistant role.
+    let first: Vec<SseEvent> = match meta.kind {
+        Kind::Chat => choices
+            .iter()
+            .map(|c| {
+                chunk(
+                    json!([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
+                        "finish_reason": null}]),
+                    None,
+                )
+            })
+            .collect(),
+        Kind::Completion => Vec::new(),
+    };
+    let merged = stream::select_all(choices.into_iter().map(|c| {
+        let (index, prompt) = (c.index, c.prompt);
+        stream::unfold(c.stream, |mut rs| async move { rs.recv().await.map(|e| (e, rs)) })
+            .map(move |e| (index, prompt, e))
+            .boxed()
+    }));
+    let body = {
+        let (usage, chunk, s) = (usage.clone(), chunk.clone(), s.clone());
+        let kind = meta.kind;
+        merged.map(move |(index, prompt, e)| match e {
+            Event::Output(o) => {
+                if let Ok(mut u) = usage.lock() {
+                    u.add(prompt, &o);
+                }
+                let logprobs = if o.logprobs.is_empty() {
+                    Value::Null
+                } else {
+                    let mut w = LogprobWriter::new(kind);
+                    w.push(&s, &o.logprobs, 0);
+                    w.json()
+                };
+                let finish = o.finish_reason.map(finish_str);
+                let choice = match kind {
+                    Kind::Chat => {
+                        let delta = if o.text.is_empty() { json!({}) } else { json!({"content": o.text}) };
+                        json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                    Kind::Completion => {
+                        json!({"index": index, "text": o.text, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                };
+                chunk(json!([choice]), None)
+            }
+            Event::Error(e) => SseEvent::default().data(ApiError::internal(e).body().to_string()),
+        })
+    };
+    let tail = stream::once(async move {
+        let mut events = Vec::new();
+        if include_usage {
+            let u = usage.lock().map(|u| u.json()).unwrap_or(Value::Null);
+            events.push(chunk(json!([]), Some(u)));
+        }
+        events.push(SseEvent::default().data("[DONE]"));
+        stream::iter(events)
+    })
+    .flatten();
+    let all: BoxStream<'static, Result<SseEvent, Infallible>> =
+        stream::iter(first).chain(body).chain(tail).map(Ok).boxed();
+    Sse::new(all).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn new_id(kind: Kind) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    format!("{prefix}-{nanos:x}{n:04x}")
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
