@@ -130,12 +130,19 @@ impl ChatRequest {
                 return Err(Error::Template(format!("`messages` must be an array, got {}", json_type_name(other))))
             }
         };
+        if messages.is_empty() {
+            return Err(Error::Template("`messages` is empty".into()));
+        }
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             if !m.is_object() {
                 return Err(Error::Template(format!("`messages[{i}]` must be an object, got {}", json_type_name(m))));
             }
+            if !m.get("role").is_some_and(|r| r.is_string()) {
+                return Err(Error::Template(format!("`messages[{i}].role` must be a string")));
+            }
             let mut m = m.clone();
+            join_text_parts(&mut m, i)?;
             parse_tool_call_arguments(&mut m);
             out.push(m);
         }
@@ -189,6 +196,33 @@ fn json_type_name(v: &serde_json::Value) -> &'static str {
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
     }
+}
+
+/// `content` given as a list of parts (`[{"type": "text", "text": ...}, ...]`, as OpenAI allows)
+/// becomes the parts' texts joined by newlines, as vLLM does for text-only models; other part
+/// types are refused.
+fn join_text_parts(message: &mut serde_json::Value, i: usize) -> Result<()> {
+    let Some(serde_json::Value::Array(parts)) = message.get("content") else {
+        return Ok(());
+    };
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        match (part.get("type").and_then(|t| t.as_str()), part.get("text").and_then(|t| t.as_str())) {
+            (Some("text"), Some(text)) => texts.push(text.to_string()),
+            (Some(kind), _) if kind != "text" => {
+                return Err(Error::Template(format!(
+                    "`messages[{i}].content[{j}]`: content parts of type {kind:?} are not supported by this model"
+                )))
+            }
+            _ => {
+                return Err(Error::Template(format!(
+                    "`messages[{i}].content[{j}]` must be an object with `type` \"text\" and a string `text`"
+                )))
+            }
+        }
+    }
+    message["content"] = serde_json::Value::String(texts.join("\n"));
+    Ok(())
 }
 
 /// `tool_calls[*].function.arguments` given as a JSON-encoded object string becomes the object.

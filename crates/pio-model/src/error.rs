@@ -5,13 +5,10 @@ use std::path::PathBuf;
 /// Errors from loading and running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The OS refused to open, read or map a file.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS refused to open, read or map a file. (The I/O error is part of the message, not a
+    /// `source`, so an error chain does not print it twice.)
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file exists but its content is wrong: bad magic, truncated, a tensor missing or of the
     /// wrong shape, malformed JSON.
     #[error("{path}: {msg}")]
@@ -39,7 +36,7 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), err: source }
     }
 }
 

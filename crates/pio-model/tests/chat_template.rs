@@ -123,6 +123,23 @@ fn malformed_bodies_are_errors() {
     }
     let err = ChatRequest::from_openai_json(&json!({"messages": 3})).unwrap_err();
     assert!(err.to_string().contains("messages"), "{err}");
+    for (body, what) in [
+        (json!({"messages": []}), "empty"),
+        (json!({"messages": [{"content": "hi"}]}), "role"),
+        (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}), "image_url"),
+        (json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}), "text"),
+    ] {
+        let err = ChatRequest::from_openai_json(&body).unwrap_err();
+        assert!(err.to_string().contains(what), "{body}: {err}");
+    }
+}
+
+#[test]
+fn text_content_parts_are_joined() {
+    let body = json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]}]});
+    let req = ChatRequest::from_openai_json(&body).unwrap();
+    assert_eq!(req.messages[0]["content"], "Say\nhi");
 }
 
 #[test]

@@ -104,7 +104,30 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
             (completion_prompts(s, o)?, params::completion_logprobs(o)?)
         }
     };
+    refuse_unsupported(o, kind)?;
     let common = params::common(o, &s.defaults, logprobs)?;
+    if common.include_usage && !common.stream {
+        return Err(ApiError::bad_param("stream_options", "`stream_options` is only allowed with `stream: true`"));
+    }
+    let max_len = s.engine.config().max_model_len;
+    for ids in &prompts {
+        let asked = ids.len() + common.params.max_tokens.unwrap_or(1);
+        if asked > max_len {
+            let what = if kind == Kind::Chat { "messages" } else { "prompt" };
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::bad_param(
+                    what,
+                    format!(
+                        "this model's maximum context length is {max_len} tokens, but {asked} were requested \
+                         ({} in the {what}, {} in the completion)",
+                        ids.len(),
+                        asked - ids.len()
+                    ),
+                )
+            });
+        }
+    }
     let mut choices = Vec::new();
     for (p, ids) in prompts.iter().enumerate() {
         for j in 0..common.n {
@@ -122,6 +145,32 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
     } else {
         collect_response(s, meta, choices).await
     }
+}
+
+/// Fields we do not implement are refused rather than silently ignored.
+fn refuse_unsupported(o: &Map<String, Value>, kind: Kind) -> Result<(), ApiError> {
+    let set = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
+    if o.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
+        return Err(ApiError::bad_param("logit_bias", "`logit_bias` is not supported"));
+    }
+    if let Some(rf) = o.get("response_format").filter(|v| !v.is_null()) {
+        if rf.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::bad_param(
+                "response_format",
+                "only `response_format` {\"type\": \"text\"} is supported",
+            ));
+        }
+    }
+    if kind == Kind::Completion && set("suffix") {
+        return Err(ApiError::bad_param("suffix", "`suffix` is not supported"));
+    }
+    if o.get("best_of").and_then(Value::as_u64).is_some_and(|b| b > 1) {
+        return Err(ApiError::bad_param("best_of", "`best_of` above 1 is not supported; use `n`"));
+    }
+    if kind == Kind::Chat && o.get("tool_choice").and_then(Value::as_str).is_some_and(|c| c != "none" && c != "auto") {
+        return Err(ApiError::bad_param("tool_choice", "only `tool_choice` \"auto\" or \"none\" is supported"));
+    }
+    Ok(())
 }
 
 fn with_param(mut e: ApiError, kind: Kind) -> ApiError {
@@ -262,10 +311,12 @@ impl LogprobWriter {
                     );
                 }
                 Kind::Completion => {
+                    // As vLLM: the sampled token is always among the alternatives listed.
                     let mut top = Map::new();
                     for &(t, l) in &lp.top {
                         top.insert(piece(t), json!(l));
                     }
+                    top.entry(tok.clone()).or_insert(json!(lp.logprob));
                     self.offsets.push(offset);
                     offset += tok.len();
                     self.tokens.push(json!(tok));
@@ -374,6 +425,7 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
             .collect(),
         Kind::Completion => Vec::new(),
     };
+    let num_choices = choices.len();
     let merged = stream::select_all(choices.into_iter().map(|c| {
         let (index, prompt) = (c.index, c.prompt);
         stream::unfold(c.stream, |mut rs| async move { rs.recv().await.map(|e| (e, rs)) })
@@ -383,16 +435,22 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
     let body = {
         let (usage, chunk, s) = (usage.clone(), chunk.clone(), s.clone());
         let kind = meta.kind;
+        // Text streamed so far per choice: completions' `text_offset` counts from its start.
+        let mut offsets = vec![0usize; num_choices];
         merged.map(move |(index, prompt, e)| match e {
             Event::Output(o) => {
                 if let Ok(mut u) = usage.lock() {
                     u.add(prompt, &o);
                 }
+                let offset = offsets.get(index).copied().unwrap_or(0);
+                if let Some(off) = offsets.get_mut(index) {
+                    *off += o.text.len();
+                }
                 let logprobs = if o.logprobs.is_empty() {
                     Value::Null
                 } else {
                     let mut w = LogprobWriter::new(kind);
-                    w.push(&s, &o.logprobs, 0);
+                    w.push(&s, &o.logprobs, offset);
                     w.json()
                 };
                 let finish = o.finish_reason.map(finish_str);
