@@ -195,6 +195,9 @@ pub struct BenchArgs {
     /// Runs of each measurement; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
+    /// Element type of the KV cache: f16 or f32.
+    #[arg(long, default_value_t = pio_kernels::attention::KvCacheDtype::F16)]
+    pub kv_cache_dtype: pio_kernels::attention::KvCacheDtype,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_model::weights::gguf::{write_gguf, TensorToWrite, Value};
 use pio_model::weights::{names, safetensors as st_loader};
+use pio_model::KvCacheDtype;
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
@@ -95,7 +96,11 @@ fn gguf_llama_and_qwen2_match_transformers() {
         convert(name, arch, &path);
         let loaded = pio_model::load(&path, &mut |_, _| {}).expect("gguf loads");
         let (ids, want) = reference_logits(name);
-        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 32);
+        let model = loaded.model.as_ref();
+        // An f32 cache, as transformers computes (tests/parity.rs bounds the default f16 one).
+        let mut runner = Runner::with_capacity(model, 32);
+        let cache = runner.cache_mut();
+        *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, KvCacheDtype::F32);
         let mut seq = Sequence::new(ids);
         let got = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
         let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));

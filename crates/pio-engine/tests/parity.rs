@@ -1,11 +1,15 @@
 //! The dense family against Hugging Face transformers (float32) on tiny random-weight
 //! checkpoints: logits, greedy continuations, and batched == alone.
+//!
+//! Logit comparisons run over an f32 KV cache, as transformers computes; the default f16 cache
+//! has its own bound (`f16_cache_stays_within_f16_precision`) and bitwise batch checks.
 
 use std::path::PathBuf;
 
 use pio_engine::generate::{generate, GenerateParams};
 use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
+use pio_model::{CausalLm, KvCacheDtype};
 use safetensors::SafeTensors;
 
 /// The fixtures were computed in f32 over bf16 weights, so bf16 weights here multiply f32
@@ -47,6 +51,13 @@ fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32], scale: f32) {
     assert!(diff <= bound, "{name} {what}: max abs diff {diff} > bound {bound}");
 }
 
+/// `runner` with its cache remade as f32 (same blocks).
+fn with_f32_cache<'m>(model: &'m dyn CausalLm, mut runner: Runner<'m>) -> Runner<'m> {
+    let cache = runner.cache_mut();
+    *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, KvCacheDtype::F32);
+    runner
+}
+
 fn tolerance(name: &str) -> f32 {
     if name.contains("bf16") {
         10.0
@@ -62,10 +73,26 @@ fn logits_match_transformers() {
     for name in FAMILIES {
         let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
         let r = Reference::open(name);
-        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+        let model = loaded.model.as_ref();
+        let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
         let mut seq = Sequence::new(r.ids("input_ids"));
         let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
         assert_close(name, "logits", &logits[0], &r.f32s("logits"), tolerance(name));
+    }
+}
+
+#[test]
+fn f16_cache_stays_within_f16_precision() {
+    // f16 keeps 11 significant bits: every cached key and value moves by up to 2^-12 of itself,
+    // which these models carry to ~5e-4 of the largest logit. The bound is 20x the f32 one.
+    for name in FAMILIES {
+        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let r = Reference::open(name);
+        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+        assert_eq!(runner.cache_mut().dtype(), KvCacheDtype::F16, "the default cache");
+        let mut seq = Sequence::new(r.ids("input_ids"));
+        let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
+        assert_close(name, "f16-cache logits", &logits[0], &r.f32s("logits"), 20.0 * tolerance(name));
     }
 }
 
@@ -76,12 +103,30 @@ fn batch_of_prompts_matches_each_alone() {
         let r = Reference::open(name);
         let keys = ["input_ids", "batch1_input_ids", "batch2_input_ids", "batch3_input_ids"];
         let refs = ["logits", "batch1_logits", "batch2_logits", "batch3_logits"];
-        let mut seqs: Vec<Sequence> = keys.iter().map(|k| Sequence::new(r.ids(k))).collect();
-        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 256);
-        let mut refs_mut: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        let batched = runner.step(&mut refs_mut, Logits::All).expect("batched forward");
-        for (i, want) in refs.iter().enumerate() {
-            assert_close(name, want, &batched[i], &r.f32s(want), tolerance(name));
+        let model = loaded.model.as_ref();
+        for dtype in [KvCacheDtype::F32, KvCacheDtype::F16] {
+            let mut runner = Runner::with_capacity(model, 256);
+            let cache = runner.cache_mut();
+            *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, dtype);
+            let mut seqs: Vec<Sequence> = keys.iter().map(|k| Sequence::new(r.ids(k))).collect();
+            let mut refs_mut: Vec<&mut Sequence> = seqs.iter_mut().collect();
+            let batched = runner.step(&mut refs_mut, Logits::All).expect("batched forward");
+            for s in &mut seqs {
+                runner.release(s);
+            }
+            for (i, (key, want)) in keys.iter().zip(refs).enumerate() {
+                if dtype == KvCacheDtype::F32 {
+                    assert_close(name, want, &batched[i], &r.f32s(want), tolerance(name));
+                }
+                // Each prompt alone gives the same bits as in the batch.
+                let mut seq = Sequence::new(r.ids(key));
+                let alone = runner.step(&mut [&mut seq], Logits::All).expect("forward alone").remove(0);
+                runner.release(&mut seq);
+                assert!(
+                    alone.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} {dtype}: {key} alone differs from the batch"
+                );
+            }
         }
     }
 }
@@ -112,14 +157,28 @@ fn prompt_split_across_steps_matches_one_pass() {
     let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
     let r = Reference::open(name);
     let ids = r.ids("input_ids");
-    let mut runner = Runner::new(loaded.model.as_ref(), 4, 8);
-    let mut seq = Sequence::new(ids[..7].to_vec());
-    runner.step(&mut [&mut seq], Logits::Last).expect("first chunk");
-    seq.token_ids.extend_from_slice(&ids[7..]);
-    let rest = runner.step(&mut [&mut seq], Logits::All).expect("second chunk");
+    let model = loaded.model.as_ref();
     let all = r.f32s("logits");
     let vocab = all.len() / ids.len();
-    assert_close(name, "chunked logits", &rest[0], &all[7 * vocab..], 1.0);
+    for dtype in [KvCacheDtype::F32, KvCacheDtype::F16] {
+        let mut runner = Runner::new(model, 4, 8);
+        *runner.cache_mut() = model.new_kv_cache_with(4, 8, dtype);
+        let mut seq = Sequence::new(ids[..7].to_vec());
+        runner.step(&mut [&mut seq], Logits::Last).expect("first chunk");
+        seq.token_ids.extend_from_slice(&ids[7..]);
+        let rest = runner.step(&mut [&mut seq], Logits::All).expect("second chunk").remove(0);
+        runner.release(&mut seq);
+        if dtype == KvCacheDtype::F32 {
+            assert_close(name, "chunked logits", &rest, &all[7 * vocab..], 1.0);
+        }
+        // The same bits as the prompt in one pass.
+        let mut seq = Sequence::new(ids.clone());
+        let one = runner.step(&mut [&mut seq], Logits::All).expect("one pass").remove(0);
+        assert!(
+            rest.iter().zip(&one[7 * vocab..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{dtype}: chunked prefill differs from one pass"
+        );
+    }
 }
 
 #[test]
@@ -153,7 +212,8 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
     let loaded = pio_model::load(&dir, &mut |_, _| {}).expect("sharded loads");
     let r = Reference::open(name);
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+    let model = loaded.model.as_ref();
+    let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
     let mut seq = Sequence::new(r.ids("input_ids"));
     let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
     assert_close(name, "sharded logits", &logits[0], &r.f32s("logits"), 1.0);

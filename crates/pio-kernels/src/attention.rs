@@ -1,19 +1,44 @@
 //! Attention of a flat batch of query tokens over a paged KV cache.
 //!
-//! Cache layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]` f32, keys and
-//! values in separate buffers. A token's slot is `block * block_size + offset`; a sequence's
-//! block table lists its blocks in position order.
+//! **Cache layout.** Per layer, keys and values live in separate buffers of one element type
+//! ([`KvElem`]: f32, or f16 at half the memory, chosen by [`KvCacheDtype`]), in blocks of
+//! `block_size` positions. A token's slot is `block * block_size + offset`; a sequence's block
+//! table lists its blocks in position order.
+//! - keys: `[num_blocks, num_kv_heads, head_dim, block_size]`, transposed inside each block so
+//!   that one dimension of [`CHUNK`] consecutive positions is one vector;
+//! - values: `[num_blocks, num_kv_heads, block_size, head_dim]`, so a kv head's rows for
+//!   consecutive positions are contiguous (rows `num_kv_heads * head_dim` apart would all fall
+//!   in the same L1 sets).
 //!
-//! The kernel is the CPU form of FlashAttention: keys are visited once, in chunks of
-//! [`CHUNK`] positions, with an online softmax (a running maximum and sum per query row, the
-//! output rescaled when the maximum grows), so no score matrix is ever materialised. One work
-//! item is one query token and one KV head, covering every query head that shares the KV head
-//! (GQA): the keys and values read for the item serve all of them. Items are split across
-//! threads, so a single decoding sequence still uses every core.
+//! [`PagedKvMut::write`] is the only writer (f16 rounds to nearest even); reading f16 back is
+//! exact.
+//!
+//! **Kernel.** The CPU form of FlashAttention: keys are visited once, in chunks of [`CHUNK`]
+//! positions, with an online softmax (a running maximum and sum per query row, the output
+//! rescaled when the maximum grows), so no score matrix is ever materialised. One work item is
+//! a run of up to [`QUERY_TILE`] consecutive query tokens of one sequence and one KV head,
+//! covering every query head that shares it (GQA): `tokens * group` query rows. Per chunk the
+//! item
+//! 1. takes the chunk as f32: keys `[head_dim][16]`, values `[16][head_dim]` (an f32 cache whose
+//!    blocks hold whole chunks is read in place; otherwise the chunk is staged, which is where
+//!    f16 is widened, once for all the item's rows);
+//! 2. computes a row's 16 scores as one vector, `s += q[d] * kᵀ[d]` over `d` in order (into four
+//!    accumulators by `d mod 4`, summed at the end), so no score needs a horizontal sum;
+//! 3. updates the row's running maximum and sum and accumulates the values.
+//!
+//! Items are split across threads, so a single decoding sequence still uses every core.
 //!
 //! **Batch invariance.** The chunks are fixed by absolute position (0..16, 16..32, ...) and each
-//! query row is computed by the same operations whatever else is in the batch, so a token's
-//! output is bitwise the same alone, batched, or in any prefill chunking (at a given SIMD level).
+//! query row is computed by the same operations whatever else is in the batch or in its item,
+//! so a token's output is bitwise the same alone, batched, or in any prefill chunking (at a
+//! given SIMD level and cache element type).
+
+use std::fmt;
+use std::str::FromStr;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 use crate::cpu::{self, SimdLevel};
 use crate::parallel;
@@ -21,14 +46,212 @@ use crate::parallel;
 /// Key positions per online-softmax step.
 pub const CHUNK: usize = 16;
 
-/// One layer's paged cache, borrowed for reading.
+/// Query tokens of one sequence that share each loaded chunk of keys and values.
+pub const QUERY_TILE: usize = 16;
+
+/// Element type of a KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvCacheDtype {
+    /// 4 bytes an element, stored exactly.
+    F32,
+    /// 2 bytes an element, rounded to nearest even when written (llama.cpp's default too).
+    #[default]
+    F16,
+}
+
+impl KvCacheDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCacheDtype::F32 => "f32",
+            KvCacheDtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            KvCacheDtype::F32 => 4,
+            KvCacheDtype::F16 => 2,
+        }
+    }
+}
+
+impl fmt::Display for KvCacheDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A KV cache element type that is neither `f32` nor `f16`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown KV cache dtype {0:?} (expected f32 or f16)")]
+pub struct UnknownKvCacheDtype(pub String);
+
+impl FromStr for KvCacheDtype {
+    type Err = UnknownKvCacheDtype;
+
+    /// `f32` or `f16`, in any case.
+    fn from_str(s: &str) -> Result<KvCacheDtype, UnknownKvCacheDtype> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvCacheDtype::F32),
+            "f16" => Ok(KvCacheDtype::F16),
+            _ => Err(UnknownKvCacheDtype(s.to_string())),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// An element of the KV cache: `f32` or `half::f16`.
+pub trait KvElem: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
+    const DTYPE: KvCacheDtype;
+
+    /// `n` zeros, from zeroed pages (memory never written costs no resident set).
+    fn zeros(n: usize) -> Vec<Self>;
+
+    /// `dst[i] = src[i]` in this type (f16: rounded to nearest even, as `f16::from_f32`).
+    fn from_f32s(src: &[f32], dst: &mut [Self]);
+
+    fn to_f32(self) -> f32;
+
+    /// `dst[r * width + c] = src[r * stride + c]` as f32 (exact), for `r < rows`, `c < width`.
+    fn widen_rows(level: SimdLevel, src: &[Self], stride: usize, rows: usize, width: usize, dst: &mut [f32]);
+
+    /// The buffer itself when it holds f32 (then read in place, never staged).
+    fn as_f32s(buf: &[Self]) -> Option<&[f32]>;
+}
+
+impl KvElem for f32 {
+    const DTYPE: KvCacheDtype = KvCacheDtype::F32;
+
+    fn zeros(n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+
+    fn from_f32s(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn widen_rows(_: SimdLevel, src: &[f32], stride: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        for r in 0..rows {
+            dst[r * width..(r + 1) * width].copy_from_slice(&src[r * stride..r * stride + width]);
+        }
+    }
+
+    fn as_f32s(buf: &[f32]) -> Option<&[f32]> {
+        Some(buf)
+    }
+}
+
+impl KvElem for f16 {
+    const DTYPE: KvCacheDtype = KvCacheDtype::F16;
+
+    fn zeros(n: usize) -> Vec<f16> {
+        vec![0u16; n].reinterpret_into()
+    }
+
+    fn from_f32s(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    fn widen_rows(level: SimdLevel, src: &[f16], stride: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        if rows == 0 || width == 0 {
+            return;
+        }
+        assert!(src.len() >= (rows - 1) * stride + width && dst.len() >= rows * width);
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level only names features the CPU has (AVX-512 F); bounds asserted above.
+            SimdLevel::Avx512 => unsafe { x86::widen_f16_avx512(src, stride, rows, width, dst) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the AVX2 level implies F16C; bounds asserted above.
+            SimdLevel::Avx2 => unsafe { x86::widen_f16_f16c(src, stride, rows, width, dst) },
+            _ => {
+                for r in 0..rows {
+                    for (d, s) in dst[r * width..(r + 1) * width].iter_mut().zip(&src[r * stride..r * stride + width]) {
+                        *d = s.to_f32();
+                    }
+                }
+            }
+        }
+    }
+
+    fn as_f32s(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+}
+
+/// One layer's paged cache, borrowed for reading (layout in the module docs).
 #[derive(Debug, Clone, Copy)]
-pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct PagedKv<'a, T = f32> {
+    /// `[num_blocks, num_kv_heads, head_dim, block_size]`.
+    pub k: &'a [T],
+    /// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+    pub v: &'a [T],
     pub block_size: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+}
+
+/// One layer's paged cache, borrowed for writing (layout in the module docs).
+#[derive(Debug)]
+pub struct PagedKvMut<'a, T> {
+    /// `[num_blocks, num_kv_heads, head_dim, block_size]`.
+    pub k: &'a mut [T],
+    /// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+    pub v: &'a mut [T],
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<T: KvElem> PagedKvMut<'_, T> {
+    /// Stores token `t`'s keys `k[t]` and values `v[t]` in slot `slots[t]`; `k` and `v` are
+    /// `[tokens, num_kv_heads * head_dim]`.
+    pub fn write(&mut self, slots: &[usize], k: &[f32], v: &[f32]) {
+        let (bs, kd) = (self.block_size, self.num_kv_heads * self.head_dim);
+        assert!(k.len() == slots.len() * kd && v.len() == k.len(), "keys and values are [tokens, kv heads * head dim]");
+        let hd = self.head_dim;
+        let mut row = T::zeros(kd);
+        for (t, &slot) in slots.iter().enumerate() {
+            let (block, off) = (slot / bs, slot % bs);
+            // Within the block, head g's value row at ((g * bs + offset) * hd), its key
+            // dimension d at ((g * hd + d) * bs + offset).
+            let (kb, vb) = (
+                &mut self.k[block * kd * bs..(block + 1) * kd * bs],
+                &mut self.v[block * kd * bs..(block + 1) * kd * bs],
+            );
+            for (g, src) in v[t * kd..(t + 1) * kd].chunks_exact(hd.max(1)).enumerate() {
+                T::from_f32s(src, &mut vb[(g * bs + off) * hd..(g * bs + off + 1) * hd]);
+            }
+            T::from_f32s(&k[t * kd..(t + 1) * kd], &mut row);
+            for (i, &x) in row.iter().enumerate() {
+                kb[i * bs + off] = x;
+            }
+        }
+    }
+
+    pub fn view(&self) -> PagedKv<'_, T> {
+        PagedKv {
+            k: self.k,
+            v: self.v,
+            block_size: self.block_size,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
 }
 
 /// What each query token attends to.
@@ -43,10 +266,10 @@ pub struct QueryContext<'a> {
 /// `out[t, h, :] = softmax(scale * q[t, h] · K[ctx]) V[ctx]` for every query token `t` and head
 /// `h`; query head `h` reads kv head `h / (num_heads / num_kv_heads)` (GQA/MQA).
 /// `q` and `out` are `[tokens, num_heads * head_dim]`. A token with an empty context gets zeros.
-pub fn paged_attention(
+pub fn paged_attention<T: KvElem>(
     q: &[f32],
     num_heads: usize,
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, T>,
     queries: &[QueryContext<'_>],
     scale: f32,
     out: &mut [f32],
@@ -55,11 +278,11 @@ pub fn paged_attention(
 }
 
 /// [`paged_attention`] at an explicit SIMD level (tests and benchmarks).
-pub fn paged_attention_at(
+pub fn paged_attention_at<T: KvElem>(
     level: SimdLevel,
     q: &[f32],
     num_heads: usize,
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, T>,
     queries: &[QueryContext<'_>],
     scale: f32,
     out: &mut [f32],
@@ -69,11 +292,20 @@ pub fn paged_attention_at(
     assert_eq!(q.len(), queries.len() * row);
     assert_eq!(out.len(), q.len());
     assert!(kv.num_kv_heads > 0 && num_heads.is_multiple_of(kv.num_kv_heads));
-    let group = num_heads / kv.num_kv_heads;
     let nkv = kv.num_kv_heads;
+    assert!(
+        kv.block_size > 0 && kv.k.len() == kv.v.len() && kv.k.len().is_multiple_of(kv.block_size * nkv * hd.max(1)),
+        "keys and values must be whole blocks"
+    );
+    let group = num_heads / nkv;
     for ctx in queries {
         assert!(ctx.context_len <= ctx.block_table.len() * kv.block_size, "context runs past the block table");
     }
+    // AVX2 handles rows of whole 8-lane vectors only.
+    let level = match level {
+        SimdLevel::Avx2 if !hd.is_multiple_of(8) => SimdLevel::Scalar,
+        l => l,
+    };
     let work: usize = queries.iter().map(|c| c.context_len * row * 2).sum();
     // Runs of up to QUERY_TILE consecutive query tokens of one sequence: a run reads each chunk
     // of keys and values once for all its tokens (and all the query heads sharing the kv head).
@@ -116,32 +348,35 @@ pub fn paged_attention_at(
     }
     // An item's query rows: token-major, then the `group` heads of kv head `g`, `hd` each.
     let item = group * hd;
-    let parts = parallel::for_each_range(parts, work, |p0, p1| {
-        let (i0, i1) = (bounds[p0], bounds[p1]);
-        let mut pieces = Vec::with_capacity(i1 - i0);
+    let out = SharedOut(out.as_mut_ptr(), out.len());
+    parallel::for_each_range(parts, work, |p0, p1| {
+        let out = &out;
         let mut scratch = Scratch::default();
-        for it in i0..i1 {
+        for it in bounds[p0]..bounds[p1] {
             let (g, (s, e)) = (it / nr, runs[it % nr]);
             scratch.q.clear();
             for t in s..e {
                 scratch.q.extend_from_slice(&q[t * row + g * item..t * row + (g + 1) * item]);
             }
-            let mut o = vec![0f32; (e - s) * item];
-            attend(level, group, kv, g, &queries[s..e], scale, &mut o, &mut scratch);
-            pieces.push((g, s, o));
+            attend(level, group, kv, g, &queries[s..e], scale, &mut scratch);
+            for (k, rows) in scratch.o.chunks_exact(item).enumerate() {
+                let at = (s + k) * row + g * item;
+                assert!(at + item <= out.1);
+                // SAFETY: in bounds (asserted), and items cover disjoint (token, kv head) pairs,
+                // so no other thread touches these `item` floats while `out` is borrowed here.
+                unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), out.0.add(at), item) };
+            }
         }
-        pieces
     });
-    for (g, s, o) in parts.into_iter().flatten() {
-        for (k, rows) in o.chunks_exact(item).enumerate() {
-            let t = s + k;
-            out[t * row + g * item..t * row + (g + 1) * item].copy_from_slice(rows);
-        }
-    }
 }
 
-/// Query tokens of one sequence that share each loaded chunk of keys and values.
-const QUERY_TILE: usize = 16;
+/// The output buffer, written by every thread at once: each item writes only the rows of its
+/// own tokens and kv head.
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: threads write disjoint ranges (see the use above) and only while the caller's
+// `&mut [f32]` is borrowed by `paged_attention_at`, which outlives `for_each_range`.
+unsafe impl Sync for SharedOut {}
 
 /// Per-thread buffers reused across items.
 #[derive(Default)]
@@ -152,82 +387,91 @@ struct Scratch {
     m: Vec<f32>,
     /// Running softmax denominator of each query row.
     l: Vec<f32>,
+    /// The chunk's scores, `[rows, CHUNK]`, `-inf` past what the row sees.
+    s: Vec<f32>,
+    /// A staged chunk of keys, `[hd, CHUNK]`.
+    kt: Vec<f32>,
+    /// A staged chunk of values, `[CHUNK, hd]`.
+    v: Vec<f32>,
+    /// The rows that see part of the current chunk, and how many of its keys: (row, seen).
+    active: Vec<(usize, usize)>,
+    /// The item's output rows, `[tokens, group, hd]`.
+    o: Vec<f32>,
 }
 
 /// One item: the query rows in `scratch.q` (`ctxs.len()` tokens of one sequence x `group` heads)
-/// against kv head `g`, written normalised to `o`. Each row sees exactly the keys of its own
+/// against kv head `g`, written normalised to `scratch.o`. Each row sees exactly the keys of its own
 /// context, chunk by chunk, with the same operations as if it were alone.
-#[allow(clippy::too_many_arguments)]
-fn attend(
+fn attend<T: KvElem>(
     level: SimdLevel,
     group: usize,
-    kv: PagedKv<'_>,
+    kv: PagedKv<'_, T>,
     g: usize,
     ctxs: &[QueryContext<'_>],
     scale: f32,
-    o: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let hd = kv.head_dim;
-    let kv_row = kv.num_kv_heads * hd;
+    let (hd, bs) = (kv.head_dim, kv.block_size);
+    let kd = kv.num_kv_heads * hd;
     let rows = ctxs.len() * group;
-    o.fill(0.0);
-    scratch.m.clear();
-    scratch.m.resize(rows, f32::NEG_INFINITY);
-    scratch.l.clear();
-    scratch.l.resize(rows, 0.0);
+    let Scratch { q, m, l, s, kt, v, active, o } = scratch;
+    o.clear();
+    o.resize(rows * hd, 0.0);
+    m.clear();
+    m.resize(rows, f32::NEG_INFINITY);
+    l.clear();
+    l.resize(rows, 0.0);
+    s.resize(rows * CHUNK, 0.0);
     let Some(longest) = ctxs.iter().map(|c| c.context_len).max() else { return };
+    if hd == 0 {
+        return;
+    }
     let table = ctxs[0].block_table;
-    let mut offs = [0usize; CHUNK];
+    // Chunks lie inside one block when blocks are whole chunks (they start at multiples of both).
+    let whole = bs.is_multiple_of(CHUNK);
     let mut p0 = 0;
     while p0 < longest {
         let n = (longest - p0).min(CHUNK);
-        for (j, off) in offs.iter_mut().enumerate().take(n) {
-            let pos = p0 + j;
-            let slot = table[pos / kv.block_size] as usize * kv.block_size + pos % kv.block_size;
-            *off = slot * kv_row + g * hd;
-        }
-        check_offsets(kv, &offs[..n]);
-        for (t, ctx) in ctxs.iter().enumerate() {
-            if ctx.context_len <= p0 {
-                continue;
+        // The chunk as f32: key j's dimension d at kc[d * ks + j], its value at vc[j * vs ..].
+        let (kc, ks, vc, vs): (&[f32], usize, &[f32], usize) = match (whole, T::as_f32s(kv.k), T::as_f32s(kv.v)) {
+            (true, Some(kf), Some(vf)) => {
+                let (b, off) = (table[p0 / bs] as usize, p0 % bs);
+                let kb = (b * kd + g * hd) * bs + off;
+                let vb = (b * kd + g * hd) * bs + off * hd;
+                (&kf[kb..kb + (hd - 1) * bs + CHUNK], bs, &vf[vb..vb + n * hd], hd)
             }
-            // This token sees the first `seen` keys of the chunk.
-            let seen = (ctx.context_len - p0).min(n);
-            for i in t * group..(t + 1) * group {
-                let q = &scratch.q[i * hd..(i + 1) * hd];
-                let acc = &mut o[i * hd..(i + 1) * hd];
-                let (m, l) = (&mut scratch.m[i], &mut scratch.l[i]);
-                match level {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the level only names features the CPU has; `check_offsets` asserted
-                    // that every offset starts a whole head row inside both cache buffers.
-                    SimdLevel::Avx512 if hd == 128 => unsafe {
-                        x86::chunk_avx512_regs::<8>(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above.
-                    SimdLevel::Avx512 if hd == 64 => unsafe {
-                        x86::chunk_avx512_regs::<4>(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above.
-                    SimdLevel::Avx512 if hd.is_multiple_of(16) => unsafe {
-                        x86::chunk_avx512(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
-                    },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above.
-                    SimdLevel::Avx2 | SimdLevel::Avx512 if hd.is_multiple_of(8) => unsafe {
-                        x86::chunk_avx2(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc)
-                    },
-                    _ => chunk_scalar(q, kv.k, kv.v, &offs[..seen], scale, m, l, acc),
+            _ => {
+                stage(level, kv, table, g, p0, n, kt, v);
+                (&kt[..], CHUNK, &v[..n * hd], hd)
+            }
+        };
+        active.clear();
+        for (t, ctx) in ctxs.iter().enumerate() {
+            if ctx.context_len > p0 {
+                // This token sees the first `seen` keys of the chunk.
+                let seen = (ctx.context_len - p0).min(n);
+                active.extend((t * group..(t + 1) * group).map(|i| (i, seen)));
+            }
+        }
+        scores(level, q, hd, active, kc, ks, scale, s);
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level only names features the CPU has; the callee checks bounds.
+            SimdLevel::Avx512 => unsafe { x86::update_avx512(active, s, vc, vs, m, l, o, hd) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (`hd` is a multiple of 8 at this level).
+            SimdLevel::Avx2 => unsafe { x86::update_avx2(active, s, vc, vs, m, l, o, hd) },
+            _ => {
+                for &(i, seen) in active.iter() {
+                    let (si, acc) = (&s[i * CHUNK..(i + 1) * CHUNK], &mut o[i * hd..(i + 1) * hd]);
+                    update_scalar(si, seen, vc, vs, &mut m[i], &mut l[i], acc);
                 }
             }
         }
         p0 += n;
     }
     for i in 0..rows {
-        let l = scratch.l[i];
+        let l = l[i];
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
         for v in &mut o[i * hd..(i + 1) * hd] {
             *v *= inv;
@@ -235,33 +479,95 @@ fn attend(
     }
 }
 
-/// Every offset starts a whole head row inside both cache buffers.
-fn check_offsets(kv: PagedKv<'_>, offs: &[usize]) {
-    let len = kv.k.len().min(kv.v.len());
-    for &off in offs {
-        assert!(off + kv.head_dim <= len, "cache slot out of range");
+/// Copies (widening to f32) positions `p0..p0 + n` of kv head `g`: keys to `kt` as
+/// `[hd, CHUNK]` (lanes past `n` zero), values to `v` as `[n, hd]`.
+#[allow(clippy::too_many_arguments)]
+fn stage<T: KvElem>(
+    level: SimdLevel,
+    kv: PagedKv<'_, T>,
+    table: &[u32],
+    g: usize,
+    p0: usize,
+    n: usize,
+    kt: &mut Vec<f32>,
+    v: &mut Vec<f32>,
+) {
+    let (hd, bs) = (kv.head_dim, kv.block_size);
+    let kd = kv.num_kv_heads * hd;
+    kt.resize(hd * CHUNK, 0.0);
+    v.resize(CHUNK * hd, 0.0);
+    if bs.is_multiple_of(CHUNK) {
+        // One block holds the chunk: `hd` rows of CHUNK keys, `n` contiguous value rows.
+        let (b, off) = (table[p0 / bs] as usize, p0 % bs);
+        let kb = (b * kd + g * hd) * bs + off;
+        T::widen_rows(level, &kv.k[kb..kb + (hd - 1) * bs + CHUNK], bs, hd, CHUNK, kt);
+        let vb = (b * kd + g * hd) * bs + off * hd;
+        T::widen_rows(level, &kv.v[vb..vb + n * hd], n * hd, 1, n * hd, v);
+        return;
+    }
+    for j in 0..CHUNK {
+        if j >= n {
+            for d in 0..hd {
+                kt[d * CHUNK + j] = 0.0;
+            }
+            continue;
+        }
+        let pos = p0 + j;
+        let (b, off) = (table[pos / bs] as usize, pos % bs);
+        let kb = (b * kd + g * hd) * bs + off;
+        for d in 0..hd {
+            kt[d * CHUNK + j] = kv.k[kb + d * bs].to_f32();
+        }
+        let vb = (b * kd + g * hd) * bs + off * hd;
+        T::widen_rows(level, &kv.v[vb..vb + hd], hd, 1, hd, &mut v[j * hd..(j + 1) * hd]);
     }
 }
 
-/// One chunk of keys for one query row: scores, online-softmax update of `m`/`l`, and the
-/// rescaled accumulation of values into `acc` (unnormalised).
+/// Scores of the `active` rows (`(row, seen)`) of `q` (`[rows, hd]`) against one chunk of keys
+/// (`kt[d * ks + j]`, `kt.len() >= (hd - 1) * ks + CHUNK`): `s[row] = scale * q[row] · k_j` for
+/// `j < seen`, `-inf` past it.
 #[allow(clippy::too_many_arguments)]
-fn chunk_scalar(
+fn scores(
+    level: SimdLevel,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    offs: &[usize],
+    hd: usize,
+    active: &[(usize, usize)],
+    kt: &[f32],
+    ks: usize,
     scale: f32,
-    m: &mut f32,
-    l: &mut f32,
-    acc: &mut [f32],
+    s: &mut [f32],
 ) {
-    let hd = q.len();
-    let mut s = [0f32; CHUNK];
-    for (sj, &off) in s.iter_mut().zip(offs) {
-        *sj = crate::ops::dot(q, &k[off..off + hd]) * scale;
+    assert!(kt.len() >= (hd - 1) * ks + CHUNK, "key chunk out of range");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has; `kt` was checked above and the
+        // callee slices rows of `q` and `s` with bounds checks.
+        SimdLevel::Avx512 => unsafe { x86::scores_avx512(q, hd, active, kt, ks, scale, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { x86::scores_avx2(q, hd, active, kt, ks, scale, s) },
+        _ => {
+            for &(i, seen) in active {
+                let mut acc = [0f32; CHUNK];
+                for (d, &qd) in q[i * hd..(i + 1) * hd].iter().enumerate() {
+                    for (a, &k) in acc.iter_mut().zip(&kt[d * ks..d * ks + CHUNK]) {
+                        *a += qd * k;
+                    }
+                }
+                for (j, (sj, a)) in s[i * CHUNK..(i + 1) * CHUNK].iter_mut().zip(acc).enumerate() {
+                    *sj = if j < seen { a * scale } else { f32::NEG_INFINITY };
+                }
+            }
+        }
     }
-    let s = &mut s[..offs.len()];
+}
+
+/// One chunk for one query row: online-softmax update of `m`/`l` from the row's scores `s`
+/// (`-inf` past `seen`), and the rescaled accumulation of the values (`v[j * vs..][..hd]`) into
+/// `acc` (unnormalised).
+fn update_scalar(s: &[f32], seen: usize, v: &[f32], vs: usize, m: &mut f32, l: &mut f32, acc: &mut [f32]) {
+    let hd = acc.len();
+    let s = &s[..seen];
     let mx = s.iter().copied().fold(*m, f32::max);
     if mx == f32::NEG_INFINITY {
         return;
@@ -271,10 +577,10 @@ fn chunk_scalar(
     for a in acc.iter_mut() {
         *a *= corr;
     }
-    for (sj, &off) in s.iter_mut().zip(offs) {
-        let p = (*sj - mx).exp();
+    for (j, &sj) in s.iter().enumerate() {
+        let p = (sj - mx).exp();
         *l += p;
-        crate::ops::axpy(p, &v[off..off + hd], acc);
+        crate::ops::axpy(p, &v[j * vs..j * vs + hd], acc);
     }
     *m = mx;
 }
@@ -282,6 +588,8 @@ fn chunk_scalar(
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
+
+    use half::f16;
 
     use super::CHUNK;
 
@@ -313,115 +621,204 @@ pub(crate) mod x86 {
         _mm512_mask_blend_ps(tiny, e, _mm512_setzero_ps())
     }
 
-    /// As [`super::chunk_scalar`], 16 lanes wide: `q.len()` is a multiple of 16 and every
-    /// offset starts a head row inside `k` and `v`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn chunk_avx512(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        offs: &[usize],
-        scale: f32,
-        m: &mut f32,
-        l: &mut f32,
-        acc: &mut [f32],
-    ) {
-        let hd = q.len();
-        let n = offs.len();
-        let qp = q.as_ptr();
-        let mut s = [f32::NEG_INFINITY; CHUNK];
-        for (j, &off) in offs.iter().enumerate() {
-            let kp = k.as_ptr().add(off);
-            // Two accumulators; the same order for every score.
-            let mut a0 = _mm512_setzero_ps();
-            let mut a1 = _mm512_setzero_ps();
-            let mut d = 0;
-            while d + 32 <= hd {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(d)), _mm512_loadu_ps(kp.add(d)), a0);
-                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(d + 16)), _mm512_loadu_ps(kp.add(d + 16)), a1);
-                d += 32;
+    /// `dst[r * width + c] = src[r * stride + c]` widened; the caller checked both extents.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn widen_f16_avx512(src: &[f16], stride: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+        for r in 0..rows {
+            let (s, d) = (sp.add(r * stride), dp.add(r * width));
+            let mut c = 0;
+            while c + 16 <= width {
+                _mm512_storeu_ps(d.add(c), _mm512_cvtph_ps(_mm256_loadu_si256(s.add(c) as *const __m256i)));
+                c += 16;
             }
-            if d < hd {
-                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(d)), _mm512_loadu_ps(kp.add(d)), a0);
+            if c < width {
+                let mask = (1u16 << (width - c)) - 1;
+                let h = _mm256_maskz_loadu_epi16(mask, s.add(c) as *const i16);
+                _mm512_mask_storeu_ps(d.add(c), mask, _mm512_cvtph_ps(h));
             }
-            s[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
         }
-        let sv = _mm512_loadu_ps(s.as_ptr());
-        let mx = _mm512_reduce_max_ps(sv).max(*m);
-        if mx == f32::NEG_INFINITY {
-            return;
-        }
-        let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mx).exp() };
-        let p = super::x86::exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
-        let mut pj = [0f32; CHUNK];
-        _mm512_storeu_ps(pj.as_mut_ptr(), p);
-        // Lanes past `n` hold exp(-inf) = 0, so the sum is over the chunk's keys only.
-        *l = *l * corr + _mm512_reduce_add_ps(p);
-        let cv = _mm512_set1_ps(corr);
-        let ap = acc.as_mut_ptr();
-        let mut d = 0;
-        while d < hd {
-            let mut a = _mm512_mul_ps(_mm512_loadu_ps(ap.add(d)), cv);
-            for (j, &off) in offs.iter().enumerate().take(n) {
-                a = _mm512_fmadd_ps(_mm512_set1_ps(pj[j]), _mm512_loadu_ps(v.as_ptr().add(off + d)), a);
-            }
-            _mm512_storeu_ps(ap.add(d), a);
-            d += 16;
-        }
-        *m = mx;
     }
 
-    /// As [`chunk_avx512`] for a head of `16 * NV` dimensions (64 or 128): the query row and the
-    /// output accumulator live in registers, each value row is read once with its probability
-    /// broadcast once, and each score is one horizontal sum.
+    /// As [`widen_f16_avx512`] with F16C's 8 lanes.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen_f16_f16c(src: &[f16], stride: usize, rows: usize, width: usize, dst: &mut [f32]) {
+        let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+        for r in 0..rows {
+            let (s, d) = (sp.add(r * stride), dp.add(r * width));
+            let mut c = 0;
+            while c + 8 <= width {
+                _mm256_storeu_ps(d.add(c), _mm256_cvtph_ps(_mm_loadu_si128(s.add(c) as *const __m128i)));
+                c += 8;
+            }
+            while c < width {
+                *d.add(c) = f16::from_bits(*s.add(c)).to_f32();
+                c += 1;
+            }
+        }
+    }
+
+    /// [`super::scores`] with 16 lanes: rows four at a time share each key vector.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores_avx512(
+        q: &[f32],
+        hd: usize,
+        active: &[(usize, usize)],
+        kt: &[f32],
+        ks: usize,
+        scale: f32,
+        s: &mut [f32],
+    ) {
+        let mut blocks = active.chunks_exact(4);
+        for b in &mut blocks {
+            scores_rows_avx512::<4>(q, hd, b, kt, ks, scale, s);
+        }
+        match blocks.remainder() {
+            r @ [_] => scores_rows_avx512::<1>(q, hd, r, kt, ks, scale, s),
+            r @ [_, _] => scores_rows_avx512::<2>(q, hd, r, kt, ks, scale, s),
+            r @ [_, _, _] => scores_rows_avx512::<3>(q, hd, r, kt, ks, scale, s),
+            _ => {}
+        }
+    }
+
+    /// `R` rows' scores. Each row's arithmetic is fixed: accumulator `d mod 4` takes
+    /// `q[d] * kt[d]` for `d` in order, then `(a0 + a1) + (a2 + a3)`, times `scale`; which rows
+    /// share the block does not change it.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_rows_avx512<const R: usize>(
+        q: &[f32],
+        hd: usize,
+        rows: &[(usize, usize)],
+        kt: &[f32],
+        ks: usize,
+        scale: f32,
+        s: &mut [f32],
+    ) {
+        let qp: [*const f32; R] = std::array::from_fn(|r| q[rows[r].0 * hd..(rows[r].0 + 1) * hd].as_ptr());
+        let kp = kt.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut d = 0;
+        while d + 4 <= hd {
+            let k: [__m512; 4] = std::array::from_fn(|a| _mm512_loadu_ps(kp.add((d + a) * ks)));
+            for (ar, qr) in acc.iter_mut().zip(&qp) {
+                for (a, (aa, ka)) in ar.iter_mut().zip(&k).enumerate() {
+                    *aa = _mm512_fmadd_ps(_mm512_set1_ps(*qr.add(d + a)), *ka, *aa);
+                }
+            }
+            d += 4;
+        }
+        while d < hd {
+            let k = _mm512_loadu_ps(kp.add(d * ks));
+            for r in 0..R {
+                acc[r][d % 4] = _mm512_fmadd_ps(_mm512_set1_ps(*qp[r].add(d)), k, acc[r][d % 4]);
+            }
+            d += 1;
+        }
+        for r in 0..R {
+            let (i, seen) = rows[r];
+            let [a0, a1, a2, a3] = acc[r];
+            let sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+            let keep = ((1u32 << seen) - 1) as __mmask16;
+            let v = _mm512_mask_blend_ps(
+                keep,
+                _mm512_set1_ps(f32::NEG_INFINITY),
+                _mm512_mul_ps(sum, _mm512_set1_ps(scale)),
+            );
+            _mm512_storeu_ps(s[i * CHUNK..(i + 1) * CHUNK].as_mut_ptr(), v);
+        }
+    }
+
+    /// [`update_row_avx512`] for each active row `(i, seen)`: scores `s[i * CHUNK..]`, running
+    /// maximum and sum `m[i]`, `l[i]`, output row `o[i * hd..]`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn chunk_avx512_regs<const NV: usize>(
-        q: &[f32],
-        k: &[f32],
+    pub unsafe fn update_avx512(
+        active: &[(usize, usize)],
+        s: &[f32],
         v: &[f32],
-        offs: &[usize],
-        scale: f32,
+        vs: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+        hd: usize,
+    ) {
+        for &(i, seen) in active {
+            let (si, acc) = (&s[i * CHUNK..(i + 1) * CHUNK], &mut o[i * hd..(i + 1) * hd]);
+            update_row_avx512(si, seen, v, vs, &mut m[i], &mut l[i], acc);
+        }
+    }
+
+    /// [`super::update_scalar`] with 16 lanes; any `acc.len()` (a masked tail).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn update_row_avx512(
+        s: &[f32],
+        seen: usize,
+        v: &[f32],
+        vs: usize,
         m: &mut f32,
         l: &mut f32,
         acc: &mut [f32],
     ) {
-        debug_assert!(q.len() == 16 * NV && acc.len() == 16 * NV);
-        let qv: [__m512; NV] = std::array::from_fn(|i| _mm512_loadu_ps(q.as_ptr().add(16 * i)));
-        let mut s = [f32::NEG_INFINITY; CHUNK];
-        for (j, &off) in offs.iter().enumerate() {
-            let kp = k.as_ptr().add(off);
-            let mut a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-            for (i, qi) in qv.iter().enumerate().skip(1) {
-                a = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(kp.add(16 * i)), a);
-            }
-            s[j] = _mm512_reduce_add_ps(a) * scale;
-        }
+        let hd = acc.len();
+        assert!(s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && v.len() >= (seen - 1) * vs + hd);
         let sv = _mm512_loadu_ps(s.as_ptr());
         let mx = _mm512_reduce_max_ps(sv).max(*m);
         if mx == f32::NEG_INFINITY {
             return;
         }
-        let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mx).exp() };
+        // exp(0) = 1 exactly when the maximum holds; exp(-inf) = 0 when nothing was seen yet.
+        let corr = if mx == *m { 1.0 } else { _mm512_cvtss_f32(exp512(_mm512_set1_ps(*m - mx))) };
+        // Lanes past `seen` hold exp(-inf) = 0, so the sum is over the seen keys only.
         let p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
         let mut pj = [0f32; CHUNK];
         _mm512_storeu_ps(pj.as_mut_ptr(), p);
         *l = *l * corr + _mm512_reduce_add_ps(p);
         let cv = _mm512_set1_ps(corr);
-        let mut av: [__m512; NV] =
-            std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(acc.as_ptr().add(16 * i)), cv));
-        for (j, &off) in offs.iter().enumerate() {
-            let pv = _mm512_set1_ps(pj[j]);
-            let vp = v.as_ptr().add(off);
-            for (i, a) in av.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vp.add(16 * i)), *a);
+        let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
+        // Blocks of up to 8 vectors of `acc` stay in registers while the keys stream past, so
+        // the accumulations into them are independent chains.
+        let mut d = 0;
+        while d + 128 <= hd {
+            accumulate_avx512::<8>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
+            d += 128;
+        }
+        for w in [4, 2, 1] {
+            if d + 16 * w <= hd {
+                match w {
+                    4 => accumulate_avx512::<4>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    2 => accumulate_avx512::<2>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    _ => accumulate_avx512::<1>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                }
+                d += 16 * w;
             }
         }
-        for (i, a) in av.iter().enumerate() {
-            _mm512_storeu_ps(acc.as_mut_ptr().add(16 * i), *a);
+        if d < hd {
+            let mask = ((1u32 << (hd - d)) - 1) as __mmask16;
+            let mut a = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ap.add(d)), cv);
+            for (j, &p) in pj.iter().enumerate().take(seen) {
+                a = _mm512_fmadd_ps(_mm512_set1_ps(p), _mm512_maskz_loadu_ps(mask, vp.add(j * vs + d)), a);
+            }
+            _mm512_mask_storeu_ps(ap.add(d), mask, a);
         }
         *m = mx;
+    }
+
+    /// `acc[..16 * NV] = acc * corr + sum_j p[j] * v[j * vs..][..16 * NV]`, `j` in order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate_avx512<const NV: usize>(ap: *mut f32, vp: *const f32, vs: usize, p: &[f32], corr: __m512) {
+        let mut a: [__m512; NV] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(ap.add(16 * i)), corr));
+        for (j, &pj) in p.iter().enumerate() {
+            let (pv, row) = (_mm512_set1_ps(pj), vp.add(j * vs));
+            for (i, ai) in a.iter_mut().enumerate() {
+                *ai = _mm512_fmadd_ps(pv, _mm512_loadu_ps(row.add(16 * i)), *ai);
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            _mm512_storeu_ps(ap.add(16 * i), *ai);
+        }
     }
 
     /// `e^x` for 8 lanes, as [`exp512`] but building `2^n` in the exponent bits; lanes below
@@ -462,43 +859,114 @@ pub(crate) mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// As [`super::chunk_scalar`], 8 lanes wide: `q.len()` is a multiple of 8 and every offset
-    /// starts a head row inside `k` and `v`.
+    /// [`super::scores`] with two 8-lane halves per row: rows two at a time, two accumulators
+    /// (`d mod 2`) per half.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_avx2(
+        q: &[f32],
+        hd: usize,
+        active: &[(usize, usize)],
+        kt: &[f32],
+        ks: usize,
+        scale: f32,
+        s: &mut [f32],
+    ) {
+        let mut blocks = active.chunks_exact(2);
+        for b in &mut blocks {
+            scores_rows_avx2::<2>(q, hd, b, kt, ks, scale, s);
+        }
+        if let r @ [_] = blocks.remainder() {
+            scores_rows_avx2::<1>(q, hd, r, kt, ks, scale, s);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_rows_avx2<const R: usize>(
+        q: &[f32],
+        hd: usize,
+        rows: &[(usize, usize)],
+        kt: &[f32],
+        ks: usize,
+        scale: f32,
+        s: &mut [f32],
+    ) {
+        let qp: [*const f32; R] = std::array::from_fn(|r| q[rows[r].0 * hd..(rows[r].0 + 1) * hd].as_ptr());
+        let kp = kt.as_ptr();
+        // acc[r][a][h]: row r, accumulator d mod 2, lanes 8h..8h+8.
+        let mut acc = [[[_mm256_setzero_ps(); 2]; 2]; R];
+        for d in 0..hd {
+            let k0 = _mm256_loadu_ps(kp.add(d * ks));
+            let k1 = _mm256_loadu_ps(kp.add(d * ks + 8));
+            for r in 0..R {
+                let qv = _mm256_set1_ps(*qp[r].add(d));
+                let a = &mut acc[r][d % 2];
+                a[0] = _mm256_fmadd_ps(qv, k0, a[0]);
+                a[1] = _mm256_fmadd_ps(qv, k1, a[1]);
+            }
+        }
+        let sc = _mm256_set1_ps(scale);
+        for r in 0..R {
+            let (i, seen) = rows[r];
+            let out = &mut s[i * CHUNK..(i + 1) * CHUNK];
+            for (h, (a0, a1)) in acc[r][0].iter().zip(&acc[r][1]).enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_mul_ps(_mm256_add_ps(*a0, *a1), sc));
+            }
+            for x in &mut out[seen..] {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// As [`accumulate_avx512`] with 8-lane vectors.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn accumulate_avx2<const NV: usize>(ap: *mut f32, vp: *const f32, vs: usize, p: &[f32], corr: __m256) {
+        let mut a: [__m256; NV] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(ap.add(8 * i)), corr));
+        for (j, &pj) in p.iter().enumerate() {
+            let (pv, row) = (_mm256_set1_ps(pj), vp.add(j * vs));
+            for (i, ai) in a.iter_mut().enumerate() {
+                *ai = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * i)), *ai);
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            _mm256_storeu_ps(ap.add(8 * i), *ai);
+        }
+    }
+
+    /// As [`update_avx512`], 8 lanes wide: `hd` is a multiple of 8.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn chunk_avx2(
-        q: &[f32],
-        k: &[f32],
+    pub unsafe fn update_avx2(
+        active: &[(usize, usize)],
+        s: &[f32],
         v: &[f32],
-        offs: &[usize],
-        scale: f32,
-        m: &mut f32,
-        l: &mut f32,
-        acc: &mut [f32],
+        vs: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+        hd: usize,
     ) {
-        let hd = q.len();
-        let qp = q.as_ptr();
-        let mut s = [f32::NEG_INFINITY; CHUNK];
-        for (j, &off) in offs.iter().enumerate() {
-            let kp = k.as_ptr().add(off);
-            let mut a0 = _mm256_setzero_ps();
-            let mut a1 = _mm256_setzero_ps();
-            let mut d = 0;
-            while d + 16 <= hd {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(d)), _mm256_loadu_ps(kp.add(d)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(d + 8)), _mm256_loadu_ps(kp.add(d + 8)), a1);
-                d += 16;
-            }
-            if d < hd {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(d)), _mm256_loadu_ps(kp.add(d)), a0);
-            }
-            s[j] = hsum(_mm256_add_ps(a0, a1)) * scale;
+        for &(i, seen) in active {
+            let (si, acc) = (&s[i * CHUNK..(i + 1) * CHUNK], &mut o[i * hd..(i + 1) * hd]);
+            update_row_avx2(si, seen, v, vs, &mut m[i], &mut l[i], acc);
         }
-        let mx = s.iter().copied().fold(*m, f32::max);
+    }
+
+    /// [`super::update_scalar`] with 8 lanes: `acc.len()` is a multiple of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn update_row_avx2(s: &[f32], seen: usize, v: &[f32], vs: usize, m: &mut f32, l: &mut f32, acc: &mut [f32]) {
+        let hd = acc.len();
+        assert!(
+            s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && hd.is_multiple_of(8) && v.len() >= (seen - 1) * vs + hd
+        );
+        let mx = s[..CHUNK].iter().copied().fold(*m, f32::max);
         if mx == f32::NEG_INFINITY {
             return;
         }
-        let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - mx).exp() };
+        // exp(0) = 1 exactly when the maximum holds; exp(-inf) = 0 when nothing was seen yet.
+        let corr = if mx == *m { 1.0 } else { _mm256_cvtss_f32(exp256(_mm256_set1_ps(*m - mx))) };
         let mxv = _mm256_set1_ps(mx);
         let p0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr()), mxv));
         let p1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(8)), mxv));
@@ -507,15 +975,18 @@ pub(crate) mod x86 {
         _mm256_storeu_ps(pj.as_mut_ptr().add(8), p1);
         *l = *l * corr + hsum(_mm256_add_ps(p0, p1));
         let cv = _mm256_set1_ps(corr);
-        let ap = acc.as_mut_ptr();
+        let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
         let mut d = 0;
-        while d < hd {
-            let mut a = _mm256_mul_ps(_mm256_loadu_ps(ap.add(d)), cv);
-            for (j, &off) in offs.iter().enumerate() {
-                a = _mm256_fmadd_ps(_mm256_set1_ps(pj[j]), _mm256_loadu_ps(v.as_ptr().add(off + d)), a);
-            }
-            _mm256_storeu_ps(ap.add(d), a);
-            d += 8;
+        while d + 32 <= hd {
+            accumulate_avx2::<4>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
+            d += 32;
+        }
+        if d + 16 <= hd {
+            accumulate_avx2::<2>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
+            d += 16;
+        }
+        if d < hd {
+            accumulate_avx2::<1>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
         }
         *m = mx;
     }
@@ -539,35 +1010,94 @@ mod tests {
         (0..q.len()).map(|d| (e.iter().zip(v).map(|(p, vr)| p * vr[d] as f64).sum::<f64>() / z) as f32).collect()
     }
 
-    struct Case {
-        k: Vec<f32>,
-        v: Vec<f32>,
+    /// Sequences of the given lengths in a paged cache of element type `T`.
+    struct Case<T> {
+        k: Vec<T>,
+        v: Vec<T>,
+        bs: usize,
+        nkv: usize,
+        hd: usize,
         tables: Vec<Vec<u32>>,
     }
 
-    /// `seqs` sequences of the given lengths in a shuffled paged cache.
-    fn case(rng: &mut rand::rngs::StdRng, lens: &[usize], bs: usize, nkv: usize, hd: usize) -> Case {
-        let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 3;
-        let mut free: Vec<u32> = (0..blocks as u32).collect();
-        // A fixed shuffle so tables are not in order.
-        for i in (1..free.len()).rev() {
-            free.swap(i, rng.random_range(0..=i));
+    impl<T: KvElem> Case<T> {
+        /// Blocks in a shuffled order; every slot outside the sequences holds NaN, which no
+        /// output may see.
+        fn new(rng: &mut rand::rngs::StdRng, lens: &[usize], bs: usize, nkv: usize, hd: usize) -> Case<T> {
+            let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 3;
+            let mut free: Vec<u32> = (0..blocks as u32).collect();
+            for i in (1..free.len()).rev() {
+                free.swap(i, rng.random_range(0..=i));
+            }
+            let tables: Vec<Vec<u32>> =
+                lens.iter().map(|l| (0..l.div_ceil(bs)).map(|_| free.pop().unwrap_or(0)).collect()).collect();
+            let kd = nkv * hd;
+            let mut c = Case { k: T::zeros(blocks * bs * kd), v: T::zeros(blocks * bs * kd), bs, nkv, hd, tables };
+            let slots: Vec<usize> = (0..blocks * bs).collect();
+            let nan = vec![f32::NAN; slots.len() * kd];
+            c.kv_mut().write(&slots, &nan, &nan);
+            for (s, &len) in lens.iter().enumerate() {
+                let slots: Vec<usize> = (0..len).map(|p| c.slot(s, p)).collect();
+                let k: Vec<f32> = (0..len * kd).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let v: Vec<f32> = (0..len * kd).map(|_| rng.random_range(-1.0..1.0)).collect();
+                c.kv_mut().write(&slots, &k, &v);
+            }
+            c
         }
-        let tables = lens.iter().map(|l| (0..l.div_ceil(bs)).map(|_| free.pop().unwrap_or(0)).collect()).collect();
-        let n = blocks * bs * nkv * hd;
-        let k = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let v = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Case { k, v, tables }
+
+        fn slot(&self, s: usize, pos: usize) -> usize {
+            self.tables[s][pos / self.bs] as usize * self.bs + pos % self.bs
+        }
+
+        fn kv(&self) -> PagedKv<'_, T> {
+            PagedKv { k: &self.k, v: &self.v, block_size: self.bs, num_kv_heads: self.nkv, head_dim: self.hd }
+        }
+
+        fn kv_mut(&mut self) -> PagedKvMut<'_, T> {
+            PagedKvMut {
+                k: &mut self.k,
+                v: &mut self.v,
+                block_size: self.bs,
+                num_kv_heads: self.nkv,
+                head_dim: self.hd,
+            }
+        }
+
+        /// Stored keys and values of kv head `g` at a sequence's position, read back as f32.
+        fn row(&self, s: usize, pos: usize, g: usize) -> (Vec<f32>, Vec<f32>) {
+            let (slot, kd, hd) = (self.slot(s, pos), self.nkv * self.hd, self.hd);
+            let (b, off) = (slot / self.bs, slot % self.bs);
+            let k = (0..hd).map(|d| self.k[(b * kd + g * hd + d) * self.bs + off].to_f32()).collect();
+            let v = (0..hd).map(|d| self.v[(b * kd + g * hd) * self.bs + off * hd + d].to_f32()).collect();
+            (k, v)
+        }
     }
 
-    #[test]
-    fn every_level_matches_the_reference_and_batches_do_not_matter() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for (heads, nkv, hd, bs) in [(4, 2, 16, 16), (7, 1, 64, 16), (2, 2, 128, 8), (3, 3, 24, 5)] {
-            let lens = [1usize, 17, 40];
-            let c = case(&mut rng, &lens, bs, nkv, hd);
-            let kv = PagedKv { k: &c.k, v: &c.v, block_size: bs, num_kv_heads: nkv, head_dim: hd };
-            // Every position of every sequence as a query (a causal prefill of all three).
+    fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// Every level against the f64 reference over the stored (for f16: rounded) keys and values,
+    /// and the same bits for each query alone, in any split of the prefill, and batched with
+    /// other sequences.
+    fn check_levels<T: KvElem>(seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let shapes = [
+            (4, 2, 16, 16),
+            (7, 1, 64, 16),
+            (2, 2, 128, 8),
+            (3, 3, 24, 5),
+            (16, 8, 128, 16),
+            (8, 2, 64, 32),
+            (4, 4, 80, 16),
+            (8, 4, 96, 16),
+            (8, 2, 40, 16),
+            (4, 1, 40, 5),
+        ];
+        for (heads, nkv, hd, bs) in shapes {
+            let lens = [1usize, 17, 40, 33];
+            let c = Case::<T>::new(&mut rng, &lens, bs, nkv, hd);
+            // Every position of every sequence as a query (a causal prefill of all of them).
             let mut queries = Vec::new();
             for (s, &len) in lens.iter().enumerate() {
                 for p in 0..len {
@@ -580,32 +1110,44 @@ mod tests {
                 queries.iter().map(|&(s, p)| QueryContext { block_table: &c.tables[s], context_len: p + 1 }).collect();
             let scale = 1.0 / (hd as f32).sqrt();
             for level in SimdLevel::available() {
+                let what = format!("{:?} {level:?} heads={heads} kv={nkv} hd={hd} bs={bs}", T::DTYPE);
                 let mut out = vec![f32::NAN; q.len()];
-                paged_attention_at(level, &q, heads, kv, &ctxs, scale, &mut out);
+                paged_attention_at(level, &q, heads, c.kv(), &ctxs, scale, &mut out);
                 for (t, &(s, p)) in queries.iter().enumerate() {
                     for h in 0..heads {
                         let g = h / (heads / nkv);
-                        let slot = |pos: usize| c.tables[s][pos / bs] as usize * bs + pos % bs;
-                        let kr: Vec<Vec<f32>> = (0..=p)
-                            .map(|pos| c.k[(slot(pos) * nkv + g) * hd..(slot(pos) * nkv + g + 1) * hd].to_vec())
-                            .collect();
-                        let vr: Vec<Vec<f32>> = (0..=p)
-                            .map(|pos| c.v[(slot(pos) * nkv + g) * hd..(slot(pos) * nkv + g + 1) * hd].to_vec())
-                            .collect();
+                        let (kr, vr): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (0..=p).map(|pos| c.row(s, pos, g)).unzip();
                         let want = reference(&q[t * row + h * hd..t * row + (h + 1) * hd], &kr, &vr, scale);
                         let got = &out[t * row + h * hd..t * row + (h + 1) * hd];
                         for (a, b) in got.iter().zip(&want) {
-                            assert!((a - b).abs() <= 2e-5, "{level:?} heads={heads} hd={hd} t={t} h={h}: {a} vs {b}");
+                            assert!((a - b).abs() <= 2e-5, "{what} t={t} h={h}: {a} vs {b}");
                         }
                     }
                 }
                 // Each query alone gives the same bits as in the batch.
                 for (t, ctx) in ctxs.iter().enumerate() {
                     let mut one = vec![0f32; row];
-                    paged_attention_at(level, &q[t * row..(t + 1) * row], heads, kv, &[*ctx], scale, &mut one);
+                    paged_attention_at(level, &q[t * row..(t + 1) * row], heads, c.kv(), &[*ctx], scale, &mut one);
+                    assert!(bits_equal(&one, &out[t * row..(t + 1) * row]), "{what}: query {t} alone differs");
+                }
+                // The prefill in pieces of 5 tokens, each piece a batch of its own.
+                for (piece, qs) in ctxs.chunks(5).zip(q.chunks(5 * row)) {
+                    let t0 = (qs.as_ptr() as usize - q.as_ptr() as usize) / 4 / row;
+                    let mut o = vec![0f32; qs.len()];
+                    paged_attention_at(level, qs, heads, c.kv(), piece, scale, &mut o);
+                    assert!(bits_equal(&o, &out[t0 * row..t0 * row + o.len()]), "{what}: piece at {t0} differs");
+                }
+                // Queries interleaved across sequences (every third token first).
+                let order: Vec<usize> =
+                    (0..ctxs.len()).step_by(3).chain((0..ctxs.len()).filter(|t| t % 3 != 0)).collect();
+                let mixed_q: Vec<f32> = order.iter().flat_map(|&t| q[t * row..(t + 1) * row].iter().copied()).collect();
+                let mixed_ctx: Vec<QueryContext> = order.iter().map(|&t| ctxs[t]).collect();
+                let mut mixed = vec![0f32; mixed_q.len()];
+                paged_attention_at(level, &mixed_q, heads, c.kv(), &mixed_ctx, scale, &mut mixed);
+                for (i, &t) in order.iter().enumerate() {
                     assert!(
-                        one.iter().zip(&out[t * row..(t + 1) * row]).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{level:?}: query {t} alone differs from the batch"
+                        bits_equal(&mixed[i * row..(i + 1) * row], &out[t * row..(t + 1) * row]),
+                        "{what}: query {t} reordered differs"
                     );
                 }
             }
@@ -613,8 +1155,67 @@ mod tests {
     }
 
     #[test]
+    fn every_level_matches_the_reference_and_batches_do_not_matter_f32() {
+        check_levels::<f32>(5);
+    }
+
+    #[test]
+    fn every_level_matches_the_reference_and_batches_do_not_matter_f16() {
+        check_levels::<f16>(6);
+    }
+
+    #[test]
+    fn f16_and_f32_caches_agree_to_f16_precision() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (heads, nkv, hd, bs, len) = (8, 4, 64, 16, 70);
+        let s: u64 = rng.random();
+        let c32 = Case::<f32>::new(&mut rand::rngs::StdRng::seed_from_u64(s), &[len], bs, nkv, hd);
+        let c16 = Case::<f16>::new(&mut rand::rngs::StdRng::seed_from_u64(s), &[len], bs, nkv, hd);
+        let row = heads * hd;
+        let q: Vec<f32> = (0..len * row).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ctxs: Vec<QueryContext> =
+            (0..len).map(|p| QueryContext { block_table: &c32.tables[0], context_len: p + 1 }).collect();
+        let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+        paged_attention(&q, heads, c32.kv(), &ctxs, 0.125, &mut a);
+        paged_attention(&q, heads, c16.kv(), &ctxs, 0.125, &mut b);
+        let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff > 0.0 && diff < 2e-3, "max |f32 - f16| = {diff}");
+    }
+
+    #[test]
+    fn writes_round_to_nearest_even_and_read_back_exactly() {
+        let xs: Vec<f32> = [0.0, -0.0, 1.0, 65504.0, 70000.0, -1e-8, 1e-5, 0.1, 1.0 + 1.0 / 4096.0, f32::INFINITY]
+            .into_iter()
+            .chain((0..1000).map(|i| (i as f32 - 500.0) * 0.0137))
+            .collect();
+        let mut h = f16::zeros(xs.len());
+        f16::from_f32s(&xs, &mut h);
+        for (x, y) in xs.iter().zip(&h) {
+            assert_eq!(y.to_bits(), f16::from_f32(*x).to_bits(), "{x}");
+        }
+        for level in SimdLevel::available() {
+            let mut back = vec![f32::NAN; xs.len()];
+            f16::widen_rows(level, &h, 0, 1, h.len(), &mut back);
+            assert!(h.iter().zip(&back).all(|(a, b)| a.to_f32().to_bits() == b.to_bits()), "{level:?}");
+        }
+        assert!(f16::zeros(100).iter().all(|z| z.to_bits() == 0));
+    }
+
+    #[test]
+    fn dtype_names_parse() {
+        assert_eq!("f16".parse(), Ok(KvCacheDtype::F16));
+        assert_eq!(" F32 ".parse(), Ok(KvCacheDtype::F32));
+        assert_eq!(KvCacheDtype::default(), KvCacheDtype::F16);
+        let e = "bf16".parse::<KvCacheDtype>().unwrap_err();
+        assert!(e.to_string().contains("expected f32 or f16"), "{e}");
+        for d in [KvCacheDtype::F32, KvCacheDtype::F16] {
+            assert_eq!(d.name().parse(), Ok(d));
+        }
+    }
+
+    #[test]
     fn empty_context_gives_zeros() {
-        let kv = PagedKv { k: &[], v: &[], block_size: 16, num_kv_heads: 1, head_dim: 16 };
+        let kv = PagedKv::<f32> { k: &[], v: &[], block_size: 16, num_kv_heads: 1, head_dim: 16 };
         let q = vec![1f32; 16];
         let mut out = vec![f32::NAN; 16];
         paged_attention(&q, 1, kv, &[QueryContext { block_table: &[], context_len: 0 }], 1.0, &mut out);

@@ -6,7 +6,8 @@
 //! - [`cpu`]: which SIMD level the kernels dispatch to (detected; `PIO_SIMD` caps it).
 //! - [`dot`]: row-times-vector dots per format and SIMD level.
 //! - [`matmul`]: a weight matrix in any format times a batch of f32 activations.
-//! - [`attention`]: a flat batch of queries over a paged KV cache.
+//! - [`attention`]: a flat batch of queries over a paged KV cache of f32 or f16
+//!   ([`attention::KvCacheDtype`]).
 //! - [`membw`]: the machine's measured memory read bandwidth (the decode roofline).
 //! - [`ops`]: RMSNorm, RoPE, SwiGLU, softmax and friends.
 //! - [`parallel`]: how an operation is split across cores.

@@ -343,7 +343,6 @@ impl LogprobWriter {
 async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -> Result<Response, ApiError> {
     let mut usage = Usage::new(meta.num_prompts);
     let mut out = Vec::with_capacity(choices.len());
-    let want_logprobs = choices.first().is_some();
     for mut c in choices {
         let mut text = String::new();
         let mut finish = FinishReason::Length;
@@ -365,7 +364,7 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
                 Event::Error(e) => return Err(ApiError::internal(e)),
             }
         }
-        let logprobs = if any_logprobs && want_logprobs { lp.json() } else { Value::Null };
+        let logprobs = if any_logprobs { lp.json() } else { Value::Null };
         out.push(match meta.kind {
             Kind::Chat => json!({
                 "index": c.index,

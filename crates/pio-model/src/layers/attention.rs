@@ -1,21 +1,28 @@
 //! Causal self-attention over the paged KV cache — the only code that touches the cache.
 
-use pio_kernels::attention::{paged_attention, PagedKv, QueryContext};
+use half::f16;
+use pio_kernels::attention::{paged_attention, KvCacheDtype, KvElem, PagedKvMut, QueryContext};
 use pio_kernels::ops::{self, RopeLayout};
 
 use crate::batch::ForwardBatch;
 
-/// The K/V of every layer, in fixed-size blocks: per layer `[num_blocks, block_size,
-/// num_kv_heads, head_dim]` f32 for keys and for values. A "contiguous cache" is one big block
-/// table; there is no other cache.
+/// The K/V of every layer, in fixed-size blocks of `block_size` positions, as f32 or f16
+/// ([`KvCacheDtype`]; layout in [`pio_kernels::attention`]). A "contiguous cache" is one big
+/// block table; there is no other cache.
 #[derive(Debug)]
 pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// Per layer: (keys, values).
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: KvLayers,
+}
+
+/// Per layer: keys and values, `num_blocks * block_size * num_kv_heads * head_dim` each.
+#[derive(Debug)]
+enum KvLayers {
+    F32(Vec<(Vec<f32>, Vec<f32>)>),
+    F16(Vec<(Vec<f16>, Vec<f16>)>),
 }
 
 impl KvCache {
@@ -25,25 +32,38 @@ impl KvCache {
         head_dim: usize,
         block_size: usize,
         num_blocks: usize,
+        dtype: KvCacheDtype,
     ) -> KvCache {
+        fn layers<T: KvElem>(num_layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
+            (0..num_layers).map(|_| (T::zeros(len), T::zeros(len))).collect()
+        }
         let len = num_blocks * block_size * num_kv_heads * head_dim;
-        KvCache {
-            block_size,
-            num_blocks,
-            num_kv_heads,
-            head_dim,
-            layers: (0..num_layers).map(|_| (vec![0f32; len], vec![0f32; len])).collect(),
+        let layers = match dtype {
+            KvCacheDtype::F32 => KvLayers::F32(layers(num_layers, len)),
+            KvCacheDtype::F16 => KvLayers::F16(layers(num_layers, len)),
+        };
+        KvCache { block_size, num_blocks, num_kv_heads, head_dim, layers }
+    }
+
+    pub fn dtype(&self) -> KvCacheDtype {
+        match self.layers {
+            KvLayers::F32(_) => KvCacheDtype::F32,
+            KvLayers::F16(_) => KvCacheDtype::F16,
         }
     }
 
     /// Bytes held by the cache.
     pub fn nbytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
+        let elems = match &self.layers {
+            KvLayers::F32(l) => l.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+            KvLayers::F16(l) => l.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
+        };
+        elems * self.dtype().size_bytes()
     }
 
     /// Bytes one token occupies across all layers.
-    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
-        2 * num_layers * num_kv_heads * head_dim * 4
+    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize, dtype: KvCacheDtype) -> usize {
+        2 * num_layers * num_kv_heads * head_dim * dtype.size_bytes()
     }
 }
 
@@ -79,26 +99,33 @@ impl Attention {
             ops::rope_heads_with(&mut q[t * qd..(t + 1) * qd], self.head_dim, &cos, &sin, self.rope_layout);
             ops::rope_heads_with(&mut k[t * kd..(t + 1) * kd], self.head_dim, &cos, &sin, self.rope_layout);
         }
-        let (kc, vc) = &mut cache.layers[self.layer];
-        for (t, &slot) in batch.slot_mapping.iter().enumerate() {
-            kc[slot * kd..(slot + 1) * kd].copy_from_slice(&k[t * kd..(t + 1) * kd]);
-            vc[slot * kd..(slot + 1) * kd].copy_from_slice(&v[t * kd..(t + 1) * kd]);
+        let bs = cache.block_size;
+        match &mut cache.layers {
+            KvLayers::F32(l) => self.attend(&mut l[self.layer], bs, q, k, v, batch),
+            KvLayers::F16(l) => self.attend(&mut l[self.layer], bs, q, k, v, batch),
         }
+    }
+
+    /// Writes `k`, `v` into this layer's cache at the batch's slots and attends `q` over it.
+    fn attend<T: KvElem>(
+        &self,
+        (kc, vc): &mut (Vec<T>, Vec<T>),
+        block_size: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        batch: &ForwardBatch,
+    ) -> Vec<f32> {
+        let mut kv = PagedKvMut { k: kc, v: vc, block_size, num_kv_heads: self.num_kv_heads, head_dim: self.head_dim };
+        kv.write(&batch.slot_mapping, k, v);
         let queries: Vec<QueryContext> = batch
             .positions
             .iter()
             .zip(&batch.seq_indices)
             .map(|(&pos, &s)| QueryContext { block_table: &batch.block_tables[s], context_len: pos + 1 })
             .collect();
-        let kv = PagedKv {
-            k: kc,
-            v: vc,
-            block_size: cache.block_size,
-            num_kv_heads: self.num_kv_heads,
-            head_dim: self.head_dim,
-        };
         let mut out = vec![0f32; q.len()];
-        paged_attention(q, self.num_heads, kv, &queries, self.scale, &mut out);
+        paged_attention(q, self.num_heads, kv.view(), &queries, self.scale, &mut out);
         out
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod qwen3;
 
+use pio_kernels::attention::KvCacheDtype;
+
 use crate::batch::ForwardBatch;
 use crate::layers::KvCache;
 use crate::Result;
@@ -25,9 +27,15 @@ pub trait CausalLm: Send + Sync {
     /// `[batch.logits_indices.len(), vocab_size]` logits.
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>>;
 
-    /// A cache of `num_blocks` blocks of `block_size` tokens shaped for this model.
+    /// A cache of `num_blocks` blocks of `block_size` tokens shaped for this model, in the
+    /// default element type (f16).
     fn new_kv_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
+        self.new_kv_cache_with(block_size, num_blocks, KvCacheDtype::default())
+    }
+
+    /// As [`CausalLm::new_kv_cache`], storing keys and values as `dtype`.
+    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, dtype: KvCacheDtype) -> KvCache {
         let s = self.shape();
-        KvCache::new(s.num_layers, s.num_kv_heads, s.head_dim, block_size, num_blocks)
+        KvCache::new(s.num_layers, s.num_kv_heads, s.head_dim, block_size, num_blocks, dtype)
     }
 }

@@ -1,0 +1,55 @@
+//! `paged_attention` at Qwen3-0.6B's shape (16 query heads, 8 kv heads, head_dim 128, blocks of
+//! 16) per cache element type: decode (one query over 4096 cached positions) and a causal
+//! prefill of 512 tokens. `cargo bench -p pio-kernels --bench attention [-- FILTER]`; threads
+//! follow `PIO_THREADS`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use half::f16;
+use pio_kernels::attention::{paged_attention, KvElem, PagedKv, PagedKvMut, QueryContext};
+
+const HEADS: usize = 16;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const BLOCK: usize = 16;
+
+fn run<T: KvElem>(c: &mut Criterion) {
+    let ctx = 4096;
+    let kd = KV_HEADS * HEAD_DIM;
+    let (mut k, mut v) = (T::zeros(ctx * kd), T::zeros(ctx * kd));
+    // A cheap deterministic pattern: speed does not depend on values.
+    let x: Vec<f32> = (0..ctx * kd).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
+    let slots: Vec<usize> = (0..ctx).collect();
+    PagedKvMut { k: &mut k, v: &mut v, block_size: BLOCK, num_kv_heads: KV_HEADS, head_dim: HEAD_DIM }
+        .write(&slots, &x, &x);
+    let kv = PagedKv { k: &k, v: &v, block_size: BLOCK, num_kv_heads: KV_HEADS, head_dim: HEAD_DIM };
+    // Blocks in reverse order, so reads are not one sequential stream.
+    let table: Vec<u32> = (0..(ctx / BLOCK) as u32).rev().collect();
+    let row = HEADS * HEAD_DIM;
+    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+    let mut g = c.benchmark_group(format!("attention_{}", T::DTYPE));
+    for (name, queries) in [
+        ("decode_ctx4096", vec![QueryContext { block_table: &table, context_len: ctx }]),
+        ("prefill_512", (0..512).map(|p| QueryContext { block_table: &table[..32], context_len: p + 1 }).collect()),
+    ] {
+        let q: Vec<f32> = (0..queries.len() * row).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+        let mut out = vec![0f32; q.len()];
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| paged_attention(black_box(&q), HEADS, kv, &queries, scale, &mut out))
+        });
+    }
+    g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    run::<f32>(c);
+    run::<f16>(c);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);
