@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use pio_kernels::attention::KvCacheDtype;
 use pio_kernels::DType;
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,9 @@ pub struct ModelArgs {
     /// f16 (any format name); the LM head keeps Q6_K below 8 bits, as llama-quantize does.
     #[arg(long, value_parser = parse_quant)]
     pub quant: Option<DType>,
+    /// Element type of the KV cache: f16 (half the memory, llama.cpp's default) or f32.
+    #[arg(long, default_value_t = KvCacheDtype::F16)]
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 /// A weight format by name (`q4_k`, `NF4`, ...).
@@ -195,9 +199,6 @@ pub struct BenchArgs {
     /// Runs of each measurement; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
-    /// Element type of the KV cache: f16 or f32.
-    #[arg(long, default_value_t = pio_kernels::attention::KvCacheDtype::F16)]
-    pub kv_cache_dtype: pio_kernels::attention::KvCacheDtype,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -24,14 +24,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // Token ids drawn from the vocabulary with a fixed stride: speed does not depend on them.
     let prompt: Vec<u32> = (0..a.prompt_tokens).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect();
     let ctx = (a.prompt_tokens + a.gen_tokens + 16) * a.batch;
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
-    // The runner's cache, remade in the requested element type with the same blocks. The first
-    // cache goes back to the heap, where calloc may hand it out again already touched: a
-    // non-default dtype's peak_rss_bytes can read up to one default cache high.
-    let cache = runner.cache_mut();
-    if cache.dtype() != a.kv_cache_dtype {
-        *cache = loaded.model.new_kv_cache_with(cache.block_size, cache.num_blocks, a.kv_cache_dtype);
-    }
+    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, a.model.kv_cache_dtype);
 
     // Prefill: `batch` prompts in one forward, best of `repeats`.
     let mut prefill_s = f64::INFINITY;
@@ -84,7 +77,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "peak_rss_bytes": peak_rss,
-        "kv_cache_dtype": a.kv_cache_dtype.name(),
+        "kv_cache_dtype": a.model.kv_cache_dtype.name(),
         "kv_cache_bytes": runner.cache_bytes(),
         "weight_bytes_per_token": bytes_per_token,
         "mem_bandwidth_bytes_per_s": bandwidth,
@@ -110,7 +103,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             100.0 * decode_tps / roofline_tps,
             peak_rss as f64 / (1 << 20) as f64,
             runner.cache_bytes() as f64 / (1 << 20) as f64,
-            a.kv_cache_dtype,
+            a.model.kv_cache_dtype,
         ))
     }
 }

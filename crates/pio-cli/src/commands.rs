@@ -223,7 +223,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if prompt_ids.len() >= ctx {
         bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
     }
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
+    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, a.model.kv_cache_dtype);
     let mut write_err = None;
     let mut on_text = |s: &str| {
         if !a.json && write_err.is_none() {
@@ -277,6 +277,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         max_batch_tokens: 512,
         max_model_len: ctx,
         prefix_caching: true,
+        kv_cache_dtype: a.model.kv_cache_dtype,
     };
     let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg)?;
     let mut messages = Vec::new();
@@ -355,7 +356,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
         }
     }
     let total: usize = seqs.iter().map(|s| s.len().div_ceil(16) * 16).sum();
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), total);
+    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), total, a.model.kv_cache_dtype);
     let mut sequences: Vec<Sequence> = seqs.iter().map(|s| Sequence::new(s.clone())).collect();
     let mut refs: Vec<&mut Sequence> = sequences.iter_mut().collect();
     let logits = runner.step(&mut refs, Logits::All)?;

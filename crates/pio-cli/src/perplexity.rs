@@ -119,7 +119,13 @@ pub fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
             shape.max_position_embeddings
         );
     }
-    let params = PerplexityParams { ctx, max_chunks: a.chunks, batch_tokens: a.batch_tokens, bos };
+    let params = PerplexityParams {
+        ctx,
+        max_chunks: a.chunks,
+        batch_tokens: a.batch_tokens,
+        bos,
+        kv_cache_dtype: a.model.kv_cache_dtype,
+    };
     let n_chunks = params.num_chunks(tokens.len());
     if let Some((h, _)) = &base {
         h.check(shape.vocab_size, &tokens, &params).with_context(|| match &a.kl_divergence {

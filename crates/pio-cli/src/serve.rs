@@ -80,7 +80,8 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let tokenizer = Arc::new(loaded.tokenizer()?.clone());
     let model: Arc<dyn pio_model::CausalLm> = Arc::from(loaded.model);
     let max_model_len = a.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.min(32768));
-    let per_token = model.new_kv_cache(16, 1).nbytes() / 16;
+    let dtype = a.model.kv_cache_dtype;
+    let per_token = model.new_kv_cache_with(16, 1, dtype).nbytes() / 16;
     let kv_bytes = match a.kv_cache_mem {
         Some(b) => b,
         None => {
@@ -91,7 +92,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             want.min(avail).max(per_token * 16 * 64)
         }
     };
-    let mut cfg = EngineConfig::for_model(model.as_ref(), kv_bytes, max_model_len)?;
+    let mut cfg = EngineConfig::for_model(model.as_ref(), dtype, kv_bytes, max_model_len)?;
     cfg.max_num_seqs = a.max_num_seqs;
     cfg.max_batch_tokens = a.max_batch_tokens;
     cfg.prefix_caching = !a.no_prefix_caching;
@@ -123,7 +124,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let kv_mib = cfg.num_blocks * cfg.block_size * per_token / (1 << 20);
     rt.block_on(pio_server::serve(state, http, addr, |bound| {
         eprintln!(
-            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB{})",
+            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB {dtype}{})",
             cfg.max_model_len,
             cfg.num_blocks,
             cfg.block_size,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pio_model::tokenizer::Tokenizer;
-use pio_model::{CausalLm, KvCache};
+use pio_model::{CausalLm, KvCache, KvCacheDtype};
 
 use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
@@ -39,14 +39,21 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Reuse the K/V of shared prompt prefixes.
     pub prefix_caching: bool,
+    /// Element type of the KV cache.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl EngineConfig {
     /// A config for `model` whose cache takes at most `kv_cache_bytes`, with the context capped
     /// at `max_model_len` (and at the model's own length and what the cache holds).
-    pub fn for_model(model: &dyn CausalLm, kv_cache_bytes: usize, max_model_len: usize) -> Result<EngineConfig> {
+    pub fn for_model(
+        model: &dyn CausalLm,
+        kv_cache_dtype: KvCacheDtype,
+        kv_cache_bytes: usize,
+        max_model_len: usize,
+    ) -> Result<EngineConfig> {
         let block_size = 16;
-        let per_block = model.new_kv_cache(block_size, 1).nbytes().max(1);
+        let per_block = model.new_kv_cache_with(block_size, 1, kv_cache_dtype).nbytes().max(1);
         let num_blocks = kv_cache_bytes / per_block;
         if num_blocks == 0 {
             return Err(EngineError::Invalid(format!(
@@ -61,6 +68,7 @@ impl EngineConfig {
             max_batch_tokens: 512,
             max_model_len,
             prefix_caching: true,
+            kv_cache_dtype,
         })
     }
 }
@@ -190,7 +198,7 @@ impl CacheSlot<'_> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m dyn CausalLm, tokenizer: Option<&'m Tokenizer>, cfg: EngineConfig) -> Result<Engine<'m>> {
-        let cache = model.new_kv_cache(cfg.block_size, cfg.num_blocks);
+        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_dtype);
         Self::build(model, tokenizer, CacheSlot::Owned(cache), cfg)
     }
 
@@ -203,6 +211,7 @@ impl<'m> Engine<'m> {
     ) -> Result<Engine<'m>> {
         cfg.block_size = cache.block_size;
         cfg.num_blocks = cache.num_blocks;
+        cfg.kv_cache_dtype = cache.dtype();
         cfg.max_model_len = cfg.max_model_len.min(cache.block_size * cache.num_blocks);
         Self::build(model, tokenizer, CacheSlot::Borrowed(cache), cfg)
     }

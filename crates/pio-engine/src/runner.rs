@@ -1,6 +1,6 @@
 //! Turns sequences into a flat [`ForwardBatch`], runs the model, and keeps their cache blocks.
 
-use pio_model::{CausalLm, ForwardBatch, KvCache};
+use pio_model::{CausalLm, ForwardBatch, KvCache, KvCacheDtype};
 
 use crate::block_pool::BlockPool;
 use crate::{EngineError, Result};
@@ -43,13 +43,32 @@ pub struct Runner<'m> {
 impl<'m> Runner<'m> {
     /// A runner whose cache holds `num_blocks` blocks of `block_size` tokens.
     pub fn new(model: &'m dyn CausalLm, block_size: usize, num_blocks: usize) -> Runner<'m> {
-        Runner { model, cache: model.new_kv_cache(block_size, num_blocks), pool: BlockPool::new(num_blocks) }
+        Self::with_dtype(model, block_size, num_blocks, KvCacheDtype::default())
+    }
+
+    /// [`new`](Self::new) with the cache's element type.
+    pub fn with_dtype(
+        model: &'m dyn CausalLm,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: KvCacheDtype,
+    ) -> Runner<'m> {
+        Runner {
+            model,
+            cache: model.new_kv_cache_with(block_size, num_blocks, dtype),
+            pool: BlockPool::new(num_blocks),
+        }
     }
 
     /// A runner with room for `num_tokens` tokens in blocks of 16.
     pub fn with_capacity(model: &'m dyn CausalLm, num_tokens: usize) -> Runner<'m> {
         const BLOCK_SIZE: usize = 16;
         Self::new(model, BLOCK_SIZE, num_tokens.div_ceil(BLOCK_SIZE).max(1))
+    }
+
+    /// [`with_capacity`](Self::with_capacity) with the cache's element type.
+    pub fn with_capacity_dtype(model: &'m dyn CausalLm, num_tokens: usize, dtype: KvCacheDtype) -> Runner<'m> {
+        Self::with_dtype(model, 16, num_tokens.div_ceil(16).max(1), dtype)
     }
 
     pub fn model(&self) -> &'m dyn CausalLm {
