@@ -27,8 +27,9 @@ pub struct ServeArgs {
     /// The model name clients use (default: the file or directory name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// KV cache memory, e.g. 2GiB, 512MiB, 1000000 (default: a quarter of the available RAM, at
-    /// most 4 GiB and at most what max-num-seqs full contexts need).
+    /// KV cache memory, allocated and made resident at start, e.g. 2GiB, 512MiB, 1000000
+    /// (default: a quarter of the available RAM, at most 2 GiB and at most what max-num-seqs
+    /// full contexts need).
     #[arg(long, value_parser = parse_size)]
     pub kv_cache_mem: Option<usize>,
     /// Longest sequence, prompt plus output (default: the model's, at most 32768).
@@ -86,9 +87,10 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         Some(b) => b,
         None => {
             let want = per_token.saturating_mul(max_model_len).saturating_mul(a.max_num_seqs);
-            // As vLLM's CPU backend (VLLM_CPU_KVCACHE_SPACE, 4 GiB): enough for many long
-            // requests, without claiming a large machine's memory for a small model.
-            let avail = (available_ram().unwrap_or(4 << 30) / 4).min(4 << 30);
+            // Like vLLM's CPU backend (VLLM_CPU_KVCACHE_SPACE, 4 GiB) but smaller: enough for
+            // many long requests (18k tokens of Qwen3-0.6B in f16), without claiming a large
+            // share of a small machine for a small model.
+            let avail = (available_ram().unwrap_or(4 << 30) / 4).min(2 << 30);
             want.min(avail).max(per_token * 16 * 64)
         }
     };

@@ -263,6 +263,11 @@ impl<'m> Engine<'m> {
         self.reqs.len()
     }
 
+    /// Makes the whole KV cache resident now (see [`KvCache::prefault`]).
+    pub fn prefault_cache(&mut self) {
+        self.cache.get().prefault();
+    }
+
     /// Bytes the KV cache holds.
     pub fn cache_bytes(&mut self) -> usize {
         self.cache.get().nbytes()

@@ -189,6 +189,8 @@ fn engine_thread(
         }
     };
     engine.set_metrics(metrics.clone());
+    // A server's memory is fixed at start: the cache is its budget, resident before requests.
+    engine.prefault_cache();
     let _ = ready.send(Ok(()));
     let mut streams: HashMap<SeqId, async_mpsc::UnboundedSender<Event>> = HashMap::new();
     loop {

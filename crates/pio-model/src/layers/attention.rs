@@ -61,6 +61,31 @@ impl KvCache {
         elems * self.dtype().size_bytes()
     }
 
+    /// Touches every page of the cache now, so its memory is resident from the start and the
+    /// process's RSS does not creep up as blocks are first used (a long-running server's memory
+    /// is then fixed at start, as vLLM's and llama-server's are).
+    pub fn prefault(&mut self) {
+        fn touch<T: Copy>(v: &mut [T]) {
+            let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+            for i in (0..v.len()).step_by(step) {
+                let x = v[i];
+                // SAFETY: `i` is in bounds; a volatile store of the value already there keeps the
+                // compiler from dropping a write whose only effect is faulting the page in.
+                unsafe { std::ptr::write_volatile(&mut v[i], x) };
+            }
+        }
+        match &mut self.layers {
+            KvLayers::F32(l) => l.iter_mut().for_each(|(k, v)| {
+                touch(k);
+                touch(v)
+            }),
+            KvLayers::F16(l) => l.iter_mut().for_each(|(k, v)| {
+                touch(k);
+                touch(v)
+            }),
+        }
+    }
+
     /// Bytes one token occupies across all layers.
     pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize, dtype: KvCacheDtype) -> usize {
         2 * num_layers * num_kv_heads * head_dim * dtype.size_bytes()
