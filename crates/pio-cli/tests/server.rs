@@ -159,6 +159,7 @@ fn errors_come_back_in_openai_format_with_the_right_status() {
         json!({"prompt": "hi", "logprobs": 50}),
         json!({"prompt": "hi", "temperature": "warm"}),
         json!({"prompt": 42}),
+        json!({"prompt": "hi", "max_tokens": i64::MAX}),
     ] {
         let (s, v) = srv.post("/v1/completions", &bad);
         assert_error(s, &v, 400, "invalid_request_error", "");

@@ -111,7 +111,7 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
     }
     let max_len = s.engine.config().max_model_len;
     for ids in &prompts {
-        let asked = ids.len() + common.params.max_tokens.unwrap_or(1);
+        let asked = ids.len().saturating_add(common.params.max_tokens.unwrap_or(1));
         if asked > max_len {
             let what = if kind == Kind::Chat { "messages" } else { "prompt" };
             return Err(ApiError {
