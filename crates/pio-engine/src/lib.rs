@@ -15,6 +15,7 @@ pub mod handle;
 pub mod kv_cache;
 pub mod metrics;
 pub mod perplexity;
+pub mod plugin;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;

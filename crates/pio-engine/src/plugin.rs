@@ -1,0 +1,164 @@
+//! The uniform model-plugin interface: load, generate_text, chat_completion, tokenize,
+//! detokenize, unload, report.
+//!
+//! Every model family implements [`pio_model::CausalLm`]; [`EnginePlugin`] wraps any of them
+//! with its tokenizer and an [`EngineHandle`], so a library user drives every family the same
+//! way, through the same engine the server and the CLI use (batching, prefix cache, sampling).
+//! Calls may come from many threads at once; they are batched together.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use pio_model::chat_template::ChatRequest;
+use pio_model::tokenizer::Tokenizer;
+use pio_model::{CausalLm, GenerationDefaults, LoadOptions, ModelInfo};
+
+use crate::engine::{EngineConfig, FinishReason, RequestParams};
+use crate::handle::{EngineHandle, Event};
+use crate::{EngineError, Result};
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// What a plugin reports about itself and what it has done.
+#[derive(Debug, Clone)]
+pub struct PluginReport {
+    pub info: ModelInfo,
+    pub kv_cache_bytes: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub max_model_len: usize,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub preemptions: u64,
+}
+
+/// The interface every model offers.
+pub trait ModelPlugin: Send + Sync {
+    /// Continues `prompt` (tokenized with the model's BOS rule).
+    fn generate_text(&self, prompt: &str, params: &RequestParams) -> Result<Completion>;
+    /// Answers OpenAI-style `messages` through the model's chat template.
+    fn chat_completion(&self, messages: &[serde_json::Value], params: &RequestParams) -> Result<Completion>;
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>>;
+    fn detokenize(&self, ids: &[u32]) -> Result<String>;
+    fn report(&self) -> PluginReport;
+    /// Stops the engine and frees the weights and the cache.
+    fn unload(self: Box<Self>);
+}
+
+/// Any [`CausalLm`] behind the engine.
+pub struct EnginePlugin {
+    engine: EngineHandle,
+    tokenizer: Arc<Tokenizer>,
+    defaults: GenerationDefaults,
+    info: ModelInfo,
+    kv_cache_bytes: usize,
+}
+
+impl EnginePlugin {
+    /// Loads the checkpoint at `path` (a GGUF file or a Hugging Face directory with its
+    /// tokenizer) and starts its engine with a KV cache of `kv_cache_bytes` and contexts of at
+    /// most `max_model_len` tokens.
+    pub fn load(path: &Path, options: &LoadOptions, kv_cache_bytes: usize, max_model_len: usize) -> Result<Self> {
+        let loaded = pio_model::load_with(path, options, &mut |_, _| {})?;
+        let tokenizer = Arc::new(loaded.tokenizer()?.clone());
+        let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
+        let cfg = EngineConfig::for_model(model.as_ref(), Default::default(), kv_cache_bytes, max_model_len)?;
+        let kv_cache_bytes = model.new_kv_cache_with(cfg.block_size, 1, cfg.kv_cache_dtype).nbytes() * cfg.num_blocks;
+        let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
+        Ok(EnginePlugin { engine, tokenizer, defaults: loaded.generation, info: loaded.info, kv_cache_bytes })
+    }
+
+    /// `params` with the model's end-of-sequence tokens when the caller gave none.
+    fn with_eos(&self, params: &RequestParams) -> RequestParams {
+        let mut p = params.clone();
+        if p.eos_token_ids.is_empty() {
+            p.eos_token_ids = self.defaults.eos_token_ids.clone();
+        }
+        p
+    }
+
+    fn run(&self, prompt: Vec<u32>, params: &RequestParams) -> Result<Completion> {
+        let prompt_tokens = prompt.len();
+        let mut stream = self.engine.submit(prompt, self.with_eos(params))?;
+        let mut out = Completion {
+            text: String::new(),
+            token_ids: Vec::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens,
+            cached_tokens: 0,
+        };
+        while let Some(e) = stream.blocking_recv() {
+            match e {
+                Event::Output(o) => {
+                    out.text.push_str(&o.text);
+                    out.token_ids.extend(o.token_ids);
+                    out.cached_tokens = o.num_cached_tokens;
+                    if let Some(r) = o.finish_reason {
+                        out.finish_reason = r;
+                    }
+                }
+                Event::Error(e) => return Err(EngineError::Invalid(e)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl ModelPlugin for EnginePlugin {
+    fn generate_text(&self, prompt: &str, params: &RequestParams) -> Result<Completion> {
+        self.run(self.tokenizer.encode(prompt, true)?, params)
+    }
+
+    fn chat_completion(&self, messages: &[serde_json::Value], params: &RequestParams) -> Result<Completion> {
+        let template = self
+            .tokenizer
+            .chat_template()
+            .ok_or_else(|| EngineError::Invalid("the model has no chat template".into()))?;
+        let body = serde_json::json!({ "messages": messages });
+        let text = template.render(&ChatRequest::from_openai_json(&body)?)?;
+        self.run(self.tokenizer.encode(&text, false)?, params)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, true)?)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String> {
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.tokenizer.vocab_size()) {
+            return Err(EngineError::Invalid(format!("token id {bad} is outside the vocabulary")));
+        }
+        Ok(self.tokenizer.decode(ids, false)?)
+    }
+
+    fn report(&self) -> PluginReport {
+        let m = self.engine.metrics();
+        let cfg = self.engine.config();
+        PluginReport {
+            info: self.info.clone(),
+            kv_cache_bytes: self.kv_cache_bytes,
+            kv_blocks_total: cfg.num_blocks,
+            kv_blocks_used: m.kv_blocks_used.load(Ordering::Relaxed),
+            max_model_len: cfg.max_model_len,
+            prompt_tokens: m.prompt_tokens.load(Ordering::Relaxed),
+            generated_tokens: m.generation_tokens.load(Ordering::Relaxed),
+            prefix_cache_hit_tokens: m.prefix_cache_hit_tokens.load(Ordering::Relaxed),
+            preemptions: m.preemptions.load(Ordering::Relaxed),
+        }
+    }
+
+    fn unload(self: Box<Self>) {
+        // Dropping the handle stops and joins the engine thread, which owns the model and cache.
+        drop(self);
+    }
+}

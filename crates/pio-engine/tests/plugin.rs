@@ -1,0 +1,68 @@
+//! The uniform plugin interface on the real SmolLM2-135M-Instruct (fetched by
+//! scripts/fetch-models.sh; skipped outside CI without it, required in CI).
+
+use std::path::PathBuf;
+
+use pio_engine::engine::{FinishReason, RequestParams};
+use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::plugin::{EnginePlugin, ModelPlugin};
+use pio_engine::runner::Runner;
+use pio_engine::sampler::SamplingParams;
+use serde_json::json;
+
+fn model_path() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", path.display());
+    eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", path.display());
+    None
+}
+
+#[test]
+fn one_interface_loads_generates_chats_and_reports() {
+    let Some(path) = model_path() else { return };
+    let plugin: Box<dyn ModelPlugin> =
+        Box::new(EnginePlugin::load(&path, &Default::default(), 64 << 20, 2048).expect("plugin loads"));
+    let ids = plugin.tokenize("The capital of France is").expect("tokenize");
+    assert_eq!(plugin.detokenize(&ids).expect("detokenize"), "The capital of France is");
+    assert!(plugin.detokenize(&[u32::MAX]).is_err());
+
+    let greedy = RequestParams { max_tokens: Some(12), ..Default::default() };
+    let out = plugin.generate_text("The capital of France is", &greedy).expect("generate_text");
+    assert_eq!(out.prompt_tokens, ids.len());
+    assert!(!out.token_ids.is_empty() && out.token_ids.len() <= 12);
+    // The same greedy tokens as the plain generate() path on the same model.
+    let loaded = pio_model::load(&path, &mut |_, _| {}).expect("load");
+    let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+    let params = GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: 12,
+        stop_token_ids: loaded.generation.eos_token_ids.clone(),
+        ignore_eos: false,
+        stop: Vec::new(),
+    };
+    let tok = loaded.tokenizer().expect("tokenizer");
+    let want = generate(&mut runner, Some(tok), &ids, &params, &mut |_| {}).expect("generate");
+    assert_eq!(out.token_ids, want.token_ids);
+    assert_eq!(out.text, want.text);
+
+    let messages = [json!({"role": "user", "content": "Say hello."})];
+    let chat = plugin.chat_completion(&messages, &greedy).expect("chat_completion");
+    assert!(!chat.text.is_empty());
+    assert!(matches!(chat.finish_reason, FinishReason::Stop | FinishReason::Length));
+    // The same conversation again comes from the prefix cache.
+    let again = plugin.chat_completion(&messages, &greedy).expect("chat_completion");
+    assert_eq!(again.text, chat.text);
+    assert!(again.cached_tokens > 0);
+    assert!(plugin.chat_completion(&[], &greedy).is_err());
+
+    let r = plugin.report();
+    assert_eq!(r.info.arch, "llama");
+    assert!(r.generated_tokens >= (out.token_ids.len() + chat.token_ids.len()) as u64);
+    assert!(r.prefix_cache_hit_tokens > 0 && r.kv_cache_bytes > 0 && r.kv_blocks_used == 0);
+    plugin.unload();
+}
