@@ -82,7 +82,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let model: Arc<dyn pio_model::CausalLm> = Arc::from(loaded.model);
     let max_model_len = a.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.min(32768));
     let dtype = a.model.kv_cache_dtype;
-    let per_token = model.new_kv_cache_with(16, 1, dtype).nbytes() / 16;
+    let per_token = model.kv_bytes_per_token(dtype);
     let kv_bytes = match a.kv_cache_mem {
         Some(b) => b,
         None => {

@@ -53,7 +53,7 @@ impl EngineConfig {
         max_model_len: usize,
     ) -> Result<EngineConfig> {
         let block_size = 16;
-        let per_block = model.new_kv_cache_with(block_size, 1, kv_cache_dtype).nbytes().max(1);
+        let per_block = (model.kv_bytes_per_token(kv_cache_dtype) * block_size).max(1);
         let num_blocks = kv_cache_bytes / per_block;
         if num_blocks == 0 {
             return Err(EngineError::Invalid(format!(
@@ -541,11 +541,8 @@ impl TextState {
     /// Takes the generated ids so far (the newest last), appends newly final text to `out`;
     /// true when a stop string was found (checked only when `stops_allowed`).
     fn push(&mut self, tok: &Tokenizer, ids: &[u32], stops_allowed: bool, out: &mut String) -> Result<bool> {
-        let before = tok.decode(&ids[self.prefix_offset..self.read_offset], false)?;
-        let now = tok.decode(&ids[self.prefix_offset..], false)?;
         // An incomplete UTF-8 character decodes to U+FFFD until its last byte arrives.
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
-            self.text.push_str(&now[before.len()..]);
+        if self.decode_new(tok, ids, false)? {
             self.prefix_offset = self.read_offset;
             self.read_offset = ids.len();
         }
@@ -564,17 +561,27 @@ impl TextState {
         Ok(false)
     }
 
+    /// Appends the text `ids[read_offset..]` adds after the window's context; false (appending
+    /// nothing) when there is none yet, or, unless `partial`, when it ends in an incomplete
+    /// character.
+    fn decode_new(&mut self, tok: &Tokenizer, ids: &[u32], partial: bool) -> Result<bool> {
+        let before = tok.decode(&ids[self.prefix_offset..self.read_offset], false)?;
+        let now = tok.decode(&ids[self.prefix_offset..], false)?;
+        let ready =
+            now.len() > before.len() && (partial || !now.ends_with('\u{FFFD}')) && now.is_char_boundary(before.len());
+        if ready {
+            self.text.push_str(&now[before.len()..]);
+        }
+        Ok(ready)
+    }
+
     /// At the end: decodes whatever is left (an incomplete character as U+FFFD) and emits the
     /// held-back text, cut at a stop string.
     fn flush(&mut self, tok: &Tokenizer, ids: &[u32], out: &mut String) -> Result<()> {
         if self.stopped {
             return Ok(());
         }
-        let before = tok.decode(&ids[self.prefix_offset..self.read_offset], false)?;
-        let now = tok.decode(&ids[self.prefix_offset..], false)?;
-        if now.len() > before.len() && now.is_char_boundary(before.len()) {
-            self.text.push_str(&now[before.len()..]);
-        }
+        self.decode_new(tok, ids, true)?;
         let pending = &self.text[self.emitted..];
         let end = self.stops.find(pending).unwrap_or(pending.len());
         out.push_str(&pending[..end]);

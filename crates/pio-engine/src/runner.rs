@@ -62,13 +62,13 @@ impl<'m> Runner<'m> {
 
     /// A runner with room for `num_tokens` tokens in blocks of 16.
     pub fn with_capacity(model: &'m dyn CausalLm, num_tokens: usize) -> Runner<'m> {
-        const BLOCK_SIZE: usize = 16;
-        Self::new(model, BLOCK_SIZE, num_tokens.div_ceil(BLOCK_SIZE).max(1))
+        Self::with_capacity_dtype(model, num_tokens, KvCacheDtype::default())
     }
 
     /// [`with_capacity`](Self::with_capacity) with the cache's element type.
     pub fn with_capacity_dtype(model: &'m dyn CausalLm, num_tokens: usize, dtype: KvCacheDtype) -> Runner<'m> {
-        Self::with_dtype(model, 16, num_tokens.div_ceil(16).max(1), dtype)
+        const BLOCK_SIZE: usize = 16;
+        Self::with_dtype(model, BLOCK_SIZE, num_tokens.div_ceil(BLOCK_SIZE).max(1), dtype)
     }
 
     pub fn model(&self) -> &'m dyn CausalLm {

@@ -33,6 +33,12 @@ pub trait CausalLm: Send + Sync {
         self.new_kv_cache_with(block_size, num_blocks, KvCacheDtype::default())
     }
 
+    /// Bytes one token's keys and values take across all layers, stored as `dtype`.
+    fn kv_bytes_per_token(&self, dtype: KvCacheDtype) -> usize {
+        let s = self.shape();
+        KvCache::bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, dtype)
+    }
+
     /// As [`CausalLm::new_kv_cache`], storing keys and values as `dtype`.
     fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, dtype: KvCacheDtype) -> KvCache {
         let s = self.shape();
