@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -43,8 +43,6 @@ pub struct EngineHandle {
     vocab_size: usize,
     has_tokenizer: bool,
     max_queued: usize,
-    /// Submitted requests not yet admitted by the engine thread (queued in the channel).
-    in_flight: Arc<AtomicUsize>,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -61,13 +59,12 @@ impl EngineHandle {
         let vocab_size = model.shape().vocab_size;
         let has_tokenizer = tokenizer.is_some();
         let metrics = Arc::new(Metrics::default());
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (m, f) = (metrics.clone(), in_flight.clone());
+        let m = metrics.clone();
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
-            .spawn(move || engine_thread(model, tokenizer, cfg, m, f, rx, ready_tx))
+            .spawn(move || engine_thread(model, tokenizer, cfg, m, rx, ready_tx))
             .map_err(|e| EngineError::Invalid(format!("starting the engine thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -81,7 +78,6 @@ impl EngineHandle {
             vocab_size,
             has_tokenizer,
             max_queued,
-            in_flight,
             next_id: AtomicU64::new(0),
             thread: Mutex::new(Some(thread)),
         })
@@ -104,16 +100,17 @@ impl EngineHandle {
     /// too long...), too many are queued, or the engine has stopped.
     pub fn submit(&self, prompt: Vec<u32>, params: RequestParams) -> Result<RequestStream> {
         validate_request(&self.cfg, self.vocab_size, self.has_tokenizer, &prompt, &params)?;
-        let waiting = self.metrics.requests_waiting.load(Ordering::Relaxed);
-        let reserved = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let in_flight = &self.metrics.requests_in_flight;
+        let waiting = self.metrics.requests_waiting.load(Ordering::Acquire);
+        let reserved = in_flight.fetch_add(1, Ordering::AcqRel);
         if waiting + reserved >= self.max_queued {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::QueueFull(waiting + reserved));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = async_mpsc::unbounded_channel();
         if self.tx.send(Command::Add { id, prompt, params, tx }).is_err() {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
         Ok(RequestStream { id, rx, cmd: self.tx.clone(), done: false })
@@ -177,7 +174,6 @@ fn engine_thread(
     tokenizer: Option<Arc<Tokenizer>>,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
-    in_flight: Arc<AtomicUsize>,
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<()>>,
 ) {
@@ -206,8 +202,11 @@ fn engine_thread(
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
                 Command::Add { id, prompt, params, tx } => {
-                    in_flight.fetch_sub(1, Ordering::AcqRel);
-                    match engine.add_request_with_id(id, prompt, params) {
+                    // Counted as waiting by the engine before it leaves the in-flight count, so
+                    // the waiting gauge never dips in between.
+                    let added = engine.add_request_with_id(id, prompt, params);
+                    metrics.requests_in_flight.fetch_sub(1, Ordering::AcqRel);
+                    match added {
                         Ok(()) => {
                             streams.insert(id, tx);
                         }

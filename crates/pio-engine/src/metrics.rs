@@ -68,6 +68,9 @@ const DURATION_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80
 pub struct Metrics {
     pub requests_running: AtomicUsize,
     pub requests_waiting: AtomicUsize,
+    /// Requests submitted through the handle that the engine thread has not taken yet (reported
+    /// as waiting too).
+    pub requests_in_flight: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
     pub prefix_cache_hit_tokens: AtomicU64,
@@ -86,6 +89,7 @@ impl Default for Metrics {
         Metrics {
             requests_running: AtomicUsize::new(0),
             requests_waiting: AtomicUsize::new(0),
+            requests_in_flight: AtomicUsize::new(0),
             kv_blocks_used: AtomicUsize::new(0),
             kv_blocks_total: AtomicUsize::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
@@ -116,7 +120,8 @@ impl Metrics {
         let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
         let lq = |a: &AtomicU64| a.load(Ordering::Relaxed);
         gauge(&mut s, "pio_num_requests_running", "Requests in the running batch.", ld(&self.requests_running));
-        gauge(&mut s, "pio_num_requests_waiting", "Requests queued for admission.", ld(&self.requests_waiting));
+        let waiting = ld(&self.requests_waiting) + ld(&self.requests_in_flight);
+        gauge(&mut s, "pio_num_requests_waiting", "Requests queued for admission.", waiting);
         gauge(&mut s, "pio_kv_cache_blocks_used", "KV cache blocks held by requests.", ld(&self.kv_blocks_used));
         gauge(&mut s, "pio_kv_cache_blocks_total", "KV cache blocks in the pool.", ld(&self.kv_blocks_total));
         counter(
