@@ -215,9 +215,10 @@ pub struct SynthArgs {
     /// Output: a directory, or a .gguf file.
     #[arg(long)]
     pub out: PathBuf,
-    /// Storage type of the matrices.
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
-    pub dtype: String,
+    /// Storage type of the matrices: bf16, f16 or f32; for a .gguf output also a GGUF block
+    /// format (q4_k, q8_0, q6_k, q4_0, ...), typed per matrix as `pio quantize` does.
+    #[arg(long, default_value = "bf16", value_parser = parse_quant)]
+    pub dtype: DType,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -52,12 +52,26 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     };
     let decode_prompt = &prompt[..prompt.len().min(16)];
     let mut decode_tps: f64 = 0.0;
+    // Mixture-of-experts models: what the decode steps read of the routed experts.
+    let moe_before = loaded.model.moe_stats();
+    let mut decode_steps = 0u64;
     for _ in 0..a.repeats.max(1) {
         let o = generate(&mut runner, None, decode_prompt, &params, &mut |_| {})?;
+        decode_steps += o.num_decode_steps as u64;
         if o.num_decode_steps > 0 {
             decode_tps = decode_tps.max(o.num_decode_steps as f64 / o.decode_time.as_secs_f64());
         }
     }
+    // Each generate call also runs its prompt once; that forward is counted too, so the
+    // fraction is over every forward of the decode phase (the prompt is at most 16 tokens).
+    let moe = match (moe_before, loaded.model.moe_stats()) {
+        (Some(b), Some(e)) if decode_steps > 0 => {
+            let per_layer_forwards = (e.forwards - b.forwards) as f64 / e.layers.max(1) as f64;
+            let read = (e.expert_bytes_read - b.expert_bytes_read) as f64;
+            Some((read / per_layer_forwards / e.expert_bytes_total as f64, e.expert_bytes_total))
+        }
+        _ => None,
+    };
 
     // Before the bandwidth probe, whose 1 GiB buffer would otherwise be the peak.
     let peak_rss = peak_rss_bytes().unwrap_or(0);
@@ -83,6 +97,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "mem_bandwidth_bytes_per_s": bandwidth,
         "decode_roofline_tokens_per_s": roofline_tps,
         "roofline_fraction": decode_tps / roofline_tps,
+        "expert_fraction_read_per_decode_step": moe.map(|m| m.0),
+        "expert_bytes_total": moe.map(|m| m.1),
     });
     if a.json {
         out(&format!("{v}\n"))
@@ -104,6 +120,14 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             peak_rss as f64 / (1 << 20) as f64,
             runner.cache_bytes() as f64 / (1 << 20) as f64,
             a.model.kv_cache_dtype,
-        ))
+        ))?;
+        if let Some((fraction, total)) = moe {
+            out(&format!(
+                "  experts: {:.1}% of the {:.1} GB of routed-expert weights read per decode step\n",
+                100.0 * fraction,
+                total as f64 / 1e9
+            ))?;
+        }
+        Ok(())
     }
 }

@@ -40,15 +40,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),
         Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::Synth(a) => {
-            let dtype = match a.dtype.as_str() {
-                "bf16" => pio_kernels::DType::BF16,
-                "f16" => pio_kernels::DType::F16,
-                "f32" => pio_kernels::DType::F32,
-                other => bail!("--dtype {other:?}: expected bf16, f16 or f32"),
-            };
+            let dtype = a.dtype;
             let start = Instant::now();
             pio_model::synth::write_random_checkpoint(&a.config, a.tokenizer.as_deref(), &a.out, dtype, a.seed)?;
-            let params = pio_model::config::DenseConfig::from_hf_file(&a.config)?.num_params();
+            let params = pio_model::config::ModelConfig::from_hf_file(&a.config)?.num_params();
             let bytes: u64 = match std::fs::read_dir(&a.out) {
                 Ok(entries) => entries.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum(),
                 Err(_) => std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0),

@@ -74,11 +74,19 @@ fn csv(ids: &[u32]) -> String {
 
 #[test]
 fn logits_runs_all_sequences_in_one_batch_and_matches_reference() {
-    let bytes = reference("qwen2");
+    // A dense family and both mixture-of-experts families (softmax routing; latent attention
+    // with sigmoid grouped routing).
+    for name in ["qwen2", "qwen3_moe", "glm4_moe_lite"] {
+        logits_match_reference(name);
+    }
+}
+
+fn logits_match_reference(name: &str) {
+    let bytes = reference(name);
     let r = SafeTensors::deserialize(&bytes).expect("reference");
-    let out = std::env::temp_dir().join(format!("pio-cli-logits-{}.safetensors", std::process::id()));
+    let out = std::env::temp_dir().join(format!("pio-cli-logits-{name}-{}.safetensors", std::process::id()));
     let (a, b) = (ids_of(&r, "input_ids"), ids_of(&r, "batch2_input_ids"));
-    let model = fixture("qwen2");
+    let model = fixture(name);
     let o = pio(
         &[
             "logits",
@@ -108,16 +116,22 @@ fn logits_runs_all_sequences_in_one_batch_and_matches_reference() {
         // With an f32 KV cache (pio-engine's tests/parity.rs bounds the default f16 one).
         let bound = 1e-4 * want.iter().fold(1f32, |m, v| m.max(v.abs()));
         let diff = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= bound, "{key}: diff {diff}");
+        assert!(diff <= bound, "{name} {key}: diff {diff}");
     }
 }
 
 #[test]
 fn generate_json_from_prompt_ids_without_tokenizer() {
-    let bytes = reference("llama");
+    for name in ["llama", "qwen3_moe", "glm4_moe_lite"] {
+        greedy_ids_match_reference(name);
+    }
+}
+
+fn greedy_ids_match_reference(name: &str) {
+    let bytes = reference(name);
     let r = SafeTensors::deserialize(&bytes).expect("reference");
     let want = ids_of(&r, "greedy_ids");
-    let model = fixture("llama");
+    let model = fixture(name);
     let o = pio(
         &[
             "generate",
@@ -138,7 +152,7 @@ fn generate_json_from_prompt_ids_without_tokenizer() {
     let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
     let got: Vec<u32> =
         v["token_ids"].as_array().expect("token_ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
-    assert_eq!(got, want);
+    assert_eq!(got, want, "{name}: greedy tokens");
     assert_eq!(v["finish_reason"], "length");
     assert_eq!(v["prompt_token_ids"].as_array().map(Vec::len), Some(16));
     for k in ["load_s", "prefill_tokens_per_s", "decode_tokens_per_s"] {

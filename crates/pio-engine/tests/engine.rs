@@ -13,9 +13,16 @@ use pio_engine::EngineError;
 use pio_model::{CausalLm, LoadedModel};
 
 fn model() -> LoadedModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/qwen3");
-    pio_model::load(&dir, &mut |_, _| {}).expect("tiny qwen3 loads")
+    model_of("qwen3")
 }
+
+fn model_of(name: &str) -> LoadedModel {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name);
+    pio_model::load(&dir, &mut |_, _| {}).expect("tiny model loads")
+}
+
+/// The dense model and both mixture-of-experts families (GLM's cache holds latents).
+const FAMILIES: [&str; 3] = ["qwen3", "qwen3_moe", "glm4_moe_lite"];
 
 fn prompt(len: usize, seed: u32) -> Vec<u32> {
     (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 7919)) % 500 + 3).collect()
@@ -60,25 +67,37 @@ fn alone(model: &dyn CausalLm, p: &[u32], r: &RequestParams) -> Vec<u32> {
 
 #[test]
 fn concurrent_requests_equal_each_alone() {
-    let m = model();
+    for name in FAMILIES {
+        concurrent_requests_equal_each_alone_for(name);
+    }
+}
+
+fn concurrent_requests_equal_each_alone_for(name: &str) {
+    let m = model_of(name);
     let reqs: Vec<(Vec<u32>, RequestParams)> =
         (0..8).map(|i| (prompt(5 + i * 9, i as u32), greedy(6 + i % 3 * 4))).collect();
     let want: Vec<Vec<u32>> = reqs.iter().map(|(p, r)| alone(m.model.as_ref(), p, r)).collect();
     // A small token budget: prompts are chunked and share steps with other sequences' decodes.
     for budget in [7, 33, 1024] {
         let mut engine = Engine::new(m.model.as_ref(), None, config(64, budget)).expect("engine");
-        assert_eq!(run_all(&mut engine, &reqs), want, "budget {budget}");
+        assert_eq!(run_all(&mut engine, &reqs), want, "{name}: budget {budget}");
         assert_eq!(engine.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
     }
     // A cache too small for all of them: sequences are preempted and recomputed.
     let mut engine = Engine::new(m.model.as_ref(), None, config(12, 64)).expect("engine");
-    assert_eq!(run_all(&mut engine, &reqs), want, "with preemption");
+    assert_eq!(run_all(&mut engine, &reqs), want, "{name}: with preemption");
     assert!(engine.metrics().preemptions.load(Ordering::Relaxed) > 0, "the small cache should force preemption");
 }
 
 #[test]
 fn a_shared_prefix_is_computed_once() {
-    let m = model();
+    for name in FAMILIES {
+        a_shared_prefix_is_computed_once_for(name);
+    }
+}
+
+fn a_shared_prefix_is_computed_once_for(name: &str) {
+    let m = model_of(name);
     let system = prompt(40, 99);
     let with = |tail: &[u32]| system.iter().chain(tail).copied().collect::<Vec<u32>>();
     let (a, b) = (with(&[7, 8, 9]), with(&[10, 11]));

@@ -66,7 +66,7 @@ fn tolerance(name: &str) -> f32 {
     }
 }
 
-const FAMILIES: [&str; 4] = ["qwen3", "qwen3-bf16-untied", "qwen2", "llama"];
+const FAMILIES: [&str; 6] = ["qwen3", "qwen3-bf16-untied", "qwen2", "llama", "qwen3_moe", "glm4_moe_lite"];
 
 #[test]
 fn logits_match_transformers() {

@@ -1,13 +1,15 @@
 //! `paged_attention` at Qwen3-0.6B's shape (16 query heads, 8 kv heads, head_dim 128, blocks of
 //! 16) per cache element type: decode (one query over 4096 cached positions) and a causal
-//! prefill of 512 tokens. `cargo bench -p pio-kernels --bench attention [-- FILTER]`; threads
-//! follow `PIO_THREADS`.
+//! prefill of 512 tokens; and `latent_attention` at DeepSeek-V2-Lite's shape (20 heads sharing
+//! rows of 576 = 512 + 64, f16, blocks of 16), one decode token over 512 and 4096 positions.
+//! `cargo bench -p pio-kernels --bench attention [-- FILTER]`; threads follow `PIO_THREADS`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
 use pio_kernels::attention::{paged_attention, KvElem, PagedKv, PagedKvMut, QueryContext};
+use pio_kernels::mla::{latent_attention, LatentKvMut};
 
 const HEADS: usize = 16;
 const KV_HEADS: usize = 8;
@@ -42,9 +44,31 @@ fn run<T: KvElem>(c: &mut Criterion) {
     g.finish();
 }
 
+fn latent(c: &mut Criterion) {
+    let (heads, width, value_width, ctx) = (20, 576, 512, 4096);
+    let mut data = f16::zeros(ctx * width);
+    let x: Vec<f32> = (0..ctx * width).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
+    let slots: Vec<usize> = (0..ctx).collect();
+    let mut kv = LatentKvMut { data: &mut data, block_size: BLOCK, width };
+    kv.write(&slots, &x);
+    let table: Vec<u32> = (0..(ctx / BLOCK) as u32).rev().collect();
+    let q: Vec<f32> = (0..heads * width).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+    let mut out = vec![0f32; heads * value_width];
+    let scale = 1.0 / (192f32).sqrt();
+    let mut g = c.benchmark_group("latent_f16");
+    for len in [512, 4096] {
+        let queries = [QueryContext { block_table: &table, context_len: len }];
+        g.bench_function(BenchmarkId::from_parameter(format!("decode_ctx{len}")), |b| {
+            b.iter(|| latent_attention(black_box(&q), heads, kv.view(), &queries, value_width, scale, &mut out))
+        });
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     run::<f32>(c);
     run::<f16>(c);
+    latent(c);
 }
 
 criterion_group! {

@@ -9,8 +9,11 @@
 //! - [`attention`]: a flat batch of queries over a paged KV cache of f32 or f16
 //!   ([`attention::KvCacheDtype`]).
 //! - [`membw`]: the machine's measured memory read bandwidth (the decode roofline).
+//! - [`mla`]: multi-head latent attention (DeepSeek-V2/V3 absorbed form) over a paged latent
+//!   cache.
 //! - [`ops`]: RMSNorm, RoPE, SwiGLU, softmax and friends.
 //! - [`parallel`]: how an operation is split across cores.
+//! - [`reference`]: plain scalar oracles the fast kernels are tested against.
 pub mod act;
 pub mod attention;
 pub mod cpu;
@@ -18,8 +21,10 @@ pub mod dot;
 pub mod dtype;
 pub mod matmul;
 pub mod membw;
+pub mod mla;
 pub mod ops;
 pub mod parallel;
 pub mod quant;
+pub mod reference;
 
 pub use dtype::DType;

@@ -1,6 +1,6 @@
 //! Model configuration: parsed once from `config.json` or GGUF metadata, validated, resolved.
 //!
-//! Every key either feeds [`DenseConfig`] or is on the list of keys known not to change the
+//! Every key either feeds [`ModelConfig`] or is on the list of keys known not to change the
 //! math; any other key, and any value the code does not handle, is an error at load.
 
 use std::path::Path;
@@ -11,21 +11,81 @@ use serde_json::Value;
 use crate::weights::gguf::GgufFile;
 use crate::{Error, Result};
 
-/// Which member of the dense family; decides biases and q/k norms.
+/// Which architecture; decides biases, q/k norms, the attention kind and the feed-forward kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenseArch {
+pub enum Arch {
     /// `Qwen3ForCausalLM` / GGUF `qwen3`: per-head RMSNorm on q and k.
     Qwen3,
     /// `Qwen2ForCausalLM` / GGUF `qwen2`: biases on q, k, v.
     Qwen2,
     /// `LlamaForCausalLM` / GGUF `llama`.
     Llama,
+    /// `Qwen3MoeForCausalLM` / GGUF `qwen3moe`: Qwen3 attention, softmax-routed experts.
+    Qwen3Moe,
+    /// `Glm4MoeLiteForCausalLM` / GGUF `deepseek2`: multi-head latent attention, sigmoid-routed
+    /// experts with a shared expert (DeepSeek-V3 style).
+    Glm4MoeLite,
 }
 
-/// The resolved shape and hyper-parameters of a dense decoder-only transformer.
+/// How a mixture-of-experts layer picks and weighs its experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Gating {
+    /// Qwen3-MoE: softmax over all experts, top-k, renormalized when `norm_topk_prob`.
+    Softmax,
+    /// DeepSeek-V3 `noaux_tc`: sigmoid scores; experts are chosen by score + correction bias
+    /// within the `topk_group` best of `n_group` groups; weights are the plain scores,
+    /// renormalized when `norm_topk_prob`, times `routed_scaling_factor`.
+    SigmoidGrouped { n_group: usize, topk_group: usize, routed_scaling_factor: f32 },
+}
+
+/// The mixture-of-experts part of a config.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DenseConfig {
-    pub arch: DenseArch,
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Hidden width of one expert's SwiGLU MLP.
+    pub moe_intermediate_size: usize,
+    pub norm_topk_prob: bool,
+    pub gating: Gating,
+    /// Hidden width of the always-on shared expert (0: none).
+    pub shared_intermediate_size: usize,
+    /// Per layer: true when its feed-forward is the mixture, false for a dense MLP of
+    /// `intermediate_size`.
+    pub sparse_layers: Vec<bool>,
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query compression; `None`: a plain `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Width of the compressed K/V latent the cache stores.
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// Epsilon of the q_a and kv_a RMSNorms: transformers builds them with its class default
+    /// (1e-6), llama.cpp with `rms_norm_eps`.
+    pub latent_norm_eps: f32,
+}
+
+impl MlaConfig {
+    /// Width of one query/key head: `qk_nope_head_dim + qk_rope_head_dim`.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values one token's cache entry holds: the latent and the rotated shared key part.
+    pub fn cache_width(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// The resolved shape and hyper-parameters of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
     /// The architecture string as the checkpoint wrote it.
     pub arch_name: String,
     pub vocab_size: usize,
@@ -49,6 +109,14 @@ pub struct DenseConfig {
     pub mlp_bias: bool,
     /// Per-head RMSNorm on q and k before RoPE.
     pub qk_norm: bool,
+    /// Mixture-of-experts feed-forward (`None`: every layer is a dense MLP).
+    pub moe: Option<MoeConfig>,
+    /// Multi-head latent attention (`None`: standard attention; `head_dim` is then the q/k/v
+    /// head width, with MLA it is `qk_head_dim`).
+    pub mla: Option<MlaConfig>,
+    /// Trailing multi-token-prediction layers the checkpoint stores after the decoder layers
+    /// (GLM-4.7-Flash `num_nextn_predict_layers`); not run, and skipped at load.
+    pub num_nextn_predict_layers: usize,
 }
 
 /// Keys that do not change inference (bookkeeping, training-only, or token ids read elsewhere).
@@ -71,9 +139,9 @@ const INFORMATIONAL_KEYS: &[&str] = &[
     "max_window_layers",
 ];
 
-impl DenseConfig {
+impl ModelConfig {
     /// Reads and validates `config.json` in `dir`.
-    pub fn from_hf_file(path: &Path) -> Result<DenseConfig> {
+    pub fn from_hf_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("malformed JSON: {e}")))?;
         Self::from_hf_json(&json).map_err(|e| match e {
@@ -83,7 +151,7 @@ impl DenseConfig {
     }
 
     /// Validates a parsed `config.json`.
-    pub fn from_hf_json(json: &Value) -> Result<DenseConfig> {
+    pub fn from_hf_json(json: &Value) -> Result<ModelConfig> {
         let obj = json.as_object().ok_or_else(|| cfg("config.json is not a JSON object"))?;
         let arch_name = obj
             .get("architectures")
@@ -93,9 +161,11 @@ impl DenseConfig {
             .ok_or_else(|| cfg("no \"architectures\" entry"))?
             .to_string();
         let arch = match arch_name.as_str() {
-            "Qwen3ForCausalLM" => DenseArch::Qwen3,
-            "Qwen2ForCausalLM" => DenseArch::Qwen2,
-            "LlamaForCausalLM" => DenseArch::Llama,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            "LlamaForCausalLM" => Arch::Llama,
+            "Qwen3MoeForCausalLM" => Arch::Qwen3Moe,
+            "Glm4MoeLiteForCausalLM" => Arch::Glm4MoeLite,
             other => return Err(cfg(format!("unknown architecture {other:?}"))),
         };
         let mut used: Vec<&str> = INFORMATIONAL_KEYS.to_vec();
@@ -157,27 +227,125 @@ impl DenseConfig {
         let attention_bias = bool_of("attention_bias", get("attention_bias"))?.unwrap_or(false);
         let mlp_bias = bool_of("mlp_bias", get("mlp_bias"))?.unwrap_or(false);
         let (qkv_bias, o_bias, qk_norm) = match arch {
-            DenseArch::Qwen3 => (attention_bias, attention_bias, true),
+            Arch::Qwen3 | Arch::Qwen3Moe => (attention_bias, attention_bias, true),
+            Arch::Glm4MoeLite => (attention_bias, false, false),
             // Qwen2 hard-codes q/k/v biases and has no attention_bias key.
-            DenseArch::Qwen2 => (true, false, false),
-            DenseArch::Llama => (attention_bias, attention_bias, false),
+            Arch::Qwen2 => (true, false, false),
+            Arch::Llama => (attention_bias, attention_bias, false),
         };
-        if mlp_bias && arch != DenseArch::Llama {
+        if mlp_bias && arch != Arch::Llama {
             return Err(cfg("mlp_bias is only defined for LlamaForCausalLM"));
         }
-        let config = DenseConfig {
+        let num_layers = req("num_hidden_layers", usize_of("num_hidden_layers", get("num_hidden_layers"))?)?;
+        let (moe, mla, num_nextn_predict_layers, head_dim, rope_layout) = match arch {
+            Arch::Qwen3 | Arch::Qwen2 | Arch::Llama => (None, None, 0, head_dim, RopeLayout::SplitHalves),
+            Arch::Qwen3Moe => {
+                for (key, want) in [("qkv_bias", false), ("use_qk_norm", true)] {
+                    if let Some(v) = bool_of(key, get(key))? {
+                        if v != want {
+                            return Err(cfg(format!("{key}: {v} is not supported for Qwen3MoeForCausalLM")));
+                        }
+                    }
+                }
+                if let Some(n) = usize_of("shared_experts_intermediate_size", get("shared_experts_intermediate_size"))?
+                {
+                    if n != 0 {
+                        return Err(cfg(format!(
+                            "shared_experts_intermediate_size {n} (Qwen3-MoE has no shared expert)"
+                        )));
+                    }
+                }
+                get("output_router_logits");
+                get("router_aux_loss_coef");
+                let num_experts = req("num_experts", usize_of("num_experts", get("num_experts"))?)?;
+                let step = usize_of("decoder_sparse_step", get("decoder_sparse_step"))?.unwrap_or(1);
+                let mlp_only: Vec<usize> = match get("mlp_only_layers") {
+                    None => Vec::new(),
+                    Some(v) => v
+                        .as_array()
+                        .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| cfg(format!("mlp_only_layers must be a list of layer indices, got {v}")))?,
+                };
+                // transformers: sparse when not listed, experts exist and (i + 1) % step == 0.
+                let sparse_layers = (0..num_layers)
+                    .map(|i| !mlp_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1) % step == 0)
+                    .collect();
+                let moe = MoeConfig {
+                    num_experts,
+                    top_k: req("num_experts_per_tok", usize_of("num_experts_per_tok", get("num_experts_per_tok"))?)?,
+                    moe_intermediate_size: req(
+                        "moe_intermediate_size",
+                        usize_of("moe_intermediate_size", get("moe_intermediate_size"))?,
+                    )?,
+                    norm_topk_prob: bool_of("norm_topk_prob", get("norm_topk_prob"))?.unwrap_or(false),
+                    gating: Gating::Softmax,
+                    shared_intermediate_size: 0,
+                    sparse_layers,
+                };
+                (Some(moe), None, 0, head_dim, RopeLayout::SplitHalves)
+            }
+            Arch::Glm4MoeLite => {
+                get("output_router_logits");
+                if let Some(m) = get("topk_method").map(|v| v.as_str().unwrap_or_default().to_string()) {
+                    if m != "noaux_tc" {
+                        return Err(cfg(format!("topk_method {m:?} (only \"noaux_tc\" is supported)")));
+                    }
+                }
+                if let Some(f) = get("scoring_func").map(|v| v.as_str().unwrap_or_default().to_string()) {
+                    if f != "sigmoid" {
+                        return Err(cfg(format!("scoring_func {f:?} (only \"sigmoid\" is supported)")));
+                    }
+                }
+                if let Some(p) = f32_of("partial_rotary_factor", get("partial_rotary_factor"))? {
+                    if p != 1.0 {
+                        return Err(cfg(format!("partial_rotary_factor {p} (only 1.0 is supported)")));
+                    }
+                }
+                let u = |key: &'static str, v: Option<&Value>| -> Result<usize> { req(key, usize_of(key, v)?) };
+                let mla = MlaConfig {
+                    q_lora_rank: usize_of("q_lora_rank", get("q_lora_rank"))?,
+                    kv_lora_rank: u("kv_lora_rank", get("kv_lora_rank"))?,
+                    qk_nope_head_dim: u("qk_nope_head_dim", get("qk_nope_head_dim"))?,
+                    qk_rope_head_dim: u("qk_rope_head_dim", get("qk_rope_head_dim"))?,
+                    v_head_dim: u("v_head_dim", get("v_head_dim"))?,
+                    latent_norm_eps: 1e-6,
+                };
+                let num_experts = u("n_routed_experts", get("n_routed_experts"))?;
+                let moe_inter = u("moe_intermediate_size", get("moe_intermediate_size"))?;
+                let first_dense = usize_of("first_k_dense_replace", get("first_k_dense_replace"))?.unwrap_or(0);
+                let moe = MoeConfig {
+                    num_experts,
+                    top_k: u("num_experts_per_tok", get("num_experts_per_tok"))?,
+                    moe_intermediate_size: moe_inter,
+                    norm_topk_prob: bool_of("norm_topk_prob", get("norm_topk_prob"))?.unwrap_or(true),
+                    gating: Gating::SigmoidGrouped {
+                        n_group: usize_of("n_group", get("n_group"))?.unwrap_or(1),
+                        topk_group: usize_of("topk_group", get("topk_group"))?.unwrap_or(1),
+                        routed_scaling_factor: f32_of("routed_scaling_factor", get("routed_scaling_factor"))?
+                            .unwrap_or(1.0),
+                    },
+                    shared_intermediate_size: moe_inter
+                        * usize_of("n_shared_experts", get("n_shared_experts"))?.unwrap_or(0),
+                    sparse_layers: (0..num_layers).map(|i| i >= first_dense).collect(),
+                };
+                let nextn = usize_of("num_nextn_predict_layers", get("num_nextn_predict_layers"))?.unwrap_or(0);
+                let qk = mla.qk_head_dim();
+                (Some(moe), Some(mla), nextn, qk, RopeLayout::Interleaved)
+            }
+        };
+        let config = ModelConfig {
             arch,
             arch_name,
             vocab_size: req("vocab_size", usize_of("vocab_size", get("vocab_size"))?)?,
             hidden_size,
             intermediate_size: req("intermediate_size", usize_of("intermediate_size", get("intermediate_size"))?)?,
-            num_layers: req("num_hidden_layers", usize_of("num_hidden_layers", get("num_hidden_layers"))?)?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
             rms_norm_eps: f32_of("rms_norm_eps", get("rms_norm_eps"))?.unwrap_or(1e-6),
             rope_theta: f32_of("rope_theta", get("rope_theta"))?.unwrap_or(10000.0),
-            rope_layout: RopeLayout::SplitHalves,
+            rope_layout,
             max_position_embeddings: usize_of("max_position_embeddings", get("max_position_embeddings"))?
                 .unwrap_or(2048),
             // transformers' Qwen2/Qwen3/Llama configs default to untied.
@@ -186,6 +354,9 @@ impl DenseConfig {
             o_bias,
             mlp_bias,
             qk_norm,
+            moe,
+            mla,
+            num_nextn_predict_layers,
         };
         if let Some(key) = obj.keys().find(|k| !used.contains(&k.as_str())) {
             if key == "quantization_config" {
@@ -198,13 +369,15 @@ impl DenseConfig {
     }
 
     /// Reads the config of a GGUF file of arch `llama`, `qwen2` or `qwen3`.
-    pub fn from_gguf(g: &GgufFile) -> Result<DenseConfig> {
+    pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         let arch_name = g.get_str("general.architecture")?.to_string();
         let (arch, rope_layout) = match arch_name.as_str() {
-            "qwen3" => (DenseArch::Qwen3, RopeLayout::SplitHalves),
-            "qwen2" => (DenseArch::Qwen2, RopeLayout::SplitHalves),
+            "qwen3" => (Arch::Qwen3, RopeLayout::SplitHalves),
+            "qwen2" => (Arch::Qwen2, RopeLayout::SplitHalves),
             // convert_hf_to_gguf permutes llama q/k rows so adjacent pairs rotate together.
-            "llama" => (DenseArch::Llama, RopeLayout::Interleaved),
+            "llama" => (Arch::Llama, RopeLayout::Interleaved),
+            "qwen3moe" => (Arch::Qwen3Moe, RopeLayout::SplitHalves),
+            "deepseek2" => return Self::from_gguf_deepseek2(g),
             other => return Err(Error::file(&g.path, format!("unknown architecture {other:?}"))),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -234,14 +407,33 @@ impl DenseConfig {
             Some(v) => v as usize,
             None => g.get("tokenizer.ggml.tokens").and_then(|t| t.as_array()).map_or(0, |a| a.len()),
         };
-        let qkv_bias = arch == DenseArch::Qwen2 || g.tensors.contains_key("blk.0.attn_q.bias");
-        let config = DenseConfig {
+        let qkv_bias = arch == Arch::Qwen2 || g.tensors.contains_key("blk.0.attn_q.bias");
+        let num_layers = g.get_usize(&key("block_count"))?;
+        let moe = match arch {
+            // llama.cpp's qwen3moe graph: softmax gating, weights renormalized, every layer sparse.
+            Arch::Qwen3Moe => Some(MoeConfig {
+                num_experts: g.get_usize(&key("expert_count"))?,
+                top_k: g.get_usize(&key("expert_used_count"))?,
+                moe_intermediate_size: g.get_usize(&key("expert_feed_forward_length"))?,
+                norm_topk_prob: true,
+                gating: Gating::Softmax,
+                shared_intermediate_size: 0,
+                sparse_layers: vec![true; num_layers],
+            }),
+            _ => None,
+        };
+        let intermediate_size = match (&moe, g.get(&key("feed_forward_length")).and_then(|v| v.as_u64())) {
+            (_, Some(v)) => v as usize,
+            (Some(m), None) => m.moe_intermediate_size,
+            (None, None) => g.get_usize(&key("feed_forward_length"))?,
+        };
+        let config = ModelConfig {
             arch,
             arch_name: arch_name.clone(),
             vocab_size,
             hidden_size,
-            intermediate_size: g.get_usize(&key("feed_forward_length"))?,
-            num_layers: g.get_usize(&key("block_count"))?,
+            intermediate_size,
+            num_layers,
             num_heads,
             num_kv_heads: g
                 .get(&key("attention.head_count_kv"))
@@ -260,7 +452,108 @@ impl DenseConfig {
             qkv_bias,
             o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),
             mlp_bias: false,
-            qk_norm: arch == DenseArch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe),
+            moe,
+            mla: None,
+            num_nextn_predict_layers: 0,
+        };
+        config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
+        Ok(config)
+    }
+
+    /// GLM-4.7-Flash (and DeepSeek-V3-style models) as llama.cpp's `deepseek2` writes them:
+    /// `block_count` includes the `nextn_predict_layers` MTP layers; `head_count_kv` is 1 and
+    /// `key_length`/`value_length` are the latent widths, the per-head widths being the
+    /// `*_mla` keys (older files without them store per-head widths directly); `kv_b` comes
+    /// split per head as `attn_k_b`/`attn_v_b`. The q_a/kv_a norms use `rms_norm_eps`, as
+    /// llama.cpp computes them.
+    fn from_gguf_deepseek2(g: &GgufFile) -> Result<ModelConfig> {
+        let key = |k: &str| format!("deepseek2.{k}");
+        let opt = |k: &str| g.get(&key(k)).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let file_err = |msg: String| Error::file(&g.path, msg);
+        let num_heads = g.get_usize(&key("attention.head_count"))?;
+        let rope = g.get_usize(&key("rope.dimension_count"))?;
+        let kv_lora_rank = g.get_usize(&key("attention.kv_lora_rank"))?;
+        let (qk_head_dim, v_head_dim) = match (opt("attention.key_length_mla"), opt("attention.value_length_mla")) {
+            (Some(k), Some(v)) => (k, v),
+            _ => (g.get_usize(&key("attention.key_length"))?, g.get_usize(&key("attention.value_length"))?),
+        };
+        let qk_nope_head_dim = qk_head_dim
+            .checked_sub(rope)
+            .ok_or_else(|| file_err(format!("key length {qk_head_dim} is shorter than the rope part {rope}")))?;
+        let nextn = opt("nextn_predict_layers").unwrap_or(0);
+        let block_count = g.get_usize(&key("block_count"))?;
+        let num_layers = block_count
+            .checked_sub(nextn)
+            .ok_or_else(|| file_err(format!("nextn_predict_layers {nextn} exceeds block_count {block_count}")))?;
+        let vocab_size = match opt("vocab_size") {
+            Some(v) => v,
+            None => g.get("tokenizer.ggml.tokens").and_then(|t| t.as_array()).map_or(0, |a| a.len()),
+        };
+        // llama.cpp: 1 softmax, 2 sigmoid; GLM-4.7-Flash files omit the key and llama.cpp
+        // infers sigmoid from their shape (47 layers, vocabulary 154880).
+        let gating_func =
+            opt("expert_gating_func").unwrap_or(if vocab_size == 154880 && num_layers == 47 { 2 } else { 1 });
+        if gating_func != 2 {
+            return Err(file_err(format!(
+                "expert_gating_func {gating_func}: only sigmoid (2) routing is supported for deepseek2 (DeepSeek-V3, GLM-4.7-Flash)"
+            )));
+        }
+        let rms_norm_eps =
+            g.get(&key("attention.layer_norm_rms_epsilon"))
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| file_err("missing attention.layer_norm_rms_epsilon".into()))? as f32;
+        let first_dense = opt("leading_dense_block_count").unwrap_or(0);
+        let moe_inter = g.get_usize(&key("expert_feed_forward_length"))?;
+        let moe = MoeConfig {
+            num_experts: g.get_usize(&key("expert_count"))?,
+            top_k: g.get_usize(&key("expert_used_count"))?,
+            moe_intermediate_size: moe_inter,
+            norm_topk_prob: g.get(&key("expert_weights_norm")).and_then(|v| v.as_bool()).unwrap_or(false),
+            gating: Gating::SigmoidGrouped {
+                n_group: opt("expert_group_count").unwrap_or(1).max(1),
+                topk_group: opt("expert_group_used_count").unwrap_or(1).max(1),
+                routed_scaling_factor: g.get(&key("expert_weights_scale")).and_then(|v| v.as_f64()).unwrap_or(1.0)
+                    as f32,
+            },
+            shared_intermediate_size: moe_inter * opt("expert_shared_count").unwrap_or(0),
+            sparse_layers: (0..num_layers).map(|i| i >= first_dense).collect(),
+        };
+        if let Some(t) = g.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            if t != "none" {
+                return Err(file_err(format!("rope scaling {t:?} is not supported")));
+            }
+        }
+        let config = ModelConfig {
+            arch: Arch::Glm4MoeLite,
+            arch_name: "deepseek2".into(),
+            vocab_size,
+            hidden_size: g.get_usize(&key("embedding_length"))?,
+            intermediate_size: opt("feed_forward_length").unwrap_or(moe_inter),
+            num_layers,
+            num_heads,
+            num_kv_heads: num_heads,
+            head_dim: qk_head_dim,
+            rms_norm_eps,
+            rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            // llama.cpp rotates adjacent pairs for deepseek2 and its converter does not permute.
+            rope_layout: RopeLayout::Interleaved,
+            max_position_embeddings: opt("context_length").unwrap_or(2048),
+            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            moe: Some(moe),
+            mla: Some(MlaConfig {
+                q_lora_rank: opt("attention.q_lora_rank"),
+                kv_lora_rank,
+                qk_nope_head_dim,
+                qk_rope_head_dim: rope,
+                v_head_dim,
+                latent_norm_eps: rms_norm_eps,
+            }),
+            num_nextn_predict_layers: nextn,
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -291,21 +584,107 @@ impl DenseConfig {
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return Err(cfg("rms_norm_eps and rope_theta must be positive"));
         }
+        if let Some(m) = &self.moe {
+            if m.num_experts == 0 || m.top_k == 0 || m.top_k > m.num_experts || m.moe_intermediate_size == 0 {
+                return Err(cfg(format!(
+                    "{} experts, {} per token, moe_intermediate_size {}: need 0 < per token <= experts and a \
+                     positive width",
+                    m.num_experts, m.top_k, m.moe_intermediate_size
+                )));
+            }
+            if m.sparse_layers.len() != self.num_layers {
+                return Err(cfg("sparse layer list does not match num_hidden_layers"));
+            }
+            if let Gating::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = m.gating {
+                if n_group == 0 || !m.num_experts.is_multiple_of(n_group) || topk_group == 0 || topk_group > n_group {
+                    return Err(cfg(format!(
+                        "n_group {n_group}, topk_group {topk_group}: need n_group to divide {} experts and \
+                         0 < topk_group <= n_group",
+                        m.num_experts
+                    )));
+                }
+                if m.top_k > topk_group * (m.num_experts / n_group) {
+                    return Err(cfg(format!("{} experts per token do not fit in {topk_group} groups", m.top_k)));
+                }
+                if !routed_scaling_factor.is_finite() {
+                    return Err(cfg("routed_scaling_factor must be a finite number"));
+                }
+                // Each group scores as the sum of its two best experts.
+                if m.num_experts / n_group < 2 && n_group > 1 {
+                    return Err(cfg("grouped routing needs at least two experts per group"));
+                }
+            }
+        }
+        if let Some(a) = &self.mla {
+            if a.kv_lora_rank == 0 || a.qk_rope_head_dim == 0 || a.v_head_dim == 0 || a.q_lora_rank == Some(0) {
+                return Err(cfg("kv_lora_rank, qk_rope_head_dim, v_head_dim and q_lora_rank must be positive"));
+            }
+            if !a.qk_rope_head_dim.is_multiple_of(2) {
+                return Err(cfg(format!("qk_rope_head_dim {} must be even for RoPE", a.qk_rope_head_dim)));
+            }
+            if self.num_kv_heads != self.num_heads {
+                return Err(cfg("latent attention needs num_key_value_heads == num_attention_heads"));
+            }
+        }
         Ok(())
     }
 
-    /// Number of parameters (embedding counted once when tied).
+    /// Layer `i`'s feed-forward is a mixture of experts.
+    pub fn is_sparse_layer(&self, i: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.sparse_layers.get(i).copied().unwrap_or(false))
+    }
+
+    /// Number of parameters (embedding counted once when tied; MTP layers not counted).
     pub fn num_params(&self) -> usize {
+        self.count_params(false)
+    }
+
+    /// Parameters one token computes with: only its routed experts of each mixture.
+    pub fn num_active_params(&self) -> usize {
+        self.count_params(true)
+    }
+
+    fn count_params(&self, active_only: bool) -> usize {
         let (h, q, kv) = (self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        let attn = h * q
-            + 2 * h * kv
-            + q * h
-            + if self.qkv_bias { q + 2 * kv } else { 0 }
-            + if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let mlp = 3 * h * self.intermediate_size;
-        let layer = attn + mlp + 2 * h;
+        let attn = match &self.mla {
+            None => {
+                h * q
+                    + 2 * h * kv
+                    + q * h
+                    + if self.qkv_bias { q + 2 * kv } else { 0 }
+                    + if self.qk_norm { 2 * self.head_dim } else { 0 }
+            }
+            Some(a) => {
+                let nh = self.num_heads;
+                let q_part = match a.q_lora_rank {
+                    Some(r) => h * r + r + r * nh * a.qk_head_dim(),
+                    None => h * nh * a.qk_head_dim(),
+                };
+                q_part
+                    + h * a.cache_width()
+                    + a.kv_lora_rank
+                    + a.kv_lora_rank * nh * (a.qk_nope_head_dim + a.v_head_dim)
+                    + nh * a.v_head_dim * h
+            }
+        };
+        let dense_mlp = 3 * h * self.intermediate_size;
+        let layers: usize = (0..self.num_layers)
+            .map(|i| {
+                let ffn = match &self.moe {
+                    Some(m) if self.is_sparse_layer(i) => {
+                        let experts = if active_only { m.top_k } else { m.num_experts };
+                        m.num_experts * h
+                            + if matches!(m.gating, Gating::SigmoidGrouped { .. }) { m.num_experts } else { 0 }
+                            + experts * 3 * h * m.moe_intermediate_size
+                            + 3 * h * m.shared_intermediate_size
+                    }
+                    _ => dense_mlp,
+                };
+                attn + ffn + 2 * h
+            })
+            .sum();
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.vocab_size * h + self.num_layers * layer + h + head
+        self.vocab_size * h + layers + h + head
     }
 }
 

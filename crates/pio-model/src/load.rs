@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use pio_kernels::DType;
 use serde_json::Value;
 
-use crate::config::DenseConfig;
-use crate::models::qwen3::DenseModel;
+use crate::config::ModelConfig;
+use crate::models::decoder::DecoderModel;
 use crate::models::CausalLm;
 use crate::registry::{self, Family};
 use crate::tokenizer::{GgufVocab, Tokenizer};
@@ -95,7 +95,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 
 /// The config of the Hugging Face model directory `dir` (raw and resolved), refusing
 /// architectures we do not run.
-pub(crate) fn read_hf_config(dir: &Path) -> Result<(Value, DenseConfig)> {
+pub(crate) fn read_hf_config(dir: &Path) -> Result<(Value, ModelConfig)> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(Error::file(&config_path, "missing: a model directory needs config.json"));
@@ -107,7 +107,7 @@ pub(crate) fn read_hf_config(dir: &Path) -> Result<(Value, DenseConfig)> {
         .and_then(|a| a.as_str())
         .ok_or_else(|| Error::file(&config_path, "no \"architectures\" entry"))?;
     match registry::family_of_hf(arch) {
-        Some(Family::Dense) => {}
+        Some(Family::Decoder) => {}
         None => {
             return Err(Error::file(
                 &config_path,
@@ -115,14 +115,14 @@ pub(crate) fn read_hf_config(dir: &Path) -> Result<(Value, DenseConfig)> {
             ))
         }
     }
-    Ok((raw, DenseConfig::from_hf_file(&config_path)?))
+    Ok((raw, ModelConfig::from_hf_file(&config_path)?))
 }
 
 fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
     let (raw, config) = read_hf_config(dir)?;
     let mut ckpt = safetensors::load_dir(dir)?;
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let model = DenseModel::load(config.clone(), ckpt, progress)?;
+    let model = DecoderModel::load(config.clone(), ckpt, progress)?;
     let tokenizer = Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     add_eos_ids(&mut generation.eos_token_ids, raw.get("eos_token_id"));
@@ -152,7 +152,7 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
 }
 
 /// The config of GGUF file `g`, refusing architectures we do not run.
-pub(crate) fn gguf_config(g: &GgufFile) -> Result<DenseConfig> {
+pub(crate) fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
     let arch = g.get_str("general.architecture")?;
     if registry::family_of_gguf(arch).is_none() {
         return Err(Error::file(
@@ -160,11 +160,11 @@ pub(crate) fn gguf_config(g: &GgufFile) -> Result<DenseConfig> {
             format!("unknown architecture {arch:?} (supported: {})", registry::supported_list(true)),
         ));
     }
-    DenseConfig::from_gguf(g)
+    ModelConfig::from_gguf(g)
 }
 
 /// Quantizes `ckpt` in place when `options` ask for it: (format, seconds).
-fn quantize_at_load(ckpt: &mut Checkpoint, config: &DenseConfig, options: &LoadOptions) -> Option<(DType, f64)> {
+fn quantize_at_load(ckpt: &mut Checkpoint, config: &ModelConfig, options: &LoadOptions) -> Option<(DType, f64)> {
     let target = options.quant?;
     let start = std::time::Instant::now();
     quantize::quantize_checkpoint(ckpt, target, config.tie_word_embeddings);
@@ -176,7 +176,7 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
     let config = gguf_config(&g)?;
     let mut ckpt = g.checkpoint();
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let model = DenseModel::load(config.clone(), ckpt, progress)?;
+    let model = DecoderModel::load(config.clone(), ckpt, progress)?;
     let tokenizer = tokenizer_from_gguf(&g).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
@@ -236,8 +236,8 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tokenizer> {
 fn model_info(
     path: &Path,
     format: &'static str,
-    config: &DenseConfig,
-    model: &DenseModel,
+    config: &ModelConfig,
+    model: &DecoderModel,
     quantized: Option<(DType, f64)>,
 ) -> ModelInfo {
     let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();

@@ -14,7 +14,9 @@
 //!   tensor" rule does — Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0 (llama.cpp
 //!   picks IQ4_NL, which we do not have), and likewise INT4/NF4 → Q5_0 — and to F16 when not
 //!   even that fits (widths that are not a multiple of 32);
-//! - 1-D tensors (norms, biases) are left as they are; the model reads them as f32.
+//! - 1-D tensors (norms, biases) are left as they are; the model reads them as f32;
+//! - mixture-of-experts routers (`mlp.gate.weight`, llama.cpp's `ffn_gate_inp`) are left as
+//!   they are, and stored F32 in GGUF, as `llama-quantize` never quantizes them.
 //!
 //! A matrix already in its format is kept as it is (still memory-mapped); any other is decoded
 //! row by row to f32 and encoded with [`pio_kernels::quant`], rows split across the cores, into
@@ -28,12 +30,12 @@ use std::sync::{Arc, Mutex};
 
 use pio_kernels::{parallel, quant, DType};
 
-use crate::config::DenseArch;
+use crate::config::Arch;
 use crate::load::{gguf_config, read_hf_config};
-use crate::models::qwen3::DenseModel;
-use crate::synth::{hf_gguf_metadata, model_name, permute_rows};
-use crate::weights::gguf::{write_gguf, GgufFile, TensorToWrite, Value};
-use crate::weights::names::hf_to_gguf;
+use crate::models::decoder::DecoderModel;
+use crate::synth::{hf_gguf_metadata, is_router, model_name, permute_rows, split_kv_b};
+use crate::weights::gguf::{write_gguf_with, GgufFile, TensorHeader, Value};
+use crate::weights::names::{hf_expert_to_gguf, hf_to_gguf};
 use crate::weights::{safetensors, Checkpoint, Storage, Tensor};
 use crate::{Error, Result};
 
@@ -110,13 +112,17 @@ pub fn convert_matrix(t: &Tensor, dtype: DType) -> Tensor {
 
 /// Converts every matrix of `ckpt` (Hugging Face names) to the format [`tensor_type`] gives it
 /// for `target`; `tied` says the embedding doubles as the LM head (a saved `lm_head.weight`
-/// is then dropped, as the model would drop it). 1-D tensors are left alone.
+/// is then dropped, as the model would drop it). 1-D tensors and mixture-of-experts routers
+/// (`mlp.gate.weight`, kept exact as llama.cpp keeps them) are left alone.
 pub fn quantize_checkpoint(ckpt: &mut Checkpoint, target: DType, tied: bool) {
     if tied {
         ckpt.discard("lm_head.weight");
     }
     for (name, t) in ckpt.tensors_mut() {
         let [_, cols] = t.shape[..] else { continue };
+        if is_router(name) {
+            continue;
+        }
         let output = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
         let dtype = tensor_type(target, cols, output);
         // A tensor whose bytes do not match its shape is left for the model's checks to report.
@@ -137,7 +143,10 @@ pub struct QuantizeSummary {
 
 /// Quantizes the model at `input` (a Hugging Face directory or a GGUF file) to `target` and
 /// writes it to `out` as a GGUF file that our loader and llama.cpp read: llama.cpp tensor names,
-/// 1-D tensors in F32, llama's q/k rows permuted as `convert_hf_to_gguf.py` does, and the
+/// 1-D tensors and routers in F32, llama's q/k rows permuted as `convert_hf_to_gguf.py` does,
+/// experts fused into `[experts, rows, cols]` stacks (`ffn_*_exps`), latent attention's
+/// `kv_b_proj` split per head into `attn_k_b`/`attn_v_b` before quantizing (so, unlike the other
+/// matrices, those two differ from what load-time quantization of `kv_b_proj` holds), and the
 /// metadata `convert_hf_to_gguf.py` writes (with the directory's tokenizer, if it has one) or,
 /// for GGUF input, the input's metadata with the new file type.
 ///
@@ -163,26 +172,45 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
         let tokenizer = input.join("tokenizer.json").is_file().then_some(input);
         let name = model_name(&config_path, &config);
         let metadata = hf_gguf_metadata(&config_path, tokenizer, &name, llama_file_type(target))?;
-        let permute = config.arch == DenseArch::Llama;
+        let permute = config.arch == Arch::Llama;
         (config, safetensors::load_dir(input)?, metadata, permute)
     } else {
         let g = GgufFile::open(input)?;
         let config = gguf_config(&g)?;
         (config, g.checkpoint(), carried_metadata(&g, target), false)
     };
+    if let Some(a) = &config.mla {
+        ckpt = split_kv_b_proj(ckpt, config.num_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank);
+    }
     quantize_checkpoint(&mut ckpt, target, config.tie_word_embeddings);
 
     // Building the model checks every tensor's name and shape, so a file we write is one we
     // can load. It only borrows the (mapped or owned) bytes.
     let copy = Checkpoint::new(ckpt.path.clone(), ckpt.tensors().map(|(n, t)| (n.to_string(), t.clone())).collect());
-    DenseModel::load(config.clone(), copy, &mut |_, _| {})?;
+    DecoderModel::load(config.clone(), copy, &mut |_, _| {})?;
 
     let mut files: Vec<FileTensor<'_>> = Vec::new();
-    let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();
+    let mut stacks: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (name, t) in ckpt.tensors() {
-        let gguf_name =
-            hf_to_gguf(name).ok_or_else(|| Error::file(input, format!("tensor {name:?} has no llama.cpp name")))?;
-        let (dtype, mut data) = if t.shape.len() == 1 && t.dtype != DType::F32 {
+        if let Some((stack, e)) = hf_expert_to_gguf(name) {
+            let i = *stacks.entry(stack.clone()).or_insert_with(|| {
+                files.push(FileTensor {
+                    name: stack,
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data: Data::Stack(Vec::new()),
+                });
+                files.len() - 1
+            });
+            let Data::Stack(experts) = &mut files[i].data else { unreachable!("stacks hold experts") };
+            experts.push((e, t));
+            continue;
+        }
+        // Names llama.cpp has and our table does not (`blk.N.nextn.*` of MTP layers) stay.
+        let gguf_name = hf_to_gguf(name)
+            .or_else(|| (input.is_file() && name.starts_with("blk.")).then(|| name.to_string()))
+            .ok_or_else(|| Error::file(input, format!("tensor {name:?} has no llama.cpp name")))?;
+        let (dtype, mut data) = if (t.shape.len() == 1 || is_router(name)) && t.dtype != DType::F32 {
             let f32s: Vec<u8> = t.to_f32_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
             (DType::F32, Cow::Owned(f32s))
         } else {
@@ -192,25 +220,52 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
         if permute && qk {
             data = Cow::Owned(permute_rows(&data, t.shape[0], config.head_dim));
         }
-        if t.shape.len() == 2 {
-            match weight_types.iter_mut().find(|(d, _, _)| *d == dtype) {
-                Some(e) => (e.1, e.2) = (e.1 + 1, e.2 + data.len()),
-                None => weight_types.push((dtype, 1, data.len())),
-            }
+        // llama.cpp's per-head 3-D `attn_k_b` [H, kv_lora, nope] and `attn_v_b` [H, v, kv_lora].
+        let mut shape = t.shape.clone();
+        let per_head = name.ends_with("k_b_proj.weight") || name.ends_with("v_b_proj.weight");
+        if let (&[rows, cols], true) = (&t.shape[..], per_head) {
+            let heads = config.num_heads;
+            shape = vec![heads, rows / heads.max(1), cols];
         }
-        files.push(FileTensor { name: gguf_name, dtype, shape: t.shape.clone(), data });
+        files.push(FileTensor { name: gguf_name, dtype, shape, data: Data::Bytes(data) });
+    }
+    for f in &mut files {
+        let Data::Stack(experts) = &mut f.data else { continue };
+        experts.sort_by_key(|(e, _)| *e);
+        let in_order =
+            experts.iter().enumerate().all(|(i, (e, t))| *e == i && t.dtype == f.dtype && t.shape == f.shape);
+        if !in_order {
+            return Err(Error::file(input, format!("{}: experts are missing or differ in format or shape", f.name)));
+        }
+        f.shape.insert(0, experts.len());
+    }
+    let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();
+    for f in files.iter().filter(|f| f.shape.len() >= 2) {
+        let len = f.shape.iter().rev().skip(1).product::<usize>()
+            * f.dtype.row_bytes(f.shape[f.shape.len() - 1]).unwrap_or(0);
+        match weight_types.iter_mut().find(|(d, _, _)| *d == f.dtype) {
+            Some(e) => (e.1, e.2) = (e.1 + 1, e.2 + len),
+            None => weight_types.push((f.dtype, 1, len)),
+        }
     }
     files.sort_by_key(|t| gguf_order(&t.name));
-    let tensors: Vec<TensorToWrite<'_>> = files
-        .iter()
-        .map(|t| TensorToWrite { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), data: &t.data })
-        .collect();
+    let headers: Vec<TensorHeader> =
+        files.iter().map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
 
     let tmp = partial_path(out);
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    write_gguf(&tmp, &metadata, &tensors)?;
+    write_gguf_with(&tmp, &metadata, &headers, &mut |i| match &files[i].data {
+        Data::Bytes(b) => Cow::Borrowed(&b[..]),
+        Data::Stack(experts) => {
+            let mut all = Vec::with_capacity(experts.iter().map(|(_, t)| t.bytes().len()).sum());
+            for (_, t) in experts {
+                all.extend_from_slice(t.bytes());
+            }
+            Cow::Owned(all)
+        }
+    })?;
     std::fs::rename(&tmp, out).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(out, e)
@@ -219,13 +274,42 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     Ok(QuantizeSummary { weight_types, file_bytes })
 }
 
-/// A tensor as it goes into the file: GGUF name, format, shape, and bytes (borrowed from the
-/// checkpoint unless converted or permuted).
+/// `ckpt` with every latent attention `kv_b_proj` replaced by llama.cpp's per-head split
+/// (`k_b_proj` `[H·kv_lora, nope]`, `v_b_proj` `[H·v, kv_lora]`, in f32, see
+/// [`split_kv_b`]), so that each half is quantized along its own rows as llama.cpp stores it.
+fn split_kv_b_proj(ckpt: Checkpoint, heads: usize, nope: usize, v: usize, r: usize) -> Checkpoint {
+    let path = ckpt.path.clone();
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, t) in ckpt.tensors() {
+        let Some(prefix) = name.strip_suffix("kv_b_proj.weight").filter(|_| t.shape == [heads * (nope + v), r]) else {
+            tensors.insert(name.to_string(), t.clone());
+            continue;
+        };
+        let (k_b, v_b) = split_kv_b(&t.to_f32_vec(), heads, nope, v, r);
+        let owned = |vals: Vec<f32>, shape: Vec<usize>| Tensor {
+            dtype: DType::F32,
+            shape,
+            storage: Storage::Owned(Arc::new(vals.iter().flat_map(|x| x.to_le_bytes()).collect())),
+        };
+        tensors.insert(format!("{prefix}k_b_proj.weight"), owned(k_b, vec![heads * r, nope]));
+        tensors.insert(format!("{prefix}v_b_proj.weight"), owned(v_b, vec![heads * v, r]));
+    }
+    Checkpoint::new(path, tensors)
+}
+
+/// A tensor as it goes into the file: GGUF name, format, shape, and bytes.
 struct FileTensor<'a> {
     name: String,
     dtype: DType,
     shape: Vec<usize>,
-    data: Cow<'a, [u8]>,
+    data: Data<'a>,
+}
+
+/// A file tensor's bytes: borrowed from the checkpoint unless converted or permuted, or the
+/// experts of a stack (by index), concatenated when written.
+enum Data<'a> {
+    Bytes(Cow<'a, [u8]>),
+    Stack(Vec<(usize, &'a Tensor)>),
 }
 
 /// A GGUF input's metadata for the quantized file: every key (`general.architecture` first, the

@@ -3,15 +3,18 @@
 /// A family of models that share one model file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// `models::qwen3`: Qwen3, Qwen2, Llama.
-    Dense,
+    /// `models::decoder`: Qwen3, Qwen2, Llama, Qwen3-MoE, GLM-4.7-Flash.
+    Decoder,
 }
 
 /// (Hugging Face `architectures[0]`, GGUF `general.architecture`, family).
 pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
-    ("Qwen3ForCausalLM", "qwen3", Family::Dense),
-    ("Qwen2ForCausalLM", "qwen2", Family::Dense),
-    ("LlamaForCausalLM", "llama", Family::Dense),
+    ("Qwen3ForCausalLM", "qwen3", Family::Decoder),
+    ("Qwen2ForCausalLM", "qwen2", Family::Decoder),
+    ("LlamaForCausalLM", "llama", Family::Decoder),
+    ("Qwen3MoeForCausalLM", "qwen3moe", Family::Decoder),
+    // llama.cpp writes GLM-4.7-Flash as its DeepSeek-V2/V3 architecture.
+    ("Glm4MoeLiteForCausalLM", "deepseek2", Family::Decoder),
 ];
 
 /// The family of a Hugging Face architecture string.

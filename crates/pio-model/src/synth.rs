@@ -1,29 +1,40 @@
 //! Random-weight checkpoints at real shapes, for benchmarking without downloads.
 //!
-//! [`write_random_checkpoint`] reads a Hugging Face `config.json` of a supported dense model
-//! and writes every tensor the model takes, filled with seeded random numbers:
+//! [`write_random_checkpoint`] reads a Hugging Face `config.json` of a supported model (dense,
+//! Qwen3-MoE, GLM-4.7-Flash) and writes every tensor the model takes, filled with seeded
+//! random numbers:
 //!
-//! - matrices uniform in `±sqrt(3 / fan_in)` (fan_in = columns), so a matrix times a
-//!   unit-variance vector gives unit-variance outputs and activations stay finite through
-//!   any number of layers;
-//! - biases uniform in `±0.02`; norm weights 1.0.
+//! - matrices (routers included) uniform in `±sqrt(3 / fan_in)` (fan_in = columns), so a
+//!   matrix times a unit-variance vector gives unit-variance outputs and activations stay
+//!   finite through any number of layers;
+//! - biases (and the sigmoid routers' `e_score_correction_bias`) uniform in `±0.02`; norm
+//!   weights 1.0.
+//!
+//! Mixtures of experts get every expert (`mlp.experts.{e}.*`), the shared expert and, per
+//! `sparse_layers`, dense layers. Multi-token-prediction layers (`num_nextn_predict_layers`)
+//! are not written: the directory keeps `config.json` as it is (the loader skips MTP layers,
+//! present or not), and GGUF files say `nextn_predict_layers` 0.
 //!
 //! Each tensor's numbers depend only on the seed and its Hugging Face name, so the same seed
-//! gives the same model as a Hugging Face directory and as GGUF (llama q/k rows are permuted
-//! for GGUF as llama.cpp's `convert_hf_to_gguf.py` does, and biases are rounded to the
-//! matrices' type before they are stored as F32, so both compute the same function).
+//! gives the same model as a Hugging Face directory and as GGUF in a float type (llama q/k rows
+//! are permuted for GGUF as llama.cpp's `convert_hf_to_gguf.py` does, experts are stacked, MLA's
+//! `kv_b_proj` is split per head into `attn_k_b`/`attn_v_b`, and biases and routers are rounded
+//! to the matrices' type before they are stored as F32, so both compute the same function).
 //!
 //! Outputs ([`SynthFormat`], chosen from the path):
 //!
-//! - a directory: `config.json` (copied), `model.safetensors`, `generation_config.json` (bos
-//!   and eos from the config) and the tokenizer files of `tokenizer_dir`;
+//! - a directory: `config.json` (copied), `model.safetensors` (BF16, F16 or F32),
+//!   `generation_config.json` (bos and eos from the config) and the tokenizer files of
+//!   `tokenizer_dir`;
 //! - a `.gguf` file loadable by llama.cpp: the hyper-parameters its loader reads, matrices in
-//!   the chosen type, 1-D tensors in F32, and (with `tokenizer_dir`) the tokenizer as
-//!   `convert_hf_to_gguf.py` writes a gpt2-style byte-level BPE vocabulary.
+//!   the chosen type — a float type, or a block format (Q4_K, Q8_0, ...) with each matrix
+//!   typed as `pio quantize` types it, generated in f32 and encoded, so that a 30B model need
+//!   never exist in BF16 — routers and 1-D tensors in F32, and (with `tokenizer_dir`) the
+//!   tokenizer as `convert_hf_to_gguf.py` writes a gpt2-style byte-level BPE vocabulary.
 //!
 //! Numbers are generated in chunks of [`CHUNK`] values, each from its own splitmix64 stream,
 //! on all cores, and converted to the stored type chunk by chunk: no f32 copy of the model is
-//! made, and at most one tensor's bytes are in memory at a time.
+//! made, and at most one tensor's bytes (one expert stack) are in memory at a time.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -32,9 +43,9 @@ use std::path::{Path, PathBuf};
 use pio_kernels::{quant, DType};
 use serde_json::Value as Json;
 
-use crate::config::{DenseArch, DenseConfig};
+use crate::config::{Arch, Gating, ModelConfig};
 use crate::weights::gguf::{write_gguf_with, TensorHeader, Value};
-use crate::weights::names::hf_to_gguf;
+use crate::weights::names::{hf_expert_to_gguf, hf_to_gguf};
 use crate::{Error, Result};
 
 /// What [`write_random_checkpoint`] writes.
@@ -57,9 +68,12 @@ impl SynthFormat {
 }
 
 /// Writes a random-weight checkpoint of the model `config_path` describes to `out` (a
-/// directory, or a GGUF file when `out` ends in `.gguf`), with matrices stored as `dtype`
-/// (BF16, F16 or F32) and numbers drawn from `seed`. `tokenizer_dir` (with `tokenizer.json`,
-/// optionally `tokenizer_config.json` and `chat_template.jinja`) is shipped with the model.
+/// directory, or a GGUF file when `out` ends in `.gguf`), with matrices stored as `dtype` and
+/// numbers drawn from `seed`. A directory takes BF16, F16 or F32; a GGUF file also any block
+/// format GGUF has a type for (Q4_K, Q8_0, ...), each matrix then getting the format
+/// [`crate::quantize::tensor_type`] gives it, as `pio quantize` would. `tokenizer_dir` (with
+/// `tokenizer.json`, optionally `tokenizer_config.json` and `chat_template.jinja`) is shipped
+/// with the model.
 pub fn write_random_checkpoint(
     config_path: &Path,
     tokenizer_dir: Option<&Path>,
@@ -67,22 +81,35 @@ pub fn write_random_checkpoint(
     dtype: DType,
     seed: u64,
 ) -> Result<()> {
-    if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
-        return Err(Error::file(out, format!("cannot write {dtype} weights: only BF16, F16 and F32 are supported")));
+    let format = SynthFormat::from_path(out);
+    match format {
+        SynthFormat::HfDir if !is_float(dtype) => {
+            return Err(Error::file(
+                out,
+                format!(
+                    "cannot write {dtype} weights to a Hugging Face directory: only BF16, F16 and F32 \
+                     (block formats only to a .gguf file)"
+                ),
+            ))
+        }
+        SynthFormat::Gguf if dtype.ggml_id().is_none() => {
+            return Err(Error::file(out, format!("cannot write {dtype} weights: GGUF has no type for {dtype}")))
+        }
+        _ => {}
     }
-    let config = DenseConfig::from_hf_file(config_path)?;
+    let config = ModelConfig::from_hf_file(config_path)?;
     let raw_config = read_json(config_path)?;
     let tokenizer = tokenizer_dir.map(TokenizerFiles::read).transpose()?;
     if let Some(t) = &tokenizer {
         t.check_fits(config.vocab_size)?;
     }
     let specs = tensor_specs(&config);
-    match SynthFormat::from_path(out) {
+    match format {
         SynthFormat::HfDir => write_hf_dir(config_path, &raw_config, tokenizer.as_ref(), &specs, out, dtype, seed),
         SynthFormat::Gguf => {
             let name = format!("{} (random weights)", model_name(config_path, &config));
             let file_type = crate::quantize::llama_file_type(dtype);
-            let metadata = gguf_metadata(&config, &raw_config, tokenizer.as_ref(), &name, file_type)?;
+            let metadata = gguf_metadata(config_path, &config, &raw_config, tokenizer.as_ref(), &name, file_type)?;
             write_gguf_file(out, &metadata, &config, &specs, dtype, seed)
         }
     }
@@ -99,22 +126,26 @@ pub fn hf_gguf_metadata(
     name: &str,
     file_type: u32,
 ) -> Result<Vec<(String, Value)>> {
-    let config = DenseConfig::from_hf_file(config_path)?;
+    let config = ModelConfig::from_hf_file(config_path)?;
     let raw_config = read_json(config_path)?;
     let tokenizer = tokenizer_dir.map(TokenizerFiles::read).transpose()?;
     if let Some(t) = &tokenizer {
         t.check_fits(config.vocab_size)?;
     }
-    gguf_metadata(&config, &raw_config, tokenizer.as_ref(), name, file_type)
+    gguf_metadata(config_path, &config, &raw_config, tokenizer.as_ref(), name, file_type)
 }
 
 fn gguf_metadata(
-    c: &DenseConfig,
+    config_path: &Path,
+    c: &ModelConfig,
     raw_config: &Json,
     tokenizer: Option<&TokenizerFiles>,
     name: &str,
     file_type: u32,
 ) -> Result<Vec<(String, Value)>> {
+    if let Some(why) = gguf_unsupported(c) {
+        return Err(Error::file(config_path, why));
+    }
     let mut metadata = model_metadata(c, name, file_type);
     match tokenizer {
         Some(t) => metadata.extend(t.gguf_metadata(c, raw_config)?),
@@ -125,7 +156,7 @@ fn gguf_metadata(
 
 /// The model's name for `general.name`: the directory holding its config, else the
 /// architecture.
-pub(crate) fn model_name(config_path: &Path, c: &DenseConfig) -> String {
+pub(crate) fn model_name(config_path: &Path, c: &ModelConfig) -> String {
     config_path
         .canonicalize()
         .ok()
@@ -166,39 +197,78 @@ impl Spec {
     }
 }
 
-/// Every tensor `DenseModel::load` takes for `c`, in load order.
-fn tensor_specs(c: &DenseConfig) -> Vec<Spec> {
-    let (h, q, kv, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+/// Every tensor `DecoderModel::load` takes for `c`, in load order: experts one matrix each
+/// (`mlp.experts.{e}.*`), latent attention with the unsplit `kv_b_proj`; no multi-token
+/// prediction layers.
+fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
+    let (h, inter) = (c.hidden_size, c.intermediate_size);
     let mut specs =
         vec![Spec { name: "model.embed_tokens.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix }];
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
-        let mut push =
-            |name: &str, shape: Vec<usize>, init| specs.push(Spec { name: format!("{p}.{name}"), shape, init });
+        let mut layer: Vec<(String, Vec<usize>, Init)> = Vec::new();
+        let mut push = |name: &str, shape: Vec<usize>, init| layer.push((name.to_string(), shape, init));
         push("input_layernorm.weight", vec![h], Init::Norm);
-        for (proj, rows, cols, bias) in [
-            ("self_attn.q_proj", q, h, c.qkv_bias),
-            ("self_attn.k_proj", kv, h, c.qkv_bias),
-            ("self_attn.v_proj", kv, h, c.qkv_bias),
-            ("self_attn.o_proj", h, q, c.o_bias),
-        ] {
-            push(&format!("{proj}.weight"), vec![rows, cols], Init::Matrix);
-            if bias {
-                push(&format!("{proj}.bias"), vec![rows], Init::Bias);
+        match &c.mla {
+            None => {
+                let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                for (proj, rows, cols, bias) in [
+                    ("self_attn.q_proj", q, h, c.qkv_bias),
+                    ("self_attn.k_proj", kv, h, c.qkv_bias),
+                    ("self_attn.v_proj", kv, h, c.qkv_bias),
+                    ("self_attn.o_proj", h, q, c.o_bias),
+                ] {
+                    push(&format!("{proj}.weight"), vec![rows, cols], Init::Matrix);
+                    if bias {
+                        push(&format!("{proj}.bias"), vec![rows], Init::Bias);
+                    }
+                }
+                if c.qk_norm {
+                    push("self_attn.q_norm.weight", vec![c.head_dim], Init::Norm);
+                    push("self_attn.k_norm.weight", vec![c.head_dim], Init::Norm);
+                }
             }
-        }
-        if c.qk_norm {
-            push("self_attn.q_norm.weight", vec![c.head_dim], Init::Norm);
-            push("self_attn.k_norm.weight", vec![c.head_dim], Init::Norm);
+            Some(a) => {
+                let (nh, r) = (c.num_heads, a.kv_lora_rank);
+                match a.q_lora_rank {
+                    Some(ql) => {
+                        push("self_attn.q_a_proj.weight", vec![ql, h], Init::Matrix);
+                        push("self_attn.q_a_layernorm.weight", vec![ql], Init::Norm);
+                        push("self_attn.q_b_proj.weight", vec![nh * a.qk_head_dim(), ql], Init::Matrix);
+                    }
+                    None => push("self_attn.q_proj.weight", vec![nh * a.qk_head_dim(), h], Init::Matrix),
+                }
+                push("self_attn.kv_a_proj_with_mqa.weight", vec![a.cache_width(), h], Init::Matrix);
+                push("self_attn.kv_a_layernorm.weight", vec![r], Init::Norm);
+                push("self_attn.kv_b_proj.weight", vec![nh * (a.qk_nope_head_dim + a.v_head_dim), r], Init::Matrix);
+                push("self_attn.o_proj.weight", vec![h, nh * a.v_head_dim], Init::Matrix);
+            }
         }
         push("post_attention_layernorm.weight", vec![h], Init::Norm);
-        for (proj, rows, cols) in [("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h), ("mlp.down_proj", h, inter)]
-        {
-            push(&format!("{proj}.weight"), vec![rows, cols], Init::Matrix);
-            if c.mlp_bias {
-                push(&format!("{proj}.bias"), vec![rows], Init::Bias);
+        let mlp = |push: &mut dyn FnMut(&str, Vec<usize>, Init), prefix: &str, inter: usize, bias: bool| {
+            for (proj, rows, cols) in [("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)] {
+                push(&format!("{prefix}.{proj}.weight"), vec![rows, cols], Init::Matrix);
+                if bias {
+                    push(&format!("{prefix}.{proj}.bias"), vec![rows], Init::Bias);
+                }
             }
+        };
+        match &c.moe {
+            Some(m) if c.is_sparse_layer(i) => {
+                push("mlp.gate.weight", vec![m.num_experts, h], Init::Matrix);
+                if matches!(m.gating, Gating::SigmoidGrouped { .. }) {
+                    push("mlp.gate.e_score_correction_bias", vec![m.num_experts], Init::Bias);
+                }
+                for e in 0..m.num_experts {
+                    mlp(&mut push, &format!("mlp.experts.{e}"), m.moe_intermediate_size, false);
+                }
+                if m.shared_intermediate_size > 0 {
+                    mlp(&mut push, "mlp.shared_experts", m.shared_intermediate_size, false);
+                }
+            }
+            _ => mlp(&mut push, "mlp", inter, c.mlp_bias),
         }
+        specs.extend(layer.into_iter().map(|(name, shape, init)| Spec { name: format!("{p}.{name}"), shape, init }));
     }
     specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: Init::Norm });
     if !c.tie_word_embeddings {
@@ -243,26 +313,44 @@ fn fill_uniform(tseed: u64, chunk: usize, bound: f32, dst: &mut [f32]) {
     }
 }
 
-/// The bytes of tensor `spec` stored as `dtype` (BF16, F16 or F32), rows in Hugging Face order.
+/// Bytes of a tensor of `shape` stored as `dtype` (its rows whole blocks).
+fn encoded_len(shape: &[usize], dtype: DType) -> usize {
+    let cols = shape.last().copied().unwrap_or(1);
+    let rb = dtype.row_bytes(cols).unwrap_or_else(|| panic!("{dtype} cannot hold rows of {cols}"));
+    rb * shape.iter().rev().skip(1).product::<usize>()
+}
+
+/// The bytes of tensor `spec` stored as `dtype`, rows in Hugging Face order.
 fn tensor_bytes(spec: &Spec, dtype: DType, seed: u64) -> Vec<u8> {
-    let esize = dtype.block_bytes();
+    let mut out = vec![0u8; encoded_len(&spec.shape, dtype)];
+    fill_tensor(spec, dtype, seed, &mut out);
+    out
+}
+
+/// Writes tensor `spec` stored as `dtype` into `out` (exactly its encoded length). Values are
+/// generated [`CHUNK`] at a time and encoded chunk by chunk; as every chunk starts on a block
+/// boundary (`CHUNK` is a multiple of every block) and rows are whole blocks, a block format
+/// gets the bytes it would get from encoding the f32 tensor row by row.
+fn fill_tensor(spec: &Spec, dtype: DType, seed: u64, out: &mut [u8]) {
     let n = spec.numel();
-    let mut out = vec![0u8; n * esize];
+    debug_assert_eq!(out.len(), encoded_len(&spec.shape, dtype));
     let bound = match spec.init {
         Init::Norm => {
             let ones = vec![1.0f32; n];
-            quant::quantize_row(dtype, &ones, &mut out);
-            return out;
+            quant::quantize_row(dtype, &ones, out);
+            return;
         }
         Init::Bias => BIAS_BOUND,
         Init::Matrix => (3.0 / spec.shape.last().copied().unwrap_or(1).max(1) as f64).sqrt() as f32,
     };
+    let (block_elems, block_bytes) = (dtype.block_elems(), dtype.block_bytes());
+    let chunk_bytes = CHUNK / block_elems * block_bytes;
     let tseed = tensor_seed(seed, &spec.name);
-    let chunks: Vec<(usize, &mut [u8])> = out.chunks_mut(CHUNK * esize).enumerate().collect();
+    let chunks: Vec<(usize, &mut [u8])> = out.chunks_mut(chunk_bytes).enumerate().collect();
     let fill = |group: Vec<(usize, &mut [u8])>| {
         let mut vals = vec![0f32; CHUNK];
         for (i, bytes) in group {
-            let vals = &mut vals[..bytes.len() / esize];
+            let vals = &mut vals[..bytes.len() / block_bytes * block_elems];
             fill_uniform(tseed, i, bound, vals);
             quant::quantize_row(dtype, vals, bytes);
         }
@@ -270,7 +358,7 @@ fn tensor_bytes(spec: &Spec, dtype: DType, seed: u64) -> Vec<u8> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks.len() / 4).max(1);
     if threads == 1 {
         fill(chunks);
-        return out;
+        return;
     }
     let per = chunks.len().div_ceil(threads);
     let mut groups: Vec<Vec<(usize, &mut [u8])>> = Vec::with_capacity(threads);
@@ -285,7 +373,6 @@ fn tensor_bytes(spec: &Spec, dtype: DType, seed: u64) -> Vec<u8> {
             s.spawn(|| fill(g));
         }
     });
-    out
 }
 
 /// Permutes the rows of a q or k projection (weight or bias) so that each head's rotation
@@ -390,17 +477,46 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
 // GGUF.
 
 /// The GGUF architecture name of `c`.
-fn gguf_arch(c: &DenseConfig) -> &'static str {
+fn gguf_arch(c: &ModelConfig) -> &'static str {
     match c.arch {
-        DenseArch::Qwen3 => "qwen3",
-        DenseArch::Qwen2 => "qwen2",
-        DenseArch::Llama => "llama",
+        Arch::Qwen3 => "qwen3",
+        Arch::Qwen2 => "qwen2",
+        Arch::Llama => "llama",
+        Arch::Qwen3Moe => "qwen3moe",
+        Arch::Glm4MoeLite => "deepseek2",
+    }
+}
+
+/// Why llama.cpp's architecture for `c` cannot hold the model, if it cannot: its `qwen3moe`
+/// graph makes every layer a mixture and always renormalizes the routing weights.
+fn gguf_unsupported(c: &ModelConfig) -> Option<String> {
+    let m = c.moe.as_ref()?;
+    match c.arch {
+        Arch::Qwen3Moe if !m.sparse_layers.iter().all(|&s| s) => Some(
+            "llama.cpp's qwen3moe makes every layer a mixture of experts: dense layers (mlp_only_layers, \
+             decoder_sparse_step) cannot be written to GGUF"
+                .into(),
+        ),
+        Arch::Qwen3Moe if !m.norm_topk_prob => {
+            Some("llama.cpp's qwen3moe always renormalizes the routing weights: norm_topk_prob false cannot be written to GGUF".into())
+        }
+        Arch::Glm4MoeLite if m.sparse_layers.windows(2).any(|w| w[0] && !w[1]) => {
+            Some("deepseek2 GGUF files hold dense layers only before the first sparse one".into())
+        }
+        _ => None,
     }
 }
 
 /// `general.*` and `{arch}.*` keys, as `convert_hf_to_gguf.py` writes them (plus
 /// `general.alignment`, and `{arch}.vocab_size` for every architecture).
-fn model_metadata(c: &DenseConfig, name: &str, file_type: u32) -> Vec<(String, Value)> {
+///
+/// Mixtures of experts get `expert_count`, `expert_used_count` and
+/// `expert_feed_forward_length`; `deepseek2` (GLM-4.7-Flash) gets the latent attention keys as
+/// the converter writes them (`head_count_kv` 1, `key_length`/`value_length` the latent widths,
+/// the per-head widths in `*_mla`), the routing keys (with `expert_gating_func` 2, sigmoid,
+/// written out rather than left to llama.cpp's shape-based guess) and `nextn_predict_layers` 0:
+/// no multi-token-prediction layers are written, so `block_count` is the decoder layers alone.
+fn model_metadata(c: &ModelConfig, name: &str, file_type: u32) -> Vec<(String, Value)> {
     let arch = gguf_arch(c);
     let u32_of = |v: usize| Value::U32(u32::try_from(v).unwrap_or(u32::MAX));
     let k = |s: &str| format!("{arch}.{s}");
@@ -415,83 +531,264 @@ fn model_metadata(c: &DenseConfig, name: &str, file_type: u32) -> Vec<(String, V
         (k("embedding_length"), u32_of(c.hidden_size)),
         (k("feed_forward_length"), u32_of(c.intermediate_size)),
         (k("attention.head_count"), u32_of(c.num_heads)),
-        (k("attention.head_count_kv"), u32_of(c.num_kv_heads)),
-        (k("rope.freq_base"), Value::F32(c.rope_theta)),
-        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps)),
-        (k("attention.key_length"), u32_of(c.head_dim)),
-        (k("attention.value_length"), u32_of(c.head_dim)),
     ];
-    if c.arch == DenseArch::Llama {
+    match &c.mla {
+        None => m.extend([
+            (k("attention.head_count_kv"), u32_of(c.num_kv_heads)),
+            (k("rope.freq_base"), Value::F32(c.rope_theta)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps)),
+            (k("attention.key_length"), u32_of(c.head_dim)),
+            (k("attention.value_length"), u32_of(c.head_dim)),
+        ]),
+        Some(a) => {
+            m.extend([
+                (k("attention.head_count_kv"), u32_of(1)),
+                (k("rope.freq_base"), Value::F32(c.rope_theta)),
+                (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps)),
+            ]);
+            if let Some(ql) = a.q_lora_rank {
+                m.push((k("attention.q_lora_rank"), u32_of(ql)));
+            }
+            m.extend([
+                (k("attention.kv_lora_rank"), u32_of(a.kv_lora_rank)),
+                (k("attention.key_length"), u32_of(a.cache_width())),
+                (k("attention.value_length"), u32_of(a.kv_lora_rank)),
+                (k("attention.key_length_mla"), u32_of(a.qk_head_dim())),
+                (k("attention.value_length_mla"), u32_of(a.v_head_dim)),
+                (k("rope.dimension_count"), u32_of(a.qk_rope_head_dim)),
+            ]);
+        }
+    }
+    if c.arch == Arch::Llama {
         m.push((k("rope.dimension_count"), u32_of(c.head_dim)));
+    }
+    if let Some(moe) = &c.moe {
+        m.extend([
+            (k("expert_count"), u32_of(moe.num_experts)),
+            (k("expert_used_count"), u32_of(moe.top_k)),
+            (k("expert_feed_forward_length"), u32_of(moe.moe_intermediate_size)),
+        ]);
+        if let Gating::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } = moe.gating {
+            let leading_dense = moe.sparse_layers.iter().take_while(|&&s| !s).count();
+            m.extend([
+                (k("leading_dense_block_count"), u32_of(leading_dense)),
+                (k("expert_shared_count"), u32_of(moe.shared_intermediate_size / moe.moe_intermediate_size)),
+                (k("expert_weights_scale"), Value::F32(routed_scaling_factor)),
+                (k("expert_weights_norm"), Value::Bool(moe.norm_topk_prob)),
+                (k("expert_gating_func"), Value::U32(LLAMA_GATING_SIGMOID)),
+                (k("expert_group_count"), u32_of(n_group)),
+                (k("expert_group_used_count"), u32_of(topk_group)),
+            ]);
+        }
+    }
+    if c.arch == Arch::Glm4MoeLite {
+        m.push((k("nextn_predict_layers"), u32_of(0)));
     }
     m.push(("general.file_type".to_string(), Value::U32(file_type)));
     m.push(("general.quantization_version".to_string(), Value::U32(2)));
     m
 }
 
+/// llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID`.
+const LLAMA_GATING_SIGMOID: u32 = 2;
+
 const GGUF_ALIGN: usize = 32;
+
+/// The file format of a matrix of the model written with matrices of `target`: a router
+/// (`mlp.gate.weight`) F32 as llama.cpp keeps it, the LM head (or the embedding standing in for
+/// it) and every other matrix as [`crate::quantize::tensor_type`] chooses.
+pub(crate) fn matrix_type(name: &str, cols: usize, target: DType, tied: bool) -> DType {
+    if is_router(name) {
+        return DType::F32;
+    }
+    let output = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
+    crate::quantize::tensor_type(target, cols, output)
+}
+
+/// A mixture-of-experts router (Hugging Face name).
+pub(crate) fn is_router(name: &str) -> bool {
+    name.ends_with("mlp.gate.weight")
+}
+
+/// llama.cpp's per-head split of a latent attention `kv_b_proj` (`[H·(nope + v), r]`, each
+/// head's `nope` key rows then its `v` value rows), as `convert_hf_to_gguf.py` writes them:
+/// `attn_k_b` `[H, r, nope]` (each head's key rows transposed) and `attn_v_b` `[H, v, r]` (its
+/// value rows as they are).
+pub(crate) fn split_kv_b(kv_b: &[f32], heads: usize, nope: usize, v: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(kv_b.len(), heads * (nope + v) * r, "kv_b_proj is not [{heads}·({nope} + {v}), {r}]");
+    let mut k_b = vec![0f32; heads * r * nope];
+    let mut v_b = Vec::with_capacity(heads * v * r);
+    for (h, head) in kv_b.chunks_exact((nope + v) * r).enumerate() {
+        let k_t = &mut k_b[h * r * nope..(h + 1) * r * nope];
+        for (j, row) in head[..nope * r].chunks_exact(r).enumerate() {
+            for (i, &x) in row.iter().enumerate() {
+                k_t[i * nope + j] = x;
+            }
+        }
+        v_b.extend_from_slice(&head[nope * r..]);
+    }
+    (k_b, v_b)
+}
+
+/// Encodes `vals` as `dtype` (rows of `cols`), rows split across the cores.
+pub(crate) fn encode_parallel(dtype: DType, vals: &[f32], cols: usize) -> Vec<u8> {
+    let rb = dtype.row_bytes(cols).unwrap_or_else(|| panic!("{dtype} cannot hold rows of {cols}"));
+    let rows = vals.len() / cols.max(1);
+    let mut out = vec![0u8; rows * rb];
+    let rows_per_task = (CHUNK / cols.max(1)).max(1);
+    let chunks: Vec<std::sync::Mutex<&mut [u8]>> =
+        out.chunks_mut(rows_per_task * rb.max(1)).map(std::sync::Mutex::new).collect();
+    pio_kernels::parallel::for_each_task(chunks.len(), &|i| {
+        let mut dst = chunks[i].lock().unwrap_or_else(|e| e.into_inner());
+        let start = i * rows_per_task * cols;
+        let n = dst.len() / rb.max(1) * cols;
+        quant::quantize_row(dtype, &vals[start..start + n], &mut dst);
+    });
+    drop(chunks);
+    out
+}
+
+/// Where a GGUF tensor's numbers come from.
+enum Source<'a> {
+    /// One Hugging Face tensor (rows permuted for llama's adjacent-pair RoPE when `permute`).
+    One { spec: &'a Spec, permute: bool },
+    /// Experts `0..` of a layer stacked: `[experts, rows, cols]`.
+    Stack(Vec<&'a Spec>),
+    /// The `attn_k_b` (`false`) or `attn_v_b` (`true`) half of a `kv_b_proj` split per head.
+    KvB { spec: &'a Spec, value: bool },
+}
 
 /// One tensor as it lies in the GGUF file.
 struct GgufTensor<'a> {
-    spec: &'a Spec,
-    name: String,
-    /// Stored type: the matrices' type, F32 for 1-D tensors.
-    dtype: DType,
-    /// Rows to permute for llama's adjacent-pair RoPE (q/k weights and biases).
-    permute: bool,
+    header: TensorHeader,
+    source: Source<'a>,
+}
+
+/// The bytes of `spec` stored as `dtype` for a model whose matrices are `target`. With a float
+/// target the numbers are those of the Hugging Face output (generated in `target`, widened
+/// where stored wider: 1-D tensors and routers); with a block format each is generated in f32
+/// and encoded once.
+fn stored_bytes(spec: &Spec, dtype: DType, target: DType, seed: u64, out: &mut [u8]) {
+    if dtype == target || !is_float(target) {
+        return fill_tensor(spec, dtype, seed, out);
+    }
+    let data = tensor_bytes(spec, target, seed);
+    let vals = quant::dequantize(target, &data, spec.numel());
+    quant::quantize_row(dtype, &vals, out);
+}
+
+/// The values of `spec` as f32, as [`stored_bytes`] would generate them for `target`.
+fn values_f32(spec: &Spec, target: DType, seed: u64) -> Vec<f32> {
+    let gen = if is_float(target) { target } else { DType::F32 };
+    quant::dequantize(gen, &tensor_bytes(spec, gen, seed), spec.numel())
+}
+
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// The tensors of the GGUF file for `specs`: llama.cpp names, experts fused into
+/// `ffn_*_exps` stacks, `kv_b_proj` split into `attn_k_b`/`attn_v_b`, routers and 1-D tensors
+/// F32, matrices as [`matrix_type`] gives them for `target`.
+fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DType) -> Result<Vec<GgufTensor<'a>>> {
+    let mut tensors: Vec<GgufTensor<'a>> = Vec::with_capacity(specs.len());
+    let mut stacks: HashMap<String, usize> = HashMap::new();
+    for spec in specs {
+        let dtype = match spec.shape[..] {
+            [_, cols] => matrix_type(&spec.name, cols, target, c.tie_word_embeddings),
+            _ => DType::F32,
+        };
+        if let Some((stack, e)) = hf_expert_to_gguf(&spec.name) {
+            let i = *stacks.entry(stack.clone()).or_insert_with(|| {
+                let [rows, cols] = spec.shape[..] else { unreachable!("experts are matrices") };
+                tensors.push(GgufTensor {
+                    header: TensorHeader { name: stack, dtype, shape: vec![0, rows, cols] },
+                    source: Source::Stack(Vec::new()),
+                });
+                tensors.len() - 1
+            });
+            let t = &mut tensors[i];
+            let Source::Stack(list) = &mut t.source else { unreachable!() };
+            if list.len() != e || spec.shape[..] != t.header.shape[1..] {
+                return Err(Error::file(out, format!("expert tensor {:?} is out of order", spec.name)));
+            }
+            list.push(spec);
+            t.header.shape[0] += 1;
+            continue;
+        }
+        if let (Some(a), Some(prefix)) = (&c.mla, spec.name.strip_suffix("kv_b_proj.weight")) {
+            let (nh, r, nope, v) = (c.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.v_head_dim);
+            for (half, value, shape) in [("k_b_proj", false, vec![nh, r, nope]), ("v_b_proj", true, vec![nh, v, r])] {
+                let hf = format!("{prefix}{half}.weight");
+                let name = hf_to_gguf(&hf).ok_or_else(|| Error::file(out, format!("{hf:?} has no GGUF name")))?;
+                let dtype = crate::quantize::tensor_type(target, shape[2], false);
+                tensors.push(GgufTensor {
+                    header: TensorHeader { name, dtype, shape },
+                    source: Source::KvB { spec, value },
+                });
+            }
+            continue;
+        }
+        let name = hf_to_gguf(&spec.name).ok_or_else(|| {
+            Error::file(out, format!("tensor {:?} has no GGUF name (mlp_bias is not supported in GGUF)", spec.name))
+        })?;
+        let permute = c.arch == Arch::Llama
+            && ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"].iter().any(|s| spec.name.ends_with(s));
+        tensors.push(GgufTensor {
+            header: TensorHeader { name, dtype, shape: spec.shape.clone() },
+            source: Source::One { spec, permute },
+        });
+    }
+    Ok(tensors)
 }
 
 impl GgufTensor<'_> {
-    fn nbytes(&self) -> usize {
-        self.spec.numel() * self.dtype.block_bytes()
-    }
-
-    /// The stored bytes, rows in Hugging Face order: generated in the matrices' type (so that
-    /// 1-D tensors hold exactly the values the safetensors output holds), widened to F32 where
-    /// stored so.
-    fn bytes(&self, dtype: DType, seed: u64) -> Vec<u8> {
-        let data = tensor_bytes(self.spec, dtype, seed);
-        if self.dtype == dtype {
-            return data;
+    /// The stored bytes, generated now.
+    fn bytes(&self, c: &ModelConfig, target: DType, seed: u64) -> Vec<u8> {
+        let dtype = self.header.dtype;
+        let mut out = vec![0u8; encoded_len(&self.header.shape, dtype)];
+        match &self.source {
+            Source::One { spec, permute } => {
+                stored_bytes(spec, dtype, target, seed, &mut out);
+                if *permute {
+                    out = permute_rows(&out, spec.shape[0], c.head_dim);
+                }
+            }
+            Source::Stack(experts) => {
+                let per = out.len() / experts.len().max(1);
+                for (spec, dst) in experts.iter().zip(out.chunks_exact_mut(per.max(1))) {
+                    stored_bytes(spec, dtype, target, seed, dst);
+                }
+            }
+            Source::KvB { spec, value } => {
+                let a = c.mla.as_ref().expect("kv_b_proj comes with latent attention");
+                let kv_b = values_f32(spec, target, seed);
+                let (k_b, v_b) = split_kv_b(&kv_b, c.num_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank);
+                let cols = self.header.shape[2];
+                out = encode_parallel(dtype, if *value { &v_b } else { &k_b }, cols);
+            }
         }
-        let vals = quant::dequantize(dtype, &data, self.spec.numel());
-        let mut out = vec![0u8; self.nbytes()];
-        quant::quantize_row(self.dtype, &vals, &mut out);
         out
     }
 }
 
 /// Writes the GGUF file, generating each tensor's bytes only when it is written (a 0.6B model
-/// in BF16 is 1.2 GB).
+/// in BF16 is 1.2 GB, a 30B mixture in Q4_K 17 GB).
 fn write_gguf_file(
     out: &Path,
     metadata: &[(String, Value)],
-    c: &DenseConfig,
+    c: &ModelConfig,
     specs: &[Spec],
     dtype: DType,
     seed: u64,
 ) -> Result<()> {
-    let mut tensors = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let name = hf_to_gguf(&spec.name).ok_or_else(|| {
-            Error::file(out, format!("tensor {:?} has no GGUF name (mlp_bias is not supported in GGUF)", spec.name))
-        })?;
-        let permute = c.arch == DenseArch::Llama
-            && ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"].iter().any(|s| spec.name.ends_with(s));
-        let file_dtype = if spec.shape.len() == 1 { DType::F32 } else { dtype };
-        tensors.push(GgufTensor { spec, name, dtype: file_dtype, permute });
-    }
-
+    let tensors = gguf_tensors(out, c, specs, dtype)?;
     let headers: Vec<TensorHeader> = tensors
         .iter()
-        .map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, shape: t.spec.shape.clone() })
+        .map(|t| TensorHeader { name: t.header.name.clone(), dtype: t.header.dtype, shape: t.header.shape.clone() })
         .collect();
     create_parent(out)?;
-    write_gguf_with(out, metadata, &headers, &mut |i| {
-        let t = &tensors[i];
-        let data = t.bytes(dtype, seed);
-        Cow::Owned(if t.permute { permute_rows(&data, t.spec.shape[0], c.head_dim) } else { data })
-    })
+    write_gguf_with(out, metadata, &headers, &mut |i| Cow::Owned(tensors[i].bytes(c, dtype, seed)))
 }
 
 fn create_parent(out: &Path) -> Result<()> {
@@ -593,7 +890,7 @@ impl TokenizerFiles {
 
     /// `tokenizer.ggml.pre` for this tokenizer: from its split rules where they are known to
     /// llama.cpp, else from the architecture.
-    fn pre_name(&self, c: &DenseConfig) -> Result<&'static str> {
+    fn pre_name(&self, c: &ModelConfig) -> Result<&'static str> {
         let mut regexes = Vec::new();
         let mut digits = false;
         let mut byte_level_regex = false;
@@ -625,8 +922,8 @@ impl TokenizerFiles {
         };
         match (known, c.arch) {
             (Some(k), _) => Ok(k),
-            (None, DenseArch::Qwen2 | DenseArch::Qwen3) => Ok("qwen2"),
-            (None, DenseArch::Llama) => {
+            (None, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe) => Ok("qwen2"),
+            (None, Arch::Llama | Arch::Glm4MoeLite) => {
                 Err(self
                     .err("pre-tokenizer not recognized (known: Qwen2, Qwen3.5, Llama 3, SmolLM and GPT-2 split rules)"))
             }
@@ -635,7 +932,7 @@ impl TokenizerFiles {
 
     /// The `tokenizer.*` keys as `convert_hf_to_gguf.py` writes them for a gpt2-style BPE
     /// vocabulary (`_set_vocab_gpt2` + `gguf.SpecialVocab`).
-    fn gguf_metadata(&self, c: &DenseConfig, raw_config: &Json) -> Result<Vec<(String, Value)>> {
+    fn gguf_metadata(&self, c: &ModelConfig, raw_config: &Json) -> Result<Vec<(String, Value)>> {
         let model = self.json.get("model").ok_or_else(|| self.err("no model"))?;
         let model_type = model.get("type").and_then(Json::as_str).unwrap_or("BPE");
         if model_type != "BPE" || model.get("byte_fallback").and_then(Json::as_bool).unwrap_or(false) {
@@ -681,7 +978,7 @@ impl TokenizerFiles {
             ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
             ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
         ];
-        if c.arch == DenseArch::Llama {
+        if c.arch == Arch::Llama {
             if let Some(b) = self.config.get("add_prefix_space").and_then(Json::as_bool) {
                 m.push(("tokenizer.ggml.add_space_prefix".to_string(), Value::Bool(b)));
             }

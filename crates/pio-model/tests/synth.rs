@@ -234,8 +234,11 @@ fn errors_name_the_file() {
     let e = msg(write_random_checkpoint(&bad, None, &out, DType::F32, 0));
     assert!(e.contains("bad.json") && e.contains("GPT2LMHeadModel"), "{e}");
 
-    let e = msg(write_random_checkpoint(&cfg, None, &out, DType::Q4_0, 0));
-    assert!(e.contains("Q4_0") && e.contains("x.gguf"), "{e}");
+    // Block formats only go to GGUF, and only those GGUF has a type for.
+    let e = msg(write_random_checkpoint(&cfg, None, &s.path("qdir"), DType::Q4_0, 0));
+    assert!(e.contains("Q4_0") && e.contains("qdir"), "{e}");
+    let e = msg(write_random_checkpoint(&cfg, None, &out, DType::INT8, 0));
+    assert!(e.contains("INT8") && e.contains("x.gguf"), "{e}");
 
     let e = msg(write_random_checkpoint(&cfg, Some(&s.0), &out, DType::F32, 0));
     assert!(e.contains("tokenizer.json"), "{e}");
@@ -250,4 +253,153 @@ fn errors_name_the_file() {
     assert!(e.contains("a-file"), "{e}");
     let e = msg(write_random_checkpoint(&cfg, None, &file.join("dir"), DType::F32, 0));
     assert!(e.contains("a-file"), "{e}");
+}
+
+/// A copy of fixture `name`'s config with `edits` applied, written to `dir/config.json`.
+fn edited_config(s: &Scratch, name: &str, edits: &[(&str, serde_json::Value)]) -> PathBuf {
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_config(name)).expect("read")).expect("json");
+    for (k, v) in edits {
+        cfg[*k] = v.clone();
+    }
+    let dir = s.path(&format!("cfg-{name}"));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join("config.json");
+    std::fs::write(&path, cfg.to_string()).expect("write config");
+    path
+}
+
+/// The tiny mixtures, as GGUF can hold them: Qwen3-MoE with every layer sparse (llama.cpp's
+/// qwen3moe has no dense layers); GLM-4.7-Flash with rms_norm_eps 1e-6, the latent norms' eps
+/// in transformers (llama.cpp uses rms_norm_eps for them), and an MTP layer in the config
+/// (not written).
+fn moe_configs(s: &Scratch) -> Vec<(&'static str, &'static str, PathBuf)> {
+    vec![
+        ("qwen3_moe", "qwen3moe", edited_config(s, "qwen3_moe", &[("mlp_only_layers", serde_json::json!([]))])),
+        (
+            "glm4_moe_lite",
+            "deepseek2",
+            edited_config(
+                s,
+                "glm4_moe_lite",
+                &[("rms_norm_eps", serde_json::json!(1e-6)), ("num_nextn_predict_layers", serde_json::json!(1))],
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn moe_hf_dir_and_gguf_compute_the_same_model() {
+    let ids = [3u32, 17, 200, 511, 42];
+    let s = Scratch::new("moe");
+    for (name, arch, cfg) in moe_configs(&s) {
+        let (dir, gguf) = (s.path(&format!("hf-{name}")), s.path(&format!("{name}.gguf")));
+        write(&cfg, None, &dir, DType::F32, 11);
+        write(&cfg, None, &gguf, DType::F32, 11);
+        let (a, b) = (load(&dir), load(&gguf));
+        assert_eq!(a.info.num_params, b.info.num_params, "{name}");
+        let (la, lb) = (logits(&a, &ids), logits(&b, &ids));
+        assert_eq!(la.len(), 5 * 512);
+        assert_close(&la, &lb, name);
+        let spread = la.iter().fold(f32::MIN, |m, &x| m.max(x)) - la.iter().fold(f32::MAX, |m, &x| m.min(x));
+        assert!(spread > 1.0, "{name}: logits spread {spread}");
+
+        let g = GgufFile::open(&gguf).expect("open");
+        let u = |k: &str| g.get(&format!("{arch}.{k}")).and_then(Value::as_u64);
+        assert_eq!(g.get_str("general.architecture").expect("arch"), arch);
+        assert_eq!(u("block_count"), Some(3));
+        assert_eq!(u("expert_count"), Some(8));
+        assert_eq!(u("expert_used_count"), Some(2));
+        // Experts fused into [experts, rows, cols] stacks; routers F32.
+        let t = |n: &str| g.tensors.get(n).unwrap_or_else(|| panic!("{name}: no {n}"));
+        let inter = u("expert_feed_forward_length").expect("expert width") as usize;
+        assert_eq!(t("blk.1.ffn_gate_exps.weight").shape, [8, inter, 128]);
+        assert_eq!(t("blk.1.ffn_down_exps.weight").shape, [8, 128, inter]);
+        assert_eq!(t("blk.1.ffn_gate_inp.weight").dtype, DType::F32);
+        assert!(!g.tensors.keys().any(|k| k.contains("experts")), "{name}: per-expert tensors left");
+        if arch == "deepseek2" {
+            // As convert_hf_to_gguf.py writes GLM-4.7-Flash, with sigmoid routing explicit and
+            // no MTP layer.
+            assert_eq!(u("attention.head_count_kv"), Some(1));
+            assert_eq!(u("attention.key_length"), Some(32 + 8));
+            assert_eq!(u("attention.value_length"), Some(32));
+            assert_eq!(u("attention.key_length_mla"), Some(24));
+            assert_eq!(u("attention.value_length_mla"), Some(24));
+            assert_eq!(u("rope.dimension_count"), Some(8));
+            assert_eq!(u("leading_dense_block_count"), Some(1));
+            assert_eq!(u("expert_gating_func"), Some(2));
+            assert_eq!(u("expert_group_count"), Some(2));
+            assert_eq!(u("nextn_predict_layers"), Some(0));
+            assert_eq!(g.get("deepseek2.expert_weights_norm"), Some(&Value::Bool(true)));
+            assert_eq!(t("blk.0.attn_k_b.weight").shape, [4, 32, 16]);
+            assert_eq!(t("blk.0.attn_v_b.weight").shape, [4, 24, 32]);
+            assert!(!g.tensors.contains_key("blk.0.attn_kv_b.weight"));
+            assert_eq!(t("blk.1.exp_probs_b.bias").dtype, DType::F32);
+            assert!(g.tensors.contains_key("blk.0.ffn_gate.weight"), "dense first layer");
+            assert!(g.tensors.contains_key("blk.1.ffn_up_shexp.weight"));
+        }
+    }
+}
+
+#[test]
+fn moe_block_formats_load_and_match_pio_quantize() {
+    let ids = [1u32, 2, 3, 4, 5];
+    let s = Scratch::new("moe-q8");
+    for (name, _, cfg) in moe_configs(&s) {
+        let q = s.path(&format!("{name}-q8_0.gguf"));
+        write(&cfg, None, &q, DType::Q8_0, 3);
+        let m = load(&q);
+        let types: Vec<DType> = m.info.weight_types.iter().map(|w| w.0).collect();
+        assert!(types.contains(&DType::Q8_0) && types.contains(&DType::F32), "{name}: {types:?}");
+        let g = GgufFile::open(&q).expect("open");
+        assert_eq!(g.get("general.file_type"), Some(&Value::U32(7)));
+        assert_eq!(g.tensors["blk.1.ffn_up_exps.weight"].dtype, DType::Q8_0);
+        assert_eq!(g.tensors["blk.1.ffn_gate_inp.weight"].dtype, DType::F32);
+        let l = logits(&m, &ids);
+        assert!(l.iter().all(|x| x.is_finite()), "{name}");
+        let spread = l.iter().fold(f32::MIN, |m, &x| m.max(x)) - l.iter().fold(f32::MAX, |m, &x| m.min(x));
+        assert!(spread > 1.0, "{name}: logits spread {spread}");
+
+        // `pio quantize` of the F32 directory and of the F32 GGUF of the same seed writes the
+        // same tensors: experts stacked, routers F32, kv_b split before quantizing.
+        let (dir, gguf) = (s.path(&format!("hf-{name}")), s.path(&format!("{name}-f32.gguf")));
+        write(&cfg, None, &dir, DType::F32, 3);
+        write(&cfg, None, &gguf, DType::F32, 3);
+        for input in [&dir, &gguf] {
+            let out = s.path(&format!("{name}-requant.gguf"));
+            pio_model::quantize::write_quantized_gguf(input, DType::Q8_0, &out).expect("quantize");
+            let r = GgufFile::open(&out).expect("open");
+            let mut names: Vec<&String> = r.tensors.keys().collect();
+            names.sort();
+            let mut want: Vec<&String> = g.tensors.keys().collect();
+            want.sort();
+            assert_eq!(names, want, "{name} from {}", input.display());
+            for n in want {
+                let (a, b) = (&g.tensors[n], &r.tensors[n]);
+                assert_eq!((a.dtype, &a.shape), (b.dtype, &b.shape), "{name} {n}");
+                let (ta, tb) = (g.tensor(n).expect("t"), r.tensor(n).expect("t"));
+                assert!(ta.bytes() == tb.bytes(), "{name} {n} from {}: bytes differ", input.display());
+            }
+            assert_close(&logits(&load(&out), &ids), &l, name);
+        }
+
+        // Load-time quantization keeps the routers exact.
+        let opts = pio_model::LoadOptions { quant: Some(DType::Q8_0) };
+        let lq = pio_model::load_with(&dir, &opts, &mut |_, _| {}).expect("load --quant");
+        assert!(lq.info.weight_types.iter().any(|w| w.0 == DType::F32), "{name}: {:?}", lq.info.weight_types);
+    }
+}
+
+#[test]
+fn moe_layouts_gguf_cannot_hold_are_refused() {
+    let s = Scratch::new("moe-err");
+    // The fixture has a dense layer (mlp_only_layers [1]): fine as a directory, not as GGUF.
+    let cfg = fixture_config("qwen3_moe");
+    write(&cfg, None, &s.path("hf"), DType::BF16, 0);
+    load(&s.path("hf"));
+    let e = match write_random_checkpoint(&cfg, None, &s.path("m.gguf"), DType::BF16, 0) {
+        Ok(()) => panic!("should fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("mlp_only_layers") && e.contains("config.json"), "{e}");
 }

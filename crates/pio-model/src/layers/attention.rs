@@ -15,7 +15,16 @@ pub struct KvCache {
     pub num_blocks: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// A latent cache (multi-head latent attention): one row of `head_dim` values per token,
+    /// held where keys are, with no values (see [`KvCache::new_latent`]).
+    latent: bool,
     layers: KvLayers,
+}
+
+/// One layer of a latent cache, to write and read.
+pub(crate) enum LatentLayerMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
 }
 
 /// Per layer: keys and values, `num_blocks * block_size * num_kv_heads * head_dim` each.
@@ -42,7 +51,52 @@ impl KvCache {
             KvCacheDtype::F32 => KvLayers::F32(layers(num_layers, len)),
             KvCacheDtype::F16 => KvLayers::F16(layers(num_layers, len)),
         };
-        KvCache { block_size, num_blocks, num_kv_heads, head_dim, layers }
+        KvCache { block_size, num_blocks, num_kv_heads, head_dim, latent: false, layers }
+    }
+
+    /// A cache for multi-head latent attention: per layer and token one row of `width` values
+    /// (the compressed K/V latent and the rotated shared key part), stored once for all heads.
+    /// `num_kv_heads` is 1 and `head_dim` is `width`.
+    pub fn new_latent(
+        num_layers: usize,
+        width: usize,
+        block_size: usize,
+        num_blocks: usize,
+        dtype: KvCacheDtype,
+    ) -> KvCache {
+        fn layers<T: KvElem>(num_layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
+            (0..num_layers).map(|_| (T::zeros(len), Vec::new())).collect()
+        }
+        let len = num_blocks * block_size * width;
+        let layers = match dtype {
+            KvCacheDtype::F32 => KvLayers::F32(layers(num_layers, len)),
+            KvCacheDtype::F16 => KvLayers::F16(layers(num_layers, len)),
+        };
+        KvCache { block_size, num_blocks, num_kv_heads: 1, head_dim: width, latent: true, layers }
+    }
+
+    /// Bytes one token occupies across all layers of a latent cache of `width`.
+    pub fn latent_bytes_per_token(num_layers: usize, width: usize, dtype: KvCacheDtype) -> usize {
+        num_layers * width * dtype.size_bytes()
+    }
+
+    pub fn is_latent(&self) -> bool {
+        self.latent
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match &self.layers {
+            KvLayers::F32(l) => l.len(),
+            KvLayers::F16(l) => l.len(),
+        }
+    }
+
+    /// Layer `layer` of a latent cache.
+    pub(crate) fn latent_layer_mut(&mut self, layer: usize) -> LatentLayerMut<'_> {
+        match &mut self.layers {
+            KvLayers::F32(l) => LatentLayerMut::F32(&mut l[layer].0),
+            KvLayers::F16(l) => LatentLayerMut::F16(&mut l[layer].0),
+        }
     }
 
     pub fn dtype(&self) -> KvCacheDtype {

@@ -1,10 +1,15 @@
 //! Building blocks shared by every model: projections over any weight format, normalization,
-//! attention over the paged cache.
+//! attention over the paged cache, the SwiGLU MLP and the mixture of experts.
 
 pub mod attention;
 pub mod linear;
+pub mod mla;
+pub mod mlp;
+pub mod moe;
 pub mod norm;
 
 pub use attention::{Attention, KvCache};
 pub use linear::Linear;
+pub use mlp::Mlp;
+pub use moe::{MoeStats, SparseMoe};
 pub use norm::RmsNorm;

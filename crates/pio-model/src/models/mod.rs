@@ -1,11 +1,11 @@
 //! Model families. Each file is the math of one family over the shared layers.
 
-pub mod qwen3;
+pub mod decoder;
 
 use pio_kernels::attention::KvCacheDtype;
 
 use crate::batch::ForwardBatch;
-use crate::layers::KvCache;
+use crate::layers::{KvCache, MoeStats};
 use crate::Result;
 
 /// What the engine needs to know to size a cache and drive a model.
@@ -37,6 +37,11 @@ pub trait CausalLm: Send + Sync {
     fn kv_bytes_per_token(&self, dtype: KvCacheDtype) -> usize {
         let s = self.shape();
         KvCache::bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, dtype)
+    }
+
+    /// What the mixture-of-experts layers did since load (`None`: the model has none).
+    fn moe_stats(&self) -> Option<MoeStats> {
+        None
     }
 
     /// As [`CausalLm::new_kv_cache`], storing keys and values as `dtype`.

@@ -323,15 +323,33 @@ impl<'a> Reader<'a> {
 impl GgufFile {
     /// All tensors under Hugging Face names (unknown GGUF names kept as they are, so that
     /// [`Checkpoint::finish`](super::Checkpoint::finish) reports them).
+    ///
+    /// A fused expert stack (`blk.N.ffn_up_exps.weight`, `[experts, rows, cols]`) becomes one
+    /// matrix per expert (`model.layers.N.mlp.experts.E.up_proj.weight`), each a view of its
+    /// part of the mapping; llama.cpp's 3-D per-head `attn_k_b`/`attn_v_b` become matrices.
     pub fn checkpoint(&self) -> super::Checkpoint {
-        let tensors = self
-            .tensor_order
-            .iter()
-            .filter_map(|name| {
-                let t = self.tensor(name)?;
-                Some((super::names::gguf_to_hf(name).unwrap_or_else(|| name.clone()), t))
-            })
-            .collect();
+        let mut tensors = std::collections::BTreeMap::new();
+        for name in &self.tensor_order {
+            let Some(t) = self.tensor(name) else { continue };
+            if let (Some((layer, pattern)), &[experts, rows, cols]) = (super::names::fused_experts(name), &t.shape[..])
+            {
+                for e in 0..experts {
+                    let mut one = t.slice_outer(e, 1);
+                    one.shape = vec![rows, cols];
+                    let hf = pattern.replace("{e}", &e.to_string());
+                    tensors.insert(format!("model.layers.{layer}.{hf}"), one);
+                }
+                continue;
+            }
+            let hf = super::names::gguf_to_hf(name).unwrap_or_else(|| name.clone());
+            let mut t = t;
+            if let [a, b, c] = t.shape[..] {
+                if hf.ends_with("k_b_proj.weight") || hf.ends_with("v_b_proj.weight") {
+                    t.shape = vec![a * b, c];
+                }
+            }
+            tensors.insert(hf, t);
+        }
         super::Checkpoint::new(self.path.clone(), tensors)
     }
 }

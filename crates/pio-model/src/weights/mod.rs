@@ -61,6 +61,27 @@ impl Tensor {
         quant::dequantize(self.dtype, self.bytes(), self.numel().max(cols) / cols * cols)
     }
 
+    /// Outer slices `start..start + count` of the tensor (rows of a matrix, matrices of a 3-D
+    /// stack such as GGUF's fused experts), sharing a mapped file's bytes (owned bytes are
+    /// copied). Every outer slice holds whole rows, so this is exact in any block format.
+    /// Panics when the range is out of bounds.
+    pub fn slice_outer(&self, start: usize, count: usize) -> Tensor {
+        let outer = self.shape.first().copied().unwrap_or(1).max(1);
+        assert!(start + count <= outer, "slice {start}+{count} of {outer}");
+        let per = self.bytes().len() / outer;
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = count;
+        }
+        let storage = match &self.storage {
+            Storage::Mapped { map, offset, .. } => {
+                Storage::Mapped { map: map.clone(), offset: offset + start * per, len: count * per }
+            }
+            Storage::Owned(v) => Storage::Owned(Arc::new(v[start * per..(start + count) * per].to_vec())),
+        };
+        Tensor { dtype: self.dtype, shape, storage }
+    }
+
     /// The tensor as a row-major matrix `[rows, cols]` (1-D tensors are one row).
     pub fn matrix(&self) -> WeightView<'_> {
         let cols = self.shape.last().copied().unwrap_or(1);

@@ -17,7 +17,54 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("ffn_gate.weight", "mlp.gate_proj.weight"),
     ("ffn_up.weight", "mlp.up_proj.weight"),
     ("ffn_down.weight", "mlp.down_proj.weight"),
+    // Mixture of experts (the fused `ffn_*_exps` stacks are in `FUSED_EXPERTS`).
+    ("ffn_gate_inp.weight", "mlp.gate.weight"),
+    ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn_gate_shexp.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
+    // Multi-head latent attention (llama.cpp `deepseek2`).
+    ("attn_q_a.weight", "self_attn.q_a_proj.weight"),
+    ("attn_q_a_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attn_q_b.weight", "self_attn.q_b_proj.weight"),
+    ("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    ("attn_kv_b.weight", "self_attn.kv_b_proj.weight"),
+    // llama.cpp's per-head split of kv_b_proj: `[H, kv_lora, nope]` (W_UK transposed per head)
+    // and `[H, v, kv_lora]`, flattened to matrices on load.
+    ("attn_k_b.weight", "self_attn.k_b_proj.weight"),
+    ("attn_v_b.weight", "self_attn.v_b_proj.weight"),
 ];
+
+/// GGUF stacks of all experts of a layer, `[experts, rows, cols]`, and the Hugging Face name
+/// of one expert's matrix (`{e}` is the expert index).
+pub const FUSED_EXPERTS: &[(&str, &str)] = &[
+    ("ffn_gate_exps.weight", "mlp.experts.{e}.gate_proj.weight"),
+    ("ffn_up_exps.weight", "mlp.experts.{e}.up_proj.weight"),
+    ("ffn_down_exps.weight", "mlp.experts.{e}.down_proj.weight"),
+];
+
+/// Layer index and Hugging Face expert-name pattern of GGUF tensor `name` when it is a fused
+/// expert stack.
+pub fn fused_experts(name: &str) -> Option<(usize, &'static str)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, hf) = FUSED_EXPERTS.iter().find(|(g, _)| *g == suffix)?;
+    Some((layer, hf))
+}
+
+/// The GGUF stack name and expert index of a Hugging Face per-expert matrix name
+/// (`model.layers.3.mlp.experts.7.up_proj.weight` -> (`blk.3.ffn_up_exps.weight`, 7)).
+pub fn hf_expert_to_gguf(name: &str) -> Option<(String, usize)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once(".mlp.experts.")?;
+    let layer: usize = layer.parse().ok()?;
+    let (expert, suffix) = rest.split_once('.')?;
+    let expert: usize = expert.parse().ok()?;
+    let (g, _) = FUSED_EXPERTS.iter().find(|(_, hf)| hf.strip_prefix("mlp.experts.{e}.") == Some(suffix))?;
+    Some((format!("blk.{layer}.{g}"), expert))
+}
 
 /// Whole-model names.
 const GLOBAL_NAMES: &[(&str, &str)] = &[
@@ -60,6 +107,12 @@ mod tests {
         assert_eq!(gguf_to_hf("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(gguf_to_hf("blk.x.attn_q.weight"), None);
         assert_eq!(gguf_to_hf("rope_freqs.weight"), None);
+        assert_eq!(fused_experts("blk.4.ffn_down_exps.weight"), Some((4, "mlp.experts.{e}.down_proj.weight")));
+        assert_eq!(
+            hf_expert_to_gguf("model.layers.3.mlp.experts.17.up_proj.weight"),
+            Some(("blk.3.ffn_up_exps.weight".to_string(), 17))
+        );
+        assert_eq!(hf_expert_to_gguf("model.layers.3.mlp.shared_experts.up_proj.weight"), None);
         for name in
             ["model.layers.3.mlp.down_proj.weight", "model.norm.weight", "model.layers.0.self_attn.k_norm.weight"]
         {

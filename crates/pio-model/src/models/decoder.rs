@@ -1,0 +1,310 @@
+//! The decoder-only transformer every supported family is a configuration of.
+//!
+//! Qwen3, Qwen2(.5) and Llama (SmolLM2) differ only by biases and q/k norms; Qwen3-MoE swaps
+//! the MLP of its sparse layers for a mixture of experts; GLM-4.7-Flash also swaps standard
+//! attention for multi-head latent attention ([`crate::layers::mla`]). The layer loop is the
+//! same for all of them, so they share this file; each kind of block lives in `layers/`.
+//!
+//! ```text
+//! x = embed_tokens[ids]                                   [T, hidden]
+//! for each layer:
+//!     h = rms_norm(x)
+//!     x = x + attention(h)      standard (below) or latent (layers/mla.rs)
+//!     h = rms_norm(x)
+//!     x = x + ffn(h)            dense SwiGLU MLP (layers/mlp.rs) or mixture (layers/moe.rs)
+//! logits = rms_norm(x)[rows] Wheadᵀ                       [R, vocab]
+//!
+//! standard attention:
+//!     q, k, v = h Wqᵀ (+bq), h Wkᵀ (+bk), h Wvᵀ (+bv)      [T, heads*hd], [T, kv*hd] ×2
+//!     q, k = rms_norm_per_head(q), rms_norm_per_head(k)   (Qwen3, Qwen3-MoE)
+//!     o = attention(rope(q), rope(k), v)                  [T, heads*hd]   (paged cache)
+//!     out = o Woᵀ
+//! ```
+
+use pio_kernels::attention::KvCacheDtype;
+use pio_kernels::ops;
+
+use super::{CausalLm, ModelShape};
+use crate::batch::ForwardBatch;
+use crate::config::ModelConfig;
+use crate::layers::mla::LatentAttention;
+use crate::layers::{Attention, KvCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe};
+use crate::weights::{Checkpoint, Tensor};
+use crate::{Error, Result};
+
+/// A decoder-only model of any supported family.
+#[derive(Debug)]
+pub struct DecoderModel {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`.
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `[vocab, hidden]`; shares `embed_tokens`' storage when tied.
+    lm_head: Linear,
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: AttentionBlock,
+    post_attention_layernorm: RmsNorm,
+    mlp: FeedForward,
+}
+
+#[derive(Debug)]
+enum AttentionBlock {
+    Standard(SelfAttention),
+    Latent(LatentAttention),
+}
+
+#[derive(Debug)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+#[derive(Debug)]
+struct SelfAttention {
+    /// `[heads*hd, hidden]`, `[kv*hd, hidden]`, `[kv*hd, hidden]`, `[hidden, heads*hd]`.
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// `[hd]` each, Qwen3 only.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    attn: Attention,
+}
+
+impl DecoderModel {
+    /// Builds the model from `ckpt`, taking every tensor the config implies; leftovers are an
+    /// error.
+    pub fn load(
+        config: ModelConfig,
+        mut ckpt: Checkpoint,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<DecoderModel> {
+        let c = &config;
+        let h = c.hidden_size;
+        let embed_tokens = ckpt.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            progress(i, c.num_layers);
+            let p = format!("model.layers.{i}");
+            let norm = |ck: &mut Checkpoint, name: &str, dim| {
+                RmsNorm::load(ck, &format!("{p}.{name}.weight"), dim, c.rms_norm_eps)
+            };
+            let self_attn = match &c.mla {
+                None => AttentionBlock::Standard(SelfAttention::load(&mut ckpt, &p, i, c)?),
+                Some(mla) => {
+                    AttentionBlock::Latent(LatentAttention::load(&mut ckpt, &format!("{p}.self_attn"), i, c, mla)?)
+                }
+            };
+            let mlp = match &c.moe {
+                Some(moe) if c.is_sparse_layer(i) => {
+                    FeedForward::Sparse(SparseMoe::load(&mut ckpt, &format!("{p}.mlp"), h, moe)?)
+                }
+                _ => FeedForward::Dense(Mlp::load(&mut ckpt, &format!("{p}.mlp"), h, c.intermediate_size, c.mlp_bias)?),
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&mut ckpt, "input_layernorm", h)?,
+                self_attn,
+                post_attention_layernorm: norm(&mut ckpt, "post_attention_layernorm", h)?,
+                mlp,
+            });
+        }
+        // Multi-token-prediction layers follow the decoder layers; they only serve speculative
+        // decoding, which does not use them yet, so they are skipped by name, explicitly.
+        for i in c.num_layers..c.num_layers + c.num_nextn_predict_layers {
+            // Hugging Face names, and GGUF names the table does not map (`blk.N.nextn.*`).
+            let (hf, gguf) = (format!("model.layers.{i}."), format!("blk.{i}."));
+            let names: Vec<String> =
+                ckpt.names().filter(|n| n.starts_with(&hf) || n.starts_with(&gguf)).map(str::to_string).collect();
+            for n in names {
+                ckpt.discard(&n);
+            }
+        }
+        let norm = RmsNorm::load(&mut ckpt, "model.norm.weight", h, c.rms_norm_eps)?;
+        let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints also save the head; the embedding is what is used.
+            ckpt.discard("lm_head.weight");
+            Linear { weight: embed_tokens.clone(), bias: None }
+        } else {
+            Linear::load(&mut ckpt, "lm_head", h, c.vocab_size, false)?
+        };
+        ckpt.finish()?;
+        progress(c.num_layers, c.num_layers);
+        Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head })
+    }
+
+    /// Every layer matrix (routers and experts included) and the LM head.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut all = Vec::new();
+        for l in &self.layers {
+            match &l.self_attn {
+                AttentionBlock::Standard(a) => all.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]),
+                AttentionBlock::Latent(a) => all.extend(a.linears()),
+            }
+            match &l.mlp {
+                FeedForward::Dense(m) => all.extend(m.linears()),
+                FeedForward::Sparse(m) => all.extend(m.linears()),
+            }
+        }
+        all
+    }
+
+    /// Format and bytes of every weight matrix, for reports.
+    pub fn weight_dtypes(&self) -> Vec<(pio_kernels::DType, usize)> {
+        let mut all = vec![(self.embed_tokens.dtype, self.embed_tokens.bytes().len())];
+        all.extend(self.linears().iter().map(|l| (l.dtype(), l.weight.bytes().len())));
+        if !self.config.tie_word_embeddings {
+            all.push((self.lm_head.dtype(), self.lm_head.weight.bytes().len()));
+        }
+        all
+    }
+
+    /// Weight bytes one decode step reads: every layer matrix (of a mixture, the router, the
+    /// `top_k` routed experts and the shared expert) and the LM head (the embedding contributes
+    /// one row, ignored).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let attn: usize = match &l.self_attn {
+                    AttentionBlock::Standard(a) => {
+                        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().map(|x| x.weight.bytes().len()).sum()
+                    }
+                    AttentionBlock::Latent(a) => a.linears().iter().map(|x| x.weight.bytes().len()).sum(),
+                };
+                let ffn = match &l.mlp {
+                    FeedForward::Dense(m) => m.weight_bytes(),
+                    FeedForward::Sparse(m) => m.decode_bytes_per_token(),
+                };
+                attn + ffn
+            })
+            .sum();
+        layers + self.lm_head.weight.bytes().len()
+    }
+}
+
+impl SelfAttention {
+    fn load(ckpt: &mut Checkpoint, p: &str, layer: usize, c: &ModelConfig) -> Result<SelfAttention> {
+        let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let linear = |ck: &mut Checkpoint, name: &str, i, o, b| Linear::load(ck, &format!("{p}.{name}"), i, o, b);
+        let norm = |ck: &mut Checkpoint, name: &str| {
+            RmsNorm::load(ck, &format!("{p}.{name}.weight"), c.head_dim, c.rms_norm_eps)
+        };
+        Ok(SelfAttention {
+            q_proj: linear(ckpt, "self_attn.q_proj", h, q, c.qkv_bias)?,
+            k_proj: linear(ckpt, "self_attn.k_proj", h, kv, c.qkv_bias)?,
+            v_proj: linear(ckpt, "self_attn.v_proj", h, kv, c.qkv_bias)?,
+            o_proj: linear(ckpt, "self_attn.o_proj", q, h, c.o_bias)?,
+            q_norm: c.qk_norm.then(|| norm(ckpt, "self_attn.q_norm")).transpose()?,
+            k_norm: c.qk_norm.then(|| norm(ckpt, "self_attn.k_norm")).transpose()?,
+            attn: Attention {
+                layer,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                scale: 1.0 / (c.head_dim as f32).sqrt(),
+                rope_layout: c.rope_layout,
+                inv_freq: ops::rope_inv_freq(c.rope_theta, c.head_dim),
+            },
+        })
+    }
+
+    fn forward(&self, x: &[f32], batch: &ForwardBatch, cache: &mut KvCache) -> Vec<f32> {
+        let [mut q, mut k, v]: [Vec<f32>; 3] = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("three projections in, three out"));
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            // Per-head norm: rows of head_dim.
+            qn.forward_in_place(&mut q);
+            kn.forward_in_place(&mut k);
+        }
+        let o = self.attn.forward(&mut q, &mut k, &v, batch, cache);
+        self.o_proj.forward(&o)
+    }
+}
+
+impl CausalLm for DecoderModel {
+    fn shape(&self) -> ModelShape {
+        let c = &self.config;
+        ModelShape {
+            vocab_size: c.vocab_size,
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            max_position_embeddings: c.max_position_embeddings,
+        }
+    }
+
+    fn kv_bytes_per_token(&self, dtype: KvCacheDtype) -> usize {
+        let c = &self.config;
+        match &c.mla {
+            None => KvCache::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, dtype),
+            Some(m) => KvCache::latent_bytes_per_token(c.num_layers, m.cache_width(), dtype),
+        }
+    }
+
+    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, dtype: KvCacheDtype) -> KvCache {
+        let c = &self.config;
+        match &c.mla {
+            None => KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, block_size, num_blocks, dtype),
+            Some(m) => KvCache::new_latent(c.num_layers, m.cache_width(), block_size, num_blocks, dtype),
+        }
+    }
+
+    fn moe_stats(&self) -> Option<MoeStats> {
+        let mut total: Option<MoeStats> = None;
+        for l in &self.layers {
+            if let FeedForward::Sparse(m) = &l.mlp {
+                total.get_or_insert_with(MoeStats::default).add(&m.stats());
+            }
+        }
+        total
+    }
+
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let c = &self.config;
+        batch.validate(cache.block_size, cache.num_blocks)?;
+        let fits = match &c.mla {
+            None => !cache.is_latent() && cache.num_kv_heads == c.num_kv_heads && cache.head_dim == c.head_dim,
+            Some(m) => cache.is_latent() && cache.head_dim == m.cache_width(),
+        };
+        if !fits || cache.num_layers() != c.num_layers {
+            return Err(Error::Batch("KV cache was made for another model shape".into()));
+        }
+        let h = c.hidden_size;
+        let embed = self.embed_tokens.matrix();
+        let mut x = vec![0f32; batch.num_tokens() * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(&batch.token_ids) {
+            if id as usize >= c.vocab_size {
+                return Err(Error::Batch(format!("token id {id} is outside the vocabulary ({})", c.vocab_size)));
+            }
+            embed.dequantize_row(id as usize, row);
+        }
+        for layer in &self.layers {
+            let hn = layer.input_layernorm.forward(&x);
+            let attn = match &layer.self_attn {
+                AttentionBlock::Standard(a) => a.forward(&hn, batch, cache),
+                AttentionBlock::Latent(a) => a.forward(&hn, batch, cache),
+            };
+            ops::add_in_place(&mut x, &attn);
+            let hn = layer.post_attention_layernorm.forward(&x);
+            let mlp = match &layer.mlp {
+                FeedForward::Dense(m) => m.forward(&hn),
+                FeedForward::Sparse(m) => m.forward(&hn),
+            };
+            ops::add_in_place(&mut x, &mlp);
+        }
+        let mut rows = Vec::with_capacity(batch.logits_indices.len() * h);
+        for &i in &batch.logits_indices {
+            rows.extend_from_slice(&x[i * h..(i + 1) * h]);
+        }
+        self.norm.forward_in_place(&mut rows);
+        Ok(self.lm_head.forward(&rows))
+    }
+}
