@@ -76,21 +76,61 @@ pub fn matmul_many_at(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usi
 /// [`matmul_many_at`] into caller-provided outputs, `ys[i]` being `[n, rows_i]`.
 fn matmul_many_into(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize, ys: &mut [&mut [f32]]) {
     let Some(cols) = ws.first().map(|w| w.cols) else { return };
-    assert_eq!(ys.len(), ws.len());
-    for (w, y) in ws.iter().zip(ys.iter()) {
+    for w in ws {
         assert_eq!(w.cols, cols, "matrices of one group share their input width");
+    }
+    let input_of = vec![0; ws.len()];
+    matmul_multi_into(level, ws, &input_of, &[(x, n)], ys);
+}
+
+/// Several matrices, each with its own input: matrix `i` multiplies `inputs[input_of[i]]`
+/// (`(x, n)`, `x` being `[n, cols_i]`), and the result `i` is `[n, rows_i]`. One split across
+/// threads for all of them and one activation quantization per input: the experts of a
+/// mixture-of-experts layer (each with the tokens routed to it) run as one parallel pass.
+/// Each output is bitwise the same as [`matmul`] of its matrix and input alone.
+pub fn matmul_multi(ws: &[WeightView<'_>], input_of: &[usize], inputs: &[(&[f32], usize)]) -> Vec<Vec<f32>> {
+    let level = cpu::level();
+    let mut ys: Vec<Vec<f32>> = ws.iter().zip(input_of).map(|(w, &i)| vec![0f32; inputs[i].1 * w.rows]).collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+    matmul_multi_into(level, ws, input_of, inputs, &mut outs);
+    ys
+}
+
+fn matmul_multi_into(
+    level: SimdLevel,
+    ws: &[WeightView<'_>],
+    input_of: &[usize],
+    inputs: &[(&[f32], usize)],
+    ys: &mut [&mut [f32]],
+) {
+    assert_eq!(ys.len(), ws.len());
+    assert_eq!(input_of.len(), ws.len());
+    for ((w, y), &i) in ws.iter().zip(ys.iter()).zip(input_of) {
+        let (x, n) = inputs[i];
         assert_eq!(w.data.len(), w.rows * w.row_bytes());
         assert_eq!(y.len(), n * w.rows);
+        assert_eq!(x.len(), n * w.cols, "input {i} is not [n, cols] for a matrix of {} columns", w.cols);
     }
-    assert_eq!(x.len(), n * cols);
+    // Rows weighted by the work each costs (its columns times its tokens), so threads get
+    // equal shares when experts see different numbers of tokens.
     let total: usize = ws.iter().map(|w| w.rows).sum();
-    if n == 0 || total == 0 {
+    let work: usize = ws.iter().zip(input_of).map(|(w, &i)| w.rows * w.cols * inputs[i].1).sum();
+    if total == 0 || work == 0 {
         return;
     }
-    let acts: Vec<Q8Block> =
-        if ws.iter().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
-    let xb: Vec<u16> =
-        if ws.iter().any(|w| float::bf16_activations(level, w.dtype)) { float::to_bf16(x) } else { Vec::new() };
+    // Per input: Q8 activations and bf16 activations, made only when some matrix needs them.
+    let prepared: Vec<(Vec<Q8Block>, Vec<u16>)> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let users = || ws.iter().zip(input_of).filter(move |(_, &j)| j == i).map(|(w, _)| w);
+            let acts =
+                if users().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
+            let xb =
+                if users().any(|w| float::bf16_activations(level, w.dtype)) { float::to_bf16(x) } else { Vec::new() };
+            (acts, xb)
+        })
+        .collect();
     // Row `g` of the group is row `g - starts[i]` of matrix `i`.
     let starts: Vec<usize> = ws
         .iter()
@@ -100,8 +140,7 @@ fn matmul_many_into(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize
             Some(s)
         })
         .collect();
-    let nb = cols / 32;
-    let parts = parallel::for_each_range(total, total * cols * n, |g0, g1| {
+    let parts = parallel::for_each_range(total, work, |g0, g1| {
         // (matrix, first row, rows, [n, rows] outputs token-major) for each matrix the range meets.
         let mut pieces = Vec::new();
         for (i, w) in ws.iter().enumerate() {
@@ -109,6 +148,9 @@ fn matmul_many_into(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize
             if a >= b {
                 continue;
             }
+            let (x, n) = inputs[input_of[i]];
+            let (acts, xb) = &prepared[input_of[i]];
+            let (cols, nb) = (w.cols, w.cols / 32);
             let (r0, r1) = (a - starts[i], b - starts[i]);
             let width = r1 - r0;
             let rb = w.row_bytes();
@@ -134,6 +176,7 @@ fn matmul_many_into(level: SimdLevel, ws: &[WeightView<'_>], x: &[f32], n: usize
     });
     for (i, r0, width, part) in parts.into_iter().flatten() {
         let rows = ws[i].rows;
+        let n = inputs[input_of[i]].1;
         for t in 0..n {
             ys[i][t * rows + r0..t * rows + r0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
         }
@@ -186,6 +229,33 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn matrices_with_their_own_inputs_equal_each_alone() {
+        // The experts of a mixture: different widths, token counts and formats in one pass.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let shapes =
+            [(DType::Q4_K, 24, 256, 0), (DType::Q8_0, 17, 256, 0), (DType::Q4_K, 40, 512, 1), (DType::F32, 9, 64, 2)];
+        let ns = [3usize, 1, 70];
+        let cols_of = [256usize, 512, 64];
+        let xs: Vec<Vec<f32>> =
+            ns.iter().zip(cols_of).map(|(&n, c)| (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+        let datas: Vec<Vec<u8>> = shapes.iter().map(|&(d, r, c, _)| stored(&mut rng, d, r, c)).collect();
+        let ws: Vec<WeightView> = shapes
+            .iter()
+            .zip(&datas)
+            .map(|(&(dtype, rows, cols, _), data)| WeightView { dtype, rows, cols, data })
+            .collect();
+        let input_of: Vec<usize> = shapes.iter().map(|s| s.3).collect();
+        let inputs: Vec<(&[f32], usize)> = xs.iter().zip(ns).map(|(x, n)| (x.as_slice(), n)).collect();
+        let ys = matmul_multi(&ws, &input_of, &inputs);
+        for (i, w) in ws.iter().enumerate() {
+            let (x, n) = inputs[input_of[i]];
+            let mut alone = vec![0f32; n * w.rows];
+            matmul(*w, x, n, &mut alone);
+            assert!(alone.iter().zip(&ys[i]).all(|(a, b)| a.to_bits() == b.to_bits()), "matrix {i}");
         }
     }
 

@@ -22,7 +22,7 @@
 use pio_kernels::attention::QueryContext;
 use pio_kernels::mla::{latent_attention, LatentKvMut};
 use pio_kernels::ops::{self, RopeLayout};
-use pio_kernels::{quant, DType};
+use pio_kernels::{matmul, quant, DType};
 
 use crate::batch::ForwardBatch;
 use crate::config::{MlaConfig, ModelConfig};
@@ -163,16 +163,14 @@ impl LatentAttention {
                 ops::rope_heads_with(dst, rope, &cos, &sin, self.rope_layout);
             }
         }
-        let mut gathered = vec![0f32; n * nope.max(r)];
-        for (hh, k_up) in self.k_up_t.iter().enumerate() {
-            let g = &mut gathered[..n * nope];
+        // Absorbed queries: every head's W_UK[h]ᵀ on its q_nope, in one parallel pass.
+        let q_nope: Vec<Vec<f32>> = (0..nh)
+            .map(|hh| (0..n).flat_map(|t| &q[(t * nh + hh) * qk..(t * nh + hh) * qk + nope]).copied().collect())
+            .collect();
+        let absorbed = per_head(&self.k_up_t, &q_nope, n);
+        for (hh, a) in absorbed.iter().enumerate() {
             for t in 0..n {
-                g[t * nope..(t + 1) * nope].copy_from_slice(&q[(t * nh + hh) * qk..(t * nh + hh) * qk + nope]);
-            }
-            let absorbed = k_up.forward(g);
-            for t in 0..n {
-                queries[(t * nh + hh) * width..(t * nh + hh) * width + r]
-                    .copy_from_slice(&absorbed[t * r..(t + 1) * r]);
+                queries[(t * nh + hh) * width..(t * nh + hh) * width + r].copy_from_slice(&a[t * r..(t + 1) * r]);
             }
         }
 
@@ -198,20 +196,27 @@ impl LatentAttention {
             }
         }
 
-        // Per head W_UV, then the output projection.
+        // Per head W_UV (one parallel pass), then the output projection.
+        let latents: Vec<Vec<f32>> = (0..nh)
+            .map(|hh| (0..n).flat_map(|t| &latent_out[(t * nh + hh) * r..(t * nh + hh + 1) * r]).copied().collect())
+            .collect();
+        let values = per_head(&self.v_up, &latents, n);
         let mut o = vec![0f32; n * nh * v];
-        for (hh, v_up) in self.v_up.iter().enumerate() {
-            let g = &mut gathered[..n * r];
-            for t in 0..n {
-                g[t * r..(t + 1) * r].copy_from_slice(&latent_out[(t * nh + hh) * r..(t * nh + hh + 1) * r]);
-            }
-            let vals = v_up.forward(g);
+        for (hh, vals) in values.iter().enumerate() {
             for t in 0..n {
                 o[(t * nh + hh) * v..(t * nh + hh + 1) * v].copy_from_slice(&vals[t * v..(t + 1) * v]);
             }
         }
         self.o_proj.forward(&o)
     }
+}
+
+/// Head `h`'s matrix applied to head `h`'s `[n, cols]` input, all heads in one threaded pass.
+fn per_head(linears: &[Linear], inputs: &[Vec<f32>], n: usize) -> Vec<Vec<f32>> {
+    let views: Vec<_> = linears.iter().map(|l| l.weight.matrix()).collect();
+    let input_of: Vec<usize> = (0..linears.len()).collect();
+    let inputs: Vec<(&[f32], usize)> = inputs.iter().map(|x| (x.as_slice(), n)).collect();
+    matmul::matmul_multi(&views, &input_of, &inputs)
 }
 
 /// `[rows, cols]` matrix `t` transposed to `[cols, rows]`: F32 stays F32 and BF16 stays BF16

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pio_kernels::ops;
+use pio_kernels::{matmul, ops};
 
 use crate::config::{Gating, MoeConfig};
 use crate::layers::{Linear, Mlp};
@@ -114,6 +114,25 @@ fn top_k_indices(values: &[f32], k: usize, out: &mut Vec<usize>) {
             None => break,
         }
     }
+}
+
+/// `linears` applied to `inputs`, the `i`-th linear to input `i / per_input`, in one parallel
+/// pass ([`matmul::matmul_multi`]), biases added.
+fn run_all<'a>(
+    linears: impl Iterator<Item = &'a Linear>,
+    inputs: &[(&[f32], usize)],
+    per_input: usize,
+) -> Vec<Vec<f32>> {
+    let linears: Vec<&Linear> = linears.collect();
+    let views: Vec<_> = linears.iter().map(|l| l.weight.matrix()).collect();
+    let input_of: Vec<usize> = (0..linears.len()).map(|i| i / per_input).collect();
+    let mut ys = matmul::matmul_multi(&views, &input_of, inputs);
+    for (y, l) in ys.iter_mut().zip(&linears) {
+        if let Some(b) = &l.bias {
+            ops::add_bias_rows(y, b);
+        }
+    }
+    ys
 }
 
 /// Counts of what the experts did, summed over forwards (for `pio bench`).
@@ -227,25 +246,43 @@ impl SparseMoe {
                 routed[e].push((t, w));
             }
         }
+        // Gather each chosen expert's tokens; the shared expert takes them all.
+        let active: Vec<(&Mlp, &Vec<(usize, f32)>)> =
+            self.experts.iter().zip(&routed).filter(|(_, tokens)| !tokens.is_empty()).collect();
+        let runs = active.len() as u64;
+        let gathered: Vec<Vec<f32>> = active
+            .iter()
+            .map(|(_, tokens)| tokens.iter().flat_map(|&(t, _)| &x[t * h..(t + 1) * h]).copied().collect())
+            .collect();
+        let mut mlps: Vec<&Mlp> = active.iter().map(|(m, _)| *m).collect();
+        let mut inputs: Vec<(&[f32], usize)> =
+            gathered.iter().zip(&active).map(|(g, (_, tokens))| (g.as_slice(), tokens.len())).collect();
+        if let Some(shared) = &self.shared_expert {
+            mlps.push(shared);
+            inputs.push((x, n));
+        }
+        // Every expert's gate and up in one parallel pass, then every down projection in another.
+        let up = run_all(mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj]), &inputs, 2);
+        let mut acts = Vec::with_capacity(mlps.len());
+        for pair in up.chunks_exact(2) {
+            let [gate, up] = pair else { unreachable!("chunks of two") };
+            let mut gate = gate.clone();
+            ops::swiglu(&mut gate, up);
+            acts.push(gate);
+        }
+        let act_inputs: Vec<(&[f32], usize)> = acts.iter().zip(&inputs).map(|(a, &(_, n))| (a.as_slice(), n)).collect();
+        let down = run_all(mlps.iter().map(|m| &m.down_proj), &act_inputs, 1);
+
         let mut out = vec![0f32; n * h];
-        let mut runs = 0;
-        let mut gathered = Vec::new();
-        for (expert, tokens) in self.experts.iter().zip(&routed) {
-            if tokens.is_empty() {
-                continue;
-            }
-            runs += 1;
-            gathered.clear();
-            for &(t, _) in tokens {
-                gathered.extend_from_slice(&x[t * h..(t + 1) * h]);
-            }
-            let y = expert.forward(&gathered);
+        for ((_, tokens), y) in active.iter().zip(&down) {
             for (&(t, w), row) in tokens.iter().zip(y.chunks_exact(h)) {
                 ops::axpy(w, row, &mut out[t * h..(t + 1) * h]);
             }
         }
-        if let Some(shared) = &self.shared_expert {
-            ops::add_in_place(&mut out, &shared.forward(x));
+        if self.shared_expert.is_some() {
+            if let Some(shared_out) = down.last() {
+                ops::add_in_place(&mut out, shared_out);
+            }
         }
         self.counters.forwards.fetch_add(1, Ordering::Relaxed);
         self.counters.tokens.fetch_add(n as u64, Ordering::Relaxed);
