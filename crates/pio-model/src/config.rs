@@ -285,7 +285,15 @@ impl ModelConfig {
                 (Some(moe), None, 0, head_dim, RopeLayout::SplitHalves)
             }
             Arch::Glm4MoeLite => {
-                get("output_router_logits");
+                // Training-only (load balancing) and parallelism settings.
+                for k in ["output_router_logits", "router_aux_loss_coef", "aux_loss_alpha", "seq_aux", "ep_size"] {
+                    get(k);
+                }
+                if let Some(f) = usize_of("moe_layer_freq", get("moe_layer_freq"))? {
+                    if f != 1 {
+                        return Err(cfg(format!("moe_layer_freq {f} (only 1 is supported)")));
+                    }
+                }
                 if let Some(m) = get("topk_method").map(|v| v.as_str().unwrap_or_default().to_string()) {
                     if m != "noaux_tc" {
                         return Err(cfg(format!("topk_method {m:?} (only \"noaux_tc\" is supported)")));
@@ -330,7 +338,31 @@ impl ModelConfig {
                 };
                 let nextn = usize_of("num_nextn_predict_layers", get("num_nextn_predict_layers"))?.unwrap_or(0);
                 let qk = mla.qk_head_dim();
-                (Some(moe), Some(mla), nextn, qk, RopeLayout::Interleaved)
+                // transformers 5 may save the per-layer kinds instead of first_k_dense_replace.
+                let mut moe = moe;
+                if let Some(types) = get("mlp_layer_types") {
+                    let kinds: Option<Vec<bool>> = types.as_array().and_then(|a| {
+                        a.iter()
+                            .map(|t| match t.as_str() {
+                                Some("sparse") => Some(true),
+                                Some("dense") => Some(false),
+                                _ => None,
+                            })
+                            .collect()
+                    });
+                    match kinds {
+                        Some(k) if k.len() == num_layers => moe.sparse_layers = k,
+                        _ => {
+                            return Err(cfg(format!(
+                                "mlp_layer_types must list \"dense\" or \"sparse\" for each of {num_layers} layers, got {types}"
+                            )))
+                        }
+                    }
+                }
+                // DeepSeek-V3's rotary part rotates adjacent pairs unless told otherwise.
+                let interleave = bool_of("rope_interleave", get("rope_interleave"))?.unwrap_or(true);
+                let layout = if interleave { RopeLayout::Interleaved } else { RopeLayout::SplitHalves };
+                (Some(moe), Some(mla), nextn, qk, layout)
             }
         };
         let config = ModelConfig {

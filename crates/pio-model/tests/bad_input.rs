@@ -172,3 +172,58 @@ fn gguf_bad_magic_truncated_and_unknown_arch() {
     assert_mentions(&load_err(&incomplete), &["incomplete.gguf", "missing"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn mixture_and_latent_config_errors() {
+    let s = Scratch::copy_of("qwen3_moe", "moe");
+    s.edit_config(|c| c["num_experts_per_tok"] = 9.into());
+    assert_mentions(&load_err(&s.0), &["config.json", "9 per token"]);
+    s.edit_config(|c| {
+        c["num_experts_per_tok"] = 2.into();
+        c["num_experts"] = 9.into();
+    });
+    // One expert more than the checkpoint has: the router's shape says so first.
+    assert_mentions(&load_err(&s.0), &["mlp.gate.weight", "[9, 128]"]);
+
+    let s = Scratch::copy_of("glm4_moe_lite", "glm");
+    s.edit_config(|c| c["topk_method"] = "greedy".into());
+    assert_mentions(&load_err(&s.0), &["topk_method", "noaux_tc"]);
+    s.edit_config(|c| {
+        c["topk_method"] = "noaux_tc".into();
+        c["n_group"] = 3.into();
+    });
+    assert_mentions(&load_err(&s.0), &["n_group 3"]);
+    s.edit_config(|c| {
+        c["n_group"] = 2.into();
+        c["mlp_layer_types"] = serde_json::json!(["dense", "sparse"]);
+    });
+    assert_mentions(&load_err(&s.0), &["mlp_layer_types"]);
+    // The same layer kinds spelled out load the same model as first_k_dense_replace.
+    s.edit_config(|c| c["mlp_layer_types"] = serde_json::json!(["dense", "sparse", "sparse"]));
+    assert!(pio_model::load(&s.0, &mut |_, _| {}).is_ok());
+    s.edit_config(|c| c["kv_lora_rank"] = 16.into());
+    assert_mentions(&load_err(&s.0), &["kv_a_proj_with_mqa", "shape"]);
+}
+
+#[test]
+fn mtp_layers_are_skipped_and_other_leftovers_are_errors() {
+    // A checkpoint with one multi-token-prediction layer after the decoder layers: its
+    // tensors are skipped by name; the same tensors without num_nextn_predict_layers are
+    // reported as unused.
+    let s = Scratch::copy_of("glm4_moe_lite", "mtp");
+    let path = s.0.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    let extra: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.2."))
+        .map(|(n, t)| (n.replace("model.layers.2.", "model.layers.3."), t.clone()))
+        .collect();
+    tensors.extend(extra);
+    let data = safetensors::tensor::serialize(tensors, None).expect("serialize");
+    std::fs::write(&path, data).expect("write");
+    assert_mentions(&load_err(&s.0), &["does not use", "model.layers.3."]);
+    s.edit_config(|c| c["num_nextn_predict_layers"] = 1.into());
+    assert!(pio_model::load(&s.0, &mut |_, _| {}).is_ok());
+}
