@@ -228,7 +228,8 @@ impl ModelConfig {
         let mlp_bias = bool_of("mlp_bias", get("mlp_bias"))?.unwrap_or(false);
         let (qkv_bias, o_bias, qk_norm) = match arch {
             Arch::Qwen3 | Arch::Qwen3Moe => (attention_bias, attention_bias, true),
-            Arch::Glm4MoeLite => (attention_bias, false, false),
+            // DeepSeek-V3 attention: biases on q_a, kv_a and o (attention_bias), never q_b/kv_b.
+            Arch::Glm4MoeLite => (attention_bias, attention_bias, false),
             // Qwen2 hard-codes q/k/v biases and has no attention_bias key.
             Arch::Qwen2 => (true, false, false),
             Arch::Llama => (attention_bias, attention_bias, false),

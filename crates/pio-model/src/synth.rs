@@ -233,15 +233,24 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
                 match a.q_lora_rank {
                     Some(ql) => {
                         push("self_attn.q_a_proj.weight", vec![ql, h], Init::Matrix);
+                        if c.qkv_bias {
+                            push("self_attn.q_a_proj.bias", vec![ql], Init::Bias);
+                        }
                         push("self_attn.q_a_layernorm.weight", vec![ql], Init::Norm);
                         push("self_attn.q_b_proj.weight", vec![nh * a.qk_head_dim(), ql], Init::Matrix);
                     }
                     None => push("self_attn.q_proj.weight", vec![nh * a.qk_head_dim(), h], Init::Matrix),
                 }
                 push("self_attn.kv_a_proj_with_mqa.weight", vec![a.cache_width(), h], Init::Matrix);
+                if c.qkv_bias {
+                    push("self_attn.kv_a_proj_with_mqa.bias", vec![a.cache_width()], Init::Bias);
+                }
                 push("self_attn.kv_a_layernorm.weight", vec![r], Init::Norm);
                 push("self_attn.kv_b_proj.weight", vec![nh * (a.qk_nope_head_dim + a.v_head_dim), r], Init::Matrix);
                 push("self_attn.o_proj.weight", vec![h, nh * a.v_head_dim], Init::Matrix);
+                if c.o_bias {
+                    push("self_attn.o_proj.bias", vec![h], Init::Bias);
+                }
             }
         }
         push("post_attention_layernorm.weight", vec![h], Init::Norm);

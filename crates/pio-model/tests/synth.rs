@@ -403,3 +403,46 @@ fn moe_layouts_gguf_cannot_hold_are_refused() {
     };
     assert!(e.contains("mlp_only_layers") && e.contains("config.json"), "{e}");
 }
+
+#[test]
+fn latent_attention_with_biases_and_without_query_compression_loads_and_runs() {
+    // DeepSeek-V3 variants: `attention_bias` (biases on q_a, kv_a and o) and `q_lora_rank: null`
+    // (a plain q_proj). Written by synth as a Hugging Face directory, then run.
+    let dir = std::env::temp_dir().join(format!("pio-synth-mla-variants-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/glm4_moe_lite/config.json");
+    for (tag, edit) in
+        [("bias", ("attention_bias", serde_json::json!(true))), ("noq", ("q_lora_rank", serde_json::Value::Null))]
+    {
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&src).expect("config")).expect("json");
+        c[edit.0] = edit.1;
+        let cfg = dir.join(format!("{tag}.json"));
+        std::fs::write(&cfg, c.to_string()).expect("write config");
+        let out = dir.join(tag);
+        pio_model::synth::write_random_checkpoint(&cfg, None, &out, pio_kernels::DType::F32, 1).expect("synth");
+        let m = pio_model::load(&out, &mut |_, _| {}).expect("loads");
+        let logits = last_logits(m.model.as_ref());
+        assert_eq!(logits.len(), 512);
+        assert!(logits.iter().all(|v| v.is_finite()), "{tag}: finite logits");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One forward of a short prompt over a fresh cache, without the engine: the last logits.
+fn last_logits(model: &dyn pio_model::CausalLm) -> Vec<f32> {
+    let ids = vec![5u32, 6, 7, 8, 9];
+    let n = ids.len();
+    let mut cache = model.new_kv_cache(16, 1);
+    let batch = ForwardBatch {
+        token_ids: ids,
+        positions: (0..n).collect(),
+        seq_indices: vec![0; n],
+        slot_mapping: (0..n).collect(),
+        block_tables: vec![vec![0]],
+        logits_indices: vec![n - 1],
+    };
+    model.forward(&batch, &mut cache).expect("forward")
+}

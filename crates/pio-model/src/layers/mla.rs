@@ -67,16 +67,18 @@ impl LatentAttention {
     pub fn load(ckpt: &mut Checkpoint, p: &str, layer: usize, c: &ModelConfig, m: &MlaConfig) -> Result<Self> {
         let (h, nh) = (c.hidden_size, c.num_heads);
         let (nope, rope, v, r) = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank);
-        let linear = |ck: &mut Checkpoint, name: &str, i, o| Linear::load(ck, &format!("{p}.{name}"), i, o, false);
+        // transformers' DeepSeek-V3 attention: `attention_bias` puts biases on q_a_proj,
+        // kv_a_proj_with_mqa and o_proj only.
+        let linear = |ck: &mut Checkpoint, name: &str, i, o, bias| Linear::load(ck, &format!("{p}.{name}"), i, o, bias);
         let (q_a, q_b_proj) = match m.q_lora_rank {
             Some(ql) => {
-                let a = linear(ckpt, "q_a_proj", h, ql)?;
+                let a = linear(ckpt, "q_a_proj", h, ql, c.qkv_bias)?;
                 let norm = RmsNorm::load(ckpt, &format!("{p}.q_a_layernorm.weight"), ql, m.latent_norm_eps)?;
-                (Some((a, norm)), linear(ckpt, "q_b_proj", ql, nh * m.qk_head_dim())?)
+                (Some((a, norm)), linear(ckpt, "q_b_proj", ql, nh * m.qk_head_dim(), false)?)
             }
-            None => (None, linear(ckpt, "q_proj", h, nh * m.qk_head_dim())?),
+            None => (None, linear(ckpt, "q_proj", h, nh * m.qk_head_dim(), false)?),
         };
-        let kv_a_proj = linear(ckpt, "kv_a_proj_with_mqa", h, r + rope)?;
+        let kv_a_proj = linear(ckpt, "kv_a_proj_with_mqa", h, r + rope, c.qkv_bias)?;
         let kv_a_layernorm = RmsNorm::load(ckpt, &format!("{p}.kv_a_layernorm.weight"), r, m.latent_norm_eps)?;
         let (k_up_t, v_up) = if ckpt.contains(&format!("{p}.kv_b_proj.weight")) {
             let kv_b = ckpt.take(&format!("{p}.kv_b_proj.weight"), &[nh * (nope + v), r])?;
@@ -91,7 +93,7 @@ impl LatentAttention {
             let v_up = (0..nh).map(|hh| Linear { weight: v_b.slice_outer(hh * v, v), bias: None }).collect();
             (k_up_t, v_up)
         };
-        let o_proj = linear(ckpt, "o_proj", nh * v, h)?;
+        let o_proj = linear(ckpt, "o_proj", nh * v, h, c.o_bias)?;
         Ok(LatentAttention {
             layer,
             num_heads: nh,
