@@ -66,9 +66,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // fraction is over every forward of the decode phase (the prompt is at most 16 tokens).
     let moe = match (moe_before, loaded.model.moe_stats()) {
         (Some(b), Some(e)) if decode_steps > 0 => {
-            let per_layer_forwards = (e.forwards - b.forwards) as f64 / e.layers.max(1) as f64;
-            let read = (e.expert_bytes_read - b.expert_bytes_read) as f64;
-            Some((read / per_layer_forwards / e.expert_bytes_total as f64, e.expert_bytes_total))
+            let d = e.since(&b);
+            Some((d.fraction_read_per_forward(), d.expert_bytes_total))
         }
         _ => None,
     };

@@ -41,7 +41,7 @@ use half::slice::HalfFloatSliceExt;
 use half::vec::HalfBitsVecExt;
 
 use crate::cpu::{self, SimdLevel};
-use crate::parallel;
+use crate::parallel::{self, SharedOut};
 
 /// Key positions per online-softmax step.
 pub const CHUNK: usize = 16;
@@ -331,21 +331,8 @@ pub fn paged_attention_at<T: KvElem>(
         let (s, e) = runs[it % nr];
         queries[s..e].iter().map(|c| c.context_len + CHUNK).sum::<usize>()
     };
-    let total: usize = (0..n_items).map(cost).sum();
     let parts = parallel::num_threads().min(n_items).max(1);
-    let mut bounds = Vec::with_capacity(parts + 1);
-    bounds.push(0);
-    let mut acc = 0;
-    for it in 0..n_items {
-        acc += cost(it);
-        // Close part `bounds.len() - 1` once it holds its share of the total.
-        if bounds.len() < parts && acc * parts >= total * bounds.len() {
-            bounds.push(it + 1);
-        }
-    }
-    while bounds.len() <= parts {
-        bounds.push(n_items);
-    }
+    let bounds = parallel::balanced_bounds(n_items, parts, cost);
     // An item's query rows: token-major, then the `group` heads of kv head `g`, `hd` each.
     let item = group * hd;
     let out = SharedOut(out.as_mut_ptr(), out.len());
@@ -369,14 +356,6 @@ pub fn paged_attention_at<T: KvElem>(
         }
     });
 }
-
-/// The output buffer, written by every thread at once: each item writes only the rows of its
-/// own tokens and kv head.
-struct SharedOut(*mut f32, usize);
-
-// SAFETY: threads write disjoint ranges (see the use above) and only while the caller's
-// `&mut [f32]` is borrowed by `paged_attention_at`, which outlives `for_each_range`.
-unsafe impl Sync for SharedOut {}
 
 /// Per-thread buffers reused across items.
 #[derive(Default)]

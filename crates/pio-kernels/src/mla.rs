@@ -29,7 +29,7 @@
 
 use crate::attention::{KvElem, QueryContext};
 use crate::cpu::{self, SimdLevel};
-use crate::parallel;
+use crate::parallel::{self, SharedOut};
 
 /// Positions per online-softmax step.
 pub const CHUNK: usize = 16;
@@ -134,20 +134,8 @@ pub fn latent_attention_at<T: KvElem>(
     // their context and heads, so threads get ranges of equal total cost (as `paged_attention`).
     let n_items = nt * num_groups;
     let cost = |it: usize| (queries[it / num_groups].context_len + CHUNK) * heads_of(it % num_groups);
-    let total: usize = (0..n_items).map(cost).sum();
     let parts = threads.min(n_items).max(1);
-    let mut bounds = Vec::with_capacity(parts + 1);
-    bounds.push(0);
-    let mut acc = 0;
-    for it in 0..n_items {
-        acc += cost(it);
-        if bounds.len() < parts && acc * parts >= total * bounds.len() {
-            bounds.push(it + 1);
-        }
-    }
-    while bounds.len() <= parts {
-        bounds.push(n_items);
-    }
+    let bounds = parallel::balanced_bounds(n_items, parts, cost);
     let work: usize = queries.iter().map(|c| c.context_len * num_heads * (w + vw)).sum();
     let shared = SharedOut(out.as_mut_ptr(), out.len());
     parallel::for_each_range(parts, work, |p0, p1| {
@@ -168,14 +156,6 @@ pub fn latent_attention_at<T: KvElem>(
         }
     });
 }
-
-/// The output buffer, written by every thread at once: each item writes only the rows of its
-/// own token and heads.
-struct SharedOut(*mut f32, usize);
-
-// SAFETY: threads write disjoint ranges (see the use above) and only while the caller's
-// `&mut [f32]` is borrowed by `latent_attention_at`.
-unsafe impl Sync for SharedOut {}
 
 /// Per-thread buffers reused across items.
 #[derive(Default)]

@@ -402,6 +402,35 @@ fn spin_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Splits items `0..n_items` into `parts` consecutive ranges of about equal total `cost`:
+/// returns `parts + 1` bounds, range `i` being `bounds[i]..bounds[i + 1]`. For work whose items
+/// cost very differently (attention over contexts of different lengths).
+pub(crate) fn balanced_bounds(n_items: usize, parts: usize, cost: impl Fn(usize) -> usize) -> Vec<usize> {
+    let total: usize = (0..n_items).map(&cost).sum();
+    let mut bounds = Vec::with_capacity(parts + 1);
+    bounds.push(0);
+    let mut acc = 0;
+    for it in 0..n_items {
+        acc += cost(it);
+        // Close part `bounds.len() - 1` once it holds its share of the total.
+        if bounds.len() < parts && acc * parts >= total * bounds.len() {
+            bounds.push(it + 1);
+        }
+    }
+    while bounds.len() <= parts {
+        bounds.push(n_items);
+    }
+    bounds
+}
+
+/// An output buffer every thread of a split writes at once, each only its own disjoint rows:
+/// `(pointer, length)` of a `&mut [f32]` the caller holds borrowed for the whole split.
+pub(crate) struct SharedOut(pub *mut f32, pub usize);
+
+// SAFETY: users write disjoint ranges, only while the caller's `&mut [f32]` is borrowed by the
+// function running the split (which outlives it).
+unsafe impl Sync for SharedOut {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

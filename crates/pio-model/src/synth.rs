@@ -663,8 +663,9 @@ enum Source<'a> {
     One { spec: &'a Spec, permute: bool },
     /// Experts `0..` of a layer stacked: `[experts, rows, cols]`.
     Stack(Vec<&'a Spec>),
-    /// The `attn_k_b` (`false`) or `attn_v_b` (`true`) half of a `kv_b_proj` split per head.
-    KvB { spec: &'a Spec, value: bool },
+    /// The `attn_k_b` (`false`) or `attn_v_b` (`true`) half of a `kv_b_proj` split per head;
+    /// `dims` = (heads, nope, v, kv_lora_rank).
+    KvB { spec: &'a Spec, value: bool, dims: (usize, usize, usize, usize) },
 }
 
 /// One tensor as it lies in the GGUF file.
@@ -733,7 +734,7 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
                 let dtype = crate::quantize::tensor_type(target, shape[2], false);
                 tensors.push(GgufTensor {
                     header: TensorHeader { name, dtype, shape },
-                    source: Source::KvB { spec, value },
+                    source: Source::KvB { spec, value, dims: (nh, nope, v, r) },
                 });
             }
             continue;
@@ -769,10 +770,9 @@ impl GgufTensor<'_> {
                     stored_bytes(spec, dtype, target, seed, dst);
                 }
             }
-            Source::KvB { spec, value } => {
-                let a = c.mla.as_ref().expect("kv_b_proj comes with latent attention");
+            Source::KvB { spec, value, dims: (heads, nope, v, r) } => {
                 let kv_b = values_f32(spec, target, seed);
-                let (k_b, v_b) = split_kv_b(&kv_b, c.num_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank);
+                let (k_b, v_b) = split_kv_b(&kv_b, *heads, *nope, *v, *r);
                 let cols = self.header.shape[2];
                 out = encode_parallel(dtype, if *value { &v_b } else { &k_b }, cols);
             }

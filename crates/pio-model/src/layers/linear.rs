@@ -66,4 +66,19 @@ impl Linear {
         }
         ys
     }
+
+    /// Projections each with its own input: `layers[i]` applied to `inputs[input_of[i]]`
+    /// (`(x, n)`, `x` being `[n, in_features]`), all in one threaded pass (see
+    /// [`matmul::matmul_multi`]): the experts of a mixture, the heads of latent attention.
+    /// Each output equals its own [`Linear::forward`] bitwise.
+    pub fn forward_each(layers: &[&Linear], input_of: &[usize], inputs: &[(&[f32], usize)]) -> Vec<Vec<f32>> {
+        let views: Vec<_> = layers.iter().map(|l| l.weight.matrix()).collect();
+        let mut ys = matmul::matmul_multi(&views, input_of, inputs);
+        for (y, l) in ys.iter_mut().zip(layers) {
+            if let Some(b) = &l.bias {
+                ops::add_bias_rows(y, b);
+            }
+        }
+        ys
+    }
 }

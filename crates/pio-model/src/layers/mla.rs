@@ -22,7 +22,7 @@
 use pio_kernels::attention::QueryContext;
 use pio_kernels::mla::{latent_attention, LatentKvMut};
 use pio_kernels::ops::{self, RopeLayout};
-use pio_kernels::{matmul, quant, DType};
+use pio_kernels::{quant, DType};
 
 use crate::batch::ForwardBatch;
 use crate::config::{MlaConfig, ModelConfig};
@@ -215,10 +215,10 @@ impl LatentAttention {
 
 /// Head `h`'s matrix applied to head `h`'s `[n, cols]` input, all heads in one threaded pass.
 fn per_head(linears: &[Linear], inputs: &[Vec<f32>], n: usize) -> Vec<Vec<f32>> {
-    let views: Vec<_> = linears.iter().map(|l| l.weight.matrix()).collect();
-    let input_of: Vec<usize> = (0..linears.len()).collect();
+    let layers: Vec<&Linear> = linears.iter().collect();
+    let input_of: Vec<usize> = (0..layers.len()).collect();
     let inputs: Vec<(&[f32], usize)> = inputs.iter().map(|x| (x.as_slice(), n)).collect();
-    matmul::matmul_multi(&views, &input_of, &inputs)
+    Linear::forward_each(&layers, &input_of, &inputs)
 }
 
 /// `[rows, cols]` matrix `t` transposed to `[cols, rows]`: F32 stays F32 and BF16 stays BF16

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use pio_kernels::{matmul, ops};
+use pio_kernels::ops;
 
 use crate::config::{Gating, MoeConfig};
 use crate::layers::{Linear, Mlp};
@@ -116,25 +116,6 @@ fn top_k_indices(values: &[f32], k: usize, out: &mut Vec<usize>) {
     }
 }
 
-/// `linears` applied to `inputs`, the `i`-th linear to input `i / per_input`, in one parallel
-/// pass ([`matmul::matmul_multi`]), biases added.
-fn run_all<'a>(
-    linears: impl Iterator<Item = &'a Linear>,
-    inputs: &[(&[f32], usize)],
-    per_input: usize,
-) -> Vec<Vec<f32>> {
-    let linears: Vec<&Linear> = linears.collect();
-    let views: Vec<_> = linears.iter().map(|l| l.weight.matrix()).collect();
-    let input_of: Vec<usize> = (0..linears.len()).map(|i| i / per_input).collect();
-    let mut ys = matmul::matmul_multi(&views, &input_of, inputs);
-    for (y, l) in ys.iter_mut().zip(&linears) {
-        if let Some(b) = &l.bias {
-            ops::add_bias_rows(y, b);
-        }
-    }
-    ys
-}
-
 /// Counts of what the experts did, summed over forwards (for `pio bench`).
 #[derive(Debug, Default)]
 struct Counters {
@@ -159,6 +140,17 @@ pub struct MoeStats {
 }
 
 impl MoeStats {
+    /// What happened between `before` (an earlier snapshot of the same model) and `self`.
+    pub fn since(&self, before: &MoeStats) -> MoeStats {
+        MoeStats {
+            forwards: self.forwards - before.forwards,
+            tokens: self.tokens - before.tokens,
+            expert_bytes_read: self.expert_bytes_read - before.expert_bytes_read,
+            expert_bytes_total: self.expert_bytes_total,
+            layers: self.layers,
+        }
+    }
+
     /// Fraction of all routed-expert weights one forward reads, on average.
     pub fn fraction_read_per_forward(&self) -> f64 {
         if self.forwards == 0 || self.expert_bytes_total == 0 {
@@ -262,16 +254,18 @@ impl SparseMoe {
             inputs.push((x, n));
         }
         // Every expert's gate and up in one parallel pass, then every down projection in another.
-        let up = run_all(mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj]), &inputs, 2);
+        let gate_up: Vec<&Linear> = mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj]).collect();
+        let pair_input: Vec<usize> = (0..gate_up.len()).map(|i| i / 2).collect();
+        let mut ys = Linear::forward_each(&gate_up, &pair_input, &inputs).into_iter();
         let mut acts = Vec::with_capacity(mlps.len());
-        for pair in up.chunks_exact(2) {
-            let [gate, up] = pair else { unreachable!("chunks of two") };
-            let mut gate = gate.clone();
-            ops::swiglu(&mut gate, up);
+        while let (Some(mut gate), Some(up)) = (ys.next(), ys.next()) {
+            ops::swiglu(&mut gate, &up);
             acts.push(gate);
         }
         let act_inputs: Vec<(&[f32], usize)> = acts.iter().zip(&inputs).map(|(a, &(_, n))| (a.as_slice(), n)).collect();
-        let down = run_all(mlps.iter().map(|m| &m.down_proj), &act_inputs, 1);
+        let downs: Vec<&Linear> = mlps.iter().map(|m| &m.down_proj).collect();
+        let own_input: Vec<usize> = (0..downs.len()).collect();
+        let down = Linear::forward_each(&downs, &own_input, &act_inputs);
 
         let mut out = vec![0f32; n * h];
         for ((_, tokens), y) in active.iter().zip(&down) {
