@@ -54,6 +54,10 @@ pub struct ModelArgs {
     /// f16 (any format name); the LM head keeps Q6_K below 8 bits, as llama-quantize does.
     #[arg(long, value_parser = parse_quant)]
     pub quant: Option<DType>,
+    /// Keep every matrix in the file's row layout instead of rearranging the Q4_K/Q5_K/Q6_K
+    /// ones at load for faster decode (as llama.cpp's --no-repack; the results are the same).
+    #[arg(long)]
+    pub no_repack: bool,
     /// Element type of the KV cache: f16 (half the memory, llama.cpp's default) or f32.
     #[arg(long, default_value_t = KvCacheDtype::F16)]
     pub kv_cache_dtype: KvCacheDtype,

@@ -84,6 +84,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "simd": pio_kernels::cpu::level().name(),
         "load_s": load_s,
         "quant": loaded.info.quantized.map(|(d, _)| d.name()),
+        "repacked_bytes": loaded.info.repacked.map(|r| r.1),
         "prompt_tokens": a.prompt_tokens,
         "batch": a.batch,
         "gen_tokens": a.gen_tokens,

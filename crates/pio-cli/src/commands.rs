@@ -97,7 +97,7 @@ pub(crate) fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
             b.set_position(done as u64);
         }
     };
-    let options = pio_model::LoadOptions { quant: args.quant };
+    let options = pio_model::LoadOptions { quant: args.quant, repack: !args.no_repack };
     let loaded = pio_model::load_with(&args.model, &options, &mut progress);
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -126,6 +126,12 @@ fn print_info(info: &ModelInfo, load_s: f64) {
         Some((target, s)) => {
             eprintln!("weight bytes: {:.3} GiB (quantized to {target} at load in {s:.2} s)", gib(info.weight_bytes))
         }
+    }
+    if let Some((n, bytes, s)) = info.repacked {
+        eprintln!(
+            "repacked:     {n} matrices, {:.1} MiB, interleaved for decode in {s:.2} s",
+            bytes as f64 / (1 << 20) as f64
+        );
     }
     eprintln!("load time:    {load_s:.2} s");
     if let Some(rss) = resident_bytes() {

@@ -18,7 +18,7 @@ fn temp(name: &str) -> PathBuf {
 }
 
 fn load(path: &Path, quant: Option<DType>) -> LoadedModel {
-    pio_model::load_with(path, &LoadOptions { quant }, &mut |_, _| {}).expect("model loads")
+    pio_model::load_with(path, &LoadOptions { quant, ..Default::default() }, &mut |_, _| {}).expect("model loads")
 }
 
 /// Four deterministic sequences of 48 tokens (192 positions) over the fixture's 512-token
@@ -197,5 +197,27 @@ fn qwen2_llama_and_untied_files_match_too() {
         let diff = a.iter().flatten().zip(b.iter().flatten()).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(diff <= bound * scale, "llama {dtype}: GGUF logits differ by {diff} (max |logit| {scale})");
         let _ = std::fs::remove_file(&out);
+    }
+}
+
+/// Repacking at load (the interleaved layout of the K formats) changes no bit of any logit, and
+/// `repack: false` really keeps the rows.
+#[test]
+fn repacked_weights_give_the_same_logits() {
+    for quant in [DType::Q4_K, DType::Q6_K, DType::Q5_K] {
+        let with = |repack| {
+            pio_model::load_with(&fixture(), &LoadOptions { quant: Some(quant), repack }, &mut |_, _| {})
+                .expect("model loads")
+        };
+        let (packed, rows) = (with(true), with(false));
+        assert_eq!(rows.info.repacked, None, "{quant}");
+        if pio_kernels::cpu::level() >= pio_kernels::cpu::SimdLevel::Avx2 {
+            let (n, bytes, _) = packed.info.repacked.expect("K-format matrices are repacked");
+            assert!(n > 0 && bytes > 0, "{quant}");
+        }
+        let (a, b) = (logits(&packed), logits(&rows));
+        for (pos, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{quant} position {pos}");
+        }
     }
 }

@@ -28,7 +28,7 @@ fn bench(c: &mut Criterion) {
     for dtype in [DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q4_K, DType::Q6_K]
     {
         let data = weights(dtype);
-        let w = WeightView { dtype, rows: ROWS, cols: COLS, data: &data };
+        let w = WeightView::rows(dtype, ROWS, COLS, &data);
         for n in [1usize, 64] {
             let mut g = c.benchmark_group(format!("matmul_{dtype}_n{n}"));
             if n == 1 {

@@ -5,25 +5,52 @@ use crate::cpu::{self, SimdLevel};
 use crate::dot::float;
 use crate::{dot, parallel, quant, DType};
 
-/// A row-major weight matrix `[rows, cols]` in any [`DType`], borrowed from its storage.
+/// How a matrix's stored rows are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// GGML's (and every checkpoint's): row after row.
+    #[default]
+    Rows,
+    /// Groups of 16 rows interleaved dword by dword for the decode kernels
+    /// ([`dot::interleave`]); Q4_K, Q5_K and Q6_K.
+    Interleaved,
+}
+
+/// A weight matrix `[rows, cols]` in any [`DType`], borrowed from its storage.
 #[derive(Debug, Clone, Copy)]
 pub struct WeightView<'a> {
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
-    /// `rows * dtype.row_bytes(cols)` bytes.
+    /// `rows * dtype.row_bytes(cols)` bytes in [`Layout::Rows`];
+    /// [`dot::interleaved_bytes`] in [`Layout::Interleaved`].
     pub data: &'a [u8],
+    pub layout: Layout,
 }
 
 impl<'a> WeightView<'a> {
+    /// A matrix of rows in GGML's layout.
+    pub fn rows(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> WeightView<'a> {
+        WeightView { dtype, rows, cols, data, layout: Layout::Rows }
+    }
+
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or(0)
     }
 
-    /// The stored bytes of row `r`.
+    /// The stored bytes of row `r` (rows in [`Layout::Rows`] only).
     pub fn row(&self, r: usize) -> &'a [u8] {
+        assert_eq!(self.layout, Layout::Rows, "rows of an interleaved matrix are not contiguous");
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// The bytes this matrix must have in its layout.
+    pub fn expected_bytes(&self) -> usize {
+        match self.layout {
+            Layout::Rows => self.rows * self.row_bytes(),
+            Layout::Interleaved => dot::interleaved_bytes(self.dtype, self.rows, self.cols),
+        }
     }
 
     /// Row `r` decoded to f32 into `out` (`cols` long).
@@ -39,6 +66,7 @@ const TOKENS_PER_TILE: usize = 64;
 /// legacy formats) is shared by all of them. 128 measured 12-20% faster prefill than 16 on
 /// Qwen3-0.6B-shaped Q8_0 / Q4_K_M files.
 const ROWS_PER_TILE: usize = 128;
+const _: () = assert!(ROWS_PER_TILE.is_multiple_of(dot::GROUP_ROWS));
 
 /// `y[t, r] = sum_c w[r, c] * x[t, c]` for `n` tokens: x is `[n, cols]`, y is `[n, rows]`.
 ///
@@ -107,13 +135,16 @@ fn matmul_multi_into(
     assert_eq!(input_of.len(), ws.len());
     for ((w, y), &i) in ws.iter().zip(ys.iter()).zip(input_of) {
         let (x, n) = inputs[i];
-        assert_eq!(w.data.len(), w.rows * w.row_bytes());
+        assert_eq!(w.data.len(), w.expected_bytes(), "{} matrix of {} x {} in {:?}", w.dtype, w.rows, w.cols, w.layout);
+        assert!(w.layout == Layout::Rows || dot::interleaves(w.dtype), "{} cannot be interleaved", w.dtype);
         assert_eq!(y.len(), n * w.rows);
         assert_eq!(x.len(), n * w.cols, "input {i} is not [n, cols] for a matrix of {} columns", w.cols);
     }
-    // Rows weighted by the work each costs (its columns times its tokens), so threads get
-    // equal shares when experts see different numbers of tokens.
-    let total: usize = ws.iter().map(|w| w.rows).sum();
+    // Split in groups of 16 rows (the interleaved layout's unit), weighted by the work each
+    // costs (its columns times its tokens), so threads get equal shares when experts see
+    // different numbers of tokens.
+    const G: usize = dot::GROUP_ROWS;
+    let total: usize = ws.iter().map(|w| w.rows.div_ceil(G)).sum();
     let work: usize = ws.iter().zip(input_of).map(|(w, &i)| w.rows * w.cols * inputs[i].1).sum();
     if total == 0 || work == 0 {
         return;
@@ -131,36 +162,44 @@ fn matmul_multi_into(
             (acts, xb)
         })
         .collect();
-    // Row `g` of the group is row `g - starts[i]` of matrix `i`.
+    // Unit `u` of the split is row group `u - starts[i]` of matrix `i`.
     let starts: Vec<usize> = ws
         .iter()
         .scan(0, |acc, w| {
             let s = *acc;
-            *acc += w.rows;
+            *acc += w.rows.div_ceil(G);
             Some(s)
         })
         .collect();
-    let parts = parallel::for_each_range(total, work, |g0, g1| {
+    let parts = parallel::for_each_range(total, work, |u0, u1| {
         // (matrix, first row, rows, [n, rows] outputs token-major) for each matrix the range meets.
         let mut pieces = Vec::new();
         for (i, w) in ws.iter().enumerate() {
-            let (a, b) = (g0.max(starts[i]), g1.min(starts[i] + w.rows));
+            let (a, b) = (u0.max(starts[i]), u1.min(starts[i] + w.rows.div_ceil(G)));
             if a >= b {
                 continue;
             }
             let (x, n) = inputs[input_of[i]];
             let (acts, xb) = &prepared[input_of[i]];
             let (cols, nb) = (w.cols, w.cols / 32);
-            let (r0, r1) = (a - starts[i], b - starts[i]);
+            let (r0, r1) = ((a - starts[i]) * G, ((b - starts[i]) * G).min(w.rows));
             let width = r1 - r0;
             let rb = w.row_bytes();
+            let group_bytes = dot::interleaved_bytes(w.dtype, G, cols);
             let mut part = vec![0f32; n * width];
             for t0 in (0..n).step_by(TOKENS_PER_TILE) {
                 let t1 = (t0 + TOKENS_PER_TILE).min(n);
                 for ra in (r0..r1).step_by(ROWS_PER_TILE) {
                     let rz = (ra + ROWS_PER_TILE).min(r1);
-                    let rows = &w.data[ra * rb..rz * rb];
                     let out = &mut part[t0 * width + (ra - r0)..];
+                    if w.layout == Layout::Interleaved {
+                        // Row tiles start at whole groups (ROWS_PER_TILE is a multiple of G).
+                        let rows = &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes];
+                        let acts = &acts[t0 * nb..t1 * nb];
+                        dot::gemm_q8_interleaved(level, w.dtype, rows, rz - ra, acts, t1 - t0, out, width);
+                        continue;
+                    }
+                    let rows = &w.data[ra * rb..rz * rb];
                     if dot::uses_q8_activations(w.dtype) {
                         dot::gemm_q8(level, w.dtype, rows, rz - ra, &acts[t0 * nb..t1 * nb], t1 - t0, out, width);
                     } else if float::bf16_activations(level, w.dtype) {
@@ -205,7 +244,7 @@ mod tests {
         let (rows, cols, n) = (37, 256, 70);
         for dtype in [DType::F32, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q5_0, DType::Q4_K, DType::Q6_K] {
             let data = stored(&mut rng, dtype, rows, cols);
-            let w = WeightView { dtype, rows, cols, data: &data };
+            let w = WeightView::rows(dtype, rows, cols, &data);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
             for level in SimdLevel::available() {
                 let mut y = vec![0f32; n * rows];
@@ -246,7 +285,7 @@ mod tests {
         let ws: Vec<WeightView> = shapes
             .iter()
             .zip(&datas)
-            .map(|(&(dtype, rows, cols, _), data)| WeightView { dtype, rows, cols, data })
+            .map(|(&(dtype, rows, cols, _), data)| WeightView::rows(dtype, rows, cols, data))
             .collect();
         let input_of: Vec<usize> = shapes.iter().map(|s| s.3).collect();
         let inputs: Vec<(&[f32], usize)> = xs.iter().zip(ns).map(|(x, n)| (x.as_slice(), n)).collect();
@@ -260,13 +299,58 @@ mod tests {
     }
 
     #[test]
+    fn interleaved_matrices_give_the_same_bits_as_their_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        // Row counts around the 16-row groups and the 128-row tiles; one matrix per format.
+        let shapes = [(DType::Q4_K, 37, 512), (DType::Q6_K, 16, 256), (DType::Q5_K, 129, 256), (DType::Q4_K, 300, 256)];
+        let datas: Vec<Vec<u8>> = shapes.iter().map(|&(d, r, c)| stored(&mut rng, d, r, c)).collect();
+        let packed: Vec<Vec<u8>> =
+            shapes.iter().zip(&datas).map(|(&(d, r, c), data)| dot::interleave(d, r, c, data)).collect();
+        for n in [1usize, 3, 70] {
+            let xs: Vec<Vec<f32>> =
+                shapes.iter().map(|&(_, _, c)| (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+            for level in SimdLevel::available() {
+                let view = |i: usize, layout: Layout| {
+                    let (dtype, rows, cols) = shapes[i];
+                    let data = if layout == Layout::Rows { &datas[i] } else { &packed[i] };
+                    WeightView { dtype, rows, cols, data, layout }
+                };
+                for i in 0..shapes.len() {
+                    let (mut a, mut b) = (vec![0f32; n * shapes[i].1], vec![0f32; n * shapes[i].1]);
+                    matmul_at(level, view(i, Layout::Rows), &xs[i], n, &mut a);
+                    matmul_at(level, view(i, Layout::Interleaved), &xs[i], n, &mut b);
+                    assert!(
+                        a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{:?} n {n} {level:?}",
+                        shapes[i]
+                    );
+                }
+                // Mixed layouts in one pass, each with its own input.
+                let ws: Vec<WeightView> = (0..shapes.len())
+                    .map(|i| view(i, if i % 2 == 0 { Layout::Interleaved } else { Layout::Rows }))
+                    .collect();
+                let inputs: Vec<(&[f32], usize)> = xs.iter().map(|x| (x.as_slice(), n)).collect();
+                let input_of: Vec<usize> = (0..shapes.len()).collect();
+                let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.rows]).collect();
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                matmul_multi_into(level, &ws, &input_of, &inputs, &mut outs);
+                for (i, y) in ys.iter().enumerate() {
+                    let mut alone = vec![0f32; n * shapes[i].1];
+                    matmul_at(level, view(i, Layout::Rows), &xs[i], n, &mut alone);
+                    assert!(alone.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()), "multi {i} n {n} {level:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_group_equals_its_matrices_alone() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(4);
         let (cols, n) = (512, 5);
         let shapes = [(DType::Q4_K, 40), (DType::Q6_K, 24), (DType::BF16, 9)];
         let datas: Vec<Vec<u8>> = shapes.iter().map(|&(d, r)| stored(&mut rng, d, r, cols)).collect();
         let ws: Vec<WeightView> =
-            shapes.iter().zip(&datas).map(|(&(dtype, rows), data)| WeightView { dtype, rows, cols, data }).collect();
+            shapes.iter().zip(&datas).map(|(&(dtype, rows), data)| WeightView::rows(dtype, rows, cols, data)).collect();
         let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let group = matmul_many(&ws, &x, n);
         for (w, got) in ws.iter().zip(&group) {

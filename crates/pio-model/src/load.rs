@@ -43,14 +43,28 @@ pub struct ModelInfo {
     /// The format the weights were quantized to at load ([`LoadOptions::quant`]) and the
     /// seconds that took; `None` when they are the checkpoint's.
     pub quantized: Option<(DType, f64)>,
+    /// Matrices rearranged for the decode kernels at load ([`LoadOptions::repack`]): how many,
+    /// their bytes (in memory of their own) and the seconds it took.
+    pub repacked: Option<(usize, usize, f64)>,
 }
 
 /// How [`load_with`] loads a model.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadOptions {
     /// Quantize every matrix to this format at load, whatever the checkpoint holds (see
     /// [`crate::quantize`] for which format each matrix gets); `None` keeps the checkpoint's.
     pub quant: Option<DType>,
+    /// Rearrange the matrices that have interleaved decode kernels (Q4_K, Q5_K, Q6_K) at load,
+    /// as llama.cpp's repacking does (see [`DecoderModel::interleave_weights`]): faster decode,
+    /// the same results, those matrices in memory of their own instead of mapped from the file.
+    /// Only where the CPU runs the SIMD kernels; routed experts stay mapped.
+    pub repack: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { quant: None, repack: true }
+    }
 }
 
 /// A model ready to run, with what it needs to turn text into tokens and back.
@@ -122,7 +136,8 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
     let (raw, config) = read_hf_config(dir)?;
     let mut ckpt = safetensors::load_dir(dir)?;
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let model = DecoderModel::load(config.clone(), ckpt, progress)?;
+    let mut model = DecoderModel::load(config.clone(), ckpt, progress)?;
+    let repacked = repack_at_load(&mut model, options);
     let tokenizer = Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     add_eos_ids(&mut generation.eos_token_ids, raw.get("eos_token_id"));
@@ -147,7 +162,7 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
             }
         }
     }
-    let info = model_info(dir, "safetensors", &config, &model, quantized);
+    let info = model_info(dir, "safetensors", &config, &model, quantized, repacked);
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
@@ -171,12 +186,25 @@ fn quantize_at_load(ckpt: &mut Checkpoint, config: &ModelConfig, options: &LoadO
     Some((target, start.elapsed().as_secs_f64()))
 }
 
+/// Rearranges the model's matrices when `options` ask for it and the CPU runs the SIMD kernels
+/// (the scalar level would have to restore the rows on every product): (matrices, bytes,
+/// seconds), or `None` when nothing was rearranged.
+fn repack_at_load(model: &mut DecoderModel, options: &LoadOptions) -> Option<(usize, usize, f64)> {
+    if !options.repack || pio_kernels::cpu::level() < pio_kernels::cpu::SimdLevel::Avx2 {
+        return None;
+    }
+    let start = std::time::Instant::now();
+    let (count, bytes) = model.interleave_weights(false);
+    (count > 0).then(|| (count, bytes, start.elapsed().as_secs_f64()))
+}
+
 fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
     let config = gguf_config(&g)?;
     let mut ckpt = g.checkpoint();
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let model = DecoderModel::load(config.clone(), ckpt, progress)?;
+    let mut model = DecoderModel::load(config.clone(), ckpt, progress)?;
+    let repacked = repack_at_load(&mut model, options);
     let tokenizer = tokenizer_from_gguf(&g).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
@@ -186,7 +214,7 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
             }
         }
     }
-    let info = model_info(path, "gguf", &config, &model, quantized);
+    let info = model_info(path, "gguf", &config, &model, quantized, repacked);
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
@@ -239,6 +267,7 @@ fn model_info(
     config: &ModelConfig,
     model: &DecoderModel,
     quantized: Option<(DType, f64)>,
+    repacked: Option<(usize, usize, f64)>,
 ) -> ModelInfo {
     let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();
     for (dtype, bytes) in model.weight_dtypes() {
@@ -259,6 +288,7 @@ fn model_info(
         decode_bytes_per_token: model.decode_bytes_per_token(),
         weight_types,
         quantized,
+        repacked,
     }
 }
 

@@ -384,7 +384,7 @@ fn moe_block_formats_load_and_match_pio_quantize() {
         }
 
         // Load-time quantization keeps the routers exact.
-        let opts = pio_model::LoadOptions { quant: Some(DType::Q8_0) };
+        let opts = pio_model::LoadOptions { quant: Some(DType::Q8_0), ..Default::default() };
         let lq = pio_model::load_with(&dir, &opts, &mut |_, _| {}).expect("load --quant");
         assert!(lq.info.weight_types.iter().any(|w| w.0 == DType::F32), "{name}: {:?}", lq.info.weight_types);
     }

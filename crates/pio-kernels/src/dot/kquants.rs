@@ -776,14 +776,51 @@ pub fn gemm(
             // checked; shapes were checked above and by `dot::gemm_q8` (`out` is also indexed
             // with bounds checks).
             SimdLevel::Avx512 if crate::cpu::has_avx512_vnni() => {
-                return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, act, ntok, out, ldo) }
+                return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, false, act, ntok, out, ldo) }
             }
-            SimdLevel::Avx512 => return unsafe { tiled::gemm_avx512(dtype, w, nrows, act, ntok, out, ldo) },
-            SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, act, ntok, out, ldo) },
+            SimdLevel::Avx512 => return unsafe { tiled::gemm_avx512(dtype, w, nrows, false, act, ntok, out, ldo) },
+            SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, false, act, ntok, out, ldo) },
             SimdLevel::Scalar => {}
         }
     }
     super::gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo)
+}
+
+/// [`gemm`] over `nrows` rows stored in the interleaved layout ([`super::interleave`]):
+/// bitwise the same outputs. Q4_K, Q5_K and Q6_K only; the scalar level restores the rows
+/// first (it is the reference, not a fast path).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_interleaved(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    act: &[Q8Block],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    let nb = act.len() / ntok;
+    let cols = nb * 32;
+    assert!(super::interleaves(dtype), "{dtype} has no interleaved kernels");
+    assert!(nb.is_multiple_of(ACT_PER_SUPER), "{nb} activation blocks per token are not whole super-blocks");
+    assert_eq!(w.len(), super::interleaved_bytes(dtype, nrows, cols), "{dtype}: interleaved size of {nrows} x {cols}");
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY (all three): as in `gemm`; `w` holds whole 16-row groups of the layout (checked
+        // above).
+        SimdLevel::Avx512 if crate::cpu::has_avx512_vnni() => {
+            return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, true, act, ntok, out, ldo) }
+        }
+        SimdLevel::Avx512 => return unsafe { tiled::gemm_avx512(dtype, w, nrows, true, act, ntok, out, ldo) },
+        SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, true, act, ntok, out, ldo) },
+        SimdLevel::Scalar => {}
+    }
+    let rows = super::deinterleave(dtype, nrows, cols, w);
+    gemm(level, dtype, &rows, nrows, act, ntok, out, ldo)
 }
 
 /// Tiled Q4_K / Q5_K / Q6_K products on x86-64.
@@ -838,6 +875,11 @@ mod tiled {
     trait Isa {
         type I: Copy;
         type F: Copy;
+        /// Rows per column (lanes of 32 bits); at most [`ROWS`].
+        const LANES: usize;
+        /// Whether a 16-column transpose fits in registers beside the products (the one-token
+        /// kernels then unpack 16 columns at a time, else 8).
+        const WIDE: bool;
         unsafe fn zero_i() -> Self::I;
         unsafe fn zero_f() -> Self::F;
         unsafe fn set1_i8(x: i8) -> Self::I;
@@ -879,6 +921,12 @@ mod tiled {
         unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
             init: Self::I,
             w: *const u8,
+            a: *const u8,
+        ) -> Self::I;
+        /// As [`Isa::dot`] with the `N` columns in registers.
+        unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            cols: &[Self::I; N],
             a: *const u8,
         ) -> Self::I;
         /// Column `c` = dword `c` (bytes `off + 4c..`) of each of the 16 rows: 64 bytes read per
@@ -931,6 +979,8 @@ mod tiled {
     impl<const VNNI: bool> Isa for Zmm<VNNI> {
         type I = __m512i;
         type F = __m512;
+        const LANES: usize = 16;
+        const WIDE: bool = true;
         #[inline(always)]
         unsafe fn zero_i() -> __m512i {
             _mm512_setzero_si512()
@@ -1071,6 +1121,37 @@ mod tiled {
             }
         }
         #[inline(always)]
+        unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
+            init: __m512i,
+            cols: &[__m512i; N],
+            a: *const u8,
+        ) -> __m512i {
+            let av = |g: usize| _mm512_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
+            if VNNI {
+                let mut c = [init, _mm512_setzero_si512()];
+                for (g, &wv) in cols.iter().enumerate() {
+                    c[g % 2] = if FLIP {
+                        _mm512_dpbusd_epi32(c[g % 2], av(g), wv)
+                    } else {
+                        _mm512_dpbusd_epi32(c[g % 2], wv, av(g))
+                    };
+                }
+                _mm512_add_epi32(c[0], c[1])
+            } else {
+                let ones = _mm512_set1_epi16(1);
+                let mut sum = init;
+                for g0 in (0..N).step_by(I16) {
+                    let mut s = _mm512_setzero_si512();
+                    for (g, &wv) in cols.iter().enumerate().skip(g0).take(I16) {
+                        let p = if FLIP { _mm512_maddubs_epi16(av(g), wv) } else { _mm512_maddubs_epi16(wv, av(g)) };
+                        s = _mm512_add_epi16(s, p);
+                    }
+                    sum = _mm512_add_epi32(sum, _mm512_madd_epi16(s, ones));
+                }
+                sum
+            }
+        }
+        #[inline(always)]
         unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [__m512i; 16] {
             transpose_16x16(std::array::from_fn(|i| _mm512_loadu_si512(rows[i].add(off) as *const _)))
         }
@@ -1173,6 +1254,8 @@ mod tiled {
     impl Isa for Ymm {
         type I = [__m256i; 2];
         type F = [__m256; 2];
+        const LANES: usize = 16;
+        const WIDE: bool = false;
         #[inline(always)]
         unsafe fn zero_i() -> Self::I {
             [_mm256_setzero_si256(); 2]
@@ -1313,6 +1396,22 @@ mod tiled {
             sum
         }
         #[inline(always)]
+        unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            cols: &[Self::I; N],
+            a: *const u8,
+        ) -> Self::I {
+            let mut out = init;
+            for (h, o) in out.iter_mut().enumerate() {
+                let mut half = [_mm256_setzero_si256(); N];
+                for (x, c) in half.iter_mut().zip(cols) {
+                    *x = c[h];
+                }
+                *o = Ymm8::dot_cols::<N, I16, FLIP>(init[h], &half, a);
+            }
+            out
+        }
+        #[inline(always)]
         unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 16] {
             let mut out = [Self::zero_i(); 16];
             for d in 0..2 {
@@ -1333,6 +1432,308 @@ mod tiled {
         unsafe fn gather4(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 4] {
             let (a, b) = (gather4_8(&rows[..8], off), gather4_8(&rows[8..], off));
             std::array::from_fn(|c| [a[c], b[c]])
+        }
+    }
+
+    // --- AVX2 for one token: one 256-bit register per column (rows 0..8) ----------------------
+
+    /// Columns of 8 rows in one register. A single token has nothing to reuse unpacked weights
+    /// for, so the one-token kernels unpack and multiply in registers; 16-row columns
+    /// ([`Ymm`]) would need 32 registers for a 16-dword transpose, AVX2 has 16.
+    struct Ymm8;
+
+    impl Isa for Ymm8 {
+        type I = __m256i;
+        type F = __m256;
+        const LANES: usize = 8;
+        const WIDE: bool = false;
+        #[inline(always)]
+        unsafe fn zero_i() -> Self::I {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> Self::F {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn set1_i8(x: i8) -> Self::I {
+            _mm256_set1_epi8(x)
+        }
+        #[inline(always)]
+        unsafe fn set1_i32(x: i32) -> Self::I {
+            _mm256_set1_epi32(x)
+        }
+        #[inline(always)]
+        unsafe fn set1_f(x: f32) -> Self::F {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self::I {
+            _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut u8, v: Self::I) {
+            _mm256_storeu_si256(p as *mut __m256i, v)
+        }
+        #[inline(always)]
+        unsafe fn loadf(p: *const f32) -> Self::F {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn storef(p: *mut f32, v: Self::F) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I {
+            _mm256_and_si256(a, b)
+        }
+        #[inline(always)]
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I {
+            _mm256_or_si256(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add_i8(a: Self::I, b: Self::I) -> Self::I {
+            _mm256_add_epi8(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub_i8(a: Self::I, b: Self::I) -> Self::I {
+            _mm256_sub_epi8(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub_i32(a: Self::I, b: Self::I) -> Self::I {
+            _mm256_sub_epi32(a, b)
+        }
+        #[inline(always)]
+        unsafe fn srl(v: Self::I, n: u32) -> Self::I {
+            _mm256_srlv_epi32(v, _mm256_set1_epi32(n as i32))
+        }
+        #[inline(always)]
+        unsafe fn sll(v: Self::I, n: u32) -> Self::I {
+            _mm256_sllv_epi32(v, _mm256_set1_epi32(n as i32))
+        }
+        #[inline(always)]
+        unsafe fn sra(v: Self::I, n: u32) -> Self::I {
+            _mm256_srav_epi32(v, _mm256_set1_epi32(n as i32))
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: Self::I) -> Self::F {
+            _mm256_cvtepi32_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            _mm256_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn f16_lo(v: Self::I) -> Self::F {
+            f16_of_low_words(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)))
+        }
+        #[inline(always)]
+        unsafe fn f16_hi(v: Self::I) -> Self::F {
+            f16_of_low_words(_mm256_srli_epi32::<16>(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_load(p: *const u16) -> Self::F {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn hsum_bytes(v: Self::I) -> Self::I {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_set1_epi8(1)), _mm256_set1_epi16(1))
+        }
+        #[inline(always)]
+        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            w: *const u8,
+            a: *const u8,
+        ) -> Self::I {
+            let cols: [__m256i; N] = std::array::from_fn(|g| _mm256_loadu_si256(w.add(64 * g) as *const __m256i));
+            Self::dot_cols::<N, I16, FLIP>(init, &cols, a)
+        }
+        #[inline(always)]
+        unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            cols: &[Self::I; N],
+            a: *const u8,
+        ) -> Self::I {
+            let ones = _mm256_set1_epi16(1);
+            let mut sum = init;
+            for g0 in (0..N).step_by(I16) {
+                let mut s = _mm256_setzero_si256();
+                for (g, &wv) in cols.iter().enumerate().skip(g0).take(I16) {
+                    let av = _mm256_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
+                    let p = if FLIP { _mm256_maddubs_epi16(av, wv) } else { _mm256_maddubs_epi16(wv, av) };
+                    s = _mm256_add_epi16(s, p);
+                }
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(s, ones));
+            }
+            sum
+        }
+        #[inline(always)]
+        unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 16] {
+            let (a, b) = (transpose_8x8(&rows[..8], off), transpose_8x8(&rows[..8], off + 32));
+            std::array::from_fn(|c| if c < 8 { a[c] } else { b[c - 8] })
+        }
+        #[inline(always)]
+        unsafe fn transpose8(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 8] {
+            transpose_8x8(&rows[..8], off)
+        }
+        #[inline(always)]
+        unsafe fn gather4(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 4] {
+            gather4_8(&rows[..8], off)
+        }
+    }
+
+    // --- Where a row group's super-block comes from -------------------------------------------
+
+    /// One super-block of a row group as the unpacking reads it: dwords of the stored block, one
+    /// row per lane, by byte offset `off` (a multiple of 4) within the block.
+    trait Src: Copy {
+        /// Dwords `off / 4 ..+ 16`.
+        unsafe fn cols16<S: Isa>(self, off: usize) -> [S::I; 16];
+        /// Dwords `off / 4 ..+ 8`.
+        unsafe fn cols8<S: Isa>(self, off: usize) -> [S::I; 8];
+        /// Dwords `off / 4 ..+ 4`.
+        unsafe fn cols4<S: Isa>(self, off: usize) -> [S::I; 4];
+        /// The f16 at byte `off` of each row (the low half of its dword), as f32.
+        unsafe fn f16<S: Isa>(self, off: usize) -> S::F;
+    }
+
+    /// Rows in GGML's layout, each through its own pointer, transposed on the fly.
+    #[derive(Clone, Copy)]
+    struct RowPtrs([*const u8; ROWS]);
+
+    impl Src for RowPtrs {
+        #[inline(always)]
+        unsafe fn cols16<S: Isa>(self, off: usize) -> [S::I; 16] {
+            S::transpose(&self.0, off)
+        }
+        #[inline(always)]
+        unsafe fn cols8<S: Isa>(self, off: usize) -> [S::I; 8] {
+            S::transpose8(&self.0, off)
+        }
+        #[inline(always)]
+        unsafe fn cols4<S: Isa>(self, off: usize) -> [S::I; 4] {
+            S::gather4(&self.0, off)
+        }
+        #[inline(always)]
+        unsafe fn f16<S: Isa>(self, off: usize) -> S::F {
+            let mut bits = [0u16; ROWS];
+            for (b, p) in bits.iter_mut().zip(self.0) {
+                *b = (p.add(off) as *const u16).read_unaligned();
+            }
+            S::f16_load(bits.as_ptr())
+        }
+    }
+
+    /// A block of the interleaved layout (see [`super::interleave`]): dword `c` of the 16 rows
+    /// is the 64 bytes at `64c`, so the columns are plain loads. The pointer already includes
+    /// the first lane's offset (32 bytes for rows 8..16 of an 8-lane ISA).
+    #[derive(Clone, Copy)]
+    struct Packed(*const u8);
+
+    impl Packed {
+        #[inline(always)]
+        unsafe fn cols<S: Isa, const N: usize>(self, off: usize) -> [S::I; N] {
+            let mut out = [S::zero_i(); N];
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = S::load(self.0.add(16 * off + 64 * c));
+            }
+            out
+        }
+    }
+
+    impl Src for Packed {
+        #[inline(always)]
+        unsafe fn cols16<S: Isa>(self, off: usize) -> [S::I; 16] {
+            self.cols::<S, 16>(off)
+        }
+        #[inline(always)]
+        unsafe fn cols8<S: Isa>(self, off: usize) -> [S::I; 8] {
+            self.cols::<S, 8>(off)
+        }
+        #[inline(always)]
+        unsafe fn cols4<S: Isa>(self, off: usize) -> [S::I; 4] {
+            self.cols::<S, 4>(off)
+        }
+        #[inline(always)]
+        unsafe fn f16<S: Isa>(self, off: usize) -> S::F {
+            S::f16_lo(S::load(self.0.add(16 * off)))
+        }
+    }
+
+    /// A matrix of `nrows` rows, by row group and super-block.
+    trait Mat: Copy {
+        type Src: Src;
+        /// Whether the one-token kernels walk 16-row groups whole when their ISA has fewer lanes.
+        const GROUPED: bool;
+        /// Super-block `s` of rows `r0..r0 + LANES` (`live` of them real; the other lanes
+        /// compute something that is dropped).
+        unsafe fn block(self, r0: usize, live: usize, s: usize) -> Self::Src;
+        /// Asks for the memory of super-block `s + ahead` of the group at `r0` early. Rows
+        /// through their own pointers need nothing: the hardware follows 16 streams at once,
+        /// but a single interleaved stream is followed too shallowly to keep the memory busy.
+        #[inline(always)]
+        unsafe fn prefetch(self, _r0: usize, _s: usize) {}
+    }
+
+    /// How many super-blocks of a row group ahead the interleaved kernels prefetch.
+    const PREFETCH_BLOCKS: usize = 2;
+
+    /// GGML's layout: row `r` at `w + r·rb`, super-blocks of `bb` bytes.
+    #[derive(Clone, Copy)]
+    struct RowMajor {
+        w: *const u8,
+        rb: usize,
+        bb: usize,
+    }
+
+    impl Mat for RowMajor {
+        type Src = RowPtrs;
+        const GROUPED: bool = false;
+        #[inline(always)]
+        unsafe fn block(self, r0: usize, live: usize, s: usize) -> RowPtrs {
+            let mut rows = [self.w; ROWS];
+            for (i, p) in rows.iter_mut().enumerate() {
+                // Lanes past the end of a partial row group repeat its first row.
+                *p = self.w.add((r0 + if i < live { i } else { 0 }) * self.rb + s * self.bb);
+            }
+            RowPtrs(rows)
+        }
+    }
+
+    /// The interleaved layout: group `g`'s super-block `s` is the `16·bb4` bytes at
+    /// `w + (g·supers + s)·16·bb4` (`bb4`: the block size rounded up to whole dwords).
+    #[derive(Clone, Copy)]
+    struct Interleaved {
+        w: *const u8,
+        supers: usize,
+        bb4: usize,
+    }
+
+    impl Mat for Interleaved {
+        type Src = Packed;
+        const GROUPED: bool = true;
+        #[inline(always)]
+        unsafe fn block(self, r0: usize, _live: usize, s: usize) -> Packed {
+            let (g, lane) = (r0 / ROWS, r0 % ROWS);
+            Packed(self.w.add((g * self.supers + s) * ROWS * self.bb4 + 4 * lane))
+        }
+        #[inline(always)]
+        unsafe fn prefetch(self, r0: usize, s: usize) {
+            let bytes = ROWS * self.bb4;
+            // Past the end of the matrix this points nowhere in particular; a prefetch never
+            // faults.
+            let p = self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes);
+            for line in (0..bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
+            }
         }
     }
 
@@ -1401,26 +1802,42 @@ mod tiled {
     /// operations of [`super::k4_scales_mins`].
     #[inline(always)]
     unsafe fn k4_factors<S: Isa>(h: [S::I; 4], un: *mut Unpacked) {
+        let (sc, m, d, dmin) = k4_header::<S>(h);
+        unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+            let (dsc, dmm) = k4_factor::<S>(&sc, &m, d, dmin, j);
+            S::storef(Unpacked::factor(un, j), dsc);
+            S::storef(Unpacked::factor(un, 8 + j), dmm);
+        });
+    }
+
+    type K4Header<S> = ([<S as Isa>::I; 2], [<S as Isa>::I; 2], <S as Isa>::F, <S as Isa>::F);
+
+    /// The scales and mins of a Q4_K/Q5_K super-block, one 6-bit value per byte (`sc[j / 4]`
+    /// byte `j % 4`, the same for `m`), and `d`, `dmin`.
+    #[inline(always)]
+    unsafe fn k4_header<S: Isa>(h: [S::I; 4]) -> K4Header<S> {
         let (d, dmin) = (S::f16_lo(h[0]), S::f16_hi(h[0]));
         let (low6, low4, top2) = (S::set1_i32(0x3F3F_3F3F), S::set1_i32(0x0F0F_0F0F), S::set1_i32(0x3030_3030));
-        // Scales/mins 0..4 and 4..8, one per byte.
         let sc = [S::and(h[1], low6), S::or(S::and(h[3], low4), S::and(S::srl(h[1], 2), top2))];
         let m = [S::and(h[2], low6), S::or(S::and(S::srl(h[3], 4), low4), S::and(S::srl(h[2], 2), top2))];
-        unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-            let (sc_j, m_j) = (S::cvt(byte_u::<S>(sc[j / 4], j % 4)), S::cvt(byte_u::<S>(m[j / 4], j % 4)));
-            S::storef(Unpacked::factor(un, j), S::mul(d, sc_j));
-            S::storef(Unpacked::factor(un, 8 + j), S::mul(dmin, m_j));
-        });
+        (sc, m, d, dmin)
+    }
+
+    /// `(d·sc_j, dmin·m_j)` for sub-block `j`.
+    #[inline(always)]
+    unsafe fn k4_factor<S: Isa>(sc: &[S::I; 2], m: &[S::I; 2], d: S::F, dmin: S::F, j: usize) -> (S::F, S::F) {
+        let (sc_j, m_j) = (S::cvt(byte_u::<S>(sc[j / 4], j % 4)), S::cvt(byte_u::<S>(m[j / 4], j % 4)));
+        (S::mul(d, sc_j), S::mul(dmin, m_j))
     }
 
     /// Q4_K, 144 bytes: `d`, `dmin`, 12 bytes of scales/mins, 128 bytes of nibbles (32 bytes per
     /// 64 weights: low nibbles Q8Block 2k, high nibbles 2k + 1).
     #[inline(always)]
-    unsafe fn unpack_q4k<S: Isa>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
-        k4_factors::<S>(S::gather4(rows, 0), un);
+    unsafe fn unpack_q4k<S: Isa, R: Src>(src: R, un: *mut Unpacked) {
+        k4_factors::<S>(src.cols4::<S>(0), un);
         let m4 = S::set1_i8(0x0F);
         unroll!(half in [0, 1] {
-            let q = S::transpose(rows, 16 + 64 * half);
+            let q = src.cols16::<S>(16 + 64 * half);
             unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
                 // Nibble dword c: group c % 8 of chunk k = c / 8.
                 let c = 16 * half + i;
@@ -1450,19 +1867,19 @@ mod tiled {
     /// Q5_K, 176 bytes: as Q4_K with `qh: [u8; 32]` before the nibbles (bit j of byte l is the
     /// fifth bit of weight 32j + l).
     #[inline(always)]
-    unsafe fn unpack_q5k<S: Isa>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
-        k4_factors::<S>(S::gather4(rows, 0), un);
+    unsafe fn unpack_q5k<S: Isa, R: Src>(src: R, un: *mut Unpacked) {
+        k4_factors::<S>(src.cols4::<S>(0), un);
         // Dwords from byte 16: qh (8), then the nibbles (32), in chunks of 16, 16 and 8.
-        let a = S::transpose(rows, 16);
+        let a = src.cols16::<S>(16);
         let qh: [S::I; 8] = std::array::from_fn(|g| a[g]);
         unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
             q5k_cols::<S>(un, &qh, i, a[8 + i]);
         });
-        let b = S::transpose(rows, 80);
+        let b = src.cols16::<S>(80);
         unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
             q5k_cols::<S>(un, &qh, 8 + i, b[i]);
         });
-        let c = S::transpose8(rows, 144);
+        let c = src.cols8::<S>(144);
         unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
             q5k_cols::<S>(un, &qh, 24 + i, c[i]);
         });
@@ -1473,17 +1890,16 @@ mod tiled {
     /// k < 2) and its top two bits at bit 2k of `qh[32h + l]`; w = d·sc·(q − 32). Columns hold
     /// `q` (0..64), or with `SIGNED` `q − 32` and the sums' starting values.
     #[inline(always)]
-    unsafe fn unpack_q6k<S: Isa, const SIGNED: bool>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
-        let sc = S::gather4(rows, 192);
-        let d_bits: [u16; ROWS] = std::array::from_fn(|i| (rows[i].add(208) as *const u16).read_unaligned());
-        let d = S::f16_load(d_bits.as_ptr());
+    unsafe fn unpack_q6k<S: Isa, R: Src, const SIGNED: bool>(src: R, un: *mut Unpacked) {
+        let sc = src.cols4::<S>(192);
+        let d = src.f16::<S>(208);
         unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
             S::storef(Unpacked::factor(un, i), S::mul(d, S::cvt(byte_s::<S>(sc[i / 4], i % 4))));
         });
-        let qh = S::transpose(rows, 128);
+        let qh = src.cols16::<S>(128);
         let (m4, m30, m32) = (S::set1_i8(0x0F), S::set1_i8(0x30), S::set1_i8(32));
         unroll!(h in [0, 1] {
-            let ql = S::transpose(rows, 64 * h);
+            let ql = src.cols16::<S>(64 * h);
             unroll!(k in [0, 1, 2, 3] {
                 let j = 4 * h + k;
                 // Σ q per 16-weight half, in bytes (at most 4 · 63 per lane byte).
@@ -1618,6 +2034,137 @@ mod tiled {
         *acc = v;
     }
 
+    // --- One token: unpacked in registers ------------------------------------------------------
+
+    /// Q4_K, one token: adds Q8Blocks `j0` and `j0 + 1` of a super-block (the low and high
+    /// nibbles of the 8 columns `q`) to `v`, with the float steps of [`compute_k4`] on the same
+    /// values, so the same bits as the tile.
+    #[inline(always)]
+    unsafe fn one_q4k_pair<S: Isa>(
+        q: &[S::I; 8],
+        j0: usize,
+        (sc, m, d, dmin): &K4Header<S>,
+        a: *const Q8Block,
+        v: &mut S::F,
+    ) {
+        let m4 = S::set1_i8(0x0F);
+        unroll!(e in [0, 1] {
+            let j = j0 + e;
+            // (Loops rather than `map`, whose closure LLVM leaves out of line.)
+            let mut cols = *q;
+            for c in cols.iter_mut() {
+                *c = S::and(if e == 0 { *c } else { S::srl(*c, 4) }, m4);
+            }
+            let b = &*a.add(j);
+            let i = S::dot_cols::<8, 8, false>(S::zero_i(), &cols, b.qs.as_ptr() as *const u8);
+            let (dsc, dmm) = k4_factor::<S>(sc, m, *d, *dmin, j);
+            *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
+            *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
+        });
+    }
+
+    /// Q4_K, one token: adds one super-block of `S::LANES` rows to `v` (`a`: its 8 Q8Blocks).
+    #[inline(always)]
+    unsafe fn one_q4k<S: Isa, R: Src>(src: R, a: *const Q8Block, v: &mut S::F) {
+        let h = k4_header::<S>(src.cols4::<S>(0));
+        if S::WIDE {
+            unroll!(half in [0, 1] {
+                let q = src.cols16::<S>(16 + 64 * half);
+                one_q4k_pair::<S>(&std::array::from_fn(|c| q[c]), 4 * half, &h, a, v);
+                one_q4k_pair::<S>(&std::array::from_fn(|c| q[8 + c]), 4 * half + 2, &h, a, v);
+            });
+        } else {
+            unroll!(k in [0, 1, 2, 3] {
+                one_q4k_pair::<S>(&src.cols8::<S>(16 + 32 * k), 2 * k, &h, a, v);
+            });
+        }
+    }
+
+    /// Q6_K, one token: adds one super-block of `S::LANES` rows to `v`, with unsigned columns
+    /// and each half's sum starting from `−32·Σ q_a` (`offs`, [`q6k_offsets`]), and the float
+    /// steps of [`compute_q6k`].
+    #[inline(always)]
+    unsafe fn one_q6k<S: Isa, R: Src>(src: R, a: *const Q8Block, offs: &[i64; 16], v: &mut S::F) {
+        let sc = src.cols4::<S>(192);
+        let d = src.f16::<S>(208);
+        let factor = |i: usize| S::mul(d, S::cvt(byte_s::<S>(sc[i / 4], i % 4)));
+        let (m4, m30) = (S::set1_i8(0x0F), S::set1_i8(0x30));
+        let qh_all = if S::WIDE { src.cols16::<S>(128) } else { [S::zero_i(); 16] };
+        unroll!(h in [0, 1] {
+            let qh: [S::I; 8] =
+                if S::WIDE { std::array::from_fn(|g| qh_all[8 * h + g]) } else { src.cols8::<S>(128 + 32 * h) };
+            let ql_all = if S::WIDE { src.cols16::<S>(64 * h) } else { [S::zero_i(); 16] };
+            // Each Q8Block's term, in any order; they join `v` in order below.
+            let mut u = [S::zero_f(); 4];
+            unroll!(kk in [0, 1] {
+                let ql: [S::I; 8] = if S::WIDE {
+                    std::array::from_fn(|g| ql_all[8 * kk + g])
+                } else {
+                    src.cols8::<S>(64 * h + 32 * kk)
+                };
+                unroll!(hi in [0, 1] {
+                    let k = kk + 2 * hi;
+                    let j = 4 * h + k;
+                    let mut cols = [S::zero_i(); 8];
+                    for g in 0..8 {
+                        let low = S::and(if k < 2 { ql[g] } else { S::srl(ql[g], 4) }, m4);
+                        let high = if k < 2 { S::sll(qh[g], 4 - 2 * k as u32) } else { S::srl(qh[g], 2 * k as u32 - 4) };
+                        cols[g] = S::or(low, S::and(high, m30));
+                    }
+                    let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
+                    let lo_cols: [S::I; 4] = std::array::from_fn(|g| cols[g]);
+                    let hi_cols: [S::I; 4] = std::array::from_fn(|g| cols[4 + g]);
+                    let lo = S::dot_cols::<4, 2, false>(S::set1_i32(b[0] as i32), &lo_cols, q);
+                    let hi = S::dot_cols::<4, 2, false>(S::set1_i32(b[2] as i32), &hi_cols, q.add(16));
+                    u[k] = S::fma(S::cvt(hi), factor(2 * j + 1), S::mul(S::cvt(lo), factor(2 * j)));
+                });
+            });
+            unroll!(k in [0, 1, 2, 3] {
+                *v = S::fma(u[k], S::set1_f((*a.add(4 * h + k)).d), *v);
+            });
+        });
+    }
+
+    /// A single token's products (decode): row groups of `S::LANES`, each super-block unpacked
+    /// in registers and used at once, bitwise the same as [`drive`] (the same float steps).
+    #[inline(always)]
+    unsafe fn drive_one<S: Isa, M: Mat, const FMT: u8>(m: M, nrows: usize, act: &[Q8Block], out: &mut [f32]) {
+        let supers = act.len() / ACT_PER_SUPER;
+        // (A loop: intrinsics inlined into a closure lose this function's target features.)
+        let mut offs: Vec<[i64; 16]> = Vec::new();
+        if FMT != Q4K {
+            for s in 0..supers {
+                offs.push(q6k_offsets(act.as_ptr().add(s * ACT_PER_SUPER)));
+            }
+        }
+        // Whole 16-row groups, one accumulator per `S::LANES` rows (so an interleaved group is
+        // read once, in order), or `S::LANES` rows at a time.
+        let step = if M::GROUPED { ROWS } else { S::LANES };
+        for r0 in (0..nrows).step_by(step) {
+            let live = (nrows - r0).min(step);
+            let parts = live.div_ceil(S::LANES);
+            let mut v = [S::zero_f(); ROWS / 8];
+            for s in 0..supers {
+                m.prefetch(r0, s);
+                let a = act.as_ptr().add(s * ACT_PER_SUPER);
+                for (h, v) in v.iter_mut().enumerate().take(parts) {
+                    let r = r0 + h * S::LANES;
+                    let src = m.block(r, (nrows - r).min(S::LANES), s);
+                    if FMT == Q4K {
+                        one_q4k::<S, M::Src>(src, a, v);
+                    } else {
+                        one_q6k::<S, M::Src>(src, a, offs.get_unchecked(s), v);
+                    }
+                }
+            }
+            let mut lanes = [0f32; ROWS];
+            for (h, v) in v.iter().enumerate().take(parts) {
+                S::storef(lanes.as_mut_ptr().add(h * S::LANES), *v);
+            }
+            out[r0..r0 + live].copy_from_slice(&lanes[..live]);
+        }
+    }
+
     /// Formats, as const parameters so each kernel is specialised.
     const Q4K: u8 = 0;
     const Q5K: u8 = 1;
@@ -1630,12 +2177,12 @@ mod tiled {
     const Q6K_SIGNED_FROM: usize = 8;
 
     #[inline(always)]
-    unsafe fn unpack<S: Isa, const FMT: u8>(rows: &[*const u8; ROWS], un: *mut Unpacked) {
+    unsafe fn unpack<S: Isa, R: Src, const FMT: u8>(src: R, un: *mut Unpacked) {
         match FMT {
-            Q4K => unpack_q4k::<S>(rows, un),
-            Q5K => unpack_q5k::<S>(rows, un),
-            Q6K => unpack_q6k::<S, false>(rows, un),
-            _ => unpack_q6k::<S, true>(rows, un),
+            Q4K => unpack_q4k::<S, R>(src, un),
+            Q5K => unpack_q5k::<S, R>(src, un),
+            Q6K => unpack_q6k::<S, R, false>(src, un),
+            _ => unpack_q6k::<S, R, true>(src, un),
         }
     }
 
@@ -1656,20 +2203,14 @@ mod tiled {
     /// The whole tile: row groups of 16, token chunks of [`TOKENS`], super-blocks in order, and
     /// register tiles of `TT` tokens (then single tokens).
     #[inline(always)]
-    unsafe fn drive<S: Isa, const FMT: u8, const TT: usize>(
-        w: &[u8],
+    unsafe fn drive<S: Isa, M: Mat, const FMT: u8, const TT: usize>(
+        m: M,
         nrows: usize,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        let bb = match FMT {
-            Q4K => 144,
-            Q5K => 176,
-            _ => 210,
-        };
-        let rb = w.len() / nrows;
         let nb = act.len() / ntok;
         let mut un = Unpacked::uninit();
         let un = un.as_mut_ptr();
@@ -1677,11 +2218,9 @@ mod tiled {
         // decode tile would show).
         let mut acc_buf = std::mem::MaybeUninit::<[S::F; TOKENS]>::uninit();
         let acc_ptr = acc_buf.as_mut_ptr() as *mut S::F;
-        for r0 in (0..nrows).step_by(ROWS) {
-            // Lanes past the end of a partial row group repeat its first row and are dropped.
-            let live = (nrows - r0).min(ROWS);
-            let rows: [*const u8; ROWS] =
-                std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+        for r0 in (0..nrows).step_by(S::LANES) {
+            // Lanes past the end of a partial row group are dropped.
+            let live = (nrows - r0).min(S::LANES);
             for t0 in (0..ntok).step_by(TOKENS) {
                 let tn = (ntok - t0).min(TOKENS);
                 for t in 0..tn {
@@ -1690,7 +2229,7 @@ mod tiled {
                 // SAFETY: the first `tn` accumulators were just written.
                 let acc = std::slice::from_raw_parts_mut(acc_ptr, tn);
                 for s in 0..nb / ACT_PER_SUPER {
-                    unpack::<S, FMT>(&rows.map(|p| p.add(s * bb)), un);
+                    unpack::<S, M::Src, FMT>(m.block(r0, live, s), un);
                     let a0 = act.as_ptr().add(t0 * nb + s * ACT_PER_SUPER);
                     let mut t = 0;
                     while let Some(tile) = acc[t..].first_chunk_mut::<TT>() {
@@ -1711,10 +2250,12 @@ mod tiled {
         }
     }
 
+    /// The tile of `dtype` over `m`, with the one-token kernels at `One` (which may be a
+    /// narrower ISA) for a single token.
     #[inline(always)]
-    unsafe fn by_format<S: Isa, const TT: usize>(
+    unsafe fn by_format<S: Isa, One: Isa, M: Mat, const TT: usize>(
         dtype: DType,
-        w: &[u8],
+        m: M,
         nrows: usize,
         act: &[Q8Block],
         ntok: usize,
@@ -1722,63 +2263,95 @@ mod tiled {
         ldo: usize,
     ) {
         match dtype {
-            DType::Q4_K => drive::<S, Q4K, TT>(w, nrows, act, ntok, out, ldo),
-            DType::Q5_K => drive::<S, Q5K, TT>(w, nrows, act, ntok, out, ldo),
-            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => drive::<S, Q6K_SIGNED, TT>(w, nrows, act, ntok, out, ldo),
-            DType::Q6_K => drive::<S, Q6K, TT>(w, nrows, act, ntok, out, ldo),
+            DType::Q4_K if ntok == 1 => drive_one::<One, M, Q4K>(m, nrows, act, out),
+            DType::Q6_K if ntok == 1 => drive_one::<One, M, Q6K>(m, nrows, act, out),
+            DType::Q4_K => drive::<S, M, Q4K, TT>(m, nrows, act, ntok, out, ldo),
+            DType::Q5_K => drive::<S, M, Q5K, TT>(m, nrows, act, ntok, out, ldo),
+            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => drive::<S, M, Q6K_SIGNED, TT>(m, nrows, act, ntok, out, ldo),
+            DType::Q6_K => drive::<S, M, Q6K, TT>(m, nrows, act, ntok, out, ldo),
             other => panic!("{other} has no tiled kernel"),
+        }
+    }
+
+    /// The matrix `w` of `nrows` rows as the kernels walk it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize>(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        interleaved: bool,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let supers = act.len() / ntok / ACT_PER_SUPER;
+        let bb = dtype.block_bytes();
+        if interleaved {
+            let m = Interleaved { w: w.as_ptr(), supers, bb4: bb.next_multiple_of(4) };
+            by_format::<S, One, _, TT>(dtype, m, nrows, act, ntok, out, ldo)
+        } else {
+            let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
+            by_format::<S, One, _, TT>(dtype, m, nrows, act, ntok, out, ldo)
         }
     }
 
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `dtype` is Q4_K, Q5_K or Q6_K and the shapes are as
-    /// [`super::gemm`] checks (`nrows`, `ntok` > 0).
+    /// [`super::gemm`] checks (`nrows`, `ntok` > 0; `w` in the layout `interleaved` says).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn gemm_avx2(
         dtype: DType,
         w: &[u8],
         nrows: usize,
+        interleaved: bool,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        by_format::<Ymm, 1>(dtype, w, nrows, act, ntok, out, ldo)
+        with_layout::<Ymm, Ymm8, 1>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
     /// As [`gemm_avx2`], with AVX-512 F/BW/VL/DQ.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub unsafe fn gemm_avx512(
         dtype: DType,
         w: &[u8],
         nrows: usize,
+        interleaved: bool,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        by_format::<Zmm<false>, 8>(dtype, w, nrows, act, ntok, out, ldo)
+        with_layout::<Zmm<false>, Zmm<false>, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
     /// As [`gemm_avx512`], with AVX-512 VNNI.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn gemm_avx512_vnni(
         dtype: DType,
         w: &[u8],
         nrows: usize,
+        interleaved: bool,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        by_format::<Zmm<true>, 8>(dtype, w, nrows, act, ntok, out, ldo)
+        with_layout::<Zmm<true>, Zmm<true>, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
-    /// A tiled kernel: `(dtype, w, nrows, act, ntok, out, ldo)`.
+    /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.
     #[cfg(test)]
-    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, &[Q8Block], usize, &mut [f32], usize);
+    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, bool, &[Q8Block], usize, &mut [f32], usize);
 
     /// Every tiled kernel this CPU runs, by name, for tests.
     #[cfg(test)]
@@ -2053,16 +2626,36 @@ mod tests {
                 Box::new(move |w, nrows, act, ntok, o, ldo| gemm(level, dtype, w, nrows, act, ntok, o, ldo)),
             ));
         }
+        if !crate::dot::interleaves(dtype) {
+            return out;
+        }
+        // The interleaved layout: the rows are rearranged inside the call.
+        for level in SimdLevel::available() {
+            out.push((
+                format!("gemm_interleaved {level:?}"),
+                Box::new(move |w, nrows, act, ntok, o, ldo| {
+                    let packed = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
+                    gemm_interleaved(level, dtype, &packed, nrows, act, ntok, o, ldo)
+                }),
+            ));
+        }
         #[cfg(target_arch = "x86_64")]
-        if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K) {
-            for (name, kernel) in tiled::kernels() {
+        for (name, kernel) in tiled::kernels() {
+            for interleaved in [false, true] {
                 out.push((
-                    name.to_string(),
+                    format!("{name} interleaved {interleaved}"),
                     Box::new(move |w, nrows, act, ntok, o, ldo| {
                         assert!(nrows > 0 && ntok > 0 && o.len() >= (ntok - 1) * ldo + nrows);
+                        let packed;
+                        let w = if interleaved {
+                            packed = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
+                            &packed[..]
+                        } else {
+                            w
+                        };
                         // SAFETY: `kernels` lists only what the CPU runs; the tests pass whole
                         // super-blocks of matching widths, and the output was checked above.
-                        unsafe { kernel(dtype, w, nrows, act, ntok, o, ldo) }
+                        unsafe { kernel(dtype, w, nrows, interleaved, act, ntok, o, ldo) }
                     }),
                 ));
             }
@@ -2302,8 +2895,25 @@ mod tests {
                         let tiled = best_ns(10, calls, || {
                             gemm(level, dtype, black_box(&w), ROWS, black_box(&act), ntok, &mut out, ROWS)
                         }) / pairs;
+                        let packed = crate::dot::interleave(dtype, ROWS, cols, &w);
+                        let inter = best_ns(10, calls, || {
+                            gemm_interleaved(
+                                level,
+                                dtype,
+                                black_box(&packed),
+                                ROWS,
+                                black_box(&act),
+                                ntok,
+                                &mut out,
+                                ROWS,
+                            )
+                        }) / pairs;
                         black_box(&out);
-                        line += &format!("  {} dots {dots:6.1} gemm {tiled:6.1} ({:.1}x)", level.name(), dots / tiled);
+                        line += &format!(
+                            "  {} dots {dots:6.1} gemm {tiled:6.1} ({:.1}x) interleaved {inter:6.1}",
+                            level.name(),
+                            dots / tiled
+                        );
                     }
                     println!("{line}");
                 }
@@ -2336,14 +2946,21 @@ mod tests {
                         }
                     }
                 };
+                let packed = crate::dot::interleave(dtype, rows, cols, &w);
+                let run_packed = |out: &mut [f32; ROWS]| {
+                    for tile in packed.chunks_exact(packed.len() / (rows / ROWS)) {
+                        gemm_interleaved(level, dtype, black_box(tile), ROWS, black_box(&act), 1, out, ROWS);
+                    }
+                };
                 // Alternating, so neither side always runs first.
-                let (mut dots, mut tiled) = (f64::INFINITY, f64::INFINITY);
+                let (mut dots, mut tiled, mut inter) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
                 for _ in 0..5 {
                     dots = dots.min(best_ns(2, 1, || run(false, &mut out)) / rows as f64);
                     tiled = tiled.min(best_ns(2, 1, || run(true, &mut out)) / rows as f64);
+                    inter = inter.min(best_ns(2, 1, || run_packed(&mut out)) / rows as f64);
                 }
                 black_box(&out);
-                line += &format!("  {} dots {dots:6.1} gemm {tiled:6.1}", level.name());
+                line += &format!("  {} dots {dots:6.1} gemm {tiled:6.1} interleaved {inter:6.1}", level.name());
             }
             println!("{line}");
         }

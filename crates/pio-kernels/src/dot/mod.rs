@@ -96,6 +96,95 @@ pub fn gemm_f32(
     float::gemm(level, dtype, w, nrows, x, ntok, out, ldo)
 }
 
+/// Rows per group of the interleaved layout.
+pub const GROUP_ROWS: usize = 16;
+
+/// Whether `dtype` has kernels for the interleaved layout ([`interleave`]).
+pub fn interleaves(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
+}
+
+/// Bytes of a `rows` x `cols` matrix of `dtype` in the interleaved layout: whole groups of
+/// [`GROUP_ROWS`], blocks rounded up to whole dwords.
+pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
+    let blocks = cols / dtype.block_elems();
+    rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * blocks * dtype.block_bytes().next_multiple_of(4)
+}
+
+/// A row-major matrix (`rows` rows of `cols` in GGML's layout) rearranged for the decode
+/// kernels: groups of 16 rows, and within a group block by block, dword `c` of the block of
+/// each of the 16 rows at bytes `64c + 4i` (row `i`). A kernel then loads a column (one dword
+/// of 16 rows) with one instruction instead of transposing rows on every call, as llama.cpp's
+/// and ik_llama.cpp's repacked formats do; products are bitwise the same as from the rows.
+/// Blocks are padded to whole dwords with zeros, and so are the rows after the last of a partial
+/// group.
+pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
+    let (bb4, rb) = (bb.next_multiple_of(4), blocks * bb);
+    assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
+    let mut out = vec![0u8; interleaved_bytes(dtype, rows, cols)];
+    let group_bytes = GROUP_ROWS * blocks * bb4;
+    if group_bytes == 0 {
+        return out;
+    }
+    for (g, dst) in out.chunks_exact_mut(group_bytes).enumerate() {
+        for (b, dst) in dst.chunks_exact_mut(GROUP_ROWS * bb4).enumerate() {
+            for i in 0..GROUP_ROWS.min(rows - g * GROUP_ROWS) {
+                let src = &data[(g * GROUP_ROWS + i) * rb + b * bb..][..bb];
+                for (c, word) in src.chunks(4).enumerate() {
+                    dst[64 * c + 4 * i..][..word.len()].copy_from_slice(word);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The rows of an [`interleave`]d matrix, in GGML's layout again.
+pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
+    let (bb4, rb) = (bb.next_multiple_of(4), blocks * bb);
+    assert_eq!(data.len(), interleaved_bytes(dtype, rows, cols), "{dtype}: interleaved size of {rows} x {cols}");
+    let mut out = vec![0u8; rows * rb];
+    let group_bytes = GROUP_ROWS * blocks * bb4;
+    if group_bytes == 0 {
+        return out;
+    }
+    for (g, src) in data.chunks_exact(group_bytes).enumerate() {
+        for (b, src) in src.chunks_exact(GROUP_ROWS * bb4).enumerate() {
+            for i in 0..GROUP_ROWS.min(rows - g * GROUP_ROWS) {
+                let dst = &mut out[(g * GROUP_ROWS + i) * rb + b * bb..][..bb];
+                for (c, word) in dst.chunks_mut(4).enumerate() {
+                    let n = word.len();
+                    word.copy_from_slice(&src[64 * c + 4 * i..][..n]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`gemm_q8`] over a matrix in the interleaved layout (`w` = [`interleave`] of `nrows` rows,
+/// whole groups): bitwise the same outputs as over its rows.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_q8_interleaved(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    act: &[Q8Block],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    assert!(act.len().is_multiple_of(ntok), "{} activations are not {ntok} equal tokens", act.len());
+    assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows, "output too small for {ntok} x {nrows}");
+    kquants::gemm_interleaved(level, dtype, w, nrows, act, ntok, out, ldo)
+}
+
 fn check_tile(w_len: usize, nrows: usize, act_len: usize, ntok: usize, out_len: usize, ldo: usize) {
     assert!(w_len.is_multiple_of(nrows), "{w_len} weight bytes are not {nrows} equal rows");
     assert!(act_len.is_multiple_of(ntok), "{act_len} activations are not {ntok} equal tokens");

@@ -762,7 +762,7 @@ mod tests {
         let (rows, cols, n) = (19, 384, 9);
         for dtype in FORMATS {
             let data: Vec<u8> = (0..rows).flat_map(|_| random_row(&mut rng, dtype, cols)).collect();
-            let w = WeightView { dtype, rows, cols, data: &data };
+            let w = WeightView::rows(dtype, rows, cols, &data);
             let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             for level in SimdLevel::available() {
                 let mut y = vec![0f32; n * rows];

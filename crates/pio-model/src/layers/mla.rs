@@ -115,6 +115,19 @@ impl LatentAttention {
     }
 
     /// Every matrix, for weight reports and the decode roofline.
+    /// Every matrix, to rearrange at load.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut all: Vec<&mut Linear> = Vec::new();
+        if let Some((a, _)) = &mut self.q_a {
+            all.push(a);
+        }
+        all.extend([&mut self.q_b_proj, &mut self.kv_a_proj]);
+        all.extend(self.k_up_t.iter_mut());
+        all.extend(self.v_up.iter_mut());
+        all.push(&mut self.o_proj);
+        all
+    }
+
     pub fn linears(&self) -> Vec<&Linear> {
         let mut all: Vec<&Linear> = Vec::new();
         if let Some((a, _)) = &self.q_a {

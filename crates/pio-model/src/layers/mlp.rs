@@ -38,6 +38,11 @@ impl Mlp {
         [&self.gate_proj, &self.up_proj, &self.down_proj]
     }
 
+    /// The three matrices, to rearrange at load.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    }
+
     /// Weight bytes of the three matrices.
     pub fn weight_bytes(&self) -> usize {
         self.linears().iter().map(|l| l.weight.bytes().len()).sum()

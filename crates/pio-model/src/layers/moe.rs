@@ -316,6 +316,15 @@ impl SparseMoe {
             .chain(self.experts.iter().flat_map(|e| e.linears()))
             .chain(self.shared_expert.iter().flat_map(|e| e.linears()))
     }
+
+    /// The router and shared expert (read every step), and the routed experts when `routed`,
+    /// to rearrange at load.
+    pub fn linears_mut(&mut self, routed: bool) -> impl Iterator<Item = &mut Linear> {
+        let experts = if routed { &mut self.experts[..] } else { &mut [] };
+        std::iter::once(&mut self.router)
+            .chain(experts.iter_mut().flat_map(|e| e.linears_mut()))
+            .chain(self.shared_expert.iter_mut().flat_map(|e| e.linears_mut()))
+    }
 }
 
 #[cfg(test)]

@@ -154,6 +154,33 @@ impl DecoderModel {
         all
     }
 
+    /// Rearranges every matrix whose format has interleaved decode kernels into that layout
+    /// ([`crate::weights::Tensor::interleave`]): attention, dense MLPs, shared experts, routers
+    /// and the LM head (a tied head gets a copy; the embedding keeps its rows). Routed experts
+    /// only with `routed_experts`: they otherwise stay mapped and are read only when chosen.
+    /// Returns how many matrices and bytes were rearranged.
+    pub fn interleave_weights(&mut self, routed_experts: bool) -> (usize, usize) {
+        let mut all: Vec<&mut Linear> = vec![&mut self.lm_head];
+        for l in &mut self.layers {
+            match &mut l.self_attn {
+                AttentionBlock::Standard(a) => all.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]),
+                AttentionBlock::Latent(a) => all.extend(a.linears_mut()),
+            }
+            match &mut l.mlp {
+                FeedForward::Dense(m) => all.extend(m.linears_mut()),
+                FeedForward::Sparse(m) => all.extend(m.linears_mut(routed_experts)),
+            }
+        }
+        let (mut count, mut bytes) = (0, 0);
+        for l in all {
+            if l.weight.interleave() {
+                count += 1;
+                bytes += l.weight.bytes().len();
+            }
+        }
+        (count, bytes)
+    }
+
     /// Format and bytes of every weight matrix, for reports.
     pub fn weight_dtypes(&self) -> Vec<(pio_kernels::DType, usize)> {
         let mut all = vec![(self.embed_tokens.dtype, self.embed_tokens.bytes().len())];
