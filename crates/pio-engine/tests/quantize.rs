@@ -200,11 +200,11 @@ fn qwen2_llama_and_untied_files_match_too() {
     }
 }
 
-/// Repacking at load (the interleaved layout of the K formats) changes no bit of any logit, and
+/// Repacking at load (the interleaved layout) changes no bit of any logit, and
 /// `repack: false` really keeps the rows.
 #[test]
 fn repacked_weights_give_the_same_logits() {
-    for quant in [DType::Q4_K, DType::Q6_K, DType::Q5_K] {
+    for quant in [DType::Q4_K, DType::Q6_K, DType::Q5_K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
         let with = |repack| {
             pio_model::load_with(&fixture(), &LoadOptions { quant: Some(quant), repack }, &mut |_, _| {})
                 .expect("model loads")

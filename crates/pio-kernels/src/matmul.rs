@@ -302,7 +302,17 @@ mod tests {
     fn interleaved_matrices_give_the_same_bits_as_their_rows() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         // Row counts around the 16-row groups and the 128-row tiles; one matrix per format.
-        let shapes = [(DType::Q4_K, 37, 512), (DType::Q6_K, 16, 256), (DType::Q5_K, 129, 256), (DType::Q4_K, 300, 256)];
+        let shapes = [
+            (DType::Q4_K, 37, 512),
+            (DType::Q6_K, 16, 256),
+            (DType::Q5_K, 129, 256),
+            (DType::Q4_K, 300, 256),
+            (DType::Q8_0, 37, 96),
+            (DType::Q4_0, 17, 64),
+            (DType::Q4_1, 140, 32),
+            (DType::Q5_0, 33, 160),
+            (DType::Q5_1, 8, 64),
+        ];
         let datas: Vec<Vec<u8>> = shapes.iter().map(|&(d, r, c)| stored(&mut rng, d, r, c)).collect();
         let packed: Vec<Vec<u8>> =
             shapes.iter().zip(&datas).map(|(&(d, r, c), data)| dot::interleave(d, r, c, data)).collect();

@@ -1633,17 +1633,21 @@ mod tiled {
     }
 
     /// A block of the interleaved layout (see [`super::interleave`]): dword `c` of the 16 rows
-    /// is the 64 bytes at `64c`, so the columns are plain loads. The pointer already includes
-    /// the first lane's offset (32 bytes for rows 8..16 of an 8-lane ISA).
+    /// is the 64 bytes at `64c` (from the block's start), so columns are plain loads; Q6_K's
+    /// `d` follows as 16 f16 side by side. `lane`: the first row this ISA's lanes take (8 for
+    /// rows 8..16 of an 8-lane ISA).
     #[derive(Clone, Copy)]
-    struct Packed(*const u8);
+    struct Packed {
+        block: *const u8,
+        lane: usize,
+    }
 
     impl Packed {
         #[inline(always)]
         unsafe fn cols<S: Isa, const N: usize>(self, off: usize) -> [S::I; N] {
             let mut out = [S::zero_i(); N];
             for (c, o) in out.iter_mut().enumerate() {
-                *o = S::load(self.0.add(16 * off + 64 * c));
+                *o = S::load(self.block.add(ROWS * off + 64 * c + 4 * self.lane));
             }
             out
         }
@@ -1664,7 +1668,7 @@ mod tiled {
         }
         #[inline(always)]
         unsafe fn f16<S: Isa>(self, off: usize) -> S::F {
-            S::f16_lo(S::load(self.0.add(16 * off)))
+            S::f16_load((self.block.add(ROWS * off) as *const u16).add(self.lane))
         }
     }
 
@@ -1710,13 +1714,13 @@ mod tiled {
         }
     }
 
-    /// The interleaved layout: group `g`'s super-block `s` is the `16·bb4` bytes at
-    /// `w + (g·supers + s)·16·bb4` (`bb4`: the block size rounded up to whole dwords).
+    /// The interleaved layout: group `g`'s super-block `s` is the `16·bb` bytes at
+    /// `w + (g·supers + s)·16·bb`.
     #[derive(Clone, Copy)]
     struct Interleaved {
         w: *const u8,
         supers: usize,
-        bb4: usize,
+        bb: usize,
     }
 
     impl Mat for Interleaved {
@@ -1725,11 +1729,11 @@ mod tiled {
         #[inline(always)]
         unsafe fn block(self, r0: usize, _live: usize, s: usize) -> Packed {
             let (g, lane) = (r0 / ROWS, r0 % ROWS);
-            Packed(self.w.add((g * self.supers + s) * ROWS * self.bb4 + 4 * lane))
+            Packed { block: self.w.add((g * self.supers + s) * ROWS * self.bb), lane }
         }
         #[inline(always)]
         unsafe fn prefetch(self, r0: usize, s: usize) {
-            let bytes = ROWS * self.bb4;
+            let bytes = ROWS * self.bb;
             // Past the end of the matrix this points nowhere in particular; a prefetch never
             // faults.
             let p = self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes);
@@ -2291,7 +2295,7 @@ mod tiled {
         let supers = act.len() / ntok / ACT_PER_SUPER;
         let bb = dtype.block_bytes();
         if interleaved {
-            let m = Interleaved { w: w.as_ptr(), supers, bb4: bb.next_multiple_of(4) };
+            let m = Interleaved { w: w.as_ptr(), supers, bb };
             by_format::<S, One, _, TT>(dtype, m, nrows, act, ntok, out, ldo)
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };

@@ -924,19 +924,62 @@ pub fn gemm(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` comes from `cpu::level()`, which only reports what the CPU has
         // (AVX2 + FMA + F16C); `check` above and `dot::gemm_q8` asserted the shapes.
-        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, act, ntok, out, ldo) },
+        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, false, act, ntok, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX-512 F/BW/VL/DQ + FMA + F16C); the VNNI kernels only run when
         // `has_avx512_vnni()` detected it.
         SimdLevel::Avx512 => unsafe {
             if crate::cpu::has_avx512_vnni() {
-                tile_x86::gemm_avx512_vnni(dtype, w, nrows, act, ntok, out, ldo)
+                tile_x86::gemm_avx512_vnni(dtype, w, nrows, false, act, ntok, out, ldo)
             } else {
-                tile_x86::gemm_avx512(dtype, w, nrows, act, ntok, out, ldo)
+                tile_x86::gemm_avx512(dtype, w, nrows, false, act, ntok, out, ldo)
             }
         },
         #[cfg(not(target_arch = "x86_64"))]
         _ => gemm_scalar(dtype, w, nrows, act, ntok, out, ldo),
+    }
+}
+
+/// [`gemm`] over `nrows` rows stored in the interleaved layout ([`crate::dot::interleave`]):
+/// bitwise the same outputs. The scalar level restores the rows first (it is the reference,
+/// not a fast path).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_interleaved(
+    level: SimdLevel,
+    dtype: DType,
+    w: &[u8],
+    nrows: usize,
+    act: &[Q8Block],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    let nb = act.len() / ntok;
+    assert!(
+        matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
+        "{dtype} is not a legacy block format"
+    );
+    assert_eq!(w.len(), crate::dot::interleaved_bytes(dtype, nrows, nb * 32), "{dtype}: interleaved size");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `gemm`; `w` holds whole 16-row groups of the layout (checked above).
+        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, true, act, ntok, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX-512 (and VNNI where detected).
+        SimdLevel::Avx512 => unsafe {
+            if crate::cpu::has_avx512_vnni() {
+                tile_x86::gemm_avx512_vnni(dtype, w, nrows, true, act, ntok, out, ldo)
+            } else {
+                tile_x86::gemm_avx512(dtype, w, nrows, true, act, ntok, out, ldo)
+            }
+        },
+        _ => {
+            let rows = crate::dot::deinterleave(dtype, nrows, nb * 32, w);
+            gemm(level, dtype, &rows, nrows, act, ntok, out, ldo)
+        }
     }
 }
 
@@ -1041,7 +1084,7 @@ mod tile_x86 {
     }
 
     /// A kernel of one format as the dispatchers below call it.
-    type Kernel = unsafe fn(&[u8], usize, &[Q8Block], usize, &mut [f32], usize);
+    type Kernel = unsafe fn(Tile<'_>);
 
     /// The kernel of `dtype` among one ISA's five.
     fn pick(dtype: DType, k: [Kernel; 5]) -> Kernel {
@@ -1121,33 +1164,42 @@ mod tile_x86 {
         (0x0804_0201u32 << (4 * (g % 2))) as i32
     }
 
-    /// One call's operands, as [`super::gemm`] takes them.
+    /// One call's operands, as [`super::gemm`] takes them; `packed`: `w` is in the interleaved
+    /// layout ([`crate::dot::interleave`]).
     struct Tile<'a> {
         w: &'a [u8],
         nrows: usize,
+        packed: bool,
         act: &'a [Q8Block],
         ntok: usize,
         out: &'a mut [f32],
         ldo: usize,
     }
 
+    /// Bytes ahead of the interleaved block being read that [`walk`] prefetches (a single
+    /// stream is followed too shallowly by the hardware to keep the memory busy); about what
+    /// the K formats' four super-blocks ahead come to.
+    const PREFETCH_BYTES: usize = 8192;
+
     /// The walk every kernel shares. For each group of `N` rows, each chunk of up to [`TOKENS`]
-    /// tokens and each block: `unpack` the group's block once (given the first row's block, the
-    /// rows' byte offsets from it, and the same as i32) and let `prep` derive what the tokens
-    /// share from it; then for each token `sum` gives the block's exact i32 sums (given the
-    /// index of the token's activation block) and `finish` folds them into the token's f32
+    /// tokens and each block: `unpack` the group's block once (given, for rows, the first row's
+    /// block, the rows' byte offsets from it and the same as i32; for the interleaved layout,
+    /// the 16-row group's block and the first row's lane in it) and let `prep` derive what the
+    /// tokens share from it; then for each token `sum` gives the block's exact i32 sums (given
+    /// the index of the token's activation block) and `finish` folds them into the token's f32
     /// accumulators, one lane per row.
     #[inline(always)]
     fn walk<const N: usize, B, P, S>(
         tile: Tile<'_>,
         bb: usize,
-        unpack: impl Fn(*const u8, &[usize; N], &[i32; N]) -> B,
+        unpack: impl Fn(*const u8, &[usize; N], &[i32; N], usize) -> B,
         prep: impl Fn(&B) -> P,
         sum: impl Fn(&B, &P, usize) -> S,
         finish: impl Fn(&mut [f32; N], S, &B, &Q8Block),
     ) {
-        let rb = tile.w.len() / tile.nrows;
+        const G: usize = crate::dot::GROUP_ROWS;
         let nb = tile.act.len() / tile.ntok;
+        let rb = nb * bb;
         let mut acc = [[0f32; N]; TOKENS];
         for r0 in (0..tile.nrows).step_by(N) {
             let live = (tile.nrows - r0).min(N);
@@ -1156,7 +1208,17 @@ mod tile_x86 {
                 let acc = &mut acc[..(tile.ntok - t0).min(TOKENS)];
                 acc.fill([0.0; N]);
                 for b in 0..nb {
-                    let blk = unpack(tile.w[r0 * rb + b * bb..].as_ptr(), &offs, &idx);
+                    let blk = if tile.packed {
+                        let at = ((r0 / G) * nb + b) * G * bb;
+                        let ahead = tile.w.as_ptr().wrapping_add(at + PREFETCH_BYTES);
+                        for line in (0..G * bb).step_by(64) {
+                            // SAFETY: a prefetch never faults, wherever it points.
+                            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8) };
+                        }
+                        unpack(tile.w[at..].as_ptr(), &offs, &idx, r0 % G)
+                    } else {
+                        unpack(tile.w[r0 * rb + b * bb..].as_ptr(), &offs, &idx, 0)
+                    };
                     let pre = prep(&blk);
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let at = (t0 + i) * nb + b;
@@ -1272,6 +1334,47 @@ mod tile_x86 {
         Block8 { w, d, m }
     }
 
+    /// The interleaved block of a 16-row group at `blk` (see [`crate::dot::interleave`]),
+    /// rows `lane..lane + 8`, unpacked as [`unpack8`] unpacks rows: the same values, without
+    /// the transposes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 + FMA + F16C; `blk` is a whole interleaved block of `F`, `lane` 0 or 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn packed8<F: Fmt>(blk: *const u8, lane: usize) -> Block8 {
+        let col = |off: usize, c: usize| _mm256_loadu_si256(blk.add(16 * off + 64 * c + 4 * lane) as *const __m256i);
+        let (d, m) = if F::MIN {
+            let dm = col(0, 0);
+            (
+                _mm256_cvtph_ps(low_halves8(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)))),
+                _mm256_cvtph_ps(low_halves8(_mm256_srli_epi32::<16>(dm))),
+            )
+        } else {
+            (_mm256_cvtph_ps(_mm_loadu_si128(blk.add(2 * lane) as *const __m128i)), _mm256_setzero_ps())
+        };
+        let mut w = [_mm256_setzero_si256(); 8];
+        if F::BYTES {
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = col(F::QS, g);
+            }
+            return Block8 { w, d, m };
+        }
+        let qh = if F::QH != 0 { col(F::QH, 0) } else { _mm256_setzero_si256() };
+        for (g, wg) in w.iter_mut().enumerate() {
+            let x = if g < 4 { col(F::QS, g) } else { _mm256_srli_epi32::<4>(col(F::QS, g - 4)) };
+            *wg = _mm256_and_si256(x, _mm256_set1_epi8(0x0F));
+            if F::QH != 0 {
+                let [i0, i1, i2, i3] = dword_byte_index(g / 2);
+                let sel = _mm256_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3);
+                let bit = _mm256_set1_epi32(nibble_bits(g));
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, sel), bit), bit);
+                *wg = _mm256_or_si256(*wg, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+            }
+        }
+        Block8 { w, d, m }
+    }
+
     /// Q8_0's block of 8 rows left in place for a token or two (see [`tile_avx2`]): `w[2i + h]`
     /// = `[row i | row i + 4]`, 16 quants each from byte `16h` (no transpose).
     ///
@@ -1314,12 +1417,20 @@ mod tile_x86 {
     /// The CPU has AVX2 + FMA + F16C; `w` holds `nrows` rows of `act.len() / ntok` blocks of
     /// `F`; `out` holds `(ntok - 1) * ldo + nrows` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_avx2<F: Fmt>(w: &[u8], nrows: usize, act: &[Q8Block], ntok: usize, out: &mut [f32], ldo: usize) {
-        let tile = Tile { w, nrows, act, ntok, out, ldo };
+    unsafe fn tile_avx2<F: Fmt>(t: Tile<'_>) {
+        let (act, ntok, packed) = (t.act, t.ntok, t.packed);
+        let tile = t;
+        let unpack = |p: *const u8, offs: &[usize; 8], _: &[i32; 8], lane: usize| {
+            if packed {
+                packed8::<F>(p, lane)
+            } else {
+                unpack8::<F>(p, offs)
+            }
+        };
         let ones = _mm256_set1_epi16(1);
         let finish = |acc: &mut [f32; 8], s: __m256i, blk: &Block8, a: &Q8Block| finish8::<F>(acc, s, blk, a);
         let abs = |blk: &Block8| blk.w.map(|x| _mm256_abs_epi8(x));
-        if F::BYTES && ntok <= 2 {
+        if F::BYTES && ntok <= 2 && !packed {
             // Q8_0 for a token or two: transposing 32 bytes per row costs more than it saves, so
             // each row's quants stay in place and meet the activations broadcast per 128-bit
             // lane, `|w|·(sign(w)·a)` as below. Lane `(L, k)` of `v[i]` then holds row `i + 4L`'s
@@ -1339,7 +1450,7 @@ mod tile_x86 {
                 });
                 _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]))
             };
-            walk(tile, F::BB, |p, offs, _| rows8::<F>(p, offs), abs, sum, finish);
+            walk(tile, F::BB, |p, offs, _, _| rows8::<F>(p, offs), abs, sum, finish);
         } else if F::BYTES {
             // Q8_0: Σ |w|·(sign(w)·a) per group, each pair sum widened at once (|w| ≤ 128
             // leaves no room to add pair sums in i16).
@@ -1352,7 +1463,7 @@ mod tile_x86 {
                 }
                 s
             };
-            walk(tile, F::BB, |p, offs, _| unpack8::<F>(p, offs), abs, sum, finish);
+            walk(tile, F::BB, unpack, abs, sum, finish);
         } else {
             // Unsigned quants times signed activations, pair sums added in i16 as far as they
             // cannot overflow, starting from the offset term.
@@ -1369,17 +1480,19 @@ mod tile_x86 {
                 }
                 s
             };
-            walk(tile, F::BB, |p, offs, _| unpack8::<F>(p, offs), |_| (), sum, finish);
+            walk(tile, F::BB, unpack, |_| (), sum, finish);
         }
     }
 
     /// # Safety
     /// The CPU has AVX2 + FMA + F16C; the shapes are as [`super::gemm`] asserts.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_avx2(
         dtype: DType,
         w: &[u8],
         nrows: usize,
+        packed: bool,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
@@ -1389,7 +1502,7 @@ mod tile_x86 {
             dtype,
             [tile_avx2::<Q4_0>, tile_avx2::<Q4_1>, tile_avx2::<Q5_0>, tile_avx2::<Q5_1>, tile_avx2::<Q8_0>],
         );
-        k(w, nrows, act, ntok, out, ldo)
+        k(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1470,6 +1583,44 @@ mod tile_x86 {
         Block16 { w, d, m }
     }
 
+    /// As [`packed8`], for the 16 rows of the group.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; `blk` is a whole interleaved block of `F`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    unsafe fn packed16<F: Fmt>(blk: *const u8) -> Block16 {
+        let col = |off: usize, c: usize| _mm512_loadu_si512(blk.add(16 * off + 64 * c) as *const _);
+        let (d, m) = if F::MIN {
+            let dm = col(0, 0);
+            (
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm)),
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm))),
+            )
+        } else {
+            (_mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i)), _mm512_setzero_ps())
+        };
+        let mut w = [_mm512_setzero_si512(); 8];
+        if F::BYTES {
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = col(F::QS, g);
+            }
+            return Block16 { w, d, m };
+        }
+        let qh = if F::QH != 0 { col(F::QH, 0) } else { _mm512_setzero_si512() };
+        for (g, wg) in w.iter_mut().enumerate() {
+            let x = if g < 4 { col(F::QS, g) } else { _mm512_srli_epi32::<4>(col(F::QS, g - 4)) };
+            *wg = _mm512_and_si512(x, _mm512_set1_epi8(0x0F));
+            if F::QH != 0 {
+                let [i0, i1, i2, i3] = dword_byte_index(g / 2);
+                let sel = _mm512_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3);
+                let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, sel), _mm512_set1_epi32(nibble_bits(g)));
+                *wg = _mm512_mask_add_epi8(*wg, set, *wg, _mm512_set1_epi8(0x10));
+            }
+        }
+        Block16 { w, d, m }
+    }
+
     /// As [`rows8`], for 16 rows: `w[2i + h]` = `[row i | row i + 4 | row i + 8 | row i + 12]`.
     ///
     /// # Safety
@@ -1511,14 +1662,22 @@ mod tile_x86 {
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; shapes as for [`tile_avx2`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn tile_avx512<F: Fmt>(w: &[u8], nrows: usize, act: &[Q8Block], ntok: usize, out: &mut [f32], ldo: usize) {
-        let tile = Tile { w, nrows, act, ntok, out, ldo };
+    unsafe fn tile_avx512<F: Fmt>(t: Tile<'_>) {
+        let (act, ntok, packed) = (t.act, t.ntok, t.packed);
+        let tile = t;
+        let unpack = |p: *const u8, offs: &[usize; 16], idx: &[i32; 16], _: usize| {
+            if packed {
+                packed16::<F>(p)
+            } else {
+                unpack16::<F>(p, offs, idx)
+            }
+        };
         let ones = _mm512_set1_epi16(1);
         let finish = |acc: &mut [f32; 16], s: __m512i, blk: &Block16, a: &Q8Block| finish16::<F>(acc, s, blk, a);
         // Q8_0: |w|·(sign(w)·a) as in `tile_avx2`, the sign moved by a masked negate (there is
         // no 512-bit `vpsignb`).
         let signs = |blk: &Block16| (blk.w.map(|x| _mm512_abs_epi8(x)), blk.w.map(|x| _mm512_movepi8_mask(x)));
-        if F::BYTES && ntok <= 2 {
+        if F::BYTES && ntok <= 2 && !packed {
             // For a token or two, rows in place as in `tile_avx2`: lane `(L, k)` of `v[i]` holds
             // row `i + 4L`'s groups `k` and `k + 4`, and two unpack-and-add rounds leave lane
             // `r` with row `r`'s sum.
@@ -1539,7 +1698,7 @@ mod tile_x86 {
                 let (p01, p23) = (pair(v[0], v[1]), pair(v[2], v[3]));
                 _mm512_add_epi32(_mm512_unpacklo_epi64(p01, p23), _mm512_unpackhi_epi64(p01, p23))
             };
-            walk(tile, F::BB, |p, offs, idx| rows16::<F>(p, offs, idx), signs, sum, finish);
+            walk(tile, F::BB, |p, offs, idx, _| rows16::<F>(p, offs, idx), signs, sum, finish);
         } else if F::BYTES {
             let sum = |_: &Block16, (abs, neg): &([__m512i; 8], [__mmask64; 8]), at: usize| {
                 let y = act[at].qs.as_ptr();
@@ -1551,7 +1710,7 @@ mod tile_x86 {
                 }
                 s
             };
-            walk(tile, F::BB, |p, offs, idx| unpack16::<F>(p, offs, idx), signs, sum, finish);
+            walk(tile, F::BB, unpack, signs, sum, finish);
         } else {
             // As in `tile_avx2`.
             let offsets = if F::OFFSET_LOG2 != 0 { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
@@ -1567,22 +1726,23 @@ mod tile_x86 {
                 }
                 s
             };
-            walk(tile, F::BB, |p, offs, idx| unpack16::<F>(p, offs, idx), |_| (), sum, finish);
+            walk(tile, F::BB, unpack, |_| (), sum, finish);
         }
     }
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ + VNNI + FMA + F16C; shapes as for [`tile_avx2`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")]
-    unsafe fn tile_avx512_vnni<F: Fmt>(
-        w: &[u8],
-        nrows: usize,
-        act: &[Q8Block],
-        ntok: usize,
-        out: &mut [f32],
-        ldo: usize,
-    ) {
-        let tile = Tile { w, nrows, act, ntok, out, ldo };
+    unsafe fn tile_avx512_vnni<F: Fmt>(t: Tile<'_>) {
+        let (act, packed) = (t.act, t.packed);
+        let tile = t;
+        let unpack = |p: *const u8, offs: &[usize; 16], idx: &[i32; 16], _: usize| {
+            if packed {
+                packed16::<F>(p)
+            } else {
+                unpack16::<F>(p, offs, idx)
+            }
+        };
         let finish = |acc: &mut [f32; 16], s: __m512i, blk: &Block16, a: &Q8Block| finish16::<F>(acc, s, blk, a);
         // `vpdpbusd` needs unsigned weights: Q8_0's signed bytes get 128 added (an xor), which
         // its offset term takes back.
@@ -1600,16 +1760,18 @@ mod tile_x86 {
             }
             _mm512_add_epi32(s0, s1)
         };
-        walk(tile, F::BB, |p, offs, idx| unpack16::<F>(p, offs, idx), unsigned, sum, finish);
+        walk(tile, F::BB, unpack, unsigned, sum, finish);
     }
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; the shapes are as [`super::gemm`] asserts.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_avx512(
         dtype: DType,
         w: &[u8],
         nrows: usize,
+        packed: bool,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
@@ -1619,17 +1781,19 @@ mod tile_x86 {
             dtype,
             [tile_avx512::<Q4_0>, tile_avx512::<Q4_1>, tile_avx512::<Q5_0>, tile_avx512::<Q5_1>, tile_avx512::<Q8_0>],
         );
-        k(w, nrows, act, ntok, out, ldo)
+        k(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ + VNNI + FMA + F16C; the shapes are as [`super::gemm`]
     /// asserts.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_avx512_vnni(
         dtype: DType,
         w: &[u8],
         nrows: usize,
+        packed: bool,
         act: &[Q8Block],
         ntok: usize,
         out: &mut [f32],
@@ -1645,12 +1809,12 @@ mod tile_x86 {
                 tile_avx512_vnni::<Q8_0>,
             ],
         );
-        k(w, nrows, act, ntok, out, ldo)
+        k(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     /// A tile kernel set as the tests and the benchmark call it.
     #[cfg(test)]
-    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, &[Q8Block], usize, &mut [f32], usize);
+    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, bool, &[Q8Block], usize, &mut [f32], usize);
 
     /// Every x86 tile kernel set the CPU runs, by name.
     #[cfg(test)]
@@ -1955,16 +2119,33 @@ mod tests {
                 Box::new(move |dtype, w, nrows, act, ntok, out, ldo| gemm(level, dtype, w, nrows, act, ntok, out, ldo)),
             ));
         }
-        #[cfg(target_arch = "x86_64")]
-        for (name, f) in tile_x86::variants() {
+        // The interleaved layout: the rows are rearranged inside the call.
+        for level in SimdLevel::available() {
             v.push((
-                name.to_string(),
-                // SAFETY: `variants` lists only what the CPU runs; the tests pass whole rows and
-                // tokens and an output that holds the tile.
-                Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
-                    f(dtype, w, nrows, act, ntok, out, ldo)
+                format!("{level:?} interleaved"),
+                Box::new(move |dtype, w, nrows, act, ntok, out, ldo| {
+                    let packed = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
+                    gemm_interleaved(level, dtype, &packed, nrows, act, ntok, out, ldo)
                 }),
             ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        for (name, f) in tile_x86::variants() {
+            for packed in [false, true] {
+                v.push((
+                    format!("{name} packed {packed}"),
+                    // SAFETY: `variants` lists only what the CPU runs; the tests pass whole rows
+                    // and tokens and an output that holds the tile.
+                    Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
+                        if packed {
+                            let p = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
+                            f(dtype, &p, nrows, true, act, ntok, out, ldo)
+                        } else {
+                            f(dtype, w, nrows, false, act, ntok, out, ldo)
+                        }
+                    }),
+                ));
+            }
         }
         v
     }
@@ -2182,7 +2363,7 @@ mod tests {
                 name.to_string(),
                 // SAFETY: `variants` lists only what the CPU runs; shapes are whole tiles.
                 Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
-                    f(dtype, w, nrows, act, ntok, out, ldo)
+                    f(dtype, w, nrows, false, act, ntok, out, ldo)
                 }),
             ));
         }

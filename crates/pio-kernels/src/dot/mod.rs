@@ -101,41 +101,85 @@ pub const GROUP_ROWS: usize = 16;
 
 /// Whether `dtype` has kernels for the interleaved layout ([`interleave`]).
 pub fn interleaves(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
+    segments(dtype).is_some()
+}
+
+/// The fields of a block as the interleaved layout stores them: `(offset, width)` with
+/// widths of 2 (an f16 scale: the 16 rows' values side by side) or a multiple of 4 (dwords: one
+/// 64-byte column of the 16 rows per dword).
+fn segments(dtype: DType) -> Option<&'static [(usize, usize)]> {
+    Some(match dtype {
+        DType::Q4_0 => &[(0, 2), (2, 16)],
+        DType::Q4_1 => &[(0, 4), (4, 16)],
+        DType::Q5_0 => &[(0, 2), (2, 4), (6, 16)],
+        DType::Q5_1 => &[(0, 4), (4, 4), (8, 16)],
+        DType::Q8_0 => &[(0, 2), (2, 32)],
+        DType::Q4_K => &[(0, 144)],
+        DType::Q5_K => &[(0, 176)],
+        DType::Q6_K => &[(0, 208), (208, 2)],
+        _ => return None,
+    })
 }
 
 /// Bytes of a `rows` x `cols` matrix of `dtype` in the interleaved layout: whole groups of
-/// [`GROUP_ROWS`], blocks rounded up to whole dwords.
+/// [`GROUP_ROWS`] (the rows after the last one are zeros).
 pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
-    let blocks = cols / dtype.block_elems();
-    rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * blocks * dtype.block_bytes().next_multiple_of(4)
+    rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * (cols / dtype.block_elems()) * dtype.block_bytes()
 }
 
-/// A row-major matrix (`rows` rows of `cols` in GGML's layout) rearranged for the decode
-/// kernels: groups of 16 rows, and within a group block by block, dword `c` of the block of
-/// each of the 16 rows at bytes `64c + 4i` (row `i`). A kernel then loads a column (one dword
-/// of 16 rows) with one instruction instead of transposing rows on every call, as llama.cpp's
-/// and ik_llama.cpp's repacked formats do; products are bitwise the same as from the rows.
-/// Blocks are padded to whole dwords with zeros, and so are the rows after the last of a partial
-/// group.
-pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
-    let (bb4, rb) = (bb.next_multiple_of(4), blocks * bb);
-    assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
-    let mut out = vec![0u8; interleaved_bytes(dtype, rows, cols)];
-    let group_bytes = GROUP_ROWS * blocks * bb4;
-    if group_bytes == 0 {
-        return out;
+/// Where byte `at` (inside field `(o, w)`) of row `i`'s block goes in its group's block.
+fn interleaved_at(o: usize, w: usize, at: usize, i: usize) -> usize {
+    if w == 2 {
+        GROUP_ROWS * o + 2 * i + (at - o)
+    } else {
+        GROUP_ROWS * o + 64 * ((at - o) / 4) + 4 * i + (at - o) % 4
     }
-    for (g, dst) in out.chunks_exact_mut(group_bytes).enumerate() {
-        for (b, dst) in dst.chunks_exact_mut(GROUP_ROWS * bb4).enumerate() {
-            for i in 0..GROUP_ROWS.min(rows - g * GROUP_ROWS) {
-                let src = &data[(g * GROUP_ROWS + i) * rb + b * bb..][..bb];
-                for (c, word) in src.chunks(4).enumerate() {
-                    dst[64 * c + 4 * i..][..word.len()].copy_from_slice(word);
+}
+
+/// Copies between a group's interleaved block and its rows' blocks, in the direction `pack`
+/// says.
+fn shuffle_group(dtype: DType, rows: &mut [&mut [u8]], group: &mut [u8], pack: bool) {
+    let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
+    for (i, row) in rows.iter_mut().enumerate() {
+        for &(o, w) in fields {
+            for k in (o..o + w).step_by(2) {
+                // Two bytes at a time: every field is a whole number of them.
+                let at = interleaved_at(o, w, k, i);
+                if pack {
+                    group[at..at + 2].copy_from_slice(&row[k..k + 2]);
+                } else {
+                    row[k..k + 2].copy_from_slice(&group[at..at + 2]);
                 }
             }
         }
+    }
+}
+
+/// A row-major matrix (`rows` rows of `cols` in GGML's layout) rearranged for the decode
+/// kernels: groups of 16 rows, and within a group block by block, each block's fields
+/// ([`segments`]) side by side for the 16 rows: dword `c` of a field at bytes `64c + 4i` (row
+/// `i`), an f16 scale at `2i`. A kernel then loads a column (one dword of 16 rows) with one
+/// instruction instead of transposing rows on every call, as llama.cpp's and ik_llama.cpp's
+/// repacked formats do; products are bitwise the same as from the rows, and the size is the
+/// same but for the zero rows that complete the last group.
+pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
+    let rb = blocks * bb;
+    assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
+    let mut out = vec![0u8; interleaved_bytes(dtype, rows, cols)];
+    let mut scratch = vec![0u8; GROUP_ROWS * bb];
+    for (g, dst) in out.chunks_exact_mut(GROUP_ROWS * bb).enumerate() {
+        let (r, b) = ((g / blocks.max(1)) * GROUP_ROWS, g % blocks.max(1));
+        let live = GROUP_ROWS.min(rows - r);
+        for (i, s) in scratch.chunks_exact_mut(bb).enumerate() {
+            if i < live {
+                s.copy_from_slice(&data[(r + i) * rb + b * bb..][..bb]);
+            } else {
+                s.fill(0);
+            }
+        }
+        let mut views: Vec<&mut [u8]> = scratch.chunks_exact_mut(bb).collect();
+        shuffle_group(dtype, &mut views, dst, true);
     }
     out
 }
@@ -143,22 +187,18 @@ pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8
 /// The rows of an [`interleave`]d matrix, in GGML's layout again.
 pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
     let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
-    let (bb4, rb) = (bb.next_multiple_of(4), blocks * bb);
+    let rb = blocks * bb;
     assert_eq!(data.len(), interleaved_bytes(dtype, rows, cols), "{dtype}: interleaved size of {rows} x {cols}");
     let mut out = vec![0u8; rows * rb];
-    let group_bytes = GROUP_ROWS * blocks * bb4;
-    if group_bytes == 0 {
-        return out;
-    }
-    for (g, src) in data.chunks_exact(group_bytes).enumerate() {
-        for (b, src) in src.chunks_exact(GROUP_ROWS * bb4).enumerate() {
-            for i in 0..GROUP_ROWS.min(rows - g * GROUP_ROWS) {
-                let dst = &mut out[(g * GROUP_ROWS + i) * rb + b * bb..][..bb];
-                for (c, word) in dst.chunks_mut(4).enumerate() {
-                    let n = word.len();
-                    word.copy_from_slice(&src[64 * c + 4 * i..][..n]);
-                }
-            }
+    let mut scratch = vec![0u8; GROUP_ROWS * bb];
+    let mut group = vec![0u8; GROUP_ROWS * bb];
+    for (g, src) in data.chunks_exact(GROUP_ROWS * bb).enumerate() {
+        let (r, b) = ((g / blocks.max(1)) * GROUP_ROWS, g % blocks.max(1));
+        group.copy_from_slice(src);
+        let mut views: Vec<&mut [u8]> = scratch.chunks_exact_mut(bb).collect();
+        shuffle_group(dtype, &mut views, &mut group, false);
+        for i in 0..GROUP_ROWS.min(rows - r) {
+            out[(r + i) * rb + b * bb..][..bb].copy_from_slice(&scratch[i * bb..(i + 1) * bb]);
         }
     }
     out
@@ -182,7 +222,12 @@ pub fn gemm_q8_interleaved(
     }
     assert!(act.len().is_multiple_of(ntok), "{} activations are not {ntok} equal tokens", act.len());
     assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows, "output too small for {ntok} x {nrows}");
-    kquants::gemm_interleaved(level, dtype, w, nrows, act, ntok, out, ldo)
+    match dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
+            legacy::gemm_interleaved(level, dtype, w, nrows, act, ntok, out, ldo)
+        }
+        _ => kquants::gemm_interleaved(level, dtype, w, nrows, act, ntok, out, ldo),
+    }
 }
 
 fn check_tile(w_len: usize, nrows: usize, act_len: usize, ntok: usize, out_len: usize, ldo: usize) {
