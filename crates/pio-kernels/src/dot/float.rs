@@ -269,11 +269,14 @@ mod x86 {
         }
     }
 
+    const R1_AVX512: usize = 8;
+    const R1_AVX2: usize = 6;
+
     /// Walks a `nrows x ntok` block in tiles of `R` rows x (`T` or 1) tokens. Rows past the end of
     /// a partial row tile repeat the tile's first row and their results are dropped, so every
     /// written output comes from the same per-accumulator code.
     macro_rules! tile_driver {
-        ($name:ident, $kernel:ident, $feat:literal, $r:literal, $t:literal) => {
+        ($name:ident, $kernel:ident, $feat:literal, $r:literal, $t:literal, $r1:ident) => {
             #[target_feature(enable = $feat)]
             #[allow(clippy::too_many_arguments)]
             pub unsafe fn $name(
@@ -302,6 +305,20 @@ mod x86 {
                 ) {
                     let rb = w.len() / nrows;
                     let cols = x.len() / ntok;
+                    if ntok == 1 {
+                        // Decode: more rows per tile, so more accumulator chains and more
+                        // streams from memory at once (a pair's operations are the same).
+                        let mut r0 = 0;
+                        while r0 < nrows {
+                            let live = (nrows - r0).min($r1);
+                            let rows: [*const u8; $r1] =
+                                std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+                            let sums = $kernel::<D, $r1, 1>(rows, [x.as_ptr()], cols);
+                            out[r0..r0 + live].copy_from_slice(&sums[0][..live]);
+                            r0 += $r1;
+                        }
+                        return;
+                    }
                     let mut r0 = 0;
                     while r0 < nrows {
                         let live = (nrows - r0).min($r);
@@ -423,8 +440,8 @@ mod x86 {
         sums
     }
 
-    tile_driver!(gemm_avx512, tile512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 4, 4);
-    tile_driver!(gemm_avx2, tile256, "avx2,fma,f16c", 2, 4);
+    tile_driver!(gemm_avx512, tile512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 4, 4, R1_AVX512);
+    tile_driver!(gemm_avx2, tile256, "avx2,fma,f16c", 2, 4, R1_AVX2);
 
     /// Sums of `R` BF16 rows times `T` bf16 tokens, `[token][row]`, 32 columns per `vdpbf16ps`.
     #[inline(always)]

@@ -127,32 +127,60 @@ pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
     rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * (cols / dtype.block_elems()) * dtype.block_bytes()
 }
 
-/// Where byte `at` (inside field `(o, w)`) of row `i`'s block goes in its group's block.
-fn interleaved_at(o: usize, w: usize, at: usize, i: usize) -> usize {
-    if w == 2 {
-        GROUP_ROWS * o + 2 * i + (at - o)
-    } else {
-        GROUP_ROWS * o + 64 * ((at - o) / 4) + 4 * i + (at - o) % 4
-    }
-}
-
-/// Copies between a group's interleaved block and its rows' blocks, in the direction `pack`
-/// says.
-fn shuffle_group(dtype: DType, rows: &mut [&mut [u8]], group: &mut [u8], pack: bool) {
+/// For each 2-byte unit `u` of a group's 16 blocks laid row after row (row `i`'s block at
+/// `i·bb`), the unit it becomes in the group's interleaved block. Every field is a whole number
+/// of 2-byte units.
+fn unit_map(dtype: DType) -> Vec<u32> {
+    let bb = dtype.block_bytes();
     let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
-    for (i, row) in rows.iter_mut().enumerate() {
+    let mut map = vec![0u32; GROUP_ROWS * bb / 2];
+    for i in 0..GROUP_ROWS {
         for &(o, w) in fields {
             for k in (o..o + w).step_by(2) {
-                // Two bytes at a time: every field is a whole number of them.
-                let at = interleaved_at(o, w, k, i);
-                if pack {
-                    group[at..at + 2].copy_from_slice(&row[k..k + 2]);
+                let at = if w == 2 {
+                    GROUP_ROWS * o + 2 * i
                 } else {
-                    row[k..k + 2].copy_from_slice(&group[at..at + 2]);
-                }
+                    GROUP_ROWS * o + 64 * ((k - o) / 4) + 4 * i + (k - o) % 4
+                };
+                map[(i * bb + k) / 2] = (at / 2) as u32;
             }
         }
     }
+    map
+}
+
+/// The bytes of `out`, written by several threads at once, each its own disjoint part.
+struct SharedBytes(*mut u8);
+
+// SAFETY: each range of the split writes only its own groups' bytes, while `out` is borrowed by
+// the function running the split.
+unsafe impl Sync for SharedBytes {}
+
+/// Copies group blocks between the two layouts, split across threads: `pack` reads rows from
+/// `src` and writes interleaved blocks to `dst`, otherwise the other way round.
+fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], pack: bool) {
+    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
+    let rb = blocks * bb;
+    let map = unit_map(dtype);
+    let out = SharedBytes(dst.as_mut_ptr());
+    let out = &out;
+    let n = rows.div_ceil(GROUP_ROWS) * blocks;
+    crate::parallel::for_each_range(n, n * GROUP_ROWS * bb, |g0, g1| {
+        for g in g0..g1 {
+            let (r, b) = (g / blocks * GROUP_ROWS, g % blocks);
+            let group = g * GROUP_ROWS * bb;
+            for i in 0..GROUP_ROWS.min(rows - r) {
+                let row = (r + i) * rb + b * bb;
+                for k in (0..bb).step_by(2) {
+                    let at = group + 2 * map[(i * bb + k) / 2] as usize;
+                    let (from, to) = if pack { (row + k, at) } else { (at, row + k) };
+                    // SAFETY: `to` lies in this range's groups (packing) or rows (unpacking),
+                    // which no other range writes, and inside `dst` (sized by the callers).
+                    unsafe { std::ptr::copy_nonoverlapping(src[from..from + 2].as_ptr(), out.0.add(to), 2) };
+                }
+            }
+        }
+    });
 }
 
 /// A row-major matrix (`rows` rows of `cols` in GGML's layout) rearranged for the decode
@@ -163,44 +191,19 @@ fn shuffle_group(dtype: DType, rows: &mut [&mut [u8]], group: &mut [u8], pack: b
 /// repacked formats do; products are bitwise the same as from the rows, and the size is the
 /// same but for the zero rows that complete the last group.
 pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
-    let rb = blocks * bb;
+    let rb = (cols / dtype.block_elems()) * dtype.block_bytes();
     assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
     let mut out = vec![0u8; interleaved_bytes(dtype, rows, cols)];
-    let mut scratch = vec![0u8; GROUP_ROWS * bb];
-    for (g, dst) in out.chunks_exact_mut(GROUP_ROWS * bb).enumerate() {
-        let (r, b) = ((g / blocks.max(1)) * GROUP_ROWS, g % blocks.max(1));
-        let live = GROUP_ROWS.min(rows - r);
-        for (i, s) in scratch.chunks_exact_mut(bb).enumerate() {
-            if i < live {
-                s.copy_from_slice(&data[(r + i) * rb + b * bb..][..bb]);
-            } else {
-                s.fill(0);
-            }
-        }
-        let mut views: Vec<&mut [u8]> = scratch.chunks_exact_mut(bb).collect();
-        shuffle_group(dtype, &mut views, dst, true);
-    }
+    shuffle(dtype, rows, cols, data, &mut out, true);
     out
 }
 
 /// The rows of an [`interleave`]d matrix, in GGML's layout again.
 pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
-    let rb = blocks * bb;
+    let rb = (cols / dtype.block_elems()) * dtype.block_bytes();
     assert_eq!(data.len(), interleaved_bytes(dtype, rows, cols), "{dtype}: interleaved size of {rows} x {cols}");
     let mut out = vec![0u8; rows * rb];
-    let mut scratch = vec![0u8; GROUP_ROWS * bb];
-    let mut group = vec![0u8; GROUP_ROWS * bb];
-    for (g, src) in data.chunks_exact(GROUP_ROWS * bb).enumerate() {
-        let (r, b) = ((g / blocks.max(1)) * GROUP_ROWS, g % blocks.max(1));
-        group.copy_from_slice(src);
-        let mut views: Vec<&mut [u8]> = scratch.chunks_exact_mut(bb).collect();
-        shuffle_group(dtype, &mut views, &mut group, false);
-        for i in 0..GROUP_ROWS.min(rows - r) {
-            out[(r + i) * rb + b * bb..][..bb].copy_from_slice(&scratch[i * bb..(i + 1) * bb]);
-        }
-    }
+    shuffle(dtype, rows, cols, data, &mut out, false);
     out
 }
 
