@@ -17,6 +17,7 @@ use std::cmp::Ordering;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
+use pio_kernels::math;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -419,7 +420,7 @@ fn top_p_filter_with(logits: &mut [f32], p: f32, scratch: &mut Vec<f32>) {
         logits.iter_mut().filter(|v| **v != f32::INFINITY).for_each(|v| *v = f32::NEG_INFINITY);
         return;
     }
-    let weight = |v: f32| f64::from(exp_weight(v - max));
+    let weight = |v: f32| f64::from(math::exp(v - max));
     let min = min_above_neg_inf(logits);
     let mut threshold = min;
     if logits.len() <= SMALL_ROW {
@@ -465,14 +466,14 @@ fn top_p_threshold_bucketed(logits: &[f32], p: f32, max: f32, min: f32, scratch:
     let scale = BUCKETS as f32 / span;
     // `as usize` saturates (and maps NaN to 0), so this never leaves the array.
     let bucket = |v: f32| (((max - v) * scale) as usize).min(BUCKETS - 1);
-    let weight = |v: f32| f64::from(exp_weight(v - max));
+    let weight = |v: f32| f64::from(math::exp(v - max));
 
     let mut mass = [0.0f64; BUCKETS];
     let mut total = 0.0f64;
     let mut buf = [0.0f32; BLOCK];
     for block in logits.chunks(BLOCK) {
         // -inf and NaN weigh 0 (and land in some bucket harmlessly).
-        let weights = weights_into(block, |v| exp_weight(v - max), &mut buf);
+        let weights = weights_into(block, |v| math::exp(v - max), &mut buf);
         for (&v, &w) in block.iter().zip(weights) {
             mass[bucket(v)] += f64::from(w);
         }
@@ -554,7 +555,7 @@ fn exp_weights_in_place(logits: &mut [f32]) -> f64 {
     if max == f32::INFINITY {
         logits.iter_mut().for_each(|v| *v = inf_weight(*v));
     } else {
-        logits.iter_mut().for_each(|v| *v = exp_weight(*v - max));
+        logits.iter_mut().for_each(|v| *v = math::exp(*v - max));
     }
     sum_f64(logits)
 }
@@ -564,39 +565,6 @@ fn exp_weights_in_place(logits: &mut [f32]) -> f64 {
 fn inf_weight(v: f32) -> f32 {
     if v == f32::INFINITY {
         1.0
-    } else {
-        0.0
-    }
-}
-
-/// `e^x` for `x <= 88` (the argument is always `logit - max <= 0` here), within a few ulp of
-/// [`f32::exp`] but branch-free, so that loops over a vocabulary vectorise: Cephes' `expf`, range
-/// reduction `x = n ln2 + r` with `|r| <= ln2 / 2` and a degree-7 polynomial for `e^r`.
-/// Gives exactly 0 below -87 (where `e^x` is at most ~1.6e-38) and for `-inf` and NaN, so those
-/// carry no probability mass; `exp_weight(0) == 1` exactly.
-#[inline(always)]
-fn exp_weight(x: f32) -> f32 {
-    /// 1.5 * 2^23: adding it rounds an f32 of magnitude < 2^22 to an integer.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Not `clamp`: `max` maps NaN to the bound, which keeps the integer part below in range.
-    #[allow(clippy::manual_clamp)]
-    let xc = x.max(-87.0).min(88.0);
-    let t = xc * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let poly =
-        (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
-            + 0.5)
-            * (r * r)
-            + r
-            + 1.0;
-    // The low mantissa bits of `t` hold n in [-126, 127]; build 2^n directly.
-    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let two_n = f32::from_bits(((n_int + 127) << 23) as u32);
-    if x >= -87.0 {
-        poly * two_n
     } else {
         0.0
     }
@@ -650,7 +618,7 @@ pub fn sample_from_logits<R: Rng + ?Sized>(logits: &[f32], rng: &mut R) -> u32 {
     } else if max == f32::INFINITY {
         draw(logits, inf_weight, sum_weights(logits, inf_weight), rng)
     } else {
-        let weight = |v: f32| exp_weight(v - max);
+        let weight = |v: f32| math::exp(v - max);
         draw(logits, weight, sum_weights(logits, weight), rng)
     }
 }
@@ -733,24 +701,6 @@ mod tests {
         let g = SamplingParams::greedy();
         assert!(g.is_greedy());
         assert_eq!(SamplingParams { temperature: 1.0, ..g }, d);
-    }
-
-    #[test]
-    fn exp_weight_matches_std_exp() {
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (fast, exact) = (exp_weight(x), x.exp());
-            assert!((fast - exact).abs() <= 3e-7 * exact, "x = {x}: {fast} vs {exact}");
-            x += 0.001_37;
-        }
-        for x in [0.0f32, -1e-9, -0.5, -1.0, -10.0, -86.9] {
-            let (fast, exact) = (exp_weight(x), x.exp());
-            assert!((fast - exact).abs() <= 3e-7 * exact, "x = {x}: {fast} vs {exact}");
-        }
-        assert_eq!(exp_weight(0.0), 1.0);
-        assert_eq!(exp_weight(-88.0), 0.0);
-        assert_eq!(exp_weight(NEG_INF), 0.0);
-        assert_eq!(exp_weight(f32::NAN), 0.0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod attention;
 pub mod cpu;
 pub mod dot;
 pub mod dtype;
+pub mod math;
 pub mod matmul;
 pub mod membw;
 pub mod mla;

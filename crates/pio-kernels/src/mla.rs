@@ -363,7 +363,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::CHUNK;
-    use crate::attention::x86::{exp256, exp512};
+    use crate::math::x86::{exp256, exp512};
 
     /// Lane `i` of the result is the sum of the lanes of `a[i]`. Every sum is formed by the same
     /// additions whatever the lane, so a score does not depend on its neighbours.

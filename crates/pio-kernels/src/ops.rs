@@ -180,7 +180,7 @@ pub fn swiglu_at(level: crate::cpu::SimdLevel, gate: &mut [f32], up: &[f32]) {
 mod simd {
     use std::arch::x86_64::*;
 
-    use crate::attention::x86::{exp256, exp512};
+    use crate::math::x86::{exp256, exp512};
 
     /// SwiGLU over whole vectors of 16; returns how many elements it did.
     #[target_feature(enable = "avx512f")]
