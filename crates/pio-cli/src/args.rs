@@ -58,6 +58,12 @@ pub struct ModelArgs {
     /// ones at load for faster decode (as llama.cpp's --no-repack; the results are the same).
     #[arg(long)]
     pub no_repack: bool,
+    /// BF16 weights multiply bf16-rounded activations where the CPU has AVX-512 BF16 (twice the
+    /// f32 rate, as llama.cpp does); false keeps f32 activations, for results that match an f32
+    /// computation over bf16 weights.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "PIO_BF16_ACTIVATIONS",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub bf16_activations: bool,
     /// Element type of the KV cache: f16 (half the memory, llama.cpp's default) or f32.
     #[arg(long, default_value_t = KvCacheDtype::F16)]
     pub kv_cache_dtype: KvCacheDtype,

@@ -97,7 +97,8 @@ pub(crate) fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
             b.set_position(done as u64);
         }
     };
-    let options = pio_model::LoadOptions { quant: args.quant, repack: !args.no_repack };
+    let options =
+        pio_model::LoadOptions { quant: args.quant, repack: !args.no_repack, bf16_activations: args.bf16_activations };
     let loaded = pio_model::load_with(&args.model, &options, &mut progress);
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -1,7 +1,6 @@
 //! BF16 weights with bf16-rounded activations (`vdpbf16ps`, the default where the CPU has
 //! AVX-512 BF16): how far the logits move from transformers' f32 computation, and that a batch
-//! still equals each prompt alone bitwise. A separate test binary because the mode is global to
-//! the process.
+//! still equals each prompt alone bitwise.
 
 use std::path::PathBuf;
 
@@ -23,8 +22,7 @@ fn reference(key: &str) -> Vec<u8> {
 
 #[test]
 fn bf16_activations_stay_near_the_f32_reference() {
-    float::set_bf16_activations(true);
-    if !float::bf16_activations(cpu::level(), DType::BF16) {
+    if !float::bf16_activations(cpu::level(), DType::BF16, true) {
         eprintln!("skipped: bf16 activations need AVX-512 BF16 (level {})", cpu::level().name());
         return;
     }
@@ -60,4 +58,11 @@ fn bf16_activations_stay_near_the_f32_reference() {
     for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
         assert!(b.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()), "prompt {i}: batched differs from alone");
     }
+    // The load option really switches: f32 activations give other logits.
+    let options = pio_model::LoadOptions { bf16_activations: false, ..Default::default() };
+    let f32_model = pio_model::load_with(&fixture(), &options, &mut |_, _| {}).expect("fixture loads");
+    let mut runner = Runner::with_capacity(f32_model.model.as_ref(), 256);
+    let mut seq = Sequence::new(prompts[0].clone());
+    let f32_logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+    assert!(f32_logits.iter().zip(&alone[0]).any(|(x, y)| x != y), "bf16_activations: false changed nothing");
 }

@@ -12,11 +12,15 @@ use pio_engine::sampler::SamplingParams;
 use pio_model::{CausalLm, KvCacheDtype};
 use safetensors::SafeTensors;
 
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name)
+}
+
 /// The fixtures were computed in f32 over bf16 weights, so bf16 weights here multiply f32
 /// activations (tests/bf16_activations.rs checks the faster bf16-activation mode).
-fn fixture(name: &str) -> PathBuf {
-    pio_kernels::dot::float::set_bf16_activations(false);
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name)
+fn load(path: &std::path::Path) -> pio_model::LoadedModel {
+    let options = pio_model::LoadOptions { bf16_activations: false, ..Default::default() };
+    pio_model::load_with(path, &options, &mut |_, _| {}).expect("fixture loads")
 }
 
 struct Reference {
@@ -71,7 +75,7 @@ const FAMILIES: [&str; 6] = ["qwen3", "qwen3-bf16-untied", "qwen2", "llama", "qw
 #[test]
 fn logits_match_transformers() {
     for name in FAMILIES {
-        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let loaded = load(&fixture(name));
         let r = Reference::open(name);
         let model = loaded.model.as_ref();
         let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
@@ -86,7 +90,7 @@ fn f16_cache_stays_within_f16_precision() {
     // f16 keeps 11 significant bits: every cached key and value moves by up to 2^-12 of itself,
     // which these models carry to ~5e-4 of the largest logit. The bound is 20x the f32 one.
     for name in FAMILIES {
-        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let loaded = load(&fixture(name));
         let r = Reference::open(name);
         let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
         assert_eq!(runner.cache_mut().dtype(), KvCacheDtype::F16, "the default cache");
@@ -99,7 +103,7 @@ fn f16_cache_stays_within_f16_precision() {
 #[test]
 fn batch_of_prompts_matches_each_alone() {
     for name in FAMILIES {
-        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let loaded = load(&fixture(name));
         let r = Reference::open(name);
         let keys = ["input_ids", "batch1_input_ids", "batch2_input_ids", "batch3_input_ids"];
         let refs = ["logits", "batch1_logits", "batch2_logits", "batch3_logits"];
@@ -134,7 +138,7 @@ fn batch_of_prompts_matches_each_alone() {
 #[test]
 fn greedy_continuations_match_transformers() {
     for name in FAMILIES {
-        let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+        let loaded = load(&fixture(name));
         let r = Reference::open(name);
         let want = r.ids("greedy_ids");
         let params = GenerateParams {
@@ -154,7 +158,7 @@ fn greedy_continuations_match_transformers() {
 fn prompt_split_across_steps_matches_one_pass() {
     // The cache is the only memory: the prompt run in two chunks gives the same last logits.
     let name = "qwen3";
-    let loaded = pio_model::load(&fixture(name), &mut |_, _| {}).expect("fixture loads");
+    let loaded = load(&fixture(name));
     let r = Reference::open(name);
     let ids = r.ids("input_ids");
     let model = loaded.model.as_ref();
@@ -210,7 +214,7 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
-    let loaded = pio_model::load(&dir, &mut |_, _| {}).expect("sharded loads");
+    let loaded = load(&dir);
     let r = Reference::open(name);
     let model = loaded.model.as_ref();
     let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));

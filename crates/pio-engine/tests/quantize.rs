@@ -206,8 +206,12 @@ fn qwen2_llama_and_untied_files_match_too() {
 fn repacked_weights_give_the_same_logits() {
     for quant in [DType::Q4_K, DType::Q6_K, DType::Q5_K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
         let with = |repack| {
-            pio_model::load_with(&fixture(), &LoadOptions { quant: Some(quant), repack }, &mut |_, _| {})
-                .expect("model loads")
+            pio_model::load_with(
+                &fixture(),
+                &LoadOptions { quant: Some(quant), repack, ..Default::default() },
+                &mut |_, _| {},
+            )
+            .expect("model loads")
         };
         let (packed, rows) = (with(true), with(false));
         assert_eq!(rows.info.repacked, None, "{quant}");

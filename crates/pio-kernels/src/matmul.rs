@@ -26,12 +26,14 @@ pub struct WeightView<'a> {
     /// [`dot::interleaved_bytes`] in [`Layout::Interleaved`].
     pub data: &'a [u8],
     pub layout: Layout,
+    /// BF16 only: multiply bf16-rounded activations where the CPU can ([`float::bf16_activations`]).
+    pub bf16_activations: bool,
 }
 
 impl<'a> WeightView<'a> {
     /// A matrix of rows in GGML's layout.
     pub fn rows(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> WeightView<'a> {
-        WeightView { dtype, rows, cols, data, layout: Layout::Rows }
+        WeightView { dtype, rows, cols, data, layout: Layout::Rows, bf16_activations: false }
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -72,7 +74,7 @@ const _: () = assert!(ROWS_PER_TILE.is_multiple_of(dot::GROUP_ROWS));
 ///
 /// Block-quantized weights dot with activations quantized once per call to 8 bits
 /// ([`Q8Block`]); float weights dot with f32 activations (bf16-rounded ones for BF16 weights
-/// where [`float::bf16_activations`] says so). Split across threads by weight rows, so each core
+/// where the matrix asks for them and [`float::bf16_activations`] allows). Split across threads by weight rows, so each core
 /// streams its own part of the matrix; within a thread, tiles of rows x tokens reuse each
 /// decoded weight block for several tokens. Each output is bitwise independent of `n` and of
 /// the other tokens (see [`dot`]).
@@ -157,8 +159,11 @@ fn matmul_multi_into(
             let users = || ws.iter().zip(input_of).filter(move |(_, &j)| j == i).map(|(w, _)| w);
             let acts =
                 if users().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
-            let xb =
-                if users().any(|w| float::bf16_activations(level, w.dtype)) { float::to_bf16(x) } else { Vec::new() };
+            let xb = if users().any(|w| float::bf16_activations(level, w.dtype, w.bf16_activations)) {
+                float::to_bf16(x)
+            } else {
+                Vec::new()
+            };
             (acts, xb)
         })
         .collect();
@@ -202,7 +207,7 @@ fn matmul_multi_into(
                     let rows = &w.data[ra * rb..rz * rb];
                     if dot::uses_q8_activations(w.dtype) {
                         dot::gemm_q8(level, w.dtype, rows, rz - ra, &acts[t0 * nb..t1 * nb], t1 - t0, out, width);
-                    } else if float::bf16_activations(level, w.dtype) {
+                    } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
                         float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, width);
                     } else {
                         dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, width);
@@ -323,7 +328,7 @@ mod tests {
                 let view = |i: usize, layout: Layout| {
                     let (dtype, rows, cols) = shapes[i];
                     let data = if layout == Layout::Rows { &datas[i] } else { &packed[i] };
-                    WeightView { dtype, rows, cols, data, layout }
+                    WeightView { dtype, rows, cols, data, layout, bf16_activations: false }
                 };
                 for i in 0..shapes.len() {
                     let (mut a, mut b) = (vec![0f32; n * shapes[i].1], vec![0f32; n * shapes[i].1]);

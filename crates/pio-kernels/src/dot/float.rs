@@ -96,35 +96,13 @@ pub fn gemm(
 }
 
 /// Whether BF16 rows at `level` multiply bf16-rounded activations with `vdpbf16ps` (AVX-512
-/// BF16: two products per lane per instruction, twice the f32 FMA rate). This is what llama.cpp
-/// (and any engine computing "in bf16") does for BF16 weights: each activation loses its low 16
-/// bits (relative error <= 2^-9). On by default where the CPU has AVX-512 BF16; turned off with
-/// `PIO_BF16_ACTIVATIONS=0` or [`set_bf16_activations`] for results that match an f32
-/// computation over bf16 weights (the parity tests do). Other levels always keep f32.
-pub fn bf16_activations(level: SimdLevel, dtype: DType) -> bool {
-    dtype == DType::BF16 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16() && bf16_activations_enabled()
-}
-
-/// 0: not decided yet (read `PIO_BF16_ACTIVATIONS`), 1: off, 2: on.
-static BF16_ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-fn bf16_activations_enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match BF16_ACTIVATIONS.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = !matches!(std::env::var("PIO_BF16_ACTIVATIONS").as_deref(), Ok("0" | "false" | "off" | "no"));
-            BF16_ACTIVATIONS.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-    }
-}
-
-/// Turns bf16 activations for BF16 weights on or off for the whole process (see
-/// [`bf16_activations`]).
-pub fn set_bf16_activations(on: bool) {
-    BF16_ACTIVATIONS.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+/// BF16: two products per lane per instruction, twice the f32 FMA rate) when the matrix asks for
+/// it (`wanted`, [`crate::matmul::WeightView::bf16_activations`]). This is what llama.cpp (and
+/// any engine computing "in bf16") does for BF16 weights: each activation loses its low 16 bits
+/// (relative error <= 2^-9). Other levels, and matrices that do not ask, keep f32 activations,
+/// whose results match an f32 computation over bf16 weights.
+pub fn bf16_activations(level: SimdLevel, dtype: DType, wanted: bool) -> bool {
+    wanted && dtype == DType::BF16 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16()
 }
 
 /// `x` rounded to bf16 (to nearest even), as the bits [`gemm_bf16`] takes.
@@ -136,7 +114,7 @@ pub fn to_bf16(x: &[f32]) -> Vec<u16> {
 /// `out[t * ldo + r]`. Only where [`bf16_activations`] says so.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(level: SimdLevel, w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
-    assert!(bf16_activations(level, DType::BF16), "vdpbf16ps is not available at {level:?}");
+    assert!(bf16_activations(level, DType::BF16, true), "vdpbf16ps is not available at {level:?}");
     assert!(nrows > 0 && ntok > 0 && w.len().is_multiple_of(nrows) && xb.len().is_multiple_of(ntok));
     assert_eq!(w.len() / nrows, 2 * (xb.len() / ntok), "row and activation widths differ");
     assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
@@ -627,7 +605,7 @@ mod tests {
 
     #[test]
     fn bf16_gemm_matches_the_reference_and_is_batch_invariant() {
-        let Some(level) = SimdLevel::available().into_iter().find(|&l| bf16_activations(l, DType::BF16)) else {
+        let Some(level) = SimdLevel::available().into_iter().find(|&l| bf16_activations(l, DType::BF16, true)) else {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         };

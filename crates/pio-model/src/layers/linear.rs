@@ -13,9 +13,23 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out_features]`.
     pub bias: Option<Vec<f32>>,
+    /// BF16 weights only: multiply bf16-rounded activations where the CPU has AVX-512 BF16
+    /// (see [`pio_kernels::dot::float::bf16_activations`]); chosen at load
+    /// ([`crate::LoadOptions::bf16_activations`]).
+    pub bf16_activations: bool,
 }
 
 impl Linear {
+    /// A projection with f32 activations.
+    pub fn new(weight: Tensor, bias: Option<Vec<f32>>) -> Linear {
+        Linear { weight, bias, bf16_activations: false }
+    }
+
+    /// The weight as the kernels take it.
+    pub fn view(&self) -> matmul::WeightView<'_> {
+        matmul::WeightView { bf16_activations: self.bf16_activations, ..self.weight.matrix() }
+    }
+
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the checkpoint.
     pub fn load(
         ckpt: &mut Checkpoint,
@@ -26,7 +40,7 @@ impl Linear {
     ) -> Result<Linear> {
         let weight = ckpt.take(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let bias = if bias { Some(ckpt.take(&format!("{prefix}.bias"), &[out_features])?.to_f32_vec()) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     pub fn in_features(&self) -> usize {
@@ -45,7 +59,7 @@ impl Linear {
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let n = x.len() / self.in_features();
         let mut y = vec![0f32; n * self.out_features()];
-        matmul::matmul(self.weight.matrix(), x, n, &mut y);
+        matmul::matmul(self.view(), x, n, &mut y);
         if let Some(b) = &self.bias {
             ops::add_bias_rows(&mut y, b);
         }
@@ -57,7 +71,7 @@ impl Linear {
     pub fn forward_many(layers: &[&Linear], x: &[f32]) -> Vec<Vec<f32>> {
         let Some(first) = layers.first() else { return Vec::new() };
         let n = x.len() / first.in_features();
-        let views: Vec<_> = layers.iter().map(|l| l.weight.matrix()).collect();
+        let views: Vec<_> = layers.iter().map(|l| l.view()).collect();
         let mut ys = matmul::matmul_many(&views, x, n);
         for (y, l) in ys.iter_mut().zip(layers) {
             if let Some(b) = &l.bias {
@@ -72,7 +86,7 @@ impl Linear {
     /// [`matmul::matmul_multi`]): the experts of a mixture, the heads of latent attention.
     /// Each output equals its own [`Linear::forward`] bitwise.
     pub fn forward_each(layers: &[&Linear], input_of: &[usize], inputs: &[(&[f32], usize)]) -> Vec<Vec<f32>> {
-        let views: Vec<_> = layers.iter().map(|l| l.weight.matrix()).collect();
+        let views: Vec<_> = layers.iter().map(|l| l.view()).collect();
         let mut ys = matmul::matmul_multi(&views, input_of, inputs);
         for (y, l) in ys.iter_mut().zip(layers) {
             if let Some(b) = &l.bias {

@@ -84,13 +84,13 @@ impl LatentAttention {
             let kv_b = ckpt.take(&format!("{p}.kv_b_proj.weight"), &[nh * (nope + v), r])?;
             let per = nope + v;
             let k_up_t = (0..nh).map(|hh| transposed(&kv_b.slice_outer(hh * per, nope))).collect();
-            let v_up = (0..nh).map(|hh| Linear { weight: kv_b.slice_outer(hh * per + nope, v), bias: None }).collect();
+            let v_up = (0..nh).map(|hh| Linear::new(kv_b.slice_outer(hh * per + nope, v), None)).collect();
             (k_up_t, v_up)
         } else {
             let k_b = ckpt.take(&format!("{p}.k_b_proj.weight"), &[nh * r, nope])?;
             let v_b = ckpt.take(&format!("{p}.v_b_proj.weight"), &[nh * v, r])?;
-            let k_up_t = (0..nh).map(|hh| Linear { weight: k_b.slice_outer(hh * r, r), bias: None }).collect();
-            let v_up = (0..nh).map(|hh| Linear { weight: v_b.slice_outer(hh * v, v), bias: None }).collect();
+            let k_up_t = (0..nh).map(|hh| Linear::new(k_b.slice_outer(hh * r, r), None)).collect();
+            let v_up = (0..nh).map(|hh| Linear::new(v_b.slice_outer(hh * v, v), None)).collect();
             (k_up_t, v_up)
         };
         let o_proj = linear(ckpt, "o_proj", nh * v, h, c.o_bias)?;
@@ -256,8 +256,5 @@ fn transposed(t: &Tensor) -> Linear {
     };
     let mut bytes = vec![0u8; rows * cols * dtype.block_bytes()];
     quant::quantize_row(dtype, &tr, &mut bytes);
-    Linear {
-        weight: Tensor { dtype, shape: vec![cols, rows], storage: Storage::Owned(std::sync::Arc::new(bytes)) },
-        bias: None,
-    }
+    Linear::new(Tensor { dtype, shape: vec![cols, rows], storage: Storage::Owned(std::sync::Arc::new(bytes)) }, None)
 }

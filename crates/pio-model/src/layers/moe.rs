@@ -475,14 +475,14 @@ mod tests {
         let mut mat = |rows: usize, cols: usize| {
             let v: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed) * 0.5).collect();
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Linear {
-                weight: Tensor {
+            Linear::new(
+                Tensor {
                     dtype: pio_kernels::DType::F32,
                     shape: vec![rows, cols],
                     storage: Storage::Owned(Arc::new(bytes)),
                 },
-                bias: None,
-            }
+                None,
+            )
         };
         let mut mlp = || Mlp { gate_proj: mat(inter, h), up_proj: mat(inter, h), down_proj: mat(h, inter) };
         let experts: Vec<Mlp> = (0..ne).map(|_| mlp()).collect();

@@ -58,6 +58,8 @@ enum AttentionBlock {
     Latent(LatentAttention),
 }
 
+// One per layer, built once: the size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum FeedForward {
     Dense(Mlp),
@@ -129,7 +131,7 @@ impl DecoderModel {
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints also save the head; the embedding is what is used.
             ckpt.discard("lm_head.weight");
-            Linear { weight: embed_tokens.clone(), bias: None }
+            Linear::new(embed_tokens.clone(), None)
         } else {
             Linear::load(&mut ckpt, "lm_head", h, c.vocab_size, false)?
         };
@@ -160,6 +162,27 @@ impl DecoderModel {
     /// only with `routed_experts`: they otherwise stay mapped and are read only when chosen.
     /// Returns how many matrices and bytes were rearranged.
     pub fn interleave_weights(&mut self, routed_experts: bool) -> (usize, usize) {
+        let (mut count, mut bytes) = (0, 0);
+        for l in self.linears_mut(routed_experts) {
+            if l.weight.interleave() {
+                count += 1;
+                bytes += l.weight.bytes().len();
+            }
+        }
+        (count, bytes)
+    }
+
+    /// Has every BF16 matrix multiply bf16-rounded activations where the CPU can (`on`), or f32
+    /// ones (see [`Linear::bf16_activations`]).
+    pub fn set_bf16_activations(&mut self, on: bool) {
+        for l in self.linears_mut(true) {
+            l.bf16_activations = on;
+        }
+    }
+
+    /// The LM head and every layer matrix (routed experts only with `routed_experts`), to
+    /// change at load.
+    fn linears_mut(&mut self, routed_experts: bool) -> Vec<&mut Linear> {
         let mut all: Vec<&mut Linear> = vec![&mut self.lm_head];
         for l in &mut self.layers {
             match &mut l.self_attn {
@@ -171,14 +194,7 @@ impl DecoderModel {
                 FeedForward::Sparse(m) => all.extend(m.linears_mut(routed_experts)),
             }
         }
-        let (mut count, mut bytes) = (0, 0);
-        for l in all {
-            if l.weight.interleave() {
-                count += 1;
-                bytes += l.weight.bytes().len();
-            }
-        }
-        (count, bytes)
+        all
     }
 
     /// Format and bytes of every weight matrix, for reports.

@@ -114,11 +114,13 @@ impl Tensor {
         Tensor { dtype: self.dtype, shape, storage }
     }
 
-    /// The tensor as a matrix `[rows, cols]` (1-D tensors are one row), in its layout.
+    /// The tensor as a matrix `[rows, cols]` (1-D tensors are one row), in its layout, with f32
+    /// activations (see [`crate::layers::Linear::view`]).
     pub fn matrix(&self) -> WeightView<'_> {
         let cols = self.shape.last().copied().unwrap_or(1);
         let layout = if self.is_rows() { Layout::Rows } else { Layout::Interleaved };
-        WeightView { dtype: self.dtype, rows: self.numel() / cols.max(1), cols, data: self.bytes(), layout }
+        let rows = self.numel() / cols.max(1);
+        WeightView { dtype: self.dtype, rows, cols, data: self.bytes(), layout, bf16_activations: false }
     }
 }
 
