@@ -476,6 +476,19 @@ mod x86 {
         const T: usize = 4;
         let rb = w.len() / nrows;
         let cols = xb.len() / ntok;
+        if ntok == 1 {
+            // Decode: more rows per tile, as in `tile_driver` (a pair's operations are the same).
+            let mut r0 = 0;
+            while r0 < nrows {
+                let live = (nrows - r0).min(R1_AVX512);
+                let rows: [*const u8; R1_AVX512] =
+                    std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+                let sums = tile_bf16::<R1_AVX512, 1>(rows, [xb.as_ptr()], cols);
+                out[r0..r0 + live].copy_from_slice(&sums[0][..live]);
+                r0 += R1_AVX512;
+            }
+            return;
+        }
         let mut r0 = 0;
         while r0 < nrows {
             // Rows past the end of a partial tile repeat its first row; their sums are dropped.

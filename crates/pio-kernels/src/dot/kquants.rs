@@ -1680,11 +1680,19 @@ mod tiled {
         /// Super-block `s` of rows `r0..r0 + LANES` (`live` of them real; the other lanes
         /// compute something that is dropped).
         unsafe fn block(self, r0: usize, live: usize, s: usize) -> Self::Src;
-        /// Asks for the memory of super-block `s + ahead` of the group at `r0` early. Rows
-        /// through their own pointers need nothing: the hardware follows 16 streams at once,
-        /// but a single interleaved stream is followed too shallowly to keep the memory busy.
-        #[inline(always)]
-        unsafe fn prefetch(self, _r0: usize, _s: usize) {}
+        /// Asks early for memory the one-token walk reads a little later, while it reads
+        /// super-block `s` of the `step` rows from `r0`: the hardware follows a single
+        /// interleaved stream, or rows of a few super-blocks (experts), too shallowly to keep the
+        /// memory busy.
+        unsafe fn prefetch(self, r0: usize, step: usize, s: usize);
+    }
+
+    /// Prefetches the `bytes` at `p` (a prefetch never faults, wherever it points).
+    #[inline(always)]
+    unsafe fn prefetch_bytes(p: *const u8, bytes: usize) {
+        for line in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
+        }
     }
 
     /// How many super-blocks of a row group ahead the interleaved kernels prefetch: 4 decoded
@@ -1712,6 +1720,12 @@ mod tiled {
             }
             RowPtrs(rows)
         }
+        #[inline(always)]
+        unsafe fn prefetch(self, r0: usize, step: usize, s: usize) {
+            // The rows of a walk step are contiguous: while this step reads its super-block `s`,
+            // ask for the same share of the next step's rows.
+            prefetch_bytes(self.w.wrapping_add((r0 + step) * self.rb + s * step * self.bb), step * self.bb);
+        }
     }
 
     /// The interleaved layout: group `g`'s super-block `s` is the `16·bb` bytes at
@@ -1732,14 +1746,9 @@ mod tiled {
             Packed { block: self.w.add((g * self.supers + s) * ROWS * self.bb), lane }
         }
         #[inline(always)]
-        unsafe fn prefetch(self, r0: usize, s: usize) {
+        unsafe fn prefetch(self, r0: usize, _step: usize, s: usize) {
             let bytes = ROWS * self.bb;
-            // Past the end of the matrix this points nowhere in particular; a prefetch never
-            // faults.
-            let p = self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes);
-            for line in (0..bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
-            }
+            prefetch_bytes(self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes), bytes);
         }
     }
 
@@ -2151,7 +2160,7 @@ mod tiled {
             let parts = live.div_ceil(S::LANES);
             let mut v = [S::zero_f(); ROWS / 8];
             for s in 0..supers {
-                m.prefetch(r0, s);
+                m.prefetch(r0, step, s);
                 let a = act.as_ptr().add(s * ACT_PER_SUPER);
                 for (h, v) in v.iter_mut().enumerate().take(parts) {
                     let r = r0 + h * S::LANES;
