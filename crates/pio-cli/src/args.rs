@@ -203,7 +203,8 @@ pub struct BenchArgs {
     /// Tokens to decode for the decode measurement.
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
-    /// Prompts run together in the prefill forward.
+    /// Prompts run together in the prefill forward; above 1, also a batched decode of this many
+    /// sequences stepping together (aggregate tokens/s).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Runs of each measurement; the best is reported.
