@@ -127,28 +127,6 @@ pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
     rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * (cols / dtype.block_elems()) * dtype.block_bytes()
 }
 
-/// For each 2-byte unit `u` of a group's 16 blocks laid row after row (row `i`'s block at
-/// `i·bb`), the unit it becomes in the group's interleaved block. Every field is a whole number
-/// of 2-byte units.
-fn unit_map(dtype: DType) -> Vec<u32> {
-    let bb = dtype.block_bytes();
-    let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
-    let mut map = vec![0u32; GROUP_ROWS * bb / 2];
-    for i in 0..GROUP_ROWS {
-        for &(o, w) in fields {
-            for k in (o..o + w).step_by(2) {
-                let at = if w == 2 {
-                    GROUP_ROWS * o + 2 * i
-                } else {
-                    GROUP_ROWS * o + 64 * ((k - o) / 4) + 4 * i + (k - o) % 4
-                };
-                map[(i * bb + k) / 2] = (at / 2) as u32;
-            }
-        }
-    }
-    map
-}
-
 /// The bytes of `out`, written by several threads at once, each its own disjoint part.
 struct SharedBytes(*mut u8);
 
@@ -157,11 +135,15 @@ struct SharedBytes(*mut u8);
 unsafe impl Sync for SharedBytes {}
 
 /// Copies group blocks between the two layouts, split across threads: `pack` reads rows from
-/// `src` and writes interleaved blocks to `dst`, otherwise the other way round.
+/// `src` and writes interleaved blocks to `dst`, otherwise the other way round. Dword fields move
+/// four bytes at a time, f16 fields two.
 fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], pack: bool) {
     let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
     let rb = blocks * bb;
-    let map = unit_map(dtype);
+    let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
+    let (rows_len, packed_len) = (rows * rb, interleaved_bytes(dtype, rows, cols));
+    let (src_len, dst_len) = if pack { (rows_len, packed_len) } else { (packed_len, rows_len) };
+    assert!(src.len() == src_len && dst.len() == dst_len, "{dtype}: {rows} x {cols} in the wrong sizes");
     let out = SharedBytes(dst.as_mut_ptr());
     let out = &out;
     let n = rows.div_ceil(GROUP_ROWS) * blocks;
@@ -171,12 +153,20 @@ fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], p
             let group = g * GROUP_ROWS * bb;
             for i in 0..GROUP_ROWS.min(rows - r) {
                 let row = (r + i) * rb + b * bb;
-                for k in (0..bb).step_by(2) {
-                    let at = group + 2 * map[(i * bb + k) / 2] as usize;
-                    let (from, to) = if pack { (row + k, at) } else { (at, row + k) };
-                    // SAFETY: `to` lies in this range's groups (packing) or rows (unpacking),
-                    // which no other range writes, and inside `dst` (sized by the callers).
-                    unsafe { std::ptr::copy_nonoverlapping(src[from..from + 2].as_ptr(), out.0.add(to), 2) };
+                for &(o, w) in fields {
+                    let unit = if w == 2 { 2 } else { 4 };
+                    for k in (0..w).step_by(unit) {
+                        let at = if w == 2 {
+                            group + GROUP_ROWS * o + 2 * i
+                        } else {
+                            group + GROUP_ROWS * o + 16 * k + 4 * i
+                        };
+                        let (from, to) = if pack { (row + o + k, at) } else { (at, row + o + k) };
+                        // SAFETY: `from + unit` lies in `src` and `to + unit` in `dst` (both sizes
+                        // were asserted against the layouts above); `to` lies in this range's
+                        // groups (packing) or their rows (unpacking), which no other range writes.
+                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(from), out.0.add(to), unit) };
+                    }
                 }
             }
         }
