@@ -25,7 +25,12 @@
 //! Q5_K and Q6_K, each super-block of 16 rows is transposed and unpacked once into columns with
 //! one row per 32-bit lane, then meets every token of the tile, 16 rows per instruction, with
 //! floats applied once per (Q8Block, token) for all 16 rows (see `tiled`). Q3_K and Q2_K use one
-//! [`dot_q8`] per pair.
+//! [`dot_q8`] per pair. [`gemm_interleaved`] does the same over matrices repacked at load
+//! ([`super::interleave`]), whose columns are plain loads. A single token (decode) skips the
+//! unpacked buffer: Q4_K and Q6_K super-blocks are unpacked in registers and used at once (8 rows
+//! per AVX2 register, 16 per AVX-512 one), with the tile's float steps, so the bits are the same,
+//! and the next memory is prefetched (the hardware follows one interleaved stream, or short expert
+//! rows, too shallowly).
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;

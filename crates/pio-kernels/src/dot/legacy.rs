@@ -34,7 +34,9 @@
 //!
 //! [`gemm`] computes tiles of many rows times many tokens (prefill, and decode over many rows)
 //! with kernels that unpack a block of 8 or 16 rows once and reuse it for up to 64 tokens,
-//! batch invariant and bitwise the same at every level (see its docs).
+//! batch invariant and bitwise the same at every level (see its docs). [`gemm_interleaved`] runs
+//! the same kernels over matrices repacked at load ([`crate::dot::interleave`]): the unpacking
+//! loads columns instead of transposing rows, and the walk prefetches ahead.
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
