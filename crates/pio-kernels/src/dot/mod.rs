@@ -175,7 +175,7 @@ fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], p
 
 /// A row-major matrix (`rows` rows of `cols` in GGML's layout) rearranged for the decode
 /// kernels: groups of 16 rows, and within a group block by block, each block's fields
-/// ([`segments`]) side by side for the 16 rows: dword `c` of a field at bytes `64c + 4i` (row
+/// (see `segments`) side by side for the 16 rows: dword `c` of a field at bytes `64c + 4i` (row
 /// `i`), an f16 scale at `2i`. A kernel then loads a column (one dword of 16 rows) with one
 /// instruction instead of transposing rows on every call, as llama.cpp's and ik_llama.cpp's
 /// repacked formats do; products are bitwise the same as from the rows, and the size is the
