@@ -2079,7 +2079,7 @@ mod tiled {
     /// The tile of `dtype` over `m`, with the one-token kernels at `One` (which may be a
     /// narrower ISA) for a single token.
     #[inline(always)]
-    unsafe fn by_format<S: Isa, One: Isa, M: Mat, const TT: usize>(
+    unsafe fn by_format<S: Isa, One: Isa, M: Mat, const TT: usize, const TT6: usize>(
         dtype: DType,
         m: M,
         nrows: usize,
@@ -2093,8 +2093,8 @@ mod tiled {
             DType::Q6_K if ntok == 1 => drive_one::<One, M, Q6K>(m, nrows, act, out),
             DType::Q4_K => drive::<S, M, Q4K, TT>(m, nrows, act, ntok, out, ldo),
             DType::Q5_K => drive::<S, M, Q5K, TT>(m, nrows, act, ntok, out, ldo),
-            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => drive::<S, M, Q6K_SIGNED, TT>(m, nrows, act, ntok, out, ldo),
-            DType::Q6_K => drive::<S, M, Q6K, TT>(m, nrows, act, ntok, out, ldo),
+            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => drive::<S, M, Q6K_SIGNED, TT6>(m, nrows, act, ntok, out, ldo),
+            DType::Q6_K => drive::<S, M, Q6K, TT6>(m, nrows, act, ntok, out, ldo),
             other => panic!("{other} has no tiled kernel"),
         }
     }
@@ -2102,7 +2102,7 @@ mod tiled {
     /// The matrix `w` of `nrows` rows as the kernels walk it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize>(
+    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize, const TT6: usize>(
         dtype: DType,
         w: &[u8],
         nrows: usize,
@@ -2116,10 +2116,10 @@ mod tiled {
         let bb = dtype.block_bytes();
         if interleaved {
             let m = Interleaved { w: w.as_ptr(), supers, bb };
-            by_format::<S, One, _, TT>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, One, _, TT, TT6>(dtype, m, nrows, act, ntok, out, ldo)
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
-            by_format::<S, One, _, TT>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, One, _, TT, TT6>(dtype, m, nrows, act, ntok, out, ldo)
         }
     }
 
@@ -2138,7 +2138,7 @@ mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Ymm8, Ymm8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Ymm8, Ymm8, 4, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2155,7 +2155,7 @@ mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<false>, Zmm<false>, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<false>, Zmm<false>, 8, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2172,7 +2172,7 @@ mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<true>, Zmm<true>, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<true>, Zmm<true>, 8, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.
