@@ -31,8 +31,11 @@ fn main() -> ExitCode {
             eprintln!("error: --threads must be at least 1");
             return ExitCode::FAILURE;
         }
-        // Read once by the kernels' thread pool; set before any kernel runs (no threads yet).
-        std::env::set_var("PIO_THREADS", n.to_string());
+        // Before any kernel runs: the pool is made at the first split.
+        if !pio_kernels::parallel::set_num_threads(n) {
+            eprintln!("error: the thread count was fixed before --threads could set it");
+            return ExitCode::FAILURE;
+        }
     }
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,10 +79,21 @@ const CALLER_SPIN: Duration = Duration::from_micros(50);
 /// Below this much work (a rough count of operations) per thread, a split does not pay.
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
 
-/// Number of worker threads: `PIO_THREADS` if set, else the available cores.
+/// The thread count, fixed by [`set_num_threads`] or at the first split.
+static THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Fixes the number of threads the kernels split work across (the pool is made with them at
+/// the first split), for callers that configure it explicitly, as the CLI's `--threads` does.
+/// Returns false, changing nothing, when the count was already fixed (a split ran, or a previous
+/// call) or `n` is 0.
+pub fn set_num_threads(n: usize) -> bool {
+    n > 0 && THREADS.set(n).is_ok()
+}
+
+/// Number of worker threads: what [`set_num_threads`] fixed, else `PIO_THREADS` if set, else the
+/// available cores.
 pub fn num_threads() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
+    *THREADS.get_or_init(|| {
         std::env::var("PIO_THREADS")
             .ok()
             .and_then(|s| s.parse::<usize>().ok())
@@ -457,6 +468,12 @@ mod tests {
             assert!(b - a <= n.div_ceil(parts.max(1)), "n={n} parts={parts}: {ranges:?}");
         }
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n} parts={parts}");
+    }
+
+    #[test]
+    fn zero_threads_are_refused() {
+        assert!(!set_num_threads(0));
+        assert!(num_threads() >= 1);
     }
 
     #[test]
