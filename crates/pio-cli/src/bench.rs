@@ -90,8 +90,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             let start = Instant::now();
             for _ in 0..a.gen_tokens {
                 for (s, l) in refs.iter_mut().zip(&logits) {
-                    let next = l.iter().enumerate().fold(0, |b, (i, &x)| if x > l[b] { i } else { b });
-                    s.token_ids.push(next as u32);
+                    s.token_ids.push(pio_engine::sampler::argmax(l));
                 }
                 logits = runner.step(&mut refs, Logits::Last)?;
             }

@@ -5,16 +5,7 @@ use crate::cpu::{self, SimdLevel};
 use crate::dot::float;
 use crate::{dot, parallel, quant, DType};
 
-/// How a matrix's stored rows are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Layout {
-    /// GGML's (and every checkpoint's): row after row.
-    #[default]
-    Rows,
-    /// Groups of 16 rows interleaved dword by dword for the decode kernels
-    /// ([`dot::interleave`]); Q4_K, Q5_K and Q6_K.
-    Interleaved,
-}
+pub use crate::dot::Layout;
 
 /// A weight matrix `[rows, cols]` in any [`DType`], borrowed from its storage.
 #[derive(Debug, Clone, Copy)]
@@ -197,16 +188,14 @@ fn matmul_multi_into(
                 for ra in (r0..r1).step_by(ROWS_PER_TILE) {
                     let rz = (ra + ROWS_PER_TILE).min(r1);
                     let out = &mut part[t0 * width + (ra - r0)..];
-                    if w.layout == Layout::Interleaved {
+                    let rows = match w.layout {
+                        Layout::Rows => &w.data[ra * rb..rz * rb],
                         // Row tiles start at whole groups (ROWS_PER_TILE is a multiple of G).
-                        let rows = &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes];
-                        let acts = &acts[t0 * nb..t1 * nb];
-                        dot::gemm_q8_interleaved(level, w.dtype, rows, rz - ra, acts, t1 - t0, out, width);
-                        continue;
-                    }
-                    let rows = &w.data[ra * rb..rz * rb];
+                        Layout::Interleaved => &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes],
+                    };
                     if dot::uses_q8_activations(w.dtype) {
-                        dot::gemm_q8(level, w.dtype, rows, rz - ra, &acts[t0 * nb..t1 * nb], t1 - t0, out, width);
+                        let acts = &acts[t0 * nb..t1 * nb];
+                        dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, width);
                     } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
                         float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, width);
                     } else {

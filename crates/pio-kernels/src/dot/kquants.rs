@@ -25,7 +25,7 @@
 //! Q5_K and Q6_K, each super-block of 16 rows is transposed and unpacked once into columns with
 //! one row per 32-bit lane, then meets every token of the tile, 16 rows per instruction, with
 //! floats applied once per (Q8Block, token) for all 16 rows (see `tiled`). Q3_K and Q2_K use one
-//! [`dot_q8`] per pair. [`gemm_interleaved`] does the same over matrices repacked at load
+//! [`dot_q8`] per pair. [`gemm`] does the same over matrices repacked at load
 //! ([`super::interleave`]), whose columns are plain loads. A single token (decode) skips the
 //! unpacked buffer: Q4_K and Q6_K super-blocks are unpacked in registers and used at once (8 rows
 //! per AVX2 register, 16 per AVX-512 one), with the tile's float steps, so the bits are the same,
@@ -34,6 +34,7 @@
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
+use crate::dot::Layout;
 use crate::DType;
 
 /// Weights per super-block.
@@ -752,13 +753,15 @@ mod x86 {
 /// Q4_K, Q5_K and Q6_K have tiled kernels at the AVX2 and AVX-512 levels (see `tiled`): each
 /// super-block of 16 rows is unpacked once and used for every token of the call. Q3_K, Q2_K and
 /// the scalar level (the reference) compute one [`dot_q8`] per pair. Either way an output does
-/// not depend on the number of rows or tokens in the call, nor on its place in the tile.
+/// not depend on the number of rows or tokens in the call, nor on its place in the tile, nor on
+/// `layout` (the interleaved one is read without transposes; the scalar level restores rows).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     level: SimdLevel,
     dtype: DType,
     w: &[u8],
     nrows: usize,
+    layout: Layout,
     act: &[Q8Block],
     ntok: usize,
     out: &mut [f32],
@@ -773,59 +776,35 @@ pub fn gemm(
         "{dtype} is not a K format"
     );
     assert!(nb.is_multiple_of(ACT_PER_SUPER), "{nb} activation blocks per token are not whole super-blocks");
-    assert_eq!(w.len() / nrows, nb / ACT_PER_SUPER * dtype.block_bytes(), "{dtype}: row and activation widths differ");
+    let interleaved = layout == Layout::Interleaved;
+    if interleaved {
+        super::check_interleaved(dtype, w.len(), nrows, nb);
+    } else {
+        let rb = nb / ACT_PER_SUPER * dtype.block_bytes();
+        assert_eq!(w.len() / nrows, rb, "{dtype}: row and activation widths differ");
+    }
     #[cfg(target_arch = "x86_64")]
     if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K) {
         match level {
             // SAFETY (all three): `level` only names levels the CPU has (see `cpu`), VNNI was
-            // checked; shapes were checked above and by `dot::gemm_q8` (`out` is also indexed
-            // with bounds checks).
+            // checked; shapes and the layout's size were checked above and by `dot::gemm_q8`
+            // (`out` is also indexed with bounds checks).
             SimdLevel::Avx512 if crate::cpu::has_avx512_vnni() => {
-                return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, false, act, ntok, out, ldo) }
+                return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, interleaved, act, ntok, out, ldo) }
             }
-            SimdLevel::Avx512 => return unsafe { tiled::gemm_avx512(dtype, w, nrows, false, act, ntok, out, ldo) },
-            SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, false, act, ntok, out, ldo) },
+            SimdLevel::Avx512 => {
+                return unsafe { tiled::gemm_avx512(dtype, w, nrows, interleaved, act, ntok, out, ldo) }
+            }
+            SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, interleaved, act, ntok, out, ldo) },
             SimdLevel::Scalar => {}
         }
     }
+    if interleaved {
+        // The reference (and Q3_K/Q2_K, which have no interleaved kernels) restores the rows.
+        let rows = super::deinterleave(dtype, nrows, nb * 32, w);
+        return gemm(level, dtype, &rows, nrows, Layout::Rows, act, ntok, out, ldo);
+    }
     super::gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo)
-}
-
-/// [`gemm`] over `nrows` rows stored in the interleaved layout ([`super::interleave`]):
-/// bitwise the same outputs. Q4_K, Q5_K and Q6_K only; the scalar level restores the rows
-/// first (it is the reference, not a fast path).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_interleaved(
-    level: SimdLevel,
-    dtype: DType,
-    w: &[u8],
-    nrows: usize,
-    act: &[Q8Block],
-    ntok: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    if nrows == 0 || ntok == 0 {
-        return;
-    }
-    let nb = act.len() / ntok;
-    let cols = nb * 32;
-    assert!(super::interleaves(dtype), "{dtype} has no interleaved kernels");
-    assert!(nb.is_multiple_of(ACT_PER_SUPER), "{nb} activation blocks per token are not whole super-blocks");
-    assert_eq!(w.len(), super::interleaved_bytes(dtype, nrows, cols), "{dtype}: interleaved size of {nrows} x {cols}");
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        // SAFETY (all three): as in `gemm`; `w` holds whole 16-row groups of the layout (checked
-        // above).
-        SimdLevel::Avx512 if crate::cpu::has_avx512_vnni() => {
-            return unsafe { tiled::gemm_avx512_vnni(dtype, w, nrows, true, act, ntok, out, ldo) }
-        }
-        SimdLevel::Avx512 => return unsafe { tiled::gemm_avx512(dtype, w, nrows, true, act, ntok, out, ldo) },
-        SimdLevel::Avx2 => return unsafe { tiled::gemm_avx2(dtype, w, nrows, true, act, ntok, out, ldo) },
-        SimdLevel::Scalar => {}
-    }
-    let rows = super::deinterleave(dtype, nrows, cols, w);
-    gemm(level, dtype, &rows, nrows, act, ntok, out, ldo)
 }
 
 /// Tiled Q4_K / Q5_K / Q6_K products on x86-64.
@@ -923,11 +902,18 @@ mod tiled {
         /// or the other way round with `FLIP`. The non-VNNI form sums `I16` groups of
         /// `pmaddubsw` pairs in i16 before widening; the caller picks `I16` so they cannot
         /// saturate.
+        #[inline(always)]
         unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
             init: Self::I,
             w: *const u8,
             a: *const u8,
-        ) -> Self::I;
+        ) -> Self::I {
+            let mut cols = [Self::zero_i(); N];
+            for (g, c) in cols.iter_mut().enumerate() {
+                *c = Self::load(w.add(64 * g));
+            }
+            Self::dot_cols::<N, I16, FLIP>(init, &cols, a)
+        }
         /// As [`Isa::dot`] with the `N` columns in registers.
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
             init: Self::I,
@@ -1088,41 +1074,6 @@ mod tiled {
                 _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_set1_epi8(1))
             } else {
                 _mm512_madd_epi16(_mm512_maddubs_epi16(v, _mm512_set1_epi8(1)), _mm512_set1_epi16(1))
-            }
-        }
-        #[inline(always)]
-        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
-            init: __m512i,
-            w: *const u8,
-            a: *const u8,
-        ) -> __m512i {
-            if VNNI {
-                // Two chains halve the latency of dependent `vpdpbusd`s.
-                let mut c = [init, _mm512_setzero_si512()];
-                for g in 0..N {
-                    let wv = _mm512_loadu_si512(w.add(64 * g) as *const _);
-                    let av = _mm512_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
-                    c[g % 2] = if FLIP {
-                        _mm512_dpbusd_epi32(c[g % 2], av, wv)
-                    } else {
-                        _mm512_dpbusd_epi32(c[g % 2], wv, av)
-                    };
-                }
-                _mm512_add_epi32(c[0], c[1])
-            } else {
-                let ones = _mm512_set1_epi16(1);
-                let mut sum = init;
-                for g0 in (0..N).step_by(I16) {
-                    let mut s = _mm512_setzero_si512();
-                    for g in g0..g0 + I16 {
-                        let wv = _mm512_loadu_si512(w.add(64 * g) as *const _);
-                        let av = _mm512_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
-                        let p = if FLIP { _mm512_maddubs_epi16(av, wv) } else { _mm512_maddubs_epi16(wv, av) };
-                        s = _mm512_add_epi16(s, p);
-                    }
-                    sum = _mm512_add_epi32(sum, _mm512_madd_epi16(s, ones));
-                }
-                sum
             }
         }
         #[inline(always)]
@@ -1357,15 +1308,6 @@ mod tiled {
         #[inline(always)]
         unsafe fn hsum_bytes(v: Self::I) -> Self::I {
             _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_set1_epi8(1)), _mm256_set1_epi16(1))
-        }
-        #[inline(always)]
-        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
-            init: Self::I,
-            w: *const u8,
-            a: *const u8,
-        ) -> Self::I {
-            let cols: [__m256i; N] = std::array::from_fn(|g| _mm256_loadu_si256(w.add(64 * g) as *const __m256i));
-            Self::dot_cols::<N, I16, FLIP>(init, &cols, a)
         }
         #[inline(always)]
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
@@ -2449,7 +2391,9 @@ mod tests {
         for level in SimdLevel::available() {
             out.push((
                 format!("gemm {level:?}"),
-                Box::new(move |w, nrows, act, ntok, o, ldo| gemm(level, dtype, w, nrows, act, ntok, o, ldo)),
+                Box::new(move |w, nrows, act, ntok, o, ldo| {
+                    gemm(level, dtype, w, nrows, Layout::Rows, act, ntok, o, ldo)
+                }),
             ));
         }
         if !crate::dot::interleaves(dtype) {
@@ -2461,7 +2405,7 @@ mod tests {
                 format!("gemm_interleaved {level:?}"),
                 Box::new(move |w, nrows, act, ntok, o, ldo| {
                     let packed = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
-                    gemm_interleaved(level, dtype, &packed, nrows, act, ntok, o, ldo)
+                    gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, ntok, o, ldo)
                 }),
             ));
         }
@@ -2719,15 +2663,16 @@ mod tests {
                             )
                         }) / pairs;
                         let tiled = best_ns(10, calls, || {
-                            gemm(level, dtype, black_box(&w), ROWS, black_box(&act), ntok, &mut out, ROWS)
+                            gemm(level, dtype, black_box(&w), ROWS, Layout::Rows, black_box(&act), ntok, &mut out, ROWS)
                         }) / pairs;
                         let packed = crate::dot::interleave(dtype, ROWS, cols, &w);
                         let inter = best_ns(10, calls, || {
-                            gemm_interleaved(
+                            gemm(
                                 level,
                                 dtype,
                                 black_box(&packed),
                                 ROWS,
+                                Layout::Interleaved,
                                 black_box(&act),
                                 ntok,
                                 &mut out,
@@ -2757,7 +2702,7 @@ mod tests {
                 let run = |tiled: bool, out: &mut [f32; ROWS]| {
                     for tile in w.chunks_exact(ROWS * rb) {
                         if tiled {
-                            gemm(level, dtype, black_box(tile), ROWS, black_box(&act), 1, out, ROWS);
+                            gemm(level, dtype, black_box(tile), ROWS, Layout::Rows, black_box(&act), 1, out, ROWS);
                         } else {
                             crate::dot::gemm_q8_by_dots(
                                 level,
@@ -2775,7 +2720,7 @@ mod tests {
                 let packed = crate::dot::interleave(dtype, rows, cols, &w);
                 let run_packed = |out: &mut [f32; ROWS]| {
                     for tile in packed.chunks_exact(packed.len() / (rows / ROWS)) {
-                        gemm_interleaved(level, dtype, black_box(tile), ROWS, black_box(&act), 1, out, ROWS);
+                        gemm(level, dtype, black_box(tile), ROWS, Layout::Interleaved, black_box(&act), 1, out, ROWS);
                     }
                 };
                 // Alternating, so neither side always runs first.

@@ -34,12 +34,13 @@
 //!
 //! [`gemm`] computes tiles of many rows times many tokens (prefill, and decode over many rows)
 //! with kernels that unpack a block of 8 or 16 rows once and reuse it for up to 64 tokens,
-//! batch invariant and bitwise the same at every level (see its docs). [`gemm_interleaved`] runs
-//! the same kernels over matrices repacked at load ([`crate::dot::interleave`]): the unpacking
-//! loads columns instead of transposing rows, and the walk prefetches ahead.
+//! batch invariant and bitwise the same at every level (see its docs). Over matrices repacked at
+//! load ([`Layout::Interleaved`], see [`crate::dot::interleave`]) it runs the same kernels: the
+//! unpacking loads columns instead of transposing rows, and the walk prefetches ahead.
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
+use crate::dot::Layout;
 use crate::DType;
 
 /// Dot of one stored row of `dtype` (`act.len()` blocks of 32 weights) with `act`.
@@ -910,6 +911,7 @@ pub fn gemm(
     dtype: DType,
     w: &[u8],
     nrows: usize,
+    layout: Layout,
     act: &[Q8Block],
     ntok: usize,
     out: &mut [f32],
@@ -918,70 +920,39 @@ pub fn gemm(
     if nrows == 0 || ntok == 0 {
         return;
     }
-    let rb = w.len() / nrows;
     let nb = act.len() / ntok;
-    check(dtype, &w[..rb], &act[..nb]);
+    let packed = layout == Layout::Interleaved;
+    if packed {
+        assert!(
+            matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
+            "{dtype} is not a legacy block format"
+        );
+        crate::dot::check_interleaved(dtype, w.len(), nrows, nb);
+    } else {
+        check(dtype, &w[..w.len() / nrows], &act[..nb]);
+    }
     match level {
-        SimdLevel::Scalar => gemm_scalar(dtype, w, nrows, act, ntok, out, ldo),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` comes from `cpu::level()`, which only reports what the CPU has
-        // (AVX2 + FMA + F16C); `check` above and `dot::gemm_q8` asserted the shapes.
-        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, false, act, ntok, out, ldo) },
+        // (AVX2 + FMA + F16C); the checks above and `dot::gemm_q8` asserted the shapes and the
+        // layout's size.
+        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, packed, act, ntok, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX-512 F/BW/VL/DQ + FMA + F16C); the VNNI kernels only run when
         // `has_avx512_vnni()` detected it.
         SimdLevel::Avx512 => unsafe {
             if crate::cpu::has_avx512_vnni() {
-                tile_x86::gemm_avx512_vnni(dtype, w, nrows, false, act, ntok, out, ldo)
+                tile_x86::gemm_avx512_vnni(dtype, w, nrows, packed, act, ntok, out, ldo)
             } else {
-                tile_x86::gemm_avx512(dtype, w, nrows, false, act, ntok, out, ldo)
+                tile_x86::gemm_avx512(dtype, w, nrows, packed, act, ntok, out, ldo)
             }
         },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => gemm_scalar(dtype, w, nrows, act, ntok, out, ldo),
-    }
-}
-
-/// [`gemm`] over `nrows` rows stored in the interleaved layout ([`crate::dot::interleave`]):
-/// bitwise the same outputs. The scalar level restores the rows first (it is the reference,
-/// not a fast path).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_interleaved(
-    level: SimdLevel,
-    dtype: DType,
-    w: &[u8],
-    nrows: usize,
-    act: &[Q8Block],
-    ntok: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    if nrows == 0 || ntok == 0 {
-        return;
-    }
-    let nb = act.len() / ntok;
-    assert!(
-        matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
-        "{dtype} is not a legacy block format"
-    );
-    assert_eq!(w.len(), crate::dot::interleaved_bytes(dtype, nrows, nb * 32), "{dtype}: interleaved size");
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `gemm`; `w` holds whole 16-row groups of the layout (checked above).
-        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, true, act, ntok, out, ldo) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, with AVX-512 (and VNNI where detected).
-        SimdLevel::Avx512 => unsafe {
-            if crate::cpu::has_avx512_vnni() {
-                tile_x86::gemm_avx512_vnni(dtype, w, nrows, true, act, ntok, out, ldo)
-            } else {
-                tile_x86::gemm_avx512(dtype, w, nrows, true, act, ntok, out, ldo)
-            }
-        },
-        _ => {
+        // The reference restores an interleaved matrix's rows.
+        _ if packed => {
             let rows = crate::dot::deinterleave(dtype, nrows, nb * 32, w);
-            gemm(level, dtype, &rows, nrows, act, ntok, out, ldo)
+            gemm_scalar(dtype, &rows, nrows, act, ntok, out, ldo)
         }
+        _ => gemm_scalar(dtype, w, nrows, act, ntok, out, ldo),
     }
 }
 
@@ -1302,26 +1273,43 @@ mod tile_x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unpack8<F: Fmt>(base: *const u8, offs: &[usize; 8]) -> Block8 {
         let [h0, h1] = header8(base, offs);
-        let dm = h0;
-        let d = _mm256_cvtph_ps(low_halves8(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF))));
-        let m = if F::MIN { _mm256_cvtph_ps(low_halves8(_mm256_srli_epi32::<16>(dm))) } else { _mm256_setzero_ps() };
-        let mut w = [_mm256_setzero_si256(); 8];
+        let (d, m) = d_m8::<F>(h0);
+        let mut q = [_mm256_setzero_si256(); 8];
+        q[..4].copy_from_slice(&transpose8(base, offs, F::QS));
         if F::BYTES {
-            w[..4].copy_from_slice(&transpose8(base, offs, F::QS));
-            w[4..].copy_from_slice(&transpose8(base, offs, F::QS + 16));
-            return Block8 { w, d, m };
+            q[4..].copy_from_slice(&transpose8(base, offs, F::QS + 16));
         }
-        // Dword k of the packed bytes holds quants 4k..4k+4 in its low nibbles and
-        // 16+4k..16+4k+4 in its high ones: groups k and k + 4.
-        let t = transpose8(base, offs, F::QS);
         // Q5_1's fifth bits are dword 1; Q5_0's straddle dwords 0 and 1 (bytes 2..6).
         let qh = match F::QH {
             0 => _mm256_setzero_si256(),
             2 => _mm256_or_si256(_mm256_srli_epi32::<16>(h0), _mm256_slli_epi32::<16>(h1)),
             _ => h1,
         };
+        block8::<F>(d, m, q, qh)
+    }
+
+    /// `d` (and `m` for the `_1` formats) from the dword holding them in each lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn d_m8<F: Fmt>(dm: __m256i) -> (__m256, __m256) {
+        let d = _mm256_cvtph_ps(low_halves8(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF))));
+        let m = if F::MIN { _mm256_cvtph_ps(low_halves8(_mm256_srli_epi32::<16>(dm))) } else { _mm256_setzero_ps() };
+        (d, m)
+    }
+
+    /// A block of 8 rows from its columns of quant dwords `q` (Q8_0: all 8; the nibble formats:
+    /// the first 4) and the fifth bits `qh` (Q5_0 / Q5_1).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block8<F: Fmt>(d: __m256, m: __m256, q: [__m256i; 8], qh: __m256i) -> Block8 {
+        if F::BYTES {
+            return Block8 { w: q, d, m };
+        }
+        // Dword k of the packed bytes holds quants 4k..4k+4 in its low nibbles and
+        // 16+4k..16+4k+4 in its high ones: groups k and k + 4.
+        let mut w = [_mm256_setzero_si256(); 8];
         for (g, wg) in w.iter_mut().enumerate() {
-            let x = if g < 4 { t[g] } else { _mm256_srli_epi32::<4>(t[g - 4]) };
+            let x = if g < 4 { q[g] } else { _mm256_srli_epi32::<4>(q[g - 4]) };
             *wg = _mm256_and_si256(x, _mm256_set1_epi8(0x0F));
             if F::QH != 0 {
                 // Fifth bits 4g..4g+4 (nibble g of qh): each byte of a dword picks the byte of
@@ -1347,34 +1335,17 @@ mod tile_x86 {
     unsafe fn packed8<F: Fmt>(blk: *const u8, lane: usize) -> Block8 {
         let col = |off: usize, c: usize| _mm256_loadu_si256(blk.add(16 * off + 64 * c + 4 * lane) as *const __m256i);
         let (d, m) = if F::MIN {
-            let dm = col(0, 0);
-            (
-                _mm256_cvtph_ps(low_halves8(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF)))),
-                _mm256_cvtph_ps(low_halves8(_mm256_srli_epi32::<16>(dm))),
-            )
+            d_m8::<F>(col(0, 0))
         } else {
             (_mm256_cvtph_ps(_mm_loadu_si128(blk.add(2 * lane) as *const __m128i)), _mm256_setzero_ps())
         };
-        let mut w = [_mm256_setzero_si256(); 8];
-        if F::BYTES {
-            for (g, wg) in w.iter_mut().enumerate() {
-                *wg = col(F::QS, g);
-            }
-            return Block8 { w, d, m };
+        let n = if F::BYTES { 8 } else { 4 };
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (c, qc) in q.iter_mut().enumerate().take(n) {
+            *qc = col(F::QS, c);
         }
         let qh = if F::QH != 0 { col(F::QH, 0) } else { _mm256_setzero_si256() };
-        for (g, wg) in w.iter_mut().enumerate() {
-            let x = if g < 4 { col(F::QS, g) } else { _mm256_srli_epi32::<4>(col(F::QS, g - 4)) };
-            *wg = _mm256_and_si256(x, _mm256_set1_epi8(0x0F));
-            if F::QH != 0 {
-                let [i0, i1, i2, i3] = dword_byte_index(g / 2);
-                let sel = _mm256_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3);
-                let bit = _mm256_set1_epi32(nibble_bits(g));
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, sel), bit), bit);
-                *wg = _mm256_or_si256(*wg, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-            }
-        }
-        Block8 { w, d, m }
+        block8::<F>(d, m, q, qh)
     }
 
     /// Q8_0's block of 8 rows left in place for a token or two (see [`tile_avx2`]): `w[2i + h]`
@@ -1552,27 +1523,43 @@ mod tile_x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     unsafe fn unpack16<F: Fmt>(base: *const u8, offs: &[usize; 16], idx: &[i32; 16]) -> Block16 {
         let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
-        let dm = _mm512_i32gather_epi32::<1>(idx, base as *const i32);
+        let (d, m) = d_m16::<F>(_mm512_i32gather_epi32::<1>(idx, base as *const i32));
+        let mut q = [_mm512_setzero_si512(); 8];
+        q[..4].copy_from_slice(&transpose16(base, offs, F::QS));
+        if F::BYTES {
+            q[4..].copy_from_slice(&transpose16(base, offs, F::QS + 16));
+        }
+        let qh = if F::QH != 0 {
+            _mm512_i32gather_epi32::<1>(idx, base.add(F::QH) as *const i32)
+        } else {
+            _mm512_setzero_si512()
+        };
+        block16::<F>(d, m, q, qh)
+    }
+
+    /// As [`d_m8`], for 16 rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    unsafe fn d_m16<F: Fmt>(dm: __m512i) -> (__m512, __m512) {
         let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
         let m = if F::MIN {
             _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)))
         } else {
             _mm512_setzero_ps()
         };
-        let mut w = [_mm512_setzero_si512(); 8];
+        (d, m)
+    }
+
+    /// As [`block8`], for 16 rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    unsafe fn block16<F: Fmt>(d: __m512, m: __m512, q: [__m512i; 8], qh: __m512i) -> Block16 {
         if F::BYTES {
-            w[..4].copy_from_slice(&transpose16(base, offs, F::QS));
-            w[4..].copy_from_slice(&transpose16(base, offs, F::QS + 16));
-            return Block16 { w, d, m };
+            return Block16 { w: q, d, m };
         }
-        let t = transpose16(base, offs, F::QS);
-        let qh = if F::QH != 0 {
-            _mm512_i32gather_epi32::<1>(idx, base.add(F::QH) as *const i32)
-        } else {
-            _mm512_setzero_si512()
-        };
+        let mut w = [_mm512_setzero_si512(); 8];
         for (g, wg) in w.iter_mut().enumerate() {
-            let x = if g < 4 { t[g] } else { _mm512_srli_epi32::<4>(t[g - 4]) };
+            let x = if g < 4 { q[g] } else { _mm512_srli_epi32::<4>(q[g - 4]) };
             *wg = _mm512_and_si512(x, _mm512_set1_epi8(0x0F));
             if F::QH != 0 {
                 // Fifth bits 4g..4g+4 as a byte mask (bit 4r + j: row r's quant 4g + j has it).
@@ -1594,33 +1581,17 @@ mod tile_x86 {
     unsafe fn packed16<F: Fmt>(blk: *const u8) -> Block16 {
         let col = |off: usize, c: usize| _mm512_loadu_si512(blk.add(16 * off + 64 * c) as *const _);
         let (d, m) = if F::MIN {
-            let dm = col(0, 0);
-            (
-                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm)),
-                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm))),
-            )
+            d_m16::<F>(col(0, 0))
         } else {
             (_mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i)), _mm512_setzero_ps())
         };
-        let mut w = [_mm512_setzero_si512(); 8];
-        if F::BYTES {
-            for (g, wg) in w.iter_mut().enumerate() {
-                *wg = col(F::QS, g);
-            }
-            return Block16 { w, d, m };
+        let n = if F::BYTES { 8 } else { 4 };
+        let mut q = [_mm512_setzero_si512(); 8];
+        for (c, qc) in q.iter_mut().enumerate().take(n) {
+            *qc = col(F::QS, c);
         }
         let qh = if F::QH != 0 { col(F::QH, 0) } else { _mm512_setzero_si512() };
-        for (g, wg) in w.iter_mut().enumerate() {
-            let x = if g < 4 { col(F::QS, g) } else { _mm512_srli_epi32::<4>(col(F::QS, g - 4)) };
-            *wg = _mm512_and_si512(x, _mm512_set1_epi8(0x0F));
-            if F::QH != 0 {
-                let [i0, i1, i2, i3] = dword_byte_index(g / 2);
-                let sel = _mm512_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3);
-                let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, sel), _mm512_set1_epi32(nibble_bits(g)));
-                *wg = _mm512_mask_add_epi8(*wg, set, *wg, _mm512_set1_epi8(0x10));
-            }
-        }
-        Block16 { w, d, m }
+        block16::<F>(d, m, q, qh)
     }
 
     /// As [`rows8`], for 16 rows: `w[2i + h]` = `[row i | row i + 4 | row i + 8 | row i + 12]`.
@@ -2118,7 +2089,9 @@ mod tests {
         for level in SimdLevel::available() {
             v.push((
                 format!("{level:?}"),
-                Box::new(move |dtype, w, nrows, act, ntok, out, ldo| gemm(level, dtype, w, nrows, act, ntok, out, ldo)),
+                Box::new(move |dtype, w, nrows, act, ntok, out, ldo| {
+                    gemm(level, dtype, w, nrows, Layout::Rows, act, ntok, out, ldo)
+                }),
             ));
         }
         // The interleaved layout: the rows are rearranged inside the call.
@@ -2127,7 +2100,7 @@ mod tests {
                 format!("{level:?} interleaved"),
                 Box::new(move |dtype, w, nrows, act, ntok, out, ldo| {
                     let packed = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
-                    gemm_interleaved(level, dtype, &packed, nrows, act, ntok, out, ldo)
+                    gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, ntok, out, ldo)
                 }),
             ));
         }

@@ -20,6 +20,17 @@ use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
 use crate::DType;
 
+/// How a matrix's stored rows are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// GGML's (and every checkpoint's): row after row.
+    #[default]
+    Rows,
+    /// Groups of 16 rows with each block's fields side by side, for the decode kernels
+    /// ([`interleave`]); the formats [`interleaves`] names.
+    Interleaved,
+}
+
 /// Whether rows of `dtype` dot with [`Q8Block`] activations (else with f32).
 pub fn uses_q8_activations(dtype: DType) -> bool {
     !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
@@ -44,16 +55,19 @@ pub fn dot_f32(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
 /// A tile of products of a block-quantized matrix with quantized activations:
 /// `out[t * ldo + r] = dot_q8(row r, token t)` for `r < nrows`, `t < ntok`.
 ///
-/// `w` holds `nrows` consecutive stored rows of `dtype` (`w.len() / nrows` bytes each); `act`
-/// holds `ntok` tokens' activations, token-major (`act.len() / ntok` blocks each, the row's
-/// width / 32). Each output is bitwise independent of `nrows`, `ntok` and its place in the tile
-/// (see the module docs); it may differ from [`dot_q8`] in the last bits.
+/// `w` holds `nrows` stored rows of `dtype` in `layout`: consecutive rows (`w.len() / nrows`
+/// bytes each), or whole 16-row groups of the interleaved layout ([`interleave`]), which gives
+/// bitwise the same outputs. `act` holds `ntok` tokens' activations, token-major
+/// (`act.len() / ntok` blocks each, the row's width / 32). Each output is bitwise independent of
+/// `nrows`, `ntok` and its place in the tile (see the module docs); it may differ from
+/// [`dot_q8`] in the last bits.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_q8(
     level: SimdLevel,
     dtype: DType,
     w: &[u8],
     nrows: usize,
+    layout: Layout,
     act: &[Q8Block],
     ntok: usize,
     out: &mut [f32],
@@ -62,17 +76,29 @@ pub fn gemm_q8(
     if nrows == 0 || ntok == 0 {
         return;
     }
-    check_tile(w.len(), nrows, act.len(), ntok, out.len(), ldo);
+    // The formats' own `gemm`s check an interleaved matrix's size.
+    check_tile(w.len(), nrows, layout, act.len(), ntok, out.len(), ldo);
     match dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
-            legacy::gemm(level, dtype, w, nrows, act, ntok, out, ldo)
+            legacy::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo)
         }
         DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
-            kquants::gemm(level, dtype, w, nrows, act, ntok, out, ldo)
+            kquants::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo)
         }
-        DType::INT8 | DType::INT4 | DType::NF4 => gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo),
+        DType::INT8 | DType::INT4 | DType::NF4 => {
+            assert_eq!(layout, Layout::Rows, "{dtype} has no interleaved layout");
+            gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo)
+        }
         DType::F32 | DType::F16 | DType::BF16 => panic!("{dtype} rows dot with f32 activations"),
     }
+}
+
+/// The interleaved size of `nrows` rows of `dtype` matching `act_blocks` blocks per token,
+/// asserted (the formats' `gemm`s over [`Layout::Interleaved`]).
+pub(crate) fn check_interleaved(dtype: DType, w_len: usize, nrows: usize, act_blocks: usize) {
+    assert!(interleaves(dtype), "{dtype} has no interleaved layout");
+    let cols = act_blocks * 32;
+    assert_eq!(w_len, interleaved_bytes(dtype, nrows, cols), "{dtype}: interleaved size of {nrows} x {cols}");
 }
 
 /// A tile of products of a plain-float matrix with f32 activations: `out[t * ldo + r] =
@@ -92,7 +118,7 @@ pub fn gemm_f32(
     if nrows == 0 || ntok == 0 {
         return;
     }
-    check_tile(w.len(), nrows, x.len(), ntok, out.len(), ldo);
+    check_tile(w.len(), nrows, Layout::Rows, x.len(), ntok, out.len(), ldo);
     float::gemm(level, dtype, w, nrows, x, ntok, out, ldo)
 }
 
@@ -197,34 +223,10 @@ pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<
     out
 }
 
-/// [`gemm_q8`] over a matrix in the interleaved layout (`w` = [`interleave`] of `nrows` rows,
-/// whole groups): bitwise the same outputs as over its rows.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_q8_interleaved(
-    level: SimdLevel,
-    dtype: DType,
-    w: &[u8],
-    nrows: usize,
-    act: &[Q8Block],
-    ntok: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    if nrows == 0 || ntok == 0 {
-        return;
+fn check_tile(w_len: usize, nrows: usize, layout: Layout, act_len: usize, ntok: usize, out_len: usize, ldo: usize) {
+    if layout == Layout::Rows {
+        assert!(w_len.is_multiple_of(nrows), "{w_len} weight bytes are not {nrows} equal rows");
     }
-    assert!(act.len().is_multiple_of(ntok), "{} activations are not {ntok} equal tokens", act.len());
-    assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows, "output too small for {ntok} x {nrows}");
-    match dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
-            legacy::gemm_interleaved(level, dtype, w, nrows, act, ntok, out, ldo)
-        }
-        _ => kquants::gemm_interleaved(level, dtype, w, nrows, act, ntok, out, ldo),
-    }
-}
-
-fn check_tile(w_len: usize, nrows: usize, act_len: usize, ntok: usize, out_len: usize, ldo: usize) {
-    assert!(w_len.is_multiple_of(nrows), "{w_len} weight bytes are not {nrows} equal rows");
     assert!(act_len.is_multiple_of(ntok), "{act_len} activations are not {ntok} equal tokens");
     assert!(ldo >= nrows, "output stride {ldo} is shorter than {nrows} rows");
     assert!(out_len >= (ntok - 1) * ldo + nrows, "output of {out_len} cannot hold {ntok} x {nrows} at stride {ldo}");

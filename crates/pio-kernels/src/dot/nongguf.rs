@@ -744,7 +744,7 @@ mod tests {
             let rb = rows.len() / nrows;
             for level in SimdLevel::available() {
                 let mut out = vec![f32::NAN; ntok * 8];
-                super::super::gemm_q8(level, dtype, &rows, nrows, &act, ntok, &mut out, 8);
+                super::super::gemm_q8(level, dtype, &rows, nrows, super::super::Layout::Rows, &act, ntok, &mut out, 8);
                 for r in 0..nrows {
                     for t in 0..ntok {
                         let one = dot_q8(level, dtype, &rows[r * rb..(r + 1) * rb], &act[t * n / 32..(t + 1) * n / 32]);
