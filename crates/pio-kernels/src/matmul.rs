@@ -167,53 +167,67 @@ fn matmul_multi_into(
             Some(s)
         })
         .collect();
-    let parts = parallel::for_each_range(total, work, |u0, u1| {
-        // (matrix, first row, rows, [n, rows] outputs token-major) for each matrix the range meets.
-        let mut pieces = Vec::new();
-        for (i, w) in ws.iter().enumerate() {
-            let (a, b) = (u0.max(starts[i]), u1.min(starts[i] + w.rows.div_ceil(G)));
-            if a >= b {
-                continue;
-            }
-            let (x, n) = inputs[input_of[i]];
-            let (acts, xb) = &prepared[input_of[i]];
-            let (cols, nb) = (w.cols, w.cols / 32);
-            let (r0, r1) = ((a - starts[i]) * G, ((b - starts[i]) * G).min(w.rows));
-            let width = r1 - r0;
-            let rb = w.row_bytes();
-            let group_bytes = dot::interleaved_bytes(w.dtype, G, cols);
-            let mut part = vec![0f32; n * width];
-            for t0 in (0..n).step_by(TOKENS_PER_TILE) {
-                let t1 = (t0 + TOKENS_PER_TILE).min(n);
-                for ra in (r0..r1).step_by(ROWS_PER_TILE) {
-                    let rz = (ra + ROWS_PER_TILE).min(r1);
-                    let out = &mut part[t0 * width + (ra - r0)..];
-                    let rows = match w.layout {
-                        Layout::Rows => &w.data[ra * rb..rz * rb],
-                        // Row tiles start at whole groups (ROWS_PER_TILE is a multiple of G).
-                        Layout::Interleaved => &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes],
-                    };
-                    if dot::uses_q8_activations(w.dtype) {
-                        let acts = &acts[t0 * nb..t1 * nb];
-                        dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, width);
-                    } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
-                        float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, width);
-                    } else {
-                        dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, width);
+    // Each thread writes its rows of every output itself (so the copy-out is split across the
+    // threads too), through these addresses: see the SAFETY note at the copy.
+    let outs: Vec<(usize, usize)> = ys.iter_mut().map(|y| (y.as_mut_ptr() as usize, y.len())).collect();
+    parallel::for_each_range(total, work, |u0, u1| {
+        SCRATCH.with_borrow_mut(|part| {
+            for (i, w) in ws.iter().enumerate() {
+                let (a, b) = (u0.max(starts[i]), u1.min(starts[i] + w.rows.div_ceil(G)));
+                if a >= b {
+                    continue;
+                }
+                let (x, n) = inputs[input_of[i]];
+                let (acts, xb) = &prepared[input_of[i]];
+                let (cols, nb) = (w.cols, w.cols / 32);
+                let (r0, r1) = ((a - starts[i]) * G, ((b - starts[i]) * G).min(w.rows));
+                let width = r1 - r0;
+                let rb = w.row_bytes();
+                let group_bytes = dot::interleaved_bytes(w.dtype, G, cols);
+                // One token tile's outputs of these rows, token-major; they stay in L2 until
+                // copied out.
+                if part.len() < TOKENS_PER_TILE * width {
+                    part.resize(TOKENS_PER_TILE * width, 0.0);
+                }
+                for t0 in (0..n).step_by(TOKENS_PER_TILE) {
+                    let t1 = (t0 + TOKENS_PER_TILE).min(n);
+                    for ra in (r0..r1).step_by(ROWS_PER_TILE) {
+                        let rz = (ra + ROWS_PER_TILE).min(r1);
+                        let out = &mut part[ra - r0..];
+                        let rows = match w.layout {
+                            Layout::Rows => &w.data[ra * rb..rz * rb],
+                            // Row tiles start at whole groups (ROWS_PER_TILE is a multiple of G).
+                            Layout::Interleaved => &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes],
+                        };
+                        if dot::uses_q8_activations(w.dtype) {
+                            let acts = &acts[t0 * nb..t1 * nb];
+                            dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, width);
+                        } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
+                            float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, width);
+                        } else {
+                            dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, width);
+                        }
+                    }
+                    let (y, len) = outs[i];
+                    for t in t0..t1 {
+                        let at = t * w.rows + r0;
+                        assert!(at + width <= len);
+                        let src = &part[(t - t0) * width..(t - t0 + 1) * width];
+                        // SAFETY: `ys[i]` is borrowed mutably for this whole call and nothing
+                        // else reads or writes it meanwhile; `at + width <= len` keeps the write
+                        // inside it; and the ranges of row groups the threads get are disjoint,
+                        // so no two threads write the same element (nor any element twice).
+                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (y as *mut f32).add(at), width) };
                     }
                 }
             }
-            pieces.push((i, r0, width, part));
-        }
-        pieces
+        })
     });
-    for (i, r0, width, part) in parts.into_iter().flatten() {
-        let rows = ws[i].rows;
-        let n = inputs[input_of[i]].1;
-        for t in 0..n {
-            ys[i][t * rows + r0..t * rows + r0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
-        }
-    }
+}
+
+thread_local! {
+    /// Each thread's buffer for one token tile of a matrix's outputs, reused from call to call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
