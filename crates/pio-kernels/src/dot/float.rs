@@ -292,7 +292,7 @@ mod x86 {
                             let rows: [*const u8; $r1] =
                                 std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
                             let sums = $kernel::<D, $r1, 1>(rows, [x.as_ptr()], cols);
-                            out[r0..r0 + live].copy_from_slice(&sums[0][..live]);
+                            crate::dot::put(out, r0, &sums[0], live);
                             r0 += $r1;
                         }
                         return;
@@ -484,7 +484,7 @@ mod x86 {
                 let rows: [*const u8; R1_AVX512] =
                     std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
                 let sums = tile_bf16::<R1_AVX512, 1>(rows, [xb.as_ptr()], cols);
-                out[r0..r0 + live].copy_from_slice(&sums[0][..live]);
+                crate::dot::put(out, r0, &sums[0], live);
                 r0 += R1_AVX512;
             }
             return;
@@ -500,13 +500,13 @@ mod x86 {
                 let xs: [*const u16; T] = std::array::from_fn(|j| xb.as_ptr().add((t0 + j) * cols));
                 let sums = tile_bf16::<R, T>(rows, xs, cols);
                 for (j, row_sums) in sums.iter().enumerate() {
-                    out[(t0 + j) * ldo + r0..(t0 + j) * ldo + r0 + live].copy_from_slice(&row_sums[..live]);
+                    crate::dot::put(out, (t0 + j) * ldo + r0, row_sums, live);
                 }
                 t0 += T;
             }
             while t0 < ntok {
                 let sums = tile_bf16::<R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols);
-                out[t0 * ldo + r0..t0 * ldo + r0 + live].copy_from_slice(&sums[0][..live]);
+                crate::dot::put(out, t0 * ldo + r0, &sums[0], live);
                 t0 += 1;
             }
             r0 += R;

@@ -1929,7 +1929,7 @@ mod tiled {
             for (h, v) in v.iter().enumerate().take(parts) {
                 S::storef(lanes.as_mut_ptr().add(h * S::LANES), *v);
             }
-            out[r0..r0 + live].copy_from_slice(&lanes[..live]);
+            crate::dot::put(out, r0, &lanes, live);
         }
     }
 
@@ -2012,7 +2012,7 @@ mod tiled {
                     let mut lanes = [0f32; ROWS];
                     S::storef(lanes.as_mut_ptr(), *acc);
                     let o = (t0 + t) * ldo + r0;
-                    out[o..o + live].copy_from_slice(&lanes[..live]);
+                    crate::dot::put(out, o, &lanes, live);
                 }
             }
         }

@@ -1123,7 +1123,7 @@ mod tile_x86 {
     /// Copies the first `live` lanes of each token's accumulator to `out` from `at`.
     fn store<const N: usize>(acc: &[[f32; N]], live: usize, out: &mut [f32], at: usize, ldo: usize) {
         for (i, a) in acc.iter().enumerate() {
-            out[at + i * ldo..][..live].copy_from_slice(&a[..live]);
+            crate::dot::put(out, at + i * ldo, a, live);
         }
     }
 

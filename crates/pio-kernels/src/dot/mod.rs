@@ -122,6 +122,17 @@ pub fn gemm_f32(
     float::gemm(level, dtype, w, nrows, x, ntok, out, ldo)
 }
 
+/// `out[at..at + live] = lanes[..live]`: a whole tile (`live == N`) as a copy of constant length,
+/// which compiles to a few vector moves instead of a `memcpy` call per token (5% of a prefill).
+#[inline(always)]
+pub(crate) fn put<const N: usize>(out: &mut [f32], at: usize, lanes: &[f32; N], live: usize) {
+    if live == N {
+        out[at..at + N].copy_from_slice(lanes);
+    } else {
+        out[at..at + live].copy_from_slice(&lanes[..live]);
+    }
+}
+
 /// Rows per group of the interleaved layout.
 pub const GROUP_ROWS: usize = 16;
 
