@@ -1,13 +1,14 @@
 //! F32 / F16 / BF16 rows times f32 activations.
 //!
-//! Activations stay f32 so results match the float reference up to summation order. (AVX-512
-//! BF16's `vdpbf16ps` would round activations to bf16 as well; a bf16 row widened to f32 by a
-//! shift costs one extra instruction per 16 weights and keeps full precision.)
+//! Activations stay f32 so results match the float reference up to summation order, except
+//! where a BF16 matrix asks for bf16-rounded activations ([`bf16_activations`]: AVX-512 BF16's
+//! `vdpbf16ps`, twice the f32 rate). Products go through tiles of rows x tokens ([`gemm`],
+//! [`gemm_bf16`]); single rows ([`dot`]) have only the scalar reference.
 
 use crate::cpu::SimdLevel;
 use crate::DType;
 
-/// Dot of a stored F32/F16/BF16 row with `x`.
+/// Dot of a stored F32/F16/BF16 row with `x`: [`dot_scalar`] at every level.
 pub fn dot(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     let elem = match dtype {
         DType::F32 => 4,
@@ -15,18 +16,10 @@ pub fn dot(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
         other => panic!("{other} is not a plain float format"),
     };
     assert_eq!(row.len(), x.len() * elem, "row and activation lengths differ");
-    match level {
-        SimdLevel::Scalar => dot_scalar(dtype, row, x),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `level` comes from `cpu::level()`, which only reports what the CPU has; the
-        // lengths were checked above.
-        SimdLevel::Avx2 => unsafe { x86::dot_avx2(dtype, row, x) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        SimdLevel::Avx512 => unsafe { x86::dot_avx512(dtype, row, x) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => dot_scalar(dtype, row, x),
-    }
+    // Products of matrices go through the tiles ([`gemm`]), one token included, so single rows
+    // have only the reference at every level.
+    let _ = level;
+    dot_scalar(dtype, row, x)
 }
 
 #[inline]
@@ -129,20 +122,7 @@ pub fn gemm_bf16(level: SimdLevel, w: &[u8], nrows: usize, xb: &[u16], ntok: usi
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{elem, DType};
-
-    /// 8 weights at element `i` widened to f32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(dtype: DType, p: *const u8, i: usize) -> __m256 {
-        match dtype {
-            DType::F32 => _mm256_loadu_ps(p.add(4 * i) as *const f32),
-            DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i)),
-            _ => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(
-                p.add(2 * i) as *const __m128i
-            )))),
-        }
-    }
+    use super::DType;
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -151,73 +131,6 @@ mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
         _mm_cvtss_f32(s)
-    }
-
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; `row` holds `x.len()` elements of `dtype`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_avx2(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let n = x.len();
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, a) in acc.iter_mut().enumerate() {
-                let j = i + 8 * k;
-                *a = _mm256_fmadd_ps(load8(dtype, p, j), _mm256_loadu_ps(xp.add(j)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(load8(dtype, p, i), _mm256_loadu_ps(xp.add(i)), acc[0]);
-            i += 8;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum256(v);
-        for (j, xj) in x.iter().enumerate().skip(i) {
-            sum += elem(dtype, row, j) * xj;
-        }
-        sum
-    }
-
-    /// 16 weights at element `i` widened to f32.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn load16(dtype: DType, p: *const u8, i: usize) -> __m512 {
-        match dtype {
-            DType::F32 => _mm512_loadu_ps(p.add(4 * i) as *const f32),
-            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i) as *const __m256i)),
-            _ => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                p.add(2 * i) as *const __m256i
-            )))),
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL, FMA and F16C; `row` holds `x.len()` elements of `dtype`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub unsafe fn dot_avx512(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let n = x.len();
-        let mut i = 0;
-        while i + 64 <= n {
-            for (k, a) in acc.iter_mut().enumerate() {
-                let j = i + 16 * k;
-                *a = _mm512_fmadd_ps(load16(dtype, p, j), _mm512_loadu_ps(xp.add(j)), *a);
-            }
-            i += 64;
-        }
-        while i + 16 <= n {
-            acc[0] = _mm512_fmadd_ps(load16(dtype, p, i), _mm512_loadu_ps(xp.add(i)), acc[0]);
-            i += 16;
-        }
-        let v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        let mut sum = _mm512_reduce_add_ps(v);
-        for (j, xj) in x.iter().enumerate().skip(i) {
-            sum += elem(dtype, row, j) * xj;
-        }
-        sum
     }
 
     /// The element type of a row, as a const parameter so each tile kernel is specialised.
