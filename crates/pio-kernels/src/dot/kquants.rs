@@ -2361,7 +2361,7 @@ mod tests {
             for cols in [1024, 3072, 4864] {
                 let w: Vec<u8> =
                     (0..ROWS).flat_map(|_| quantized_row(dtype, &random_vec(&mut rng, cols, 1.0))).collect();
-                for ntok in [1usize, 64] {
+                for ntok in [1usize, 8, 16, 64] {
                     let act = quantize_q8_vec(&random_vec(&mut rng, cols * ntok, 1.0));
                     let mut out = vec![0f32; ROWS * ntok];
                     let mut line = format!("{dtype} {cols:>4} cols, {ntok:>2} tok, ns/pair:");
