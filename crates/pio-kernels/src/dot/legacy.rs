@@ -483,9 +483,11 @@ mod tile_x86 {
                     let blk = if tile.packed {
                         let at = ((r0 / G) * nb + b) * G * bb;
                         let ahead = tile.w.as_ptr().wrapping_add(at + PREFETCH_BYTES);
+                        // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded
+                        // 37.2 -> 41.0 tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1).
                         for line in (0..G * bb).step_by(64) {
                             // SAFETY: a prefetch never faults, wherever it points.
-                            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8) };
+                            unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8) };
                         }
                         unpack(tile.w[at..].as_ptr(), &offs, &idx, r0 % G)
                     } else {
