@@ -57,7 +57,9 @@ pub struct LoadOptions {
     /// Rearrange the matrices that have interleaved decode kernels (Q4_K, Q5_K, Q6_K) at load,
     /// as llama.cpp's repacking does (see [`DecoderModel::interleave_weights`]): faster decode,
     /// the same results, those matrices in memory of their own instead of mapped from the file.
-    /// Only where the CPU runs the SIMD kernels; routed experts stay mapped.
+    /// Only where the CPU runs the SIMD kernels; routed experts only when all of them take at
+    /// most 80% of the memory available at load (otherwise they stay mapped, so a model larger
+    /// than memory still pages them in and out).
     pub repack: bool,
     /// BF16 matrices multiply bf16-rounded activations where the CPU has AVX-512 BF16 (as
     /// llama.cpp does; twice the f32 rate). Off: f32 activations, results that match an f32
@@ -199,8 +201,23 @@ fn repack_at_load(model: &mut DecoderModel, options: &LoadOptions) -> Option<(us
         return None;
     }
     let start = std::time::Instant::now();
-    let (count, bytes) = model.interleave_weights(false);
+    // Routed experts too when their copies fit comfortably in the memory available now: the
+    // copies cannot be evicted as mapped file pages can, so a model near or above the size of
+    // memory keeps its experts mapped (Qwen3-Coder-30B-A3B-shaped Q4_K decoded 10.3 -> 11.4
+    // tok/s with them repacked, 2 threads, AVX-512).
+    let experts = model.moe_stats().map_or(0, |s| s.expert_bytes_total as usize);
+    let experts_fit = experts > 0 && available_memory().is_some_and(|avail| experts <= avail / 10 * 8);
+    let (count, bytes) = model.interleave_weights(experts_fit);
     (count > 0).then(|| (count, bytes, start.elapsed().as_secs_f64()))
+}
+
+/// Bytes of memory the system could give this process now without swapping (Linux's
+/// `MemAvailable`: free memory plus what the page cache could drop); `None` where unknown.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
