@@ -46,9 +46,17 @@ impl<'a> WeightView<'a> {
         }
     }
 
-    /// Row `r` decoded to f32 into `out` (`cols` long).
+    /// Row `r` decoded to f32 into `out` (`cols` long), in either layout.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        quant::dequantize_row(self.dtype, self.row(r), out);
+        match self.layout {
+            Layout::Rows => quant::dequantize_row(self.dtype, self.row(r), out),
+            Layout::Interleaved => {
+                assert!(r < self.rows, "row {r} of {}", self.rows);
+                let mut bytes = vec![0u8; self.row_bytes()];
+                dot::interleaved_row(self.dtype, self.cols, self.data, r, &mut bytes);
+                quant::dequantize_row(self.dtype, &bytes, out);
+            }
+        }
     }
 }
 

@@ -256,6 +256,31 @@ pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<
     out
 }
 
+/// Row `r` of an [`interleave`]d matrix `cols` wide, in GGML's row layout, into `out` (one
+/// row's bytes): what a lookup of one row (an embedding shared with a repacked LM head) reads
+/// without restoring the whole matrix.
+pub fn interleaved_row(dtype: DType, cols: usize, data: &[u8], r: usize, out: &mut [u8]) {
+    let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
+    let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
+    assert_eq!(out.len(), blocks * bb, "{dtype}: a row of {cols} is {} bytes", blocks * bb);
+    let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
+    assert!((g + 1) * blocks * GROUP_ROWS * bb <= data.len(), "row {r} is past the interleaved matrix");
+    for (b, block) in out.chunks_exact_mut(bb).enumerate() {
+        let group = (g * blocks + b) * GROUP_ROWS * bb;
+        for &(o, w) in fields {
+            if w == 2 {
+                let at = group + GROUP_ROWS * o + 2 * i;
+                block[o..o + 2].copy_from_slice(&data[at..at + 2]);
+            } else {
+                for k in (0..w).step_by(4) {
+                    let at = group + GROUP_ROWS * o + 16 * k + 4 * i;
+                    block[o + k..o + k + 4].copy_from_slice(&data[at..at + 4]);
+                }
+            }
+        }
+    }
+}
+
 fn check_tile(w_len: usize, nrows: usize, layout: Layout, act_len: usize, ntok: usize, out_len: usize, ldo: usize) {
     if layout == Layout::Rows {
         assert!(w_len.is_multiple_of(nrows), "{w_len} weight bytes are not {nrows} equal rows");
@@ -284,6 +309,29 @@ pub(crate) fn gemm_q8_by_dots(
         let row = &w[r * rb..(r + 1) * rb];
         for t in 0..ntok {
             out[t * ldo + r] = dot_q8(level, dtype, row, &act[t * nb..(t + 1) * nb]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaved_rows_are_the_rows() {
+        for dtype in
+            [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K]
+        {
+            let (rows, cols) = (37, 512);
+            let rb = dtype.row_bytes(cols).unwrap_or(0);
+            // Arbitrary bytes: the layout moves bytes and never reads them as numbers.
+            let data: Vec<u8> = (0..rows * rb).map(|i| (i * 131 % 251) as u8).collect();
+            let packed = interleave(dtype, rows, cols, &data);
+            let mut row = vec![0u8; rb];
+            for r in 0..rows {
+                interleaved_row(dtype, cols, &packed, r, &mut row);
+                assert_eq!(row, &data[r * rb..(r + 1) * rb], "{dtype} row {r}");
+            }
         }
     }
 }
