@@ -445,18 +445,16 @@ impl<'m> Engine<'m> {
     /// Drops a request (counting it in the metrics); returns its sequence.
     fn finish(&mut self, id: SeqId, reason: FinishReason) -> Option<Sequence> {
         let r = self.reqs.remove(&id)?;
-        // Counted before the gauges drop, so a scrape that sees the request gone from
-        // `waiting` / `running` also sees it finished.
+        if r.queued {
+            self.metrics.requests_waiting.fetch_sub(1, Ordering::Relaxed);
+        }
         let label = match reason {
             FinishReason::Stop => 0,
             FinishReason::Length => 1,
             FinishReason::Abort => 2,
         };
-        self.metrics.finished[label].fetch_add(1, Ordering::Release);
+        self.metrics.finished[label].fetch_add(1, Ordering::Relaxed);
         self.metrics.request_duration.observe(r.arrival.elapsed());
-        if r.queued {
-            self.metrics.requests_waiting.fetch_sub(1, Ordering::Release);
-        }
         let seq = self.sched.remove(id);
         self.publish_gauges();
         seq
