@@ -51,10 +51,15 @@ impl<'a> WeightView<'a> {
         match self.layout {
             Layout::Rows => quant::dequantize_row(self.dtype, self.row(r), out),
             Layout::Interleaved => {
-                assert!(r < self.rows, "row {r} of {}", self.rows);
-                let mut bytes = vec![0u8; self.row_bytes()];
-                dot::interleaved_row(self.dtype, self.cols, self.data, r, &mut bytes);
-                quant::dequantize_row(self.dtype, &bytes, out);
+                // Block by block through a stack buffer: a lookup per token allocates nothing.
+                assert!(r < self.rows && out.len() == self.cols, "row {r} of {} x {}", self.rows, self.cols);
+                let (bb, be) = (self.dtype.block_bytes(), self.dtype.block_elems());
+                let mut block = [0u8; 256];
+                assert!(bb <= block.len(), "{} blocks of {bb} bytes", self.dtype);
+                for (b, o) in out.chunks_exact_mut(be).enumerate() {
+                    dot::interleaved_block(self.dtype, self.cols, self.data, r, b, &mut block[..bb]);
+                    quant::dequantize_row(self.dtype, &block[..bb], o);
+                }
             }
         }
     }

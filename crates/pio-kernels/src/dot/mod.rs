@@ -193,11 +193,7 @@ fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], p
                 for &(o, w) in fields {
                     let unit = if w == 2 { 2 } else { 4 };
                     for k in (0..w).step_by(unit) {
-                        let at = if w == 2 {
-                            group + GROUP_ROWS * o + 2 * i
-                        } else {
-                            group + GROUP_ROWS * o + 16 * k + 4 * i
-                        };
+                        let at = group + packed_offset(o, w, k, i);
                         let (from, to) = if pack { (row + o + k, at) } else { (at, row + o + k) };
                         // SAFETY: `from + unit` lies in `src` and `to + unit` in `dst` (both sizes
                         // were asserted against the layouts above); `to` lies in this range's
@@ -208,6 +204,17 @@ fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], p
             }
         }
     });
+}
+
+/// Where bytes `k..` of field `(o, w)` (see `segments`) of row `i`'s block lie in its group's
+/// interleaved block: an f16 field's 16 values side by side, a dword field's dword `k / 4` as a
+/// 64-byte column.
+fn packed_offset(o: usize, w: usize, k: usize, i: usize) -> usize {
+    if w == 2 {
+        GROUP_ROWS * o + 2 * i
+    } else {
+        GROUP_ROWS * o + 16 * k + 4 * i
+    }
 }
 
 /// A row-major matrix (`rows` rows of `cols` in GGML's layout) rearranged for the decode
@@ -256,27 +263,22 @@ pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<
     out
 }
 
-/// Row `r` of an [`interleave`]d matrix `cols` wide, in GGML's row layout, into `out` (one
-/// row's bytes): what a lookup of one row (an embedding shared with a repacked LM head) reads
-/// without restoring the whole matrix.
-pub fn interleaved_row(dtype: DType, cols: usize, data: &[u8], r: usize, out: &mut [u8]) {
+/// Block `b` of row `r` of an [`interleave`]d matrix `cols` wide, in GGML's layout, into `out`
+/// (one block's bytes): what a lookup of one row (an embedding shared with a repacked LM head)
+/// reads, block by block, without restoring the matrix.
+pub fn interleaved_block(dtype: DType, cols: usize, data: &[u8], r: usize, b: usize, out: &mut [u8]) {
     let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
     let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
-    assert_eq!(out.len(), blocks * bb, "{dtype}: a row of {cols} is {} bytes", blocks * bb);
+    assert_eq!(out.len(), bb, "{dtype}: a block is {bb} bytes");
+    assert!(b < blocks, "block {b} of a row of {blocks}");
     let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
-    assert!((g + 1) * blocks * GROUP_ROWS * bb <= data.len(), "row {r} is past the interleaved matrix");
-    for (b, block) in out.chunks_exact_mut(bb).enumerate() {
-        let group = (g * blocks + b) * GROUP_ROWS * bb;
-        for &(o, w) in fields {
-            if w == 2 {
-                let at = group + GROUP_ROWS * o + 2 * i;
-                block[o..o + 2].copy_from_slice(&data[at..at + 2]);
-            } else {
-                for k in (0..w).step_by(4) {
-                    let at = group + GROUP_ROWS * o + 16 * k + 4 * i;
-                    block[o + k..o + k + 4].copy_from_slice(&data[at..at + 4]);
-                }
-            }
+    let group = (g * blocks + b) * GROUP_ROWS * bb;
+    assert!(group + GROUP_ROWS * bb <= data.len(), "row {r} is past the interleaved matrix");
+    for &(o, w) in fields {
+        let unit = if w == 2 { 2 } else { 4 };
+        for k in (0..w).step_by(unit) {
+            let at = group + packed_offset(o, w, k, i);
+            out[o + k..o + k + unit].copy_from_slice(&data[at..at + unit]);
         }
     }
 }
@@ -327,10 +329,13 @@ mod tests {
             // Arbitrary bytes: the layout moves bytes and never reads them as numbers.
             let data: Vec<u8> = (0..rows * rb).map(|i| (i * 131 % 251) as u8).collect();
             let packed = interleave(dtype, rows, cols, &data);
-            let mut row = vec![0u8; rb];
+            let bb = dtype.block_bytes();
+            let mut block = vec![0u8; bb];
             for r in 0..rows {
-                interleaved_row(dtype, cols, &packed, r, &mut row);
-                assert_eq!(row, &data[r * rb..(r + 1) * rb], "{dtype} row {r}");
+                for b in 0..rb / bb {
+                    interleaved_block(dtype, cols, &packed, r, b, &mut block);
+                    assert_eq!(block, &data[r * rb + b * bb..r * rb + (b + 1) * bb], "{dtype} row {r} block {b}");
+                }
             }
         }
     }
