@@ -9,7 +9,7 @@ use crate::cpu::SimdLevel;
 use crate::DType;
 
 /// Dot of a stored F32/F16/BF16 row with `x`: [`dot_scalar`] at every level.
-pub fn dot(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+pub fn dot(_level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     let elem = match dtype {
         DType::F32 => 4,
         DType::F16 | DType::BF16 => 2,
@@ -18,7 +18,6 @@ pub fn dot(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     assert_eq!(row.len(), x.len() * elem, "row and activation lengths differ");
     // Products of matrices go through the tiles ([`gemm`]), one token included, so single rows
     // have only the reference at every level.
-    let _ = level;
     dot_scalar(dtype, row, x)
 }
 
