@@ -26,18 +26,17 @@ fn main() -> ExitCode {
             return code;
         }
     };
-    if let Some(n) = cli.threads {
-        if n == 0 {
+    // The kernels' threads: an explicit pool for everything this command runs, the engine
+    // thread included (it runs on the pool current where it is spawned).
+    let pool = match cli.threads {
+        Some(0) => {
             eprintln!("error: --threads must be at least 1");
             return ExitCode::FAILURE;
         }
-        // Before any kernel runs: the pool is made at the first split.
-        if !pio_kernels::parallel::set_num_threads(n) {
-            eprintln!("error: the thread count was fixed before --threads could set it");
-            return ExitCode::FAILURE;
-        }
-    }
-    match commands::run(cli) {
+        Some(n) => pio_kernels::parallel::ThreadPool::new(n),
+        None => pio_kernels::parallel::ThreadPool::default_pool(),
+    };
+    match pool.install(|| commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // A closed stdout (`pio ... | head`) is not an error worth reporting.

@@ -48,7 +48,9 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread. `max_queued` caps the requests waiting for admission
+    /// Starts the engine thread, whose kernels run on the thread pool current here
+    /// ([`pio_kernels::parallel::ThreadPool::current`]: install one around this call to choose
+    /// the engine's threads). `max_queued` caps the requests waiting for admission
     /// ([`EngineError::QueueFull`] beyond it).
     pub fn spawn(
         model: Arc<dyn CausalLm>,
@@ -62,9 +64,10 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let m = metrics.clone();
+        let pool = pio_kernels::parallel::ThreadPool::current();
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
-            .spawn(move || engine_thread(model, tokenizer, cfg, m, rx, ready_tx))
+            .spawn(move || pool.install(|| engine_thread(model, tokenizer, cfg, m, rx, ready_tx)))
             .map_err(|e| EngineError::Invalid(format!("starting the engine thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}

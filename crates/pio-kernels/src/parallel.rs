@@ -7,8 +7,9 @@
 //!
 //! # The pool
 //!
-//! One global pool of [`num_threads`]` - 1` persistent workers; the calling thread takes a share
-//! too. Publishing a job is three atomic operations: the job's address, an `OPEN` bit in the
+//! A [`ThreadPool`] of `threads - 1` persistent workers; the calling thread takes a share too.
+//! Kernels use the pool installed on the calling thread ([`ThreadPool::install`]), else a
+//! default one. Publishing a job is three atomic operations: the job's address, an `OPEN` bit in the
 //! `active` word, and a bump of the generation counter. Workers spin on the generation for
 //! 50 µs after their last job (the gaps between the operations of a decode step are
 //! far shorter), then park so that an idle process burns no CPU; the caller unparks parked
@@ -79,27 +80,87 @@ const CALLER_SPIN: Duration = Duration::from_micros(50);
 /// Below this much work (a rough count of operations) per thread, a split does not pay.
 const MIN_WORK_PER_THREAD: usize = 1 << 16;
 
-/// The thread count, fixed by [`set_num_threads`] or at the first split.
-static THREADS: OnceLock<usize> = OnceLock::new();
+/// A set of threads the kernels split their work across: the calling thread and
+/// `threads - 1` persistent workers. Cheap to clone (the clones share the workers); the workers
+/// exit when the last clone is dropped.
+///
+/// Kernels run on the pool [installed](ThreadPool::install) on the calling thread, or else on
+/// the default pool ([`ThreadPool::default_pool`]). So the thread count is the configuration of
+/// whoever installs the pool (the CLI's `--threads`, an engine's spawner), not a process-wide
+/// setting, and two engines in one process can run on pools of their own.
+#[derive(Clone)]
+pub struct ThreadPool(Arc<Pool>);
 
-/// Fixes the number of threads the kernels split work across (the pool is made with them at
-/// the first split), for callers that configure it explicitly, as the CLI's `--threads` does.
-/// Returns false, changing nothing, when the count was already fixed (a split ran, or a previous
-/// call) or `n` is 0.
-pub fn set_num_threads(n: usize) -> bool {
-    n > 0 && THREADS.set(n).is_ok()
+impl std::fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadPool").field("threads", &self.threads()).finish()
+    }
 }
 
-/// Number of worker threads: what [`set_num_threads`] fixed, else `PIO_THREADS` if set, else the
-/// available cores.
+thread_local! {
+    /// The pool [`ThreadPool::install`] made current on this thread.
+    static CURRENT: std::cell::RefCell<Option<ThreadPool>> = const { std::cell::RefCell::new(None) };
+    /// On a pool's worker thread, that pool's thread count (0 elsewhere): a split made from
+    /// inside a task runs inline, over the ranges the pool would have used.
+    static WORKER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl ThreadPool {
+    /// A pool of `threads` threads in all (the caller and `threads - 1` workers; 0 counts as 1).
+    pub fn new(threads: usize) -> ThreadPool {
+        ThreadPool(Arc::new(Pool::new(threads.max(1))))
+    }
+
+    /// The pool kernels use on a thread where none is installed: `PIO_THREADS` threads if that
+    /// is set, else one per available core. Made at its first use.
+    pub fn default_pool() -> ThreadPool {
+        static DEFAULT: OnceLock<ThreadPool> = OnceLock::new();
+        DEFAULT
+            .get_or_init(|| {
+                let n = std::env::var("PIO_THREADS")
+                    .ok()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                ThreadPool::new(n)
+            })
+            .clone()
+    }
+
+    /// Threads that take part in a split: the workers and the caller.
+    pub fn threads(&self) -> usize {
+        self.0.threads()
+    }
+
+    /// Runs `f` with this pool current on the calling thread: every kernel `f` calls there
+    /// splits its work across this pool. The previous pool is current again afterwards (also
+    /// if `f` panics).
+    pub fn install<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<ThreadPool>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let prev = self.0.take();
+                CURRENT.with(|c| *c.borrow_mut() = prev);
+            }
+        }
+        let prev = CURRENT.with(|c| c.borrow_mut().replace(self.clone()));
+        let _restore = Restore(prev);
+        f()
+    }
+
+    /// The pool kernels called from this thread use: the installed one, else the default.
+    pub fn current() -> ThreadPool {
+        CURRENT.with(|c| c.borrow().clone()).unwrap_or_else(ThreadPool::default_pool)
+    }
+}
+
+/// Number of threads a split on this thread is sized for: those of [`ThreadPool::current`] (on
+/// a pool's worker, those of its pool, though such a split runs inline).
 pub fn num_threads() -> usize {
-    *THREADS.get_or_init(|| {
-        std::env::var("PIO_THREADS")
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    })
+    match WORKER_OF.with(|w| w.get()) {
+        0 => ThreadPool::current().threads(),
+        n => n,
+    }
 }
 
 /// Runs `f(start, end)` over disjoint ranges covering `0..n`, in parallel when `work` (a rough
@@ -107,33 +168,47 @@ pub fn num_threads() -> usize {
 /// in order. The ranges depend only on `n`, `work` and [`num_threads`]; `n == 0` gives one call
 /// `f(0, 0)`.
 pub fn for_each_range<T: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
-    let parts = num_threads().min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1);
-    split_ranges(global(), n, parts, &f)
+    let parts = |threads: usize| threads.min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1);
+    match WORKER_OF.with(|w| w.get()) {
+        0 => {
+            let pool = ThreadPool::current();
+            split_ranges(Some(&pool.0), n, parts(pool.threads()), &f)
+        }
+        threads => split_ranges(None, n, parts(threads), &f),
+    }
 }
 
 /// Runs `f(i)` for every `i` in `0..n_tasks`, each exactly once, on the calling thread and the
-/// pool's workers, which claim tasks one at a time (so uneven tasks balance themselves). Returns
-/// when all have run; a panic in a task is re-raised here.
+/// current pool's workers, which claim tasks one at a time (so uneven tasks balance
+/// themselves). Returns when all have run; a panic in a task is re-raised here.
 pub fn for_each_task(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-    global().run(n_tasks, f)
+    if WORKER_OF.with(|w| w.get()) != 0 {
+        return (0..n_tasks).for_each(f);
+    }
+    ThreadPool::current().0.run(n_tasks, f)
 }
 
-fn global() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool::new(num_threads()))
-}
-
-/// `f` over `parts` balanced ranges of `0..n` (lengths differ by at most one), results in order.
-fn split_ranges<T: Send, F: Fn(usize, usize) -> T + Sync>(pool: &Pool, n: usize, parts: usize, f: &F) -> Vec<T> {
+/// `f` over `parts` balanced ranges of `0..n` (lengths differ by at most one), results in order;
+/// on `pool`, or inline without one.
+fn split_ranges<T: Send, F: Fn(usize, usize) -> T + Sync>(
+    pool: Option<&Pool>,
+    n: usize,
+    parts: usize,
+    f: &F,
+) -> Vec<T> {
     if parts <= 1 {
         return vec![f(0, n)];
     }
     let start = |t: usize| t * (n / parts) + t.min(n % parts);
     let slots: Vec<Mutex<Option<T>>> = (0..parts).map(|_| Mutex::new(None)).collect();
-    pool.run(parts, &|t| {
+    let task = |t: usize| {
         let r = f(start(t), start(t + 1));
         *lock(&slots[t]) = Some(r);
-    });
+    };
+    match pool {
+        Some(pool) => pool.run(parts, &task),
+        None => (0..parts).for_each(task),
+    }
     // `run` returned normally, so every task ran and every slot is full.
     slots.into_iter().filter_map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner)).collect()
 }
@@ -238,14 +313,19 @@ impl Pool {
         let workers = (1..threads)
             .map_while(|i| {
                 let shared = Arc::clone(&shared);
-                thread::Builder::new().name(format!("pio-worker-{i}")).spawn(move || shared.worker_loop()).ok()
+                thread::Builder::new()
+                    .name(format!("pio-worker-{i}"))
+                    .spawn(move || {
+                        WORKER_OF.with(|w| w.set(threads));
+                        shared.worker_loop()
+                    })
+                    .ok()
             })
             .collect();
         Pool { shared, workers }
     }
 
     /// Threads that take part in a job: the workers and the caller.
-    #[cfg(test)]
     fn threads(&self) -> usize {
         self.workers.len() + 1
     }
@@ -450,7 +530,7 @@ mod tests {
     /// Checks that `split_ranges` over `parts` covers `0..n` exactly once, in order.
     fn check_ranges(pool: &Pool, n: usize, parts: usize) {
         let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-        let ranges = split_ranges(pool, n, parts, &|a, b| {
+        let ranges = split_ranges(Some(pool), n, parts, &|a, b| {
             for h in &hits[a..b] {
                 h.fetch_add(1, Ordering::Relaxed);
             }
@@ -471,9 +551,28 @@ mod tests {
     }
 
     #[test]
-    fn zero_threads_are_refused() {
-        assert!(!set_num_threads(0));
-        assert!(num_threads() >= 1);
+    fn parallel_installed_pool_is_current_until_the_scope_ends() {
+        let outside = num_threads();
+        assert_eq!(outside, ThreadPool::default_pool().threads());
+        let three = ThreadPool::new(3);
+        let five = ThreadPool::new(5);
+        three.install(|| {
+            assert_eq!(num_threads(), 3);
+            assert_eq!(for_each_range(30, usize::MAX, |a, b| (a, b)).len(), 3);
+            five.install(|| assert_eq!(num_threads(), 5));
+            assert_eq!(num_threads(), 3);
+            // Inside a task on a worker: sized for the worker's pool, run inline.
+            let inner =
+                for_each_range(3, usize::MAX, |_, _| (num_threads(), for_each_range(9, usize::MAX, |a, b| b - a)));
+            assert!(inner.iter().all(|(n, v)| *n == 3 && v.len() == 3 && v.iter().sum::<usize>() == 9));
+            let r = panic::catch_unwind(AssertUnwindSafe(|| five.install(|| panic!("inside"))));
+            assert!(r.is_err());
+            assert_eq!(num_threads(), 3);
+        });
+        assert_eq!(num_threads(), outside);
+        assert_eq!(ThreadPool::new(0).threads(), 1);
+        // Another thread does not see this thread's pool.
+        three.install(|| thread::scope(|s| s.spawn(|| assert_eq!(num_threads(), outside)).join().ok()));
     }
 
     #[test]
@@ -528,7 +627,7 @@ mod tests {
             let pool = Pool::new(threads);
             for bad in 0..threads {
                 let r = panic::catch_unwind(AssertUnwindSafe(|| {
-                    split_ranges(&pool, 100, threads, &|a, _b| {
+                    split_ranges(Some(&pool), 100, threads, &|a, _b| {
                         if a == bad * (100 / threads) + bad.min(100 % threads) {
                             panic!("task {bad} failed");
                         }
@@ -551,8 +650,8 @@ mod tests {
     #[test]
     fn parallel_nested_calls_run_inline() {
         let pool = Pool::new(3);
-        let outer = split_ranges(&pool, 30, 3, &|a, b| {
-            let inner = split_ranges(&pool, b - a, 3, &|c, d| (a + c..a + d).sum::<usize>());
+        let outer = split_ranges(Some(&pool), 30, 3, &|a, b| {
+            let inner = split_ranges(Some(&pool), b - a, 3, &|c, d| (a + c..a + d).sum::<usize>());
             assert_eq!(inner.len(), 3);
             inner.iter().sum::<usize>()
         });
@@ -584,7 +683,7 @@ mod tests {
         }
         assert_eq!(sum.load(Ordering::Relaxed), 30_000);
         let ranges: usize =
-            (0..10_000).map(|i| split_ranges(&pool, i % 5, 2, &|a, b| b - a).iter().sum::<usize>()).sum();
+            (0..10_000).map(|i| split_ranges(Some(&pool), i % 5, 2, &|a, b| b - a).iter().sum::<usize>()).sum();
         assert_eq!(ranges, (0..10_000).map(|i| i % 5).sum::<usize>());
     }
 
@@ -610,7 +709,7 @@ mod tests {
                 let pool = &pool;
                 s.spawn(move || {
                     for n in 0..500 {
-                        let v = split_ranges(pool, n + k, 3, &|a, b| (a..b).sum::<usize>());
+                        let v = split_ranges(Some(pool), n + k, 3, &|a, b| (a..b).sum::<usize>());
                         assert_eq!(v.iter().sum::<usize>(), (0..n + k).sum::<usize>());
                     }
                 });
