@@ -1570,16 +1570,21 @@ mod tests {
         const TILE: usize = 16;
         const ROUNDS: usize = 25;
         let mut rng = StdRng::seed_from_u64(3);
-        let mut kernels: Vec<(String, GemmFn)> = Vec::new();
+        // (name, kernel, whether it reads the interleaved layout)
+        let mut kernels: Vec<(String, GemmFn, bool)> = Vec::new();
         #[cfg(target_arch = "x86_64")]
         for (name, f) in tile_x86::variants() {
-            kernels.push((
-                name.to_string(),
-                // SAFETY: `variants` lists only what the CPU runs; shapes are whole tiles.
-                Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
-                    f(dtype, w, nrows, false, act, ntok, out, ldo)
-                }),
-            ));
+            for packed in [false, true] {
+                kernels.push((
+                    format!("{name}{}", if packed { "/il" } else { "" }),
+                    // SAFETY: `variants` lists only what the CPU runs; shapes are whole tiles,
+                    // in the layout `packed` says.
+                    Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
+                        f(dtype, w, nrows, packed, act, ntok, out, ldo)
+                    }),
+                    packed,
+                ));
+            }
         }
         let only = std::env::var("PIO_BENCH_FORMATS").unwrap_or_default();
         for cols in [896, 4864] {
@@ -1591,33 +1596,38 @@ mod tests {
                 for ntok in [1, 64] {
                     let (w, act) = random_tile(&mut rng, dtype, blocks, ROWS, ntok);
                     let rb = w.len() / ROWS;
+                    let tiles: Vec<Vec<u8>> = (0..ROWS)
+                        .step_by(TILE)
+                        .map(|r0| crate::dot::interleave(dtype, TILE, cols, &w[r0 * rb..(r0 + TILE) * rb]))
+                        .collect();
                     let mut out = vec![0f32; ROWS * ntok];
-                    let mut run = |f: &GemmFn| {
-                        for r0 in (0..ROWS).step_by(TILE) {
-                            f(dtype, &w[r0 * rb..(r0 + TILE) * rb], TILE, &act, ntok, &mut out[r0..], ROWS);
+                    let mut run = |f: &GemmFn, packed: bool| {
+                        for (i, r0) in (0..ROWS).step_by(TILE).enumerate() {
+                            let w = if packed { &tiles[i][..] } else { &w[r0 * rb..(r0 + TILE) * rb] };
+                            f(dtype, w, TILE, &act, ntok, &mut out[r0..], ROWS);
                         }
                         black_box(&mut out);
                     };
                     let iters: Vec<u32> = kernels
                         .iter()
-                        .map(|(_, f)| {
+                        .map(|(_, f, packed)| {
                             let t = Instant::now();
-                            run(f);
+                            run(f, *packed);
                             (0.003 / t.elapsed().as_secs_f64().max(1e-7)).clamp(1.0, 100_000.0) as u32
                         })
                         .collect();
                     let mut best = vec![f64::MAX; kernels.len()];
                     for _ in 0..ROUNDS {
-                        for ((_, f), (&n, best)) in kernels.iter().zip(iters.iter().zip(&mut best)) {
+                        for ((_, f, packed), (&n, best)) in kernels.iter().zip(iters.iter().zip(&mut best)) {
                             let t = Instant::now();
                             for _ in 0..n {
-                                run(f);
+                                run(f, *packed);
                             }
                             *best = best.min(t.elapsed().as_nanos() as f64 / n as f64 / (ROWS * ntok) as f64);
                         }
                     }
                     let mut line = format!("{dtype} {cols} cols, {ntok:2} tok, ns/pair:");
-                    for ((name, _), best) in kernels.iter().zip(&best) {
+                    for ((name, _, _), best) in kernels.iter().zip(&best) {
                         line += &format!("  {name} {best:.2}");
                     }
                     println!("{line}");
