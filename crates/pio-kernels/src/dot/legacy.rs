@@ -453,25 +453,232 @@ mod tile_x86 {
     /// the K formats' four super-blocks ahead come to.
     const PREFETCH_BYTES: usize = 8192;
 
-    /// The walk every kernel shares. For each group of `N` rows, each chunk of up to [`TOKENS`]
-    /// tokens and each block: `unpack` the group's block once (given, for rows, the first row's
-    /// block, the rows' byte offsets from it and the same as i32; for the interleaved layout,
-    /// the 16-row group's block and the first row's lane in it) and let `prep` derive what the
-    /// tokens share from it; then for each token `sum` gives the block's exact i32 sums (given
-    /// the index of the token's activation block) and `finish` folds them into the token's f32
+    // ---------------------------------------------------------------------------------------
+    // The tile, once for every vector width
+    // ---------------------------------------------------------------------------------------
+
+    /// One block of `N` rows, lane `r` = row `r`: `w[g]` = the row's quants `4g..4g+4` as bytes
+    /// (unsigned as stored, or Q8_0's signed ones), `d` / `m` its scale / minimum.
+    struct Block<I, P> {
+        w: [I; 8],
+        d: P,
+        m: P,
+    }
+
+    /// What the tile needs of a vector width of `N` rows (lanes of 32 bits). The methods are
+    /// `#[inline(always)]` without target features of their own: they are only called (inlined)
+    /// from the `#[target_feature]` entry points below, which enable what each implementation
+    /// uses (as `kquants`' `Isa`). The blocks stay in registers, unpacked once for every token
+    /// of a chunk; the width-specific parts are the loads that transpose rows into columns, the
+    /// header reads, the fifth bits and how Q8_0's signs move.
+    trait Width<const N: usize> {
+        type I: Copy;
+        type P: Copy;
+        /// What carries Q8_0's weight signs to the activations (`|w|·(sign(w)·a)`).
+        type Sign: Copy;
+        /// `vpdpbusd` is there: unsigned weights times signed activations, four products at a
+        /// time, no i16 step.
+        const VNNI: bool;
+        unsafe fn zero() -> Self::I;
+        unsafe fn set1_i8(x: i8) -> Self::I;
+        unsafe fn set1_i32(x: i32) -> Self::I;
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn xor(a: Self::I, b: Self::I) -> Self::I;
+        /// Logical right shift of each dword by 4.
+        unsafe fn srl4(a: Self::I) -> Self::I;
+        unsafe fn add_i16(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn add_i32(a: Self::I, b: Self::I) -> Self::I;
+        /// `vpmaddubsw`: unsigned bytes of `a` times signed bytes of `b`, pairs added in i16.
+        unsafe fn maddubs(a: Self::I, b: Self::I) -> Self::I;
+        /// Pairs of i16 added into i32.
+        unsafe fn widen(a: Self::I) -> Self::I;
+        /// `s + Σ` of the four products of unsigned `a` and signed `b` bytes per dword (VNNI).
+        unsafe fn dpbusd(s: Self::I, a: Self::I, b: Self::I) -> Self::I;
+        /// Activation bytes `4g..4g+4` at `p` in every dword.
+        unsafe fn bcast(p: *const i8, g: usize) -> Self::I;
+        /// The 16 bytes at `p` in every 128-bit lane.
+        unsafe fn bcast128(p: *const i8) -> Self::I;
+        /// A placeholder where no sign is needed.
+        unsafe fn no_sign() -> Self::Sign;
+        /// `(|w|, the sign of w)` of signed bytes.
+        unsafe fn signs(w: Self::I) -> (Self::I, Self::Sign);
+        /// `a` with each byte negated where the weight's byte is negative (zeroed where it is 0).
+        unsafe fn signed(a: Self::I, s: Self::Sign) -> Self::I;
+        /// The block sums of rows left in place ([`Width::rows`]): `v[i]` has in lane `(L, k)`
+        /// (128-bit lane `L`, dword `k`) a partial sum of row `i + 4L`; returns lane `r` = the
+        /// whole sum of row `r`.
+        unsafe fn reduce(v: [Self::I; 4]) -> Self::I;
+        /// `wg` (quants `4g..4g+4` of each row, as bytes) with 0x10 added where the fifth bit,
+        /// nibble `g` of each row's `qh` dword, is set.
+        unsafe fn fifth(wg: Self::I, qh: Self::I, g: usize) -> Self::I;
+        unsafe fn zero_p() -> Self::P;
+        unsafe fn set1_p(x: f32) -> Self::P;
+        unsafe fn mul(a: Self::P, b: Self::P) -> Self::P;
+        /// `a·b + c`, rounded once.
+        unsafe fn fma(a: Self::P, b: Self::P, c: Self::P) -> Self::P;
+        unsafe fn cvt(v: Self::I) -> Self::P;
+        unsafe fn loadp(p: *const f32) -> Self::P;
+        unsafe fn storep(p: *mut f32, v: Self::P);
+        /// `4N` bytes.
+        unsafe fn load(p: *const u8) -> Self::I;
+        /// `N` f16 values at `p`, as f32.
+        unsafe fn f16_load(p: *const u8) -> Self::P;
+        /// The f16 in the low / high half of each dword, as f32.
+        unsafe fn f16_lo(v: Self::I) -> Self::P;
+        unsafe fn f16_hi(v: Self::I) -> Self::P;
+        /// Of each row's block at `base + offs[r]` (`idx`: `offs` as i32): its first dword (`d`,
+        /// then `m` for the `_1` formats) and its fifth bits (zero for formats without).
+        unsafe fn header<F: Fmt>(base: *const u8, offs: &[usize; N], idx: &[i32; N]) -> (Self::I, Self::I);
+        /// 16 bytes at `at` of each of the rows as 4 vectors of dwords: vector `k`, lane `r` =
+        /// dword `k` of row `r`.
+        unsafe fn transpose(base: *const u8, offs: &[usize; N], at: usize) -> [Self::I; 4];
+        /// The 32 bytes from `at` of each row left in place: `w[2i + h]` holds rows `i`, `i + 4`,
+        /// ... (one per 128-bit lane), 16 bytes each from `at + 16h`.
+        unsafe fn rows(base: *const u8, offs: &[usize; N], at: usize) -> [Self::I; 8];
+    }
+
+    /// `d` and, for the `_1` formats, `m`, from the dword holding them in each lane.
+    #[inline(always)]
+    unsafe fn d_m<V: Width<N>, F: Fmt, const N: usize>(dm: V::I) -> (V::P, V::P) {
+        (V::f16_lo(dm), if F::MIN { V::f16_hi(dm) } else { V::zero_p() })
+    }
+
+    /// A block of `N` rows from its columns of quant dwords `q` (Q8_0: all 8; the nibble
+    /// formats: the first 4) and the fifth bits `qh` (Q5_0 / Q5_1).
+    #[inline(always)]
+    unsafe fn block<V: Width<N>, F: Fmt, const N: usize>(
+        d: V::P,
+        m: V::P,
+        q: [V::I; 8],
+        qh: V::I,
+    ) -> Block<V::I, V::P> {
+        if F::BYTES {
+            return Block { w: q, d, m };
+        }
+        // Dword k of the packed bytes holds quants 4k..4k+4 in its low nibbles and
+        // 16+4k..16+4k+4 in its high ones: groups k and k + 4.
+        let mut w = [V::zero(); 8];
+        for (g, wg) in w.iter_mut().enumerate() {
+            let x = if g < 4 { q[g] } else { V::srl4(q[g - 4]) };
+            *wg = V::and(x, V::set1_i8(0x0F));
+            if F::QH != 0 {
+                *wg = V::fifth(*wg, qh, g);
+            }
+        }
+        Block { w, d, m }
+    }
+
+    /// The blocks of `N` rows at `base + offs[r]`, unpacked.
+    #[inline(always)]
+    unsafe fn unpack<V: Width<N>, F: Fmt, const N: usize>(
+        base: *const u8,
+        offs: &[usize; N],
+        idx: &[i32; N],
+    ) -> Block<V::I, V::P> {
+        let (dm, qh) = V::header::<F>(base, offs, idx);
+        let (d, m) = d_m::<V, F, N>(dm);
+        let mut q = [V::zero(); 8];
+        q[..4].copy_from_slice(&V::transpose(base, offs, F::QS));
+        if F::BYTES {
+            q[4..].copy_from_slice(&V::transpose(base, offs, F::QS + 16));
+        }
+        block::<V, F, N>(d, m, q, qh)
+    }
+
+    /// The interleaved block of a 16-row group at `blk` (see [`crate::dot::interleave`]), rows
+    /// `lane..lane + N`, unpacked as [`unpack`] unpacks rows: the same values, without the
+    /// transposes.
+    #[inline(always)]
+    unsafe fn packed<V: Width<N>, F: Fmt, const N: usize>(blk: *const u8, lane: usize) -> Block<V::I, V::P> {
+        // Column `c` of the field at byte `off` of the row blocks.
+        let col = |off: usize, c: usize| blk.add(16 * off + 64 * c + 4 * lane);
+        let (d, m) =
+            if F::MIN { d_m::<V, F, N>(V::load(col(0, 0))) } else { (V::f16_load(blk.add(2 * lane)), V::zero_p()) };
+        let n = if F::BYTES { 8 } else { 4 };
+        let mut q = [V::zero(); 8];
+        for (c, qc) in q.iter_mut().enumerate().take(n) {
+            *qc = V::load(col(F::QS, c));
+        }
+        let qh = if F::QH != 0 { V::load(col(F::QH, 0)) } else { V::zero() };
+        block::<V, F, N>(d, m, q, qh)
+    }
+
+    /// Q8_0's blocks of `N` rows left in place for a token or two (see [`tile`]).
+    #[inline(always)]
+    unsafe fn in_place<V: Width<N>, F: Fmt, const N: usize>(
+        base: *const u8,
+        offs: &[usize; N],
+        idx: &[i32; N],
+    ) -> Block<V::I, V::P> {
+        let (dm, _) = V::header::<F>(base, offs, idx);
+        Block { w: V::rows(base, offs, F::QS), d: V::f16_lo(dm), m: V::zero_p() }
+    }
+
+    /// `acc = fma(d_w·d_a, sum, acc)`, then `fma(m_w, s_a, acc)` for the `_1` formats: the float
+    /// steps of [`super::tile_dot_scalar`], one lane per row.
+    #[inline(always)]
+    unsafe fn finish<V: Width<N>, F: Fmt, const N: usize>(
+        acc: &mut [f32; N],
+        sum: V::I,
+        blk: &Block<V::I, V::P>,
+        a: &Q8Block,
+    ) {
+        let scale = V::mul(blk.d, V::set1_p(a.d));
+        let mut v = V::fma(scale, V::cvt(sum), V::loadp(acc.as_ptr()));
+        if F::MIN {
+            v = V::fma(blk.m, V::set1_p(a.s), v);
+        }
+        V::storep(acc.as_mut_ptr(), v);
+    }
+
+    /// How a tile takes its integer sums: the nibble formats' `vpmaddubsw` pairs added in i16
+    /// as far as they cannot overflow; Q8_0's `|w|·(sign(w)·a)`, transposed or, for a token or
+    /// two, with the rows left in place; or `vpdpbusd` on unsigned weights.
+    const NIBBLES: u8 = 0;
+    const BYTES: u8 = 1;
+    const BYTES_IN_PLACE: u8 = 2;
+    const VNNI: u8 = 3;
+    /// As `BYTES`, each token taking the signs itself: for a token or two in the interleaved
+    /// layout, where the shared `|w|` and signs (16 registers) spilled, and the spills cost
+    /// more than the work they save (Q8_0 at AVX2, one token: 30.4 ns per row-token
+    /// pair at 896 columns, 26 after).
+    const BYTES_FEW: u8 = 4;
+
+    /// The tile kernel of format `F` at width `V`: `w` holds `nrows` rows of
+    /// `act.len() / ntok` blocks of `F` (or their interleaved layout); `out` holds
+    /// `(ntok - 1) * ldo + nrows` values.
+    ///
+    /// # Safety
+    /// The CPU has what `V` uses, and the caller enables it (`#[target_feature]`).
+    #[inline(always)]
+    unsafe fn tile<V: Width<N>, F: Fmt, const N: usize>(t: Tile<'_>) {
+        if V::VNNI {
+            walk::<V, F, N, VNNI>(t)
+        } else if !F::BYTES {
+            walk::<V, F, N, NIBBLES>(t)
+        } else if t.ntok <= 2 && !t.packed {
+            // Q8_0 for a token or two: transposing 32 bytes per row costs more than it saves.
+            walk::<V, F, N, BYTES_IN_PLACE>(t)
+        } else if t.ntok <= 2 {
+            walk::<V, F, N, BYTES_FEW>(t)
+        } else {
+            walk::<V, F, N, BYTES>(t)
+        }
+    }
+
+    /// The walk of every tile (no closures: intrinsics inlined into a closure lose the entry
+    /// point's target features). For each group of `N` rows, each chunk of up to [`TOKENS`]
+    /// tokens and each block: the group's block is unpacked once, what the tokens share is
+    /// derived from it, and each token's exact i32 block sums are folded into its f32
     /// accumulators, one lane per row.
     #[inline(always)]
-    fn walk<const N: usize, B, P, S>(
-        tile: Tile<'_>,
-        bb: usize,
-        unpack: impl Fn(*const u8, &[usize; N], &[i32; N], usize) -> B,
-        prep: impl Fn(&B) -> P,
-        sum: impl Fn(&B, &P, usize) -> S,
-        finish: impl Fn(&mut [f32; N], S, &B, &Q8Block),
-    ) {
+    unsafe fn walk<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(tile: Tile<'_>) {
         const G: usize = crate::dot::GROUP_ROWS;
-        let nb = tile.act.len() / tile.ntok;
-        let rb = nb * bb;
+        let act = tile.act;
+        let nb = act.len() / tile.ntok;
+        let rb = nb * F::BB;
+        let with_offsets = F::OFFSET_LOG2 != 0 && (KIND == NIBBLES || KIND == VNNI);
+        let offsets = if with_offsets { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
         let mut acc = [[0f32; N]; TOKENS];
         for r0 in (0..tile.nrows).step_by(N) {
             let live = (tile.nrows - r0).min(N);
@@ -481,25 +688,112 @@ mod tile_x86 {
                 acc.fill([0.0; N]);
                 for b in 0..nb {
                     let blk = if tile.packed {
-                        let at = ((r0 / G) * nb + b) * G * bb;
+                        let at = ((r0 / G) * nb + b) * G * F::BB;
                         let ahead = tile.w.as_ptr().wrapping_add(at + PREFETCH_BYTES);
                         // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded
                         // 37.2 -> 41.0 tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1).
-                        for line in (0..G * bb).step_by(64) {
-                            // SAFETY: a prefetch never faults, wherever it points.
-                            unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8) };
+                        for line in (0..G * F::BB).step_by(64) {
+                            // A prefetch never faults, wherever it points.
+                            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
                         }
-                        unpack(tile.w[at..].as_ptr(), &offs, &idx, r0 % G)
+                        packed::<V, F, N>(tile.w[at..].as_ptr(), r0 % G)
                     } else {
-                        unpack(tile.w[r0 * rb + b * bb..].as_ptr(), &offs, &idx, 0)
+                        let p = tile.w[r0 * rb + b * F::BB..].as_ptr();
+                        if KIND == BYTES_IN_PLACE {
+                            in_place::<V, F, N>(p, &offs, &idx)
+                        } else {
+                            unpack::<V, F, N>(p, &offs, &idx)
+                        }
                     };
-                    let pre = prep(&blk);
+                    // What the tokens share: the weights as the products take them, and Q8_0's
+                    // signs.
+                    let mut wa = blk.w;
+                    let mut sign = [V::no_sign(); 8];
+                    for g in 0..8 {
+                        if KIND == VNNI && F::BYTES {
+                            // `vpdpbusd` needs unsigned weights: Q8_0's signed bytes get 128
+                            // added (an xor), which its offset term takes back.
+                            wa[g] = V::xor(blk.w[g], V::set1_i8(-128));
+                        } else if KIND == BYTES || KIND == BYTES_IN_PLACE {
+                            (wa[g], sign[g]) = V::signs(blk.w[g]);
+                        }
+                    }
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let at = (t0 + i) * nb + b;
-                        finish(acc, sum(&blk, &pre, at), &blk, &tile.act[at]);
+                        let y = act[at].qs.as_ptr();
+                        let off = if with_offsets { offsets[at] } else { 0 };
+                        let s = sum::<V, F, N, KIND>(&wa, &sign, y, off);
+                        finish::<V, F, N>(acc, s, &blk, &act[at]);
                     }
                 }
                 store(acc, live, tile.out, t0 * tile.ldo + r0, tile.ldo);
+            }
+        }
+    }
+
+    /// One token's exact i32 sums of a block of `N` rows: `wa` the weights as [`walk`] prepared
+    /// them, `y` the token's 32 activation bytes, `off` its offset term (0 if none).
+    #[inline(always)]
+    // Group indices pick both the weights and the activation bytes.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn sum<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(
+        wa: &[V::I; 8],
+        sign: &[V::Sign; 8],
+        y: *const i8,
+        off: i32,
+    ) -> V::I {
+        match KIND {
+            VNNI => {
+                // Two chains of four, so a token waits for half as many `vpdpbusd` latencies.
+                let mut s0 = V::set1_i32(off);
+                let mut s1 = V::zero();
+                for g in 0..4 {
+                    s0 = V::dpbusd(s0, wa[g], V::bcast(y, g));
+                    s1 = V::dpbusd(s1, wa[g + 4], V::bcast(y, g + 4));
+                }
+                V::add_i32(s0, s1)
+            }
+            BYTES_IN_PLACE => {
+                // Each row's quants in place meet the activations broadcast per 128-bit lane;
+                // the exact row sums come out of `reduce`, so the same as the transposed sums.
+                let a = [V::bcast128(y), V::bcast128(y.add(16))];
+                let mut v = [V::zero(); 4];
+                for (i, v) in v.iter_mut().enumerate() {
+                    let p0 = V::widen(V::maddubs(wa[2 * i], V::signed(a[0], sign[2 * i])));
+                    let p1 = V::widen(V::maddubs(wa[2 * i + 1], V::signed(a[1], sign[2 * i + 1])));
+                    *v = V::add_i32(p0, p1);
+                }
+                V::reduce(v)
+            }
+            BYTES => {
+                // Each pair sum widened at once (|w| ≤ 128 leaves no room to add them in i16).
+                let mut s = V::zero();
+                for g in 0..8 {
+                    let a = V::signed(V::bcast(y, g), sign[g]);
+                    s = V::add_i32(s, V::widen(V::maddubs(wa[g], a)));
+                }
+                s
+            }
+            BYTES_FEW => {
+                let mut s = V::zero();
+                for (g, w) in wa.iter().enumerate() {
+                    let (abs, sign) = V::signs(*w);
+                    let a = V::signed(V::bcast(y, g), sign);
+                    s = V::add_i32(s, V::widen(V::maddubs(abs, a)));
+                }
+                s
+            }
+            _ => {
+                // Unsigned quants times signed activations, from the offset term.
+                let mut s = V::set1_i32(off);
+                for h in (0..8).step_by(F::I16_GROUPS) {
+                    let mut p = V::maddubs(wa[h], V::bcast(y, h));
+                    for g in h + 1..h + F::I16_GROUPS {
+                        p = V::add_i16(p, V::maddubs(wa[g], V::bcast(y, g)));
+                    }
+                    s = V::add_i32(s, V::widen(p));
+                }
+                s
             }
         }
     }
@@ -508,259 +802,437 @@ mod tile_x86 {
     // AVX2: 8 rows per vector
     // ---------------------------------------------------------------------------------------
 
-    /// One block of 8 rows, lane `r` = row `r`: `w[g]` = the row's quants `4g..4g+4` as bytes
-    /// (unsigned as stored, or Q8_0's signed ones), `d` / `m` its scale / minimum.
-    struct Block8 {
-        w: [__m256i; 8],
-        d: __m256,
-        m: __m256,
-    }
+    struct Ymm;
 
-    /// 16 bytes at `at` of each of 8 rows as 4 vectors of dwords: vector `k`, lane `r` = dword `k`
-    /// of row `r`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2; `base + offs[r] + at` holds 16 readable bytes for every `r`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn transpose8(base: *const u8, offs: &[usize; 8], at: usize) -> [__m256i; 4] {
-        let ld = |r: usize| _mm_loadu_si128(base.add(offs[r] + at) as *const __m128i);
-        // z[i] = [row i | row i + 4] (128-bit lanes); then a 4×4 dword transpose per lane.
-        let z: [__m256i; 4] =
-            std::array::from_fn(|i| _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(ld(i)), ld(i + 4)));
-        let a = _mm256_unpacklo_epi32(z[0], z[1]);
-        let b = _mm256_unpackhi_epi32(z[0], z[1]);
-        let c = _mm256_unpacklo_epi32(z[2], z[3]);
-        let d = _mm256_unpackhi_epi32(z[2], z[3]);
-        [
-            _mm256_unpacklo_epi64(a, c),
-            _mm256_unpackhi_epi64(a, c),
-            _mm256_unpacklo_epi64(b, d),
-            _mm256_unpackhi_epi64(b, d),
-        ]
-    }
-
-    /// Dwords 0 and 1 of each of 8 rows' blocks (`d`, then `m` or fifth bits): the first two
-    /// vectors of a [`transpose8`] of the blocks' first 16 bytes. Measured cheaper than two
-    /// 8-lane gathers (the AVX-512 kernels gather: there a 16-row transpose costs more).
-    ///
-    /// # Safety
-    /// The CPU has AVX2; `base + offs[r]` holds 16 readable bytes for every `r`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    /// Dwords 0 and 1 of each of 8 rows' blocks: the first two vectors of a transpose of the
+    /// blocks' first 16 bytes. Measured cheaper than two 8-lane gathers (the AVX-512 kernels
+    /// gather: there a 16-row transpose costs more).
+    #[inline(always)]
     unsafe fn header8(base: *const u8, offs: &[usize; 8]) -> [__m256i; 2] {
-        let ld = |r: usize| _mm_loadu_si128(base.add(offs[r]) as *const __m128i);
-        let z: [__m256i; 4] =
-            std::array::from_fn(|i| _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(ld(i)), ld(i + 4)));
+        let z = pairs8(base, offs, 0);
         let a = _mm256_unpacklo_epi32(z[0], z[1]);
         let c = _mm256_unpacklo_epi32(z[2], z[3]);
         [_mm256_unpacklo_epi64(a, c), _mm256_unpackhi_epi64(a, c)]
     }
 
+    /// `z[i]` = the 16 bytes at `at` of rows `i` and `i + 4` (128-bit lanes).
+    #[inline(always)]
+    unsafe fn pairs8(base: *const u8, offs: &[usize; 8], at: usize) -> [__m256i; 4] {
+        let mut z = [_mm256_setzero_si256(); 4];
+        for (i, z) in z.iter_mut().enumerate() {
+            let lo = _mm_loadu_si128(base.add(offs[i] + at) as *const __m128i);
+            let hi = _mm_loadu_si128(base.add(offs[i + 4] + at) as *const __m128i);
+            *z = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi);
+        }
+        z
+    }
+
+    /// `z[i]` = the 16 bytes at `at` of rows `i`, `i + 4`, `i + 8` and `i + 12` (128-bit lanes).
+    #[inline(always)]
+    unsafe fn quads16(base: *const u8, offs: &[usize; 16], at: usize) -> [__m512i; 4] {
+        let mut z = [_mm512_setzero_si512(); 4];
+        for (i, z) in z.iter_mut().enumerate() {
+            let ld = |r: usize| base.add(offs[r] + at) as *const __m128i;
+            let v = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(_mm_loadu_si128(ld(i))), _mm_loadu_si128(ld(i + 4)));
+            *z = _mm512_inserti32x4::<3>(
+                _mm512_inserti32x4::<2>(v, _mm_loadu_si128(ld(i + 8))),
+                _mm_loadu_si128(ld(i + 12)),
+            );
+        }
+        z
+    }
+
     /// The low 16 bits of each dword of `v` (each < 2^16), in order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn low_halves8(v: __m256i) -> __m128i {
         // Per 128-bit lane [v0..v3, v0..v3] as u16, then the two lanes' first halves.
         let p = _mm256_packus_epi32(v, v);
         _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(p))
     }
 
-    /// The block of 8 rows at `base + offs[r]` unpacked.
-    ///
+    impl Width<8> for Ymm {
+        type I = __m256i;
+        type P = __m256;
+        /// `vpsignb` takes the weights' signs from the weights themselves.
+        type Sign = __m256i;
+        const VNNI: bool = false;
+        #[inline(always)]
+        unsafe fn zero() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn set1_i8(x: i8) -> __m256i {
+            _mm256_set1_epi8(x)
+        }
+        #[inline(always)]
+        unsafe fn set1_i32(x: i32) -> __m256i {
+            _mm256_set1_epi32(x)
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_and_si256(a, b)
+        }
+        #[inline(always)]
+        unsafe fn xor(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_xor_si256(a, b)
+        }
+        #[inline(always)]
+        unsafe fn srl4(a: __m256i) -> __m256i {
+            _mm256_srli_epi32::<4>(a)
+        }
+        #[inline(always)]
+        unsafe fn add_i16(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_add_epi16(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add_i32(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_add_epi32(a, b)
+        }
+        #[inline(always)]
+        unsafe fn maddubs(a: __m256i, b: __m256i) -> __m256i {
+            _mm256_maddubs_epi16(a, b)
+        }
+        #[inline(always)]
+        unsafe fn widen(a: __m256i) -> __m256i {
+            _mm256_madd_epi16(a, _mm256_set1_epi16(1))
+        }
+        #[inline(always)]
+        unsafe fn dpbusd(_: __m256i, _: __m256i, _: __m256i) -> __m256i {
+            unreachable!("the AVX2 tile does not use VNNI")
+        }
+        #[inline(always)]
+        unsafe fn bcast(p: *const i8, g: usize) -> __m256i {
+            _mm256_set1_epi32((p.add(4 * g) as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn bcast128(p: *const i8) -> __m256i {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn no_sign() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn signs(w: __m256i) -> (__m256i, __m256i) {
+            (_mm256_abs_epi8(w), w)
+        }
+        #[inline(always)]
+        unsafe fn signed(a: __m256i, w: __m256i) -> __m256i {
+            _mm256_sign_epi8(a, w)
+        }
+        #[inline(always)]
+        unsafe fn reduce(v: [__m256i; 4]) -> __m256i {
+            // Lane (L, k) of v[i]: row i + 4L's groups k and k + 4; three `vphaddd` leave lane r
+            // with row r.
+            _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]))
+        }
+        #[inline(always)]
+        unsafe fn fifth(wg: __m256i, qh: __m256i, g: usize) -> __m256i {
+            // Each byte of a dword picks the byte of qh holding its bit, tests it, and sets
+            // 0x10 where it is set.
+            let [i0, i1, i2, i3] = dword_byte_index(g / 2);
+            let sel = _mm256_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3);
+            let bit = _mm256_set1_epi32(nibble_bits(g));
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, sel), bit), bit);
+            _mm256_or_si256(wg, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+        }
+        #[inline(always)]
+        unsafe fn zero_p() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn set1_p(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: __m256i) -> __m256 {
+            _mm256_cvtepi32_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn loadp(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn storep(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m256i {
+            _mm256_loadu_si256(p as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn f16_load(p: *const u8) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn f16_lo(v: __m256i) -> __m256 {
+            _mm256_cvtph_ps(low_halves8(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF))))
+        }
+        #[inline(always)]
+        unsafe fn f16_hi(v: __m256i) -> __m256 {
+            _mm256_cvtph_ps(low_halves8(_mm256_srli_epi32::<16>(v)))
+        }
+        #[inline(always)]
+        unsafe fn header<F: Fmt>(base: *const u8, offs: &[usize; 8], _: &[i32; 8]) -> (__m256i, __m256i) {
+            let [h0, h1] = header8(base, offs);
+            // Q5_1's fifth bits are dword 1; Q5_0's straddle dwords 0 and 1 (bytes 2..6).
+            let qh = match F::QH {
+                0 => _mm256_setzero_si256(),
+                2 => _mm256_or_si256(_mm256_srli_epi32::<16>(h0), _mm256_slli_epi32::<16>(h1)),
+                _ => h1,
+            };
+            (h0, qh)
+        }
+        #[inline(always)]
+        unsafe fn transpose(base: *const u8, offs: &[usize; 8], at: usize) -> [__m256i; 4] {
+            // A 4×4 dword transpose per 128-bit lane.
+            let z = pairs8(base, offs, at);
+            let a = _mm256_unpacklo_epi32(z[0], z[1]);
+            let b = _mm256_unpackhi_epi32(z[0], z[1]);
+            let c = _mm256_unpacklo_epi32(z[2], z[3]);
+            let d = _mm256_unpackhi_epi32(z[2], z[3]);
+            [
+                _mm256_unpacklo_epi64(a, c),
+                _mm256_unpackhi_epi64(a, c),
+                _mm256_unpacklo_epi64(b, d),
+                _mm256_unpackhi_epi64(b, d),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn rows(base: *const u8, offs: &[usize; 8], at: usize) -> [__m256i; 8] {
+            let (z0, z1) = (pairs8(base, offs, at), pairs8(base, offs, at + 16));
+            [z0[0], z1[0], z0[1], z1[1], z0[2], z1[2], z0[3], z1[3]]
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // AVX-512: 16 rows per vector
+    // ---------------------------------------------------------------------------------------
+
+    /// AVX-512 F/BW; `VNNI` takes the byte products with `vpdpbusd`.
+    struct Zmm<const VNNI: bool>;
+
+    impl<const VNNI: bool> Width<16> for Zmm<VNNI> {
+        type I = __m512i;
+        type P = __m512;
+        /// There is no 512-bit `vpsignb`: the sign is a mask for a masked negate.
+        type Sign = __mmask64;
+        const VNNI: bool = VNNI;
+        #[inline(always)]
+        unsafe fn zero() -> __m512i {
+            _mm512_setzero_si512()
+        }
+        #[inline(always)]
+        unsafe fn set1_i8(x: i8) -> __m512i {
+            _mm512_set1_epi8(x)
+        }
+        #[inline(always)]
+        unsafe fn set1_i32(x: i32) -> __m512i {
+            _mm512_set1_epi32(x)
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_and_si512(a, b)
+        }
+        #[inline(always)]
+        unsafe fn xor(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_xor_si512(a, b)
+        }
+        #[inline(always)]
+        unsafe fn srl4(a: __m512i) -> __m512i {
+            _mm512_srli_epi32::<4>(a)
+        }
+        #[inline(always)]
+        unsafe fn add_i16(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_add_epi16(a, b)
+        }
+        #[inline(always)]
+        unsafe fn add_i32(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_add_epi32(a, b)
+        }
+        #[inline(always)]
+        unsafe fn maddubs(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_maddubs_epi16(a, b)
+        }
+        #[inline(always)]
+        unsafe fn widen(a: __m512i) -> __m512i {
+            _mm512_madd_epi16(a, _mm512_set1_epi16(1))
+        }
+        #[inline(always)]
+        unsafe fn dpbusd(s: __m512i, a: __m512i, b: __m512i) -> __m512i {
+            _mm512_dpbusd_epi32(s, a, b)
+        }
+        #[inline(always)]
+        unsafe fn bcast(p: *const i8, g: usize) -> __m512i {
+            _mm512_set1_epi32((p.add(4 * g) as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn bcast128(p: *const i8) -> __m512i {
+            _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn no_sign() -> __mmask64 {
+            0
+        }
+        #[inline(always)]
+        unsafe fn signs(w: __m512i) -> (__m512i, __mmask64) {
+            (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+        }
+        #[inline(always)]
+        unsafe fn signed(a: __m512i, neg: __mmask64) -> __m512i {
+            // Where the weight is 0 its |w| is too, so `a` need not be zeroed there.
+            _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a)
+        }
+        #[inline(always)]
+        unsafe fn reduce(v: [__m512i; 4]) -> __m512i {
+            // Per 128-bit lane [v0 k0+k2, v1 k0+k2, v0 k1+k3, v1 k1+k3], then the halves.
+            let p01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+            let p23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+            _mm512_add_epi32(_mm512_unpacklo_epi64(p01, p23), _mm512_unpackhi_epi64(p01, p23))
+        }
+        #[inline(always)]
+        unsafe fn fifth(wg: __m512i, qh: __m512i, g: usize) -> __m512i {
+            // Fifth bits 4g..4g+4 as a byte mask (bit 4r + j: row r's quant 4g + j has it).
+            let [i0, i1, i2, i3] = dword_byte_index(g / 2);
+            let sel = _mm512_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3);
+            let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, sel), _mm512_set1_epi32(nibble_bits(g)));
+            _mm512_mask_add_epi8(wg, set, wg, _mm512_set1_epi8(0x10))
+        }
+        #[inline(always)]
+        unsafe fn zero_p() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn set1_p(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: __m512i) -> __m512 {
+            _mm512_cvtepi32_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn loadp(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn storep(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m512i {
+            _mm512_loadu_si512(p as *const _)
+        }
+        #[inline(always)]
+        unsafe fn f16_load(p: *const u8) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn f16_lo(v: __m512i) -> __m512 {
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_hi(v: __m512i) -> __m512 {
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v)))
+        }
+        #[inline(always)]
+        unsafe fn header<F: Fmt>(base: *const u8, _: &[usize; 16], idx: &[i32; 16]) -> (__m512i, __m512i) {
+            let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
+            let dm = _mm512_i32gather_epi32::<1>(idx, base as *const i32);
+            let qh = if F::QH != 0 {
+                _mm512_i32gather_epi32::<1>(idx, base.add(F::QH) as *const i32)
+            } else {
+                _mm512_setzero_si512()
+            };
+            (dm, qh)
+        }
+        #[inline(always)]
+        unsafe fn transpose(base: *const u8, offs: &[usize; 16], at: usize) -> [__m512i; 4] {
+            // A 4×4 dword transpose per 128-bit lane.
+            let z = quads16(base, offs, at);
+            let a = _mm512_unpacklo_epi32(z[0], z[1]);
+            let b = _mm512_unpackhi_epi32(z[0], z[1]);
+            let c = _mm512_unpacklo_epi32(z[2], z[3]);
+            let d = _mm512_unpackhi_epi32(z[2], z[3]);
+            [
+                _mm512_unpacklo_epi64(a, c),
+                _mm512_unpackhi_epi64(a, c),
+                _mm512_unpacklo_epi64(b, d),
+                _mm512_unpackhi_epi64(b, d),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn rows(base: *const u8, offs: &[usize; 16], at: usize) -> [__m512i; 8] {
+            let (z0, z1) = (quads16(base, offs, at), quads16(base, offs, at + 16));
+            [z0[0], z1[0], z0[1], z1[1], z0[2], z1[2], z0[3], z1[3]]
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Entry points: the tile compiled for each instruction set
+    // ---------------------------------------------------------------------------------------
+
     /// # Safety
-    /// The CPU has AVX2 + FMA + F16C; `base + offs[r]` is a whole block of `F` for every `r`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack8<F: Fmt>(base: *const u8, offs: &[usize; 8]) -> Block8 {
-        let [h0, h1] = header8(base, offs);
-        let (d, m) = d_m8::<F>(h0);
-        let mut q = [_mm256_setzero_si256(); 8];
-        q[..4].copy_from_slice(&transpose8(base, offs, F::QS));
-        if F::BYTES {
-            q[4..].copy_from_slice(&transpose8(base, offs, F::QS + 16));
-        }
-        // Q5_1's fifth bits are dword 1; Q5_0's straddle dwords 0 and 1 (bytes 2..6).
-        let qh = match F::QH {
-            0 => _mm256_setzero_si256(),
-            2 => _mm256_or_si256(_mm256_srli_epi32::<16>(h0), _mm256_slli_epi32::<16>(h1)),
-            _ => h1,
-        };
-        block8::<F>(d, m, q, qh)
-    }
-
-    /// `d` (and `m` for the `_1` formats) from the dword holding them in each lane.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn d_m8<F: Fmt>(dm: __m256i) -> (__m256, __m256) {
-        let d = _mm256_cvtph_ps(low_halves8(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF))));
-        let m = if F::MIN { _mm256_cvtph_ps(low_halves8(_mm256_srli_epi32::<16>(dm))) } else { _mm256_setzero_ps() };
-        (d, m)
-    }
-
-    /// A block of 8 rows from its columns of quant dwords `q` (Q8_0: all 8; the nibble formats:
-    /// the first 4) and the fifth bits `qh` (Q5_0 / Q5_1).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block8<F: Fmt>(d: __m256, m: __m256, q: [__m256i; 8], qh: __m256i) -> Block8 {
-        if F::BYTES {
-            return Block8 { w: q, d, m };
-        }
-        // Dword k of the packed bytes holds quants 4k..4k+4 in its low nibbles and
-        // 16+4k..16+4k+4 in its high ones: groups k and k + 4.
-        let mut w = [_mm256_setzero_si256(); 8];
-        for (g, wg) in w.iter_mut().enumerate() {
-            let x = if g < 4 { q[g] } else { _mm256_srli_epi32::<4>(q[g - 4]) };
-            *wg = _mm256_and_si256(x, _mm256_set1_epi8(0x0F));
-            if F::QH != 0 {
-                // Fifth bits 4g..4g+4 (nibble g of qh): each byte of a dword picks the byte of
-                // qh holding its bit, tests it, and sets 0x10 where it is set.
-                let [i0, i1, i2, i3] = dword_byte_index(g / 2);
-                let sel = _mm256_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3);
-                let bit = _mm256_set1_epi32(nibble_bits(g));
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, sel), bit), bit);
-                *wg = _mm256_or_si256(*wg, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
-            }
-        }
-        Block8 { w, d, m }
-    }
-
-    /// The interleaved block of a 16-row group at `blk` (see [`crate::dot::interleave`]),
-    /// rows `lane..lane + 8`, unpacked as [`unpack8`] unpacks rows: the same values, without
-    /// the transposes.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 + FMA + F16C; `blk` is a whole interleaved block of `F`, `lane` 0 or 8.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn packed8<F: Fmt>(blk: *const u8, lane: usize) -> Block8 {
-        let col = |off: usize, c: usize| _mm256_loadu_si256(blk.add(16 * off + 64 * c + 4 * lane) as *const __m256i);
-        let (d, m) = if F::MIN {
-            d_m8::<F>(col(0, 0))
-        } else {
-            (_mm256_cvtph_ps(_mm_loadu_si128(blk.add(2 * lane) as *const __m128i)), _mm256_setzero_ps())
-        };
-        let n = if F::BYTES { 8 } else { 4 };
-        let mut q = [_mm256_setzero_si256(); 8];
-        for (c, qc) in q.iter_mut().enumerate().take(n) {
-            *qc = col(F::QS, c);
-        }
-        let qh = if F::QH != 0 { col(F::QH, 0) } else { _mm256_setzero_si256() };
-        block8::<F>(d, m, q, qh)
-    }
-
-    /// Q8_0's block of 8 rows left in place for a token or two (see [`tile_avx2`]): `w[2i + h]`
-    /// = `[row i | row i + 4]`, 16 quants each from byte `16h` (no transpose).
-    ///
-    /// # Safety
-    /// As [`unpack8`].
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows8<F: Fmt>(base: *const u8, offs: &[usize; 8]) -> Block8 {
-        let [dm, _] = header8(base, offs);
-        let d = _mm256_cvtph_ps(low_halves8(_mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF))));
-        let ld = |r: usize, h: usize| _mm_loadu_si128(base.add(offs[r] + F::QS + 16 * h) as *const __m128i);
-        let w = std::array::from_fn(|j| {
-            let (i, h) = (j / 2, j % 2);
-            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(ld(i, h)), ld(i + 4, h))
-        });
-        Block8 { w, d, m: _mm256_setzero_ps() }
-    }
-
-    /// Activation bytes `4g..4g+4` at `p` in every dword.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn bcast8(p: *const i8, g: usize) -> __m256i {
-        _mm256_set1_epi32((p.add(4 * g) as *const i32).read_unaligned())
-    }
-
-    /// `acc = fma(d_w·d_a, sum, acc)`, then `fma(m_w, s_a, acc)` for the `_1` formats: the float
-    /// steps of [`super::tile_dot_scalar`], one lane per row.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn finish8<F: Fmt>(acc: &mut [f32; 8], sum: __m256i, blk: &Block8, a: &Q8Block) {
-        let scale = _mm256_mul_ps(blk.d, _mm256_set1_ps(a.d));
-        let mut v = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), _mm256_loadu_ps(acc.as_ptr()));
-        if F::MIN {
-            v = _mm256_fmadd_ps(blk.m, _mm256_set1_ps(a.s), v);
-        }
-        _mm256_storeu_ps(acc.as_mut_ptr(), v);
-    }
-
-    /// # Safety
-    /// The CPU has AVX2 + FMA + F16C; `w` holds `nrows` rows of `act.len() / ntok` blocks of
-    /// `F`; `out` holds `(ntok - 1) * ldo + nrows` values.
+    /// The CPU has AVX2 + FMA + F16C; shapes as [`tile`] says.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile_avx2<F: Fmt>(t: Tile<'_>) {
-        let (act, ntok, packed) = (t.act, t.ntok, t.packed);
-        let tile = t;
-        let unpack = |p: *const u8, offs: &[usize; 8], _: &[i32; 8], lane: usize| {
-            if packed {
-                packed8::<F>(p, lane)
-            } else {
-                unpack8::<F>(p, offs)
+        tile::<Ymm, F, 8>(t)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; shapes as [`tile`] says.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
+    unsafe fn tile_avx512<F: Fmt>(t: Tile<'_>) {
+        tile::<Zmm<false>, F, 16>(t)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/DQ + VNNI + FMA + F16C; shapes as [`tile`] says.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")]
+    unsafe fn tile_avx512_vnni<F: Fmt>(t: Tile<'_>) {
+        tile::<Zmm<true>, F, 16>(t)
+    }
+
+    /// The kernels of one instruction set, for each format.
+    fn kernels<const AVX512: bool, const VNNI: bool>() -> [Kernel; 5] {
+        match (AVX512, VNNI) {
+            (false, _) => {
+                [tile_avx2::<Q4_0>, tile_avx2::<Q4_1>, tile_avx2::<Q5_0>, tile_avx2::<Q5_1>, tile_avx2::<Q8_0>]
             }
-        };
-        let ones = _mm256_set1_epi16(1);
-        let finish = |acc: &mut [f32; 8], s: __m256i, blk: &Block8, a: &Q8Block| finish8::<F>(acc, s, blk, a);
-        let abs = |blk: &Block8| blk.w.map(|x| _mm256_abs_epi8(x));
-        if F::BYTES && ntok <= 2 && !packed {
-            // Q8_0 for a token or two: transposing 32 bytes per row costs more than it saves, so
-            // each row's quants stay in place and meet the activations broadcast per 128-bit
-            // lane, `|w|·(sign(w)·a)` as below. Lane `(L, k)` of `v[i]` then holds row `i + 4L`'s
-            // groups `k` and `k + 4`, and three `vphaddd` leave lane `r` with row `r`'s whole
-            // block sum: exact, so the same as the transposed kernel's.
-            let sum = |blk: &Block8, abs: &[__m256i; 8], at: usize| {
-                let y = act[at].qs.as_ptr();
-                let a: [__m256i; 2] = std::array::from_fn(|h| {
-                    _mm256_broadcastsi128_si256(_mm_loadu_si128(y.add(16 * h) as *const __m128i))
-                });
-                let v: [__m256i; 4] = std::array::from_fn(|i| {
-                    let p = |h: usize| {
-                        let j = 2 * i + h;
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(abs[j], _mm256_sign_epi8(a[h], blk.w[j])), ones)
-                    };
-                    _mm256_add_epi32(p(0), p(1))
-                });
-                _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]))
-            };
-            walk(tile, F::BB, |p, offs, _, _| rows8::<F>(p, offs), abs, sum, finish);
-        } else if F::BYTES {
-            // Q8_0: Σ |w|·(sign(w)·a) per group, each pair sum widened at once (|w| ≤ 128
-            // leaves no room to add pair sums in i16).
-            let sum = |blk: &Block8, abs: &[__m256i; 8], at: usize| {
-                let y = act[at].qs.as_ptr();
-                let mut s = _mm256_setzero_si256();
-                for (g, (x, abs)) in blk.w.iter().zip(abs).enumerate() {
-                    let a = _mm256_sign_epi8(bcast8(y, g), *x);
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(*abs, a), ones));
-                }
-                s
-            };
-            walk(tile, F::BB, unpack, abs, sum, finish);
-        } else {
-            // Unsigned quants times signed activations, pair sums added in i16 as far as they
-            // cannot overflow, starting from the offset term.
-            let offsets = if F::OFFSET_LOG2 != 0 { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-            let sum = |blk: &Block8, _: &(), at: usize| {
-                let y = act[at].qs.as_ptr();
-                let mut s = if F::OFFSET_LOG2 != 0 { _mm256_set1_epi32(offsets[at]) } else { _mm256_setzero_si256() };
-                for h in (0..8).step_by(F::I16_GROUPS) {
-                    let mut p = _mm256_maddubs_epi16(blk.w[h], bcast8(y, h));
-                    for g in h + 1..h + F::I16_GROUPS {
-                        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(blk.w[g], bcast8(y, g)));
-                    }
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
-                }
-                s
-            };
-            walk(tile, F::BB, unpack, |_| (), sum, finish);
+            (true, false) => [
+                tile_avx512::<Q4_0>,
+                tile_avx512::<Q4_1>,
+                tile_avx512::<Q5_0>,
+                tile_avx512::<Q5_1>,
+                tile_avx512::<Q8_0>,
+            ],
+            (true, true) => [
+                tile_avx512_vnni::<Q4_0>,
+                tile_avx512_vnni::<Q4_1>,
+                tile_avx512_vnni::<Q5_0>,
+                tile_avx512_vnni::<Q5_1>,
+                tile_avx512_vnni::<Q8_0>,
+            ],
         }
     }
 
     /// # Safety
     /// The CPU has AVX2 + FMA + F16C; the shapes are as [`super::gemm`] asserts.
-    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_avx2(
         dtype: DType,
@@ -772,274 +1244,11 @@ mod tile_x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
-        let k = pick(
-            dtype,
-            [tile_avx2::<Q4_0>, tile_avx2::<Q4_1>, tile_avx2::<Q5_0>, tile_avx2::<Q5_1>, tile_avx2::<Q8_0>],
-        );
-        k(Tile { w, nrows, packed, act, ntok, out, ldo })
-    }
-
-    // ---------------------------------------------------------------------------------------
-    // AVX-512: 16 rows per vector
-    // ---------------------------------------------------------------------------------------
-
-    /// One block of 16 rows, as [`Block8`].
-    struct Block16 {
-        w: [__m512i; 8],
-        d: __m512,
-        m: __m512,
-    }
-
-    /// As [`transpose8`], for 16 rows.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW; `base + offs[r] + at` holds 16 readable bytes for every `r`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn transpose16(base: *const u8, offs: &[usize; 16], at: usize) -> [__m512i; 4] {
-        let ld = |r: usize| _mm_loadu_si128(base.add(offs[r] + at) as *const __m128i);
-        // z[i] = [row i | row i + 4 | row i + 8 | row i + 12]; then a 4×4 transpose per lane.
-        let z: [__m512i; 4] = std::array::from_fn(|i| {
-            let v = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(ld(i)), ld(i + 4));
-            _mm512_inserti32x4::<3>(_mm512_inserti32x4::<2>(v, ld(i + 8)), ld(i + 12))
-        });
-        let a = _mm512_unpacklo_epi32(z[0], z[1]);
-        let b = _mm512_unpackhi_epi32(z[0], z[1]);
-        let c = _mm512_unpacklo_epi32(z[2], z[3]);
-        let d = _mm512_unpackhi_epi32(z[2], z[3]);
-        [
-            _mm512_unpacklo_epi64(a, c),
-            _mm512_unpackhi_epi64(a, c),
-            _mm512_unpacklo_epi64(b, d),
-            _mm512_unpackhi_epi64(b, d),
-        ]
-    }
-
-    /// As [`unpack8`], for 16 rows; `d`, `m` and the fifth bits are gathered (`idx`: `offs` as
-    /// i32).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; as [`unpack8`] otherwise.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn unpack16<F: Fmt>(base: *const u8, offs: &[usize; 16], idx: &[i32; 16]) -> Block16 {
-        let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
-        let (d, m) = d_m16::<F>(_mm512_i32gather_epi32::<1>(idx, base as *const i32));
-        let mut q = [_mm512_setzero_si512(); 8];
-        q[..4].copy_from_slice(&transpose16(base, offs, F::QS));
-        if F::BYTES {
-            q[4..].copy_from_slice(&transpose16(base, offs, F::QS + 16));
-        }
-        let qh = if F::QH != 0 {
-            _mm512_i32gather_epi32::<1>(idx, base.add(F::QH) as *const i32)
-        } else {
-            _mm512_setzero_si512()
-        };
-        block16::<F>(d, m, q, qh)
-    }
-
-    /// As [`d_m8`], for 16 rows.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn d_m16<F: Fmt>(dm: __m512i) -> (__m512, __m512) {
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        let m = if F::MIN {
-            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)))
-        } else {
-            _mm512_setzero_ps()
-        };
-        (d, m)
-    }
-
-    /// As [`block8`], for 16 rows.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn block16<F: Fmt>(d: __m512, m: __m512, q: [__m512i; 8], qh: __m512i) -> Block16 {
-        if F::BYTES {
-            return Block16 { w: q, d, m };
-        }
-        let mut w = [_mm512_setzero_si512(); 8];
-        for (g, wg) in w.iter_mut().enumerate() {
-            let x = if g < 4 { q[g] } else { _mm512_srli_epi32::<4>(q[g - 4]) };
-            *wg = _mm512_and_si512(x, _mm512_set1_epi8(0x0F));
-            if F::QH != 0 {
-                // Fifth bits 4g..4g+4 as a byte mask (bit 4r + j: row r's quant 4g + j has it).
-                let [i0, i1, i2, i3] = dword_byte_index(g / 2);
-                let sel = _mm512_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3);
-                let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, sel), _mm512_set1_epi32(nibble_bits(g)));
-                *wg = _mm512_mask_add_epi8(*wg, set, *wg, _mm512_set1_epi8(0x10));
-            }
-        }
-        Block16 { w, d, m }
-    }
-
-    /// As [`packed8`], for the 16 rows of the group.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; `blk` is a whole interleaved block of `F`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn packed16<F: Fmt>(blk: *const u8) -> Block16 {
-        let col = |off: usize, c: usize| _mm512_loadu_si512(blk.add(16 * off + 64 * c) as *const _);
-        let (d, m) = if F::MIN {
-            d_m16::<F>(col(0, 0))
-        } else {
-            (_mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i)), _mm512_setzero_ps())
-        };
-        let n = if F::BYTES { 8 } else { 4 };
-        let mut q = [_mm512_setzero_si512(); 8];
-        for (c, qc) in q.iter_mut().enumerate().take(n) {
-            *qc = col(F::QS, c);
-        }
-        let qh = if F::QH != 0 { col(F::QH, 0) } else { _mm512_setzero_si512() };
-        block16::<F>(d, m, q, qh)
-    }
-
-    /// As [`rows8`], for 16 rows: `w[2i + h]` = `[row i | row i + 4 | row i + 8 | row i + 12]`.
-    ///
-    /// # Safety
-    /// As [`unpack16`].
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn rows16<F: Fmt>(base: *const u8, offs: &[usize; 16], idx: &[i32; 16]) -> Block16 {
-        let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
-        let dm = _mm512_i32gather_epi32::<1>(idx, base as *const i32);
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        let ld = |r: usize, h: usize| _mm_loadu_si128(base.add(offs[r] + F::QS + 16 * h) as *const __m128i);
-        let w = std::array::from_fn(|j| {
-            let (i, h) = (j / 2, j % 2);
-            let v = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(ld(i, h)), ld(i + 4, h));
-            _mm512_inserti32x4::<3>(_mm512_inserti32x4::<2>(v, ld(i + 8, h)), ld(i + 12, h))
-        });
-        Block16 { w, d, m: _mm512_setzero_ps() }
-    }
-
-    /// Activation bytes `4g..4g+4` at `p` in every dword.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn bcast16(p: *const i8, g: usize) -> __m512i {
-        _mm512_set1_epi32((p.add(4 * g) as *const i32).read_unaligned())
-    }
-
-    /// As [`finish8`], for 16 rows.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn finish16<F: Fmt>(acc: &mut [f32; 16], sum: __m512i, blk: &Block16, a: &Q8Block) {
-        let scale = _mm512_mul_ps(blk.d, _mm512_set1_ps(a.d));
-        let mut v = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), _mm512_loadu_ps(acc.as_ptr()));
-        if F::MIN {
-            v = _mm512_fmadd_ps(blk.m, _mm512_set1_ps(a.s), v);
-        }
-        _mm512_storeu_ps(acc.as_mut_ptr(), v);
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; shapes as for [`tile_avx2`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
-    unsafe fn tile_avx512<F: Fmt>(t: Tile<'_>) {
-        let (act, ntok, packed) = (t.act, t.ntok, t.packed);
-        let tile = t;
-        let unpack = |p: *const u8, offs: &[usize; 16], idx: &[i32; 16], _: usize| {
-            if packed {
-                packed16::<F>(p)
-            } else {
-                unpack16::<F>(p, offs, idx)
-            }
-        };
-        let ones = _mm512_set1_epi16(1);
-        let finish = |acc: &mut [f32; 16], s: __m512i, blk: &Block16, a: &Q8Block| finish16::<F>(acc, s, blk, a);
-        // Q8_0: |w|·(sign(w)·a) as in `tile_avx2`, the sign moved by a masked negate (there is
-        // no 512-bit `vpsignb`).
-        let signs = |blk: &Block16| (blk.w.map(|x| _mm512_abs_epi8(x)), blk.w.map(|x| _mm512_movepi8_mask(x)));
-        if F::BYTES && ntok <= 2 && !packed {
-            // For a token or two, rows in place as in `tile_avx2`: lane `(L, k)` of `v[i]` holds
-            // row `i + 4L`'s groups `k` and `k + 4`, and two unpack-and-add rounds leave lane
-            // `r` with row `r`'s sum.
-            let sum = |_: &Block16, (abs, neg): &([__m512i; 8], [__mmask64; 8]), at: usize| {
-                let y = act[at].qs.as_ptr();
-                let a: [__m512i; 2] =
-                    std::array::from_fn(|h| _mm512_broadcast_i32x4(_mm_loadu_si128(y.add(16 * h) as *const __m128i)));
-                let v: [__m512i; 4] = std::array::from_fn(|i| {
-                    let p = |h: usize| {
-                        let j = 2 * i + h;
-                        let y = _mm512_mask_sub_epi8(a[h], neg[j], _mm512_setzero_si512(), a[h]);
-                        _mm512_madd_epi16(_mm512_maddubs_epi16(abs[j], y), ones)
-                    };
-                    _mm512_add_epi32(p(0), p(1))
-                });
-                // Per 128-bit lane [v0 k0+k2, v1 k0+k2, v0 k1+k3, v1 k1+k3], then the halves.
-                let pair = |x, y| _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
-                let (p01, p23) = (pair(v[0], v[1]), pair(v[2], v[3]));
-                _mm512_add_epi32(_mm512_unpacklo_epi64(p01, p23), _mm512_unpackhi_epi64(p01, p23))
-            };
-            walk(tile, F::BB, |p, offs, idx, _| rows16::<F>(p, offs, idx), signs, sum, finish);
-        } else if F::BYTES {
-            let sum = |_: &Block16, (abs, neg): &([__m512i; 8], [__mmask64; 8]), at: usize| {
-                let y = act[at].qs.as_ptr();
-                let mut s = _mm512_setzero_si512();
-                for (g, (abs, neg)) in abs.iter().zip(neg).enumerate() {
-                    let a = bcast16(y, g);
-                    let a = _mm512_mask_sub_epi8(a, *neg, _mm512_setzero_si512(), a);
-                    s = _mm512_add_epi32(s, _mm512_madd_epi16(_mm512_maddubs_epi16(*abs, a), ones));
-                }
-                s
-            };
-            walk(tile, F::BB, unpack, signs, sum, finish);
-        } else {
-            // As in `tile_avx2`.
-            let offsets = if F::OFFSET_LOG2 != 0 { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-            let sum = |blk: &Block16, _: &(), at: usize| {
-                let y = act[at].qs.as_ptr();
-                let mut s = if F::OFFSET_LOG2 != 0 { _mm512_set1_epi32(offsets[at]) } else { _mm512_setzero_si512() };
-                for h in (0..8).step_by(F::I16_GROUPS) {
-                    let mut p = _mm512_maddubs_epi16(blk.w[h], bcast16(y, h));
-                    for g in h + 1..h + F::I16_GROUPS {
-                        p = _mm512_add_epi16(p, _mm512_maddubs_epi16(blk.w[g], bcast16(y, g)));
-                    }
-                    s = _mm512_add_epi32(s, _mm512_madd_epi16(p, ones));
-                }
-                s
-            };
-            walk(tile, F::BB, unpack, |_| (), sum, finish);
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/DQ + VNNI + FMA + F16C; shapes as for [`tile_avx2`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")]
-    unsafe fn tile_avx512_vnni<F: Fmt>(t: Tile<'_>) {
-        let (act, packed) = (t.act, t.packed);
-        let tile = t;
-        let unpack = |p: *const u8, offs: &[usize; 16], idx: &[i32; 16], _: usize| {
-            if packed {
-                packed16::<F>(p)
-            } else {
-                unpack16::<F>(p, offs, idx)
-            }
-        };
-        let finish = |acc: &mut [f32; 16], s: __m512i, blk: &Block16, a: &Q8Block| finish16::<F>(acc, s, blk, a);
-        // `vpdpbusd` needs unsigned weights: Q8_0's signed bytes get 128 added (an xor), which
-        // its offset term takes back.
-        let unsigned =
-            |blk: &Block16| if F::BYTES { blk.w.map(|x| _mm512_xor_si512(x, _mm512_set1_epi8(-128))) } else { blk.w };
-        let offsets = if F::OFFSET_LOG2 != 0 { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-        let sum = |_: &Block16, wu: &[__m512i; 8], at: usize| {
-            // Two chains of four, so a token waits for half as many `vpdpbusd` latencies.
-            let y = act[at].qs.as_ptr();
-            let mut s0 = if F::OFFSET_LOG2 != 0 { _mm512_set1_epi32(offsets[at]) } else { _mm512_setzero_si512() };
-            let mut s1 = _mm512_setzero_si512();
-            for g in 0..4 {
-                s0 = _mm512_dpbusd_epi32(s0, wu[g], bcast16(y, g));
-                s1 = _mm512_dpbusd_epi32(s1, wu[g + 4], bcast16(y, g + 4));
-            }
-            _mm512_add_epi32(s0, s1)
-        };
-        walk(tile, F::BB, unpack, unsigned, sum, finish);
+        pick(dtype, kernels::<false, false>())(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ + FMA + F16C; the shapes are as [`super::gemm`] asserts.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_avx512(
         dtype: DType,
@@ -1051,17 +1260,12 @@ mod tile_x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
-        let k = pick(
-            dtype,
-            [tile_avx512::<Q4_0>, tile_avx512::<Q4_1>, tile_avx512::<Q5_0>, tile_avx512::<Q5_1>, tile_avx512::<Q8_0>],
-        );
-        k(Tile { w, nrows, packed, act, ntok, out, ldo })
+        pick(dtype, kernels::<true, false>())(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ + VNNI + FMA + F16C; the shapes are as [`super::gemm`]
     /// asserts.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_avx512_vnni(
         dtype: DType,
@@ -1073,17 +1277,7 @@ mod tile_x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
-        let k = pick(
-            dtype,
-            [
-                tile_avx512_vnni::<Q4_0>,
-                tile_avx512_vnni::<Q4_1>,
-                tile_avx512_vnni::<Q5_0>,
-                tile_avx512_vnni::<Q5_1>,
-                tile_avx512_vnni::<Q8_0>,
-            ],
-        );
-        k(Tile { w, nrows, packed, act, ntok, out, ldo })
+        pick(dtype, kernels::<true, true>())(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     /// A tile kernel set as the tests and the benchmark call it.
