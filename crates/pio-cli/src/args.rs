@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use pio_kernels::attention::KvCacheDtype;
+use pio_kernels::attention::{KvCacheDtype, KvCacheType};
 use pio_kernels::DType;
 
 #[derive(Debug, Parser)]
@@ -64,9 +64,28 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "PIO_BF16_ACTIVATIONS",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub bf16_activations: bool,
-    /// Element type of the KV cache: f16 (half the memory, llama.cpp's default) or f32.
+    /// Storage of the KV cache's keys and values both: f16 (llama.cpp's default), f32, bf16,
+    /// q8_0 (about half of f16) or q4_0 (about a quarter). The block formats rotate each head by
+    /// a Hadamard transform first, so a few outlier channels do not take the precision of the
+    /// rest.
     #[arg(long, default_value_t = KvCacheDtype::F16)]
     pub kv_cache_dtype: KvCacheDtype,
+    /// Storage of the keys alone (as llama.cpp's -ctk), overriding --kv-cache-dtype.
+    #[arg(long, visible_alias = "ctk")]
+    pub cache_type_k: Option<KvCacheDtype>,
+    /// Storage of the values alone (as llama.cpp's -ctv), overriding --kv-cache-dtype.
+    #[arg(long, visible_alias = "ctv")]
+    pub cache_type_v: Option<KvCacheDtype>,
+}
+
+impl ModelArgs {
+    /// The cache types these options ask for.
+    pub fn kv_cache_type(&self) -> KvCacheType {
+        KvCacheType {
+            k: self.cache_type_k.unwrap_or(self.kv_cache_dtype),
+            v: self.cache_type_v.unwrap_or(self.kv_cache_dtype),
+        }
+    }
 }
 
 /// A weight format by name (`q4_k`, `NF4`, ...).
@@ -203,6 +222,10 @@ pub struct BenchArgs {
     /// Tokens to decode for the decode measurement.
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
+    /// Decode after a context of this many tokens (as llama-bench's -d), so attention over a
+    /// long cache is part of the measured step; 0 decodes after a 16-token prompt.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
     /// Prompts run together in the prefill forward; above 1, also a batched decode of this many
     /// sequences stepping together (aggregate tokens/s).
     #[arg(long, default_value_t = 1)]

@@ -22,9 +22,11 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let (loaded, load_s) = load_model(&a.model)?;
     let shape = loaded.model.shape();
     // Token ids drawn from the vocabulary with a fixed stride: speed does not depend on them.
-    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect();
-    let ctx = (a.prompt_tokens + a.gen_tokens + 16) * a.batch;
-    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, a.model.kv_cache_dtype);
+    let tokens = |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect() };
+    let prompt = tokens(a.prompt_tokens);
+    let ctx = (a.prompt_tokens.max(a.depth) + a.gen_tokens + 16) * a.batch;
+    let mut runner =
+        Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, crate::commands::kv_cache_type(&a.model, &loaded)?);
 
     // Prefill: `batch` prompts in one forward, best of `repeats`.
     let mut prefill_s = f64::INFINITY;
@@ -50,7 +52,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         ignore_eos: true,
         stop: Vec::new(),
     };
-    let decode_prompt = &prompt[..prompt.len().min(16)];
+    let deep = tokens(a.depth);
+    let decode_prompt = if a.depth > 0 { &deep[..] } else { &prompt[..prompt.len().min(16)] };
     let mut decode_tps: f64 = 0.0;
     // Mixture-of-experts models: what the decode steps read of the routed experts.
     let moe_before = loaded.model.moe_stats();
@@ -118,11 +121,14 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "prompt_tokens": a.prompt_tokens,
         "batch": a.batch,
         "gen_tokens": a.gen_tokens,
+        "depth": a.depth,
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "batch_decode_tokens_per_s": batch_decode_tps,
         "peak_rss_bytes": peak_rss,
-        "kv_cache_dtype": a.model.kv_cache_dtype.name(),
+        "kv_cache_dtype": a.model.kv_cache_type().to_string(),
+        "cache_type_k": a.model.kv_cache_type().k.name(),
+        "cache_type_v": a.model.kv_cache_type().v.name(),
         "kv_cache_bytes": runner.cache_bytes(),
         "weight_bytes_per_token": bytes_per_token,
         "mem_bandwidth_bytes_per_s": bandwidth,
@@ -150,7 +156,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             100.0 * decode_tps / roofline_tps,
             peak_rss as f64 / (1 << 20) as f64,
             runner.cache_bytes() as f64 / (1 << 20) as f64,
-            a.model.kv_cache_dtype,
+            a.model.kv_cache_type(),
         ))?;
         if let Some(tps) = batch_decode_tps {
             out(&format!("  batched decode {:>8.1} tok/s ({} sequences, one token each per step)\n", tps, a.batch))?;

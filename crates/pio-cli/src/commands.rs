@@ -11,7 +11,7 @@ use pio_engine::generate::{generate, run_one, GenerateParams};
 use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use pio_model::chat_template::ChatRequest;
-use pio_model::{LoadedModel, ModelInfo};
+use pio_model::{KvCacheType, LoadedModel, ModelInfo};
 use serde_json::{json, Value};
 
 use crate::args::{ChatArgs, Cli, Command, GenerateArgs, LogitsArgs, ModelArgs, SamplingArgs};
@@ -225,7 +225,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if prompt_ids.len() >= ctx {
         bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
     }
-    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, a.model.kv_cache_dtype);
+    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, kv_cache_type(&a.model, &loaded)?);
     let mut write_err = None;
     let mut on_text = |s: &str| {
         if !a.json && write_err.is_none() {
@@ -279,7 +279,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         max_batch_tokens: 512,
         max_model_len: ctx,
         prefix_caching: true,
-        kv_cache_dtype: a.model.kv_cache_dtype,
+        kv_cache_type: kv_cache_type(&a.model, &loaded)?,
     };
     let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg)?;
     let mut messages = Vec::new();
@@ -358,7 +358,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
         }
     }
     let total: usize = seqs.iter().map(|s| s.len().div_ceil(16) * 16).sum();
-    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), total, a.model.kv_cache_dtype);
+    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), total, kv_cache_type(&a.model, &loaded)?);
     let mut sequences: Vec<Sequence> = seqs.iter().map(|s| Sequence::new(s.clone())).collect();
     let mut refs: Vec<&mut Sequence> = sequences.iter_mut().collect();
     let logits = runner.step(&mut refs, Logits::All)?;
@@ -374,4 +374,12 @@ fn write_logits(path: &Path, logits: &[Vec<f32>], vocab: usize) -> Result<()> {
     }
     safetensors::tensor::serialize_to_file(views, None, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// The KV cache types the options ask for, checked against the model: an error naming the
+/// option when the model's heads cannot be stored so.
+pub fn kv_cache_type(a: &ModelArgs, loaded: &LoadedModel) -> Result<KvCacheType> {
+    let t = a.kv_cache_type();
+    loaded.model.check_kv_cache_type(t).map_err(anyhow::Error::msg)?;
+    Ok(t)
 }

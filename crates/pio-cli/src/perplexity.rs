@@ -124,7 +124,7 @@ pub fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
         max_chunks: a.chunks,
         batch_tokens: a.batch_tokens,
         bos,
-        kv_cache_dtype: a.model.kv_cache_dtype,
+        kv_cache_type: crate::commands::kv_cache_type(&a.model, &loaded)?,
     };
     let n_chunks = params.num_chunks(tokens.len());
     if let Some((h, _)) = &base {

@@ -78,10 +78,10 @@ fn available_ram() -> Option<usize> {
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let (loaded, _) = crate::commands::load_model(&a.model)?;
+    let dtype = crate::commands::kv_cache_type(&a.model, &loaded)?;
     let tokenizer = Arc::new(loaded.tokenizer()?.clone());
     let model: Arc<dyn pio_model::CausalLm> = Arc::from(loaded.model);
     let max_model_len = a.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.min(32768));
-    let dtype = a.model.kv_cache_dtype;
     let per_token = model.kv_bytes_per_token(dtype);
     let kv_bytes = match a.kv_cache_mem {
         Some(b) => b,

@@ -345,5 +345,20 @@ fn bench_reports_the_kv_cache_it_ran_with() {
     let (f16, f32) = (run("f16"), run("f32"));
     assert!(f16 > 0 && f32 == 2 * f16, "f16 {f16} bytes, f32 {f32} bytes");
     let o = pio(&["bench", "--model", model.to_str().expect("path"), "--kv-cache-dtype", "q8"], None);
-    assert!(!o.status.success() && stderr(&o).contains("expected f32 or f16"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("expected f32, f16, bf16, q8_0 or q4_0"), "{}", stderr(&o));
+    // This fixture's heads hold 48 values: not whole blocks of 32.
+    let o = pio(&["bench", "--model", model.to_str().expect("path"), "--cache-type-v", "q4_0"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--cache-type-v q4_0: heads of 48 values"), "{}", stderr(&o));
+    // A model with heads of 32: keys and values each their own type, reported as such.
+    let llama = fixture("llama");
+    let args = ["bench", "--model", llama.to_str().expect("path"), "--prompt-tokens", "8", "--gen-tokens", "2"];
+    let o = pio(&[&args[..], &["--repeats", "1", "--json", "--ctk", "q8_0", "--ctv", "q4_0"]].concat(), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(
+        (&v["kv_cache_dtype"], &v["cache_type_k"], &v["cache_type_v"]),
+        (&"q8_0/q4_0".into(), &"q8_0".into(), &"q4_0".into())
+    );
 }

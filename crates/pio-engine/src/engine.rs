@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pio_model::tokenizer::Tokenizer;
-use pio_model::{CausalLm, KvCache, KvCacheDtype};
+use pio_model::{CausalLm, KvCache, KvCacheType};
 
 use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
@@ -40,7 +40,7 @@ pub struct EngineConfig {
     /// Reuse the K/V of shared prompt prefixes.
     pub prefix_caching: bool,
     /// Element type of the KV cache.
-    pub kv_cache_dtype: KvCacheDtype,
+    pub kv_cache_type: KvCacheType,
 }
 
 impl EngineConfig {
@@ -48,12 +48,13 @@ impl EngineConfig {
     /// at `max_model_len` (and at the model's own length and what the cache holds).
     pub fn for_model(
         model: &dyn CausalLm,
-        kv_cache_dtype: KvCacheDtype,
+        kv_cache_type: KvCacheType,
         kv_cache_bytes: usize,
         max_model_len: usize,
     ) -> Result<EngineConfig> {
+        model.check_kv_cache_type(kv_cache_type).map_err(EngineError::Invalid)?;
         let block_size = 16;
-        let per_block = (model.kv_bytes_per_token(kv_cache_dtype) * block_size).max(1);
+        let per_block = (model.kv_bytes_per_token(kv_cache_type) * block_size).max(1);
         let num_blocks = kv_cache_bytes / per_block;
         if num_blocks == 0 {
             return Err(EngineError::Invalid(format!(
@@ -68,7 +69,7 @@ impl EngineConfig {
             max_batch_tokens: 512,
             max_model_len,
             prefix_caching: true,
-            kv_cache_dtype,
+            kv_cache_type,
         })
     }
 }
@@ -198,7 +199,8 @@ impl CacheSlot<'_> {
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m dyn CausalLm, tokenizer: Option<&'m Tokenizer>, cfg: EngineConfig) -> Result<Engine<'m>> {
-        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_dtype);
+        model.check_kv_cache_type(cfg.kv_cache_type).map_err(EngineError::Invalid)?;
+        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type);
         Self::build(model, tokenizer, CacheSlot::Owned(cache), cfg)
     }
 
@@ -211,7 +213,7 @@ impl<'m> Engine<'m> {
     ) -> Result<Engine<'m>> {
         cfg.block_size = cache.block_size;
         cfg.num_blocks = cache.num_blocks;
-        cfg.kv_cache_dtype = cache.dtype();
+        cfg.kv_cache_type = cache.types();
         cfg.max_model_len = cfg.max_model_len.min(cache.block_size * cache.num_blocks);
         Self::build(model, tokenizer, CacheSlot::Borrowed(cache), cfg)
     }

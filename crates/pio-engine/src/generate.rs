@@ -74,7 +74,7 @@ pub fn generate(
         max_batch_tokens: prompt.len().max(1),
         max_model_len: cache.block_size * cache.num_blocks,
         prefix_caching: false,
-        kv_cache_dtype: cache.dtype(),
+        kv_cache_type: cache.types(),
     };
     let mut engine = Engine::with_cache(model, tokenizer, cache, cfg)?;
     let request = RequestParams::from(params);

@@ -86,13 +86,13 @@ pub struct PerplexityParams {
     /// Written over the first token of every chunk: the model's BOS when its tokenizer adds one.
     pub bos: Option<u32>,
     /// Element type of the KV cache.
-    pub kv_cache_dtype: pio_model::KvCacheDtype,
+    pub kv_cache_type: pio_model::KvCacheType,
 }
 
 impl PerplexityParams {
     /// llama.cpp's defaults: ctx 512, batches of 2048 tokens, all chunks.
     pub fn new(ctx: usize, bos: Option<u32>) -> PerplexityParams {
-        PerplexityParams { ctx, max_chunks: None, batch_tokens: 2048, bos, kv_cache_dtype: Default::default() }
+        PerplexityParams { ctx, max_chunks: None, batch_tokens: 2048, bos, kv_cache_type: Default::default() }
     }
 
     /// Scored tokens per chunk.
@@ -399,7 +399,7 @@ pub fn perplexity(
     let per_forward = params.chunks_per_forward();
     let piece = ctx.min(params.batch_tokens);
     let mut runner =
-        Runner::with_dtype(model, BLOCK_SIZE, per_forward * ctx.div_ceil(BLOCK_SIZE), params.kv_cache_dtype);
+        Runner::with_dtype(model, BLOCK_SIZE, per_forward * ctx.div_ceil(BLOCK_SIZE), params.kv_cache_type);
     let mut acc = Accumulator::default();
     let mut base_rows = Vec::new();
     for group_start in (0..n_chunks).step_by(per_forward) {

@@ -74,7 +74,7 @@ impl EnginePlugin {
         let tokenizer = Arc::new(loaded.tokenizer()?.clone());
         let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
         let cfg = EngineConfig::for_model(model.as_ref(), Default::default(), kv_cache_bytes, max_model_len)?;
-        let kv_cache_bytes = model.kv_bytes_per_token(cfg.kv_cache_dtype) * cfg.block_size * cfg.num_blocks;
+        let kv_cache_bytes = model.kv_bytes_per_token(cfg.kv_cache_type) * cfg.block_size * cfg.num_blocks;
         let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
         Ok(EnginePlugin { engine, tokenizer, defaults: loaded.generation, info: loaded.info, kv_cache_bytes })
     }

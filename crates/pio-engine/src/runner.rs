@@ -1,6 +1,6 @@
 //! Turns sequences into a flat [`ForwardBatch`], runs the model, and keeps their cache blocks.
 
-use pio_model::{CausalLm, ForwardBatch, KvCache, KvCacheDtype};
+use pio_model::{CausalLm, ForwardBatch, KvCache, KvCacheType};
 
 use crate::block_pool::BlockPool;
 use crate::{EngineError, Result};
@@ -43,16 +43,11 @@ pub struct Runner<'m> {
 impl<'m> Runner<'m> {
     /// A runner whose cache holds `num_blocks` blocks of `block_size` tokens.
     pub fn new(model: &'m dyn CausalLm, block_size: usize, num_blocks: usize) -> Runner<'m> {
-        Self::with_dtype(model, block_size, num_blocks, KvCacheDtype::default())
+        Self::with_dtype(model, block_size, num_blocks, KvCacheType::default())
     }
 
     /// [`new`](Self::new) with the cache's element type.
-    pub fn with_dtype(
-        model: &'m dyn CausalLm,
-        block_size: usize,
-        num_blocks: usize,
-        dtype: KvCacheDtype,
-    ) -> Runner<'m> {
+    pub fn with_dtype(model: &'m dyn CausalLm, block_size: usize, num_blocks: usize, dtype: KvCacheType) -> Runner<'m> {
         Runner {
             model,
             cache: model.new_kv_cache_with(block_size, num_blocks, dtype),
@@ -62,11 +57,11 @@ impl<'m> Runner<'m> {
 
     /// A runner with room for `num_tokens` tokens in blocks of 16.
     pub fn with_capacity(model: &'m dyn CausalLm, num_tokens: usize) -> Runner<'m> {
-        Self::with_capacity_dtype(model, num_tokens, KvCacheDtype::default())
+        Self::with_capacity_dtype(model, num_tokens, KvCacheType::default())
     }
 
     /// [`with_capacity`](Self::with_capacity) with the cache's element type.
-    pub fn with_capacity_dtype(model: &'m dyn CausalLm, num_tokens: usize, dtype: KvCacheDtype) -> Runner<'m> {
+    pub fn with_capacity_dtype(model: &'m dyn CausalLm, num_tokens: usize, dtype: KvCacheType) -> Runner<'m> {
         const BLOCK_SIZE: usize = 16;
         Self::with_dtype(model, BLOCK_SIZE, num_tokens.div_ceil(BLOCK_SIZE).max(1), dtype)
     }

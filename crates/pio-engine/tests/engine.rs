@@ -36,7 +36,7 @@ fn config(num_blocks: usize, max_batch_tokens: usize) -> EngineConfig {
         max_batch_tokens,
         max_model_len: 256.min(num_blocks * 16),
         prefix_caching: true,
-        kv_cache_dtype: Default::default(),
+        kv_cache_type: Default::default(),
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_model::weights::gguf::{write_gguf, TensorToWrite, Value};
 use pio_model::weights::{names, safetensors as st_loader};
-use pio_model::KvCacheDtype;
+use pio_model::{KvCacheDtype, KvCacheType};
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> PathBuf {
@@ -100,7 +100,7 @@ fn gguf_llama_and_qwen2_match_transformers() {
         // An f32 cache, as transformers computes (tests/parity.rs bounds the default f16 one).
         let mut runner = Runner::with_capacity(model, 32);
         let cache = runner.cache_mut();
-        *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, KvCacheDtype::F32);
+        *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, KvCacheType::both(KvCacheDtype::F32));
         let mut seq = Sequence::new(ids);
         let got = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
         let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));

@@ -42,6 +42,7 @@ use half::vec::HalfBitsVecExt;
 
 use crate::cpu::{self, SimdLevel};
 use crate::parallel::{self, SharedOut};
+use crate::DType;
 
 /// Key positions per online-softmax step.
 pub const CHUNK: usize = 16;
@@ -49,7 +50,8 @@ pub const CHUNK: usize = 16;
 /// Query tokens of one sequence that share each loaded chunk of keys and values.
 pub const QUERY_TILE: usize = 16;
 
-/// Element type of a KV cache.
+/// How a KV cache stores one tensor kind (keys or values): a plain float type, or a GGUF block
+/// format (blocks of 32 values along the head dimension, llama.cpp's layouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum KvCacheDtype {
     /// 4 bytes an element, stored exactly.
@@ -57,22 +59,53 @@ pub enum KvCacheDtype {
     /// 2 bytes an element, rounded to nearest even when written (llama.cpp's default too).
     #[default]
     F16,
+    /// 2 bytes an element: f32's range, 8 bits of mantissa.
+    BF16,
+    /// 34 bytes per 32 values: an f16 scale and 32 signed bytes.
+    Q8_0,
+    /// 18 bytes per 32 values: an f16 scale and 32 4-bit values.
+    Q4_0,
 }
 
 impl KvCacheDtype {
+    pub const ALL: [KvCacheDtype; 5] =
+        [KvCacheDtype::F32, KvCacheDtype::F16, KvCacheDtype::BF16, KvCacheDtype::Q8_0, KvCacheDtype::Q4_0];
+
     pub fn name(self) -> &'static str {
         match self {
             KvCacheDtype::F32 => "f32",
             KvCacheDtype::F16 => "f16",
+            KvCacheDtype::BF16 => "bf16",
+            KvCacheDtype::Q8_0 => "q8_0",
+            KvCacheDtype::Q4_0 => "q4_0",
         }
     }
 
-    /// Bytes per element.
-    pub fn size_bytes(self) -> usize {
+    /// The weight format with the same encoding (its scalar codec is the reference).
+    pub fn dtype(self) -> DType {
         match self {
-            KvCacheDtype::F32 => 4,
-            KvCacheDtype::F16 => 2,
+            KvCacheDtype::F32 => DType::F32,
+            KvCacheDtype::F16 => DType::F16,
+            KvCacheDtype::BF16 => DType::BF16,
+            KvCacheDtype::Q8_0 => DType::Q8_0,
+            KvCacheDtype::Q4_0 => DType::Q4_0,
         }
+    }
+
+    /// A block format (scales shared by 32 values), as opposed to a plain float.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, KvCacheDtype::Q8_0 | KvCacheDtype::Q4_0)
+    }
+
+    /// Whether rows of `n` values can be stored (the block formats need multiples of 32).
+    pub fn fits(self, n: usize) -> bool {
+        n.is_multiple_of(self.dtype().block_elems())
+    }
+
+    /// Bytes a row of `n` values takes (rounded up to whole blocks where `n` does not fit).
+    pub fn row_bytes(self, n: usize) -> usize {
+        let d = self.dtype();
+        n.div_ceil(d.block_elems()) * d.block_bytes()
     }
 }
 
@@ -82,20 +115,71 @@ impl fmt::Display for KvCacheDtype {
     }
 }
 
-/// A KV cache element type that is neither `f32` nor `f16`.
+/// A KV cache type that is none of [`KvCacheDtype::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown KV cache dtype {0:?} (expected f32 or f16)")]
+#[error("unknown KV cache type {0:?} (expected f32, f16, bf16, q8_0 or q4_0)")]
 pub struct UnknownKvCacheDtype(pub String);
 
 impl FromStr for KvCacheDtype {
     type Err = UnknownKvCacheDtype;
 
-    /// `f32` or `f16`, in any case.
+    /// A name of [`KvCacheDtype::name`], in any case.
     fn from_str(s: &str) -> Result<KvCacheDtype, UnknownKvCacheDtype> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(KvCacheDtype::F32),
-            "f16" => Ok(KvCacheDtype::F16),
-            _ => Err(UnknownKvCacheDtype(s.to_string())),
+        let t = s.trim().to_ascii_lowercase();
+        KvCacheDtype::ALL.into_iter().find(|d| d.name() == t).ok_or_else(|| UnknownKvCacheDtype(s.to_string()))
+    }
+}
+
+/// The block size [`KvCacheType::bytes_per_token`] counts anchors for (the engine's).
+pub const ANCHOR_BLOCK: usize = 16;
+
+/// How a KV cache stores keys and values (llama.cpp's `--cache-type-k` / `--cache-type-v`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct KvCacheType {
+    pub k: KvCacheDtype,
+    pub v: KvCacheDtype,
+}
+
+impl KvCacheType {
+    /// Keys and values both as `t`.
+    pub fn both(t: KvCacheDtype) -> KvCacheType {
+        KvCacheType { k: t, v: t }
+    }
+
+    /// Bytes one token's keys and values take in one layer of `num_kv_heads` heads of
+    /// `head_dim`, in blocks of [`ANCHOR_BLOCK`] positions (block-format keys keep an f16 anchor
+    /// row per block and kv head: [`CodedKv`]), rounded up.
+    pub fn bytes_per_token(self, num_kv_heads: usize, head_dim: usize) -> usize {
+        self.bytes_per_block(num_kv_heads, head_dim, ANCHOR_BLOCK).div_ceil(ANCHOR_BLOCK)
+    }
+
+    /// Bytes a block of `block_size` positions takes in one layer.
+    pub fn bytes_per_block(self, num_kv_heads: usize, head_dim: usize, block_size: usize) -> usize {
+        let rows = block_size * num_kv_heads * (self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim));
+        rows + if self.k.is_quantized() { 2 * num_kv_heads * head_dim } else { 0 }
+    }
+
+    /// An error naming the option when a head of `head_dim` values cannot be stored so.
+    pub fn check(self, head_dim: usize) -> Result<(), String> {
+        for (t, opt) in [(self.k, "--cache-type-k"), (self.v, "--cache-type-v")] {
+            if !t.fits(head_dim) {
+                return Err(format!(
+                    "{opt} {t}: heads of {head_dim} values cannot be stored as {t} (it needs multiples of {})",
+                    t.dtype().block_elems()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for KvCacheType {
+    /// `q8_0` when keys and values agree, else `q8_0/q4_0` (keys/values).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.k == self.v {
+            write!(f, "{}", self.k)
+        } else {
+            write!(f, "{}/{}", self.k, self.v)
         }
     }
 }
@@ -104,6 +188,31 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+}
+
+/// What the attention kernel reads a layer's cache through: chunk by chunk, as f32.
+pub trait KvSource: Copy + Send + Sync {
+    fn block_size(&self) -> usize;
+    fn num_kv_heads(&self) -> usize;
+    fn head_dim(&self) -> usize;
+    /// Panics unless the buffers hold whole blocks.
+    fn check(&self);
+    /// Positions `p0..p0 + n` (`n <= CHUNK`) of kv head `g` of the sequence whose blocks are
+    /// `table`, as f32: `(keys, ks, values, vs)` with key `j`'s dimension `d` at
+    /// `keys[d * ks + j]` (`keys.len() >= (hd - 1) * ks + CHUNK`) and its values from
+    /// `values[j * vs]`. Read in place where the cache holds exactly that, else staged into
+    /// `kt` (`[hd, CHUNK]`, lanes past `n` zero) and `v` (`[CHUNK, hd]`).
+    #[allow(clippy::too_many_arguments)]
+    fn chunk<'s>(
+        &'s self,
+        level: SimdLevel,
+        table: &[u32],
+        g: usize,
+        p0: usize,
+        n: usize,
+        kt: &'s mut Vec<f32>,
+        v: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize, &'s [f32], usize);
 }
 
 /// An element of the KV cache: `f32` or `half::f16`.
@@ -254,6 +363,224 @@ impl<T: KvElem> PagedKvMut<'_, T> {
     }
 }
 
+impl<T: KvElem> KvSource for PagedKv<'_, T> {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    fn check(&self) {
+        let whole = self.block_size * self.num_kv_heads * self.head_dim.max(1);
+        assert!(
+            self.block_size > 0 && self.k.len() == self.v.len() && self.k.len().is_multiple_of(whole),
+            "keys and values must be whole blocks"
+        );
+    }
+    fn chunk<'s>(
+        &'s self,
+        level: SimdLevel,
+        table: &[u32],
+        g: usize,
+        p0: usize,
+        n: usize,
+        kt: &'s mut Vec<f32>,
+        v: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize, &'s [f32], usize) {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        let kd = self.num_kv_heads * hd;
+        // Chunks lie inside one block when blocks are whole chunks (they start at multiples of
+        // both).
+        match (bs.is_multiple_of(CHUNK), T::as_f32s(self.k), T::as_f32s(self.v)) {
+            (true, Some(kf), Some(vf)) => {
+                let (b, off) = (table[p0 / bs] as usize, p0 % bs);
+                let kb = (b * kd + g * hd) * bs + off;
+                let vb = (b * kd + g * hd) * bs + off * hd;
+                (&kf[kb..kb + (hd - 1) * bs + CHUNK], bs, &vf[vb..vb + n * hd], hd)
+            }
+            _ => {
+                stage(level, *self, table, g, p0, n, kt, v);
+                (&kt[..], CHUNK, &v[..n * hd], hd)
+            }
+        }
+    }
+}
+
+/// One layer's cache in any [`KvCacheDtype`] for keys and values (each its own), borrowed for
+/// reading. Both are `[num_blocks, num_kv_heads, block_size, row]`: one encoded row of
+/// `head_dim` values per position and kv head, a kv head's positions contiguous in a block.
+///
+/// **Anchored keys.** Where keys are in a block format, each block keeps, per kv head, an
+/// anchor: the f16 key of the block's first position (`anchors`,
+/// `[num_blocks, num_kv_heads, head_dim]`), and the block's rows hold each key minus it. A key is
+/// read back as anchor + decoded difference. Small models' keys have a few channels hundreds of
+/// times larger than the rest (in Qwen2.5-0.5B, the slowly rotating RoPE pairs carry the key
+/// bias: near-constant across positions), and one scale per 32 values set by them leaves the
+/// others a few levels; the differences from a nearby key are small in exactly those channels.
+/// The anchor is a function of the block's first key alone, so a block's bytes do not depend on
+/// how its positions were batched or chunked.
+#[derive(Debug, Clone, Copy)]
+pub struct CodedKv<'a> {
+    pub k: &'a [u8],
+    pub v: &'a [u8],
+    /// f16 bits; empty unless keys are in a block format.
+    pub anchors: &'a [u16],
+    pub types: KvCacheType,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// [`CodedKv`] borrowed for writing.
+#[derive(Debug)]
+pub struct CodedKvMut<'a> {
+    pub k: &'a mut [u8],
+    pub v: &'a mut [u8],
+    pub anchors: &'a mut [u16],
+    pub types: KvCacheType,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl CodedKvMut<'_> {
+    /// Encodes token `t`'s keys `k[t]` and values `v[t]` into slot `slots[t]`; `k` and `v` are
+    /// `[tokens, num_kv_heads * head_dim]`.
+    pub fn write(&mut self, slots: &[usize], k: &[f32], v: &[f32]) {
+        let (bs, nkv, hd) = (self.block_size, self.num_kv_heads, self.head_dim);
+        assert!(
+            k.len() == slots.len() * nkv * hd && v.len() == k.len(),
+            "keys and values are [tokens, kv heads * head dim]"
+        );
+        let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
+        let anchored = self.types.k.is_quantized();
+        let mut diff = vec![0f32; hd];
+        for (t, &slot) in slots.iter().enumerate() {
+            let (block, off) = (slot / bs, slot % bs);
+            for g in 0..nkv {
+                let row = (block * nkv + g) * bs + off;
+                let src = &k[t * nkv * hd + g * hd..][..hd];
+                let kdst = &mut self.k[row * krb..(row + 1) * krb];
+                if anchored {
+                    let anchor = &mut self.anchors[(block * nkv + g) * hd..][..hd];
+                    if off == 0 {
+                        for (a, &x) in anchor.iter_mut().zip(src) {
+                            *a = f16::from_f32(x).to_bits();
+                        }
+                    }
+                    for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor.iter()) {
+                        *d = x - f16::from_bits(a).to_f32();
+                    }
+                    crate::quant::quantize_row(self.types.k.dtype(), &diff, kdst);
+                } else {
+                    crate::quant::quantize_row(self.types.k.dtype(), src, kdst);
+                }
+                let vsrc = &v[t * nkv * hd + g * hd..][..hd];
+                crate::quant::quantize_row(self.types.v.dtype(), vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
+            }
+        }
+    }
+
+    pub fn view(&self) -> CodedKv<'_> {
+        CodedKv {
+            k: self.k,
+            v: self.v,
+            anchors: self.anchors,
+            types: self.types,
+            block_size: self.block_size,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+impl CodedKv<'_> {
+    /// The key and value of kv head `g` stored in `slot`, decoded (`k` and `v` hold `head_dim`).
+    pub fn read(&self, slot: usize, g: usize, k: &mut [f32], v: &mut [f32]) {
+        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
+        let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
+        let (block, off) = (slot / bs, slot % bs);
+        let r = (block * nkv + g) * bs + off;
+        crate::quant::dequantize_row(self.types.k.dtype(), &self.k[r * krb..(r + 1) * krb], k);
+        if self.types.k.is_quantized() {
+            for (x, &a) in k.iter_mut().zip(&self.anchors[(block * nkv + g) * hd..][..hd]) {
+                *x += f16::from_bits(a).to_f32();
+            }
+        }
+        crate::quant::dequantize_row(self.types.v.dtype(), &self.v[r * vrb..(r + 1) * vrb], v);
+    }
+}
+
+impl KvSource for CodedKv<'_> {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    fn check(&self) {
+        let rows = self.block_size * self.num_kv_heads;
+        let (krb, vrb) = (self.types.k.row_bytes(self.head_dim), self.types.v.row_bytes(self.head_dim));
+        assert!(
+            rows > 0
+                && self.types.k.fits(self.head_dim)
+                && self.types.v.fits(self.head_dim)
+                && self.k.len().is_multiple_of(rows * krb.max(1))
+                && self.k.len() / krb.max(1) == self.v.len() / vrb.max(1)
+                && self.anchors.len()
+                    == if self.types.k.is_quantized() {
+                        self.k.len() / krb / self.block_size * self.head_dim
+                    } else {
+                        0
+                    },
+            "keys and values must be whole blocks, with an anchor row per block and kv head for block-format keys"
+        );
+    }
+    fn chunk<'s>(
+        &'s self,
+        _level: SimdLevel,
+        table: &[u32],
+        g: usize,
+        p0: usize,
+        n: usize,
+        kt: &'s mut Vec<f32>,
+        v: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize, &'s [f32], usize) {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        kt.resize(hd * CHUNK, 0.0);
+        v.resize(CHUNK * hd, 0.0);
+        let mut row = [0f32; 1024];
+        let mut heap = Vec::new();
+        let key: &mut [f32] = if hd <= row.len() {
+            &mut row[..hd]
+        } else {
+            heap.resize(hd, 0.0);
+            &mut heap
+        };
+        for j in 0..CHUNK {
+            if j >= n {
+                for d in 0..hd {
+                    kt[d * CHUNK + j] = 0.0;
+                }
+                continue;
+            }
+            let pos = p0 + j;
+            let slot = table[pos / bs] as usize * bs + pos % bs;
+            self.read(slot, g, key, &mut v[j * hd..(j + 1) * hd]);
+            for (d, &x) in key.iter().enumerate() {
+                kt[d * CHUNK + j] = x;
+            }
+        }
+        (&kt[..], CHUNK, &v[..n * hd], hd)
+    }
+}
+
 /// What each query token attends to.
 #[derive(Debug, Clone, Copy)]
 pub struct QueryContext<'a> {
@@ -266,10 +593,10 @@ pub struct QueryContext<'a> {
 /// `out[t, h, :] = softmax(scale * q[t, h] · K[ctx]) V[ctx]` for every query token `t` and head
 /// `h`; query head `h` reads kv head `h / (num_heads / num_kv_heads)` (GQA/MQA).
 /// `q` and `out` are `[tokens, num_heads * head_dim]`. A token with an empty context gets zeros.
-pub fn paged_attention<T: KvElem>(
+pub fn paged_attention<S: KvSource>(
     q: &[f32],
     num_heads: usize,
-    kv: PagedKv<'_, T>,
+    kv: S,
     queries: &[QueryContext<'_>],
     scale: f32,
     out: &mut [f32],
@@ -278,28 +605,25 @@ pub fn paged_attention<T: KvElem>(
 }
 
 /// [`paged_attention`] at an explicit SIMD level (tests and benchmarks).
-pub fn paged_attention_at<T: KvElem>(
+pub fn paged_attention_at<S: KvSource>(
     level: SimdLevel,
     q: &[f32],
     num_heads: usize,
-    kv: PagedKv<'_, T>,
+    kv: S,
     queries: &[QueryContext<'_>],
     scale: f32,
     out: &mut [f32],
 ) {
-    let hd = kv.head_dim;
+    let hd = kv.head_dim();
     let row = num_heads * hd;
     assert_eq!(q.len(), queries.len() * row);
     assert_eq!(out.len(), q.len());
-    assert!(kv.num_kv_heads > 0 && num_heads.is_multiple_of(kv.num_kv_heads));
-    let nkv = kv.num_kv_heads;
-    assert!(
-        kv.block_size > 0 && kv.k.len() == kv.v.len() && kv.k.len().is_multiple_of(kv.block_size * nkv * hd.max(1)),
-        "keys and values must be whole blocks"
-    );
+    let nkv = kv.num_kv_heads();
+    assert!(nkv > 0 && num_heads.is_multiple_of(nkv));
+    kv.check();
     let group = num_heads / nkv;
     for ctx in queries {
-        assert!(ctx.context_len <= ctx.block_table.len() * kv.block_size, "context runs past the block table");
+        assert!(ctx.context_len <= ctx.block_table.len() * kv.block_size(), "context runs past the block table");
     }
     // AVX2 handles rows of whole 8-lane vectors only.
     let level = match level {
@@ -345,7 +669,7 @@ pub fn paged_attention_at<T: KvElem>(
             for t in s..e {
                 scratch.q.extend_from_slice(&q[t * row + g * item..t * row + (g + 1) * item]);
             }
-            attend(level, group, kv, g, &queries[s..e], scale, &mut scratch);
+            attend(level, group, &kv, g, &queries[s..e], scale, &mut scratch);
             for (k, rows) in scratch.o.chunks_exact(item).enumerate() {
                 let at = (s + k) * row + g * item;
                 assert!(at + item <= out.1);
@@ -381,17 +705,16 @@ struct Scratch {
 /// One item: the query rows in `scratch.q` (`ctxs.len()` tokens of one sequence x `group` heads)
 /// against kv head `g`, written normalised to `scratch.o`. Each row sees exactly the keys of its own
 /// context, chunk by chunk, with the same operations as if it were alone.
-fn attend<T: KvElem>(
+fn attend<S: KvSource>(
     level: SimdLevel,
     group: usize,
-    kv: PagedKv<'_, T>,
+    kv: &S,
     g: usize,
     ctxs: &[QueryContext<'_>],
     scale: f32,
     scratch: &mut Scratch,
 ) {
-    let (hd, bs) = (kv.head_dim, kv.block_size);
-    let kd = kv.num_kv_heads * hd;
+    let hd = kv.head_dim();
     let rows = ctxs.len() * group;
     let Scratch { q, m, l, s, kt, v, active, o } = scratch;
     o.clear();
@@ -406,24 +729,11 @@ fn attend<T: KvElem>(
         return;
     }
     let table = ctxs[0].block_table;
-    // Chunks lie inside one block when blocks are whole chunks (they start at multiples of both).
-    let whole = bs.is_multiple_of(CHUNK);
     let mut p0 = 0;
     while p0 < longest {
         let n = (longest - p0).min(CHUNK);
         // The chunk as f32: key j's dimension d at kc[d * ks + j], its value at vc[j * vs ..].
-        let (kc, ks, vc, vs): (&[f32], usize, &[f32], usize) = match (whole, T::as_f32s(kv.k), T::as_f32s(kv.v)) {
-            (true, Some(kf), Some(vf)) => {
-                let (b, off) = (table[p0 / bs] as usize, p0 % bs);
-                let kb = (b * kd + g * hd) * bs + off;
-                let vb = (b * kd + g * hd) * bs + off * hd;
-                (&kf[kb..kb + (hd - 1) * bs + CHUNK], bs, &vf[vb..vb + n * hd], hd)
-            }
-            _ => {
-                stage(level, kv, table, g, p0, n, kt, v);
-                (&kt[..], CHUNK, &v[..n * hd], hd)
-            }
-        };
+        let (kc, ks, vc, vs) = kv.chunk(level, table, g, p0, n, kt, v);
         active.clear();
         for (t, ctx) in ctxs.iter().enumerate() {
             if ctx.context_len > p0 {
@@ -1108,6 +1418,146 @@ mod tests {
         check_levels::<f16>(6);
     }
 
+    /// A coded cache (every pair of key and value types) gives the same bits as an f32 cache
+    /// holding its decoded values, at every level, alone or batched; and decodes to what was
+    /// written within the codec's precision.
+    #[test]
+    fn coded_caches_match_an_f32_cache_of_their_decoded_values() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (heads, nkv, hd, bs) in [(4, 2, 64, 16), (8, 4, 128, 16), (2, 1, 32, 5), (6, 3, 96, 32)] {
+            let lens = [1usize, 23, 40];
+            let c = Case::<f32>::new(&mut rng, &lens, bs, nkv, hd);
+            let blocks = c.k.len() / (bs * nkv * hd);
+            for k_type in KvCacheDtype::ALL {
+                for v_type in KvCacheDtype::ALL {
+                    let types = KvCacheType { k: k_type, v: v_type };
+                    let mut kbuf = vec![0u8; blocks * bs * nkv * k_type.row_bytes(hd)];
+                    let mut vbuf = vec![0u8; blocks * bs * nkv * v_type.row_bytes(hd)];
+                    let mut abuf = vec![0u16; if k_type.is_quantized() { blocks * nkv * hd } else { 0 }];
+                    let mut coded = CodedKvMut {
+                        k: &mut kbuf,
+                        v: &mut vbuf,
+                        anchors: &mut abuf,
+                        types,
+                        block_size: bs,
+                        num_kv_heads: nkv,
+                        head_dim: hd,
+                    };
+                    // Written in position order, a token at a time (as decoding does).
+                    for (s, &len) in lens.iter().enumerate() {
+                        for p in 0..len {
+                            let (mut k, mut v) = (Vec::new(), Vec::new());
+                            for g in 0..nkv {
+                                let (kr, vr) = c.row(s, p, g);
+                                k.extend(kr);
+                                v.extend(vr);
+                            }
+                            coded.write(&[c.slot(s, p)], &k, &v);
+                        }
+                    }
+                    // The same cache as f32: what the coded one decodes to.
+                    let (mut dk, mut dv) = (c.k.clone(), c.v.clone());
+                    let err = |t: KvCacheDtype| match t {
+                        KvCacheDtype::F32 => 0.0,
+                        KvCacheDtype::F16 => 2e-3,
+                        KvCacheDtype::BF16 => 1e-2,
+                        KvCacheDtype::Q8_0 => 2e-2,
+                        KvCacheDtype::Q4_0 => 0.3,
+                    };
+                    for (s, &len) in lens.iter().enumerate() {
+                        for p in 0..len {
+                            let slot = c.slot(s, p);
+                            let (mut k, mut v) = (Vec::new(), Vec::new());
+                            for g in 0..nkv {
+                                let (mut kr, mut vr) = (vec![0f32; hd], vec![0f32; hd]);
+                                coded.view().read(slot, g, &mut kr, &mut vr);
+                                let (k0, v0) = c.row(s, p, g);
+                                // Keys within 2, values within 1: errors relative to those ranges.
+                                for (a, b) in kr.iter().zip(&k0) {
+                                    assert!((a - b).abs() <= 4.0 * err(k_type) + 1e-6, "{types} key {a} vs {b}");
+                                }
+                                for (a, b) in vr.iter().zip(&v0) {
+                                    assert!((a - b).abs() <= 2.0 * err(v_type) + 1e-6, "{types} value {a} vs {b}");
+                                }
+                                k.extend(kr);
+                                v.extend(vr);
+                            }
+                            PagedKvMut { k: &mut dk, v: &mut dv, block_size: bs, num_kv_heads: nkv, head_dim: hd }
+                                .write(&[slot], &k, &v);
+                        }
+                    }
+                    let f32_kv = PagedKv { k: &dk, v: &dv, block_size: bs, num_kv_heads: nkv, head_dim: hd };
+                    let ctxs: Vec<QueryContext> = lens
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(s, &len)| (0..len).map(move |p| (s, p)))
+                        .map(|(s, p)| QueryContext { block_table: &c.tables[s], context_len: p + 1 })
+                        .collect();
+                    let row = heads * hd;
+                    let q: Vec<f32> = (0..ctxs.len() * row).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    for level in SimdLevel::available() {
+                        let what = format!("{types} {level:?} heads={heads} kv={nkv} hd={hd} bs={bs}");
+                        let mut want = vec![0f32; q.len()];
+                        paged_attention_at(level, &q, heads, f32_kv, &ctxs, scale, &mut want);
+                        let mut got = vec![0f32; q.len()];
+                        paged_attention_at(level, &q, heads, coded.view(), &ctxs, scale, &mut got);
+                        assert!(bits_equal(&got, &want), "{what}: differs from the decoded f32 cache");
+                        assert!(got.iter().all(|x| x.is_finite()), "{what}: saw an unwritten slot");
+                        let t = ctxs.len() - 1;
+                        let mut one = vec![0f32; row];
+                        paged_attention_at(level, &q[t * row..], heads, coded.view(), &ctxs[t..], scale, &mut one);
+                        assert!(bits_equal(&one, &got[t * row..]), "{what}: the last query alone differs");
+                    }
+                    // Writing a whole sequence at once gives the same bytes as a token at a time.
+                    let (mut k2, mut v2, mut a2) =
+                        (vec![0u8; kbuf.len()], vec![0u8; vbuf.len()], vec![0u16; abuf.len()]);
+                    let mut once = CodedKvMut {
+                        k: &mut k2,
+                        v: &mut v2,
+                        anchors: &mut a2,
+                        types,
+                        block_size: bs,
+                        num_kv_heads: nkv,
+                        head_dim: hd,
+                    };
+                    for (s, &len) in lens.iter().enumerate() {
+                        let slots: Vec<usize> = (0..len).map(|p| c.slot(s, p)).collect();
+                        let (mut k, mut v) = (Vec::new(), Vec::new());
+                        for p in 0..len {
+                            for g in 0..nkv {
+                                let (kr, vr) = c.row(s, p, g);
+                                k.extend(kr);
+                                v.extend(vr);
+                            }
+                        }
+                        once.write(&slots, &k, &v);
+                    }
+                    assert!(k2 == kbuf && v2 == vbuf && a2 == abuf, "{types}: batched writes differ");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cache_types_parse_size_and_check_head_sizes() {
+        for t in KvCacheDtype::ALL {
+            assert_eq!(t.name().parse::<KvCacheDtype>(), Ok(t));
+            assert_eq!(t.name().to_uppercase().parse::<KvCacheDtype>(), Ok(t));
+        }
+        assert!("q4_k".parse::<KvCacheDtype>().is_err());
+        assert_eq!(KvCacheDtype::Q8_0.row_bytes(128), 4 * 34);
+        assert_eq!(KvCacheDtype::Q4_0.row_bytes(64), 2 * 18);
+        assert_eq!(KvCacheDtype::BF16.row_bytes(64), 128);
+        // Rows of keys and values, and an f16 anchor row per block of 16 for the keys.
+        assert_eq!(KvCacheType::both(KvCacheDtype::Q8_0).bytes_per_token(8, 128), 8 * 2 * 4 * 34 + 8 * 128 * 2 / 16);
+        assert_eq!(KvCacheType::both(KvCacheDtype::F16).bytes_per_token(8, 128), 8 * 2 * 128 * 2);
+        assert!(KvCacheType::both(KvCacheDtype::Q4_0).check(128).is_ok());
+        let e = KvCacheType { k: KvCacheDtype::F16, v: KvCacheDtype::Q4_0 }.check(80).unwrap_err();
+        assert!(e.contains("--cache-type-v") && e.contains("q4_0"), "{e}");
+        assert_eq!(KvCacheType { k: KvCacheDtype::Q8_0, v: KvCacheDtype::Q4_0 }.to_string(), "q8_0/q4_0");
+    }
+
     #[test]
     fn f16_and_f32_caches_agree_to_f16_precision() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
@@ -1150,11 +1600,8 @@ mod tests {
         assert_eq!("f16".parse(), Ok(KvCacheDtype::F16));
         assert_eq!(" F32 ".parse(), Ok(KvCacheDtype::F32));
         assert_eq!(KvCacheDtype::default(), KvCacheDtype::F16);
-        let e = "bf16".parse::<KvCacheDtype>().unwrap_err();
-        assert!(e.to_string().contains("expected f32 or f16"), "{e}");
-        for d in [KvCacheDtype::F32, KvCacheDtype::F16] {
-            assert_eq!(d.name().parse(), Ok(d));
-        }
+        let e = "f8".parse::<KvCacheDtype>().unwrap_err();
+        assert!(e.to_string().contains("expected f32, f16, bf16, q8_0 or q4_0"), "{e}");
     }
 
     #[test]

@@ -217,6 +217,48 @@ mod simd {
     }
 }
 
+/// The length of the Hadamard blocks [`hadamard_rows`] rotates rows of `n` values by: the
+/// largest power of two dividing `n`, at most 256.
+pub fn hadamard_block(n: usize) -> usize {
+    if n == 0 {
+        return 1;
+    }
+    (1usize << n.trailing_zeros()).min(256)
+}
+
+/// Rotates every consecutive block of [`hadamard_block`]`(n)` values of each row of `n` values of
+/// `x` by the normalised Walsh-Hadamard matrix `H / sqrt(len)`: orthogonal and its own inverse,
+/// so dot products between rows rotated alike are unchanged, while a few large channels spread
+/// over the whole block. The KV cache's block formats store keys (and values) so, which keeps
+/// one scale per 32 values from being set by a single outlier channel (QuaRot, SpinQuant).
+///
+/// A fast transform: `len · log2(len)` additions per block. Rounding differs from the exact
+/// rotation only by f32 rounding, the same for every row, so batch invariance holds.
+pub fn hadamard_rows(x: &mut [f32], n: usize) {
+    let len = hadamard_block(n);
+    if len < 2 {
+        return;
+    }
+    assert!(x.len().is_multiple_of(n), "rows of {n} values");
+    let norm = 1.0 / (len as f32).sqrt();
+    for blk in x.chunks_exact_mut(len) {
+        let mut h = 1;
+        while h < len {
+            for i in (0..len).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (blk[j], blk[j + h]);
+                    blk[j] = a + b;
+                    blk[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        for v in blk.iter_mut() {
+            *v *= norm;
+        }
+    }
+}
+
 /// Softmax in place. `-inf` entries get probability 0; an all `-inf` row stays all zero.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -255,6 +297,31 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hadamard_is_its_own_inverse_keeps_dot_products_and_spreads_outliers() {
+        for n in [32usize, 64, 96, 128, 80] {
+            let len = hadamard_block(n);
+            assert!(n.is_multiple_of(len) && len.is_power_of_two());
+            let a: Vec<f32> = (0..2 * n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            let mut b: Vec<f32> = (0..2 * n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.7).collect();
+            b[3] = 100.0; // one outlier channel
+            let (mut ra, mut rb) = (a.clone(), b.clone());
+            hadamard_rows(&mut ra, n);
+            hadamard_rows(&mut rb, n);
+            for r in 0..2 {
+                let (x, y) = (r * n, (r + 1) * n);
+                let (d0, d1) = (dot(&a[x..y], &b[x..y]), dot(&ra[x..y], &rb[x..y]));
+                assert!((d0 - d1).abs() <= 1e-3 * d0.abs().max(1.0), "n={n}: {d0} vs {d1}");
+            }
+            // The outlier's block has no value near 100 left.
+            assert!(rb[..len].iter().all(|v| v.abs() < 100.0 / (len as f32).sqrt() + 10.0), "n={n}");
+            hadamard_rows(&mut rb, n);
+            for (x, y) in rb.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-4 * y.abs().max(1.0), "n={n}: {x} vs {y}");
+            }
+        }
+    }
 
     #[test]
     fn dot_matches_naive_on_awkward_lengths() {

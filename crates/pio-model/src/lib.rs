@@ -17,4 +17,4 @@ pub use error::{Error, Result};
 pub use layers::KvCache;
 pub use load::{load, load_tokenizer, load_with, GenerationDefaults, LoadOptions, LoadedModel, ModelInfo};
 pub use models::{CausalLm, ModelShape};
-pub use pio_kernels::attention::KvCacheDtype;
+pub use pio_kernels::attention::{KvCacheDtype, KvCacheType};

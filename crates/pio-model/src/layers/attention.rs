@@ -1,13 +1,15 @@
 //! Causal self-attention over the paged KV cache — the only code that touches the cache.
 
 use half::f16;
-use pio_kernels::attention::{paged_attention, KvCacheDtype, KvElem, PagedKvMut, QueryContext};
+use pio_kernels::attention::{
+    paged_attention, CodedKvMut, KvCacheDtype, KvCacheType, KvElem, PagedKvMut, QueryContext,
+};
 use pio_kernels::ops::{self, RopeLayout};
 
 use crate::batch::ForwardBatch;
 
-/// The K/V of every layer, in fixed-size blocks of `block_size` positions, as f32 or f16
-/// ([`KvCacheDtype`]; layout in [`pio_kernels::attention`]). A "contiguous cache" is one big
+/// The K/V of every layer, in fixed-size blocks of `block_size` positions, stored as
+/// [`KvCacheType`] says (layout in [`pio_kernels::attention`]). A "contiguous cache" is one big
 /// block table; there is no other cache.
 #[derive(Debug)]
 pub struct KvCache {
@@ -27,36 +29,59 @@ pub(crate) enum LatentLayerMut<'a> {
     F16(&'a mut [f16]),
 }
 
-/// Per layer: keys and values, `num_blocks * block_size * num_kv_heads * head_dim` each.
+/// Per layer: keys and values, `num_blocks * block_size * num_kv_heads * head_dim` each (f32
+/// and f16 alike for both: the kernels' typed layout); or encoded rows of any other types.
 #[derive(Debug)]
 enum KvLayers {
     F32(Vec<(Vec<f32>, Vec<f32>)>),
     F16(Vec<(Vec<f16>, Vec<f16>)>),
+    Coded { types: KvCacheType, layers: Vec<CodedLayer> },
+}
+
+/// One layer of a coded cache: key rows, value rows, and the keys' anchors (see
+/// [`pio_kernels::attention::CodedKv`]).
+#[derive(Debug)]
+struct CodedLayer {
+    k: Vec<u8>,
+    v: Vec<u8>,
+    anchors: Vec<u16>,
 }
 
 impl KvCache {
+    /// Panics if `types` cannot store heads of `head_dim` ([`KvCacheType::check`]).
     pub fn new(
         num_layers: usize,
         num_kv_heads: usize,
         head_dim: usize,
         block_size: usize,
         num_blocks: usize,
-        dtype: KvCacheDtype,
+        types: KvCacheType,
     ) -> KvCache {
         fn layers<T: KvElem>(num_layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
             (0..num_layers).map(|_| (T::zeros(len), T::zeros(len))).collect()
         }
+        if let Err(e) = types.check(head_dim) {
+            panic!("{e}");
+        }
         let len = num_blocks * block_size * num_kv_heads * head_dim;
-        let layers = match dtype {
-            KvCacheDtype::F32 => KvLayers::F32(layers(num_layers, len)),
-            KvCacheDtype::F16 => KvLayers::F16(layers(num_layers, len)),
+        let layers = match (types.k, types.v) {
+            (KvCacheDtype::F32, KvCacheDtype::F32) => KvLayers::F32(layers(num_layers, len)),
+            (KvCacheDtype::F16, KvCacheDtype::F16) => KvLayers::F16(layers(num_layers, len)),
+            _ => {
+                let rows = num_blocks * block_size * num_kv_heads;
+                let (k, v) = (rows * types.k.row_bytes(head_dim), rows * types.v.row_bytes(head_dim));
+                let a = if types.k.is_quantized() { num_blocks * num_kv_heads * head_dim } else { 0 };
+                let layer = || CodedLayer { k: vec![0u8; k], v: vec![0u8; v], anchors: vec![0u16; a] };
+                KvLayers::Coded { types, layers: (0..num_layers).map(|_| layer()).collect() }
+            }
         };
         KvCache { block_size, num_blocks, num_kv_heads, head_dim, latent: false, layers }
     }
 
     /// A cache for multi-head latent attention: per layer and token one row of `width` values
     /// (the compressed K/V latent and the rotated shared key part), stored once for all heads.
-    /// `num_kv_heads` is 1 and `head_dim` is `width`.
+    /// `num_kv_heads` is 1 and `head_dim` is `width`. Only f32 and f16 so far (panics
+    /// otherwise; [`KvCache::latent_supports`]).
     pub fn new_latent(
         num_layers: usize,
         width: usize,
@@ -71,13 +96,25 @@ impl KvCache {
         let layers = match dtype {
             KvCacheDtype::F32 => KvLayers::F32(layers(num_layers, len)),
             KvCacheDtype::F16 => KvLayers::F16(layers(num_layers, len)),
+            other => panic!("a latent cache cannot be stored as {other} yet"),
         };
         KvCache { block_size, num_blocks, num_kv_heads: 1, head_dim: width, latent: true, layers }
     }
 
+    /// Whether a latent cache can be stored as `types` (one type for its single row: f32 or f16).
+    pub fn latent_supports(types: KvCacheType) -> Result<(), String> {
+        match (types.k, types.v) {
+            (KvCacheDtype::F32, KvCacheDtype::F32) | (KvCacheDtype::F16, KvCacheDtype::F16) => Ok(()),
+            _ => Err(format!(
+                "--cache-type-k/--cache-type-v {types}: this model's multi-head latent attention cache \
+                 holds f32 or f16 only so far (one type for keys and values)"
+            )),
+        }
+    }
+
     /// Bytes one token occupies across all layers of a latent cache of `width`.
     pub fn latent_bytes_per_token(num_layers: usize, width: usize, dtype: KvCacheDtype) -> usize {
-        num_layers * width * dtype.size_bytes()
+        num_layers * dtype.row_bytes(width)
     }
 
     pub fn is_latent(&self) -> bool {
@@ -88,6 +125,7 @@ impl KvCache {
         match &self.layers {
             KvLayers::F32(l) => l.len(),
             KvLayers::F16(l) => l.len(),
+            KvLayers::Coded { layers, .. } => layers.len(),
         }
     }
 
@@ -96,23 +134,26 @@ impl KvCache {
         match &mut self.layers {
             KvLayers::F32(l) => LatentLayerMut::F32(&mut l[layer].0),
             KvLayers::F16(l) => LatentLayerMut::F16(&mut l[layer].0),
+            KvLayers::Coded { .. } => unreachable!("latent caches are f32 or f16"),
         }
     }
 
-    pub fn dtype(&self) -> KvCacheDtype {
+    /// How keys and values are stored.
+    pub fn types(&self) -> KvCacheType {
         match self.layers {
-            KvLayers::F32(_) => KvCacheDtype::F32,
-            KvLayers::F16(_) => KvCacheDtype::F16,
+            KvLayers::F32(_) => KvCacheType::both(KvCacheDtype::F32),
+            KvLayers::F16(_) => KvCacheType::both(KvCacheDtype::F16),
+            KvLayers::Coded { types, .. } => types,
         }
     }
 
     /// Bytes held by the cache.
     pub fn nbytes(&self) -> usize {
-        let elems = match &self.layers {
-            KvLayers::F32(l) => l.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
-            KvLayers::F16(l) => l.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>(),
-        };
-        elems * self.dtype().size_bytes()
+        match &self.layers {
+            KvLayers::F32(l) => l.iter().map(|(k, v)| 4 * (k.len() + v.len())).sum(),
+            KvLayers::F16(l) => l.iter().map(|(k, v)| 2 * (k.len() + v.len())).sum(),
+            KvLayers::Coded { layers, .. } => layers.iter().map(|l| l.k.len() + l.v.len() + 2 * l.anchors.len()).sum(),
+        }
     }
 
     /// Touches every page of the cache now, so its memory is resident from the start and the
@@ -137,12 +178,17 @@ impl KvCache {
                 touch(k);
                 touch(v)
             }),
+            KvLayers::Coded { layers, .. } => layers.iter_mut().for_each(|l| {
+                touch(&mut l.k);
+                touch(&mut l.v);
+                touch(&mut l.anchors)
+            }),
         }
     }
 
     /// Bytes one token occupies across all layers.
-    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize, dtype: KvCacheDtype) -> usize {
-        2 * num_layers * num_kv_heads * head_dim * dtype.size_bytes()
+    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize, types: KvCacheType) -> usize {
+        num_layers * types.bytes_per_token(num_kv_heads, head_dim)
     }
 }
 
@@ -182,7 +228,55 @@ impl Attention {
         match &mut cache.layers {
             KvLayers::F32(l) => self.attend(&mut l[self.layer], bs, q, k, v, batch),
             KvLayers::F16(l) => self.attend(&mut l[self.layer], bs, q, k, v, batch),
+            KvLayers::Coded { types, layers } => {
+                let types = *types;
+                // Block formats hold one scale per 32 values, which a few outlier channels (small
+                // Qwen models have keys hundreds of times larger in some channels) would set for
+                // all the others. Rotating each head by a Hadamard transform spreads them out:
+                // keys and queries alike, so the scores are unchanged; values before they are
+                // stored, and the outputs back after (the transform is its own inverse).
+                if types.k.is_quantized() {
+                    ops::hadamard_rows(q, self.head_dim);
+                    ops::hadamard_rows(k, self.head_dim);
+                }
+                let rotated;
+                let v = if types.v.is_quantized() {
+                    let mut r = v.to_vec();
+                    ops::hadamard_rows(&mut r, self.head_dim);
+                    rotated = r;
+                    &rotated[..]
+                } else {
+                    v
+                };
+                let l = &mut layers[self.layer];
+                let mut kv = CodedKvMut {
+                    k: &mut l.k,
+                    v: &mut l.v,
+                    anchors: &mut l.anchors,
+                    types,
+                    block_size: bs,
+                    num_kv_heads: self.num_kv_heads,
+                    head_dim: self.head_dim,
+                };
+                kv.write(&batch.slot_mapping, k, v);
+                let mut out = vec![0f32; q.len()];
+                paged_attention(q, self.num_heads, kv.view(), &self.queries(batch), self.scale, &mut out);
+                if types.v.is_quantized() {
+                    ops::hadamard_rows(&mut out, self.head_dim);
+                }
+                out
+            }
         }
+    }
+
+    /// Each query token's context: its sequence's blocks, and the positions up to its own.
+    fn queries<'b>(&self, batch: &'b ForwardBatch) -> Vec<QueryContext<'b>> {
+        batch
+            .positions
+            .iter()
+            .zip(&batch.seq_indices)
+            .map(|(&pos, &s)| QueryContext { block_table: &batch.block_tables[s], context_len: pos + 1 })
+            .collect()
     }
 
     /// Writes `k`, `v` into this layer's cache at the batch's slots and attends `q` over it.
@@ -197,14 +291,8 @@ impl Attention {
     ) -> Vec<f32> {
         let mut kv = PagedKvMut { k: kc, v: vc, block_size, num_kv_heads: self.num_kv_heads, head_dim: self.head_dim };
         kv.write(&batch.slot_mapping, k, v);
-        let queries: Vec<QueryContext> = batch
-            .positions
-            .iter()
-            .zip(&batch.seq_indices)
-            .map(|(&pos, &s)| QueryContext { block_table: &batch.block_tables[s], context_len: pos + 1 })
-            .collect();
         let mut out = vec![0f32; q.len()];
-        paged_attention(q, self.num_heads, kv.view(), &queries, self.scale, &mut out);
+        paged_attention(q, self.num_heads, kv.view(), &self.queries(batch), self.scale, &mut out);
         out
     }
 }

@@ -21,7 +21,7 @@
 //!     out = o Woᵀ
 //! ```
 
-use pio_kernels::attention::KvCacheDtype;
+use pio_kernels::attention::KvCacheType;
 use pio_kernels::ops;
 
 use super::{CausalLm, ModelShape};
@@ -291,19 +291,26 @@ impl CausalLm for DecoderModel {
         }
     }
 
-    fn kv_bytes_per_token(&self, dtype: KvCacheDtype) -> usize {
+    fn kv_bytes_per_token(&self, types: KvCacheType) -> usize {
         let c = &self.config;
         match &c.mla {
-            None => KvCache::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, dtype),
-            Some(m) => KvCache::latent_bytes_per_token(c.num_layers, m.cache_width(), dtype),
+            None => KvCache::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, types),
+            Some(m) => KvCache::latent_bytes_per_token(c.num_layers, m.cache_width(), types.k),
         }
     }
 
-    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, dtype: KvCacheDtype) -> KvCache {
+    fn check_kv_cache_type(&self, types: KvCacheType) -> std::result::Result<(), String> {
+        match &self.config.mla {
+            None => types.check(self.config.head_dim),
+            Some(_) => KvCache::latent_supports(types),
+        }
+    }
+
+    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
         let c = &self.config;
         match &c.mla {
-            None => KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, block_size, num_blocks, dtype),
-            Some(m) => KvCache::new_latent(c.num_layers, m.cache_width(), block_size, num_blocks, dtype),
+            None => KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, block_size, num_blocks, types),
+            Some(m) => KvCache::new_latent(c.num_layers, m.cache_width(), block_size, num_blocks, types.k),
         }
     }
 

@@ -2,7 +2,7 @@
 
 pub mod decoder;
 
-use pio_kernels::attention::KvCacheDtype;
+use pio_kernels::attention::KvCacheType;
 
 use crate::batch::ForwardBatch;
 use crate::layers::{KvCache, MoeStats};
@@ -30,13 +30,18 @@ pub trait CausalLm: Send + Sync {
     /// A cache of `num_blocks` blocks of `block_size` tokens shaped for this model, in the
     /// default element type (f16).
     fn new_kv_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
-        self.new_kv_cache_with(block_size, num_blocks, KvCacheDtype::default())
+        self.new_kv_cache_with(block_size, num_blocks, KvCacheType::default())
     }
 
-    /// Bytes one token's keys and values take across all layers, stored as `dtype`.
-    fn kv_bytes_per_token(&self, dtype: KvCacheDtype) -> usize {
+    /// Bytes one token's keys and values take across all layers, stored as `types`.
+    fn kv_bytes_per_token(&self, types: KvCacheType) -> usize {
         let s = self.shape();
-        KvCache::bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, dtype)
+        KvCache::bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, types)
+    }
+
+    /// Whether this model's cache can be stored as `types`: an error naming the option if not.
+    fn check_kv_cache_type(&self, types: KvCacheType) -> std::result::Result<(), String> {
+        types.check(self.shape().head_dim)
     }
 
     /// What the mixture-of-experts layers did since load (`None`: the model has none).
@@ -44,9 +49,10 @@ pub trait CausalLm: Send + Sync {
         None
     }
 
-    /// As [`CausalLm::new_kv_cache`], storing keys and values as `dtype`.
-    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, dtype: KvCacheDtype) -> KvCache {
+    /// As [`CausalLm::new_kv_cache`], storing keys and values as `types` (which
+    /// [`CausalLm::check_kv_cache_type`] accepts; panics otherwise).
+    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
         let s = self.shape();
-        KvCache::new(s.num_layers, s.num_kv_heads, s.head_dim, block_size, num_blocks, dtype)
+        KvCache::new(s.num_layers, s.num_kv_heads, s.head_dim, block_size, num_blocks, types)
     }
 }
