@@ -500,17 +500,45 @@ impl CodedKvMut<'_> {
 impl CodedKv<'_> {
     /// The key and value of kv head `g` stored in `slot`, decoded (`k` and `v` hold `head_dim`).
     pub fn read(&self, slot: usize, g: usize, k: &mut [f32], v: &mut [f32]) {
+        self.read_at(SimdLevel::Scalar, slot, g, k, v)
+    }
+
+    /// [`CodedKv::read`] with the SIMD level's decoders: the same bits at every level.
+    fn read_at(&self, level: SimdLevel, slot: usize, g: usize, k: &mut [f32], v: &mut [f32]) {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
         let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
         let (block, off) = (slot / bs, slot % bs);
         let r = (block * nkv + g) * bs + off;
-        crate::quant::dequantize_row(self.types.k.dtype(), &self.k[r * krb..(r + 1) * krb], k);
-        if self.types.k.is_quantized() {
-            for (x, &a) in k.iter_mut().zip(&self.anchors[(block * nkv + g) * hd..][..hd]) {
-                *x += f16::from_bits(a).to_f32();
+        let anchor = self.types.k.is_quantized().then(|| &self.anchors[(block * nkv + g) * hd..][..hd]);
+        decode_row(level, self.types.k, &self.k[r * krb..(r + 1) * krb], anchor, k);
+        decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, v);
+    }
+}
+
+/// `dst` = the row `src` of `t` decoded, plus `anchor` (f16 bits) where given: as
+/// [`crate::quant::dequantize_row`] then an f32 add, bitwise, at every level.
+fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+    let n = dst.len();
+    assert!(src.len() == t.row_bytes(n) && anchor.is_none_or(|a| a.len() == n), "row sizes");
+    match (level, t) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has; sizes asserted above (whole blocks).
+        (SimdLevel::Avx512, KvCacheDtype::Q8_0 | KvCacheDtype::Q4_0) => unsafe {
+            x86::decode_row_avx512(t == KvCacheDtype::Q8_0, src, anchor, dst)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (the AVX2 level implies F16C).
+        (SimdLevel::Avx2, KvCacheDtype::Q8_0 | KvCacheDtype::Q4_0) => unsafe {
+            x86::decode_row_avx2(t == KvCacheDtype::Q8_0, src, anchor, dst)
+        },
+        _ => {
+            crate::quant::dequantize_row(t.dtype(), src, dst);
+            if let Some(a) = anchor {
+                for (x, &a) in dst.iter_mut().zip(a) {
+                    *x += f16::from_bits(a).to_f32();
+                }
             }
         }
-        crate::quant::dequantize_row(self.types.v.dtype(), &self.v[r * vrb..(r + 1) * vrb], v);
     }
 }
 
@@ -544,7 +572,7 @@ impl KvSource for CodedKv<'_> {
     }
     fn chunk<'s>(
         &'s self,
-        _level: SimdLevel,
+        level: SimdLevel,
         table: &[u32],
         g: usize,
         p0: usize,
@@ -555,6 +583,38 @@ impl KvSource for CodedKv<'_> {
         let (hd, bs) = (self.head_dim, self.block_size);
         kt.resize(hd * CHUNK, 0.0);
         v.resize(CHUNK * hd, 0.0);
+        // Where vectors transpose whole tiles: the keys decoded as rows, then transposed.
+        let tiles = match level {
+            SimdLevel::Avx512 => hd.is_multiple_of(16) && hd <= 256,
+            SimdLevel::Avx2 => hd.is_multiple_of(8) && hd <= 256,
+            _ => false,
+        };
+        if tiles {
+            thread_local! {
+                /// The chunk's keys as rows, `[CHUNK, hd]`, before the transpose.
+                static ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            return ROWS.with_borrow_mut(|rows| {
+                rows.resize(CHUNK * hd, 0.0);
+                for j in 0..n {
+                    let pos = p0 + j;
+                    let slot = table[pos / bs] as usize * bs + pos % bs;
+                    self.read_at(level, slot, g, &mut rows[j * hd..(j + 1) * hd], &mut v[j * hd..(j + 1) * hd]);
+                }
+                rows[n * hd..].fill(0.0);
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the level only names features the CPU has; `rows` holds CHUNK rows of
+                    // `hd` (a multiple of 16) and `kt` `hd * CHUNK` values.
+                    SimdLevel::Avx512 => unsafe { x86::transpose_chunk_avx512(rows, hd, kt) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above, `hd` a multiple of 8.
+                    SimdLevel::Avx2 => unsafe { x86::transpose_chunk_avx2(rows, hd, kt) },
+                    _ => unreachable!("tiles are only taken at the levels above"),
+                }
+                (&kt[..], CHUNK, &v[..n * hd], hd)
+            });
+        }
         let mut row = [0f32; 1024];
         let mut heap = Vec::new();
         let key: &mut [f32] = if hd <= row.len() {
@@ -572,7 +632,7 @@ impl KvSource for CodedKv<'_> {
             }
             let pos = p0 + j;
             let slot = table[pos / bs] as usize * bs + pos % bs;
-            self.read(slot, g, key, &mut v[j * hd..(j + 1) * hd]);
+            self.read_at(level, slot, g, key, &mut v[j * hd..(j + 1) * hd]);
             for (d, &x) in key.iter().enumerate() {
                 kt[d * CHUNK + j] = x;
             }
@@ -898,6 +958,145 @@ pub(crate) mod x86 {
                 let mask = (1u16 << (width - c)) - 1;
                 let h = _mm256_maskz_loadu_epi16(mask, s.add(c) as *const i16);
                 _mm512_mask_storeu_ps(d.add(c), mask, _mm512_cvtph_ps(h));
+            }
+        }
+    }
+
+    /// [`super::decode_row`] of Q8_0 (`q8`) or Q4_0 rows, 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn decode_row_avx512(q8: bool, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+        let bb = if q8 { 34 } else { 18 };
+        for (b, (blk, y)) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(32)).enumerate() {
+            let d = _mm512_set1_ps(f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+            let q: [__m512i; 2] = if q8 {
+                let lo = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
+                let hi = _mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i);
+                [_mm512_cvtepi8_epi32(lo), _mm512_cvtepi8_epi32(hi)]
+            } else {
+                let x = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
+                let m = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(x, m);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), m);
+                let eight = _mm512_set1_epi32(8);
+                [_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), eight), _mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), eight)]
+            };
+            for (h, q) in q.into_iter().enumerate() {
+                let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+                if let Some(a) = anchor {
+                    let a = _mm256_loadu_si256(a.as_ptr().add(32 * b + 16 * h) as *const __m256i);
+                    v = _mm512_add_ps(v, _mm512_cvtph_ps(a));
+                }
+                _mm512_storeu_ps(y.as_mut_ptr().add(16 * h), v);
+            }
+        }
+    }
+
+    /// [`decode_row_avx512`] with 8 lanes.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn decode_row_avx2(q8: bool, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+        let bb = if q8 { 34 } else { 18 };
+        for (b, (blk, y)) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(32)).enumerate() {
+            let d = _mm256_set1_ps(f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+            let mut q = [_mm256_setzero_si256(); 4];
+            if q8 {
+                for (i, q) in q.iter_mut().enumerate() {
+                    *q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.as_ptr().add(2 + 8 * i) as *const __m128i));
+                }
+            } else {
+                let x = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
+                let m = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(x, m);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), m);
+                let eight = _mm256_set1_epi32(8);
+                // Values 0..16 are the low nibbles, 16..32 the high ones.
+                for (i, half) in [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)].into_iter().enumerate() {
+                    q[i] = _mm256_sub_epi32(_mm256_cvtepu8_epi32(half), eight);
+                }
+            }
+            for (i, q) in q.into_iter().enumerate() {
+                let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                if let Some(a) = anchor {
+                    let a = _mm_loadu_si128(a.as_ptr().add(32 * b + 8 * i) as *const __m128i);
+                    v = _mm256_add_ps(v, _mm256_cvtph_ps(a));
+                }
+                _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), v);
+            }
+        }
+    }
+
+    /// `kt[d * CHUNK + j] = rows[j * hd + d]` for the CHUNK (16) rows of `hd` values (a
+    /// multiple of 16), as 16 x 16 tiles transposed in registers.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose_chunk_avx512(rows: &[f32], hd: usize, kt: &mut [f32]) {
+        assert!(rows.len() >= CHUNK * hd && kt.len() >= hd * CHUNK && hd.is_multiple_of(16));
+        for d0 in (0..hd).step_by(16) {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (j, r) in r.iter_mut().enumerate() {
+                *r = _mm512_castps_si512(_mm512_loadu_ps(rows.as_ptr().add(j * hd + d0)));
+            }
+            // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at column 4L + m.
+            let mut u = [_mm512_setzero_si512(); 16];
+            for q in 0..4 {
+                let (r0, r1, r2, r3) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+                let t0 = _mm512_unpacklo_epi32(r0, r1);
+                let t1 = _mm512_unpackhi_epi32(r0, r1);
+                let t2 = _mm512_unpacklo_epi32(r2, r3);
+                let t3 = _mm512_unpackhi_epi32(r2, r3);
+                u[4 * q] = _mm512_unpacklo_epi64(t0, t2);
+                u[4 * q + 1] = _mm512_unpackhi_epi64(t0, t2);
+                u[4 * q + 2] = _mm512_unpacklo_epi64(t1, t3);
+                u[4 * q + 3] = _mm512_unpackhi_epi64(t1, t3);
+            }
+            // Column 4L + m = 128-bit lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
+            let out = kt.as_mut_ptr().add(d0 * CHUNK);
+            for m in 0..4 {
+                let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[m], u[4 + m]);
+                let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[m], u[4 + m]);
+                let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[8 + m], u[12 + m]);
+                let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[8 + m], u[12 + m]);
+                let cols = [
+                    (m, _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2)),
+                    (4 + m, _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2)),
+                    (8 + m, _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3)),
+                    (12 + m, _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3)),
+                ];
+                for (c, x) in cols {
+                    _mm512_storeu_ps(out.add(c * CHUNK), _mm512_castsi512_ps(x));
+                }
+            }
+        }
+    }
+
+    /// [`transpose_chunk_avx512`] as 8 x 8 tiles (`hd` a multiple of 8).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn transpose_chunk_avx2(rows: &[f32], hd: usize, kt: &mut [f32]) {
+        assert!(rows.len() >= CHUNK * hd && kt.len() >= hd * CHUNK && hd.is_multiple_of(8));
+        for d0 in (0..hd).step_by(8) {
+            for j0 in (0..CHUNK).step_by(8) {
+                let mut r = [_mm256_setzero_si256(); 8];
+                for (j, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_castps_si256(_mm256_loadu_ps(rows.as_ptr().add((j0 + j) * hd + d0)));
+                }
+                // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at column 4L + m.
+                let mut u = [_mm256_setzero_si256(); 8];
+                for q in 0..2 {
+                    let (r0, r1, r2, r3) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
+                    let t0 = _mm256_unpacklo_epi32(r0, r1);
+                    let t1 = _mm256_unpackhi_epi32(r0, r1);
+                    let t2 = _mm256_unpacklo_epi32(r2, r3);
+                    let t3 = _mm256_unpackhi_epi32(r2, r3);
+                    u[4 * q] = _mm256_unpacklo_epi64(t0, t2);
+                    u[4 * q + 1] = _mm256_unpackhi_epi64(t0, t2);
+                    u[4 * q + 2] = _mm256_unpacklo_epi64(t1, t3);
+                    u[4 * q + 3] = _mm256_unpackhi_epi64(t1, t3);
+                }
+                let out = kt.as_mut_ptr().add(d0 * CHUNK + j0);
+                for m in 0..4 {
+                    let lo = _mm256_permute2x128_si256::<0x20>(u[m], u[4 + m]);
+                    let hi = _mm256_permute2x128_si256::<0x31>(u[m], u[4 + m]);
+                    _mm256_storeu_ps(out.add(m * CHUNK), _mm256_castsi256_ps(lo));
+                    _mm256_storeu_ps(out.add((4 + m) * CHUNK), _mm256_castsi256_ps(hi));
+                }
             }
         }
     }
