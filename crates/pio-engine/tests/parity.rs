@@ -70,7 +70,7 @@ fn tolerance(name: &str) -> f32 {
     }
 }
 
-const FAMILIES: [&str; 6] = ["qwen3", "qwen3-bf16-untied", "qwen2", "llama", "qwen3_moe", "glm4_moe_lite"];
+const FAMILIES: [&str; 7] = ["qwen3", "qwen3-bf16-untied", "qwen2", "qwen2-swa", "llama", "qwen3_moe", "glm4_moe_lite"];
 
 #[test]
 fn logits_match_transformers() {
@@ -276,4 +276,42 @@ fn coarseness(t: KvCacheDtype) -> u8 {
         KvCacheDtype::Q8_0 => 3,
         KvCacheDtype::Q4_0 => 4,
     }
+}
+
+/// The sliding-window fixture (window 8 on layers 1 and 2) is read as such, and the window
+/// matters: the same weights with full attention everywhere give other logits from position 8 on.
+#[test]
+fn sliding_window_layers_are_read_and_matter() {
+    let name = "qwen2-swa";
+    let cfg = pio_model::config::ModelConfig::from_hf_file(&fixture(name).join("config.json")).expect("config");
+    assert_eq!(cfg.sliding_window, vec![None, Some(8), Some(8)]);
+    let r = Reference::open(name);
+    let ids = r.ids("input_ids");
+    assert!(ids.len() > 8, "the prompt must outgrow the window");
+    // A copy of the fixture with the window switched off.
+    let dir = std::env::temp_dir().join(format!("pio-swa-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for f in ["model.safetensors", "generation_config.json"] {
+        std::fs::copy(fixture(name).join(f), dir.join(f)).expect("copy");
+    }
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture(name).join("config.json")).expect("read")).expect("json");
+    json["use_sliding_window"] = false.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).expect("write config");
+    let full = load(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = full.model.as_ref();
+    let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
+    let mut seq = Sequence::new(ids.clone());
+    let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+    let want = r.f32s("logits");
+    let vocab = want.len() / ids.len();
+    let diff = |range: std::ops::Range<usize>| {
+        logits[range.start * vocab..range.end * vocab]
+            .iter()
+            .zip(&want[range.start * vocab..range.end * vocab])
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+    };
+    assert!(diff(0..8) <= 1e-4, "the first 8 positions see the same either way");
+    assert!(diff(8..ids.len()) > 1e-2, "full attention must differ once the window slides");
 }

@@ -32,8 +32,8 @@ fn run<T: KvElem>(c: &mut Criterion) {
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
     let mut g = c.benchmark_group(format!("attention_{}", T::DTYPE));
     for (name, queries) in [
-        ("decode_ctx4096", vec![QueryContext { block_table: &table, context_len: ctx }]),
-        ("prefill_512", (0..512).map(|p| QueryContext { block_table: &table[..32], context_len: p + 1 }).collect()),
+        ("decode_ctx4096", vec![QueryContext::causal(&table, ctx)]),
+        ("prefill_512", (0..512).map(|p| QueryContext::causal(&table[..32], p + 1)).collect()),
     ] {
         let q: Vec<f32> = (0..queries.len() * row).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
         let mut out = vec![0f32; q.len()];
@@ -57,7 +57,7 @@ fn latent(c: &mut Criterion) {
     let scale = 1.0 / (192f32).sqrt();
     let mut g = c.benchmark_group("latent_f16");
     for len in [512, 4096] {
-        let queries = [QueryContext { block_table: &table, context_len: len }];
+        let queries = [QueryContext::causal(&table, len)];
         g.bench_function(BenchmarkId::from_parameter(format!("decode_ctx{len}")), |b| {
             b.iter(|| latent_attention(black_box(&q), heads, kv.view(), &queries, value_width, scale, &mut out))
         });

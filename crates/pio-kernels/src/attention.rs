@@ -648,6 +648,22 @@ pub struct QueryContext<'a> {
     pub block_table: &'a [u32],
     /// Number of cached positions the token sees (its position + 1: causal).
     pub context_len: usize,
+    /// The first position it sees: 0, or where a sliding window starts (the window is
+    /// `start..context_len`).
+    pub start: usize,
+}
+
+impl<'a> QueryContext<'a> {
+    /// Causal attention over `0..context_len`.
+    pub fn causal(block_table: &'a [u32], context_len: usize) -> QueryContext<'a> {
+        QueryContext { block_table, context_len, start: 0 }
+    }
+
+    /// Causal attention over the last `window` of `0..context_len` (all of it for `None`).
+    pub fn windowed(block_table: &'a [u32], context_len: usize, window: Option<usize>) -> QueryContext<'a> {
+        let start = window.map_or(0, |w| context_len.saturating_sub(w));
+        QueryContext { block_table, context_len, start }
+    }
 }
 
 /// `out[t, h, :] = softmax(scale * q[t, h] · K[ctx]) V[ctx]` for every query token `t` and head
@@ -713,7 +729,7 @@ pub fn paged_attention_at<S: KvSource>(
     // context rather than equal item counts.
     let cost = |it: usize| {
         let (s, e) = runs[it % nr];
-        queries[s..e].iter().map(|c| c.context_len + CHUNK).sum::<usize>()
+        queries[s..e].iter().map(|c| c.context_len.saturating_sub(c.start) + CHUNK).sum::<usize>()
     };
     let parts = parallel::num_threads().min(n_items).max(1);
     let bounds = parallel::balanced_bounds(n_items, parts, cost);
@@ -789,20 +805,28 @@ fn attend<S: KvSource>(
         return;
     }
     let table = ctxs[0].block_table;
-    let mut p0 = 0;
+    // Chunks stay at multiples of CHUNK (batch invariance): from the one holding the earliest
+    // position any token sees.
+    let first = ctxs.iter().map(|c| c.start.min(c.context_len)).min().unwrap_or(0);
+    let mut p0 = first / CHUNK * CHUNK;
     while p0 < longest {
         let n = (longest - p0).min(CHUNK);
         // The chunk as f32: key j's dimension d at kc[d * ks + j], its value at vc[j * vs ..].
         let (kc, ks, vc, vs) = kv.chunk(level, table, g, p0, n, kt, v);
         active.clear();
         for (t, ctx) in ctxs.iter().enumerate() {
-            if ctx.context_len > p0 {
+            if ctx.context_len > p0 && ctx.start < p0 + n {
                 // This token sees the first `seen` keys of the chunk.
                 let seen = (ctx.context_len - p0).min(n);
                 active.extend((t * group..(t + 1) * group).map(|i| (i, seen)));
             }
         }
         scores(level, q, hd, active, kc, ks, scale, s);
+        // A sliding window that starts inside the chunk: the keys before it are not seen.
+        for &(i, _) in active.iter() {
+            let from = ctxs[i / group].start.saturating_sub(p0);
+            s[i * CHUNK..i * CHUNK + from].fill(f32::NEG_INFINITY);
+        }
         match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level only names features the CPU has; the callee checks bounds.
@@ -1560,7 +1584,7 @@ mod tests {
             let row = heads * hd;
             let q: Vec<f32> = (0..queries.len() * row).map(|_| rng.random_range(-1.0..1.0)).collect();
             let ctxs: Vec<QueryContext> =
-                queries.iter().map(|&(s, p)| QueryContext { block_table: &c.tables[s], context_len: p + 1 }).collect();
+                queries.iter().map(|&(s, p)| QueryContext::causal(&c.tables[s], p + 1)).collect();
             let scale = 1.0 / (hd as f32).sqrt();
             for level in SimdLevel::available() {
                 let what = format!("{:?} {level:?} heads={heads} kv={nkv} hd={hd} bs={bs}", T::DTYPE);
@@ -1690,7 +1714,7 @@ mod tests {
                         .iter()
                         .enumerate()
                         .flat_map(|(s, &len)| (0..len).map(move |p| (s, p)))
-                        .map(|(s, p)| QueryContext { block_table: &c.tables[s], context_len: p + 1 })
+                        .map(|(s, p)| QueryContext::causal(&c.tables[s], p + 1))
                         .collect();
                     let row = heads * hd;
                     let q: Vec<f32> = (0..ctxs.len() * row).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -1738,6 +1762,58 @@ mod tests {
         }
     }
 
+    /// Sliding windows: each query sees only its last `w` positions, matching the reference
+    /// over them at every level, and the same bits alone as batched with full-attention queries.
+    #[test]
+    fn sliding_windows_see_only_their_positions() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for (heads, nkv, hd, bs) in [(4, 2, 64, 16), (2, 1, 40, 5), (8, 4, 128, 32)] {
+            let lens = [70usize, 33];
+            let c = Case::<f16>::new(&mut rng, &lens, bs, nkv, hd);
+            let row = heads * hd;
+            let scale = 1.0 / (hd as f32).sqrt();
+            for w in [1usize, 5, 16, 17, 40, 100] {
+                let queries: Vec<(usize, usize)> =
+                    lens.iter().enumerate().flat_map(|(s, &len)| (0..len).map(move |p| (s, p))).collect();
+                let ctxs: Vec<QueryContext> =
+                    queries.iter().map(|&(s, p)| QueryContext::windowed(&c.tables[s], p + 1, Some(w))).collect();
+                let q: Vec<f32> = (0..ctxs.len() * row).map(|_| rng.random_range(-1.0..1.0)).collect();
+                for level in SimdLevel::available() {
+                    let what = format!("{level:?} heads={heads} kv={nkv} hd={hd} bs={bs} w={w}");
+                    let mut out = vec![f32::NAN; q.len()];
+                    paged_attention_at(level, &q, heads, c.kv(), &ctxs, scale, &mut out);
+                    for (t, &(s, p)) in queries.iter().enumerate() {
+                        for h in 0..heads {
+                            let g = h / (heads / nkv);
+                            let from = (p + 1).saturating_sub(w);
+                            let (kr, vr): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+                                (from..=p).map(|pos| c.row(s, pos, g)).unzip();
+                            let want = reference(&q[t * row + h * hd..t * row + (h + 1) * hd], &kr, &vr, scale);
+                            let got = &out[t * row + h * hd..t * row + (h + 1) * hd];
+                            for (a, b) in got.iter().zip(&want) {
+                                assert!((a - b).abs() <= 2e-5, "{what} t={t} h={h}: {a} vs {b}");
+                            }
+                        }
+                    }
+                    // Alone, and batched beside full-attention queries of the other sequence.
+                    for (t, ctx) in ctxs.iter().enumerate().step_by(7) {
+                        let mut one = vec![0f32; row];
+                        paged_attention_at(level, &q[t * row..(t + 1) * row], heads, c.kv(), &[*ctx], scale, &mut one);
+                        assert!(bits_equal(&one, &out[t * row..(t + 1) * row]), "{what}: query {t} alone differs");
+                        let other = QueryContext::causal(&c.tables[1 - queries[t].0], 20);
+                        let mut two = vec![0f32; 2 * row];
+                        let qq: Vec<f32> = q[t * row..(t + 1) * row].iter().chain(&q[..row]).copied().collect();
+                        paged_attention_at(level, &qq, heads, c.kv(), &[*ctx, other], scale, &mut two);
+                        assert!(
+                            bits_equal(&two[..row], &out[t * row..(t + 1) * row]),
+                            "{what}: query {t} batched differs"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn cache_types_parse_size_and_check_head_sizes() {
         for t in KvCacheDtype::ALL {
@@ -1766,8 +1842,7 @@ mod tests {
         let c16 = Case::<f16>::new(&mut rand::rngs::StdRng::seed_from_u64(s), &[len], bs, nkv, hd);
         let row = heads * hd;
         let q: Vec<f32> = (0..len * row).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let ctxs: Vec<QueryContext> =
-            (0..len).map(|p| QueryContext { block_table: &c32.tables[0], context_len: p + 1 }).collect();
+        let ctxs: Vec<QueryContext> = (0..len).map(|p| QueryContext::causal(&c32.tables[0], p + 1)).collect();
         let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
         paged_attention(&q, heads, c32.kv(), &ctxs, 0.125, &mut a);
         paged_attention(&q, heads, c16.kv(), &ctxs, 0.125, &mut b);
@@ -1808,7 +1883,7 @@ mod tests {
         let kv = PagedKv::<f32> { k: &[], v: &[], block_size: 16, num_kv_heads: 1, head_dim: 16 };
         let q = vec![1f32; 16];
         let mut out = vec![f32::NAN; 16];
-        paged_attention(&q, 1, kv, &[QueryContext { block_table: &[], context_len: 0 }], 1.0, &mut out);
+        paged_attention(&q, 1, kv, &[QueryContext::causal(&[], 0)], 1.0, &mut out);
         assert!(out.iter().all(|&v| v == 0.0));
     }
 }

@@ -110,6 +110,7 @@ pub fn latent_attention_at<T: KvElem>(
     assert!(bs > 0 && cache.data.len().is_multiple_of(bs * w.max(1)), "the cache must be whole blocks");
     let num_blocks = cache.data.len() / (bs * w.max(1));
     for ctx in queries {
+        assert_eq!(ctx.start, 0, "latent attention has no sliding windows");
         let used = ctx.context_len.div_ceil(bs);
         assert!(used <= ctx.block_table.len(), "context runs past the block table");
         assert!(ctx.block_table[..used].iter().all(|&b| (b as usize) < num_blocks), "block out of the cache");
@@ -822,10 +823,8 @@ mod tests {
                     }
                 }
                 queries.insert(2, (0, 0));
-                let ctxs: Vec<QueryContext> = queries
-                    .iter()
-                    .map(|&(s, len)| QueryContext { block_table: &c.tables[s], context_len: len })
-                    .collect();
+                let ctxs: Vec<QueryContext> =
+                    queries.iter().map(|&(s, len)| QueryContext::causal(&c.tables[s], len)).collect();
                 let (qrow, orow) = (heads * w, heads * vw);
                 let q: Vec<f32> = (0..queries.len() * qrow).map(|_| rng.random_range(-1.0..1.0)).collect();
                 // Peaky enough that the running maximum moves and rescales the accumulators.
@@ -879,7 +878,7 @@ mod tests {
         let kv = LatentKv::<f16> { data: &[], block_size: 16, width: 8 };
         let q = vec![1f32; 2 * 8];
         let mut out = vec![f32::NAN; 2 * 4];
-        latent_attention(&q, 2, kv, &[QueryContext { block_table: &[], context_len: 0 }], 4, 1.0, &mut out);
+        latent_attention(&q, 2, kv, &[QueryContext::causal(&[], 0)], 4, 1.0, &mut out);
         assert!(out.iter().all(|&v| v == 0.0));
     }
 
@@ -893,16 +892,7 @@ mod tests {
         for level in SimdLevel::available() {
             let mut out = vec![f32::NAN; 3 * vw];
             let kv = LatentKv { data: &data, block_size: 2, width: w };
-            latent_attention_at(
-                level,
-                &q,
-                3,
-                kv,
-                &[QueryContext { block_table: &[1], context_len: 2 }],
-                vw,
-                0.1,
-                &mut out,
-            );
+            latent_attention_at(level, &q, 3, kv, &[QueryContext::causal(&[1], 2)], vw, 0.1, &mut out);
             // Slot 2 (zeros) and slot 3 (the row) with their softmax weights.
             let s = 0.1 * row.iter().sum::<f32>() * 0.5;
             let p = 1.0 / (1.0 + (-s).exp());

@@ -117,6 +117,9 @@ pub struct ModelConfig {
     /// Trailing multi-token-prediction layers the checkpoint stores after the decoder layers
     /// (GLM-4.7-Flash `num_nextn_predict_layers`); not run, and skipped at load.
     pub num_nextn_predict_layers: usize,
+    /// Per layer: the sliding window (a position sees itself and the `w - 1` before it), or
+    /// `None` for full attention.
+    pub sliding_window: Vec<Option<usize>>,
 }
 
 /// Keys that do not change inference (bookkeeping, training-only, or token ids read elsewhere).
@@ -136,7 +139,6 @@ const INFORMATIONAL_KEYS: &[&str] = &[
     "transformers.js_config",
     "_name_or_path",
     "tokenizer_class",
-    "max_window_layers",
 ];
 
 impl ModelConfig {
@@ -205,11 +207,9 @@ impl ModelConfig {
         if let Some(rs) = get("rope_scaling") {
             return Err(cfg(format!("rope_scaling {rs} (only null is supported)")));
         }
-        if bool_of("use_sliding_window", get("use_sliding_window"))?.unwrap_or(false) {
-            return Err(cfg("use_sliding_window: true is not supported"));
-        }
-        // Only read when use_sliding_window is true, which is rejected above.
-        get("sliding_window");
+        let use_sliding_window = bool_of("use_sliding_window", get("use_sliding_window"))?.unwrap_or(false);
+        let window = usize_of("sliding_window", get("sliding_window"))?;
+        let max_window_layers = usize_of("max_window_layers", get("max_window_layers"))?;
         if let Some(tp) = usize_of("pretraining_tp", get("pretraining_tp"))? {
             if tp != 1 {
                 return Err(cfg(format!("pretraining_tp {tp} (only 1 is supported)")));
@@ -218,12 +218,7 @@ impl ModelConfig {
         if bool_of("rope_interleaved", get("rope_interleaved"))?.unwrap_or(false) {
             return Err(cfg("rope_interleaved: true is not supported"));
         }
-        if let Some(types) = get("layer_types") {
-            let all_full = types.as_array().is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")));
-            if !all_full {
-                return Err(cfg(format!("layer_types {types} (only full_attention is supported)")));
-            }
-        }
+        let layer_types = get("layer_types").cloned();
         let attention_bias = bool_of("attention_bias", get("attention_bias"))?.unwrap_or(false);
         let mlp_bias = bool_of("mlp_bias", get("mlp_bias"))?.unwrap_or(false);
         let (qkv_bias, o_bias, qk_norm) = match arch {
@@ -238,6 +233,38 @@ impl ModelConfig {
             return Err(cfg("mlp_bias is only defined for LlamaForCausalLM"));
         }
         let num_layers = req("num_hidden_layers", usize_of("num_hidden_layers", get("num_hidden_layers"))?)?;
+        // Sliding-window layers, as transformers reads Qwen2/Qwen3 configs: `layer_types` where
+        // given, else with `use_sliding_window` the layers from `max_window_layers` on (28 when
+        // unset, transformers' default).
+        let sliding = |w: Option<usize>| -> Result<usize> {
+            match w {
+                Some(w) if w > 0 => Ok(w),
+                Some(_) => Err(cfg("sliding_window must be positive")),
+                None => Err(cfg("sliding-window layers need \"sliding_window\"")),
+            }
+        };
+        let sliding_window: Vec<Option<usize>> = match &layer_types {
+            Some(types) => {
+                let list = types.as_array().filter(|a| a.len() == num_layers).ok_or_else(|| {
+                    cfg(format!("layer_types must list one type for each of {num_layers} layers, got {types}"))
+                })?;
+                list.iter()
+                    .map(|t| match t.as_str() {
+                        Some("full_attention") => Ok(None),
+                        Some("sliding_attention") => sliding(window).map(Some),
+                        _ => Err(cfg(format!(
+                            "layer_types entry {t} (expected \"full_attention\" or \"sliding_attention\")"
+                        ))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None if use_sliding_window => {
+                let w = sliding(window)?;
+                let from = max_window_layers.unwrap_or(28);
+                (0..num_layers).map(|i| (i >= from).then_some(w)).collect()
+            }
+            None => vec![None; num_layers],
+        };
         let (moe, mla, num_nextn_predict_layers, head_dim, rope_layout) = match arch {
             Arch::Qwen3 | Arch::Qwen2 | Arch::Llama => (None, None, 0, head_dim, RopeLayout::SplitHalves),
             Arch::Qwen3Moe => {
@@ -390,6 +417,7 @@ impl ModelConfig {
             moe,
             mla,
             num_nextn_predict_layers,
+            sliding_window,
         };
         if let Some(key) = obj.keys().find(|k| !used.contains(&k.as_str())) {
             if key == "quantization_config" {
@@ -489,6 +517,7 @@ impl ModelConfig {
             moe,
             mla: None,
             num_nextn_predict_layers: 0,
+            sliding_window: vec![None; num_layers],
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -587,6 +616,7 @@ impl ModelConfig {
                 latent_norm_eps: rms_norm_eps,
             }),
             num_nextn_predict_layers: nextn,
+            sliding_window: vec![None; num_layers],
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -604,6 +634,9 @@ impl ModelConfig {
         ];
         if let Some((k, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(cfg(format!("{k} must be positive")));
+        }
+        if self.mla.is_some() && self.sliding_window.iter().any(Option::is_some) {
+            return Err(cfg("sliding-window layers with multi-head latent attention are not supported"));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(cfg(format!(

@@ -95,10 +95,17 @@ fn unknown_architecture_and_config_values() {
     s.edit_config(|c| {
         c["rope_scaling"] = serde_json::Value::Null;
         c["use_sliding_window"] = true.into();
+        c["sliding_window"] = serde_json::Value::Null;
     });
-    assert_mentions(&load_err(&s.0), &["use_sliding_window"]);
+    // Sliding-window layers without a window.
+    assert_mentions(&load_err(&s.0), &["config.json", "sliding_window"]);
     s.edit_config(|c| {
         c["use_sliding_window"] = false.into();
+        c["layer_types"] = serde_json::json!(["full_attention", "chunked_attention"]);
+    });
+    assert_mentions(&load_err(&s.0), &["layer_types", "chunked_attention"]);
+    s.edit_config(|c| {
+        c["layer_types"] = serde_json::Value::Null;
         c["some_new_knob"] = 3.into();
     });
     assert_mentions(&load_err(&s.0), &["unknown config key", "some_new_knob"]);

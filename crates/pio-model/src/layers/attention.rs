@@ -203,6 +203,8 @@ pub struct Attention {
     pub rope_layout: RopeLayout,
     /// `[head_dim / 2]` RoPE inverse frequencies.
     pub inv_freq: Vec<f32>,
+    /// A sliding window: each position sees itself and the `w - 1` before it (`None`: all).
+    pub window: Option<usize>,
 }
 
 impl Attention {
@@ -275,7 +277,7 @@ impl Attention {
             .positions
             .iter()
             .zip(&batch.seq_indices)
-            .map(|(&pos, &s)| QueryContext { block_table: &batch.block_tables[s], context_len: pos + 1 })
+            .map(|(&pos, &s)| QueryContext::windowed(&batch.block_tables[s], pos + 1, self.window))
             .collect()
     }
 

@@ -194,7 +194,7 @@ impl LatentAttention {
             .positions
             .iter()
             .zip(&batch.seq_indices)
-            .map(|(&pos, &s)| QueryContext { block_table: &batch.block_tables[s], context_len: pos + 1 })
+            .map(|(&pos, &s)| QueryContext::causal(&batch.block_tables[s], pos + 1))
             .collect();
         let mut latent_out = vec![0f32; n * nh * r];
         let block_size = cache.block_size;

@@ -261,6 +261,7 @@ impl SelfAttention {
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 rope_layout: c.rope_layout,
                 inv_freq: ops::rope_inv_freq(c.rope_theta, c.head_dim),
+                window: c.sliding_window.get(layer).copied().flatten(),
             },
         })
     }
