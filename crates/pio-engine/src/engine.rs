@@ -61,7 +61,12 @@ impl EngineConfig {
                 "a KV cache of {kv_cache_bytes} bytes holds no block of {block_size} tokens ({per_block} bytes)"
             )));
         }
-        let max_model_len = max_model_len.min(model.shape().max_position_embeddings).min(num_blocks * block_size);
+        let max_model_len = max_model_len.min(model.shape().max_position_embeddings);
+        // Sliding windows everywhere: the cache needs to hold the window, not the context.
+        let max_model_len = match model.attention_window() {
+            Some(_) => max_model_len,
+            None => max_model_len.min(num_blocks * block_size),
+        };
         Ok(EngineConfig {
             block_size,
             num_blocks,
@@ -227,15 +232,23 @@ impl<'m> Engine<'m> {
         if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_num_seqs == 0 || cfg.max_batch_tokens == 0 {
             return Err(EngineError::Invalid(format!("engine sizes must be positive: {cfg:?}")));
         }
-        if cfg.max_model_len == 0 || cfg.max_model_len > cfg.block_size * cfg.num_blocks {
+        // A model whose every layer has a sliding window keeps only the window's blocks (and a
+        // forward's worth), so its sequences may outgrow the cache.
+        let window = model.attention_window();
+        let holds = cfg.block_size * cfg.num_blocks;
+        let needs = match window {
+            Some(w) => cfg.max_model_len.min(w + cfg.max_batch_tokens + 2 * cfg.block_size),
+            None => cfg.max_model_len,
+        };
+        if cfg.max_model_len == 0 || needs > holds {
             return Err(EngineError::Invalid(format!(
-                "max_model_len {} must be in 1..={} (what the KV cache holds)",
+                "max_model_len {} must be in 1..={holds} (what the KV cache holds{})",
                 cfg.max_model_len,
-                cfg.block_size * cfg.num_blocks
+                if window.is_some() { ", beyond a sliding window and a forward's tokens" } else { "" }
             )));
         }
         let sched = Scheduler::new(
-            SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens },
+            SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens, window },
             KvCacheManager::new(cfg.block_size, cfg.num_blocks, cfg.prefix_caching),
         );
         let metrics = Arc::new(Metrics::default());

@@ -15,6 +15,9 @@ pub type SeqId = u64;
 #[derive(Debug, Default)]
 struct SeqBlocks {
     blocks: Vec<u32>,
+    /// Leading blocks already returned to the pool (behind a sliding window): their entries
+    /// stay in `blocks`, so positions still index the table, but are never read again.
+    released: usize,
     /// Hashes of the sequence's first `hashes.len()` full blocks (those already cached or hit).
     hashes: Vec<BlockHash>,
 }
@@ -131,8 +134,24 @@ impl KvCacheManager {
     /// Gives back every block of `id` (cached ones stay findable until evicted).
     pub fn free(&mut self, id: SeqId) {
         if let Some(s) = self.seqs.remove(&id) {
-            self.pool.free(s.blocks.into_iter().rev());
+            self.pool.free(s.blocks.into_iter().skip(s.released).rev());
         }
+    }
+
+    /// Returns to the pool the blocks of `id` that lie wholly before position `pos` (nothing
+    /// will read them again: they are behind every layer's window).
+    pub fn release_before(&mut self, id: SeqId, pos: usize) {
+        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let upto = (pos / self.block_size).min(s.blocks.len());
+        if upto > s.released {
+            self.pool.free(s.blocks[s.released..upto].iter().rev().copied());
+            s.released = upto;
+        }
+    }
+
+    /// Blocks `id` holds in the pool (not counting released ones).
+    pub fn resident_blocks(&self, id: SeqId) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.blocks.len() - s.released)
     }
 }
 

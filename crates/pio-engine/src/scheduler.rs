@@ -23,6 +23,9 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Most tokens in one forward.
     pub max_batch_tokens: usize,
+    /// The model's attention reach ([`pio_model::CausalLm::attention_window`]): blocks wholly
+    /// behind it are returned to the pool as a sequence advances.
+    pub window: Option<usize>,
 }
 
 /// A sequence as the scheduler sees it.
@@ -212,6 +215,11 @@ impl Scheduler {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.num_computed_tokens = s.start + s.num_tokens;
                 self.kv.cache_computed(s.id, &seq.token_ids, seq.num_computed_tokens);
+                if let Some(w) = self.cfg.window {
+                    // The next token (position `num_computed_tokens`) sees from `+ 1 - w` on.
+                    let first_seen = (seq.num_computed_tokens + 1).saturating_sub(w);
+                    self.kv.release_before(s.id, first_seen);
+                }
             }
         }
     }
@@ -239,7 +247,7 @@ mod tests {
 
     fn sched(max_num_seqs: usize, max_batch_tokens: usize, block_size: usize, blocks: usize) -> Scheduler {
         Scheduler::new(
-            SchedulerConfig { max_num_seqs, max_batch_tokens },
+            SchedulerConfig { max_num_seqs, max_batch_tokens, window: None },
             KvCacheManager::new(block_size, blocks, true),
         )
     }

@@ -211,3 +211,67 @@ fn the_handle_streams_and_frees_blocks_of_dropped_requests() {
     let handle = EngineHandle::spawn(model, None, config(64, 64), 0).expect("spawn");
     assert!(matches!(handle.submit(prompt(3, 0), greedy(1)), Err(EngineError::QueueFull(_))));
 }
+
+/// A model whose every layer has a sliding window (the qwen2-swa fixture with
+/// `max_window_layers: 0`: window 8 everywhere) generates past what its cache holds: blocks
+/// behind the window go back to the pool, and the tokens are those of a plain forward over the
+/// whole sequence, which never releases anything.
+#[test]
+fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
+    use pio_engine::runner::{Logits, Runner, Sequence};
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/qwen2-swa");
+    let dir = std::env::temp_dir().join(format!("pio-swa-all-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for f in ["model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+    }
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).expect("read")).expect("json");
+    json["max_window_layers"] = 0.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).expect("write config");
+    let loaded = pio_model::load(&dir, &mut |_, _| {}).expect("loads");
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = loaded.model.as_ref();
+    assert_eq!(model.attention_window(), Some(8));
+
+    let (prompt, new) = (prompt(20, 5), 60);
+    // The reference: a runner with room for everything, greedy, one token at a time.
+    let mut runner = Runner::with_capacity(model, 128);
+    let mut seq = Sequence::new(prompt.clone());
+    let mut want = Vec::new();
+    for _ in 0..new {
+        let logits = runner.step(&mut [&mut seq], Logits::Last).expect("forward").remove(0);
+        let t = pio_engine::sampler::argmax(&logits);
+        want.push(t);
+        seq.token_ids.push(t);
+    }
+
+    // 10 blocks of 4 tokens: 40 positions, for a sequence of 80.
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 10,
+        max_num_seqs: 2,
+        max_batch_tokens: 8,
+        max_model_len: 200,
+        prefix_caching: true,
+        kv_cache_type: Default::default(),
+    };
+    let mut engine = Engine::new(model, None, cfg).expect("engine");
+    let params = RequestParams { max_tokens: Some(new), ignore_eos: true, ..Default::default() };
+    let id = engine.add_request(prompt.clone(), params).expect("request");
+    let (mut got, mut most): (Vec<u32>, usize) = (Vec::new(), 0);
+    while engine.has_work() {
+        for o in engine.step().expect("step") {
+            assert_eq!(o.id, id);
+            got.extend(&o.token_ids);
+        }
+        most = most.max(engine.metrics().kv_blocks_used.load(Ordering::Relaxed));
+    }
+    assert_eq!(got, want, "the same greedy tokens as the full forward");
+    // The window (8) plus a forward's tokens (8) and a block either side.
+    assert!((3..=6).contains(&most), "3 to 6 of 10 blocks held at once, got {most}");
+
+    // Without the window the same cache is too small for such a request.
+    let plain = model_of("qwen2");
+    assert!(Engine::new(plain.model.as_ref(), None, cfg).is_err());
+}

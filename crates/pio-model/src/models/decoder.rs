@@ -300,6 +300,14 @@ impl CausalLm for DecoderModel {
         }
     }
 
+    fn attention_window(&self) -> Option<usize> {
+        let w = &self.config.sliding_window;
+        if w.is_empty() || w.iter().any(Option::is_none) {
+            return None;
+        }
+        w.iter().copied().flatten().max()
+    }
+
     fn check_kv_cache_type(&self, types: KvCacheType) -> std::result::Result<(), String> {
         match &self.config.mla {
             None => types.check(self.config.head_dim),

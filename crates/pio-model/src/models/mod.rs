@@ -44,6 +44,13 @@ pub trait CausalLm: Send + Sync {
         types.check(self.shape().head_dim)
     }
 
+    /// How far back any layer attends: `Some(w)` when every layer has a sliding window (the
+    /// largest), so positions more than `w` behind the newest are never read again; `None`
+    /// when some layer sees the whole context.
+    fn attention_window(&self) -> Option<usize> {
+        None
+    }
+
     /// What the mixture-of-experts layers did since load (`None`: the model has none).
     fn moe_stats(&self) -> Option<MoeStats> {
         None
