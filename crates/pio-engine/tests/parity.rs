@@ -315,3 +315,59 @@ fn sliding_window_layers_are_read_and_matter() {
     assert!(diff(0..8) <= 1e-4, "the first 8 positions see the same either way");
     assert!(diff(8..ids.len()) > 1e-2, "full attention must differ once the window slides");
 }
+
+/// Multi-head latent attention over a block-format latent cache (rows rotated and anchored as
+/// standard keys are): a random GLM-style model with a latent row of 96 values (64 + 32, so
+/// q8_0 and q4_0 fit) gives logits close to its f32 cache's.
+#[test]
+fn block_format_latent_caches_stay_close_to_f32() {
+    let src = fixture("glm4_moe_lite");
+    let dir = std::env::temp_dir().join(format!("pio-mla-q8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).expect("read")).expect("json");
+    json["kv_lora_rank"] = 64.into();
+    json["qk_rope_head_dim"] = 32.into();
+    let config = dir.join("config.json");
+    std::fs::write(&config, json.to_string()).expect("write config");
+    let out = dir.join("model");
+    pio_model::synth::write_random_checkpoint(&config, None, &out, pio_kernels::DType::F32, 7).expect("synth");
+    let loaded = load(&out);
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = loaded.model.as_ref();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 200).collect();
+    let logits = |t: KvCacheType| {
+        let mut runner = Runner::with_capacity(model, 64);
+        let cache = runner.cache_mut();
+        *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, t);
+        let mut seq = Sequence::new(ids.clone());
+        runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0)
+    };
+    let want = logits(KvCacheType::both(KvCacheDtype::F32));
+    let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    // Per position; the router of this MoE model can flip an expert choice on a small change,
+    // which moves that one position's logits a lot: most positions must stay within the bound.
+    let vocab = want.len() / ids.len();
+    // (q4_0's coarser rows flip more: three quarters.) A latent part left rotated, or rows and
+    // queries rotated differently, moves every position.
+    for (t, bound, share) in
+        [(KvCacheDtype::BF16, 0.01, 0.9), (KvCacheDtype::Q8_0, 0.03, 0.9), (KvCacheDtype::Q4_0, 0.3, 0.75)]
+    {
+        let t = KvCacheType::both(t);
+        assert!(model.check_kv_cache_type(t).is_ok(), "{t} fits a row of 96");
+        let got = logits(t);
+        let within = (0..ids.len())
+            .filter(|&p| {
+                let (g, w) = (&got[p * vocab..(p + 1) * vocab], &want[p * vocab..(p + 1) * vocab]);
+                g.iter().zip(w).all(|(a, b)| (a - b).abs() <= bound * max_ref)
+            })
+            .count();
+        assert!(
+            within as f64 >= share * ids.len() as f64,
+            "{t}: only {within} of {} positions within the bound",
+            ids.len()
+        );
+    }
+    // Keys and values of one latent row cannot differ in type.
+    assert!(model.check_kv_cache_type(KvCacheType { k: KvCacheDtype::Q8_0, v: KvCacheDtype::F16 }).is_err());
+}

@@ -517,7 +517,7 @@ impl CodedKv<'_> {
 
 /// `dst` = the row `src` of `t` decoded, plus `anchor` (f16 bits) where given: as
 /// [`crate::quant::dequantize_row`] then an f32 add, bitwise, at every level.
-fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+pub(crate) fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
     let n = dst.len();
     assert!(src.len() == t.row_bytes(n) && anchor.is_none_or(|a| a.len() == n), "row sizes");
     match (level, t) {

@@ -27,7 +27,9 @@
 //! batch it is in, so a token's output is bitwise the same alone, batched, or in any prefill
 //! chunking (at a given SIMD level and cache element type).
 
-use crate::attention::{KvElem, QueryContext};
+use half::f16;
+
+use crate::attention::{KvCacheDtype, KvElem, QueryContext};
 use crate::cpu::{self, SimdLevel};
 use crate::parallel::{self, SharedOut};
 
@@ -75,14 +77,143 @@ impl<T: KvElem> LatentKvMut<'_, T> {
     }
 }
 
+/// What the latent kernel reads a layer's cache through: rows of a chunk, as f32.
+pub trait LatentSource: Copy + Send + Sync {
+    fn block_size(&self) -> usize;
+    fn width(&self) -> usize;
+    /// Blocks the cache holds (panics unless its buffers are whole blocks).
+    fn num_blocks(&self) -> usize;
+    /// Positions `p0..p0 + n` of the sequence whose blocks are `table`, as f32 rows
+    /// `[n, width]`: in place where the cache holds them so, else decoded into `buf`.
+    fn rows<'s>(&'s self, level: SimdLevel, table: &[u32], p0: usize, n: usize, buf: &'s mut Vec<f32>) -> &'s [f32];
+}
+
+impl<T: KvElem> LatentSource for LatentKv<'_, T> {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn num_blocks(&self) -> usize {
+        let whole = self.block_size * self.width.max(1);
+        assert!(self.block_size > 0 && self.data.len().is_multiple_of(whole), "the cache must be whole blocks");
+        self.data.len() / whole
+    }
+    fn rows<'s>(&'s self, level: SimdLevel, table: &[u32], p0: usize, n: usize, buf: &'s mut Vec<f32>) -> &'s [f32] {
+        chunk_rows(level, *self, table, p0, n, buf)
+    }
+}
+
+/// One layer's latent cache as encoded rows of any [`KvCacheDtype`] (`[num_blocks *
+/// block_size]` rows of `row_bytes(width)`), borrowed for reading. Block-format rows are
+/// differences from the block's anchor, its first row in f16 (`anchors`, `[num_blocks,
+/// width]`), as [`crate::attention::CodedKv`]'s keys.
+#[derive(Debug, Clone, Copy)]
+pub struct CodedLatentKv<'a> {
+    pub data: &'a [u8],
+    /// f16 bits; empty unless `dtype` is a block format.
+    pub anchors: &'a [u16],
+    pub dtype: KvCacheDtype,
+    pub block_size: usize,
+    pub width: usize,
+}
+
+/// [`CodedLatentKv`] borrowed for writing.
+#[derive(Debug)]
+pub struct CodedLatentKvMut<'a> {
+    pub data: &'a mut [u8],
+    pub anchors: &'a mut [u16],
+    pub dtype: KvCacheDtype,
+    pub block_size: usize,
+    pub width: usize,
+}
+
+impl CodedLatentKvMut<'_> {
+    /// Encodes row `t` of `rows` (`[slots.len(), width]`) into slot `slots[t]`.
+    pub fn write(&mut self, slots: &[usize], rows: &[f32]) {
+        let (w, bs) = (self.width, self.block_size);
+        assert_eq!(rows.len(), slots.len() * w, "rows are [slots, width]");
+        let rb = self.dtype.row_bytes(w);
+        let mut diff = vec![0f32; w];
+        for (src, &slot) in rows.chunks_exact(w.max(1)).zip(slots) {
+            let dst = &mut self.data[slot * rb..(slot + 1) * rb];
+            if self.dtype.is_quantized() {
+                let anchor = &mut self.anchors[slot / bs * w..][..w];
+                if slot % bs == 0 {
+                    for (a, &x) in anchor.iter_mut().zip(src) {
+                        *a = f16::from_f32(x).to_bits();
+                    }
+                }
+                for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor.iter()) {
+                    *d = x - f16::from_bits(a).to_f32();
+                }
+                crate::quant::quantize_row(self.dtype.dtype(), &diff, dst);
+            } else {
+                crate::quant::quantize_row(self.dtype.dtype(), src, dst);
+            }
+        }
+    }
+
+    pub fn view(&self) -> CodedLatentKv<'_> {
+        CodedLatentKv {
+            data: self.data,
+            anchors: self.anchors,
+            dtype: self.dtype,
+            block_size: self.block_size,
+            width: self.width,
+        }
+    }
+}
+
+impl CodedLatentKv<'_> {
+    /// The row stored in `slot`, decoded.
+    pub fn read(&self, level: SimdLevel, slot: usize, out: &mut [f32]) {
+        let (w, rb) = (self.width, self.dtype.row_bytes(self.width));
+        let anchor = self.dtype.is_quantized().then(|| &self.anchors[slot / self.block_size * w..][..w]);
+        crate::attention::decode_row(level, self.dtype, &self.data[slot * rb..(slot + 1) * rb], anchor, out);
+    }
+}
+
+impl LatentSource for CodedLatentKv<'_> {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn num_blocks(&self) -> usize {
+        let rb = self.dtype.row_bytes(self.width);
+        let whole = self.block_size * rb.max(1);
+        assert!(
+            self.block_size > 0
+                && self.dtype.fits(self.width)
+                && self.data.len().is_multiple_of(whole)
+                && self.anchors.len()
+                    == if self.dtype.is_quantized() { self.data.len() / whole * self.width } else { 0 },
+            "the cache must be whole blocks, with an anchor row per block for block formats"
+        );
+        self.data.len() / whole
+    }
+    fn rows<'s>(&'s self, level: SimdLevel, table: &[u32], p0: usize, n: usize, buf: &'s mut Vec<f32>) -> &'s [f32] {
+        let (w, bs) = (self.width, self.block_size);
+        buf.resize(CHUNK * w, 0.0);
+        for j in 0..n {
+            let p = p0 + j;
+            self.read(level, table[p / bs] as usize * bs + p % bs, &mut buf[j * w..(j + 1) * w]);
+        }
+        &buf[..n * w]
+    }
+}
+
 /// `out[t, h, :] = sum_p softmax_p(scale * q[t, h] · c_p) c_p[..value_width]` over the positions
 /// `p < queries[t].context_len` of token `t`'s sequence, `c_p` its cached row (all heads share
 /// it). `q` is `[tokens, num_heads, width]`, `out` `[tokens, num_heads, value_width]` (fully
 /// overwritten), `value_width <= width`. A token with an empty context gets zeros.
-pub fn latent_attention<T: KvElem>(
+pub fn latent_attention<S: LatentSource>(
     q: &[f32],
     num_heads: usize,
-    cache: LatentKv<'_, T>,
+    cache: S,
     queries: &[QueryContext<'_>],
     value_width: usize,
     scale: f32,
@@ -93,22 +224,21 @@ pub fn latent_attention<T: KvElem>(
 
 /// [`latent_attention`] at an explicit SIMD level (tests and benchmarks).
 #[allow(clippy::too_many_arguments)]
-pub fn latent_attention_at<T: KvElem>(
+pub fn latent_attention_at<S: LatentSource>(
     level: SimdLevel,
     q: &[f32],
     num_heads: usize,
-    cache: LatentKv<'_, T>,
+    cache: S,
     queries: &[QueryContext<'_>],
     value_width: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    let (w, vw, bs) = (cache.width, value_width, cache.block_size);
+    let (w, vw, bs) = (cache.width(), value_width, cache.block_size());
     assert!(vw <= w, "value width {vw} exceeds the row width {w}");
     assert_eq!(q.len(), queries.len() * num_heads * w, "q is [tokens, heads, width]");
     assert_eq!(out.len(), queries.len() * num_heads * vw, "out is [tokens, heads, value width]");
-    assert!(bs > 0 && cache.data.len().is_multiple_of(bs * w.max(1)), "the cache must be whole blocks");
-    let num_blocks = cache.data.len() / (bs * w.max(1));
+    let num_blocks = cache.num_blocks();
     for ctx in queries {
         assert_eq!(ctx.start, 0, "latent attention has no sliding windows");
         let used = ctx.context_len.div_ceil(bs);
@@ -153,7 +283,7 @@ pub fn latent_attention_at<T: KvElem>(
             // `latent_attention_at`, which outlives `for_each_range`.
             let o = unsafe { std::slice::from_raw_parts_mut(shared.0.add(at), len) };
             let qg = &q[row * w..(row + nh) * w];
-            attend(level, qg, nh, cache, queries[t], vw, scale, &mut scratch, o);
+            attend(level, qg, nh, &cache, queries[t], vw, scale, &mut scratch, o);
         }
     });
 }
@@ -176,18 +306,18 @@ struct Scratch {
 /// One item: `heads` query rows `q` (`[heads, width]`) of one token against its context,
 /// written normalised to `o` (`[heads, vw]`).
 #[allow(clippy::too_many_arguments)]
-fn attend<T: KvElem>(
+fn attend<S: LatentSource>(
     level: SimdLevel,
     q: &[f32],
     heads: usize,
-    cache: LatentKv<'_, T>,
+    cache: &S,
     ctx: QueryContext<'_>,
     vw: usize,
     scale: f32,
     scratch: &mut Scratch,
     o: &mut [f32],
 ) {
-    let w = cache.width;
+    let w = cache.width();
     let Scratch { c, s, m, l, corr } = scratch;
     o.fill(0.0);
     if ctx.context_len == 0 {
@@ -201,7 +331,7 @@ fn attend<T: KvElem>(
     let mut p0 = 0;
     while p0 < ctx.context_len {
         let n = (ctx.context_len - p0).min(CHUNK);
-        let rows = chunk_rows(level, cache, ctx.block_table, p0, n, c);
+        let rows = cache.rows(level, ctx.block_table, p0, n, c);
         scores(level, q, heads, rows, w, n, scale, s);
         softmax_step(level, s, heads, n, m, l, corr);
         accumulate(level, s, corr, heads, rows, w, n, o, vw);
@@ -858,6 +988,51 @@ mod tests {
                         );
                         assert!(bits_equal(&one, &out[t * orow..(t + 1) * orow]), "{what}: query {t} alone differs");
                     }
+                }
+            }
+        }
+    }
+
+    /// A coded latent cache of every type gives the same bits as an f32 cache of its decoded
+    /// rows, at every level, and decodes to what was written within the codec's precision.
+    #[test]
+    fn coded_latent_caches_match_an_f32_cache_of_their_decoded_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for (heads, w, vw, bs) in [(4, 96, 64, 16), (3, 64, 32, 5)] {
+            let lens = [1usize, 21, 40];
+            let c = Case::<f32>::new(&mut rng, &lens, bs, w);
+            let blocks = c.data.len() / (bs * w);
+            for dtype in KvCacheDtype::ALL {
+                let mut data = vec![0u8; blocks * bs * dtype.row_bytes(w)];
+                let mut anchors = vec![0u16; if dtype.is_quantized() { blocks * w } else { 0 }];
+                let mut coded =
+                    CodedLatentKvMut { data: &mut data, anchors: &mut anchors, dtype, block_size: bs, width: w };
+                for (s, &len) in lens.iter().enumerate() {
+                    for (p, row) in c.rows(s, len).iter().enumerate() {
+                        coded.write(&[c.slot(s, p)], row);
+                    }
+                }
+                let mut dec = c.data.clone();
+                let err = if dtype == KvCacheDtype::Q4_0 { 0.6 } else { 0.05 };
+                for (s, &len) in lens.iter().enumerate() {
+                    for (p, row) in c.rows(s, len).iter().enumerate() {
+                        let slot = c.slot(s, p);
+                        let mut back = vec![0f32; w];
+                        coded.view().read(SimdLevel::Scalar, slot, &mut back);
+                        assert!(back.iter().zip(row).all(|(a, b)| (a - b).abs() <= err), "{dtype}: decoded row");
+                        dec[slot * w..(slot + 1) * w].copy_from_slice(&back);
+                    }
+                }
+                let f32_kv = LatentKv { data: &dec[..], block_size: bs, width: w };
+                let ctxs: Vec<QueryContext> =
+                    lens.iter().enumerate().map(|(s, &len)| QueryContext::causal(&c.tables[s], len)).collect();
+                let q: Vec<f32> = (0..ctxs.len() * heads * w).map(|_| rng.random_range(-1.0..1.0)).collect();
+                for level in SimdLevel::available() {
+                    let mut want = vec![0f32; ctxs.len() * heads * vw];
+                    latent_attention_at(level, &q, heads, f32_kv, &ctxs, vw, 0.125, &mut want);
+                    let mut got = vec![0f32; want.len()];
+                    latent_attention_at(level, &q, heads, coded.view(), &ctxs, vw, 0.125, &mut got);
+                    assert!(bits_equal(&got, &want), "{dtype} {level:?}: differs from the decoded f32 cache");
                 }
             }
         }

@@ -235,11 +235,17 @@ pub fn hadamard_block(n: usize) -> usize {
 /// A fast transform: `len · log2(len)` additions per block. Rounding differs from the exact
 /// rotation only by f32 rounding, the same for every row, so batch invariance holds.
 pub fn hadamard_rows(x: &mut [f32], n: usize) {
-    let len = hadamard_block(n);
+    assert!(x.len().is_multiple_of(n.max(1)), "rows of {n} values");
+    hadamard_blocks(x, hadamard_block(n))
+}
+
+/// [`hadamard_rows`] over consecutive blocks of `len` values (a power of two dividing
+/// `x.len()`).
+pub fn hadamard_blocks(x: &mut [f32], len: usize) {
     if len < 2 {
         return;
     }
-    assert!(x.len().is_multiple_of(n), "rows of {n} values");
+    assert!(len.is_power_of_two() && x.len().is_multiple_of(len), "blocks of {len} values");
     let norm = 1.0 / (len as f32).sqrt();
     for blk in x.chunks_exact_mut(len) {
         let mut h = 1;

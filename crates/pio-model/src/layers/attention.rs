@@ -27,6 +27,7 @@ pub struct KvCache {
 pub(crate) enum LatentLayerMut<'a> {
     F32(&'a mut [f32]),
     F16(&'a mut [f16]),
+    Coded { data: &'a mut [u8], anchors: &'a mut [u16], dtype: KvCacheDtype },
 }
 
 /// Per layer: keys and values, `num_blocks * block_size * num_kv_heads * head_dim` each (f32
@@ -79,9 +80,9 @@ impl KvCache {
     }
 
     /// A cache for multi-head latent attention: per layer and token one row of `width` values
-    /// (the compressed K/V latent and the rotated shared key part), stored once for all heads.
-    /// `num_kv_heads` is 1 and `head_dim` is `width`. Only f32 and f16 so far (panics
-    /// otherwise; [`KvCache::latent_supports`]).
+    /// (the compressed K/V latent and the rotated shared key part), stored once for all heads,
+    /// as `dtype` (block formats with an anchor row per block, as keys are). `num_kv_heads` is
+    /// 1 and `head_dim` is `width`. Panics where [`KvCache::latent_supports`] says no.
     pub fn new_latent(
         num_layers: usize,
         width: usize,
@@ -92,29 +93,41 @@ impl KvCache {
         fn layers<T: KvElem>(num_layers: usize, len: usize) -> Vec<(Vec<T>, Vec<T>)> {
             (0..num_layers).map(|_| (T::zeros(len), Vec::new())).collect()
         }
+        if let Err(e) = KvCache::latent_supports(KvCacheType::both(dtype), width) {
+            panic!("{e}");
+        }
         let len = num_blocks * block_size * width;
         let layers = match dtype {
             KvCacheDtype::F32 => KvLayers::F32(layers(num_layers, len)),
             KvCacheDtype::F16 => KvLayers::F16(layers(num_layers, len)),
-            other => panic!("a latent cache cannot be stored as {other} yet"),
+            _ => {
+                let bytes = num_blocks * block_size * dtype.row_bytes(width);
+                let a = if dtype.is_quantized() { num_blocks * width } else { 0 };
+                let layer = || CodedLayer { k: vec![0u8; bytes], v: Vec::new(), anchors: vec![0u16; a] };
+                KvLayers::Coded { types: KvCacheType::both(dtype), layers: (0..num_layers).map(|_| layer()).collect() }
+            }
         };
         KvCache { block_size, num_blocks, num_kv_heads: 1, head_dim: width, latent: true, layers }
     }
 
-    /// Whether a latent cache can be stored as `types` (one type for its single row: f32 or f16).
-    pub fn latent_supports(types: KvCacheType) -> Result<(), String> {
-        match (types.k, types.v) {
-            (KvCacheDtype::F32, KvCacheDtype::F32) | (KvCacheDtype::F16, KvCacheDtype::F16) => Ok(()),
-            _ => Err(format!(
+    /// Whether a latent cache of rows of `width` can be stored as `types`: one type for its
+    /// single row (keys and values alike), which must fit the row.
+    pub fn latent_supports(types: KvCacheType, width: usize) -> Result<(), String> {
+        if types.k != types.v {
+            return Err(format!(
                 "--cache-type-k/--cache-type-v {types}: this model's multi-head latent attention cache \
-                 holds f32 or f16 only so far (one type for keys and values)"
-            )),
+                 holds one row per token for keys and values alike; give them one type"
+            ));
         }
+        types.check(width).map_err(|e| format!("{e} (the latent row of this model's multi-head latent attention)"))
     }
 
-    /// Bytes one token occupies across all layers of a latent cache of `width`.
+    /// Bytes one token occupies across all layers of a latent cache of `width` (block formats'
+    /// anchors counted for blocks of [`pio_kernels::attention::ANCHOR_BLOCK`]).
     pub fn latent_bytes_per_token(num_layers: usize, width: usize, dtype: KvCacheDtype) -> usize {
-        num_layers * dtype.row_bytes(width)
+        const B: usize = pio_kernels::attention::ANCHOR_BLOCK;
+        let anchors = if dtype.is_quantized() { 2 * width } else { 0 };
+        num_layers * (B * dtype.row_bytes(width) + anchors).div_ceil(B)
     }
 
     pub fn is_latent(&self) -> bool {
@@ -134,7 +147,10 @@ impl KvCache {
         match &mut self.layers {
             KvLayers::F32(l) => LatentLayerMut::F32(&mut l[layer].0),
             KvLayers::F16(l) => LatentLayerMut::F16(&mut l[layer].0),
-            KvLayers::Coded { .. } => unreachable!("latent caches are f32 or f16"),
+            KvLayers::Coded { types, layers } => {
+                let l = &mut layers[layer];
+                LatentLayerMut::Coded { data: &mut l.k, anchors: &mut l.anchors, dtype: types.k }
+            }
         }
     }
 

@@ -20,7 +20,7 @@
 //! `1/sqrt(nope + rope)`. Prefill and decode both take this path.
 
 use pio_kernels::attention::QueryContext;
-use pio_kernels::mla::{latent_attention, LatentKvMut};
+use pio_kernels::mla::{latent_attention, CodedLatentKvMut, LatentKvMut};
 use pio_kernels::ops::{self, RopeLayout};
 use pio_kernels::{quant, DType};
 
@@ -199,6 +199,23 @@ impl LatentAttention {
         let mut latent_out = vec![0f32; n * nh * r];
         let block_size = cache.block_size;
         match cache.latent_layer_mut(self.layer) {
+            LatentLayerMut::Coded { data, anchors, dtype } => {
+                // As the block-format keys of standard attention: rows and queries rotated alike
+                // (the scores do not change), the latent part of the output rotated back. The
+                // Hadamard blocks divide both the latent and the rotary part.
+                let rotate = dtype.is_quantized();
+                let block = ops::hadamard_block(r).min(ops::hadamard_block(width - r));
+                if rotate {
+                    ops::hadamard_blocks(&mut rows, block);
+                    ops::hadamard_blocks(&mut queries, block);
+                }
+                let mut kv = CodedLatentKvMut { data, anchors, dtype, block_size, width };
+                kv.write(&batch.slot_mapping, &rows);
+                latent_attention(&queries, nh, kv.view(), &contexts, r, self.scale, &mut latent_out);
+                if rotate {
+                    ops::hadamard_blocks(&mut latent_out, block);
+                }
+            }
             LatentLayerMut::F32(data) => {
                 let mut kv = LatentKvMut { data, block_size, width };
                 kv.write(&batch.slot_mapping, &rows);

@@ -311,7 +311,7 @@ impl CausalLm for DecoderModel {
     fn check_kv_cache_type(&self, types: KvCacheType) -> std::result::Result<(), String> {
         match &self.config.mla {
             None => types.check(self.config.head_dim),
-            Some(_) => KvCache::latent_supports(types),
+            Some(m) => KvCache::latent_supports(types, m.cache_width()),
         }
     }
 
