@@ -474,12 +474,12 @@ impl CodedKvMut<'_> {
                     for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor.iter()) {
                         *d = x - f16::from_bits(a).to_f32();
                     }
-                    crate::quant::quantize_row(self.types.k.dtype(), &diff, kdst);
+                    encode_row(self.types.k, &diff, kdst);
                 } else {
-                    crate::quant::quantize_row(self.types.k.dtype(), src, kdst);
+                    encode_row(self.types.k, src, kdst);
                 }
                 let vsrc = &v[t * nkv * hd + g * hd..][..hd];
-                crate::quant::quantize_row(self.types.v.dtype(), vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
+                encode_row(self.types.v, vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
             }
         }
     }
@@ -513,6 +513,69 @@ impl CodedKv<'_> {
         decode_row(level, self.types.k, &self.k[r * krb..(r + 1) * krb], anchor, k);
         decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, v);
     }
+}
+
+/// Encodes a row of `t` for the cache: [`crate::quant::quantize_row`], except that Q4_0 blocks
+/// take the scale of least squared error (searched around the largest value's, each candidate's
+/// levels then refitted) instead of mapping the largest value to -8. Same layout, same decoder;
+/// on Qwen2.5-Coder-0.5B's keys it cuts the q4_0 cache's KL divergence by a third.
+pub(crate) fn encode_row(t: KvCacheDtype, src: &[f32], dst: &mut [u8]) {
+    if t != KvCacheDtype::Q4_0 {
+        return crate::quant::quantize_row(t.dtype(), src, dst);
+    }
+    assert!(src.len().is_multiple_of(32) && dst.len() == t.row_bytes(src.len()), "whole Q4_0 blocks");
+    for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(18)) {
+        let d = q4_0_scale(x);
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let q = |v: f32| ((v * id).round().clamp(-8.0, 7.0) as i32 + 8) as u8;
+        for j in 0..16 {
+            b[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+        }
+    }
+}
+
+/// The f16-representable scale `d` minimising `Σ (x - d·q)²` over levels `q = clamp(round(x /
+/// d), -8, 7)`, among candidates around the largest value mapping to -8 or to 7, each also
+/// refitted by least squares for its levels.
+fn q4_0_scale(x: &[f32]) -> f32 {
+    let m = x.iter().copied().fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+    if m == 0.0 {
+        return 0.0;
+    }
+    let err = |d: f32| -> f32 {
+        let d = f16::from_f32(d).to_f32();
+        if d == 0.0 {
+            return x.iter().map(|v| v * v).sum();
+        }
+        x.iter().map(|&v| (v - d * (v / d).round().clamp(-8.0, 7.0)).powi(2)).sum()
+    };
+    let refit = |d: f32| -> f32 {
+        let (mut xq, mut qq) = (0f32, 0f32);
+        for &v in x {
+            let q = (v / d).round().clamp(-8.0, 7.0);
+            xq += v * q;
+            qq += q * q;
+        }
+        if qq > 0.0 {
+            xq / qq
+        } else {
+            d
+        }
+    };
+    let mut best = (err(m / -8.0), m / -8.0);
+    for base in [m / -8.0, m / 7.0] {
+        for k in 0..=16 {
+            let d = base * (0.6 + 0.025 * k as f32);
+            for d in [d, refit(d)] {
+                let e = err(d);
+                if e < best.0 {
+                    best = (e, d);
+                }
+            }
+        }
+    }
+    f16::from_f32(best.1).to_f32()
 }
 
 /// `dst` = the row `src` of `t` decoded, plus `anchor` (f16 bits) where given: as

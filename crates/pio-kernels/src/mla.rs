@@ -148,9 +148,9 @@ impl CodedLatentKvMut<'_> {
                 for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor.iter()) {
                     *d = x - f16::from_bits(a).to_f32();
                 }
-                crate::quant::quantize_row(self.dtype.dtype(), &diff, dst);
+                crate::attention::encode_row(self.dtype, &diff, dst);
             } else {
-                crate::quant::quantize_row(self.dtype.dtype(), src, dst);
+                crate::attention::encode_row(self.dtype, src, dst);
             }
         }
     }
