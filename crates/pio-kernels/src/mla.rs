@@ -1013,13 +1013,15 @@ mod tests {
                     }
                 }
                 let mut dec = c.data.clone();
-                let err = if dtype == KvCacheDtype::Q4_0 { 0.6 } else { 0.05 };
+                // Root-mean-square error per row: q4_0's least-squares scales may clip a value.
+                let err = if dtype == KvCacheDtype::Q4_0 { 0.3 } else { 0.03 };
                 for (s, &len) in lens.iter().enumerate() {
                     for (p, row) in c.rows(s, len).iter().enumerate() {
                         let slot = c.slot(s, p);
                         let mut back = vec![0f32; w];
                         coded.view().read(SimdLevel::Scalar, slot, &mut back);
-                        assert!(back.iter().zip(row).all(|(a, b)| (a - b).abs() <= err), "{dtype}: decoded row");
+                        let rms = (back.iter().zip(row).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / w as f32).sqrt();
+                        assert!(rms <= err, "{dtype}: decoded row off by {rms} (rms)");
                         dec[slot * w..(slot + 1) * w].copy_from_slice(&back);
                     }
                 }
