@@ -276,7 +276,13 @@ impl Attention {
                     num_kv_heads: self.num_kv_heads,
                     head_dim: self.head_dim,
                 };
-                kv.write(&batch.slot_mapping, k, v);
+                let prev: Vec<Option<usize>> = batch
+                    .positions
+                    .iter()
+                    .zip(&batch.seq_indices)
+                    .map(|(&p, &s)| (p / bs).checked_sub(1).map(|i| batch.block_tables[s][i] as usize))
+                    .collect();
+                kv.write_after(&batch.slot_mapping, &prev, k, v);
                 let mut out = vec![0f32; q.len()];
                 paged_attention(q, self.num_heads, kv.view(), &self.queries(batch), self.scale, &mut out);
                 if types.v.is_quantized() {
