@@ -466,52 +466,37 @@ impl CodedKvMut<'_> {
         );
         let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
         let anchored = self.types.k.is_quantized();
-        let mut diff = vec![0f32; hd];
+        let (mut diff, mut mean, mut key) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]);
         for (t, &slot) in slots.iter().enumerate() {
             let (block, off) = (slot / bs, slot % bs);
             for g in 0..nkv {
                 let row = (block * nkv + g) * bs + off;
                 let src = &k[t * nkv * hd + g * hd..][..hd];
-                if anchored {
-                    let anchor = &mut self.anchors[(block * nkv + g) * hd..][..hd];
+                if !anchored {
+                    encode_row(self.types.k, src, &mut self.k[row * krb..(row + 1) * krb]);
+                } else {
+                    let at = (block * nkv + g) * hd;
                     if off == 0 {
                         match prev.get(t).copied().flatten() {
                             Some(pb) => {
-                                // The previous block's keys, decoded, averaged.
-                                let mut mean = vec![0f32; hd];
-                                let mut row_buf = vec![0f32; hd];
-                                let pa: Vec<u16> = self.anchors[(pb * nkv + g) * hd..][..hd].to_vec();
+                                // The previous block's keys, as stored, averaged.
+                                mean.fill(0.0);
+                                let pa = &self.anchors[(pb * nkv + g) * hd..][..hd];
                                 for o in 0..bs {
                                     let r = (pb * nkv + g) * bs + o;
-                                    crate::quant::dequantize_row(
-                                        self.types.k.dtype(),
-                                        &self.k[r * krb..(r + 1) * krb],
-                                        &mut row_buf,
-                                    );
-                                    for ((m, &x), &a) in mean.iter_mut().zip(&row_buf).zip(&pa) {
-                                        *m += (x + f16::from_bits(a).to_f32()) / bs as f32;
+                                    let kr = &self.k[r * krb..(r + 1) * krb];
+                                    decode_row(SimdLevel::Scalar, self.types.k, kr, Some(pa), &mut key);
+                                    for (m, &x) in mean.iter_mut().zip(&key) {
+                                        *m += x / bs as f32;
                                     }
                                 }
-                                let anchor = &mut self.anchors[(block * nkv + g) * hd..][..hd];
-                                for (a, &x) in anchor.iter_mut().zip(&mean) {
-                                    *a = f16::from_f32(x).to_bits();
-                                }
+                                set_anchor(&mut self.anchors[at..at + hd], &mean);
                             }
-                            _ => {
-                                for (a, &x) in anchor.iter_mut().zip(src) {
-                                    *a = f16::from_f32(x).to_bits();
-                                }
-                            }
+                            None => set_anchor(&mut self.anchors[at..at + hd], src),
                         }
                     }
-                    let anchor = &self.anchors[(block * nkv + g) * hd..][..hd];
                     let kdst = &mut self.k[row * krb..(row + 1) * krb];
-                    for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor.iter()) {
-                        *d = x - f16::from_bits(a).to_f32();
-                    }
-                    encode_row(self.types.k, &diff, kdst);
-                } else {
-                    encode_row(self.types.k, src, &mut self.k[row * krb..(row + 1) * krb]);
+                    encode_diff(self.types.k, src, &self.anchors[at..at + hd], &mut diff, kdst);
                 }
                 let vsrc = &v[t * nkv * hd + g * hd..][..hd];
                 encode_row(self.types.v, vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
@@ -548,6 +533,21 @@ impl CodedKv<'_> {
         decode_row(level, self.types.k, &self.k[r * krb..(r + 1) * krb], anchor, k);
         decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, v);
     }
+}
+
+/// `anchor` (f16 bits) = `x` rounded to f16.
+pub(crate) fn set_anchor(anchor: &mut [u16], x: &[f32]) {
+    for (a, &x) in anchor.iter_mut().zip(x) {
+        *a = f16::from_f32(x).to_bits();
+    }
+}
+
+/// Encodes `src - anchor` (`anchor` as f16 bits; `diff` is scratch of `src.len()`) into `dst`.
+pub(crate) fn encode_diff(t: KvCacheDtype, src: &[f32], anchor: &[u16], diff: &mut [f32], dst: &mut [u8]) {
+    for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor) {
+        *d = x - f16::from_bits(a).to_f32();
+    }
+    encode_row(t, diff, dst);
 }
 
 /// Encodes a row of `t` for the cache: [`crate::quant::quantize_row`], except that Q4_0 blocks
@@ -1156,35 +1156,9 @@ pub(crate) mod x86 {
             for (j, r) in r.iter_mut().enumerate() {
                 *r = _mm512_castps_si512(_mm512_loadu_ps(rows.as_ptr().add(j * hd + d0)));
             }
-            // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at column 4L + m.
-            let mut u = [_mm512_setzero_si512(); 16];
-            for q in 0..4 {
-                let (r0, r1, r2, r3) = (r[4 * q], r[4 * q + 1], r[4 * q + 2], r[4 * q + 3]);
-                let t0 = _mm512_unpacklo_epi32(r0, r1);
-                let t1 = _mm512_unpackhi_epi32(r0, r1);
-                let t2 = _mm512_unpacklo_epi32(r2, r3);
-                let t3 = _mm512_unpackhi_epi32(r2, r3);
-                u[4 * q] = _mm512_unpacklo_epi64(t0, t2);
-                u[4 * q + 1] = _mm512_unpackhi_epi64(t0, t2);
-                u[4 * q + 2] = _mm512_unpacklo_epi64(t1, t3);
-                u[4 * q + 3] = _mm512_unpackhi_epi64(t1, t3);
-            }
-            // Column 4L + m = 128-bit lane L of u[m], u[4 + m], u[8 + m], u[12 + m].
-            let out = kt.as_mut_ptr().add(d0 * CHUNK);
-            for m in 0..4 {
-                let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[m], u[4 + m]);
-                let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[m], u[4 + m]);
-                let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[8 + m], u[12 + m]);
-                let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[8 + m], u[12 + m]);
-                let cols = [
-                    (m, _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2)),
-                    (4 + m, _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2)),
-                    (8 + m, _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3)),
-                    (12 + m, _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3)),
-                ];
-                for (c, x) in cols {
-                    _mm512_storeu_ps(out.add(c * CHUNK), _mm512_castsi512_ps(x));
-                }
+            let cols = crate::dot::kquants::tiled::transpose_16x16(r);
+            for (c, x) in cols.into_iter().enumerate() {
+                _mm512_storeu_ps(kt.as_mut_ptr().add((d0 + c) * CHUNK), _mm512_castsi512_ps(x));
             }
         }
     }

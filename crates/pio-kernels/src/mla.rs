@@ -27,8 +27,6 @@
 //! batch it is in, so a token's output is bitwise the same alone, batched, or in any prefill
 //! chunking (at a given SIMD level and cache element type).
 
-use half::f16;
-
 use crate::attention::{KvCacheDtype, KvElem, QueryContext};
 use crate::cpu::{self, SimdLevel};
 use crate::parallel::{self, SharedOut};
@@ -141,14 +139,9 @@ impl CodedLatentKvMut<'_> {
             if self.dtype.is_quantized() {
                 let anchor = &mut self.anchors[slot / bs * w..][..w];
                 if slot % bs == 0 {
-                    for (a, &x) in anchor.iter_mut().zip(src) {
-                        *a = f16::from_f32(x).to_bits();
-                    }
+                    crate::attention::set_anchor(anchor, src);
                 }
-                for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor.iter()) {
-                    *d = x - f16::from_bits(a).to_f32();
-                }
-                crate::attention::encode_row(self.dtype, &diff, dst);
+                crate::attention::encode_diff(self.dtype, src, anchor, &mut diff, dst);
             } else {
                 crate::attention::encode_row(self.dtype, src, dst);
             }

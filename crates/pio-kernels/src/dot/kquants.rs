@@ -558,7 +558,7 @@ pub fn gemm(
 /// of tokens, or which rows share its row group. Integer sums are exact, so their order and
 /// method are free.
 #[cfg(target_arch = "x86_64")]
-mod tiled {
+pub(crate) mod tiled {
     use std::arch::x86_64::*;
 
     use super::{DType, Q8Block, ACT_PER_SUPER};
@@ -654,9 +654,10 @@ mod tiled {
     /// AVX-512 F/BW columns; `VNNI` uses `vpdpbusd` for the byte products.
     struct Zmm<const VNNI: bool>;
 
-    /// 16 x 16 dword transpose: `out[c]` lane `i` = `r[i]` dword `c`.
+    /// 16 x 16 dword transpose: `out[c]` lane `i` = `r[i]` dword `c` (also the attention
+    /// kernel's key transpose).
     #[inline(always)]
-    unsafe fn transpose_16x16(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) unsafe fn transpose_16x16(r: [__m512i; 16]) -> [__m512i; 16] {
         // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at dword 4L + m.
         let mut u = [_mm512_setzero_si512(); 16];
         for q in 0..4 {
