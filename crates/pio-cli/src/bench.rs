@@ -7,8 +7,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use pio_engine::engine::{Engine, EngineConfig, RequestParams};
 use pio_engine::generate::{generate, GenerateParams};
-use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use serde_json::json;
 
@@ -25,21 +25,24 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let tokens = |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect() };
     let prompt = tokens(a.prompt_tokens);
     let ctx = (a.prompt_tokens.max(a.depth) + a.gen_tokens + 16) * a.batch;
-    let mut runner =
-        Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, crate::commands::kv_cache_type(&a.model, &loaded)?);
+    let mut cfg = EngineConfig::for_tokens(ctx, crate::commands::kv_cache_type(&a.model, &loaded)?);
+    cfg.max_num_seqs = a.batch;
+    cfg.max_batch_tokens = a.prompt_tokens * a.batch;
+    let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
+    let one_token = RequestParams { max_tokens: Some(1), ignore_eos: true, ..Default::default() };
 
-    // Prefill: `batch` prompts in one forward, best of `repeats`.
+    // Prefill: `batch` prompts in one forward (which also samples each one's first token),
+    // best of `repeats`.
     let mut prefill_s = f64::INFINITY;
     for _ in 0..a.repeats.max(1) {
-        let mut seqs: Vec<Sequence> = (0..a.batch).map(|_| Sequence::new(prompt.clone())).collect();
-        let start = Instant::now();
-        {
-            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-            runner.step(&mut refs, Logits::Last)?;
+        for _ in 0..a.batch {
+            engine.add_request(prompt.clone(), one_token.clone())?;
         }
+        let start = Instant::now();
+        let done = engine.step()?;
         prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
-        for s in &mut seqs {
-            runner.release(s);
+        if done.len() != a.batch || engine.has_work() {
+            bail!("the {} prompts did not run in one forward", a.batch);
         }
     }
     let prefill_tps = (a.prompt_tokens * a.batch) as f64 / prefill_s;
@@ -59,7 +62,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let moe_before = loaded.model.moe_stats();
     let mut decode_steps = 0u64;
     for _ in 0..a.repeats.max(1) {
-        let o = generate(&mut runner, None, decode_prompt, &params, &mut |_| {})?;
+        let o = generate(&mut engine, decode_prompt, &params, &mut |_| {})?;
         decode_steps += o.num_decode_steps as u64;
         if o.num_decode_steps > 0 {
             decode_tps = decode_tps.max(o.num_decode_steps as f64 / o.decode_time.as_secs_f64());
@@ -79,29 +82,26 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // each per forward, greedy: aggregate tokens/s over `gen_tokens` steps, best of `repeats`.
     let mut batch_decode_tps: Option<f64> = None;
     if a.batch > 1 {
+        let request = RequestParams { max_tokens: Some(a.gen_tokens + 1), ignore_eos: true, ..Default::default() };
         for _ in 0..a.repeats.max(1) {
-            let mut seqs: Vec<Sequence> = (0..a.batch)
-                .map(|i| {
-                    let mut p = decode_prompt.to_vec();
-                    let by = i % p.len().max(1);
-                    p.rotate_left(by);
-                    Sequence::new(p)
-                })
-                .collect();
-            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-            let mut logits = runner.step(&mut refs, Logits::Last)?;
+            for i in 0..a.batch {
+                let mut p = decode_prompt.to_vec();
+                let by = i % p.len().max(1);
+                p.rotate_left(by);
+                engine.add_request(p, request.clone())?;
+            }
+            // The prompts and first tokens (untimed), then `gen_tokens` steps of `batch` tokens.
+            let mut started = std::collections::HashSet::new();
+            while started.len() < a.batch && engine.has_work() {
+                started.extend(engine.step()?.iter().filter(|o| !o.token_ids.is_empty()).map(|o| o.id));
+            }
             let start = Instant::now();
-            for _ in 0..a.gen_tokens {
-                for (s, l) in refs.iter_mut().zip(&logits) {
-                    s.token_ids.push(pio_engine::sampler::argmax(l));
-                }
-                logits = runner.step(&mut refs, Logits::Last)?;
+            let mut generated = 0;
+            while engine.has_work() {
+                generated += engine.step()?.iter().map(|o| o.token_ids.len()).sum::<usize>();
             }
-            let tps = (a.batch * a.gen_tokens) as f64 / start.elapsed().as_secs_f64();
+            let tps = generated as f64 / start.elapsed().as_secs_f64();
             batch_decode_tps = Some(batch_decode_tps.map_or(tps, |b: f64| b.max(tps)));
-            for s in refs.iter_mut() {
-                runner.release(s);
-            }
         }
     }
 
@@ -129,7 +129,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "kv_cache_dtype": a.model.kv_cache_type().to_string(),
         "cache_type_k": a.model.kv_cache_type().k.name(),
         "cache_type_v": a.model.kv_cache_type().v.name(),
-        "kv_cache_bytes": runner.cache_bytes(),
+        "kv_cache_bytes": engine.cache_bytes(),
         "weight_bytes_per_token": bytes_per_token,
         "mem_bandwidth_bytes_per_s": bandwidth,
         "decode_roofline_tokens_per_s": roofline_tps,
@@ -155,7 +155,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             bytes_per_token as f64 / 1e6,
             100.0 * decode_tps / roofline_tps,
             peak_rss as f64 / (1 << 20) as f64,
-            runner.cache_bytes() as f64 / (1 << 20) as f64,
+            engine.cache_bytes() as f64 / (1 << 20) as f64,
             a.model.kv_cache_type(),
         ))?;
         if let Some(tps) = batch_decode_tps {

@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use pio_engine::engine::{Engine, EngineConfig, RequestParams};
 use pio_engine::generate::{generate, run_one, GenerateParams};
-use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use pio_model::chat_template::ChatRequest;
 use pio_model::{KvCacheType, LoadedModel, ModelInfo};
@@ -225,14 +224,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if prompt_ids.len() >= ctx {
         bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
     }
-    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), ctx, kv_cache_type(&a.model, &loaded)?);
+    let mut cfg = EngineConfig::for_tokens(ctx, kv_cache_type(&a.model, &loaded)?);
+    cfg.max_num_seqs = 1;
+    cfg.max_model_len = ctx;
+    let mut engine = Engine::new(loaded.model.as_ref(), tokenizer, cfg)?;
     let mut write_err = None;
     let mut on_text = |s: &str| {
         if !a.json && write_err.is_none() {
             write_err = out(s).err();
         }
     };
-    let output = generate(&mut runner, tokenizer, &prompt_ids, &params, &mut on_text)?;
+    let output = generate(&mut engine, &prompt_ids, &params, &mut on_text)?;
     if let Some(e) = write_err {
         return Err(e);
     }
@@ -256,7 +258,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "prompt: {} tokens, {prefill_tps:.1} tok/s; generated: {} tokens, {decode_tps:.1} tok/s; KV cache {:.1} MiB; RSS {:.1} MiB; finish: {}",
             prompt_ids.len(),
             output.token_ids.len(),
-            runner.cache_bytes() as f64 / (1 << 20) as f64,
+            engine.cache_bytes() as f64 / (1 << 20) as f64,
             resident_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
             output.finish_reason.as_str()
         );
@@ -357,11 +359,12 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
             bail!("token id {bad} is outside the vocabulary ({} tokens)", shape.vocab_size);
         }
     }
+    // Every sequence in one forward.
     let total: usize = seqs.iter().map(|s| s.len().div_ceil(16) * 16).sum();
-    let mut runner = Runner::with_capacity_dtype(loaded.model.as_ref(), total, kv_cache_type(&a.model, &loaded)?);
-    let mut sequences: Vec<Sequence> = seqs.iter().map(|s| Sequence::new(s.clone())).collect();
-    let mut refs: Vec<&mut Sequence> = sequences.iter_mut().collect();
-    let logits = runner.step(&mut refs, Logits::All)?;
+    let mut cfg = EngineConfig::for_tokens(total, kv_cache_type(&a.model, &loaded)?);
+    cfg.max_batch_tokens = total;
+    let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
+    let logits = engine.score(&seqs, 0)?;
     write_logits(&a.out, &logits, shape.vocab_size)
 }
 

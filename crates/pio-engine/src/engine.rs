@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pio_model::tokenizer::Tokenizer;
-use pio_model::{CausalLm, KvCache, KvCacheType};
+use pio_model::{CausalLm, ForwardBatch, KvCache, KvCacheType};
 
 use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
-use crate::runner::{forward, Logits, SeqSlice};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence};
 use crate::stop::StopStrings;
@@ -44,6 +43,23 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// Room for `num_tokens` tokens in blocks of 16, everything else at its default: 64
+    /// sequences, 512 tokens per forward, the prefix cache off (tests, tools and benchmarks
+    /// that run known sequences; a server takes [`for_model`](Self::for_model)).
+    pub fn for_tokens(num_tokens: usize, kv_cache_type: KvCacheType) -> EngineConfig {
+        let block_size = 16;
+        let num_blocks = num_tokens.div_ceil(block_size).max(1);
+        EngineConfig {
+            block_size,
+            num_blocks,
+            max_num_seqs: 64,
+            max_batch_tokens: 512,
+            max_model_len: num_blocks * block_size,
+            prefix_caching: false,
+            kv_cache_type,
+        }
+    }
+
     /// A config for `model` whose cache takes at most `kv_cache_bytes`, with the context capped
     /// at `max_model_len` (and at the model's own length and what the cache holds).
     pub fn for_model(
@@ -96,6 +112,11 @@ pub struct RequestParams {
     pub stop: Vec<String>,
     /// Report the sampled token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Return the logits of every prompt position from this one on (teacher forcing:
+    /// perplexity, parity checks), in [`RequestOutput::prompt_logits`] as they are computed.
+    /// Those positions are computed even when the prefix cache holds them. With
+    /// `max_tokens: Some(0)` the request only scores its prompt.
+    pub prompt_logits: Option<usize>,
 }
 
 impl Default for RequestParams {
@@ -109,6 +130,7 @@ impl Default for RequestParams {
             ignore_eos: false,
             stop: Vec::new(),
             logprobs: None,
+            prompt_logits: None,
         }
     }
 }
@@ -161,6 +183,9 @@ pub struct RequestOutput {
     pub num_generated_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub num_cached_tokens: usize,
+    /// With [`RequestParams::prompt_logits`]: the logits rows (`vocab` each, in position order)
+    /// of the prompt positions this step computed, continuing the previous output's.
+    pub prompt_logits: Vec<f32>,
 }
 
 /// Per-request state beyond what the scheduler keeps.
@@ -173,13 +198,16 @@ struct RequestState {
     last_token: Option<Instant>,
     /// Still counted as waiting in the metrics.
     queued: bool,
+    /// Prompt positions whose logits were returned (a preempted request recomputes them
+    /// without returning them again).
+    logits_sent: usize,
 }
 
 /// The engine core: a model, its paged KV cache, the scheduler and the requests.
 pub struct Engine<'m> {
     model: &'m dyn CausalLm,
     tokenizer: Option<&'m Tokenizer>,
-    cache: CacheSlot<'m>,
+    cache: KvCache,
     sched: Scheduler,
     reqs: HashMap<SeqId, RequestState>,
     cfg: EngineConfig,
@@ -187,48 +215,9 @@ pub struct Engine<'m> {
     next_id: SeqId,
 }
 
-/// The engine's own cache, or one borrowed from a [`crate::runner::Runner`].
-enum CacheSlot<'m> {
-    Owned(KvCache),
-    Borrowed(&'m mut KvCache),
-}
-
-impl CacheSlot<'_> {
-    fn get(&mut self) -> &mut KvCache {
-        match self {
-            CacheSlot::Owned(c) => c,
-            CacheSlot::Borrowed(c) => c,
-        }
-    }
-}
-
 impl<'m> Engine<'m> {
     pub fn new(model: &'m dyn CausalLm, tokenizer: Option<&'m Tokenizer>, cfg: EngineConfig) -> Result<Engine<'m>> {
         model.check_kv_cache_type(cfg.kv_cache_type).map_err(EngineError::Invalid)?;
-        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type);
-        Self::build(model, tokenizer, CacheSlot::Owned(cache), cfg)
-    }
-
-    /// An engine over an existing cache (its block size and count override `cfg`'s).
-    pub fn with_cache(
-        model: &'m dyn CausalLm,
-        tokenizer: Option<&'m Tokenizer>,
-        cache: &'m mut KvCache,
-        mut cfg: EngineConfig,
-    ) -> Result<Engine<'m>> {
-        cfg.block_size = cache.block_size;
-        cfg.num_blocks = cache.num_blocks;
-        cfg.kv_cache_type = cache.types();
-        cfg.max_model_len = cfg.max_model_len.min(cache.block_size * cache.num_blocks);
-        Self::build(model, tokenizer, CacheSlot::Borrowed(cache), cfg)
-    }
-
-    fn build(
-        model: &'m dyn CausalLm,
-        tokenizer: Option<&'m Tokenizer>,
-        cache: CacheSlot<'m>,
-        cfg: EngineConfig,
-    ) -> Result<Engine<'m>> {
         if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_num_seqs == 0 || cfg.max_batch_tokens == 0 {
             return Err(EngineError::Invalid(format!("engine sizes must be positive: {cfg:?}")));
         }
@@ -253,6 +242,7 @@ impl<'m> Engine<'m> {
         );
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
+        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type);
         Ok(Engine { model, tokenizer, cache, sched, reqs: HashMap::new(), cfg, metrics, next_id: 0 })
     }
 
@@ -280,12 +270,12 @@ impl<'m> Engine<'m> {
 
     /// Makes the whole KV cache resident now (see [`KvCache::prefault`]).
     pub fn prefault_cache(&mut self) {
-        self.cache.get().prefault();
+        self.cache.prefault();
     }
 
     /// Bytes the KV cache holds.
-    pub fn cache_bytes(&mut self) -> usize {
-        self.cache.get().nbytes()
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.nbytes()
     }
 
     /// Checks a request without queueing it.
@@ -308,14 +298,25 @@ impl<'m> Engine<'m> {
         }
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
-        let room = self.cfg.max_model_len - prompt.len();
+        let room = self.cfg.max_model_len.saturating_sub(prompt.len());
         let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
         let text = TextState::new(StopStrings::new(params.stop.clone()));
+        let mut seq = Sequence::new(id, prompt);
+        seq.logits_from = params.prompt_logits;
         self.reqs.insert(
             id,
-            RequestState { params, max_tokens, sampler, text, arrival: Instant::now(), last_token: None, queued: true },
+            RequestState {
+                params,
+                max_tokens,
+                sampler,
+                text,
+                arrival: Instant::now(),
+                last_token: None,
+                queued: true,
+                logits_sent: 0,
+            },
         );
-        self.sched.add(Sequence::new(id, prompt));
+        self.sched.add(seq);
         self.metrics.requests_waiting.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -323,6 +324,29 @@ impl<'m> Engine<'m> {
     /// Removes a request and frees its blocks; false if it is not (or no longer) here.
     pub fn abort(&mut self, id: SeqId) -> bool {
         self.finish(id, FinishReason::Abort).is_some()
+    }
+
+    /// Teacher forcing: the logits (`[rows, vocab]` flattened) of every position from `from` on
+    /// of each token sequence, run as scoring requests until all are done (batched as the
+    /// config allows). The engine must hold no other request.
+    pub fn score(&mut self, seqs: &[Vec<u32>], from: usize) -> Result<Vec<Vec<f32>>> {
+        if self.has_work() {
+            return Err(EngineError::Invalid("scoring needs an idle engine".into()));
+        }
+        let params = RequestParams { max_tokens: Some(0), prompt_logits: Some(from), ..Default::default() };
+        for s in seqs {
+            self.validate(s, &params)?;
+        }
+        let ids = seqs.iter().map(|s| self.add_request(s.clone(), params.clone())).collect::<Result<Vec<_>>>()?;
+        let mut out: HashMap<SeqId, Vec<f32>> = ids.iter().map(|&id| (id, Vec::new())).collect();
+        while self.has_work() {
+            for o in self.step()? {
+                if let Some(rows) = out.get_mut(&o.id) {
+                    rows.extend_from_slice(&o.prompt_logits);
+                }
+            }
+        }
+        Ok(ids.iter().map(|id| out.remove(id).unwrap_or_default()).collect())
     }
 
     /// Runs one step and returns what each request it touched produced: a token for every
@@ -353,27 +377,52 @@ impl<'m> Engine<'m> {
                 }
             }
         }
+        let vocab = self.model.shape().vocab_size;
         let logits = {
             let kv = self.sched.kv();
             let mut slices = Vec::with_capacity(plan.scheduled.len());
             for s in &plan.scheduled {
                 let seq =
                     self.sched.get(s.id).ok_or_else(|| EngineError::Invalid(format!("lost sequence {}", s.id)))?;
+                let end = s.start + s.num_tokens;
+                // Rows from the first wanted prompt position, else only the sampled one.
+                let wanted = self.reqs.get(&s.id).and_then(|r| r.params.prompt_logits.map(|p| p.max(r.logits_sent)));
+                let mut logits_from = wanted.filter(|&p| p < seq.num_prompt_tokens).unwrap_or(end);
+                if s.samples {
+                    logits_from = logits_from.min(end - 1);
+                }
                 slices.push(SeqSlice {
                     token_ids: &seq.token_ids,
                     start: s.start,
                     num_tokens: s.num_tokens,
                     block_table: kv.block_table(s.id),
-                    logits: if s.samples { Logits::Last } else { Logits::From(usize::MAX) },
+                    logits_from,
                 });
             }
-            forward(self.model, self.cache.get(), &slices)?
+            forward(self.model, &mut self.cache, &slices)?
         };
         self.sched.complete(&plan);
         let mut outputs = Vec::new();
-        for (s, row) in plan.scheduled.iter().zip(logits) {
+        for (s, mut rows) in plan.scheduled.iter().zip(logits) {
+            let end = s.start + s.num_tokens;
+            // The prompt positions among the rows go back to the caller.
+            let mut prompt_logits = Vec::new();
+            if let Some(r) = self.reqs.get_mut(&s.id) {
+                let num_prompt = self.sched.get(s.id).map_or(0, |q| q.num_prompt_tokens);
+                let first = end - rows.len() / vocab;
+                let prompt_end = end.min(num_prompt);
+                if r.params.prompt_logits.is_some() && prompt_end > first {
+                    prompt_logits = rows[..(prompt_end - first) * vocab].to_vec();
+                    r.logits_sent = prompt_end;
+                }
+            }
             if s.samples {
-                if let Some(out) = self.sample_one(s.id, row)? {
+                let row = rows.split_off(rows.len().saturating_sub(vocab));
+                if let Some(out) = self.sample_one(s.id, row, prompt_logits)? {
+                    outputs.push(out);
+                }
+            } else if !prompt_logits.is_empty() {
+                if let Some(out) = self.progress(s.id, prompt_logits) {
                     outputs.push(out);
                 }
             }
@@ -388,9 +437,38 @@ impl<'m> Engine<'m> {
         m.kv_blocks_used.store(self.sched.kv().pool().num_used(), Ordering::Relaxed);
     }
 
+    /// An output carrying only prompt logits (a step part-way through the prompt).
+    fn progress(&self, id: SeqId, prompt_logits: Vec<f32>) -> Option<RequestOutput> {
+        let seq = self.sched.get(id)?;
+        Some(RequestOutput {
+            id,
+            token_ids: Vec::new(),
+            text: String::new(),
+            logprobs: Vec::new(),
+            finish_reason: None,
+            num_prompt_tokens: seq.num_prompt_tokens,
+            num_generated_tokens: seq.num_generated(),
+            num_cached_tokens: seq.num_cached_tokens,
+            prompt_logits,
+        })
+    }
+
     /// Samples the next token of `id` from its logits row and decides whether it is finished.
-    fn sample_one(&mut self, id: SeqId, mut logits: Vec<f32>) -> Result<Option<RequestOutput>> {
+    fn sample_one(
+        &mut self,
+        id: SeqId,
+        mut logits: Vec<f32>,
+        prompt_logits: Vec<f32>,
+    ) -> Result<Option<RequestOutput>> {
         let (Some(r), Some(seq)) = (self.reqs.get_mut(&id), self.sched.get(id)) else { return Ok(None) };
+        if r.max_tokens == 0 {
+            // Scoring only: the prompt is done.
+            let out = self
+                .progress(id, prompt_logits)
+                .map(|o| RequestOutput { finish_reason: Some(FinishReason::Length), ..o });
+            self.finish(id, FinishReason::Length);
+            return Ok(out);
+        }
         let num_prompt = seq.num_prompt_tokens;
         let (prompt, generated) = seq.token_ids.split_at(num_prompt);
         let n_gen = generated.len();
@@ -422,6 +500,7 @@ impl<'m> Engine<'m> {
             num_prompt_tokens: num_prompt,
             num_generated_tokens: n_gen,
             num_cached_tokens: seq.num_cached_tokens,
+            prompt_logits,
         };
         if stops_allowed && is_stop_token(token) {
             out.finish_reason = Some(FinishReason::Stop);
@@ -476,6 +555,56 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// Tokens `start..start + num_tokens` of one sequence, to run in a batch.
+struct SeqSlice<'a> {
+    token_ids: &'a [u32],
+    start: usize,
+    num_tokens: usize,
+    /// The sequence's blocks, covering at least `start + num_tokens` positions.
+    block_table: &'a [u32],
+    /// The first position whose logits are wanted (the slice's end: none).
+    logits_from: usize,
+}
+
+/// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
+/// logits rows (`[rows, vocab]` flattened) for positions `logits_from.max(start)..end`.
+fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -> Result<Vec<Vec<f32>>> {
+    let bs = cache.block_size;
+    let mut batch = ForwardBatch::default();
+    let mut rows_per_seq = Vec::with_capacity(slices.len());
+    for (i, s) in slices.iter().enumerate() {
+        let end_pos = s.start + s.num_tokens;
+        if end_pos > s.token_ids.len() || end_pos > s.block_table.len() * bs {
+            return Err(EngineError::Invalid(format!(
+                "slice {}..{end_pos} runs past its {} tokens or {} blocks",
+                s.start,
+                s.token_ids.len(),
+                s.block_table.len()
+            )));
+        }
+        for pos in s.start..end_pos {
+            batch.token_ids.push(s.token_ids[pos]);
+            batch.positions.push(pos);
+            batch.seq_indices.push(i);
+            batch.slot_mapping.push(s.block_table[pos / bs] as usize * bs + pos % bs);
+        }
+        let end = batch.token_ids.len();
+        let first = end - (end_pos - s.logits_from.clamp(s.start, end_pos));
+        rows_per_seq.push(end - first);
+        batch.logits_indices.extend(first..end);
+        batch.block_tables.push(s.block_table.to_vec());
+    }
+    let out = model.forward(&batch, cache)?;
+    let vocab = model.shape().vocab_size;
+    let mut result = Vec::with_capacity(slices.len());
+    let mut off = 0;
+    for rows in rows_per_seq {
+        result.push(out[off * vocab..(off + rows) * vocab].to_vec());
+        off += rows;
+    }
+    Ok(result)
+}
+
 /// The checks [`Engine::add_request`] makes, usable before a request reaches the engine thread.
 pub fn validate_request(
     cfg: &EngineConfig,
@@ -487,7 +616,9 @@ pub fn validate_request(
     if prompt.is_empty() {
         return Err(EngineError::Invalid("the prompt is empty".into()));
     }
-    if prompt.len() >= cfg.max_model_len {
+    // A prompt that is only scored need not leave room for a token.
+    let scores_only = params.max_tokens == Some(0) && params.prompt_logits.is_some();
+    if prompt.len() > cfg.max_model_len || (prompt.len() == cfg.max_model_len && !scores_only) {
         return Err(EngineError::PromptTooLong { prompt: prompt.len(), max_model_len: cfg.max_model_len });
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
@@ -496,8 +627,16 @@ pub fn validate_request(
     if !params.stop.is_empty() && !has_tokenizer {
         return Err(EngineError::Invalid("stop strings need a tokenizer".into()));
     }
-    if params.max_tokens == Some(0) {
-        return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+    if params.max_tokens == Some(0) && !scores_only {
+        return Err(EngineError::Invalid("max_tokens must be at least 1 (0 only to score a prompt)".into()));
+    }
+    if let Some(p) = params.prompt_logits {
+        if p >= prompt.len() {
+            return Err(EngineError::Invalid(format!(
+                "prompt logits from position {p}, but the prompt has {} tokens",
+                prompt.len()
+            )));
+        }
     }
     if let Some(n) = params.logprobs {
         if n > 20 {

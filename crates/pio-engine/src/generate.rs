@@ -1,12 +1,9 @@
-//! Generating one sequence through the [`Engine`]: prompt in one forward, then a token per step,
-//! streamed as text.
+//! Generating one sequence through the [`Engine`]: the prompt (chunked as the engine's config
+//! says), then a token per step, streamed as text.
 
 use std::time::{Duration, Instant};
 
-use pio_model::tokenizer::Tokenizer;
-
-use crate::engine::{Engine, EngineConfig, RequestParams};
-use crate::runner::Runner;
+use crate::engine::{Engine, RequestParams};
 use crate::sampler::SamplingParams;
 use crate::Result;
 
@@ -54,29 +51,16 @@ pub struct GenerateOutput {
     pub num_cached_tokens: usize,
 }
 
-/// Generates from `prompt` with the [`Engine`] over `runner`'s cache (the run ends with
-/// `Length` when the cache is full). `on_text` receives each new piece of text as soon as it is
-/// final (never part of a stop string or of an incomplete UTF-8 character). The whole prompt runs
-/// in one forward.
+/// Generates from `prompt` on `engine` (beside whatever else it holds; the run ends with
+/// `Length` when the context is full). `on_text` receives each new piece of text as soon as it
+/// is final (never part of a stop string or of an incomplete UTF-8 character); text needs the
+/// engine's tokenizer.
 pub fn generate(
-    runner: &mut Runner<'_>,
-    tokenizer: Option<&Tokenizer>,
+    engine: &mut Engine<'_>,
     prompt: &[u32],
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateOutput> {
-    let model = runner.model();
-    let cache = runner.cache_mut();
-    let cfg = EngineConfig {
-        block_size: cache.block_size,
-        num_blocks: cache.num_blocks,
-        max_num_seqs: 1,
-        max_batch_tokens: prompt.len().max(1),
-        max_model_len: cache.block_size * cache.num_blocks,
-        prefix_caching: false,
-        kv_cache_type: cache.types(),
-    };
-    let mut engine = Engine::with_cache(model, tokenizer, cache, cfg)?;
     let request = RequestParams::from(params);
     if params.max_tokens == 0 {
         engine.validate(prompt, &request)?;
@@ -90,7 +74,7 @@ pub fn generate(
             num_cached_tokens: 0,
         });
     }
-    run_one(&mut engine, prompt, request, on_text)
+    run_one(engine, prompt, request, on_text)
 }
 
 /// Runs one request on `engine` (alone, or beside whatever else it holds) to completion.

@@ -30,7 +30,7 @@ pub enum Event {
 }
 
 enum Command {
-    Add { id: SeqId, prompt: Vec<u32>, params: RequestParams, tx: async_mpsc::UnboundedSender<Event> },
+    Add { id: SeqId, prompt: Vec<u32>, params: Box<RequestParams>, tx: async_mpsc::UnboundedSender<Event> },
     Abort(SeqId),
     Shutdown,
 }
@@ -112,7 +112,7 @@ impl EngineHandle {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = async_mpsc::unbounded_channel();
-        if self.tx.send(Command::Add { id, prompt, params, tx }).is_err() {
+        if self.tx.send(Command::Add { id, prompt, params: Box::new(params), tx }).is_err() {
             in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
@@ -207,7 +207,7 @@ fn engine_thread(
                 Command::Add { id, prompt, params, tx } => {
                     // Counted as waiting by the engine before it leaves the in-flight count, so
                     // the waiting gauge never dips in between.
-                    let added = engine.add_request_with_id(id, prompt, params);
+                    let added = engine.add_request_with_id(id, prompt, *params);
                     metrics.requests_in_flight.fetch_sub(1, Ordering::AcqRel);
                     match added {
                         Ok(()) => {

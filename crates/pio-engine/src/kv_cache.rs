@@ -33,6 +33,12 @@ impl CachedPrefix {
     pub fn num_tokens(&self, block_size: usize) -> usize {
         self.blocks.len() * block_size
     }
+
+    /// Keeps the first `num_blocks` blocks of the hit.
+    pub fn truncate(&mut self, num_blocks: usize) {
+        self.blocks.truncate(num_blocks);
+        self.hashes.truncate(num_blocks);
+    }
 }
 
 /// Blocks per sequence over one [`BlockPool`].

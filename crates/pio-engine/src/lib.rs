@@ -1,13 +1,24 @@
-//! What Inference-PIO runs when.
+//! What Inference-PIO runs when. Everything that runs a model (the server, `pio generate`,
+//! `pio chat`, `pio bench`, `pio perplexity`, the plugins and the tests) goes through one
+//! [`engine::Engine`], so there is one allocation path for the KV cache.
 //!
-//! - [`runner::Runner`] owns the paged KV cache ([`pio_model::KvCache`]) and its
-//!   [`block_pool::BlockPool`]; it turns [`runner::Sequence`]s into one flat
-//!   [`pio_model::ForwardBatch`] per step and runs the model.
-//! - [`sampler`] turns logits into tokens (pure functions plus a seeded RNG).
-//! - [`generate`] drives one sequence: the whole prompt in one forward, then one token per
-//!   step, streaming text and honouring stop tokens and [`stop`] strings.
-//! - [`perplexity`] scores a token stream chunk by chunk (PPL, and KL divergence against a
-//!   reference run's stored distributions), as llama.cpp's `llama-perplexity`.
+//! - [`engine::Engine`] owns the model's paged KV cache ([`pio_model::KvCache`]); each step
+//!   the [`scheduler`] picks which tokens of which requests run (continuous batching, chunked
+//!   prefill, preemption), they go through the model as ONE flat [`pio_model::ForwardBatch`],
+//!   and the engine samples, detokenizes and applies stop rules. A request may also ask for its
+//!   prompt's logits (teacher forcing), or only those (scoring).
+//! - [`kv_cache::KvCacheManager`] hands each sequence blocks from one [`block_pool::BlockPool`]
+//!   and keeps the prefix cache over them; blocks behind every layer's sliding window return to
+//!   the pool as a sequence advances.
+//! - [`handle::EngineHandle`] runs an engine on its own thread for many concurrent callers
+//!   (the server); [`plugin`] wraps a loaded model and an engine in the uniform model interface.
+//! - [`sampler`] turns logits into tokens (pure functions plus a seeded RNG); [`stop`] finds
+//!   stop strings in streamed text.
+//! - [`generate`] runs one request to completion, streaming its text.
+//! - [`perplexity`] scores a token stream chunk by chunk, each chunk a scoring request (PPL,
+//!   and KL divergence against a reference run's stored distributions), as llama.cpp's
+//!   `llama-perplexity`.
+//! - [`metrics`] counts what the engine did, for the server's `/metrics`.
 pub mod block_pool;
 pub mod engine;
 pub mod generate;
@@ -16,7 +27,6 @@ pub mod kv_cache;
 pub mod metrics;
 pub mod perplexity;
 pub mod plugin;
-pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;

@@ -55,7 +55,7 @@ use std::time::Instant;
 use pio_model::tokenizer::Tokenizer;
 use pio_model::CausalLm;
 
-use crate::runner::{Logits, Runner, Sequence};
+use crate::engine::{Engine, EngineConfig};
 use crate::{EngineError, Result};
 
 /// The base file's first 8 bytes: format name and version.
@@ -70,7 +70,7 @@ const BELOW_RANGE: u16 = u16::MAX;
 const MAX_STEP: u16 = u16::MAX - 1;
 /// Bytes of a row's fixed part (top_id, step, top_lp, target_lp).
 const ROW_HEADER_BYTES: usize = 4 + 4 + 8 + 8;
-/// Cache block size of the runner.
+/// Cache block size of the engine.
 const BLOCK_SIZE: usize = 16;
 
 /// What to evaluate.
@@ -398,40 +398,34 @@ pub fn perplexity(
     let scored = params.scored_per_chunk();
     let per_forward = params.chunks_per_forward();
     let piece = ctx.min(params.batch_tokens);
-    let mut runner =
-        Runner::with_dtype(model, BLOCK_SIZE, per_forward * ctx.div_ceil(BLOCK_SIZE), params.kv_cache_type);
+    let cfg = EngineConfig {
+        block_size: BLOCK_SIZE,
+        num_blocks: per_forward * ctx.div_ceil(BLOCK_SIZE),
+        max_num_seqs: per_forward,
+        max_batch_tokens: per_forward * piece,
+        max_model_len: ctx,
+        prefix_caching: false,
+        kv_cache_type: params.kv_cache_type,
+    };
+    let mut engine = Engine::new(model, None, cfg)?;
     let mut acc = Accumulator::default();
     let mut base_rows = Vec::new();
     for group_start in (0..n_chunks).step_by(per_forward) {
         let group = group_start..(group_start + per_forward).min(n_chunks);
         let chunk_tokens = |c: usize| &tokens[c * ctx..(c + 1) * ctx];
-        // Each chunk is a fresh sequence; fed `piece` tokens per forward, keeping the logits of
-        // positions >= first (the last one predicts past the chunk and is not used).
-        let mut seqs: Vec<Sequence> = group.clone().map(|_| Sequence::new(Vec::with_capacity(ctx))).collect();
-        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); group.len()];
-        let mut done = 0;
-        while done < ctx {
-            let end = (done + piece).min(ctx);
-            for (s, c) in seqs.iter_mut().zip(group.clone()) {
-                s.token_ids.extend_from_slice(&chunk_tokens(c)[done..end]);
-                if let (0, Some(bos)) = (done, params.bos) {
-                    s.token_ids[0] = bos;
+        // Each chunk is a request of its own, fed `piece` tokens per forward; the logits of
+        // positions >= first come back (the last one predicts past the chunk and is not used).
+        let chunks: Vec<Vec<u32>> = group
+            .clone()
+            .map(|c| {
+                let mut t = chunk_tokens(c).to_vec();
+                if let Some(bos) = params.bos {
+                    t[0] = bos;
                 }
-            }
-            let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-            let out = runner.step(&mut refs, Logits::From(first))?;
-            for (l, o) in logits.iter_mut().zip(out) {
-                if l.is_empty() {
-                    *l = o;
-                } else {
-                    l.extend_from_slice(&o);
-                }
-            }
-            done = end;
-        }
-        for s in &mut seqs {
-            runner.release(s);
-        }
+                t
+            })
+            .collect();
+        let logits = engine.score(&chunks, first)?;
         for (l, c) in logits.iter().zip(group.clone()) {
             let rows = l.get(..scored * vocab).ok_or_else(|| {
                 EngineError::Invalid(format!("the model returned {} logits for chunk {}", l.len(), c + 1))

@@ -41,6 +41,9 @@ pub struct Sequence {
     pub num_preemptions: usize,
     /// Prompt tokens that came from the prefix cache at its (last) admission.
     pub num_cached_tokens: usize,
+    /// Positions from here on are computed, never taken from the prefix cache (their logits
+    /// are wanted).
+    pub logits_from: Option<usize>,
 }
 
 impl Sequence {
@@ -52,6 +55,7 @@ impl Sequence {
             num_computed_tokens: 0,
             num_preemptions: 0,
             num_cached_tokens: 0,
+            logits_from: None,
         }
     }
 
@@ -188,7 +192,10 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            let prefix = self.kv.find_cached_prefix(&seq.token_ids);
+            let mut prefix = self.kv.find_cached_prefix(&seq.token_ids);
+            if let Some(from) = seq.logits_from {
+                prefix.truncate(from / self.kv.block_size());
+            }
             let hit = prefix.num_tokens(self.kv.block_size());
             let n = (seq.token_ids.len() - hit).min(budget);
             if !self.kv.allocate(id, &prefix, hit + n) {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::engine::{Engine, EngineConfig};
 use pio_kernels::cpu::{self, SimdLevel};
 use pio_kernels::dot::float;
 use pio_kernels::DType;
@@ -39,9 +39,7 @@ fn bf16_activations_stay_near_the_f32_reference() {
         .collect();
     let mut alone = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        let mut runner = Runner::with_capacity(model, 256);
-        let mut seq = Sequence::new(p.clone());
-        let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+        let logits = score(model, 256, std::slice::from_ref(p)).remove(0);
         let want: Vec<f32> =
             reference(outputs[i]).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         assert_eq!(logits.len(), want.len());
@@ -51,18 +49,19 @@ fn bf16_activations_stay_near_the_f32_reference() {
         assert!(diff <= 2e-2 * max_ref, "prompt {i}: max abs diff {diff} vs max |ref| {max_ref}");
         alone.push(logits);
     }
-    let mut runner = Runner::with_capacity(model, 1024);
-    let mut seqs: Vec<Sequence> = prompts.iter().map(|p| Sequence::new(p.clone())).collect();
-    let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-    let batched = runner.step(&mut refs, Logits::All).expect("batched forward");
+    let batched = score(model, 1024, &prompts);
     for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
         assert!(b.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()), "prompt {i}: batched differs from alone");
     }
     // The load option really switches: f32 activations give other logits.
     let options = pio_model::LoadOptions { bf16_activations: false, ..Default::default() };
     let f32_model = pio_model::load_with(&fixture(), &options, &mut |_, _| {}).expect("fixture loads");
-    let mut runner = Runner::with_capacity(f32_model.model.as_ref(), 256);
-    let mut seq = Sequence::new(prompts[0].clone());
-    let f32_logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+    let f32_logits = score(f32_model.model.as_ref(), 256, &prompts[..1]).remove(0);
     assert!(f32_logits.iter().zip(&alone[0]).any(|(x, y)| x != y), "bf16_activations: false changed nothing");
+}
+
+/// Teacher-forced logits of each sequence, all in one forward, over room for `tokens` tokens.
+fn score(model: &dyn pio_model::CausalLm, tokens: usize, seqs: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let mut engine = Engine::new(model, None, EngineConfig::for_tokens(tokens, Default::default())).expect("engine");
+    engine.score(seqs, 0).expect("forward")
 }

@@ -218,7 +218,6 @@ fn the_handle_streams_and_frees_blocks_of_dropped_requests() {
 /// whole sequence, which never releases anything.
 #[test]
 fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
-    use pio_engine::runner::{Logits, Runner, Sequence};
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/qwen2-swa");
     let dir = std::env::temp_dir().join(format!("pio-swa-all-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -235,17 +234,6 @@ fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
     assert_eq!(model.attention_window(), Some(8));
 
     let (prompt, new) = (prompt(20, 5), 60);
-    // The reference: a runner with room for everything, greedy, one token at a time.
-    let mut runner = Runner::with_capacity(model, 128);
-    let mut seq = Sequence::new(prompt.clone());
-    let mut want = Vec::new();
-    for _ in 0..new {
-        let logits = runner.step(&mut [&mut seq], Logits::Last).expect("forward").remove(0);
-        let t = pio_engine::sampler::argmax(&logits);
-        want.push(t);
-        seq.token_ids.push(t);
-    }
-
     // 10 blocks of 4 tokens: 40 positions, for a sequence of 80.
     let cfg = EngineConfig {
         block_size: 4,
@@ -267,6 +255,15 @@ fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
         }
         most = most.max(engine.metrics().kv_blocks_used.load(Ordering::Relaxed));
     }
+    // The reference: one teacher-forced forward over the whole sequence (which releases
+    // nothing) takes the same greedy choice at every position.
+    assert_eq!(got.len(), new);
+    let mut all = prompt.clone();
+    all.extend(&got);
+    let mut full = Engine::new(model, None, EngineConfig::for_tokens(128, Default::default())).expect("engine");
+    let logits = full.score(&[all], prompt.len() - 1).expect("forward").remove(0);
+    let vocab = model.shape().vocab_size;
+    let want: Vec<u32> = logits.chunks_exact(vocab).take(new).map(pio_engine::sampler::argmax).collect();
     assert_eq!(got, want, "the same greedy tokens as the full forward");
     // The window (8) plus a forward's tokens (8) and a block either side.
     assert!((3..=6).contains(&most), "3 to 6 of 10 blocks held at once, got {most}");
@@ -274,4 +271,65 @@ fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
     // Without the window the same cache is too small for such a request.
     let plain = model_of("qwen2");
     assert!(Engine::new(plain.model.as_ref(), None, cfg).is_err());
+}
+
+/// Prompt logits (teacher forcing): every position from the asked one on comes back once, in
+/// order, with the bits of a one-forward scoring run, even when the prompt is chunked, shares
+/// its steps with decodes, sits in the prefix cache, or is preempted and recomputed; the
+/// request still generates after its prompt.
+#[test]
+fn prompt_logits_come_back_once_whatever_the_schedule() {
+    let m = model();
+    let model = m.model.as_ref();
+    let vocab = model.shape().vocab_size;
+    let p = prompt(70, 3);
+    let want =
+        Engine::new(model, None, config(64, 1024)).expect("engine").score(std::slice::from_ref(&p), 40).expect("score");
+    assert_eq!(want[0].len(), (p.len() - 40) * vocab);
+
+    // A tight cache (preemptions), a small budget (chunks) and the same prompt twice (prefix
+    // cache hits that must not skip the wanted positions).
+    let mut engine = Engine::new(model, None, config(9, 24)).expect("engine");
+    let with_logits = RequestParams { prompt_logits: Some(40), ..greedy(8) };
+    let ids: Vec<u64> = [(p.clone(), greedy(40)), (p.clone(), with_logits.clone()), (p.clone(), with_logits)]
+        .into_iter()
+        .map(|(pr, r)| engine.add_request(pr, r).expect("request"))
+        .collect();
+    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); 3];
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    let mut preempted = 0;
+    while engine.has_work() {
+        for o in engine.step().expect("step") {
+            let i = ids.iter().position(|&id| id == o.id).expect("known id");
+            rows[i].extend_from_slice(&o.prompt_logits);
+            tokens[i].extend(&o.token_ids);
+        }
+        preempted = engine.metrics().preemptions.load(Ordering::Relaxed);
+    }
+    assert!(preempted > 0, "the cache is small enough to preempt");
+    assert!(rows[0].is_empty(), "no prompt logits unless asked");
+    for i in 1..3 {
+        assert!(
+            rows[i].iter().zip(&want[0]).all(|(a, b)| a.to_bits() == b.to_bits()) && rows[i].len() == want[0].len()
+        );
+        assert_eq!(tokens[i], alone(model, &p, &greedy(8)), "request {i} generates as without prompt logits");
+    }
+}
+
+#[test]
+fn scoring_requests_are_checked() {
+    let m = model();
+    let mut engine = Engine::new(m.model.as_ref(), None, config(8, 64)).expect("engine");
+    let p = prompt(20, 1);
+    let zero = RequestParams { max_tokens: Some(0), ..Default::default() };
+    assert!(engine.add_request(p.clone(), zero.clone()).is_err(), "max_tokens 0 without prompt logits");
+    let past = RequestParams { prompt_logits: Some(20), ..zero.clone() };
+    assert!(engine.add_request(p.clone(), past).is_err(), "prompt logits past the prompt");
+    // A scoring request may fill the whole context; a generating one may not.
+    let full = prompt(128, 2);
+    assert!(engine.add_request(full.clone(), greedy(1)).is_err());
+    let scored = engine.score(&[full], 127).expect("scores a full context");
+    assert_eq!(scored[0].len(), m.model.shape().vocab_size);
+    engine.add_request(p, greedy(2)).expect("request");
+    assert!(engine.score(&[prompt(5, 3)], 0).is_err(), "scoring needs an idle engine");
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::engine::{Engine, EngineConfig};
 use pio_model::weights::gguf::{write_gguf, TensorToWrite, Value};
 use pio_model::weights::{names, safetensors as st_loader};
 use pio_model::{KvCacheDtype, KvCacheType};
@@ -98,11 +98,9 @@ fn gguf_llama_and_qwen2_match_transformers() {
         let (ids, want) = reference_logits(name);
         let model = loaded.model.as_ref();
         // An f32 cache, as transformers computes (tests/parity.rs bounds the default f16 one).
-        let mut runner = Runner::with_capacity(model, 32);
-        let cache = runner.cache_mut();
-        *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, KvCacheType::both(KvCacheDtype::F32));
-        let mut seq = Sequence::new(ids);
-        let got = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+        let cfg = EngineConfig::for_tokens(32, KvCacheType::both(KvCacheDtype::F32));
+        let mut engine = Engine::new(model, None, cfg).expect("engine");
+        let got = engine.score(&[ids], 0).expect("forward").remove(0);
         let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));
         let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff <= 1e-4 * max_ref, "{name} as GGUF {arch}: max abs diff {diff}");

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
+use pio_engine::engine::{Engine, EngineConfig};
 use pio_engine::generate::{generate, GenerateParams};
-use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use pio_model::{CausalLm, KvCacheDtype, KvCacheType};
 use safetensors::SafeTensors;
@@ -55,11 +55,16 @@ fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32], scale: f32) {
     assert!(diff <= bound, "{name} {what}: max abs diff {diff} > bound {bound}");
 }
 
-/// `runner` with its cache remade as f32 (same blocks).
-fn with_f32_cache<'m>(model: &'m dyn CausalLm, mut runner: Runner<'m>) -> Runner<'m> {
-    let cache = runner.cache_mut();
-    *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, KvCacheType::both(KvCacheDtype::F32));
-    runner
+/// An engine with room for `tokens` tokens in a cache of type `t`.
+fn engine(model: &dyn CausalLm, tokens: usize, t: KvCacheType) -> Engine<'_> {
+    Engine::new(model, None, EngineConfig::for_tokens(tokens, t)).expect("engine")
+}
+
+const F32: KvCacheType = KvCacheType { k: KvCacheDtype::F32, v: KvCacheDtype::F32 };
+
+/// Teacher-forced logits of every position of `ids`, in one forward over a cache of type `t`.
+fn all_logits(model: &dyn CausalLm, ids: &[u32], t: KvCacheType) -> Vec<f32> {
+    engine(model, 64.max(ids.len()), t).score(&[ids.to_vec()], 0).expect("forward").remove(0)
 }
 
 fn tolerance(name: &str) -> f32 {
@@ -78,10 +83,8 @@ fn logits_match_transformers() {
         let loaded = load(&fixture(name));
         let r = Reference::open(name);
         let model = loaded.model.as_ref();
-        let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
-        let mut seq = Sequence::new(r.ids("input_ids"));
-        let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
-        assert_close(name, "logits", &logits[0], &r.f32s("logits"), tolerance(name));
+        let logits = all_logits(model, &r.ids("input_ids"), F32);
+        assert_close(name, "logits", &logits, &r.f32s("logits"), tolerance(name));
     }
 }
 
@@ -92,11 +95,9 @@ fn f16_cache_stays_within_f16_precision() {
     for name in FAMILIES {
         let loaded = load(&fixture(name));
         let r = Reference::open(name);
-        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
-        assert_eq!(runner.cache_mut().types(), KvCacheType::both(KvCacheDtype::F16), "the default cache");
-        let mut seq = Sequence::new(r.ids("input_ids"));
-        let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
-        assert_close(name, "f16-cache logits", &logits[0], &r.f32s("logits"), 20.0 * tolerance(name));
+        assert_eq!(KvCacheType::default(), KvCacheType::both(KvCacheDtype::F16), "the default cache");
+        let logits = all_logits(loaded.model.as_ref(), &r.ids("input_ids"), KvCacheType::default());
+        assert_close(name, "f16-cache logits", &logits, &r.f32s("logits"), 20.0 * tolerance(name));
     }
 }
 
@@ -109,23 +110,15 @@ fn batch_of_prompts_matches_each_alone() {
         let refs = ["logits", "batch1_logits", "batch2_logits", "batch3_logits"];
         let model = loaded.model.as_ref();
         for dtype in cache_types(model) {
-            let mut runner = Runner::with_capacity(model, 256);
-            let cache = runner.cache_mut();
-            *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, dtype);
-            let mut seqs: Vec<Sequence> = keys.iter().map(|k| Sequence::new(r.ids(k))).collect();
-            let mut refs_mut: Vec<&mut Sequence> = seqs.iter_mut().collect();
-            let batched = runner.step(&mut refs_mut, Logits::All).expect("batched forward");
-            for s in &mut seqs {
-                runner.release(s);
-            }
+            let mut e = engine(model, 256, dtype);
+            let seqs: Vec<Vec<u32>> = keys.iter().map(|k| r.ids(k)).collect();
+            let batched = e.score(&seqs, 0).expect("batched forward");
             for (i, (key, want)) in keys.iter().zip(refs).enumerate() {
                 if dtype == KvCacheType::both(KvCacheDtype::F32) {
                     assert_close(name, want, &batched[i], &r.f32s(want), tolerance(name));
                 }
                 // Each prompt alone gives the same bits as in the batch.
-                let mut seq = Sequence::new(r.ids(key));
-                let alone = runner.step(&mut [&mut seq], Logits::All).expect("forward alone").remove(0);
-                runner.release(&mut seq);
+                let alone = e.score(&[r.ids(key)], 0).expect("forward alone").remove(0);
                 assert!(
                     alone.iter().zip(&batched[i]).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{name} {dtype}: {key} alone differs from the batch"
@@ -148,8 +141,8 @@ fn greedy_continuations_match_transformers() {
             ignore_eos: true,
             stop: Vec::new(),
         };
-        let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
-        let out = generate(&mut runner, None, &r.ids("input_ids"), &params, &mut |_| {}).expect("generate");
+        let mut e = engine(loaded.model.as_ref(), 64, KvCacheType::default());
+        let out = generate(&mut e, &r.ids("input_ids"), &params, &mut |_| {}).expect("generate");
         assert_eq!(out.token_ids, want, "{name}: greedy tokens");
     }
 }
@@ -165,19 +158,16 @@ fn prompt_split_across_steps_matches_one_pass() {
     let all = r.f32s("logits");
     let vocab = all.len() / ids.len();
     for dtype in cache_types(model) {
-        let mut runner = Runner::new(model, 4, 8);
-        *runner.cache_mut() = model.new_kv_cache_with(4, 8, dtype);
-        let mut seq = Sequence::new(ids[..7].to_vec());
-        runner.step(&mut [&mut seq], Logits::Last).expect("first chunk");
-        seq.token_ids.extend_from_slice(&ids[7..]);
-        let rest = runner.step(&mut [&mut seq], Logits::All).expect("second chunk").remove(0);
-        runner.release(&mut seq);
+        // Blocks of 4, at most 7 tokens per forward: the prompt runs as 7 + the rest.
+        let cfg =
+            EngineConfig { block_size: 4, num_blocks: 8, max_batch_tokens: 7, ..EngineConfig::for_tokens(32, dtype) };
+        let mut e = Engine::new(model, None, cfg).expect("engine");
+        let rest = e.score(std::slice::from_ref(&ids), 7).expect("chunked").remove(0);
         if dtype == KvCacheType::both(KvCacheDtype::F32) {
             assert_close(name, "chunked logits", &rest, &all[7 * vocab..], 1.0);
         }
         // The same bits as the prompt in one pass.
-        let mut seq = Sequence::new(ids.clone());
-        let one = runner.step(&mut [&mut seq], Logits::All).expect("one pass").remove(0);
+        let one = all_logits(model, &ids, dtype);
         assert!(
             rest.iter().zip(&one[7 * vocab..]).all(|(a, b)| a.to_bits() == b.to_bits()),
             "{dtype}: chunked prefill differs from one pass"
@@ -217,10 +207,8 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     let loaded = load(&dir);
     let r = Reference::open(name);
     let model = loaded.model.as_ref();
-    let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
-    let mut seq = Sequence::new(r.ids("input_ids"));
-    let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
-    assert_close(name, "sharded logits", &logits[0], &r.f32s("logits"), 1.0);
+    let logits = all_logits(model, &r.ids("input_ids"), F32);
+    assert_close(name, "sharded logits", &logits, &r.f32s("logits"), 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -240,14 +228,10 @@ fn every_cache_type_stays_close_to_transformers() {
         let r = Reference::open(name);
         let model = loaded.model.as_ref();
         for t in cache_types(model) {
-            let mut runner = Runner::with_capacity(model, 64);
-            let cache = runner.cache_mut();
-            *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, t);
-            let mut seq = Sequence::new(r.ids("input_ids"));
-            let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward");
+            let logits = all_logits(model, &r.ids("input_ids"), t);
             let want = r.f32s("logits");
             let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-            let diff = logits[0].iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = logits.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             // What each type keeps (f16: 11 significant bits; bf16: 8; q8_0: 7 and a scale per
             // 32; q4_0: 3 and a scale), carried to the logits of these random models; measured
             // at about half these bounds. MoE fixtures route by the logits of a router, which a
@@ -301,9 +285,7 @@ fn sliding_window_layers_are_read_and_matter() {
     let full = load(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     let model = full.model.as_ref();
-    let mut runner = with_f32_cache(model, Runner::with_capacity(model, 64));
-    let mut seq = Sequence::new(ids.clone());
-    let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+    let logits = all_logits(model, &ids, F32);
     let want = r.f32s("logits");
     let vocab = want.len() / ids.len();
     let diff = |range: std::ops::Range<usize>| {
@@ -336,13 +318,7 @@ fn block_format_latent_caches_stay_close_to_f32() {
     let _ = std::fs::remove_dir_all(&dir);
     let model = loaded.model.as_ref();
     let ids: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 200).collect();
-    let logits = |t: KvCacheType| {
-        let mut runner = Runner::with_capacity(model, 64);
-        let cache = runner.cache_mut();
-        *cache = model.new_kv_cache_with(cache.block_size, cache.num_blocks, t);
-        let mut seq = Sequence::new(ids.clone());
-        runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0)
-    };
+    let logits = |t: KvCacheType| all_logits(model, &ids, t);
     let want = logits(KvCacheType::both(KvCacheDtype::F32));
     let max_ref = want.iter().fold(1f32, |m, v| m.max(v.abs()));
     // Per position; the router of this MoE model can flip an expert choice on a small change,

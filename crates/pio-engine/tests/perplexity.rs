@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
+use pio_engine::engine::{Engine, EngineConfig};
 use pio_engine::perplexity::{perplexity, BaseHeader, KlMode, PerplexityParams, PerplexityReport};
-use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_model::LoadedModel;
 
 const VOCAB: usize = 512;
@@ -42,9 +42,9 @@ fn reference_ppl(loaded: &LoadedModel, tokens: &[u32], ctx: usize, chunks: usize
         if let Some(b) = bos {
             chunk[0] = b;
         }
-        let mut runner = Runner::with_capacity(loaded.model.as_ref(), ctx);
-        let mut seq = Sequence::new(chunk);
-        let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
+        let cfg = EngineConfig { max_batch_tokens: ctx, ..EngineConfig::for_tokens(ctx, Default::default()) };
+        let mut engine = Engine::new(loaded.model.as_ref(), None, cfg).expect("engine");
+        let logits = engine.score(&[chunk], 0).expect("forward").remove(0);
         assert_eq!(logits.len(), ctx * VOCAB);
         for pos in ctx / 2..ctx - 1 {
             let row = &logits[pos * VOCAB..(pos + 1) * VOCAB];

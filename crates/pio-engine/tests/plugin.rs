@@ -3,10 +3,9 @@
 
 use std::path::PathBuf;
 
-use pio_engine::engine::{FinishReason, RequestParams};
+use pio_engine::engine::{Engine, EngineConfig, FinishReason, RequestParams};
 use pio_engine::generate::{generate, GenerateParams};
 use pio_engine::plugin::{EnginePlugin, ModelPlugin};
-use pio_engine::runner::Runner;
 use pio_engine::sampler::SamplingParams;
 use serde_json::json;
 
@@ -37,7 +36,9 @@ fn one_interface_loads_generates_chats_and_reports() {
     assert!(!out.token_ids.is_empty() && out.token_ids.len() <= 12);
     // The same greedy tokens as the plain generate() path on the same model.
     let loaded = pio_model::load(&path, &mut |_, _| {}).expect("load");
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), 64);
+    let tok = loaded.tokenizer().expect("tokenizer");
+    let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), EngineConfig::for_tokens(64, Default::default()))
+        .expect("engine");
     let params = GenerateParams {
         sampling: SamplingParams::greedy(),
         max_tokens: 12,
@@ -45,8 +46,7 @@ fn one_interface_loads_generates_chats_and_reports() {
         ignore_eos: false,
         stop: Vec::new(),
     };
-    let tok = loaded.tokenizer().expect("tokenizer");
-    let want = generate(&mut runner, Some(tok), &ids, &params, &mut |_| {}).expect("generate");
+    let want = generate(&mut engine, &ids, &params, &mut |_| {}).expect("generate");
     assert_eq!(out.token_ids, want.token_ids);
     assert_eq!(out.text, want.text);
 

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pio_engine::runner::{Logits, Runner, Sequence};
+use pio_engine::engine::{Engine, EngineConfig};
 use pio_kernels::DType;
 use pio_model::quantize::write_quantized_gguf;
 use pio_model::{LoadOptions, LoadedModel};
@@ -40,10 +40,9 @@ fn sequences() -> Vec<Vec<u32>> {
 /// Every position's logits, `[positions][vocab]`, from one batched forward.
 fn logits(loaded: &LoadedModel) -> Vec<Vec<f32>> {
     let vocab = loaded.model.shape().vocab_size;
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), 256);
-    let mut seqs: Vec<Sequence> = sequences().into_iter().map(Sequence::new).collect();
-    let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-    let out = runner.step(&mut refs, Logits::All).expect("forward");
+    let cfg = EngineConfig::for_tokens(256, Default::default());
+    let mut engine = Engine::new(loaded.model.as_ref(), None, cfg).expect("engine");
+    let out = engine.score(&sequences(), 0).expect("forward");
     out.iter().flat_map(|l| l.chunks_exact(vocab).map(<[f32]>::to_vec)).collect()
 }
 

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
+use pio_engine::engine::{Engine, EngineConfig};
 use pio_engine::generate::{generate, GenerateParams};
-use pio_engine::runner::{Logits, Runner, Sequence};
 use pio_engine::sampler::SamplingParams;
 use pio_model::chat_template::ChatRequest;
 use serde_json::Value;
@@ -64,10 +64,9 @@ fn check(name: &str) {
     let mut all = prompt.clone();
     all.extend(&greedy_ref);
     let vocab = loaded.model.shape().vocab_size;
-    let mut runner = Runner::with_capacity(loaded.model.as_ref(), all.len() + 64);
-    let mut seq = Sequence::new(all.clone());
-    let logits = runner.step(&mut [&mut seq], Logits::All).expect("forward").remove(0);
-    runner.release(&mut seq);
+    let cfg = EngineConfig::for_tokens(all.len() + 64, Default::default());
+    let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg).expect("engine");
+    let logits = engine.score(&[all.clone()], 0).expect("forward").remove(0);
     let (mut decided, mut agree) = (0, 0);
     for tf in r["teacher_forced"].as_array().expect("teacher_forced") {
         if tf["gap"].as_f64().expect("gap") < DECIDED {
@@ -91,7 +90,7 @@ fn check(name: &str) {
         ignore_eos: true,
         stop: Vec::new(),
     };
-    let out = generate(&mut runner, Some(tok), &prompt, &params, &mut |_| {}).expect("generate");
+    let out = generate(&mut engine, &prompt, &params, &mut |_| {}).expect("generate");
     let margins: Vec<f64> =
         r["greedy_margins"].as_array().expect("margins").iter().map(|m| m.as_f64().expect("m")).collect();
     let must = margins.iter().position(|&m| m < DECIDED).unwrap_or(margins.len());

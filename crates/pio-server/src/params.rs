@@ -138,6 +138,7 @@ pub fn common(
         ignore_eos: get_bool(o, "ignore_eos")?.unwrap_or(false),
         stop: get_stop(o)?,
         logprobs,
+        prompt_logits: None,
     };
     if let (Some(max), min) = (params.max_tokens, params.min_tokens) {
         if min > max {
