@@ -134,6 +134,15 @@ pub struct SamplingArgs {
     /// Context length (prompt + generated). Default: the model's, at most 4096.
     #[arg(long)]
     pub ctx_size: Option<usize>,
+    /// Stream past the context: keep at most this many tokens in the cache (the sinks and the
+    /// most recent), dropping older ones a quarter of the window at a time and re-rotating the
+    /// kept keys, so generation can go on without end in bounded memory (whole blocks of 16).
+    #[arg(long)]
+    pub attention_window: Option<usize>,
+    /// With --attention-window: tokens at the start always kept (StreamingLLM's attention
+    /// sinks; rounded up to a block of 16).
+    #[arg(long)]
+    pub attention_sinks: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -54,6 +54,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         stop_token_ids: Vec::new(),
         ignore_eos: true,
         stop: Vec::new(),
+        attention_window: None,
+        attention_sinks: None,
     };
     let deep = tokens(a.depth);
     let decode_prompt = if a.depth > 0 { &deep[..] } else { &prompt[..prompt.len().min(16)] };

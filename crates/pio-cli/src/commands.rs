@@ -174,6 +174,8 @@ fn resolve_params(s: &SamplingArgs, loaded: &LoadedModel) -> GenerateParams {
         stop_token_ids: d.eos_token_ids.clone(),
         ignore_eos: s.ignore_eos,
         stop: s.stop.clone(),
+        attention_window: s.attention_window,
+        attention_sinks: s.attention_sinks,
     }
 }
 
@@ -221,7 +223,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let params = resolve_params(&a.sampling, &loaded);
     let ctx = context_size(&a.sampling, &loaded);
-    if prompt_ids.len() >= ctx {
+    if prompt_ids.len() >= ctx && a.sampling.attention_window.is_none() {
         bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
     }
     let mut cfg = EngineConfig::for_tokens(ctx, kv_cache_type(&a.model, &loaded)?);
@@ -312,7 +314,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             kwargs: Default::default(),
         })?;
         let ids = tok.encode(&prompt, false)?;
-        if ids.len() >= ctx {
+        if ids.len() >= ctx && a.sampling.attention_window.is_none() {
             bail!("the conversation has {} tokens, the context holds {ctx} (see --ctx-size)", ids.len());
         }
         let mut write_err = None;

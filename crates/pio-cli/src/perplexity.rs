@@ -48,6 +48,13 @@ pub struct PerplexityArgs {
     /// Print one JSON object (probabilities as fractions) instead of llama.cpp-style text.
     #[arg(long)]
     pub json: bool,
+    /// Score each chunk through a streaming window of this many tokens (attention sinks plus
+    /// the most recent tokens; see `pio generate --help`) instead of full attention.
+    #[arg(long)]
+    pub attention_window: Option<usize>,
+    /// With --attention-window: tokens at the start of each chunk always kept.
+    #[arg(long)]
+    pub attention_sinks: Option<usize>,
 }
 
 pub fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
@@ -113,7 +120,7 @@ pub fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
             tokens.len()
         );
     }
-    if ctx > shape.max_position_embeddings {
+    if ctx > shape.max_position_embeddings && a.attention_window.is_none() {
         eprintln!(
             "warning: --ctx {ctx} is longer than the model's trained context ({})",
             shape.max_position_embeddings
@@ -125,6 +132,8 @@ pub fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
         batch_tokens: a.batch_tokens,
         bos,
         kv_cache_type: crate::commands::kv_cache_type(&a.model, &loaded)?,
+        attention_window: a.attention_window,
+        attention_sinks: a.attention_sinks,
     };
     let n_chunks = params.num_chunks(tokens.len());
     if let Some((h, _)) = &base {

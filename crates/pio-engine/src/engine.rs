@@ -19,7 +19,7 @@ use pio_model::{CausalLm, ForwardBatch, KvCache, KvCacheType};
 use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
 use crate::sampler::{Sampler, SamplingParams};
-use crate::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
 use crate::stop::StopStrings;
 use crate::{EngineError, Result};
 
@@ -95,6 +95,74 @@ impl EngineConfig {
     }
 }
 
+/// What a request is checked against: the engine's sizes and what the model can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub cfg: EngineConfig,
+    pub vocab_size: usize,
+    pub has_tokenizer: bool,
+    /// [`CausalLm::can_shift_positions`].
+    pub can_shift_positions: bool,
+    /// [`CausalLm::attention_window`].
+    pub model_window: Option<usize>,
+}
+
+impl RequestLimits {
+    pub fn new(cfg: EngineConfig, model: &dyn CausalLm, has_tokenizer: bool) -> RequestLimits {
+        RequestLimits {
+            cfg,
+            vocab_size: model.shape().vocab_size,
+            has_tokenizer,
+            can_shift_positions: model.can_shift_positions(),
+            model_window: model.attention_window(),
+        }
+    }
+
+    /// The streaming window a request asks for, checked: `None` without one.
+    pub fn streaming(&self, params: &RequestParams) -> Result<Option<Streaming>> {
+        let bs = self.cfg.block_size;
+        let Some(window) = params.attention_window else {
+            if params.attention_sinks.is_some() {
+                return Err(EngineError::Invalid("attention_sinks needs attention_window".into()));
+            }
+            return Ok(None);
+        };
+        let sinks = params.attention_sinks.unwrap_or(0);
+        if sinks >= window {
+            return Err(EngineError::Invalid(format!(
+                "attention_sinks ({sinks}) must be smaller than attention_window ({window})"
+            )));
+        }
+        let sink_blocks = sinks.div_ceil(bs);
+        let least = (sink_blocks + 2) * bs;
+        if window < least {
+            return Err(EngineError::Invalid(format!(
+                "attention_window ({window}) must be at least {least} tokens: the sinks' blocks and two more \
+                 blocks of {bs}"
+            )));
+        }
+        if window > self.cfg.max_model_len {
+            return Err(EngineError::Invalid(format!(
+                "attention_window ({window}) is larger than the context the cache holds ({})",
+                self.cfg.max_model_len
+            )));
+        }
+        if self.model_window.is_some() {
+            return Err(EngineError::Invalid(
+                "attention_window: every layer of this model has a sliding window already, so its cache \
+                 stays bounded without one"
+                    .into(),
+            ));
+        }
+        if !self.can_shift_positions {
+            return Err(EngineError::Invalid("attention_window: this model cannot shift cached positions".into()));
+        }
+        let window_blocks = window / bs;
+        let drop_blocks = ((window_blocks - sink_blocks) / 4).max(1);
+        Ok(Some(Streaming { sink_blocks, window_blocks, drop_blocks }))
+    }
+}
+
 /// What a request asks for, beyond its prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestParams {
@@ -117,6 +185,15 @@ pub struct RequestParams {
     /// Those positions are computed even when the prefix cache holds them. With
     /// `max_tokens: Some(0)` the request only scores its prompt.
     pub prompt_logits: Option<usize>,
+    /// Streaming past the context (StreamingLLM attention sinks): the sequence keeps at most
+    /// this many tokens in its cache, the first [`attention_sinks`](Self::attention_sinks) and
+    /// the most recent, dropping the oldest others block by block (a quarter of the window at a
+    /// time) and re-rotating the kept keys for their new positions, so it may generate without
+    /// end in bounded memory. Whole blocks: the window rounds down and the sinks up to
+    /// multiples of the block size. Off the prefix cache.
+    pub attention_window: Option<usize>,
+    /// Tokens at the start a streaming window always keeps (needs `attention_window`).
+    pub attention_sinks: Option<usize>,
 }
 
 impl Default for RequestParams {
@@ -131,6 +208,8 @@ impl Default for RequestParams {
             stop: Vec::new(),
             logprobs: None,
             prompt_logits: None,
+            attention_window: None,
+            attention_sinks: None,
         }
     }
 }
@@ -278,9 +357,14 @@ impl<'m> Engine<'m> {
         self.cache.nbytes()
     }
 
+    /// What requests are checked against.
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits::new(self.cfg, self.model, self.tokenizer.is_some())
+    }
+
     /// Checks a request without queueing it.
     pub fn validate(&self, prompt: &[u32], params: &RequestParams) -> Result<()> {
-        validate_request(&self.cfg, self.model.shape().vocab_size, self.tokenizer.is_some(), prompt, params)
+        validate_request(&self.limits(), prompt, params)
     }
 
     /// Queues a request; its id comes back in every [`RequestOutput`] for it.
@@ -298,11 +382,14 @@ impl<'m> Engine<'m> {
         }
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
-        let room = self.cfg.max_model_len.saturating_sub(prompt.len());
+        let streaming = self.limits().streaming(&params)?;
+        // A streaming window has no length limit beyond the caller's.
+        let room = if streaming.is_some() { usize::MAX } else { self.cfg.max_model_len.saturating_sub(prompt.len()) };
         let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
         let text = TextState::new(StopStrings::new(params.stop.clone()));
         let mut seq = Sequence::new(id, prompt);
         seq.logits_from = params.prompt_logits;
+        seq.streaming = streaming;
         self.reqs.insert(
             id,
             RequestState {
@@ -330,12 +417,21 @@ impl<'m> Engine<'m> {
     /// of each token sequence, run as scoring requests until all are done (batched as the
     /// config allows). The engine must hold no other request.
     pub fn score(&mut self, seqs: &[Vec<u32>], from: usize) -> Result<Vec<Vec<f32>>> {
+        let params = RequestParams { max_tokens: Some(0), prompt_logits: Some(from), ..Default::default() };
+        self.score_with(seqs, &params)
+    }
+
+    /// [`score`](Self::score) with requests of `params` (which must have `max_tokens: Some(0)`
+    /// and `prompt_logits`), e.g. through a streaming window.
+    pub fn score_with(&mut self, seqs: &[Vec<u32>], params: &RequestParams) -> Result<Vec<Vec<f32>>> {
         if self.has_work() {
             return Err(EngineError::Invalid("scoring needs an idle engine".into()));
         }
-        let params = RequestParams { max_tokens: Some(0), prompt_logits: Some(from), ..Default::default() };
+        if params.max_tokens != Some(0) || params.prompt_logits.is_none() {
+            return Err(EngineError::Invalid("scoring requests take max_tokens 0 and prompt_logits".into()));
+        }
         for s in seqs {
-            self.validate(s, &params)?;
+            self.validate(s, params)?;
         }
         let ids = seqs.iter().map(|s| self.add_request(s.clone(), params.clone())).collect::<Result<Vec<_>>>()?;
         let mut out: HashMap<SeqId, Vec<f32>> = ids.iter().map(|&id| (id, Vec::new())).collect();
@@ -378,6 +474,12 @@ impl<'m> Engine<'m> {
             }
         }
         let vocab = self.model.shape().vocab_size;
+        for sh in &plan.shifts {
+            if plan.scheduled.iter().any(|s| s.id == sh.id) {
+                let blocks = self.sched.kv().block_table(sh.id).get(sh.first_block..).unwrap_or(&[]);
+                self.model.shift_positions(&mut self.cache, blocks, sh.delta)?;
+            }
+        }
         let logits = {
             let kv = self.sched.kv();
             let mut slices = Vec::with_capacity(plan.scheduled.len());
@@ -396,6 +498,7 @@ impl<'m> Engine<'m> {
                     start: s.start,
                     num_tokens: s.num_tokens,
                     block_table: kv.block_table(s.id),
+                    shift: seq.shift,
                     logits_from,
                 });
             }
@@ -517,9 +620,10 @@ impl<'m> Engine<'m> {
                     out.finish_reason = Some(FinishReason::Stop);
                 }
             }
+            let streams = r.params.attention_window.is_some();
             if out.finish_reason.is_none()
                 && (out.num_generated_tokens >= r.max_tokens
-                    || num_prompt + out.num_generated_tokens >= self.cfg.max_model_len)
+                    || (!streams && num_prompt + out.num_generated_tokens >= self.cfg.max_model_len))
             {
                 out.finish_reason = Some(FinishReason::Length);
             }
@@ -560,8 +664,10 @@ struct SeqSlice<'a> {
     token_ids: &'a [u32],
     start: usize,
     num_tokens: usize,
-    /// The sequence's blocks, covering at least `start + num_tokens` positions.
+    /// The sequence's blocks, covering at least `start + num_tokens - shift` positions.
     block_table: &'a [u32],
+    /// Tokens dropped before these (a streaming window): position `p` runs at `p - shift`.
+    shift: usize,
     /// The first position whose logits are wanted (the slice's end: none).
     logits_from: usize,
 }
@@ -574,7 +680,7 @@ fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -
     let mut rows_per_seq = Vec::with_capacity(slices.len());
     for (i, s) in slices.iter().enumerate() {
         let end_pos = s.start + s.num_tokens;
-        if end_pos > s.token_ids.len() || end_pos > s.block_table.len() * bs {
+        if end_pos > s.token_ids.len() || s.start < s.shift || end_pos - s.shift > s.block_table.len() * bs {
             return Err(EngineError::Invalid(format!(
                 "slice {}..{end_pos} runs past its {} tokens or {} blocks",
                 s.start,
@@ -583,10 +689,11 @@ fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -
             )));
         }
         for pos in s.start..end_pos {
+            let at = pos - s.shift;
             batch.token_ids.push(s.token_ids[pos]);
-            batch.positions.push(pos);
+            batch.positions.push(at);
             batch.seq_indices.push(i);
-            batch.slot_mapping.push(s.block_table[pos / bs] as usize * bs + pos % bs);
+            batch.slot_mapping.push(s.block_table[at / bs] as usize * bs + at % bs);
         }
         let end = batch.token_ids.len();
         let first = end - (end_pos - s.logits_from.clamp(s.start, end_pos));
@@ -606,25 +713,21 @@ fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -
 }
 
 /// The checks [`Engine::add_request`] makes, usable before a request reaches the engine thread.
-pub fn validate_request(
-    cfg: &EngineConfig,
-    vocab_size: usize,
-    has_tokenizer: bool,
-    prompt: &[u32],
-    params: &RequestParams,
-) -> Result<()> {
+pub fn validate_request(limits: &RequestLimits, prompt: &[u32], params: &RequestParams) -> Result<()> {
+    let (cfg, vocab_size) = (&limits.cfg, limits.vocab_size);
+    let streams = limits.streaming(params)?.is_some();
     if prompt.is_empty() {
         return Err(EngineError::Invalid("the prompt is empty".into()));
     }
     // A prompt that is only scored need not leave room for a token.
     let scores_only = params.max_tokens == Some(0) && params.prompt_logits.is_some();
-    if prompt.len() > cfg.max_model_len || (prompt.len() == cfg.max_model_len && !scores_only) {
+    if !streams && (prompt.len() > cfg.max_model_len || (prompt.len() == cfg.max_model_len && !scores_only)) {
         return Err(EngineError::PromptTooLong { prompt: prompt.len(), max_model_len: cfg.max_model_len });
     }
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
         return Err(EngineError::Invalid(format!("prompt token id {bad} is outside the vocabulary ({vocab_size})")));
     }
-    if !params.stop.is_empty() && !has_tokenizer {
+    if !params.stop.is_empty() && !limits.has_tokenizer {
         return Err(EngineError::Invalid("stop strings need a tokenizer".into()));
     }
     if params.max_tokens == Some(0) && !scores_only {

@@ -19,6 +19,10 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// Strings that end generation (the text is cut before them). Needs a tokenizer.
     pub stop: Vec<String>,
+    /// A streaming window ([`RequestParams::attention_window`]).
+    pub attention_window: Option<usize>,
+    /// Its sinks ([`RequestParams::attention_sinks`]).
+    pub attention_sinks: Option<usize>,
 }
 
 pub use crate::engine::FinishReason;
@@ -31,6 +35,8 @@ impl From<&GenerateParams> for RequestParams {
             eos_token_ids: p.stop_token_ids.clone(),
             ignore_eos: p.ignore_eos,
             stop: p.stop.clone(),
+            attention_window: p.attention_window,
+            attention_sinks: p.attention_sinks,
             ..Default::default()
         }
     }

@@ -16,7 +16,7 @@ use pio_model::tokenizer::Tokenizer;
 use pio_model::CausalLm;
 use tokio::sync::mpsc as async_mpsc;
 
-use crate::engine::{validate_request, Engine, EngineConfig, RequestOutput, RequestParams};
+use crate::engine::{validate_request, Engine, EngineConfig, RequestLimits, RequestOutput, RequestParams};
 use crate::kv_cache::SeqId;
 use crate::metrics::Metrics;
 use crate::{EngineError, Result};
@@ -39,9 +39,7 @@ enum Command {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     metrics: Arc<Metrics>,
-    cfg: EngineConfig,
-    vocab_size: usize,
-    has_tokenizer: bool,
+    limits: RequestLimits,
     max_queued: usize,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -58,8 +56,7 @@ impl EngineHandle {
         cfg: EngineConfig,
         max_queued: usize,
     ) -> Result<EngineHandle> {
-        let vocab_size = model.shape().vocab_size;
-        let has_tokenizer = tokenizer.is_some();
+        let limits = RequestLimits::new(cfg, model.as_ref(), tokenizer.is_some());
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -77,9 +74,7 @@ impl EngineHandle {
         Ok(EngineHandle {
             tx,
             metrics,
-            cfg,
-            vocab_size,
-            has_tokenizer,
+            limits,
             max_queued,
             next_id: AtomicU64::new(0),
             thread: Mutex::new(Some(thread)),
@@ -87,7 +82,7 @@ impl EngineHandle {
     }
 
     pub fn config(&self) -> EngineConfig {
-        self.cfg
+        self.limits.cfg
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -102,7 +97,7 @@ impl EngineHandle {
     /// Checks and queues a request. Errors: the request is invalid (bad sampling values, prompt
     /// too long...), too many are queued, or the engine has stopped.
     pub fn submit(&self, prompt: Vec<u32>, params: RequestParams) -> Result<RequestStream> {
-        validate_request(&self.cfg, self.vocab_size, self.has_tokenizer, &prompt, &params)?;
+        validate_request(&self.limits, &prompt, &params)?;
         let in_flight = &self.metrics.requests_in_flight;
         let waiting = self.metrics.requests_waiting.load(Ordering::Acquire);
         let reserved = in_flight.fetch_add(1, Ordering::AcqRel);

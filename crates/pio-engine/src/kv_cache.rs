@@ -155,6 +155,19 @@ impl KvCacheManager {
         }
     }
 
+    /// Returns `count` blocks of `id`, from table index `at` on, to the pool and closes the gap
+    /// in its table (a streaming window dropping its oldest blocks after the sinks). The
+    /// sequence must not be in the prefix cache.
+    pub fn drop_blocks(&mut self, id: SeqId, at: usize, count: usize) {
+        let Some(s) = self.seqs.get_mut(&id) else { return };
+        debug_assert!(s.hashes.len() <= at && s.released <= at, "dropping cached or released blocks");
+        let end = (at + count).min(s.blocks.len());
+        if at < end {
+            let gone: Vec<u32> = s.blocks.drain(at..end).collect();
+            self.pool.free(gone.into_iter().rev());
+        }
+    }
+
     /// Blocks `id` holds in the pool (not counting released ones).
     pub fn resident_blocks(&self, id: SeqId) -> usize {
         self.seqs.get(&id).map_or(0, |s| s.blocks.len() - s.released)

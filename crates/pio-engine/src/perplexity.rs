@@ -55,7 +55,7 @@ use std::time::Instant;
 use pio_model::tokenizer::Tokenizer;
 use pio_model::CausalLm;
 
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, RequestParams};
 use crate::{EngineError, Result};
 
 /// The base file's first 8 bytes: format name and version.
@@ -87,12 +87,25 @@ pub struct PerplexityParams {
     pub bos: Option<u32>,
     /// Element type of the KV cache.
     pub kv_cache_type: pio_model::KvCacheType,
+    /// Score each chunk through a streaming window of this many tokens
+    /// ([`crate::engine::RequestParams::attention_window`]) instead of full attention.
+    pub attention_window: Option<usize>,
+    /// The streaming window's sinks.
+    pub attention_sinks: Option<usize>,
 }
 
 impl PerplexityParams {
     /// llama.cpp's defaults: ctx 512, batches of 2048 tokens, all chunks.
     pub fn new(ctx: usize, bos: Option<u32>) -> PerplexityParams {
-        PerplexityParams { ctx, max_chunks: None, batch_tokens: 2048, bos, kv_cache_type: Default::default() }
+        PerplexityParams {
+            ctx,
+            max_chunks: None,
+            batch_tokens: 2048,
+            bos,
+            kv_cache_type: Default::default(),
+            attention_window: None,
+            attention_sinks: None,
+        }
     }
 
     /// Scored tokens per chunk.
@@ -398,12 +411,14 @@ pub fn perplexity(
     let scored = params.scored_per_chunk();
     let per_forward = params.chunks_per_forward();
     let piece = ctx.min(params.batch_tokens);
+    // A streaming window holds at most its own tokens of a chunk.
+    let held = params.attention_window.map_or(ctx, |w| w.min(ctx));
     let cfg = EngineConfig {
         block_size: BLOCK_SIZE,
-        num_blocks: per_forward * ctx.div_ceil(BLOCK_SIZE),
+        num_blocks: per_forward * held.div_ceil(BLOCK_SIZE),
         max_num_seqs: per_forward,
         max_batch_tokens: per_forward * piece,
-        max_model_len: ctx,
+        max_model_len: held,
         prefix_caching: false,
         kv_cache_type: params.kv_cache_type,
     };
@@ -425,7 +440,14 @@ pub fn perplexity(
                 t
             })
             .collect();
-        let logits = engine.score(&chunks, first)?;
+        let request = RequestParams {
+            max_tokens: Some(0),
+            prompt_logits: Some(first),
+            attention_window: params.attention_window,
+            attention_sinks: params.attention_sinks,
+            ..Default::default()
+        };
+        let logits = engine.score_with(&chunks, &request)?;
         for (l, c) in logits.iter().zip(group.clone()) {
             let rows = l.get(..scored * vocab).ok_or_else(|| {
                 EngineError::Invalid(format!("the model returned {} logits for chunk {}", l.len(), c + 1))

@@ -28,6 +28,28 @@ pub struct SchedulerConfig {
     pub window: Option<usize>,
 }
 
+/// A streaming window (attention sinks, StreamingLLM): the sequence keeps its first
+/// `sink_blocks` blocks and its most recent tokens, `window_blocks` blocks in all. When they are
+/// full, the oldest `drop_blocks` blocks after the sinks go back to the pool and the positions
+/// after them close up: the cache positions of the kept tokens drop by `drop_blocks` blocks, and
+/// their keys are re-rotated for it (the [`StepPlan::shifts`]). Prefix caching is off for such a
+/// sequence (its blocks change after they are written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streaming {
+    pub sink_blocks: usize,
+    pub window_blocks: usize,
+    pub drop_blocks: usize,
+}
+
+/// Keys to re-rotate before the step's forward: `id`'s blocks from `first_block` on (of its
+/// table after the drop) moved back by `delta` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyShift {
+    pub id: SeqId,
+    pub first_block: usize,
+    pub delta: usize,
+}
+
 /// A sequence as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sequence {
@@ -44,6 +66,10 @@ pub struct Sequence {
     /// Positions from here on are computed, never taken from the prefix cache (their logits
     /// are wanted).
     pub logits_from: Option<usize>,
+    pub streaming: Option<Streaming>,
+    /// Tokens dropped from the middle of a streaming sequence's cache: a token at position `p`
+    /// past the dropped ones sits at cache position `p - shift` (and is rotated for it).
+    pub shift: usize,
 }
 
 impl Sequence {
@@ -56,6 +82,8 @@ impl Sequence {
             num_preemptions: 0,
             num_cached_tokens: 0,
             logits_from: None,
+            streaming: None,
+            shift: 0,
         }
     }
 
@@ -82,6 +110,9 @@ pub struct StepPlan {
     pub preempted: Vec<SeqId>,
     /// Prompt tokens found in the prefix cache by sequences admitted this step.
     pub prefix_hit_tokens: usize,
+    /// Streaming sequences whose kept keys move back before this step (only those still
+    /// scheduled count).
+    pub shifts: Vec<KeyShift>,
 }
 
 impl StepPlan {
@@ -163,10 +194,21 @@ impl Scheduler {
             if !self.running.contains(&id) {
                 continue; // preempted for an earlier sequence in this loop
             }
-            let Some(seq) = self.seqs.get(&id) else { continue };
-            let (start, n, len) = (seq.num_computed_tokens, remaining(seq).min(budget), seq.token_ids.len());
+            let bs = self.kv.block_size();
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            let (start, mut n, len) = (seq.num_computed_tokens, remaining(seq).min(budget), seq.token_ids.len());
+            if let Some(st) = seq.streaming {
+                // A full window drops its oldest blocks after the sinks first.
+                if start - seq.shift >= st.window_blocks * bs {
+                    self.kv.drop_blocks(id, st.sink_blocks, st.drop_blocks);
+                    seq.shift += st.drop_blocks * bs;
+                    plan.shifts.push(KeyShift { id, first_block: st.sink_blocks, delta: st.drop_blocks * bs });
+                }
+                n = n.min(st.window_blocks * bs - (start - seq.shift));
+            }
+            let cache_end = start - seq.shift + n;
             loop {
-                if self.kv.allocate(id, &CachedPrefix::default(), start + n) {
+                if self.kv.allocate(id, &CachedPrefix::default(), cache_end) {
                     let samples = start + n == len;
                     plan.scheduled.push(Scheduled { id, start, num_tokens: n, samples });
                     budget -= n;
@@ -196,8 +238,14 @@ impl Scheduler {
             if let Some(from) = seq.logits_from {
                 prefix.truncate(from / self.kv.block_size());
             }
+            if seq.streaming.is_some() {
+                prefix.truncate(0);
+            }
             let hit = prefix.num_tokens(self.kv.block_size());
-            let n = (seq.token_ids.len() - hit).min(budget);
+            let mut n = (seq.token_ids.len() - hit).min(budget);
+            if let Some(st) = seq.streaming {
+                n = n.min(st.window_blocks * self.kv.block_size());
+            }
             if !self.kv.allocate(id, &prefix, hit + n) {
                 break;
             }
@@ -221,7 +269,9 @@ impl Scheduler {
         for s in &plan.scheduled {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.num_computed_tokens = s.start + s.num_tokens;
-                self.kv.cache_computed(s.id, &seq.token_ids, seq.num_computed_tokens);
+                if seq.streaming.is_none() {
+                    self.kv.cache_computed(s.id, &seq.token_ids, seq.num_computed_tokens);
+                }
                 if let Some(w) = self.cfg.window {
                     // The next token (position `num_computed_tokens`) sees from `+ 1 - w` on.
                     let first_seen = (seq.num_computed_tokens + 1).saturating_sub(w);
@@ -242,6 +292,7 @@ impl Scheduler {
         self.kv.free(id);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.num_computed_tokens = 0;
+            seq.shift = 0;
             seq.num_preemptions += 1;
         }
         self.waiting.push_front(id);

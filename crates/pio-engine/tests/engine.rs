@@ -333,3 +333,85 @@ fn scoring_requests_are_checked() {
     engine.add_request(p, greedy(2)).expect("request");
     assert!(engine.score(&[prompt(5, 3)], 0).is_err(), "scoring needs an idle engine");
 }
+
+fn streaming(max_tokens: usize, window: usize, sinks: usize) -> RequestParams {
+    RequestParams {
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        attention_window: Some(window),
+        attention_sinks: Some(sinks),
+        ..Default::default()
+    }
+}
+
+/// A streaming window (attention sinks) generates far past what the cache holds, holding at
+/// most its window's blocks; until the window first fills its tokens are those of plain
+/// attention, and after, the same whether it runs alone, beside others with chunked prefill, or
+/// preempted and recomputed (for the dense model and the latent-cache one).
+#[test]
+fn streaming_windows_generate_past_the_cache_in_bounded_memory() {
+    for name in ["qwen3", "glm4_moe_lite"] {
+        let m = model_of(name);
+        let model = m.model.as_ref();
+        let (p, window, new) = (prompt(40, 9), 64, 300);
+        let params = streaming(new, window, 4);
+        // 6 blocks of 16 (96 positions) for 340 tokens.
+        let cfg = EngineConfig { max_num_seqs: 4, ..config(6, 32) };
+        let mut engine = Engine::new(model, None, cfg).expect("engine");
+        let id = engine.add_request(p.clone(), params.clone()).expect("request");
+        let (mut got, mut most): (Vec<u32>, usize) = (Vec::new(), 0);
+        while engine.has_work() {
+            for o in engine.step().expect("step") {
+                assert_eq!(o.id, id);
+                got.extend(&o.token_ids);
+            }
+            most = most.max(engine.metrics().kv_blocks_used.load(Ordering::Relaxed));
+        }
+        assert_eq!(got.len(), new, "{name}: generates past the cache");
+        assert!(most <= window / 16, "{name}: at most the window's 4 blocks held, got {most}");
+        // Plain attention agrees until the window first fills (prompt 40 + 24 tokens).
+        let plain = alone(model, &p, &greedy(30));
+        assert_eq!(got[..24], plain[..24], "{name}: same tokens before the first drop");
+        assert_ne!(got[..30], plain[..30], "{name}: the window changes what follows");
+
+        // Beside other requests, with a long prompt (past the window) chunked, in a cache that
+        // preempts: the same tokens.
+        let long = prompt(150, 4);
+        let want_long = {
+            let mut e = Engine::new(model, None, config(8, 512)).expect("engine");
+            run_all(&mut e, &[(long.clone(), streaming(40, window, 4))]).remove(0)
+        };
+        let mut e = Engine::new(model, None, EngineConfig { max_num_seqs: 4, ..config(9, 24) }).expect("engine");
+        let reqs = vec![
+            (p.clone(), params.clone()),
+            (long.clone(), streaming(40, window, 4)),
+            (prompt(30, 5), greedy(40)),
+            (prompt(20, 6), greedy(50)),
+        ];
+        let outs = run_all(&mut e, &reqs);
+        assert!(e.metrics().preemptions.load(Ordering::Relaxed) > 0, "{name}: the cache is tight enough to preempt");
+        assert_eq!(outs[0], got, "{name}: streaming beside others");
+        assert_eq!(outs[1], want_long, "{name}: a streamed long prompt, chunked");
+    }
+}
+
+#[test]
+fn streaming_windows_are_checked() {
+    let m = model();
+    let mut engine = Engine::new(m.model.as_ref(), None, config(8, 64)).expect("engine");
+    let p = prompt(20, 1);
+    let bad = [
+        (RequestParams { attention_sinks: Some(4), ..greedy(4) }, "needs attention_window"),
+        (streaming(4, 64, 64), "smaller than attention_window"),
+        (streaming(4, 16, 0), "at least 32"),
+        (streaming(4, 40, 4), "at least 48"),
+        (streaming(4, 1024, 4), "larger than the context"),
+    ];
+    for (params, msg) in bad {
+        let e = engine.add_request(p.clone(), params).expect_err("refused");
+        assert!(e.to_string().contains(msg), "{e}");
+    }
+    // A prompt longer than the context streams.
+    engine.add_request(prompt(300, 2), streaming(4, 64, 4)).expect("streams a long prompt");
+    assert!(engine.add_request(prompt(300, 2), greedy(4)).is_err());
+}

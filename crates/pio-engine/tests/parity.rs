@@ -140,6 +140,8 @@ fn greedy_continuations_match_transformers() {
             stop_token_ids: loaded.generation.eos_token_ids.clone(),
             ignore_eos: true,
             stop: Vec::new(),
+            attention_window: None,
+            attention_sinks: None,
         };
         let mut e = engine(loaded.model.as_ref(), 64, KvCacheType::default());
         let out = generate(&mut e, &r.ids("input_ids"), &params, &mut |_| {}).expect("generate");

@@ -45,6 +45,8 @@ fn one_interface_loads_generates_chats_and_reports() {
         stop_token_ids: loaded.generation.eos_token_ids.clone(),
         ignore_eos: false,
         stop: Vec::new(),
+        attention_window: None,
+        attention_sinks: None,
     };
     let want = generate(&mut engine, &ids, &params, &mut |_| {}).expect("generate");
     assert_eq!(out.token_ids, want.token_ids);

@@ -89,6 +89,8 @@ fn check(name: &str) {
         stop_token_ids: loaded.generation.eos_token_ids.clone(),
         ignore_eos: true,
         stop: Vec::new(),
+        attention_window: None,
+        attention_sinks: None,
     };
     let out = generate(&mut engine, &prompt, &params, &mut |_| {}).expect("generate");
     let margins: Vec<f64> =

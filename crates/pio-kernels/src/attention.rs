@@ -352,6 +352,30 @@ impl<T: KvElem> PagedKvMut<'_, T> {
         }
     }
 
+    /// Replaces every key row (`head_dim` values of one kv head at one position) in `blocks`
+    /// by `f` of it, as f32 (a position shift re-rotates the kept keys this way).
+    pub fn map_keys(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
+        let (bs, hd, nkv) = (self.block_size, self.head_dim, self.num_kv_heads);
+        let mut row = vec![0f32; hd];
+        let mut enc = T::zeros(hd);
+        for &b in blocks {
+            for g in 0..nkv {
+                // Key dimension d of position `off` at ((b * nkv + g) * hd + d) * bs + off.
+                let base = (b as usize * nkv + g) * hd * bs;
+                for off in 0..bs {
+                    for (d, x) in row.iter_mut().enumerate() {
+                        *x = self.k[base + d * bs + off].to_f32();
+                    }
+                    f(&mut row);
+                    T::from_f32s(&row, &mut enc);
+                    for (d, &x) in enc.iter().enumerate() {
+                        self.k[base + d * bs + off] = x;
+                    }
+                }
+            }
+        }
+    }
+
     pub fn view(&self) -> PagedKv<'_, T> {
         PagedKv {
             k: self.k,
@@ -500,6 +524,44 @@ impl CodedKvMut<'_> {
                 }
                 let vsrc = &v[t * nkv * hd + g * hd..][..hd];
                 encode_row(self.types.v, vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
+            }
+        }
+    }
+
+    /// Replaces every key row in `blocks` by `f` of it (a linear map: a position shift's
+    /// re-rotation). Block-format keys are decoded, mapped and encoded again against their
+    /// block's anchor mapped the same way, so each key is requantized once per call.
+    pub fn map_keys(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
+        let (bs, nkv, hd) = (self.block_size, self.num_kv_heads, self.head_dim);
+        let krb = self.types.k.row_bytes(hd);
+        let anchored = self.types.k.is_quantized();
+        let (mut rows, mut anchor, mut diff) = (vec![0f32; bs * hd], vec![0f32; hd], vec![0f32; hd]);
+        for &b in blocks {
+            for g in 0..nkv {
+                let first = (b as usize * nkv + g) * bs;
+                let at = (b as usize * nkv + g) * hd;
+                let a = anchored.then(|| &self.anchors[at..at + hd]);
+                for (off, row) in rows.chunks_exact_mut(hd).enumerate() {
+                    let r = first + off;
+                    decode_row(SimdLevel::Scalar, self.types.k, &self.k[r * krb..(r + 1) * krb], a, row);
+                    f(row);
+                }
+                if anchored {
+                    for (x, &a) in anchor.iter_mut().zip(&self.anchors[at..at + hd]) {
+                        *x = f16::from_bits(a).to_f32();
+                    }
+                    f(&mut anchor);
+                    set_anchor(&mut self.anchors[at..at + hd], &anchor);
+                }
+                for (off, row) in rows.chunks_exact(hd).enumerate() {
+                    let r = first + off;
+                    let dst = &mut self.k[r * krb..(r + 1) * krb];
+                    if anchored {
+                        encode_diff(self.types.k, row, &self.anchors[at..at + hd], &mut diff, dst);
+                    } else {
+                        encode_row(self.types.k, row, dst);
+                    }
+                }
             }
         }
     }

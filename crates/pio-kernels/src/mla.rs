@@ -70,6 +70,22 @@ impl<T: KvElem> LatentKvMut<'_, T> {
         }
     }
 
+    /// Replaces every row in `blocks` by `f` of it, as f32 (a position shift's re-rotation).
+    pub fn map_rows(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
+        let (w, bs) = (self.width, self.block_size);
+        let mut row = vec![0f32; w];
+        for &b in blocks {
+            for slot in b as usize * bs..(b as usize + 1) * bs {
+                let dst = &mut self.data[slot * w..(slot + 1) * w];
+                for (x, s) in row.iter_mut().zip(dst.iter()) {
+                    *x = s.to_f32();
+                }
+                f(&mut row);
+                T::from_f32s(&row, dst);
+            }
+        }
+    }
+
     pub fn view(&self) -> LatentKv<'_, T> {
         LatentKv { data: self.data, block_size: self.block_size, width: self.width }
     }
@@ -144,6 +160,38 @@ impl CodedLatentKvMut<'_> {
                 crate::attention::encode_diff(self.dtype, src, anchor, &mut diff, dst);
             } else {
                 crate::attention::encode_row(self.dtype, src, dst);
+            }
+        }
+    }
+
+    /// Replaces every row in `blocks` by `f` of it (a linear map: a position shift's
+    /// re-rotation); block formats are re-encoded against their anchor mapped the same way.
+    pub fn map_rows(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
+        let (w, bs) = (self.width, self.block_size);
+        let rb = self.dtype.row_bytes(w);
+        let anchored = self.dtype.is_quantized();
+        let (mut rows, mut anchor, mut diff) = (vec![0f32; bs * w], vec![0f32; w], vec![0f32; w]);
+        for &b in blocks {
+            let (b, at) = (b as usize, b as usize * w);
+            for (off, row) in rows.chunks_exact_mut(w.max(1)).enumerate() {
+                self.view().read(SimdLevel::Scalar, b * bs + off, row);
+                f(row);
+            }
+            if anchored {
+                for (x, &a) in anchor.iter_mut().zip(&self.anchors[at..at + w]) {
+                    *x = half::f16::from_bits(a).to_f32();
+                }
+                f(&mut anchor);
+                crate::attention::set_anchor(&mut self.anchors[at..at + w], &anchor);
+            }
+            for (off, row) in rows.chunks_exact(w.max(1)).enumerate() {
+                let slot = b * bs + off;
+                let dst = &mut self.data[slot * rb..(slot + 1) * rb];
+                if anchored {
+                    crate::attention::encode_diff(self.dtype, row, &self.anchors[at..at + w], &mut diff, dst);
+                } else {
+                    crate::attention::encode_row(self.dtype, row, dst);
+                }
             }
         }
     }

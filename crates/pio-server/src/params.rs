@@ -139,6 +139,8 @@ pub fn common(
         stop: get_stop(o)?,
         logprobs,
         prompt_logits: None,
+        attention_window: get_usize(o, "attention_window")?,
+        attention_sinks: get_usize(o, "attention_sinks")?,
     };
     if let (Some(max), min) = (params.max_tokens, params.min_tokens) {
         if min > max {

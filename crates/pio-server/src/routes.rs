@@ -110,7 +110,9 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         return Err(ApiError::bad_param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
     let max_len = s.engine.config().max_model_len;
-    for ids in &prompts {
+    // A streaming window (`attention_window`) runs past the context.
+    let bounded = common.params.attention_window.is_none();
+    for ids in prompts.iter().filter(|_| bounded) {
         let asked = ids.len().saturating_add(common.params.max_tokens.unwrap_or(1));
         if asked > max_len {
             let what = if kind == Kind::Chat { "messages" } else { "prompt" };

@@ -293,6 +293,53 @@ impl Attention {
         }
     }
 
+    /// Re-rotates this layer's cached keys in `blocks` from position `p` to `p - delta` (a
+    /// rotation by `-delta`, in the space the cache stores them in).
+    pub fn shift_keys(&self, cache: &mut KvCache, blocks: &[u32], delta: usize) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        ops::rope_angles(delta, &self.inv_freq, &mut cos, &mut sin);
+        sin.iter_mut().for_each(|s| *s = -*s);
+        let hd = self.head_dim;
+        let layout = self.rope_layout;
+        let bs = cache.block_size;
+        match &mut cache.layers {
+            KvLayers::F32(l) => {
+                let (k, v) = &mut l[self.layer];
+                let mut kv = PagedKvMut { k, v, block_size: bs, num_kv_heads: self.num_kv_heads, head_dim: hd };
+                kv.map_keys(blocks, &mut |row| ops::rope_heads_with(row, hd, &cos, &sin, layout));
+            }
+            KvLayers::F16(l) => {
+                let (k, v) = &mut l[self.layer];
+                let mut kv = PagedKvMut { k, v, block_size: bs, num_kv_heads: self.num_kv_heads, head_dim: hd };
+                kv.map_keys(blocks, &mut |row| ops::rope_heads_with(row, hd, &cos, &sin, layout));
+            }
+            KvLayers::Coded { types, layers } => {
+                // Block-format keys are stored Hadamard-rotated (see `forward`): undo, rotate the
+                // positions, redo.
+                let hadamard = types.k.is_quantized();
+                let l = &mut layers[self.layer];
+                let mut kv = CodedKvMut {
+                    k: &mut l.k,
+                    v: &mut l.v,
+                    anchors: &mut l.anchors,
+                    types: *types,
+                    block_size: bs,
+                    num_kv_heads: self.num_kv_heads,
+                    head_dim: hd,
+                };
+                kv.map_keys(blocks, &mut |row| {
+                    if hadamard {
+                        ops::hadamard_rows(row, hd);
+                    }
+                    ops::rope_heads_with(row, hd, &cos, &sin, layout);
+                    if hadamard {
+                        ops::hadamard_rows(row, hd);
+                    }
+                });
+            }
+        }
+    }
+
     /// Each query token's context: its sequence's blocks, and the positions up to its own.
     fn queries<'b>(&self, batch: &'b ForwardBatch) -> Vec<QueryContext<'b>> {
         batch

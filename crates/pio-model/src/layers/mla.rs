@@ -141,6 +141,38 @@ impl LatentAttention {
     }
 
     /// `x`: `[T, hidden]` -> `[T, hidden]`, writing each token's latent row into the cache.
+    /// Re-rotates the rotary part of this layer's cached rows in `blocks` from position `p` to
+    /// `p - delta` (the latent part has no position).
+    pub fn shift_keys(&self, cache: &mut KvCache, blocks: &[u32], delta: usize) {
+        let (r, rope) = (self.kv_lora_rank, self.qk_rope_head_dim);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        ops::rope_angles(delta, &self.inv_freq, &mut cos, &mut sin);
+        sin.iter_mut().for_each(|s| *s = -*s);
+        let layout = self.rope_layout;
+        let block_size = cache.block_size;
+        let width = r + rope;
+        let mut shift = |row: &mut [f32]| ops::rope_heads_with(&mut row[r..], rope, &cos, &sin, layout);
+        match cache.latent_layer_mut(self.layer) {
+            LatentLayerMut::Coded { data, anchors, dtype } => {
+                // Stored Hadamard-rotated in blocks (see `forward`): undo, shift, redo.
+                let rotate = dtype.is_quantized();
+                let block = ops::hadamard_block(r).min(ops::hadamard_block(rope));
+                let mut kv = CodedLatentKvMut { data, anchors, dtype, block_size, width };
+                kv.map_rows(blocks, &mut |row| {
+                    if rotate {
+                        ops::hadamard_blocks(row, block);
+                    }
+                    shift(row);
+                    if rotate {
+                        ops::hadamard_blocks(row, block);
+                    }
+                });
+            }
+            LatentLayerMut::F32(data) => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
+            LatentLayerMut::F16(data) => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
+        }
+    }
+
     pub fn forward(&self, x: &[f32], batch: &ForwardBatch, cache: &mut KvCache) -> Vec<f32> {
         let n = batch.num_tokens();
         let (nh, r, nope, rope, v) =

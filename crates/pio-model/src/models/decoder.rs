@@ -323,6 +323,26 @@ impl CausalLm for DecoderModel {
         }
     }
 
+    fn can_shift_positions(&self) -> bool {
+        true
+    }
+
+    fn shift_positions(&self, cache: &mut KvCache, blocks: &[u32], delta: usize) -> Result<()> {
+        if let Some(b) = blocks.iter().find(|&&b| b as usize >= cache.num_blocks) {
+            return Err(Error::Batch(format!("block {b} is outside the cache ({} blocks)", cache.num_blocks)));
+        }
+        if cache.num_layers() != self.layers.len() || cache.is_latent() != self.config.mla.is_some() {
+            return Err(Error::Batch("KV cache was made for another model shape".into()));
+        }
+        for layer in &self.layers {
+            match &layer.self_attn {
+                AttentionBlock::Standard(a) => a.attn.shift_keys(cache, blocks, delta),
+                AttentionBlock::Latent(a) => a.shift_keys(cache, blocks, delta),
+            }
+        }
+        Ok(())
+    }
+
     fn moe_stats(&self) -> Option<MoeStats> {
         let mut total: Option<MoeStats> = None;
         for l in &self.layers {
@@ -372,5 +392,121 @@ impl CausalLm for DecoderModel {
         }
         self.norm.forward_in_place(&mut rows);
         Ok(self.lm_head.forward(&rows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use pio_kernels::attention::KvCacheDtype;
+
+    use super::*;
+
+    fn fixture(name: &str) -> DecoderModel {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name);
+        load_dir(&dir)
+    }
+
+    fn load_dir(dir: &Path) -> DecoderModel {
+        let config = ModelConfig::from_hf_file(&dir.join("config.json")).expect("config");
+        let ckpt = crate::weights::safetensors::load_dir(dir).expect("checkpoint");
+        DecoderModel::load(config, ckpt, &mut |_, _| {}).expect("model")
+    }
+
+    /// Layer 0's attention over `table`: writes the rows' K/V at `positions` and returns its
+    /// outputs.
+    fn attend(
+        m: &DecoderModel,
+        cache: &mut KvCache,
+        table: &[u32],
+        positions: std::ops::Range<usize>,
+        x: &[f32],
+    ) -> Vec<f32> {
+        let bs = cache.block_size;
+        let n = positions.len();
+        let batch = ForwardBatch {
+            token_ids: vec![0; n],
+            slot_mapping: positions.clone().map(|p| table[p / bs] as usize * bs + p % bs).collect(),
+            positions: positions.collect(),
+            seq_indices: vec![0; n],
+            block_tables: vec![table.to_vec()],
+            logits_indices: Vec::new(),
+        };
+        match &m.layers[0].self_attn {
+            AttentionBlock::Standard(a) => a.forward(x, &batch, cache),
+            AttentionBlock::Latent(a) => a.forward(x, &batch, cache),
+        }
+    }
+
+    /// Keys written at positions `delta + i`, then shifted back by `delta`, attend as keys
+    /// written at `i` (standard and latent attention, every cache type the model takes): a
+    /// query at the next position gets the same output from both, up to the cache type's
+    /// rounding, and without the shift a different one.
+    #[test]
+    fn shifted_keys_attend_as_if_written_at_their_new_positions() {
+        // GLM with a latent row of 64 + 32, which the block formats fit.
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/glm4_moe_lite");
+        let dir = std::env::temp_dir().join(format!("pio-shift-mla-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("config.json")).expect("read")).expect("json");
+        json["kv_lora_rank"] = 64.into();
+        json["qk_rope_head_dim"] = 32.into();
+        std::fs::write(dir.join("config.json"), json.to_string()).expect("write config");
+        crate::synth::write_random_checkpoint(
+            &dir.join("config.json"),
+            None,
+            &dir.join("model"),
+            pio_kernels::DType::F32,
+            7,
+        )
+        .expect("synth");
+        let wide_glm = load_dir(&dir.join("model"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let models = [
+            ("qwen3", fixture("qwen3")),
+            ("qwen2", fixture("qwen2")),
+            ("glm4_moe_lite", fixture("glm4_moe_lite")),
+            ("glm-64+32", wide_glm),
+        ];
+        let mut block_formats = 0;
+        for (name, m) in models {
+            let h = m.config.hidden_size;
+            let (bs, n, delta) = (16, 20, 32);
+            let x: Vec<f32> = (0..(n + 1) * h).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
+            for t in KvCacheDtype::ALL {
+                let types = KvCacheType::both(t);
+                if m.check_kv_cache_type(types).is_err() {
+                    continue;
+                }
+                block_formats += usize::from(t.is_quantized());
+                let mut a = m.new_kv_cache_with(bs, 8, types);
+                attend(&m, &mut a, &[0, 1], 0..n, &x[..n * h]);
+                let want = attend(&m, &mut a, &[0, 1], n..n + 1, &x[n * h..]);
+                // The same rows two blocks later (blocks 6 and 7 stand for the dropped ones).
+                let run_shifted = |shift: bool| {
+                    let mut b = m.new_kv_cache_with(bs, 8, types);
+                    attend(&m, &mut b, &[6, 7, 2, 3], delta..delta + n, &x[..n * h]);
+                    if shift {
+                        m.shift_positions(&mut b, &[2, 3], delta).expect("shift");
+                    }
+                    attend(&m, &mut b, &[2, 3], n..n + 1, &x[n * h..])
+                };
+                let max = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let diff = |got: &[f32]| got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / max;
+                let bound = match t {
+                    KvCacheDtype::F32 => 1e-5,
+                    KvCacheDtype::F16 => 2e-3,
+                    KvCacheDtype::BF16 => 2e-2,
+                    KvCacheDtype::Q8_0 => 3e-2,
+                    KvCacheDtype::Q4_0 => 0.3,
+                };
+                let (shifted, unshifted) = (diff(&run_shifted(true)), diff(&run_shifted(false)));
+                assert!(shifted <= bound, "{name} {t}: shifted keys off by {shifted:.2e} (bound {bound:.0e})");
+                assert!(unshifted > 2.0 * shifted.max(1e-4), "{name} {t}: the shift must matter ({unshifted:.2e})");
+            }
+        }
+        assert_eq!(block_formats, 4, "q8_0 and q4_0 on standard and latent attention");
     }
 }

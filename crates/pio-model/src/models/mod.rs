@@ -51,6 +51,18 @@ pub trait CausalLm: Send + Sync {
         None
     }
 
+    /// Whether [`CausalLm::shift_positions`] works for this model.
+    fn can_shift_positions(&self) -> bool {
+        false
+    }
+
+    /// Moves the cached keys in `blocks` back by `delta` positions: every layer's rotary keys
+    /// are re-rotated for their new positions (what a streaming window does after dropping
+    /// `delta` tokens before them, as llama.cpp's context shift). Nothing else changes.
+    fn shift_positions(&self, _cache: &mut KvCache, _blocks: &[u32], _delta: usize) -> Result<()> {
+        Err(crate::Error::Batch("this model cannot shift cached positions".into()))
+    }
+
     /// What the mixture-of-experts layers did since load (`None`: the model has none).
     fn moe_stats(&self) -> Option<MoeStats> {
         None
