@@ -130,7 +130,14 @@ impl BlockPool {
             debug_assert!(meta.ref_cnt > 0, "block {b} freed twice");
             meta.ref_cnt = meta.ref_cnt.saturating_sub(1);
             if meta.ref_cnt == 0 {
-                self.free.push_back(b);
+                // A cached block waits at the back, evicted last (LRU); one that holds nothing
+                // reusable is taken again first, so a running workload keeps reusing the same
+                // (resident) memory instead of walking through the whole cache.
+                if meta.cached.is_some() {
+                    self.free.push_back(b);
+                } else {
+                    self.free.push_front(b);
+                }
             }
         }
     }
@@ -198,6 +205,18 @@ impl FreeQueue {
         self.len += 1;
     }
 
+    fn push_front(&mut self, b: u32) {
+        debug_assert!(!self.in_queue[b as usize]);
+        let s = self.sentinel();
+        let first = self.next[s as usize];
+        self.prev[first as usize] = b;
+        self.next[b as usize] = first;
+        self.prev[b as usize] = s;
+        self.next[s as usize] = b;
+        self.in_queue[b as usize] = true;
+        self.len += 1;
+    }
+
     fn remove(&mut self, b: u32) {
         if !self.in_queue[b as usize] {
             return;
@@ -232,8 +251,20 @@ mod tests {
         assert_eq!((pool.num_free(), pool.num_used()), (1, 3));
         pool.free(a.iter().rev().copied());
         assert_eq!(pool.num_free(), 4);
-        // Least recently freed first: 3 (never used), then 2, 1, 0 (freed last-first).
-        assert_eq!(pool.allocate(4).unwrap_or_default(), vec![3, 2, 1, 0]);
+        // Uncached blocks come back first, the last freed first (0, freed after 1 and 2); 3
+        // (never used) after them.
+        assert_eq!(pool.allocate(4).unwrap_or_default(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn cached_blocks_are_taken_after_uncached_ones() {
+        let mut pool = BlockPool::new(4);
+        let a = pool.allocate(4).unwrap_or_default();
+        let hash = pool.hash_block(None, &[1, 2]);
+        assert!(pool.cache_block(a[1], hash, None, &[1, 2]));
+        pool.free(a.iter().copied());
+        // Uncached 3, 2, 0 (the last freed first), then the cached block 1, evicted last.
+        assert_eq!(pool.allocate(4).unwrap_or_default(), vec![3, 2, 0, 1]);
     }
 
     #[test]
