@@ -40,6 +40,9 @@ pub enum Command {
     Quantize(QuantizeArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(crate::serve::ServeArgs),
+    /// The KV cache a model's config implies: bytes per token for each cache type, and the
+    /// tokens a memory budget holds.
+    KvCache(crate::kv_cache::KvCacheArgs),
 }
 
 #[derive(Debug, Args)]

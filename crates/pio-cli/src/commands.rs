@@ -38,6 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => crate::perplexity::cmd_perplexity(a),
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),
         Command::Serve(a) => crate::serve::cmd_serve(a),
+        Command::KvCache(a) => crate::kv_cache::cmd_kv_cache(a),
         Command::Synth(a) => {
             let dtype = a.dtype;
             let start = Instant::now();

@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod commands;
+mod kv_cache;
 mod perplexity;
 mod quantize;
 mod serve;

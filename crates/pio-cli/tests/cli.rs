@@ -362,3 +362,52 @@ fn bench_reports_the_kv_cache_it_ran_with() {
         (&"q8_0/q4_0".into(), &"q8_0".into(), &"q4_0".into())
     );
 }
+
+/// `--attention-window` streams a generation past `--ctx-size`; bad windows exit 1 naming the
+/// option.
+#[test]
+fn generate_streams_past_the_context_with_attention_sinks() {
+    let model = fixture("qwen3");
+    let m = model.to_str().expect("path");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m, "--prompt-ids", "1,2,3,4,5,6,7,8", "--temperature", "0"];
+        args.extend_from_slice(&["--max-tokens", "120", "--ignore-eos", "--json", "--ctx-size", "48"]);
+        args.extend_from_slice(extra);
+        pio(&args, None)
+    };
+    let o = run(&["--attention-window", "48", "--attention-sinks", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(120), "120 tokens through a 48-token cache");
+    // Without the window the context ends generation.
+    let o = run(&[]);
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(40));
+    assert_fails(&run(&["--attention-window", "48", "--attention-sinks", "48"]), "attention_sinks");
+    assert_fails(&run(&["--attention-window", "8"]), "attention_window (8) must be at least 32");
+    assert_fails(&run(&["--attention-sinks", "4"]), "needs attention_window");
+    assert_fails(&run(&["--attention-window", "64"]), "larger than the context");
+}
+
+/// `pio kv-cache` reads a config alone and sizes the cache per type.
+#[test]
+fn kv_cache_reports_bytes_per_token_and_capacity() {
+    let config = fixture("qwen2").join("config.json");
+    let o = pio(&["kv-cache", "--config", config.to_str().expect("path"), "--kv-cache-mem", "1MiB", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let c: Value = serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
+    let (layers, kv) =
+        (c["num_hidden_layers"].as_u64().expect("layers"), c["num_key_value_heads"].as_u64().expect("kv"));
+    let hd = c["hidden_size"].as_u64().expect("hidden") / c["num_attention_heads"].as_u64().expect("heads");
+    let f16 = &v["types"][1];
+    assert_eq!(f16["cache_type_k"], "f16");
+    let per_token = layers * kv * hd * 2 * 2;
+    assert_eq!(f16["bytes_per_token"].as_f64(), Some(per_token as f64));
+    assert_eq!(f16["tokens"].as_u64(), Some((1 << 20) / (16 * per_token) * 16));
+    assert_fails(&pio(&["kv-cache", "--config", "/nonexistent/config.json"], None), "/nonexistent");
+    assert_fails(
+        &pio(&["kv-cache", "--config", config.to_str().expect("path"), "--kv-cache-mem", "lots"], None),
+        "lots",
+    );
+}

@@ -174,6 +174,21 @@ fn errors_come_back_in_openai_format_with_the_right_status() {
         (s, body_json(&t))
     };
     assert_error(s, &v, 404, "invalid_request_error", "route");
+    // A streaming window (vLLM-style extension fields) runs past the context; bad ones are 400s.
+    let streamed = json!({"prompt": long, "max_tokens": 80, "temperature": 0, "ignore_eos": true,
+        "attention_window": 48, "attention_sinks": 4});
+    let (s, v) = srv.post("/v1/completions", &streamed);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 80);
+    for (bad, what) in [
+        (json!({"prompt": "hi", "attention_window": 48, "attention_sinks": 48}), "attention_sinks"),
+        (json!({"prompt": "hi", "attention_window": 8}), "attention_window"),
+        (json!({"prompt": "hi", "attention_sinks": 4}), "attention_window"),
+        (json!({"prompt": "hi", "attention_window": "wide"}), "attention_window"),
+    ] {
+        let (s, v) = srv.post("/v1/completions", &bad);
+        assert_error(s, &v, 400, "invalid_request_error", what);
+    }
     // The server is still fine.
     let (s, v) = srv.post("/v1/completions", &json!({"prompt": "The sky is", "max_tokens": 3, "temperature": 0}));
     assert_eq!(s, 200, "{v}");

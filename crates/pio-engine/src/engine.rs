@@ -70,7 +70,8 @@ impl EngineConfig {
     ) -> Result<EngineConfig> {
         model.check_kv_cache_type(kv_cache_type).map_err(EngineError::Invalid)?;
         let block_size = 16;
-        let per_block = (model.kv_bytes_per_token(kv_cache_type) * block_size).max(1);
+        // One pool of blocks, each holding every layer's share (the model's cache spec).
+        let per_block = model.cache_spec().bytes_per_block(kv_cache_type, block_size).max(1);
         let num_blocks = kv_cache_bytes / per_block;
         if num_blocks == 0 {
             return Err(EngineError::Invalid(format!(

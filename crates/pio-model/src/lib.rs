@@ -14,7 +14,7 @@ pub mod weights;
 
 pub use batch::ForwardBatch;
 pub use error::{Error, Result};
-pub use layers::KvCache;
+pub use layers::{CacheSpec, KvCache, LayerCache};
 pub use load::{load, load_tokenizer, load_with, GenerationDefaults, LoadOptions, LoadedModel, ModelInfo};
 pub use models::{CausalLm, ModelShape};
 pub use pio_kernels::attention::{KvCacheDtype, KvCacheType};

@@ -26,7 +26,7 @@ use pio_kernels::{quant, DType};
 
 use crate::batch::ForwardBatch;
 use crate::config::{MlaConfig, ModelConfig};
-use crate::layers::attention::LatentLayerMut;
+use crate::layers::kv_cache::LayerStore;
 use crate::layers::{KvCache, Linear, RmsNorm};
 use crate::weights::{Checkpoint, Storage, Tensor};
 use crate::Result;
@@ -152,8 +152,9 @@ impl LatentAttention {
         let block_size = cache.block_size;
         let width = r + rope;
         let mut shift = |row: &mut [f32]| ops::rope_heads_with(&mut row[r..], rope, &cos, &sin, layout);
-        match cache.latent_layer_mut(self.layer) {
-            LatentLayerMut::Coded { data, anchors, dtype } => {
+        let dtype = cache.types().k;
+        match cache.layer_mut(self.layer) {
+            LayerStore::Coded { k: data, anchors, .. } => {
                 // Stored Hadamard-rotated in blocks (see `forward`): undo, shift, redo.
                 let rotate = dtype.is_quantized();
                 let block = ops::hadamard_block(r).min(ops::hadamard_block(rope));
@@ -168,8 +169,8 @@ impl LatentAttention {
                     }
                 });
             }
-            LatentLayerMut::F32(data) => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
-            LatentLayerMut::F16(data) => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
+            LayerStore::F32 { k: data, .. } => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
+            LayerStore::F16 { k: data, .. } => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
         }
     }
 
@@ -230,8 +231,9 @@ impl LatentAttention {
             .collect();
         let mut latent_out = vec![0f32; n * nh * r];
         let block_size = cache.block_size;
-        match cache.latent_layer_mut(self.layer) {
-            LatentLayerMut::Coded { data, anchors, dtype } => {
+        let dtype = cache.types().k;
+        match cache.layer_mut(self.layer) {
+            LayerStore::Coded { k: data, anchors, .. } => {
                 // As the block-format keys of standard attention: rows and queries rotated alike
                 // (the scores do not change), the latent part of the output rotated back. The
                 // Hadamard blocks divide both the latent and the rotary part.
@@ -248,12 +250,12 @@ impl LatentAttention {
                     ops::hadamard_blocks(&mut latent_out, block);
                 }
             }
-            LatentLayerMut::F32(data) => {
+            LayerStore::F32 { k: data, .. } => {
                 let mut kv = LatentKvMut { data, block_size, width };
                 kv.write(&batch.slot_mapping, &rows);
                 latent_attention(&queries, nh, kv.view(), &contexts, r, self.scale, &mut latent_out);
             }
-            LatentLayerMut::F16(data) => {
+            LayerStore::F16 { k: data, .. } => {
                 let mut kv = LatentKvMut { data, block_size, width };
                 kv.write(&batch.slot_mapping, &rows);
                 latent_attention(&queries, nh, kv.view(), &contexts, r, self.scale, &mut latent_out);

@@ -2,13 +2,15 @@
 //! attention over the paged cache, the SwiGLU MLP and the mixture of experts.
 
 pub mod attention;
+pub mod kv_cache;
 pub mod linear;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
 
-pub use attention::{Attention, KvCache};
+pub use attention::Attention;
+pub use kv_cache::{CacheSpec, KvCache, LayerCache};
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use moe::{MoeStats, SparseMoe};

@@ -21,14 +21,13 @@
 //!     out = o Woᵀ
 //! ```
 
-use pio_kernels::attention::KvCacheType;
 use pio_kernels::ops;
 
 use super::{CausalLm, ModelShape};
 use crate::batch::ForwardBatch;
 use crate::config::ModelConfig;
 use crate::layers::mla::LatentAttention;
-use crate::layers::{Attention, KvCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe};
+use crate::layers::{Attention, CacheSpec, KvCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe};
 use crate::weights::{Checkpoint, Tensor};
 use crate::{Error, Result};
 
@@ -42,6 +41,8 @@ pub struct DecoderModel {
     norm: RmsNorm,
     /// `[vocab, hidden]`; shares `embed_tokens`' storage when tied.
     lm_head: Linear,
+    /// What each layer keeps in the KV cache.
+    cache_spec: CacheSpec,
 }
 
 #[derive(Debug)]
@@ -137,7 +138,8 @@ impl DecoderModel {
         };
         ckpt.finish()?;
         progress(c.num_layers, c.num_layers);
-        Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head })
+        let cache_spec = CacheSpec::from_config(&config);
+        Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, cache_spec })
     }
 
     /// Every layer matrix (routers and experts included) and the LM head.
@@ -292,35 +294,8 @@ impl CausalLm for DecoderModel {
         }
     }
 
-    fn kv_bytes_per_token(&self, types: KvCacheType) -> usize {
-        let c = &self.config;
-        match &c.mla {
-            None => KvCache::bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, types),
-            Some(m) => KvCache::latent_bytes_per_token(c.num_layers, m.cache_width(), types.k),
-        }
-    }
-
-    fn attention_window(&self) -> Option<usize> {
-        let w = &self.config.sliding_window;
-        if w.is_empty() || w.iter().any(Option::is_none) {
-            return None;
-        }
-        w.iter().copied().flatten().max()
-    }
-
-    fn check_kv_cache_type(&self, types: KvCacheType) -> std::result::Result<(), String> {
-        match &self.config.mla {
-            None => types.check(self.config.head_dim),
-            Some(m) => KvCache::latent_supports(types, m.cache_width()),
-        }
-    }
-
-    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
-        let c = &self.config;
-        match &c.mla {
-            None => KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, block_size, num_blocks, types),
-            Some(m) => KvCache::new_latent(c.num_layers, m.cache_width(), block_size, num_blocks, types.k),
-        }
+    fn cache_spec(&self) -> CacheSpec {
+        self.cache_spec.clone()
     }
 
     fn can_shift_positions(&self) -> bool {
@@ -331,7 +306,7 @@ impl CausalLm for DecoderModel {
         if let Some(b) = blocks.iter().find(|&&b| b as usize >= cache.num_blocks) {
             return Err(Error::Batch(format!("block {b} is outside the cache ({} blocks)", cache.num_blocks)));
         }
-        if cache.num_layers() != self.layers.len() || cache.is_latent() != self.config.mla.is_some() {
+        if cache.spec() != &self.cache_spec {
             return Err(Error::Batch("KV cache was made for another model shape".into()));
         }
         for layer in &self.layers {
@@ -356,11 +331,7 @@ impl CausalLm for DecoderModel {
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         batch.validate(cache.block_size, cache.num_blocks)?;
-        let fits = match &c.mla {
-            None => !cache.is_latent() && cache.num_kv_heads == c.num_kv_heads && cache.head_dim == c.head_dim,
-            Some(m) => cache.is_latent() && cache.head_dim == m.cache_width(),
-        };
-        if !fits || cache.num_layers() != c.num_layers {
+        if cache.spec() != &self.cache_spec {
             return Err(Error::Batch("KV cache was made for another model shape".into()));
         }
         let h = c.hidden_size;
@@ -399,7 +370,7 @@ impl CausalLm for DecoderModel {
 mod tests {
     use std::path::Path;
 
-    use pio_kernels::attention::KvCacheDtype;
+    use pio_kernels::attention::{KvCacheDtype, KvCacheType};
 
     use super::*;
 

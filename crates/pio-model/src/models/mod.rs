@@ -5,7 +5,7 @@ pub mod decoder;
 use pio_kernels::attention::KvCacheType;
 
 use crate::batch::ForwardBatch;
-use crate::layers::{KvCache, MoeStats};
+use crate::layers::{CacheSpec, KvCache, MoeStats};
 use crate::Result;
 
 /// What the engine needs to know to size a cache and drive a model.
@@ -33,22 +33,24 @@ pub trait CausalLm: Send + Sync {
         self.new_kv_cache_with(block_size, num_blocks, KvCacheType::default())
     }
 
+    /// What each layer keeps in the cache.
+    fn cache_spec(&self) -> CacheSpec;
+
     /// Bytes one token's keys and values take across all layers, stored as `types`.
     fn kv_bytes_per_token(&self, types: KvCacheType) -> usize {
-        let s = self.shape();
-        KvCache::bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, types)
+        self.cache_spec().bytes_per_token(types)
     }
 
     /// Whether this model's cache can be stored as `types`: an error naming the option if not.
     fn check_kv_cache_type(&self, types: KvCacheType) -> std::result::Result<(), String> {
-        types.check(self.shape().head_dim)
+        self.cache_spec().check(types)
     }
 
     /// How far back any layer attends: `Some(w)` when every layer has a sliding window (the
     /// largest), so positions more than `w` behind the newest are never read again; `None`
     /// when some layer sees the whole context.
     fn attention_window(&self) -> Option<usize> {
-        None
+        self.cache_spec().window()
     }
 
     /// Whether [`CausalLm::shift_positions`] works for this model.
@@ -71,7 +73,6 @@ pub trait CausalLm: Send + Sync {
     /// As [`CausalLm::new_kv_cache`], storing keys and values as `types` (which
     /// [`CausalLm::check_kv_cache_type`] accepts; panics otherwise).
     fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
-        let s = self.shape();
-        KvCache::new(s.num_layers, s.num_kv_heads, s.head_dim, block_size, num_blocks, types)
+        KvCache::new(&self.cache_spec(), block_size, num_blocks, types)
     }
 }
