@@ -1,14 +1,17 @@
 //! `paged_attention` at Qwen3-0.6B's shape (16 query heads, 8 kv heads, head_dim 128, blocks of
 //! 16) per cache element type: decode (one query over 4096 cached positions) and a causal
 //! prefill of 512 tokens; and `latent_attention` at DeepSeek-V2-Lite's shape (20 heads sharing
-//! rows of 576 = 512 + 64, f16, blocks of 16), one decode token over 512 and 4096 positions.
+//! rows of 576 = 512 + 64, f16, blocks of 16), one decode token over 512 and 4096 positions;
+//! and decode over 4096 and 16384 positions of q8_0 and q4_0 caches (f16 at 16384 beside them).
 //! `cargo bench -p pio-kernels --bench attention [-- FILTER]`; threads follow `PIO_THREADS`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::f16;
-use pio_kernels::attention::{paged_attention, KvElem, PagedKv, PagedKvMut, QueryContext};
+use pio_kernels::attention::{
+    paged_attention, CodedKvMut, KvCacheDtype, KvCacheType, KvElem, PagedKv, PagedKvMut, QueryContext,
+};
 use pio_kernels::mla::{latent_attention, LatentKvMut};
 
 const HEADS: usize = 16;
@@ -44,6 +47,51 @@ fn run<T: KvElem>(c: &mut Criterion) {
     g.finish();
 }
 
+/// One decode token over 4096 and 16384 positions of a cache in each block format (and f16
+/// for comparison, through the same coded path's typed twin above).
+fn coded(c: &mut Criterion) {
+    let ctx = 16384;
+    let kd = KV_HEADS * HEAD_DIM;
+    let x: Vec<f32> = (0..ctx * kd).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
+    let slots: Vec<usize> = (0..ctx).collect();
+    let table: Vec<u32> = (0..(ctx / BLOCK) as u32).rev().collect();
+    let q: Vec<f32> = (0..HEADS * HEAD_DIM).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+    let mut out = vec![0f32; q.len()];
+    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+    for t in [KvCacheDtype::Q8_0, KvCacheDtype::Q4_0] {
+        let types = KvCacheType::both(t);
+        let rows = ctx * KV_HEADS;
+        let (mut k, mut v) = (vec![0u8; rows * t.row_bytes(HEAD_DIM)], vec![0u8; rows * t.row_bytes(HEAD_DIM)]);
+        let mut anchors = vec![0u16; ctx / BLOCK * kd];
+        let mut kv = CodedKvMut {
+            k: &mut k,
+            v: &mut v,
+            anchors: &mut anchors,
+            types,
+            block_size: BLOCK,
+            num_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+        };
+        kv.write(&slots, &x, &x);
+        let mut g = c.benchmark_group(format!("attention_{t}"));
+        for len in [4096, 16384] {
+            let queries = [QueryContext::causal(&table[table.len() - len / BLOCK..], len)];
+            g.bench_function(BenchmarkId::from_parameter(format!("decode_ctx{len}")), |b| {
+                b.iter(|| paged_attention(black_box(&q), HEADS, kv.view(), &queries, scale, &mut out))
+            });
+        }
+        g.finish();
+    }
+    let (mut k, mut v) = (f16::zeros(ctx * kd), f16::zeros(ctx * kd));
+    PagedKvMut { k: &mut k, v: &mut v, block_size: BLOCK, num_kv_heads: KV_HEADS, head_dim: HEAD_DIM }
+        .write(&slots, &x, &x);
+    let kv = PagedKv { k: &k, v: &v, block_size: BLOCK, num_kv_heads: KV_HEADS, head_dim: HEAD_DIM };
+    let queries = [QueryContext::causal(&table, ctx)];
+    c.bench_function("attention_f16/decode_ctx16384", |b| {
+        b.iter(|| paged_attention(black_box(&q), HEADS, kv, &queries, scale, &mut out))
+    });
+}
+
 fn latent(c: &mut Criterion) {
     let (heads, width, value_width, ctx) = (20, 576, 512, 4096);
     let mut data = f16::zeros(ctx * width);
@@ -68,6 +116,7 @@ fn latent(c: &mut Criterion) {
 fn bench(c: &mut Criterion) {
     run::<f32>(c);
     run::<f16>(c);
+    coded(c);
     latent(c);
 }
 
