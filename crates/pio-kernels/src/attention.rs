@@ -1380,24 +1380,45 @@ pub(crate) mod x86 {
                 *x = hsum256(acc);
             }
             let row = &mut s[i * super::CHUNK..(i + 1) * super::CHUNK];
-            for (j, sj) in row.iter_mut().enumerate() {
-                if j >= seen.min(n) {
-                    *sj = f32::NEG_INFINITY;
+            let seen = seen.min(n);
+            // Eight positions at a time: their sums reduced together (a hadd tree), not one
+            // horizontal sum each.
+            for j0 in (0..super::CHUNK).step_by(8) {
+                if j0 >= seen {
+                    row[j0..j0 + 8].fill(f32::NEG_INFINITY);
                     continue;
                 }
-                let k = c.keys[j].as_ptr();
-                let mut acc = _mm256_setzero_ps();
-                for b in 0..nb {
-                    let kv = _mm256_loadu_si256(k.add(34 * b + 2) as *const __m256i);
-                    let ks = _mm256_sign_epi8(kv, qsgn[b]);
-                    let p = if VNNI {
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), qabs[b], ks)
-                    } else {
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(qabs[b], ks), ones)
-                    };
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dk[j * nb + b] * qd[b]), acc);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (jj, a) in acc.iter_mut().enumerate().take(seen - j0) {
+                    let j = j0 + jj;
+                    let k = c.keys[j].as_ptr();
+                    for b in 0..nb {
+                        let kv = _mm256_loadu_si256(k.add(34 * b + 2) as *const __m256i);
+                        let ks = _mm256_sign_epi8(kv, qsgn[b]);
+                        let p = if VNNI {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), qabs[b], ks)
+                        } else {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(qabs[b], ks), ones)
+                        };
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dk[j * nb + b] * qd[b]), *a);
+                    }
                 }
-                *sj = (qa[c.blk_of[j]] + hsum256(acc)) * c.scale;
+                let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+                let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+                let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+                let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+                let h0123 = _mm256_hadd_ps(h01, h23);
+                let h4567 = _mm256_hadd_ps(h45, h67);
+                let sums = _mm256_add_ps(
+                    _mm256_permute2f128_ps::<0x20>(h0123, h4567),
+                    _mm256_permute2f128_ps::<0x31>(h0123, h4567),
+                );
+                let mut out = [0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), sums);
+                for (jj, (sj, &x)) in row[j0..j0 + 8].iter_mut().zip(&out).enumerate() {
+                    let j = j0 + jj;
+                    *sj = if j < seen { (qa[c.blk_of[j]] + x) * c.scale } else { f32::NEG_INFINITY };
+                }
             }
         }
     }
