@@ -2,7 +2,8 @@
 //! 16) per cache element type: decode (one query over 4096 cached positions) and a causal
 //! prefill of 512 tokens; and `latent_attention` at DeepSeek-V2-Lite's shape (20 heads sharing
 //! rows of 576 = 512 + 64, f16, blocks of 16), one decode token over 512 and 4096 positions;
-//! and decode over 4096 and 16384 positions of q8_0 and q4_0 caches (f16 at 16384 beside them).
+//! and decode over 4096 and 16384 positions and a 512-token prefill of q8_0 and q4_0 caches (f16
+//! at 16384 beside them).
 //! `cargo bench -p pio-kernels --bench attention [-- FILTER]`; threads follow `PIO_THREADS`.
 
 use std::hint::black_box;
@@ -80,6 +81,12 @@ fn coded(c: &mut Criterion) {
                 b.iter(|| paged_attention(black_box(&q), HEADS, kv.view(), &queries, scale, &mut out))
             });
         }
+        let queries: Vec<QueryContext> = (0..512).map(|p| QueryContext::causal(&table[..32], p + 1)).collect();
+        let qp: Vec<f32> = (0..512 * HEADS * HEAD_DIM).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+        let mut outp = vec![0f32; qp.len()];
+        g.bench_function(BenchmarkId::from_parameter("prefill_512"), |b| {
+            b.iter(|| paged_attention(black_box(&qp), HEADS, kv.view(), &queries, scale, &mut outp))
+        });
         g.finish();
     }
     let (mut k, mut v) = (f16::zeros(ctx * kd), f16::zeros(ctx * kd));

@@ -214,15 +214,17 @@ pub trait KvSource: Copy + Send + Sync {
         v: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize, &'s [f32], usize);
 
-    /// Whether the keys are q8_0 rows, which [`KvSource::int8_scores`] scores against an int8
-    /// query with integer dot products (as ik_llama.cpp does) instead of widening them.
-    fn int8_keys(&self) -> bool {
+    /// Whether [`KvSource::int8_scores`] scores this cache's keys at `level`: q8_0 keys against
+    /// an int8 query with integer dot products (as ik_llama.cpp does) instead of widening them,
+    /// where the CPU has VNNI (AVX2's byte products are no faster than the f32 tile there). Every
+    /// token of a level takes the same path, so outputs stay batch-invariant.
+    fn int8_keys(&self, _level: SimdLevel) -> bool {
         false
     }
 
     /// With [`KvSource::int8_keys`]: the scores of the `active` rows against positions `p0..p0 +
     /// n` (`-inf` past what a row sees), as [`scores`] writes them; `q` the rows as f32 (for the
-    /// keys' anchors), `qi`/`qd` as q8 blocks ([`quantize_queries`]); `tmp` scratch.
+    /// keys' anchors), `qi`/`qd` as offset q8 blocks ([`quantize_queries`]); `tmp` scratch.
     #[allow(clippy::too_many_arguments)]
     fn int8_scores(
         &self,
@@ -231,7 +233,7 @@ pub trait KvSource: Copy + Send + Sync {
         _g: usize,
         _p0: usize,
         _n: usize,
-        _q: (&[f32], &[i8], &[f32]),
+        _q: (&[f32], &[u8], &[f32]),
         _active: &[(usize, usize)],
         _scale: f32,
         _tmp: &mut Vec<f32>,
@@ -257,17 +259,28 @@ pub trait KvSource: Copy + Send + Sync {
     }
 }
 
-/// Rows of `hd` values (`q`, `[rows, hd]`) as q8 blocks of 32: `qi` the values, `qd` one scale
-/// per block (`max |x| / 127`, values rounded to nearest).
-pub fn quantize_queries(q: &[f32], hd: usize, qi: &mut Vec<i8>, qd: &mut Vec<f32>) {
+/// Rows of `hd` values (`q`, `[rows, hd]`) as q8 blocks of 32: `qi` the values plus 128 (as
+/// unsigned bytes: `vpdpbusd` multiplies unsigned by signed), `qd` one scale per block (`max
+/// |x| / 127`, values rounded to nearest, ties to even, in -127..=127). The same bytes at every
+/// level.
+pub fn quantize_queries(level: SimdLevel, q: &[f32], hd: usize, qi: &mut Vec<u8>, qd: &mut Vec<f32>) {
     qi.clear();
     qd.clear();
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx512 {
+        qi.resize(q.len() / 32 * 32, 0);
+        qd.resize(q.len() / 32, 0.0);
+        // SAFETY: the level only names features the CPU has; `qi` and `qd` were sized above.
+        unsafe { x86::quantize_queries_avx512(q, qi, qd) };
+        return;
+    }
+    let _ = level;
     for blk in q.chunks_exact(32) {
         let amax = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         qd.push(d);
-        qi.extend(blk.iter().map(|&x| (x * inv).round().clamp(-127.0, 127.0) as i8));
+        qi.extend(blk.iter().map(|&x| ((x * inv).round_ties_even() as i32).clamp(-127, 127).wrapping_add(128) as u8));
     }
     debug_assert_eq!(qi.len(), q.len() - q.len() % hd.max(1));
 }
@@ -280,20 +293,22 @@ pub(crate) struct Int8Chunk<'a> {
     blk_of: &'a [usize],
     anchors: &'a [&'a [u16]],
     q: &'a [f32],
-    qi: &'a [i8],
+    qi: &'a [u8],
     qd: &'a [f32],
     active: &'a [(usize, usize)],
     hd: usize,
     scale: f32,
 }
 
-/// `Σ_b d_k[b] · qd[b] · Σ_t qi[32b + t] · k[b][t]` over the q8_0 blocks of `row` (scalar
-/// reference: integer block sums, f32 across blocks in order).
-fn dot_q8_scalar(row: &[u8], qi: &[i8], qd: &[f32]) -> f32 {
+/// `Σ_b d_k[b] · qd[b] · Σ_t q[32b + t] · k[b][t]` over the q8_0 blocks of `row`, `qi` the
+/// query offset by 128 (the scalar reference of the VNNI tile: exact integer block sums, f32
+/// across blocks in order).
+#[cfg(test)]
+fn dot_q8_scalar(row: &[u8], qi: &[u8], qd: &[f32]) -> f32 {
     let mut acc = 0f32;
     for ((blk, qb), &dq) in row.chunks_exact(34).zip(qi.chunks_exact(32)).zip(qd) {
         let dk = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let isum: i32 = blk[2..].iter().zip(qb).map(|(&k, &q)| i32::from(k as i8) * i32::from(q)).sum();
+        let isum: i32 = blk[2..].iter().zip(qb).map(|(&k, &q)| i32::from(k as i8) * (i32::from(q) - 128)).sum();
         acc += dk * dq * isum as f32;
     }
     acc
@@ -796,8 +811,12 @@ impl KvSource for CodedKv<'_> {
     fn head_dim(&self) -> usize {
         self.head_dim
     }
-    fn int8_keys(&self) -> bool {
+    fn int8_keys(&self, level: SimdLevel) -> bool {
         self.types.k == KvCacheDtype::Q8_0
+            && self.head_dim.is_multiple_of(32)
+            && self.head_dim <= 256
+            && level == SimdLevel::Avx512
+            && crate::cpu::has_avx512_vnni()
     }
     fn int8_scores(
         &self,
@@ -806,7 +825,7 @@ impl KvSource for CodedKv<'_> {
         g: usize,
         p0: usize,
         n: usize,
-        (q, qi, qd): (&[f32], &[i8], &[f32]),
+        (q, qi, qd): (&[f32], &[u8], &[f32]),
         active: &[(usize, usize)],
         scale: f32,
         tmp: &mut Vec<f32>,
@@ -831,8 +850,6 @@ impl KvSource for CodedKv<'_> {
             let r = (b * nkv + g) * bs + pos % bs;
             keys[j] = &self.k[r * krb..(r + 1) * krb];
         }
-        let na = active.len();
-        tmp.resize(nblocks * na, 0.0);
         let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
         for (a, &b) in anchors.iter_mut().zip(&blocks[..nblocks]) {
             *a = &self.anchors[(b * nkv + g) * hd..][..hd];
@@ -848,35 +865,15 @@ impl KvSource for CodedKv<'_> {
             hd,
             scale,
         };
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level only names features the CPU has; rows and queries are whole
-            // q8_0 blocks (the callee checks).
-            SimdLevel::Avx512 if crate::cpu::has_avx512_vnni() => unsafe { x86::int8_scores_vnni(&chunk, s) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above (AVX2 at this level or better).
-            SimdLevel::Avx512 | SimdLevel::Avx2 => unsafe { x86::int8_scores_avx2(&chunk, s) },
-            _ => {
-                let qa = &mut tmp[..];
-                for (bi, a) in chunk.anchors.iter().enumerate() {
-                    let a: Vec<f32> = a.iter().map(|&h| f16::from_bits(h).to_f32()).collect();
-                    for (x, &(i, _)) in qa[bi * na..(bi + 1) * na].iter_mut().zip(active) {
-                        *x = q[i * hd..(i + 1) * hd].iter().zip(&a).map(|(x, y)| x * y).sum();
-                    }
-                }
-                for (ai, &(i, seen)) in active.iter().enumerate() {
-                    let nb = hd / 32;
-                    let (qi, qd) = (&qi[i * hd..(i + 1) * hd], &qd[i * nb..(i + 1) * nb]);
-                    for j in 0..CHUNK {
-                        s[i * CHUNK + j] = if j < seen {
-                            (qa[blk_of[j] * na + ai] + dot_q8_scalar(keys[j], qi, qd)) * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                    }
-                }
-            }
+        let _ = (level, tmp);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `int8_keys` allowed this path only where the CPU has AVX-512 with VNNI; rows
+        // and queries are whole q8_0 blocks (the callee checks).
+        unsafe {
+            x86::int8_tile_vnni(&chunk, s)
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("int8 scores need VNNI")
     }
     fn values<'s>(
         &'s self,
@@ -1123,7 +1120,7 @@ struct Scratch {
     /// The item's output rows, `[tokens, group, hd]`.
     o: Vec<f32>,
     /// The query rows as q8 blocks (values, scales), for q8_0 keys.
-    qi: Vec<i8>,
+    qi: Vec<u8>,
     qd: Vec<f32>,
     /// Scratch of the int8 scores.
     tmp: Vec<f32>,
@@ -1145,9 +1142,9 @@ fn attend<S: KvSource>(
     let rows = ctxs.len() * group;
     let Scratch { q, m, l, s, kt, v, active, o, qi, qd, tmp } = scratch;
     // q8_0 keys: the query rows as q8 blocks, once per item.
-    let int8 = kv.int8_keys() && hd.is_multiple_of(32);
+    let int8 = kv.int8_keys(level);
     if int8 {
-        quantize_queries(q, hd, qi, qd);
+        quantize_queries(level, q, hd, qi, qd);
     }
     o.clear();
     o.resize(rows * hd, 0.0);
@@ -1329,105 +1326,110 @@ pub(crate) mod x86 {
     use super::CHUNK;
     use crate::math::x86::{exp256, exp512};
 
-    /// [`super::KvSource::int8_scores`] of one chunk with AVX2: per key block, |q| times k
-    /// signed like q (`maddubs`), pairs summed (`madd`), scaled into 8 f32 lanes summed per
-    /// position; each row's query blocks stay in registers across the chunk.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn int8_scores_avx2(c: &super::Int8Chunk<'_>, s: &mut [f32]) {
-        int8_scores::<false>(c, s)
+    /// [`super::quantize_queries`], 32 values per step: the same bytes (`vcvtps2dq` rounds to
+    /// nearest even, as `round_ties_even`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn quantize_queries_avx512(q: &[f32], qi: &mut [u8], qd: &mut [f32]) {
+        assert!(qi.len() == qd.len() * 32 && q.len() >= qi.len());
+        let sign = _mm512_set1_ps(-0.0);
+        for (b, d) in qd.iter_mut().enumerate() {
+            let (x0, x1) = (_mm512_loadu_ps(q.as_ptr().add(32 * b)), _mm512_loadu_ps(q.as_ptr().add(32 * b + 16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, x0), _mm512_andnot_ps(sign, x1)));
+            *d = amax / 127.0;
+            let inv = _mm512_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
+            let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+            let off = _mm512_set1_epi32(128);
+            for (h, x) in [x0, x1].into_iter().enumerate() {
+                let v = _mm512_cvtps_epi32(_mm512_mul_ps(x, inv));
+                let v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo), hi), off);
+                _mm_storeu_si128(qi.as_mut_ptr().add(32 * b + 16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(v));
+            }
+        }
     }
 
-    /// [`int8_scores_avx2`] with VNNI's `vpdpbusd` for the block products.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub unsafe fn int8_scores_vnni(c: &super::Int8Chunk<'_>, s: &mut [f32]) {
-        int8_scores::<true>(c, s)
-    }
-
-    #[inline(always)]
-    unsafe fn int8_scores<const VNNI: bool>(c: &super::Int8Chunk<'_>, s: &mut [f32]) {
-        const MAX_BLOCKS: usize = 8;
+    /// [`super::KvSource::int8_scores`] of one chunk with AVX-512 VNNI, as an int8 tile: the
+    /// chunk's q8_0 keys transposed so each register holds one 4-byte group of all 16
+    /// positions, then per query row and block eight `vpdpbusd` of the broadcast query group
+    /// (offset by 128, unsigned) against them; the offset comes back off as 128 x the keys'
+    /// block sums, and the block's integer sums are scaled (16 key scales x the query's) into
+    /// 16 f32 lanes, one per position.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub unsafe fn int8_tile_vnni(c: &super::Int8Chunk<'_>, s: &mut [f32]) {
+        const MAX_GROUPS: usize = 64;
         let (hd, n) = (c.hd, c.keys.len());
-        let nb = hd / 32;
-        assert!(nb <= MAX_BLOCKS && hd.is_multiple_of(32) && c.anchors.iter().all(|a| a.len() == hd));
-        // The keys' block scales, shared by every row.
-        let mut dk = [0f32; super::CHUNK * MAX_BLOCKS];
-        for (j, k) in c.keys.iter().enumerate() {
-            assert_eq!(k.len(), nb * 34);
-            for b in 0..nb {
-                let bits = u16::from_le_bytes([k[34 * b], k[34 * b + 1]]);
-                dk[j * nb + b] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))));
+        let (nb, ng) = (hd / 32, hd / 4);
+        assert!(ng <= MAX_GROUPS && hd.is_multiple_of(32) && n <= CHUNK);
+        assert!(c.keys.iter().all(|k| k.len() == nb * 34) && c.anchors.iter().all(|a| a.len() == hd));
+        assert!(c.blk_of.len() == n && c.blk_of.iter().all(|&b| b < c.anchors.len()));
+        // kq[w] lane j = position j's dword w (bytes 4w..4w+4 of its key); zero past n.
+        let mut kq = [_mm512_setzero_si512(); MAX_GROUPS];
+        for b0 in (0..nb).step_by(2) {
+            let two = b0 + 1 < nb;
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (j, r) in r.iter_mut().enumerate().take(n) {
+                let k = c.keys[j].as_ptr().add(34 * b0 + 2);
+                let lo = _mm256_loadu_si256(k as *const __m256i);
+                let hi = if two { _mm256_loadu_si256(k.add(34) as *const __m256i) } else { _mm256_setzero_si256() };
+                *r = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             }
+            let cols = crate::dot::kquants::tiled::transpose_16x16(r);
+            let groups = if two { 16 } else { 8 };
+            kq[8 * b0..8 * b0 + groups].copy_from_slice(&cols[..groups]);
         }
-        let ones = _mm256_set1_epi16(1);
+        // Per block: the 16 key scales, and 128 x the keys' sums (the query's offset).
+        let mut dk = [_mm512_setzero_ps(); MAX_GROUPS / 8];
+        let mut off = [_mm512_setzero_si512(); MAX_GROUPS / 8];
+        let ones = _mm512_set1_epi8(1);
+        for b in 0..nb {
+            let mut bits = [0u16; CHUNK];
+            for (j, x) in bits.iter_mut().enumerate().take(n) {
+                *x = u16::from_le_bytes([c.keys[j][34 * b], c.keys[j][34 * b + 1]]);
+            }
+            dk[b] = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr() as *const __m256i));
+            let mut sum = _mm512_setzero_si512();
+            for k in &kq[8 * b..8 * b + 8] {
+                sum = _mm512_dpbusd_epi32(sum, ones, *k);
+            }
+            off[b] = _mm512_slli_epi32::<7>(sum);
+        }
         for &(i, seen) in c.active {
-            let (qi, qd) = (&c.qi[i * hd..(i + 1) * hd], &c.qd[i * nb..(i + 1) * nb]);
-            let mut qabs = [_mm256_setzero_si256(); MAX_BLOCKS];
-            let mut qsgn = [_mm256_setzero_si256(); MAX_BLOCKS];
+            let (qi, qd, qf) = (&c.qi[i * hd..(i + 1) * hd], &c.qd[i * nb..(i + 1) * nb], &c.q[i * hd..(i + 1) * hd]);
+            assert!(qi.len() == hd && qd.len() == nb && qf.len() == hd);
+            // Per block, four independent chains of two `vpdpbusd` (its latency, not its
+            // throughput, would bound one chain of eight); blocks into two f32 chains.
+            let qp = qi.as_ptr() as *const i32;
+            let mut acc = [_mm512_setzero_ps(); 2];
             for b in 0..nb {
-                let q = _mm256_loadu_si256(qi.as_ptr().add(32 * b) as *const __m256i);
-                qabs[b] = _mm256_sign_epi8(q, q);
-                qsgn[b] = q;
+                let mut isum = [_mm512_setzero_si512(); 4];
+                for t in 0..8 {
+                    let w = 8 * b + t;
+                    // In bounds: `qi` holds `hd` bytes, w < hd / 4.
+                    let qw = std::ptr::read_unaligned(qp.add(w));
+                    isum[t % 4] = _mm512_dpbusd_epi32(isum[t % 4], _mm512_set1_epi32(qw), kq[w]);
+                }
+                let total = _mm512_add_epi32(_mm512_add_epi32(isum[0], isum[1]), _mm512_add_epi32(isum[2], isum[3]));
+                let total = _mm512_sub_epi32(total, off[b]);
+                let scale = _mm512_mul_ps(dk[b], _mm512_set1_ps(qd[b]));
+                acc[b % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc[b % 2]);
             }
+            let acc = _mm512_add_ps(acc[0], acc[1]);
             // Query . anchor per distinct block of the chunk.
-            let mut qa = [0f32; super::CHUNK];
-            let qf = &c.q[i * hd..(i + 1) * hd];
+            let mut qa = [0f32; CHUNK];
             for (a, x) in c.anchors.iter().zip(qa.iter_mut()) {
-                let mut acc = _mm256_setzero_ps();
-                for d in (0..hd).step_by(8) {
-                    let av = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(d) as *const __m128i));
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qf.as_ptr().add(d)), av, acc);
+                let mut sacc = _mm512_setzero_ps();
+                for d in (0..hd).step_by(16) {
+                    let av = _mm512_cvtph_ps(_mm256_loadu_si256(a.as_ptr().add(d) as *const __m256i));
+                    sacc = _mm512_fmadd_ps(_mm512_loadu_ps(qf.as_ptr().add(d)), av, sacc);
                 }
-                *x = hsum256(acc);
+                *x = _mm512_reduce_add_ps(sacc);
             }
-            let row = &mut s[i * super::CHUNK..(i + 1) * super::CHUNK];
-            let seen = seen.min(n);
-            // Eight positions at a time: their sums reduced together (a hadd tree), not one
-            // horizontal sum each.
-            for j0 in (0..super::CHUNK).step_by(8) {
-                if j0 >= seen {
-                    row[j0..j0 + 8].fill(f32::NEG_INFINITY);
-                    continue;
-                }
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (jj, a) in acc.iter_mut().enumerate().take(seen - j0) {
-                    let j = j0 + jj;
-                    let k = c.keys[j].as_ptr();
-                    for b in 0..nb {
-                        let kv = _mm256_loadu_si256(k.add(34 * b + 2) as *const __m256i);
-                        let ks = _mm256_sign_epi8(kv, qsgn[b]);
-                        let p = if VNNI {
-                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), qabs[b], ks)
-                        } else {
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(qabs[b], ks), ones)
-                        };
-                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dk[j * nb + b] * qd[b]), *a);
-                    }
-                }
-                let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-                let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-                let h45 = _mm256_hadd_ps(acc[4], acc[5]);
-                let h67 = _mm256_hadd_ps(acc[6], acc[7]);
-                let h0123 = _mm256_hadd_ps(h01, h23);
-                let h4567 = _mm256_hadd_ps(h45, h67);
-                let sums = _mm256_add_ps(
-                    _mm256_permute2f128_ps::<0x20>(h0123, h4567),
-                    _mm256_permute2f128_ps::<0x31>(h0123, h4567),
-                );
-                let mut out = [0f32; 8];
-                _mm256_storeu_ps(out.as_mut_ptr(), sums);
-                for (jj, (sj, &x)) in row[j0..j0 + 8].iter_mut().zip(&out).enumerate() {
-                    let j = j0 + jj;
-                    *sj = if j < seen { (qa[c.blk_of[j]] + x) * c.scale } else { f32::NEG_INFINITY };
-                }
+            let mut out = [0f32; CHUNK];
+            _mm512_storeu_ps(out.as_mut_ptr(), acc);
+            let row = &mut s[i * CHUNK..(i + 1) * CHUNK];
+            for (j, (sj, &x)) in row.iter_mut().zip(&out).enumerate() {
+                *sj = if j < seen.min(n) { (qa[c.blk_of[j]] + x) * c.scale } else { f32::NEG_INFINITY };
             }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
     /// `dst[r * width + c] = src[r * stride + c]` widened; the caller checked both extents.
@@ -1913,9 +1915,9 @@ pub(crate) mod x86 {
 mod tests {
     use rand::{Rng, SeedableRng};
 
-    /// q8_0 keys scored against an int8 query: every level within rounding of the scalar
-    /// reference, and all within the query's int8 rounding of the exact f32 scores of the
-    /// decoded keys; positions a row does not see are -inf.
+    /// q8_0 keys scored against an int8 query by the VNNI tile: within rounding of the scalar
+    /// reference, and within the query's int8 rounding of the exact f32 scores of the decoded
+    /// keys; positions a row does not see are -inf.
     #[test]
     fn int8_scores_match_the_scalar_reference_and_the_decoded_keys() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -1943,35 +1945,51 @@ mod tests {
         let nrows = 3;
         let q: Vec<f32> = (0..nrows * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
         let (mut qi, mut qd) = (Vec::new(), Vec::new());
-        quantize_queries(&q, hd, &mut qi, &mut qd);
+        quantize_queries(SimdLevel::Scalar, &q, hd, &mut qi, &mut qd);
+        for level in SimdLevel::available() {
+            let (mut qi2, mut qd2) = (Vec::new(), Vec::new());
+            quantize_queries(level, &q, hd, &mut qi2, &mut qd2);
+            assert!(
+                qi2 == qi && qd2.iter().zip(&qd).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{level:?}: the query's bytes"
+            );
+        }
         let g = 1;
+        if !view.int8_keys(SimdLevel::Avx512) || !SimdLevel::available().contains(&SimdLevel::Avx512) {
+            eprintln!("skipping: no AVX-512 VNNI here");
+            return;
+        }
+        let nb = hd / 32;
         for p0 in [0, 16] {
             let n = (len - p0).min(CHUNK);
             // As `attend` passes them: a row sees at most the chunk's `n` positions.
             let active = [(0usize, n), (1, 9.min(n)), (2, 1)];
-            let run = |level: SimdLevel| {
-                let (mut s, mut tmp) = (vec![0f32; nrows * CHUNK], Vec::new());
-                view.int8_scores(level, &table, g, p0, n, (&q, &qi, &qd), &active, 0.5, &mut tmp, &mut s);
-                s
-            };
-            let want = run(SimdLevel::Scalar);
-            for level in SimdLevel::available() {
-                let got = run(level);
-                for (&(i, seen), j) in active.iter().flat_map(|a| (0..CHUNK).map(move |j| (a, j))) {
-                    let (gv, wv) = (got[i * CHUNK + j], want[i * CHUNK + j]);
+            let (mut got, mut tmp) = (vec![0f32; nrows * CHUNK], Vec::new());
+            view.int8_scores(SimdLevel::Avx512, &table, g, p0, n, (&q, &qi, &qd), &active, 0.5, &mut tmp, &mut got);
+            for &(i, seen) in &active {
+                for j in 0..CHUNK {
+                    let gv = got[i * CHUNK + j];
                     if j >= seen {
-                        assert!(
-                            gv == f32::NEG_INFINITY && wv == f32::NEG_INFINITY,
-                            "{level:?} row {i} pos {j}: unseen"
-                        );
+                        assert_eq!(gv, f32::NEG_INFINITY, "row {i} pos {j}: unseen");
                         continue;
                     }
-                    assert!((gv - wv).abs() <= 1e-4 * (1.0 + wv.abs()), "{level:?} row {i} pos {j}: {gv} vs {wv}");
+                    let slot = slots[p0 + j];
+                    let (b, r) = (slot / bs, (slot / bs * nkv + g) * bs + slot % bs);
+                    let anchor = &view.anchors[(b * nkv + g) * hd..][..hd];
+                    let qa: f32 =
+                        q[i * hd..(i + 1) * hd].iter().zip(anchor).map(|(x, &a)| x * f16::from_bits(a).to_f32()).sum();
+                    let dot = dot_q8_scalar(
+                        &view.k[r * 68..(r + 1) * 68],
+                        &qi[i * hd..(i + 1) * hd],
+                        &qd[i * nb..(i + 1) * nb],
+                    );
+                    let want = (qa + dot) * 0.5;
+                    assert!((gv - want).abs() <= 1e-4 * (1.0 + want.abs()), "row {i} pos {j}: {gv} vs {want}");
                     // Against the exact score of the decoded key.
                     let (mut kr, mut vr) = (vec![0f32; hd], vec![0f32; hd]);
-                    view.read(slots[p0 + j], g, &mut kr, &mut vr);
+                    view.read(slot, g, &mut kr, &mut vr);
                     let exact: f32 = 0.5 * q[i * hd..(i + 1) * hd].iter().zip(&kr).map(|(a, b)| a * b).sum::<f32>();
-                    assert!((gv - exact).abs() <= 0.05, "{level:?} row {i} pos {j}: {gv} vs exact {exact}");
+                    assert!((gv - exact).abs() <= 0.05, "row {i} pos {j}: {gv} vs exact {exact}");
                 }
             }
         }
