@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pio_model::tokenizer::Tokenizer;
-use pio_model::{CausalLm, ForwardBatch, KvCache, KvCacheType};
+use pio_model::{CausalLm, KvCache, KvCacheType};
 
 use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
+use crate::runner::{forward, SeqSlice};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
 use crate::stop::StopStrings;
@@ -658,59 +659,6 @@ impl<'m> Engine<'m> {
         self.publish_gauges();
         seq
     }
-}
-
-/// Tokens `start..start + num_tokens` of one sequence, to run in a batch.
-struct SeqSlice<'a> {
-    token_ids: &'a [u32],
-    start: usize,
-    num_tokens: usize,
-    /// The sequence's blocks, covering at least `start + num_tokens - shift` positions.
-    block_table: &'a [u32],
-    /// Tokens dropped before these (a streaming window): position `p` runs at `p - shift`.
-    shift: usize,
-    /// The first position whose logits are wanted (the slice's end: none).
-    logits_from: usize,
-}
-
-/// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
-/// logits rows (`[rows, vocab]` flattened) for positions `logits_from.max(start)..end`.
-fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -> Result<Vec<Vec<f32>>> {
-    let bs = cache.block_size;
-    let mut batch = ForwardBatch::default();
-    let mut rows_per_seq = Vec::with_capacity(slices.len());
-    for (i, s) in slices.iter().enumerate() {
-        let end_pos = s.start + s.num_tokens;
-        if end_pos > s.token_ids.len() || s.start < s.shift || end_pos - s.shift > s.block_table.len() * bs {
-            return Err(EngineError::Invalid(format!(
-                "slice {}..{end_pos} runs past its {} tokens or {} blocks",
-                s.start,
-                s.token_ids.len(),
-                s.block_table.len()
-            )));
-        }
-        for pos in s.start..end_pos {
-            let at = pos - s.shift;
-            batch.token_ids.push(s.token_ids[pos]);
-            batch.positions.push(at);
-            batch.seq_indices.push(i);
-            batch.slot_mapping.push(s.block_table[at / bs] as usize * bs + at % bs);
-        }
-        let end = batch.token_ids.len();
-        let first = end - (end_pos - s.logits_from.clamp(s.start, end_pos));
-        rows_per_seq.push(end - first);
-        batch.logits_indices.extend(first..end);
-        batch.block_tables.push(s.block_table.to_vec());
-    }
-    let out = model.forward(&batch, cache)?;
-    let vocab = model.shape().vocab_size;
-    let mut result = Vec::with_capacity(slices.len());
-    let mut off = 0;
-    for rows in rows_per_seq {
-        result.push(out[off * vocab..(off + rows) * vocab].to_vec());
-        off += rows;
-    }
-    Ok(result)
 }
 
 /// The checks [`Engine::add_request`] makes, usable before a request reaches the engine thread.

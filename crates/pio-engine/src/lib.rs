@@ -4,8 +4,8 @@
 //!
 //! - [`engine::Engine`] owns the model's paged KV cache ([`pio_model::KvCache`]); each step
 //!   the [`scheduler`] picks which tokens of which requests run (continuous batching, chunked
-//!   prefill, preemption), they go through the model as ONE flat [`pio_model::ForwardBatch`],
-//!   and the engine samples, detokenizes and applies stop rules. A request may also ask for its
+//!   prefill, preemption), `runner` lays them out as ONE flat [`pio_model::ForwardBatch`] for
+//!   the model, and the engine samples, detokenizes and applies stop rules. A request may also ask for its
 //!   prompt's logits (teacher forcing), or only those (scoring).
 //! - [`kv_cache::KvCacheManager`] hands each sequence blocks from one [`block_pool::BlockPool`]
 //!   and keeps the prefix cache over them; blocks behind every layer's sliding window return to
@@ -27,6 +27,7 @@ pub mod kv_cache;
 pub mod metrics;
 pub mod perplexity;
 pub mod plugin;
+mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;
