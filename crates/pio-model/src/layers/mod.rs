@@ -1,5 +1,6 @@
 //! Building blocks shared by every model: projections over any weight format, normalization,
-//! attention over the paged cache, the SwiGLU MLP and the mixture of experts.
+//! the paged KV cache as each layer describes it (`kv_cache`), attention over it (standard and
+//! latent), the SwiGLU MLP and the mixture of experts.
 
 pub mod attention;
 pub mod kv_cache;
