@@ -224,7 +224,7 @@ pub trait KvSource: Copy + Send + Sync {
 
     /// With [`KvSource::int8_keys`]: the scores of the `active` rows against positions `p0..p0 +
     /// n` (`-inf` past what a row sees), as [`scores`] writes them; `q` the rows as f32 (for the
-    /// keys' anchors), `qi`/`qd` as offset q8 blocks ([`quantize_queries`]); `tmp` scratch.
+    /// keys' anchors), `qi`/`qd` as offset q8 blocks ([`quantize_queries`]).
     #[allow(clippy::too_many_arguments)]
     fn int8_scores(
         &self,
@@ -236,7 +236,6 @@ pub trait KvSource: Copy + Send + Sync {
         _q: (&[f32], &[u8], &[f32]),
         _active: &[(usize, usize)],
         _scale: f32,
-        _tmp: &mut Vec<f32>,
         _s: &mut [f32],
     ) {
         unreachable!("int8 scores only for q8_0 keys")
@@ -300,10 +299,30 @@ pub(crate) struct Int8Chunk<'a> {
     scale: f32,
 }
 
+/// The scalar reference of the VNNI tile ([`KvSource::int8_scores`] of one chunk).
+fn int8_scores_scalar(c: &Int8Chunk<'_>, s: &mut [f32]) {
+    let (hd, n) = (c.hd, c.keys.len());
+    let nb = hd / 32;
+    for &(i, seen) in c.active {
+        let q = &c.q[i * hd..(i + 1) * hd];
+        let qa: Vec<f32> = c
+            .anchors
+            .iter()
+            .map(|a| q.iter().zip(a.iter()).map(|(x, &h)| x * f16::from_bits(h).to_f32()).sum())
+            .collect();
+        let (qi, qd) = (&c.qi[i * hd..(i + 1) * hd], &c.qd[i * nb..(i + 1) * nb]);
+        for j in 0..CHUNK {
+            s[i * CHUNK + j] = if j < seen.min(n) {
+                (qa[c.blk_of[j]] + dot_q8_scalar(c.keys[j], qi, qd)) * c.scale
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+}
+
 /// `Σ_b d_k[b] · qd[b] · Σ_t q[32b + t] · k[b][t]` over the q8_0 blocks of `row`, `qi` the
-/// query offset by 128 (the scalar reference of the VNNI tile: exact integer block sums, f32
-/// across blocks in order).
-#[cfg(test)]
+/// query offset by 128 (exact integer block sums, f32 across blocks in order).
 fn dot_q8_scalar(row: &[u8], qi: &[u8], qd: &[f32]) -> f32 {
     let mut acc = 0f32;
     for ((blk, qb), &dq) in row.chunks_exact(34).zip(qi.chunks_exact(32)).zip(qd) {
@@ -633,34 +652,13 @@ impl CodedKvMut<'_> {
     pub fn map_keys(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
         let (bs, nkv, hd) = (self.block_size, self.num_kv_heads, self.head_dim);
         let krb = self.types.k.row_bytes(hd);
-        let anchored = self.types.k.is_quantized();
-        let (mut rows, mut anchor, mut diff) = (vec![0f32; bs * hd], vec![0f32; hd], vec![0f32; hd]);
+        let mut scratch = Vec::new();
         for &b in blocks {
             for g in 0..nkv {
-                let first = (b as usize * nkv + g) * bs;
-                let at = (b as usize * nkv + g) * hd;
-                let a = anchored.then(|| &self.anchors[at..at + hd]);
-                for (off, row) in rows.chunks_exact_mut(hd).enumerate() {
-                    let r = first + off;
-                    decode_row(SimdLevel::Scalar, self.types.k, &self.k[r * krb..(r + 1) * krb], a, row);
-                    f(row);
-                }
-                if anchored {
-                    for (x, &a) in anchor.iter_mut().zip(&self.anchors[at..at + hd]) {
-                        *x = f16::from_bits(a).to_f32();
-                    }
-                    f(&mut anchor);
-                    set_anchor(&mut self.anchors[at..at + hd], &anchor);
-                }
-                for (off, row) in rows.chunks_exact(hd).enumerate() {
-                    let r = first + off;
-                    let dst = &mut self.k[r * krb..(r + 1) * krb];
-                    if anchored {
-                        encode_diff(self.types.k, row, &self.anchors[at..at + hd], &mut diff, dst);
-                    } else {
-                        encode_row(self.types.k, row, dst);
-                    }
-                }
+                let (first, at) = ((b as usize * nkv + g) * bs, (b as usize * nkv + g) * hd);
+                let anchor = if self.types.k.is_quantized() { Some(&mut self.anchors[at..at + hd]) } else { None };
+                let rows = &mut self.k[first * krb..(first + bs) * krb];
+                remap_rows(self.types.k, rows, anchor, hd, f, &mut scratch);
             }
         }
     }
@@ -709,6 +707,41 @@ pub(crate) fn encode_diff(t: KvCacheDtype, src: &[f32], anchor: &[u16], diff: &m
         *d = x - f16::from_bits(a).to_f32();
     }
     encode_row(t, diff, dst);
+}
+
+/// Replaces each of the encoded rows of `width` values in `rows` (of type `t`, stored as
+/// differences from `anchor` when it is given) by `f` of it, re-encoding them against the
+/// anchor mapped by `f` too (`f` linear: a position shift's re-rotation). `scratch` is reused.
+pub(crate) fn remap_rows(
+    t: KvCacheDtype,
+    rows: &mut [u8],
+    mut anchor: Option<&mut [u16]>,
+    width: usize,
+    f: &mut dyn FnMut(&mut [f32]),
+    scratch: &mut Vec<f32>,
+) {
+    let rb = t.row_bytes(width);
+    let n = rows.len() / rb.max(1);
+    scratch.resize((n + 2) * width, 0.0);
+    let (decoded, rest) = scratch.split_at_mut(n * width);
+    let (a, diff) = rest.split_at_mut(width);
+    for (row, out) in rows.chunks_exact(rb.max(1)).zip(decoded.chunks_exact_mut(width.max(1))) {
+        decode_row(SimdLevel::Scalar, t, row, anchor.as_deref(), out);
+        f(out);
+    }
+    if let Some(anchor) = anchor.as_deref_mut() {
+        for (x, &h) in a.iter_mut().zip(anchor.iter()) {
+            *x = f16::from_bits(h).to_f32();
+        }
+        f(a);
+        set_anchor(anchor, a);
+    }
+    for (row, x) in rows.chunks_exact_mut(rb.max(1)).zip(decoded.chunks_exact(width.max(1))) {
+        match anchor.as_deref() {
+            Some(anchor) => encode_diff(t, x, anchor, diff, row),
+            None => encode_row(t, x, row),
+        }
+    }
 }
 
 /// Encodes a row of `t` for the cache: [`crate::quant::quantize_row`], except that Q4_0 blocks
@@ -828,13 +861,12 @@ impl KvSource for CodedKv<'_> {
         (q, qi, qd): (&[f32], &[u8], &[f32]),
         active: &[(usize, usize)],
         scale: f32,
-        tmp: &mut Vec<f32>,
         s: &mut [f32],
     ) {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
         let krb = self.types.k.row_bytes(hd);
         // The chunk's key rows, and for each the index of its block among the chunk's distinct
-        // blocks; `tmp` holds a block's anchor (hd), then query . anchor per (block, row).
+        // blocks, whose anchors follow.
         let mut keys: [&[u8]; CHUNK] = [&[]; CHUNK];
         let mut blk_of = [0usize; CHUNK];
         let mut blocks: [usize; CHUNK] = [usize::MAX; CHUNK];
@@ -865,15 +897,13 @@ impl KvSource for CodedKv<'_> {
             hd,
             scale,
         };
-        let _ = (level, tmp);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `int8_keys` allowed this path only where the CPU has AVX-512 with VNNI; rows
-        // and queries are whole q8_0 blocks (the callee checks).
-        unsafe {
-            x86::int8_tile_vnni(&chunk, s)
+        if level == SimdLevel::Avx512 && crate::cpu::has_avx512_vnni() {
+            // SAFETY: the CPU has AVX-512 with VNNI (checked just above); rows and queries are
+            // whole q8_0 blocks (the callee checks).
+            return unsafe { x86::int8_tile_vnni(&chunk, s) };
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("int8 scores need VNNI")
+        int8_scores_scalar(&chunk, s);
     }
     fn values<'s>(
         &'s self,
@@ -1122,8 +1152,6 @@ struct Scratch {
     /// The query rows as q8 blocks (values, scales), for q8_0 keys.
     qi: Vec<u8>,
     qd: Vec<f32>,
-    /// Scratch of the int8 scores.
-    tmp: Vec<f32>,
 }
 
 /// One item: the query rows in `scratch.q` (`ctxs.len()` tokens of one sequence x `group` heads)
@@ -1140,7 +1168,7 @@ fn attend<S: KvSource>(
 ) {
     let hd = kv.head_dim();
     let rows = ctxs.len() * group;
-    let Scratch { q, m, l, s, kt, v, active, o, qi, qd, tmp } = scratch;
+    let Scratch { q, m, l, s, kt, v, active, o, qi, qd } = scratch;
     // q8_0 keys: the query rows as q8 blocks, once per item.
     let int8 = kv.int8_keys(level);
     if int8 {
@@ -1174,7 +1202,7 @@ fn attend<S: KvSource>(
             }
         }
         let (vc, vs) = if int8 {
-            kv.int8_scores(level, table, g, p0, n, (q, qi, qd), active, scale, tmp, s);
+            kv.int8_scores(level, table, g, p0, n, (q, qi, qd), active, scale, s);
             kv.values(level, table, g, p0, n, kt, v)
         } else {
             let (kc, ks, vc, vs) = kv.chunk(level, table, g, p0, n, kt, v);
@@ -1964,8 +1992,8 @@ mod tests {
             let n = (len - p0).min(CHUNK);
             // As `attend` passes them: a row sees at most the chunk's `n` positions.
             let active = [(0usize, n), (1, 9.min(n)), (2, 1)];
-            let (mut got, mut tmp) = (vec![0f32; nrows * CHUNK], Vec::new());
-            view.int8_scores(SimdLevel::Avx512, &table, g, p0, n, (&q, &qi, &qd), &active, 0.5, &mut tmp, &mut got);
+            let mut got = vec![0f32; nrows * CHUNK];
+            view.int8_scores(SimdLevel::Avx512, &table, g, p0, n, (&q, &qi, &qd), &active, 0.5, &mut got);
             for &(i, seen) in &active {
                 for j in 0..CHUNK {
                     let gv = got[i * CHUNK + j];

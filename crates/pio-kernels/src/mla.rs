@@ -169,30 +169,12 @@ impl CodedLatentKvMut<'_> {
     pub fn map_rows(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
         let (w, bs) = (self.width, self.block_size);
         let rb = self.dtype.row_bytes(w);
-        let anchored = self.dtype.is_quantized();
-        let (mut rows, mut anchor, mut diff) = (vec![0f32; bs * w], vec![0f32; w], vec![0f32; w]);
+        let mut scratch = Vec::new();
         for &b in blocks {
-            let (b, at) = (b as usize, b as usize * w);
-            for (off, row) in rows.chunks_exact_mut(w.max(1)).enumerate() {
-                self.view().read(SimdLevel::Scalar, b * bs + off, row);
-                f(row);
-            }
-            if anchored {
-                for (x, &a) in anchor.iter_mut().zip(&self.anchors[at..at + w]) {
-                    *x = half::f16::from_bits(a).to_f32();
-                }
-                f(&mut anchor);
-                crate::attention::set_anchor(&mut self.anchors[at..at + w], &anchor);
-            }
-            for (off, row) in rows.chunks_exact(w.max(1)).enumerate() {
-                let slot = b * bs + off;
-                let dst = &mut self.data[slot * rb..(slot + 1) * rb];
-                if anchored {
-                    crate::attention::encode_diff(self.dtype, row, &self.anchors[at..at + w], &mut diff, dst);
-                } else {
-                    crate::attention::encode_row(self.dtype, row, dst);
-                }
-            }
+            let b = b as usize;
+            let anchor = if self.dtype.is_quantized() { Some(&mut self.anchors[b * w..(b + 1) * w]) } else { None };
+            let rows = &mut self.data[b * bs * rb..(b + 1) * bs * rb];
+            crate::attention::remap_rows(self.dtype, rows, anchor, w, f, &mut scratch);
         }
     }
 
