@@ -288,10 +288,11 @@ struct RequestState {
 pub struct Engine<'m> {
     model: &'m dyn CausalLm,
     tokenizer: Option<&'m Tokenizer>,
+    /// What requests are checked against (the config and what the model can do).
+    limits: RequestLimits,
     cache: KvCache,
     sched: Scheduler,
     reqs: HashMap<SeqId, RequestState>,
-    cfg: EngineConfig,
     metrics: Arc<Metrics>,
     next_id: SeqId,
 }
@@ -324,11 +325,12 @@ impl<'m> Engine<'m> {
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
         let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type);
-        Ok(Engine { model, tokenizer, cache, sched, reqs: HashMap::new(), cfg, metrics, next_id: 0 })
+        let limits = RequestLimits::new(cfg, model, tokenizer.is_some());
+        Ok(Engine { model, tokenizer, limits, cache, sched, reqs: HashMap::new(), metrics, next_id: 0 })
     }
 
     pub fn config(&self) -> EngineConfig {
-        self.cfg
+        self.limits.cfg
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -337,7 +339,7 @@ impl<'m> Engine<'m> {
 
     /// Shares an existing metrics sink (the handle's) instead of the engine's own.
     pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
-        metrics.kv_blocks_total.store(self.cfg.num_blocks, Ordering::Relaxed);
+        metrics.kv_blocks_total.store(self.limits.cfg.num_blocks, Ordering::Relaxed);
         self.metrics = metrics;
     }
 
@@ -361,12 +363,12 @@ impl<'m> Engine<'m> {
 
     /// What requests are checked against.
     pub fn limits(&self) -> RequestLimits {
-        RequestLimits::new(self.cfg, self.model, self.tokenizer.is_some())
+        self.limits
     }
 
     /// Checks a request without queueing it.
     pub fn validate(&self, prompt: &[u32], params: &RequestParams) -> Result<()> {
-        validate_request(&self.limits(), prompt, params)
+        validate_request(&self.limits, prompt, params)
     }
 
     /// Queues a request; its id comes back in every [`RequestOutput`] for it.
@@ -384,9 +386,10 @@ impl<'m> Engine<'m> {
         }
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
-        let streaming = self.limits().streaming(&params)?;
+        let streaming = self.limits.streaming(&params)?;
         // A streaming window has no length limit beyond the caller's.
-        let room = if streaming.is_some() { usize::MAX } else { self.cfg.max_model_len.saturating_sub(prompt.len()) };
+        let room =
+            if streaming.is_some() { usize::MAX } else { self.limits.cfg.max_model_len.saturating_sub(prompt.len()) };
         let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
         let text = TextState::new(StopStrings::new(params.stop.clone()));
         let mut seq = Sequence::new(id, prompt);
@@ -625,7 +628,7 @@ impl<'m> Engine<'m> {
             let streams = r.params.attention_window.is_some();
             if out.finish_reason.is_none()
                 && (out.num_generated_tokens >= r.max_tokens
-                    || (!streams && num_prompt + out.num_generated_tokens >= self.cfg.max_model_len))
+                    || (!streams && num_prompt + out.num_generated_tokens >= self.limits.cfg.max_model_len))
             {
                 out.finish_reason = Some(FinishReason::Length);
             }

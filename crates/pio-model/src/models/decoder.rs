@@ -294,8 +294,8 @@ impl CausalLm for DecoderModel {
         }
     }
 
-    fn cache_spec(&self) -> CacheSpec {
-        self.cache_spec.clone()
+    fn cache_spec(&self) -> &CacheSpec {
+        &self.cache_spec
     }
 
     fn can_shift_positions(&self) -> bool {

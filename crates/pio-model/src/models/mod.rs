@@ -34,7 +34,7 @@ pub trait CausalLm: Send + Sync {
     }
 
     /// What each layer keeps in the cache.
-    fn cache_spec(&self) -> CacheSpec;
+    fn cache_spec(&self) -> &CacheSpec;
 
     /// Bytes one token's keys and values take across all layers, stored as `types`.
     fn kv_bytes_per_token(&self, types: KvCacheType) -> usize {
@@ -73,6 +73,6 @@ pub trait CausalLm: Send + Sync {
     /// As [`CausalLm::new_kv_cache`], storing keys and values as `types` (which
     /// [`CausalLm::check_kv_cache_type`] accepts; panics otherwise).
     fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
-        KvCache::new(&self.cache_spec(), block_size, num_blocks, types)
+        KvCache::new(self.cache_spec(), block_size, num_blocks, types)
     }
 }
