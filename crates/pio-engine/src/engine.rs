@@ -318,13 +318,15 @@ impl<'m> Engine<'m> {
                 if window.is_some() { ", beyond a sliding window and a forward's tokens" } else { "" }
             )));
         }
+        // A model with recurrent layers keeps a state per running sequence: one slot each.
+        let state_slots = if model.cache_spec().has_state() { cfg.max_num_seqs } else { 0 };
         let sched = Scheduler::new(
             SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens, window },
-            KvCacheManager::new(cfg.block_size, cfg.num_blocks, cfg.prefix_caching),
+            KvCacheManager::new(cfg.block_size, cfg.num_blocks, cfg.prefix_caching).with_state_slots(state_slots),
         );
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
-        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type);
+        let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type, state_slots);
         let limits = RequestLimits::new(cfg, model, tokenizer.is_some());
         Ok(Engine { model, tokenizer, limits, cache, sched, reqs: HashMap::new(), metrics, next_id: 0 })
     }
@@ -505,6 +507,7 @@ impl<'m> Engine<'m> {
                     block_table: kv.block_table(s.id),
                     shift: seq.shift,
                     logits_from,
+                    state_slot: kv.state_slot(s.id),
                 });
             }
             forward(self.model, &mut self.cache, &slices)?

@@ -20,6 +20,8 @@ struct SeqBlocks {
     released: usize,
     /// Hashes of the sequence's first `hashes.len()` full blocks (those already cached or hit).
     hashes: Vec<BlockHash>,
+    /// The sequence's recurrent-state slot (models with recurrent layers).
+    slot: Option<u32>,
 }
 
 /// The longest cached prefix of a sequence, found by [`KvCacheManager::find_cached_prefix`].
@@ -41,19 +43,52 @@ impl CachedPrefix {
     }
 }
 
-/// Blocks per sequence over one [`BlockPool`].
+/// Blocks per sequence over one [`BlockPool`], and a state slot per sequence where the model
+/// keeps recurrent state.
 #[derive(Debug)]
 pub struct KvCacheManager {
     block_size: usize,
     pool: BlockPool,
     prefix_caching: bool,
     seqs: HashMap<SeqId, SeqBlocks>,
+    /// Free state slots (none: the model keeps no per-sequence state), lowest last.
+    free_slots: Vec<u32>,
+    num_slots: usize,
 }
 
 impl KvCacheManager {
     pub fn new(block_size: usize, num_blocks: usize, prefix_caching: bool) -> KvCacheManager {
         assert!(block_size > 0);
-        KvCacheManager { block_size, pool: BlockPool::new(num_blocks), prefix_caching, seqs: HashMap::new() }
+        KvCacheManager {
+            block_size,
+            pool: BlockPool::new(num_blocks),
+            prefix_caching,
+            seqs: HashMap::new(),
+            free_slots: Vec::new(),
+            num_slots: 0,
+        }
+    }
+
+    /// Gives every sequence one of `num_slots` recurrent-state slots while it holds blocks: a
+    /// sequence is only admitted when one is free. Prefix caching is off (a cached prefix is
+    /// of no use without the state at its end).
+    pub fn with_state_slots(mut self, num_slots: usize) -> KvCacheManager {
+        self.num_slots = num_slots;
+        self.free_slots = (0..num_slots as u32).rev().collect();
+        if num_slots > 0 {
+            self.prefix_caching = false;
+        }
+        self
+    }
+
+    /// The state slot `id` holds, if any.
+    pub fn state_slot(&self, id: SeqId) -> Option<u32> {
+        self.seqs.get(&id).and_then(|s| s.slot)
+    }
+
+    /// State slots not held by any sequence.
+    pub fn num_free_slots(&self) -> usize {
+        self.free_slots.len()
     }
 
     pub fn block_size(&self) -> usize {
@@ -107,6 +142,10 @@ impl KvCacheManager {
         if need + revived > self.pool.num_free() {
             return false;
         }
+        let needs_slot = self.num_slots > 0 && self.seqs.get(&id).is_none_or(|s| s.slot.is_none());
+        if needs_slot && self.free_slots.is_empty() {
+            return false;
+        }
         self.pool.touch(&prefix.blocks);
         let Some(fresh) = self.pool.allocate(need) else {
             // Unreachable after the check above; undo the touch to stay consistent.
@@ -114,6 +153,9 @@ impl KvCacheManager {
             return false;
         };
         let s = self.seqs.entry(id).or_default();
+        if needs_slot {
+            s.slot = self.free_slots.pop();
+        }
         s.blocks.extend_from_slice(&prefix.blocks);
         s.hashes.extend_from_slice(&prefix.hashes);
         s.blocks.extend(fresh);
@@ -141,6 +183,7 @@ impl KvCacheManager {
     pub fn free(&mut self, id: SeqId) {
         if let Some(s) = self.seqs.remove(&id) {
             self.pool.free(s.blocks.into_iter().skip(s.released).rev());
+            self.free_slots.extend(s.slot);
         }
     }
 

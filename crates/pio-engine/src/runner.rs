@@ -17,6 +17,8 @@ pub(crate) struct SeqSlice<'a> {
     pub(crate) shift: usize,
     /// The first position whose logits are wanted (the slice's end: none).
     pub(crate) logits_from: usize,
+    /// The sequence's recurrent-state slot (models with recurrent layers).
+    pub(crate) state_slot: Option<u32>,
 }
 
 /// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
@@ -47,6 +49,10 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
         rows_per_seq.push(end - first);
         batch.logits_indices.extend(first..end);
         batch.block_tables.push(s.block_table.to_vec());
+        batch.state_slots.extend(s.state_slot);
+    }
+    if !batch.state_slots.is_empty() && batch.state_slots.len() != slices.len() {
+        return Err(EngineError::Invalid("some sequences of a batch have a state slot and some not".into()));
     }
     let out = model.forward(&batch, cache)?;
     let vocab = model.shape().vocab_size;

@@ -75,7 +75,8 @@ fn tolerance(name: &str) -> f32 {
     }
 }
 
-const FAMILIES: [&str; 7] = ["qwen3", "qwen3-bf16-untied", "qwen2", "qwen2-swa", "llama", "qwen3_moe", "glm4_moe_lite"];
+const FAMILIES: [&str; 8] =
+    ["qwen3", "qwen3-bf16-untied", "qwen2", "qwen2-swa", "llama", "qwen3_moe", "glm4_moe_lite", "qwen3_next"];
 
 #[test]
 fn logits_match_transformers() {
@@ -348,4 +349,42 @@ fn block_format_latent_caches_stay_close_to_f32() {
     }
     // Keys and values of one latent row cannot differ in type.
     assert!(model.check_kv_cache_type(KvCacheType { k: KvCacheDtype::Q8_0, v: KvCacheDtype::F16 }).is_err());
+}
+
+/// Qwen3-Next's 150-token prompt crosses several 64-token chunks of the delta rule: prefilled
+/// 7, 64 or 150 tokens per forward it gives the reference logits, the same bits whatever the
+/// split, and the reference's 8 greedy tokens after it.
+#[test]
+fn recurrent_state_carries_a_long_prompt_across_any_split() {
+    let name = "qwen3_next";
+    let loaded = load(&fixture(name));
+    let r = Reference::open(name);
+    let model = loaded.model.as_ref();
+    let ids = r.ids("long_input_ids");
+    let want_greedy = r.ids("long_greedy_ids");
+    let mut first: Option<Vec<f32>> = None;
+    for chunk in [7, 64, 150] {
+        let cfg = EngineConfig { max_batch_tokens: chunk, ..EngineConfig::for_tokens(256, F32) };
+        let mut e = Engine::new(model, None, cfg).expect("engine");
+        let logits = e.score(std::slice::from_ref(&ids), 0).expect("score").remove(0);
+        assert_close(name, &format!("long logits in chunks of {chunk}"), &logits, &r.f32s("long_logits"), 1.0);
+        match &first {
+            None => first = Some(logits),
+            Some(f) => assert!(
+                f.iter().zip(&logits).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "chunks of {chunk} differ from chunks of 7"
+            ),
+        }
+        let params = GenerateParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: want_greedy.len(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            stop: Vec::new(),
+            attention_window: None,
+            attention_sinks: None,
+        };
+        let out = generate(&mut e, &ids, &params, &mut |_| {}).expect("generate");
+        assert_eq!(out.token_ids, want_greedy, "chunks of {chunk}: greedy tokens");
+    }
 }

@@ -4,6 +4,8 @@
 //! - [`quant`]: the scalar reference codecs of every block format, and a row-times-vector dot.
 //! - [`act`]: activations quantized to 8 bits for integer dot products.
 //! - [`cpu`]: which SIMD level the kernels dispatch to (detected; `PIO_SIMD` caps it).
+//! - [`delta`]: Gated DeltaNet's causal convolution and gated delta rule over a per-sequence
+//!   state.
 //! - [`dot`]: row-times-vector dots per format and SIMD level.
 //! - [`matmul`]: a weight matrix in any format times a batch of f32 activations.
 //! - [`attention`]: a flat batch of queries over a paged KV cache of f32 or f16
@@ -17,6 +19,7 @@
 pub mod act;
 pub mod attention;
 pub mod cpu;
+pub mod delta;
 pub mod dot;
 pub mod dtype;
 pub mod math;

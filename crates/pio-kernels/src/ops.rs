@@ -176,6 +176,27 @@ pub fn swiglu_at(level: crate::cpu::SimdLevel, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// SiLU in place: `x[i] = x[i] * sigmoid(x[i])` (the vector `exp` as [`swiglu`]).
+pub fn silu_in_place(x: &mut [f32]) {
+    silu_in_place_at(crate::cpu::level(), x)
+}
+
+/// [`silu_in_place`] at an explicit SIMD level.
+pub fn silu_in_place_at(level: crate::cpu::SimdLevel, x: &mut [f32]) {
+    let done = match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has.
+        crate::cpu::SimdLevel::Avx512 => unsafe { simd::silu_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::cpu::SimdLevel::Avx2 => unsafe { simd::silu_avx2(x) },
+        _ => 0,
+    };
+    for v in &mut x[done..] {
+        *v = silu(*v);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -195,6 +216,38 @@ mod simd {
             let silu = _mm512_div_ps(x, _mm512_add_ps(one, e));
             _mm512_storeu_ps(g.add(i), _mm512_mul_ps(silu, _mm512_loadu_ps(u.add(i))));
             i += 16;
+        }
+        n
+    }
+
+    /// SiLU over whole vectors of 16; returns how many elements it did.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_avx512(x: &mut [f32]) -> usize {
+        let n = x.len() / 16 * 16;
+        let p = x.as_mut_ptr();
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let v = _mm512_loadu_ps(p.add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+            _mm512_storeu_ps(p.add(i), _mm512_div_ps(v, _mm512_add_ps(one, e)));
+            i += 16;
+        }
+        n
+    }
+
+    /// SiLU over whole vectors of 8; returns how many elements it did.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_avx2(x: &mut [f32]) -> usize {
+        let n = x.len() / 8 * 8;
+        let p = x.as_mut_ptr();
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let v = _mm256_loadu_ps(p.add(i));
+            let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
+            _mm256_storeu_ps(p.add(i), _mm256_div_ps(v, _mm256_add_ps(one, e)));
+            i += 8;
         }
         n
     }
@@ -371,6 +424,19 @@ mod tests {
             for i in 0..n {
                 let want = silu(gate[i]) * up[i];
                 assert!((g[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "{level:?} {i}: {} vs {want}", g[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn silu_levels_match_the_scalar_formula() {
+        let x: Vec<f32> = (0..1013).map(|i| (i as f32 - 500.0) * 0.05).collect();
+        for level in crate::cpu::SimdLevel::available() {
+            let mut y = x.clone();
+            silu_in_place_at(level, &mut y);
+            for (a, &b) in y.iter().zip(&x) {
+                let want = silu(b);
+                assert!((a - want).abs() <= 1e-6 * (1.0 + want.abs()), "{level:?} {b}: {a} vs {want}");
             }
         }
     }

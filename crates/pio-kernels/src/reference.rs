@@ -29,3 +29,33 @@ pub fn latent_attention(q: &[f32], num_heads: usize, rows: &[Vec<f32>], value_wi
     }
     out
 }
+
+/// The gated delta rule of one head over `T` tokens, straight from its definition (each token:
+/// decay the state, read `Sᵀk` with f64 sums, write `k δᵀ`, read `Sᵀq`): returns the outputs
+/// (`[T, d_v]`) and the final state (`[d_k, d_v]`). See [`crate::delta::gated_delta_rule`].
+pub fn gated_delta_rule(
+    state: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    decay: &[f32],
+    beta: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let t = decay.len();
+    let (dk, dv) = (k.len() / t, v.len() / t);
+    let mut s = state.to_vec();
+    let mut out = vec![0f32; t * dv];
+    for n in 0..t {
+        let (qt, kt, vt) = (&q[n * dk..(n + 1) * dk], &k[n * dk..(n + 1) * dk], &v[n * dv..(n + 1) * dv]);
+        s.iter_mut().for_each(|x| *x *= decay[n]);
+        for j in 0..dv {
+            let mem: f64 = (0..dk).map(|i| s[i * dv + j] as f64 * kt[i] as f64).sum();
+            let delta = (vt[j] as f64 - mem) * beta[n] as f64;
+            for i in 0..dk {
+                s[i * dv + j] = (s[i * dv + j] as f64 + kt[i] as f64 * delta) as f32;
+            }
+            out[n * dv + j] = (0..dk).map(|i| s[i * dv + j] as f64 * qt[i] as f64).sum::<f64>() as f32;
+        }
+    }
+    (out, s)
+}

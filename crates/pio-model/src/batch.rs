@@ -21,6 +21,11 @@ pub struct ForwardBatch {
     pub block_tables: Vec<Vec<u32>>,
     /// Rows (token indices) whose logits are wanted, in output order.
     pub logits_indices: Vec<usize>,
+    /// `[num_seqs]` each sequence's state slot in the cache, for models with recurrent layers
+    /// (empty otherwise). A sequence's tokens must then be one run of consecutive positions; it
+    /// continues from its slot's state, or from an empty one where its first token is at
+    /// position 0.
+    pub state_slots: Vec<u32>,
 }
 
 impl ForwardBatch {

@@ -25,6 +25,10 @@ pub enum Arch {
     /// `Glm4MoeLiteForCausalLM` / GGUF `deepseek2`: multi-head latent attention, sigmoid-routed
     /// experts with a shared expert (DeepSeek-V3 style).
     Glm4MoeLite,
+    /// `Qwen3NextForCausalLM` / GGUF `qwen3next`: Gated DeltaNet linear attention in three of
+    /// every four layers, gated full attention with partial rotary in the fourth, softmax-routed
+    /// experts with a sigmoid-gated shared expert, zero-centred RMSNorms (`(1 + w)`).
+    Qwen3Next,
 }
 
 /// How a mixture-of-experts layer picks and weighs its experts.
@@ -50,6 +54,9 @@ pub struct MoeConfig {
     pub gating: Gating,
     /// Hidden width of the always-on shared expert (0: none).
     pub shared_intermediate_size: usize,
+    /// The shared expert's output is scaled by `sigmoid(x · w)` per token (Qwen3-Next's
+    /// `shared_expert_gate`).
+    pub shared_expert_gate: bool,
     /// Per layer: true when its feed-forward is the mixture, false for a dense MLP of
     /// `intermediate_size`.
     pub sparse_layers: Vec<bool>,
@@ -79,6 +86,31 @@ impl MlaConfig {
     /// Values one token's cache entry holds: the latent and the rotated shared key part.
     pub fn cache_width(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// Gated DeltaNet linear attention (Qwen3-Next).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearAttnConfig {
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// Taps of the causal depthwise convolution over q, k and v.
+    pub conv_kernel: usize,
+    /// Per layer: true for linear attention, false for full attention.
+    pub layers: Vec<bool>,
+}
+
+impl LinearAttnConfig {
+    /// Channels of the convolution: q and k of every key head, v of every value head.
+    pub fn conv_channels(&self) -> usize {
+        2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+    }
+
+    /// Value heads per key head.
+    pub fn value_heads_per_key_head(&self) -> usize {
+        self.num_value_heads / self.num_key_heads.max(1)
     }
 }
 
@@ -120,6 +152,16 @@ pub struct ModelConfig {
     /// Per layer: the sliding window (a position sees itself and the `w - 1` before it), or
     /// `None` for full attention.
     pub sliding_window: Vec<Option<usize>>,
+    /// Leading dimensions of each q/k head that RoPE rotates (`head_dim` unless the config has
+    /// a `partial_rotary_factor`).
+    pub rotary_dim: usize,
+    /// Full attention's `q_proj` also yields a per-head output gate: `o * sigmoid(gate)`.
+    pub attn_output_gate: bool,
+    /// RMSNorm weights are stored zero-centred and applied as `(1 + w)` (Qwen3-Next's
+    /// checkpoints; llama.cpp's converter folds the 1 in, so GGUF files store `1 + w`).
+    pub zero_centred_norms: bool,
+    /// Gated DeltaNet layers (`None`: every layer is attention).
+    pub linear_attn: Option<LinearAttnConfig>,
 }
 
 /// Keys that do not change inference (bookkeeping, training-only, or token ids read elsewhere).
@@ -168,6 +210,7 @@ impl ModelConfig {
             "LlamaForCausalLM" => Arch::Llama,
             "Qwen3MoeForCausalLM" => Arch::Qwen3Moe,
             "Glm4MoeLiteForCausalLM" => Arch::Glm4MoeLite,
+            "Qwen3NextForCausalLM" => Arch::Qwen3Next,
             other => return Err(cfg(format!("unknown architecture {other:?}"))),
         };
         let mut used: Vec<&str> = INFORMATIONAL_KEYS.to_vec();
@@ -218,11 +261,12 @@ impl ModelConfig {
         if bool_of("rope_interleaved", get("rope_interleaved"))?.unwrap_or(false) {
             return Err(cfg("rope_interleaved: true is not supported"));
         }
-        let layer_types = get("layer_types").cloned();
+        // Qwen3-Next's `layer_types` name linear and full attention layers (read below).
+        let layer_types = if arch == Arch::Qwen3Next { None } else { get("layer_types").cloned() };
         let attention_bias = bool_of("attention_bias", get("attention_bias"))?.unwrap_or(false);
         let mlp_bias = bool_of("mlp_bias", get("mlp_bias"))?.unwrap_or(false);
         let (qkv_bias, o_bias, qk_norm) = match arch {
-            Arch::Qwen3 | Arch::Qwen3Moe => (attention_bias, attention_bias, true),
+            Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next => (attention_bias, attention_bias, true),
             // DeepSeek-V3 attention: biases on q_a, kv_a and o (attention_bias), never q_b/kv_b.
             Arch::Glm4MoeLite => (attention_bias, attention_bias, false),
             // Qwen2 hard-codes q/k/v biases and has no attention_bias key.
@@ -265,9 +309,52 @@ impl ModelConfig {
             }
             None => vec![None; num_layers],
         };
+        let mut linear_attn = None;
+        let mut rotary_dim = head_dim;
+        if arch == Arch::Qwen3Next {
+            let u = |key: &'static str, v: Option<&Value>| -> Result<usize> { req(key, usize_of(key, v)?) };
+            let interval = usize_of("full_attention_interval", get("full_attention_interval"))?;
+            // transformers 5 may save the kinds per layer instead of the interval.
+            let layers: Vec<bool> = match (get("layer_types"), interval) {
+                (Some(types), _) => {
+                    let kinds: Option<Vec<bool>> = types.as_array().filter(|a| a.len() == num_layers).and_then(|a| {
+                        a.iter()
+                            .map(|t| match t.as_str() {
+                                Some("linear_attention") => Some(true),
+                                Some("full_attention") => Some(false),
+                                _ => None,
+                            })
+                            .collect()
+                    });
+                    kinds.ok_or_else(|| {
+                        cfg(format!(
+                            "layer_types must list \"linear_attention\" or \"full_attention\" for each of {num_layers} layers, got {types}"
+                        ))
+                    })?
+                }
+                (None, Some(n)) if n > 0 => (0..num_layers).map(|i| (i + 1) % n != 0).collect(),
+                (None, Some(_)) => return Err(cfg("full_attention_interval must be positive")),
+                (None, None) => return Err(cfg("missing \"full_attention_interval\" (or \"layer_types\")")),
+            };
+            let la = LinearAttnConfig {
+                num_key_heads: u("linear_num_key_heads", get("linear_num_key_heads"))?,
+                num_value_heads: u("linear_num_value_heads", get("linear_num_value_heads"))?,
+                key_head_dim: u("linear_key_head_dim", get("linear_key_head_dim"))?,
+                value_head_dim: u("linear_value_head_dim", get("linear_value_head_dim"))?,
+                conv_kernel: u("linear_conv_kernel_dim", get("linear_conv_kernel_dim"))?,
+                layers,
+            };
+            linear_attn = Some(la);
+            let factor = f32_of("partial_rotary_factor", get("partial_rotary_factor"))?.unwrap_or(1.0);
+            if !(factor > 0.0 && factor <= 1.0) {
+                return Err(cfg(format!("partial_rotary_factor {factor} must be in (0, 1]")));
+            }
+            // transformers: int(head_dim * factor).
+            rotary_dim = (head_dim as f32 * factor) as usize;
+        }
         let (moe, mla, num_nextn_predict_layers, head_dim, rope_layout) = match arch {
             Arch::Qwen3 | Arch::Qwen2 | Arch::Llama => (None, None, 0, head_dim, RopeLayout::SplitHalves),
-            Arch::Qwen3Moe => {
+            Arch::Qwen3Moe | Arch::Qwen3Next => {
                 for (key, want) in [("qkv_bias", false), ("use_qk_norm", true)] {
                     if let Some(v) = bool_of(key, get(key))? {
                         if v != want {
@@ -283,6 +370,15 @@ impl ModelConfig {
                         )));
                     }
                 }
+                // Qwen3-Next: one shared expert behind a sigmoid gate.
+                let shared = if arch == Arch::Qwen3Next {
+                    req(
+                        "shared_expert_intermediate_size",
+                        usize_of("shared_expert_intermediate_size", get("shared_expert_intermediate_size"))?,
+                    )?
+                } else {
+                    0
+                };
                 get("output_router_logits");
                 get("router_aux_loss_coef");
                 let num_experts = req("num_experts", usize_of("num_experts", get("num_experts"))?)?;
@@ -307,7 +403,8 @@ impl ModelConfig {
                     )?,
                     norm_topk_prob: bool_of("norm_topk_prob", get("norm_topk_prob"))?.unwrap_or(false),
                     gating: Gating::Softmax,
-                    shared_intermediate_size: 0,
+                    shared_intermediate_size: shared,
+                    shared_expert_gate: shared > 0,
                     sparse_layers,
                 };
                 (Some(moe), None, 0, head_dim, RopeLayout::SplitHalves)
@@ -362,6 +459,7 @@ impl ModelConfig {
                     },
                     shared_intermediate_size: moe_inter
                         * usize_of("n_shared_experts", get("n_shared_experts"))?.unwrap_or(0),
+                    shared_expert_gate: false,
                     sparse_layers: (0..num_layers).map(|i| i >= first_dense).collect(),
                 };
                 let nextn = usize_of("num_nextn_predict_layers", get("num_nextn_predict_layers"))?.unwrap_or(0);
@@ -418,6 +516,10 @@ impl ModelConfig {
             mla,
             num_nextn_predict_layers,
             sliding_window,
+            rotary_dim,
+            attn_output_gate: arch == Arch::Qwen3Next,
+            zero_centred_norms: arch == Arch::Qwen3Next,
+            linear_attn,
         };
         if let Some(key) = obj.keys().find(|k| !used.contains(&k.as_str())) {
             if key == "quantization_config" {
@@ -479,6 +581,7 @@ impl ModelConfig {
                 norm_topk_prob: true,
                 gating: Gating::Softmax,
                 shared_intermediate_size: 0,
+                shared_expert_gate: false,
                 sparse_layers: vec![true; num_layers],
             }),
             _ => None,
@@ -518,6 +621,10 @@ impl ModelConfig {
             mla: None,
             num_nextn_predict_layers: 0,
             sliding_window: vec![None; num_layers],
+            rotary_dim: head_dim,
+            attn_output_gate: false,
+            zero_centred_norms: false,
+            linear_attn: None,
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -579,6 +686,7 @@ impl ModelConfig {
                     as f32,
             },
             shared_intermediate_size: moe_inter * opt("expert_shared_count").unwrap_or(0),
+            shared_expert_gate: false,
             sparse_layers: (0..num_layers).map(|i| i >= first_dense).collect(),
         };
         if let Some(t) = g.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
@@ -617,6 +725,10 @@ impl ModelConfig {
             }),
             num_nextn_predict_layers: nextn,
             sliding_window: vec![None; num_layers],
+            rotary_dim: rope,
+            attn_output_gate: false,
+            zero_centred_norms: false,
+            linear_attn: None,
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -646,6 +758,30 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(cfg(format!("head_dim {} must be even for RoPE", self.head_dim)));
+        }
+        if self.mla.is_none()
+            && (self.rotary_dim == 0 || self.rotary_dim > self.head_dim || !self.rotary_dim.is_multiple_of(2))
+        {
+            return Err(cfg(format!(
+                "the rotary part of each head ({} of head_dim {}) must be even and in 2..=head_dim",
+                self.rotary_dim, self.head_dim
+            )));
+        }
+        if let Some(la) = &self.linear_attn {
+            let dims = [la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim];
+            if dims.contains(&0) || !la.num_value_heads.is_multiple_of(la.num_key_heads) {
+                return Err(cfg(format!(
+                    "linear attention with {} key heads of {} and {} value heads of {}: need positive sizes and \
+                     value heads a multiple of key heads",
+                    la.num_key_heads, la.key_head_dim, la.num_value_heads, la.value_head_dim
+                )));
+            }
+            if !(2..=8).contains(&la.conv_kernel) {
+                return Err(cfg(format!("linear_conv_kernel_dim {} (supported: 2 to 8)", la.conv_kernel)));
+            }
+            if la.layers.len() != self.num_layers {
+                return Err(cfg("linear attention layer list does not match num_hidden_layers"));
+            }
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return Err(cfg("rms_norm_eps and rope_theta must be positive"));

@@ -3,7 +3,7 @@
 /// A family of models that share one model file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// `models::decoder`: Qwen3, Qwen2, Llama, Qwen3-MoE, GLM-4.7-Flash.
+    /// `models::decoder`: Qwen3, Qwen2, Llama, Qwen3-MoE, GLM-4.7-Flash, Qwen3-Next.
     Decoder,
 }
 
@@ -15,6 +15,7 @@ pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
     ("Qwen3MoeForCausalLM", "qwen3moe", Family::Decoder),
     // llama.cpp writes GLM-4.7-Flash as its DeepSeek-V2/V3 architecture.
     ("Glm4MoeLiteForCausalLM", "deepseek2", Family::Decoder),
+    ("Qwen3NextForCausalLM", "qwen3next", Family::Decoder),
 ];
 
 /// The family of a Hugging Face architecture string.

@@ -493,12 +493,16 @@ fn gguf_arch(c: &ModelConfig) -> &'static str {
         Arch::Llama => "llama",
         Arch::Qwen3Moe => "qwen3moe",
         Arch::Glm4MoeLite => "deepseek2",
+        Arch::Qwen3Next => "qwen3next",
     }
 }
 
 /// Why llama.cpp's architecture for `c` cannot hold the model, if it cannot: its `qwen3moe`
 /// graph makes every layer a mixture and always renormalizes the routing weights.
 fn gguf_unsupported(c: &ModelConfig) -> Option<String> {
+    if c.arch == Arch::Qwen3Next {
+        return Some("writing qwen3next GGUF files is not implemented yet".into());
+    }
     let m = c.moe.as_ref()?;
     match c.arch {
         Arch::Qwen3Moe if !m.sparse_layers.iter().all(|&s| s) => Some(
@@ -931,7 +935,7 @@ impl TokenizerFiles {
         };
         match (known, c.arch) {
             (Some(k), _) => Ok(k),
-            (None, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe) => Ok("qwen2"),
+            (None, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next) => Ok("qwen2"),
             (None, Arch::Llama | Arch::Glm4MoeLite) => {
                 Err(self
                     .err("pre-tokenizer not recognized (known: Qwen2, Qwen3.5, Llama 3, SmolLM and GPT-2 split rules)"))

@@ -55,6 +55,7 @@ fn logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
         slot_mapping: (0..n).collect(),
         block_tables: vec![vec![0]],
         logits_indices: (0..n).collect(),
+        state_slots: vec![0],
     };
     let mut cache = m.model.new_kv_cache(16, 4);
     m.model.forward(&batch, &mut cache).expect("forward")
@@ -443,6 +444,7 @@ fn last_logits(model: &dyn pio_model::CausalLm) -> Vec<f32> {
         slot_mapping: (0..n).collect(),
         block_tables: vec![vec![0]],
         logits_indices: vec![n - 1],
+        state_slots: vec![0],
     };
     model.forward(&batch, &mut cache).expect("forward")
 }

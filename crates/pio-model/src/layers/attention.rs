@@ -87,6 +87,9 @@ impl Attention {
                 }
                 out
             }
+            // The model checks that the cache was made from its spec: an attention layer
+            // never holds a recurrent state.
+            LayerStore::State { .. } => unreachable!("layer {} holds a recurrent state", self.layer),
         }
     }
 
@@ -125,6 +128,9 @@ impl Attention {
                     }
                 });
             }
+            // The model checks that the cache was made from its spec: an attention layer
+            // never holds a recurrent state.
+            LayerStore::State { .. } => unreachable!("layer {} holds a recurrent state", self.layer),
         }
     }
 

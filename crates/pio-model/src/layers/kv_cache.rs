@@ -1,11 +1,13 @@
 //! The paged KV cache, described per layer.
 //!
-//! A model says what each of its layers keeps per token ([`CacheSpec`]: keys and values of
+//! A model says what each of its layers keeps ([`CacheSpec`]): per token, keys and values of
 //! standard attention, maybe behind a sliding window, or one latent row of multi-head latent
-//! attention); the engine sizes the cache from that (bytes per block summed over the layers) and
-//! hands out blocks of one pool; [`KvCache`] stores every layer's share of every block in the
-//! element types the user chose ([`KvCacheType`]), as bytes plus a codec where they are not
-//! f32 or f16 (layouts in [`pio_kernels::attention`] and [`pio_kernels::mla`]).
+//! attention; per sequence, the fixed-size recurrent state of a linear-attention layer. The
+//! engine sizes the cache from that (bytes per block summed over the layers, plus bytes per
+//! state slot) and hands out blocks of one pool and state slots of another; [`KvCache`] stores
+//! every layer's share of every block in the element types the user chose ([`KvCacheType`]),
+//! as bytes plus a codec where they are not f32 or f16 (layouts in [`pio_kernels::attention`]
+//! and [`pio_kernels::mla`]), and every recurrent layer's share of every slot in f32.
 
 use half::f16;
 use pio_kernels::attention::{KvCacheDtype, KvCacheType, KvElem, ANCHOR_BLOCK};
@@ -21,6 +23,10 @@ pub enum LayerCache {
     /// One row of `width` values for keys and values alike (multi-head latent attention: the
     /// compressed K/V latent and the rotated shared key part), stored once for all heads.
     Latent { width: usize },
+    /// Nothing per token: a fixed-size state per sequence (Gated DeltaNet), in f32. The last
+    /// `conv_kernel - 1` inputs of the causal convolution over `conv_channels` channels, and a
+    /// `key_dim × value_dim` matrix per value head.
+    Recurrent { conv_channels: usize, conv_kernel: usize, num_heads: usize, key_dim: usize, value_dim: usize },
 }
 
 impl LayerCache {
@@ -35,6 +41,18 @@ impl LayerCache {
                 let anchors = if types.k.is_quantized() { 2 * width } else { 0 };
                 block_size * types.k.row_bytes(width) + anchors
             }
+            LayerCache::Recurrent { .. } => 0,
+        }
+    }
+
+    /// f32 values of one sequence's state in this layer: (convolution, delta-rule) state (none
+    /// for attention layers).
+    pub fn state_len(&self) -> (usize, usize) {
+        match *self {
+            LayerCache::Recurrent { conv_channels, conv_kernel, num_heads, key_dim, value_dim } => {
+                ((conv_kernel - 1) * conv_channels, num_heads * key_dim * value_dim)
+            }
+            _ => (0, 0),
         }
     }
 
@@ -53,6 +71,8 @@ impl LayerCache {
                     .check(width)
                     .map_err(|e| format!("{e} (the latent row of this model's multi-head latent attention)"))
             }
+            // The recurrent state is always f32: it accumulates over the whole sequence.
+            LayerCache::Recurrent { .. } => Ok(()),
         }
     }
 }
@@ -68,9 +88,16 @@ impl CacheSpec {
     /// attention, else keys and values with each layer's sliding window.
     pub fn from_config(c: &ModelConfig) -> CacheSpec {
         let layers = (0..c.num_layers)
-            .map(|i| match &c.mla {
-                Some(m) => LayerCache::Latent { width: m.cache_width() },
-                None => LayerCache::Attention {
+            .map(|i| match (&c.mla, &c.linear_attn) {
+                (_, Some(la)) if la.layers[i] => LayerCache::Recurrent {
+                    conv_channels: la.conv_channels(),
+                    conv_kernel: la.conv_kernel,
+                    num_heads: la.num_value_heads,
+                    key_dim: la.key_head_dim,
+                    value_dim: la.value_head_dim,
+                },
+                (Some(m), _) => LayerCache::Latent { width: m.cache_width() },
+                (None, _) => LayerCache::Attention {
                     num_kv_heads: c.num_kv_heads,
                     head_dim: c.head_dim,
                     window: c.sliding_window.get(i).copied().flatten(),
@@ -83,6 +110,22 @@ impl CacheSpec {
     /// Bytes a block of `block_size` positions takes across all layers.
     pub fn bytes_per_block(&self, types: KvCacheType, block_size: usize) -> usize {
         self.layers.iter().map(|l| l.bytes_per_block(types, block_size)).sum()
+    }
+
+    /// Bytes of one sequence's recurrent state across all layers (0 without recurrent layers).
+    pub fn state_bytes_per_seq(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let (conv, delta) = l.state_len();
+                4 * (conv + delta)
+            })
+            .sum()
+    }
+
+    /// Whether some layer keeps a per-sequence state (a sequence then needs a state slot).
+    pub fn has_state(&self) -> bool {
+        self.layers.iter().any(|l| matches!(l, LayerCache::Recurrent { .. }))
     }
 
     /// Bytes one token takes across all layers (anchors spread over blocks of
@@ -117,6 +160,8 @@ impl CacheSpec {
 pub struct KvCache {
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Per-sequence state slots of the recurrent layers (0 when none has one).
+    pub num_state_slots: usize,
     spec: CacheSpec,
     types: KvCacheType,
     layers: Vec<LayerStore>,
@@ -129,18 +174,42 @@ pub struct KvCache {
 /// ([`pio_kernels::mla::CodedLatentKv`]).
 #[derive(Debug)]
 pub(crate) enum LayerStore {
-    F32 { k: Vec<f32>, v: Vec<f32> },
-    F16 { k: Vec<f16>, v: Vec<f16> },
-    Coded { k: Vec<u8>, v: Vec<u8>, anchors: Vec<u16> },
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    F16 {
+        k: Vec<f16>,
+        v: Vec<f16>,
+    },
+    Coded {
+        k: Vec<u8>,
+        v: Vec<u8>,
+        anchors: Vec<u16>,
+    },
+    /// A recurrent layer: per slot, its convolution state and its delta-rule state.
+    State {
+        conv: Vec<f32>,
+        delta: Vec<f32>,
+    },
 }
 
 impl KvCache {
-    /// Panics if `types` cannot store some layer ([`CacheSpec::check`]).
-    pub fn new(spec: &CacheSpec, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
+    /// `num_blocks` blocks of `block_size` positions, and `state_slots` per-sequence states
+    /// where the spec has recurrent layers. Panics if `types` cannot store some layer
+    /// ([`CacheSpec::check`]).
+    pub fn new(
+        spec: &CacheSpec,
+        block_size: usize,
+        num_blocks: usize,
+        types: KvCacheType,
+        state_slots: usize,
+    ) -> KvCache {
         if let Err(e) = spec.check(types) {
             panic!("{e}");
         }
         let positions = num_blocks * block_size;
+        let num_state_slots = if spec.has_state() { state_slots } else { 0 };
         let layers = spec
             .layers
             .iter()
@@ -149,6 +218,13 @@ impl KvCache {
                 let (row, rows, has_v) = match *l {
                     LayerCache::Attention { num_kv_heads, head_dim, .. } => (head_dim, num_kv_heads, true),
                     LayerCache::Latent { width } => (width, 1, false),
+                    LayerCache::Recurrent { .. } => {
+                        let (conv, delta) = l.state_len();
+                        return LayerStore::State {
+                            conv: f32::zeros(num_state_slots * conv),
+                            delta: f32::zeros(num_state_slots * delta),
+                        };
+                    }
                 };
                 let v_rows = if has_v { rows } else { 0 };
                 match (types.k, types.v) {
@@ -168,7 +244,7 @@ impl KvCache {
                 }
             })
             .collect();
-        KvCache { block_size, num_blocks, spec: spec.clone(), types, layers }
+        KvCache { block_size, num_blocks, num_state_slots, spec: spec.clone(), types, layers }
     }
 
     /// What each layer keeps.
@@ -198,8 +274,28 @@ impl KvCache {
                 LayerStore::F32 { k, v } => 4 * (k.len() + v.len()),
                 LayerStore::F16 { k, v } => 2 * (k.len() + v.len()),
                 LayerStore::Coded { k, v, anchors } => k.len() + v.len() + 2 * anchors.len(),
+                LayerStore::State { conv, delta } => 4 * (conv.len() + delta.len()),
             })
             .sum()
+    }
+
+    /// Copies slot `from`'s state into slot `to` in every recurrent layer (a prefix snapshot
+    /// taken or restored). Slots out of range are an error.
+    pub fn copy_state(&mut self, from: usize, to: usize) -> crate::Result<()> {
+        if from >= self.num_state_slots || to >= self.num_state_slots {
+            return Err(crate::Error::Batch(format!(
+                "state slots {from} -> {to}: the cache has {}",
+                self.num_state_slots
+            )));
+        }
+        for (l, store) in self.spec.layers.iter().zip(&mut self.layers) {
+            let (cl, dl) = l.state_len();
+            if let LayerStore::State { conv, delta } = store {
+                conv.copy_within(from * cl..(from + 1) * cl, to * cl);
+                delta.copy_within(from * dl..(from + 1) * dl, to * dl);
+            }
+        }
+        Ok(())
     }
 
     /// Touches every page of the cache now, so its memory is resident from the start and the
@@ -230,6 +326,10 @@ impl KvCache {
                     touch(v);
                     touch(anchors)
                 }
+                LayerStore::State { conv, delta } => {
+                    touch(conv);
+                    touch(delta)
+                }
             }
         }
     }
@@ -252,7 +352,7 @@ mod tests {
             ],
         };
         for types in [F16, Q8] {
-            let cache = KvCache::new(&spec, 16, 3, types);
+            let cache = KvCache::new(&spec, 16, 3, types, 2);
             assert_eq!(cache.nbytes(), 3 * spec.bytes_per_block(types, 16), "{types}");
         }
         // f16: 2 layers x 2 heads x 64 x (k + v) x 2 bytes + one latent row of 96 x 2 bytes.

@@ -171,6 +171,9 @@ impl LatentAttention {
             }
             LayerStore::F32 { k: data, .. } => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
             LayerStore::F16 { k: data, .. } => LatentKvMut { data, block_size, width }.map_rows(blocks, &mut shift),
+            // The model checks that the cache was made from its spec: an attention layer
+            // never holds a recurrent state.
+            LayerStore::State { .. } => unreachable!("layer {} holds a recurrent state", self.layer),
         }
     }
 
@@ -260,6 +263,9 @@ impl LatentAttention {
                 kv.write(&batch.slot_mapping, &rows);
                 latent_attention(&queries, nh, kv.view(), &contexts, r, self.scale, &mut latent_out);
             }
+            // The model checks that the cache was made from its spec: an attention layer
+            // never holds a recurrent state.
+            LayerStore::State { .. } => unreachable!("layer {} holds a recurrent state", self.layer),
         }
 
         // Per head W_UV (one parallel pass), then the output projection.

@@ -1,8 +1,10 @@
 //! Building blocks shared by every model: projections over any weight format, normalization,
 //! the paged KV cache as each layer describes it (`kv_cache`), attention over it (standard and
-//! latent), the SwiGLU MLP and the mixture of experts.
+//! latent), Gated DeltaNet linear attention over a per-sequence state, the SwiGLU MLP and the
+//! mixture of experts.
 
 pub mod attention;
+pub mod delta_net;
 pub mod kv_cache;
 pub mod linear;
 pub mod mla;
@@ -11,6 +13,7 @@ pub mod moe;
 pub mod norm;
 
 pub use attention::Attention;
+pub use delta_net::GatedDeltaNet;
 pub use kv_cache::{CacheSpec, KvCache, LayerCache};
 pub use linear::Linear;
 pub use mlp::Mlp;

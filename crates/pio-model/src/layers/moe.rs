@@ -179,6 +179,8 @@ pub struct SparseMoe {
     pub correction_bias: Option<Vec<f32>>,
     pub experts: Vec<Mlp>,
     pub shared_expert: Option<Mlp>,
+    /// `[hidden]`: the shared expert's output is scaled by `sigmoid(x · gate)` (Qwen3-Next).
+    pub shared_expert_gate: Option<Vec<f32>>,
     pub gating: Gating,
     pub top_k: usize,
     pub norm_topk_prob: bool,
@@ -188,7 +190,8 @@ pub struct SparseMoe {
 impl SparseMoe {
     /// Takes `{prefix}.gate.weight` (the router), `{prefix}.gate.e_score_correction_bias`
     /// (sigmoid gating), `{prefix}.experts.{e}.{gate,up,down}_proj.weight` and, with a shared
-    /// expert, `{prefix}.shared_experts.*`.
+    /// expert, `{prefix}.shared_experts.*` (or `shared_expert.*`, Qwen3-Next's spelling) and
+    /// its gate `{prefix}.shared_expert_gate.weight` (`[1, hidden]` or `[hidden]`).
     pub fn load(ckpt: &mut Checkpoint, prefix: &str, hidden: usize, c: &MoeConfig) -> Result<SparseMoe> {
         let router = Linear::load(ckpt, &format!("{prefix}.gate"), hidden, c.num_experts, false)?;
         let correction_bias = match c.gating {
@@ -200,14 +203,24 @@ impl SparseMoe {
         let experts = (0..c.num_experts)
             .map(|e| Mlp::load(ckpt, &format!("{prefix}.experts.{e}"), hidden, c.moe_intermediate_size, false))
             .collect::<Result<Vec<_>>>()?;
+        let singular = ckpt.contains(&format!("{prefix}.shared_expert.up_proj.weight"));
+        let shared_prefix = format!("{prefix}.{}", if singular { "shared_expert" } else { "shared_experts" });
         let shared_expert = (c.shared_intermediate_size > 0)
-            .then(|| Mlp::load(ckpt, &format!("{prefix}.shared_experts"), hidden, c.shared_intermediate_size, false))
+            .then(|| Mlp::load(ckpt, &shared_prefix, hidden, c.shared_intermediate_size, false))
             .transpose()?;
+        let shared_expert_gate = if c.shared_expert_gate && c.shared_intermediate_size > 0 {
+            let name = format!("{prefix}.shared_expert_gate.weight");
+            let shape: &[usize] = if ckpt.shape(&name) == Some(&[hidden]) { &[hidden] } else { &[1, hidden] };
+            Some(ckpt.take(&name, shape)?.to_f32_vec())
+        } else {
+            None
+        };
         Ok(SparseMoe {
             router,
             correction_bias,
             experts,
             shared_expert,
+            shared_expert_gate,
             gating: c.gating,
             top_k: c.top_k,
             norm_topk_prob: c.norm_topk_prob,
@@ -275,7 +288,17 @@ impl SparseMoe {
         }
         if self.shared_expert.is_some() {
             if let Some(shared_out) = down.last() {
-                ops::add_in_place(&mut out, shared_out);
+                match &self.shared_expert_gate {
+                    None => ops::add_in_place(&mut out, shared_out),
+                    Some(w) => {
+                        for ((o, s), xt) in
+                            out.chunks_exact_mut(h).zip(shared_out.chunks_exact(h)).zip(x.chunks_exact(h))
+                        {
+                            let g = 1.0 / (1.0 + (-ops::dot(xt, w)).exp());
+                            ops::axpy(g, s, o);
+                        }
+                    }
+                }
             }
         }
         self.counters.forwards.fetch_add(1, Ordering::Relaxed);
@@ -492,6 +515,7 @@ mod tests {
             correction_bias: Some(vec![0.1, -0.2, 0.0, 0.3, -0.1]),
             experts,
             shared_expert,
+            shared_expert_gate: None,
             gating: Gating::SigmoidGrouped { n_group: 1, topk_group: 1, routed_scaling_factor: 1.5 },
             top_k: 2,
             norm_topk_prob: true,

@@ -2,22 +2,28 @@
 //!
 //! Qwen3, Qwen2(.5) and Llama (SmolLM2) differ only by biases and q/k norms; Qwen3-MoE swaps
 //! the MLP of its sparse layers for a mixture of experts; GLM-4.7-Flash also swaps standard
-//! attention for multi-head latent attention ([`crate::layers::mla`]). The layer loop is the
-//! same for all of them, so they share this file; each kind of block lives in `layers/`.
+//! attention for multi-head latent attention ([`crate::layers::mla`]); Qwen3-Next swaps three of
+//! every four attention layers for Gated DeltaNet linear attention
+//! ([`crate::layers::delta_net`]), gates the fourth's output and rotates only part of each
+//! head. The layer loop is the same for all of them, so they share this file; each kind of
+//! block lives in `layers/`.
 //!
 //! ```text
 //! x = embed_tokens[ids]                                   [T, hidden]
 //! for each layer:
 //!     h = rms_norm(x)
-//!     x = x + attention(h)      standard (below) or latent (layers/mla.rs)
+//!     x = x + attention(h)      standard (below), latent (layers/mla.rs) or linear
+//!                               (layers/delta_net.rs)
 //!     h = rms_norm(x)
 //!     x = x + ffn(h)            dense SwiGLU MLP (layers/mlp.rs) or mixture (layers/moe.rs)
 //! logits = rms_norm(x)[rows] Wheadᵀ                       [R, vocab]
 //!
 //! standard attention:
 //!     q, k, v = h Wqᵀ (+bq), h Wkᵀ (+bk), h Wvᵀ (+bv)      [T, heads*hd], [T, kv*hd] ×2
-//!     q, k = rms_norm_per_head(q), rms_norm_per_head(k)   (Qwen3, Qwen3-MoE)
-//!     o = attention(rope(q), rope(k), v)                  [T, heads*hd]   (paged cache)
+//!     q, k = rms_norm_per_head(q), rms_norm_per_head(k)   (Qwen3, Qwen3-MoE, Qwen3-Next)
+//!     o = attention(rope(q), rope(k), v)                  [T, heads*hd]   (paged cache; rope
+//!                                                         on the first rotary_dim of each head)
+//!     o = o * sigmoid(gate)     Qwen3-Next: q_proj yields [q, gate] per head, [T, heads*2*hd]
 //!     out = o Woᵀ
 //! ```
 
@@ -27,7 +33,7 @@ use super::{CausalLm, ModelShape};
 use crate::batch::ForwardBatch;
 use crate::config::ModelConfig;
 use crate::layers::mla::LatentAttention;
-use crate::layers::{Attention, CacheSpec, KvCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe};
+use crate::layers::{Attention, CacheSpec, GatedDeltaNet, KvCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe};
 use crate::weights::{Checkpoint, Tensor};
 use crate::{Error, Result};
 
@@ -57,6 +63,7 @@ struct DecoderLayer {
 enum AttentionBlock {
     Standard(SelfAttention),
     Latent(LatentAttention),
+    Linear(GatedDeltaNet),
 }
 
 // One per layer, built once: the size difference costs nothing worth a box.
@@ -77,6 +84,9 @@ struct SelfAttention {
     /// `[hd]` each, Qwen3 only.
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// `q_proj` yields a gate after each head's query (`[heads*2*hd, hidden]`): the output is
+    /// `o * sigmoid(gate)` (Qwen3-Next).
+    output_gate: bool,
     attn: Attention,
 }
 
@@ -95,10 +105,12 @@ impl DecoderModel {
         for i in 0..c.num_layers {
             progress(i, c.num_layers);
             let p = format!("model.layers.{i}");
-            let norm = |ck: &mut Checkpoint, name: &str, dim| {
-                RmsNorm::load(ck, &format!("{p}.{name}.weight"), dim, c.rms_norm_eps)
-            };
+            let norm = |ck: &mut Checkpoint, name: &str, dim| load_norm(ck, &format!("{p}.{name}.weight"), dim, c);
+            let linear = c.linear_attn.as_ref().is_some_and(|la| la.layers[i]);
             let self_attn = match &c.mla {
+                _ if linear => {
+                    AttentionBlock::Linear(GatedDeltaNet::load(&mut ckpt, &format!("{p}.linear_attn"), i, c)?)
+                }
                 None => AttentionBlock::Standard(SelfAttention::load(&mut ckpt, &p, i, c)?),
                 Some(mla) => {
                     AttentionBlock::Latent(LatentAttention::load(&mut ckpt, &format!("{p}.self_attn"), i, c, mla)?)
@@ -128,7 +140,7 @@ impl DecoderModel {
                 ckpt.discard(&n);
             }
         }
-        let norm = RmsNorm::load(&mut ckpt, "model.norm.weight", h, c.rms_norm_eps)?;
+        let norm = load_norm(&mut ckpt, "model.norm.weight", h, c)?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints also save the head; the embedding is what is used.
             ckpt.discard("lm_head.weight");
@@ -149,6 +161,7 @@ impl DecoderModel {
             match &l.self_attn {
                 AttentionBlock::Standard(a) => all.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]),
                 AttentionBlock::Latent(a) => all.extend(a.linears()),
+                AttentionBlock::Linear(a) => all.extend(a.linears()),
             }
             match &l.mlp {
                 FeedForward::Dense(m) => all.extend(m.linears()),
@@ -197,6 +210,7 @@ impl DecoderModel {
             match &mut l.self_attn {
                 AttentionBlock::Standard(a) => all.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]),
                 AttentionBlock::Latent(a) => all.extend(a.linears_mut()),
+                AttentionBlock::Linear(a) => all.extend(a.linears_mut()),
             }
             match &mut l.mlp {
                 FeedForward::Dense(m) => all.extend(m.linears_mut()),
@@ -229,6 +243,7 @@ impl DecoderModel {
                         [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().map(|x| x.weight.bytes().len()).sum()
                     }
                     AttentionBlock::Latent(a) => a.linears().iter().map(|x| x.weight.bytes().len()).sum(),
+                    AttentionBlock::Linear(a) => a.linears().iter().map(|x| x.weight.bytes().len()).sum(),
                 };
                 let ffn = match &l.mlp {
                     FeedForward::Dense(m) => m.weight_bytes(),
@@ -245,16 +260,16 @@ impl SelfAttention {
     fn load(ckpt: &mut Checkpoint, p: &str, layer: usize, c: &ModelConfig) -> Result<SelfAttention> {
         let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let linear = |ck: &mut Checkpoint, name: &str, i, o, b| Linear::load(ck, &format!("{p}.{name}"), i, o, b);
-        let norm = |ck: &mut Checkpoint, name: &str| {
-            RmsNorm::load(ck, &format!("{p}.{name}.weight"), c.head_dim, c.rms_norm_eps)
-        };
+        let norm = |ck: &mut Checkpoint, name: &str| load_norm(ck, &format!("{p}.{name}.weight"), c.head_dim, c);
+        let q_rows = if c.attn_output_gate { 2 * q } else { q };
         Ok(SelfAttention {
-            q_proj: linear(ckpt, "self_attn.q_proj", h, q, c.qkv_bias)?,
+            q_proj: linear(ckpt, "self_attn.q_proj", h, q_rows, c.qkv_bias)?,
             k_proj: linear(ckpt, "self_attn.k_proj", h, kv, c.qkv_bias)?,
             v_proj: linear(ckpt, "self_attn.v_proj", h, kv, c.qkv_bias)?,
             o_proj: linear(ckpt, "self_attn.o_proj", q, h, c.o_bias)?,
             q_norm: c.qk_norm.then(|| norm(ckpt, "self_attn.q_norm")).transpose()?,
             k_norm: c.qk_norm.then(|| norm(ckpt, "self_attn.k_norm")).transpose()?,
+            output_gate: c.attn_output_gate,
             attn: Attention {
                 layer,
                 num_heads: c.num_heads,
@@ -262,7 +277,7 @@ impl SelfAttention {
                 head_dim: c.head_dim,
                 scale: 1.0 / (c.head_dim as f32).sqrt(),
                 rope_layout: c.rope_layout,
-                inv_freq: ops::rope_inv_freq(c.rope_theta, c.head_dim),
+                inv_freq: ops::rope_inv_freq(c.rope_theta, c.rotary_dim),
                 window: c.sliding_window.get(layer).copied().flatten(),
             },
         })
@@ -272,14 +287,40 @@ impl SelfAttention {
         let [mut q, mut k, v]: [Vec<f32>; 3] = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)
             .try_into()
             .unwrap_or_else(|_| unreachable!("three projections in, three out"));
+        // A gated q_proj: each head's query is followed by its gate.
+        let mut gate = Vec::new();
+        if self.output_gate {
+            let hd = self.attn.head_dim;
+            let mut query = Vec::with_capacity(q.len() / 2);
+            gate.reserve(q.len() / 2);
+            for pair in q.chunks_exact(2 * hd) {
+                query.extend_from_slice(&pair[..hd]);
+                gate.extend_from_slice(&pair[hd..]);
+            }
+            q = query;
+        }
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             // Per-head norm: rows of head_dim.
             qn.forward_in_place(&mut q);
             kn.forward_in_place(&mut k);
         }
-        let o = self.attn.forward(&mut q, &mut k, &v, batch, cache);
+        let mut o = self.attn.forward(&mut q, &mut k, &v, batch, cache);
+        if self.output_gate {
+            for (o, g) in o.iter_mut().zip(&gate) {
+                *o *= 1.0 / (1.0 + (-g).exp());
+            }
+        }
         self.o_proj.forward(&o)
     }
+}
+
+/// An RMSNorm weight; zero-centred checkpoints (Qwen3-Next: `(1 + w)`) get the 1 folded in.
+fn load_norm(ckpt: &mut Checkpoint, name: &str, dim: usize, c: &ModelConfig) -> Result<RmsNorm> {
+    let mut norm = RmsNorm::load(ckpt, name, dim, c.rms_norm_eps)?;
+    if c.zero_centred_norms {
+        norm.weight.iter_mut().for_each(|w| *w += 1.0);
+    }
+    Ok(norm)
 }
 
 impl CausalLm for DecoderModel {
@@ -299,7 +340,8 @@ impl CausalLm for DecoderModel {
     }
 
     fn can_shift_positions(&self) -> bool {
-        true
+        // A recurrent state holds every token it has seen: dropping some is not possible.
+        !self.cache_spec.has_state()
     }
 
     fn shift_positions(&self, cache: &mut KvCache, blocks: &[u32], delta: usize) -> Result<()> {
@@ -309,10 +351,14 @@ impl CausalLm for DecoderModel {
         if cache.spec() != &self.cache_spec {
             return Err(Error::Batch("KV cache was made for another model shape".into()));
         }
+        if !self.can_shift_positions() {
+            return Err(Error::Batch("a model with recurrent state cannot shift cached positions".into()));
+        }
         for layer in &self.layers {
             match &layer.self_attn {
                 AttentionBlock::Standard(a) => a.attn.shift_keys(cache, blocks, delta),
                 AttentionBlock::Latent(a) => a.shift_keys(cache, blocks, delta),
+                AttentionBlock::Linear(_) => {}
             }
         }
         Ok(())
@@ -348,6 +394,7 @@ impl CausalLm for DecoderModel {
             let attn = match &layer.self_attn {
                 AttentionBlock::Standard(a) => a.forward(&hn, batch, cache),
                 AttentionBlock::Latent(a) => a.forward(&hn, batch, cache),
+                AttentionBlock::Linear(a) => a.forward(&hn, batch, cache)?,
             };
             ops::add_in_place(&mut x, &attn);
             let hn = layer.post_attention_layernorm.forward(&x);
@@ -403,10 +450,12 @@ mod tests {
             seq_indices: vec![0; n],
             block_tables: vec![table.to_vec()],
             logits_indices: Vec::new(),
+            state_slots: Vec::new(),
         };
         match &m.layers[0].self_attn {
             AttentionBlock::Standard(a) => a.forward(x, &batch, cache),
             AttentionBlock::Latent(a) => a.forward(x, &batch, cache),
+            AttentionBlock::Linear(a) => a.forward(x, &batch, cache).expect("linear attention"),
         }
     }
 
@@ -452,12 +501,12 @@ mod tests {
                     continue;
                 }
                 block_formats += usize::from(t.is_quantized());
-                let mut a = m.new_kv_cache_with(bs, 8, types);
+                let mut a = m.new_kv_cache_with(bs, 8, types, 0);
                 attend(&m, &mut a, &[0, 1], 0..n, &x[..n * h]);
                 let want = attend(&m, &mut a, &[0, 1], n..n + 1, &x[n * h..]);
                 // The same rows two blocks later (blocks 6 and 7 stand for the dropped ones).
                 let run_shifted = |shift: bool| {
-                    let mut b = m.new_kv_cache_with(bs, 8, types);
+                    let mut b = m.new_kv_cache_with(bs, 8, types, 0);
                     attend(&m, &mut b, &[6, 7, 2, 3], delta..delta + n, &x[..n * h]);
                     if shift {
                         m.shift_positions(&mut b, &[2, 3], delta).expect("shift");

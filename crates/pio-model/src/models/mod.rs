@@ -28,9 +28,9 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>>;
 
     /// A cache of `num_blocks` blocks of `block_size` tokens shaped for this model, in the
-    /// default element type (f16).
+    /// default element type (f16), with one state slot where the model keeps recurrent state.
     fn new_kv_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
-        self.new_kv_cache_with(block_size, num_blocks, KvCacheType::default())
+        self.new_kv_cache_with(block_size, num_blocks, KvCacheType::default(), 1)
     }
 
     /// What each layer keeps in the cache.
@@ -71,8 +71,15 @@ pub trait CausalLm: Send + Sync {
     }
 
     /// As [`CausalLm::new_kv_cache`], storing keys and values as `types` (which
-    /// [`CausalLm::check_kv_cache_type`] accepts; panics otherwise).
-    fn new_kv_cache_with(&self, block_size: usize, num_blocks: usize, types: KvCacheType) -> KvCache {
-        KvCache::new(self.cache_spec(), block_size, num_blocks, types)
+    /// [`CausalLm::check_kv_cache_type`] accepts; panics otherwise), with `state_slots`
+    /// per-sequence states (where the model has recurrent layers).
+    fn new_kv_cache_with(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        types: KvCacheType,
+        state_slots: usize,
+    ) -> KvCache {
+        KvCache::new(self.cache_spec(), block_size, num_blocks, types, state_slots)
     }
 }

@@ -114,6 +114,27 @@ impl Tensor {
         Tensor { dtype: self.dtype, shape, storage }
     }
 
+    /// The outer slices (rows of a matrix) in `ranges`, concatenated in that order into a tensor
+    /// of its own (copied). Exact in any block format, as [`Tensor::slice_outer`]. Panics when a
+    /// range is out of bounds.
+    pub fn gather_outer(&self, ranges: &[std::ops::Range<usize>]) -> Tensor {
+        assert!(self.is_rows(), "an interleaved matrix has no rows to gather");
+        let outer = self.shape.first().copied().unwrap_or(1).max(1);
+        let per = self.bytes().len() / outer;
+        let mut bytes = Vec::new();
+        let mut count = 0;
+        for r in ranges {
+            assert!(r.start <= r.end && r.end <= outer, "rows {r:?} of {outer}");
+            bytes.extend_from_slice(&self.bytes()[r.start * per..r.end * per]);
+            count += r.len();
+        }
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = count;
+        }
+        Tensor { dtype: self.dtype, shape, storage: Storage::Owned(Arc::new(bytes)) }
+    }
+
     /// The tensor as a matrix `[rows, cols]` (1-D tensors are one row), in its layout, with f32
     /// activations (see [`crate::layers::Linear::view`]).
     pub fn matrix(&self) -> WeightView<'_> {
@@ -139,6 +160,11 @@ impl Checkpoint {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// The shape of tensor `name`, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
