@@ -1,5 +1,6 @@
 //! `pio kv-cache`: what a model's KV cache costs per token in each cache type, and how many
-//! tokens a memory budget holds, from its config alone (no weights are read).
+//! tokens a memory budget holds, from its config alone (no weights are read); for a model with
+//! recurrent layers, also the state every sequence keeps however long it is.
 
 use std::path::PathBuf;
 
@@ -55,6 +56,7 @@ pub fn cmd_kv_cache(a: KvCacheArgs) -> Result<()> {
             "num_layers": config.num_layers,
             "kv_cache_mem": a.kv_cache_mem,
             "block_size": BLOCK_SIZE,
+            "state_bytes_per_sequence": spec.state_bytes_per_seq(),
             "types": rows,
         });
         return out(&format!("{v}\n"));
@@ -66,6 +68,15 @@ pub fn cmd_kv_cache(a: KvCacheArgs) -> Result<()> {
         a.kv_cache_mem,
         a.kv_cache_mem as f64 / (1u64 << 30) as f64
     ))?;
+    let state = spec.state_bytes_per_seq();
+    if state > 0 {
+        let recurrent = spec.layers.iter().filter(|l| matches!(l, pio_model::LayerCache::Recurrent { .. })).count();
+        out(&format!(
+            "recurrent state per sequence ({recurrent} of {} layers, f32, any length): {state} bytes ({:.2} MiB)\n",
+            config.num_layers,
+            state as f64 / (1u64 << 20) as f64
+        ))?;
+    }
     out(&format!("{:<8} {:<8} {:>14} {:>12}\n", "K", "V", "bytes/token", "tokens"))?;
     for r in &rows {
         let (k, v) = (r["cache_type_k"].as_str().unwrap_or(""), r["cache_type_v"].as_str().unwrap_or(""));

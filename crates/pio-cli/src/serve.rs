@@ -95,12 +95,15 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
     };
     let mut cfg = EngineConfig::for_model(model.as_ref(), dtype, kv_bytes, max_model_len)?;
-    cfg.max_num_seqs = a.max_num_seqs;
+    // With recurrent state the budget decides how many sequences fit.
+    let state_per_seq = model.cache_spec().state_bytes_per_seq();
+    cfg.max_num_seqs = if state_per_seq > 0 { a.max_num_seqs.min(cfg.max_num_seqs) } else { a.max_num_seqs };
     cfg.max_batch_tokens = a.max_batch_tokens;
     cfg.prefix_caching = !a.no_prefix_caching;
     if a.max_num_seqs == 0 || a.max_batch_tokens == 0 {
         bail!("--max-num-seqs and --max-batch-tokens must be at least 1");
     }
+    let model_ref = model.clone();
     let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, a.max_queued_requests)?;
     let model_name = a.served_model_name.clone().unwrap_or_else(|| {
         let p = &a.model.model;
@@ -108,7 +111,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
     });
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let state = Arc::new(AppState {
+    let state_app = Arc::new(AppState {
         engine,
         tokenizer,
         model_name: model_name.clone(),
@@ -124,9 +127,18 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let http = HttpConfig { max_body_bytes: a.max_body_bytes };
     let addr = SocketAddr::new(a.host, a.port);
     let kv_mib = cfg.num_blocks * cfg.block_size * per_token / (1 << 20);
-    rt.block_on(pio_server::serve(state, http, addr, |bound| {
+    let state = match state_per_seq {
+        0 => String::new(),
+        b => format!(
+            ", {} recurrent-state slots of {:.1} MiB for {} sequences",
+            cfg.state_slots(model_ref.as_ref()),
+            b as f64 / (1 << 20) as f64,
+            cfg.max_num_seqs
+        ),
+    };
+    rt.block_on(pio_server::serve(state_app, http, addr, |bound| {
         eprintln!(
-            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB {dtype}{})",
+            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB {dtype}{state}{})",
             cfg.max_model_len,
             cfg.num_blocks,
             cfg.block_size,

@@ -20,6 +20,7 @@ use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
 use crate::runner::{forward, SeqSlice};
 use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::StateCopy;
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
 use crate::stop::StopStrings;
 use crate::{EngineError, Result};
@@ -44,6 +45,17 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// Recurrent-state slots for `model` (0 when it keeps no per-sequence state): one per
+    /// running sequence, and with prefix caching two more each, for its checkpoint and for a
+    /// snapshot in the prefix cache.
+    pub fn state_slots(&self, model: &dyn CausalLm) -> usize {
+        match (model.cache_spec().has_state(), self.prefix_caching) {
+            (false, _) => 0,
+            (true, false) => self.max_num_seqs,
+            (true, true) => 3 * self.max_num_seqs,
+        }
+    }
+
     /// Room for `num_tokens` tokens in blocks of 16, everything else at its default: 64
     /// sequences, 512 tokens per forward, the prefix cache off (tests, tools and benchmarks
     /// that run known sequences; a server takes [`for_model`](Self::for_model)).
@@ -61,7 +73,8 @@ impl EngineConfig {
         }
     }
 
-    /// A config for `model` whose cache takes at most `kv_cache_bytes`, with the context capped
+    /// A config for `model` whose cache takes at most `kv_cache_bytes` (recurrent state
+    /// included, at most half of it, which caps the running sequences), with the context capped
     /// at `max_model_len` (and at the model's own length and what the cache holds).
     pub fn for_model(
         model: &dyn CausalLm,
@@ -71,6 +84,15 @@ impl EngineConfig {
     ) -> Result<EngineConfig> {
         model.check_kv_cache_type(kv_cache_type).map_err(EngineError::Invalid)?;
         let block_size = 16;
+        // Recurrent state (three slots per sequence: its own, its checkpoint, a snapshot) takes
+        // at most half the budget, which also caps the sequences running at once.
+        let mut max_num_seqs = 64;
+        let per_seq = 3 * model.cache_spec().state_bytes_per_seq();
+        if let Some(fit) = (kv_cache_bytes / 2).checked_div(per_seq) {
+            max_num_seqs = fit.clamp(1, max_num_seqs);
+        }
+        let state_bytes = max_num_seqs * per_seq;
+        let kv_cache_bytes = kv_cache_bytes.saturating_sub(state_bytes);
         // One pool of blocks, each holding every layer's share (the model's cache spec).
         let per_block = model.cache_spec().bytes_per_block(kv_cache_type, block_size).max(1);
         let num_blocks = kv_cache_bytes / per_block;
@@ -88,7 +110,7 @@ impl EngineConfig {
         Ok(EngineConfig {
             block_size,
             num_blocks,
-            max_num_seqs: 64,
+            max_num_seqs,
             max_batch_tokens: 512,
             max_model_len,
             prefix_caching: true,
@@ -318,8 +340,7 @@ impl<'m> Engine<'m> {
                 if window.is_some() { ", beyond a sliding window and a forward's tokens" } else { "" }
             )));
         }
-        // A model with recurrent layers keeps a state per running sequence: one slot each.
-        let state_slots = if model.cache_spec().has_state() { cfg.max_num_seqs } else { 0 };
+        let state_slots = cfg.state_slots(model);
         let sched = Scheduler::new(
             SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batch_tokens: cfg.max_batch_tokens, window },
             KvCacheManager::new(cfg.block_size, cfg.num_blocks, cfg.prefix_caching).with_state_slots(state_slots),
@@ -487,6 +508,16 @@ impl<'m> Engine<'m> {
                 self.model.shift_positions(&mut self.cache, blocks, sh.delta)?;
             }
         }
+        for c in &plan.state_copies {
+            if let StateCopy::Restore { id, from } = *c {
+                let to = self
+                    .sched
+                    .kv()
+                    .state_slot(id)
+                    .ok_or_else(|| EngineError::Invalid(format!("sequence {id} has no state slot")))?;
+                self.cache.copy_state(from as usize, to as usize)?;
+            }
+        }
         let logits = {
             let kv = self.sched.kv();
             let mut slices = Vec::with_capacity(plan.scheduled.len());
@@ -508,6 +539,10 @@ impl<'m> Engine<'m> {
                     shift: seq.shift,
                     logits_from,
                     state_slot: kv.state_slot(s.id),
+                    snapshot: plan.state_copies.iter().find_map(|c| match *c {
+                        StateCopy::Snapshot { id, position, to } if id == s.id => Some((position, to)),
+                        _ => None,
+                    }),
                 });
             }
             forward(self.model, &mut self.cache, &slices)?

@@ -4,6 +4,16 @@
 //! prefix of a new sequence (whole blocks only), and enters blocks into the prefix cache once
 //! every token in them has been computed. It knows nothing of tensors: the K/V themselves live in
 //! the model's [`pio_model::KvCache`], addressed by the block ids handed out here.
+//!
+//! A model with recurrent layers also keeps a state per sequence, in a slot of its own. Cached
+//! blocks are then only half a prefix: a hit also needs the recurrent state at its end. So each
+//! running sequence keeps a checkpoint: a second slot holding its state at its latest block
+//! boundary (taken during the forward that crosses it, see [`KvCacheManager::plan_snapshot`]).
+//! When its prompt is done, and when it finishes or is preempted, the checkpoint becomes a
+//! snapshot of the prefix cache, keyed by the hash of the block it ends at; a prefix hit is
+//! taken only as far as the longest cached run of blocks that ends at a snapshot, and starts
+//! from a copy of it. Snapshots live in the same slots, and the least recently used one gives
+//! its slot up when a sequence needs one.
 
 use std::collections::HashMap;
 
@@ -22,6 +32,8 @@ struct SeqBlocks {
     hashes: Vec<BlockHash>,
     /// The sequence's recurrent-state slot (models with recurrent layers).
     slot: Option<u32>,
+    /// Its checkpoint slot, and the block boundary whose state it holds (`None`: not written).
+    checkpoint: Option<(u32, Option<usize>)>,
 }
 
 /// The longest cached prefix of a sequence, found by [`KvCacheManager::find_cached_prefix`].
@@ -29,6 +41,9 @@ struct SeqBlocks {
 pub struct CachedPrefix {
     pub blocks: Vec<u32>,
     pub hashes: Vec<BlockHash>,
+    /// The snapshot slot holding the recurrent state at the end of `blocks` (models with
+    /// recurrent layers), to copy into the sequence's own slot before it runs.
+    pub state: Option<u32>,
 }
 
 impl CachedPrefix {
@@ -36,8 +51,12 @@ impl CachedPrefix {
         self.blocks.len() * block_size
     }
 
-    /// Keeps the first `num_blocks` blocks of the hit.
+    /// Keeps the first `num_blocks` blocks of the hit (a prefix with a recurrent state is only
+    /// cut to nothing: its state is for its end).
     pub fn truncate(&mut self, num_blocks: usize) {
+        if num_blocks < self.blocks.len() && self.state.is_some() {
+            *self = CachedPrefix::default();
+        }
         self.blocks.truncate(num_blocks);
         self.hashes.truncate(num_blocks);
     }
@@ -54,6 +73,10 @@ pub struct KvCacheManager {
     /// Free state slots (none: the model keeps no per-sequence state), lowest last.
     free_slots: Vec<u32>,
     num_slots: usize,
+    /// Prefix-cache snapshots of recurrent state: the hash of the block they end at -> (slot,
+    /// last use).
+    snapshots: HashMap<BlockHash, (u32, u64)>,
+    clock: u64,
 }
 
 impl KvCacheManager {
@@ -66,19 +89,32 @@ impl KvCacheManager {
             seqs: HashMap::new(),
             free_slots: Vec::new(),
             num_slots: 0,
+            snapshots: HashMap::new(),
+            clock: 0,
         }
     }
 
     /// Gives every sequence one of `num_slots` recurrent-state slots while it holds blocks: a
-    /// sequence is only admitted when one is free. Prefix caching is off (a cached prefix is
-    /// of no use without the state at its end).
+    /// sequence is only admitted when one is free (or a snapshot gives its slot up). With
+    /// prefix caching, the other slots hold checkpoints and snapshots.
     pub fn with_state_slots(mut self, num_slots: usize) -> KvCacheManager {
         self.num_slots = num_slots;
         self.free_slots = (0..num_slots as u32).rev().collect();
-        if num_slots > 0 {
-            self.prefix_caching = false;
-        }
         self
+    }
+
+    /// Recurrent-state snapshots the prefix cache holds.
+    pub fn num_snapshots(&self) -> usize {
+        self.snapshots.len()
+    }
+
+    /// A free state slot, or the slot of the least recently used snapshot.
+    fn take_slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free_slots.pop() {
+            return Some(s);
+        }
+        let (&hash, _) = self.snapshots.iter().min_by_key(|(_, &(_, used))| used)?;
+        self.snapshots.remove(&hash).map(|(slot, _)| slot)
     }
 
     /// The state slot `id` holds, if any.
@@ -112,12 +148,12 @@ impl KvCacheManager {
     /// The longest run of whole cached blocks at the start of `tokens`, leaving at least one
     /// token to compute (the step that computes it produces the next token's logits). Takes no
     /// references: pass the result to [`allocate`](Self::allocate).
-    pub fn find_cached_prefix(&self, tokens: &[u32]) -> CachedPrefix {
+    pub fn find_cached_prefix(&self, tokens: &[u32], max_blocks: usize) -> CachedPrefix {
         let mut found = CachedPrefix::default();
         if !self.prefix_caching {
             return found;
         }
-        let max_blocks = tokens.len().saturating_sub(1) / self.block_size;
+        let max_blocks = max_blocks.min(tokens.len().saturating_sub(1) / self.block_size);
         let mut parent = None;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
             let hash = self.pool.hash_block(parent, chunk);
@@ -125,6 +161,13 @@ impl KvCacheManager {
             found.blocks.push(b);
             found.hashes.push(hash);
             parent = Some(hash);
+        }
+        if self.num_slots > 0 {
+            // Only as far as a snapshot of the recurrent state reaches.
+            let keep = (1..=found.hashes.len()).rev().find(|&k| self.snapshots.contains_key(&found.hashes[k - 1]));
+            found.blocks.truncate(keep.unwrap_or(0));
+            found.hashes.truncate(keep.unwrap_or(0));
+            found.state = keep.and_then(|k| self.snapshots.get(&found.hashes[k - 1])).map(|&(slot, _)| slot);
         }
         found
     }
@@ -143,8 +186,15 @@ impl KvCacheManager {
             return false;
         }
         let needs_slot = self.num_slots > 0 && self.seqs.get(&id).is_none_or(|s| s.slot.is_none());
-        if needs_slot && self.free_slots.is_empty() {
+        if needs_slot && self.free_slots.is_empty() && self.snapshots.is_empty() {
             return false;
+        }
+        if let Some(hash) = prefix.hashes.last().filter(|_| prefix.state.is_some()) {
+            // The snapshot about to be restored is the most recently used.
+            self.clock += 1;
+            if let Some(entry) = self.snapshots.get_mut(hash) {
+                entry.1 = self.clock;
+            }
         }
         self.pool.touch(&prefix.blocks);
         let Some(fresh) = self.pool.allocate(need) else {
@@ -152,9 +202,10 @@ impl KvCacheManager {
             self.pool.free(prefix.blocks.iter().rev().copied());
             return false;
         };
+        let slot = if needs_slot { self.take_slot() } else { None };
         let s = self.seqs.entry(id).or_default();
         if needs_slot {
-            s.slot = self.free_slots.pop();
+            s.slot = slot;
         }
         s.blocks.extend_from_slice(&prefix.blocks);
         s.hashes.extend_from_slice(&prefix.hashes);
@@ -179,11 +230,61 @@ impl KvCacheManager {
         }
     }
 
-    /// Gives back every block of `id` (cached ones stay findable until evicted).
+    /// Gives back every block of `id` (cached ones stay findable until evicted) and its state
+    /// slot; its checkpoint stays as a snapshot.
     pub fn free(&mut self, id: SeqId) {
+        self.register_checkpoint(id);
         if let Some(s) = self.seqs.remove(&id) {
             self.pool.free(s.blocks.into_iter().skip(s.released).rev());
             self.free_slots.extend(s.slot);
+            self.free_slots.extend(s.checkpoint.map(|(slot, _)| slot));
+        }
+    }
+
+    /// Where the forward that runs `id`'s tokens `start..end` should snapshot its recurrent
+    /// state, and into which slot: the last block boundary in `start + 1..=end`, when it is past
+    /// the sequence's checkpoint (`None`: no boundary is crossed, no slot is free, or the model
+    /// keeps no state or the prefix cache is off). Call [`snapshot_taken`](Self::snapshot_taken)
+    /// once that forward ran.
+    pub fn plan_snapshot(&mut self, id: SeqId, start: usize, end: usize) -> Option<(usize, u32)> {
+        if self.num_slots == 0 || !self.prefix_caching {
+            return None;
+        }
+        let at = end / self.block_size * self.block_size;
+        let current = self.seqs.get(&id)?.checkpoint;
+        if at <= start || current.is_some_and(|(_, pos)| pos == Some(at)) {
+            return None;
+        }
+        let slot = match current {
+            Some((slot, _)) => slot,
+            None => self.take_slot()?,
+        };
+        let s = self.seqs.get_mut(&id)?;
+        // Not valid until the forward wrote it.
+        s.checkpoint = Some((slot, None));
+        Some((at, slot))
+    }
+
+    /// The snapshot planned by [`plan_snapshot`](Self::plan_snapshot) at `pos` was written.
+    pub fn snapshot_taken(&mut self, id: SeqId, pos: usize) {
+        if let Some((_, p)) = self.seqs.get_mut(&id).and_then(|s| s.checkpoint.as_mut()) {
+            *p = Some(pos);
+        }
+    }
+
+    /// Moves `id`'s checkpoint into the prefix cache's snapshots (when it holds a state at a
+    /// block boundary whose blocks are cached, and no snapshot of that prefix exists yet).
+    pub fn register_checkpoint(&mut self, id: SeqId) {
+        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let Some((slot, Some(pos))) = s.checkpoint else { return };
+        let Some(&hash) = (pos / self.block_size).checked_sub(1).and_then(|b| s.hashes.get(b)) else { return };
+        self.clock += 1;
+        match self.snapshots.get_mut(&hash) {
+            Some(entry) => entry.1 = self.clock,
+            None => {
+                self.snapshots.insert(hash, (slot, self.clock));
+                s.checkpoint = None;
+            }
         }
     }
 
@@ -245,24 +346,24 @@ mod tests {
     fn a_shared_prefix_is_found_after_it_is_computed() {
         let mut kv = KvCacheManager::new(4, 8, true);
         let a = toks(10, 100);
-        assert_eq!(kv.find_cached_prefix(&a), CachedPrefix::default());
+        assert_eq!(kv.find_cached_prefix(&a, usize::MAX), CachedPrefix::default());
         assert!(kv.allocate(1, &CachedPrefix::default(), a.len()));
         // Not computed yet: nothing to find.
-        assert!(kv.find_cached_prefix(&a).blocks.is_empty());
+        assert!(kv.find_cached_prefix(&a, usize::MAX).blocks.is_empty());
         kv.cache_computed(1, &a, 6);
         let mut b = a[..8].to_vec();
         b.extend([7, 7, 7]);
-        assert_eq!(kv.find_cached_prefix(&b).blocks, kv.block_table(1)[..1].to_vec());
+        assert_eq!(kv.find_cached_prefix(&b, usize::MAX).blocks, kv.block_table(1)[..1].to_vec());
         kv.cache_computed(1, &a, 10);
-        let hit = kv.find_cached_prefix(&b);
+        let hit = kv.find_cached_prefix(&b, usize::MAX);
         assert_eq!(hit.blocks, kv.block_table(1)[..2].to_vec());
         assert_eq!(hit.num_tokens(4), 8);
         assert!(kv.allocate(2, &hit, b.len()));
         assert_eq!(kv.block_table(2)[..2], kv.block_table(1)[..2]);
         assert_eq!(kv.pool().ref_cnt(kv.block_table(1)[0]), 2);
         // A prompt that is exactly the cached blocks still leaves its last token to compute.
-        assert_eq!(kv.find_cached_prefix(&a[..8]).blocks.len(), 1);
-        assert_eq!(kv.find_cached_prefix(&a[..9]).blocks.len(), 2);
+        assert_eq!(kv.find_cached_prefix(&a[..8], usize::MAX).blocks.len(), 1);
+        assert_eq!(kv.find_cached_prefix(&a[..9], usize::MAX).blocks.len(), 2);
     }
 
     #[test]
@@ -273,14 +374,14 @@ mod tests {
         kv.cache_computed(1, &a, 5);
         kv.free(1);
         assert_eq!(kv.pool().num_free(), 3);
-        let hit = kv.find_cached_prefix(&a);
+        let hit = kv.find_cached_prefix(&a, usize::MAX);
         assert_eq!(hit.blocks.len(), 2);
         // The hit revives 2 free blocks, and 5 tokens need 3: fits exactly.
         assert!(kv.allocate(2, &hit, 5));
         assert_eq!(kv.pool().num_free(), 0);
         kv.free(2);
         // Revived blocks plus new ones beyond the pool: refused, nothing taken.
-        let hit = kv.find_cached_prefix(&toks(7, 0));
+        let hit = kv.find_cached_prefix(&toks(7, 0), usize::MAX);
         assert_eq!(hit.blocks.len(), 2);
         assert!(!kv.allocate(3, &hit, 7));
         assert_eq!(kv.pool().num_free(), 3);
@@ -293,7 +394,7 @@ mod tests {
         let a = toks(5, 0);
         assert!(kv.allocate(1, &CachedPrefix::default(), 5));
         kv.cache_computed(1, &a, 5);
-        assert!(kv.find_cached_prefix(&a).blocks.is_empty());
+        assert!(kv.find_cached_prefix(&a, usize::MAX).blocks.is_empty());
         assert_eq!(kv.pool().num_cached(), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! positions, cache slots, block tables, which rows' logits to keep), runs the model over the
 //! engine's cache, and splits the logits back per sequence.
 
-use pio_model::{CausalLm, ForwardBatch, KvCache};
+use pio_model::{CausalLm, ForwardBatch, KvCache, StateSnapshot};
 
 use crate::{EngineError, Result};
 
@@ -19,6 +19,8 @@ pub(crate) struct SeqSlice<'a> {
     pub(crate) logits_from: usize,
     /// The sequence's recurrent-state slot (models with recurrent layers).
     pub(crate) state_slot: Option<u32>,
+    /// Copy its state after the tokens before this position into this slot.
+    pub(crate) snapshot: Option<(usize, u32)>,
 }
 
 /// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
@@ -50,6 +52,9 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
         batch.logits_indices.extend(first..end);
         batch.block_tables.push(s.block_table.to_vec());
         batch.state_slots.extend(s.state_slot);
+        if let Some((position, slot)) = s.snapshot {
+            batch.state_snapshots.push(StateSnapshot { seq: i, position: position - s.shift, slot });
+        }
     }
     if !batch.state_slots.is_empty() && batch.state_slots.len() != slices.len() {
         return Err(EngineError::Invalid("some sequences of a batch have a state slot and some not".into()));

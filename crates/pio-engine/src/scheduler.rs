@@ -102,6 +102,16 @@ pub struct Scheduled {
     pub samples: bool,
 }
 
+/// Recurrent state to move before or during a step's forward (models with recurrent layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateCopy {
+    /// Before the forward: `id` starts from the prefix cache's snapshot in slot `from`.
+    Restore { id: SeqId, from: u32 },
+    /// During the forward: `id`'s state after its tokens before `position` goes to slot `to`
+    /// (its checkpoint).
+    Snapshot { id: SeqId, position: usize, to: u32 },
+}
+
 /// What one step runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepPlan {
@@ -113,6 +123,8 @@ pub struct StepPlan {
     /// Streaming sequences whose kept keys move back before this step (only those still
     /// scheduled count).
     pub shifts: Vec<KeyShift>,
+    /// Recurrent-state copies, restores first.
+    pub state_copies: Vec<StateCopy>,
 }
 
 impl StepPlan {
@@ -234,13 +246,13 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            let mut prefix = self.kv.find_cached_prefix(&seq.token_ids);
-            if let Some(from) = seq.logits_from {
-                prefix.truncate(from / self.kv.block_size());
-            }
-            if seq.streaming.is_some() {
-                prefix.truncate(0);
-            }
+            // Positions whose logits are wanted are computed; a streaming window's blocks change.
+            let max_blocks = match (seq.streaming, seq.logits_from) {
+                (Some(_), _) => 0,
+                (None, Some(from)) => from / self.kv.block_size(),
+                (None, None) => usize::MAX,
+            };
+            let prefix = self.kv.find_cached_prefix(&seq.token_ids, max_blocks);
             let hit = prefix.num_tokens(self.kv.block_size());
             let mut n = (seq.token_ids.len() - hit).min(budget);
             if let Some(st) = seq.streaming {
@@ -256,9 +268,18 @@ impl Scheduler {
             }
             self.waiting.pop_front();
             self.running.push(id);
+            if let (Some(from), true) = (prefix.state, hit > 0) {
+                plan.state_copies.push(StateCopy::Restore { id, from });
+            }
             plan.scheduled.push(Scheduled { id, start: hit, num_tokens: n, samples });
             plan.prefix_hit_tokens += hit;
             budget -= n;
+        }
+        // Checkpoints of recurrent state at the block boundaries the step crosses.
+        for s in &plan.scheduled {
+            if let Some((position, to)) = self.kv.plan_snapshot(s.id, s.start, s.start + s.num_tokens) {
+                plan.state_copies.push(StateCopy::Snapshot { id: s.id, position, to });
+            }
         }
         plan
     }
@@ -271,6 +292,17 @@ impl Scheduler {
                 seq.num_computed_tokens = s.start + s.num_tokens;
                 if seq.streaming.is_none() {
                     self.kv.cache_computed(s.id, &seq.token_ids, seq.num_computed_tokens);
+                }
+                for c in &plan.state_copies {
+                    if let StateCopy::Snapshot { id, position, .. } = *c {
+                        if id == s.id {
+                            self.kv.snapshot_taken(id, position);
+                            // The end of a prompt is where a request sharing it resumes.
+                            if s.start < seq.num_prompt_tokens && seq.num_computed_tokens >= seq.num_prompt_tokens {
+                                self.kv.register_checkpoint(id);
+                            }
+                        }
+                    }
                 }
                 if let Some(w) = self.cfg.window {
                     // The next token (position `num_computed_tokens`) sees from `+ 1 - w` on.

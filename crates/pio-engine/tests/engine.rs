@@ -21,8 +21,9 @@ fn model_of(name: &str) -> LoadedModel {
     pio_model::load(&dir, &mut |_, _| {}).expect("tiny model loads")
 }
 
-/// The dense model and both mixture-of-experts families (GLM's cache holds latents).
-const FAMILIES: [&str; 3] = ["qwen3", "qwen3_moe", "glm4_moe_lite"];
+/// The dense model, both mixture-of-experts families (GLM's cache holds latents) and the
+/// hybrid with recurrent state (Qwen3-Next).
+const FAMILIES: [&str; 4] = ["qwen3", "qwen3_moe", "glm4_moe_lite", "qwen3_next"];
 
 fn prompt(len: usize, seed: u32) -> Vec<u32> {
     (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 7919)) % 500 + 3).collect()
@@ -279,7 +280,13 @@ fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
 /// request still generates after its prompt.
 #[test]
 fn prompt_logits_come_back_once_whatever_the_schedule() {
-    let m = model();
+    for name in ["qwen3", "qwen3_next"] {
+        prompt_logits_come_back_once_for(name);
+    }
+}
+
+fn prompt_logits_come_back_once_for(name: &str) {
+    let m = model_of(name);
     let model = m.model.as_ref();
     let vocab = model.shape().vocab_size;
     let p = prompt(70, 3);
@@ -414,4 +421,34 @@ fn streaming_windows_are_checked() {
     // A prompt longer than the context streams.
     engine.add_request(prompt(300, 2), streaming(4, 64, 4)).expect("streams a long prompt");
     assert!(engine.add_request(prompt(300, 2), greedy(4)).is_err());
+}
+
+/// A chat with a model that keeps recurrent state: each turn's prompt repeats the conversation
+/// so far, and its prefill resumes from the previous turn's checkpoint, computing only the new
+/// tokens and the previous turn's last partial block; the replies are those of a fresh engine.
+#[test]
+fn the_next_chat_turn_resumes_from_the_recurrent_state_snapshot() {
+    let m = model_of("qwen3_next");
+    let model = m.model.as_ref();
+    let mut engine = Engine::new(model, None, config(64, 1024)).expect("engine");
+    let metrics = engine.metrics().clone();
+    let computed =
+        || metrics.prompt_tokens.load(Ordering::Relaxed) - metrics.prefix_cache_hit_tokens.load(Ordering::Relaxed);
+    let mut conversation = prompt(37, 5);
+    let mut before = 0;
+    for turn in 0..4 {
+        let reply = run_all(&mut engine, &[(conversation.clone(), greedy(9))]).remove(0);
+        assert_eq!(reply, alone(model, &conversation, &greedy(9)), "turn {turn}: as a fresh engine");
+        let prefilled = computed() - before;
+        before = computed();
+        if turn > 0 {
+            // The previous turn computed all but its last token: its state at its last block
+            // boundary was kept, so at most a block's worth of it comes back.
+            let new = 9 + 6;
+            assert!(prefilled < new + 16, "turn {turn}: prefilled {prefilled} tokens for {new} new ones");
+        }
+        conversation.extend(&reply);
+        conversation.extend(prompt(6, 100 + turn));
+    }
+    assert!(engine.metrics().prefix_cache_hit_tokens.load(Ordering::Relaxed) > 0);
 }

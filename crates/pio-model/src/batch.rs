@@ -26,6 +26,18 @@ pub struct ForwardBatch {
     /// continues from its slot's state, or from an empty one where its first token is at
     /// position 0.
     pub state_slots: Vec<u32>,
+    /// Copies of recurrent state to take during the forward (prefix-cache snapshots).
+    pub state_snapshots: Vec<StateSnapshot>,
+}
+
+/// Copy sequence `seq`'s recurrent state, as it stands after its tokens before `position`,
+/// into state slot `slot`. `position` must lie in `first + 1 ..= last + 1` of the sequence's
+/// positions in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateSnapshot {
+    pub seq: usize,
+    pub position: usize,
+    pub slot: u32,
 }
 
 impl ForwardBatch {

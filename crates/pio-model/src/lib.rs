@@ -12,7 +12,7 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use batch::ForwardBatch;
+pub use batch::{ForwardBatch, StateSnapshot};
 pub use error::{Error, Result};
 pub use layers::{CacheSpec, KvCache, LayerCache};
 pub use load::{load, load_tokenizer, load_with, GenerationDefaults, LoadOptions, LoadedModel, ModelInfo};

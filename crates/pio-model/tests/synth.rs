@@ -56,6 +56,7 @@ fn logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
         block_tables: vec![vec![0]],
         logits_indices: (0..n).collect(),
         state_slots: vec![0],
+        state_snapshots: Vec::new(),
     };
     let mut cache = m.model.new_kv_cache(16, 4);
     m.model.forward(&batch, &mut cache).expect("forward")
@@ -445,6 +446,7 @@ fn last_logits(model: &dyn pio_model::CausalLm) -> Vec<f32> {
         block_tables: vec![vec![0]],
         logits_indices: vec![n - 1],
         state_slots: vec![0],
+        state_snapshots: Vec::new(),
     };
     model.forward(&batch, &mut cache).expect("forward")
 }

@@ -134,8 +134,7 @@ impl GatedDeltaNet {
         let r = la.value_heads_per_key_head();
         let channels = la.conv_channels();
         let n = batch.num_tokens();
-        let runs = sequence_runs(batch)?;
-        let num_slots = cache.num_state_slots;
+        let runs = sequence_runs(batch, cache.num_state_slots)?;
         let [qkv, z, ba]: [Vec<f32>; 3] =
             Linear::forward_many(&[&self.in_proj_qkv, &self.in_proj_z, &self.in_proj_ba], x)
                 .try_into()
@@ -144,20 +143,32 @@ impl GatedDeltaNet {
             return Err(Error::Batch(format!("layer {} has no recurrent state in this cache", self.layer)));
         };
         let (conv_len, delta_len) = ((la.conv_kernel - 1) * channels, nv * dk * dv);
-        // The convolution, sequence by sequence, from each one's state.
+        // The convolution, sequence by sequence, from each one's state (a snapshot of it taken
+        // where asked).
         let mut mixed = vec![0f32; n * channels];
         for run in &runs {
             let slot = run.slot;
-            if slot >= num_slots {
-                return Err(Error::Batch(format!("state slot {slot} is outside the cache ({num_slots} slots)")));
-            }
-            let state = &mut conv_state[slot * conv_len..(slot + 1) * conv_len];
             if run.fresh {
-                state.fill(0.0);
+                conv_state[slot * conv_len..(slot + 1) * conv_len].fill(0.0);
                 delta_state[slot * delta_len..(slot + 1) * delta_len].fill(0.0);
             }
-            let rows = run.start * channels..(run.start + run.len) * channels;
-            delta::causal_conv1d_silu(&self.conv_weight, la.conv_kernel, state, &qkv[rows.clone()], &mut mixed[rows]);
+            let split = run.snapshot.map_or(run.len, |(at, _)| at);
+            for (a, b) in [(0, split), (split, run.len)] {
+                if a < b {
+                    let rows = (run.start + a) * channels..(run.start + b) * channels;
+                    let state = &mut conv_state[slot * conv_len..(slot + 1) * conv_len];
+                    delta::causal_conv1d_silu(
+                        &self.conv_weight,
+                        la.conv_kernel,
+                        state,
+                        &qkv[rows.clone()],
+                        &mut mixed[rows],
+                    );
+                }
+                if let (Some((_, to)), true) = (run.snapshot, b == split) {
+                    conv_state.copy_within(slot * conv_len..(slot + 1) * conv_len, to * conv_len);
+                }
+            }
         }
         // q, k: L2-normalized per key head, q scaled; β and the decay per value head.
         let (qk_width, scale) = (nk * dk, 1.0 / (dk as f32).sqrt());
@@ -184,11 +195,16 @@ impl GatedDeltaNet {
         }
         // The delta rule: one task per (sequence, value head), each on its own state.
         let mut slots: Vec<Option<&mut [f32]>> = delta_state.chunks_exact_mut(delta_len).map(Some).collect();
+        let mut take = |slot: usize| slots[slot].take().ok_or_else(|| Error::Batch(format!("state slot {slot} twice")));
         let mut tasks = Vec::with_capacity(runs.len() * nv);
         for run in &runs {
-            let slot = slots[run.slot].take().ok_or_else(|| Error::Batch(format!("state slot {} twice", run.slot)))?;
-            for (head, s) in slot.chunks_exact_mut(dk * dv).enumerate() {
-                tasks.push((run, head, Mutex::new(s)));
+            let state = take(run.slot)?;
+            let mut snap: Vec<Option<&mut [f32]>> = match run.snapshot {
+                Some((_, to)) => take(to)?.chunks_exact_mut(dk * dv).map(Some).collect(),
+                None => (0..nv).map(|_| None).collect(),
+            };
+            for (head, s) in state.chunks_exact_mut(dk * dv).enumerate() {
+                tasks.push((run, head, Mutex::new((s, snap[head].take()))));
             }
         }
         let per_task = |i: usize| -> Vec<f32> {
@@ -202,8 +218,26 @@ impl GatedDeltaNet {
             let dh: Vec<f32> = (t0..t0 + len).map(|t| decay[t * nv + head]).collect();
             let bh: Vec<f32> = (t0..t0 + len).map(|t| beta[t * nv + head]).collect();
             let mut out = vec![0f32; len * dv];
-            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-            delta::gated_delta_rule(&mut s, &qh, &kh_, &vh, &dh, &bh, &mut out);
+            let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+            let (s, snap) = &mut *guard;
+            // Token by token, so splitting the run at the snapshot changes no bits.
+            let split = run.snapshot.map_or(len, |(at, _)| at);
+            for (a, b) in [(0, split), (split, len)] {
+                if a < b {
+                    delta::gated_delta_rule(
+                        s,
+                        &qh[a * dk..b * dk],
+                        &kh_[a * dk..b * dk],
+                        &vh[a * dv..b * dv],
+                        &dh[a..b],
+                        &bh[a..b],
+                        &mut out[a * dv..b * dv],
+                    );
+                }
+                if let (Some(to), true) = (snap.as_deref_mut(), b == split) {
+                    to.copy_from_slice(s);
+                }
+            }
             out
         };
         let work = n * nv * dk * dv * 4;
@@ -237,19 +271,22 @@ fn softplus(x: f32) -> f32 {
     }
 }
 
-/// The tokens of one sequence in a batch: `len` rows from `start`, its state slot, and whether
-/// it starts from an empty state (its first token here is at position 0).
+/// The tokens of one sequence in a batch: `len` rows from `start`, its state slot, whether it
+/// starts from an empty state (its first token here is at position 0), and a snapshot to take
+/// after its first `at` tokens into slot `to` (`(at, to)`, `1 <= at <= len`).
 #[derive(Debug)]
 struct Run {
     start: usize,
     len: usize,
     slot: usize,
     fresh: bool,
+    snapshot: Option<(usize, usize)>,
 }
 
 /// Each sequence's tokens as one contiguous run of consecutive positions (what the recurrence
-/// needs; the engine batches sequences so), with its state slot.
-fn sequence_runs(batch: &ForwardBatch) -> Result<Vec<Run>> {
+/// needs; the engine batches sequences so), with its state slot and snapshot, all checked
+/// against the cache's `num_slots` slots.
+fn sequence_runs(batch: &ForwardBatch, num_slots: usize) -> Result<Vec<Run>> {
     let mut runs: Vec<Run> = Vec::new();
     let mut seen = vec![false; batch.block_tables.len().max(batch.state_slots.len())];
     for t in 0..batch.num_tokens() {
@@ -270,7 +307,37 @@ fn sequence_runs(batch: &ForwardBatch) -> Result<Vec<Run>> {
         let slot = *batch.state_slots.get(seq).ok_or_else(|| {
             Error::Batch(format!("sequence {seq} has no state slot (the model keeps recurrent state)"))
         })? as usize;
-        runs.push(Run { start: t, len: 1, slot, fresh: batch.positions[t] == 0 });
+        if slot >= num_slots {
+            return Err(Error::Batch(format!("state slot {slot} is outside the cache ({num_slots} slots)")));
+        }
+        runs.push(Run { start: t, len: 1, slot, fresh: batch.positions[t] == 0, snapshot: None });
+    }
+    for snap in &batch.state_snapshots {
+        let run = runs
+            .iter_mut()
+            .find(|r| batch.seq_indices[r.start] == snap.seq)
+            .ok_or_else(|| Error::Batch(format!("a snapshot of sequence {} that is not in the batch", snap.seq)))?;
+        let first = batch.positions[run.start];
+        let to = snap.slot as usize;
+        if snap.position <= first || snap.position > first + run.len || to >= num_slots || to == run.slot {
+            return Err(Error::Batch(format!(
+                "snapshot at position {} into slot {to}: sequence {} runs positions {first}..{} in slot {} of {num_slots}",
+                snap.position,
+                snap.seq,
+                first + run.len,
+                run.slot
+            )));
+        }
+        if run.snapshot.replace((snap.position - first, to)).is_some() {
+            return Err(Error::Batch(format!("two snapshots of sequence {}", snap.seq)));
+        }
+    }
+    // Every slot written belongs to one sequence or one snapshot.
+    let mut used = vec![false; num_slots];
+    for slot in runs.iter().flat_map(|r| std::iter::once(r.slot).chain(r.snapshot.map(|(_, to)| to))) {
+        if std::mem::replace(&mut used[slot], true) {
+            return Err(Error::Batch(format!("state slot {slot} is used twice in one batch")));
+        }
     }
     Ok(runs)
 }

@@ -451,6 +451,7 @@ mod tests {
             block_tables: vec![table.to_vec()],
             logits_indices: Vec::new(),
             state_slots: Vec::new(),
+            state_snapshots: Vec::new(),
         };
         match &m.layers[0].self_attn {
             AttentionBlock::Standard(a) => a.forward(x, &batch, cache),
