@@ -42,8 +42,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(a) => {
             let dtype = a.dtype;
             let start = Instant::now();
-            pio_model::synth::write_random_checkpoint(&a.config, a.tokenizer.as_deref(), &a.out, dtype, a.seed)?;
-            let params = pio_model::config::ModelConfig::from_hf_file(&a.config)?.num_params();
+            let (config, _scratch) = synth_config(&a.config, &a.set)?;
+            pio_model::synth::write_random_checkpoint(&config, a.tokenizer.as_deref(), &a.out, dtype, a.seed)?;
+            let params = pio_model::config::ModelConfig::from_hf_file(&config)?.num_params();
             let bytes: u64 = match std::fs::read_dir(&a.out) {
                 Ok(entries) => entries.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum(),
                 Err(_) => std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0),
@@ -388,4 +389,40 @@ pub fn kv_cache_type(a: &ModelArgs, loaded: &LoadedModel) -> Result<KvCacheType>
     let t = a.kv_cache_type();
     loaded.model.check_kv_cache_type(t).map_err(anyhow::Error::msg)?;
     Ok(t)
+}
+
+/// The config `pio synth` builds from: `path` itself, or with `--set KEY=VALUE` overrides a
+/// copy in a scratch directory named as `path`'s own (the model's name comes from it), removed
+/// when the returned guard drops.
+fn synth_config(path: &std::path::Path, set: &[String]) -> Result<(std::path::PathBuf, Option<ScratchDir>)> {
+    if set.is_empty() {
+        return Ok((path.to_path_buf(), None));
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut json: Value = serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))?;
+    let obj = json.as_object_mut().with_context(|| format!("{}: not a JSON object", path.display()))?;
+    for kv in set {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        if !obj.contains_key(k) {
+            bail!("--set {k}: {} has no key {k:?}", path.display());
+        }
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+        obj.insert(k.to_string(), value);
+    }
+    let name = path.parent().and_then(|p| p.file_name()).map_or_else(|| "model".into(), |n| n.to_os_string());
+    let scratch = ScratchDir(std::env::temp_dir().join(format!("pio-synth-{}", std::process::id())));
+    let dir = scratch.0.join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let out = dir.join("config.json");
+    std::fs::write(&out, json.to_string()).with_context(|| format!("writing {}", out.display()))?;
+    Ok((out, Some(scratch)))
+}
+
+/// A directory removed when dropped.
+struct ScratchDir(std::path::PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -42,7 +42,7 @@ fn convert(name: &str, arch: &str, out: &Path) {
             let row_bytes = bytes.len() / t.shape[0];
             bytes = permute_rows(&bytes, t.shape[0], row_bytes, head_dim);
         }
-        owned.push((names::hf_to_gguf(n).expect("known name"), t.dtype, t.shape.clone(), bytes));
+        owned.push((names::hf_to_gguf(n, arch).expect("known name"), t.dtype, t.shape.clone(), bytes));
     }
     let tensors: Vec<TensorToWrite> = owned
         .iter()

@@ -541,6 +541,7 @@ impl ModelConfig {
             "llama" => (Arch::Llama, RopeLayout::Interleaved),
             "qwen3moe" => (Arch::Qwen3Moe, RopeLayout::SplitHalves),
             "deepseek2" => return Self::from_gguf_deepseek2(g),
+            "qwen3next" => return Self::from_gguf_qwen3next(g),
             other => return Err(Error::file(&g.path, format!("unknown architecture {other:?}"))),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -625,6 +626,118 @@ impl ModelConfig {
             attn_output_gate: false,
             zero_centred_norms: false,
             linear_attn: None,
+        };
+        config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Qwen3-Next as llama.cpp's `qwen3next` writes it: Gated DeltaNet sizes in `ssm.*`
+    /// (`state_size` the key head width, `group_count` the key heads, `time_step_rank` the value
+    /// heads, `inner_size` all value heads' width), linear layers from `attention.recurrent_layers`
+    /// or else every layer but each `full_attention_interval`-th (4 when unset); the norms'
+    /// `1 + w` folded in; `block_count` includes `nextn_predict_layers` MTP layers; the routing
+    /// weights always renormalized (llama.cpp's graph does); a layer without a router is dense.
+    fn from_gguf_qwen3next(g: &GgufFile) -> Result<ModelConfig> {
+        let key = |k: &str| format!("qwen3next.{k}");
+        let opt = |k: &str| g.get(&key(k)).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let file_err = |msg: String| Error::file(&g.path, msg);
+        let nextn = opt("nextn_predict_layers").unwrap_or(0);
+        let block_count = g.get_usize(&key("block_count"))?;
+        let num_layers = block_count
+            .checked_sub(nextn)
+            .ok_or_else(|| file_err(format!("nextn_predict_layers {nextn} exceeds block_count {block_count}")))?;
+        let num_heads = g.get_usize(&key("attention.head_count"))?;
+        let hidden_size = g.get_usize(&key("embedding_length"))?;
+        let head_dim = opt("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
+        if let Some(v) = opt("attention.value_length") {
+            if v != head_dim {
+                return Err(file_err("attention.value_length differs from key_length".into()));
+            }
+        }
+        if let Some(t) = g.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            if t != "none" {
+                return Err(file_err(format!("rope scaling {t:?} is not supported")));
+            }
+        }
+        let value_heads = g.get_usize(&key("ssm.time_step_rank"))?;
+        let inner = g.get_usize(&key("ssm.inner_size"))?;
+        if value_heads == 0 || !inner.is_multiple_of(value_heads) {
+            return Err(file_err(format!(
+                "ssm.inner_size {inner} is not a multiple of ssm.time_step_rank {value_heads}"
+            )));
+        }
+        let layers: Vec<bool> = match g.get(&key("attention.recurrent_layers")).and_then(|v| v.as_array()) {
+            Some(a) => {
+                let kinds: Option<Vec<bool>> = a.iter().take(num_layers).map(|v| v.as_bool()).collect();
+                kinds.filter(|k| k.len() == num_layers).ok_or_else(|| {
+                    file_err(format!("attention.recurrent_layers must hold a boolean for each of {num_layers} layers"))
+                })?
+            }
+            None => {
+                let n = opt("full_attention_interval").unwrap_or(4);
+                if n == 0 {
+                    return Err(file_err("full_attention_interval must be positive".into()));
+                }
+                (0..num_layers).map(|i| (i + 1) % n != 0).collect()
+            }
+        };
+        let linear_attn = LinearAttnConfig {
+            num_key_heads: g.get_usize(&key("ssm.group_count"))?,
+            num_value_heads: value_heads,
+            key_head_dim: g.get_usize(&key("ssm.state_size"))?,
+            value_head_dim: inner / value_heads,
+            conv_kernel: g.get_usize(&key("ssm.conv_kernel"))?,
+            layers,
+        };
+        let moe_inter = g.get_usize(&key("expert_feed_forward_length"))?;
+        let shared = opt("expert_shared_feed_forward_length").unwrap_or(0);
+        let moe = MoeConfig {
+            num_experts: g.get_usize(&key("expert_count"))?,
+            top_k: g.get_usize(&key("expert_used_count"))?,
+            moe_intermediate_size: moe_inter,
+            norm_topk_prob: true,
+            gating: Gating::Softmax,
+            shared_intermediate_size: shared,
+            shared_expert_gate: shared > 0,
+            sparse_layers: (0..num_layers)
+                .map(|i| g.tensors.contains_key(&format!("blk.{i}.ffn_gate_inp.weight")))
+                .collect(),
+        };
+        let vocab_size = match opt("vocab_size") {
+            Some(v) => v,
+            None => g.get("tokenizer.ggml.tokens").and_then(|t| t.as_array()).map_or(0, |a| a.len()),
+        };
+        let config = ModelConfig {
+            arch: Arch::Qwen3Next,
+            arch_name: "qwen3next".into(),
+            vocab_size,
+            hidden_size,
+            intermediate_size: opt("feed_forward_length").unwrap_or(moe_inter).max(1),
+            num_layers,
+            num_heads,
+            num_kv_heads: opt("attention.head_count_kv").unwrap_or(num_heads),
+            head_dim,
+            rms_norm_eps: g
+                .get(&key("attention.layer_norm_rms_epsilon"))
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| file_err("missing attention.layer_norm_rms_epsilon".into()))?
+                as f32,
+            rope_theta: g.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            rope_layout: RopeLayout::SplitHalves,
+            max_position_embeddings: opt("context_length").unwrap_or(2048),
+            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: true,
+            moe: Some(moe),
+            mla: None,
+            num_nextn_predict_layers: nextn,
+            sliding_window: vec![None; num_layers],
+            rotary_dim: opt("rope.dimension_count").unwrap_or(head_dim),
+            attn_output_gate: true,
+            zero_centred_norms: false,
+            linear_attn: Some(linear_attn),
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)

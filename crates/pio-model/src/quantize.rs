@@ -30,10 +30,10 @@ use std::sync::{Arc, Mutex};
 
 use pio_kernels::{parallel, quant, DType};
 
-use crate::config::Arch;
+use crate::config::{Arch, ModelConfig};
 use crate::load::{gguf_config, read_hf_config};
 use crate::models::decoder::DecoderModel;
-use crate::synth::{hf_gguf_metadata, is_router, model_name, permute_rows, split_kv_b};
+use crate::synth::{gguf_arch, hf_gguf_metadata, is_router, model_name, permute_rows, split_kv_b};
 use crate::weights::gguf::{write_gguf_with, GgufFile, TensorHeader, Value};
 use crate::weights::names::{hf_expert_to_gguf, hf_to_gguf};
 use crate::weights::{safetensors, Checkpoint, Storage, Tensor};
@@ -120,7 +120,7 @@ pub fn quantize_checkpoint(ckpt: &mut Checkpoint, target: DType, tied: bool) {
     }
     for (name, t) in ckpt.tensors_mut() {
         let [_, cols] = t.shape[..] else { continue };
-        if is_router(name) {
+        if is_router(name) || name.ends_with("conv1d.weight") {
             continue;
         }
         let output = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
@@ -182,6 +182,11 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     if let Some(a) = &config.mla {
         ckpt = split_kv_b_proj(ckpt, config.num_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank);
     }
+    let mut config = config;
+    if config.linear_attn.is_some() && input.is_dir() {
+        ckpt = qwen3next_to_llama_layout(ckpt, &config);
+        config.zero_centred_norms = false;
+    }
     quantize_checkpoint(&mut ckpt, target, config.tie_word_embeddings);
 
     // Building the model checks every tensor's name and shape, so a file we write is one we
@@ -207,7 +212,7 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
             continue;
         }
         // Names llama.cpp has and our table does not (`blk.N.nextn.*` of MTP layers) stay.
-        let gguf_name = hf_to_gguf(name)
+        let gguf_name = hf_to_gguf(name, gguf_arch(&config))
             .or_else(|| (input.is_file() && name.starts_with("blk.")).then(|| name.to_string()))
             .ok_or_else(|| Error::file(input, format!("tensor {name:?} has no llama.cpp name")))?;
         let (dtype, mut data) = if (t.shape.len() == 1 || is_router(name)) && t.dtype != DType::F32 {
@@ -293,6 +298,59 @@ fn split_kv_b_proj(ckpt: Checkpoint, heads: usize, nope: usize, v: usize, r: usi
         };
         tensors.insert(format!("{prefix}k_b_proj.weight"), owned(k_b, vec![heads * r, nope]));
         tensors.insert(format!("{prefix}v_b_proj.weight"), owned(v_b, vec![heads * v, r]));
+    }
+    Checkpoint::new(path, tensors)
+}
+
+/// A Qwen3-Next checkpoint in llama.cpp's `qwen3next` layout, as its converter writes it:
+/// `in_proj_qkvz` split into `in_proj_qkv` (q, k, v rows of all heads: the convolution's
+/// channels) and `in_proj_z`; `A_log` stored as `ssm_a` = `-exp(A_log)`; the convolution as
+/// `[channels, taps]`; every zero-centred norm (all but Gated DeltaNet's own) with its `1 + w`
+/// folded in. Changed tensors are F32.
+fn qwen3next_to_llama_layout(ckpt: Checkpoint, config: &ModelConfig) -> Checkpoint {
+    let path = ckpt.path.clone();
+    let f32_tensor = |vals: Vec<f32>, shape: Vec<usize>| Tensor {
+        dtype: DType::F32,
+        shape,
+        storage: Storage::Owned(Arc::new(vals.iter().flat_map(|x| x.to_le_bytes()).collect())),
+    };
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, t) in ckpt.tensors() {
+        let la = config.linear_attn.as_ref();
+        if let (Some(prefix), Some(la)) = (name.strip_suffix("in_proj_qkvz.weight"), la) {
+            let (nk, dk, dv) = (la.num_key_heads, la.key_head_dim, la.value_head_dim);
+            let r = la.value_heads_per_key_head();
+            let per = 2 * dk + 2 * r * dv;
+            let part = |off: usize, len: usize| (0..nk).map(move |g| g * per + off..g * per + off + len);
+            let qkv: Vec<_> = part(0, dk).chain(part(dk, dk)).chain(part(2 * dk, r * dv)).collect();
+            let z: Vec<_> = part(2 * dk + r * dv, r * dv).collect();
+            if t.shape.first() == Some(&(nk * per)) {
+                tensors.insert(format!("{prefix}in_proj_qkv.weight"), t.gather_outer(&qkv));
+                tensors.insert(format!("{prefix}in_proj_z.weight"), t.gather_outer(&z));
+                continue;
+            }
+        }
+        if let Some(prefix) = name.strip_suffix("A_log") {
+            tensors.insert(
+                format!("{prefix}ssm_a"),
+                f32_tensor(t.to_f32_vec().iter().map(|x| -x.exp()).collect(), t.shape.clone()),
+            );
+            continue;
+        }
+        if let ([ch, 1, taps], true) = (&t.shape[..], name.ends_with("conv1d.weight")) {
+            tensors.insert(name.to_string(), f32_tensor(t.to_f32_vec(), vec![*ch, *taps]));
+            continue;
+        }
+        let zero_centred = t.shape.len() == 1
+            && (name.ends_with("layernorm.weight") || name.ends_with("_norm.weight") || name == "model.norm.weight");
+        if zero_centred {
+            tensors.insert(
+                name.to_string(),
+                f32_tensor(t.to_f32_vec().iter().map(|x| 1.0 + x).collect(), t.shape.clone()),
+            );
+            continue;
+        }
+        tensors.insert(name.to_string(), t.clone());
     }
     Checkpoint::new(path, tensors)
 }

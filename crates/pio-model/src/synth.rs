@@ -176,6 +176,8 @@ enum Init {
     Bias,
     /// All 1.0.
     Norm,
+    /// All 0.0: a unit scale for a zero-centred norm (`(1 + w)`, Qwen3-Next).
+    ZeroNorm,
 }
 
 const BIAS_BOUND: f32 = 0.02;
@@ -202,18 +204,32 @@ impl Spec {
 /// prediction layers.
 fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
     let (h, inter) = (c.hidden_size, c.intermediate_size);
+    // Qwen3-Next's norms scale by `1 + w`.
+    let norm = if c.zero_centred_norms { Init::ZeroNorm } else { Init::Norm };
     let mut specs =
         vec![Spec { name: "model.embed_tokens.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix }];
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
         let mut layer: Vec<(String, Vec<usize>, Init)> = Vec::new();
         let mut push = |name: &str, shape: Vec<usize>, init| layer.push((name.to_string(), shape, init));
-        push("input_layernorm.weight", vec![h], Init::Norm);
-        match &c.mla {
-            None => {
+        push("input_layernorm.weight", vec![h], norm);
+        let linear = c.linear_attn.as_ref().filter(|la| la.layers[i]);
+        match (&c.mla, linear) {
+            (_, Some(la)) => {
+                let (nk, nv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
+                push("linear_attn.in_proj_qkvz.weight", vec![2 * nk * dk + 2 * nv * dv, h], Init::Matrix);
+                push("linear_attn.in_proj_ba.weight", vec![2 * nv, h], Init::Matrix);
+                push("linear_attn.conv1d.weight", vec![la.conv_channels(), 1, la.conv_kernel], Init::Matrix);
+                push("linear_attn.dt_bias", vec![nv], Init::Bias);
+                push("linear_attn.A_log", vec![nv], Init::Bias);
+                push("linear_attn.norm.weight", vec![dv], Init::Norm);
+                push("linear_attn.out_proj.weight", vec![h, nv * dv], Init::Matrix);
+            }
+            (None, None) => {
                 let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                let q_rows = if c.attn_output_gate { 2 * q } else { q };
                 for (proj, rows, cols, bias) in [
-                    ("self_attn.q_proj", q, h, c.qkv_bias),
+                    ("self_attn.q_proj", q_rows, h, c.qkv_bias),
                     ("self_attn.k_proj", kv, h, c.qkv_bias),
                     ("self_attn.v_proj", kv, h, c.qkv_bias),
                     ("self_attn.o_proj", h, q, c.o_bias),
@@ -224,11 +240,11 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
                     }
                 }
                 if c.qk_norm {
-                    push("self_attn.q_norm.weight", vec![c.head_dim], Init::Norm);
-                    push("self_attn.k_norm.weight", vec![c.head_dim], Init::Norm);
+                    push("self_attn.q_norm.weight", vec![c.head_dim], norm);
+                    push("self_attn.k_norm.weight", vec![c.head_dim], norm);
                 }
             }
-            Some(a) => {
+            (Some(a), None) => {
                 let (nh, r) = (c.num_heads, a.kv_lora_rank);
                 match a.q_lora_rank {
                     Some(ql) => {
@@ -253,7 +269,7 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
                 }
             }
         }
-        push("post_attention_layernorm.weight", vec![h], Init::Norm);
+        push("post_attention_layernorm.weight", vec![h], norm);
         let mlp = |push: &mut dyn FnMut(&str, Vec<usize>, Init), prefix: &str, inter: usize, bias: bool| {
             for (proj, rows, cols) in [("gate_proj", inter, h), ("up_proj", inter, h), ("down_proj", h, inter)] {
                 push(&format!("{prefix}.{proj}.weight"), vec![rows, cols], Init::Matrix);
@@ -271,7 +287,10 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
                 for e in 0..m.num_experts {
                     mlp(&mut push, &format!("mlp.experts.{e}"), m.moe_intermediate_size, false);
                 }
-                if m.shared_intermediate_size > 0 {
+                if m.shared_intermediate_size > 0 && m.shared_expert_gate {
+                    mlp(&mut push, "mlp.shared_expert", m.shared_intermediate_size, false);
+                    push("mlp.shared_expert_gate.weight", vec![1, h], Init::Matrix);
+                } else if m.shared_intermediate_size > 0 {
                     mlp(&mut push, "mlp.shared_experts", m.shared_intermediate_size, false);
                 }
             }
@@ -279,7 +298,7 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
         }
         specs.extend(layer.into_iter().map(|(name, shape, init)| Spec { name: format!("{p}.{name}"), shape, init }));
     }
-    specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: Init::Norm });
+    specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: norm });
     if !c.tie_word_embeddings {
         specs.push(Spec { name: "lm_head.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix });
     }
@@ -344,9 +363,9 @@ fn fill_tensor(spec: &Spec, dtype: DType, seed: u64, out: &mut [u8]) {
     let n = spec.numel();
     debug_assert_eq!(out.len(), encoded_len(&spec.shape, dtype));
     let bound = match spec.init {
-        Init::Norm => {
-            let ones = vec![1.0f32; n];
-            quant::quantize_row(dtype, &ones, out);
+        Init::Norm | Init::ZeroNorm => {
+            let v = vec![if matches!(spec.init, Init::Norm) { 1.0f32 } else { 0.0 }; n];
+            quant::quantize_row(dtype, &v, out);
             return;
         }
         Init::Bias => BIAS_BOUND,
@@ -486,7 +505,7 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
 // GGUF.
 
 /// The GGUF architecture name of `c`.
-fn gguf_arch(c: &ModelConfig) -> &'static str {
+pub(crate) fn gguf_arch(c: &ModelConfig) -> &'static str {
     match c.arch {
         Arch::Qwen3 => "qwen3",
         Arch::Qwen2 => "qwen2",
@@ -500,8 +519,16 @@ fn gguf_arch(c: &ModelConfig) -> &'static str {
 /// Why llama.cpp's architecture for `c` cannot hold the model, if it cannot: its `qwen3moe`
 /// graph makes every layer a mixture and always renormalizes the routing weights.
 fn gguf_unsupported(c: &ModelConfig) -> Option<String> {
-    if c.arch == Arch::Qwen3Next {
-        return Some("writing qwen3next GGUF files is not implemented yet".into());
+    if let (Some(la), Some(m)) = (&c.linear_attn, &c.moe) {
+        if la.key_head_dim != la.value_head_dim {
+            return Some("llama.cpp's qwen3next takes the value head width for the key head width: linear_key_head_dim and linear_value_head_dim must be equal".into());
+        }
+        if !m.norm_topk_prob {
+            return Some("llama.cpp's qwen3next always renormalizes the routing weights: norm_topk_prob false cannot be written to GGUF".into());
+        }
+        if !m.sparse_layers.iter().all(|&s| s) || m.shared_intermediate_size == 0 {
+            return Some("llama.cpp's qwen3next makes every layer a mixture with a shared expert".into());
+        }
     }
     let m = c.moe.as_ref()?;
     match c.arch {
@@ -597,9 +624,35 @@ fn model_metadata(c: &ModelConfig, name: &str, file_type: u32) -> Vec<(String, V
     if c.arch == Arch::Glm4MoeLite {
         m.push((k("nextn_predict_layers"), u32_of(0)));
     }
+    if let (Some(la), Some(moe)) = (&c.linear_attn, &c.moe) {
+        m.extend([
+            (k("rope.dimension_count"), u32_of(c.rotary_dim)),
+            (k("expert_shared_feed_forward_length"), u32_of(moe.shared_intermediate_size)),
+            (k("ssm.conv_kernel"), u32_of(la.conv_kernel)),
+            (k("ssm.state_size"), u32_of(la.key_head_dim)),
+            (k("ssm.group_count"), u32_of(la.num_key_heads)),
+            (k("ssm.time_step_rank"), u32_of(la.num_value_heads)),
+            (k("ssm.inner_size"), u32_of(la.num_value_heads * la.value_head_dim)),
+        ]);
+        // Every n-th layer full attention, as the converter writes it; any other pattern per layer.
+        match full_attention_interval(&la.layers) {
+            Some(n) => m.push((k("full_attention_interval"), u32_of(n))),
+            None => m.push((
+                k("attention.recurrent_layers"),
+                Value::Array(la.layers.iter().map(|&l| Value::Bool(l)).collect()),
+            )),
+        }
+    }
     m.push(("general.file_type".to_string(), Value::U32(file_type)));
     m.push(("general.quantization_version".to_string(), Value::U32(2)));
     m
+}
+
+/// `n` when layer `i` is linear exactly when `(i + 1) % n != 0` (Qwen3-Next's
+/// `full_attention_interval`).
+fn full_attention_interval(linear: &[bool]) -> Option<usize> {
+    let n = linear.iter().position(|&l| !l)? + 1;
+    linear.iter().enumerate().all(|(i, &l)| l != (i + 1).is_multiple_of(n)).then_some(n)
 }
 
 /// llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID`.
@@ -611,16 +664,17 @@ const GGUF_ALIGN: usize = 32;
 /// (`mlp.gate.weight`) F32 as llama.cpp keeps it, the LM head (or the embedding standing in for
 /// it) and every other matrix as [`crate::quantize::tensor_type`] chooses.
 pub(crate) fn matrix_type(name: &str, cols: usize, target: DType, tied: bool) -> DType {
-    if is_router(name) {
+    if is_router(name) || name.ends_with("conv1d.weight") {
         return DType::F32;
     }
     let output = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
     crate::quantize::tensor_type(target, cols, output)
 }
 
-/// A mixture-of-experts router (Hugging Face name).
+/// A mixture-of-experts router (Hugging Face name), or Qwen3-Next's shared-expert gate (a
+/// router of one), which llama.cpp's converter also keeps F32.
 pub(crate) fn is_router(name: &str) -> bool {
-    name.ends_with("mlp.gate.weight")
+    name.ends_with("mlp.gate.weight") || name.ends_with("mlp.shared_expert_gate.weight")
 }
 
 /// llama.cpp's per-head split of a latent attention `kv_b_proj` (`[H·(nope + v), r]`, each
@@ -661,6 +715,9 @@ pub(crate) fn encode_parallel(dtype: DType, vals: &[f32], cols: usize) -> Vec<u8
     out
 }
 
+/// A change applied to every value of a tensor on its way into a GGUF file.
+type ValueMap = fn(f32) -> f32;
+
 /// Where a GGUF tensor's numbers come from.
 enum Source<'a> {
     /// One Hugging Face tensor (rows permuted for llama's adjacent-pair RoPE when `permute`).
@@ -670,6 +727,12 @@ enum Source<'a> {
     /// The `attn_k_b` (`false`) or `attn_v_b` (`true`) half of a `kv_b_proj` split per head;
     /// `dims` = (heads, nope, v, kv_lora_rank).
     KvB { spec: &'a Spec, value: bool, dims: (usize, usize, usize, usize) },
+    /// Rows of one Hugging Face matrix, these ranges in this order (Qwen3-Next's
+    /// `in_proj_qkvz` split into `attn_qkv` and `attn_gate`).
+    Rows { spec: &'a Spec, ranges: Vec<std::ops::Range<usize>> },
+    /// One Hugging Face tensor with `map` applied to every value, stored F32 (a zero-centred
+    /// norm's `1 + w`; `A_log` stored as `-exp(A_log)`).
+    Map { spec: &'a Spec, map: ValueMap },
 }
 
 /// One tensor as it lies in the GGUF file.
@@ -734,7 +797,8 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
             let (nh, r, nope, v) = (c.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.v_head_dim);
             for (half, value, shape) in [("k_b_proj", false, vec![nh, r, nope]), ("v_b_proj", true, vec![nh, v, r])] {
                 let hf = format!("{prefix}{half}.weight");
-                let name = hf_to_gguf(&hf).ok_or_else(|| Error::file(out, format!("{hf:?} has no GGUF name")))?;
+                let name = hf_to_gguf(&hf, gguf_arch(c))
+                    .ok_or_else(|| Error::file(out, format!("{hf:?} has no GGUF name")))?;
                 let dtype = crate::quantize::tensor_type(target, shape[2], false);
                 tensors.push(GgufTensor {
                     header: TensorHeader { name, dtype, shape },
@@ -743,15 +807,54 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
             }
             continue;
         }
-        let name = hf_to_gguf(&spec.name).ok_or_else(|| {
+        if let Some(la) = c.linear_attn.as_ref() {
+            // llama.cpp's qwen3next layout of Gated DeltaNet and of the zero-centred norms.
+            if let Some(prefix) = spec.name.strip_suffix("in_proj_qkvz.weight") {
+                let (nk, nv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
+                let r = la.value_heads_per_key_head();
+                let per = 2 * dk + 2 * r * dv;
+                let part = |off: usize, len: usize| (0..nk).map(move |g| g * per + off..g * per + off + len);
+                let qkv: Vec<_> = part(0, dk).chain(part(dk, dk)).chain(part(2 * dk, r * dv)).collect();
+                let z: Vec<_> = part(2 * dk + r * dv, r * dv).collect();
+                for (half, ranges, rows) in [("in_proj_qkv", qkv, la.conv_channels()), ("in_proj_z", z, nv * dv)] {
+                    let hf = format!("{prefix}{half}.weight");
+                    let name = hf_to_gguf(&hf, gguf_arch(c))
+                        .ok_or_else(|| Error::file(out, format!("{hf:?} has no GGUF name")))?;
+                    tensors.push(GgufTensor {
+                        header: TensorHeader { name, dtype, shape: vec![rows, spec.shape[1]] },
+                        source: Source::Rows { spec, ranges },
+                    });
+                }
+                continue;
+            }
+            let map: Option<(String, ValueMap)> = if let Some(prefix) = spec.name.strip_suffix("A_log") {
+                Some((format!("{prefix}ssm_a"), |x| -x.exp()))
+            } else if matches!(spec.init, Init::ZeroNorm) {
+                Some((spec.name.clone(), |x| 1.0 + x))
+            } else {
+                None
+            };
+            if let Some((hf, map)) = map {
+                let name = hf_to_gguf(&hf, gguf_arch(c))
+                    .ok_or_else(|| Error::file(out, format!("{hf:?} has no GGUF name")))?;
+                tensors.push(GgufTensor {
+                    header: TensorHeader { name, dtype: DType::F32, shape: spec.shape.clone() },
+                    source: Source::Map { spec, map },
+                });
+                continue;
+            }
+        }
+        let name = hf_to_gguf(&spec.name, gguf_arch(c)).ok_or_else(|| {
             Error::file(out, format!("tensor {:?} has no GGUF name (mlp_bias is not supported in GGUF)", spec.name))
         })?;
         let permute = c.arch == Arch::Llama
             && ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"].iter().any(|s| spec.name.ends_with(s));
-        tensors.push(GgufTensor {
-            header: TensorHeader { name, dtype, shape: spec.shape.clone() },
-            source: Source::One { spec, permute },
-        });
+        // A depthwise convolution is stored [channels, taps].
+        let shape = match spec.shape[..] {
+            [ch, 1, taps] if spec.name.ends_with("conv1d.weight") => vec![ch, taps],
+            _ => spec.shape.clone(),
+        };
+        tensors.push(GgufTensor { header: TensorHeader { name, dtype, shape }, source: Source::One { spec, permute } });
     }
     Ok(tensors)
 }
@@ -773,6 +876,19 @@ impl GgufTensor<'_> {
                 for (spec, dst) in experts.iter().zip(out.chunks_exact_mut(per.max(1))) {
                     stored_bytes(spec, dtype, target, seed, dst);
                 }
+            }
+            Source::Rows { spec, ranges } => {
+                let mut whole = vec![0u8; encoded_len(&spec.shape, dtype)];
+                stored_bytes(spec, dtype, target, seed, &mut whole);
+                let row = whole.len() / spec.shape[0].max(1);
+                out.clear();
+                for r in ranges {
+                    out.extend_from_slice(&whole[r.start * row..r.end * row]);
+                }
+            }
+            Source::Map { spec, map } => {
+                let vals: Vec<f32> = values_f32(spec, target, seed).into_iter().map(map).collect();
+                quant::quantize_row(DType::F32, &vals, &mut out);
             }
             Source::KvB { spec, value, dims: (heads, nope, v, r) } => {
                 let kv_b = values_f32(spec, target, seed);

@@ -287,6 +287,7 @@ fn moe_configs(s: &Scratch) -> Vec<(&'static str, &'static str, PathBuf)> {
                 &[("rms_norm_eps", serde_json::json!(1e-6)), ("num_nextn_predict_layers", serde_json::json!(1))],
             ),
         ),
+        ("qwen3_next", "qwen3next", fixture_config("qwen3_next")),
     ]
 }
 
@@ -309,7 +310,7 @@ fn moe_hf_dir_and_gguf_compute_the_same_model() {
         let g = GgufFile::open(&gguf).expect("open");
         let u = |k: &str| g.get(&format!("{arch}.{k}")).and_then(Value::as_u64);
         assert_eq!(g.get_str("general.architecture").expect("arch"), arch);
-        assert_eq!(u("block_count"), Some(3));
+        assert_eq!(u("block_count"), Some(if arch == "qwen3next" { 4 } else { 3 }));
         assert_eq!(u("expert_count"), Some(8));
         assert_eq!(u("expert_used_count"), Some(2));
         // Experts fused into [experts, rows, cols] stacks; routers F32.
@@ -339,6 +340,35 @@ fn moe_hf_dir_and_gguf_compute_the_same_model() {
             assert_eq!(t("blk.1.exp_probs_b.bias").dtype, DType::F32);
             assert!(g.tensors.contains_key("blk.0.ffn_gate.weight"), "dense first layer");
             assert!(g.tensors.contains_key("blk.1.ffn_up_shexp.weight"));
+        }
+        if arch == "qwen3next" {
+            // As convert_hf_to_gguf.py writes Qwen3-Next: in_proj_qkvz split into attn_qkv
+            // (2 key heads of 16 for q and k, 4 value heads of 16) and attn_gate; A as -exp;
+            // the convolution [channels, taps] in F32; norms with 1 + w folded in (not
+            // Gated DeltaNet's own); every 4th layer full attention with a gated q_proj.
+            assert_eq!(u("ssm.conv_kernel"), Some(4));
+            assert_eq!(u("ssm.state_size"), Some(16));
+            assert_eq!(u("ssm.group_count"), Some(2));
+            assert_eq!(u("ssm.time_step_rank"), Some(4));
+            assert_eq!(u("ssm.inner_size"), Some(64));
+            assert_eq!(u("full_attention_interval"), Some(4));
+            assert_eq!(u("rope.dimension_count"), Some(8));
+            assert_eq!(u("expert_shared_feed_forward_length"), Some(64));
+            assert_eq!(t("blk.0.attn_qkv.weight").shape, [2 * 2 * 16 + 64, 128]);
+            assert_eq!(t("blk.0.attn_gate.weight").shape, [64, 128]);
+            assert_eq!(t("blk.0.ssm_ba.weight").shape, [8, 128]);
+            assert_eq!(
+                (t("blk.0.ssm_conv1d.weight").dtype, &t("blk.0.ssm_conv1d.weight").shape[..]),
+                (DType::F32, &[128usize, 4][..])
+            );
+            assert_eq!(t("blk.0.ffn_gate_inp_shexp.weight").dtype, DType::F32);
+            assert_eq!(t("blk.3.attn_q.weight").shape, [2 * 4 * 32, 128]);
+            let vals = |n: &str| g.tensor(n).expect("tensor").to_f32_vec();
+            assert!(vals("blk.0.ssm_a").iter().all(|&a| a < 0.0));
+            assert!(vals("blk.3.post_attention_norm.weight").iter().all(|&w| w == 1.0), "1 + 0 folded in");
+            assert!(vals("blk.3.attn_q_norm.weight").iter().all(|&w| w == 1.0));
+            assert!(vals("blk.0.ssm_norm.weight").iter().all(|&w| w == 1.0), "plain weight of one");
+            assert!(!g.tensors.keys().any(|k| k.contains("ffn_norm") || k.contains("ssm_in")));
         }
     }
 }

@@ -34,7 +34,30 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     // and `[H, v, kv_lora]`, flattened to matrices on load.
     ("attn_k_b.weight", "self_attn.k_b_proj.weight"),
     ("attn_v_b.weight", "self_attn.v_b_proj.weight"),
+    // Qwen3-Next (llama.cpp `qwen3next`): its norm after attention, the shared expert in the
+    // singular and its gate, and Gated DeltaNet, whose `in_proj_qkvz` the converter splits into
+    // `attn_qkv` (q, k, v rows of all heads) and `attn_gate` (z), and whose `A_log` it stores as
+    // `ssm_a` = -exp(A_log) (older files keep the unsplit `ssm_in`).
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate_shexp.weight", "mlp.shared_expert.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_expert.down_proj.weight"),
+    ("ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight"),
+    ("attn_qkv.weight", "linear_attn.in_proj_qkv.weight"),
+    ("attn_gate.weight", "linear_attn.in_proj_z.weight"),
+    ("ssm_in.weight", "linear_attn.in_proj_qkvz.weight"),
+    ("ssm_ba.weight", "linear_attn.in_proj_ba.weight"),
+    ("ssm_conv1d.weight", "linear_attn.conv1d.weight"),
+    ("ssm_dt.bias", "linear_attn.dt_bias"),
+    ("ssm_a", "linear_attn.ssm_a"),
+    ("ssm_norm.weight", "linear_attn.norm.weight"),
+    ("ssm_out.weight", "linear_attn.out_proj.weight"),
 ];
+
+/// Names one architecture spells its own way when written: (GGUF architecture, GGUF suffix,
+/// Hugging Face suffix). Read in either spelling.
+const ARCH_LAYER_NAMES: &[(&str, &str, &str)] =
+    &[("qwen3next", "post_attention_norm.weight", "post_attention_layernorm.weight")];
 
 /// GGUF stacks of all experts of a layer, `[experts, rows, cols]`, and the Hugging Face name
 /// of one expert's matrix (`{e}` is the expert index).
@@ -85,15 +108,17 @@ pub fn gguf_to_hf(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
-/// The GGUF name of Hugging Face tensor `name`, or `None` if the table does not know it.
-pub fn hf_to_gguf(name: &str) -> Option<String> {
+/// The GGUF name of Hugging Face tensor `name` in a file of GGUF architecture `arch`, or
+/// `None` if the table does not know it.
+pub fn hf_to_gguf(name: &str, arch: &str) -> Option<String> {
     if let Some((g, _)) = GLOBAL_NAMES.iter().find(|(_, hf)| *hf == name) {
         return Some((*g).to_string());
     }
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (g, _) = LAYER_NAMES.iter().find(|(_, hf)| *hf == suffix)?;
+    let own = ARCH_LAYER_NAMES.iter().find(|(a, _, hf)| *a == arch && *hf == suffix).map(|(_, g, _)| g);
+    let g = own.or_else(|| LAYER_NAMES.iter().find(|(_, hf)| *hf == suffix).map(|(g, _)| g))?;
     Some(format!("blk.{layer}.{g}"))
 }
 
@@ -116,7 +141,12 @@ mod tests {
         for name in
             ["model.layers.3.mlp.down_proj.weight", "model.norm.weight", "model.layers.0.self_attn.k_norm.weight"]
         {
-            assert_eq!(hf_to_gguf(name).and_then(|g| gguf_to_hf(&g)).as_deref(), Some(name));
+            assert_eq!(hf_to_gguf(name, "qwen3").and_then(|g| gguf_to_hf(&g)).as_deref(), Some(name));
         }
+        assert_eq!(
+            hf_to_gguf("model.layers.2.post_attention_layernorm.weight", "qwen3next").as_deref(),
+            Some("blk.2.post_attention_norm.weight")
+        );
+        assert_eq!(gguf_to_hf("blk.2.ssm_a").as_deref(), Some("model.layers.2.linear_attn.ssm_a"));
     }
 }
