@@ -76,7 +76,7 @@ fn csv(ids: &[u32]) -> String {
 fn logits_runs_all_sequences_in_one_batch_and_matches_reference() {
     // A dense family and both mixture-of-experts families (softmax routing; latent attention
     // with sigmoid grouped routing).
-    for name in ["qwen2", "qwen3_moe", "glm4_moe_lite"] {
+    for name in ["qwen2", "qwen3_moe", "glm4_moe_lite", "qwen3_next"] {
         logits_match_reference(name);
     }
 }
@@ -122,7 +122,7 @@ fn logits_match_reference(name: &str) {
 
 #[test]
 fn generate_json_from_prompt_ids_without_tokenizer() {
-    for name in ["llama", "qwen3_moe", "glm4_moe_lite"] {
+    for name in ["llama", "qwen3_moe", "glm4_moe_lite", "qwen3_next"] {
         greedy_ids_match_reference(name);
     }
 }

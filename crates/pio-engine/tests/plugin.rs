@@ -68,3 +68,46 @@ fn one_interface_loads_generates_chats_and_reports() {
     assert!(r.prefix_cache_hit_tokens > 0 && r.kv_cache_bytes > 0 && r.kv_blocks_used == 0);
     plugin.unload();
 }
+
+/// Qwen3-Next (recurrent state) through the same interface: a tiny random-weight model with
+/// the real Qwen3 tokenizer and chat template; the repeated conversation resumes from the
+/// prefix cache's state snapshot.
+#[test]
+fn the_hybrid_model_runs_through_the_same_interface() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::temp_dir().join(format!("pio-plugin-next-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("testdata/synthetic/qwen3_next/config.json")).expect("config"))
+            .expect("json");
+    cfg["vocab_size"] = 151936.into();
+    cfg["tie_word_embeddings"] = true.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).expect("write");
+    let model = dir.join("model");
+    let tokenizer = root.join("crates/pio-model/tests/data/qwen3-tokenizer");
+    pio_model::synth::write_random_checkpoint(
+        &dir.join("config.json"),
+        Some(&tokenizer),
+        &model,
+        pio_kernels::DType::BF16,
+        5,
+    )
+    .expect("synth");
+    let plugin: Box<dyn ModelPlugin> =
+        Box::new(EnginePlugin::load(&model, &Default::default(), 64 << 20, 2048).expect("plugin loads"));
+    let greedy = RequestParams { max_tokens: Some(6), ignore_eos: true, ..Default::default() };
+    let out = plugin.generate_text("The capital of France is", &greedy).expect("generate_text");
+    assert_eq!(out.token_ids.len(), 6);
+    let messages = [
+        json!({"role": "system", "content": "You are a helpful assistant who answers briefly."}),
+        json!({"role": "user", "content": "Name three prime numbers, please."}),
+    ];
+    let chat = plugin.chat_completion(&messages, &greedy).expect("chat_completion");
+    let again = plugin.chat_completion(&messages, &greedy).expect("chat_completion");
+    assert_eq!(again.token_ids, chat.token_ids);
+    assert!(again.cached_tokens >= 16, "the second request resumes from a snapshot: {}", again.cached_tokens);
+    let r = plugin.report();
+    assert_eq!(r.info.arch, "Qwen3NextForCausalLM");
+    plugin.unload();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -147,8 +147,11 @@ pub fn causal_conv1d_silu(weight: &[f32], taps: usize, state: &mut [f32], x: &[f
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Columns `0..d_v / 16 * 16` in tiles of 16 (one register wide): each tile of the state
-    /// (`d_k` rows of 64 bytes) stays in L1 across all `T` tokens. Returns the columns done.
+    /// Columns `0..d_v / 16 * 16`, in groups of up to 8 registers (128 columns) that walk the
+    /// state row by row: each token reads the group's rows once for `Sᵀk` and once more to
+    /// update them and read `Sᵀq`, streaming through contiguous memory. Every column's sums run
+    /// in one chain over the rows in order, so a column's result does not depend on how many
+    /// tokens a call has or which group it falls in. Returns the columns done.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn columns_avx512(
@@ -163,62 +166,75 @@ mod x86 {
         dv: usize,
     ) -> usize {
         let tiles = dv / 16;
-        let s = state.as_mut_ptr();
-        for tile in 0..tiles {
-            let j0 = tile * 16;
-            for t in 0..decay.len() {
-                let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
-                let eg = _mm512_set1_ps(decay[t]);
-                // Sᵀk over this tile's columns, four partial sums.
-                let mut acc = [_mm512_setzero_ps(); 4];
-                let mut i = 0;
-                while i + 4 <= dk {
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        let row = _mm512_loadu_ps(s.add((i + u) * dv + j0));
-                        *a = _mm512_fmadd_ps(row, _mm512_set1_ps(*kt.add(i + u)), *a);
-                    }
-                    i += 4;
-                }
-                while i < dk {
-                    let row = _mm512_loadu_ps(s.add(i * dv + j0));
-                    acc[0] = _mm512_fmadd_ps(row, _mm512_set1_ps(*kt.add(i)), acc[0]);
-                    i += 1;
-                }
-                let mem = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-                let vt = _mm512_loadu_ps(v.as_ptr().add(t * dv + j0));
-                let delta = _mm512_mul_ps(_mm512_fnmadd_ps(eg, mem, vt), _mm512_set1_ps(beta[t]));
-                // S = e^g S + k δᵀ, and o = Sᵀq, in one pass.
-                let mut o = [_mm512_setzero_ps(); 4];
-                let mut i = 0;
-                while i + 4 <= dk {
-                    for (u, a) in o.iter_mut().enumerate() {
-                        let p = s.add((i + u) * dv + j0);
-                        let row = _mm512_fmadd_ps(
-                            _mm512_set1_ps(*kt.add(i + u)),
-                            delta,
-                            _mm512_mul_ps(_mm512_loadu_ps(p), eg),
-                        );
-                        _mm512_storeu_ps(p, row);
-                        *a = _mm512_fmadd_ps(row, _mm512_set1_ps(*qt.add(i + u)), *a);
-                    }
-                    i += 4;
-                }
-                while i < dk {
-                    let p = s.add(i * dv + j0);
-                    let row = _mm512_fmadd_ps(_mm512_set1_ps(*kt.add(i)), delta, _mm512_mul_ps(_mm512_loadu_ps(p), eg));
-                    _mm512_storeu_ps(p, row);
-                    o[0] = _mm512_fmadd_ps(row, _mm512_set1_ps(*qt.add(i)), o[0]);
-                    i += 1;
-                }
-                let o = _mm512_add_ps(_mm512_add_ps(o[0], o[1]), _mm512_add_ps(o[2], o[3]));
-                _mm512_storeu_ps(out.as_mut_ptr().add(t * dv + j0), o);
+        let mut c0 = 0;
+        while c0 < tiles * 16 {
+            let n = ((tiles * 16 - c0) / 16).min(8);
+            match n {
+                8 => group512::<8>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                7 => group512::<7>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                6 => group512::<6>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                5 => group512::<5>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                4 => group512::<4>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                3 => group512::<3>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                2 => group512::<2>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                _ => group512::<1>(state, q, k, v, decay, beta, out, dk, dv, c0),
             }
+            c0 += n * 16;
         }
         tiles * 16
     }
 
-    /// As [`columns_avx512`] in tiles of 8, over columns `from..` (whole tiles only). Returns the
-    /// columns done.
+    /// `N` registers of columns from `c0`, every token in turn.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group512<const N: usize>(
+        state: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        decay: &[f32],
+        beta: &[f32],
+        out: &mut [f32],
+        dk: usize,
+        dv: usize,
+        c0: usize,
+    ) {
+        let s = state.as_mut_ptr().add(c0);
+        for t in 0..decay.len() {
+            let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
+            let eg = _mm512_set1_ps(decay[t]);
+            let mut acc = [_mm512_setzero_ps(); N];
+            for i in 0..dk {
+                let (row, kb) = (s.add(i * dv), _mm512_set1_ps(*kt.add(i)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(row.add(16 * u)), kb, *a);
+                }
+            }
+            let bt = _mm512_set1_ps(beta[t]);
+            let vt = v.as_ptr().add(t * dv + c0);
+            let mut delta = [_mm512_setzero_ps(); N];
+            for (u, d) in delta.iter_mut().enumerate() {
+                *d = _mm512_mul_ps(_mm512_fnmadd_ps(eg, acc[u], _mm512_loadu_ps(vt.add(16 * u))), bt);
+            }
+            let mut o = [_mm512_setzero_ps(); N];
+            for i in 0..dk {
+                let (row, kb, qb) = (s.add(i * dv), _mm512_set1_ps(*kt.add(i)), _mm512_set1_ps(*qt.add(i)));
+                for (u, a) in o.iter_mut().enumerate() {
+                    let x = _mm512_fmadd_ps(kb, delta[u], _mm512_mul_ps(_mm512_loadu_ps(row.add(16 * u)), eg));
+                    _mm512_storeu_ps(row.add(16 * u), x);
+                    *a = _mm512_fmadd_ps(x, qb, *a);
+                }
+            }
+            let ot = out.as_mut_ptr().add(t * dv + c0);
+            for (u, a) in o.iter().enumerate() {
+                _mm512_storeu_ps(ot.add(16 * u), *a);
+            }
+        }
+    }
+
+    /// As [`columns_avx512`] in registers of 8, groups of up to 4 (32 columns: AVX2 has 16
+    /// registers), over columns `from..` (whole registers only). Returns the columns done.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn columns_avx2(
@@ -233,57 +249,67 @@ mod x86 {
         dv: usize,
         from: usize,
     ) -> usize {
-        let tiles = (dv - from) / 8;
-        let s = state.as_mut_ptr();
-        for tile in 0..tiles {
-            let j0 = from + tile * 8;
-            for t in 0..decay.len() {
-                let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
-                let eg = _mm256_set1_ps(decay[t]);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i + 4 <= dk {
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        let row = _mm256_loadu_ps(s.add((i + u) * dv + j0));
-                        *a = _mm256_fmadd_ps(row, _mm256_set1_ps(*kt.add(i + u)), *a);
-                    }
-                    i += 4;
+        let end = from + (dv - from) / 8 * 8;
+        let mut c0 = from;
+        while c0 < end {
+            let n = ((end - c0) / 8).min(4);
+            match n {
+                4 => group256::<4>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                3 => group256::<3>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                2 => group256::<2>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                _ => group256::<1>(state, q, k, v, decay, beta, out, dk, dv, c0),
+            }
+            c0 += n * 8;
+        }
+        end - from
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group256<const N: usize>(
+        state: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        decay: &[f32],
+        beta: &[f32],
+        out: &mut [f32],
+        dk: usize,
+        dv: usize,
+        c0: usize,
+    ) {
+        let s = state.as_mut_ptr().add(c0);
+        for t in 0..decay.len() {
+            let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
+            let eg = _mm256_set1_ps(decay[t]);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for i in 0..dk {
+                let (row, kb) = (s.add(i * dv), _mm256_set1_ps(*kt.add(i)));
+                for (u, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8 * u)), kb, *a);
                 }
-                while i < dk {
-                    let row = _mm256_loadu_ps(s.add(i * dv + j0));
-                    acc[0] = _mm256_fmadd_ps(row, _mm256_set1_ps(*kt.add(i)), acc[0]);
-                    i += 1;
+            }
+            let bt = _mm256_set1_ps(beta[t]);
+            let vt = v.as_ptr().add(t * dv + c0);
+            let mut delta = [_mm256_setzero_ps(); N];
+            for (u, d) in delta.iter_mut().enumerate() {
+                *d = _mm256_mul_ps(_mm256_fnmadd_ps(eg, acc[u], _mm256_loadu_ps(vt.add(8 * u))), bt);
+            }
+            let mut o = [_mm256_setzero_ps(); N];
+            for i in 0..dk {
+                let (row, kb, qb) = (s.add(i * dv), _mm256_set1_ps(*kt.add(i)), _mm256_set1_ps(*qt.add(i)));
+                for (u, a) in o.iter_mut().enumerate() {
+                    let x = _mm256_fmadd_ps(kb, delta[u], _mm256_mul_ps(_mm256_loadu_ps(row.add(8 * u)), eg));
+                    _mm256_storeu_ps(row.add(8 * u), x);
+                    *a = _mm256_fmadd_ps(x, qb, *a);
                 }
-                let mem = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                let vt = _mm256_loadu_ps(v.as_ptr().add(t * dv + j0));
-                let delta = _mm256_mul_ps(_mm256_fnmadd_ps(eg, mem, vt), _mm256_set1_ps(beta[t]));
-                let mut o = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i + 4 <= dk {
-                    for (u, a) in o.iter_mut().enumerate() {
-                        let p = s.add((i + u) * dv + j0);
-                        let row = _mm256_fmadd_ps(
-                            _mm256_set1_ps(*kt.add(i + u)),
-                            delta,
-                            _mm256_mul_ps(_mm256_loadu_ps(p), eg),
-                        );
-                        _mm256_storeu_ps(p, row);
-                        *a = _mm256_fmadd_ps(row, _mm256_set1_ps(*qt.add(i + u)), *a);
-                    }
-                    i += 4;
-                }
-                while i < dk {
-                    let p = s.add(i * dv + j0);
-                    let row = _mm256_fmadd_ps(_mm256_set1_ps(*kt.add(i)), delta, _mm256_mul_ps(_mm256_loadu_ps(p), eg));
-                    _mm256_storeu_ps(p, row);
-                    o[0] = _mm256_fmadd_ps(row, _mm256_set1_ps(*qt.add(i)), o[0]);
-                    i += 1;
-                }
-                let o = _mm256_add_ps(_mm256_add_ps(o[0], o[1]), _mm256_add_ps(o[2], o[3]));
-                _mm256_storeu_ps(out.as_mut_ptr().add(t * dv + j0), o);
+            }
+            let ot = out.as_mut_ptr().add(t * dv + c0);
+            for (u, a) in o.iter().enumerate() {
+                _mm256_storeu_ps(ot.add(8 * u), *a);
             }
         }
-        tiles * 8
     }
 }
 
