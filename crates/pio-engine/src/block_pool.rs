@@ -71,6 +71,11 @@ impl BlockPool {
         self.cache.len()
     }
 
+    /// Whether a block hashed `hash` is in the prefix cache.
+    pub fn is_cached(&self, hash: BlockHash) -> bool {
+        self.cache.contains_key(&hash)
+    }
+
     pub fn ref_cnt(&self, block: u32) -> u32 {
         self.blocks[block as usize].ref_cnt
     }

@@ -12,8 +12,8 @@
 //! When its prompt is done, and when it finishes or is preempted, the checkpoint becomes a
 //! snapshot of the prefix cache, keyed by the hash of the block it ends at; a prefix hit is
 //! taken only as far as the longest cached run of blocks that ends at a snapshot, and starts
-//! from a copy of it. Snapshots live in the same slots, and the least recently used one gives
-//! its slot up when a sequence needs one.
+//! from a copy of it. Snapshots live in the same slots: one goes when the block it ends at is
+//! evicted, and the least recently used one gives its slot up when a sequence needs one.
 
 use std::collections::HashMap;
 
@@ -106,6 +106,18 @@ impl KvCacheManager {
     /// Recurrent-state snapshots the prefix cache holds.
     pub fn num_snapshots(&self) -> usize {
         self.snapshots.len()
+    }
+
+    /// Frees the slots of snapshots whose last block has left the prefix cache (evicted to make
+    /// room): a hit can no longer reach them.
+    fn drop_stale_snapshots(&mut self) {
+        let pool = &self.pool;
+        let stale: Vec<BlockHash> = self.snapshots.keys().filter(|h| !pool.is_cached(**h)).copied().collect();
+        for h in stale {
+            if let Some((slot, _)) = self.snapshots.remove(&h) {
+                self.free_slots.push(slot);
+            }
+        }
     }
 
     /// A free state slot, or the slot of the least recently used snapshot.
@@ -202,6 +214,9 @@ impl KvCacheManager {
             self.pool.free(prefix.blocks.iter().rev().copied());
             return false;
         };
+        if need > 0 {
+            self.drop_stale_snapshots();
+        }
         let slot = if needs_slot { self.take_slot() } else { None };
         let s = self.seqs.entry(id).or_default();
         if needs_slot {
@@ -386,6 +401,38 @@ mod tests {
         assert!(!kv.allocate(3, &hit, 7));
         assert_eq!(kv.pool().num_free(), 3);
         assert!(kv.block_table(3).is_empty());
+    }
+
+    /// A recurrent-state checkpoint becomes a snapshot when its sequence goes, a hit reaches only
+    /// as far as a snapshot, and a snapshot goes with the block it ends at.
+    #[test]
+    fn state_snapshots_bound_prefix_hits_and_leave_with_their_blocks() {
+        let mut kv = KvCacheManager::new(4, 6, true).with_state_slots(3);
+        let a = toks(11, 0);
+        assert!(kv.allocate(1, &CachedPrefix::default(), 11));
+        assert_eq!(kv.state_slot(1), Some(0));
+        // The forward over 0..11 checkpoints the state at 8, into a second slot.
+        let (pos, slot) = kv.plan_snapshot(1, 0, 11).expect("a boundary is crossed");
+        assert_eq!((pos, slot), (8, 1));
+        kv.cache_computed(1, &a, 11);
+        kv.snapshot_taken(1, 8);
+        assert!(kv.plan_snapshot(1, 8, 11).is_none(), "no boundary in 9..=11");
+        // Cached blocks without a snapshot are no hit.
+        let hit = kv.find_cached_prefix(&a, usize::MAX);
+        assert!(hit.blocks.is_empty() && hit.state.is_none());
+        kv.free(1);
+        assert_eq!(kv.num_snapshots(), 1);
+        // Two whole blocks cached, and the state at their end.
+        let hit = kv.find_cached_prefix(&toks(13, 0), usize::MAX);
+        assert_eq!((hit.blocks.len(), hit.state), (2, Some(1)));
+        // Cut short, the hit has no state for its end: nothing.
+        let mut cut = hit.clone();
+        cut.truncate(1);
+        assert!(cut.blocks.is_empty() && cut.state.is_none());
+        // Filling the pool evicts the cached blocks, and the snapshot with them.
+        assert!(kv.allocate(2, &CachedPrefix::default(), 24));
+        assert_eq!(kv.num_snapshots(), 0);
+        assert_eq!(kv.num_free_slots(), 2, "the snapshot's slot is free again");
     }
 
     #[test]

@@ -174,8 +174,9 @@ fn formats_without_a_gguf_type_are_refused() {
 
 #[test]
 fn qwen2_llama_and_untied_files_match_too() {
-    // Qwen2 carries q/k/v biases; the untied fixture writes `output.weight`: bitwise as Qwen3.
-    for name in ["qwen2", "qwen3-bf16-untied"] {
+    // Qwen2 carries q/k/v biases; the untied fixture writes `output.weight`; Qwen3-Next's file
+    // holds its Gated DeltaNet split and its norms folded as llama.cpp's: bitwise as Qwen3.
+    for name in ["qwen2", "qwen3-bf16-untied", "qwen3_next"] {
         let dir = fixture().with_file_name(name);
         let out = temp(&format!("{name}.gguf"));
         write_quantized_gguf(&dir, DType::Q8_0, &out).expect("quantize");

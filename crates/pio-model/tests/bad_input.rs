@@ -212,6 +212,40 @@ fn mixture_and_latent_config_errors() {
     assert_mentions(&load_err(&s.0), &["kv_a_proj_with_mqa", "shape"]);
 }
 
+/// Qwen3-Next configs and checkpoints we cannot run are refused by name: a layer pattern that is
+/// not linear/full attention, value heads that are not a multiple of the key heads, a
+/// convolution kernel out of range, a linear-attention tensor of the wrong shape; the layer kinds
+/// spelled out per layer load the same model as the interval.
+#[test]
+fn hybrid_config_and_tensor_errors() {
+    let s = Scratch::copy_of("qwen3_next", "next");
+    s.edit_config(|c| {
+        c.as_object_mut().expect("object").remove("full_attention_interval");
+        c["layer_types"] =
+            serde_json::json!(["linear_attention", "linear_attention", "sliding_attention", "full_attention"]);
+    });
+    assert_mentions(&load_err(&s.0), &["config.json", "layer_types"]);
+    s.edit_config(|c| {
+        c["layer_types"] =
+            serde_json::json!(["linear_attention", "linear_attention", "linear_attention", "full_attention"]);
+    });
+    assert!(pio_model::load(&s.0, &mut |_, _| {}).is_ok(), "layer_types as the interval");
+    s.edit_config(|c| c["linear_num_value_heads"] = 3.into());
+    assert_mentions(&load_err(&s.0), &["value heads a multiple of key heads"]);
+    s.edit_config(|c| {
+        c["linear_num_value_heads"] = 4.into();
+        c["linear_conv_kernel_dim"] = 1.into();
+    });
+    assert_mentions(&load_err(&s.0), &["linear_conv_kernel_dim 1"]);
+    s.edit_config(|c| c["linear_conv_kernel_dim"] = 3.into());
+    assert_mentions(&load_err(&s.0), &["linear_attn.conv1d.weight", "shape"]);
+    s.edit_config(|c| {
+        c["linear_conv_kernel_dim"] = 4.into();
+        c["linear_key_head_dim"] = 8.into();
+    });
+    assert_mentions(&load_err(&s.0), &["in_proj_qkvz", "shape"]);
+}
+
 #[test]
 fn mtp_layers_are_skipped_and_other_leftovers_are_errors() {
     // A checkpoint with one multi-token-prediction layer after the decoder layers: its
