@@ -166,30 +166,44 @@ mod x86 {
         dv: usize,
     ) -> usize {
         let tiles = dv / 16;
+        // A run of tokens works on a copy of each group of columns in a buffer of its own:
+        // 4 registers wide, d_k rows of 256 bytes (32 KiB at d_k = 128) that stay in L1 for the
+        // whole run, instead of the state's rows a row of the state apart, where every few rows
+        // alias a store still in flight at 4 KiB. One token streams through the state in place,
+        // 8 registers at a time.
+        let long = decay.len() >= BUFFER_FROM_TOKENS && dk <= 256;
+        let widest = if long { 4 } else { 8 };
+        let mut buf = if long { vec![0f32; dk * 64] } else { Vec::new() };
         let mut c0 = 0;
         while c0 < tiles * 16 {
-            let n = ((tiles * 16 - c0) / 16).min(8);
+            let n = ((tiles * 16 - c0) / 16).min(widest);
+            let b = if long { Some(&mut buf[..dk * 16 * n]) } else { None };
             match n {
-                8 => group512::<8>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                7 => group512::<7>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                6 => group512::<6>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                5 => group512::<5>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                4 => group512::<4>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                3 => group512::<3>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                2 => group512::<2>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                _ => group512::<1>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                8 => group512::<8>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                7 => group512::<7>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                6 => group512::<6>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                5 => group512::<5>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                4 => group512::<4>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                3 => group512::<3>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                2 => group512::<2>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                _ => group512::<1>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
             }
             c0 += n * 16;
         }
         tiles * 16
     }
 
-    /// `N` registers of columns from `c0`, every token in turn.
+    /// Runs of at least this many tokens work on buffered copies of the state's columns.
+    const BUFFER_FROM_TOKENS: usize = 4;
+
+    /// `N` registers of columns from `c0`, every token in turn; in `buf` (`d_k` rows of `N`
+    /// registers) when given, copied in and back out. The arithmetic is the same either way.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn group512<const N: usize>(
         state: &mut [f32],
+        buf: Option<&mut [f32]>,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -197,10 +211,20 @@ mod x86 {
         beta: &[f32],
         out: &mut [f32],
         dk: usize,
-        dv: usize,
+        dv_state: usize,
         c0: usize,
     ) {
-        let s = state.as_mut_ptr().add(c0);
+        let buffered = buf.is_some();
+        let (s, dv) = match buf {
+            Some(b) => {
+                for i in 0..dk {
+                    let src = state.as_ptr().add(i * dv_state + c0);
+                    b[i * 16 * N..(i + 1) * 16 * N].copy_from_slice(std::slice::from_raw_parts(src, 16 * N));
+                }
+                (b.as_mut_ptr(), 16 * N)
+            }
+            None => (state.as_mut_ptr().add(c0), dv_state),
+        };
         for t in 0..decay.len() {
             let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
             let eg = _mm512_set1_ps(decay[t]);
@@ -212,7 +236,7 @@ mod x86 {
                 }
             }
             let bt = _mm512_set1_ps(beta[t]);
-            let vt = v.as_ptr().add(t * dv + c0);
+            let vt = v.as_ptr().add(t * dv_state + c0);
             let mut delta = [_mm512_setzero_ps(); N];
             for (u, d) in delta.iter_mut().enumerate() {
                 *d = _mm512_mul_ps(_mm512_fnmadd_ps(eg, acc[u], _mm512_loadu_ps(vt.add(16 * u))), bt);
@@ -226,9 +250,15 @@ mod x86 {
                     *a = _mm512_fmadd_ps(x, qb, *a);
                 }
             }
-            let ot = out.as_mut_ptr().add(t * dv + c0);
+            let ot = out.as_mut_ptr().add(t * dv_state + c0);
             for (u, a) in o.iter().enumerate() {
                 _mm512_storeu_ps(ot.add(16 * u), *a);
+            }
+        }
+        if buffered {
+            for i in 0..dk {
+                let dst = state.as_mut_ptr().add(i * dv_state + c0);
+                std::ptr::copy_nonoverlapping(s.add(i * dv), dst, 16 * N);
             }
         }
     }
@@ -250,14 +280,18 @@ mod x86 {
         from: usize,
     ) -> usize {
         let end = from + (dv - from) / 8 * 8;
+        // As in `columns_avx512`: runs of tokens on buffered groups (d_k rows of 128 bytes).
+        let long = decay.len() >= BUFFER_FROM_TOKENS && dk <= 256;
+        let mut buf = if long { vec![0f32; dk * 32] } else { Vec::new() };
         let mut c0 = from;
         while c0 < end {
             let n = ((end - c0) / 8).min(4);
+            let b = if long { Some(&mut buf[..dk * 8 * n]) } else { None };
             match n {
-                4 => group256::<4>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                3 => group256::<3>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                2 => group256::<2>(state, q, k, v, decay, beta, out, dk, dv, c0),
-                _ => group256::<1>(state, q, k, v, decay, beta, out, dk, dv, c0),
+                4 => group256::<4>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                3 => group256::<3>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                2 => group256::<2>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                _ => group256::<1>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
             }
             c0 += n * 8;
         }
@@ -269,6 +303,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn group256<const N: usize>(
         state: &mut [f32],
+        buf: Option<&mut [f32]>,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -276,10 +311,20 @@ mod x86 {
         beta: &[f32],
         out: &mut [f32],
         dk: usize,
-        dv: usize,
+        dv_state: usize,
         c0: usize,
     ) {
-        let s = state.as_mut_ptr().add(c0);
+        let buffered = buf.is_some();
+        let (s, dv) = match buf {
+            Some(b) => {
+                for i in 0..dk {
+                    let src = state.as_ptr().add(i * dv_state + c0);
+                    b[i * 8 * N..(i + 1) * 8 * N].copy_from_slice(std::slice::from_raw_parts(src, 8 * N));
+                }
+                (b.as_mut_ptr(), 8 * N)
+            }
+            None => (state.as_mut_ptr().add(c0), dv_state),
+        };
         for t in 0..decay.len() {
             let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
             let eg = _mm256_set1_ps(decay[t]);
@@ -291,7 +336,7 @@ mod x86 {
                 }
             }
             let bt = _mm256_set1_ps(beta[t]);
-            let vt = v.as_ptr().add(t * dv + c0);
+            let vt = v.as_ptr().add(t * dv_state + c0);
             let mut delta = [_mm256_setzero_ps(); N];
             for (u, d) in delta.iter_mut().enumerate() {
                 *d = _mm256_mul_ps(_mm256_fnmadd_ps(eg, acc[u], _mm256_loadu_ps(vt.add(8 * u))), bt);
@@ -305,9 +350,15 @@ mod x86 {
                     *a = _mm256_fmadd_ps(x, qb, *a);
                 }
             }
-            let ot = out.as_mut_ptr().add(t * dv + c0);
+            let ot = out.as_mut_ptr().add(t * dv_state + c0);
             for (u, a) in o.iter().enumerate() {
                 _mm256_storeu_ps(ot.add(8 * u), *a);
+            }
+        }
+        if buffered {
+            for i in 0..dk {
+                let dst = state.as_mut_ptr().add(i * dv_state + c0);
+                std::ptr::copy_nonoverlapping(s.add(i * dv), dst, 8 * N);
             }
         }
     }

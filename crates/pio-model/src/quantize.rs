@@ -197,6 +197,11 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     let mut files: Vec<FileTensor<'_>> = Vec::new();
     let mut stacks: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (name, t) in ckpt.tensors() {
+        // Qwen3-Next's multi-token-prediction module is not written (ik_llama.cpp cannot load
+        // a file that has it; the model skips it).
+        if config.arch == Arch::Qwen3Next && name.starts_with("mtp.") {
+            continue;
+        }
         if let Some((stack, e)) = hf_expert_to_gguf(name) {
             let i = *stacks.entry(stack.clone()).or_insert_with(|| {
                 files.push(FileTensor {

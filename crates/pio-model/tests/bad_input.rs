@@ -267,4 +267,21 @@ fn mtp_layers_are_skipped_and_other_leftovers_are_errors() {
     assert_mentions(&load_err(&s.0), &["does not use", "model.layers.3."]);
     s.edit_config(|c| c["num_nextn_predict_layers"] = 1.into());
     assert!(pio_model::load(&s.0, &mut |_, _| {}).is_ok());
+
+    // Qwen3-Next's `mtp.*` module is skipped by name; another leftover is still an error.
+    let s = Scratch::copy_of("qwen3_next", "next-mtp");
+    let path = s.0.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse");
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    let norm = tensors.iter().find(|(n, _)| n == "model.norm.weight").expect("norm").1.clone();
+    tensors.push(("mtp.norm.weight".into(), norm.clone()));
+    tensors.push(("mtp.layers.0.input_layernorm.weight".into(), norm.clone()));
+    let data = safetensors::tensor::serialize(tensors.clone(), None).expect("serialize");
+    std::fs::write(&path, data).expect("write");
+    assert!(pio_model::load(&s.0, &mut |_, _| {}).is_ok(), "mtp.* skipped");
+    tensors.push(("model.extra.weight".into(), norm));
+    let data = safetensors::tensor::serialize(tensors, None).expect("serialize");
+    std::fs::write(&path, data).expect("write");
+    assert_mentions(&load_err(&s.0), &["does not use", "model.extra.weight"]);
 }

@@ -140,6 +140,14 @@ impl DecoderModel {
                 ckpt.discard(&n);
             }
         }
+        // Qwen3-Next keeps its multi-token-prediction module under `mtp.*` (transformers skips
+        // it on load too).
+        if c.arch == crate::config::Arch::Qwen3Next {
+            let names: Vec<String> = ckpt.names().filter(|n| n.starts_with("mtp.")).map(str::to_string).collect();
+            for n in names {
+                ckpt.discard(&n);
+            }
+        }
         let norm = load_norm(&mut ckpt, "model.norm.weight", h, c)?;
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints also save the head; the embedding is what is used.
