@@ -130,7 +130,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let state = match state_per_seq {
         0 => String::new(),
         b => format!(
-            ", {} recurrent-state slots of {:.1} MiB for {} sequences",
+            ", {} recurrent-state slots of {:.2} MiB for {} sequences",
             cfg.state_slots(model_ref.as_ref()),
             b as f64 / (1 << 20) as f64,
             cfg.max_num_seqs
