@@ -297,12 +297,14 @@ impl Scheduler {
                     if let StateCopy::Snapshot { id, position, .. } = *c {
                         if id == s.id {
                             self.kv.snapshot_taken(id, position);
-                            // The end of a prompt is where a request sharing it resumes.
-                            if s.start < seq.num_prompt_tokens && seq.num_computed_tokens >= seq.num_prompt_tokens {
-                                self.kv.register_checkpoint(id);
-                            }
                         }
                     }
+                }
+                // The end of a prompt is where a request sharing it resumes: its checkpoint (at
+                // the prompt's last block boundary, taken in this step or an earlier chunk)
+                // goes to the prefix cache.
+                if s.start < seq.num_prompt_tokens && seq.num_computed_tokens >= seq.num_prompt_tokens {
+                    self.kv.register_checkpoint(s.id);
                 }
                 if let Some(w) = self.cfg.window {
                     // The next token (position `num_computed_tokens`) sees from `+ 1 - w` on.

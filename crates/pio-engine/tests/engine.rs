@@ -452,3 +452,37 @@ fn the_next_chat_turn_resumes_from_the_recurrent_state_snapshot() {
     }
     assert!(engine.metrics().prefix_cache_hit_tokens.load(Ordering::Relaxed) > 0);
 }
+
+/// A prompt prefilled in chunks whose last block boundary falls in an earlier chunk still
+/// leaves its state there for a request that shares it, while it is still decoding.
+#[test]
+fn a_chunked_prompt_leaves_its_state_for_a_concurrent_request() {
+    let m = model_of("qwen3_next");
+    let model = m.model.as_ref();
+    let system = prompt(40, 7);
+    let with = |tail: &[u32]| system.iter().chain(tail).copied().collect::<Vec<u32>>();
+    let (a, b) = (with(&[7, 8, 9]), with(&[10, 11]));
+    // 33 tokens per step: a's prompt runs as 0..33 (crossing 32) and 33..43 (crossing none).
+    let mut engine = Engine::new(model, None, config(64, 33)).expect("engine");
+    let ida = engine.add_request(a.clone(), greedy(12)).expect("a");
+    let mut got_a = Vec::new();
+    while got_a.is_empty() {
+        for o in engine.step().expect("step") {
+            got_a.extend(o.token_ids);
+        }
+    }
+    let idb = engine.add_request(b.clone(), greedy(4)).expect("b");
+    let mut got_b = Vec::new();
+    while engine.has_work() {
+        for o in engine.step().expect("step") {
+            if o.id == ida {
+                got_a.extend(o.token_ids);
+            } else if o.id == idb {
+                got_b.extend(o.token_ids);
+            }
+        }
+    }
+    assert_eq!(engine.metrics().prefix_cache_hit_tokens.load(Ordering::Relaxed), 32);
+    assert_eq!(got_a, alone(model, &a, &greedy(12)));
+    assert_eq!(got_b, alone(model, &b, &greedy(4)));
+}
