@@ -367,6 +367,8 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let total: usize = seqs.iter().map(|s| s.len().div_ceil(16) * 16).sum();
     let mut cfg = EngineConfig::for_tokens(total, kv_cache_type(&a.model, &loaded)?);
     cfg.max_batch_tokens = total;
+    // No more running sequences (nor recurrent-state slots) than there are sequences.
+    cfg.max_num_seqs = seqs.len().max(1);
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
     let logits = engine.score(&seqs, 0)?;
     write_logits(&a.out, &logits, shape.vocab_size)
