@@ -89,7 +89,16 @@ impl EngineConfig {
         let mut max_num_seqs = 64;
         let per_seq = 3 * model.cache_spec().state_bytes_per_seq();
         if let Some(fit) = (kv_cache_bytes / 2).checked_div(per_seq) {
-            max_num_seqs = fit.clamp(1, max_num_seqs);
+            if fit == 0 {
+                return Err(EngineError::Invalid(format!(
+                    "a cache budget of {kv_cache_bytes} bytes is too small for this model: a sequence's recurrent \
+                     state takes {} bytes in each of 3 slots (its own, a checkpoint, a prefix-cache snapshot), \
+                     which may use half the budget; give at least {} bytes",
+                    per_seq / 3,
+                    2 * per_seq
+                )));
+            }
+            max_num_seqs = fit.min(max_num_seqs);
         }
         let state_bytes = max_num_seqs * per_seq;
         let kv_cache_bytes = kv_cache_bytes.saturating_sub(state_bytes);

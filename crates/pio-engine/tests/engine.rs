@@ -486,3 +486,19 @@ fn a_chunked_prompt_leaves_its_state_for_a_concurrent_request() {
     assert_eq!(got_a, alone(model, &a, &greedy(12)));
     assert_eq!(got_b, alone(model, &b, &greedy(4)));
 }
+
+/// A memory budget sizes the recurrent state with the KV cache: it caps the running sequences,
+/// and one too small for a single sequence's state is refused by name.
+#[test]
+fn the_budget_holds_the_recurrent_state_too() {
+    let m = model_of("qwen3_next");
+    let model = m.model.as_ref();
+    let per_seq = model.cache_spec().state_bytes_per_seq();
+    assert!(per_seq > 0);
+    let cfg = EngineConfig::for_model(model, Default::default(), 1 << 20, 256).expect("config");
+    assert_eq!(cfg.max_num_seqs, (512 << 10) / (3 * per_seq));
+    let engine = Engine::new(model, None, cfg).expect("engine");
+    assert!(engine.cache_bytes() <= 1 << 20, "{} bytes", engine.cache_bytes());
+    let err = EngineConfig::for_model(model, Default::default(), 4 * per_seq, 256).expect_err("too small").to_string();
+    assert!(err.contains("recurrent state"), "{err}");
+}
