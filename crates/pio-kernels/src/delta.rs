@@ -62,7 +62,7 @@ pub fn gated_delta_rule_at(
     {
         if level == SimdLevel::Avx512 {
             // SAFETY: the level only names features the CPU has; shapes were checked above.
-            done = unsafe { x86::columns_avx512(state, q, k, v, decay, beta, out, dk, dv) };
+            done = unsafe { x86::columns_avx512(state, q, k, v, decay, beta, out, dk, dv, 0) };
         }
         if level != SimdLevel::Scalar {
             // SAFETY: as above (AVX-512 machines have AVX2 and FMA).
@@ -147,57 +147,96 @@ pub fn causal_conv1d_silu(weight: &[f32], taps: usize, state: &mut [f32], x: &[f
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Columns `0..d_v / 16 * 16`, in groups of up to 8 registers (128 columns) that walk the
-    /// state row by row: each token reads the group's rows once for `Sᵀk` and once more to
-    /// update them and read `Sᵀq`, streaming through contiguous memory. Every column's sums run
-    /// in one chain over the rows in order, so a column's result does not depend on how many
-    /// tokens a call has or which group it falls in. Returns the columns done.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn columns_avx512(
-        state: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        decay: &[f32],
-        beta: &[f32],
-        out: &mut [f32],
-        dk: usize,
-        dv: usize,
-    ) -> usize {
-        let tiles = dv / 16;
-        // A run of tokens works on a copy of each group of columns in a buffer of its own:
-        // 4 registers wide, d_k rows of 256 bytes (32 KiB at d_k = 128) that stay in L1 for the
-        // whole run, instead of the state's rows a row of the state apart, where every few rows
-        // alias a store still in flight at 4 KiB. One token streams through the state in place,
-        // 8 registers at a time.
-        let long = decay.len() >= BUFFER_FROM_TOKENS && dk <= 256;
-        let widest = if long { 4 } else { 8 };
-        let mut buf = if long { vec![0f32; dk * 64] } else { Vec::new() };
-        let mut c0 = 0;
-        while c0 < tiles * 16 {
-            let n = ((tiles * 16 - c0) / 16).min(widest);
-            let b = if long { Some(&mut buf[..dk * 16 * n]) } else { None };
-            match n {
-                8 => group512::<8>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                7 => group512::<7>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                6 => group512::<6>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                5 => group512::<5>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                4 => group512::<4>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                3 => group512::<3>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                2 => group512::<2>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                _ => group512::<1>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-            }
-            c0 += n * 16;
-        }
-        tiles * 16
+    /// One register of f32 lanes at an instruction set. The methods are `#[inline(always)]`
+    /// without target features of their own: they are only called (inlined) from the
+    /// `#[target_feature]` entry points below, which enable what each implementation uses.
+    trait Lanes {
+        type V: Copy;
+        /// Lanes per register.
+        const W: usize;
+        /// Registers of columns one token at a time walks together (each needs three live
+        /// registers: `Sᵀk`, δ and `Sᵀq`).
+        const WIDEST: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn set1(x: f32) -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+        /// `a·b + c`, rounded once.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// `c − a·b`, rounded once.
+        unsafe fn fnmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// [`group`] at this instruction set, as a function of its own (compiled with its
+        /// target features, like the entry points).
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn group<const N: usize>(
+            state: &mut [f32],
+            buf: Option<&mut [f32]>,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            decay: &[f32],
+            beta: &[f32],
+            out: &mut [f32],
+            dk: usize,
+            dv_state: usize,
+            c0: usize,
+        );
     }
 
-    /// Runs of at least this many tokens work on buffered copies of the state's columns.
-    const BUFFER_FROM_TOKENS: usize = 4;
+    struct Avx512;
+    struct Avx2;
 
-    /// `N` registers of columns from `c0`, every token in turn; in `buf` (`d_k` rows of `N`
-    /// registers) when given, copied in and back out. The arithmetic is the same either way.
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const W: usize = 16;
+        const WIDEST: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn set1(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn group<const N: usize>(
+            state: &mut [f32],
+            buf: Option<&mut [f32]>,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            decay: &[f32],
+            beta: &[f32],
+            out: &mut [f32],
+            dk: usize,
+            dv_state: usize,
+            c0: usize,
+        ) {
+            group512::<N>(state, buf, q, k, v, decay, beta, out, dk, dv_state, c0)
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -214,88 +253,58 @@ mod x86 {
         dv_state: usize,
         c0: usize,
     ) {
-        let buffered = buf.is_some();
-        let (s, dv) = match buf {
-            Some(b) => {
-                for i in 0..dk {
-                    let src = state.as_ptr().add(i * dv_state + c0);
-                    b[i * 16 * N..(i + 1) * 16 * N].copy_from_slice(std::slice::from_raw_parts(src, 16 * N));
-                }
-                (b.as_mut_ptr(), 16 * N)
-            }
-            None => (state.as_mut_ptr().add(c0), dv_state),
-        };
-        for t in 0..decay.len() {
-            let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
-            let eg = _mm512_set1_ps(decay[t]);
-            let mut acc = [_mm512_setzero_ps(); N];
-            for i in 0..dk {
-                let (row, kb) = (s.add(i * dv), _mm512_set1_ps(*kt.add(i)));
-                for (u, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(row.add(16 * u)), kb, *a);
-                }
-            }
-            let bt = _mm512_set1_ps(beta[t]);
-            let vt = v.as_ptr().add(t * dv_state + c0);
-            let mut delta = [_mm512_setzero_ps(); N];
-            for (u, d) in delta.iter_mut().enumerate() {
-                *d = _mm512_mul_ps(_mm512_fnmadd_ps(eg, acc[u], _mm512_loadu_ps(vt.add(16 * u))), bt);
-            }
-            let mut o = [_mm512_setzero_ps(); N];
-            for i in 0..dk {
-                let (row, kb, qb) = (s.add(i * dv), _mm512_set1_ps(*kt.add(i)), _mm512_set1_ps(*qt.add(i)));
-                for (u, a) in o.iter_mut().enumerate() {
-                    let x = _mm512_fmadd_ps(kb, delta[u], _mm512_mul_ps(_mm512_loadu_ps(row.add(16 * u)), eg));
-                    _mm512_storeu_ps(row.add(16 * u), x);
-                    *a = _mm512_fmadd_ps(x, qb, *a);
-                }
-            }
-            let ot = out.as_mut_ptr().add(t * dv_state + c0);
-            for (u, a) in o.iter().enumerate() {
-                _mm512_storeu_ps(ot.add(16 * u), *a);
-            }
-        }
-        if buffered {
-            for i in 0..dk {
-                let dst = state.as_mut_ptr().add(i * dv_state + c0);
-                std::ptr::copy_nonoverlapping(s.add(i * dv), dst, 16 * N);
-            }
-        }
+        group::<Avx512, N>(state, buf, q, k, v, decay, beta, out, dk, dv_state, c0)
     }
 
-    /// As [`columns_avx512`] in registers of 8, groups of up to 4 (32 columns: AVX2 has 16
-    /// registers), over columns `from..` (whole registers only). Returns the columns done.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn columns_avx2(
-        state: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        decay: &[f32],
-        beta: &[f32],
-        out: &mut [f32],
-        dk: usize,
-        dv: usize,
-        from: usize,
-    ) -> usize {
-        let end = from + (dv - from) / 8 * 8;
-        // As in `columns_avx512`: runs of tokens on buffered groups (d_k rows of 128 bytes).
-        let long = decay.len() >= BUFFER_FROM_TOKENS && dk <= 256;
-        let mut buf = if long { vec![0f32; dk * 32] } else { Vec::new() };
-        let mut c0 = from;
-        while c0 < end {
-            let n = ((end - c0) / 8).min(4);
-            let b = if long { Some(&mut buf[..dk * 8 * n]) } else { None };
-            match n {
-                4 => group256::<4>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                3 => group256::<3>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                2 => group256::<2>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-                _ => group256::<1>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
-            }
-            c0 += n * 8;
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const W: usize = 8;
+        // 16 registers in all.
+        const WIDEST: usize = 4;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
         }
-        end - from
+        #[inline(always)]
+        unsafe fn set1(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn group<const N: usize>(
+            state: &mut [f32],
+            buf: Option<&mut [f32]>,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            decay: &[f32],
+            beta: &[f32],
+            out: &mut [f32],
+            dk: usize,
+            dv_state: usize,
+            c0: usize,
+        ) {
+            group256::<N>(state, buf, q, k, v, decay, beta, out, dk, dv_state, c0)
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -314,51 +323,160 @@ mod x86 {
         dv_state: usize,
         c0: usize,
     ) {
+        group::<Avx2, N>(state, buf, q, k, v, decay, beta, out, dk, dv_state, c0)
+    }
+
+    /// Runs of at least this many tokens work on buffered copies of the state's columns.
+    const BUFFER_FROM_TOKENS: usize = 4;
+    /// Registers of columns per buffered group: `d_k` rows of them stay in L1 (32 KiB at 16
+    /// lanes and `d_k` = 128).
+    const BUFFERED: usize = 4;
+
+    /// Columns `from..` in whole registers (16 lanes), see [`columns`]. Returns the columns done.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn columns_avx512(
+        state: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        decay: &[f32],
+        beta: &[f32],
+        out: &mut [f32],
+        dk: usize,
+        dv: usize,
+        from: usize,
+    ) -> usize {
+        columns::<Avx512>(state, q, k, v, decay, beta, out, dk, dv, from)
+    }
+
+    /// As [`columns_avx512`] in registers of 8 lanes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn columns_avx2(
+        state: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        decay: &[f32],
+        beta: &[f32],
+        out: &mut [f32],
+        dk: usize,
+        dv: usize,
+        from: usize,
+    ) -> usize {
+        columns::<Avx2>(state, q, k, v, decay, beta, out, dk, dv, from)
+    }
+
+    /// Columns `from..` in whole registers, in groups that walk the state row by row: each
+    /// token reads a group's rows once for `Sᵀk` and once more to update them and read `Sᵀq`,
+    /// through contiguous memory. One token streams through the state in place, up to
+    /// `I::WIDEST` registers at a time; a run of tokens works on a copy of each group of
+    /// [`BUFFERED`] registers in a buffer of its own, `d_k` short rows that stay in L1 for the
+    /// whole run, instead of the state's rows a row apart, where every few rows alias a store
+    /// still in flight at 4 KiB. Every column's sums run in one chain over the rows in order, so
+    /// a column's result does not depend on how many tokens a call has, on the group it falls
+    /// in, or on the buffer. Returns the columns done.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn columns<I: Lanes>(
+        state: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        decay: &[f32],
+        beta: &[f32],
+        out: &mut [f32],
+        dk: usize,
+        dv: usize,
+        from: usize,
+    ) -> usize {
+        let end = from + (dv - from) / I::W * I::W;
+        let long = decay.len() >= BUFFER_FROM_TOKENS && dk <= 256;
+        let widest = if long { BUFFERED } else { I::WIDEST };
+        let mut buf = if long { vec![0f32; dk * BUFFERED * I::W] } else { Vec::new() };
+        let mut c0 = from;
+        while c0 < end {
+            let n = ((end - c0) / I::W).min(widest);
+            let b = if long { Some(&mut buf[..dk * I::W * n]) } else { None };
+            match n {
+                8 => I::group::<8>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                7 => I::group::<7>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                6 => I::group::<6>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                5 => I::group::<5>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                4 => I::group::<4>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                3 => I::group::<3>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                2 => I::group::<2>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+                _ => I::group::<1>(state, b, q, k, v, decay, beta, out, dk, dv, c0),
+            }
+            c0 += n * I::W;
+        }
+        end - from
+    }
+
+    /// `N` registers of columns from `c0`, every token in turn; in `buf` (`d_k` rows of `N`
+    /// registers) when given, copied in and back out. The arithmetic is the same either way.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn group<I: Lanes, const N: usize>(
+        state: &mut [f32],
+        buf: Option<&mut [f32]>,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        decay: &[f32],
+        beta: &[f32],
+        out: &mut [f32],
+        dk: usize,
+        dv_state: usize,
+        c0: usize,
+    ) {
+        let width = I::W * N;
         let buffered = buf.is_some();
         let (s, dv) = match buf {
             Some(b) => {
                 for i in 0..dk {
                     let src = state.as_ptr().add(i * dv_state + c0);
-                    b[i * 8 * N..(i + 1) * 8 * N].copy_from_slice(std::slice::from_raw_parts(src, 8 * N));
+                    b[i * width..(i + 1) * width].copy_from_slice(std::slice::from_raw_parts(src, width));
                 }
-                (b.as_mut_ptr(), 8 * N)
+                (b.as_mut_ptr(), width)
             }
             None => (state.as_mut_ptr().add(c0), dv_state),
         };
         for t in 0..decay.len() {
             let (qt, kt) = (q.as_ptr().add(t * dk), k.as_ptr().add(t * dk));
-            let eg = _mm256_set1_ps(decay[t]);
-            let mut acc = [_mm256_setzero_ps(); N];
+            let eg = I::set1(decay[t]);
+            let mut acc = [I::zero(); N];
             for i in 0..dk {
-                let (row, kb) = (s.add(i * dv), _mm256_set1_ps(*kt.add(i)));
+                let (row, kb) = (s.add(i * dv), I::set1(*kt.add(i)));
                 for (u, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8 * u)), kb, *a);
+                    *a = I::fma(I::load(row.add(I::W * u)), kb, *a);
                 }
             }
-            let bt = _mm256_set1_ps(beta[t]);
+            let bt = I::set1(beta[t]);
             let vt = v.as_ptr().add(t * dv_state + c0);
-            let mut delta = [_mm256_setzero_ps(); N];
+            let mut delta = [I::zero(); N];
             for (u, d) in delta.iter_mut().enumerate() {
-                *d = _mm256_mul_ps(_mm256_fnmadd_ps(eg, acc[u], _mm256_loadu_ps(vt.add(8 * u))), bt);
+                *d = I::mul(I::fnmadd(eg, acc[u], I::load(vt.add(I::W * u))), bt);
             }
-            let mut o = [_mm256_setzero_ps(); N];
+            let mut o = [I::zero(); N];
             for i in 0..dk {
-                let (row, kb, qb) = (s.add(i * dv), _mm256_set1_ps(*kt.add(i)), _mm256_set1_ps(*qt.add(i)));
+                let (row, kb, qb) = (s.add(i * dv), I::set1(*kt.add(i)), I::set1(*qt.add(i)));
                 for (u, a) in o.iter_mut().enumerate() {
-                    let x = _mm256_fmadd_ps(kb, delta[u], _mm256_mul_ps(_mm256_loadu_ps(row.add(8 * u)), eg));
-                    _mm256_storeu_ps(row.add(8 * u), x);
-                    *a = _mm256_fmadd_ps(x, qb, *a);
+                    let x = I::fma(kb, delta[u], I::mul(I::load(row.add(I::W * u)), eg));
+                    I::store(row.add(I::W * u), x);
+                    *a = I::fma(x, qb, *a);
                 }
             }
             let ot = out.as_mut_ptr().add(t * dv_state + c0);
             for (u, a) in o.iter().enumerate() {
-                _mm256_storeu_ps(ot.add(8 * u), *a);
+                I::store(ot.add(I::W * u), *a);
             }
         }
         if buffered {
             for i in 0..dk {
                 let dst = state.as_mut_ptr().add(i * dv_state + c0);
-                std::ptr::copy_nonoverlapping(s.add(i * dv), dst, 8 * N);
+                std::ptr::copy_nonoverlapping(s.add(i * dv), dst, width);
             }
         }
     }
