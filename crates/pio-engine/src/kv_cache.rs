@@ -50,16 +50,6 @@ impl CachedPrefix {
     pub fn num_tokens(&self, block_size: usize) -> usize {
         self.blocks.len() * block_size
     }
-
-    /// Keeps the first `num_blocks` blocks of the hit (a prefix with a recurrent state is only
-    /// cut to nothing: its state is for its end).
-    pub fn truncate(&mut self, num_blocks: usize) {
-        if num_blocks < self.blocks.len() && self.state.is_some() {
-            *self = CachedPrefix::default();
-        }
-        self.blocks.truncate(num_blocks);
-        self.hashes.truncate(num_blocks);
-    }
 }
 
 /// Blocks per sequence over one [`BlockPool`], and a state slot per sequence where the model
@@ -426,8 +416,7 @@ mod tests {
         let hit = kv.find_cached_prefix(&toks(13, 0), usize::MAX);
         assert_eq!((hit.blocks.len(), hit.state), (2, Some(1)));
         // Cut short, the hit has no state for its end: nothing.
-        let mut cut = hit.clone();
-        cut.truncate(1);
+        let cut = kv.find_cached_prefix(&toks(13, 0), 1);
         assert!(cut.blocks.is_empty() && cut.state.is_none());
         // Filling the pool evicts the cached blocks, and the snapshot with them.
         assert!(kv.allocate(2, &CachedPrefix::default(), 24));

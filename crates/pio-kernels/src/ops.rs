@@ -147,6 +147,12 @@ pub fn rope_inv_freq(theta: f32, rot_dims: usize) -> Vec<f32> {
     (0..rot_dims / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / rot_dims as f32)).collect()
 }
 
+/// sigmoid(x) = 1 / (1 + e^-x).
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 /// SiLU(x) = x * sigmoid(x).
 #[inline]
 pub fn silu(x: f32) -> f32 {

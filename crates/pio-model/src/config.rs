@@ -112,6 +112,17 @@ impl LinearAttnConfig {
     pub fn value_heads_per_key_head(&self) -> usize {
         self.num_value_heads / self.num_key_heads.max(1)
     }
+
+    /// Rows of `in_proj_qkvz` (Hugging Face: per key head `q (dk), k (dk), v (r·dv), z (r·dv)`)
+    /// regrouped as llama.cpp's converter splits it: those of `in_proj_qkv` (q of every key
+    /// head, then k, then v: the convolution's channel order) and those of `in_proj_z`.
+    pub fn qkvz_split(&self) -> (Vec<std::ops::Range<usize>>, Vec<std::ops::Range<usize>>) {
+        let (dk, dv, r) = (self.key_head_dim, self.value_head_dim, self.value_heads_per_key_head());
+        let per = 2 * dk + 2 * r * dv;
+        let part = |off: usize, len: usize| (0..self.num_key_heads).map(move |g| g * per + off..g * per + off + len);
+        let qkv = part(0, dk).chain(part(dk, dk)).chain(part(2 * dk, r * dv)).collect();
+        (qkv, part(2 * dk + r * dv, r * dv).collect())
+    }
 }
 
 /// The resolved shape and hyper-parameters of a decoder-only transformer.

@@ -296,15 +296,19 @@ fn split_kv_b_proj(ckpt: Checkpoint, heads: usize, nope: usize, v: usize, r: usi
             continue;
         };
         let (k_b, v_b) = split_kv_b(&t.to_f32_vec(), heads, nope, v, r);
-        let owned = |vals: Vec<f32>, shape: Vec<usize>| Tensor {
-            dtype: DType::F32,
-            shape,
-            storage: Storage::Owned(Arc::new(vals.iter().flat_map(|x| x.to_le_bytes()).collect())),
-        };
-        tensors.insert(format!("{prefix}k_b_proj.weight"), owned(k_b, vec![heads * r, nope]));
-        tensors.insert(format!("{prefix}v_b_proj.weight"), owned(v_b, vec![heads * v, r]));
+        tensors.insert(format!("{prefix}k_b_proj.weight"), f32_tensor(k_b, vec![heads * r, nope]));
+        tensors.insert(format!("{prefix}v_b_proj.weight"), f32_tensor(v_b, vec![heads * v, r]));
     }
     Checkpoint::new(path, tensors)
+}
+
+/// A tensor of `vals` in F32, in memory of its own.
+fn f32_tensor(vals: Vec<f32>, shape: Vec<usize>) -> Tensor {
+    Tensor {
+        dtype: DType::F32,
+        shape,
+        storage: Storage::Owned(Arc::new(vals.iter().flat_map(|x| x.to_le_bytes()).collect())),
+    }
 }
 
 /// A Qwen3-Next checkpoint in llama.cpp's `qwen3next` layout, as its converter writes it:
@@ -314,22 +318,12 @@ fn split_kv_b_proj(ckpt: Checkpoint, heads: usize, nope: usize, v: usize, r: usi
 /// folded in. Changed tensors are F32.
 fn qwen3next_to_llama_layout(ckpt: Checkpoint, config: &ModelConfig) -> Checkpoint {
     let path = ckpt.path.clone();
-    let f32_tensor = |vals: Vec<f32>, shape: Vec<usize>| Tensor {
-        dtype: DType::F32,
-        shape,
-        storage: Storage::Owned(Arc::new(vals.iter().flat_map(|x| x.to_le_bytes()).collect())),
-    };
     let mut tensors = std::collections::BTreeMap::new();
     for (name, t) in ckpt.tensors() {
         let la = config.linear_attn.as_ref();
         if let (Some(prefix), Some(la)) = (name.strip_suffix("in_proj_qkvz.weight"), la) {
-            let (nk, dk, dv) = (la.num_key_heads, la.key_head_dim, la.value_head_dim);
-            let r = la.value_heads_per_key_head();
-            let per = 2 * dk + 2 * r * dv;
-            let part = |off: usize, len: usize| (0..nk).map(move |g| g * per + off..g * per + off + len);
-            let qkv: Vec<_> = part(0, dk).chain(part(dk, dk)).chain(part(2 * dk, r * dv)).collect();
-            let z: Vec<_> = part(2 * dk + r * dv, r * dv).collect();
-            if t.shape.first() == Some(&(nk * per)) {
+            let (qkv, z) = la.qkvz_split();
+            if t.shape.first() == Some(&(la.conv_channels() + la.num_value_heads * la.value_head_dim)) {
                 tensors.insert(format!("{prefix}in_proj_qkv.weight"), t.gather_outer(&qkv));
                 tensors.insert(format!("{prefix}in_proj_z.weight"), t.gather_outer(&z));
                 continue;

@@ -810,13 +810,9 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
         if let Some(la) = c.linear_attn.as_ref() {
             // llama.cpp's qwen3next layout of Gated DeltaNet and of the zero-centred norms.
             if let Some(prefix) = spec.name.strip_suffix("in_proj_qkvz.weight") {
-                let (nk, nv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
-                let r = la.value_heads_per_key_head();
-                let per = 2 * dk + 2 * r * dv;
-                let part = |off: usize, len: usize| (0..nk).map(move |g| g * per + off..g * per + off + len);
-                let qkv: Vec<_> = part(0, dk).chain(part(dk, dk)).chain(part(2 * dk, r * dv)).collect();
-                let z: Vec<_> = part(2 * dk + r * dv, r * dv).collect();
-                for (half, ranges, rows) in [("in_proj_qkv", qkv, la.conv_channels()), ("in_proj_z", z, nv * dv)] {
+                let (qkv, z) = la.qkvz_split();
+                let z_rows = la.num_value_heads * la.value_head_dim;
+                for (half, ranges, rows) in [("in_proj_qkv", qkv, la.conv_channels()), ("in_proj_z", z, z_rows)] {
                     let hf = format!("{prefix}{half}.weight");
                     let name = hf_to_gguf(&hf, gguf_arch(c))
                         .ok_or_else(|| Error::file(out, format!("{hf:?} has no GGUF name")))?;

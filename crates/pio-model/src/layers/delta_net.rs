@@ -60,20 +60,11 @@ impl GatedDeltaNet {
         let la = c.linear_attn.clone().ok_or_else(|| Error::Config("no linear attention in this config".into()))?;
         let h = c.hidden_size;
         let (nk, nv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
-        let r = la.value_heads_per_key_head();
         let channels = la.conv_channels();
         let fused = format!("{p}.in_proj_qkvz.weight");
         let (in_proj_qkv, in_proj_z) = if ckpt.contains(&fused) {
             let w = ckpt.take(&fused, &[2 * nk * dk + 2 * nv * dv, h])?;
-            // Per key head g: q (dk), k (dk), v (r·dv), z (r·dv).
-            let per = 2 * dk + 2 * r * dv;
-            let part = |off: usize, len: usize| -> Vec<std::ops::Range<usize>> {
-                (0..nk).map(|g| g * per + off..g * per + off + len).collect()
-            };
-            let mut qkv = part(0, dk);
-            qkv.extend(part(dk, dk));
-            qkv.extend(part(2 * dk, r * dv));
-            let z = part(2 * dk + r * dv, r * dv);
+            let (qkv, z) = la.qkvz_split();
             (Linear::new(w.gather_outer(&qkv), None), Linear::new(w.gather_outer(&z), None))
         } else {
             (
@@ -188,7 +179,7 @@ impl GatedDeltaNet {
                 for j in 0..r {
                     let head = g * r + j;
                     let (b, a) = (row[g * 2 * r + j], row[g * 2 * r + r + j]);
-                    beta[t * nv + head] = 1.0 / (1.0 + (-b).exp());
+                    beta[t * nv + head] = ops::sigmoid(b);
                     decay[t * nv + head] = (self.a[head] * softplus(a + self.dt_bias[head])).exp();
                 }
             }

@@ -56,7 +56,7 @@ pub fn route(
             }
         }
         Gating::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
-            let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+            let s: Vec<f32> = logits.iter().map(|&l| ops::sigmoid(l)).collect();
             let mut c: Vec<f32> = match correction_bias {
                 Some(b) => s.iter().zip(b).map(|(s, b)| s + b).collect(),
                 None => s.clone(),
@@ -321,7 +321,7 @@ impl SparseMoe {
                         for ((o, s), xt) in
                             out.chunks_exact_mut(h).zip(shared_out.chunks_exact(h)).zip(x.chunks_exact(h))
                         {
-                            let g = 1.0 / (1.0 + (-ops::dot(xt, w)).exp());
+                            let g = ops::sigmoid(ops::dot(xt, w));
                             ops::axpy(g, s, o);
                         }
                     }

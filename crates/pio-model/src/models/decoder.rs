@@ -315,7 +315,7 @@ impl SelfAttention {
         let mut o = self.attn.forward(&mut q, &mut k, &v, batch, cache);
         if self.output_gate {
             for (o, g) in o.iter_mut().zip(&gate) {
-                *o *= 1.0 / (1.0 + (-g).exp());
+                *o *= ops::sigmoid(*g);
             }
         }
         self.o_proj.forward(&o)
