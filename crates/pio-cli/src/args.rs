@@ -79,9 +79,47 @@ pub struct ModelArgs {
     /// Storage of the values alone (as llama.cpp's -ctv), overriding --kv-cache-dtype.
     #[arg(long, visible_alias = "ctv")]
     pub cache_type_v: Option<KvCacheDtype>,
+    /// Memory the weights, KV cache and scratch may take together (e.g. 16GiB). A mixture-of-
+    /// experts model that does not fit streams its routed experts from disk through a cache of
+    /// what is left after the other weights and an eighth of the bound (128 MiB to 2 GiB) kept
+    /// for the KV cache and scratch. Unset: no bound, weights memory-mapped.
+    #[arg(long, value_parser = crate::serve::parse_size)]
+    pub max_memory: Option<usize>,
+    /// Which streamed expert leaves the cache for another: lru (least recently used) or
+    /// frequency (least often used, counts halved as they age).
+    #[arg(long, default_value_t = pio_model::EvictionPolicy::default())]
+    pub expert_cache_policy: pio_model::EvictionPolicy,
+    /// Do not read the next layer's likely experts ahead (its router applied to the current
+    /// layer's input) while a layer computes.
+    #[arg(long)]
+    pub no_expert_prefetch: bool,
+    /// Streamed expert reads in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub expert_io_threads: u16,
+    /// Stream the routed experts through a cache of exactly N experts, whatever --max-memory
+    /// says (for measuring the cache).
+    #[arg(long)]
+    pub expert_cache_slots: Option<usize>,
 }
 
 impl ModelArgs {
+    /// The load options these arguments ask for.
+    pub fn load_options(&self) -> pio_model::LoadOptions {
+        pio_model::LoadOptions {
+            quant: self.quant,
+            repack: !self.no_repack,
+            bf16_activations: self.bf16_activations,
+            max_memory: self.max_memory,
+            expert_cache: pio_model::ExpertCacheOptions {
+                policy: self.expert_cache_policy,
+                prefetch: !self.no_expert_prefetch,
+                slots: self.expert_cache_slots,
+                io_threads: self.expert_io_threads as usize,
+                direct_io: true,
+            },
+        }
+    }
+
     /// The cache types these options ask for.
     pub fn kv_cache_type(&self) -> KvCacheType {
         KvCacheType {
@@ -89,6 +127,17 @@ impl ModelArgs {
             v: self.cache_type_v.unwrap_or(self.kv_cache_dtype),
         }
     }
+}
+
+/// `uniform` (exponent 0) or `zipf:S`.
+fn parse_routing(s: &str) -> Result<f64, String> {
+    if s == "uniform" {
+        return Ok(0.0);
+    }
+    s.strip_prefix("zipf:")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .ok_or_else(|| format!("{s:?}: expected uniform or zipf:S with S >= 0 (e.g. zipf:1.0)"))
 }
 
 /// A weight format by name (`q4_k`, `NF4`, ...).
@@ -245,6 +294,13 @@ pub struct BenchArgs {
     /// Runs of each measurement; the best is reported.
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
+    /// Mixture-of-experts models: draw each token's experts at random instead of asking the
+    /// router, to measure the expert cache and disk under a stated routing skew: `uniform`, or
+    /// `zipf:S` (a Zipf law with exponent S over a shuffled ranking per layer). A random-weight
+    /// model's own routing says nothing about a trained model's. The outputs are no longer the
+    /// model's.
+    #[arg(long, value_parser = parse_routing)]
+    pub synthetic_routing: Option<f64>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

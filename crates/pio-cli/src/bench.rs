@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pio_engine::engine::{Engine, EngineConfig, RequestParams};
-use pio_engine::generate::{generate, GenerateParams};
+use pio_engine::generate::GenerateParams;
 use pio_engine::sampler::SamplingParams;
 use serde_json::json;
 
@@ -19,7 +19,10 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.prompt_tokens == 0 || a.batch == 0 {
         bail!("--prompt-tokens and --batch must be positive");
     }
-    let (loaded, load_s) = load_model(&a.model)?;
+    let (mut loaded, load_s) = load_model(&a.model)?;
+    if a.synthetic_routing.is_some() && !loaded.model.set_synthetic_routing(a.synthetic_routing) {
+        bail!("--synthetic-routing: the model has no mixture-of-experts layers");
+    }
     let shape = loaded.model.shape();
     // Token ids drawn from the vocabulary with a fixed stride: speed does not depend on them.
     let tokens = |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect() };
@@ -34,6 +37,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // Prefill: `batch` prompts in one forward (which also samples each one's first token),
     // best of `repeats`.
     let mut prefill_s = f64::INFINITY;
+    let cache_start = loaded.model.expert_cache_stats();
+    let mut prefill_cache = None;
     for _ in 0..a.repeats.max(1) {
         for _ in 0..a.batch {
             engine.add_request(prompt.clone(), one_token.clone())?;
@@ -44,12 +49,21 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         if done.len() != a.batch || engine.has_work() {
             bail!("the {} prompts did not run in one forward", a.batch);
         }
+        // The expert cache over the first prefill (later ones find the same experts).
+        if prefill_cache.is_none() {
+            prefill_cache = cache_start.zip(loaded.model.expert_cache_stats()).map(|(b, e)| e.since(&b));
+        }
     }
     let prefill_tps = (a.prompt_tokens * a.batch) as f64 / prefill_s;
 
-    // Decode: one sequence, greedy, end-of-sequence ignored; best of `repeats`.
+    // Decode: one sequence, end-of-sequence ignored; best of `repeats`.
+    // Sampled at temperature 1 with a fixed seed rather than greedy: a random-weight model's
+    // greedy continuation soon repeats one token, so a mixture would route every step to the
+    // same experts (an expert cache would hit nearly always); sampled tokens vary from step to
+    // step as llama-bench's random tokens do. The sampler's cost is in the figure, as it is
+    // in any real decode.
     let params = GenerateParams {
-        sampling: SamplingParams::greedy(),
+        sampling: SamplingParams { seed: Some(1), ..SamplingParams::default() },
         max_tokens: a.gen_tokens,
         stop_token_ids: Vec::new(),
         ignore_eos: true,
@@ -63,11 +77,35 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // Mixture-of-experts models: what the decode steps read of the routed experts.
     let moe_before = loaded.model.moe_stats();
     let mut decode_steps = 0u64;
+    let mut decode_cache: Option<pio_model::ExpertCacheStats> = None;
     for _ in 0..a.repeats.max(1) {
-        let o = generate(&mut engine, decode_prompt, &params, &mut |_| {})?;
-        decode_steps += o.num_decode_steps as u64;
-        if o.num_decode_steps > 0 {
-            decode_tps = decode_tps.max(o.num_decode_steps as f64 / o.decode_time.as_secs_f64());
+        // As `generate` (the same request and timing: decode is what follows the first
+        // token), stepping here so the expert cache is counted over the decode steps alone.
+        let id = engine.add_request(decode_prompt.to_vec(), RequestParams::from(&params))?;
+        let mut first = false;
+        while !first && engine.has_work() {
+            first = engine.step()?.iter().any(|o| o.id == id && !o.token_ids.is_empty());
+        }
+        let cache_before = loaded.model.expert_cache_stats();
+        let start = Instant::now();
+        let mut steps = 0;
+        while engine.has_work() {
+            steps += engine.step()?.iter().filter(|o| o.id == id).map(|o| o.token_ids.len()).sum::<usize>();
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        if let (Some(b), Some(e)) = (cache_before, loaded.model.expert_cache_stats()) {
+            let d = e.since(&b);
+            decode_cache = Some(match decode_cache {
+                None => d,
+                Some(mut acc) => {
+                    acc.add(&d);
+                    acc
+                }
+            });
+        }
+        decode_steps += steps as u64;
+        if steps > 0 {
+            decode_tps = decode_tps.max(steps as f64 / elapsed);
         }
     }
     // Each generate call also runs its prompt once; that forward is counted too, so the
@@ -110,8 +148,36 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // Before the bandwidth probe, whose 1 GiB buffer would otherwise be the peak.
     let peak_rss = peak_rss_bytes().unwrap_or(0);
     let bandwidth = pio_kernels::membw::read_bandwidth();
+    let disk_bandwidth = loaded.model.probe_disk_bandwidth();
+    // Streamed experts: per decode token, bytes read from disk and the disk's roofline.
+    let streaming = decode_cache.filter(|_| decode_steps > 0).map(|c| {
+        let per_token = c.bytes_read as f64 / decode_steps as f64;
+        let disk_roofline = disk_bandwidth.map(|bw| per_token * decode_tps / bw);
+        (c, per_token, disk_roofline)
+    });
     let bytes_per_token = loaded.info.decode_bytes_per_token;
     let roofline_tps = bandwidth / bytes_per_token as f64;
+    let expert_cache = loaded.info.streaming.map(|s| {
+        json!({
+            "slots": s.slots,
+            "slot_bytes": s.slot_bytes,
+            "policy": s.options.policy.to_string(),
+            "prefetch": s.options.prefetch && a.synthetic_routing.is_none(),
+            "resident_weight_bytes": s.resident_bytes,
+            "direct_io": loaded.model.expert_cache_stats().map(|c| c.direct_io),
+            "disk_read_bytes_per_s": disk_bandwidth,
+            "prefill_hit_rate": prefill_cache.map(|c| c.hit_rate()),
+            "prefill_disk_bytes_per_token": prefill_cache.map(|c| c.bytes_read as f64 / (a.prompt_tokens * a.batch) as f64),
+            "decode_hit_rate": streaming.map(|s| s.0.hit_rate()),
+            "decode_hits": streaming.map(|s| s.0.hits),
+            "decode_misses": streaming.map(|s| s.0.misses),
+            "decode_prefetches": streaming.map(|s| s.0.prefetches),
+            "decode_prefetch_hits": streaming.map(|s| s.0.prefetch_hits),
+            "decode_disk_bytes_per_token": streaming.map(|s| s.1),
+            "decode_read_hidden_fraction": streaming.map(|s| s.0.hidden_fraction()),
+            "disk_roofline_fraction": streaming.and_then(|s| s.2),
+        })
+    });
     let v = json!({
         "model": a.model.model.display().to_string(),
         "arch": loaded.info.arch,
@@ -138,6 +204,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "roofline_fraction": decode_tps / roofline_tps,
         "expert_fraction_read_per_decode_step": moe.map(|m| m.0),
         "expert_bytes_total": moe.map(|m| m.1),
+        "max_memory": loaded.info.streaming.and_then(|s| s.max_memory),
+        "synthetic_routing_zipf": a.synthetic_routing,
+        "expert_cache": expert_cache,
     });
     if a.json {
         out(&format!("{v}\n"))
@@ -162,6 +231,43 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         ))?;
         if let Some(tps) = batch_decode_tps {
             out(&format!("  batched decode {:>8.1} tok/s ({} sequences, one token each per step)\n", tps, a.batch))?;
+        }
+        if let (Some(info), Some(p)) = (loaded.info.streaming, prefill_cache) {
+            out(&format!(
+                "  expert cache: {} slots x {:.2} MiB ({}, prefetch {}, {}); prefill hit rate {:.1}%, {:.2} MB read per token\n",
+                info.slots,
+                info.slot_bytes as f64 / (1 << 20) as f64,
+                info.options.policy,
+                match (info.options.prefetch, a.synthetic_routing) {
+                    (_, Some(_)) => "off: synthetic routing",
+                    (true, None) => "on",
+                    (false, None) => "off",
+                },
+                if p.direct_io { "direct I/O" } else { "buffered I/O" },
+                100.0 * p.hit_rate(),
+                p.bytes_read as f64 / (a.prompt_tokens * a.batch) as f64 / 1e6,
+            ))?;
+        }
+        if let Some((c, per_token, disk_roofline)) = streaming {
+            out(&format!(
+                "  decode from disk: hit rate {:.1}% ({} hits, {} misses; {} prefetched, {} of them used), {:.1} MB read per token, {:.0}% of reading hidden behind compute\n",
+                100.0 * c.hit_rate(),
+                c.hits,
+                c.misses,
+                c.prefetches,
+                c.prefetch_hits,
+                per_token / 1e6,
+                100.0 * c.hidden_fraction(),
+            ))?;
+            if let (Some(bw), Some(f)) = (disk_bandwidth, disk_roofline) {
+                out(&format!(
+                    "  disk roofline: {:.2} GB/s read (probe) / {:.1} MB per token = {:.2} tok/s -> {:.0}% achieved\n",
+                    bw / 1e9,
+                    per_token / 1e6,
+                    bw / per_token.max(1.0),
+                    100.0 * f
+                ))?;
+            }
         }
         if let Some((fraction, total)) = moe {
             out(&format!(

@@ -98,8 +98,7 @@ pub(crate) fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
             b.set_position(done as u64);
         }
     };
-    let options =
-        pio_model::LoadOptions { quant: args.quant, repack: !args.no_repack, bf16_activations: args.bf16_activations };
+    let options = args.load_options();
     let loaded = pio_model::load_with(&args.model, &options, &mut progress);
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -133,6 +132,20 @@ fn print_info(info: &ModelInfo, load_s: f64) {
         eprintln!(
             "repacked:     {n} matrices, {:.1} MiB, interleaved for decode in {s:.2} s",
             bytes as f64 / (1 << 20) as f64
+        );
+    }
+    if let Some(st) = &info.streaming {
+        eprintln!(
+            "streaming:    routed experts from disk, {} slots of {:.2} MiB ({:.2} of {:.2} GiB of experts, {}, prefetch {}); \
+             {:.2} GiB of other weights resident, {:.2} GiB kept for the KV cache and scratch",
+            st.slots,
+            st.slot_bytes as f64 / (1 << 20) as f64,
+            gib(st.slots * st.slot_bytes),
+            gib(st.expert_bytes),
+            st.options.policy,
+            if st.options.prefetch { "on" } else { "off" },
+            gib(st.resident_bytes),
+            gib(st.reserve_bytes),
         );
     }
     eprintln!("load time:    {load_s:.2} s");

@@ -14,7 +14,10 @@ pub mod weights;
 
 pub use batch::{ForwardBatch, StateSnapshot};
 pub use error::{Error, Result};
-pub use layers::{CacheSpec, KvCache, LayerCache};
-pub use load::{load, load_tokenizer, load_with, GenerationDefaults, LoadOptions, LoadedModel, ModelInfo};
+pub use layers::{CacheSpec, EvictionPolicy, ExpertCacheOptions, ExpertCacheStats, KvCache, LayerCache};
+pub use load::{
+    load, load_tokenizer, load_with, memory_reserve, GenerationDefaults, LoadOptions, LoadedModel, ModelInfo,
+    StreamingInfo,
+};
 pub use models::{CausalLm, ModelShape};
 pub use pio_kernels::attention::{KvCacheDtype, KvCacheType};

@@ -7,6 +7,7 @@ use pio_kernels::DType;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
+use crate::layers::{ExpertCache, ExpertCacheOptions};
 use crate::models::decoder::DecoderModel;
 use crate::models::CausalLm;
 use crate::registry::{self, Family};
@@ -46,6 +47,30 @@ pub struct ModelInfo {
     /// Matrices rearranged for the decode kernels at load ([`LoadOptions::repack`]): how many,
     /// their bytes (in memory of their own) and the seconds it took.
     pub repacked: Option<(usize, usize, f64)>,
+    /// How the weights were fitted under [`LoadOptions::max_memory`] by streaming experts.
+    pub streaming: Option<StreamingInfo>,
+}
+
+/// How a model was fitted under a memory bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamingInfo {
+    /// The bound ([`LoadOptions::max_memory`]), when one was given.
+    pub max_memory: Option<usize>,
+    /// Weights kept in memory: everything but the routed experts.
+    pub resident_bytes: usize,
+    /// Left for the KV cache and scratch (see [`memory_reserve`]).
+    pub reserve_bytes: usize,
+    /// All routed experts, and the slots of the expert cache that holds some of them.
+    pub expert_bytes: usize,
+    pub slots: usize,
+    pub slot_bytes: usize,
+    pub options: ExpertCacheOptions,
+}
+
+/// What a memory bound leaves for the KV cache and scratch (activations, logits): an eighth of
+/// it, between 128 MiB and 2 GiB. Commands size their KV cache within it.
+pub fn memory_reserve(max_memory: usize) -> usize {
+    (max_memory / 8).clamp(128 << 20, 2 << 30)
 }
 
 /// How [`load_with`] loads a model.
@@ -65,11 +90,23 @@ pub struct LoadOptions {
     /// llama.cpp does; twice the f32 rate). Off: f32 activations, results that match an f32
     /// computation over bf16 weights.
     pub bf16_activations: bool,
+    /// Bytes the weights, KV cache and scratch may take together. When the model does not fit,
+    /// its routed experts stream from disk through an expert cache sized to what is left after
+    /// the other weights and [`memory_reserve`]; `None`: no bound (weights memory-mapped).
+    pub max_memory: Option<usize>,
+    /// How experts stream ([`ExpertCacheOptions::slots`] streams them whatever the bound).
+    pub expert_cache: ExpertCacheOptions,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { quant: None, repack: true, bf16_activations: true }
+        LoadOptions {
+            quant: None,
+            repack: true,
+            bf16_activations: true,
+            max_memory: None,
+            expert_cache: ExpertCacheOptions::default(),
+        }
     }
 }
 
@@ -144,7 +181,8 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
     let quantized = quantize_at_load(&mut ckpt, &config, options);
     let mut model = DecoderModel::load(config.clone(), ckpt, progress)?;
     model.set_bf16_activations(options.bf16_activations);
-    let repacked = repack_at_load(&mut model, options);
+    let streaming = fit_in_memory(&mut model, options)?;
+    let repacked = repack_at_load(&mut model, options, streaming.is_none());
     let tokenizer = Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     add_eos_ids(&mut generation.eos_token_ids, raw.get("eos_token_id"));
@@ -169,7 +207,7 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
             }
         }
     }
-    let info = model_info(dir, "safetensors", &config, &model, quantized, repacked);
+    let info = model_info(dir, "safetensors", &config, &model, quantized, repacked, streaming);
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
@@ -196,7 +234,11 @@ fn quantize_at_load(ckpt: &mut Checkpoint, config: &ModelConfig, options: &LoadO
 /// Rearranges the model's matrices when `options` ask for it and the CPU runs the SIMD kernels
 /// (the scalar level would have to restore the rows on every product): (matrices, bytes,
 /// seconds), or `None` when nothing was rearranged.
-fn repack_at_load(model: &mut DecoderModel, options: &LoadOptions) -> Option<(usize, usize, f64)> {
+fn repack_at_load(
+    model: &mut DecoderModel,
+    options: &LoadOptions,
+    experts_resident: bool,
+) -> Option<(usize, usize, f64)> {
     if !options.repack || pio_kernels::cpu::level() < pio_kernels::cpu::SimdLevel::Avx2 {
         return None;
     }
@@ -206,9 +248,75 @@ fn repack_at_load(model: &mut DecoderModel, options: &LoadOptions) -> Option<(us
     // memory keeps its experts mapped (Qwen3-Coder-30B-A3B-shaped Q4_K decoded 10.3 -> 11.4
     // tok/s with them repacked, 2 threads, AVX-512).
     let experts = model.moe_stats().map_or(0, |s| s.expert_bytes_total as usize);
-    let experts_fit = experts > 0 && available_memory().is_some_and(|avail| experts <= avail / 10 * 8);
+    let experts_fit =
+        experts_resident && experts > 0 && available_memory().is_some_and(|avail| experts <= avail / 10 * 8);
     let (count, bytes) = model.interleave_weights(experts_fit);
     (count > 0).then(|| (count, bytes, start.elapsed().as_secs_f64()))
+}
+
+/// Streams the routed experts when [`LoadOptions::max_memory`] says the model does not fit (or
+/// [`ExpertCacheOptions::slots`] asks for it): the other weights stay, and the expert cache
+/// takes what the bound leaves after them and [`memory_reserve`]. A bound too small for the
+/// weights that stay is an error that says how much they need.
+fn fit_in_memory(model: &mut DecoderModel, options: &LoadOptions) -> Result<Option<StreamingInfo>> {
+    let eo = options.expert_cache;
+    if options.max_memory.is_none() && eo.slots.is_none() {
+        return Ok(None);
+    }
+    let weights: usize = model.weight_dtypes().iter().map(|(_, b)| b).sum();
+    let parts = model.expert_parts();
+    let expert_bytes = model.moe_stats().map_or(0, |s| s.expert_bytes_total as usize);
+    let resident_bytes = weights - expert_bytes;
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let (slots, reserve_bytes) = match (eo.slots, options.max_memory) {
+        (Some(slots), max) => (slots, max.map_or(0, memory_reserve)),
+        (None, Some(max)) => {
+            let reserve = memory_reserve(max);
+            if weights + reserve <= max {
+                return Ok(None);
+            }
+            let Some(left) = max.checked_sub(resident_bytes + reserve).filter(|_| expert_bytes > 0) else {
+                return Err(Error::Config(format!(
+                    "--max-memory {:.2} GiB is too small for this model: {:.2} GiB of weights must stay in memory \
+                     (streaming dense layers from disk is not supported yet) and {:.2} GiB is kept for the KV cache \
+                     and scratch; give at least {:.2} GiB",
+                    gib(max),
+                    gib(resident_bytes),
+                    gib(reserve),
+                    gib(resident_bytes + reserve) + 0.01
+                )));
+            };
+            let slot_bytes = match &parts {
+                Ok(Some((_, experts))) => ExpertCache::slot_bytes_for(experts).max(1),
+                _ => 1,
+            };
+            let slots = left / slot_bytes;
+            if slots == 0 {
+                return Err(Error::Config(format!(
+                    "--max-memory {:.2} GiB leaves {:.3} GiB for routed experts after {:.2} GiB of other weights and \
+                     {:.2} GiB for the KV cache and scratch: not one expert ({} bytes) fits",
+                    gib(max),
+                    gib(left),
+                    gib(resident_bytes),
+                    gib(reserve),
+                    slot_bytes
+                )));
+            }
+            (slots, reserve)
+        }
+        (None, None) => return Ok(None),
+    };
+    parts?;
+    let cache = model.stream_experts(slots, eo)?;
+    Ok(Some(StreamingInfo {
+        max_memory: options.max_memory,
+        resident_bytes,
+        reserve_bytes,
+        expert_bytes,
+        slots: cache.num_slots(),
+        slot_bytes: cache.slot_bytes(),
+        options: eo,
+    }))
 }
 
 /// Bytes of memory the system could give this process now without swapping (Linux's
@@ -227,7 +335,8 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
     let quantized = quantize_at_load(&mut ckpt, &config, options);
     let mut model = DecoderModel::load(config.clone(), ckpt, progress)?;
     model.set_bf16_activations(options.bf16_activations);
-    let repacked = repack_at_load(&mut model, options);
+    let streaming = fit_in_memory(&mut model, options)?;
+    let repacked = repack_at_load(&mut model, options, streaming.is_none());
     let tokenizer = tokenizer_from_gguf(&g).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
@@ -237,7 +346,7 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
             }
         }
     }
-    let info = model_info(path, "gguf", &config, &model, quantized, repacked);
+    let info = model_info(path, "gguf", &config, &model, quantized, repacked, streaming);
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
@@ -291,6 +400,7 @@ fn model_info(
     model: &DecoderModel,
     quantized: Option<(DType, f64)>,
     repacked: Option<(usize, usize, f64)>,
+    streaming: Option<StreamingInfo>,
 ) -> ModelInfo {
     let mut weight_types: Vec<(DType, usize, usize)> = Vec::new();
     for (dtype, bytes) in model.weight_dtypes() {
@@ -312,6 +422,7 @@ fn model_info(
         weight_types,
         quantized,
         repacked,
+        streaming,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod delta_net;
+pub mod expert_cache;
 pub mod kv_cache;
 pub mod linear;
 pub mod mla;
@@ -14,6 +15,7 @@ pub mod norm;
 
 pub use attention::Attention;
 pub use delta_net::GatedDeltaNet;
+pub use expert_cache::{EvictionPolicy, ExpertCache, ExpertCacheOptions, ExpertCacheStats};
 pub use kv_cache::{CacheSpec, KvCache, LayerCache};
 pub use linear::Linear;
 pub use mlp::Mlp;

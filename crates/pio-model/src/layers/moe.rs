@@ -14,9 +14,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
+use pio_kernels::matmul::{self, Layout, WeightView};
 use pio_kernels::{ops, parallel};
 
 use crate::config::{Gating, MoeConfig};
+use crate::layers::expert_cache::{ExpertCache, Part};
 use crate::layers::{Linear, Mlp};
 use crate::weights::Checkpoint;
 use crate::Result;
@@ -185,6 +189,99 @@ pub struct SparseMoe {
     pub top_k: usize,
     pub norm_topk_prob: bool,
     counters: Counters,
+    /// Routed experts read through an expert cache instead of the mapped file.
+    stream: Option<Streamed>,
+    /// Benchmarks only: experts drawn at random instead of chosen by the router.
+    synthetic_routing: Option<SyntheticRouting>,
+}
+
+/// Experts drawn from a Zipf law over a random ranking of them (exponent 0: uniform), in place
+/// of the router's choice: a routing trace with a stated skew for measuring an expert cache on
+/// random-weight models, whose own routing says nothing about a trained model's. The outputs
+/// are no longer the model's.
+#[derive(Debug)]
+struct SyntheticRouting {
+    /// Expert of each rank.
+    expert_of_rank: Vec<usize>,
+    /// Cumulative probability of ranks 0..=r.
+    cdf: Vec<f64>,
+    state: std::sync::Mutex<u64>,
+}
+
+impl SyntheticRouting {
+    fn new(num_experts: usize, zipf: f64, seed: u64) -> SyntheticRouting {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut expert_of_rank: Vec<usize> = (0..num_experts).collect();
+        for i in (1..num_experts).rev() {
+            expert_of_rank.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        let weights: Vec<f64> = (1..=num_experts).map(|r| (r as f64).powf(-zipf)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let cdf = weights.iter().map(|w| {
+            acc += w / total;
+            acc
+        });
+        SyntheticRouting { expert_of_rank, cdf: cdf.collect(), state: std::sync::Mutex::new(next()) }
+    }
+
+    /// `k` distinct experts.
+    fn draw(&self, k: usize) -> Vec<usize> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let k = k.min(self.cdf.len());
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            let u = (*state >> 11) as f64 / (1u64 << 53) as f64;
+            let rank = self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1);
+            let e = self.expert_of_rank[rank];
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        out
+    }
+}
+
+/// Each routed expert's down-projection rows, and the shared expert's.
+type ExpertOutputs = (Vec<Vec<f32>>, Option<Vec<f32>>);
+
+/// A mixture layer's place in an expert cache.
+#[derive(Debug)]
+struct Streamed {
+    cache: Arc<ExpertCache>,
+    layer: usize,
+}
+
+/// The three matrices of an MLP as the kernels take them.
+fn mlp_views(m: &Mlp) -> [WeightView<'_>; 3] {
+    [m.gate_proj.view(), m.up_proj.view(), m.down_proj.view()]
+}
+
+/// Runs SwiGLU MLPs, `mlps[i]` over `inputs[i]` (`(x, n)`), all gate/up products in one
+/// threaded pass and all down products in another; returns each MLP's output. (The MLPs of a
+/// mixture have no biases.)
+fn run_mlps(mlps: &[[WeightView<'_>; 3]], inputs: &[(&[f32], usize)]) -> Vec<Vec<f32>> {
+    let gate_up: Vec<WeightView<'_>> = mlps.iter().flat_map(|m| [m[0], m[1]]).collect();
+    let pair_input: Vec<usize> = (0..gate_up.len()).map(|i| i / 2).collect();
+    let mut ys = matmul::matmul_multi(&gate_up, &pair_input, inputs).into_iter();
+    let mut acts = Vec::with_capacity(mlps.len());
+    while let (Some(mut gate), Some(up)) = (ys.next(), ys.next()) {
+        ops::swiglu(&mut gate, &up);
+        acts.push(gate);
+    }
+    let act_inputs: Vec<(&[f32], usize)> = acts.iter().zip(inputs).map(|(a, &(_, n))| (a.as_slice(), n)).collect();
+    let downs: Vec<WeightView<'_>> = mlps.iter().map(|m| m[2]).collect();
+    let own_input: Vec<usize> = (0..downs.len()).collect();
+    matmul::matmul_multi(&downs, &own_input, &act_inputs)
 }
 
 impl SparseMoe {
@@ -225,17 +322,25 @@ impl SparseMoe {
             top_k: c.top_k,
             norm_topk_prob: c.norm_topk_prob,
             counters: Counters::default(),
+            stream: None,
+            synthetic_routing: None,
         })
     }
 
-    /// `x`: `[n, hidden]` -> `[n, hidden]`.
-    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
-        let h = self.router.in_features();
-        let n = x.len() / h;
+    /// The experts `tokens` chose, each with its tokens: `(expert, [(token, weight)])`, in
+    /// expert order.
+    fn route_tokens(&self, x: &[f32]) -> Vec<(usize, Vec<(usize, f32)>)> {
         let logits = self.router.forward(x);
         let num_experts = self.experts.len();
-        // Per expert: (token, weight) of every token routed to it.
         let mut routed: Vec<Vec<(usize, f32)>> = vec![Vec::new(); num_experts];
+        if let Some(synthetic) = &self.synthetic_routing {
+            for t in 0..logits.len() / num_experts.max(1) {
+                for e in synthetic.draw(self.top_k) {
+                    routed[e].push((t, 1.0 / self.top_k as f32));
+                }
+            }
+            return routed.into_iter().enumerate().filter(|(_, tokens)| !tokens.is_empty()).collect();
+        }
         let (mut chosen, mut weights) = (Vec::with_capacity(self.top_k), Vec::with_capacity(self.top_k));
         for (t, row) in logits.chunks_exact(num_experts).enumerate() {
             route(
@@ -251,10 +356,15 @@ impl SparseMoe {
                 routed[e].push((t, w));
             }
         }
-        // Gather each chosen expert's tokens; the shared expert takes them all.
-        let active: Vec<(&Mlp, &Vec<(usize, f32)>)> =
-            self.experts.iter().zip(&routed).filter(|(_, tokens)| !tokens.is_empty()).collect();
-        let runs = active.len() as u64;
+        routed.into_iter().enumerate().filter(|(_, tokens)| !tokens.is_empty()).collect()
+    }
+
+    /// `x`: `[n, hidden]` -> `[n, hidden]`. `next`: the next mixture layer, whose likely
+    /// experts a streamed layer starts reading (see [`SparseMoe::stream`]).
+    pub fn forward(&self, x: &[f32], next: Option<&SparseMoe>) -> Result<Vec<f32>> {
+        let h = self.router.in_features();
+        let n = x.len() / h;
+        let active = self.route_tokens(x);
         // Copies of the routed rows, experts split across the cores (a 512-token prompt of a
         // 10-of-128 mixture copies 40 MB per layer).
         let copied: usize = active.iter().map(|(_, tokens)| tokens.len() * h).sum();
@@ -273,33 +383,31 @@ impl SparseMoe {
         .into_iter()
         .flatten()
         .collect();
-        let mut mlps: Vec<&Mlp> = active.iter().map(|(m, _)| *m).collect();
-        let mut inputs: Vec<(&[f32], usize)> =
+        let inputs: Vec<(&[f32], usize)> =
             gathered.iter().zip(&active).map(|(g, (_, tokens))| (g.as_slice(), tokens.len())).collect();
-        if let Some(shared) = &self.shared_expert {
-            mlps.push(shared);
-            inputs.push((x, n));
-        }
-        // Every expert's gate and up in one parallel pass, then every down projection in another.
-        let gate_up: Vec<&Linear> = mlps.iter().flat_map(|m| [&m.gate_proj, &m.up_proj]).collect();
-        let pair_input: Vec<usize> = (0..gate_up.len()).map(|i| i / 2).collect();
-        let mut ys = Linear::forward_each(&gate_up, &pair_input, &inputs).into_iter();
-        let mut acts = Vec::with_capacity(mlps.len());
-        while let (Some(mut gate), Some(up)) = (ys.next(), ys.next()) {
-            ops::swiglu(&mut gate, &up);
-            acts.push(gate);
-        }
-        let act_inputs: Vec<(&[f32], usize)> = acts.iter().zip(&inputs).map(|(a, &(_, n))| (a.as_slice(), n)).collect();
-        let downs: Vec<&Linear> = mlps.iter().map(|m| &m.down_proj).collect();
-        let own_input: Vec<usize> = (0..downs.len()).collect();
-        let down = Linear::forward_each(&downs, &own_input, &act_inputs);
+        // Each expert's down projection over its tokens, and the shared expert's over all.
+        let (down, shared_out) = match &self.stream {
+            None => {
+                let mut views: Vec<[WeightView<'_>; 3]> =
+                    active.iter().map(|(e, _)| mlp_views(&self.experts[*e])).collect();
+                let mut all_inputs = inputs.clone();
+                if let Some(shared) = &self.shared_expert {
+                    views.push(mlp_views(shared));
+                    all_inputs.push((x, n));
+                }
+                let mut down = run_mlps(&views, &all_inputs);
+                let shared_out = self.shared_expert.as_ref().and_then(|_| down.pop());
+                (down, shared_out)
+            }
+            Some(stream) => self.run_streamed(stream, &active, &inputs, x, next)?,
+        };
 
-        // Each token's weighted expert rows, summed in expert order (as the experts ran), tokens
-        // split across the cores.
+        // Each token's weighted expert rows, summed in expert order, tokens split across the
+        // cores.
         let mut from: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); n];
-        for (e, (_, tokens)) in active.iter().enumerate() {
+        for (a, (_, tokens)) in active.iter().enumerate() {
             for (i, &(t, w)) in tokens.iter().enumerate() {
-                from[t].push((e, i, w));
+                from[t].push((a, i, w));
             }
         }
         let mut out = vec![0f32; n * h];
@@ -313,25 +421,157 @@ impl SparseMoe {
             }
         });
         drop(rows);
-        if self.shared_expert.is_some() {
-            if let Some(shared_out) = down.last() {
-                match &self.shared_expert_gate {
-                    None => ops::add_in_place(&mut out, shared_out),
-                    Some(w) => {
-                        for ((o, s), xt) in
-                            out.chunks_exact_mut(h).zip(shared_out.chunks_exact(h)).zip(x.chunks_exact(h))
-                        {
-                            let g = ops::sigmoid(ops::dot(xt, w));
-                            ops::axpy(g, s, o);
-                        }
+        if let Some(shared_out) = &shared_out {
+            match &self.shared_expert_gate {
+                None => ops::add_in_place(&mut out, shared_out),
+                Some(w) => {
+                    for ((o, s), xt) in out.chunks_exact_mut(h).zip(shared_out.chunks_exact(h)).zip(x.chunks_exact(h)) {
+                        let g = ops::sigmoid(ops::dot(xt, w));
+                        ops::axpy(g, s, o);
                     }
                 }
             }
         }
         self.counters.forwards.fetch_add(1, Ordering::Relaxed);
         self.counters.tokens.fetch_add(n as u64, Ordering::Relaxed);
-        self.counters.expert_runs.fetch_add(runs, Ordering::Relaxed);
-        out
+        self.counters.expert_runs.fetch_add(active.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// The experts of `active` from the expert cache: pins what fits, computes the hits (and
+    /// the shared expert) while the misses are read, then each group of misses as it arrives;
+    /// again until every expert ran. Each expert's output is the same bits as from resident
+    /// weights (products do not depend on what else runs beside them).
+    fn run_streamed(
+        &self,
+        stream: &Streamed,
+        active: &[(usize, Vec<(usize, f32)>)],
+        inputs: &[(&[f32], usize)],
+        x: &[f32],
+        next: Option<&SparseMoe>,
+    ) -> Result<ExpertOutputs> {
+        let cache = &*stream.cache;
+        let mut down: Vec<Option<Vec<f32>>> = vec![None; active.len()];
+        let mut shared_out = None;
+        let mut shared_pending = self.shared_expert.is_some();
+        let mut pending: Vec<usize> = (0..active.len()).collect();
+        let mut prefetched = false;
+        while !pending.is_empty() || shared_pending {
+            let wanted: Vec<usize> = pending.iter().map(|&a| active[a].0).collect();
+            let pinned: Vec<(usize, usize)> = if wanted.is_empty() {
+                Vec::new()
+            } else {
+                cache.pin(stream.layer, &wanted).into_iter().map(|(i, slot)| (pending[i], slot)).collect()
+            };
+            if !prefetched {
+                prefetched = true;
+                if let Some(next) = next.filter(|_| cache.options.prefetch) {
+                    next.prefetch_for(x, cache);
+                }
+            }
+            let mut waiting = pinned;
+            let result = (|| -> Result<()> {
+                loop {
+                    let slots: Vec<usize> = waiting.iter().map(|p| p.1).collect();
+                    let ready = if slots.is_empty() { Vec::new() } else { cache.wait_ready(&slots)? };
+                    let group: Vec<(usize, usize)> = ready.iter().map(|&i| waiting[i]).collect();
+                    let mut views: Vec<[WeightView<'_>; 3]> = group
+                        .iter()
+                        .map(|&(a, slot)| {
+                            let mlp = &self.experts[active[a].0];
+                            let v = mlp_views(mlp);
+                            [0, 1, 2].map(|j| WeightView { data: cache.bytes(slot, j), layout: Layout::Rows, ..v[j] })
+                        })
+                        .collect();
+                    let mut group_inputs: Vec<(&[f32], usize)> = group.iter().map(|&(a, _)| inputs[a]).collect();
+                    if shared_pending {
+                        if let Some(shared) = &self.shared_expert {
+                            views.push(mlp_views(shared));
+                            group_inputs.push((x, x.len() / self.router.in_features()));
+                        }
+                    }
+                    if !views.is_empty() {
+                        let mut outs = run_mlps(&views, &group_inputs);
+                        if std::mem::take(&mut shared_pending) {
+                            shared_out = outs.pop();
+                        }
+                        for (&(a, _), y) in group.iter().zip(outs) {
+                            down[a] = Some(y);
+                        }
+                    }
+                    cache.unpin(&group.iter().map(|g| g.1).collect::<Vec<_>>());
+                    let mut i = 0;
+                    waiting.retain(|_| {
+                        i += 1;
+                        !ready.contains(&(i - 1))
+                    });
+                    if waiting.is_empty() {
+                        return Ok(());
+                    }
+                }
+            })();
+            if let Err(e) = result {
+                cache.unpin(&waiting.iter().map(|g| g.1).collect::<Vec<_>>());
+                return Err(e);
+            }
+            pending.retain(|&a| down[a].is_none());
+        }
+        let down = down.into_iter().map(|d| d.unwrap_or_default()).collect();
+        Ok((down, shared_out))
+    }
+
+    /// Starts reading the experts this layer's router picks for `x` (the previous layer's
+    /// input: the residual stream changes little from one layer to the next), at most a quarter
+    /// of the cache's slots.
+    fn prefetch_for(&self, x: &[f32], cache: &ExpertCache) {
+        let Some(stream) = &self.stream else { return };
+        // Synthetic routing draws at random: there is nothing to predict from, and a guess
+        // would only take disk bandwidth from the reads asked for.
+        if self.synthetic_routing.is_some() {
+            return;
+        }
+        let mut experts: Vec<(usize, usize)> =
+            self.route_tokens(x).into_iter().map(|(e, tokens)| (tokens.len(), e)).collect();
+        // The most wanted first.
+        experts.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let ids: Vec<usize> = experts.into_iter().map(|(_, e)| e).collect();
+        cache.prefetch(stream.layer, &ids, (cache.num_slots() / 4).max(1));
+    }
+
+    /// Benchmarks only: draws each token's experts from a Zipf law with exponent `zipf` over a
+    /// ranking of the experts shuffled by `seed` (0: uniform), with equal weights, instead of
+    /// asking the router; `None` restores the router.
+    pub fn set_synthetic_routing(&mut self, zipf: Option<f64>, seed: u64) {
+        self.synthetic_routing = zipf.map(|z| SyntheticRouting::new(self.experts.len(), z, seed));
+    }
+
+    /// Reads this layer's routed experts through `cache` (as its streamed layer `layer`)
+    /// instead of from their mapped file.
+    pub fn stream(&mut self, cache: Arc<ExpertCache>, layer: usize) {
+        self.stream = Some(Streamed { cache, layer });
+    }
+
+    /// Where each routed expert's gate, up and down matrices lie on disk (`file` indexes
+    /// `files`, which grows with files not seen before), or `None` when some expert is in
+    /// memory (quantized or rearranged at load).
+    pub fn expert_parts(&self, files: &mut Vec<std::path::PathBuf>) -> Option<Vec<[Part; 3]>> {
+        let mut out = Vec::with_capacity(self.experts.len());
+        for e in &self.experts {
+            let mut parts = [Part { file: 0, offset: 0, len: 0 }; 3];
+            for (p, l) in parts.iter_mut().zip(e.linears()) {
+                let (path, offset, len) = l.weight.file_range()?;
+                let file = match files.iter().position(|f| f == path) {
+                    Some(i) => i,
+                    None => {
+                        files.push(path.to_path_buf());
+                        files.len() - 1
+                    }
+                };
+                *p = Part { file, offset, len };
+            }
+            out.push(parts);
+        }
+        Some(out)
     }
 
     /// Bytes of one routed expert's weights (all experts have the same shape and format
@@ -514,6 +754,28 @@ mod tests {
         check(g, 2, true, &logits, Some(&bias));
     }
 
+    #[test]
+    fn synthetic_routing_draws_distinct_experts_with_the_stated_skew() {
+        let counts = |zipf: f64| {
+            let r = SyntheticRouting::new(64, zipf, 5);
+            let mut n = vec![0usize; 64];
+            for _ in 0..4000 {
+                let d = r.draw(8);
+                let mut u = d.clone();
+                u.sort();
+                u.dedup();
+                assert_eq!(u.len(), 8, "distinct: {d:?}");
+                d.iter().for_each(|&e| n[e] += 1);
+            }
+            r.expert_of_rank.iter().map(|&e| n[e]).collect::<Vec<usize>>()
+        };
+        // Uniform: every expert near 4000 * 8 / 64 = 500.
+        assert!(counts(0.0).iter().all(|&c| (380..620).contains(&c)));
+        // Zipf 1.2: the top-ranked expert is drawn far more often than the last.
+        let z = counts(1.2);
+        assert!(z[0] > 5 * z[63] && z[0] > z[8], "{z:?}");
+    }
+
     /// A tiny mixture with f32 weights: the grouped forward of a batch equals running every
     /// token alone through its chosen experts, including an expert only one token uses.
     #[test]
@@ -547,9 +809,11 @@ mod tests {
             top_k: 2,
             norm_topk_prob: true,
             counters: Counters::default(),
+            stream: None,
+            synthetic_routing: None,
         };
         let x: Vec<f32> = (0..7 * h).map(|_| lcg(&mut seed)).collect();
-        let batched = moe.forward(&x);
+        let batched = moe.forward(&x, None).unwrap();
         let mut uses = vec![0; ne];
         for t in 0..7 {
             let xt = &x[t * h..(t + 1) * h];

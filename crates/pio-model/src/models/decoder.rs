@@ -27,13 +27,19 @@
 //!     out = o Woᵀ
 //! ```
 
+use std::sync::Arc;
+
 use pio_kernels::ops;
 
 use super::{CausalLm, ModelShape};
 use crate::batch::ForwardBatch;
 use crate::config::ModelConfig;
+use crate::layers::expert_cache::ExpertFiles;
 use crate::layers::mla::LatentAttention;
-use crate::layers::{Attention, CacheSpec, GatedDeltaNet, KvCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe};
+use crate::layers::{
+    Attention, CacheSpec, ExpertCache, ExpertCacheOptions, ExpertCacheStats, GatedDeltaNet, KvCache, Linear, Mlp,
+    MoeStats, RmsNorm, SparseMoe,
+};
 use crate::weights::{Checkpoint, Tensor};
 use crate::{Error, Result};
 
@@ -49,6 +55,8 @@ pub struct DecoderModel {
     lm_head: Linear,
     /// What each layer keeps in the KV cache.
     cache_spec: CacheSpec,
+    /// The routed experts' cache when they stream from disk ([`DecoderModel::stream_experts`]).
+    expert_cache: Option<Arc<ExpertCache>>,
 }
 
 #[derive(Debug)]
@@ -159,7 +167,7 @@ impl DecoderModel {
         ckpt.finish()?;
         progress(c.num_layers, c.num_layers);
         let cache_spec = CacheSpec::from_config(&config);
-        Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, cache_spec })
+        Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, cache_spec, expert_cache: None })
     }
 
     /// Every layer matrix (routers and experts included) and the LM head.
@@ -200,6 +208,50 @@ impl DecoderModel {
             self.embed_tokens = self.lm_head.weight.clone();
         }
         (count, bytes)
+    }
+
+    /// Where every mixture layer's routed experts lie on disk: the files, and per mixture layer
+    /// per expert its gate, up and down matrices. `None` when the model has no mixture layers;
+    /// an error when some expert is in memory (quantized at load).
+    pub fn expert_parts(&self) -> Result<Option<ExpertFiles>> {
+        let mut files = Vec::new();
+        let mut experts = Vec::new();
+        for l in &self.layers {
+            if let FeedForward::Sparse(m) = &l.mlp {
+                experts.push(m.expert_parts(&mut files).ok_or_else(|| {
+                    Error::Config(
+                        "the routed experts are in memory (quantized at load?), so they cannot stream from \
+                         disk: quantize the file with `pio quantize` and load that instead"
+                            .into(),
+                    )
+                })?);
+            }
+        }
+        Ok((!experts.is_empty()).then_some((files, experts)))
+    }
+
+    /// Reads the routed experts through an expert cache of `slots` slots instead of from the
+    /// mapped file: they are never paged in, and only `slots` of them are in memory at once.
+    /// The results are the same bits.
+    pub fn stream_experts(&mut self, slots: usize, options: ExpertCacheOptions) -> Result<Arc<ExpertCache>> {
+        let Some((files, experts)) = self.expert_parts()? else {
+            return Err(Error::Config("the model has no routed experts to stream".into()));
+        };
+        let cache = Arc::new(ExpertCache::new(files, experts, slots, options)?);
+        let sparse = self.layers.iter_mut().filter_map(|l| match &mut l.mlp {
+            FeedForward::Sparse(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        });
+        for (i, m) in sparse.enumerate() {
+            m.stream(cache.clone(), i);
+        }
+        self.expert_cache = Some(cache.clone());
+        // Everything else is read from memory from now on, never from the mapped file.
+        self.embed_tokens.own();
+        for l in self.linears_mut(false) {
+            l.weight.own();
+        }
+        Ok(cache)
     }
 
     /// Has every BF16 matrix multiply bf16-rounded activations where the CPU can (`on`), or f32
@@ -382,6 +434,26 @@ impl CausalLm for DecoderModel {
         total
     }
 
+    fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
+        self.expert_cache.as_ref().map(|c| c.stats())
+    }
+
+    fn set_synthetic_routing(&mut self, zipf: Option<f64>) -> bool {
+        let mut any = false;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if let FeedForward::Sparse(m) = &mut l.mlp {
+                m.set_synthetic_routing(zipf, i as u64 + 1);
+                any = true;
+            }
+        }
+        any
+    }
+
+    fn probe_disk_bandwidth(&self) -> Option<f64> {
+        // 2 GiB or 3 s: enough to get past a disk's burst cache on this kind of VM.
+        self.expert_cache.as_ref().map(|c| c.probe_read_bandwidth(2 << 30, 3.0))
+    }
+
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         batch.validate(cache.block_size, cache.num_blocks)?;
@@ -397,7 +469,7 @@ impl CausalLm for DecoderModel {
             }
             embed.dequantize_row(id as usize, row);
         }
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let hn = layer.input_layernorm.forward(&x);
             let attn = match &layer.self_attn {
                 AttentionBlock::Standard(a) => a.forward(&hn, batch, cache),
@@ -408,7 +480,13 @@ impl CausalLm for DecoderModel {
             let hn = layer.post_attention_layernorm.forward(&x);
             let mlp = match &layer.mlp {
                 FeedForward::Dense(m) => m.forward(&hn),
-                FeedForward::Sparse(m) => m.forward(&hn),
+                FeedForward::Sparse(m) => {
+                    let next = self.layers[i + 1..].iter().find_map(|l| match &l.mlp {
+                        FeedForward::Sparse(m) => Some(m),
+                        FeedForward::Dense(_) => None,
+                    });
+                    m.forward(&hn, next)?
+                }
             };
             ops::add_in_place(&mut x, &mlp);
         }

@@ -5,7 +5,7 @@ pub mod decoder;
 use pio_kernels::attention::KvCacheType;
 
 use crate::batch::ForwardBatch;
-use crate::layers::{CacheSpec, KvCache, MoeStats};
+use crate::layers::{CacheSpec, ExpertCacheStats, KvCache, MoeStats};
 use crate::Result;
 
 /// What the engine needs to know to size a cache and drive a model.
@@ -67,6 +67,25 @@ pub trait CausalLm: Send + Sync {
 
     /// What the mixture-of-experts layers did since load (`None`: the model has none).
     fn moe_stats(&self) -> Option<MoeStats> {
+        None
+    }
+
+    /// What the expert cache did since load (`None`: the experts do not stream from disk).
+    fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
+        None
+    }
+
+    /// Benchmarks of the expert cache only: each mixture layer draws its tokens' experts from a
+    /// Zipf law with exponent `zipf` (0: uniform) over its own shuffled ranking, instead of
+    /// asking its router (so the outputs are no longer the model's); `None` restores the
+    /// routers. Returns whether the model has mixture layers.
+    fn set_synthetic_routing(&mut self, _zipf: Option<f64>) -> bool {
+        false
+    }
+
+    /// The disk read bandwidth the expert cache gets, bytes/s (see
+    /// [`crate::layers::ExpertCache::probe_read_bandwidth`]); `None` without one.
+    fn probe_disk_bandwidth(&self) -> Option<f64> {
         None
     }
 

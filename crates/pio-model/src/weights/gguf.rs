@@ -115,6 +115,8 @@ pub struct GgufFile {
     /// Tensor names in file order.
     pub tensor_order: Vec<String>,
     mmap: Arc<Mmap>,
+    /// `path`, shared by the tensors (streaming reads them with `pread`).
+    shared_path: Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -209,7 +211,15 @@ impl GgufFile {
             tensor_order.push(name.clone());
             tensors.insert(name, TensorInfo { dtype, shape, offset: start, nbytes });
         }
-        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, tensor_order, mmap })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            tensor_order,
+            mmap,
+            shared_path: Arc::new(path.to_path_buf()),
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -237,7 +247,12 @@ impl GgufFile {
         Some(Tensor {
             dtype: info.dtype,
             shape: info.shape.clone(),
-            storage: Storage::Mapped { map: self.mmap.clone(), offset: info.offset, len: info.nbytes },
+            storage: Storage::Mapped {
+                map: self.mmap.clone(),
+                path: self.shared_path.clone(),
+                offset: info.offset,
+                len: info.nbytes,
+            },
         })
     }
 }

@@ -23,8 +23,9 @@ use crate::{Error, Result};
 /// Where a tensor's bytes live.
 #[derive(Clone)]
 pub enum Storage {
-    /// A range of a memory-mapped file (no copy).
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    /// A range of a memory-mapped file (no copy). `offset` is also the offset in the file
+    /// `path` (mappings cover whole files), which streaming reads with `pread`.
+    Mapped { map: Arc<Mmap>, path: Arc<PathBuf>, offset: usize, len: usize },
     /// Bytes owned in memory (converted or quantized at load).
     Owned(Arc<Vec<u8>>),
     /// A matrix rearranged at load for the decode kernels ([`Layout::Interleaved`], see
@@ -50,7 +51,7 @@ impl std::fmt::Debug for Tensor {
 impl Tensor {
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
-            Storage::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Storage::Mapped { map, offset, len, .. } => &map[*offset..*offset + *len],
             Storage::Owned(v) | Storage::Interleaved(v) => v,
         }
     }
@@ -69,7 +70,7 @@ impl Tensor {
             return false;
         }
         let packed = dot::interleave(self.dtype, self.shape[0], self.shape[1], self.bytes());
-        if let Storage::Mapped { map, offset, len } = &self.storage {
+        if let Storage::Mapped { map, offset, len, .. } = &self.storage {
             // SAFETY: the mapping is private and read-only, so dropping its pages only means a
             // later access reads them from the file again (the embedding shares a tied head's
             // pages and does). A failure only leaves the pages resident.
@@ -77,6 +78,26 @@ impl Tensor {
         }
         self.storage = Storage::Interleaved(Arc::new(packed));
         true
+    }
+
+    /// Copies a mapped tensor's bytes into memory of its own and lets go of the file pages (so
+    /// nothing reads the file for it again: a file changed or truncated after loading cannot
+    /// fault). Returns whether it copied.
+    pub fn own(&mut self) -> bool {
+        let Storage::Mapped { map, offset, len, .. } = &self.storage else { return false };
+        let bytes = map[*offset..*offset + *len].to_vec();
+        // SAFETY: as in `interleave`: private read-only mapping, only advice.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, *offset, *len) };
+        self.storage = Storage::Owned(Arc::new(bytes));
+        true
+    }
+
+    /// The file, offset and length of a mapped tensor's bytes (`None` for bytes in memory).
+    pub fn file_range(&self) -> Option<(&std::path::Path, u64, usize)> {
+        match &self.storage {
+            Storage::Mapped { path, offset, len, .. } => Some((path.as_path(), *offset as u64, *len)),
+            Storage::Owned(_) | Storage::Interleaved(_) => None,
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -104,8 +125,8 @@ impl Tensor {
             *first = count;
         }
         let storage = match &self.storage {
-            Storage::Mapped { map, offset, .. } => {
-                Storage::Mapped { map: map.clone(), offset: offset + start * per, len: count * per }
+            Storage::Mapped { map, path, offset, .. } => {
+                Storage::Mapped { map: map.clone(), path: path.clone(), offset: offset + start * per, len: count * per }
             }
             Storage::Owned(v) | Storage::Interleaved(v) => {
                 Storage::Owned(Arc::new(v[start * per..(start + count) * per].to_vec()))

@@ -50,6 +50,7 @@ pub fn load_file(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> 
     let st =
         SafeTensors::deserialize(&map).map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     let base = map.as_ptr() as usize;
+    let shared_path = Arc::new(path.to_path_buf());
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
             Dtype::F32 => DType::F32,
@@ -62,7 +63,7 @@ pub fn load_file(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> 
         let tensor = Tensor {
             dtype,
             shape: view.shape().to_vec(),
-            storage: Storage::Mapped { map: map.clone(), offset, len: data.len() },
+            storage: Storage::Mapped { map: map.clone(), path: shared_path.clone(), offset, len: data.len() },
         };
         if out.insert(name.clone(), tensor).is_some() {
             return Err(Error::file(path, format!("tensor {name:?} appears in more than one shard")));
