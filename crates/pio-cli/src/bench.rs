@@ -32,6 +32,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     cfg.max_num_seqs = a.batch;
     cfg.max_batch_tokens = a.prompt_tokens * a.batch;
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
+    crate::commands::check_memory_bound(&a.model, engine.cache_bytes())?;
     let one_token = RequestParams { max_tokens: Some(1), ignore_eos: true, ..Default::default() };
 
     // Prefill: `batch` prompts in one forward (which also samples each one's first token),

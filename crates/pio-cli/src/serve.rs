@@ -91,10 +91,13 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             // many long requests (18k tokens of Qwen3-0.6B in f16), without claiming a large
             // share of a small machine for a small model.
             let avail = (available_ram().unwrap_or(4 << 30) / 4).min(2 << 30);
+            // Under --max-memory: half of what the bound keeps for the KV cache and scratch.
+            let avail = a.model.max_memory.map_or(avail, |m| avail.min(pio_model::memory_reserve(m) / 2));
             want.min(avail).max(per_token * 16 * 64)
         }
     };
     let mut cfg = EngineConfig::for_model(model.as_ref(), dtype, kv_bytes, max_model_len)?;
+    crate::commands::check_memory_bound(&a.model, kv_bytes)?;
     // With recurrent state the budget decides how many sequences fit.
     let state_per_seq = model.cache_spec().state_bytes_per_seq();
     cfg.max_num_seqs = if state_per_seq > 0 { a.max_num_seqs.min(cfg.max_num_seqs) } else { a.max_num_seqs };

@@ -43,6 +43,8 @@ pub struct EngineHandle {
     max_queued: usize,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// For reports that read the model's own counters (the expert cache).
+    model: Arc<dyn CausalLm>,
 }
 
 impl EngineHandle {
@@ -61,6 +63,7 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let m = metrics.clone();
+        let model_ref = model.clone();
         let pool = pio_kernels::parallel::ThreadPool::current();
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
@@ -78,6 +81,7 @@ impl EngineHandle {
             max_queued,
             next_id: AtomicU64::new(0),
             thread: Mutex::new(Some(thread)),
+            model: model_ref,
         })
     }
 
@@ -87,6 +91,16 @@ impl EngineHandle {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The engine's metrics and, where experts stream from disk, the expert cache's, in
+    /// Prometheus text format.
+    pub fn render_prometheus(&self) -> String {
+        let mut s = self.metrics.render_prometheus();
+        if let Some(c) = self.model.expert_cache_stats() {
+            s.push_str(&crate::metrics::render_expert_cache(&c));
+        }
+        s
     }
 
     /// Whether the engine thread is still running.

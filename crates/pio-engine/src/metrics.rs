@@ -152,6 +152,54 @@ impl Metrics {
     }
 }
 
+/// An expert cache's counters (see [`pio_model::ExpertCacheStats`]) in Prometheus text format.
+pub fn render_expert_cache(c: &pio_model::ExpertCacheStats) -> String {
+    let mut s = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, v: String| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    metric("pio_expert_cache_hits_total", "counter", "Routed experts found in the expert cache.", c.hits.to_string());
+    metric(
+        "pio_expert_cache_misses_total",
+        "counter",
+        "Routed experts read from disk when asked for.",
+        c.misses.to_string(),
+    );
+    metric(
+        "pio_expert_cache_prefetches_total",
+        "counter",
+        "Routed experts read ahead of being asked for.",
+        c.prefetches.to_string(),
+    );
+    metric(
+        "pio_expert_cache_prefetch_hits_total",
+        "counter",
+        "Prefetched experts that were then asked for.",
+        c.prefetch_hits.to_string(),
+    );
+    metric(
+        "pio_expert_cache_read_bytes_total",
+        "counter",
+        "Bytes of routed experts read from disk.",
+        c.bytes_read.to_string(),
+    );
+    metric(
+        "pio_expert_cache_read_busy_seconds_total",
+        "counter",
+        "Seconds with at least one expert read in flight.",
+        c.read_busy_s.to_string(),
+    );
+    metric(
+        "pio_expert_cache_wait_seconds_total",
+        "counter",
+        "Seconds forwards waited for expert reads.",
+        c.wait_s.to_string(),
+    );
+    metric("pio_expert_cache_slots", "gauge", "Experts the cache holds at once.", c.slots.to_string());
+    metric("pio_expert_cache_slot_bytes", "gauge", "Bytes of one expert slot.", c.slot_bytes.to_string());
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +219,15 @@ mod tests {
         assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
         assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(s.contains("pio_time_to_first_token_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn renders_the_expert_cache() {
+        let c = pio_model::ExpertCacheStats { hits: 5, misses: 3, bytes_read: 1024, slots: 7, ..Default::default() };
+        let s = render_expert_cache(&c);
+        assert!(s.contains("pio_expert_cache_hits_total 5\n"));
+        assert!(s.contains("pio_expert_cache_misses_total 3\n"));
+        assert!(s.contains("pio_expert_cache_read_bytes_total 1024\n"));
+        assert!(s.contains("# TYPE pio_expert_cache_slots gauge\npio_expert_cache_slots 7\n"));
     }
 }

@@ -46,8 +46,7 @@ pub async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
 }
 
 pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.engine.metrics().render_prometheus())
-        .into_response()
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.engine.render_prometheus()).into_response()
 }
 
 pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
