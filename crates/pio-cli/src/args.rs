@@ -100,6 +100,10 @@ pub struct ModelArgs {
     /// says (for measuring the cache).
     #[arg(long)]
     pub expert_cache_slots: Option<usize>,
+    /// Dense models: keep the first N layers in memory and stream the others from disk, whatever
+    /// --max-memory says (for measuring layer streaming).
+    #[arg(long)]
+    pub resident_layers: Option<usize>,
 }
 
 impl ModelArgs {
@@ -116,6 +120,7 @@ impl ModelArgs {
                 slots: self.expert_cache_slots,
                 io_threads: self.expert_io_threads as usize,
                 direct_io: true,
+                resident_layers: self.resident_layers,
             },
         }
     }

@@ -165,6 +165,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             "policy": s.options.policy.to_string(),
             "prefetch": s.options.prefetch && a.synthetic_routing.is_none(),
             "resident_weight_bytes": s.resident_bytes,
+            "streamed_layers": s.streamed_layers.map(|(resident, total)| total - resident),
             "direct_io": loaded.model.expert_cache_stats().map(|c| c.direct_io),
             "disk_read_bytes_per_s": disk_bandwidth,
             "prefill_hit_rate": prefill_cache.map(|c| c.hit_rate()),
@@ -234,8 +235,12 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             out(&format!("  batched decode {:>8.1} tok/s ({} sequences, one token each per step)\n", tps, a.batch))?;
         }
         if let (Some(info), Some(p)) = (loaded.info.streaming, prefill_cache) {
+            let what = match info.streamed_layers {
+                Some((resident, total)) => format!("layers {resident}..{total} streamed, ring of"),
+                None => "expert cache:".to_string(),
+            };
             out(&format!(
-                "  expert cache: {} slots x {:.2} MiB ({}, prefetch {}, {}); prefill hit rate {:.1}%, {:.2} MB read per token\n",
+                "  {what} {} slots x {:.2} MiB ({}, prefetch {}, {}); prefill hit rate {:.1}%, {:.2} MB read per token\n",
                 info.slots,
                 info.slot_bytes as f64 / (1 << 20) as f64,
                 info.options.policy,

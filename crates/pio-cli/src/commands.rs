@@ -151,18 +151,28 @@ fn print_info(info: &ModelInfo, load_s: f64) {
         );
     }
     if let Some(st) = &info.streaming {
-        eprintln!(
-            "streaming:    routed experts from disk, {} slots of {:.2} MiB ({:.2} of {:.2} GiB of experts, {}, prefetch {}); \
-             {:.2} GiB of other weights resident, {:.2} GiB kept for the KV cache and scratch",
-            st.slots,
-            st.slot_bytes as f64 / (1 << 20) as f64,
-            gib(st.slots * st.slot_bytes),
-            gib(st.expert_bytes),
-            st.options.policy,
-            if st.options.prefetch { "on" } else { "off" },
-            gib(st.resident_bytes),
-            gib(st.reserve_bytes),
-        );
+        match st.streamed_layers {
+            Some((resident, total)) => eprintln!(
+                "streaming:    layers {resident}..{total} from disk through {} slots of {:.1} MiB; {:.2} GiB of weights \
+                 resident (layers 0..{resident}, head, embedding), {:.2} GiB kept for the KV cache and scratch",
+                st.slots,
+                st.slot_bytes as f64 / (1 << 20) as f64,
+                gib(st.resident_bytes),
+                gib(st.reserve_bytes),
+            ),
+            None => eprintln!(
+                "streaming:    routed experts from disk, {} slots of {:.2} MiB ({:.2} of {:.2} GiB of experts, {}, \
+                 prefetch {}); {:.2} GiB of other weights resident, {:.2} GiB kept for the KV cache and scratch",
+                st.slots,
+                st.slot_bytes as f64 / (1 << 20) as f64,
+                gib(st.slots * st.slot_bytes),
+                gib(st.expert_bytes),
+                st.options.policy,
+                if st.options.prefetch { "on" } else { "off" },
+                gib(st.resident_bytes),
+                gib(st.reserve_bytes),
+            ),
+        }
     }
     eprintln!("load time:    {load_s:.2} s");
     if let Some(rss) = resident_bytes() {

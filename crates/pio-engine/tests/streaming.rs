@@ -20,7 +20,7 @@ fn load(path: &Path, cache: Option<ExpertCacheOptions>) -> LoadedModel {
 }
 
 fn streamed(slots: usize, policy: EvictionPolicy, prefetch: bool) -> ExpertCacheOptions {
-    ExpertCacheOptions { slots: Some(slots), policy, prefetch, io_threads: 3, direct_io: true }
+    ExpertCacheOptions { slots: Some(slots), policy, prefetch, io_threads: 3, ..Default::default() }
 }
 
 fn prompt(len: usize, seed: u32) -> Vec<u32> {
@@ -149,4 +149,40 @@ fn a_file_truncated_after_loading_fails_the_requests_not_the_process() {
     let err = engine.score(&[prompt(40, 1)], 0).expect_err("a read past the end fails").to_string();
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
     std::fs::remove_dir_all(&out).expect("remove");
+}
+
+fn layers_streamed(resident: usize) -> ExpertCacheOptions {
+    ExpertCacheOptions { resident_layers: Some(resident), ..Default::default() }
+}
+
+fn check_dense(path: &Path) {
+    let resident = load(path, None);
+    let (want_logits, want_tokens, preempted) = run(&resident);
+    assert!(preempted > 0, "the cache is small enough to preempt");
+    let layers = resident.model.shape().num_layers;
+    for keep in [1, 0, layers - 1] {
+        let s = load(path, Some(layers_streamed(keep)));
+        let info = s.info.streaming.expect("layers stream");
+        assert_eq!(info.streamed_layers, Some((keep, layers)));
+        let (logits, tokens, _) = run(&s);
+        for (i, (a, b)) in logits.iter().zip(&want_logits).enumerate() {
+            assert!(same_bits(a, b), "{}: request {i}'s prompt logits differ ({keep} resident)", path.display());
+        }
+        assert_eq!(tokens, want_tokens, "{}: {keep} resident", path.display());
+        let st = s.model.expert_cache_stats().expect("stream stats");
+        // Every forward reads every streamed layer, ahead of its turn when there are others.
+        assert!(st.bytes_read > 0, "{st:?}");
+        if layers - keep > 1 {
+            assert!(st.prefetches > 0 && st.prefetch_hits > 0, "{st:?}");
+        }
+    }
+}
+
+#[test]
+fn streamed_dense_layers_compute_the_same_bits_as_resident_ones() {
+    check_dense(&fixture("qwen3"));
+    let out = std::env::temp_dir().join(format!("pio-streaming-{}-dense-q4k.gguf", std::process::id()));
+    pio_model::quantize::write_quantized_gguf(&fixture("qwen3"), DType::Q4_K, &out).expect("quantize");
+    check_dense(&out);
+    std::fs::remove_file(&out).expect("remove");
 }

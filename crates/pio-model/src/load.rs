@@ -56,14 +56,17 @@ pub struct ModelInfo {
 pub struct StreamingInfo {
     /// The bound ([`LoadOptions::max_memory`]), when one was given.
     pub max_memory: Option<usize>,
-    /// Weights kept in memory: everything but the routed experts.
+    /// Weights kept in memory: everything but the routed experts (or the streamed layers).
     pub resident_bytes: usize,
     /// Left for the KV cache and scratch (see [`memory_reserve`]).
     pub reserve_bytes: usize,
-    /// All routed experts, and the slots of the expert cache that holds some of them.
+    /// All routed experts (0 when layers stream), and the slots of the cache that holds some
+    /// of them (or the streamed layers).
     pub expert_bytes: usize,
     pub slots: usize,
     pub slot_bytes: usize,
+    /// Dense models: (layers kept in memory, all layers); the others stream.
+    pub streamed_layers: Option<(usize, usize)>,
     pub options: ExpertCacheOptions,
 }
 
@@ -254,69 +257,107 @@ fn repack_at_load(
     (count > 0).then(|| (count, bytes, start.elapsed().as_secs_f64()))
 }
 
-/// Streams the routed experts when [`LoadOptions::max_memory`] says the model does not fit (or
-/// [`ExpertCacheOptions::slots`] asks for it): the other weights stay, and the expert cache
-/// takes what the bound leaves after them and [`memory_reserve`]. A bound too small for the
-/// weights that stay is an error that says how much they need.
+/// Streams from disk what [`LoadOptions::max_memory`] leaves no room for (or what
+/// [`ExpertCacheOptions::slots`] / [`ExpertCacheOptions::resident_layers`] ask): a mixture's
+/// routed experts through an expert cache of what the bound leaves after the other weights and
+/// [`memory_reserve`]; a dense model's last layers through a ring of slots, keeping as many
+/// leading layers as fit. A bound too small for what must stay is an error that says how much
+/// is needed.
 fn fit_in_memory(model: &mut DecoderModel, options: &LoadOptions) -> Result<Option<StreamingInfo>> {
     let eo = options.expert_cache;
-    if options.max_memory.is_none() && eo.slots.is_none() {
+    if options.max_memory.is_none() && eo.slots.is_none() && eo.resident_layers.is_none() {
         return Ok(None);
     }
     let weights: usize = model.weight_dtypes().iter().map(|(_, b)| b).sum();
-    let parts = model.expert_parts();
     let expert_bytes = model.moe_stats().map_or(0, |s| s.expert_bytes_total as usize);
-    let resident_bytes = weights - expert_bytes;
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-    let (slots, reserve_bytes) = match (eo.slots, options.max_memory) {
-        (Some(slots), max) => (slots, max.map_or(0, memory_reserve)),
-        (None, Some(max)) => {
-            let reserve = memory_reserve(max);
-            if weights + reserve <= max {
-                return Ok(None);
-            }
-            let Some(left) = max.checked_sub(resident_bytes + reserve).filter(|_| expert_bytes > 0) else {
-                return Err(Error::Config(format!(
-                    "--max-memory {:.2} GiB is too small for this model: {:.2} GiB of weights must stay in memory \
-                     (streaming dense layers from disk is not supported yet) and {:.2} GiB is kept for the KV cache \
-                     and scratch; give at least {:.2} GiB",
-                    gib(max),
-                    gib(resident_bytes),
-                    gib(reserve),
-                    gib(resident_bytes + reserve) + 0.01
-                )));
-            };
-            let slot_bytes = match &parts {
-                Ok(Some((_, experts))) => ExpertCache::slot_bytes_for(experts).max(1),
-                _ => 1,
-            };
-            let slots = left / slot_bytes;
-            if slots == 0 {
-                return Err(Error::Config(format!(
-                    "--max-memory {:.2} GiB leaves {:.3} GiB for routed experts after {:.2} GiB of other weights and \
-                     {:.2} GiB for the KV cache and scratch: not one expert ({} bytes) fits",
-                    gib(max),
-                    gib(left),
-                    gib(resident_bytes),
-                    gib(reserve),
-                    slot_bytes
-                )));
-            }
-            (slots, reserve)
-        }
-        (None, None) => return Ok(None),
+    let reserve_bytes = options.max_memory.map_or(0, memory_reserve);
+    let (layer_bytes, always_resident) = model.layer_bytes();
+    let too_small = |max: usize, needed: usize, what: &str| {
+        Error::Config(format!(
+            "--max-memory {:.2} GiB is too small for this model: {what}, and {:.2} GiB is kept for the KV cache and \
+             scratch; give at least {:.2} GiB",
+            gib(max),
+            gib(reserve_bytes),
+            gib(needed + reserve_bytes) + 0.01
+        ))
     };
-    parts?;
-    let cache = model.stream_experts(slots, eo)?;
-    Ok(Some(StreamingInfo {
-        max_memory: options.max_memory,
-        resident_bytes,
-        reserve_bytes,
-        expert_bytes,
-        slots: cache.num_slots(),
-        slot_bytes: cache.slot_bytes(),
-        options: eo,
-    }))
+    // Dense layers: the first `resident` stay, the rest stream through a ring of slots.
+    let stream_layers = |model: &mut DecoderModel, resident: usize| -> Result<Option<StreamingInfo>> {
+        let cache = model.stream_layers(resident, eo)?;
+        Ok(Some(StreamingInfo {
+            max_memory: options.max_memory,
+            resident_bytes: always_resident + layer_bytes[..resident].iter().sum::<usize>(),
+            reserve_bytes,
+            expert_bytes: 0,
+            slots: cache.num_slots(),
+            slot_bytes: cache.slot_bytes(),
+            streamed_layers: Some((resident, layer_bytes.len())),
+            options: eo,
+        }))
+    };
+    let stream_experts = |model: &mut DecoderModel, slots: usize| -> Result<Option<StreamingInfo>> {
+        let cache = model.stream_experts(slots, eo)?;
+        Ok(Some(StreamingInfo {
+            max_memory: options.max_memory,
+            resident_bytes: weights - expert_bytes,
+            reserve_bytes,
+            expert_bytes,
+            slots: cache.num_slots(),
+            slot_bytes: cache.slot_bytes(),
+            streamed_layers: None,
+            options: eo,
+        }))
+    };
+    if let Some(resident) = eo.resident_layers {
+        return stream_layers(model, resident);
+    }
+    if let Some(slots) = eo.slots {
+        return stream_experts(model, slots);
+    }
+    let Some(max) = options.max_memory else { return Ok(None) };
+    if weights + reserve_bytes <= max {
+        return Ok(None);
+    }
+    if expert_bytes > 0 {
+        let resident = weights - expert_bytes;
+        let Some(left) = max.checked_sub(resident + reserve_bytes) else {
+            let what = format!("{:.2} GiB of weights besides the routed experts must stay in memory", gib(resident));
+            return Err(too_small(max, resident, &what));
+        };
+        let slot_bytes = match model.expert_parts()? {
+            Some((_, experts)) => ExpertCache::slot_bytes_for(&experts).max(1),
+            None => 1,
+        };
+        let slots = left / slot_bytes;
+        if slots == 0 {
+            let what = format!(
+                "not one routed expert ({slot_bytes} bytes) fits beside {:.2} GiB of other weights",
+                gib(resident)
+            );
+            return Err(too_small(max, resident + slot_bytes, &what));
+        }
+        return stream_experts(model, slots);
+    }
+    // A dense model: as many leading layers stay as fit beside the head, the embedding and a
+    // ring of slots for the others.
+    let ring = (crate::models::decoder::LAYERS_AHEAD + 1) * model.layer_slot_bytes(0)?;
+    let fixed = always_resident + ring;
+    let Some(mut budget) = max.checked_sub(fixed + reserve_bytes) else {
+        let what = format!(
+            "the LM head and embedding ({:.2} GiB) stay in memory beside {} streamed layers ({:.2} GiB)",
+            gib(always_resident),
+            crate::models::decoder::LAYERS_AHEAD + 1,
+            gib(ring)
+        );
+        return Err(too_small(max, fixed, &what));
+    };
+    let mut resident = 0;
+    while resident + 1 < layer_bytes.len() && layer_bytes[resident] <= budget {
+        budget -= layer_bytes[resident];
+        resident += 1;
+    }
+    stream_layers(model, resident)
 }
 
 /// Bytes of memory the system could give this process now without swapping (Linux's

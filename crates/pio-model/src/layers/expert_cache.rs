@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use memmap2::MmapMut;
 
+use crate::weights::Tensor;
 use crate::{Error, Result};
 
 /// Direct I/O moves whole 4 KiB blocks between aligned buffers and aligned file offsets.
@@ -75,6 +76,9 @@ pub struct ExpertCacheOptions {
     pub io_threads: usize,
     /// Try `O_DIRECT` (falls back to buffered reads where the file system refuses it).
     pub direct_io: bool,
+    /// Dense models: keep exactly this many layers in memory and stream the rest, whatever
+    /// the memory bound (tests and benchmarks).
+    pub resident_layers: Option<usize>,
 }
 
 impl Default for ExpertCacheOptions {
@@ -85,13 +89,32 @@ impl Default for ExpertCacheOptions {
             slots: None,
             io_threads: 4,
             direct_io: true,
+            resident_layers: None,
         }
     }
 }
 
 /// The files experts lie in, and per streamed layer per expert its gate, up and down
 /// matrices in them.
-pub type ExpertFiles = (Vec<PathBuf>, Vec<Vec<[Part; 3]>>);
+pub type ExpertFiles = (Vec<PathBuf>, Vec<Vec<Vec<Part>>>);
+
+/// Where `tensors` lie on disk, one [`Part`] each (`file` indexes `files`, which grows with
+/// files not seen before); `None` when some tensor is in memory rather than mapped from a file.
+pub fn parts_of<'a>(tensors: impl IntoIterator<Item = &'a Tensor>, files: &mut Vec<PathBuf>) -> Option<Vec<Part>> {
+    let mut parts = Vec::new();
+    for t in tensors {
+        let (path, offset, len) = t.file_range()?;
+        let file = match files.iter().position(|f| f == path) {
+            Some(i) => i,
+            None => {
+                files.push(path.to_path_buf());
+                files.len() - 1
+            }
+        };
+        parts.push(Part { file, offset, len });
+    }
+    Some(parts)
+}
 
 /// One matrix of an expert on disk.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -221,9 +244,9 @@ struct Source {
 struct Inner {
     sources: Vec<Source>,
     /// Per streamed layer, per expert: gate, up, down on disk.
-    experts: Vec<Vec<[Part; 3]>>,
+    experts: Vec<Vec<Vec<Part>>>,
     /// Where each part's aligned region starts in a slot, and the slot size.
-    region: [usize; 3],
+    region: Vec<usize>,
     slot_bytes: usize,
     /// `slots * slot_bytes` bytes, page-aligned (anonymous memory).
     memory: MmapMut,
@@ -259,6 +282,21 @@ fn round_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// The bytes each part index needs in a slot: the largest aligned span of that part over all
+/// items.
+fn region_lens(items: &[Vec<Vec<Part>>]) -> Vec<usize> {
+    let mut lens: Vec<usize> = Vec::new();
+    for item in items.iter().flatten() {
+        if lens.len() < item.len() {
+            lens.resize(item.len(), 0);
+        }
+        for (r, p) in lens.iter_mut().zip(item) {
+            *r = (*r).max(span(p).2);
+        }
+    }
+    lens
+}
+
 /// The aligned span a part occupies: (first aligned file offset, bytes before the data, bytes).
 fn span(p: &Part) -> (u64, usize, usize) {
     let lead = (p.offset % ALIGN as u64) as usize;
@@ -268,35 +306,24 @@ fn span(p: &Part) -> (u64, usize, usize) {
 impl ExpertCache {
     /// The slot size `experts` need (each slot holds the largest expert, every matrix in a
     /// 4 KiB-aligned region of its own).
-    pub fn slot_bytes_for(experts: &[Vec<[Part; 3]>]) -> usize {
-        let mut region = [0usize; 3];
-        for e in experts.iter().flatten() {
-            for (r, p) in region.iter_mut().zip(e) {
-                *r = (*r).max(span(p).2);
-            }
-        }
-        region.iter().sum()
+    pub fn slot_bytes_for(experts: &[Vec<Vec<Part>>]) -> usize {
+        region_lens(experts).iter().sum()
     }
 
     /// A cache of `slots` slots over `experts` (per streamed layer, per expert, its three
     /// matrices in `files`).
     pub fn new(
         files: Vec<PathBuf>,
-        experts: Vec<Vec<[Part; 3]>>,
+        experts: Vec<Vec<Vec<Part>>>,
         slots: usize,
         options: ExpertCacheOptions,
     ) -> Result<ExpertCache> {
         let slots = slots.max(1);
-        let mut region_len = [0usize; 3];
-        for e in experts.iter().flatten() {
-            for (r, p) in region_len.iter_mut().zip(e) {
-                if p.file >= files.len() {
-                    return Err(Error::Config(format!("expert part names file {} of {}", p.file, files.len())));
-                }
-                *r = (*r).max(span(p).2);
-            }
+        if let Some(p) = experts.iter().flatten().flatten().find(|p| p.file >= files.len()) {
+            return Err(Error::Config(format!("expert part names file {} of {}", p.file, files.len())));
         }
-        let region = [0, region_len[0], region_len[0] + region_len[1]];
+        let region_len = region_lens(&experts);
+        let region: Vec<usize> = region_len.iter().scan(0, |at, len| Some(std::mem::replace(at, *at + len))).collect();
         let slot_bytes = region_len.iter().sum::<usize>().max(ALIGN);
         let mut sources = Vec::with_capacity(files.len());
         for path in files {
@@ -528,7 +555,7 @@ impl ExpertCache {
     /// read from it afterwards, but may find it there.
     pub fn probe_read_bandwidth(&self, max_bytes: u64, max_s: f64) -> f64 {
         let inner = &*self.inner;
-        let all: Vec<&[Part; 3]> = inner.experts.iter().flatten().collect();
+        let all: Vec<&Vec<Part>> = inner.experts.iter().flatten().collect();
         if all.is_empty() {
             return 0.0;
         }
@@ -741,12 +768,12 @@ mod tests {
     use super::*;
 
     /// A file of `n` experts whose parts hold known bytes at unaligned offsets.
-    fn file_of_experts(dir: &std::path::Path, n: usize) -> (PathBuf, Vec<[Part; 3]>) {
+    fn file_of_experts(dir: &std::path::Path, n: usize) -> (PathBuf, Vec<Vec<Part>>) {
         let path = dir.join("experts.bin");
         let mut bytes = vec![0u8; 37];
         let mut parts = Vec::new();
         for e in 0..n {
-            let mut p = [Part { file: 0, offset: 0, len: 0 }; 3];
+            let mut p = vec![Part { file: 0, offset: 0, len: 0 }; 3];
             for (j, part) in p.iter_mut().enumerate() {
                 let len = 1000 + 300 * j + e;
                 *part = Part { file: 0, offset: bytes.len() as u64, len };
@@ -767,7 +794,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pio-expert-cache-{}-{policy}-{direct_io}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (path, parts) = file_of_experts(&dir, 6);
-        let opts = ExpertCacheOptions { policy, prefetch: false, slots: Some(2), io_threads: 2, direct_io };
+        let opts = ExpertCacheOptions {
+            policy,
+            prefetch: false,
+            slots: Some(2),
+            io_threads: 2,
+            direct_io,
+            resident_layers: None,
+        };
         let cache = ExpertCache::new(vec![path], vec![parts.clone()], 2, opts).unwrap();
         // Asking for three experts with two slots pins two; the rest waits for a second round.
         let pinned = cache.pin(0, &[4, 1, 5]);

@@ -20,7 +20,7 @@ use pio_kernels::matmul::{self, Layout, WeightView};
 use pio_kernels::{ops, parallel};
 
 use crate::config::{Gating, MoeConfig};
-use crate::layers::expert_cache::{ExpertCache, Part};
+use crate::layers::expert_cache::{parts_of, ExpertCache, Part};
 use crate::layers::{Linear, Mlp};
 use crate::weights::Checkpoint;
 use crate::Result;
@@ -554,24 +554,8 @@ impl SparseMoe {
     /// Where each routed expert's gate, up and down matrices lie on disk (`file` indexes
     /// `files`, which grows with files not seen before), or `None` when some expert is in
     /// memory (quantized or rearranged at load).
-    pub fn expert_parts(&self, files: &mut Vec<std::path::PathBuf>) -> Option<Vec<[Part; 3]>> {
-        let mut out = Vec::with_capacity(self.experts.len());
-        for e in &self.experts {
-            let mut parts = [Part { file: 0, offset: 0, len: 0 }; 3];
-            for (p, l) in parts.iter_mut().zip(e.linears()) {
-                let (path, offset, len) = l.weight.file_range()?;
-                let file = match files.iter().position(|f| f == path) {
-                    Some(i) => i,
-                    None => {
-                        files.push(path.to_path_buf());
-                        files.len() - 1
-                    }
-                };
-                *p = Part { file, offset, len };
-            }
-            out.push(parts);
-        }
-        Some(out)
+    pub fn expert_parts(&self, files: &mut Vec<std::path::PathBuf>) -> Option<Vec<Vec<Part>>> {
+        self.experts.iter().map(|e| parts_of(e.linears().map(|l| &l.weight), files)).collect()
     }
 
     /// Bytes of one routed expert's weights (all experts have the same shape and format

@@ -34,13 +34,13 @@ use pio_kernels::ops;
 use super::{CausalLm, ModelShape};
 use crate::batch::ForwardBatch;
 use crate::config::ModelConfig;
-use crate::layers::expert_cache::ExpertFiles;
+use crate::layers::expert_cache::{parts_of, ExpertFiles, Part};
 use crate::layers::mla::LatentAttention;
 use crate::layers::{
-    Attention, CacheSpec, ExpertCache, ExpertCacheOptions, ExpertCacheStats, GatedDeltaNet, KvCache, Linear, Mlp,
-    MoeStats, RmsNorm, SparseMoe,
+    Attention, CacheSpec, EvictionPolicy, ExpertCache, ExpertCacheOptions, ExpertCacheStats, GatedDeltaNet, KvCache,
+    Linear, Mlp, MoeStats, RmsNorm, SparseMoe,
 };
-use crate::weights::{Checkpoint, Tensor};
+use crate::weights::{Checkpoint, Storage, Tensor};
 use crate::{Error, Result};
 
 /// A decoder-only model of any supported family.
@@ -57,6 +57,68 @@ pub struct DecoderModel {
     cache_spec: CacheSpec,
     /// The routed experts' cache when they stream from disk ([`DecoderModel::stream_experts`]).
     expert_cache: Option<Arc<ExpertCache>>,
+    /// Layers streamed from disk ([`DecoderModel::stream_layers`]).
+    layer_stream: Option<LayerStream>,
+}
+
+/// The last layers of a dense model read from disk for every forward, through a ring of slots:
+/// while one layer computes, the next ones load.
+#[derive(Debug)]
+struct LayerStream {
+    cache: Arc<ExpertCache>,
+    /// Layers from this one on stream; those before it stay in memory.
+    first: usize,
+}
+
+/// Streamed layers read ahead of the one computing (the ring has one slot more).
+pub const LAYERS_AHEAD: usize = 2;
+
+/// A streamed layer for one forward: a copy of the layer whose matrices are the slot's bytes,
+/// and the pin that keeps them there until it is dropped.
+struct StreamedLayer {
+    layer: DecoderLayer,
+    cache: Arc<ExpertCache>,
+    slot: usize,
+}
+
+impl Drop for StreamedLayer {
+    fn drop(&mut self) {
+        self.cache.unpin(&[self.slot]);
+    }
+}
+
+impl LayerStream {
+    /// Layer `i` (`home`, whose matrices are mapped and never read) from its slot, reading it if
+    /// the prefetch has not, and starts reading the layers after it (past the last, the first
+    /// streamed ones, for the next forward).
+    fn load(&self, i: usize, home: &DecoderLayer) -> Result<StreamedLayer> {
+        let cache = &self.cache;
+        let item = i - self.first;
+        let n = home_count(cache);
+        let slot = cache.pin(0, &[item])[0].1;
+        let ahead: Vec<usize> = (1..=LAYERS_AHEAD).map(|d| (item + d) % n).filter(|&x| x != item).collect();
+        cache.prefetch(0, &ahead, LAYERS_AHEAD);
+        loop {
+            match cache.wait_ready(&[slot]) {
+                Ok(ready) if ready.is_empty() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    cache.unpin(&[slot]);
+                    return Err(e);
+                }
+            }
+        }
+        let mut layer = home.clone_dense().ok_or_else(|| Error::Config("only dense layers stream".into()))?;
+        for (part, l) in layer.linears_mut(false).into_iter().enumerate() {
+            l.weight.storage = Storage::Pooled { cache: cache.clone(), slot, part };
+        }
+        Ok(StreamedLayer { layer, cache: cache.clone(), slot })
+    }
+}
+
+/// Layers a layer stream's cache holds (its one group's items).
+fn home_count(cache: &ExpertCache) -> usize {
+    cache.stats().experts as usize
 }
 
 #[derive(Debug)]
@@ -82,7 +144,7 @@ enum FeedForward {
     Sparse(SparseMoe),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SelfAttention {
     /// `[heads*hd, hidden]`, `[kv*hd, hidden]`, `[kv*hd, hidden]`, `[hidden, heads*hd]`.
     q_proj: Linear,
@@ -96,6 +158,55 @@ struct SelfAttention {
     /// `o * sigmoid(gate)` (Qwen3-Next).
     output_gate: bool,
     attn: Attention,
+}
+
+impl DecoderLayer {
+    /// A copy of a dense layer with standard attention (the kind that streams); `None` for
+    /// other kinds.
+    fn clone_dense(&self) -> Option<DecoderLayer> {
+        let (AttentionBlock::Standard(a), FeedForward::Dense(m)) = (&self.self_attn, &self.mlp) else { return None };
+        Some(DecoderLayer {
+            input_layernorm: self.input_layernorm.clone(),
+            self_attn: AttentionBlock::Standard(a.clone()),
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            mlp: FeedForward::Dense(m.clone()),
+        })
+    }
+
+    /// The layer's matrices (routers and experts included), in a fixed order.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut all = Vec::new();
+        match &self.self_attn {
+            AttentionBlock::Standard(a) => all.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]),
+            AttentionBlock::Latent(a) => all.extend(a.linears()),
+            AttentionBlock::Linear(a) => all.extend(a.linears()),
+        }
+        match &self.mlp {
+            FeedForward::Dense(m) => all.extend(m.linears()),
+            FeedForward::Sparse(m) => all.extend(m.linears()),
+        }
+        all
+    }
+
+    /// As [`DecoderLayer::linears`], to change (routed experts only with `routed_experts`).
+    fn linears_mut(&mut self, routed_experts: bool) -> Vec<&mut Linear> {
+        let mut all: Vec<&mut Linear> = Vec::new();
+        match &mut self.self_attn {
+            AttentionBlock::Standard(a) => all.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]),
+            AttentionBlock::Latent(a) => all.extend(a.linears_mut()),
+            AttentionBlock::Linear(a) => all.extend(a.linears_mut()),
+        }
+        match &mut self.mlp {
+            FeedForward::Dense(m) => all.extend(m.linears_mut()),
+            FeedForward::Sparse(m) => all.extend(m.linears_mut(routed_experts)),
+        }
+        all
+    }
+
+    /// Weight bytes of the layer's matrices.
+    fn weight_bytes(&self) -> usize {
+        self.linears().iter().map(|l| l.weight.bytes().len()).sum()
+    }
 }
 
 impl DecoderModel {
@@ -167,24 +278,21 @@ impl DecoderModel {
         ckpt.finish()?;
         progress(c.num_layers, c.num_layers);
         let cache_spec = CacheSpec::from_config(&config);
-        Ok(DecoderModel { config, embed_tokens, layers, norm, lm_head, cache_spec, expert_cache: None })
+        Ok(DecoderModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cache_spec,
+            expert_cache: None,
+            layer_stream: None,
+        })
     }
 
-    /// Every layer matrix (routers and experts included) and the LM head.
+    /// Every layer matrix (routers and experts included).
     fn linears(&self) -> Vec<&Linear> {
-        let mut all = Vec::new();
-        for l in &self.layers {
-            match &l.self_attn {
-                AttentionBlock::Standard(a) => all.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]),
-                AttentionBlock::Latent(a) => all.extend(a.linears()),
-                AttentionBlock::Linear(a) => all.extend(a.linears()),
-            }
-            match &l.mlp {
-                FeedForward::Dense(m) => all.extend(m.linears()),
-                FeedForward::Sparse(m) => all.extend(m.linears()),
-            }
-        }
-        all
+        self.layers.iter().flat_map(DecoderLayer::linears).collect()
     }
 
     /// Rearranges every matrix whose format has interleaved decode kernels into that layout
@@ -247,10 +355,77 @@ impl DecoderModel {
         }
         self.expert_cache = Some(cache.clone());
         // Everything else is read from memory from now on, never from the mapped file.
-        self.embed_tokens.own();
+        self.own_head_and_embedding();
         for l in self.linears_mut(false) {
             l.weight.own();
         }
+        Ok(cache)
+    }
+
+    /// Copies the LM head and the embedding into memory (one copy when they are tied).
+    fn own_head_and_embedding(&mut self) {
+        self.lm_head.weight.own();
+        if self.config.tie_word_embeddings {
+            self.embed_tokens = self.lm_head.weight.clone();
+        } else {
+            self.embed_tokens.own();
+        }
+    }
+
+    /// Weight bytes of each layer's matrices, and of what every forward reads besides them
+    /// (embedding, unless tied, and LM head).
+    pub fn layer_bytes(&self) -> (Vec<usize>, usize) {
+        let head = self.lm_head.weight.bytes().len();
+        let embed = if self.config.tie_word_embeddings { 0 } else { self.embed_tokens.bytes().len() };
+        (self.layers.iter().map(DecoderLayer::weight_bytes).collect(), head + embed)
+    }
+
+    /// The bytes of one slot of a layer stream starting at layer `first` (the largest streamed
+    /// layer, each matrix 4 KiB-aligned), or why those layers cannot stream.
+    pub fn layer_slot_bytes(&self, first: usize) -> Result<usize> {
+        Ok(ExpertCache::slot_bytes_for(&[self.layer_parts(first, &mut Vec::new())?]))
+    }
+
+    fn layer_parts(&self, first: usize, files: &mut Vec<std::path::PathBuf>) -> Result<Vec<Vec<Part>>> {
+        self.layers[first..]
+            .iter()
+            .map(|l| {
+                if l.clone_dense().is_none() {
+                    return Err(Error::Config(
+                        "only dense layers with standard attention stream from disk (mixture models stream their \
+                         experts)"
+                            .into(),
+                    ));
+                }
+                parts_of(l.linears().iter().map(|x| &x.weight), files).ok_or_else(|| {
+                    Error::Config(
+                        "the layers are in memory (quantized at load?), so they cannot stream from disk: quantize \
+                         the file with `pio quantize` and load that instead"
+                            .into(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Keeps layers `..first` in memory and reads layers `first..` from disk for every forward,
+    /// through a ring of [`LAYERS_AHEAD`] + 1 slots (the next layers load while one computes).
+    /// Everything that stays is copied into memory. The results are the same bits.
+    pub fn stream_layers(&mut self, first: usize, options: ExpertCacheOptions) -> Result<Arc<ExpertCache>> {
+        if first >= self.layers.len() {
+            return Err(Error::Config(format!("no layer from {first} on to stream")));
+        }
+        let mut files = Vec::new();
+        let parts = self.layer_parts(first, &mut files)?;
+        let options = ExpertCacheOptions { policy: EvictionPolicy::Lru, prefetch: true, ..options };
+        let cache = Arc::new(ExpertCache::new(files, vec![parts], LAYERS_AHEAD + 1, options)?);
+        self.own_head_and_embedding();
+        for l in &mut self.layers[..first] {
+            for x in l.linears_mut(true) {
+                x.weight.own();
+            }
+        }
+        self.layer_stream = Some(LayerStream { cache: cache.clone(), first });
         Ok(cache)
     }
 
@@ -267,15 +442,7 @@ impl DecoderModel {
     fn linears_mut(&mut self, routed_experts: bool) -> Vec<&mut Linear> {
         let mut all: Vec<&mut Linear> = vec![&mut self.lm_head];
         for l in &mut self.layers {
-            match &mut l.self_attn {
-                AttentionBlock::Standard(a) => all.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]),
-                AttentionBlock::Latent(a) => all.extend(a.linears_mut()),
-                AttentionBlock::Linear(a) => all.extend(a.linears_mut()),
-            }
-            match &mut l.mlp {
-                FeedForward::Dense(m) => all.extend(m.linears_mut()),
-                FeedForward::Sparse(m) => all.extend(m.linears_mut(routed_experts)),
-            }
+            all.extend(l.linears_mut(routed_experts));
         }
         all
     }
@@ -435,7 +602,7 @@ impl CausalLm for DecoderModel {
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
-        self.expert_cache.as_ref().map(|c| c.stats())
+        self.expert_cache.as_ref().or(self.layer_stream.as_ref().map(|s| &s.cache)).map(|c| c.stats())
     }
 
     fn set_synthetic_routing(&mut self, zipf: Option<f64>) -> bool {
@@ -451,7 +618,8 @@ impl CausalLm for DecoderModel {
 
     fn probe_disk_bandwidth(&self) -> Option<f64> {
         // 2 GiB or 3 s: enough to get past a disk's burst cache on this kind of VM.
-        self.expert_cache.as_ref().map(|c| c.probe_read_bandwidth(2 << 30, 3.0))
+        let cache = self.expert_cache.as_ref().or(self.layer_stream.as_ref().map(|s| &s.cache));
+        cache.map(|c| c.probe_read_bandwidth(2 << 30, 3.0))
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
@@ -470,6 +638,12 @@ impl CausalLm for DecoderModel {
             embed.dequantize_row(id as usize, row);
         }
         for (i, layer) in self.layers.iter().enumerate() {
+            // A streamed layer computes from its slot; the pin goes at the end of the iteration.
+            let streamed = match &self.layer_stream {
+                Some(ls) if i >= ls.first => Some(ls.load(i, layer)?),
+                _ => None,
+            };
+            let layer = streamed.as_ref().map_or(layer, |s| &s.layer);
             let hn = layer.input_layernorm.forward(&x);
             let attn = match &layer.self_attn {
                 AttentionBlock::Standard(a) => a.forward(&hn, batch, cache),

@@ -31,6 +31,10 @@ pub enum Storage {
     /// A matrix rearranged at load for the decode kernels ([`Layout::Interleaved`], see
     /// [`Tensor::interleave`]); its bytes are not rows.
     Interleaved(Arc<Vec<u8>>),
+    /// Part `part` of what slot `slot` of a streaming cache holds: a layer read from disk for
+    /// one forward (rows). Only valid while the forward that pinned the slot holds it (see
+    /// [`crate::layers::ExpertCache::bytes`]).
+    Pooled { cache: Arc<crate::layers::ExpertCache>, slot: usize, part: usize },
 }
 
 /// A tensor: format, shape (outermost first) and bytes.
@@ -53,6 +57,7 @@ impl Tensor {
         match &self.storage {
             Storage::Mapped { map, offset, len, .. } => &map[*offset..*offset + *len],
             Storage::Owned(v) | Storage::Interleaved(v) => v,
+            Storage::Pooled { cache, slot, part } => cache.bytes(*slot, *part),
         }
     }
 
@@ -96,7 +101,7 @@ impl Tensor {
     pub fn file_range(&self) -> Option<(&std::path::Path, u64, usize)> {
         match &self.storage {
             Storage::Mapped { path, offset, len, .. } => Some((path.as_path(), *offset as u64, *len)),
-            Storage::Owned(_) | Storage::Interleaved(_) => None,
+            Storage::Owned(_) | Storage::Interleaved(_) | Storage::Pooled { .. } => None,
         }
     }
 
@@ -128,8 +133,8 @@ impl Tensor {
             Storage::Mapped { map, path, offset, .. } => {
                 Storage::Mapped { map: map.clone(), path: path.clone(), offset: offset + start * per, len: count * per }
             }
-            Storage::Owned(v) | Storage::Interleaved(v) => {
-                Storage::Owned(Arc::new(v[start * per..(start + count) * per].to_vec()))
+            Storage::Owned(_) | Storage::Interleaved(_) | Storage::Pooled { .. } => {
+                Storage::Owned(Arc::new(self.bytes()[start * per..(start + count) * per].to_vec()))
             }
         };
         Tensor { dtype: self.dtype, shape, storage }
