@@ -85,8 +85,8 @@ pub struct ModelArgs {
     /// for the KV cache and scratch. Unset: no bound, weights memory-mapped.
     #[arg(long, value_parser = crate::serve::parse_size)]
     pub max_memory: Option<usize>,
-    /// Which streamed expert leaves the cache for another: lru (least recently used) or
-    /// frequency (least often used, counts halved as they age).
+    /// Which streamed expert leaves the cache for another: frequency (least often used, counts
+    /// halved as they age; measured better) or lru (least recently used).
     #[arg(long, default_value_t = pio_model::EvictionPolicy::default())]
     pub expert_cache_policy: pio_model::EvictionPolicy,
     /// Do not read the next layer's likely experts ahead (its router applied to the current

@@ -33,12 +33,16 @@ pub const ALIGN: usize = 4096;
 
 /// Which expert leaves the cache when another must come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// Frequency is the default: on the Qwen3-Coder-30B-A3B shape under an 8 GiB bound, with experts
+/// drawn from a Zipf law (exponent 1), it hit 74.2% against LRU's 70.1% (264 against 306 MB read
+/// per token, 4.1 against 3.8-3.9 tokens/s); with uniform draws 36.9% against 35.7%.
 pub enum EvictionPolicy {
     /// The least recently used.
-    #[default]
     Lru,
     /// The least often used, counts halved every few thousand uses so the cache follows a
     /// change of workload; ties go to the least recently used.
+    #[default]
     Frequency,
 }
 
@@ -566,16 +570,24 @@ impl ExpertCache {
             for t in 0..threads {
                 let (all, total) = (&all, &total);
                 scope.spawn(move || {
-                    let Ok(mut buf) = MmapMut::map_anon(inner.slot_bytes) else { return };
+                    // One part at a time, into a buffer the size of the largest part.
+                    let largest = inner
+                        .region
+                        .windows(2)
+                        .map(|w| w[1] - w[0])
+                        .chain([inner.slot_bytes - inner.region.last().copied().unwrap_or(0)])
+                        .max()
+                        .unwrap_or(ALIGN);
+                    let Ok(mut buf) = MmapMut::map_anon(largest) else { return };
                     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
                     while total.load(Ordering::Relaxed) < max_bytes && start.elapsed().as_secs_f64() < max_s {
                         seed ^= seed << 13;
                         seed ^= seed >> 7;
                         seed ^= seed << 17;
                         let parts = all[(seed % all.len() as u64) as usize];
-                        for (j, p) in parts.iter().enumerate() {
+                        for p in parts.iter() {
                             let (at, lead, len) = span(p);
-                            let dst = &mut buf[inner.region[j]..inner.region[j] + len];
+                            let Some(dst) = buf.get_mut(..len) else { return };
                             match inner.read_part(p, at, lead, dst) {
                                 Ok(n) => total.fetch_add(n as u64, Ordering::Relaxed),
                                 Err(_) => return,

@@ -299,10 +299,18 @@ impl DecoderModel {
     /// ([`crate::weights::Tensor::interleave`]): attention, dense MLPs, shared experts, routers
     /// and the LM head (a tied head gets a copy; the embedding keeps its rows). Routed experts
     /// only with `routed_experts`: they otherwise stay mapped and are read only when chosen.
+    /// Layers that stream from disk ([`DecoderModel::stream_layers`]) are left alone.
     /// Returns how many matrices and bytes were rearranged.
     pub fn interleave_weights(&mut self, routed_experts: bool) -> (usize, usize) {
         let (mut count, mut bytes) = (0, 0);
-        for l in self.linears_mut(routed_experts) {
+        // Streamed layers are read from disk in rows for every forward: their mapped matrices
+        // are never touched.
+        let streamed = self.layer_stream.as_ref().map_or(self.layers.len(), |s| s.first);
+        let mut matrices: Vec<&mut Linear> = vec![&mut self.lm_head];
+        for l in &mut self.layers[..streamed] {
+            matrices.extend(l.linears_mut(routed_experts));
+        }
+        for l in matrices {
             if l.weight.interleave() {
                 count += 1;
                 bytes += l.weight.bytes().len();
