@@ -27,6 +27,11 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     // The disk's bandwidth is probed before and after the runs (a shared disk's varies); the
     // higher figure is the roofline's denominator.
     let disk_before = loaded.model.probe_disk_bandwidth();
+    // Measure once the expert cache's memory is faulted in (it is, in the background, from
+    // load on): the steady state a server runs in.
+    while loaded.model.expert_cache_stats().is_some_and(|c| !c.populated) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // Token ids drawn from the vocabulary with a fixed stride: speed does not depend on them.
     let tokens = |n: usize| -> Vec<u32> { (0..n).map(|i| ((i * 7919 + 13) % shape.vocab_size) as u32).collect() };
     let prompt = tokens(a.prompt_tokens);

@@ -186,6 +186,7 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
     model.set_bf16_activations(options.bf16_activations);
     let streaming = fit_in_memory(&mut model, options)?;
     let repacked = repack_at_load(&mut model, options, streaming.is_none());
+    model.populate_stream_caches();
     let tokenizer = Tokenizer::from_hf_dir(dir).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     add_eos_ids(&mut generation.eos_token_ids, raw.get("eos_token_id"));
@@ -378,6 +379,7 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
     model.set_bf16_activations(options.bf16_activations);
     let streaming = fit_in_memory(&mut model, options)?;
     let repacked = repack_at_load(&mut model, options, streaming.is_none());
+    model.populate_stream_caches();
     let tokenizer = tokenizer_from_gguf(&g).map_err(|e| e.to_string());
     let mut generation = GenerationDefaults::default();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {

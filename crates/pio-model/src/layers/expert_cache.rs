@@ -173,6 +173,8 @@ pub struct ExpertCacheStats {
     pub slot_bytes: u64,
     pub experts: u64,
     pub direct_io: bool,
+    /// Whether every slot's memory has been faulted in (see [`ExpertCache::new`]).
+    pub populated: bool,
 }
 
 impl ExpertCacheStats {
@@ -235,6 +237,7 @@ struct State {
     busy_since: Option<Instant>,
     stats: ExpertCacheStats,
     shutdown: bool,
+    populated: bool,
 }
 
 struct Source {
@@ -272,6 +275,7 @@ unsafe impl Sync for Inner {}
 pub struct ExpertCache {
     inner: Arc<Inner>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    populating: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub options: ExpertCacheOptions,
 }
 
@@ -370,6 +374,7 @@ impl ExpertCache {
             busy_since: None,
             stats: now,
             shutdown: false,
+            populated: false,
         };
         let inner = Arc::new(Inner {
             sources,
@@ -392,7 +397,7 @@ impl ExpertCache {
                 .map_err(|e| Error::Config(format!("cannot start an expert reader thread: {e}")))?;
             threads.push(t);
         }
-        Ok(ExpertCache { inner, threads, options })
+        Ok(ExpertCache { inner, threads, populating: Mutex::new(None), options })
     }
 
     /// Pins as many of `wanted` (experts of streamed layer `layer`, in the order given) as the
@@ -549,6 +554,7 @@ impl ExpertCache {
             s.read_busy_s += since.elapsed().as_secs_f64();
         }
         s.direct_io = self.inner.sources.iter().all(|x| x.direct.is_some() && !x.direct_failed.load(Ordering::Relaxed));
+        s.populated = st.populated;
         s
     }
 
@@ -600,6 +606,24 @@ impl ExpertCache {
         total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64().max(1e-9)
     }
 
+    /// Faults the pool's memory in from a thread of its own (once the model is loaded, so the
+    /// loader's own allocations do not wait on it), while the model starts serving. On this
+    /// project's VMs the first touch of fresh memory is slow: the kernel's page clearing took
+    /// 70% of the samples while a first 512-token prefill filled the slots, reading at 0.46 GB/s
+    /// against 2 GB/s once every slot had been used. Done ahead, reads do not wait for it.
+    pub fn populate_in_background(&self) {
+        let mut slot = self.populating.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        let inner = self.inner.clone();
+        match std::thread::Builder::new().name("pio-expert-populate".into()).spawn(move || inner.populate()) {
+            Ok(t) => *slot = Some(t),
+            // Without the thread, pages fault in on first use.
+            Err(_) => self.inner.lock().populated = true,
+        }
+    }
+
     /// Slots in the pool.
     pub fn num_slots(&self) -> usize {
         self.inner.memory.len() / self.inner.slot_bytes
@@ -614,7 +638,8 @@ impl Drop for ExpertCache {
     fn drop(&mut self) {
         self.inner.lock().shutdown = true;
         self.inner.work.notify_all();
-        for t in self.threads.drain(..) {
+        let populating = self.populating.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for t in self.threads.drain(..).chain(populating) {
             let _ = t.join();
         }
     }
@@ -666,6 +691,31 @@ impl State {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Faults the pool's pages in, 2 MiB at a time (stopping at shutdown). `MADV_POPULATE_WRITE`
+    /// only allocates pages not present yet: it never changes bytes an I/O thread has written.
+    /// Where the kernel lacks it (before Linux 5.14), pages fault in on first use instead.
+    fn populate(&self) {
+        // Small steps: the kernel holds the address space's lock for each, and mapping or
+        // unmapping memory elsewhere in the process waits for it.
+        const CHUNK: usize = 2 << 20;
+        let len = self.memory.len();
+        let mut at = 0;
+        while at < len {
+            if self.lock().shutdown {
+                return;
+            }
+            let n = CHUNK.min(len - at);
+            // SAFETY: the range lies inside the pool's mapping, which outlives this call; the
+            // advice changes no contents.
+            let rc = unsafe { libc::madvise(self.base.add(at).cast(), n, libc::MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                break;
+            }
+            at += n;
+        }
+        self.lock().populated = true;
     }
 
     fn io_loop(&self) {

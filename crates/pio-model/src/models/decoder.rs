@@ -370,6 +370,15 @@ impl DecoderModel {
         Ok(cache)
     }
 
+    /// Starts faulting in the memory of the streaming caches in the background (see
+    /// [`ExpertCache::populate_in_background`]).
+    pub fn populate_stream_caches(&self) {
+        let layers = self.layer_stream.as_ref().map(|s| &s.cache);
+        for c in self.expert_cache.iter().chain(layers) {
+            c.populate_in_background();
+        }
+    }
+
     /// Copies the LM head and the embedding into memory (one copy when they are tied).
     fn own_head_and_embedding(&mut self) {
         self.lm_head.weight.own();
