@@ -1,7 +1,8 @@
 //! Routed experts streamed from disk (`--max-memory`, `LoadOptions::expert_cache`) compute the
 //! same bits as resident ones on every mixture family, from safetensors (unaligned offsets) and
 //! from a quantized GGUF file, under batching, chunked prefill and preemption, with a cache of
-//! two experts; a file truncated after loading fails the requests with a clear error.
+//! two experts; so do a dense model's streamed layers (none, one or all but one resident); a file
+//! truncated after loading fails the requests with a clear error.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -131,12 +132,17 @@ fn a_memory_bound_streams_only_when_the_model_does_not_fit() {
 
 #[test]
 fn a_file_truncated_after_loading_fails_the_requests_not_the_process() {
-    let out = std::env::temp_dir().join(format!("pio-streaming-{}-trunc", std::process::id()));
+    truncated_after_loading("qwen3_moe", streamed(2, EvictionPolicy::Lru, false));
+    truncated_after_loading("qwen3", layers_streamed(1));
+}
+
+fn truncated_after_loading(name: &str, options: ExpertCacheOptions) {
+    let out = std::env::temp_dir().join(format!("pio-streaming-{}-trunc-{name}", std::process::id()));
     std::fs::create_dir_all(&out).expect("dir");
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("qwen3_moe").join(f), out.join(f)).expect("copy");
+        std::fs::copy(fixture(name).join(f), out.join(f)).expect("copy");
     }
-    let m = load(&out, Some(streamed(2, EvictionPolicy::Lru, false)));
+    let m = load(&out, Some(options));
     let len = std::fs::metadata(out.join("model.safetensors")).expect("meta").len();
     std::fs::OpenOptions::new()
         .write(true)

@@ -14,6 +14,9 @@
 //! `Loading`; it is read only while `Ready` and pinned, and a pinned or loading slot is never
 //! given to another expert. That is the whole of the synchronisation of the slot memory; the
 //! bookkeeping lives under one mutex.
+//!
+//! Dense models use the same pool for whole layers (an item is then a layer's matrices, read in
+//! order through a ring of slots: see `DecoderModel::stream_layers`).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;

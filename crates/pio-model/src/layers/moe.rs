@@ -10,10 +10,11 @@
 //! The experts run grouped: the tokens routed to an expert are gathered into one matrix, the
 //! expert runs once over them, and its rows are scattered back weighted. A batch therefore
 //! reads each chosen expert's weights once, and an expert no token chose is never read (with
-//! memory-mapped weights, never even paged in).
+//! memory-mapped weights, never even paged in). Under a memory bound the routed experts come from
+//! an expert cache instead ([`crate::layers::ExpertCache`]): the hits run while the misses are
+//! read, and the next mixture layer's likely experts are read ahead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::sync::Arc;
 
 use pio_kernels::matmul::{self, Layout, WeightView};
