@@ -39,8 +39,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let mut cfg = EngineConfig::for_tokens(ctx, crate::commands::kv_cache_type(&a.model, &loaded)?);
     cfg.max_num_seqs = a.batch;
     cfg.max_batch_tokens = a.prompt_tokens * a.batch;
+    cfg.max_memory = a.model.max_memory;
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
-    crate::commands::check_memory_bound(&a.model, engine.cache_bytes())?;
     let one_token = RequestParams { max_tokens: Some(1), ignore_eos: true, ..Default::default() };
 
     // Prefill: `batch` prompts in one forward (which also samples each one's first token),

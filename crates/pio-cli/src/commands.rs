@@ -81,22 +81,6 @@ pub(crate) fn out(s: &str) -> Result<()> {
     Ok(())
 }
 
-/// Under `--max-memory`, a KV cache (recurrent state included) larger than what the bound keeps
-/// for it and scratch ([`pio_model::memory_reserve`]) is refused, naming the options.
-pub(crate) fn check_memory_bound(args: &ModelArgs, cache_bytes: usize) -> Result<()> {
-    let Some(max) = args.max_memory else { return Ok(()) };
-    let reserve = pio_model::memory_reserve(max);
-    if cache_bytes > reserve {
-        bail!(
-            "the KV cache needs {:.1} MiB, more than the {:.1} MiB --max-memory keeps for the KV cache and scratch (an \
-             eighth of the bound, 128 MiB to 2 GiB): shorten the context or raise --max-memory",
-            cache_bytes as f64 / (1 << 20) as f64,
-            reserve as f64 / (1 << 20) as f64
-        );
-    }
-    Ok(())
-}
-
 /// Loads a model with a progress bar on a terminal; prints details with `--verbose`.
 pub(crate) fn load_model(args: &ModelArgs) -> Result<(LoadedModel, f64)> {
     let start = Instant::now();
@@ -270,8 +254,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut cfg = EngineConfig::for_tokens(ctx, kv_cache_type(&a.model, &loaded)?);
     cfg.max_num_seqs = 1;
     cfg.max_model_len = ctx;
+    cfg.max_memory = a.model.max_memory;
     let mut engine = Engine::new(loaded.model.as_ref(), tokenizer, cfg)?;
-    check_memory_bound(&a.model, engine.cache_bytes())?;
     let mut write_err = None;
     let mut on_text = |s: &str| {
         if !a.json && write_err.is_none() {
@@ -326,9 +310,9 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         max_model_len: ctx,
         prefix_caching: true,
         kv_cache_type: kv_cache_type(&a.model, &loaded)?,
+        max_memory: a.model.max_memory,
     };
     let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg)?;
-    check_memory_bound(&a.model, engine.cache_bytes())?;
     let mut messages = Vec::new();
     if let Some(sys) = &a.system {
         messages.push(json!({"role": "system", "content": sys}));
@@ -410,8 +394,8 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     cfg.max_batch_tokens = total;
     // No more running sequences (nor recurrent-state slots) than there are sequences.
     cfg.max_num_seqs = seqs.len().max(1);
+    cfg.max_memory = a.model.max_memory;
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
-    check_memory_bound(&a.model, engine.cache_bytes())?;
     let logits = engine.score(&seqs, 0)?;
     write_logits(&a.out, &logits, shape.vocab_size)
 }

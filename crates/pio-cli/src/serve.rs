@@ -97,7 +97,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
     };
     let mut cfg = EngineConfig::for_model(model.as_ref(), dtype, kv_bytes, max_model_len)?;
-    crate::commands::check_memory_bound(&a.model, kv_bytes)?;
+    cfg.max_memory = a.model.max_memory;
     // With recurrent state the budget decides how many sequences fit.
     let state_per_seq = model.cache_spec().state_bytes_per_seq();
     cfg.max_num_seqs = if state_per_seq > 0 { a.max_num_seqs.min(cfg.max_num_seqs) } else { a.max_num_seqs };

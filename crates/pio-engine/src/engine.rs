@@ -42,6 +42,10 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// Element type of the KV cache.
     pub kv_cache_type: KvCacheType,
+    /// The memory bound the model was loaded under ([`pio_model::LoadOptions::max_memory`]): a
+    /// KV cache (recurrent state included) larger than what the bound keeps for the cache and
+    /// scratch ([`pio_model::memory_reserve`]) is refused.
+    pub max_memory: Option<usize>,
 }
 
 impl EngineConfig {
@@ -70,6 +74,7 @@ impl EngineConfig {
             max_model_len: num_blocks * block_size,
             prefix_caching: false,
             kv_cache_type,
+            max_memory: None,
         }
     }
 
@@ -124,6 +129,7 @@ impl EngineConfig {
             max_model_len,
             prefix_caching: true,
             kv_cache_type,
+            max_memory: None,
         })
     }
 }
@@ -356,6 +362,22 @@ impl<'m> Engine<'m> {
         );
         let metrics = Arc::new(Metrics::default());
         metrics.kv_blocks_total.store(cfg.num_blocks, Ordering::Relaxed);
+        if let Some(max) = cfg.max_memory {
+            let spec = model.cache_spec();
+            let bytes = cfg.num_blocks * spec.bytes_per_block(cfg.kv_cache_type, cfg.block_size)
+                + state_slots * spec.state_bytes_per_seq();
+            let reserve = pio_model::memory_reserve(max);
+            if bytes > reserve {
+                return Err(EngineError::Invalid(format!(
+                    "the KV cache needs {:.1} MiB, more than the {:.1} MiB a memory bound of {:.2} GiB keeps for the KV \
+                     cache and scratch (an eighth of the bound, 128 MiB to 2 GiB): shorten the context or raise \
+                     --max-memory",
+                    bytes as f64 / (1 << 20) as f64,
+                    reserve as f64 / (1 << 20) as f64,
+                    max as f64 / (1u64 << 30) as f64
+                )));
+            }
+        }
         let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type, state_slots);
         let limits = RequestLimits::new(cfg, model, tokenizer.is_some());
         Ok(Engine { model, tokenizer, limits, cache, sched, reqs: HashMap::new(), metrics, next_id: 0 })

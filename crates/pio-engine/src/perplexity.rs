@@ -421,6 +421,7 @@ pub fn perplexity(
         max_model_len: held,
         prefix_caching: false,
         kv_cache_type: params.kv_cache_type,
+        max_memory: None,
     };
     let mut engine = Engine::new(model, None, cfg)?;
     let mut acc = Accumulator::default();

@@ -38,6 +38,7 @@ fn config(num_blocks: usize, max_batch_tokens: usize) -> EngineConfig {
         max_model_len: 256.min(num_blocks * 16),
         prefix_caching: true,
         kv_cache_type: Default::default(),
+        max_memory: None,
     }
 }
 
@@ -244,6 +245,7 @@ fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
         max_model_len: 200,
         prefix_caching: true,
         kv_cache_type: Default::default(),
+        max_memory: None,
     };
     let mut engine = Engine::new(model, None, cfg).expect("engine");
     let params = RequestParams { max_tokens: Some(new), ignore_eos: true, ..Default::default() };

@@ -39,6 +39,7 @@ fn run(loaded: &LoadedModel) -> (Vec<Vec<f32>>, Vec<Vec<u32>>, u64) {
         max_model_len: 144,
         prefix_caching: true,
         kv_cache_type: Default::default(),
+        max_memory: None,
     };
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg).expect("engine");
     let reqs = [(prompt(70, 3), 12), (prompt(45, 8), 20), (prompt(70, 3), 30)];
@@ -124,6 +125,13 @@ fn a_memory_bound_streams_only_when_the_model_does_not_fit() {
     let tight = LoadOptions { max_memory: Some(1 << 20), ..Default::default() };
     let err = pio_model::load_with(&fixture("qwen3"), &tight, &mut |_, _| {}).err().expect("refused").to_string();
     assert!(err.contains("--max-memory") && err.contains("give at least"), "{err}");
+    // The engine refuses, before allocating it, a KV cache larger than what the bound keeps for
+    // the cache and scratch.
+    let cfg = EngineConfig { max_memory: Some(1 << 30), ..EngineConfig::for_tokens(50_000_000, Default::default()) };
+    let err = Engine::new(m.model.as_ref(), None, cfg).err().expect("refused").to_string();
+    assert!(err.contains("--max-memory") && err.contains("KV cache"), "{err}");
+    let cfg = EngineConfig { max_memory: Some(1 << 30), ..EngineConfig::for_tokens(4096, Default::default()) };
+    assert!(Engine::new(m.model.as_ref(), None, cfg).is_ok());
     // Experts quantized at load live in memory: they cannot stream.
     let quant = LoadOptions { quant: Some(DType::Q8_0), expert_cache: streamed(2, EvictionPolicy::Lru, true), ..roomy };
     let err = pio_model::load_with(&path, &quant, &mut |_, _| {}).err().expect("refused").to_string();
