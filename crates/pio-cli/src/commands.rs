@@ -138,7 +138,7 @@ fn print_info(info: &ModelInfo, load_s: f64) {
         match st.streamed_layers {
             Some((resident, total)) => eprintln!(
                 "streaming:    layers {resident}..{total} from disk through {} slots of {:.1} MiB; {:.2} GiB of weights \
-                 resident (layers 0..{resident}, head, embedding), {:.2} GiB kept for the KV cache and scratch",
+                 resident (layers 0..{resident}, head, embedding), {:.2} GiB kept for the KV cache, scratch and the rest of the process",
                 st.slots,
                 st.slot_bytes as f64 / (1 << 20) as f64,
                 gib(st.resident_bytes),
@@ -146,7 +146,7 @@ fn print_info(info: &ModelInfo, load_s: f64) {
             ),
             None => eprintln!(
                 "streaming:    routed experts from disk, {} slots of {:.2} MiB ({:.2} of {:.2} GiB of experts, {}, \
-                 prefetch {}); {:.2} GiB of other weights resident, {:.2} GiB kept for the KV cache and scratch",
+                 prefetch {}); {:.2} GiB of other weights resident, {:.2} GiB kept for the KV cache, scratch and the rest of the process",
                 st.slots,
                 st.slot_bytes as f64 / (1 << 20) as f64,
                 gib(st.slots * st.slot_bytes),

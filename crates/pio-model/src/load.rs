@@ -58,7 +58,8 @@ pub struct StreamingInfo {
     pub max_memory: Option<usize>,
     /// Weights kept in memory: everything but the routed experts (or the streamed layers).
     pub resident_bytes: usize,
-    /// Left for the KV cache and scratch (see [`memory_reserve`]).
+    /// Left for the KV cache and scratch ([`memory_reserve`]) and the rest of the process
+    /// ([`RUNTIME_ALLOWANCE`]).
     pub reserve_bytes: usize,
     /// All routed experts (0 when layers stream), and the slots of the cache that holds some
     /// of them (or the streamed layers).
@@ -75,6 +76,12 @@ pub struct StreamingInfo {
 pub fn memory_reserve(max_memory: usize) -> usize {
     (max_memory / 8).clamp(128 << 20, 2 << 30)
 }
+
+/// What a memory bound also leaves for the rest of the process: the tokenizer (a 151k-token
+/// vocabulary with its merges takes tens of MiB), code, the file's metadata, thread stacks.
+/// Measured: Qwen2.5-Coder-0.5B under a 420 MiB bound peaked 150 MiB above its weights, ring
+/// and KV cache before this allowance.
+pub const RUNTIME_ALLOWANCE: usize = 128 << 20;
 
 /// How [`load_with`] loads a model.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -272,12 +279,13 @@ fn fit_in_memory(model: &mut DecoderModel, options: &LoadOptions) -> Result<Opti
     let weights: usize = model.weight_dtypes().iter().map(|(_, b)| b).sum();
     let expert_bytes = model.moe_stats().map_or(0, |s| s.expert_bytes_total as usize);
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-    let reserve_bytes = options.max_memory.map_or(0, memory_reserve);
+    // Kept out of the weights' share: the KV cache and scratch, and the rest of the process.
+    let reserve_bytes = options.max_memory.map_or(0, |m| memory_reserve(m) + RUNTIME_ALLOWANCE);
     let (layer_bytes, always_resident) = model.layer_bytes();
     let too_small = |max: usize, needed: usize, what: &str| {
         Error::Config(format!(
-            "--max-memory {:.2} GiB is too small for this model: {what}, and {:.2} GiB is kept for the KV cache and \
-             scratch; give at least {:.2} GiB",
+            "--max-memory {:.2} GiB is too small for this model: {what}, and {:.2} GiB is kept for the KV cache, \
+             scratch, tokenizer and code; give at least {:.2} GiB",
             gib(max),
             gib(reserve_bytes),
             gib(needed + reserve_bytes) + 0.01
