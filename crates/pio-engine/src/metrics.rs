@@ -154,49 +154,29 @@ impl Metrics {
 
 /// An expert cache's counters (see [`pio_model::ExpertCacheStats`]) in Prometheus text format.
 pub fn render_expert_cache(c: &pio_model::ExpertCacheStats) -> String {
+    let metrics: [(&str, &str, &str, String); 9] = [
+        ("hits_total", "counter", "Routed experts found in the expert cache.", c.hits.to_string()),
+        ("misses_total", "counter", "Routed experts read from disk when asked for.", c.misses.to_string()),
+        ("prefetches_total", "counter", "Routed experts read ahead of being asked for.", c.prefetches.to_string()),
+        ("prefetch_hits_total", "counter", "Prefetched experts that were then asked for.", c.prefetch_hits.to_string()),
+        ("read_bytes_total", "counter", "Bytes of routed experts read from disk.", c.bytes_read.to_string()),
+        (
+            "read_busy_seconds_total",
+            "counter",
+            "Seconds with at least one expert read in flight.",
+            c.read_busy_s.to_string(),
+        ),
+        ("wait_seconds_total", "counter", "Seconds forwards waited for expert reads.", c.wait_s.to_string()),
+        ("slots", "gauge", "Experts the cache holds at once.", c.slots.to_string()),
+        ("slot_bytes", "gauge", "Bytes of one expert slot.", c.slot_bytes.to_string()),
+    ];
     let mut s = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, v: String| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    metric("pio_expert_cache_hits_total", "counter", "Routed experts found in the expert cache.", c.hits.to_string());
-    metric(
-        "pio_expert_cache_misses_total",
-        "counter",
-        "Routed experts read from disk when asked for.",
-        c.misses.to_string(),
-    );
-    metric(
-        "pio_expert_cache_prefetches_total",
-        "counter",
-        "Routed experts read ahead of being asked for.",
-        c.prefetches.to_string(),
-    );
-    metric(
-        "pio_expert_cache_prefetch_hits_total",
-        "counter",
-        "Prefetched experts that were then asked for.",
-        c.prefetch_hits.to_string(),
-    );
-    metric(
-        "pio_expert_cache_read_bytes_total",
-        "counter",
-        "Bytes of routed experts read from disk.",
-        c.bytes_read.to_string(),
-    );
-    metric(
-        "pio_expert_cache_read_busy_seconds_total",
-        "counter",
-        "Seconds with at least one expert read in flight.",
-        c.read_busy_s.to_string(),
-    );
-    metric(
-        "pio_expert_cache_wait_seconds_total",
-        "counter",
-        "Seconds forwards waited for expert reads.",
-        c.wait_s.to_string(),
-    );
-    metric("pio_expert_cache_slots", "gauge", "Experts the cache holds at once.", c.slots.to_string());
-    metric("pio_expert_cache_slot_bytes", "gauge", "Bytes of one expert slot.", c.slot_bytes.to_string());
+    for (name, kind, help, v) in metrics {
+        let _ = writeln!(
+            s,
+            "# HELP pio_expert_cache_{name} {help}\n# TYPE pio_expert_cache_{name} {kind}\npio_expert_cache_{name} {v}"
+        );
+    }
     s
 }
 

@@ -291,32 +291,27 @@ fn fit_in_memory(model: &mut DecoderModel, options: &LoadOptions) -> Result<Opti
             gib(needed + reserve_bytes) + 0.01
         ))
     };
-    // Dense layers: the first `resident` stay, the rest stream through a ring of slots.
-    let stream_layers = |model: &mut DecoderModel, resident: usize| -> Result<Option<StreamingInfo>> {
-        let cache = model.stream_layers(resident, eo)?;
-        Ok(Some(StreamingInfo {
+    let info = |cache: std::sync::Arc<ExpertCache>, resident_bytes, expert_bytes, streamed_layers| {
+        Some(StreamingInfo {
             max_memory: options.max_memory,
-            resident_bytes: always_resident + layer_bytes[..resident].iter().sum::<usize>(),
-            reserve_bytes,
-            expert_bytes: 0,
-            slots: cache.num_slots(),
-            slot_bytes: cache.slot_bytes(),
-            streamed_layers: Some((resident, layer_bytes.len())),
-            options: eo,
-        }))
-    };
-    let stream_experts = |model: &mut DecoderModel, slots: usize| -> Result<Option<StreamingInfo>> {
-        let cache = model.stream_experts(slots, eo)?;
-        Ok(Some(StreamingInfo {
-            max_memory: options.max_memory,
-            resident_bytes: weights - expert_bytes,
+            resident_bytes,
             reserve_bytes,
             expert_bytes,
             slots: cache.num_slots(),
             slot_bytes: cache.slot_bytes(),
-            streamed_layers: None,
+            streamed_layers,
             options: eo,
-        }))
+        })
+    };
+    // Dense layers: the first `resident` stay, the rest stream through a ring of slots.
+    let stream_layers = |model: &mut DecoderModel, resident: usize| -> Result<Option<StreamingInfo>> {
+        // Streaming checks `resident` against the layers first.
+        let cache = model.stream_layers(resident, eo)?;
+        let kept = always_resident + layer_bytes[..resident].iter().sum::<usize>();
+        Ok(info(cache, kept, 0, Some((resident, layer_bytes.len()))))
+    };
+    let stream_experts = |model: &mut DecoderModel, slots: usize| -> Result<Option<StreamingInfo>> {
+        Ok(info(model.stream_experts(slots, eo)?, weights - expert_bytes, expert_bytes, None))
     };
     if let Some(resident) = eo.resident_layers {
         return stream_layers(model, resident);

@@ -68,6 +68,8 @@ struct LayerStream {
     cache: Arc<ExpertCache>,
     /// Layers from this one on stream; those before it stay in memory.
     first: usize,
+    /// Layers that stream (the cache's items).
+    count: usize,
 }
 
 /// Streamed layers read ahead of the one computing (the ring has one slot more).
@@ -94,19 +96,14 @@ impl LayerStream {
     fn load(&self, i: usize, home: &DecoderLayer) -> Result<StreamedLayer> {
         let cache = &self.cache;
         let item = i - self.first;
-        let n = home_count(cache);
+        let n = self.count;
         let slot = cache.pin(0, &[item])[0].1;
         let ahead: Vec<usize> = (1..=LAYERS_AHEAD).map(|d| (item + d) % n).filter(|&x| x != item).collect();
         cache.prefetch(0, &ahead, LAYERS_AHEAD);
-        loop {
-            match cache.wait_ready(&[slot]) {
-                Ok(ready) if ready.is_empty() => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    cache.unpin(&[slot]);
-                    return Err(e);
-                }
-            }
+        // One slot: this returns once it is read (or failed).
+        if let Err(e) = cache.wait_ready(&[slot]) {
+            cache.unpin(&[slot]);
+            return Err(e);
         }
         let mut layer = home.clone_dense().ok_or_else(|| Error::Config("only dense layers stream".into()))?;
         for (part, l) in layer.linears_mut(false).into_iter().enumerate() {
@@ -114,11 +111,6 @@ impl LayerStream {
         }
         Ok(StreamedLayer { layer, cache: cache.clone(), slot })
     }
-}
-
-/// Layers a layer stream's cache holds (its one group's items).
-fn home_count(cache: &ExpertCache) -> usize {
-    cache.stats().experts as usize
 }
 
 #[derive(Debug)]
@@ -442,7 +434,7 @@ impl DecoderModel {
                 x.weight.own();
             }
         }
-        self.layer_stream = Some(LayerStream { cache: cache.clone(), first });
+        self.layer_stream = Some(LayerStream { cache: cache.clone(), first, count: self.layers.len() - first });
         Ok(cache)
     }
 
