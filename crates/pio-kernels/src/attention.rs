@@ -97,6 +97,23 @@ impl KvCacheDtype {
         matches!(self, KvCacheDtype::Q8_0 | KvCacheDtype::Q4_0)
     }
 
+    /// f16 values kept beside keys of this type per block and kv head of `head_dim` in standard
+    /// attention ([`CodedKv`]): an anchor row for the block formats, and for Q4_0 a row of channel
+    /// scales after it.
+    pub fn key_side_len(self, head_dim: usize) -> usize {
+        match self {
+            KvCacheDtype::Q8_0 => head_dim,
+            KvCacheDtype::Q4_0 => 2 * head_dim,
+            _ => 0,
+        }
+    }
+
+    /// Whether keys (and queries) of this type are Hadamard-rotated per head before they are
+    /// stored ([`CodedKv`]): Q8_0. Q4_0 keys keep their channels, each with its own scale.
+    pub fn rotates_keys(self) -> bool {
+        self == KvCacheDtype::Q8_0
+    }
+
     /// Whether rows of `n` values can be stored (the block formats need multiples of 32).
     pub fn fits(self, n: usize) -> bool {
         n.is_multiple_of(self.dtype().block_elems())
@@ -147,8 +164,8 @@ impl KvCacheType {
     }
 
     /// Bytes one token's keys and values take in one layer of `num_kv_heads` heads of
-    /// `head_dim`, in blocks of [`ANCHOR_BLOCK`] positions (block-format keys keep an f16 anchor
-    /// row per block and kv head: [`CodedKv`]), rounded up.
+    /// `head_dim`, in blocks of [`ANCHOR_BLOCK`] positions (block-format keys keep f16 rows per
+    /// block and kv head beside them: [`KvCacheDtype::key_side_len`], [`CodedKv`]), rounded up.
     pub fn bytes_per_token(self, num_kv_heads: usize, head_dim: usize) -> usize {
         self.bytes_per_block(num_kv_heads, head_dim, ANCHOR_BLOCK).div_ceil(ANCHOR_BLOCK)
     }
@@ -156,7 +173,7 @@ impl KvCacheType {
     /// Bytes a block of `block_size` positions takes in one layer.
     pub fn bytes_per_block(self, num_kv_heads: usize, head_dim: usize, block_size: usize) -> usize {
         let rows = block_size * num_kv_heads * (self.k.row_bytes(head_dim) + self.v.row_bytes(head_dim));
-        rows + if self.k.is_quantized() { 2 * num_kv_heads * head_dim } else { 0 }
+        rows + 2 * num_kv_heads * self.k.key_side_len(head_dim)
     }
 
     /// An error naming the option when a head of `head_dim` values cannot be stored so.
@@ -555,23 +572,35 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
 /// reading. Both are `[num_blocks, num_kv_heads, block_size, row]`: one encoded row of
 /// `head_dim` values per position and kv head, a kv head's positions contiguous in a block.
 ///
-/// **Anchored keys.** Where keys are in a block format, each block keeps, per kv head, an f16
-/// anchor row (`anchors`, `[num_blocks, num_kv_heads, head_dim]`), and the block's rows hold
-/// each key minus it; a key is read back as anchor + decoded difference. The anchor is the mean
-/// of the previous block's keys (as stored) when the writer names that block
+/// **Anchored keys.** Where keys are in a block format, each block keeps, per kv head, f16 rows
+/// beside its keys (`anchors`, `[num_blocks, num_kv_heads, side]` with `side` =
+/// [`KvCacheDtype::key_side_len`]). The first is an anchor, and the block's rows hold each key
+/// minus it; a key is read back as anchor + decoded difference. The anchor is the mean of the
+/// previous block's keys (as stored) when the writer names that block
 /// ([`CodedKvMut::write_after`]), else the block's own first key. Small models' keys have a few
 /// channels hundreds of times larger than the rest (in Qwen2.5-0.5B, the slowly rotating RoPE
 /// pairs carry the key bias: near-constant across positions), and one scale per 32 values set by
 /// them leaves the others a few levels; differences from nearby keys are small in exactly those
-/// channels, and from a mean of 16 they are barely larger than the keys' own spread elsewhere
-/// (q4_0 keys on Qwen2.5-Coder-0.5B: KL divergence 0.118 with the first key, 0.064 with the
-/// previous block's mean). Either anchor depends only on the sequence's earlier keys, so a
-/// block's bytes do not depend on how its positions were batched or chunked.
+/// channels.
+///
+/// **Channel scales (Q4_0 keys).** Q4_0 keys keep a second row: a scale per channel, each
+/// channel's root-mean-square distance of the previous block's keys (as stored) from the anchor
+/// (floored at 1/16 of their mean, and all ones for a sequence's first block). A row is stored
+/// as Q4_0 of `(key - anchor) / scale`, read back as `anchor + scale * decoded`. The error a
+/// channel gets is then in proportion to how much that channel moves, which is what attention
+/// needs: in Qwen2.5-Coder-0.5B's first layer the queries' weight sits in the channels where
+/// keys barely move from one position to the next, and the keys' movement in the fast RoPE
+/// pairs the queries hardly read, so equal errors everywhere (one scale per 32 values, or Q8_0's
+/// Hadamard rotation, which spreads the channels evenly) are 8x worse there than errors that
+/// follow each channel's own movement. Q8_0 keys have 256 levels to spare and keep the rotation.
+///
+/// Anchors and scales depend only on the sequence's earlier keys, so a block's bytes do not
+/// depend on how its positions were batched or chunked.
 #[derive(Debug, Clone, Copy)]
 pub struct CodedKv<'a> {
     pub k: &'a [u8],
     pub v: &'a [u8],
-    /// f16 bits; empty unless keys are in a block format.
+    /// f16 bits, `key_side_len` per block and kv head; empty unless keys are in a block format.
     pub anchors: &'a [u16],
     pub types: KvCacheType,
     pub block_size: usize,
@@ -599,7 +628,8 @@ impl CodedKvMut<'_> {
     }
 
     /// [`CodedKvMut::write`], where `prev[t]` (if given) is the block before token `t`'s in its
-    /// sequence: a block's anchor is then that block's mean key instead of its own first key.
+    /// sequence: a block's anchor (and channel scales) then come from that block's keys instead
+    /// of its own first key (and ones).
     pub fn write_after(&mut self, slots: &[usize], prev: &[Option<usize>], k: &[f32], v: &[f32]) {
         let (bs, nkv, hd) = (self.block_size, self.num_kv_heads, self.head_dim);
         assert!(
@@ -607,38 +637,50 @@ impl CodedKvMut<'_> {
             "keys and values are [tokens, kv heads * head dim]"
         );
         let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
-        let anchored = self.types.k.is_quantized();
-        let (mut diff, mut mean, mut key) = (vec![0f32; hd], vec![0f32; hd], vec![0f32; hd]);
+        let side = self.types.k.key_side_len(hd);
+        let (mut diff, mut rows, mut mean) = (vec![0f32; hd], vec![0f32; bs * hd], vec![0f32; hd]);
+        let mut prev_side = vec![0u16; side];
         for (t, &slot) in slots.iter().enumerate() {
             let (block, off) = (slot / bs, slot % bs);
             for g in 0..nkv {
                 let row = (block * nkv + g) * bs + off;
                 let src = &k[t * nkv * hd + g * hd..][..hd];
-                if !anchored {
+                if side == 0 {
                     encode_row(self.types.k, src, &mut self.k[row * krb..(row + 1) * krb]);
                 } else {
-                    let at = (block * nkv + g) * hd;
+                    let at = (block * nkv + g) * side;
                     if off == 0 {
                         match prev.get(t).copied().flatten() {
                             Some(pb) => {
-                                // The previous block's keys, as stored, averaged.
-                                mean.fill(0.0);
-                                let pa = &self.anchors[(pb * nkv + g) * hd..][..hd];
-                                for o in 0..bs {
+                                // The previous block's keys, as stored.
+                                prev_side.copy_from_slice(&self.anchors[(pb * nkv + g) * side..][..side]);
+                                for (o, key) in rows.chunks_exact_mut(hd).enumerate() {
                                     let r = (pb * nkv + g) * bs + o;
                                     let kr = &self.k[r * krb..(r + 1) * krb];
-                                    decode_row(SimdLevel::Scalar, self.types.k, kr, Some(pa), &mut key);
-                                    for (m, &x) in mean.iter_mut().zip(&key) {
+                                    decode_row(SimdLevel::Scalar, self.types.k, kr, Some(&prev_side), key);
+                                }
+                                mean.fill(0.0);
+                                for key in rows.chunks_exact(hd) {
+                                    for (m, &x) in mean.iter_mut().zip(key) {
                                         *m += x / bs as f32;
                                     }
                                 }
-                                set_anchor(&mut self.anchors[at..at + hd], &mean);
+                                let here = &mut self.anchors[at..at + side];
+                                let (anchor, scales) = here.split_at_mut(hd);
+                                set_anchor(anchor, &mean);
+                                if !scales.is_empty() {
+                                    set_channel_scales(scales, &rows, anchor);
+                                }
                             }
-                            None => set_anchor(&mut self.anchors[at..at + hd], src),
+                            None => {
+                                let (anchor, scales) = self.anchors[at..at + side].split_at_mut(hd);
+                                set_anchor(anchor, src);
+                                scales.fill(f16::ONE.to_bits());
+                            }
                         }
                     }
                     let kdst = &mut self.k[row * krb..(row + 1) * krb];
-                    encode_diff(self.types.k, src, &self.anchors[at..at + hd], &mut diff, kdst);
+                    encode_diff(self.types.k, src, &self.anchors[at..at + side], &mut diff, kdst);
                 }
                 let vsrc = &v[t * nkv * hd + g * hd..][..hd];
                 encode_row(self.types.v, vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
@@ -648,15 +690,17 @@ impl CodedKvMut<'_> {
 
     /// Replaces every key row in `blocks` by `f` of it (a linear map: a position shift's
     /// re-rotation). Block-format keys are decoded, mapped and encoded again against their
-    /// block's anchor mapped the same way, so each key is requantized once per call.
+    /// block's anchor mapped the same way (and channel scales measured again on the mapped
+    /// keys), so each key is requantized once per call.
     pub fn map_keys(&mut self, blocks: &[u32], f: &mut dyn FnMut(&mut [f32])) {
         let (bs, nkv, hd) = (self.block_size, self.num_kv_heads, self.head_dim);
         let krb = self.types.k.row_bytes(hd);
+        let side = self.types.k.key_side_len(hd);
         let mut scratch = Vec::new();
         for &b in blocks {
             for g in 0..nkv {
-                let (first, at) = ((b as usize * nkv + g) * bs, (b as usize * nkv + g) * hd);
-                let anchor = if self.types.k.is_quantized() { Some(&mut self.anchors[at..at + hd]) } else { None };
+                let (first, at) = ((b as usize * nkv + g) * bs, (b as usize * nkv + g) * side);
+                let anchor = if side > 0 { Some(&mut self.anchors[at..at + side]) } else { None };
                 let rows = &mut self.k[first * krb..(first + bs) * krb];
                 remap_rows(self.types.k, rows, anchor, hd, f, &mut scratch);
             }
@@ -686,9 +730,10 @@ impl CodedKv<'_> {
     fn read_at(&self, level: SimdLevel, slot: usize, g: usize, k: &mut [f32], v: &mut [f32]) {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
         let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
+        let side = self.types.k.key_side_len(hd);
         let (block, off) = (slot / bs, slot % bs);
         let r = (block * nkv + g) * bs + off;
-        let anchor = self.types.k.is_quantized().then(|| &self.anchors[(block * nkv + g) * hd..][..hd]);
+        let anchor = (side > 0).then(|| &self.anchors[(block * nkv + g) * side..][..side]);
         decode_row(level, self.types.k, &self.k[r * krb..(r + 1) * krb], anchor, k);
         decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, v);
     }
@@ -701,21 +746,53 @@ pub(crate) fn set_anchor(anchor: &mut [u16], x: &[f32]) {
     }
 }
 
-/// Encodes `src - anchor` (`anchor` as f16 bits; `diff` is scratch of `src.len()`) into `dst`.
-pub(crate) fn encode_diff(t: KvCacheDtype, src: &[f32], anchor: &[u16], diff: &mut [f32], dst: &mut [u8]) {
+/// `scales` (f16 bits, one per channel) for a block anchored at `anchor` (f16 bits), from
+/// `rows` (`[n, scales.len()]`, keys as stored): each channel's root-mean-square distance from
+/// the anchor, at least 1/16 of the channels' root-mean-square (a channel the rows left still
+/// may move); all ones where nothing moved.
+pub(crate) fn set_channel_scales(scales: &mut [u16], rows: &[f32], anchor: &[u16]) {
+    let w = scales.len();
+    let n = rows.len() / w.max(1);
+    let mut ms = vec![0f32; w];
+    for row in rows.chunks_exact(w.max(1)) {
+        for ((m, &x), &a) in ms.iter_mut().zip(row).zip(anchor) {
+            let d = x - f16::from_bits(a).to_f32();
+            *m += d * d;
+        }
+    }
+    let total = ms.iter().sum::<f32>() / (n * w).max(1) as f32;
+    let floor = total.sqrt() / 16.0;
+    for (s, m) in scales.iter_mut().zip(ms) {
+        let x = (m / n.max(1) as f32).sqrt().max(floor).sqrt();
+        // Finite and positive, so that `(key - anchor) / scale` is defined.
+        let h = f16::from_f32(x);
+        *s = if x > 0.0 && h.is_finite() && h.to_f32() > 0.0 { h.to_bits() } else { f16::ONE.to_bits() };
+    }
+}
+
+/// Encodes `(src - anchor) / scale` into `dst`, with `side` (f16 bits) the anchor row, then the
+/// channel scales if it holds two rows; `diff` is scratch of `src.len()`.
+pub(crate) fn encode_diff(t: KvCacheDtype, src: &[f32], side: &[u16], diff: &mut [f32], dst: &mut [u8]) {
+    let n = src.len();
+    let (anchor, scales) = side.split_at(n);
     for ((d, &x), &a) in diff.iter_mut().zip(src).zip(anchor) {
         *d = x - f16::from_bits(a).to_f32();
+    }
+    for (d, &s) in diff.iter_mut().zip(scales) {
+        *d /= f16::from_bits(s).to_f32();
     }
     encode_row(t, diff, dst);
 }
 
 /// Replaces each of the encoded rows of `width` values in `rows` (of type `t`, stored as
-/// differences from `anchor` when it is given) by `f` of it, re-encoding them against the
-/// anchor mapped by `f` too (`f` linear: a position shift's re-rotation). `scratch` is reused.
+/// differences from `side`'s anchor when it is given, and scaled by its channel scales if it
+/// holds them) by `f` of it, re-encoding them against the anchor mapped by `f` too (`f` linear:
+/// a position shift's re-rotation) and channel scales measured on the mapped rows. `scratch` is
+/// reused.
 pub(crate) fn remap_rows(
     t: KvCacheDtype,
     rows: &mut [u8],
-    mut anchor: Option<&mut [u16]>,
+    mut side: Option<&mut [u16]>,
     width: usize,
     f: &mut dyn FnMut(&mut [f32]),
     scratch: &mut Vec<f32>,
@@ -726,19 +803,23 @@ pub(crate) fn remap_rows(
     let (decoded, rest) = scratch.split_at_mut(n * width);
     let (a, diff) = rest.split_at_mut(width);
     for (row, out) in rows.chunks_exact(rb.max(1)).zip(decoded.chunks_exact_mut(width.max(1))) {
-        decode_row(SimdLevel::Scalar, t, row, anchor.as_deref(), out);
+        decode_row(SimdLevel::Scalar, t, row, side.as_deref(), out);
         f(out);
     }
-    if let Some(anchor) = anchor.as_deref_mut() {
+    if let Some(side) = side.as_deref_mut() {
+        let (anchor, scales) = side.split_at_mut(width);
         for (x, &h) in a.iter_mut().zip(anchor.iter()) {
             *x = f16::from_bits(h).to_f32();
         }
         f(a);
         set_anchor(anchor, a);
+        if !scales.is_empty() {
+            set_channel_scales(scales, decoded, anchor);
+        }
     }
     for (row, x) in rows.chunks_exact_mut(rb.max(1)).zip(decoded.chunks_exact(width.max(1))) {
-        match anchor.as_deref() {
-            Some(anchor) => encode_diff(t, x, anchor, diff, row),
+        match side.as_deref() {
+            Some(side) => encode_diff(t, x, side, diff, row),
             None => encode_row(t, x, row),
         }
     }
@@ -807,24 +888,37 @@ fn q4_0_scale(x: &[f32]) -> f32 {
     f16::from_f32(best.1).to_f32()
 }
 
-/// `dst` = the row `src` of `t` decoded, plus `anchor` (f16 bits) where given: as
-/// [`crate::quant::dequantize_row`] then an f32 add, bitwise, at every level.
-pub(crate) fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+/// `dst` = the row `src` of `t` decoded, then times the channel scales and plus the anchor of
+/// `side` where given (f16 bits: the anchor row, then the scales if it holds two rows): as
+/// [`crate::quant::dequantize_row`], then an f32 multiply and an f32 add, bitwise, at every level.
+pub(crate) fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], side: Option<&[u16]>, dst: &mut [f32]) {
     let n = dst.len();
-    assert!(src.len() == t.row_bytes(n) && anchor.is_none_or(|a| a.len() == n), "row sizes");
+    assert!(src.len() == t.row_bytes(n) && side.is_none_or(|a| a.len() == n || a.len() == 2 * n), "row sizes");
+    let (anchor, scales) = match side {
+        Some(side) => {
+            let (a, s) = side.split_at(n);
+            (Some(a), (!s.is_empty()).then_some(s))
+        }
+        None => (None, None),
+    };
     match (level, t) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level only names features the CPU has; sizes asserted above (whole blocks).
         (SimdLevel::Avx512, KvCacheDtype::Q8_0 | KvCacheDtype::Q4_0) => unsafe {
-            x86::decode_row_avx512(t == KvCacheDtype::Q8_0, src, anchor, dst)
+            x86::decode_row_avx512(t == KvCacheDtype::Q8_0, src, anchor, scales, dst)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (the AVX2 level implies F16C).
         (SimdLevel::Avx2, KvCacheDtype::Q8_0 | KvCacheDtype::Q4_0) => unsafe {
-            x86::decode_row_avx2(t == KvCacheDtype::Q8_0, src, anchor, dst)
+            x86::decode_row_avx2(t == KvCacheDtype::Q8_0, src, anchor, scales, dst)
         },
         _ => {
             crate::quant::dequantize_row(t.dtype(), src, dst);
+            if let Some(s) = scales {
+                for (x, &s) in dst.iter_mut().zip(s) {
+                    *x *= f16::from_bits(s).to_f32();
+                }
+            }
             if let Some(a) = anchor {
                 for (x, &a) in dst.iter_mut().zip(a) {
                     *x += f16::from_bits(a).to_f32();
@@ -884,7 +978,7 @@ impl KvSource for CodedKv<'_> {
         }
         let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
         for (a, &b) in anchors.iter_mut().zip(&blocks[..nblocks]) {
-            *a = &self.anchors[(b * nkv + g) * hd..][..hd];
+            *a = &self.anchors[(b * nkv + g) * self.types.k.key_side_len(hd)..][..hd];
         }
         let chunk = Int8Chunk {
             keys: &keys[..n],
@@ -935,12 +1029,8 @@ impl KvSource for CodedKv<'_> {
                 && self.k.len().is_multiple_of(rows * krb.max(1))
                 && self.k.len() / krb.max(1) == self.v.len() / vrb.max(1)
                 && self.anchors.len()
-                    == if self.types.k.is_quantized() {
-                        self.k.len() / krb / self.block_size * self.head_dim
-                    } else {
-                        0
-                    },
-            "keys and values must be whole blocks, with an anchor row per block and kv head for block-format keys"
+                    == self.k.len() / krb.max(1) / self.block_size * self.types.k.key_side_len(self.head_dim),
+            "keys and values must be whole blocks, with side rows per block and kv head for block-format keys"
         );
     }
     fn chunk<'s>(
@@ -1481,7 +1571,13 @@ pub(crate) mod x86 {
 
     /// [`super::decode_row`] of Q8_0 (`q8`) or Q4_0 rows, 16 values at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub unsafe fn decode_row_avx512(q8: bool, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+    pub unsafe fn decode_row_avx512(
+        q8: bool,
+        src: &[u8],
+        anchor: Option<&[u16]>,
+        scales: Option<&[u16]>,
+        dst: &mut [f32],
+    ) {
         let bb = if q8 { 34 } else { 18 };
         for (b, (blk, y)) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(32)).enumerate() {
             // The scale through F16C: `half`'s portable conversion costs more than the block.
@@ -1501,6 +1597,10 @@ pub(crate) mod x86 {
             };
             for (h, q) in q.into_iter().enumerate() {
                 let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+                if let Some(s) = scales {
+                    let s = _mm256_loadu_si256(s.as_ptr().add(32 * b + 16 * h) as *const __m256i);
+                    v = _mm512_mul_ps(v, _mm512_cvtph_ps(s));
+                }
                 if let Some(a) = anchor {
                     let a = _mm256_loadu_si256(a.as_ptr().add(32 * b + 16 * h) as *const __m256i);
                     v = _mm512_add_ps(v, _mm512_cvtph_ps(a));
@@ -1512,7 +1612,13 @@ pub(crate) mod x86 {
 
     /// [`decode_row_avx512`] with 8 lanes.
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn decode_row_avx2(q8: bool, src: &[u8], anchor: Option<&[u16]>, dst: &mut [f32]) {
+    pub unsafe fn decode_row_avx2(
+        q8: bool,
+        src: &[u8],
+        anchor: Option<&[u16]>,
+        scales: Option<&[u16]>,
+        dst: &mut [f32],
+    ) {
         let bb = if q8 { 34 } else { 18 };
         for (b, (blk, y)) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(32)).enumerate() {
             let d =
@@ -1535,6 +1641,10 @@ pub(crate) mod x86 {
             }
             for (i, q) in q.into_iter().enumerate() {
                 let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                if let Some(s) = scales {
+                    let s = _mm_loadu_si128(s.as_ptr().add(32 * b + 8 * i) as *const __m128i);
+                    v = _mm256_mul_ps(v, _mm256_cvtph_ps(s));
+                }
                 if let Some(a) = anchor {
                     let a = _mm_loadu_si128(a.as_ptr().add(32 * b + 8 * i) as *const __m128i);
                     v = _mm256_add_ps(v, _mm256_cvtph_ps(a));
@@ -2206,7 +2316,7 @@ mod tests {
                     let types = KvCacheType { k: k_type, v: v_type };
                     let mut kbuf = vec![0u8; blocks * bs * nkv * k_type.row_bytes(hd)];
                     let mut vbuf = vec![0u8; blocks * bs * nkv * v_type.row_bytes(hd)];
-                    let mut abuf = vec![0u16; if k_type.is_quantized() { blocks * nkv * hd } else { 0 }];
+                    let mut abuf = vec![0u16; blocks * nkv * k_type.key_side_len(hd)];
                     let mut coded = CodedKvMut {
                         k: &mut kbuf,
                         v: &mut vbuf,
@@ -2320,6 +2430,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Q4_0 keys: channels that move little (beside a large bias, as the slow RoPE pairs of
+    /// small Qwen models carry) are read back closer than channels that move a lot, once a block
+    /// has measured them. With one error for all channels (what a scale per 32 values or a
+    /// rotation gives) the still channels would get the moving ones' error.
+    #[test]
+    fn q4_0_keys_err_less_where_channels_move_less() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let (bs, hd, len) = (16, 64, 64);
+        let types = KvCacheType { k: KvCacheDtype::Q4_0, v: KvCacheDtype::F16 };
+        let blocks = len / bs;
+        let (mut kbuf, mut vbuf) = (vec![0u8; len * types.k.row_bytes(hd)], vec![0u8; len * types.v.row_bytes(hd)]);
+        let mut side = vec![0u16; blocks * types.k.key_side_len(hd)];
+        let mut kv = CodedKvMut {
+            k: &mut kbuf,
+            v: &mut vbuf,
+            anchors: &mut side,
+            types,
+            block_size: bs,
+            num_kv_heads: 1,
+            head_dim: hd,
+        };
+        // Even channels: 40 +- 0.5. Odd channels: +- 8.
+        let keys: Vec<Vec<f32>> = (0..len)
+            .map(|_| {
+                (0..hd)
+                    .map(|c| if c % 2 == 0 { 40.0 + rng.random_range(-0.5..0.5) } else { rng.random_range(-8.0..8.0) })
+                    .collect()
+            })
+            .collect();
+        for (p, key) in keys.iter().enumerate() {
+            let prev = (p / bs).checked_sub(1);
+            kv.write_after(&[p], &[prev], key, &vec![0.0; hd]);
+        }
+        let (mut still, mut moving) = (0f32, 0f32);
+        let (mut k, mut v) = (vec![0f32; hd], vec![0f32; hd]);
+        for (p, key) in keys.iter().enumerate().skip(bs) {
+            kv.view().read(p, 0, &mut k, &mut v);
+            for (c, (a, b)) in k.iter().zip(key).enumerate() {
+                if c % 2 == 0 {
+                    still += (a - b).abs();
+                } else {
+                    moving += (a - b).abs();
+                }
+            }
+        }
+        assert!(still < moving / 2.5, "still channels' error {still} vs moving ones' {moving}");
     }
 
     /// Sliding windows: each query sees only its last `w` positions, matching the reference

@@ -51,7 +51,7 @@ impl Attention {
                 // all the others. Rotating each head by a Hadamard transform spreads them out:
                 // keys and queries alike, so the scores are unchanged; values before they are
                 // stored, and the outputs back after (the transform is its own inverse).
-                if types.k.is_quantized() {
+                if types.k.rotates_keys() {
                     ops::hadamard_rows(q, self.head_dim);
                     ops::hadamard_rows(k, self.head_dim);
                 }
@@ -116,7 +116,7 @@ impl Attention {
             LayerStore::Coded { k, v, anchors } => {
                 // Block-format keys are stored Hadamard-rotated (see `forward`): undo, rotate the
                 // positions, redo.
-                let hadamard = types.k.is_quantized();
+                let hadamard = types.k.rotates_keys();
                 let mut kv = CodedKvMut { k, v, anchors, types, block_size: bs, num_kv_heads: nkv, head_dim: hd };
                 kv.map_keys(blocks, &mut |row| {
                     if hadamard {

@@ -227,6 +227,12 @@ impl KvCache {
                     }
                 };
                 let v_rows = if has_v { rows } else { 0 };
+                // f16 rows kept per block and head beside block-format keys (anchors, scales).
+                let side = match *l {
+                    LayerCache::Attention { head_dim, .. } => types.k.key_side_len(head_dim),
+                    _ if types.k.is_quantized() => row,
+                    _ => 0,
+                };
                 match (types.k, types.v) {
                     (KvCacheDtype::F32, KvCacheDtype::F32) => LayerStore::F32 {
                         k: f32::zeros(positions * rows * row),
@@ -239,7 +245,7 @@ impl KvCache {
                     _ => LayerStore::Coded {
                         k: vec![0u8; positions * rows * types.k.row_bytes(row)],
                         v: vec![0u8; positions * v_rows * types.v.row_bytes(row)],
-                        anchors: vec![0u16; if types.k.is_quantized() { num_blocks * rows * row } else { 0 }],
+                        anchors: vec![0u16; num_blocks * rows * side],
                     },
                 }
             })
