@@ -63,7 +63,7 @@ fn coded(c: &mut Criterion) {
         let types = KvCacheType::both(t);
         let rows = ctx * KV_HEADS;
         let (mut k, mut v) = (vec![0u8; rows * t.row_bytes(HEAD_DIM)], vec![0u8; rows * t.row_bytes(HEAD_DIM)]);
-        let mut anchors = vec![0u16; ctx / BLOCK * kd];
+        let mut anchors = vec![0u16; ctx / BLOCK * KV_HEADS * t.key_side_len(HEAD_DIM)];
         let mut kv = CodedKvMut {
             k: &mut k,
             v: &mut v,

@@ -301,11 +301,12 @@ pub fn quantize_queries(level: SimdLevel, q: &[f32], hd: usize, qi: &mut Vec<u8>
     debug_assert_eq!(qi.len(), q.len() - q.len() % hd.max(1));
 }
 
-/// One chunk of q8_0 keys to score: `keys[j]` the row of position `p0 + j` (`n` of them),
-/// `anchors[blk_of[j]]` its block's anchor row (f16 bits); `q` the query rows as f32 (for the
-/// anchors), `qi`/`qd` as q8 blocks.
+/// One chunk of q8_0 keys to score: `keys` the `n` positions `p0..p0 + n`,
+/// `anchors[blk_of[j]]` position j's block's anchor row (f16 bits); `q` the query rows as f32
+/// (for the anchors), `qi`/`qd` as q8 blocks.
 pub(crate) struct Int8Chunk<'a> {
-    keys: &'a [&'a [u8]],
+    keys: Int8Keys<'a>,
+    n: usize,
     blk_of: &'a [usize],
     anchors: &'a [&'a [u16]],
     q: &'a [f32],
@@ -316,9 +317,83 @@ pub(crate) struct Int8Chunk<'a> {
     scale: f32,
 }
 
+/// Where a chunk's q8_0 keys are: a row per position, or one stored tile ([`CodedKv`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Int8Keys<'a> {
+    Rows(&'a [&'a [u8]]),
+    Tile(&'a [u8]),
+}
+
+impl Int8Keys<'_> {
+    /// Position `j`'s q8_0 row.
+    fn row(&self, j: usize, hd: usize) -> Vec<u8> {
+        match *self {
+            Int8Keys::Rows(rows) => rows[j].to_vec(),
+            Int8Keys::Tile(tile) => {
+                let mut row = vec![0u8; hd / 32 * 34];
+                tile_get(tile, j, hd, &mut row);
+                row
+            }
+        }
+    }
+}
+
+/// Whether q8_0 keys are stored in tiles ([`CodedKv`]): blocks of whole chunks.
+fn tiled(types: KvCacheType, block_size: usize) -> bool {
+    types.k == KvCacheDtype::Q8_0 && block_size.is_multiple_of(CHUNK)
+}
+
+/// Position `j`'s q8_0 row (`hd / 32` blocks of 34 bytes) out of a tile of CHUNK positions.
+fn tile_get(tile: &[u8], j: usize, hd: usize, row: &mut [u8]) {
+    let qs = CHUNK * hd;
+    for (b, blk) in row.chunks_exact_mut(34).enumerate() {
+        let at = qs + (b * CHUNK + j) * 2;
+        blk[..2].copy_from_slice(&tile[at..at + 2]);
+        for w in 0..8 {
+            let at = ((8 * b + w) * CHUNK + j) * 4;
+            blk[2 + 4 * w..6 + 4 * w].copy_from_slice(&tile[at..at + 4]);
+        }
+    }
+}
+
+/// [`tile_get`]'s inverse: stores position `j`'s q8_0 row into its tile.
+fn tile_put(tile: &mut [u8], j: usize, hd: usize, row: &[u8]) {
+    let qs = CHUNK * hd;
+    for (b, blk) in row.chunks_exact(34).enumerate() {
+        let at = qs + (b * CHUNK + j) * 2;
+        tile[at..at + 2].copy_from_slice(&blk[..2]);
+        for w in 0..8 {
+            let at = ((8 * b + w) * CHUNK + j) * 4;
+            tile[at..at + 4].copy_from_slice(&blk[2 + 4 * w..6 + 4 * w]);
+        }
+    }
+}
+
+/// The stored bytes of key row `r` (`[blocks, kv heads, block_size]` order) into `row`.
+fn key_get(k: &[u8], tiled: bool, r: usize, hd: usize, row: &mut [u8]) {
+    let rb = row.len();
+    if tiled {
+        let t = r / CHUNK;
+        tile_get(&k[t * CHUNK * rb..(t + 1) * CHUNK * rb], r % CHUNK, hd, row);
+    } else {
+        row.copy_from_slice(&k[r * rb..(r + 1) * rb]);
+    }
+}
+
+/// [`key_get`]'s inverse.
+fn key_put(k: &mut [u8], tiled: bool, r: usize, hd: usize, row: &[u8]) {
+    let rb = row.len();
+    if tiled {
+        let t = r / CHUNK;
+        tile_put(&mut k[t * CHUNK * rb..(t + 1) * CHUNK * rb], r % CHUNK, hd, row);
+    } else {
+        k[r * rb..(r + 1) * rb].copy_from_slice(row);
+    }
+}
+
 /// The scalar reference of the VNNI tile ([`KvSource::int8_scores`] of one chunk).
 fn int8_scores_scalar(c: &Int8Chunk<'_>, s: &mut [f32]) {
-    let (hd, n) = (c.hd, c.keys.len());
+    let (hd, n) = (c.hd, c.n);
     let nb = hd / 32;
     for &(i, seen) in c.active {
         let q = &c.q[i * hd..(i + 1) * hd];
@@ -330,7 +405,7 @@ fn int8_scores_scalar(c: &Int8Chunk<'_>, s: &mut [f32]) {
         let (qi, qd) = (&c.qi[i * hd..(i + 1) * hd], &c.qd[i * nb..(i + 1) * nb]);
         for j in 0..CHUNK {
             s[i * CHUNK + j] = if j < seen.min(n) {
-                (qa[c.blk_of[j]] + dot_q8_scalar(c.keys[j], qi, qd)) * c.scale
+                (qa[c.blk_of[j]] + dot_q8_scalar(&c.keys.row(j, hd), qi, qd)) * c.scale
             } else {
                 f32::NEG_INFINITY
             };
@@ -640,6 +715,8 @@ impl CodedKvMut<'_> {
         let side = self.types.k.key_side_len(hd);
         let (mut diff, mut rows, mut mean) = (vec![0f32; hd], vec![0f32; bs * hd], vec![0f32; hd]);
         let mut prev_side = vec![0u16; side];
+        let tiled = tiled(self.types, bs);
+        let mut kbytes = vec![0u8; krb];
         for (t, &slot) in slots.iter().enumerate() {
             let (block, off) = (slot / bs, slot % bs);
             for g in 0..nkv {
@@ -656,8 +733,8 @@ impl CodedKvMut<'_> {
                                 prev_side.copy_from_slice(&self.anchors[(pb * nkv + g) * side..][..side]);
                                 for (o, key) in rows.chunks_exact_mut(hd).enumerate() {
                                     let r = (pb * nkv + g) * bs + o;
-                                    let kr = &self.k[r * krb..(r + 1) * krb];
-                                    decode_row(SimdLevel::Scalar, self.types.k, kr, Some(&prev_side), key);
+                                    key_get(self.k, tiled, r, hd, &mut kbytes);
+                                    decode_row(SimdLevel::Scalar, self.types.k, &kbytes, Some(&prev_side), key);
                                 }
                                 mean.fill(0.0);
                                 for key in rows.chunks_exact(hd) {
@@ -679,8 +756,8 @@ impl CodedKvMut<'_> {
                             }
                         }
                     }
-                    let kdst = &mut self.k[row * krb..(row + 1) * krb];
-                    encode_diff(self.types.k, src, &self.anchors[at..at + side], &mut diff, kdst);
+                    encode_diff(self.types.k, src, &self.anchors[at..at + side], &mut diff, &mut kbytes);
+                    key_put(self.k, tiled, row, hd, &kbytes);
                 }
                 let vsrc = &v[t * nkv * hd + g * hd..][..hd];
                 encode_row(self.types.v, vsrc, &mut self.v[row * vrb..(row + 1) * vrb]);
@@ -696,13 +773,25 @@ impl CodedKvMut<'_> {
         let (bs, nkv, hd) = (self.block_size, self.num_kv_heads, self.head_dim);
         let krb = self.types.k.row_bytes(hd);
         let side = self.types.k.key_side_len(hd);
-        let mut scratch = Vec::new();
+        let tiled = tiled(self.types, bs);
+        let (mut scratch, mut gathered) = (Vec::new(), vec![0u8; if tiled { bs * krb } else { 0 }]);
         for &b in blocks {
             for g in 0..nkv {
                 let (first, at) = ((b as usize * nkv + g) * bs, (b as usize * nkv + g) * side);
                 let anchor = if side > 0 { Some(&mut self.anchors[at..at + side]) } else { None };
-                let rows = &mut self.k[first * krb..(first + bs) * krb];
-                remap_rows(self.types.k, rows, anchor, hd, f, &mut scratch);
+                if tiled {
+                    // Rows out of their tiles, remapped, and back.
+                    for (o, row) in gathered.chunks_exact_mut(krb).enumerate() {
+                        key_get(self.k, true, first + o, hd, row);
+                    }
+                    remap_rows(self.types.k, &mut gathered, anchor, hd, f, &mut scratch);
+                    for (o, row) in gathered.chunks_exact(krb).enumerate() {
+                        key_put(self.k, true, first + o, hd, row);
+                    }
+                } else {
+                    let rows = &mut self.k[first * krb..(first + bs) * krb];
+                    remap_rows(self.types.k, rows, anchor, hd, f, &mut scratch);
+                }
             }
         }
     }
@@ -734,7 +823,20 @@ impl CodedKv<'_> {
         let (block, off) = (slot / bs, slot % bs);
         let r = (block * nkv + g) * bs + off;
         let anchor = (side > 0).then(|| &self.anchors[(block * nkv + g) * side..][..side]);
-        decode_row(level, self.types.k, &self.k[r * krb..(r + 1) * krb], anchor, k);
+        if tiled(self.types, bs) {
+            let mut row = [0u8; 34 * 8];
+            let mut heap = Vec::new();
+            let row = if krb <= row.len() {
+                &mut row[..krb]
+            } else {
+                heap.resize(krb, 0);
+                &mut heap[..]
+            };
+            key_get(self.k, true, r, hd, row);
+            decode_row(level, self.types.k, row, anchor, k);
+        } else {
+            decode_row(level, self.types.k, &self.k[r * krb..(r + 1) * krb], anchor, k);
+        }
         decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, v);
     }
 }
@@ -928,6 +1030,33 @@ pub(crate) fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], side: Op
     }
 }
 
+/// `kt[d * CHUNK + j]` = key `j` of a tile of q8_0 keys ([`CodedKv`]) decoded, channel `d`,
+/// plus `anchor[d]`: bitwise [`decode_row`] of each position, transposed.
+fn decode_tile(level: SimdLevel, tile: &[u8], hd: usize, anchor: &[u16], kt: &mut [f32]) {
+    assert!(
+        hd.is_multiple_of(32) && tile.len() == CHUNK * hd / 32 * 34 && anchor.len() == hd && kt.len() >= hd * CHUNK
+    );
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has; sizes asserted above.
+        SimdLevel::Avx512 => unsafe { x86::decode_tile_avx512(tile, hd, anchor, kt) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above (the AVX2 level implies F16C).
+        SimdLevel::Avx2 => unsafe { x86::decode_tile_avx2(tile, hd, anchor, kt) },
+        _ => {
+            for d in 0..hd {
+                let a = f16::from_bits(anchor[d]).to_f32();
+                for j in 0..CHUNK {
+                    let q = tile[(d / 4 * CHUNK + j) * 4 + d % 4] as i8;
+                    let at = CHUNK * hd + (d / 32 * CHUNK + j) * 2;
+                    let dk = f16::from_le_bytes([tile[at], tile[at + 1]]).to_f32();
+                    kt[d * CHUNK + j] = f32::from(q) * dk + a;
+                }
+            }
+        }
+    }
+}
+
 impl KvSource for CodedKv<'_> {
     fn block_size(&self) -> usize {
         self.block_size
@@ -959,6 +1088,32 @@ impl KvSource for CodedKv<'_> {
     ) {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
         let krb = self.types.k.row_bytes(hd);
+        let side = self.types.k.key_side_len(hd);
+        if tiled(self.types, bs) {
+            // The chunk is one stored tile of one block.
+            let b = table[p0 / bs] as usize;
+            let r0 = (b * nkv + g) * bs + p0 % bs;
+            let anchors = [&self.anchors[(b * nkv + g) * side..][..hd]];
+            let chunk = Int8Chunk {
+                keys: Int8Keys::Tile(&self.k[r0 * krb..(r0 + CHUNK) * krb]),
+                n,
+                blk_of: &[0; CHUNK][..n],
+                anchors: &anchors,
+                q,
+                qi,
+                qd,
+                active,
+                hd,
+                scale,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if level == SimdLevel::Avx512 && crate::cpu::has_avx512_vnni() {
+                // SAFETY: the CPU has AVX-512 with VNNI (checked just above); the tile and the
+                // queries are whole q8_0 blocks (the callee checks).
+                return unsafe { x86::int8_tile_vnni(&chunk, s) };
+            }
+            return int8_scores_scalar(&chunk, s);
+        }
         // The chunk's key rows, and for each the index of its block among the chunk's distinct
         // blocks, whose anchors follow.
         let mut keys: [&[u8]; CHUNK] = [&[]; CHUNK];
@@ -978,10 +1133,11 @@ impl KvSource for CodedKv<'_> {
         }
         let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
         for (a, &b) in anchors.iter_mut().zip(&blocks[..nblocks]) {
-            *a = &self.anchors[(b * nkv + g) * self.types.k.key_side_len(hd)..][..hd];
+            *a = &self.anchors[(b * nkv + g) * side..][..hd];
         }
         let chunk = Int8Chunk {
-            keys: &keys[..n],
+            keys: Int8Keys::Rows(&keys[..n]),
+            n,
             blk_of: &blk_of[..n],
             anchors: &anchors[..nblocks],
             q,
@@ -1046,6 +1202,25 @@ impl KvSource for CodedKv<'_> {
         let (hd, bs) = (self.head_dim, self.block_size);
         kt.resize(hd * CHUNK, 0.0);
         v.resize(CHUNK * hd, 0.0);
+        if tiled(self.types, bs) {
+            // q8_0 keys stored transposed: decoded straight into `kt`.
+            let (nkv, krb, vrb) = (self.num_kv_heads, self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
+            let b = table[p0 / bs] as usize;
+            let r0 = (b * nkv + g) * bs + p0 % bs;
+            let anchor = &self.anchors[(b * nkv + g) * self.types.k.key_side_len(hd)..][..hd];
+            decode_tile(level, &self.k[r0 * krb..(r0 + CHUNK) * krb], hd, anchor, kt);
+            if n < CHUNK {
+                for d in 0..hd {
+                    kt[d * CHUNK + n..(d + 1) * CHUNK].fill(0.0);
+                }
+            }
+            for j in 0..n {
+                let r = r0 + j;
+                let vr = &self.v[r * vrb..(r + 1) * vrb];
+                decode_row(level, self.types.v, vr, None, &mut v[j * hd..(j + 1) * hd]);
+            }
+            return (&kt[..], CHUNK, &v[..n * hd], hd);
+        }
         // Where vectors transpose whole tiles: the keys decoded as rows, then transposed.
         let tiles = match level {
             SimdLevel::Avx512 => hd.is_multiple_of(16) && hd <= 256,
@@ -1474,18 +1649,55 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub unsafe fn int8_tile_vnni(c: &super::Int8Chunk<'_>, s: &mut [f32]) {
         const MAX_GROUPS: usize = 64;
-        let (hd, n) = (c.hd, c.keys.len());
+        let (hd, n) = (c.hd, c.n);
         let (nb, ng) = (hd / 32, hd / 4);
         assert!(ng <= MAX_GROUPS && hd.is_multiple_of(32) && n <= CHUNK);
-        assert!(c.keys.iter().all(|k| k.len() == nb * 34) && c.anchors.iter().all(|a| a.len() == hd));
+        assert!(c.anchors.iter().all(|a| a.len() == hd));
         assert!(c.blk_of.len() == n && c.blk_of.iter().all(|&b| b < c.anchors.len()));
-        // kq[w] lane j = position j's dword w (bytes 4w..4w+4 of its key); zero past n.
+        // kq[w] lane j = position j's dword w (bytes 4w..4w+4 of its key); zero past n for rows.
         let mut kq = [_mm512_setzero_si512(); MAX_GROUPS];
+        // Per block: the 16 key scales.
+        let mut dk = [_mm512_setzero_ps(); MAX_GROUPS / 8];
+        match c.keys {
+            super::Int8Keys::Tile(tile) => {
+                // Stored transposed already: a load per group, the scales after the values.
+                assert!(tile.len() == CHUNK * nb * 34);
+                for (w, k) in kq.iter_mut().enumerate().take(ng) {
+                    *k = _mm512_loadu_si512(tile.as_ptr().add(64 * w) as *const _);
+                }
+                for (b, d) in dk.iter_mut().enumerate().take(nb) {
+                    let at = tile.as_ptr().add(CHUNK * hd + 32 * b);
+                    *d = _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i));
+                }
+            }
+            super::Int8Keys::Rows(keys) => {
+                assert!(keys.len() == n && keys.iter().all(|k| k.len() == nb * 34));
+                int8_rows_vnni(keys, nb, &mut kq, &mut dk);
+            }
+        }
+        // Per block: 128 x the keys' sums (the query's offset).
+        let mut off = [_mm512_setzero_si512(); MAX_GROUPS / 8];
+        let ones = _mm512_set1_epi8(1);
+        for (b, o) in off.iter_mut().enumerate().take(nb) {
+            let mut sum = _mm512_setzero_si512();
+            for k in &kq[8 * b..8 * b + 8] {
+                sum = _mm512_dpbusd_epi32(sum, ones, *k);
+            }
+            *o = _mm512_slli_epi32::<7>(sum);
+        }
+        score_rows_vnni(c, &kq, &dk, &off, s);
+    }
+
+    /// [`int8_tile_vnni`]'s keys from rows: each pair of blocks as a 16 x 16 dword transpose,
+    /// and the scales gathered.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn int8_rows_vnni(keys: &[&[u8]], nb: usize, kq: &mut [__m512i], dk: &mut [__m512]) {
+        let n = keys.len();
         for b0 in (0..nb).step_by(2) {
             let two = b0 + 1 < nb;
             let mut r = [_mm512_setzero_si512(); 16];
             for (j, r) in r.iter_mut().enumerate().take(n) {
-                let k = c.keys[j].as_ptr().add(34 * b0 + 2);
+                let k = keys[j].as_ptr().add(34 * b0 + 2);
                 let lo = _mm256_loadu_si256(k as *const __m256i);
                 let hi = if two { _mm256_loadu_si256(k.add(34) as *const __m256i) } else { _mm256_setzero_si256() };
                 *r = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
@@ -1494,22 +1706,22 @@ pub(crate) mod x86 {
             let groups = if two { 16 } else { 8 };
             kq[8 * b0..8 * b0 + groups].copy_from_slice(&cols[..groups]);
         }
-        // Per block: the 16 key scales, and 128 x the keys' sums (the query's offset).
-        let mut dk = [_mm512_setzero_ps(); MAX_GROUPS / 8];
-        let mut off = [_mm512_setzero_si512(); MAX_GROUPS / 8];
-        let ones = _mm512_set1_epi8(1);
-        for b in 0..nb {
+        for (b, d) in dk.iter_mut().enumerate().take(nb) {
             let mut bits = [0u16; CHUNK];
             for (j, x) in bits.iter_mut().enumerate().take(n) {
-                *x = u16::from_le_bytes([c.keys[j][34 * b], c.keys[j][34 * b + 1]]);
+                *x = u16::from_le_bytes([keys[j][34 * b], keys[j][34 * b + 1]]);
             }
-            dk[b] = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr() as *const __m256i));
-            let mut sum = _mm512_setzero_si512();
-            for k in &kq[8 * b..8 * b + 8] {
-                sum = _mm512_dpbusd_epi32(sum, ones, *k);
-            }
-            off[b] = _mm512_slli_epi32::<7>(sum);
+            *d = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr() as *const __m256i));
         }
+    }
+
+    /// [`int8_tile_vnni`]'s scores of each active query row against the chunk's keys `kq`
+    /// (scales `dk`, offsets `off` per block).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    unsafe fn score_rows_vnni(c: &super::Int8Chunk<'_>, kq: &[__m512i], dk: &[__m512], off: &[__m512i], s: &mut [f32]) {
+        let (hd, n) = (c.hd, c.n);
+        let nb = hd / 32;
+        assert!(kq.len() >= hd / 4 && dk.len() >= nb && off.len() >= nb);
         for &(i, seen) in c.active {
             let (qi, qd, qf) = (&c.qi[i * hd..(i + 1) * hd], &c.qd[i * nb..(i + 1) * nb], &c.q[i * hd..(i + 1) * hd]);
             assert!(qi.len() == hd && qd.len() == nb && qf.len() == hd);
@@ -1650,6 +1862,72 @@ pub(crate) mod x86 {
                     v = _mm256_add_ps(v, _mm256_cvtph_ps(a));
                 }
                 _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), v);
+            }
+        }
+    }
+
+    /// [`super::decode_tile`]: per group of 4 channels, the 16 positions' dwords in one
+    /// register, each channel's byte shifted out and sign-extended.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn decode_tile_avx512(tile: &[u8], hd: usize, anchor: &[u16], kt: &mut [f32]) {
+        let (tp, kp) = (tile.as_ptr(), kt.as_mut_ptr());
+        for b in 0..hd / 32 {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(CHUNK * hd + 32 * b) as *const __m256i));
+            // The block's 32 anchor values through F16C (`half`'s portable conversion is slow).
+            let mut af = [0f32; 32];
+            for h in 0..2 {
+                let a = _mm256_loadu_si256(anchor.as_ptr().add(32 * b + 16 * h) as *const __m256i);
+                _mm512_storeu_ps(af.as_mut_ptr().add(16 * h), _mm512_cvtph_ps(a));
+            }
+            for w in 8 * b..8 * b + 8 {
+                let x = _mm512_loadu_si512(tp.add(64 * w) as *const _);
+                let q = [
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(x)),
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(x)),
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(x)),
+                    _mm512_srai_epi32::<24>(x),
+                ];
+                for (r, q) in q.into_iter().enumerate() {
+                    let c = 4 * w + r;
+                    let a = _mm512_set1_ps(af[c - 32 * b]);
+                    let v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d), a);
+                    _mm512_storeu_ps(kp.add(c * CHUNK), v);
+                }
+            }
+        }
+    }
+
+    /// [`decode_tile_avx512`] with 8 lanes (positions 0..8, then 8..16).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn decode_tile_avx2(tile: &[u8], hd: usize, anchor: &[u16], kt: &mut [f32]) {
+        let (tp, kp) = (tile.as_ptr(), kt.as_mut_ptr());
+        for b in 0..hd / 32 {
+            let at = tp.add(CHUNK * hd + 32 * b);
+            let d = [
+                _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(16) as *const __m128i)),
+            ];
+            let mut af = [0f32; 32];
+            for h in 0..4 {
+                let a = _mm_loadu_si128(anchor.as_ptr().add(32 * b + 8 * h) as *const __m128i);
+                _mm256_storeu_ps(af.as_mut_ptr().add(8 * h), _mm256_cvtph_ps(a));
+            }
+            for w in 8 * b..8 * b + 8 {
+                for (h, d) in d.iter().enumerate() {
+                    let x = _mm256_loadu_si256(tp.add(64 * w + 32 * h) as *const __m256i);
+                    let q = [
+                        _mm256_srai_epi32::<24>(_mm256_slli_epi32::<24>(x)),
+                        _mm256_srai_epi32::<24>(_mm256_slli_epi32::<16>(x)),
+                        _mm256_srai_epi32::<24>(_mm256_slli_epi32::<8>(x)),
+                        _mm256_srai_epi32::<24>(x),
+                    ];
+                    for (r, q) in q.into_iter().enumerate() {
+                        let c = 4 * w + r;
+                        let a = _mm256_set1_ps(af[c - 32 * b]);
+                        let v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), *d), a);
+                        _mm256_storeu_ps(kp.add(c * CHUNK + 8 * h), v);
+                    }
+                }
             }
         }
     }
@@ -2058,8 +2336,15 @@ mod tests {
     /// keys; positions a row does not see are -inf.
     #[test]
     fn int8_scores_match_the_scalar_reference_and_the_decoded_keys() {
+        // Blocks of 4 keep rows; blocks of 16 store tiles.
+        for bs in [4, 16] {
+            int8_scores_match_at(bs);
+        }
+    }
+
+    fn int8_scores_match_at(bs: usize) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let (bs, nkv, hd, blocks) = (4usize, 2usize, 64usize, 6usize);
+        let (nkv, hd, blocks) = (2usize, 64usize, 6usize);
         let types = KvCacheType { k: KvCacheDtype::Q8_0, v: KvCacheDtype::F16 };
         let rows = blocks * bs * nkv;
         let (mut k, mut v) = (vec![0u8; rows * 68], vec![0u8; rows * 128]);
@@ -2074,7 +2359,7 @@ mod tests {
             head_dim: hd,
         };
         let table: Vec<u32> = vec![3, 0, 5, 1, 4, 2];
-        let len = 22;
+        let len = if bs == 4 { 22 } else { 90 };
         let slots: Vec<usize> = (0..len).map(|p| table[p / bs] as usize * bs + p % bs).collect();
         let keys: Vec<f32> = (0..len * nkv * hd).map(|_| rng.random_range(-2.0..2.0)).collect();
         let prev: Vec<Option<usize>> = (0..len).map(|p| (p / bs).checked_sub(1).map(|i| table[i] as usize)).collect();
@@ -2098,7 +2383,10 @@ mod tests {
             return;
         }
         let nb = hd / 32;
-        for p0 in [0, 16] {
+        for p0 in [0, 16, 80] {
+            if p0 >= len {
+                continue;
+            }
             let n = (len - p0).min(CHUNK);
             // As `attend` passes them: a row sees at most the chunk's `n` positions.
             let active = [(0usize, n), (1, 9.min(n)), (2, 1)];
@@ -2116,11 +2404,9 @@ mod tests {
                     let anchor = &view.anchors[(b * nkv + g) * hd..][..hd];
                     let qa: f32 =
                         q[i * hd..(i + 1) * hd].iter().zip(anchor).map(|(x, &a)| x * f16::from_bits(a).to_f32()).sum();
-                    let dot = dot_q8_scalar(
-                        &view.k[r * 68..(r + 1) * 68],
-                        &qi[i * hd..(i + 1) * hd],
-                        &qd[i * nb..(i + 1) * nb],
-                    );
+                    let mut row = vec![0u8; 68];
+                    key_get(view.k, tiled(types, bs), r, hd, &mut row);
+                    let dot = dot_q8_scalar(&row, &qi[i * hd..(i + 1) * hd], &qd[i * nb..(i + 1) * nb]);
                     let want = (qa + dot) * 0.5;
                     assert!((gv - want).abs() <= 1e-4 * (1.0 + want.abs()), "row {i} pos {j}: {gv} vs {want}");
                     // Against the exact score of the decoded key.
@@ -2387,7 +2673,7 @@ mod tests {
                         paged_attention_at(level, &q, heads, f32_kv, &ctxs, scale, &mut want);
                         let mut got = vec![0f32; q.len()];
                         paged_attention_at(level, &q, heads, coded.view(), &ctxs, scale, &mut got);
-                        if k_type == KvCacheDtype::Q8_0 {
+                        if coded.view().int8_keys(level) {
                             // q8_0 keys score an int8 query (rounded to 1/254 of each block's
                             // largest value): close to the f32 cache, not equal.
                             let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
