@@ -338,32 +338,40 @@ impl Int8Keys<'_> {
     }
 }
 
-/// Whether q8_0 keys are stored in tiles ([`CodedKv`]): blocks of whole chunks.
+/// Whether block-format keys are stored in tiles ([`CodedKv`]): blocks of whole chunks.
 fn tiled(types: KvCacheType, block_size: usize) -> bool {
-    types.k == KvCacheDtype::Q8_0 && block_size.is_multiple_of(CHUNK)
+    types.k.is_quantized() && block_size.is_multiple_of(CHUNK)
 }
 
-/// Position `j`'s q8_0 row (`hd / 32` blocks of 34 bytes) out of a tile of CHUNK positions.
+/// Position `j`'s row (`hd / 32` q8_0 or q4_0 blocks: an f16 scale, then 32 or 16 bytes) out of
+/// a tile of CHUNK positions: each block's bytes as 4-byte groups of the 16 positions, all
+/// blocks', then the blocks' scales of the 16 positions.
 fn tile_get(tile: &[u8], j: usize, hd: usize, row: &mut [u8]) {
-    let qs = CHUNK * hd;
-    for (b, blk) in row.chunks_exact_mut(34).enumerate() {
-        let at = qs + (b * CHUNK + j) * 2;
+    let nb = hd / 32;
+    let bb = row.len() / nb.max(1);
+    let groups = (bb - 2) / 4;
+    let scales = CHUNK * nb * (bb - 2);
+    for (b, blk) in row.chunks_exact_mut(bb).enumerate() {
+        let at = scales + (b * CHUNK + j) * 2;
         blk[..2].copy_from_slice(&tile[at..at + 2]);
-        for w in 0..8 {
-            let at = ((8 * b + w) * CHUNK + j) * 4;
+        for w in 0..groups {
+            let at = ((groups * b + w) * CHUNK + j) * 4;
             blk[2 + 4 * w..6 + 4 * w].copy_from_slice(&tile[at..at + 4]);
         }
     }
 }
 
-/// [`tile_get`]'s inverse: stores position `j`'s q8_0 row into its tile.
+/// [`tile_get`]'s inverse: stores position `j`'s row into its tile.
 fn tile_put(tile: &mut [u8], j: usize, hd: usize, row: &[u8]) {
-    let qs = CHUNK * hd;
-    for (b, blk) in row.chunks_exact(34).enumerate() {
-        let at = qs + (b * CHUNK + j) * 2;
+    let nb = hd / 32;
+    let bb = row.len() / nb.max(1);
+    let groups = (bb - 2) / 4;
+    let scales = CHUNK * nb * (bb - 2);
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        let at = scales + (b * CHUNK + j) * 2;
         tile[at..at + 2].copy_from_slice(&blk[..2]);
-        for w in 0..8 {
-            let at = ((8 * b + w) * CHUNK + j) * 4;
+        for w in 0..groups {
+            let at = ((groups * b + w) * CHUNK + j) * 4;
             tile[at..at + 4].copy_from_slice(&blk[2 + 4 * w..6 + 4 * w]);
         }
     }
@@ -825,6 +833,7 @@ impl CodedKv<'_> {
         let anchor = (side > 0).then(|| &self.anchors[(block * nkv + g) * side..][..side]);
         if tiled(self.types, bs) {
             let mut row = [0u8; 34 * 8];
+            // (Q4_0 rows are smaller than Q8_0 ones.)
             let mut heap = Vec::new();
             let row = if krb <= row.len() {
                 &mut row[..krb]
@@ -940,54 +949,64 @@ pub(crate) fn encode_row(t: KvCacheDtype, src: &[f32], dst: &mut [u8]) {
         let d = q4_0_scale(x);
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         b[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        let q = |v: f32| ((v * id).round().clamp(-8.0, 7.0) as i32 + 8) as u8;
+        let q = |v: f32| (level4(v * id) as i32 + 8) as u8;
         for j in 0..16 {
             b[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
         }
     }
 }
 
+/// `x` rounded to the nearest Q4_0 level: clamped to -8..=7 (NaN to -8), then rounded half to
+/// even by adding and taking away 1.5 x 2^23. By hand because `f32::round` is a libm call on
+/// the x86-64 baseline, and encoding a row tries dozens of scales (it was half of a q4_0
+/// prefill's time).
+#[inline]
+#[allow(clippy::manual_clamp)] // `clamp` keeps NaN; this maps it to -8.
+fn level4(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let c = x.max(-8.0).min(7.0);
+    (c + MAGIC) - MAGIC
+}
+
 /// The f16-representable scale `d` minimising `Σ (x - d·q)²` over levels `q = clamp(round(x /
-/// d), -8, 7)`, among candidates around the largest value mapping to -8 or to 7, each also
-/// refitted by least squares for its levels.
+/// d), -8, 7)`, among candidates around the largest value mapping to -8 or to 7 (60% to 100% of
+/// it, in steps of 5%), each also refitted by least squares for its levels.
 fn q4_0_scale(x: &[f32]) -> f32 {
     let m = x.iter().copied().fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
     if m == 0.0 {
         return 0.0;
     }
-    let err = |d: f32| -> f32 {
+    let x2: f32 = x.iter().map(|v| v * v).sum();
+    // One pass over the levels `d` (as f16) gives: `d`'s squared error (from Σ x·q and Σ q·q, no
+    // second pass) and the scale of least squares for those levels.
+    let pass = |d: f32| -> (f32, f32, f32) {
         let d = f16::from_f32(d).to_f32();
         if d == 0.0 {
-            return x.iter().map(|v| v * v).sum();
+            return (x2, d, d);
         }
-        x.iter().map(|&v| (v - d * (v / d).round().clamp(-8.0, 7.0)).powi(2)).sum()
-    };
-    let refit = |d: f32| -> f32 {
+        let id = 1.0 / d;
         let (mut xq, mut qq) = (0f32, 0f32);
         for &v in x {
-            let q = (v / d).round().clamp(-8.0, 7.0);
+            let q = level4(v * id);
             xq += v * q;
             qq += q * q;
         }
-        if qq > 0.0 {
-            xq / qq
-        } else {
-            d
-        }
+        let err = x2 - 2.0 * d * xq + d * d * qq;
+        (err, d, if qq > 0.0 { xq / qq } else { d })
     };
-    let mut best = (err(m / -8.0), m / -8.0);
+    let mut best = (f32::INFINITY, 0f32);
     for base in [m / -8.0, m / 7.0] {
-        for k in 0..=16 {
-            let d = base * (0.6 + 0.025 * k as f32);
-            for d in [d, refit(d)] {
-                let e = err(d);
+        for k in 0..=8 {
+            let (e, d, refit) = pass(base * (0.6 + 0.05 * k as f32));
+            let (e2, d2, _) = pass(refit);
+            for (e, d) in [(e, d), (e2, d2)] {
                 if e < best.0 {
                     best = (e, d);
                 }
             }
         }
     }
-    f16::from_f32(best.1).to_f32()
+    best.1
 }
 
 /// `dst` = the row `src` of `t` decoded, then times the channel scales and plus the anchor of
@@ -1030,27 +1049,41 @@ pub(crate) fn decode_row(level: SimdLevel, t: KvCacheDtype, src: &[u8], side: Op
     }
 }
 
-/// `kt[d * CHUNK + j]` = key `j` of a tile of q8_0 keys ([`CodedKv`]) decoded, channel `d`,
-/// plus `anchor[d]`: bitwise [`decode_row`] of each position, transposed.
-fn decode_tile(level: SimdLevel, tile: &[u8], hd: usize, anchor: &[u16], kt: &mut [f32]) {
+/// `kt[d * CHUNK + j]` = key `j` of a tile of keys of type `t` ([`CodedKv`]) decoded, channel
+/// `d`, with `side` (anchor row, then channel scales if it holds two): bitwise [`decode_row`] of
+/// each position, transposed.
+fn decode_tile(level: SimdLevel, t: KvCacheDtype, tile: &[u8], hd: usize, side: &[u16], kt: &mut [f32]) {
+    let rb = t.row_bytes(hd);
     assert!(
-        hd.is_multiple_of(32) && tile.len() == CHUNK * hd / 32 * 34 && anchor.len() == hd && kt.len() >= hd * CHUNK
+        t.is_quantized() && hd.is_multiple_of(32) && tile.len() == CHUNK * rb && kt.len() >= hd * CHUNK,
+        "a whole tile of block-format rows"
     );
-    match level {
+    assert!(side.len() == hd || side.len() == 2 * hd, "an anchor row, then maybe channel scales");
+    let (anchor, scales) = side.split_at(hd);
+    match (level, t) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level only names features the CPU has; sizes asserted above.
-        SimdLevel::Avx512 => unsafe { x86::decode_tile_avx512(tile, hd, anchor, kt) },
+        (SimdLevel::Avx512, KvCacheDtype::Q8_0) => unsafe { x86::decode_tile_avx512(tile, hd, anchor, kt) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (the AVX2 level implies F16C).
-        SimdLevel::Avx2 => unsafe { x86::decode_tile_avx2(tile, hd, anchor, kt) },
+        (SimdLevel::Avx2, KvCacheDtype::Q8_0) => unsafe { x86::decode_tile_avx2(tile, hd, anchor, kt) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (SimdLevel::Avx512, KvCacheDtype::Q4_0) if scales.len() == hd => unsafe {
+            x86::decode_tile_q4_avx512(tile, hd, anchor, scales, kt)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (SimdLevel::Avx2, KvCacheDtype::Q4_0) if scales.len() == hd => unsafe {
+            x86::decode_tile_q4_avx2(tile, hd, anchor, scales, kt)
+        },
         _ => {
-            for d in 0..hd {
-                let a = f16::from_bits(anchor[d]).to_f32();
-                for j in 0..CHUNK {
-                    let q = tile[(d / 4 * CHUNK + j) * 4 + d % 4] as i8;
-                    let at = CHUNK * hd + (d / 32 * CHUNK + j) * 2;
-                    let dk = f16::from_le_bytes([tile[at], tile[at + 1]]).to_f32();
-                    kt[d * CHUNK + j] = f32::from(q) * dk + a;
+            let (mut row, mut key) = (vec![0u8; rb], vec![0f32; hd]);
+            for j in 0..CHUNK {
+                tile_get(tile, j, hd, &mut row);
+                decode_row(SimdLevel::Scalar, t, &row, Some(side), &mut key);
+                for (d, &x) in key.iter().enumerate() {
+                    kt[d * CHUNK + j] = x;
                 }
             }
         }
@@ -1203,12 +1236,13 @@ impl KvSource for CodedKv<'_> {
         kt.resize(hd * CHUNK, 0.0);
         v.resize(CHUNK * hd, 0.0);
         if tiled(self.types, bs) {
-            // q8_0 keys stored transposed: decoded straight into `kt`.
+            // Block-format keys stored transposed: decoded straight into `kt`.
             let (nkv, krb, vrb) = (self.num_kv_heads, self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
             let b = table[p0 / bs] as usize;
             let r0 = (b * nkv + g) * bs + p0 % bs;
-            let anchor = &self.anchors[(b * nkv + g) * self.types.k.key_side_len(hd)..][..hd];
-            decode_tile(level, &self.k[r0 * krb..(r0 + CHUNK) * krb], hd, anchor, kt);
+            let side = self.types.k.key_side_len(hd);
+            let side = &self.anchors[(b * nkv + g) * side..][..side];
+            decode_tile(level, self.types.k, &self.k[r0 * krb..(r0 + CHUNK) * krb], hd, side, kt);
             if n < CHUNK {
                 for d in 0..hd {
                     kt[d * CHUNK + n..(d + 1) * CHUNK].fill(0.0);
@@ -1862,6 +1896,69 @@ pub(crate) mod x86 {
                     v = _mm256_add_ps(v, _mm256_cvtph_ps(a));
                 }
                 _mm256_storeu_ps(y.as_mut_ptr().add(8 * i), v);
+            }
+        }
+    }
+
+    /// [`super::decode_tile`] of Q4_0 keys with channel scales: per 4-byte group of a block
+    /// (channels 4w..4w+4 in the low nibbles, 16 more in the high ones), the 16 positions'
+    /// dwords in one register, each nibble shifted out.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn decode_tile_q4_avx512(tile: &[u8], hd: usize, anchor: &[u16], scales: &[u16], kt: &mut [f32]) {
+        let (tp, kp) = (tile.as_ptr(), kt.as_mut_ptr());
+        let (mask, eight) = (_mm512_set1_epi32(0x0F), _mm512_set1_epi32(8));
+        for b in 0..hd / 32 {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tp.add(CHUNK * hd / 2 + 32 * b) as *const __m256i));
+            let (mut af, mut sf) = ([0f32; 32], [0f32; 32]);
+            for h in 0..2 {
+                let a = _mm256_loadu_si256(anchor.as_ptr().add(32 * b + 16 * h) as *const __m256i);
+                _mm512_storeu_ps(af.as_mut_ptr().add(16 * h), _mm512_cvtph_ps(a));
+                let s = _mm256_loadu_si256(scales.as_ptr().add(32 * b + 16 * h) as *const __m256i);
+                _mm512_storeu_ps(sf.as_mut_ptr().add(16 * h), _mm512_cvtph_ps(s));
+            }
+            for w in 0..4 {
+                let x = _mm512_loadu_si512(tp.add(64 * (4 * b + w)) as *const _);
+                for k in 0..8 {
+                    // Nibble k of each dword: byte k / 2, low (value 4w + k/2) or high (+16).
+                    let q = _mm512_and_si512(_mm512_srlv_epi32(x, _mm512_set1_epi32(4 * k as i32)), mask);
+                    let c = 4 * w + k / 2 + 16 * (k % 2);
+                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, eight)), d);
+                    let v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(sf[c])), _mm512_set1_ps(af[c]));
+                    _mm512_storeu_ps(kp.add((32 * b + c) * CHUNK), v);
+                }
+            }
+        }
+    }
+
+    /// [`decode_tile_q4_avx512`] with 8 lanes (positions 0..8, then 8..16).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn decode_tile_q4_avx2(tile: &[u8], hd: usize, anchor: &[u16], scales: &[u16], kt: &mut [f32]) {
+        let (tp, kp) = (tile.as_ptr(), kt.as_mut_ptr());
+        let (mask, eight) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(8));
+        for b in 0..hd / 32 {
+            let at = tp.add(CHUNK * hd / 2 + 32 * b);
+            let d = [
+                _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(16) as *const __m128i)),
+            ];
+            let (mut af, mut sf) = ([0f32; 32], [0f32; 32]);
+            for h in 0..4 {
+                let a = _mm_loadu_si128(anchor.as_ptr().add(32 * b + 8 * h) as *const __m128i);
+                _mm256_storeu_ps(af.as_mut_ptr().add(8 * h), _mm256_cvtph_ps(a));
+                let s = _mm_loadu_si128(scales.as_ptr().add(32 * b + 8 * h) as *const __m128i);
+                _mm256_storeu_ps(sf.as_mut_ptr().add(8 * h), _mm256_cvtph_ps(s));
+            }
+            for w in 0..4 {
+                for (h, d) in d.iter().enumerate() {
+                    let x = _mm256_loadu_si256(tp.add(64 * (4 * b + w) + 32 * h) as *const __m256i);
+                    for k in 0..8 {
+                        let q = _mm256_and_si256(_mm256_srlv_epi32(x, _mm256_set1_epi32(4 * k as i32)), mask);
+                        let c = 4 * w + k / 2 + 16 * (k % 2);
+                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight)), *d);
+                        let v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(sf[c])), _mm256_set1_ps(af[c]));
+                        _mm256_storeu_ps(kp.add((32 * b + c) * CHUNK + 8 * h), v);
+                    }
+                }
             }
         }
     }
