@@ -970,7 +970,7 @@ fn level4(x: f32) -> f32 {
 
 /// The f16-representable scale `d` minimising `Σ (x - d·q)²` over levels `q = clamp(round(x /
 /// d), -8, 7)`, among candidates around the largest value mapping to -8 or to 7 (60% to 100% of
-/// it, in steps of 5%), each also refitted by least squares for its levels.
+/// it, in steps of 2.5%), each also refitted by least squares for its levels.
 fn q4_0_scale(x: &[f32]) -> f32 {
     let m = x.iter().copied().fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
     if m == 0.0 {
@@ -996,8 +996,8 @@ fn q4_0_scale(x: &[f32]) -> f32 {
     };
     let mut best = (f32::INFINITY, 0f32);
     for base in [m / -8.0, m / 7.0] {
-        for k in 0..=8 {
-            let (e, d, refit) = pass(base * (0.6 + 0.05 * k as f32));
+        for k in 0..=16 {
+            let (e, d, refit) = pass(base * (0.6 + 0.025 * k as f32));
             let (e2, d2, _) = pass(refit);
             for (e, d) in [(e, d), (e2, d2)] {
                 if e < best.0 {
