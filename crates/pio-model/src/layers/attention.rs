@@ -49,7 +49,8 @@ impl Attention {
                 // Block formats hold one scale per 32 values, which a few outlier channels (small
                 // Qwen models have keys hundreds of times larger in some channels) would set for
                 // all the others. Rotating each head by a Hadamard transform spreads them out:
-                // keys and queries alike, so the scores are unchanged; values before they are
+                // q8_0 keys and the queries alike, so the scores are unchanged (q4_0 keys keep
+                // their channels, each with its own scale: `CodedKv`); values before they are
                 // stored, and the outputs back after (the transform is its own inverse).
                 if types.k.rotates_keys() {
                     ops::hadamard_rows(q, self.head_dim);
@@ -114,7 +115,7 @@ impl Attention {
                 kv.map_keys(blocks, &mut |row| ops::rope_heads_with(row, hd, &cos, &sin, layout));
             }
             LayerStore::Coded { k, v, anchors } => {
-                // Block-format keys are stored Hadamard-rotated (see `forward`): undo, rotate the
+                // q8_0 keys are stored Hadamard-rotated (see `forward`): undo, rotate the
                 // positions, redo.
                 let hadamard = types.k.rotates_keys();
                 let mut kv = CodedKvMut { k, v, anchors, types, block_size: bs, num_kv_heads: nkv, head_dim: hd };
