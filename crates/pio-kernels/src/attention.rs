@@ -833,6 +833,18 @@ impl CodedKv<'_> {
         self.read_at(SimdLevel::Scalar, slot, g, k, v)
     }
 
+    /// Positions `p0..p0 + n` of kv head `g`'s values, decoded into `v` as `[n, head_dim]`.
+    fn decode_values(&self, level: SimdLevel, table: &[u32], g: usize, p0: usize, n: usize, v: &mut Vec<f32>) {
+        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
+        let vrb = self.types.v.row_bytes(hd);
+        v.resize(CHUNK * hd, 0.0);
+        for j in 0..n {
+            let pos = p0 + j;
+            let r = (table[pos / bs] as usize * nkv + g) * bs + pos % bs;
+            decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, &mut v[j * hd..(j + 1) * hd]);
+        }
+    }
+
     /// [`CodedKv::read`] with the SIMD level's decoders: the same bits at every level.
     fn read_at(&self, level: SimdLevel, slot: usize, g: usize, k: &mut [f32], v: &mut [f32]) {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
@@ -1132,68 +1144,42 @@ impl KvSource for CodedKv<'_> {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
         let krb = self.types.k.row_bytes(hd);
         let side = self.types.k.key_side_len(hd);
-        if tiled(self.types, bs) {
+        let mut rows: [&[u8]; CHUNK] = [&[]; CHUNK];
+        let mut blk_of = [0usize; CHUNK];
+        let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
+        let (keys, nblocks) = if tiled(self.types, bs) {
             // The chunk is one stored tile of one block.
             let b = table[p0 / bs] as usize;
             let r0 = (b * nkv + g) * bs + p0 % bs;
-            let anchors = [&self.anchors[(b * nkv + g) * side..][..hd]];
-            let chunk = Int8Chunk {
-                keys: Int8Keys::Tile(&self.k[r0 * krb..(r0 + CHUNK) * krb]),
-                n,
-                blk_of: &[0; CHUNK][..n],
-                anchors: &anchors,
-                q,
-                qi,
-                qd,
-                active,
-                hd,
-                scale,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if level == SimdLevel::Avx512 && crate::cpu::has_avx512_vnni() {
-                // SAFETY: the CPU has AVX-512 with VNNI (checked just above); the tile and the
-                // queries are whole q8_0 blocks (the callee checks).
-                return unsafe { x86::int8_tile_vnni(&chunk, s) };
+            anchors[0] = &self.anchors[(b * nkv + g) * side..][..hd];
+            (Int8Keys::Tile(&self.k[r0 * krb..(r0 + CHUNK) * krb]), 1)
+        } else {
+            // The chunk's key rows, and for each the index of its block among the chunk's
+            // distinct blocks, whose anchors follow.
+            let mut blocks: [usize; CHUNK] = [usize::MAX; CHUNK];
+            let mut nblocks = 0;
+            for j in 0..n {
+                let pos = p0 + j;
+                let b = table[pos / bs] as usize;
+                if nblocks == 0 || blocks[nblocks - 1] != b {
+                    blocks[nblocks] = b;
+                    nblocks += 1;
+                }
+                blk_of[j] = nblocks - 1;
+                let r = (b * nkv + g) * bs + pos % bs;
+                rows[j] = &self.k[r * krb..(r + 1) * krb];
             }
-            return int8_scores_scalar(&chunk, s);
-        }
-        // The chunk's key rows, and for each the index of its block among the chunk's distinct
-        // blocks, whose anchors follow.
-        let mut keys: [&[u8]; CHUNK] = [&[]; CHUNK];
-        let mut blk_of = [0usize; CHUNK];
-        let mut blocks: [usize; CHUNK] = [usize::MAX; CHUNK];
-        let mut nblocks = 0;
-        for j in 0..n {
-            let pos = p0 + j;
-            let b = table[pos / bs] as usize;
-            if nblocks == 0 || blocks[nblocks - 1] != b {
-                blocks[nblocks] = b;
-                nblocks += 1;
+            for (a, &b) in anchors.iter_mut().zip(&blocks[..nblocks]) {
+                *a = &self.anchors[(b * nkv + g) * side..][..hd];
             }
-            blk_of[j] = nblocks - 1;
-            let r = (b * nkv + g) * bs + pos % bs;
-            keys[j] = &self.k[r * krb..(r + 1) * krb];
-        }
-        let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
-        for (a, &b) in anchors.iter_mut().zip(&blocks[..nblocks]) {
-            *a = &self.anchors[(b * nkv + g) * side..][..hd];
-        }
-        let chunk = Int8Chunk {
-            keys: Int8Keys::Rows(&keys[..n]),
-            n,
-            blk_of: &blk_of[..n],
-            anchors: &anchors[..nblocks],
-            q,
-            qi,
-            qd,
-            active,
-            hd,
-            scale,
+            (Int8Keys::Rows(&rows[..n]), nblocks)
         };
+        let chunk =
+            Int8Chunk { keys, n, blk_of: &blk_of[..n], anchors: &anchors[..nblocks], q, qi, qd, active, hd, scale };
         #[cfg(target_arch = "x86_64")]
         if level == SimdLevel::Avx512 && crate::cpu::has_avx512_vnni() {
-            // SAFETY: the CPU has AVX-512 with VNNI (checked just above); rows and queries are
-            // whole q8_0 blocks (the callee checks).
+            // SAFETY: the CPU has AVX-512 with VNNI (checked just above); the keys (a tile or
+            // rows) and the queries are whole q8_0 blocks (the callee checks).
             return unsafe { x86::int8_tile_vnni(&chunk, s) };
         }
         int8_scores_scalar(&chunk, s);
@@ -1208,15 +1194,8 @@ impl KvSource for CodedKv<'_> {
         _kt: &'s mut Vec<f32>,
         v: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize) {
-        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
-        let vrb = self.types.v.row_bytes(hd);
-        v.resize(CHUNK * hd, 0.0);
-        for j in 0..n {
-            let pos = p0 + j;
-            let r = (table[pos / bs] as usize * nkv + g) * bs + pos % bs;
-            decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, &mut v[j * hd..(j + 1) * hd]);
-        }
-        (&v[..n * hd], hd)
+        self.decode_values(level, table, g, p0, n, v);
+        (&v[..n * self.head_dim], self.head_dim)
     }
     fn check(&self) {
         let rows = self.block_size * self.num_kv_heads;
@@ -1247,7 +1226,7 @@ impl KvSource for CodedKv<'_> {
         v.resize(CHUNK * hd, 0.0);
         if tiled(self.types, bs) {
             // Block-format keys stored transposed: decoded straight into `kt`.
-            let (nkv, krb, vrb) = (self.num_kv_heads, self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
+            let (nkv, krb) = (self.num_kv_heads, self.types.k.row_bytes(hd));
             let b = table[p0 / bs] as usize;
             let r0 = (b * nkv + g) * bs + p0 % bs;
             let side = self.types.k.key_side_len(hd);
@@ -1258,11 +1237,7 @@ impl KvSource for CodedKv<'_> {
                     kt[d * CHUNK + n..(d + 1) * CHUNK].fill(0.0);
                 }
             }
-            for j in 0..n {
-                let r = r0 + j;
-                let vr = &self.v[r * vrb..(r + 1) * vrb];
-                decode_row(level, self.types.v, vr, None, &mut v[j * hd..(j + 1) * hd]);
-            }
+            self.decode_values(level, table, g, p0, n, v);
             return (&kt[..], CHUNK, &v[..n * hd], hd);
         }
         // Where vectors transpose whole tiles: the keys decoded as rows, then transposed.
