@@ -50,6 +50,9 @@ pub const CHUNK: usize = 16;
 /// Query tokens of one sequence that share each loaded chunk of keys and values.
 pub const QUERY_TILE: usize = 16;
 
+/// How many positions ahead of the chunk being read the kernel prefetches the cache.
+const PREFETCH_AHEAD: usize = 2 * CHUNK;
+
 /// How a KV cache stores one tensor kind (keys or values): a plain float type, or a GGUF block
 /// format (blocks of 32 values along the head dimension, llama.cpp's layouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -231,6 +234,12 @@ pub trait KvSource: Copy + Send + Sync {
         v: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize, &'s [f32], usize);
 
+    /// Asks the CPU to start loading positions `p0..p0 + CHUNK` of kv head `g` (a chunk the
+    /// kernel reads soon). A sequence's blocks lie apart in the pool, a kv head's rows of
+    /// consecutive blocks a whole block of all heads apart, so the hardware prefetchers, which
+    /// follow runs of lines, miss the first lines of every chunk.
+    fn prefetch(&self, _table: &[u32], _g: usize, _p0: usize) {}
+
     /// Whether [`KvSource::int8_scores`] scores this cache's keys at `level`: q8_0 keys against
     /// an int8 query with integer dot products (as ik_llama.cpp does) instead of widening them,
     /// where the CPU has VNNI (AVX2's byte products are no faster than the f32 tile there). Every
@@ -336,6 +345,22 @@ impl Int8Keys<'_> {
             }
         }
     }
+}
+
+/// Prefetches the cache lines of `bytes` (a hint: never faults, changes no values).
+fn prefetch_lines<T>(bytes: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = bytes.as_ptr() as *const i8;
+        for line in (0..std::mem::size_of_val(bytes)).step_by(64) {
+            // SAFETY: a prefetch reads nothing architecturally and cannot fault; SSE is in the
+            // x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// Whether block-format keys are stored in tiles ([`CodedKv`]): blocks of whole chunks.
@@ -621,6 +646,27 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
             self.block_size > 0 && self.k.len() == self.v.len() && self.k.len().is_multiple_of(whole),
             "keys and values must be whole blocks"
         );
+    }
+    fn prefetch(&self, table: &[u32], g: usize, p0: usize) {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        if !bs.is_multiple_of(CHUNK) {
+            return;
+        }
+        let Some(&b) = table.get(p0 / bs) else { return };
+        let (kd, off) = (self.num_kv_heads * hd, p0 % bs);
+        let base = (b as usize * kd + g * hd) * bs;
+        if let Some(k) = self.k.get(base + off..base + (hd - 1) * bs + off + CHUNK) {
+            if bs == CHUNK {
+                prefetch_lines(k);
+            } else {
+                for d in 0..hd {
+                    prefetch_lines(&k[d * bs..d * bs + CHUNK]);
+                }
+            }
+        }
+        if let Some(v) = self.v.get(base + off * hd..base + (off + CHUNK) * hd) {
+            prefetch_lines(v);
+        }
     }
     fn chunk<'s>(
         &'s self,
@@ -999,36 +1045,102 @@ fn q4_0_scale(x: &[f32]) -> f32 {
         return 0.0;
     }
     let x2: f32 = x.iter().map(|v| v * v).sum();
-    // One pass over the levels `d` (as f16) gives: `d`'s squared error (from Σ x·q and Σ q·q, no
-    // second pass) and the scale of least squares for those levels.
-    let pass = |d: f32| -> (f32, f32, f32) {
-        let d = f16::from_f32(d).to_f32();
-        if d == 0.0 {
-            return (x2, d, d);
+    // All candidates at once, one per lane ([`level_sums`]); then, per candidate, its squared
+    // error (from Σ x·q and Σ q·q, no second pass) and its scale of least squares.
+    let mut d = [0f32; SCALE_LANES];
+    for (i, base) in [m / -8.0, m / 7.0].into_iter().enumerate() {
+        for k in 0..SCALE_STEPS {
+            d[i * SCALE_STEPS + k] = f16::from_f32(base * (0.6 + 0.025 * k as f32)).to_f32();
         }
-        let id = 1.0 / d;
-        let (mut xq, mut qq) = (0f32, 0f32);
-        for &v in x {
-            let q = level4(v * id);
-            xq += v * q;
-            qq += q * q;
+    }
+    let errors = |d: &[f32; SCALE_LANES], refit: &mut [f32; SCALE_LANES]| -> [f32; SCALE_LANES] {
+        let (mut xq, mut qq) = ([0f32; SCALE_LANES], [0f32; SCALE_LANES]);
+        level_sums(cpu::level(), x, d, &mut xq, &mut qq);
+        let mut err = [x2; SCALE_LANES];
+        for c in 0..SCALE_LANES {
+            let d = d[c];
+            if d != 0.0 {
+                err[c] = x2 - 2.0 * d * xq[c] + d * d * qq[c];
+                refit[c] = if qq[c] > 0.0 { xq[c] / qq[c] } else { d };
+            } else {
+                refit[c] = d;
+            }
         }
-        let err = x2 - 2.0 * d * xq + d * d * qq;
-        (err, d, if qq > 0.0 { xq / qq } else { d })
+        err
     };
+    let mut refit = [0f32; SCALE_LANES];
+    let e1 = errors(&d, &mut refit);
+    let d2 = refit.map(|r| f16::from_f32(r).to_f32());
+    let e2 = errors(&d2, &mut refit);
     let mut best = (f32::INFINITY, 0f32);
-    for base in [m / -8.0, m / 7.0] {
-        for k in 0..=16 {
-            let (e, d, refit) = pass(base * (0.6 + 0.025 * k as f32));
-            let (e2, d2, _) = pass(refit);
-            for (e, d) in [(e, d), (e2, d2)] {
-                if e < best.0 {
-                    best = (e, d);
-                }
+    for c in 0..2 * SCALE_STEPS {
+        for (e, d) in [(e1[c], d[c]), (e2[c], d2[c])] {
+            if e < best.0 {
+                best = (e, d);
             }
         }
     }
     best.1
+}
+
+/// Candidate scales per side of [`q4_0_scale`] (60%..=100% of the largest value's, by 2.5%).
+const SCALE_STEPS: usize = 17;
+/// Both sides' candidates, padded to whole vectors of 16 (unused lanes hold scale 0).
+const SCALE_LANES: usize = 48;
+
+/// For each candidate scale `d[c]` (0: skipped), `xq[c] = Σ x·q` and `qq[c] = Σ q·q` over `x`
+/// with `q = level4(x / d[c])`, summed in `x`'s order. Lanes are independent and each adds in
+/// the same order at every level, so the vector builds (the same code compiled for wider
+/// registers) give the scalar bits.
+fn level_sums(
+    level: SimdLevel,
+    x: &[f32],
+    d: &[f32; SCALE_LANES],
+    xq: &mut [f32; SCALE_LANES],
+    qq: &mut [f32; SCALE_LANES],
+) {
+    let id = d.map(|d| if d == 0.0 { 0.0 } else { 1.0 / d });
+    #[inline(always)]
+    fn sums(x: &[f32], id: &[f32; SCALE_LANES], xq: &mut [f32; SCALE_LANES], qq: &mut [f32; SCALE_LANES]) {
+        for &v in x {
+            for c in 0..SCALE_LANES {
+                let q = level4(v * id[c]);
+                xq[c] += v * q;
+                qq[c] += q * q;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn sums_avx512(
+            x: &[f32],
+            id: &[f32; SCALE_LANES],
+            xq: &mut [f32; SCALE_LANES],
+            qq: &mut [f32; SCALE_LANES],
+        ) {
+            sums(x, id, xq, qq)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn sums_avx2(
+            x: &[f32],
+            id: &[f32; SCALE_LANES],
+            xq: &mut [f32; SCALE_LANES],
+            qq: &mut [f32; SCALE_LANES],
+        ) {
+            sums(x, id, xq, qq)
+        }
+        match level {
+            // SAFETY: the level only names features the CPU has.
+            SimdLevel::Avx512 => return unsafe { sums_avx512(x, &id, xq, qq) },
+            // SAFETY: as above.
+            SimdLevel::Avx2 => return unsafe { sums_avx2(x, &id, xq, qq) },
+            _ => {}
+        }
+    }
+    sums(x, &id, xq, qq)
 }
 
 /// `dst` = the row `src` of `t` decoded, then times the channel scales and plus the anchor of
@@ -1121,6 +1233,23 @@ impl KvSource for CodedKv<'_> {
     }
     fn head_dim(&self) -> usize {
         self.head_dim
+    }
+    fn prefetch(&self, table: &[u32], g: usize, p0: usize) {
+        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
+        let Some(&b) = table.get(p0 / bs) else { return };
+        let (krb, vrb) = (self.types.k.row_bytes(hd), self.types.v.row_bytes(hd));
+        let r0 = (b as usize * nkv + g) * bs + p0 % bs;
+        let r1 = r0 + CHUNK.min(bs - p0 % bs);
+        if let Some(k) = self.k.get(r0 * krb..r1 * krb) {
+            prefetch_lines(k);
+        }
+        if let Some(v) = self.v.get(r0 * vrb..r1 * vrb) {
+            prefetch_lines(v);
+        }
+        let side = self.types.k.key_side_len(hd);
+        if let Some(a) = self.anchors.get((b as usize * nkv + g) * side..(b as usize * nkv + g + 1) * side) {
+            prefetch_lines(a);
+        }
     }
     fn int8_keys(&self, level: SimdLevel) -> bool {
         self.types.k == KvCacheDtype::Q8_0
@@ -1476,6 +1605,9 @@ fn attend<S: KvSource>(
     let mut p0 = first / CHUNK * CHUNK;
     while p0 < longest {
         let n = (longest - p0).min(CHUNK);
+        if p0 + PREFETCH_AHEAD < longest {
+            kv.prefetch(table, g, p0 + PREFETCH_AHEAD);
+        }
         // The chunk as f32: key j's dimension d at kc[d * ks + j], its value at vc[j * vs ..].
         active.clear();
         for (t, ctx) in ctxs.iter().enumerate() {
@@ -2804,6 +2936,66 @@ mod tests {
     /// small Qwen models carry) are read back closer than channels that move a lot, once a block
     /// has measured them. With one error for all channels (what a scale per 32 values or a
     /// rotation gives) the still channels would get the moving ones' error.
+    #[test]
+    fn q4_0_scale_search_matches_one_candidate_at_a_time() {
+        // The search as first written: one candidate scale at a time, scalar.
+        fn one_at_a_time(x: &[f32]) -> f32 {
+            let m = x.iter().copied().fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+            if m == 0.0 {
+                return 0.0;
+            }
+            let x2: f32 = x.iter().map(|v| v * v).sum();
+            let pass = |d: f32| -> (f32, f32, f32) {
+                let d = f16::from_f32(d).to_f32();
+                if d == 0.0 {
+                    return (x2, d, d);
+                }
+                let id = 1.0 / d;
+                let (mut xq, mut qq) = (0f32, 0f32);
+                for &v in x {
+                    let q = level4(v * id);
+                    xq += v * q;
+                    qq += q * q;
+                }
+                (x2 - 2.0 * d * xq + d * d * qq, d, if qq > 0.0 { xq / qq } else { d })
+            };
+            let mut best = (f32::INFINITY, 0f32);
+            for base in [m / -8.0, m / 7.0] {
+                for k in 0..=16 {
+                    let (e, d, refit) = pass(base * (0.6 + 0.025 * k as f32));
+                    let (e2, d2, _) = pass(refit);
+                    for (e, d) in [(e, d), (e2, d2)] {
+                        if e < best.0 {
+                            best = (e, d);
+                        }
+                    }
+                }
+            }
+            best.1
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+        for case in 0..3000 {
+            let mag = [1e-6f32, 1e-3, 1.0, 40.0, 6e4][case % 5];
+            let mut x: Vec<f32> = (0..32).map(|_| rng.random_range(-mag..mag)).collect();
+            if case % 7 == 0 {
+                x[case % 32] *= 30.0;
+            }
+            if case % 11 == 0 {
+                x[..20].fill(0.0);
+            }
+            assert_eq!(q4_0_scale(&x).to_bits(), one_at_a_time(&x).to_bits(), "case {case}: {x:?}");
+            let d = std::array::from_fn(|c| if c < 34 { (c as f32 + 1.0) * mag / 40.0 } else { 0.0 });
+            let (mut want_xq, mut want_qq) = ([0f32; SCALE_LANES], [0f32; SCALE_LANES]);
+            level_sums(SimdLevel::Scalar, &x, &d, &mut want_xq, &mut want_qq);
+            for level in SimdLevel::available() {
+                let (mut xq, mut qq) = ([0f32; SCALE_LANES], [0f32; SCALE_LANES]);
+                level_sums(level, &x, &d, &mut xq, &mut qq);
+                assert!(bits_equal(&xq, &want_xq) && bits_equal(&qq, &want_qq), "case {case} {level:?}");
+            }
+        }
+        assert_eq!(q4_0_scale(&[0.0; 32]), 0.0);
+    }
+
     #[test]
     fn q4_0_keys_err_less_where_channels_move_less() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);
