@@ -649,7 +649,7 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
     }
     fn prefetch(&self, table: &[u32], g: usize, p0: usize) {
         let (hd, bs) = (self.head_dim, self.block_size);
-        if !bs.is_multiple_of(CHUNK) {
+        if hd == 0 || !bs.is_multiple_of(CHUNK) {
             return;
         }
         let Some(&b) = table.get(p0 / bs) else { return };
