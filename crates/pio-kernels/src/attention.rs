@@ -2932,10 +2932,6 @@ mod tests {
         }
     }
 
-    /// Q4_0 keys: channels that move little (beside a large bias, as the slow RoPE pairs of
-    /// small Qwen models carry) are read back closer than channels that move a lot, once a block
-    /// has measured them. With one error for all channels (what a scale per 32 values or a
-    /// rotation gives) the still channels would get the moving ones' error.
     #[test]
     fn q4_0_scale_search_matches_one_candidate_at_a_time() {
         // The search as first written: one candidate scale at a time, scalar.
@@ -2996,6 +2992,10 @@ mod tests {
         assert_eq!(q4_0_scale(&[0.0; 32]), 0.0);
     }
 
+    /// Q4_0 keys: channels that move little (beside a large bias, as the slow RoPE pairs of
+    /// small Qwen models carry) are read back closer than channels that move a lot, once a block
+    /// has measured them. With one error for all channels (what a scale per 32 values or a
+    /// rotation gives) the still channels would get the moving ones' error.
     #[test]
     fn q4_0_keys_err_less_where_channels_move_less() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);
