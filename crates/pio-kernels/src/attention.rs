@@ -44,6 +44,9 @@ use crate::cpu::{self, SimdLevel};
 use crate::parallel::{self, SharedOut};
 use crate::DType;
 
+mod coded_values;
+mod q4_keys;
+
 /// Key positions per online-softmax step.
 pub const CHUNK: usize = 16;
 
@@ -240,11 +243,19 @@ pub trait KvSource: Copy + Send + Sync {
     /// follow runs of lines, miss the first lines of every chunk.
     fn prefetch(&self, _table: &[u32], _g: usize, _p0: usize) {}
 
-    /// Whether [`KvSource::int8_scores`] scores this cache's keys at `level`: q8_0 keys against
-    /// an int8 query with integer dot products (as ik_llama.cpp does) instead of widening them,
-    /// where the CPU has VNNI (AVX2's byte products are no faster than the f32 tile there). Every
-    /// token of a level takes the same path, so outputs stay batch-invariant.
+    /// Whether [`KvSource::int8_scores`] scores this cache's keys at `level`: block-format keys
+    /// against an int8 query with integer dot products (as ik_llama.cpp does) instead of widening
+    /// them. q8_0 keys where the CPU has VNNI (AVX2's byte products are no faster than the f32
+    /// tile there); q4_0 tiles at every level. Every token of a level takes the same path, so
+    /// outputs stay batch-invariant.
     fn int8_keys(&self, _level: SimdLevel) -> bool {
+        false
+    }
+
+    /// With [`KvSource::int8_keys`]: whether [`KvSource::int8_scores`] reads the query rows as q8
+    /// blocks ([`quantize_queries`], once per item), as q8_0 keys do; q4_0 keys fold each block's
+    /// channel scales into the query first, and quantize it themselves.
+    fn query_blocks(&self) -> bool {
         false
     }
 
@@ -264,7 +275,28 @@ pub trait KvSource: Copy + Send + Sync {
         _scale: f32,
         _s: &mut [f32],
     ) {
-        unreachable!("int8 scores only for q8_0 keys")
+        unreachable!("int8 scores only for block-format keys")
+    }
+
+    /// The value half of a chunk straight from the cache, where this cache does it faster than
+    /// staging the values for the update (a few rows of block-format values): for each active
+    /// row the online-softmax step of its scores `s` and the accumulation into `o`, bitwise as
+    /// the staged update does them. `false` (nothing done) where it does not.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate_values(
+        &self,
+        _level: SimdLevel,
+        _table: &[u32],
+        _g: usize,
+        _p0: usize,
+        _n: usize,
+        _active: &[(usize, usize)],
+        _s: &[f32],
+        _m: &mut [f32],
+        _l: &mut [f32],
+        _o: &mut [f32],
+    ) -> bool {
+        false
     }
 
     /// Positions `p0..p0 + n` of kv head `g`'s values alone, as [`KvSource::chunk`] gives them.
@@ -1252,11 +1284,19 @@ impl KvSource for CodedKv<'_> {
         }
     }
     fn int8_keys(&self, level: SimdLevel) -> bool {
+        let hd = self.head_dim;
+        match self.types.k {
+            KvCacheDtype::Q8_0 => {
+                hd.is_multiple_of(32) && hd <= 256 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_vnni()
+            }
+            // Q4_0 tiles at every level: four channels a byte product (`vpmaddubsw` too) against
+            // eight f32 operations a value to widen them.
+            KvCacheDtype::Q4_0 => hd.is_multiple_of(32) && hd <= q4_keys::MAX_HD && tiled(self.types, self.block_size),
+            _ => false,
+        }
+    }
+    fn query_blocks(&self) -> bool {
         self.types.k == KvCacheDtype::Q8_0
-            && self.head_dim.is_multiple_of(32)
-            && self.head_dim <= 256
-            && level == SimdLevel::Avx512
-            && crate::cpu::has_avx512_vnni()
     }
     fn int8_scores(
         &self,
@@ -1273,6 +1313,14 @@ impl KvSource for CodedKv<'_> {
         let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
         let krb = self.types.k.row_bytes(hd);
         let side = self.types.k.key_side_len(hd);
+        if self.types.k == KvCacheDtype::Q4_0 {
+            // A stored tile of one block ([`KvSource::int8_keys`]), against the block's side rows.
+            let b = table[p0 / bs] as usize;
+            let r0 = (b * nkv + g) * bs + p0 % bs;
+            let tile = &self.k[r0 * krb..(r0 + CHUNK) * krb];
+            let side = &self.anchors[(b * nkv + g) * side..][..side];
+            return q4_keys::scores(level, tile, hd, side, q, active, n, scale, s);
+        }
         let mut rows: [&[u8]; CHUNK] = [&[]; CHUNK];
         let mut blk_of = [0usize; CHUNK];
         let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
@@ -1312,6 +1360,34 @@ impl KvSource for CodedKv<'_> {
             return unsafe { x86::int8_tile_vnni(&chunk, s) };
         }
         int8_scores_scalar(&chunk, s);
+    }
+    fn accumulate_values(
+        &self,
+        level: SimdLevel,
+        table: &[u32],
+        g: usize,
+        p0: usize,
+        n: usize,
+        active: &[(usize, usize)],
+        s: &[f32],
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+    ) -> bool {
+        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
+        if !self.types.v.is_quantized() || !coded_values::takes(level, hd, active.len()) {
+            return false;
+        }
+        let vrb = self.types.v.row_bytes(hd);
+        let mut rows: [&[u8]; CHUNK] = [&[]; CHUNK];
+        for (j, row) in rows.iter_mut().enumerate().take(n) {
+            let pos = p0 + j;
+            let r = (table[pos / bs] as usize * nkv + g) * bs + pos % bs;
+            *row = &self.v[r * vrb..(r + 1) * vrb];
+        }
+        let q8 = self.types.v == KvCacheDtype::Q8_0;
+        coded_values::accumulate(level, q8, &rows[..n], hd, active, s, m, l, o);
+        true
     }
     fn values<'s>(
         &'s self,
@@ -1584,7 +1660,7 @@ fn attend<S: KvSource>(
     let Scratch { q, m, l, s, kt, v, active, o, qi, qd } = scratch;
     // q8_0 keys: the query rows as q8 blocks, once per item.
     let int8 = kv.int8_keys(level);
-    if int8 {
+    if int8 && kv.query_blocks() {
         quantize_queries(level, q, hd, qi, qd);
     }
     o.clear();
@@ -1617,19 +1693,27 @@ fn attend<S: KvSource>(
                 active.extend((t * group..(t + 1) * group).map(|i| (i, seen)));
             }
         }
-        let (vc, vs) = if int8 {
+        let staged = if int8 {
             kv.int8_scores(level, table, g, p0, n, (q, qi, qd), active, scale, s);
-            kv.values(level, table, g, p0, n, kt, v)
+            None
         } else {
             let (kc, ks, vc, vs) = kv.chunk(level, table, g, p0, n, kt, v);
             scores(level, q, hd, active, kc, ks, scale, s);
-            (vc, vs)
+            Some((vc, vs))
         };
         // A sliding window that starts inside the chunk: the keys before it are not seen.
         for &(i, _) in active.iter() {
             let from = ctxs[i / group].start.saturating_sub(p0);
             s[i * CHUNK..i * CHUNK + from].fill(f32::NEG_INFINITY);
         }
+        let (vc, vs) = match staged {
+            Some(staged) => staged,
+            None if kv.accumulate_values(level, table, g, p0, n, active, s, m, l, o) => {
+                p0 += n;
+                continue;
+            }
+            None => kv.values(level, table, g, p0, n, kt, v),
+        };
         match level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level only names features the CPU has; the callee checks bounds.
@@ -2320,18 +2404,7 @@ pub(crate) mod x86 {
     ) {
         let hd = acc.len();
         assert!(s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && v.len() >= (seen - 1) * vs + hd);
-        let sv = _mm512_loadu_ps(s.as_ptr());
-        let mx = _mm512_reduce_max_ps(sv).max(*m);
-        if mx == f32::NEG_INFINITY {
-            return;
-        }
-        // exp(0) = 1 exactly when the maximum holds; exp(-inf) = 0 when nothing was seen yet.
-        let corr = if mx == *m { 1.0 } else { _mm512_cvtss_f32(exp512(_mm512_set1_ps(*m - mx))) };
-        // Lanes past `seen` hold exp(-inf) = 0, so the sum is over the seen keys only.
-        let p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
-        let mut pj = [0f32; CHUNK];
-        _mm512_storeu_ps(pj.as_mut_ptr(), p);
-        *l = *l * corr + _mm512_reduce_add_ps(p);
+        let Some((corr, pj)) = softmax_row_avx512(s, m, l) else { return };
         let cv = _mm512_set1_ps(corr);
         let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
         // Blocks of up to 8 vectors of `acc` stay in registers while the keys stream past, so
@@ -2359,7 +2432,30 @@ pub(crate) mod x86 {
             }
             _mm512_mask_storeu_ps(ap.add(d), mask, a);
         }
+    }
+
+    /// The online-softmax step of one row's chunk of scores `s` (`-inf` past what it sees): the
+    /// running maximum `m` and denominator `l` updated, and the factor the accumulated values
+    /// take (`exp(m_old - m)`) with the chunk's weights `exp(s - m)`; `None` (nothing changed)
+    /// while the row has seen nothing.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn softmax_row_avx512(s: &[f32], m: &mut f32, l: &mut f32) -> Option<(f32, [f32; CHUNK])> {
+        assert!(s.len() >= CHUNK);
+        let sv = _mm512_loadu_ps(s.as_ptr());
+        let mx = _mm512_reduce_max_ps(sv).max(*m);
+        if mx == f32::NEG_INFINITY {
+            return None;
+        }
+        // exp(0) = 1 exactly when the maximum holds; exp(-inf) = 0 when nothing was seen yet.
+        let corr = if mx == *m { 1.0 } else { _mm512_cvtss_f32(exp512(_mm512_set1_ps(*m - mx))) };
+        // Lanes past `seen` hold exp(-inf) = 0, so the sum is over the seen keys only.
+        let p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
+        let mut pj = [0f32; CHUNK];
+        _mm512_storeu_ps(pj.as_mut_ptr(), p);
+        *l = *l * corr + _mm512_reduce_add_ps(p);
         *m = mx;
+        Some((corr, pj))
     }
 
     /// `acc[..16 * NV] = acc * corr + sum_j p[j] * v[j * vs..][..16 * NV]`, `j` in order.
@@ -2501,23 +2597,7 @@ pub(crate) mod x86 {
         assert!(
             s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && hd.is_multiple_of(8) && v.len() >= (seen - 1) * vs + hd
         );
-        // The maximum is exact in any order; the scores are never NaN for finite q and k.
-        let sm = _mm256_max_ps(_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(s.as_ptr().add(8)));
-        let sm = _mm_max_ps(_mm256_castps256_ps128(sm), _mm256_extractf128_ps::<1>(sm));
-        let sm = _mm_max_ps(sm, _mm_movehl_ps(sm, sm));
-        let mx = _mm_cvtss_f32(_mm_max_ss(sm, _mm_movehdup_ps(sm))).max(*m);
-        if mx == f32::NEG_INFINITY {
-            return;
-        }
-        // exp(0) = 1 exactly when the maximum holds; exp(-inf) = 0 when nothing was seen yet.
-        let corr = if mx == *m { 1.0 } else { _mm256_cvtss_f32(exp256(_mm256_set1_ps(*m - mx))) };
-        let mxv = _mm256_set1_ps(mx);
-        let p0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr()), mxv));
-        let p1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(8)), mxv));
-        let mut pj = [0f32; CHUNK];
-        _mm256_storeu_ps(pj.as_mut_ptr(), p0);
-        _mm256_storeu_ps(pj.as_mut_ptr().add(8), p1);
-        *l = *l * corr + hsum(_mm256_add_ps(p0, p1));
+        let Some((corr, pj)) = softmax_row_avx2(s, m, l) else { return };
         let cv = _mm256_set1_ps(corr);
         let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
         // Eight independent accumulation chains keep both FMA ports busy (four left them half
@@ -2537,7 +2617,32 @@ pub(crate) mod x86 {
                 d += 8 * w;
             }
         }
+    }
+
+    /// [`softmax_row_avx512`] with 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn softmax_row_avx2(s: &[f32], m: &mut f32, l: &mut f32) -> Option<(f32, [f32; CHUNK])> {
+        assert!(s.len() >= CHUNK);
+        // The maximum is exact in any order; the scores are never NaN for finite q and k.
+        let sm = _mm256_max_ps(_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(s.as_ptr().add(8)));
+        let sm = _mm_max_ps(_mm256_castps256_ps128(sm), _mm256_extractf128_ps::<1>(sm));
+        let sm = _mm_max_ps(sm, _mm_movehl_ps(sm, sm));
+        let mx = _mm_cvtss_f32(_mm_max_ss(sm, _mm_movehdup_ps(sm))).max(*m);
+        if mx == f32::NEG_INFINITY {
+            return None;
+        }
+        // exp(0) = 1 exactly when the maximum holds; exp(-inf) = 0 when nothing was seen yet.
+        let corr = if mx == *m { 1.0 } else { _mm256_cvtss_f32(exp256(_mm256_set1_ps(*m - mx))) };
+        let mxv = _mm256_set1_ps(mx);
+        let p0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr()), mxv));
+        let p1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s.as_ptr().add(8)), mxv));
+        let mut pj = [0f32; CHUNK];
+        _mm256_storeu_ps(pj.as_mut_ptr(), p0);
+        _mm256_storeu_ps(pj.as_mut_ptr().add(8), p1);
+        *l = *l * corr + hsum(_mm256_add_ps(p0, p1));
         *m = mx;
+        Some((corr, pj))
     }
 }
 
