@@ -515,8 +515,10 @@ mod tests {
                     let mut f = [[0f32; CHUNK]; 2];
                     match level {
                         #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `available()` lists only levels the CPU has; a whole tile.
                         SimdLevel::Avx512 => unsafe { x86::dots_avx512(&tile, hd, &p, &mut f) },
                         #[cfg(target_arch = "x86_64")]
+                        // SAFETY: as above.
                         SimdLevel::Avx2 => unsafe { x86::dots_avx2(&tile, hd, &p, &mut f) },
                         _ => dots_scalar(&tile, hd, &p, &mut f),
                     }
