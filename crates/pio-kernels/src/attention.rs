@@ -913,14 +913,31 @@ impl CodedKv<'_> {
 
     /// Positions `p0..p0 + n` of kv head `g`'s values, decoded into `v` as `[n, head_dim]`.
     fn decode_values(&self, level: SimdLevel, table: &[u32], g: usize, p0: usize, n: usize, v: &mut Vec<f32>) {
-        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
-        let vrb = self.types.v.row_bytes(hd);
+        let hd = self.head_dim;
         v.resize(CHUNK * hd, 0.0);
         for j in 0..n {
-            let pos = p0 + j;
-            let r = (table[pos / bs] as usize * nkv + g) * bs + pos % bs;
-            decode_row(level, self.types.v, &self.v[r * vrb..(r + 1) * vrb], None, &mut v[j * hd..(j + 1) * hd]);
+            let row = self.value_row(table, g, p0 + j);
+            decode_row(level, self.types.v, row, None, &mut v[j * hd..(j + 1) * hd]);
         }
+    }
+
+    /// The stored value row of kv head `g` at position `pos` of the sequence whose blocks are
+    /// `table`.
+    fn value_row(&self, table: &[u32], g: usize, pos: usize) -> &[u8] {
+        let (bs, vrb) = (self.block_size, self.types.v.row_bytes(self.head_dim));
+        let r = (table[pos / bs] as usize * self.num_kv_heads + g) * bs + pos % bs;
+        &self.v[r * vrb..(r + 1) * vrb]
+    }
+
+    /// Where block-format keys are tiled ([`tiled`]): the stored tile of kv head `g` holding
+    /// positions `p0..p0 + CHUNK` (`p0` a multiple of CHUNK), and its block's side rows (anchor,
+    /// then channel scales for Q4_0).
+    fn key_tile(&self, table: &[u32], g: usize, p0: usize) -> (&[u8], &[u16]) {
+        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
+        let (krb, side) = (self.types.k.row_bytes(hd), self.types.k.key_side_len(hd));
+        let b = table[p0 / bs] as usize;
+        let r0 = (b * nkv + g) * bs + p0 % bs;
+        (&self.k[r0 * krb..(r0 + CHUNK) * krb], &self.anchors[(b * nkv + g) * side..][..side])
     }
 
     /// [`CodedKv::read`] with the SIMD level's decoders: the same bits at every level.
@@ -1315,10 +1332,7 @@ impl KvSource for CodedKv<'_> {
         let side = self.types.k.key_side_len(hd);
         if self.types.k == KvCacheDtype::Q4_0 {
             // A stored tile of one block ([`KvSource::int8_keys`]), against the block's side rows.
-            let b = table[p0 / bs] as usize;
-            let r0 = (b * nkv + g) * bs + p0 % bs;
-            let tile = &self.k[r0 * krb..(r0 + CHUNK) * krb];
-            let side = &self.anchors[(b * nkv + g) * side..][..side];
+            let (tile, side) = self.key_tile(table, g, p0);
             return q4_keys::scores(level, tile, hd, side, q, active, n, scale, s);
         }
         let mut rows: [&[u8]; CHUNK] = [&[]; CHUNK];
@@ -1326,10 +1340,9 @@ impl KvSource for CodedKv<'_> {
         let mut anchors: [&[u16]; CHUNK] = [&[]; CHUNK];
         let (keys, nblocks) = if tiled(self.types, bs) {
             // The chunk is one stored tile of one block.
-            let b = table[p0 / bs] as usize;
-            let r0 = (b * nkv + g) * bs + p0 % bs;
-            anchors[0] = &self.anchors[(b * nkv + g) * side..][..hd];
-            (Int8Keys::Tile(&self.k[r0 * krb..(r0 + CHUNK) * krb]), 1)
+            let (tile, side) = self.key_tile(table, g, p0);
+            anchors[0] = &side[..hd];
+            (Int8Keys::Tile(tile), 1)
         } else {
             // The chunk's key rows, and for each the index of its block among the chunk's
             // distinct blocks, whose anchors follow.
@@ -1374,16 +1387,13 @@ impl KvSource for CodedKv<'_> {
         l: &mut [f32],
         o: &mut [f32],
     ) -> bool {
-        let (hd, bs, nkv) = (self.head_dim, self.block_size, self.num_kv_heads);
+        let hd = self.head_dim;
         if !self.types.v.is_quantized() || !coded_values::takes(level, hd, active.len()) {
             return false;
         }
-        let vrb = self.types.v.row_bytes(hd);
         let mut rows: [&[u8]; CHUNK] = [&[]; CHUNK];
         for (j, row) in rows.iter_mut().enumerate().take(n) {
-            let pos = p0 + j;
-            let r = (table[pos / bs] as usize * nkv + g) * bs + pos % bs;
-            *row = &self.v[r * vrb..(r + 1) * vrb];
+            *row = self.value_row(table, g, p0 + j);
         }
         let q8 = self.types.v == KvCacheDtype::Q8_0;
         coded_values::accumulate(level, q8, &rows[..n], hd, active, s, m, l, o);
@@ -1431,12 +1441,8 @@ impl KvSource for CodedKv<'_> {
         v.resize(CHUNK * hd, 0.0);
         if tiled(self.types, bs) {
             // Block-format keys stored transposed: decoded straight into `kt`.
-            let (nkv, krb) = (self.num_kv_heads, self.types.k.row_bytes(hd));
-            let b = table[p0 / bs] as usize;
-            let r0 = (b * nkv + g) * bs + p0 % bs;
-            let side = self.types.k.key_side_len(hd);
-            let side = &self.anchors[(b * nkv + g) * side..][..side];
-            decode_tile(level, self.types.k, &self.k[r0 * krb..(r0 + CHUNK) * krb], hd, side, kt);
+            let (tile, side) = self.key_tile(table, g, p0);
+            decode_tile(level, self.types.k, tile, hd, side, kt);
             if n < CHUNK {
                 for d in 0..hd {
                     kt[d * CHUNK + n..(d + 1) * CHUNK].fill(0.0);

@@ -13,9 +13,12 @@
 //! fused multiply-adds; only `q · anchor` sums in a level's own order. Prefill and decode take
 //! this same path, so scores are batch-invariant.
 
-use half::f16;
+use std::cell::RefCell;
 
-use super::CHUNK;
+use half::f16;
+use half::slice::HalfBitsSliceExt;
+
+use super::{KvElem, CHUNK};
 use crate::cpu::SimdLevel;
 
 /// The largest head dimension scored here (the f32 tile takes larger ones).
@@ -33,10 +36,28 @@ pub(crate) struct Q4Query {
     qa: f32,
 }
 
+impl Q4Query {
+    const ZERO: Q4Query = Q4Query { qi: [0; MAX_HD], dq: [0.0; MAX_HD / 32], bias: [0; MAX_HD / 32], qa: 0.0 };
+}
+
 impl Default for Q4Query {
     fn default() -> Q4Query {
-        Q4Query { qi: [0; MAX_HD], dq: [0.0; MAX_HD / 32], bias: [0; MAX_HD / 32], qa: 0.0 }
+        Q4Query::ZERO
     }
+}
+
+/// [`scores`]' buffers, per thread: built on the stack they were zeroed (3 KiB) for every chunk.
+struct Scratch {
+    /// The block's anchor row and channel scales, widened.
+    wide: [f32; 2 * MAX_HD],
+    /// Up to four rows prepared at once, and their dots.
+    prep: [Q4Query; 4],
+    f: [[f32; CHUNK]; 4],
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> =
+        const { RefCell::new(Scratch { wide: [0.0; 2 * MAX_HD], prep: [Q4Query::ZERO; 4], f: [[0.0; CHUNK]; 4] }) };
 }
 
 /// Below this a block of `q ∘ scale` quantizes to zeros (`127 / max` would overflow).
@@ -80,21 +101,6 @@ fn prepare_scalar(q: &[f32], side: &[f32], out: &mut Q4Query) {
     out.qa = q.iter().zip(anchor).map(|(&q, &a)| q * a).sum();
 }
 
-/// `side` (f16 bits) widened into `out`.
-fn widen(level: SimdLevel, side: &[u16], out: &mut [f32]) {
-    assert!(out.len() == side.len());
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the level only names features the CPU has (both imply F16C); lengths equal.
-        SimdLevel::Avx512 | SimdLevel::Avx2 if side.len().is_multiple_of(8) => unsafe { x86::widen(side, out) },
-        _ => {
-            for (o, &h) in out.iter_mut().zip(side) {
-                *o = f16::from_bits(h).to_f32();
-            }
-        }
-    }
-}
-
 /// Scores of the `active` rows (`(row, seen)`) of `q` (`[rows, hd]`) against a tile of q4_0
 /// keys (`n` of its CHUNK positions valid) with `side` its anchor row and channel scales:
 /// `s[row * CHUNK + j] = scale · q[row] · key_j` for `j < seen`, `-inf` past it.
@@ -114,13 +120,30 @@ pub(crate) fn scores(
         hd.is_multiple_of(32) && hd <= MAX_HD && tile.len() == CHUNK * hd / 32 * 18 && side.len() == 2 * hd,
         "a whole tile of q4_0 keys with its anchor and channel scales"
     );
-    let mut wide = [0f32; 2 * MAX_HD];
-    let wide = &mut wide[..2 * hd];
-    widen(level, side, wide);
+    SCRATCH.with_borrow_mut(|Scratch { wide, prep, f }| {
+        let wide = &mut wide[..2 * hd];
+        f16::widen_rows(level, side.reinterpret_cast(), 2 * hd, 1, 2 * hd, wide);
+        rows_scores(level, tile, hd, wide, q, active, n, scale, s, prep, f);
+    });
+}
+
+/// [`scores`] with the side rows widened (`wide`) and its buffers.
+#[allow(clippy::too_many_arguments)]
+fn rows_scores(
+    level: SimdLevel,
+    tile: &[u8],
+    hd: usize,
+    wide: &[f32],
+    q: &[f32],
+    active: &[(usize, usize)],
+    n: usize,
+    scale: f32,
+    s: &mut [f32],
+    prep: &mut [Q4Query; 4],
+    f: &mut [[f32; CHUNK]; 4],
+) {
     // Rows four at a time: their preparations are independent chains (a reduction and a
     // division each) for the core to overlap, then their dots two by two.
-    let mut prep: [Q4Query; 4] = std::array::from_fn(|_| Q4Query::default());
-    let mut f = [[0f32; CHUNK]; 4];
     for rows in active.chunks(4) {
         for (p, &(i, _)) in prep.iter_mut().zip(rows) {
             prepare(level, &q[i * hd..(i + 1) * hd], wide, p);
@@ -137,7 +160,7 @@ pub(crate) fn scores(
                 _ => dots_scalar(tile, hd, p, fr),
             }
         }
-        for ((p, fr), &(i, seen)) in prep.iter().zip(&f).zip(rows) {
+        for ((p, fr), &(i, seen)) in prep.iter().zip(f.iter()).zip(rows) {
             let (out, seen) = (&mut s[i * CHUNK..(i + 1) * CHUNK], seen.min(n));
             for (sj, &fj) in out.iter_mut().zip(fr) {
                 *sj = (p.qa + fj) * scale;
@@ -179,16 +202,6 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Q4Query, CHUNK};
-
-    /// [`super::widen`] by eights.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn widen(side: &[u16], out: &mut [f32]) {
-        assert!(side.len() == out.len() && side.len().is_multiple_of(8));
-        for (i, o) in out.chunks_exact_mut(8).enumerate() {
-            let h = _mm_loadu_si128(side.as_ptr().add(8 * i) as *const __m128i);
-            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
-        }
-    }
 
     /// Lane `k` of the result is the maximum (`max`) or sum (`add`) of `v[k]`'s eight lanes.
     #[inline(always)]
@@ -483,7 +496,7 @@ mod tests {
             let bits: Vec<u16> = anchor.iter().chain(&chs).copied().collect();
             for level in SimdLevel::available() {
                 let mut wide = vec![0f32; 2 * hd];
-                widen(level, &bits, &mut wide);
+                f16::widen_rows(level, bits.reinterpret_cast(), 2 * hd, 1, 2 * hd, &mut wide);
                 assert_eq!(wide, side, "{level:?}: widened side rows");
             }
             let rows: Vec<Vec<f32>> = (0..3)
