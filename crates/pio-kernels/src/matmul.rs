@@ -198,8 +198,9 @@ unsafe fn matmul_multi_raw(
         }
         return;
     }
-    // Per input: Q8 activations and bf16 activations, made only when some matrix needs them.
-    let prepared: Vec<(Vec<Q8Block>, Vec<u16>)> = inputs
+    // Per input: Q8 activations, bf16 activations and even/odd f32 ones, made only when some
+    // matrix needs them.
+    let prepared: Vec<(Vec<Q8Block>, Vec<u16>, Vec<f32>)> = inputs
         .iter()
         .enumerate()
         .map(|(i, &(x, _))| {
@@ -211,7 +212,11 @@ unsafe fn matmul_multi_raw(
             } else {
                 Vec::new()
             };
-            (acts, xb)
+            let xeo = match users().find(|w| float::even_odd_activations(level, w.dtype)) {
+                Some(w) => float::to_even_odd(x, inputs[i].1, w.cols),
+                None => Vec::new(),
+            };
+            (acts, xb, xeo)
         })
         .collect();
     // Unit `u` of the split is row group `u - starts[i]` of matrix `i`.
@@ -233,7 +238,7 @@ unsafe fn matmul_multi_raw(
                     continue;
                 }
                 let (x, n) = inputs[input_of[i]];
-                let (acts, xb) = &prepared[input_of[i]];
+                let (acts, xb, xeo) = &prepared[input_of[i]];
                 let (cols, nb) = (w.cols, w.cols / 32);
                 let (r0, r1) = ((a - starts[i]) * G, ((b - starts[i]) * G).min(w.rows));
                 let width = r1 - r0;
@@ -259,6 +264,10 @@ unsafe fn matmul_multi_raw(
                             dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, width);
                         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
                             float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, width);
+                        } else if float::even_odd_activations(level, w.dtype) {
+                            let padded = cols.div_ceil(16) * 16;
+                            let xp = &xeo[t0 * padded..t1 * padded];
+                            float::gemm_even_odd(level, rows, rz - ra, xp, t1 - t0, out, width);
                         } else {
                             dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, width);
                         }
