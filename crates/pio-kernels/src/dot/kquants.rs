@@ -1152,22 +1152,45 @@ pub(crate) mod tiled {
         /// Super-block `s` of rows `r0..r0 + LANES` (`live` of them real; the other lanes
         /// compute something that is dropped).
         unsafe fn block(self, r0: usize, live: usize, s: usize) -> Self::Src;
-        /// Asks early for memory the one-token walk reads a little later, while it reads
-        /// super-block `s` of the `step` rows from `r0`: the hardware follows a single
-        /// interleaved stream, or rows of a few super-blocks (experts), too shallowly to keep the
-        /// memory busy.
-        unsafe fn prefetch(self, r0: usize, step: usize, s: usize);
+        /// The memory the one-token walk reads a little later, to ask for early while it reads
+        /// super-block `s` of the `step` rows from `r0` (start and bytes): the hardware follows a
+        /// single interleaved stream, or rows of a few super-blocks (experts), too shallowly to
+        /// keep the memory busy.
+        unsafe fn ahead(self, r0: usize, step: usize, s: usize) -> (*const u8, usize);
     }
 
-    /// Prefetches the `bytes` at `p` into L2 (a prefetch never faults, wherever it points). To
-    /// L2 rather than L1: a burst of L1 prefetches waits on the few L1 fill buffers, and that
-    /// wait kept the products from overlapping the memory; to L2, Qwen3-4B-shaped Q4_K_M decoded
-    /// 7.07 -> 7.21 (AVX2) and 8.74 -> 9.31 tok/s (AVX-512), the 0.6B shape no slower (medians
-    /// of 3, 2 threads, Sapphire Rapids).
-    #[inline(always)]
-    unsafe fn prefetch_bytes(p: *const u8, bytes: usize) {
-        for line in (0..bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line) as *const i8);
+    /// Prefetches a region into L2 a few lines at a time, spread over a super-block's products
+    /// (a prefetch never faults, wherever it points).
+    ///
+    /// To L2 rather than L1: a burst of L1 prefetches waits on the few L1 fill buffers (to L2,
+    /// Qwen3-4B-shaped Q4_K_M decoded 7.07 -> 7.21 tok/s at AVX2 and 8.74 -> 9.31 at AVX-512).
+    /// Spread rather than in one burst per super-block: a burst of 36-53 prefetches still
+    /// stalled the core on them (about 45% of the one-token kernel's samples sat on
+    /// `prefetcht1`), so a core either computed or waited on memory, hardly both.
+    struct Prefetch {
+        next: *const u8,
+        end: *const u8,
+        /// Lines per [`Prefetch::some`].
+        per: usize,
+    }
+
+    impl Prefetch {
+        /// `bytes` from `p`, asked for over `calls` calls of [`Prefetch::some`].
+        #[inline(always)]
+        fn new((p, bytes): (*const u8, usize), calls: usize) -> Self {
+            Prefetch { next: p, end: p.wrapping_add(bytes), per: bytes.div_ceil(64).div_ceil(calls.max(1)) }
+        }
+
+        /// The next few lines.
+        #[inline(always)]
+        unsafe fn some(&mut self) {
+            for _ in 0..self.per {
+                if self.next >= self.end {
+                    return;
+                }
+                _mm_prefetch::<_MM_HINT_T1>(self.next as *const i8);
+                self.next = self.next.wrapping_add(64);
+            }
         }
     }
 
@@ -1197,10 +1220,10 @@ pub(crate) mod tiled {
             RowPtrs(rows)
         }
         #[inline(always)]
-        unsafe fn prefetch(self, r0: usize, step: usize, s: usize) {
+        unsafe fn ahead(self, r0: usize, step: usize, s: usize) -> (*const u8, usize) {
             // The rows of a walk step are contiguous: while this step reads its super-block `s`,
             // ask for the same share of the next step's rows.
-            prefetch_bytes(self.w.wrapping_add((r0 + step) * self.rb + s * step * self.bb), step * self.bb);
+            (self.w.wrapping_add((r0 + step) * self.rb + s * step * self.bb), step * self.bb)
         }
     }
 
@@ -1222,9 +1245,9 @@ pub(crate) mod tiled {
             Packed { block: self.w.add((g * self.supers + s) * ROWS * self.bb), lane }
         }
         #[inline(always)]
-        unsafe fn prefetch(self, r0: usize, _step: usize, s: usize) {
+        unsafe fn ahead(self, r0: usize, _step: usize, s: usize) -> (*const u8, usize) {
             let bytes = ROWS * self.bb;
-            prefetch_bytes(self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes), bytes);
+            (self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes), bytes)
         }
     }
 
@@ -1537,9 +1560,11 @@ pub(crate) mod tiled {
         (sc, m, d, dmin): &K4Header<S>,
         a: *const Q8Block,
         v: &mut S::F,
+        pf: &mut Prefetch,
     ) {
         let m4 = S::set1_i8(0x0F);
         unroll!(e in [0, 1] {
+            pf.some();
             let j = j0 + e;
             // (Loops rather than `map`, whose closure LLVM leaves out of line.)
             let mut cols = *q;
@@ -1556,17 +1581,17 @@ pub(crate) mod tiled {
 
     /// Q4_K, one token: adds one super-block of `S::LANES` rows to `v` (`a`: its 8 Q8Blocks).
     #[inline(always)]
-    unsafe fn one_q4k<S: Isa, R: Src>(src: R, a: *const Q8Block, v: &mut S::F) {
+    unsafe fn one_q4k<S: Isa, R: Src>(src: R, a: *const Q8Block, v: &mut S::F, pf: &mut Prefetch) {
         let h = k4_header::<S>(src.cols4::<S>(0));
         if S::WIDE {
             unroll!(half in [0, 1] {
                 let q = src.cols16::<S>(16 + 64 * half);
-                one_q4k_pair::<S>(&std::array::from_fn(|c| q[c]), 4 * half, &h, a, v);
-                one_q4k_pair::<S>(&std::array::from_fn(|c| q[8 + c]), 4 * half + 2, &h, a, v);
+                one_q4k_pair::<S>(&std::array::from_fn(|c| q[c]), 4 * half, &h, a, v, pf);
+                one_q4k_pair::<S>(&std::array::from_fn(|c| q[8 + c]), 4 * half + 2, &h, a, v, pf);
             });
         } else {
             unroll!(k in [0, 1, 2, 3] {
-                one_q4k_pair::<S>(&src.cols8::<S>(16 + 32 * k), 2 * k, &h, a, v);
+                one_q4k_pair::<S>(&src.cols8::<S>(16 + 32 * k), 2 * k, &h, a, v, pf);
             });
         }
     }
@@ -1575,7 +1600,7 @@ pub(crate) mod tiled {
     /// and each half's sum starting from `−32·Σ q_a` (`offs`, [`q6k_offsets`]), and the float
     /// steps of [`compute_q6k`].
     #[inline(always)]
-    unsafe fn one_q6k<S: Isa, R: Src>(src: R, a: *const Q8Block, offs: &[i64; 16], v: &mut S::F) {
+    unsafe fn one_q6k<S: Isa, R: Src>(src: R, a: *const Q8Block, offs: &[i64; 16], v: &mut S::F, pf: &mut Prefetch) {
         let sc = src.cols4::<S>(192);
         let d = src.f16::<S>(208);
         let factor = |i: usize| S::mul(d, S::cvt(byte_s::<S>(sc[i / 4], i % 4)));
@@ -1594,6 +1619,7 @@ pub(crate) mod tiled {
                     src.cols8::<S>(64 * h + 32 * kk)
                 };
                 unroll!(hi in [0, 1] {
+                    pf.some();
                     let k = kk + 2 * hi;
                     let j = 4 * h + k;
                     let mut cols = [S::zero_i(); 8];
@@ -1636,15 +1662,16 @@ pub(crate) mod tiled {
             let parts = live.div_ceil(S::LANES);
             let mut v = [S::zero_f(); ROWS / 8];
             for s in 0..supers {
-                m.prefetch(r0, step, s);
+                // `Prefetch::some` calls per super-block of `S::LANES` rows: one per Q8Block.
+                let mut pf = Prefetch::new(m.ahead(r0, step, s), parts * ACT_PER_SUPER);
                 let a = act.as_ptr().add(s * ACT_PER_SUPER);
                 for (h, v) in v.iter_mut().enumerate().take(parts) {
                     let r = r0 + h * S::LANES;
                     let src = m.block(r, (nrows - r).min(S::LANES), s);
                     if FMT == Q4K {
-                        one_q4k::<S, M::Src>(src, a, v);
+                        one_q4k::<S, M::Src>(src, a, v, &mut pf);
                     } else {
-                        one_q6k::<S, M::Src>(src, a, offs.get_unchecked(s), v);
+                        one_q6k::<S, M::Src>(src, a, offs.get_unchecked(s), v, &mut pf);
                     }
                 }
             }
