@@ -19,11 +19,22 @@ pub fn read_bandwidth() -> f64 {
     best
 }
 
-/// Sum with independent accumulators so the loop is bound by loads, not by the adds.
+/// Sum with independent accumulators so the loop is bound by loads, not by the adds. Each
+/// 64-byte line read asks for the line 8 KiB ahead into L2, as the decode kernels do. Without
+/// it, on the hardware prefetchers alone, this loop read 21-28 GB/s (median 22) where it now
+/// reads 27 (2 threads, Sapphire Rapids), less than decode of the Qwen3-4B-shaped Q4_K_M file
+/// streamed (25 GB/s), so the roofline came out below what decode reached.
 fn sum_u64(v: &[u64]) -> u64 {
+    const AHEAD: usize = 8192;
     let mut acc = [0u64; 8];
     let (chunks, rest) = v.as_chunks::<8>();
     for c in chunks {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch never faults, wherever it points; SSE is part of x86-64.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            _mm_prefetch::<_MM_HINT_T1>((c.as_ptr() as *const i8).wrapping_add(AHEAD));
+        }
         for i in 0..8 {
             acc[i] = acc[i].wrapping_add(c[i]);
         }
