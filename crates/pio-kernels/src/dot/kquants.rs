@@ -1747,14 +1747,20 @@ pub(crate) mod tiled {
                 // SAFETY: the first `tn` accumulators were just written.
                 let acc = std::slice::from_raw_parts_mut(acc_ptr, tn);
                 for s in 0..nb / ACT_PER_SUPER {
+                    // Memory read a little later, asked for a part before each token tile's
+                    // products, as in the one-token walk: batched decode (8-16 tokens) read its
+                    // weights from memory while computing only partly overlapped.
+                    let mut pf = Prefetch::new(m.ahead(r0, S::LANES, s), tn / TT + tn % TT);
                     unpack::<S, M::Src, FMT>(m.block(r0, live, s), un);
                     let a0 = act.as_ptr().add(t0 * nb + s * ACT_PER_SUPER);
                     let mut t = 0;
                     while let Some(tile) = acc[t..].first_chunk_mut::<TT>() {
+                        pf.some();
                         compute::<S, FMT, TT>(un, std::array::from_fn(|k| a0.add((t + k) * nb)), tile);
                         t += TT;
                     }
                     for (k, tile) in acc[t..].iter_mut().enumerate() {
+                        pf.some();
                         compute::<S, FMT, 1>(un, [a0.add((t + k) * nb)], std::array::from_mut(tile));
                     }
                 }
