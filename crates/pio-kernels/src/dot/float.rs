@@ -267,7 +267,8 @@ mod x86 {
                             let live = (nrows - r0).min($r1);
                             let rows: [*const u8; $r1] =
                                 std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
-                            let sums = $kernel::<D, $r1, 1>(rows, [x.as_ptr()], cols);
+                            // The next tile's rows, a line ahead of each as this one reads it.
+                            let sums = $kernel::<D, $r1, 1>(rows, [x.as_ptr()], cols, $r1 * rb);
                             crate::dot::put(out, r0, &sums[0], live);
                             r0 += $r1;
                         }
@@ -281,7 +282,7 @@ mod x86 {
                         let mut t0 = 0;
                         while t0 + $t <= ntok {
                             let xs: [*const f32; $t] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * xs_stride));
-                            let sums = $kernel::<D, $r, $t>(rows, xs, cols);
+                            let sums = $kernel::<D, $r, $t>(rows, xs, cols, 0);
                             for (j, row_sums) in sums.iter().enumerate() {
                                 for i in 0..live {
                                     out[(t0 + j) * ldo + r0 + i] = row_sums[i];
@@ -290,7 +291,7 @@ mod x86 {
                             t0 += $t;
                         }
                         while t0 < ntok {
-                            let sums = $kernel::<D, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols);
+                            let sums = $kernel::<D, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols, 0);
                             for i in 0..live {
                                 out[t0 * ldo + r0 + i] = sums[0][i];
                             }
@@ -303,18 +304,34 @@ mod x86 {
         };
     }
 
+    /// Asks for the line `at` bytes past each row into L2 (a prefetch never faults, wherever it
+    /// points). The one-token tiles call it once per line they read, with `at` reaching into the
+    /// next tile's rows. The hardware prefetchers alone kept float decode at 65-88% of the read
+    /// bandwidth; with it, Qwen3-0.6B-shaped BF16 decoded 19.5 -> 22.1 tok/s (AVX-512) and
+    /// 16.1 -> 19.9 (AVX2), F16 18.0 -> 22.0 and 16.7 -> 21.7 (2 threads, Sapphire Rapids).
+    #[inline(always)]
+    unsafe fn prefetch_lines<const R: usize>(rows: &[*const u8; R], at: usize) {
+        for row in rows {
+            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(at) as *const i8);
+        }
+    }
+
     /// Sums of `R` rows times `T` tokens, `[token][row]`, 16 columns per FMA.
     #[inline(always)]
     unsafe fn tile512<const D: u8, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
+        ahead: usize,
     ) -> [[f32; R]; T] {
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm512_setzero_ps(); R]; T];
         let full = cols / 16 * 16;
         let mut c = 0;
         while c < full {
+            if ahead != 0 && (c * esz) % 64 == 0 {
+                prefetch_lines(&rows, c * esz + ahead);
+            }
             let wv: [__m512; R] = std::array::from_fn(|i| widen16::<D>(rows[i].add(c * esz)));
             for j in 0..T {
                 let xv = _mm512_loadu_ps(xs[j].add(c));
@@ -355,15 +372,19 @@ mod x86 {
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
+        ahead: usize,
     ) -> [[f32; R]; T] {
         if D == BF16 {
-            return tile256_bf16(rows, xs, cols);
+            return tile256_bf16(rows, xs, cols, ahead);
         }
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm256_setzero_ps(); R]; T];
         let full = cols / 8 * 8;
         let mut c = 0;
         while c < full {
+            if ahead != 0 && (c * esz) % 64 == 0 {
+                prefetch_lines(&rows, c * esz + ahead);
+            }
             let wv: [__m256; R] = std::array::from_fn(|i| widen8::<D>(rows[i].add(c * esz)));
             for j in 0..T {
                 let xv = _mm256_loadu_ps(xs[j].add(c));
@@ -422,6 +443,7 @@ mod x86 {
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
+        ahead: usize,
     ) -> [[f32; R]; T] {
         let mut acc = [[_mm256_setzero_ps(); R]; T];
         let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
@@ -431,6 +453,9 @@ mod x86 {
         let full = cols / 16 * 16;
         let mut c = 0;
         while c < full {
+            if ahead != 0 && (2 * c) % 64 == 0 {
+                prefetch_lines(&rows, 2 * c + ahead);
+            }
             if T == 1 {
                 // One token (decode): both halves of each row from one load; R rows of two
                 // vectors and R accumulators fit the registers.
@@ -503,11 +528,15 @@ mod x86 {
         rows: [*const u8; R],
         xs: [*const u16; T],
         cols: usize,
+        ahead: usize,
     ) -> [[f32; R]; T] {
         let mut acc = [[_mm512_setzero_ps(); R]; T];
         let full = cols / 32 * 32;
         let mut c = 0;
         while c < full {
+            if ahead != 0 {
+                prefetch_lines(&rows, 2 * c + ahead);
+            }
             let wv: [__m512bh; R] =
                 std::array::from_fn(|i| std::mem::transmute(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
             for j in 0..T {
@@ -559,7 +588,8 @@ mod x86 {
                 let live = (nrows - r0).min(R1_AVX512);
                 let rows: [*const u8; R1_AVX512] =
                     std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
-                let sums = tile_bf16::<R1_AVX512, 1>(rows, [xb.as_ptr()], cols);
+                // The next tile's rows, a line ahead of each as this one reads it.
+                let sums = tile_bf16::<R1_AVX512, 1>(rows, [xb.as_ptr()], cols, R1_AVX512 * rb);
                 crate::dot::put(out, r0, &sums[0], live);
                 r0 += R1_AVX512;
             }
@@ -574,14 +604,14 @@ mod x86 {
             let mut t0 = 0;
             while t0 + T <= ntok {
                 let xs: [*const u16; T] = std::array::from_fn(|j| xb.as_ptr().add((t0 + j) * cols));
-                let sums = tile_bf16::<R, T>(rows, xs, cols);
+                let sums = tile_bf16::<R, T>(rows, xs, cols, 0);
                 for (j, row_sums) in sums.iter().enumerate() {
                     crate::dot::put(out, (t0 + j) * ldo + r0, row_sums, live);
                 }
                 t0 += T;
             }
             while t0 < ntok {
-                let sums = tile_bf16::<R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols);
+                let sums = tile_bf16::<R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols, 0);
                 crate::dot::put(out, t0 * ldo + r0, &sums[0], live);
                 t0 += 1;
             }
