@@ -1247,7 +1247,10 @@ pub(crate) mod tiled {
         #[inline(always)]
         unsafe fn ahead(self, r0: usize, _step: usize, s: usize) -> (*const u8, usize) {
             let bytes = ROWS * self.bb;
-            (self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes), bytes)
+            // An ISA with fewer lanes than a group walks it in passes, each reading part of every
+            // line: the first pass asks for the lines, the later ones find them in L2.
+            let at = self.w.wrapping_add((r0 / ROWS * self.supers + s + PREFETCH_BLOCKS) * bytes);
+            (at, if r0.is_multiple_of(ROWS) { bytes } else { 0 })
         }
     }
 
