@@ -117,6 +117,14 @@ mod x86 {
         _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))
     }
 
+    /// A q4_0 block's 32 values as signed bytes: values 0..16 (the low nibbles) and 16..32.
+    #[inline(always)]
+    unsafe fn q4_values(blk: *const u8) -> (__m128i, __m128i) {
+        let (mask, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
+        let x = _mm_loadu_si128(blk.add(2) as *const __m128i);
+        (_mm_sub_epi8(_mm_and_si128(x, mask), eight), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(x), mask), eight))
+    }
+
     /// R rows with 8-lane vectors: per block of 32 values, each row's four accumulators stay in
     /// registers while the positions' blocks are widened once for both rows.
     #[inline]
@@ -128,7 +136,6 @@ mod x86 {
         o: *mut f32,
     ) {
         let bb = if Q8 { 34 } else { 18 };
-        let (mask, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
         let most = steps.iter().map(|s| s.2).max().unwrap_or(0);
         for b in 0..hd / 32 {
             let mut a: [[__m256; 4]; R] = std::array::from_fn(|r| {
@@ -141,9 +148,7 @@ mod x86 {
                 let q: [__m256i; 4] = if Q8 {
                     std::array::from_fn(|k| _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * k) as *const __m128i)))
                 } else {
-                    let x = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                    let lo = _mm_sub_epi8(_mm_and_si128(x, mask), eight);
-                    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(x), mask), eight);
+                    let (lo, hi) = q4_values(blk);
                     [
                         _mm256_cvtepi8_epi32(lo),
                         _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo)),
@@ -180,7 +185,6 @@ mod x86 {
         o: *mut f32,
     ) {
         let bb = if Q8 { 34 } else { 18 };
-        let (mask, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
         let most = steps.iter().map(|s| s.2).max().unwrap_or(0);
         for b in 0..hd / 32 {
             let mut a: [[__m512; 2]; R] = std::array::from_fn(|r| {
@@ -195,9 +199,7 @@ mod x86 {
                         _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * k) as *const __m128i))
                     })
                 } else {
-                    let x = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                    let lo = _mm_sub_epi8(_mm_and_si128(x, mask), eight);
-                    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(x), mask), eight);
+                    let (lo, hi) = q4_values(blk);
                     [_mm512_cvtepi8_epi32(lo), _mm512_cvtepi8_epi32(hi)]
                 };
                 let v = q.map(|q| _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
