@@ -2376,8 +2376,14 @@ pub(crate) mod x86 {
         }
     }
 
-    /// [`update_row_avx512`] for each active row `(i, seen)`: scores `s[i * CHUNK..]`, running
-    /// maximum and sum `m[i]`, `l[i]`, output row `o[i * hd..]`.
+    /// The online-softmax step and the value accumulation of each active row `(i, seen)`:
+    /// scores `s[i * CHUNK..]`, running maximum and sum `m[i]`, `l[i]`, output row `o[i * hd..]`.
+    ///
+    /// Rows go in groups of 16. A full enough group takes its softmax step at once, one lane per
+    /// row ([`softmax_rows_avx512`]); a small one row by row ([`softmax_row_avx512`]). Both
+    /// compute each row with the same operations, so a row's bits do not depend on its group.
+    /// Then up to four rows with the same `seen` share each value vector they read
+    /// ([`accumulate_rows_avx512`]).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn update_avx512(
@@ -2390,54 +2396,158 @@ pub(crate) mod x86 {
         o: &mut [f32],
         hd: usize,
     ) {
-        for &(i, seen) in active {
-            let (si, acc) = (&s[i * CHUNK..(i + 1) * CHUNK], &mut o[i * hd..(i + 1) * hd]);
-            update_row_avx512(si, seen, v, vs, &mut m[i], &mut l[i], acc);
+        for group in active.chunks(16) {
+            for &(i, seen) in group {
+                assert!(
+                    (i + 1) * CHUNK <= s.len()
+                        && (1..=CHUNK).contains(&seen)
+                        && v.len() >= (seen - 1) * vs + hd
+                        && (i + 1) * hd <= o.len()
+                        && i < m.len().min(l.len()),
+                    "active row out of range"
+                );
+            }
+            // `w[j * js + k * ks]`: weight of key j for the group's row k.
+            let mut w = [0f32; 16 * CHUNK];
+            let mut corr = [0f32; 16];
+            let (live, js, ks) = if group.len() >= 8 {
+                (softmax_rows_avx512(group, s, m, l, &mut w, &mut corr), 16, 1)
+            } else {
+                let mut live = 0u32;
+                for (k, &(i, _)) in group.iter().enumerate() {
+                    if let Some((c, p)) = softmax_row_avx512(&s[i * CHUNK..(i + 1) * CHUNK], &mut m[i], &mut l[i]) {
+                        w[k * CHUNK..(k + 1) * CHUNK].copy_from_slice(&p);
+                        corr[k] = c;
+                        live |= 1 << k;
+                    }
+                }
+                (live, 1, CHUNK)
+            };
+            // Runs of up to four live rows with the same `seen`.
+            let mut k = 0;
+            while k < group.len() {
+                if live & (1 << k) == 0 {
+                    k += 1;
+                    continue;
+                }
+                let seen = group[k].1;
+                let mut e = k + 1;
+                while e < group.len() && e - k < 4 && live & (1 << e) != 0 && group[e].1 == seen {
+                    e += 1;
+                }
+                let rows = |r: usize| {
+                    let kk = k + r.min(e - k - 1);
+                    (o.as_mut_ptr().add(group[kk].0 * hd), w.as_ptr().add(kk * ks), _mm512_set1_ps(corr[kk]))
+                };
+                match e - k {
+                    4 => accumulate_rows_avx512::<4>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    3 => accumulate_rows_avx512::<3>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    2 => accumulate_rows_avx512::<2>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    _ => accumulate_rows_avx512::<1>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                }
+                k = e;
+            }
         }
     }
 
-    /// [`super::update_scalar`] with 16 lanes; any `acc.len()` (a masked tail).
+    /// 16 vectors transposed: lane `k` of output `j` is lane `j` of input `k`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn update_row_avx512(
+    unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved, then 4x4 blocks within each 128-bit lane: `b[4k + c]`'s
+        // lane L holds column 4L + c of rows 4k..4k + 4 ...
+        let mut b = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let x0 = _mm512_unpacklo_ps(r[4 * k], r[4 * k + 1]);
+            let x1 = _mm512_unpackhi_ps(r[4 * k], r[4 * k + 1]);
+            let y0 = _mm512_unpacklo_ps(r[4 * k + 2], r[4 * k + 3]);
+            let y1 = _mm512_unpackhi_ps(r[4 * k + 2], r[4 * k + 3]);
+            b[4 * k] = _mm512_shuffle_ps::<0x44>(x0, y0);
+            b[4 * k + 1] = _mm512_shuffle_ps::<0xEE>(x0, y0);
+            b[4 * k + 2] = _mm512_shuffle_ps::<0x44>(x1, y1);
+            b[4 * k + 3] = _mm512_shuffle_ps::<0xEE>(x1, y1);
+        }
+        // ... then the 128-bit lanes of b[c], b[4 + c], b[8 + c], b[12 + c] transposed.
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let t0 = _mm512_shuffle_f32x4::<0x44>(b[c], b[4 + c]);
+            let t1 = _mm512_shuffle_f32x4::<0xEE>(b[c], b[4 + c]);
+            let t2 = _mm512_shuffle_f32x4::<0x44>(b[8 + c], b[12 + c]);
+            let t3 = _mm512_shuffle_f32x4::<0xEE>(b[8 + c], b[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(t0, t2);
+            out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(t0, t2);
+            out[8 + c] = _mm512_shuffle_f32x4::<0x88>(t1, t3);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(t1, t3);
+        }
+        out
+    }
+
+    /// [`softmax_row_avx512`] for up to 16 rows `(i, _)` at once, lane `k` = `rows[k]`: each
+    /// lane takes the same operations as that function does for its row (the maximum is exact
+    /// in any order, `exp` works lane by lane, the sum follows the same tree). Writes key `j`'s
+    /// weight for row `k` to `w[16 * j + k]` and its correction to `corr[k]`; returns the rows
+    /// that have seen something as a bit mask (the others are left as they were).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn softmax_rows_avx512(
+        rows: &[(usize, usize)],
         s: &[f32],
-        seen: usize,
-        v: &[f32],
-        vs: usize,
-        m: &mut f32,
-        l: &mut f32,
-        acc: &mut [f32],
-    ) {
-        let hd = acc.len();
-        assert!(s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && v.len() >= (seen - 1) * vs + hd);
-        let Some((corr, pj)) = softmax_row_avx512(s, m, l) else { return };
-        let cv = _mm512_set1_ps(corr);
-        let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
-        // Blocks of up to 8 vectors of `acc` stay in registers while the keys stream past, so
-        // the accumulations into them are independent chains.
-        let mut d = 0;
-        while d + 128 <= hd {
-            accumulate_avx512::<8>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
-            d += 128;
+        m: &mut [f32],
+        l: &mut [f32],
+        w: &mut [f32; 16 * CHUNK],
+        corr: &mut [f32; 16],
+    ) -> u32 {
+        assert!(rows.len() <= 16 && rows.iter().all(|&(i, _)| (i + 1) * CHUNK <= s.len() && i < m.len().min(l.len())));
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let by_row: [__m512; 16] = std::array::from_fn(|k| match rows.get(k) {
+            Some(&(i, _)) => _mm512_loadu_ps(s.as_ptr().add(i * CHUNK)),
+            None => ninf,
+        });
+        let (mut m0, mut l0) = ([f32::NEG_INFINITY; 16], [0f32; 16]);
+        for (k, &(i, _)) in rows.iter().enumerate() {
+            (m0[k], l0[k]) = (m[i], l[i]);
         }
-        for w in [4, 2, 1] {
-            if d + 16 * w <= hd {
-                match w {
-                    4 => accumulate_avx512::<4>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    2 => accumulate_avx512::<2>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    _ => accumulate_avx512::<1>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                }
-                d += 16 * w;
+        let (mold, lold) = (_mm512_loadu_ps(m0.as_ptr()), _mm512_loadu_ps(l0.as_ptr()));
+        let by_key = transpose16(&by_row);
+        let mx = by_key.iter().fold(mold, |a, &b| _mm512_max_ps(a, b));
+        let live = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(mx, ninf) as u32 & ((1u32 << rows.len()) - 1);
+        // exp(m_old - m) where the maximum moved, exactly 1 where it held (as the row version).
+        let same = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mx, mold);
+        let c = _mm512_mask_blend_ps(same, exp512(_mm512_sub_ps(mold, mx)), _mm512_set1_ps(1.0));
+        let p: [__m512; CHUNK] = std::array::from_fn(|j| exp512(_mm512_sub_ps(by_key[j], mx)));
+        // The sum tree of `sum16`: (j, j + 8), then (j, j + 4), (j, j + 2), (0, 1).
+        let q: [__m512; 8] = std::array::from_fn(|j| _mm512_add_ps(p[j], p[j + 8]));
+        let q: [__m512; 4] = std::array::from_fn(|j| _mm512_add_ps(q[j], q[j + 4]));
+        let q: [__m512; 2] = std::array::from_fn(|j| _mm512_add_ps(q[j], q[j + 2]));
+        let total = _mm512_add_ps(q[0], q[1]);
+        let lnew = _mm512_add_ps(_mm512_mul_ps(lold, c), total);
+        for (j, pj) in p.iter().enumerate() {
+            _mm512_storeu_ps(w.as_mut_ptr().add(16 * j), *pj);
+        }
+        _mm512_storeu_ps(corr.as_mut_ptr(), c);
+        let (mut m1, mut l1) = ([0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(m1.as_mut_ptr(), mx);
+        _mm512_storeu_ps(l1.as_mut_ptr(), lnew);
+        for (k, &(i, _)) in rows.iter().enumerate() {
+            if live & (1 << k) != 0 {
+                (m[i], l[i]) = (m1[k], l1[k]);
             }
         }
-        if d < hd {
-            let mask = ((1u32 << (hd - d)) - 1) as __mmask16;
-            let mut a = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ap.add(d)), cv);
-            for (j, &p) in pj.iter().enumerate().take(seen) {
-                a = _mm512_fmadd_ps(_mm512_set1_ps(p), _mm512_maskz_loadu_ps(mask, vp.add(j * vs + d)), a);
-            }
-            _mm512_mask_storeu_ps(ap.add(d), mask, a);
-        }
+        live
+    }
+
+    /// Lanes `j` and `j + 8`, then `j` and `j + 4`, `j` and `j + 2`, and the last two: the sum
+    /// every softmax step of this module takes of its 16 weights.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum16(p: __m512) -> f32 {
+        let h = _mm256_add_ps(
+            _mm512_castps512_ps256(p),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p))),
+        );
+        let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<1>(q, q)))
     }
 
     /// The online-softmax step of one row's chunk of scores `s` (`-inf` past what it sees): the
@@ -2459,24 +2569,70 @@ pub(crate) mod x86 {
         let p = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(mx)));
         let mut pj = [0f32; CHUNK];
         _mm512_storeu_ps(pj.as_mut_ptr(), p);
-        *l = *l * corr + _mm512_reduce_add_ps(p);
+        *l = *l * corr + sum16(p);
         *m = mx;
         Some((corr, pj))
     }
 
-    /// `acc[..16 * NV] = acc * corr + sum_j p[j] * v[j * vs..][..16 * NV]`, `j` in order.
+    /// For each of `R` rows `(out, weights, corr)`: `out[..hd] = out * corr + Σ_{j < seen}
+    /// weights[j * js] · v[j * vs..][..hd]`, `j` in order, one fused multiply-add per step (so a
+    /// row's bits do not depend on the rows beside it). The rows share each value vector: 4 x 4
+    /// accumulators per 64 columns, then narrower blocks and a masked tail.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn accumulate_avx512<const NV: usize>(ap: *mut f32, vp: *const f32, vs: usize, p: &[f32], corr: __m512) {
-        let mut a: [__m512; NV] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(ap.add(16 * i)), corr));
-        for (j, &pj) in p.iter().enumerate() {
-            let (pv, row) = (_mm512_set1_ps(pj), vp.add(j * vs));
-            for (i, ai) in a.iter_mut().enumerate() {
-                *ai = _mm512_fmadd_ps(pv, _mm512_loadu_ps(row.add(16 * i)), *ai);
+    unsafe fn accumulate_rows_avx512<const R: usize>(
+        rows: [(*mut f32, *const f32, __m512); R],
+        v: *const f32,
+        vs: usize,
+        js: usize,
+        seen: usize,
+        hd: usize,
+    ) {
+        #[inline(always)]
+        unsafe fn block<const R: usize, const NV: usize>(
+            rows: &[(*mut f32, *const f32, __m512); R],
+            v: *const f32,
+            vs: usize,
+            js: usize,
+            seen: usize,
+            d: usize,
+            mask: __mmask16,
+        ) {
+            let mut a: [[__m512; NV]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|i| {
+                    _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, rows[r].0.add(d + 16 * i)), rows[r].2)
+                })
+            });
+            for j in 0..seen {
+                let vv: [__m512; NV] = std::array::from_fn(|i| _mm512_maskz_loadu_ps(mask, v.add(j * vs + d + 16 * i)));
+                for r in 0..R {
+                    let pv = _mm512_set1_ps(*rows[r].1.add(j * js));
+                    for i in 0..NV {
+                        a[r][i] = _mm512_fmadd_ps(pv, vv[i], a[r][i]);
+                    }
+                }
+            }
+            for (row, ar) in rows.iter().zip(&a) {
+                for (i, ai) in ar.iter().enumerate() {
+                    _mm512_mask_storeu_ps(row.0.add(d + 16 * i), mask, *ai);
+                }
             }
         }
-        for (i, ai) in a.iter().enumerate() {
-            _mm512_storeu_ps(ap.add(16 * i), *ai);
+        let mut d = 0;
+        while d + 64 <= hd {
+            block::<R, 4>(&rows, v, vs, js, seen, d, !0);
+            d += 64;
+        }
+        if d + 32 <= hd {
+            block::<R, 2>(&rows, v, vs, js, seen, d, !0);
+            d += 32;
+        }
+        if d + 16 <= hd {
+            block::<R, 1>(&rows, v, vs, js, seen, d, !0);
+            d += 16;
+        }
+        if d < hd {
+            block::<R, 1>(&rows, v, vs, js, seen, d, ((1u32 << (hd - d)) - 1) as __mmask16);
         }
     }
 
@@ -2560,23 +2716,8 @@ pub(crate) mod x86 {
         }
     }
 
-    /// As [`accumulate_avx512`] with 8-lane vectors.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_avx2<const NV: usize>(ap: *mut f32, vp: *const f32, vs: usize, p: &[f32], corr: __m256) {
-        let mut a: [__m256; NV] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(ap.add(8 * i)), corr));
-        for (j, &pj) in p.iter().enumerate() {
-            let (pv, row) = (_mm256_set1_ps(pj), vp.add(j * vs));
-            for (i, ai) in a.iter_mut().enumerate() {
-                *ai = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * i)), *ai);
-            }
-        }
-        for (i, ai) in a.iter().enumerate() {
-            _mm256_storeu_ps(ap.add(8 * i), *ai);
-        }
-    }
-
-    /// As [`update_avx512`], 8 lanes wide: `hd` is a multiple of 8.
+    /// As [`update_avx512`], 8 lanes wide: groups of 8 rows ([`softmax_rows_avx2`] for a full
+    /// enough one), then two rows at a time share each value vector; `hd` is a multiple of 8.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn update_avx2(
@@ -2589,40 +2730,194 @@ pub(crate) mod x86 {
         o: &mut [f32],
         hd: usize,
     ) {
-        for &(i, seen) in active {
-            let (si, acc) = (&s[i * CHUNK..(i + 1) * CHUNK], &mut o[i * hd..(i + 1) * hd]);
-            update_row_avx2(si, seen, v, vs, &mut m[i], &mut l[i], acc);
+        assert!(hd.is_multiple_of(8));
+        for group in active.chunks(8) {
+            for &(i, seen) in group {
+                assert!(
+                    (i + 1) * CHUNK <= s.len()
+                        && (1..=CHUNK).contains(&seen)
+                        && v.len() >= (seen - 1) * vs + hd
+                        && (i + 1) * hd <= o.len()
+                        && i < m.len().min(l.len()),
+                    "active row out of range"
+                );
+            }
+            // `w[j * js + k * ks]`: weight of key j for the group's row k.
+            let mut w = [0f32; 8 * CHUNK];
+            let mut corr = [0f32; 8];
+            let (live, js, ks) = if group.len() >= 4 {
+                (softmax_rows_avx2(group, s, m, l, &mut w, &mut corr), 8, 1)
+            } else {
+                let mut live = 0u32;
+                for (k, &(i, _)) in group.iter().enumerate() {
+                    if let Some((c, p)) = softmax_row_avx2(&s[i * CHUNK..(i + 1) * CHUNK], &mut m[i], &mut l[i]) {
+                        w[k * CHUNK..(k + 1) * CHUNK].copy_from_slice(&p);
+                        corr[k] = c;
+                        live |= 1 << k;
+                    }
+                }
+                (live, 1, CHUNK)
+            };
+            let mut k = 0;
+            while k < group.len() {
+                if live & (1 << k) == 0 {
+                    k += 1;
+                    continue;
+                }
+                let seen = group[k].1;
+                let two = k + 1 < group.len() && live & (1 << (k + 1)) != 0 && group[k + 1].1 == seen;
+                let rows = |r: usize| {
+                    let kk = if two { k + r } else { k };
+                    (o.as_mut_ptr().add(group[kk].0 * hd), w.as_ptr().add(kk * ks), _mm256_set1_ps(corr[kk]))
+                };
+                if two {
+                    accumulate_rows_avx2::<2>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
+                    k += 2;
+                } else {
+                    accumulate_rows_avx2::<1>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
+                    k += 1;
+                }
+            }
         }
     }
 
-    /// [`super::update_scalar`] with 8 lanes: `acc.len()` is a multiple of 8.
+    /// As [`accumulate_rows_avx512`] with 8-lane vectors: 2 x 4 accumulators per 32 columns
+    /// (eight independent chains keep both FMA ports busy), then narrower blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn update_row_avx2(s: &[f32], seen: usize, v: &[f32], vs: usize, m: &mut f32, l: &mut f32, acc: &mut [f32]) {
-        let hd = acc.len();
-        assert!(
-            s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && hd.is_multiple_of(8) && v.len() >= (seen - 1) * vs + hd
-        );
-        let Some((corr, pj)) = softmax_row_avx2(s, m, l) else { return };
-        let cv = _mm256_set1_ps(corr);
-        let (ap, vp) = (acc.as_mut_ptr(), v.as_ptr());
-        // Eight independent accumulation chains keep both FMA ports busy (four left them half
-        // idle on the FMA latency: 13% faster prefill attention).
-        let mut d = 0;
-        while d + 64 <= hd {
-            accumulate_avx2::<8>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
-            d += 64;
-        }
-        for w in [4, 2, 1] {
-            if d + 8 * w <= hd {
-                match w {
-                    4 => accumulate_avx2::<4>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    2 => accumulate_avx2::<2>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    _ => accumulate_avx2::<1>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+    unsafe fn accumulate_rows_avx2<const R: usize>(
+        rows: [(*mut f32, *const f32, __m256); R],
+        v: *const f32,
+        vs: usize,
+        js: usize,
+        seen: usize,
+        hd: usize,
+    ) {
+        #[inline(always)]
+        unsafe fn block<const R: usize, const NV: usize>(
+            rows: &[(*mut f32, *const f32, __m256); R],
+            v: *const f32,
+            vs: usize,
+            js: usize,
+            seen: usize,
+            d: usize,
+        ) {
+            let mut a: [[__m256; NV]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(rows[r].0.add(d + 8 * i)), rows[r].2))
+            });
+            for j in 0..seen {
+                let vv: [__m256; NV] = std::array::from_fn(|i| _mm256_loadu_ps(v.add(j * vs + d + 8 * i)));
+                for r in 0..R {
+                    let pv = _mm256_set1_ps(*rows[r].1.add(j * js));
+                    for i in 0..NV {
+                        a[r][i] = _mm256_fmadd_ps(pv, vv[i], a[r][i]);
+                    }
                 }
-                d += 8 * w;
+            }
+            for (row, ar) in rows.iter().zip(&a) {
+                for (i, ai) in ar.iter().enumerate() {
+                    _mm256_storeu_ps(row.0.add(d + 8 * i), *ai);
+                }
             }
         }
+        let mut d = 0;
+        if R == 1 {
+            while d + 64 <= hd {
+                block::<R, 8>(&rows, v, vs, js, seen, d);
+                d += 64;
+            }
+        }
+        while d + 32 <= hd {
+            block::<R, 4>(&rows, v, vs, js, seen, d);
+            d += 32;
+        }
+        if d + 16 <= hd {
+            block::<R, 2>(&rows, v, vs, js, seen, d);
+            d += 16;
+        }
+        if d + 8 <= hd {
+            block::<R, 1>(&rows, v, vs, js, seen, d);
+        }
+    }
+
+    /// Two groups of 8 vectors transposed: lane `k` of output `j` is lane `j % 8` of input `k`'s
+    /// half `j / 8`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transpose8x16(r: &[[__m256; 2]; 8]) -> [__m256; 16] {
+        let mut out = [_mm256_setzero_ps(); 16];
+        for h in 0..2 {
+            // `b[4k + c]`'s 128-bit lane L holds column 4L + c of rows 4k..4k + 4.
+            let mut b = [_mm256_setzero_ps(); 8];
+            for k in 0..2 {
+                let x0 = _mm256_unpacklo_ps(r[4 * k][h], r[4 * k + 1][h]);
+                let x1 = _mm256_unpackhi_ps(r[4 * k][h], r[4 * k + 1][h]);
+                let y0 = _mm256_unpacklo_ps(r[4 * k + 2][h], r[4 * k + 3][h]);
+                let y1 = _mm256_unpackhi_ps(r[4 * k + 2][h], r[4 * k + 3][h]);
+                b[4 * k] = _mm256_shuffle_ps::<0x44>(x0, y0);
+                b[4 * k + 1] = _mm256_shuffle_ps::<0xEE>(x0, y0);
+                b[4 * k + 2] = _mm256_shuffle_ps::<0x44>(x1, y1);
+                b[4 * k + 3] = _mm256_shuffle_ps::<0xEE>(x1, y1);
+            }
+            for c in 0..4 {
+                out[8 * h + c] = _mm256_permute2f128_ps::<0x20>(b[c], b[4 + c]);
+                out[8 * h + 4 + c] = _mm256_permute2f128_ps::<0x31>(b[c], b[4 + c]);
+            }
+        }
+        out
+    }
+
+    /// [`softmax_row_avx2`] for up to 8 rows at once, lane `k` = `rows[k]`, as
+    /// [`softmax_rows_avx512`] (weights to `w[8 * j + k]`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_rows_avx2(
+        rows: &[(usize, usize)],
+        s: &[f32],
+        m: &mut [f32],
+        l: &mut [f32],
+        w: &mut [f32; 8 * CHUNK],
+        corr: &mut [f32; 8],
+    ) -> u32 {
+        assert!(rows.len() <= 8 && rows.iter().all(|&(i, _)| (i + 1) * CHUNK <= s.len() && i < m.len().min(l.len())));
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let by_row: [[__m256; 2]; 8] = std::array::from_fn(|k| match rows.get(k) {
+            Some(&(i, _)) => {
+                let p = s.as_ptr().add(i * CHUNK);
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+            }
+            None => [ninf, ninf],
+        });
+        let (mut m0, mut l0) = ([f32::NEG_INFINITY; 8], [0f32; 8]);
+        for (k, &(i, _)) in rows.iter().enumerate() {
+            (m0[k], l0[k]) = (m[i], l[i]);
+        }
+        let (mold, lold) = (_mm256_loadu_ps(m0.as_ptr()), _mm256_loadu_ps(l0.as_ptr()));
+        let by_key = transpose8x16(&by_row);
+        let mx = by_key.iter().fold(mold, |a, &b| _mm256_max_ps(a, b));
+        let live = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_OQ>(mx, ninf)) as u32 & ((1u32 << rows.len()) - 1);
+        let same = _mm256_cmp_ps::<_CMP_EQ_OQ>(mx, mold);
+        let c = _mm256_blendv_ps(exp256(_mm256_sub_ps(mold, mx)), _mm256_set1_ps(1.0), same);
+        let p: [__m256; CHUNK] = std::array::from_fn(|j| exp256(_mm256_sub_ps(by_key[j], mx)));
+        // The tree of `hsum(p0 + p1)`: (j, j + 8), (j, j + 4), (j, j + 2), (0, 1).
+        let q: [__m256; 8] = std::array::from_fn(|j| _mm256_add_ps(p[j], p[j + 8]));
+        let q: [__m256; 4] = std::array::from_fn(|j| _mm256_add_ps(q[j], q[j + 4]));
+        let q: [__m256; 2] = std::array::from_fn(|j| _mm256_add_ps(q[j], q[j + 2]));
+        let total = _mm256_add_ps(q[0], q[1]);
+        let lnew = _mm256_add_ps(_mm256_mul_ps(lold, c), total);
+        for (j, pj) in p.iter().enumerate() {
+            _mm256_storeu_ps(w.as_mut_ptr().add(8 * j), *pj);
+        }
+        _mm256_storeu_ps(corr.as_mut_ptr(), c);
+        let (mut m1, mut l1) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(m1.as_mut_ptr(), mx);
+        _mm256_storeu_ps(l1.as_mut_ptr(), lnew);
+        for (k, &(i, _)) in rows.iter().enumerate() {
+            if live & (1 << k) != 0 {
+                (m[i], l[i]) = (m1[k], l1[k]);
+            }
+        }
+        live
     }
 
     /// [`softmax_row_avx512`] with 8 lanes.
