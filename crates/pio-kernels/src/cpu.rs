@@ -102,3 +102,50 @@ pub fn has_avx512_bf16() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+/// Bytes of one core's L2 cache, as Linux reports it (`/sys/devices/system/cpu/cpu0/cache`);
+/// 512 KiB, the smallest of the x86 cores we target (Zen 3), where it cannot be read.
+pub fn l2_bytes() -> usize {
+    static L2: OnceLock<usize> = OnceLock::new();
+    *L2.get_or_init(|| {
+        (0..8)
+            .find_map(|i| {
+                let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+                let level = std::fs::read_to_string(format!("{dir}/level")).ok()?;
+                if level.trim() != "2" {
+                    return None;
+                }
+                parse_cache_size(&std::fs::read_to_string(format!("{dir}/size")).ok()?)
+            })
+            .unwrap_or(512 << 10)
+    })
+}
+
+/// `2048K`, `1M`, `512` (bytes) as sysfs writes cache sizes.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => s.split_at(at),
+        None => (s, ""),
+    };
+    let n: usize = digits.parse().ok()?;
+    match unit {
+        "" => Some(n),
+        "K" => n.checked_mul(1 << 10),
+        "M" => n.checked_mul(1 << 20),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(super::parse_cache_size("2048K\n"), Some(2 << 20));
+        assert_eq!(super::parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(super::parse_cache_size("512"), Some(512));
+        assert_eq!(super::parse_cache_size("12Q"), None);
+        assert_eq!(super::parse_cache_size(""), None);
+        assert!(super::l2_bytes() >= 64 << 10);
+    }
+}
