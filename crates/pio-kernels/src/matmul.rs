@@ -215,8 +215,11 @@ unsafe fn matmul_multi_raw(
             } else {
                 Vec::new()
             };
-            let xeo = match users().find(|w| float::even_odd_activations(level, w.dtype)) {
-                Some(w) => float::to_even_odd(x, inputs[i].1, w.cols),
+            let xeo = match users().find(|w| {
+                float::even_odd_activations(level, w.dtype)
+                    && !float::bf16_activations(level, w.dtype, w.bf16_activations)
+            }) {
+                Some(w) => float::to_even_odd(level, x, inputs[i].1, w.cols),
                 None => Vec::new(),
             };
             (acts, xb, xeo)
@@ -252,7 +255,7 @@ unsafe fn matmul_multi_raw(
         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
             float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         } else if float::even_odd_activations(level, w.dtype) {
-            let padded = cols.div_ceil(16) * 16;
+            let padded = float::even_odd_width(level, cols);
             float::gemm_even_odd(level, rows, rz - ra, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
         } else {
             dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, ldo);

@@ -96,9 +96,10 @@ pub struct LoadOptions {
     /// most 80% of the memory available at load (otherwise they stay mapped, so a model larger
     /// than memory still pages them in and out).
     pub repack: bool,
-    /// BF16 matrices multiply bf16-rounded activations where the CPU has AVX-512 BF16 (as
-    /// llama.cpp does; twice the f32 rate). Off: f32 activations, results that match an f32
-    /// computation over bf16 weights.
+    /// BF16 matrices multiply bf16-rounded activations where the CPU has AVX-512 BF16 and runs
+    /// it faster than f32 FMAs (as llama.cpp does; see `pio_kernels::cpu::fast_bf16_dot`: not on
+    /// Intel's cores). Off, or elsewhere: f32 activations, results that match an f32 computation
+    /// over bf16 weights.
     pub bf16_activations: bool,
     /// Bytes the weights, KV cache and scratch may take together. When the model does not fit,
     /// its routed experts stream from disk through an expert cache sized to what is left after

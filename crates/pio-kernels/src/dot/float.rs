@@ -1,9 +1,10 @@
 //! F32 / F16 / BF16 rows times f32 activations.
 //!
 //! Activations stay f32 so results match the float reference up to summation order, except
-//! where a BF16 matrix asks for bf16-rounded activations ([`bf16_activations`]: AVX-512 BF16's
-//! `vdpbf16ps`, twice the f32 rate). Products go through tiles of rows x tokens ([`gemm`],
-//! [`gemm_bf16`]); single rows ([`dot`]) have only the scalar reference.
+//! where a BF16 matrix asks for bf16-rounded activations and the CPU multiplies them faster
+//! ([`bf16_activations`]: AVX-512 BF16's `vdpbf16ps`). Products go through tiles of rows x tokens
+//! ([`gemm`], [`gemm_even_odd`], [`gemm_bf16`]); single rows ([`dot`]) have only the scalar
+//! reference.
 
 use crate::cpu::SimdLevel;
 use crate::DType;
@@ -72,14 +73,21 @@ pub fn gemm(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` only names levels the CPU has (see `cpu`); shapes were checked above and
         // by `dot::gemm_f32`.
-        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 if dtype == DType::BF16 => EVEN_ODD.with_borrow_mut(|xp| {
-            even_odd(x, ntok, cols, xp);
-            // SAFETY: as above; BF16 rows at AVX2 take the activations as `even_odd` lays them
-            // out (`ntok` rows of `cols` rounded up to 16).
-            unsafe { x86::gemm_avx2(dtype, w, nrows, xp, ntok, out, ldo) }
+        SimdLevel::Avx512 | SimdLevel::Avx2 if dtype == DType::BF16 => EVEN_ODD.with_borrow_mut(|xp| {
+            even_odd(x, ntok, cols, even_odd_group(level), xp);
+            // SAFETY: as above; BF16 rows take the activations as `even_odd` lays them out
+            // (`ntok` rows of `cols` rounded up to the level's group).
+            unsafe {
+                if level == SimdLevel::Avx512 {
+                    x86::gemm_avx512(dtype, w, nrows, xp, ntok, out, ldo)
+                } else {
+                    x86::gemm_avx2(dtype, w, nrows, xp, ntok, out, ldo)
+                }
+            }
         }),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { x86::gemm_avx2(dtype, w, nrows, x, ntok, out, ldo) },
@@ -100,63 +108,90 @@ thread_local! {
 }
 
 /// Whether BF16 rows at `level` take their activations as [`to_even_odd`] lays them out
-/// ([`gemm_even_odd`]): AVX2's BF16 tiles. Callers that multiply many row tiles by the same
-/// activations lay them out once.
+/// ([`gemm_even_odd`]): the BF16 tiles of AVX2 and AVX-512 (those with f32 activations, see
+/// [`bf16_activations`]). Callers that multiply many row tiles by the same activations lay them
+/// out once.
 pub fn even_odd_activations(level: SimdLevel, dtype: DType) -> bool {
-    cfg!(target_arch = "x86_64") && level == SimdLevel::Avx2 && dtype == DType::BF16
+    cfg!(target_arch = "x86_64") && matches!(level, SimdLevel::Avx2 | SimdLevel::Avx512) && dtype == DType::BF16
 }
 
-/// `x` (`ntok` rows of `cols`) laid out for [`gemm_even_odd`].
-pub fn to_even_odd(x: &[f32], ntok: usize, cols: usize) -> Vec<f32> {
+/// Columns per group of [`to_even_odd`]'s layout at `level`: one load of BF16 weights.
+fn even_odd_group(level: SimdLevel) -> usize {
+    if level == SimdLevel::Avx512 {
+        32
+    } else {
+        16
+    }
+}
+
+/// The length of one token's activations as [`to_even_odd`] lays them out at `level`.
+pub fn even_odd_width(level: SimdLevel, cols: usize) -> usize {
+    cols.div_ceil(even_odd_group(level)) * even_odd_group(level)
+}
+
+/// `x` (`ntok` rows of `cols`) laid out for [`gemm_even_odd`] at `level`.
+pub fn to_even_odd(level: SimdLevel, x: &[f32], ntok: usize, cols: usize) -> Vec<f32> {
     let mut xp = Vec::new();
-    even_odd(x, ntok, cols, &mut xp);
+    even_odd(x, ntok, cols, even_odd_group(level), &mut xp);
     xp
 }
 
-/// [`gemm`] of BF16 rows at AVX2 with activations laid out by [`to_even_odd`] (`ntok` rows of
-/// the rows' width rounded up to 16): the same bits as [`gemm`] gives.
+/// [`gemm`] of BF16 rows with activations laid out by [`to_even_odd`] (`ntok` rows of
+/// [`even_odd_width`]): the same bits as [`gemm`] gives.
 pub fn gemm_even_odd(level: SimdLevel, w: &[u8], nrows: usize, xp: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
-    assert!(even_odd_activations(level, DType::BF16), "even/odd activations only for BF16 at AVX2");
+    assert!(even_odd_activations(level, DType::BF16), "even/odd activations only for BF16 at AVX2 and AVX-512");
     if nrows == 0 || ntok == 0 {
         return;
     }
     let cols = w.len() / nrows.max(1) / 2;
     assert!(
         w.len() == nrows * cols * 2
-            && xp.len() == ntok * cols.div_ceil(16) * 16
+            && xp.len() == ntok * even_odd_width(level, cols)
             && out.len() >= (ntok - 1) * ldo + nrows,
         "even/odd tile shapes"
     );
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `even_odd_activations` checked the level (AVX2, which the CPU has); shapes above.
-    unsafe {
-        x86::gemm_avx2(DType::BF16, w, nrows, xp, ntok, out, ldo)
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `even_odd_activations` checked the level (one the CPU has); shapes above.
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(DType::BF16, w, nrows, xp, ntok, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        _ => unsafe { x86::gemm_avx2(DType::BF16, w, nrows, xp, ntok, out, ldo) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("even/odd activations are x86 only"),
     }
 }
 
-/// `x` (`ntok` rows of `cols`) as AVX2's BF16 tiles read it: per 16 columns, the 8 even ones
-/// then the 8 odd ones, each row zero-padded to a multiple of 16. A 32-byte load of 16 BF16
+/// `x` (`ntok` rows of `cols`) as the BF16 tiles read it: per `group` columns, the even ones then
+/// the odd ones, each row zero-padded to a multiple of `group`. One load of `group` BF16
 /// weights widens to its even weights with one shift and its odd ones with one mask, instead of
 /// two byte shuffles (`vpmovzxwd`, one port on most x86 cores, which bounded decode).
-fn even_odd(x: &[f32], ntok: usize, cols: usize, xp: &mut Vec<f32>) {
-    let padded = cols.div_ceil(16) * 16;
+fn even_odd(x: &[f32], ntok: usize, cols: usize, group: usize, xp: &mut Vec<f32>) {
+    let padded = cols.div_ceil(group) * group;
+    let half = group / 2;
     xp.clear();
     xp.resize(ntok * padded, 0.0);
     for (src, dst) in x.chunks_exact(cols.max(1)).zip(xp.chunks_exact_mut(padded.max(1))) {
         for (c, &v) in src.iter().enumerate() {
-            dst[c / 16 * 16 + (c % 2) * 8 + (c % 16) / 2] = v;
+            dst[c / group * group + (c % 2) * half + (c % group) / 2] = v;
         }
     }
 }
 
 /// Whether BF16 rows at `level` multiply bf16-rounded activations with `vdpbf16ps` (AVX-512
-/// BF16: two products per lane per instruction, twice the f32 FMA rate) when the matrix asks for
-/// it (`wanted`, [`crate::matmul::WeightView::bf16_activations`]). This is what llama.cpp (and
-/// any engine computing "in bf16") does for BF16 weights: each activation loses its low 16 bits
-/// (relative error <= 2^-9). Other levels, and matrices that do not ask, keep f32 activations,
-/// whose results match an f32 computation over bf16 weights.
+/// BF16: two products per lane per instruction) when the matrix asks for it (`wanted`,
+/// [`crate::matmul::WeightView::bf16_activations`]) and the CPU runs it faster than f32 FMAs
+/// ([`crate::cpu::fast_bf16_dot`]). This is what llama.cpp (and any engine computing "in bf16")
+/// does for BF16 weights: each activation loses its low 16 bits (relative error <= 2^-9). Other
+/// levels and CPUs, and matrices that do not ask, keep f32 activations ([`gemm_even_odd`]), whose
+/// results match an f32 computation over bf16 weights.
 pub fn bf16_activations(level: SimdLevel, dtype: DType, wanted: bool) -> bool {
-    wanted && dtype == DType::BF16 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16()
+    wanted && has_bf16_dot(level, dtype) && crate::cpu::fast_bf16_dot()
+}
+
+/// Whether [`gemm_bf16`] can run at `level`: BF16 rows, AVX-512 with BF16.
+pub fn has_bf16_dot(level: SimdLevel, dtype: DType) -> bool {
+    dtype == DType::BF16 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16()
 }
 
 /// `x` rounded to bf16 (to nearest even), as the bits [`gemm_bf16`] takes.
@@ -168,7 +203,7 @@ pub fn to_bf16(x: &[f32]) -> Vec<u16> {
 /// `out[t * ldo + r]`. Only where [`bf16_activations`] says so.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(level: SimdLevel, w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
-    assert!(bf16_activations(level, DType::BF16, true), "vdpbf16ps is not available at {level:?}");
+    assert!(has_bf16_dot(level, DType::BF16), "vdpbf16ps is not available at {level:?}");
     assert!(nrows > 0 && ntok > 0 && w.len().is_multiple_of(nrows) && xb.len().is_multiple_of(ntok));
     assert_eq!(w.len() / nrows, 2 * (xb.len() / ntok), "row and activation widths differ");
     assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
@@ -274,30 +309,37 @@ mod x86 {
                         }
                         return;
                     }
-                    let mut r0 = 0;
-                    while r0 < nrows {
+                    // Token tiles outside, row tiles inside: a tile's tokens (f32, up to twice the
+                    // bytes of its BF16 or F16 rows) stay in L1 while the rows stream from L2.
+                    let row_tile = |r0: usize| {
                         let live = (nrows - r0).min($r);
                         let rows: [*const u8; $r] =
                             std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
-                        let mut t0 = 0;
-                        while t0 + $t <= ntok {
-                            let xs: [*const f32; $t] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * xs_stride));
+                        (rows, live)
+                    };
+                    let mut t0 = 0;
+                    while t0 + $t <= ntok {
+                        let xs: [*const f32; $t] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * xs_stride));
+                        for r0 in (0..nrows).step_by($r) {
+                            let (rows, live) = row_tile(r0);
                             let sums = $kernel::<D, $r, $t>(rows, xs, cols, 0);
                             for (j, row_sums) in sums.iter().enumerate() {
                                 for i in 0..live {
                                     out[(t0 + j) * ldo + r0 + i] = row_sums[i];
                                 }
                             }
-                            t0 += $t;
                         }
-                        while t0 < ntok {
+                        t0 += $t;
+                    }
+                    while t0 < ntok {
+                        for r0 in (0..nrows).step_by($r) {
+                            let (rows, live) = row_tile(r0);
                             let sums = $kernel::<D, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols, 0);
                             for i in 0..live {
                                 out[t0 * ldo + r0 + i] = sums[0][i];
                             }
-                            t0 += 1;
                         }
-                        r0 += $r;
+                        t0 += 1;
                     }
                 }
             }
@@ -324,6 +366,9 @@ mod x86 {
         cols: usize,
         ahead: usize,
     ) -> [[f32; R]; T] {
+        if D == BF16 {
+            return tile512_bf16(rows, xs, cols, ahead);
+        }
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm512_setzero_ps(); R]; T];
         let full = cols / 16 * 16;
@@ -354,6 +399,63 @@ mod x86 {
                 let xv = _mm512_loadu_ps(xpad.as_ptr());
                 for i in 0..R {
                     acc[j][i] = _mm512_fmadd_ps(widen16::<D>(wpad[i].as_ptr()), xv, acc[j][i]);
+                }
+            }
+        }
+        let mut sums = [[0f32; R]; T];
+        for j in 0..T {
+            for i in 0..R {
+                sums[j][i] = _mm512_reduce_add_ps(acc[j][i]);
+            }
+        }
+        sums
+    }
+
+    /// [`tile512`] of BF16 rows, 32 columns per step against [`super::even_odd`]'s activations
+    /// (groups of 32): a 64-byte load of a row gives its even columns (shifted up) and its odd
+    /// ones (masked), and each accumulator takes both FMAs, even first: the same operations in
+    /// every tile shape. (`vpmovzxwd` and a shift per 16 weights, as `widen16` does, put a byte
+    /// shuffle on every vector; here the widening is one shift or one `and` per 16 weights.)
+    #[inline(always)]
+    unsafe fn tile512_bf16<const R: usize, const T: usize>(
+        rows: [*const u8; R],
+        xs: [*const f32; T],
+        cols: usize,
+        ahead: usize,
+    ) -> [[f32; R]; T] {
+        let mut acc = [[_mm512_setzero_ps(); R]; T];
+        let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let widen = |raw: __m512i| {
+            (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw)), _mm512_castsi512_ps(_mm512_and_si512(raw, hi)))
+        };
+        let full = cols / 32 * 32;
+        let mut c = 0;
+        while c < full {
+            if ahead != 0 {
+                prefetch_lines(&rows, 2 * c + ahead);
+            }
+            let w: [(__m512, __m512); R] =
+                std::array::from_fn(|i| widen(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
+            for j in 0..T {
+                let (xe, xo) = (_mm512_loadu_ps(xs[j].add(c)), _mm512_loadu_ps(xs[j].add(c + 16)));
+                for i in 0..R {
+                    acc[j][i] = _mm512_fmadd_ps(w[i].1, xo, _mm512_fmadd_ps(w[i].0, xe, acc[j][i]));
+                }
+            }
+            c += 32;
+        }
+        if full < cols {
+            // The last partial group, zero-padded through stack copies (the activations are
+            // padded already).
+            let mut wpad = [[0u8; 64]; R];
+            for i in 0..R {
+                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr(), 2 * (cols - full));
+            }
+            for j in 0..T {
+                let (xe, xo) = (_mm512_loadu_ps(xs[j].add(full)), _mm512_loadu_ps(xs[j].add(full + 16)));
+                for i in 0..R {
+                    let (we, wo) = widen(_mm512_loadu_si512(wpad[i].as_ptr() as *const _));
+                    acc[j][i] = _mm512_fmadd_ps(wo, xo, _mm512_fmadd_ps(we, xe, acc[j][i]));
                 }
             }
         }
@@ -724,29 +826,27 @@ mod tests {
 
     #[test]
     fn even_odd_activations_give_gemms_bits() {
-        let Some(level) = SimdLevel::available().into_iter().find(|&l| even_odd_activations(l, DType::BF16)) else {
-            eprintln!("skipped: no level takes even/odd activations");
-            return;
-        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(14);
-        for cols in [1, 7, 16, 17, 33, 264] {
-            for ntok in [1, 2, 5] {
-                let rows = 13;
-                let (w, x) = random_tile(&mut rng, DType::BF16, rows, ntok, cols);
-                let mut want = vec![0f32; ntok * rows];
-                gemm(level, DType::BF16, &w, rows, &x, ntok, &mut want, rows);
-                let xp = to_even_odd(&x, ntok, cols);
-                let mut got = vec![f32::NAN; ntok * rows];
-                gemm_even_odd(level, &w, rows, &xp, ntok, &mut got, rows);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "cols={cols} ntok={ntok}");
+        for level in SimdLevel::available().into_iter().filter(|&l| even_odd_activations(l, DType::BF16)) {
+            for cols in [1, 7, 16, 17, 31, 32, 33, 264] {
+                for ntok in [1, 2, 5] {
+                    let rows = 13;
+                    let (w, x) = random_tile(&mut rng, DType::BF16, rows, ntok, cols);
+                    let mut want = vec![0f32; ntok * rows];
+                    gemm(level, DType::BF16, &w, rows, &x, ntok, &mut want, rows);
+                    let xp = to_even_odd(level, &x, ntok, cols);
+                    let mut got = vec![f32::NAN; ntok * rows];
+                    gemm_even_odd(level, &w, rows, &xp, ntok, &mut got, rows);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok}");
+                }
             }
         }
     }
 
     #[test]
     fn bf16_gemm_matches_the_reference_and_is_batch_invariant() {
-        let Some(level) = SimdLevel::available().into_iter().find(|&l| bf16_activations(l, DType::BF16, true)) else {
+        let Some(level) = SimdLevel::available().into_iter().find(|&l| has_bf16_dot(l, DType::BF16)) else {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         };
