@@ -109,20 +109,26 @@ fn quantize_q8_generic(x: &[f32], out: &mut [Q8Block]) {
 /// across the threads.
 pub fn quantize_q8_vec(x: &[f32]) -> Vec<Q8Block> {
     let blocks = x.len() / 32;
-    let parts = crate::parallel::for_each_range(blocks, x.len() * 4, |b0, b1| {
-        let mut out = vec![Q8Block::default(); b1 - b0];
-        quantize_q8(&x[b0 * 32..b1 * 32], &mut out);
-        out
+    // One vector the threads fill in place (a vector per thread, then a copy into one, cost 1-2%
+    // of a SmolLM2 prefill).
+    let mut out = vec![Q8Block::default(); blocks];
+    let shared = SharedBlocks(out.as_mut_ptr(), blocks);
+    crate::parallel::for_each_range(blocks, x.len() * 4, |b0, b1| {
+        let shared = &shared;
+        assert!(b0 <= b1 && b1 <= shared.1);
+        // SAFETY: `out` is borrowed mutably for the whole split (which returns before it is used
+        // again), `b0..b1` lies inside it (asserted), and the ranges of the split are disjoint.
+        let part = unsafe { std::slice::from_raw_parts_mut(shared.0.add(b0), b1 - b0) };
+        quantize_q8(&x[b0 * 32..b1 * 32], part);
     });
-    if parts.len() == 1 {
-        return parts.into_iter().flatten().collect();
-    }
-    let mut out = Vec::with_capacity(blocks);
-    for p in parts {
-        out.extend_from_slice(&p);
-    }
     out
 }
+
+/// `(pointer, length)` of the blocks [`quantize_q8_vec`]'s threads fill, each its own range.
+struct SharedBlocks(*mut Q8Block, usize);
+
+// SAFETY: the threads write disjoint ranges while `quantize_q8_vec` holds the vector.
+unsafe impl Sync for SharedBlocks {}
 
 #[cfg(test)]
 mod tests {
