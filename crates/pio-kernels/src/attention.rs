@@ -1828,6 +1828,43 @@ fn scores(
     }
 }
 
+/// Asserts that every active row `(i, seen)` of a chunk update lies in its buffers: scores
+/// `s[i * CHUNK..]`, values up to position `seen` (`v`: length and row stride), output
+/// `o[i * hd..]`, and `m[i]` / `l[i]` (`ml`: the shorter of the two).
+fn check_active(active: &[(usize, usize)], s: usize, (v, vs): (usize, usize), o: usize, ml: usize, hd: usize) {
+    for &(i, seen) in active {
+        assert!(
+            (i + 1) * CHUNK <= s
+                && (1..=CHUNK).contains(&seen)
+                && v >= (seen - 1) * vs + hd
+                && (i + 1) * hd <= o
+                && i < ml,
+            "active row out of range"
+        );
+    }
+}
+
+/// The runs `k..e` of up to `max` consecutive rows of `group` that are `live` (bit `k`) and
+/// have seen the same number of keys, in order: the rows that can share value vectors.
+fn runs(group: &[(usize, usize)], live: u32, max: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut k = 0;
+    std::iter::from_fn(move || {
+        while k < group.len() && live & (1 << k) == 0 {
+            k += 1;
+        }
+        if k >= group.len() {
+            return None;
+        }
+        let mut e = k + 1;
+        while e < group.len() && e - k < max && live & (1 << e) != 0 && group[e].1 == group[k].1 {
+            e += 1;
+        }
+        let run = (k, e);
+        k = e;
+        Some(run)
+    })
+}
+
 /// One chunk for one query row: online-softmax update of `m`/`l` from the row's scores `s`
 /// (`-inf` past `seen`), and the rescaled accumulation of the values (`v[j * vs..][..hd]`) into
 /// `acc` (unnormalised).
@@ -2396,16 +2433,9 @@ pub(crate) mod x86 {
         o: &mut [f32],
         hd: usize,
     ) {
+        super::check_active(active, s.len(), (v.len(), vs), o.len(), m.len().min(l.len()), hd);
         if let [(i, seen)] = *active {
             // One row (a decode without grouped heads): straight through.
-            assert!(
-                (i + 1) * CHUNK <= s.len()
-                    && (1..=CHUNK).contains(&seen)
-                    && v.len() >= (seen - 1) * vs + hd
-                    && (i + 1) * hd <= o.len()
-                    && i < m.len().min(l.len()),
-                "active row out of range"
-            );
             update_row_avx512(
                 &s[i * CHUNK..(i + 1) * CHUNK],
                 seen,
@@ -2418,16 +2448,6 @@ pub(crate) mod x86 {
             return;
         }
         for group in active.chunks(16) {
-            for &(i, seen) in group {
-                assert!(
-                    (i + 1) * CHUNK <= s.len()
-                        && (1..=CHUNK).contains(&seen)
-                        && v.len() >= (seen - 1) * vs + hd
-                        && (i + 1) * hd <= o.len()
-                        && i < m.len().min(l.len()),
-                    "active row out of range"
-                );
-            }
             // `w[j * js + k * ks]`: weight of key j for the group's row k. Left uninitialised
             // (zeroing it cost a one-row decode 15-20% of its attention): the accumulation reads
             // only what the softmax step wrote, keys `j < seen` of live rows.
@@ -2449,17 +2469,8 @@ pub(crate) mod x86 {
                 (live, 1, CHUNK)
             };
             // Runs of up to four live rows with the same `seen`.
-            let mut k = 0;
-            while k < group.len() {
-                if live & (1 << k) == 0 {
-                    k += 1;
-                    continue;
-                }
+            for (k, e) in super::runs(group, live, 4) {
                 let seen = group[k].1;
-                let mut e = k + 1;
-                while e < group.len() && e - k < 4 && live & (1 << e) != 0 && group[e].1 == seen {
-                    e += 1;
-                }
                 let rows = |r: usize| {
                     let kk = k + r.min(e - k - 1);
                     (o.as_mut_ptr().add(group[kk].0 * hd), w.add(kk * ks) as *const f32, _mm512_set1_ps(corr[kk]))
@@ -2470,7 +2481,6 @@ pub(crate) mod x86 {
                     2 => accumulate_rows_avx512::<2>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
                     _ => accumulate_rows_avx512::<1>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
                 }
-                k = e;
             }
         }
     }
@@ -2831,17 +2841,10 @@ pub(crate) mod x86 {
         o: &mut [f32],
         hd: usize,
     ) {
+        super::check_active(active, s.len(), (v.len(), vs), o.len(), m.len().min(l.len()), hd);
         assert!(hd.is_multiple_of(8));
         if let [(i, seen)] = *active {
             // One row (a decode without grouped heads): straight through.
-            assert!(
-                (i + 1) * CHUNK <= s.len()
-                    && (1..=CHUNK).contains(&seen)
-                    && v.len() >= (seen - 1) * vs + hd
-                    && (i + 1) * hd <= o.len()
-                    && i < m.len().min(l.len()),
-                "active row out of range"
-            );
             update_row_avx2(
                 &s[i * CHUNK..(i + 1) * CHUNK],
                 seen,
@@ -2854,16 +2857,6 @@ pub(crate) mod x86 {
             return;
         }
         for group in active.chunks(8) {
-            for &(i, seen) in group {
-                assert!(
-                    (i + 1) * CHUNK <= s.len()
-                        && (1..=CHUNK).contains(&seen)
-                        && v.len() >= (seen - 1) * vs + hd
-                        && (i + 1) * hd <= o.len()
-                        && i < m.len().min(l.len()),
-                    "active row out of range"
-                );
-            }
             // `w[j * js + k * ks]`: weight of key j for the group's row k. Left uninitialised
             // (zeroing it cost a one-row decode 15-20% of its attention): the accumulation reads
             // only what the softmax step wrote, keys `j < seen` of live rows.
@@ -2884,24 +2877,16 @@ pub(crate) mod x86 {
                 }
                 (live, 1, CHUNK)
             };
-            let mut k = 0;
-            while k < group.len() {
-                if live & (1 << k) == 0 {
-                    k += 1;
-                    continue;
-                }
+            for (k, e) in super::runs(group, live, 2) {
                 let seen = group[k].1;
-                let two = k + 1 < group.len() && live & (1 << (k + 1)) != 0 && group[k + 1].1 == seen;
                 let rows = |r: usize| {
-                    let kk = if two { k + r } else { k };
+                    let kk = k + r.min(e - k - 1);
                     (o.as_mut_ptr().add(group[kk].0 * hd), w.add(kk * ks) as *const f32, _mm256_set1_ps(corr[kk]))
                 };
-                if two {
+                if e - k == 2 {
                     accumulate_rows_avx2::<2>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
-                    k += 2;
                 } else {
                     accumulate_rows_avx2::<1>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
-                    k += 1;
                 }
             }
         }
