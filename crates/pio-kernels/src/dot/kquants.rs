@@ -1457,8 +1457,11 @@ pub(crate) mod tiled {
         a: [*const Q8Block; TT],
         acc: &mut [S::F; TT],
     ) {
+        // Each token's broadcasts at its own pointer plus a constant ([`crate::dot::opaque`];
+        // hence also the unrolled loop).
+        let a = a.map(crate::dot::opaque);
         let mut v = *acc;
-        for j in 0..ACT_PER_SUPER {
+        unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
             let (dsc, dmm) = (S::loadf(Unpacked::factor(un, j)), S::loadf(Unpacked::factor(un, 8 + j)));
             for (v, a) in v.iter_mut().zip(&a) {
                 let b = &*a.add(j);
@@ -1468,7 +1471,7 @@ pub(crate) mod tiled {
                 *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
                 *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
             }
-        }
+        });
         *acc = v;
     }
 

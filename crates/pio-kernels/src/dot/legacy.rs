@@ -731,7 +731,7 @@ mod tile_x86 {
                     }
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let at = (t0 + i) * nb + b;
-                        let y = act[at].qs.as_ptr();
+                        let y = crate::dot::opaque(act[at].qs.as_ptr());
                         let off = if with_offsets { offsets[at] } else { 0 };
                         let s = sum::<V, F, N, KIND>(&wa, &sign, y, off);
                         finish::<V, F, N>(acc, s, &blk, &act[at]);
