@@ -731,10 +731,11 @@ mod tile_x86 {
                     }
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let at = (t0 + i) * nb + b;
-                        let y = crate::dot::opaque(act[at].qs.as_ptr());
+                        // Its fields at a pointer plus constants ([`crate::dot::opaque`]).
+                        let a = &*crate::dot::opaque(&act[at]);
                         let off = if with_offsets { offsets[at] } else { 0 };
-                        let s = sum::<V, F, N, KIND>(&wa, &sign, y, off);
-                        finish::<V, F, N>(acc, s, &blk, &act[at]);
+                        let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
+                        finish::<V, F, N>(acc, s, &blk, a);
                     }
                 }
                 store(acc, live, tile.out, t0 * tile.ldo + r0, tile.ldo);
