@@ -731,8 +731,10 @@ mod tile_x86 {
                     }
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let at = (t0 + i) * nb + b;
-                        // Its fields at a pointer plus constants ([`crate::dot::opaque`]).
-                        let a = &*crate::dot::opaque(&act[at]);
+                        // VNNI: its fields at a pointer plus constants ([`crate::dot::opaque`]);
+                        // the other kinds broadcast with separate loads, and AVX2's one-token
+                        // walk measured 22% slower through such a pointer (Q8_0 decode).
+                        let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
                         let off = if with_offsets { offsets[at] } else { 0 };
                         let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
                         finish::<V, F, N>(acc, s, &blk, a);
