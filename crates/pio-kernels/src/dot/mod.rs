@@ -139,6 +139,8 @@ pub(crate) fn put<const N: usize>(out: &mut [f32], at: usize, lanes: &[f32; N], 
 /// as base + index, and a micro-fused broadcast-and-multiply with an index register is split
 /// in two at rename (Q4_K tiles at AVX-512 VNNI: ~15% more products per second without).
 #[inline(always)]
+// The block neither reads nor writes through `p`: it only claims to change the register.
+#[allow(clippy::pointers_in_nomem_asm_block)]
 pub(crate) fn opaque<T>(mut p: *const T) -> *const T {
     // SAFETY: an empty instruction template; it reads and writes nothing but the register.
     unsafe { std::arch::asm!("/* {0} */", inout(reg) p, options(pure, nomem, nostack, preserves_flags)) };
