@@ -28,6 +28,10 @@ pub enum Error {
     /// A forward batch that does not fit the model or the cache.
     #[error("invalid batch: {0}")]
     Batch(String),
+    /// An image that cannot be decoded or processed: corrupt, truncated, an unsupported format,
+    /// too large.
+    #[error("image: {0}")]
+    Image(String),
 }
 
 impl Error {

@@ -3,6 +3,7 @@ pub mod batch;
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod layers;
 pub mod load;
 pub mod models;
