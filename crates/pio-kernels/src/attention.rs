@@ -2485,7 +2485,10 @@ pub(crate) mod x86 {
         }
     }
 
-    /// 16 vectors transposed: lane `k` of output `j` is lane `j` of input `k`.
+    /// 16 vectors transposed: lane `k` of output `j` is lane `j` of input `k`. The same
+    /// permutation as the key transpose (`kquants::tiled::transpose_16x16`) in the float
+    /// domain: going through that one with casts made 512-token prefill attention 15-40%
+    /// slower (criterion `attention_f32/prefill_512`, alternated).
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
