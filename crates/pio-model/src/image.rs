@@ -56,7 +56,14 @@ impl ImageProcessorConfig {
                 None => default.ok_or_else(|| Error::Config(format!("preprocessor config: `{k}` is missing"))),
             }
         };
-        let flag = |k: &str| field(k).and_then(|x| x.as_bool()).unwrap_or(true);
+        let flag = |k: &str| -> Result<bool> {
+            match field(k) {
+                None => Ok(true),
+                Some(x) => x
+                    .as_bool()
+                    .ok_or_else(|| Error::Config(format!("preprocessor config: `{k}` is not true or false: {x}"))),
+            }
+        };
         let triple = |k: &str| -> Result<[f32; 3]> {
             let Some(x) = field(k) else { return Err(Error::Config(format!("preprocessor config: `{k}` is missing"))) };
             let vals: Option<Vec<f32>> =
@@ -91,10 +98,15 @@ impl ImageProcessorConfig {
             merge_size: uint("merge_size", Some(2))?,
             min_pixels,
             max_pixels,
-            do_resize: flag("do_resize"),
-            do_rescale: flag("do_rescale"),
-            rescale_factor: field("rescale_factor").and_then(|x| x.as_f64()).unwrap_or(1.0 / 255.0) as f32,
-            do_normalize: flag("do_normalize"),
+            do_resize: flag("do_resize")?,
+            do_rescale: flag("do_rescale")?,
+            rescale_factor: match field("rescale_factor") {
+                None => 1.0 / 255.0,
+                Some(x) => x.as_f64().ok_or_else(|| {
+                    Error::Config(format!("preprocessor config: `rescale_factor` is not a number: {x}"))
+                })? as f32,
+            },
+            do_normalize: flag("do_normalize")?,
             image_mean: triple("image_mean")?,
             image_std: triple("image_std")?,
         };
@@ -218,7 +230,8 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> Result<Rgb
     if (width, height) == (img.width, img.height) {
         return Ok(img.clone());
     }
-    let mut tmp = img.clone();
+    // The horizontal pass's output, when there is one; the vertical pass reads it or `img`.
+    let mut wide = None;
     if width != img.width {
         let taps = Taps::new(img.width, width);
         let mut out = vec![0u8; width * img.height * 3];
@@ -230,21 +243,23 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> Result<Rgb
                 }
             }
         }
-        tmp = RgbImage { width, height: img.height, data: out };
+        wide = Some(RgbImage { width, height: img.height, data: out });
     }
-    if height != img.height {
-        let taps = Taps::new(img.height, height);
-        let row = width * 3;
-        let mut out = vec![0u8; row * height];
-        for (y, dst) in out.chunks_exact_mut(row).enumerate() {
-            let (first, w) = taps.at(y);
-            for (i, v) in dst.iter_mut().enumerate() {
-                *v = taps.apply(w, |k| tmp.data[(first + k) * row + i]);
-            }
+    if height == img.height {
+        // Only the width changed (the sizes differ): the horizontal pass ran.
+        return wide.ok_or_else(|| Error::Image("resize: no pass ran".into()));
+    }
+    let src = wide.as_ref().unwrap_or(img);
+    let taps = Taps::new(img.height, height);
+    let row = width * 3;
+    let mut out = vec![0u8; row * height];
+    for (y, dst) in out.chunks_exact_mut(row).enumerate() {
+        let (first, w) = taps.at(y);
+        for (i, v) in dst.iter_mut().enumerate() {
+            *v = taps.apply(w, |k| src.data[(first + k) * row + i]);
         }
-        tmp = RgbImage { width, height, data: out };
     }
-    Ok(tmp)
+    Ok(RgbImage { width, height, data: out })
 }
 
 /// PIL's resampling taps along one axis: for each output index, the first input index and
@@ -284,10 +299,10 @@ impl Taps {
             // PIL truncates toward zero here (`(int)`), then clamps to the input.
             let lo = ((center - support + 0.5) as i64).max(0) as usize;
             let hi = ((center + support + 0.5) as i64).min(input as i64).max(lo as i64) as usize;
-            let taps: Vec<f64> = (lo..hi).map(|i| cubic((i as f64 - center + 0.5) / filter_scale)).take(len).collect();
-            let total: f64 = taps.iter().sum();
-            for (dst, t) in w.iter_mut().zip(&taps) {
-                let k = if total != 0.0 { t / total } else { 0.0 };
+            let tap = |i: usize| cubic((i as f64 - center + 0.5) / filter_scale);
+            let total: f64 = (lo..hi).take(len).map(tap).sum();
+            for (dst, i) in w.iter_mut().zip(lo..hi) {
+                let k = if total != 0.0 { tap(i) / total } else { 0.0 };
                 // PIL rounds half away from zero.
                 *dst = (k * (1i64 << Self::BITS) as f64).round() as i64;
             }
