@@ -75,8 +75,17 @@ fn tolerance(name: &str) -> f32 {
     }
 }
 
-const FAMILIES: [&str; 8] =
-    ["qwen3", "qwen3-bf16-untied", "qwen2", "qwen2-swa", "llama", "qwen3_moe", "glm4_moe_lite", "qwen3_next"];
+const FAMILIES: [&str; 9] = [
+    "qwen3",
+    "qwen3-bf16-untied",
+    "qwen2",
+    "qwen2-swa",
+    "llama",
+    "qwen3_moe",
+    "glm4_moe_lite",
+    "qwen3_next",
+    "qwen3_vl",
+];
 
 #[test]
 fn logits_match_transformers() {

@@ -28,6 +28,24 @@ pub struct ForwardBatch {
     pub state_slots: Vec<u32>,
     /// Copies of recurrent state to take during the forward (prefix-cache snapshots).
     pub state_snapshots: Vec<StateSnapshot>,
+    /// `[num_tokens]` (temporal, height, width) rotary positions, for models with multimodal
+    /// rotary positions (Qwen3-VL). Empty: every token turns by its `positions` entry on all
+    /// three axes (text, where the three agree).
+    pub mrope_positions: Vec<[usize; 3]>,
+    /// Image features for the batch's image-placeholder tokens (vision-language models).
+    pub visual: Option<VisualEmbeds>,
+}
+
+/// What a vision tower made of a batch's image tokens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VisualEmbeds {
+    /// The tokens (indices into the batch) the features belong to.
+    pub rows: Vec<usize>,
+    /// `[rows, hidden]`: these replace the tokens' embeddings.
+    pub embeds: Vec<f32>,
+    /// `[deepstack layers][rows, hidden]`: entry `i` is added to the tokens' hidden states
+    /// after text layer `i` (DeepStack).
+    pub deepstack: Vec<Vec<f32>>,
 }
 
 /// Copy sequence `seq`'s recurrent state, as it stands after its tokens before `position`,
@@ -68,6 +86,17 @@ impl ForwardBatch {
                     "token {t}: slot {} does not match block table entry {block} (cache has {num_blocks} blocks)",
                     self.slot_mapping[t]
                 )));
+            }
+        }
+        if !self.mrope_positions.is_empty() && self.mrope_positions.len() != n {
+            return Err(Error::Batch(format!(
+                "{} multimodal rotary positions for {n} tokens",
+                self.mrope_positions.len()
+            )));
+        }
+        if let Some(v) = &self.visual {
+            if let Some(&r) = v.rows.iter().find(|&&r| r >= n) {
+                return Err(Error::Batch(format!("image features for token {r} of {n}")));
             }
         }
         if let Some(&i) = self.logits_indices.iter().find(|&&i| i >= n) {

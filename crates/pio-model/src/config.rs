@@ -29,6 +29,9 @@ pub enum Arch {
     /// every four layers, gated full attention with partial rotary in the fourth, softmax-routed
     /// experts with a sigmoid-gated shared expert, zero-centred RMSNorms (`(1 + w)`).
     Qwen3Next,
+    /// `Qwen3VLForConditionalGeneration`: a Qwen3 text model with interleaved M-RoPE and
+    /// DeepStack, fed by a ViT ([`VisionConfig`]).
+    Qwen3Vl,
 }
 
 /// How a mixture-of-experts layer picks and weighs its experts.
@@ -173,6 +176,174 @@ pub struct ModelConfig {
     pub zero_centred_norms: bool,
     /// Gated DeltaNet layers (`None`: every layer is attention).
     pub linear_attn: Option<LinearAttnConfig>,
+    /// Multimodal rotary positions (Qwen3-VL): frequency `i` of each head turns by the
+    /// temporal, height or width position of its token, interleaved as [`mrope_axis`] says;
+    /// the sections count the frequencies of each axis.
+    pub mrope_section: Option<[usize; 3]>,
+    /// The vision tower of a vision-language model (`None`: text only).
+    pub vision: Option<VisionConfig>,
+}
+
+/// Which axis of an M-RoPE position (0: temporal, 1: height, 2: width) turns frequency `i`,
+/// as transformers' `apply_interleaved_mrope` lays them out: height and width take every third
+/// frequency from 1 and 2 for their sections' counts, the temporal axis the rest.
+pub fn mrope_axis(i: usize, section: &[usize; 3]) -> usize {
+    match i % 3 {
+        1 if i < 3 * section[1] => 1,
+        2 if i < 3 * section[2] => 2,
+        _ => 0,
+    }
+}
+
+/// Qwen3-VL's vision tower and the token ids that place images in a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    /// Transformer blocks.
+    pub depth: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_heads: usize,
+    pub in_channels: usize,
+    pub patch_size: usize,
+    pub temporal_patch_size: usize,
+    /// Patches per side of the square window one LLM token merges.
+    pub spatial_merge_size: usize,
+    /// Width of the merged tokens: the text model's hidden size.
+    pub out_hidden_size: usize,
+    /// Learned position embeddings, a square grid, bilinearly interpolated to each image's.
+    pub num_position_embeddings: usize,
+    /// Blocks whose outputs, merged, are added to the text model's hidden states after its
+    /// first layers (DeepStack): the `i`-th listed after text layer `i`.
+    pub deepstack_visual_indexes: Vec<usize>,
+    pub image_token_id: u32,
+    pub video_token_id: u32,
+    pub vision_start_token_id: u32,
+    pub vision_end_token_id: u32,
+}
+
+impl VisionConfig {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads.max(1)
+    }
+
+    /// Values in one patch: channels x frames x pixels.
+    pub fn patch_len(&self) -> usize {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+
+    /// Patches merged into one LLM token.
+    pub fn merge_unit(&self) -> usize {
+        self.spatial_merge_size * self.spatial_merge_size
+    }
+
+    /// Reads `vision_config` and the token ids of a Qwen3-VL `config.json`.
+    fn from_hf(top: &serde_json::Map<String, Value>, text_hidden: usize, text_layers: usize) -> Result<VisionConfig> {
+        let v = top.get("vision_config").and_then(Value::as_object).ok_or_else(|| cfg("missing \"vision_config\""))?;
+        const KNOWN: &[&str] = &[
+            "depth",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "in_channels",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "out_hidden_size",
+            "num_position_embeddings",
+            "deepstack_visual_indexes",
+            "hidden_act",
+            "model_type",
+            "initializer_range",
+            "dtype",
+            "torch_dtype",
+        ];
+        if let Some(k) = v.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(cfg(format!("unknown vision_config key {k:?}")));
+        }
+        let num = |obj: &serde_json::Map<String, Value>, key: &str| -> Result<usize> {
+            let x = obj.get(key).ok_or_else(|| cfg(format!("missing {key:?}")))?;
+            x.as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| cfg(format!("{key} must be a non-negative integer, got {x}")))
+        };
+        let id = |key: &str| -> Result<u32> {
+            let n = num(top, key)?;
+            u32::try_from(n).map_err(|_| cfg(format!("{key} {n} is not a token id")))
+        };
+        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu_pytorch_tanh");
+        if act != "gelu_pytorch_tanh" {
+            return Err(cfg(format!("vision hidden_act {act:?} (only \"gelu_pytorch_tanh\" is supported)")));
+        }
+        let deepstack = match v.get("deepstack_visual_indexes") {
+            None => Vec::new(),
+            Some(x) => x
+                .as_array()
+                .and_then(|a| a.iter().map(|i| i.as_u64().map(|i| i as usize)).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| cfg(format!("deepstack_visual_indexes must be a list of block indices, got {x}")))?,
+        };
+        let c = VisionConfig {
+            depth: num(v, "depth")?,
+            hidden_size: num(v, "hidden_size")?,
+            intermediate_size: num(v, "intermediate_size")?,
+            num_heads: num(v, "num_heads")?,
+            in_channels: v.get("in_channels").map_or(Ok(3), |_| num(v, "in_channels"))?,
+            patch_size: num(v, "patch_size")?,
+            temporal_patch_size: num(v, "temporal_patch_size")?,
+            spatial_merge_size: num(v, "spatial_merge_size")?,
+            out_hidden_size: num(v, "out_hidden_size")?,
+            num_position_embeddings: num(v, "num_position_embeddings")?,
+            deepstack_visual_indexes: deepstack,
+            image_token_id: id("image_token_id")?,
+            video_token_id: id("video_token_id")?,
+            vision_start_token_id: id("vision_start_token_id")?,
+            vision_end_token_id: id("vision_end_token_id")?,
+        };
+        c.validate(text_hidden, text_layers)?;
+        Ok(c)
+    }
+
+    fn validate(&self, text_hidden: usize, text_layers: usize) -> Result<()> {
+        let sizes = [
+            self.depth,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.in_channels,
+            self.patch_size,
+            self.temporal_patch_size,
+            self.spatial_merge_size,
+            self.num_position_embeddings,
+        ];
+        if sizes.contains(&0) {
+            return Err(cfg("vision_config sizes must be positive"));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) || !self.head_dim().is_multiple_of(4) {
+            return Err(cfg(format!(
+                "vision hidden_size {} over {} heads: each head needs a multiple of 4 dimensions (2-D rotary)",
+                self.hidden_size, self.num_heads
+            )));
+        }
+        let side = self.num_position_embeddings.isqrt();
+        if side * side != self.num_position_embeddings {
+            return Err(cfg(format!("num_position_embeddings {} is not a square grid", self.num_position_embeddings)));
+        }
+        if self.out_hidden_size != text_hidden {
+            return Err(cfg(format!(
+                "vision out_hidden_size {} differs from the text hidden_size {text_hidden}",
+                self.out_hidden_size
+            )));
+        }
+        if self.deepstack_visual_indexes.iter().any(|&i| i >= self.depth)
+            || self.deepstack_visual_indexes.len() > text_layers
+        {
+            return Err(cfg(format!(
+                "deepstack_visual_indexes {:?}: blocks of {} and at most one per text layer ({text_layers})",
+                self.deepstack_visual_indexes, self.depth
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Keys that do not change inference (bookkeeping, training-only, or token ids read elsewhere).
@@ -215,6 +386,9 @@ impl ModelConfig {
             .and_then(|a| a.as_str())
             .ok_or_else(|| cfg("no \"architectures\" entry"))?
             .to_string();
+        if arch_name == "Qwen3VLForConditionalGeneration" {
+            return Self::from_hf_qwen3_vl(obj);
+        }
         let arch = match arch_name.as_str() {
             "Qwen3ForCausalLM" => Arch::Qwen3,
             "Qwen2ForCausalLM" => Arch::Qwen2,
@@ -277,7 +451,7 @@ impl ModelConfig {
         let attention_bias = bool_of("attention_bias", get("attention_bias"))?.unwrap_or(false);
         let mlp_bias = bool_of("mlp_bias", get("mlp_bias"))?.unwrap_or(false);
         let (qkv_bias, o_bias, qk_norm) = match arch {
-            Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next => (attention_bias, attention_bias, true),
+            Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next | Arch::Qwen3Vl => (attention_bias, attention_bias, true),
             // DeepSeek-V3 attention: biases on q_a, kv_a and o (attention_bias), never q_b/kv_b.
             Arch::Glm4MoeLite => (attention_bias, attention_bias, false),
             // Qwen2 hard-codes q/k/v biases and has no attention_bias key.
@@ -364,7 +538,9 @@ impl ModelConfig {
             rotary_dim = (head_dim as f32 * factor) as usize;
         }
         let (moe, mla, num_nextn_predict_layers, head_dim, rope_layout) = match arch {
-            Arch::Qwen3 | Arch::Qwen2 | Arch::Llama => (None, None, 0, head_dim, RopeLayout::SplitHalves),
+            Arch::Qwen3 | Arch::Qwen2 | Arch::Llama | Arch::Qwen3Vl => {
+                (None, None, 0, head_dim, RopeLayout::SplitHalves)
+            }
             Arch::Qwen3Moe | Arch::Qwen3Next => {
                 for (key, want) in [("qkv_bias", false), ("use_qk_norm", true)] {
                     if let Some(v) = bool_of(key, get(key))? {
@@ -531,6 +707,8 @@ impl ModelConfig {
             attn_output_gate: arch == Arch::Qwen3Next,
             zero_centred_norms: arch == Arch::Qwen3Next,
             linear_attn,
+            mrope_section: None,
+            vision: None,
         };
         if let Some(key) = obj.keys().find(|k| !used.contains(&k.as_str())) {
             if key == "quantization_config" {
@@ -542,19 +720,93 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// A Qwen3-VL `config.json`: its `text_config` read as a Qwen3 config (with the M-RoPE
+    /// sections of its `rope_scaling`), its `vision_config`, and the token ids at the top.
+    fn from_hf_qwen3_vl(obj: &serde_json::Map<String, Value>) -> Result<ModelConfig> {
+        const TOP: &[&str] = &[
+            "architectures",
+            "model_type",
+            "dtype",
+            "torch_dtype",
+            "transformers_version",
+            "text_config",
+            "vision_config",
+            "image_token_id",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "tie_word_embeddings",
+        ];
+        if let Some(k) = obj.keys().find(|k| !TOP.contains(&k.as_str())) {
+            return Err(cfg(format!("unknown config key {k:?}")));
+        }
+        let mut text =
+            obj.get("text_config").and_then(Value::as_object).cloned().ok_or_else(|| cfg("missing \"text_config\""))?;
+        let rope = text.remove("rope_scaling").or_else(|| text.remove("rope_parameters"));
+        let rope = rope.as_ref().and_then(Value::as_object).ok_or_else(|| {
+            cfg("text_config needs rope_scaling with mrope_section (Qwen3-VL's multimodal rotary positions)")
+        })?;
+        for (k, v) in rope {
+            match (k.as_str(), v) {
+                ("mrope_interleaved", Value::Bool(true)) | ("mrope_section", _) => {}
+                ("rope_type", Value::String(t)) if t == "default" => {}
+                ("rope_theta", _) => {
+                    text.entry("rope_theta").or_insert_with(|| v.clone());
+                }
+                _ => return Err(cfg(format!("rope_scaling {k}: {v} is not supported (interleaved M-RoPE only)"))),
+            }
+        }
+        if rope.get("mrope_interleaved") != Some(&Value::Bool(true)) {
+            return Err(cfg("rope_scaling must have mrope_interleaved: true (Qwen3-VL's layout)"));
+        }
+        let section: [usize; 3] = rope
+            .get("mrope_section")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| cfg("mrope_section must list three frequency counts"))?;
+        text.insert("architectures".into(), Value::from(vec![Value::from("Qwen3ForCausalLM")]));
+        // The head ties to the embedding as the top level says.
+        if let Some(t) = obj.get("tie_word_embeddings") {
+            text.insert("tie_word_embeddings".into(), t.clone());
+        }
+        let mut c = Self::from_hf_json(&Value::Object(text)).map_err(|e| match e {
+            Error::Config(m) => cfg(format!("text_config: {m}")),
+            other => other,
+        })?;
+        if 2 * section.iter().sum::<usize>() != c.rotary_dim {
+            return Err(cfg(format!(
+                "mrope_section {section:?} covers {} frequencies, the heads have {}",
+                section.iter().sum::<usize>(),
+                c.rotary_dim / 2
+            )));
+        }
+        c.arch = Arch::Qwen3Vl;
+        c.arch_name = "Qwen3VLForConditionalGeneration".into();
+        c.mrope_section = Some(section);
+        c.vision = Some(VisionConfig::from_hf(obj, c.hidden_size, c.num_layers)?);
+        Ok(c)
+    }
+
     /// Reads the config of a GGUF file of arch `llama`, `qwen2` or `qwen3`.
     pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         let arch_name = g.get_str("general.architecture")?.to_string();
-        let (arch, rope_layout) = match arch_name.as_str() {
-            "qwen3" => (Arch::Qwen3, RopeLayout::SplitHalves),
-            "qwen2" => (Arch::Qwen2, RopeLayout::SplitHalves),
-            // convert_hf_to_gguf permutes llama q/k rows so adjacent pairs rotate together.
-            "llama" => (Arch::Llama, RopeLayout::Interleaved),
-            "qwen3moe" => (Arch::Qwen3Moe, RopeLayout::SplitHalves),
-            "deepseek2" => return Self::from_gguf_deepseek2(g),
-            "qwen3next" => return Self::from_gguf_qwen3next(g),
-            other => return Err(Error::file(&g.path, format!("unknown architecture {other:?}"))),
-        };
+        let (arch, rope_layout) =
+            match arch_name.as_str() {
+                "qwen3" => (Arch::Qwen3, RopeLayout::SplitHalves),
+                "qwen2" => (Arch::Qwen2, RopeLayout::SplitHalves),
+                // convert_hf_to_gguf permutes llama q/k rows so adjacent pairs rotate together.
+                "llama" => (Arch::Llama, RopeLayout::Interleaved),
+                "qwen3moe" => (Arch::Qwen3Moe, RopeLayout::SplitHalves),
+                "deepseek2" => return Self::from_gguf_deepseek2(g),
+                "qwen3next" => return Self::from_gguf_qwen3next(g),
+                "qwen3vl" => return Err(Error::file(
+                    &g.path,
+                    "Qwen3-VL from GGUF (a text file and an mmproj file) is not supported yet: load its Hugging Face \
+                     directory",
+                )),
+                other => return Err(Error::file(&g.path, format!("unknown architecture {other:?}"))),
+            };
         let key = |k: &str| format!("{arch_name}.{k}");
         let num_heads = g.get_usize(&key("attention.head_count"))?;
         let hidden_size = g.get_usize(&key("embedding_length"))?;
@@ -637,6 +889,8 @@ impl ModelConfig {
             attn_output_gate: false,
             zero_centred_norms: false,
             linear_attn: None,
+            mrope_section: None,
+            vision: None,
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -749,6 +1003,8 @@ impl ModelConfig {
             attn_output_gate: true,
             zero_centred_norms: false,
             linear_attn: Some(linear_attn),
+            mrope_section: None,
+            vision: None,
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
@@ -853,6 +1109,8 @@ impl ModelConfig {
             attn_output_gate: false,
             zero_centred_norms: false,
             linear_attn: None,
+            mrope_section: None,
+            vision: None,
         };
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)

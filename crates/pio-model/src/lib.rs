@@ -13,7 +13,7 @@ pub mod synth;
 pub mod tokenizer;
 pub mod weights;
 
-pub use batch::{ForwardBatch, StateSnapshot};
+pub use batch::{ForwardBatch, StateSnapshot, VisualEmbeds};
 pub use error::{Error, Result};
 pub use layers::{CacheSpec, EvictionPolicy, ExpertCacheOptions, ExpertCacheStats, KvCache, LayerCache};
 pub use load::{

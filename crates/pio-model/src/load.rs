@@ -190,7 +190,8 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
     let (raw, config) = read_hf_config(dir)?;
     let mut ckpt = safetensors::load_dir(dir)?;
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let mut model = DecoderModel::load(config.clone(), ckpt, progress)?;
+    let processor = config.vision.as_ref().map(|_| crate::image::ImageProcessorConfig::load(dir)).transpose()?;
+    let mut model = DecoderModel::load_multimodal(config.clone(), ckpt, processor, progress)?;
     model.set_bf16_activations(options.bf16_activations);
     let streaming = fit_in_memory(&mut model, options)?;
     let repacked = repack_at_load(&mut model, options, streaming.is_none());

@@ -120,10 +120,12 @@ pub fn quantize_checkpoint(ckpt: &mut Checkpoint, target: DType, tied: bool) {
     }
     for (name, t) in ckpt.tensors_mut() {
         let [_, cols] = t.shape[..] else { continue };
-        if is_router(name) || name.ends_with("conv1d.weight") {
+        // A vision tower's position embeddings are a table read once per image, not a product.
+        if is_router(name) || name.ends_with("conv1d.weight") || name.ends_with("pos_embed.weight") {
             continue;
         }
-        let output = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
+        let embedding = name == "model.embed_tokens.weight" || name == "model.language_model.embed_tokens.weight";
+        let output = name == "lm_head.weight" || (tied && embedding);
         let dtype = tensor_type(target, cols, output);
         // A tensor whose bytes do not match its shape is left for the model's checks to report.
         if t.dtype.row_bytes(cols).is_some_and(|rb| rb * t.shape[0] == t.bytes().len()) {
@@ -168,6 +170,13 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     }
     let (config, mut ckpt, metadata, permute) = if input.is_dir() {
         let (_, config) = read_hf_config(input)?;
+        if config.vision.is_some() {
+            return Err(Error::file(
+                input,
+                "a vision-language model goes to GGUF as two files (text model and mmproj), which is not written \
+                 yet: quantize it at load time instead (--quant)",
+            ));
+        }
         let config_path = input.join("config.json");
         let tokenizer = input.join("tokenizer.json").is_file().then_some(input);
         let name = model_name(&config_path, &config);

@@ -3,7 +3,7 @@
 /// A family of models that share one model file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// `models::decoder`: Qwen3, Qwen2, Llama, Qwen3-MoE, GLM-4.7-Flash, Qwen3-Next.
+    /// `models::decoder`: Qwen3, Qwen2, Llama, Qwen3-MoE, GLM-4.7-Flash, Qwen3-Next, Qwen3-VL.
     Decoder,
 }
 
@@ -16,6 +16,8 @@ pub const ARCHITECTURES: &[(&str, &str, Family)] = &[
     // llama.cpp writes GLM-4.7-Flash as its DeepSeek-V2/V3 architecture.
     ("Glm4MoeLiteForCausalLM", "deepseek2", Family::Decoder),
     ("Qwen3NextForCausalLM", "qwen3next", Family::Decoder),
+    // The text model and its vision tower (a GGUF pair: `qwen3vl` and an mmproj file).
+    ("Qwen3VLForConditionalGeneration", "qwen3vl", Family::Decoder),
 ];
 
 /// The family of a Hugging Face architecture string.

@@ -513,12 +513,20 @@ pub(crate) fn gguf_arch(c: &ModelConfig) -> &'static str {
         Arch::Qwen3Moe => "qwen3moe",
         Arch::Glm4MoeLite => "deepseek2",
         Arch::Qwen3Next => "qwen3next",
+        Arch::Qwen3Vl => "qwen3vl",
     }
 }
 
 /// Why llama.cpp's architecture for `c` cannot hold the model, if it cannot: its `qwen3moe`
 /// graph makes every layer a mixture and always renormalizes the routing weights.
 fn gguf_unsupported(c: &ModelConfig) -> Option<String> {
+    if c.vision.is_some() {
+        return Some(
+            "a vision-language model goes to GGUF as two files (text model and mmproj), which is not written yet: \
+             use the Hugging Face directory"
+                .into(),
+        );
+    }
     if let (Some(la), Some(m)) = (&c.linear_attn, &c.moe) {
         if la.key_head_dim != la.value_head_dim {
             return Some("llama.cpp's qwen3next takes the value head width for the key head width: linear_key_head_dim and linear_value_head_dim must be equal".into());
@@ -1047,7 +1055,7 @@ impl TokenizerFiles {
         };
         match (known, c.arch) {
             (Some(k), _) => Ok(k),
-            (None, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next) => Ok("qwen2"),
+            (None, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Qwen3Next | Arch::Qwen3Vl) => Ok("qwen2"),
             (None, Arch::Llama | Arch::Glm4MoeLite) => {
                 Err(self
                     .err("pre-tokenizer not recognized (known: Qwen2, Qwen3.5, Llama 3, SmolLM and GPT-2 split rules)"))

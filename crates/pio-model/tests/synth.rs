@@ -57,6 +57,7 @@ fn logits(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
         logits_indices: (0..n).collect(),
         state_slots: vec![0],
         state_snapshots: Vec::new(),
+        ..Default::default()
     };
     let mut cache = m.model.new_kv_cache(16, 4);
     m.model.forward(&batch, &mut cache).expect("forward")
@@ -477,6 +478,7 @@ fn last_logits(model: &dyn pio_model::CausalLm) -> Vec<f32> {
         logits_indices: vec![n - 1],
         state_slots: vec![0],
         state_snapshots: Vec::new(),
+        ..Default::default()
     };
     model.forward(&batch, &mut cache).expect("forward")
 }

@@ -19,6 +19,21 @@ pub struct Attention {
     pub inv_freq: Vec<f32>,
     /// A sliding window: each position sees itself and the `w - 1` before it (`None`: all).
     pub window: Option<usize>,
+    /// Multimodal rotary positions (see [`crate::config::ModelConfig::mrope_section`]): tokens
+    /// turn by the batch's `mrope_positions` where it has them.
+    pub mrope_section: Option<[usize; 3]>,
+}
+
+/// [`ops::rope_angles`] of an M-RoPE position: frequency `i` turns by the position on its
+/// axis ([`crate::config::mrope_axis`]), `pos * inv_freq[i]` in f32 as transformers computes it.
+pub fn mrope_angles(pos: &[usize; 3], section: &[usize; 3], inv_freq: &[f32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    cos.clear();
+    sin.clear();
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let (s, c) = (pos[crate::config::mrope_axis(i, section)] as f32 * f).sin_cos();
+        cos.push(c);
+        sin.push(s);
+    }
 }
 
 impl Attention {
@@ -36,7 +51,10 @@ impl Attention {
         let (qd, kd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for (t, &pos) in batch.positions.iter().enumerate() {
-            ops::rope_angles(pos, &self.inv_freq, &mut cos, &mut sin);
+            match (&self.mrope_section, batch.mrope_positions.get(t)) {
+                (Some(section), Some(p)) => mrope_angles(p, section, &self.inv_freq, &mut cos, &mut sin),
+                _ => ops::rope_angles(pos, &self.inv_freq, &mut cos, &mut sin),
+            }
             ops::rope_heads_with(&mut q[t * qd..(t + 1) * qd], self.head_dim, &cos, &sin, self.rope_layout);
             ops::rope_heads_with(&mut k[t * kd..(t + 1) * kd], self.head_dim, &cos, &sin, self.rope_layout);
         }

@@ -31,9 +31,11 @@ use std::sync::Arc;
 
 use pio_kernels::ops;
 
+use super::vision::VisionEncoder;
 use super::{CausalLm, ModelShape};
 use crate::batch::ForwardBatch;
 use crate::config::ModelConfig;
+use crate::image::ImageProcessorConfig;
 use crate::layers::expert_cache::{parts_of, ExpertFiles, Part};
 use crate::layers::mla::LatentAttention;
 use crate::layers::{
@@ -59,6 +61,8 @@ pub struct DecoderModel {
     expert_cache: Option<Arc<ExpertCache>>,
     /// Layers streamed from disk ([`DecoderModel::stream_layers`]).
     layer_stream: Option<LayerStream>,
+    /// The vision tower of a vision-language model (Qwen3-VL).
+    vision: Option<VisionEncoder>,
 }
 
 /// The last layers of a dense model read from disk for every forward, through a ring of slots:
@@ -204,11 +208,31 @@ impl DecoderLayer {
 impl DecoderModel {
     /// Builds the model from `ckpt`, taking every tensor the config implies; leftovers are an
     /// error.
-    pub fn load(
+    pub fn load(config: ModelConfig, ckpt: Checkpoint, progress: &mut dyn FnMut(usize, usize)) -> Result<DecoderModel> {
+        Self::load_multimodal(config, ckpt, None, progress)
+    }
+
+    /// [`DecoderModel::load`] for any model, a vision-language one included: its vision tower
+    /// (`model.visual.*`) takes images as `processor` says, and its text model's tensors are
+    /// the usual ones under `model.language_model.`.
+    pub fn load_multimodal(
         config: ModelConfig,
         mut ckpt: Checkpoint,
+        processor: Option<ImageProcessorConfig>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<DecoderModel> {
+        let vision = match (&config.vision, processor) {
+            (None, _) => None,
+            (Some(vc), Some(p)) => {
+                ckpt.rename_prefix("model.language_model.", "model.");
+                Some(VisionEncoder::load(&mut ckpt, "model.visual", vc, p)?)
+            }
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "a vision-language model needs its image processor's config (preprocessor_config.json)".into(),
+                ))
+            }
+        };
         let c = &config;
         let h = c.hidden_size;
         let embed_tokens = ckpt.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
@@ -279,6 +303,7 @@ impl DecoderModel {
             cache_spec,
             expert_cache: None,
             layer_stream: None,
+            vision,
         })
     }
 
@@ -444,6 +469,9 @@ impl DecoderModel {
         for l in self.linears_mut(true) {
             l.bf16_activations = on;
         }
+        for l in self.vision.iter_mut().flat_map(VisionEncoder::linears_mut) {
+            l.bf16_activations = on;
+        }
     }
 
     /// The LM head and every layer matrix (routed experts only with `routed_experts`), to
@@ -515,6 +543,7 @@ impl SelfAttention {
                 rope_layout: c.rope_layout,
                 inv_freq: ops::rope_inv_freq(c.rope_theta, c.rotary_dim),
                 window: c.sliding_window.get(layer).copied().flatten(),
+                mrope_section: c.mrope_section,
             },
         })
     }
@@ -600,6 +629,10 @@ impl CausalLm for DecoderModel {
         Ok(())
     }
 
+    fn vision(&self) -> Option<&VisionEncoder> {
+        self.vision.as_ref()
+    }
+
     fn moe_stats(&self) -> Option<MoeStats> {
         let mut total: Option<MoeStats> = None;
         for l in &self.layers {
@@ -646,6 +679,28 @@ impl CausalLm for DecoderModel {
             }
             embed.dequantize_row(id as usize, row);
         }
+        let visual = batch.visual.as_ref();
+        if let Some(v) = visual {
+            let rows = v.rows.len() * h;
+            if v.embeds.len() != rows || v.deepstack.iter().any(|d| d.len() != rows) {
+                return Err(Error::Batch(format!(
+                    "image features of {} and {:?} values for {} tokens of width {h}",
+                    v.embeds.len(),
+                    v.deepstack.iter().map(Vec::len).collect::<Vec<_>>(),
+                    v.rows.len()
+                )));
+            }
+            if v.deepstack.len() > self.layers.len() {
+                return Err(Error::Batch(format!(
+                    "{} DeepStack features for {} layers",
+                    v.deepstack.len(),
+                    self.layers.len()
+                )));
+            }
+            for (j, &r) in v.rows.iter().enumerate() {
+                x[r * h..(r + 1) * h].copy_from_slice(&v.embeds[j * h..(j + 1) * h]);
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             // A streamed layer computes from its slot; the pin goes at the end of the iteration.
             let streamed = match &self.layer_stream {
@@ -672,6 +727,12 @@ impl CausalLm for DecoderModel {
                 }
             };
             ops::add_in_place(&mut x, &mlp);
+            // DeepStack: the vision tower's features of layer `i` join the image tokens.
+            if let Some((v, ds)) = visual.and_then(|v| Some((v, v.deepstack.get(i)?))) {
+                for (j, &r) in v.rows.iter().enumerate() {
+                    ops::add_in_place(&mut x[r * h..(r + 1) * h], &ds[j * h..(j + 1) * h]);
+                }
+            }
         }
         let mut rows = Vec::with_capacity(batch.logits_indices.len() * h);
         for &i in &batch.logits_indices {
@@ -721,6 +782,7 @@ mod tests {
             logits_indices: Vec::new(),
             state_slots: Vec::new(),
             state_snapshots: Vec::new(),
+            ..Default::default()
         };
         match &m.layers[0].self_attn {
             AttentionBlock::Standard(a) => a.forward(x, &batch, cache),

@@ -1,6 +1,7 @@
 //! Model families. Each file is the math of one family over the shared layers.
 
 pub mod decoder;
+pub mod vision;
 
 use pio_kernels::attention::KvCacheType;
 
@@ -63,6 +64,11 @@ pub trait CausalLm: Send + Sync {
     /// `delta` tokens before them, as llama.cpp's context shift). Nothing else changes.
     fn shift_positions(&self, _cache: &mut KvCache, _blocks: &[u32], _delta: usize) -> Result<()> {
         Err(crate::Error::Batch("this model cannot shift cached positions".into()))
+    }
+
+    /// The vision tower of a vision-language model (`None`: the model takes text only).
+    fn vision(&self) -> Option<&vision::VisionEncoder> {
+        None
     }
 
     /// What the mixture-of-experts layers did since load (`None`: the model has none).

@@ -228,6 +228,17 @@ impl Checkpoint {
         }
     }
 
+    /// Renames every tensor whose name starts with `from` to start with `to` instead (a
+    /// checkpoint that nests the usual names under a prefix).
+    pub fn rename_prefix(&mut self, from: &str, to: &str) {
+        let names: Vec<String> = self.tensors.keys().filter(|n| n.starts_with(from)).cloned().collect();
+        for n in names {
+            if let Some(t) = self.tensors.remove(&n) {
+                self.tensors.insert(format!("{to}{}", &n[from.len()..]), t);
+            }
+        }
+    }
+
     /// Drops a tensor the model knowingly does not use (e.g. a saved copy of tied embeddings).
     pub fn discard(&mut self, name: &str) {
         self.tensors.remove(name);

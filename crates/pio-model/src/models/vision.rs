@@ -1,0 +1,502 @@
+//! Qwen3-VL's vision tower: image patches in, one vector per merged window of patches out
+//! (what replaces the prompt's `<|image_pad|>` tokens), plus the DeepStack features the text
+//! model adds after its first layers.
+//!
+//! ```text
+//! x = patches Wpatchᵀ + b                  [N, hidden]    (the Conv3d over one patch)
+//! x += bilinear(pos_embed, grid)           learned square grid, interpolated to the image's
+//! for each block b:
+//!     h = layer_norm(x)
+//!     q, k, v = split(h Wqkvᵀ + bqkv)       [N, heads*hd] each
+//!     q, k = rope_2d(q), rope_2d(k)         first half of the rotary frequencies by the
+//!                                           patch's row, second half by its column
+//!     x += attention(q, k, v) Wprojᵀ + b    every patch of a frame sees every other
+//!     x += fc2(gelu_tanh(fc1(layer_norm(x))))
+//!     if b is a DeepStack block: ds_b = merger_b(x)   (layer norm after the merge)
+//! out = merger(x)                          layer_norm each patch, concatenate the merge
+//!                                          window's patches, fc2(gelu(fc1(.)))  [N/4, out]
+//! ```
+//!
+//! The patches come in merge-window order ([`crate::image`]), so a window is consecutive rows.
+
+use pio_kernels::attention::{paged_attention, PagedKvMut, QueryContext};
+use pio_kernels::ops::{self, RopeLayout};
+
+use crate::config::VisionConfig;
+use crate::image::{ImageProcessorConfig, PixelValues};
+use crate::layers::Linear;
+use crate::weights::Checkpoint;
+use crate::{Error, Result};
+
+/// `nn.LayerNorm` epsilon of every norm in the tower.
+const LAYER_NORM_EPS: f32 = 1e-6;
+
+/// Base of the 2-D rotary frequencies.
+const ROPE_THETA: f32 = 10000.0;
+
+/// Rows of the scratch cache the attention reads its keys and values from.
+const BLOCK: usize = 16;
+
+/// The vision tower of a Qwen3-VL model.
+#[derive(Debug)]
+pub struct VisionEncoder {
+    config: VisionConfig,
+    /// How images become this tower's patches.
+    processor: ImageProcessorConfig,
+    /// The patch Conv3d as a matrix: `[hidden, channels * frames * patch²]`.
+    patch_embed: Linear,
+    /// `[side * side, hidden]` learned position embeddings.
+    pos_embed: Vec<f32>,
+    blocks: Vec<VisionBlock>,
+    merger: Merger,
+    /// One per DeepStack block, in `deepstack_visual_indexes` order.
+    deepstack: Vec<Merger>,
+    /// `[head_dim / 4]` rotary frequencies, shared by rows and columns.
+    inv_freq: Vec<f32>,
+}
+
+#[derive(Debug)]
+struct VisionBlock {
+    norm1: LayerNorm,
+    /// `[3 * hidden, hidden]`: q, k, v of every head.
+    qkv: Linear,
+    proj: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// Merges each window of `merge²` patches into one token of the text model's width.
+#[derive(Debug)]
+struct Merger {
+    norm: LayerNorm,
+    /// The norm runs over the concatenated window (DeepStack) rather than over each patch.
+    postshuffle: bool,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// What the tower made of one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageFeatures {
+    /// `[tokens, out_hidden]`: one vector per merge window, in the order of the image tokens.
+    pub embeds: Vec<f32>,
+    /// `[deepstack layers][tokens, out_hidden]`.
+    pub deepstack: Vec<Vec<f32>>,
+    /// `(t, h, w)` of the image in patches.
+    pub grid: [usize; 3],
+}
+
+impl ImageFeatures {
+    /// Image tokens: merge windows.
+    pub fn num_tokens(&self, hidden: usize) -> usize {
+        self.embeds.len() / hidden.max(1)
+    }
+}
+
+impl LayerNorm {
+    fn load(ckpt: &mut Checkpoint, prefix: &str, dim: usize) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: ckpt.take(&format!("{prefix}.weight"), &[dim])?.to_f32_vec(),
+            bias: ckpt.take(&format!("{prefix}.bias"), &[dim])?.to_f32_vec(),
+        })
+    }
+
+    /// Each row of `x` (rows of `weight.len()`) normalized to zero mean and unit variance
+    /// (biased), then scaled and shifted, as `nn.LayerNorm` in f32.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let dim = self.weight.len();
+        let mut y = vec![0f32; x.len()];
+        for (row, out) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+            let mean = row.iter().sum::<f32>() / dim as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+            let inv = 1.0 / (var + LAYER_NORM_EPS).sqrt();
+            for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(&self.weight).zip(&self.bias) {
+                *o = (v - mean) * inv * w + b;
+            }
+        }
+        y
+    }
+}
+
+impl Merger {
+    fn load(ckpt: &mut Checkpoint, prefix: &str, c: &VisionConfig, postshuffle: bool) -> Result<Merger> {
+        let wide = c.hidden_size * c.merge_unit();
+        Ok(Merger {
+            norm: LayerNorm::load(ckpt, &format!("{prefix}.norm"), if postshuffle { wide } else { c.hidden_size })?,
+            postshuffle,
+            fc1: Linear::load(ckpt, &format!("{prefix}.linear_fc1"), wide, wide, true)?,
+            fc2: Linear::load(ckpt, &format!("{prefix}.linear_fc2"), wide, c.out_hidden_size, true)?,
+        })
+    }
+
+    /// `x`: `[patches, hidden]` in merge-window order -> `[windows, out_hidden]`. The rows of
+    /// a window are consecutive, so `[patches, hidden]` is `[windows, merge² * hidden]` as it is.
+    fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut h = self.fc1.forward(&self.norm.forward(x));
+        // With `postshuffle` the norm ran over whole windows (its width says which).
+        debug_assert!(self.postshuffle == (self.norm.weight.len() == self.fc1.in_features()));
+        h.iter_mut().for_each(|v| *v = gelu_erf(*v));
+        self.fc2.forward(&h)
+    }
+}
+
+impl VisionBlock {
+    fn load(ckpt: &mut Checkpoint, prefix: &str, c: &VisionConfig) -> Result<VisionBlock> {
+        let h = c.hidden_size;
+        let linear = |ck: &mut Checkpoint, name: &str, i, o| Linear::load(ck, &format!("{prefix}.{name}"), i, o, true);
+        Ok(VisionBlock {
+            norm1: LayerNorm::load(ckpt, &format!("{prefix}.norm1"), h)?,
+            qkv: linear(ckpt, "attn.qkv", h, 3 * h)?,
+            proj: linear(ckpt, "attn.proj", h, h)?,
+            norm2: LayerNorm::load(ckpt, &format!("{prefix}.norm2"), h)?,
+            fc1: linear(ckpt, "mlp.linear_fc1", h, c.intermediate_size)?,
+            fc2: linear(ckpt, "mlp.linear_fc2", c.intermediate_size, h)?,
+        })
+    }
+}
+
+impl VisionEncoder {
+    /// Takes the tower's tensors under `prefix` (`model.visual`) from the checkpoint.
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        config: &VisionConfig,
+        processor: ImageProcessorConfig,
+    ) -> Result<VisionEncoder> {
+        let c = config;
+        if (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+            != (c.patch_size, c.temporal_patch_size, c.spatial_merge_size)
+        {
+            return Err(Error::Config(format!(
+                "the image processor's patch {}, temporal patch {} and merge {} differ from the vision tower's \
+                 {}, {} and {}",
+                processor.patch_size,
+                processor.temporal_patch_size,
+                processor.merge_size,
+                c.patch_size,
+                c.temporal_patch_size,
+                c.spatial_merge_size
+            )));
+        }
+        let h = c.hidden_size;
+        let conv = [h, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size];
+        let mut weight = ckpt.take(&format!("{prefix}.patch_embed.proj.weight"), &conv)?;
+        // The kernel covers the whole patch with stride equal to it: a matrix over the patch's
+        // values, which the rows lay out in the kernel's (channel, frame, y, x) order.
+        weight.shape = vec![h, c.patch_len()];
+        let bias = ckpt.take(&format!("{prefix}.patch_embed.proj.bias"), &[h])?.to_f32_vec();
+        let patch_embed = Linear::new(weight, Some(bias));
+        let pos_embed = ckpt.take(&format!("{prefix}.pos_embed.weight"), &[c.num_position_embeddings, h])?.to_f32_vec();
+        let blocks = (0..c.depth)
+            .map(|i| VisionBlock::load(ckpt, &format!("{prefix}.blocks.{i}"), c))
+            .collect::<Result<Vec<_>>>()?;
+        let merger = Merger::load(ckpt, &format!("{prefix}.merger"), c, false)?;
+        let deepstack = (0..c.deepstack_visual_indexes.len())
+            .map(|i| Merger::load(ckpt, &format!("{prefix}.deepstack_merger_list.{i}"), c, true))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionEncoder {
+            config: c.clone(),
+            processor,
+            patch_embed,
+            pos_embed,
+            blocks,
+            merger,
+            deepstack,
+            inv_freq: ops::rope_inv_freq(ROPE_THETA, c.head_dim() / 2),
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.config
+    }
+
+    /// How images are turned into this tower's patches.
+    pub fn processor(&self) -> &ImageProcessorConfig {
+        &self.processor
+    }
+
+    /// The tower's matrices, for load-time changes (BF16 activations).
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut all = vec![&mut self.patch_embed];
+        for b in &mut self.blocks {
+            all.extend([&mut b.qkv, &mut b.proj, &mut b.fc1, &mut b.fc2]);
+        }
+        for m in std::iter::once(&mut self.merger).chain(&mut self.deepstack) {
+            all.extend([&mut m.fc1, &mut m.fc2]);
+        }
+        all
+    }
+
+    /// Weight bytes of the tower's matrices.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.patch_embed.weight.bytes().len() + self.pos_embed.len() * 4;
+        for b in &self.blocks {
+            n += [&b.qkv, &b.proj, &b.fc1, &b.fc2].iter().map(|l| l.weight.bytes().len()).sum::<usize>();
+        }
+        for m in std::iter::once(&self.merger).chain(&self.deepstack) {
+            n += m.fc1.weight.bytes().len() + m.fc2.weight.bytes().len();
+        }
+        n
+    }
+
+    /// Runs the tower over one image's patches.
+    pub fn encode(&self, pixels: &PixelValues) -> Result<ImageFeatures> {
+        let c = &self.config;
+        let [t, gh, gw] = pixels.grid;
+        let m = c.spatial_merge_size;
+        let n = pixels.num_patches();
+        if n == 0 || !gh.is_multiple_of(m) || !gw.is_multiple_of(m) {
+            return Err(Error::Image(format!(
+                "a grid of {t} x {gh} x {gw} patches: need at least one, and height and width in multiples of {m}"
+            )));
+        }
+        if pixels.row_len != c.patch_len() || pixels.data.len() != n * c.patch_len() {
+            return Err(Error::Image(format!(
+                "{} values in rows of {} for {n} patches: the tower takes rows of {}",
+                pixels.data.len(),
+                pixels.row_len,
+                c.patch_len()
+            )));
+        }
+        let h = c.hidden_size;
+        let mut x = self.patch_embed.forward(&pixels.data);
+        let pos = self.position_embeddings(pixels.grid);
+        ops::add_in_place(&mut x, &pos);
+        let (cos, sin) = self.rotary(pixels.grid);
+        let mut deepstack = Vec::with_capacity(self.deepstack.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let a = self.attention(b, &b.norm1.forward(&x), &cos, &sin, gh * gw);
+            ops::add_in_place(&mut x, &a);
+            let mut f = b.fc1.forward(&b.norm2.forward(&x));
+            f.iter_mut().for_each(|v| *v = gelu_tanh(*v));
+            ops::add_in_place(&mut x, &b.fc2.forward(&f));
+            if let Some(k) = c.deepstack_visual_indexes.iter().position(|&d| d == i) {
+                deepstack.push((k, self.deepstack[k].forward(&x)));
+            }
+        }
+        deepstack.sort_by_key(|(k, _)| *k);
+        debug_assert_eq!(x.len(), n * h);
+        Ok(ImageFeatures {
+            embeds: self.merger.forward(&x),
+            deepstack: deepstack.into_iter().map(|(_, d)| d).collect(),
+            grid: pixels.grid,
+        })
+    }
+
+    /// Attention of one block over `h` (`[patches, hidden]`): each frame of `frame` patches
+    /// attends within itself, every patch to every patch.
+    fn attention(&self, b: &VisionBlock, h: &[f32], cos: &[f32], sin: &[f32], frame: usize) -> Vec<f32> {
+        let c = &self.config;
+        let (hid, heads, hd) = (c.hidden_size, c.num_heads, c.head_dim());
+        let n = h.len() / hid;
+        let qkv = b.qkv.forward(h);
+        let (mut q, mut k, mut v) = (vec![0f32; n * hid], vec![0f32; n * hid], vec![0f32; n * hid]);
+        for (t, row) in qkv.chunks_exact(3 * hid).enumerate() {
+            q[t * hid..(t + 1) * hid].copy_from_slice(&row[..hid]);
+            k[t * hid..(t + 1) * hid].copy_from_slice(&row[hid..2 * hid]);
+            v[t * hid..(t + 1) * hid].copy_from_slice(&row[2 * hid..]);
+        }
+        let half = hd / 2;
+        for t in 0..n {
+            let (cs, sn) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+            ops::rope_heads_with(&mut q[t * hid..(t + 1) * hid], hd, cs, sn, RopeLayout::SplitHalves);
+            ops::rope_heads_with(&mut k[t * hid..(t + 1) * hid], hd, cs, sn, RopeLayout::SplitHalves);
+        }
+        // Each frame through the paged kernel over a scratch f32 cache: every query sees the
+        // whole frame (a context as long as the frame, not causal).
+        let mut out = vec![0f32; n * hid];
+        let blocks = frame.div_ceil(BLOCK);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let (mut kc, mut vc) = (vec![0f32; blocks * BLOCK * hid], vec![0f32; blocks * BLOCK * hid]);
+        let slots: Vec<usize> = (0..frame).collect();
+        let queries = vec![QueryContext::causal(&table, frame); frame];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for f0 in (0..n).step_by(frame) {
+            let rows = f0 * hid..(f0 + frame) * hid;
+            let mut kv = PagedKvMut { k: &mut kc, v: &mut vc, block_size: BLOCK, num_kv_heads: heads, head_dim: hd };
+            kv.write(&slots, &k[rows.clone()], &v[rows.clone()]);
+            paged_attention(&q[rows.clone()], heads, kv.view(), &queries, scale, &mut out[rows]);
+        }
+        b.proj.forward(&out)
+    }
+
+    /// `[patches, hidden]` position embeddings of a `(t, h, w)` grid in merge-window order: the
+    /// learned square grid resampled bilinearly (corners aligned) to `h x w`, as transformers'
+    /// `fast_pos_embed_interpolate`.
+    fn position_embeddings(&self, [t, gh, gw]: [usize; 3]) -> Vec<f32> {
+        let c = &self.config;
+        let hid = c.hidden_size;
+        let side = c.num_position_embeddings.isqrt();
+        let (hs, ws) = (linspace(side, gh), linspace(side, gw));
+        // The image's grid in raster order.
+        let mut raster = vec![0f32; gh * gw * hid];
+        for (i, &y) in hs.iter().enumerate() {
+            let (y0, dy) = (y as usize, y - (y as usize) as f32);
+            let y1 = (y0 + 1).min(side - 1);
+            for (j, &xw) in ws.iter().enumerate() {
+                let (x0, dx) = (xw as usize, xw - (xw as usize) as f32);
+                let x1 = (x0 + 1).min(side - 1);
+                let corners = [
+                    (y0 * side + x0, (1.0 - dy) * (1.0 - dx)),
+                    (y0 * side + x1, (1.0 - dy) * dx),
+                    (y1 * side + x0, dy * (1.0 - dx)),
+                    (y1 * side + x1, dy * dx),
+                ];
+                let out = &mut raster[(i * gw + j) * hid..(i * gw + j + 1) * hid];
+                // transformers sums the four weighted corners in this order.
+                let mut acc = vec![0f32; hid];
+                for (k, (idx, w)) in corners.iter().enumerate() {
+                    let e = &self.pos_embed[idx * hid..(idx + 1) * hid];
+                    for (a, &v) in acc.iter_mut().zip(e) {
+                        *a = if k == 0 { v * w } else { *a + v * w };
+                    }
+                }
+                out.copy_from_slice(&acc);
+            }
+        }
+        let m = c.spatial_merge_size;
+        let mut out = Vec::with_capacity(t * gh * gw * hid);
+        for _ in 0..t {
+            for (y, x) in merge_window_order(gh, gw, m) {
+                out.extend_from_slice(&raster[(y * gw + x) * hid..(y * gw + x + 1) * hid]);
+            }
+        }
+        out
+    }
+
+    /// Per patch (merge-window order), the cosines and sines of its `head_dim / 2` rotary
+    /// angles: the first half turn by its row, the second by its column.
+    fn rotary(&self, [t, gh, gw]: [usize; 3]) -> (Vec<f32>, Vec<f32>) {
+        let q = self.inv_freq.len();
+        let n = t * gh * gw;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * 2 * q), Vec::with_capacity(n * 2 * q));
+        for _ in 0..t {
+            for (y, x) in merge_window_order(gh, gw, self.config.spatial_merge_size) {
+                for p in [y, x] {
+                    for &f in &self.inv_freq {
+                        let (s, c) = (p as f32 * f).sin_cos();
+                        cos.push(c);
+                        sin.push(s);
+                    }
+                }
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// The (temporal, height, width) rotary positions of a prompt's tokens, as transformers'
+/// `get_rope_index` computes them for images: text runs on from the previous token on all three
+/// axes; the `t · h · w / merge²` image tokens of the `i`-th run of `image_token_id` (in
+/// `grids[i]`'s patches) take `base + (frame, row, column)` of their merge window, `base` the
+/// position after the text before them; text after an image goes on from the image's largest
+/// position + 1. Returns the positions and `delta`: the position of a token generated after
+/// the prompt is its index + `delta` on every axis.
+pub fn rope_positions(
+    ids: &[u32],
+    image_token_id: u32,
+    grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<(Vec<[usize; 3]>, i64)> {
+    let mut out = Vec::with_capacity(ids.len());
+    let mut next = 0usize;
+    let mut images = grids.iter();
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] != image_token_id {
+            out.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let Some(&[t, h, w]) = images.next() else {
+            return Err(Error::Batch(format!("more images in the prompt than the {} given", grids.len())));
+        };
+        let (h, w) = (h / merge.max(1), w / merge.max(1));
+        let count = t * h * w;
+        let run = ids[i..].iter().take_while(|&&id| id == image_token_id).count();
+        if run < count || count == 0 {
+            return Err(Error::Batch(format!(
+                "an image of {count} tokens ({t} x {h} x {w}) has {run} image tokens in the prompt"
+            )));
+        }
+        for ft in 0..t {
+            for y in 0..h {
+                for x in 0..w {
+                    out.push([next + ft, next + y, next + x]);
+                }
+            }
+        }
+        next += t.max(h).max(w);
+        i += count;
+    }
+    if images.next().is_some() {
+        return Err(Error::Batch(format!("{} images for fewer runs of image tokens in the prompt", grids.len())));
+    }
+    Ok((out, next as i64 - ids.len() as i64))
+}
+
+/// `(row, column)` of each patch of an `h x w` grid in merge-window order: windows of `m x m`
+/// row-major over the grid, patches row-major inside each.
+fn merge_window_order(h: usize, w: usize, m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..h / m).flat_map(move |by| {
+        (0..w / m).flat_map(move |bx| (0..m).flat_map(move |iy| (0..m).map(move |ix| (by * m + iy, bx * m + ix))))
+    })
+}
+
+/// `torch.linspace(0, side - 1, steps)` in f32, as torch computes it: from the start for the
+/// first half of the steps, back from the end for the rest.
+fn linspace(side: usize, steps: usize) -> Vec<f32> {
+    let end = (side - 1) as f32;
+    if steps <= 1 {
+        return vec![0.0; steps];
+    }
+    let step = end / (steps - 1) as f32;
+    let half = steps / 2;
+    (0..steps).map(|i| if i < half { step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
+}
+
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Exact GELU, `x Φ(x)` (`nn.GELU()`); `erf` from `libm`, which std does not have.
+fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linspace_matches_torch() {
+        // torch.linspace(0, 7, 6) and (0, 47, 5).
+        let close = |a: Vec<f32>, b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(close(linspace(8, 6), &[0.0, 1.4, 2.8, 4.2, 5.6, 7.0]));
+        assert_eq!(linspace(48, 5), vec![0.0, 11.75, 23.5, 35.25, 47.0]);
+        assert_eq!(linspace(8, 1), vec![0.0]);
+    }
+
+    #[test]
+    fn merge_windows_are_row_major_inside_and_out() {
+        let order: Vec<_> = merge_window_order(2, 4, 2).collect();
+        assert_eq!(order, vec![(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]);
+    }
+
+    #[test]
+    fn gelus_at_known_points() {
+        assert!((gelu_erf(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+        assert_eq!(gelu_erf(0.0), 0.0);
+    }
+}
