@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use pio_model::image::PixelValues;
 use pio_model::tokenizer::Tokenizer;
 use pio_model::{CausalLm, KvCache, KvCacheType};
 
@@ -23,6 +24,7 @@ use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::StateCopy;
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
 use crate::stop::StopStrings;
+use crate::vision::VisionInputs;
 use crate::{EngineError, Result};
 
 /// Sizes and limits of an engine.
@@ -233,6 +235,10 @@ pub struct RequestParams {
     pub attention_window: Option<usize>,
     /// Tokens at the start a streaming window always keeps (needs `attention_window`).
     pub attention_sinks: Option<usize>,
+    /// The request's images, laid out by the model's image processor, in the order of their
+    /// placeholders in the prompt (vision-language models): each run of the image token, one
+    /// token or already as many as the image takes, stands for the next image.
+    pub images: Vec<Arc<PixelValues>>,
 }
 
 impl Default for RequestParams {
@@ -249,6 +255,7 @@ impl Default for RequestParams {
             prompt_logits: None,
             attention_window: None,
             attention_sinks: None,
+            images: Vec::new(),
         }
     }
 }
@@ -319,6 +326,8 @@ struct RequestState {
     /// Prompt positions whose logits were returned (a preempted request recomputes them
     /// without returning them again).
     logits_sent: usize,
+    /// The request's images, made ready for the model.
+    vision: Option<VisionInputs>,
 }
 
 /// The engine core: a model, its paged KV cache, the scheduler and the requests.
@@ -433,11 +442,18 @@ impl<'m> Engine<'m> {
     }
 
     /// As [`add_request`](Self::add_request) with the caller's id (which must be unused).
-    pub fn add_request_with_id(&mut self, id: SeqId, prompt: Vec<u32>, params: RequestParams) -> Result<()> {
-        self.validate(&prompt, &params)?;
+    pub fn add_request_with_id(&mut self, id: SeqId, prompt: Vec<u32>, mut params: RequestParams) -> Result<()> {
         if self.reqs.contains_key(&id) {
             return Err(EngineError::Invalid(format!("request id {id} is in use")));
         }
+        if !params.images.is_empty() && params.attention_window.is_some() {
+            return Err(EngineError::Invalid("a streaming window (attention_window) cannot take images".into()));
+        }
+        // Placeholders expanded, the vision tower run once per image (its features live as long
+        // as the request).
+        let (prompt, vision, images) = crate::vision::prepare(self.model, prompt, &params.images)?;
+        params.images = Vec::new();
+        self.validate(&prompt, &params)?;
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
         let streaming = self.limits.streaming(&params)?;
@@ -449,6 +465,7 @@ impl<'m> Engine<'m> {
         let mut seq = Sequence::new(id, prompt);
         seq.logits_from = params.prompt_logits;
         seq.streaming = streaming;
+        seq.images = images;
         self.reqs.insert(
             id,
             RequestState {
@@ -460,6 +477,7 @@ impl<'m> Engine<'m> {
                 last_token: None,
                 queued: true,
                 logits_sent: 0,
+                vision,
             },
         );
         self.sched.add(seq);
@@ -574,6 +592,7 @@ impl<'m> Engine<'m> {
                         StateCopy::Snapshot { id, position, to } if id == s.id => Some((position, to)),
                         _ => None,
                     }),
+                    vision: self.reqs.get(&s.id).and_then(|r| r.vision.as_ref()).map(|v| (v, &seq.images[..])),
                 });
             }
             forward(self.model, &mut self.cache, &slices)?

@@ -22,6 +22,46 @@ use crate::block_pool::{BlockHash, BlockPool};
 /// A sequence's identity, as the engine numbers requests.
 pub type SeqId = u64;
 
+/// The run of placeholder tokens `start..start + len` an image stands for, and a hash of the
+/// image's content: the prefix cache keys a block by its tokens and by the images they stand
+/// for, so prompts with different images never share blocks and the same image does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSpan {
+    pub start: usize,
+    pub len: usize,
+    pub hash: u64,
+}
+
+/// The parent a block's key chains from: the hash of the block before it, mixed with the
+/// block's image salt when it has one (so the pool's keys need nothing new: a different image
+/// is a different parent).
+fn salted(pool: &BlockPool, prev: Option<BlockHash>, salt: u64) -> Option<BlockHash> {
+    if salt == 0 {
+        return prev;
+    }
+    // Three "tokens" no block of real ones matches in length.
+    Some(pool.hash_block(prev, &[(salt >> 32) as u32, salt as u32, u32::MAX]))
+}
+
+/// What block `i` (of `block_size` tokens) holds of the images in `images`: 0 when no image
+/// token, else a hash of each overlapping image's hash and where the block starts in it.
+fn block_salt(images: &[ImageSpan], i: usize, block_size: usize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let (lo, hi) = (i * block_size, (i + 1) * block_size);
+    let mut seen = false;
+    // SipHash with fixed keys: the same salt for the same images in every run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for im in images.iter().filter(|im| im.start < hi && im.start + im.len > lo) {
+        seen = true;
+        (im.hash, lo as i64 - im.start as i64).hash(&mut h);
+    }
+    if seen {
+        h.finish().max(1)
+    } else {
+        0
+    }
+}
+
 #[derive(Debug, Default)]
 struct SeqBlocks {
     blocks: Vec<u32>,
@@ -150,19 +190,21 @@ impl KvCacheManager {
     /// The longest run of whole cached blocks at the start of `tokens`, leaving at least one
     /// token to compute (the step that computes it produces the next token's logits). Takes no
     /// references: pass the result to [`allocate`](Self::allocate).
-    pub fn find_cached_prefix(&self, tokens: &[u32], max_blocks: usize) -> CachedPrefix {
+    /// `images`: the image placeholders among `tokens`.
+    pub fn find_cached_prefix(&self, tokens: &[u32], images: &[ImageSpan], max_blocks: usize) -> CachedPrefix {
         let mut found = CachedPrefix::default();
         if !self.prefix_caching {
             return found;
         }
         let max_blocks = max_blocks.min(tokens.len().saturating_sub(1) / self.block_size);
-        let mut parent = None;
-        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+        let mut prev = None;
+        for (i, chunk) in tokens.chunks_exact(self.block_size).take(max_blocks).enumerate() {
+            let parent = salted(&self.pool, prev, block_salt(images, i, self.block_size));
             let hash = self.pool.hash_block(parent, chunk);
             let Some(b) = self.pool.lookup(hash, parent, chunk) else { break };
             found.blocks.push(b);
             found.hashes.push(hash);
-            parent = Some(hash);
+            prev = Some(hash);
         }
         if self.num_slots > 0 {
             // Only as far as a snapshot of the recurrent state reaches.
@@ -219,8 +261,8 @@ impl KvCacheManager {
     }
 
     /// Enters `id`'s blocks whose tokens (`tokens[..num_computed]`) are all computed into the
-    /// prefix cache.
-    pub fn cache_computed(&mut self, id: SeqId, tokens: &[u32], num_computed: usize) {
+    /// prefix cache (`images`: the image placeholders among them).
+    pub fn cache_computed(&mut self, id: SeqId, tokens: &[u32], images: &[ImageSpan], num_computed: usize) {
         if !self.prefix_caching {
             return;
         }
@@ -228,7 +270,8 @@ impl KvCacheManager {
         let full = (num_computed.min(tokens.len()) / self.block_size).min(s.blocks.len());
         for i in s.hashes.len()..full {
             let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
-            let parent = i.checked_sub(1).map(|p| s.hashes[p]);
+            let parent =
+                salted(&self.pool, i.checked_sub(1).map(|p| s.hashes[p]), block_salt(images, i, self.block_size));
             let hash = self.pool.hash_block(parent, chunk);
             self.pool.cache_block(s.blocks[i], hash, parent, chunk);
             s.hashes.push(hash);
@@ -351,24 +394,24 @@ mod tests {
     fn a_shared_prefix_is_found_after_it_is_computed() {
         let mut kv = KvCacheManager::new(4, 8, true);
         let a = toks(10, 100);
-        assert_eq!(kv.find_cached_prefix(&a, usize::MAX), CachedPrefix::default());
+        assert_eq!(kv.find_cached_prefix(&a, &[], usize::MAX), CachedPrefix::default());
         assert!(kv.allocate(1, &CachedPrefix::default(), a.len()));
         // Not computed yet: nothing to find.
-        assert!(kv.find_cached_prefix(&a, usize::MAX).blocks.is_empty());
-        kv.cache_computed(1, &a, 6);
+        assert!(kv.find_cached_prefix(&a, &[], usize::MAX).blocks.is_empty());
+        kv.cache_computed(1, &a, &[], 6);
         let mut b = a[..8].to_vec();
         b.extend([7, 7, 7]);
-        assert_eq!(kv.find_cached_prefix(&b, usize::MAX).blocks, kv.block_table(1)[..1].to_vec());
-        kv.cache_computed(1, &a, 10);
-        let hit = kv.find_cached_prefix(&b, usize::MAX);
+        assert_eq!(kv.find_cached_prefix(&b, &[], usize::MAX).blocks, kv.block_table(1)[..1].to_vec());
+        kv.cache_computed(1, &a, &[], 10);
+        let hit = kv.find_cached_prefix(&b, &[], usize::MAX);
         assert_eq!(hit.blocks, kv.block_table(1)[..2].to_vec());
         assert_eq!(hit.num_tokens(4), 8);
         assert!(kv.allocate(2, &hit, b.len()));
         assert_eq!(kv.block_table(2)[..2], kv.block_table(1)[..2]);
         assert_eq!(kv.pool().ref_cnt(kv.block_table(1)[0]), 2);
         // A prompt that is exactly the cached blocks still leaves its last token to compute.
-        assert_eq!(kv.find_cached_prefix(&a[..8], usize::MAX).blocks.len(), 1);
-        assert_eq!(kv.find_cached_prefix(&a[..9], usize::MAX).blocks.len(), 2);
+        assert_eq!(kv.find_cached_prefix(&a[..8], &[], usize::MAX).blocks.len(), 1);
+        assert_eq!(kv.find_cached_prefix(&a[..9], &[], usize::MAX).blocks.len(), 2);
     }
 
     #[test]
@@ -376,17 +419,17 @@ mod tests {
         let mut kv = KvCacheManager::new(2, 3, true);
         let a = toks(5, 0);
         assert!(kv.allocate(1, &CachedPrefix::default(), 5));
-        kv.cache_computed(1, &a, 5);
+        kv.cache_computed(1, &a, &[], 5);
         kv.free(1);
         assert_eq!(kv.pool().num_free(), 3);
-        let hit = kv.find_cached_prefix(&a, usize::MAX);
+        let hit = kv.find_cached_prefix(&a, &[], usize::MAX);
         assert_eq!(hit.blocks.len(), 2);
         // The hit revives 2 free blocks, and 5 tokens need 3: fits exactly.
         assert!(kv.allocate(2, &hit, 5));
         assert_eq!(kv.pool().num_free(), 0);
         kv.free(2);
         // Revived blocks plus new ones beyond the pool: refused, nothing taken.
-        let hit = kv.find_cached_prefix(&toks(7, 0), usize::MAX);
+        let hit = kv.find_cached_prefix(&toks(7, 0), &[], usize::MAX);
         assert_eq!(hit.blocks.len(), 2);
         assert!(!kv.allocate(3, &hit, 7));
         assert_eq!(kv.pool().num_free(), 3);
@@ -404,19 +447,19 @@ mod tests {
         // The forward over 0..11 checkpoints the state at 8, into a second slot.
         let (pos, slot) = kv.plan_snapshot(1, 0, 11).expect("a boundary is crossed");
         assert_eq!((pos, slot), (8, 1));
-        kv.cache_computed(1, &a, 11);
+        kv.cache_computed(1, &a, &[], 11);
         kv.snapshot_taken(1, 8);
         assert!(kv.plan_snapshot(1, 8, 11).is_none(), "no boundary in 9..=11");
         // Cached blocks without a snapshot are no hit.
-        let hit = kv.find_cached_prefix(&a, usize::MAX);
+        let hit = kv.find_cached_prefix(&a, &[], usize::MAX);
         assert!(hit.blocks.is_empty() && hit.state.is_none());
         kv.free(1);
         assert_eq!(kv.num_snapshots(), 1);
         // Two whole blocks cached, and the state at their end.
-        let hit = kv.find_cached_prefix(&toks(13, 0), usize::MAX);
+        let hit = kv.find_cached_prefix(&toks(13, 0), &[], usize::MAX);
         assert_eq!((hit.blocks.len(), hit.state), (2, Some(1)));
         // Cut short, the hit has no state for its end: nothing.
-        let cut = kv.find_cached_prefix(&toks(13, 0), 1);
+        let cut = kv.find_cached_prefix(&toks(13, 0), &[], 1);
         assert!(cut.blocks.is_empty() && cut.state.is_none());
         // Filling the pool evicts the cached blocks, and the snapshot with them.
         assert!(kv.allocate(2, &CachedPrefix::default(), 24));
@@ -429,8 +472,8 @@ mod tests {
         let mut kv = KvCacheManager::new(2, 4, false);
         let a = toks(5, 0);
         assert!(kv.allocate(1, &CachedPrefix::default(), 5));
-        kv.cache_computed(1, &a, 5);
-        assert!(kv.find_cached_prefix(&a, usize::MAX).blocks.is_empty());
+        kv.cache_computed(1, &a, &[], 5);
+        assert!(kv.find_cached_prefix(&a, &[], usize::MAX).blocks.is_empty());
         assert_eq!(kv.pool().num_cached(), 0);
     }
 }

@@ -31,6 +31,7 @@ mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;
+pub mod vision;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,10 @@
 //! positions, cache slots, block tables, which rows' logits to keep), runs the model over the
 //! engine's cache, and splits the logits back per sequence.
 
-use pio_model::{CausalLm, ForwardBatch, KvCache, StateSnapshot};
+use pio_model::{CausalLm, ForwardBatch, KvCache, StateSnapshot, VisualEmbeds};
 
+use crate::kv_cache::ImageSpan;
+use crate::vision::VisionInputs;
 use crate::{EngineError, Result};
 
 /// Tokens `start..start + num_tokens` of one sequence, to run in a batch.
@@ -21,6 +23,8 @@ pub(crate) struct SeqSlice<'a> {
     pub(crate) state_slot: Option<u32>,
     /// Copy its state after the tokens before this position into this slot.
     pub(crate) snapshot: Option<(usize, u32)>,
+    /// The sequence's images and where their placeholders are (vision-language requests).
+    pub(crate) vision: Option<(&'a VisionInputs, &'a [ImageSpan])>,
 }
 
 /// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
@@ -29,6 +33,9 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
     let bs = cache.block_size;
     let mut batch = ForwardBatch::default();
     let mut rows_per_seq = Vec::with_capacity(slices.len());
+    // Multimodal rotary positions for every token once any sequence has images.
+    let mrope = slices.iter().any(|s| s.vision.is_some());
+    let mut visual = VisualEmbeds::default();
     for (i, s) in slices.iter().enumerate() {
         let end_pos = s.start + s.num_tokens;
         if end_pos > s.token_ids.len() || s.start < s.shift || end_pos - s.shift > s.block_table.len() * bs {
@@ -41,6 +48,16 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
         }
         for pos in s.start..end_pos {
             let at = pos - s.shift;
+            if mrope {
+                batch.mrope_positions.push(s.vision.map_or([at; 3], |(v, _)| v.position(pos)));
+            }
+            if let Some((v, spans)) = s.vision {
+                if let Some((k, span)) =
+                    spans.iter().enumerate().find(|(_, sp)| (sp.start..sp.start + sp.len).contains(&pos))
+                {
+                    add_image_row(&mut visual, &v.features[k], pos - span.start, batch.token_ids.len())?;
+                }
+            }
             batch.token_ids.push(s.token_ids[pos]);
             batch.positions.push(at);
             batch.seq_indices.push(i);
@@ -56,6 +73,9 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
             batch.state_snapshots.push(StateSnapshot { seq: i, position: position - s.shift, slot });
         }
     }
+    if !visual.rows.is_empty() {
+        batch.visual = Some(visual);
+    }
     if !batch.state_slots.is_empty() && batch.state_slots.len() != slices.len() {
         return Err(EngineError::Invalid("some sequences of a batch have a state slot and some not".into()));
     }
@@ -68,4 +88,26 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
         off += rows;
     }
     Ok(result)
+}
+
+/// Adds token `i` of an image's features as batch token `row`'s.
+fn add_image_row(
+    visual: &mut VisualEmbeds,
+    f: &pio_model::models::vision::ImageFeatures,
+    i: usize,
+    row: usize,
+) -> Result<()> {
+    let h = f.hidden;
+    if (i + 1) * h > f.embeds.len() || f.deepstack.iter().any(|d| d.len() != f.embeds.len()) {
+        return Err(EngineError::Invalid(format!("image token {i} is past the image's features")));
+    }
+    visual.rows.push(row);
+    visual.embeds.extend_from_slice(&f.embeds[i * h..(i + 1) * h]);
+    if visual.deepstack.len() < f.deepstack.len() {
+        visual.deepstack.resize(f.deepstack.len(), Vec::new());
+    }
+    for (d, ds) in visual.deepstack.iter_mut().zip(&f.deepstack) {
+        d.extend_from_slice(&ds[i * h..(i + 1) * h]);
+    }
+    Ok(())
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::kv_cache::{CachedPrefix, KvCacheManager, SeqId};
+use crate::kv_cache::{CachedPrefix, ImageSpan, KvCacheManager, SeqId};
 
 /// Limits of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +70,8 @@ pub struct Sequence {
     /// Tokens dropped from the middle of a streaming sequence's cache: a token at position `p`
     /// past the dropped ones sits at cache position `p - shift` (and is rotated for it).
     pub shift: usize,
+    /// The runs of image placeholders in the prompt (vision-language models).
+    pub images: Vec<ImageSpan>,
 }
 
 impl Sequence {
@@ -83,6 +85,7 @@ impl Sequence {
             num_cached_tokens: 0,
             logits_from: None,
             streaming: None,
+            images: Vec::new(),
             shift: 0,
         }
     }
@@ -252,7 +255,7 @@ impl Scheduler {
                 (None, Some(from)) => from / self.kv.block_size(),
                 (None, None) => usize::MAX,
             };
-            let prefix = self.kv.find_cached_prefix(&seq.token_ids, max_blocks);
+            let prefix = self.kv.find_cached_prefix(&seq.token_ids, &seq.images, max_blocks);
             let hit = prefix.num_tokens(self.kv.block_size());
             let mut n = (seq.token_ids.len() - hit).min(budget);
             if let Some(st) = seq.streaming {
@@ -291,7 +294,7 @@ impl Scheduler {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.num_computed_tokens = s.start + s.num_tokens;
                 if seq.streaming.is_none() {
-                    self.kv.cache_computed(s.id, &seq.token_ids, seq.num_computed_tokens);
+                    self.kv.cache_computed(s.id, &seq.token_ids, &seq.images, seq.num_computed_tokens);
                 }
                 for c in &plan.state_copies {
                     if let StateCopy::Snapshot { id, position, .. } = *c {

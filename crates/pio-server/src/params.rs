@@ -141,6 +141,7 @@ pub fn common(
         prompt_logits: None,
         attention_window: get_usize(o, "attention_window")?,
         attention_sinks: get_usize(o, "attention_sinks")?,
+        images: Vec::new(),
     };
     if let (Some(max), min) = (params.max_tokens, params.min_tokens) {
         if min > max {

@@ -91,12 +91,14 @@ pub struct ImageFeatures {
     pub deepstack: Vec<Vec<f32>>,
     /// `(t, h, w)` of the image in patches.
     pub grid: [usize; 3],
+    /// Width of each token's vector (the text model's hidden size).
+    pub hidden: usize,
 }
 
 impl ImageFeatures {
     /// Image tokens: merge windows.
-    pub fn num_tokens(&self, hidden: usize) -> usize {
-        self.embeds.len() / hidden.max(1)
+    pub fn num_tokens(&self) -> usize {
+        self.embeds.len() / self.hidden.max(1)
     }
 }
 
@@ -287,6 +289,7 @@ impl VisionEncoder {
             embeds: self.merger.forward(&x),
             deepstack: deepstack.into_iter().map(|(_, d)| d).collect(),
             grid: pixels.grid,
+            hidden: c.out_hidden_size,
         })
     }
 

@@ -1,0 +1,139 @@
+//! A request's images: their placeholders in the prompt, the vision tower's features (computed
+//! once per image when the request arrives, kept while it lives), the multimodal rotary
+//! positions, and the spans the prefix cache keys blocks by.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use pio_model::image::PixelValues;
+use pio_model::models::vision::{rope_positions, ImageFeatures};
+use pio_model::CausalLm;
+
+use crate::kv_cache::ImageSpan;
+use crate::{EngineError, Result};
+
+/// What a request with images carries through the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct VisionInputs {
+    /// Per image, in prompt order.
+    pub(crate) features: Vec<Arc<ImageFeatures>>,
+    /// `(t, h, w)` rotary positions of the prompt's tokens.
+    pub(crate) positions: Vec<[usize; 3]>,
+    /// A token at index `p` past the prompt is at `p + delta` on every axis.
+    pub(crate) delta: i64,
+}
+
+impl VisionInputs {
+    /// The rotary position of token `p` of the sequence.
+    pub(crate) fn position(&self, p: usize) -> [usize; 3] {
+        match self.positions.get(p) {
+            Some(&x) => x,
+            None => [(p as i64 + self.delta).max(0) as usize; 3],
+        }
+    }
+}
+
+/// `prompt` with each run of `image_token` made as long as its image's token count
+/// (`counts`, in order): a run already that long stays, a single token is repeated. Any other
+/// run, or a number of runs other than the number of images, is an error.
+pub fn expand_image_tokens(prompt: &[u32], image_token: u32, counts: &[usize]) -> Result<Vec<u32>> {
+    let mut out = Vec::with_capacity(prompt.len() + counts.iter().sum::<usize>());
+    let mut images = counts.iter();
+    let mut runs = 0;
+    let mut i = 0;
+    while i < prompt.len() {
+        if prompt[i] != image_token {
+            out.push(prompt[i]);
+            i += 1;
+            continue;
+        }
+        let run = prompt[i..].iter().take_while(|&&t| t == image_token).count();
+        runs += 1;
+        let Some(&n) = images.next() else {
+            return Err(EngineError::Invalid(format!(
+                "the prompt has more image placeholders than the {} images given",
+                counts.len()
+            )));
+        };
+        if run != 1 && run != n {
+            return Err(EngineError::Invalid(format!(
+                "image {runs} takes {n} tokens, but its placeholder run has {run} (give one, or exactly {n})"
+            )));
+        }
+        out.extend(std::iter::repeat_n(image_token, n));
+        i += run;
+    }
+    if runs != counts.len() {
+        return Err(EngineError::Invalid(format!(
+            "{} images but {runs} image placeholders in the prompt",
+            counts.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// A hash of an image's content as the tower sees it (grid and values).
+fn content_hash(p: &PixelValues) -> u64 {
+    // SipHash with fixed keys: the same image hashes the same in every run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.grid.hash(&mut h);
+    for v in &p.data {
+        v.to_bits().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Readies a request's `images` for `model`: expands their placeholders in `prompt`, runs the
+/// vision tower over each, and computes the prompt's rotary positions. A text prompt to any
+/// model passes through (`None`).
+pub(crate) fn prepare(
+    model: &dyn CausalLm,
+    prompt: Vec<u32>,
+    images: &[Arc<PixelValues>],
+) -> Result<(Vec<u32>, Option<VisionInputs>, Vec<ImageSpan>)> {
+    let Some(vision) = model.vision() else {
+        if images.is_empty() {
+            return Ok((prompt, None, Vec::new()));
+        }
+        return Err(EngineError::Invalid("this model takes no images".into()));
+    };
+    let c = vision.config();
+    let token = c.image_token_id;
+    if images.is_empty() {
+        if prompt.contains(&token) {
+            return Err(EngineError::Invalid("the prompt has image placeholders but no images were given".into()));
+        }
+        return Ok((prompt, None, Vec::new()));
+    }
+    let merge = c.spatial_merge_size;
+    let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
+    let prompt = expand_image_tokens(&prompt, token, &counts)?;
+    let features = images.iter().map(|p| vision.encode(p).map(Arc::new)).collect::<pio_model::Result<Vec<_>>>()?;
+    let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
+    let (positions, delta) = rope_positions(&prompt, token, &grids, merge)?;
+    let mut spans = Vec::with_capacity(images.len());
+    let mut i = 0;
+    for (img, &n) in images.iter().zip(&counts) {
+        while prompt[i] != token {
+            i += 1;
+        }
+        spans.push(ImageSpan { start: i, len: n, hash: content_hash(img) });
+        i += n;
+    }
+    Ok((prompt, Some(VisionInputs { features, positions, delta }), spans))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_expand_once() {
+        assert_eq!(expand_image_tokens(&[1, 9, 2], 9, &[3]).ok(), Some(vec![1, 9, 9, 9, 2]));
+        assert_eq!(expand_image_tokens(&[1, 9, 9, 9, 2], 9, &[3]).ok(), Some(vec![1, 9, 9, 9, 2]));
+        assert_eq!(expand_image_tokens(&[9, 2, 9], 9, &[2, 1]).ok(), Some(vec![9, 9, 2, 9]));
+        assert!(expand_image_tokens(&[1, 9, 9, 2], 9, &[3]).is_err(), "a run of neither 1 nor 3");
+        assert!(expand_image_tokens(&[1, 2], 9, &[3]).is_err(), "an image without a placeholder");
+        assert!(expand_image_tokens(&[9, 2, 9], 9, &[1]).is_err(), "a placeholder without an image");
+    }
+}
