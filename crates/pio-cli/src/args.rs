@@ -218,6 +218,11 @@ pub struct GenerateArgs {
     /// A system message (with --chat).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    /// An image (PNG, JPEG or WebP) for a vision-language model; repeat for more. Each stands
+    /// for the next `<|image_pad|>` of the prompt (one, or already as many as the image takes);
+    /// a --prompt without enough of them gets the missing images before its text.
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<PathBuf>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -243,6 +248,10 @@ pub struct LogitsArgs {
     /// A sequence as comma-separated token ids (repeat for more sequences).
     #[arg(long = "token-ids", required = true)]
     pub token_ids: Vec<String>,
+    /// An image for the first sequence's `<|image_pad|>` placeholders (vision-language models;
+    /// repeat for more).
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<PathBuf>,
     /// Output safetensors file: logits_0, logits_1, ... each [len, vocab] float32.
     #[arg(long)]
     pub out: PathBuf,

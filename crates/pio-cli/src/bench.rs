@@ -79,6 +79,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         stop: Vec::new(),
         attention_window: None,
         attention_sinks: None,
+        images: Vec::new(),
     };
     let deep = tokens(a.depth);
     let decode_prompt = if a.depth > 0 { &deep[..] } else { &prompt[..prompt.len().min(16)] };

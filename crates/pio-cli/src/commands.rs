@@ -1,7 +1,8 @@
 //! The subcommands.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +11,7 @@ use pio_engine::engine::{Engine, EngineConfig, RequestParams};
 use pio_engine::generate::{generate, run_one, GenerateParams};
 use pio_engine::sampler::SamplingParams;
 use pio_model::chat_template::ChatRequest;
+use pio_model::image::PixelValues;
 use pio_model::{KvCacheType, LoadedModel, ModelInfo};
 use serde_json::{json, Value};
 
@@ -201,7 +203,33 @@ fn resolve_params(s: &SamplingArgs, loaded: &LoadedModel) -> GenerateParams {
         stop: s.stop.clone(),
         attention_window: s.attention_window,
         attention_sinks: s.attention_sinks,
+        images: Vec::new(),
     }
+}
+
+/// The images at `paths`, decoded and laid out by `loaded`'s image processor (an error for a
+/// model without a vision tower).
+fn load_images(loaded: &LoadedModel, paths: &[PathBuf]) -> Result<Vec<Arc<PixelValues>>> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let vision = loaded.model.vision().context("--image: this model takes no images (text only)")?;
+    paths
+        .iter()
+        .map(|p| {
+            let img = pio_model::image::open(p)?;
+            Ok(Arc::new(pio_model::image::preprocess(&img, vision.processor())?))
+        })
+        .collect()
+}
+
+/// The `<|vision_start|><|image_pad|><|vision_end|>` tokens of each image `ids` holds no
+/// placeholder for (vision-language models; none otherwise).
+fn missing_image_placeholders(loaded: &LoadedModel, ids: &[u32], images: usize) -> Vec<u32> {
+    let Some(v) = loaded.model.vision() else { return Vec::new() };
+    let c = v.config();
+    let runs = ids.iter().enumerate().filter(|&(i, &t)| t == c.image_token_id && (i == 0 || ids[i - 1] != t)).count();
+    (runs..images).flat_map(|_| [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]).collect()
 }
 
 /// The context a run gets: `--ctx-size`, else the model's length capped at 4096.
@@ -211,6 +239,7 @@ fn context_size(s: &SamplingArgs, loaded: &LoadedModel) -> usize {
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let (loaded, load_s) = load_model(&a.model)?;
+    let images = load_images(&loaded, &a.images)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
         (_, Some(ids)) if a.chat => bail!("--chat needs --prompt text, not --prompt-ids"),
         (_, Some(ids)) => ids.clone(),
@@ -221,7 +250,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 if let Some(sys) = &a.system {
                     messages.push(json!({"role": "system", "content": sys}));
                 }
-                messages.push(json!({"role": "user", "content": text}));
+                // The images' placeholders open the message, as Qwen-VL templates render image
+                // parts before the text.
+                let marks = tok.decode(&missing_image_placeholders(&loaded, &[], images.len()), false)?;
+                messages.push(json!({"role": "user", "content": format!("{marks}{text}")}));
                 let template = tok.chat_template().context("the model has no chat template")?;
                 let rendered = template.render(&ChatRequest {
                     messages,
@@ -231,7 +263,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 })?;
                 tok.encode(&rendered, false)?
             } else {
-                tok.encode(text, true)?
+                let ids = tok.encode(text, true)?;
+                let mut all = missing_image_placeholders(&loaded, &ids, images.len());
+                all.extend(ids);
+                all
             }
         }
         (None, None) => bail!("give --prompt or --prompt-ids"),
@@ -246,7 +281,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         (Err(_), true) => None,
         (Err(e), false) => bail!("{e}"),
     };
-    let params = resolve_params(&a.sampling, &loaded);
+    let mut params = resolve_params(&a.sampling, &loaded);
+    params.images = images;
     let ctx = context_size(&a.sampling, &loaded);
     if prompt_ids.len() >= ctx && a.sampling.attention_window.is_none() {
         bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
@@ -395,8 +431,37 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     // No more running sequences (nor recurrent-state slots) than there are sequences.
     cfg.max_num_seqs = seqs.len().max(1);
     cfg.max_memory = a.model.max_memory;
+    let images = load_images(&loaded, &a.images)?;
+    let extra: usize = images.iter().map(|p| p.num_patches()).sum();
+    if extra > 0 {
+        // The first sequence's placeholders expand: room for at most every patch as a token.
+        cfg = EngineConfig::for_tokens(total + extra, cfg.kv_cache_type);
+        cfg.max_batch_tokens = total + extra;
+        cfg.max_num_seqs = seqs.len().max(1);
+        cfg.max_memory = a.model.max_memory;
+    }
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
-    let logits = engine.score(&seqs, 0)?;
+    let logits = if images.is_empty() {
+        engine.score(&seqs, 0)?
+    } else {
+        // The first sequence with the images, each scored as `score` does.
+        let score = RequestParams { max_tokens: Some(0), prompt_logits: Some(0), ..Default::default() };
+        let first = RequestParams { images, ..score.clone() };
+        let ids = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| engine.add_request(s.clone(), if i == 0 { first.clone() } else { score.clone() }))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); ids.len()];
+        while engine.has_work() {
+            for o in engine.step()? {
+                if let Some(i) = ids.iter().position(|&id| id == o.id) {
+                    rows[i].extend_from_slice(&o.prompt_logits);
+                }
+            }
+        }
+        rows
+    };
     write_logits(&a.out, &logits, shape.vocab_size)
 }
 

@@ -411,3 +411,69 @@ fn kv_cache_reports_bytes_per_token_and_capacity() {
         "lots",
     );
 }
+
+#[test]
+fn images_on_the_command_line() {
+    // The fixture's image prompt with one placeholder: `pio generate --image` gives
+    // transformers' greedy tokens, `pio logits --image` its logits (first sequence), and an
+    // image for a text model or a file that is no image fails cleanly.
+    let bytes = reference("qwen3_vl");
+    let r = SafeTensors::deserialize(&bytes).expect("reference");
+    let ids = ids_of(&r, "image_input_ids");
+    let single: Vec<u32> =
+        ids.iter().enumerate().filter(|&(i, &t)| t != 5 || ids[i - 1] != 5).map(|(_, &t)| t).collect();
+    let (model, image) = (fixture("qwen3_vl"), fixture("qwen3_vl").join("image.png"));
+    let (model, image) = (model.to_str().expect("path"), image.to_str().expect("path"));
+    let want = ids_of(&r, "image_greedy_ids");
+    let n = want.len().to_string();
+    let args = ["generate", "--model", model, "--image", image, "--temperature", "0", "--ignore-eos", "--json"];
+    let o = pio(&[&args[..], &["--prompt-ids", &csv(&single), "--max-tokens", &n]].concat(), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let got: Vec<u32> =
+        v["token_ids"].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
+    assert_eq!(got, want);
+
+    let out = std::env::temp_dir().join(format!("pio-cli-image-logits-{}.safetensors", std::process::id()));
+    let o = pio(
+        &[
+            "logits",
+            "--model",
+            model,
+            "--image",
+            image,
+            "--token-ids",
+            &csv(&ids),
+            "--token-ids",
+            &csv(&ids_of(&r, "input_ids")),
+            "--out",
+            out.to_str().expect("path"),
+            "--kv-cache-dtype",
+            "f32",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = std::fs::read(&out).expect("logits file");
+    let _ = std::fs::remove_file(&out);
+    let w = SafeTensors::deserialize(&written).expect("valid safetensors");
+    for (key, want) in [("logits_0", "image_logits"), ("logits_1", "logits")] {
+        let (got, want) = (f32s_of(&w, key), f32s_of(&r, want));
+        let bound = 1e-4 * want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        assert_eq!(got.len(), want.len(), "{key}");
+        let diff = got.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= bound, "{key}: diff {diff}");
+    }
+
+    let text = fixture("qwen3");
+    let o = pio(
+        &["generate", "--model", text.to_str().expect("path"), "--image", image, "--prompt-ids", "1,2", "--json"],
+        None,
+    );
+    assert_fails(&o, "takes no images");
+    let cargo = root().join("Cargo.toml");
+    let o = pio(&[&args[..], &["--prompt-ids", "1,2", "--image", cargo.to_str().expect("path")]].concat(), None);
+    assert_fails(&o, "not a PNG, JPEG or WebP image");
+    let o = pio(&[&args[..], &["--prompt-ids", &csv(&ids[..9])]].concat(), None);
+    assert_fails(&o, "placeholder");
+}

@@ -1,7 +1,10 @@
 //! Generating one sequence through the [`Engine`]: the prompt (chunked as the engine's config
 //! says), then a token per step, streamed as text.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use pio_model::image::PixelValues;
 
 use crate::engine::{Engine, RequestParams};
 use crate::sampler::SamplingParams;
@@ -23,6 +26,8 @@ pub struct GenerateParams {
     pub attention_window: Option<usize>,
     /// Its sinks ([`RequestParams::attention_sinks`]).
     pub attention_sinks: Option<usize>,
+    /// Images for the prompt's placeholders ([`RequestParams::images`]).
+    pub images: Vec<Arc<PixelValues>>,
 }
 
 pub use crate::engine::FinishReason;
@@ -37,6 +42,7 @@ impl From<&GenerateParams> for RequestParams {
             stop: p.stop.clone(),
             attention_window: p.attention_window,
             attention_sinks: p.attention_sinks,
+            images: p.images.clone(),
             ..Default::default()
         }
     }

@@ -152,6 +152,7 @@ fn greedy_continuations_match_transformers() {
             stop: Vec::new(),
             attention_window: None,
             attention_sinks: None,
+            images: Vec::new(),
         };
         let mut e = engine(loaded.model.as_ref(), 64, KvCacheType::default());
         let out = generate(&mut e, &r.ids("input_ids"), &params, &mut |_| {}).expect("generate");
@@ -392,6 +393,7 @@ fn recurrent_state_carries_a_long_prompt_across_any_split() {
             stop: Vec::new(),
             attention_window: None,
             attention_sinks: None,
+            images: Vec::new(),
         };
         let out = generate(&mut e, &ids, &params, &mut |_| {}).expect("generate");
         assert_eq!(out.token_ids, want_greedy, "chunks of {chunk}: greedy tokens");

@@ -47,6 +47,7 @@ fn one_interface_loads_generates_chats_and_reports() {
         stop: Vec::new(),
         attention_window: None,
         attention_sinks: None,
+        images: Vec::new(),
     };
     let want = generate(&mut engine, &ids, &params, &mut |_| {}).expect("generate");
     assert_eq!(out.token_ids, want.token_ids);

@@ -91,6 +91,7 @@ fn check(name: &str) {
         stop: Vec::new(),
         attention_window: None,
         attention_sinks: None,
+        images: Vec::new(),
     };
     let out = generate(&mut engine, &prompt, &params, &mut |_| {}).expect("generate");
     let margins: Vec<f64> =
