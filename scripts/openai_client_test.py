@@ -4,7 +4,8 @@
 Usage:
     python3 -m pip install -q --target target/pydeps openai
     PYTHONPATH=target/pydeps python3 scripts/openai_client_test.py \
-        --pio target/release/pio --model models/SmolLM2-135M-Instruct.Q4_1.gguf
+        --pio target/release/pio --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+        [--vision-model DIR --image PNG]
 
 It starts the servers itself (`pio serve --port 0`, the port read from the first stderr line)
 and kills them on exit, failure included:
@@ -15,7 +16,9 @@ and kills them on exit, failure included:
   * a second one with `--api-key secret`: authentication;
   * a third one with `--max-num-seqs 1 --max-queued-requests 1` and a long context (so that a
     2000-token request is still running while the test looks): the queue cap (429) and the
-    freeing of KV blocks when clients go away.
+    freeing of KV blocks when clients go away;
+  * with --vision-model (a Qwen3-VL directory with a tokenizer, e.g. one `pio synth` wrote): a
+    chat with a base64 image part, streamed and not, and an http(s) image URL refused.
 
 Prints one PASS/FAIL line per check and a summary; exits 1 if any check failed. The model
 must have a chat template (SmolLM2-135M-Instruct does).
@@ -595,6 +598,47 @@ def run_queue_checks(srv):
     check("disconnect of a non-streaming request frees the KV blocks", disconnect_nonstream)
 
 
+def run_vision_checks(srv, image_path):
+    """A vision-language model: chat with a base64 image part, streamed and not."""
+    import base64
+
+    c = srv.client()
+    m = srv.name
+    with open(image_path, "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+    def messages(u):
+        return [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": u}},
+            {"type": "text", "text": "What is in this picture?"}]}]
+
+    def image_chat():
+        r = c.chat.completions.create(model=m, messages=messages(url), temperature=0, max_tokens=8,
+                                      extra_body={"ignore_eos": True})
+        ch = r.choices[0]
+        assert ch.message.content, f"empty message: {ch.message!r}"
+        assert r.usage.completion_tokens == 8, f"usage {r.usage}"
+        # The image's tokens are part of the prompt.
+        text_only = c.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": "What is in this picture?"}], max_tokens=1)
+        assert r.usage.prompt_tokens > text_only.usage.prompt_tokens + 16, (
+            f"{r.usage.prompt_tokens} prompt tokens with the image, {text_only.usage.prompt_tokens} without")
+        stream = c.chat.completions.create(model=m, messages=messages(url), temperature=0, max_tokens=8,
+                                           stream=True, extra_body={"ignore_eos": True})
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+        assert streamed == ch.message.content, f"streamed {streamed!r} != {ch.message.content!r}"
+        info(f"image chat text: {ch.message.content!r} ({r.usage.prompt_tokens} prompt tokens)")
+
+    def remote_url_refused():
+        e = expect_error(openai.BadRequestError, 400,
+                         lambda: c.chat.completions.create(model=m, messages=messages("https://example.com/a.png"),
+                                                           max_tokens=4))
+        assert "data: URL" in str(e), f"message {e}"
+
+    check("chat with a base64 image part, streamed and not", image_chat)
+    check("an http(s) image URL is refused with 400", remote_url_refused)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -603,6 +647,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pio", required=True, help="path of the pio binary")
     p.add_argument("--model", required=True, help="a GGUF model with a chat template")
+    p.add_argument("--vision-model", help="also: a vision-language model (Hugging Face directory with a tokenizer)")
+    p.add_argument("--image", help="the PNG image for --vision-model")
     ARGS = p.parse_args()
     t0 = time.monotonic()
     print(f"openai {openai.__version__}, pio {ARGS.pio}, model {ARGS.model}", flush=True)
@@ -612,9 +658,12 @@ def main():
         ("auth", ["--max-model-len", "256", "--max-num-seqs", "4", "--api-key", "secret"], run_auth_checks),
         ("queue", ["--max-model-len", "4096", "--max-num-seqs", "1", "--max-queued-requests", "1"], run_queue_checks),
     ]
-    for label, args, fn in phases:
+    runs = [(ARGS.model, label, args, fn) for label, args, fn in phases]
+    if ARGS.vision_model:
+        runs.append((ARGS.vision_model, "vision", [], lambda srv: run_vision_checks(srv, ARGS.image)))
+    for model, label, args, fn in runs:
         try:
-            srv = Server(ARGS.pio, ARGS.model, args, label)
+            srv = Server(ARGS.pio, model, args, label)
         except Exception as e:  # noqa: BLE001
             fail(f"start the {label} server", e)
             continue

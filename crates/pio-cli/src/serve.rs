@@ -47,9 +47,13 @@ pub struct ServeArgs {
     /// Do not reuse the KV of shared prompt prefixes.
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// Largest request body.
-    #[arg(long, value_parser = parse_size, default_value = "4MiB")]
-    pub max_body_bytes: usize,
+    /// Largest request body (default: 4 MiB, 32 MiB for a model that takes images).
+    #[arg(long, value_parser = parse_size)]
+    pub max_body_bytes: Option<usize>,
+    /// Serve `file://` image URLs from under this directory (vision-language models; without
+    /// it they are refused). Images are never fetched over http(s).
+    #[arg(long, value_name = "DIR")]
+    pub allowed_local_media_path: Option<std::path::PathBuf>,
 }
 
 /// `1234`, `64KiB`, `512MiB`, `2GiB`, `1.5G` (binary units either way).
@@ -113,6 +117,27 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
         name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
     });
+    if let Some(dir) = &a.allowed_local_media_path {
+        if !dir.is_dir() {
+            bail!("--allowed-local-media-path {}: not a directory", dir.display());
+        }
+    }
+    let vision = match model_ref.vision() {
+        None if a.allowed_local_media_path.is_some() => {
+            bail!("--allowed-local-media-path: this model takes no images")
+        }
+        None => None,
+        Some(v) => {
+            let c = v.config();
+            let ids = [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id];
+            Some(pio_server::VisionServing {
+                placeholder: tokenizer.decode(&ids, false).context("the vision tokens of the tokenizer")?,
+                processor: v.processor().clone(),
+                allowed_local_media_path: a.allowed_local_media_path.clone(),
+            })
+        }
+    };
+    let has_vision = vision.is_some();
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let state_app = Arc::new(AppState {
         engine,
@@ -121,13 +146,15 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         defaults: loaded.generation.clone(),
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         created,
+        vision,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let http = HttpConfig { max_body_bytes: a.max_body_bytes };
+    let default_body = if has_vision { 32 << 20 } else { 4 << 20 };
+    let http = HttpConfig { max_body_bytes: a.max_body_bytes.unwrap_or(default_body) };
     let addr = SocketAddr::new(a.host, a.port);
     let kv_mib = cfg.num_blocks * cfg.block_size * per_token / (1 << 20);
     let state = match state_per_seq {

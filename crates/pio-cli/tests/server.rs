@@ -340,3 +340,102 @@ fn the_official_openai_client_works() {
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "openai client test failed:\n{log}");
 }
+
+/// A tiny random-weight Qwen3-VL with the real Qwen3 tokenizer (its vocabulary and vision
+/// tokens), written by `pio synth` into `dir`.
+fn synth_vision_model(dir: &std::path::Path) -> PathBuf {
+    let mut c: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("testdata/synthetic/qwen3_vl/config.json")).expect("fixture config"),
+    )
+    .expect("json");
+    c["text_config"]["vocab_size"] = 151936.into();
+    for (k, v) in [("image_token_id", 151655), ("video_token_id", 151656), ("vision_start_token_id", 151652)] {
+        c[k] = v.into();
+    }
+    c["vision_end_token_id"] = 151653.into();
+    std::fs::create_dir_all(dir).expect("dir");
+    let config = dir.join("config.json");
+    std::fs::write(&config, c.to_string()).expect("config");
+    let model = dir.join("model");
+    let tokenizer = root().join("crates/pio-model/tests/data/qwen3-tokenizer");
+    let o = Command::new(env!("CARGO_BIN_EXE_pio"))
+        .args(["synth", "--dtype", "f32", "--config"])
+        .arg(&config)
+        .arg("--tokenizer")
+        .arg(&tokenizer)
+        .arg("--out")
+        .arg(&model)
+        .output()
+        .expect("pio synth");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    model
+}
+
+#[test]
+fn chat_with_image_parts() {
+    use base64::Engine as _;
+    let dir = std::env::temp_dir().join(format!("pio-server-vision-{}", std::process::id()));
+    let model = synth_vision_model(&dir);
+    let media = dir.join("media");
+    std::fs::create_dir_all(&media).expect("media dir");
+    let png = root().join("testdata/synthetic/qwen3_vl/image.png");
+    std::fs::copy(&png, media.join("image.png")).expect("copy image");
+    let server = Server::start(&model, &["--allowed-local-media-path", media.to_str().expect("path")]);
+    let data = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&png).expect("image"));
+    let chat = |url: &str, stream: bool| {
+        json!({
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "What is in the picture?"},
+            ]}],
+            "max_tokens": 6, "temperature": 0, "stream": stream, "ignore_eos": true,
+        })
+    };
+    let data_url = format!("data:image/png;base64,{data}");
+    let (status, v) = server.post("/v1/chat/completions", &chat(&data_url, false));
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+    // 64 x 96 pixels, scaled up to the processor's minimum: hundreds of image tokens.
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert!(prompt_tokens > 60, "prompt tokens {prompt_tokens}");
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+
+    // The same image from the allowed directory, and streamed: the same answer.
+    let file_url = format!("file://{}", media.join("image.png").display());
+    let (status, v) = server.post("/v1/chat/completions", &chat(&file_url, false));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
+    let (status, raw) =
+        server.request("POST", "/v1/chat/completions", &[], chat(&data_url, true).to_string().as_bytes());
+    assert_eq!(status, 200);
+    let streamed: String = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(streamed, text);
+    assert!(raw.contains("data: [DONE]"));
+    // The same image again: the prefix cache serves its blocks.
+    let before = server.metric("pio_prefix_cache_hit_tokens_total");
+    let (status, _) = server.post("/v1/chat/completions", &chat(&data_url, false));
+    assert_eq!(status, 200);
+    assert!(server.metric("pio_prefix_cache_hit_tokens_total") > before, "the same image reuses its blocks");
+
+    for (url, what) in [
+        ("https://example.com/cat.png".to_string(), "data: URL"),
+        ("data:image/png;base64,@@@@".to_string(), "base64"),
+        (
+            format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(b"not an image")),
+            "image",
+        ),
+        (format!("file://{}", png.display()), "allowed media directory"),
+        ("ftp://x/y.png".to_string(), "scheme"),
+    ] {
+        let (status, v) = server.post("/v1/chat/completions", &chat(&url, false));
+        assert_error(status, &v, 400, "invalid_request_error", what);
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -120,6 +120,19 @@ impl ChatRequest {
     /// are parsed into an object, as vLLM does, so templates that iterate over the
     /// arguments work.
     pub fn from_openai_json(body: &serde_json::Value) -> Result<ChatRequest> {
+        Self::from_openai_json_with_images(body, None).map(|(r, _)| r)
+    }
+
+    /// [`ChatRequest::from_openai_json`] for a model that takes images: each
+    /// `{"type": "image_url", "image_url": {"url": ...}}` part (or `"image_url": "..."`)
+    /// becomes `image_placeholder` in the message's text, directly before what follows it (as
+    /// Qwen-VL templates render image parts), and its URL is returned, in message order.
+    /// Without a placeholder (a text model) image parts are refused.
+    pub fn from_openai_json_with_images(
+        body: &serde_json::Value,
+        image_placeholder: Option<&str>,
+    ) -> Result<(ChatRequest, Vec<String>)> {
+        let mut urls = Vec::new();
         let obj = body.as_object().ok_or_else(|| Error::Template("request body must be a JSON object".into()))?;
         let messages = match obj.get("messages") {
             None | Some(serde_json::Value::Null) => {
@@ -142,7 +155,7 @@ impl ChatRequest {
                 return Err(Error::Template(format!("`messages[{i}].role` must be a string")));
             }
             let mut m = m.clone();
-            join_text_parts(&mut m, i)?;
+            join_text_parts(&mut m, i, image_placeholder, &mut urls)?;
             parse_tool_call_arguments(&mut m);
             out.push(m);
         }
@@ -173,7 +186,7 @@ impl ChatRequest {
                 )))
             }
         };
-        Ok(ChatRequest { messages: out, tools, add_generation_prompt, kwargs })
+        Ok((ChatRequest { messages: out, tools, add_generation_prompt, kwargs }, urls))
     }
 
     /// One user message with the generation prompt.
@@ -199,16 +212,40 @@ fn json_type_name(v: &serde_json::Value) -> &'static str {
 }
 
 /// `content` given as a list of parts (`[{"type": "text", "text": ...}, ...]`, as OpenAI allows)
-/// becomes the parts' texts joined by newlines, as vLLM does for text-only models; other part
-/// types are refused.
-fn join_text_parts(message: &mut serde_json::Value, i: usize) -> Result<()> {
+/// becomes the parts' texts joined by newlines, as vLLM does for text-only models; an image
+/// part becomes `image` (a model that takes images) joined to what follows without one, its
+/// URL added to `urls`; other part types are refused.
+fn join_text_parts(
+    message: &mut serde_json::Value,
+    i: usize,
+    image: Option<&str>,
+    urls: &mut Vec<String>,
+) -> Result<()> {
     let Some(serde_json::Value::Array(parts)) = message.get("content") else {
         return Ok(());
     };
-    let mut texts = Vec::with_capacity(parts.len());
+    let mut text = String::new();
+    let mut after_image = true;
     for (j, part) in parts.iter().enumerate() {
         match (part.get("type").and_then(|t| t.as_str()), part.get("text").and_then(|t| t.as_str())) {
-            (Some("text"), Some(text)) => texts.push(text.to_string()),
+            (Some("text"), Some(t)) => {
+                if !after_image {
+                    text.push('\n');
+                }
+                text.push_str(t);
+                after_image = false;
+            }
+            (Some("image_url"), _) if image.is_some() => {
+                let url = part.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(|u| u.as_str());
+                let Some(url) = url else {
+                    return Err(Error::Template(format!(
+                        "`messages[{i}].content[{j}].image_url` must be an object with a string `url`"
+                    )));
+                };
+                urls.push(url.to_string());
+                text.push_str(image.unwrap_or_default());
+                after_image = true;
+            }
             (Some(kind), _) if kind != "text" => {
                 return Err(Error::Template(format!(
                     "`messages[{i}].content[{j}]`: content parts of type {kind:?} are not supported by this model"
@@ -221,7 +258,7 @@ fn join_text_parts(message: &mut serde_json::Value, i: usize) -> Result<()> {
             }
         }
     }
-    message["content"] = serde_json::Value::String(texts.join("\n"));
+    message["content"] = serde_json::Value::String(text);
     Ok(())
 }
 

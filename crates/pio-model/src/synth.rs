@@ -170,7 +170,7 @@ pub(crate) fn model_name(config_path: &Path, c: &ModelConfig) -> String {
 /// How a tensor is filled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Init {
-    /// Uniform in ±sqrt(3 / columns).
+    /// Uniform in ±sqrt(3 / fan-in), the fan-in being every dimension after the first.
     Matrix,
     /// Uniform in ±[`BIAS_BOUND`].
     Bias,
@@ -299,10 +299,55 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
         specs.extend(layer.into_iter().map(|(name, shape, init)| Spec { name: format!("{p}.{name}"), shape, init }));
     }
     specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: norm });
+    if let Some(v) = &c.vision {
+        // A vision-language checkpoint: the text model under `model.language_model`, the tower
+        // under `model.visual`.
+        for s in &mut specs {
+            s.name = s.name.replacen("model.", "model.language_model.", 1);
+        }
+        specs.extend(vision_specs(v));
+    }
     if !c.tie_word_embeddings {
         specs.push(Spec { name: "lm_head.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix });
     }
     specs
+}
+
+/// The tensors of a Qwen3-VL vision tower (`model.visual.*`), as `VisionEncoder::load` takes them.
+fn vision_specs(v: &crate::config::VisionConfig) -> Vec<Spec> {
+    let (h, wide) = (v.hidden_size, v.hidden_size * v.merge_unit());
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, init| out.push(Spec { name, shape, init });
+    let p = "model.visual";
+    let conv = vec![h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size];
+    push(format!("{p}.patch_embed.proj.weight"), conv, Init::Matrix);
+    push(format!("{p}.patch_embed.proj.bias"), vec![h], Init::Bias);
+    push(format!("{p}.pos_embed.weight"), vec![v.num_position_embeddings, h], Init::Matrix);
+    let linear = |push: &mut dyn FnMut(String, Vec<usize>, Init), name: String, rows: usize, cols: usize| {
+        push(format!("{name}.weight"), vec![rows, cols], Init::Matrix);
+        push(format!("{name}.bias"), vec![rows], Init::Bias);
+    };
+    let layer_norm = |push: &mut dyn FnMut(String, Vec<usize>, Init), name: String, dim: usize| {
+        push(format!("{name}.weight"), vec![dim], Init::Norm);
+        push(format!("{name}.bias"), vec![dim], Init::Bias);
+    };
+    for i in 0..v.depth {
+        let b = format!("{p}.blocks.{i}");
+        layer_norm(&mut push, format!("{b}.norm1"), h);
+        linear(&mut push, format!("{b}.attn.qkv"), 3 * h, h);
+        linear(&mut push, format!("{b}.attn.proj"), h, h);
+        layer_norm(&mut push, format!("{b}.norm2"), h);
+        linear(&mut push, format!("{b}.mlp.linear_fc1"), v.intermediate_size, h);
+        linear(&mut push, format!("{b}.mlp.linear_fc2"), h, v.intermediate_size);
+    }
+    let mergers = std::iter::once((format!("{p}.merger"), h))
+        .chain((0..v.deepstack_visual_indexes.len()).map(|k| (format!("{p}.deepstack_merger_list.{k}"), wide)));
+    for (m, norm) in mergers {
+        layer_norm(&mut push, format!("{m}.norm"), norm);
+        linear(&mut push, format!("{m}.linear_fc1"), wide, wide);
+        linear(&mut push, format!("{m}.linear_fc2"), v.out_hidden_size, wide);
+    }
+    out
 }
 
 /// splitmix64: one step of the stream whose state is `state`.
@@ -369,7 +414,7 @@ fn fill_tensor(spec: &Spec, dtype: DType, seed: u64, out: &mut [u8]) {
             return;
         }
         Init::Bias => BIAS_BOUND,
-        Init::Matrix => (3.0 / spec.shape.last().copied().unwrap_or(1).max(1) as f64).sqrt() as f32,
+        Init::Matrix => (3.0 / spec.shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt() as f32,
     };
     let (block_elems, block_bytes) = (dtype.block_elems(), dtype.block_bytes());
     let chunk_bytes = CHUNK / block_elems * block_bytes;
@@ -465,6 +510,26 @@ fn write_hf_dir(
 ) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     copy_file(config_path, &out.join("config.json"))?;
+    if raw_config.get("vision_config").is_some() {
+        // The image processor's config beside the model's, or the one Qwen3-VL ships.
+        let src = config_path.with_file_name("preprocessor_config.json");
+        let dst = out.join("preprocessor_config.json");
+        if src.is_file() {
+            copy_file(&src, &dst)?;
+        } else {
+            let v = &raw_config["vision_config"];
+            let default = serde_json::json!({
+                "size": {"longest_edge": 16_777_216, "shortest_edge": 65_536},
+                "patch_size": v["patch_size"],
+                "temporal_patch_size": v["temporal_patch_size"],
+                "merge_size": v["spatial_merge_size"],
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "image_processor_type": "Qwen2VLImageProcessorFast",
+            });
+            std::fs::write(&dst, format!("{default:#}\n")).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
     let mut gen = serde_json::Map::new();
     for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
         if let Some(v) = raw_config.get(key).filter(|v| !v.is_null()) {

@@ -143,6 +143,26 @@ fn text_content_parts_are_joined() {
 }
 
 #[test]
+fn image_parts_become_placeholders_for_a_vision_model_only() {
+    let body = json!({"messages": [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:a"}},
+            {"type": "text", "text": "and"},
+            {"type": "image_url", "image_url": "data:b"},
+            {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///c"}}]}]});
+    let (req, urls) = ChatRequest::from_openai_json_with_images(&body, Some("<I>")).unwrap();
+    assert_eq!(req.messages[0]["content"], "<I>and<I>?");
+    assert_eq!(req.messages[2]["content"], "<I>");
+    assert_eq!(urls, ["data:a", "data:b", "file:///c"]);
+    let err = ChatRequest::from_openai_json(&body).unwrap_err();
+    assert!(err.to_string().contains("\"image_url\" are not supported by this model"), "{err}");
+    let bad = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"u": 1}}]}]});
+    assert!(ChatRequest::from_openai_json_with_images(&bad, Some("<I>")).is_err());
+}
+
+#[test]
 fn raise_exception_surfaces_as_error() {
     let template = ChatTemplate::new(
         "{% if messages[0].role != 'system' %}{{ raise_exception('System message required!') }}{% endif %}ok".into(),

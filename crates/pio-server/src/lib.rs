@@ -8,6 +8,7 @@
 //! their KV blocks at the engine's next step.
 
 pub mod error;
+mod media;
 pub mod params;
 mod routes;
 
@@ -36,6 +37,19 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Unix time the server started (`created` of `/v1/models`).
     pub created: u64,
+    /// Images in chat messages, for a model that takes them (`None`: text only).
+    pub vision: Option<VisionServing>,
+}
+
+/// How chat requests' image parts reach a vision-language model.
+pub struct VisionServing {
+    /// What an image part becomes in the text the chat template renders.
+    pub placeholder: String,
+    /// How images become the vision tower's patches.
+    pub processor: pio_model::image::ImageProcessorConfig,
+    /// `file://` image URLs are read only from under this directory (as vLLM's
+    /// `--allowed-local-media-path`); `None` refuses them.
+    pub allowed_local_media_path: Option<std::path::PathBuf>,
 }
 
 /// Limits of the HTTP layer.

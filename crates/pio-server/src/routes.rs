@@ -94,8 +94,13 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         }
         Some(_) => return Err(ApiError::bad_param("model", "`model` must be a string")),
     }
+    let mut images = Vec::new();
     let (prompts, logprobs) = match kind {
-        Kind::Chat => (vec![chat_prompt(s, &body)?], params::chat_logprobs(o)?),
+        Kind::Chat => {
+            let (ids, urls) = chat_prompt(s, &body)?;
+            images = urls.iter().map(|u| crate::media::load_image(s, u)).collect::<Result<Vec<_>, _>>()?;
+            (vec![ids], params::chat_logprobs(o)?)
+        }
         Kind::Completion => {
             if params::get_bool(o, "echo")?.unwrap_or(false) {
                 return Err(ApiError::bad_param("echo", "`echo` is not supported"));
@@ -133,6 +138,7 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
     for (p, ids) in prompts.iter().enumerate() {
         for j in 0..common.n {
             let mut rp: RequestParams = common.params.clone();
+            rp.images = images.clone();
             rp.sampling.seed = rp.sampling.seed.map(|seed| seed.wrapping_add(j as u64));
             // On an error the streams submitted so far are dropped, which cancels them.
             let stream = s.engine.submit(ids.clone(), rp).map_err(|e| with_param(e.into(), kind))?;
@@ -181,13 +187,14 @@ fn with_param(mut e: ApiError, kind: Kind) -> ApiError {
     e
 }
 
-/// The chat template applied to the messages, as token ids.
-fn chat_prompt(s: &AppState, body: &Value) -> Result<Vec<u32>, ApiError> {
-    let req = ChatRequest::from_openai_json(body)?;
+/// The chat template applied to the messages, as token ids, and the URLs of their images.
+fn chat_prompt(s: &AppState, body: &Value) -> Result<(Vec<u32>, Vec<String>), ApiError> {
+    let placeholder = s.vision.as_ref().map(|v| v.placeholder.as_str());
+    let (req, urls) = ChatRequest::from_openai_json_with_images(body, placeholder)?;
     let template =
         s.tokenizer.chat_template().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
     let text = template.render(&req)?;
-    Ok(s.tokenizer.encode(&text, false)?)
+    Ok((s.tokenizer.encode(&text, false)?, urls))
 }
 
 /// `prompt`: a string, an array of strings, an array of token ids or an array of those.
