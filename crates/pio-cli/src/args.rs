@@ -315,6 +315,10 @@ pub struct BenchArgs {
     /// model's.
     #[arg(long, value_parser = parse_routing)]
     pub synthetic_routing: Option<f64>,
+    /// Vision-language models: also time this image through the image processor and the vision
+    /// tower, and the prefill of a prompt of its tokens before the --prompt-tokens ones.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<std::path::PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -64,6 +64,10 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
     }
     let prefill_tps = (a.prompt_tokens * a.batch) as f64 / prefill_s;
+    let image = match &a.image {
+        Some(path) => Some(bench_image(&a, &loaded, path, &prompt)?),
+        None => None,
+    };
 
     // Decode: one sequence, end-of-sequence ignored; best of `repeats`.
     // Sampled at temperature 1 with a fixed seed rather than greedy: a random-weight model's
@@ -222,6 +226,16 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "max_memory": loaded.info.streaming.and_then(|s| s.max_memory),
         "synthetic_routing_zipf": a.synthetic_routing,
         "expert_cache": expert_cache,
+        "image": image.as_ref().map(|i| json!({
+            "width": i.size.0,
+            "height": i.size.1,
+            "patches": i.patches,
+            "tokens": i.tokens,
+            "preprocess_s": i.preprocess_s,
+            "encode_s": i.encode_s,
+            "prompt_tokens": i.prompt_tokens,
+            "prefill_tokens_per_s": i.prefill_tps,
+        })),
     });
     if a.json {
         out(&format!("{v}\n"))
@@ -246,6 +260,20 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         ))?;
         if let Some(tps) = batch_decode_tps {
             out(&format!("  batched decode {:>8.1} tok/s ({} sequences, one token each per step)\n", tps, a.batch))?;
+        }
+        if let Some(i) = &image {
+            out(&format!(
+                "  image {}x{} -> {} patches, {} tokens: preprocess {:.1} ms, vision tower {:.3} s ({:.0} patches/s); prefill of its prompt {:>8.1} tok/s ({} tokens)\n",
+                i.size.0,
+                i.size.1,
+                i.patches,
+                i.tokens,
+                1e3 * i.preprocess_s,
+                i.encode_s,
+                i.patches as f64 / i.encode_s,
+                i.prefill_tps,
+                i.prompt_tokens,
+            ))?;
         }
         if let (Some(info), Some(p)) = (loaded.info.streaming, prefill_cache) {
             let what = match info.streamed_layers {
@@ -298,4 +326,75 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         Ok(())
     }
+}
+
+/// What `--image` measured.
+struct ImageBench {
+    size: (usize, usize),
+    patches: usize,
+    tokens: usize,
+    preprocess_s: f64,
+    encode_s: f64,
+    prompt_tokens: usize,
+    prefill_tps: f64,
+}
+
+/// The image at `path` through the processor and the vision tower (best of `--repeats`), then
+/// the prefill of its tokens followed by `text` in one forward (best of `--repeats`).
+fn bench_image(
+    a: &BenchArgs,
+    loaded: &pio_model::LoadedModel,
+    path: &std::path::Path,
+    text: &[u32],
+) -> Result<ImageBench> {
+    let model = loaded.model.as_ref();
+    let Some(vision) = model.vision() else { bail!("--image: this model takes no images") };
+    let img = pio_model::image::open(path)?;
+    let (mut preprocess_s, mut encode_s) = (f64::INFINITY, f64::INFINITY);
+    let mut pixels = None;
+    for _ in 0..a.repeats.max(1) {
+        let start = Instant::now();
+        let p = pio_model::image::preprocess(&img, vision.processor())?;
+        preprocess_s = preprocess_s.min(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        vision.encode(&p)?;
+        encode_s = encode_s.min(start.elapsed().as_secs_f64());
+        pixels = Some(p);
+    }
+    let Some(pixels) = pixels else { bail!("no repeats") };
+    let c = vision.config();
+    let tokens = pixels.num_tokens(c.spatial_merge_size);
+    let mut prompt = vec![c.vision_start_token_id, c.image_token_id, c.vision_end_token_id];
+    prompt.extend_from_slice(text);
+    let prompt_tokens = prompt.len() - 1 + tokens;
+    let patches = pixels.num_patches();
+    let mut cfg = EngineConfig::for_tokens(prompt_tokens + 16, crate::commands::kv_cache_type(&a.model, loaded)?);
+    cfg.max_batch_tokens = prompt_tokens;
+    cfg.max_num_seqs = 1;
+    let mut engine = Engine::new(model, None, cfg)?;
+    let params = RequestParams {
+        max_tokens: Some(1),
+        ignore_eos: true,
+        images: vec![std::sync::Arc::new(pixels)],
+        ..Default::default()
+    };
+    let mut prefill_s = f64::INFINITY;
+    for _ in 0..a.repeats.max(1) {
+        engine.add_request(prompt.clone(), params.clone())?;
+        let start = Instant::now();
+        let done = engine.step()?;
+        prefill_s = prefill_s.min(start.elapsed().as_secs_f64());
+        if done.len() != 1 || engine.has_work() {
+            bail!("the image prompt did not run in one forward");
+        }
+    }
+    Ok(ImageBench {
+        size: (img.width, img.height),
+        patches,
+        tokens,
+        preprocess_s,
+        encode_s,
+        prompt_tokens,
+        prefill_tps: prompt_tokens as f64 / prefill_s,
+    })
 }

@@ -223,6 +223,15 @@ fn load_images(loaded: &LoadedModel, paths: &[PathBuf]) -> Result<Vec<Arc<PixelV
         .collect()
 }
 
+/// How long `ids` is once the engine gives each image its tokens (a single placeholder grows to
+/// the image's count), for the context checks; `ids.len()` when they do not match up (the
+/// engine then says why).
+fn expanded_len(loaded: &LoadedModel, ids: &[u32], images: &[Arc<PixelValues>]) -> usize {
+    let Some(v) = loaded.model.vision().filter(|_| !images.is_empty()) else { return ids.len() };
+    let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(v.config().spatial_merge_size)).collect();
+    pio_engine::vision::expand_image_tokens(ids, v.config().image_token_id, &counts).map_or(ids.len(), |e| e.len())
+}
+
 /// The `<|vision_start|><|image_pad|><|vision_end|>` tokens of each image `ids` holds no
 /// placeholder for (vision-language models; none otherwise).
 fn missing_image_placeholders(loaded: &LoadedModel, ids: &[u32], images: usize) -> Vec<u32> {
@@ -284,8 +293,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut params = resolve_params(&a.sampling, &loaded);
     params.images = images;
     let ctx = context_size(&a.sampling, &loaded);
-    if prompt_ids.len() >= ctx && a.sampling.attention_window.is_none() {
-        bail!("the prompt has {} tokens, the context holds {ctx} (see --ctx-size)", prompt_ids.len());
+    let prompt_len = expanded_len(&loaded, &prompt_ids, &params.images);
+    if prompt_len >= ctx && a.sampling.attention_window.is_none() {
+        bail!("the prompt has {prompt_len} tokens, the context holds {ctx} (see --ctx-size)");
     }
     let mut cfg = EngineConfig::for_tokens(ctx, kv_cache_type(&a.model, &loaded)?);
     cfg.max_num_seqs = 1;
@@ -303,7 +313,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         return Err(e);
     }
     let rate = |n: usize, d: std::time::Duration| if d.as_secs_f64() > 0.0 { n as f64 / d.as_secs_f64() } else { 0.0 };
-    let prefill_tps = rate(prompt_ids.len(), output.prefill_time);
+    let prefill_tps = rate(prompt_len, output.prefill_time);
     let decode_tps = rate(output.num_decode_steps, output.decode_time);
     if a.json {
         let v = json!({
@@ -320,7 +330,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if a.model.verbose {
         eprintln!(
             "prompt: {} tokens, {prefill_tps:.1} tok/s; generated: {} tokens, {decode_tps:.1} tok/s; KV cache {:.1} MiB; RSS {:.1} MiB; finish: {}",
-            prompt_ids.len(),
+            prompt_len,
             output.token_ids.len(),
             engine.cache_bytes() as f64 / (1 << 20) as f64,
             resident_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
@@ -356,6 +366,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
     let interactive = std::io::stdin().is_terminal();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
+    // Images of the conversation so far, and those `/image` attached to the next message.
+    let (mut images, mut pending) = (Vec::new(), Vec::new());
     loop {
         if interactive {
             eprint!("> ");
@@ -369,7 +381,22 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         if line == "/exit" || line == "/quit" {
             break;
         }
-        messages.push(json!({"role": "user", "content": line}));
+        if let Some(path) = line.strip_prefix("/image ") {
+            // A bad path is reported and the conversation goes on.
+            match load_images(&loaded, &[PathBuf::from(path.trim())]) {
+                Ok(mut px) => {
+                    pending.append(&mut px);
+                    if interactive {
+                        eprintln!("(image attached to your next message)");
+                    }
+                }
+                Err(e) => eprintln!("error: {e:#}"),
+            }
+            continue;
+        }
+        let marks = tok.decode(&missing_image_placeholders(&loaded, &[], pending.len()), false)?;
+        images.append(&mut pending);
+        messages.push(json!({"role": "user", "content": format!("{marks}{line}")}));
         let prompt = template.render(&ChatRequest {
             messages: messages.clone(),
             tools: None,
@@ -377,11 +404,13 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
             kwargs: Default::default(),
         })?;
         let ids = tok.encode(&prompt, false)?;
-        if ids.len() >= ctx && a.sampling.attention_window.is_none() {
-            bail!("the conversation has {} tokens, the context holds {ctx} (see --ctx-size)", ids.len());
+        let len = expanded_len(&loaded, &ids, &images);
+        if len >= ctx && a.sampling.attention_window.is_none() {
+            bail!("the conversation has {len} tokens, the context holds {ctx} (see --ctx-size)");
         }
         let mut write_err = None;
-        let output = run_one(&mut engine, &ids, RequestParams::from(&params), &mut |s| {
+        let request = RequestParams { images: images.clone(), ..RequestParams::from(&params) };
+        let output = run_one(&mut engine, &ids, request, &mut |s| {
             if write_err.is_none() {
                 write_err = out(s).err();
             }
@@ -393,7 +422,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         if a.model.verbose {
             eprintln!(
                 "prompt: {} tokens ({} from the prefix cache); generated: {} tokens; finish: {}",
-                ids.len(),
+                len,
                 output.num_cached_tokens,
                 output.token_ids.len(),
                 output.finish_reason.as_str()

@@ -477,3 +477,48 @@ fn images_on_the_command_line() {
     let o = pio(&[&args[..], &["--prompt-ids", &csv(&ids[..9])]].concat(), None);
     assert_fails(&o, "placeholder");
 }
+
+#[test]
+fn chat_attaches_images_with_a_command() {
+    // A tiny Qwen3-VL with the real Qwen3 tokenizer (its vision tokens), written by pio synth.
+    let dir = std::env::temp_dir().join(format!("pio-cli-vision-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut c: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen3_vl").join("config.json")).expect("config"))
+            .expect("json");
+    c["text_config"]["vocab_size"] = 151936.into();
+    for (k, v) in [("image_token_id", 151655), ("video_token_id", 151656)] {
+        c[k] = v.into();
+    }
+    c["vision_start_token_id"] = 151652.into();
+    c["vision_end_token_id"] = 151653.into();
+    std::fs::write(dir.join("config.json"), c.to_string()).expect("config");
+    let model = dir.join("model");
+    let (config, tok, m) = (dir.join("config.json"), tokenizer_dir(), model.to_str().expect("path").to_string());
+    let o = pio(
+        &["synth", "--config", config.to_str().expect("p"), "--tokenizer", tok.to_str().expect("p"), "--out", &m],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let image = fixture("qwen3_vl").join("image.png");
+    let image = image.to_str().expect("path");
+    let common = ["--model", &m, "--temperature", "0", "--max-tokens", "5", "--ignore-eos"];
+    let alone =
+        pio(&[&["generate", "--chat", "--prompt", "What is this?", "--image", image][..], &common].concat(), None);
+    assert!(alone.status.success(), "{}", stderr(&alone));
+    let script = format!("/image {image}\nWhat is this?\n/image /no/such.png\nAnd this?\n");
+    let o = pio(&[&["chat", "--verbose"][..], &common].concat(), Some(&script));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let replies: Vec<String> = stdout(&o).lines().map(str::to_string).collect();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_eq!(replies[0], stdout(&alone).trim_end_matches('\n'), "the first turn is generate --chat --image");
+    let err = stderr(&o);
+    assert!(err.contains("error: /no/such.png"), "{err}");
+    // The second turn finds the first, image included, in the prefix cache.
+    let cached: Vec<usize> = err
+        .lines()
+        .filter_map(|l| l.split(" from the prefix cache").next()?.rsplit('(').next()?.parse().ok())
+        .collect();
+    assert!(cached.len() == 2 && cached[1] >= 64, "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -341,6 +341,8 @@ pub struct Engine<'m> {
     reqs: HashMap<SeqId, RequestState>,
     metrics: Arc<Metrics>,
     next_id: SeqId,
+    /// The vision tower's outputs of recent images.
+    image_features: crate::vision::FeatureCache,
 }
 
 impl<'m> Engine<'m> {
@@ -389,7 +391,17 @@ impl<'m> Engine<'m> {
         }
         let cache = model.new_kv_cache_with(cfg.block_size, cfg.num_blocks, cfg.kv_cache_type, state_slots);
         let limits = RequestLimits::new(cfg, model, tokenizer.is_some());
-        Ok(Engine { model, tokenizer, limits, cache, sched, reqs: HashMap::new(), metrics, next_id: 0 })
+        Ok(Engine {
+            model,
+            tokenizer,
+            limits,
+            cache,
+            sched,
+            reqs: HashMap::new(),
+            metrics,
+            next_id: 0,
+            image_features: Default::default(),
+        })
     }
 
     pub fn config(&self) -> EngineConfig {
@@ -451,7 +463,8 @@ impl<'m> Engine<'m> {
         }
         // Placeholders expanded, the vision tower run once per image (its features live as long
         // as the request).
-        let (prompt, vision, images) = crate::vision::prepare(self.model, prompt, &params.images)?;
+        let (prompt, vision, images) =
+            crate::vision::prepare(self.model, prompt, &params.images, &mut self.image_features)?;
         params.images = Vec::new();
         self.validate(&prompt, &params)?;
         self.next_id = self.next_id.max(id + 1);

@@ -83,13 +83,45 @@ fn content_hash(p: &PixelValues) -> u64 {
     h.finish()
 }
 
+/// The vision tower's outputs of the most recent images, by content hash: a conversation
+/// resends its images every turn, and a server often sees one image in several requests.
+#[derive(Debug, Default)]
+pub(crate) struct FeatureCache {
+    entries: std::collections::VecDeque<(u64, Arc<ImageFeatures>)>,
+}
+
+/// Images whose features [`FeatureCache`] keeps.
+const CACHED_IMAGES: usize = 8;
+
+impl FeatureCache {
+    fn get_or_encode(
+        &mut self,
+        hash: u64,
+        encode: impl FnOnce() -> pio_model::Result<ImageFeatures>,
+    ) -> Result<Arc<ImageFeatures>> {
+        if let Some(i) = self.entries.iter().position(|(h, _)| *h == hash) {
+            let e = self.entries.remove(i).unwrap_or_else(|| unreachable!("found above"));
+            let f = e.1.clone();
+            self.entries.push_back(e);
+            return Ok(f);
+        }
+        let f = Arc::new(encode()?);
+        if self.entries.len() == CACHED_IMAGES {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((hash, f.clone()));
+        Ok(f)
+    }
+}
+
 /// Readies a request's `images` for `model`: expands their placeholders in `prompt`, runs the
-/// vision tower over each, and computes the prompt's rotary positions. A text prompt to any
-/// model passes through (`None`).
+/// vision tower over each (or takes its features from `cache`), and computes the prompt's
+/// rotary positions. A text prompt to any model passes through (`None`).
 pub(crate) fn prepare(
     model: &dyn CausalLm,
     prompt: Vec<u32>,
     images: &[Arc<PixelValues>],
+    cache: &mut FeatureCache,
 ) -> Result<(Vec<u32>, Option<VisionInputs>, Vec<ImageSpan>)> {
     let Some(vision) = model.vision() else {
         if images.is_empty() {
@@ -108,16 +140,21 @@ pub(crate) fn prepare(
     let merge = c.spatial_merge_size;
     let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
     let prompt = expand_image_tokens(&prompt, token, &counts)?;
-    let features = images.iter().map(|p| vision.encode(p).map(Arc::new)).collect::<pio_model::Result<Vec<_>>>()?;
+    let hashes: Vec<u64> = images.iter().map(|p| content_hash(p)).collect();
+    let features = images
+        .iter()
+        .zip(&hashes)
+        .map(|(p, &h)| cache.get_or_encode(h, || vision.encode(p)))
+        .collect::<Result<Vec<_>>>()?;
     let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
     let (positions, delta) = rope_positions(&prompt, token, &grids, merge)?;
     let mut spans = Vec::with_capacity(images.len());
     let mut i = 0;
-    for (img, &n) in images.iter().zip(&counts) {
+    for (&hash, &n) in hashes.iter().zip(&counts) {
         while prompt[i] != token {
             i += 1;
         }
-        spans.push(ImageSpan { start: i, len: n, hash: content_hash(img) });
+        spans.push(ImageSpan { start: i, len: n, hash });
         i += n;
     }
     Ok((prompt, Some(VisionInputs { features, positions, delta }), spans))

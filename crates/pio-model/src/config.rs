@@ -237,6 +237,19 @@ impl VisionConfig {
         self.spatial_merge_size * self.spatial_merge_size
     }
 
+    /// Parameters of the tower and its mergers.
+    pub fn num_params(&self) -> usize {
+        let (h, i, w) = (self.hidden_size, self.intermediate_size, self.hidden_size * self.merge_unit());
+        let block = 4 * h + 3 * h * h + 3 * h + h * h + h + 2 * h * i + i + h;
+        let merger = |norm: usize| 2 * norm + w * w + w + w * self.out_hidden_size + self.out_hidden_size;
+        h * self.patch_len()
+            + h
+            + self.num_position_embeddings * h
+            + self.depth * block
+            + merger(h)
+            + self.deepstack_visual_indexes.len() * merger(w)
+    }
+
     /// Reads `vision_config` and the token ids of a Qwen3-VL `config.json`.
     fn from_hf(top: &serde_json::Map<String, Value>, text_hidden: usize, text_layers: usize) -> Result<VisionConfig> {
         let v = top.get("vision_config").and_then(Value::as_object).ok_or_else(|| cfg("missing \"vision_config\""))?;
@@ -1268,7 +1281,9 @@ impl ModelConfig {
             })
             .sum();
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.vocab_size * h + layers + h + head
+        // The vision tower runs once per image, not per token.
+        let vision = if active_only { 0 } else { self.vision.as_ref().map_or(0, VisionConfig::num_params) };
+        self.vocab_size * h + layers + h + head + vision
     }
 }
 

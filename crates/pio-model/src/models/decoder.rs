@@ -488,6 +488,8 @@ impl DecoderModel {
     pub fn weight_dtypes(&self) -> Vec<(pio_kernels::DType, usize)> {
         let mut all = vec![(self.embed_tokens.dtype, self.embed_tokens.bytes().len())];
         all.extend(self.linears().iter().map(|l| (l.dtype(), l.weight.bytes().len())));
+        let vision = self.vision.iter().flat_map(VisionEncoder::linears);
+        all.extend(vision.map(|l| (l.dtype(), l.weight.bytes().len())));
         if !self.config.tie_word_embeddings {
             all.push((self.lm_head.dtype(), self.lm_head.weight.bytes().len()));
         }

@@ -236,16 +236,16 @@ impl VisionEncoder {
         all
     }
 
-    /// Weight bytes of the tower's matrices.
-    pub fn weight_bytes(&self) -> usize {
-        let mut n = self.patch_embed.weight.bytes().len() + self.pos_embed.len() * 4;
+    /// The tower's matrices.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut all = vec![&self.patch_embed];
         for b in &self.blocks {
-            n += [&b.qkv, &b.proj, &b.fc1, &b.fc2].iter().map(|l| l.weight.bytes().len()).sum::<usize>();
+            all.extend([&b.qkv, &b.proj, &b.fc1, &b.fc2]);
         }
         for m in std::iter::once(&self.merger).chain(&self.deepstack) {
-            n += m.fc1.weight.bytes().len() + m.fc2.weight.bytes().len();
+            all.extend([&m.fc1, &m.fc2]);
         }
-        n
+        all
     }
 
     /// Runs the tower over one image's patches.
