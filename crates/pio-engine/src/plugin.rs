@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use pio_model::chat_template::ChatRequest;
+use pio_model::config::VisionConfig;
+use pio_model::image::{ImageProcessorConfig, PixelValues};
 use pio_model::tokenizer::Tokenizer;
 use pio_model::{CausalLm, GenerationDefaults, LoadOptions, ModelInfo};
 
@@ -45,10 +47,16 @@ pub struct PluginReport {
 
 /// The interface every model offers.
 pub trait ModelPlugin: Send + Sync {
-    /// Continues `prompt` (tokenized with the model's BOS rule).
+    /// Continues `prompt` (tokenized with the model's BOS rule). A vision-language model takes
+    /// `params.images` ([`ModelPlugin::image`]) for the prompt's `<|image_pad|>` placeholders;
+    /// images without one go before the text.
     fn generate_text(&self, prompt: &str, params: &RequestParams) -> Result<Completion>;
-    /// Answers OpenAI-style `messages` through the model's chat template.
+    /// Answers OpenAI-style `messages` through the model's chat template. A vision-language
+    /// model also takes their `image_url` parts, as `data:` URLs.
     fn chat_completion(&self, messages: &[serde_json::Value], params: &RequestParams) -> Result<Completion>;
+    /// An encoded image (PNG, JPEG or WebP) laid out for the model's vision tower, for
+    /// [`RequestParams::images`]; an error for a model that takes no images.
+    fn image(&self, encoded: &[u8]) -> Result<Arc<PixelValues>>;
     fn tokenize(&self, text: &str) -> Result<Vec<u32>>;
     fn detokenize(&self, ids: &[u32]) -> Result<String>;
     fn report(&self) -> PluginReport;
@@ -63,6 +71,8 @@ pub struct EnginePlugin {
     defaults: GenerationDefaults,
     info: ModelInfo,
     kv_cache_bytes: usize,
+    /// A vision-language model's image processor and vision tokens.
+    vision: Option<(ImageProcessorConfig, VisionConfig)>,
 }
 
 impl EnginePlugin {
@@ -75,8 +85,15 @@ impl EnginePlugin {
         let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
         let cfg = EngineConfig::for_model(model.as_ref(), Default::default(), kv_cache_bytes, max_model_len)?;
         let kv_cache_bytes = model.kv_bytes_per_token(cfg.kv_cache_type) * cfg.block_size * cfg.num_blocks;
+        let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));
         let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
-        Ok(EnginePlugin { engine, tokenizer, defaults: loaded.generation, info: loaded.info, kv_cache_bytes })
+        Ok(EnginePlugin { engine, tokenizer, defaults: loaded.generation, info: loaded.info, kv_cache_bytes, vision })
+    }
+
+    /// `<|vision_start|><|image_pad|><|vision_end|>`, `n` times.
+    fn placeholders(&self, n: usize) -> Vec<u32> {
+        let Some((_, c)) = &self.vision else { return Vec::new() };
+        (0..n).flat_map(|_| [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]).collect()
     }
 
     /// `params` with the model's end-of-sequence tokens when the caller gave none.
@@ -104,6 +121,8 @@ impl EnginePlugin {
                     out.text.push_str(&o.text);
                     out.token_ids.extend(o.token_ids);
                     out.cached_tokens = o.num_cached_tokens;
+                    // Image placeholders grow to the images' token counts in the engine.
+                    out.prompt_tokens = o.num_prompt_tokens;
                     if let Some(r) = o.finish_reason {
                         out.finish_reason = r;
                     }
@@ -117,7 +136,16 @@ impl EnginePlugin {
 
 impl ModelPlugin for EnginePlugin {
     fn generate_text(&self, prompt: &str, params: &RequestParams) -> Result<Completion> {
-        self.run(self.tokenizer.encode(prompt, true)?, params)
+        let ids = self.tokenizer.encode(prompt, true)?;
+        let runs = match &self.vision {
+            Some((_, c)) => {
+                ids.iter().enumerate().filter(|&(i, &t)| t == c.image_token_id && (i == 0 || ids[i - 1] != t)).count()
+            }
+            None => 0,
+        };
+        let mut all = self.placeholders(params.images.len().saturating_sub(runs));
+        all.extend(ids);
+        self.run(all, params)
     }
 
     fn chat_completion(&self, messages: &[serde_json::Value], params: &RequestParams) -> Result<Completion> {
@@ -126,8 +154,31 @@ impl ModelPlugin for EnginePlugin {
             .chat_template()
             .ok_or_else(|| EngineError::Invalid("the model has no chat template".into()))?;
         let body = serde_json::json!({ "messages": messages });
-        let text = template.render(&ChatRequest::from_openai_json(&body)?)?;
-        self.run(self.tokenizer.encode(&text, false)?, params)
+        let placeholder = match self.vision {
+            Some(_) => Some(self.tokenizer.decode(&self.placeholders(1), false)?),
+            None => None,
+        };
+        let (request, urls) = ChatRequest::from_openai_json_with_images(&body, placeholder.as_deref())?;
+        let text = template.render(&request)?;
+        let mut params = params.clone();
+        for url in &urls {
+            if !url.starts_with("data:") {
+                return Err(EngineError::Invalid(
+                    "the plugin takes images inline, as data: URLs (or through RequestParams::images with generate_text)"
+                        .into(),
+                ));
+            }
+            params.images.push(self.image(&pio_model::image::data_url_bytes(url)?)?);
+        }
+        self.run(self.tokenizer.encode(&text, false)?, &params)
+    }
+
+    fn image(&self, encoded: &[u8]) -> Result<Arc<PixelValues>> {
+        let Some((processor, _)) = &self.vision else {
+            return Err(EngineError::Invalid("this model takes no images".into()));
+        };
+        let img = pio_model::image::decode(encoded)?;
+        Ok(Arc::new(pio_model::image::preprocess(&img, processor)?))
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>> {

@@ -112,3 +112,62 @@ fn the_hybrid_model_runs_through_the_same_interface() {
     plugin.unload();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_vision_model_takes_images_through_the_plugin() {
+    use base64::Engine as _;
+    // A tiny random-weight Qwen3-VL with the real Qwen3 tokenizer (its vision tokens).
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::temp_dir().join(format!("pio-plugin-vision-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let fixture = root.join("testdata/synthetic/qwen3_vl");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).expect("config")).expect("json");
+    c["text_config"]["vocab_size"] = 151936.into();
+    for (k, v) in [("image_token_id", 151655), ("video_token_id", 151656), ("vision_start_token_id", 151652)] {
+        c[k] = v.into();
+    }
+    c["vision_end_token_id"] = 151653.into();
+    std::fs::write(dir.join("config.json"), c.to_string()).expect("config");
+    let tokenizer = root.join("crates/pio-model/tests/data/qwen3-tokenizer");
+    pio_model::synth::write_random_checkpoint(
+        &dir.join("config.json"),
+        Some(&tokenizer),
+        &dir.join("model"),
+        pio_kernels::DType::F32,
+        3,
+    )
+    .expect("synth");
+    let plugin = EnginePlugin::load(&dir.join("model"), &Default::default(), 64 << 20, 1024).expect("plugin loads");
+    let png = std::fs::read(fixture.join("image.png")).expect("image");
+    let image = plugin.image(&png).expect("an image");
+    assert!(plugin.image(b"not an image").is_err());
+    let greedy = RequestParams { max_tokens: Some(5), ignore_eos: true, ..Default::default() };
+
+    let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
+    let messages = [json!({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]})];
+    let chat = plugin.chat_completion(&messages, &greedy).expect("chat with an image");
+    let text_only = plugin
+        .chat_completion(&[json!({"role": "user", "content": "What is this?"})], &greedy)
+        .expect("chat without one");
+    // The image's tokens (the 64 x 96 image scaled up to the processor's minimum) are in the prompt.
+    assert!(
+        chat.prompt_tokens >= text_only.prompt_tokens + 60,
+        "{} vs {}",
+        chat.prompt_tokens,
+        text_only.prompt_tokens
+    );
+    assert_eq!(chat.token_ids.len(), 5);
+
+    // generate_text: the image goes before the text without a placeholder, or where one stands.
+    let with_image = RequestParams { images: vec![image.clone()], ..greedy.clone() };
+    let a = plugin.generate_text("Describe:", &with_image).expect("generate with an image");
+    let b = plugin.generate_text("<|vision_start|><|image_pad|><|vision_end|>Describe:", &with_image).expect("placed");
+    assert_eq!(a.token_ids, b.token_ids);
+    assert_eq!(a.prompt_tokens, b.prompt_tokens);
+    let far = json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]});
+    assert!(plugin.chat_completion(&[far], &greedy).is_err(), "no network fetches");
+    Box::new(plugin).unload();
+    let _ = std::fs::remove_dir_all(&dir);
+}

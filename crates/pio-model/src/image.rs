@@ -141,6 +141,21 @@ impl ImageProcessorConfig {
     }
 }
 
+/// The bytes of a `data:<type>;base64,<payload>` URL (whitespace in the payload ignored).
+pub fn data_url_bytes(url: &str) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(Error::Image("not a data: URL".into()));
+    };
+    let Some((_, payload)) = rest.split_once(";base64,") else {
+        return Err(Error::Image("an image data: URL must be base64 (data:image/png;base64,...)".into()));
+    };
+    let payload: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.as_bytes())
+        .map_err(|e| Error::Image(format!("the image data: URL is not valid base64: {e}")))
+}
+
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {

@@ -4,8 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use base64::Engine as _;
-use pio_model::image::{decode, preprocess, PixelValues};
+use pio_model::image::{data_url_bytes, decode, preprocess, PixelValues};
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -22,14 +21,8 @@ pub(crate) fn load_image(s: &AppState, url: &str) -> Result<Arc<PixelValues>, Ap
     let Some(vision) = &s.vision else {
         return Err(bad("this model takes no images".into()));
     };
-    let bytes = if let Some(rest) = url.strip_prefix("data:") {
-        let Some((_, payload)) = rest.split_once(";base64,") else {
-            return Err(bad("an image data: URL must be base64 (data:image/png;base64,...)".into()));
-        };
-        let payload: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(payload.as_bytes())
-            .map_err(|e| bad(format!("the image data: URL is not valid base64: {e}")))?
+    let bytes = if url.starts_with("data:") {
+        data_url_bytes(url).map_err(|e| bad(e.to_string()))?
     } else if let Some(path) = url.strip_prefix("file://") {
         read_local(vision.allowed_local_media_path.as_deref(), Path::new(path))?
     } else if url.starts_with("http://") || url.starts_with("https://") {
