@@ -203,11 +203,76 @@ pub fn silu_in_place_at(level: crate::cpu::SimdLevel, x: &mut [f32]) {
     }
 }
 
+/// GELU with the tanh approximation (`gelu_pytorch_tanh`), written as the equal
+/// `x * sigmoid(2z)`, `z = sqrt(2/pi) (x + 0.044715 x³)`: `0.5 (1 + tanh z) = sigmoid(2z)`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    x / (1.0 + (-GELU_2C * (x + 0.044715 * x * x * x)).exp())
+}
+
+/// `2 sqrt(2 / pi)`.
+const GELU_2C: f32 = 1.595_769_1;
+
+/// [`gelu_tanh`] in place (the vector `exp` as [`swiglu`]).
+pub fn gelu_tanh_in_place(x: &mut [f32]) {
+    gelu_tanh_in_place_at(crate::cpu::level(), x)
+}
+
+/// [`gelu_tanh_in_place`] at an explicit SIMD level.
+pub fn gelu_tanh_in_place_at(level: crate::cpu::SimdLevel, x: &mut [f32]) {
+    let done = match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has.
+        crate::cpu::SimdLevel::Avx512 => unsafe { simd::gelu_tanh_avx512(x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::cpu::SimdLevel::Avx2 => unsafe { simd::gelu_tanh_avx2(x) },
+        _ => 0,
+    };
+    for v in &mut x[done..] {
+        *v = gelu_tanh(*v);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
 
     use crate::math::x86::{exp256, exp512};
+
+    /// GELU (tanh) over whole vectors of 16; returns how many elements it did.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_tanh_avx512(x: &mut [f32]) -> usize {
+        let n = x.len() / 16 * 16;
+        let p = x.as_mut_ptr();
+        let (one, k, c) = (_mm512_set1_ps(1.0), _mm512_set1_ps(0.044715), _mm512_set1_ps(-super::GELU_2C));
+        let mut i = 0;
+        while i < n {
+            let v = _mm512_loadu_ps(p.add(i));
+            let cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+            let e = exp512(_mm512_mul_ps(c, _mm512_fmadd_ps(k, cube, v)));
+            _mm512_storeu_ps(p.add(i), _mm512_div_ps(v, _mm512_add_ps(one, e)));
+            i += 16;
+        }
+        n
+    }
+
+    /// GELU (tanh) over whole vectors of 8; returns how many elements it did.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gelu_tanh_avx2(x: &mut [f32]) -> usize {
+        let n = x.len() / 8 * 8;
+        let p = x.as_mut_ptr();
+        let (one, k, c) = (_mm256_set1_ps(1.0), _mm256_set1_ps(0.044715), _mm256_set1_ps(-super::GELU_2C));
+        let mut i = 0;
+        while i < n {
+            let v = _mm256_loadu_ps(p.add(i));
+            let cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+            let e = exp256(_mm256_mul_ps(c, _mm256_fmadd_ps(k, cube, v)));
+            _mm256_storeu_ps(p.add(i), _mm256_div_ps(v, _mm256_add_ps(one, e)));
+            i += 8;
+        }
+        n
+    }
 
     /// SwiGLU over whole vectors of 16; returns how many elements it did.
     #[target_feature(enable = "avx512f")]
@@ -443,6 +508,21 @@ mod tests {
             for (a, &b) in y.iter().zip(&x) {
                 let want = silu(b);
                 assert!((a - want).abs() <= 1e-6 * (1.0 + want.abs()), "{level:?} {b}: {a} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_levels_match_the_tanh_formula() {
+        // Against the textbook form, in f64: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+        let x: Vec<f32> = (0..1013).map(|i| (i as f32 - 500.0) * 0.03).chain([-200.0, 200.0]).collect();
+        for level in crate::cpu::SimdLevel::available() {
+            let mut y = x.clone();
+            gelu_tanh_in_place_at(level, &mut y);
+            for (a, &b) in y.iter().zip(&x) {
+                let v = b as f64;
+                let want = 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh());
+                assert!((*a as f64 - want).abs() <= 2e-6 * (1.0 + want.abs()), "{level:?} {b}: {a} vs {want}");
             }
         }
     }

@@ -277,7 +277,7 @@ impl VisionEncoder {
             let a = self.attention(b, &b.norm1.forward(&x), &cos, &sin, gh * gw);
             ops::add_in_place(&mut x, &a);
             let mut f = b.fc1.forward(&b.norm2.forward(&x));
-            f.iter_mut().for_each(|v| *v = gelu_tanh(*v));
+            ops::gelu_tanh_in_place(&mut f);
             ops::add_in_place(&mut x, &b.fc2.forward(&f));
             if let Some(k) = c.deepstack_visual_indexes.iter().position(|&d| d == i) {
                 deepstack.push((k, self.deepstack[k].forward(&x)));
@@ -466,12 +466,6 @@ fn linspace(side: usize, steps: usize) -> Vec<f32> {
     (0..steps).map(|i| if i < half { step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
 }
 
-/// GELU with the tanh approximation (`gelu_pytorch_tanh`).
-fn gelu_tanh(x: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
-    0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
-}
-
 /// Exact GELU, `x Φ(x)` (`nn.GELU()`); `erf` from `libm`, which std does not have.
 fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
@@ -499,7 +493,7 @@ mod tests {
     #[test]
     fn gelus_at_known_points() {
         assert!((gelu_erf(1.0) - 0.841_344_7).abs() < 1e-6);
-        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+        assert!((ops::gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
         assert_eq!(gelu_erf(0.0), 0.0);
     }
 }
