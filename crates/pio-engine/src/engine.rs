@@ -461,12 +461,14 @@ impl<'m> Engine<'m> {
         if !params.images.is_empty() && params.attention_window.is_some() {
             return Err(EngineError::Invalid("a streaming window (attention_window) cannot take images".into()));
         }
-        // Placeholders expanded, the vision tower run once per image (its features live as long
-        // as the request).
+        // Placeholders expanded, the request checked, then the vision tower run once per image
+        // (its features live as long as the request).
+        let images = std::mem::take(&mut params.images);
+        let limits = &self.limits;
         let (prompt, vision, images) =
-            crate::vision::prepare(self.model, prompt, &params.images, &mut self.image_features)?;
-        params.images = Vec::new();
-        self.validate(&prompt, &params)?;
+            crate::vision::prepare(self.model, prompt, &images, &mut self.image_features, |p| {
+                validate_request(limits, p, &params)
+            })?;
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
         let streaming = self.limits.streaming(&params)?;

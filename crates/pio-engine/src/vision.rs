@@ -114,17 +114,21 @@ impl FeatureCache {
     }
 }
 
-/// Readies a request's `images` for `model`: expands their placeholders in `prompt`, runs the
-/// vision tower over each (or takes its features from `cache`), and computes the prompt's
-/// rotary positions. A text prompt to any model passes through (`None`).
+/// Readies a request's `images` for `model`: expands their placeholders in `prompt`, has
+/// `check` look at the expanded prompt (before any encoding: a prompt too long for the context
+/// costs no vision tower), runs the tower over each image (or takes its features from `cache`),
+/// and computes the prompt's rotary positions. A text prompt to any model passes through
+/// (`None`).
 pub(crate) fn prepare(
     model: &dyn CausalLm,
     prompt: Vec<u32>,
     images: &[Arc<PixelValues>],
     cache: &mut FeatureCache,
+    check: impl FnOnce(&[u32]) -> Result<()>,
 ) -> Result<(Vec<u32>, Option<VisionInputs>, Vec<ImageSpan>)> {
     let Some(vision) = model.vision() else {
         if images.is_empty() {
+            check(&prompt)?;
             return Ok((prompt, None, Vec::new()));
         }
         return Err(EngineError::Invalid("this model takes no images".into()));
@@ -135,11 +139,13 @@ pub(crate) fn prepare(
         if prompt.contains(&token) {
             return Err(EngineError::Invalid("the prompt has image placeholders but no images were given".into()));
         }
+        check(&prompt)?;
         return Ok((prompt, None, Vec::new()));
     }
     let merge = c.spatial_merge_size;
     let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
     let prompt = expand_image_tokens(&prompt, token, &counts)?;
+    check(&prompt)?;
     let hashes: Vec<u64> = images.iter().map(|p| content_hash(p)).collect();
     let features = images
         .iter()

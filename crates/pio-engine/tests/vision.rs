@@ -156,6 +156,12 @@ fn bad_image_requests_are_errors() {
     assert!(err(&prompt, greedy(4, vec![]), &mut e).contains("no images"));
     assert!(err(&prompt, greedy(4, vec![px.clone(), px.clone()]), &mut e).contains("image"));
     assert!(err(&prompt[..9], greedy(4, vec![px.clone()]), &mut e).contains("placeholder"));
+    // The expanded prompt is checked against the context (before the tower runs).
+    let mut small = Engine::new(model, None, EngineConfig { max_model_len: 16, ..config(512) }).expect("engine");
+    let single: Vec<u32> =
+        prompt.iter().enumerate().filter(|&(i, &t)| t != 5 || prompt[i - 1] != 5).map(|(_, &t)| t).collect();
+    let e2 = small.add_request(single, greedy(1, vec![px.clone()])).expect_err("too long once expanded");
+    assert!(matches!(e2, pio_engine::EngineError::PromptTooLong { prompt: 18, .. }), "{e2}");
     let text = load("qwen3");
     let mut t = Engine::new(text.model.as_ref(), None, config(512)).expect("engine");
     assert!(err(&[1, 2, 3], greedy(4, vec![px]), &mut t).contains("takes no images"));

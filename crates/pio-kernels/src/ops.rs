@@ -211,7 +211,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 }
 
 /// `2 sqrt(2 / pi)`.
-const GELU_2C: f32 = 1.595_769_1;
+const GELU_2C: f32 = 2.0 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
 
 /// [`gelu_tanh`] in place (the vector `exp` as [`swiglu`]).
 pub fn gelu_tanh_in_place(x: &mut [f32]) {
