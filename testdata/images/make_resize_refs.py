@@ -16,5 +16,5 @@ for y in range(src.height):
         n = random.randint(-40, 40)
         px[x, y] = (max(0, min(255, r + n)), max(0, min(255, g - n)), max(0, min(255, b + n // 2)))
 src.save("resize_src.png")
-for w, h in [(224, 160), (64, 32), (96, 150)]:
+for w, h in [(224, 160), (64, 32), (96, 150), (160, 96)]:
     src.resize((w, h), Image.BICUBIC).save(f"resize_pil_{w}x{h}.png")

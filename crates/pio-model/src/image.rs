@@ -233,7 +233,8 @@ pub fn smart_resize(h: usize, w: usize, factor: usize, min_pixels: usize, max_pi
 
 /// Resizes with the antialiased bicubic filter torchvision's and PIL's bicubic resize use:
 /// Keys' cubic with a = −0.5, its support widened by the scale when shrinking, horizontal pass
-/// then vertical, each rounded to 8 bits with PIL's 22-bit fixed-point weights.
+/// then vertical (vertical first for a wider, shorter image, as Pillow 13), each rounded to 8
+/// bits with PIL's 22-bit fixed-point weights.
 ///
 /// Written here rather than taken from the `image` crate: its Catmull-Rom resize (the same
 /// kernel) keeps the intermediate in f32, and where the cubic overshoots (sharp edges, when
@@ -245,36 +246,42 @@ pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> Result<Rgb
     if (width, height) == (img.width, img.height) {
         return Ok(img.clone());
     }
-    // The horizontal pass's output, when there is one; the vertical pass reads it or `img`.
-    let mut wide = None;
-    if width != img.width {
-        let taps = Taps::new(img.width, width);
-        let mut out = vec![0u8; width * img.height * 3];
-        for (src, dst) in img.data.chunks_exact(img.width * 3).zip(out.chunks_exact_mut(width * 3)) {
-            for (x, px) in dst.chunks_exact_mut(3).enumerate() {
-                let (first, w) = taps.at(x);
-                for (c, v) in px.iter_mut().enumerate() {
-                    *v = taps.apply(w, |k| src[(first + k) * 3 + c]);
-                }
+    // Pillow (13) shrinks first when one axis grows and the other shrinks: a wider, shorter
+    // image takes its vertical pass first (measured against Pillow on every mix of directions).
+    if width > img.width && height < img.height {
+        return Ok(horizontal(&vertical(img, height), width));
+    }
+    let wide = if width != img.width { horizontal(img, width) } else { img.clone() };
+    Ok(if height != img.height { vertical(&wide, height) } else { wide })
+}
+
+/// `img` resampled to `width` columns (rows unchanged).
+fn horizontal(img: &RgbImage, width: usize) -> RgbImage {
+    let taps = Taps::new(img.width, width);
+    let mut out = vec![0u8; width * img.height * 3];
+    for (src, dst) in img.data.chunks_exact(img.width * 3).zip(out.chunks_exact_mut(width * 3)) {
+        for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+            let (first, w) = taps.at(x);
+            for (c, v) in px.iter_mut().enumerate() {
+                *v = taps.apply(w, |k| src[(first + k) * 3 + c]);
             }
         }
-        wide = Some(RgbImage { width, height: img.height, data: out });
     }
-    if height == img.height {
-        // Only the width changed (the sizes differ): the horizontal pass ran.
-        return wide.ok_or_else(|| Error::Image("resize: no pass ran".into()));
-    }
-    let src = wide.as_ref().unwrap_or(img);
+    RgbImage { width, height: img.height, data: out }
+}
+
+/// `img` resampled to `height` rows (columns unchanged).
+fn vertical(img: &RgbImage, height: usize) -> RgbImage {
     let taps = Taps::new(img.height, height);
-    let row = width * 3;
+    let row = img.width * 3;
     let mut out = vec![0u8; row * height];
     for (y, dst) in out.chunks_exact_mut(row).enumerate() {
         let (first, w) = taps.at(y);
         for (i, v) in dst.iter_mut().enumerate() {
-            *v = taps.apply(w, |k| src.data[(first + k) * row + i]);
+            *v = taps.apply(w, |k| img.data[(first + k) * row + i]);
         }
     }
-    Ok(RgbImage { width, height, data: out })
+    RgbImage { width: img.width, height, data: out }
 }
 
 /// PIL's resampling taps along one axis: for each output index, the first input index and
@@ -499,6 +506,28 @@ mod tests {
         assert_eq!(g, vec![1, 6, 4]);
     }
 
+    /// An image that `smart_resize` changes (151 x 101 -> 160 x 96: wider and shorter, which
+    /// Pillow resamples vertically first) gives what transformers' Qwen2-VL processor gives
+    /// (`testdata/images/make_processor_ref.py`, its PIL backend): the same grid and values.
+    #[test]
+    fn a_resized_image_gives_the_processor_pixel_values() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/images");
+        let cfg = ImageProcessorConfig::load(&fixture()).expect("config");
+        let px = preprocess(&open(&dir.join("resize_src.png")).expect("image"), &cfg).expect("preprocess");
+        let bytes = std::fs::read(dir.join("processor_resize_src.safetensors")).expect("reference");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let t = st.tensor("pixel_values").expect("pixel_values");
+        let want: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let grid = st.tensor("image_grid_thw").expect("grid");
+        let g: Vec<i64> =
+            grid.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
+        assert_eq!(g, vec![1, 6, 10]);
+        assert_eq!(px.grid, [1, 6, 10]);
+        assert_eq!(px.data.len(), want.len());
+        let worst = px.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "largest difference {worst}");
+    }
+
     #[test]
     fn resizing_keeps_flat_colours_and_sizes() {
         let img = RgbImage { width: 50, height: 30, data: [10u8, 200, 77].repeat(50 * 30) };
@@ -522,7 +551,7 @@ mod tests {
     fn resize_matches_pillow() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/images");
         let src = open(&dir.join("resize_src.png")).expect("source");
-        for (w, h) in [(224, 160), (64, 32), (96, 150)] {
+        for (w, h) in [(224, 160), (64, 32), (96, 150), (160, 96)] {
             let want = open(&dir.join(format!("resize_pil_{w}x{h}.png"))).expect("reference");
             let got = resize_bicubic(&src, w, h).expect("resize");
             assert_eq!((got.width, got.height), (want.width, want.height));
