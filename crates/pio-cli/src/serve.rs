@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// it they are refused). Images are never fetched over http(s).
     #[arg(long, value_name = "DIR")]
     pub allowed_local_media_path: Option<std::path::PathBuf>,
+    /// Most tokens one image may take once the image processor has sized it (a token per 32 x
+    /// 32 pixels for Qwen3-VL; 4096 is about 2048 x 2048); larger images are refused with 400.
+    #[arg(long, default_value_t = 4096)]
+    pub max_image_tokens: usize,
 }
 
 /// `1234`, `64KiB`, `512MiB`, `2GiB`, `1.5G` (binary units either way).
@@ -134,6 +138,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
                 placeholder: tokenizer.decode(&ids, false).context("the vision tokens of the tokenizer")?,
                 processor: v.processor().clone(),
                 allowed_local_media_path: a.allowed_local_media_path.clone(),
+                max_image_tokens: a.max_image_tokens,
             })
         }
     };

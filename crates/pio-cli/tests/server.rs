@@ -437,5 +437,10 @@ fn chat_with_image_parts() {
         assert_error(status, &v, 400, "invalid_request_error", what);
     }
     drop(server);
+    // An image taking more tokens than the server allows.
+    let small = Server::start(&model, &["--max-image-tokens", "16"]);
+    let (status, v) = small.post("/v1/chat/completions", &chat(&data_url, false));
+    assert_error(status, &v, 400, "invalid_request_error", "--max-image-tokens 16");
+    drop(small);
     let _ = std::fs::remove_dir_all(&dir);
 }

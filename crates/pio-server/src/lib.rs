@@ -50,6 +50,9 @@ pub struct VisionServing {
     /// `file://` image URLs are read only from under this directory (as vLLM's
     /// `--allowed-local-media-path`); `None` refuses them.
     pub allowed_local_media_path: Option<std::path::PathBuf>,
+    /// Most tokens one image may take once processed (its vision-tower time grows with their
+    /// square); larger images are refused.
+    pub max_image_tokens: usize,
 }
 
 /// Limits of the HTTP layer.

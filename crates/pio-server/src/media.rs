@@ -34,7 +34,15 @@ pub(crate) fn load_image(s: &AppState, url: &str) -> Result<Arc<PixelValues>, Ap
         return Err(bad(format!("image URLs of scheme {scheme:?} are not supported (data: or file://)")));
     };
     let img = decode(&bytes).map_err(|e| bad(e.to_string()))?;
-    Ok(Arc::new(preprocess(&img, &vision.processor).map_err(|e| bad(e.to_string()))?))
+    let pixels = preprocess(&img, &vision.processor).map_err(|e| bad(e.to_string()))?;
+    let tokens = pixels.num_tokens(vision.processor.merge_size);
+    if tokens > vision.max_image_tokens {
+        return Err(bad(format!(
+            "a {} x {} image takes {tokens} tokens, more than this server's --max-image-tokens {}: send a smaller image",
+            img.width, img.height, vision.max_image_tokens
+        )));
+    }
+    Ok(Arc::new(pixels))
 }
 
 /// The bytes of `path` if it lies under `allowed` (links resolved first).
