@@ -364,7 +364,7 @@ fn bench_image(
     let Some(pixels) = pixels else { bail!("no repeats") };
     let c = vision.config();
     let tokens = pixels.num_tokens(c.spatial_merge_size);
-    let mut prompt = vec![c.vision_start_token_id, c.image_token_id, c.vision_end_token_id];
+    let mut prompt = pio_engine::vision::missing_placeholders(c, &[], 1);
     prompt.extend_from_slice(text);
     let prompt_tokens = prompt.len() - 1 + tokens;
     let patches = pixels.num_patches();

@@ -236,9 +236,7 @@ fn expanded_len(loaded: &LoadedModel, ids: &[u32], images: &[Arc<PixelValues>]) 
 /// placeholder for (vision-language models; none otherwise).
 fn missing_image_placeholders(loaded: &LoadedModel, ids: &[u32], images: usize) -> Vec<u32> {
     let Some(v) = loaded.model.vision() else { return Vec::new() };
-    let c = v.config();
-    let runs = ids.iter().enumerate().filter(|&(i, &t)| t == c.image_token_id && (i == 0 || ids[i - 1] != t)).count();
-    (runs..images).flat_map(|_| [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]).collect()
+    pio_engine::vision::missing_placeholders(v.config(), ids, images)
 }
 
 /// The context a run gets: `--ctx-size`, else the model's length capped at 4096.

@@ -132,8 +132,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
         None => None,
         Some(v) => {
-            let c = v.config();
-            let ids = [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id];
+            let ids = pio_engine::vision::missing_placeholders(v.config(), &[], 1);
             Some(pio_server::VisionServing {
                 placeholder: tokenizer.decode(&ids, false).context("the vision tokens of the tokenizer")?,
                 processor: v.processor().clone(),

@@ -90,10 +90,10 @@ impl EnginePlugin {
         Ok(EnginePlugin { engine, tokenizer, defaults: loaded.generation, info: loaded.info, kv_cache_bytes, vision })
     }
 
-    /// `<|vision_start|><|image_pad|><|vision_end|>`, `n` times.
-    fn placeholders(&self, n: usize) -> Vec<u32> {
+    /// [`crate::vision::missing_placeholders`] (none for a text model).
+    fn placeholders(&self, ids: &[u32], images: usize) -> Vec<u32> {
         let Some((_, c)) = &self.vision else { return Vec::new() };
-        (0..n).flat_map(|_| [c.vision_start_token_id, c.image_token_id, c.vision_end_token_id]).collect()
+        crate::vision::missing_placeholders(c, ids, images)
     }
 
     /// `params` with the model's end-of-sequence tokens when the caller gave none.
@@ -137,13 +137,7 @@ impl EnginePlugin {
 impl ModelPlugin for EnginePlugin {
     fn generate_text(&self, prompt: &str, params: &RequestParams) -> Result<Completion> {
         let ids = self.tokenizer.encode(prompt, true)?;
-        let runs = match &self.vision {
-            Some((_, c)) => {
-                ids.iter().enumerate().filter(|&(i, &t)| t == c.image_token_id && (i == 0 || ids[i - 1] != t)).count()
-            }
-            None => 0,
-        };
-        let mut all = self.placeholders(params.images.len().saturating_sub(runs));
+        let mut all = self.placeholders(&ids, params.images.len());
         all.extend(ids);
         self.run(all, params)
     }
@@ -155,7 +149,7 @@ impl ModelPlugin for EnginePlugin {
             .ok_or_else(|| EngineError::Invalid("the model has no chat template".into()))?;
         let body = serde_json::json!({ "messages": messages });
         let placeholder = match self.vision {
-            Some(_) => Some(self.tokenizer.decode(&self.placeholders(1), false)?),
+            Some(_) => Some(self.tokenizer.decode(&self.placeholders(&[], 1), false)?),
             None => None,
         };
         let (request, urls) = ChatRequest::from_openai_json_with_images(&body, placeholder.as_deref())?;

@@ -5,6 +5,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use pio_model::config::VisionConfig;
 use pio_model::image::PixelValues;
 use pio_model::models::vision::{rope_positions, ImageFeatures};
 use pio_model::CausalLm;
@@ -31,6 +32,15 @@ impl VisionInputs {
             None => [(p as i64 + self.delta).max(0) as usize; 3],
         }
     }
+}
+
+/// `<|vision_start|><|image_pad|><|vision_end|>` for each of `images` images that `ids` holds
+/// no run of image tokens for: what goes before a prompt's text for the images it does not
+/// place itself.
+pub fn missing_placeholders(c: &VisionConfig, ids: &[u32], images: usize) -> Vec<u32> {
+    let t = c.image_token_id;
+    let runs = ids.iter().enumerate().filter(|&(i, &x)| x == t && (i == 0 || ids[i - 1] != t)).count();
+    (runs..images).flat_map(|_| [c.vision_start_token_id, t, c.vision_end_token_id]).collect()
 }
 
 /// `prompt` with each run of `image_token` made as long as its image's token count
@@ -99,8 +109,8 @@ impl FeatureCache {
         hash: u64,
         encode: impl FnOnce() -> pio_model::Result<ImageFeatures>,
     ) -> Result<Arc<ImageFeatures>> {
-        if let Some(i) = self.entries.iter().position(|(h, _)| *h == hash) {
-            let e = self.entries.remove(i).unwrap_or_else(|| unreachable!("found above"));
+        // The most recently used at the back.
+        if let Some(e) = self.entries.iter().position(|(h, _)| *h == hash).and_then(|i| self.entries.remove(i)) {
             let f = e.1.clone();
             self.entries.push_back(e);
             return Ok(f);

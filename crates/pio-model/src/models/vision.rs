@@ -69,9 +69,8 @@ struct VisionBlock {
 /// Merges each window of `merge²` patches into one token of the text model's width.
 #[derive(Debug)]
 struct Merger {
+    /// Over each patch, or (DeepStack's, as wide as `fc1`'s input) over the concatenated window.
     norm: LayerNorm,
-    /// The norm runs over the concatenated window (DeepStack) rather than over each patch.
-    postshuffle: bool,
     fc1: Linear,
     fc2: Linear,
 }
@@ -132,7 +131,6 @@ impl Merger {
         let wide = c.hidden_size * c.merge_unit();
         Ok(Merger {
             norm: LayerNorm::load(ckpt, &format!("{prefix}.norm"), if postshuffle { wide } else { c.hidden_size })?,
-            postshuffle,
             fc1: Linear::load(ckpt, &format!("{prefix}.linear_fc1"), wide, wide, true)?,
             fc2: Linear::load(ckpt, &format!("{prefix}.linear_fc2"), wide, c.out_hidden_size, true)?,
         })
@@ -141,9 +139,8 @@ impl Merger {
     /// `x`: `[patches, hidden]` in merge-window order -> `[windows, out_hidden]`. The rows of
     /// a window are consecutive, so `[patches, hidden]` is `[windows, merge² * hidden]` as it is.
     fn forward(&self, x: &[f32]) -> Vec<f32> {
+        // The norm's width decides: per patch or per window, the rows are the same values.
         let mut h = self.fc1.forward(&self.norm.forward(x));
-        // With `postshuffle` the norm ran over whole windows (its width says which).
-        debug_assert!(self.postshuffle == (self.norm.weight.len() == self.fc1.in_features()));
         h.iter_mut().for_each(|v| *v = gelu_erf(*v));
         self.fc2.forward(&h)
     }
@@ -352,16 +349,14 @@ impl VisionEncoder {
                     (y1 * side + x0, dy * (1.0 - dx)),
                     (y1 * side + x1, dy * dx),
                 ];
-                let out = &mut raster[(i * gw + j) * hid..(i * gw + j + 1) * hid];
                 // transformers sums the four weighted corners in this order.
-                let mut acc = vec![0f32; hid];
+                let out = &mut raster[(i * gw + j) * hid..(i * gw + j + 1) * hid];
                 for (k, (idx, w)) in corners.iter().enumerate() {
                     let e = &self.pos_embed[idx * hid..(idx + 1) * hid];
-                    for (a, &v) in acc.iter_mut().zip(e) {
-                        *a = if k == 0 { v * w } else { *a + v * w };
+                    for (o, &v) in out.iter_mut().zip(e) {
+                        *o = if k == 0 { v * w } else { *o + v * w };
                     }
                 }
-                out.copy_from_slice(&acc);
             }
         }
         let m = c.spatial_merge_size;
