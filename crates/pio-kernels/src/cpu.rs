@@ -1,5 +1,7 @@
 //! Which SIMD instruction sets the kernels may use: detected once, optionally capped by
-//! `PIO_SIMD=scalar|avx2|avx512` so every level can be tested and benchmarked on one machine.
+//! `PIO_SIMD=scalar|avx2|avx512|amx` so every level can be tested and benchmarked on one machine.
+//! `amx` is the AVX-512 level plus Intel's AMX tile multiplier ([`has_amx`]), the default where
+//! the CPU and the kernel offer it; `avx512` then means AVX-512 without AMX.
 
 use std::sync::OnceLock;
 
@@ -23,12 +25,12 @@ impl SimdLevel {
         }
     }
 
-    /// Parses `scalar`, `avx2` or `avx512`.
+    /// Parses `scalar`, `avx2`, `avx512` or `amx` (the AVX-512 level, with [`has_amx`]).
     pub fn parse(s: &str) -> Option<SimdLevel> {
         match s.trim().to_ascii_lowercase().as_str() {
             "scalar" => Some(SimdLevel::Scalar),
             "avx2" => Some(SimdLevel::Avx2),
-            "avx512" => Some(SimdLevel::Avx512),
+            "avx512" | "amx" => Some(SimdLevel::Avx512),
             _ => None,
         }
     }
@@ -69,10 +71,10 @@ pub fn level() -> SimdLevel {
     *L.get_or_init(|| match std::env::var("PIO_SIMD") {
         Err(_) => detected(),
         Ok(v) => match SimdLevel::parse(&v) {
-            Some(l) if l <= detected() => l,
+            Some(l) if l <= detected() && (!v.trim().eq_ignore_ascii_case("amx") || amx_detected()) => l,
             _ => {
                 eprintln!(
-                    "warning: PIO_SIMD={v:?} is not one of scalar|avx2|avx512 this CPU runs; using {}",
+                    "warning: PIO_SIMD={v:?} is not one of scalar|avx2|avx512|amx this CPU runs; using {}",
                     detected().name()
                 );
                 detected()
@@ -90,6 +92,52 @@ pub fn has_avx512_vnni() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Intel's AMX tiles with BF16 products (`tdpbf16ps`: a 16 x 16 tile of f32 sums of 32 bf16
+/// products per instruction) are available to the kernels: the CPU has AMX-TILE and AMX-BF16,
+/// Linux granted this process the tile state, the level is AVX-512 (with BF16) and `PIO_SIMD`
+/// is unset or `amx`.
+pub fn has_amx() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        let asked = match std::env::var("PIO_SIMD") {
+            Err(_) => true,
+            Ok(v) => v.trim().eq_ignore_ascii_case("amx"),
+        };
+        asked && level() == SimdLevel::Avx512 && amx_detected()
+    })
+}
+
+/// The CPU has AMX-TILE and AMX-BF16 (and AVX-512 BF16) and the kernel lets this process use
+/// them: Linux (5.16 and later) hands out the 8 KiB tile state only to a process that asks for
+/// it (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), for all its threads. Without
+/// that the first tile instruction faults (llama.cpp's AMX kernels die so on such a VM), so
+/// nothing uses AMX unless the request succeeded.
+pub(crate) fn amx_detected() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            if detected() < SimdLevel::Avx512 || !has_avx512_bf16() {
+                return false;
+            }
+            // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512, checked first.
+            #[allow(unused_unsafe)]
+            let leaf7 = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
+            let (bf16, tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
+            if !tile || !bf16 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: arch_prctl with this request only changes which XSAVE features the
+            // process may use; it reads no memory of ours.
+            unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
 }
 
 /// AVX-512 BF16 (`vdpbf16ps`) is available.

@@ -19,12 +19,20 @@ pub struct WeightView<'a> {
     pub layout: Layout,
     /// BF16 only: multiply bf16-rounded activations where the CPU can ([`float::bf16_activations`]).
     pub bf16_activations: bool,
+    /// Every product of this matrix has many tokens (a vision tower's, which has no decode):
+    /// with `bf16_activations`, BF16 may then run on AMX tiles ([`float::bf16_on_amx`]), 3x
+    /// the products of the AVX-512 kernels. Not for matrices that also decode: AMX's sums
+    /// differ in the last bits from the other kernels', so for batch invariance a decode would
+    /// have to run on the tiles too, and one token streams slower through them than through
+    /// FMAs (Qwen3-0.6B-shaped BF16 decode 13.2-14.0 -> 8.2-9.1 tok/s, 512-token prefill
+    /// 92-96 -> 119-131).
+    pub prefill_only: bool,
 }
 
 impl<'a> WeightView<'a> {
     /// A matrix of rows in GGML's layout.
     pub fn rows(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> WeightView<'a> {
-        WeightView { dtype, rows, cols, data, layout: Layout::Rows, bf16_activations: false }
+        WeightView { dtype, rows, cols, data, layout: Layout::Rows, bf16_activations: false, prefill_only: false }
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -165,6 +173,15 @@ fn matmul_multi_into(
     unsafe { matmul_multi_raw(level, ws, input_of, inputs, outs) }
 }
 
+/// One input's activations as the matrices reading it take them: quantized to 8 bits, rounded
+/// to bf16 (token-major, or transposed by pairs for AMX), or f32 laid out even/odd.
+struct Prepared {
+    acts: Vec<Q8Block>,
+    xb: Vec<u16>,
+    xeo: Vec<f32>,
+    xt: Option<float::Bf16Pairs>,
+}
+
 /// The products, written to `outs[i]` = (address, length) of output `i`; returns only after
 /// every value of every output has been written.
 ///
@@ -201,20 +218,24 @@ unsafe fn matmul_multi_raw(
         }
         return;
     }
-    // Per input: Q8 activations, bf16 activations and even/odd f32 ones, made only when some
-    // matrix needs them.
-    let prepared: Vec<(Vec<Q8Block>, Vec<u16>, Vec<f32>)> = inputs
+    // Per input: Q8 activations, bf16 activations (token-major, or by pairs for AMX) and
+    // even/odd f32 ones, made only when some matrix needs them.
+    let on_amx = |w: &WeightView<'_>| {
+        w.dtype == DType::BF16 && w.bf16_activations && w.prefill_only && float::bf16_on_amx(level, w.cols)
+    };
+    let prepared: Vec<Prepared> = inputs
         .iter()
         .enumerate()
         .map(|(i, &(x, _))| {
             let users = || ws.iter().zip(input_of).filter(move |(_, &j)| j == i).map(|(w, _)| w);
             let acts =
                 if users().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
-            let xb = if users().any(|w| float::bf16_activations(level, w.dtype, w.bf16_activations)) {
+            let xb = if users().any(|w| float::bf16_activations(level, w.dtype, w.bf16_activations) && !on_amx(w)) {
                 float::to_bf16(x)
             } else {
                 Vec::new()
             };
+            let xt = users().find(|w| on_amx(w)).map(|w| float::to_bf16_pairs(x, inputs[i].1, w.cols));
             let xeo = match users().find(|w| {
                 float::even_odd_activations(level, w.dtype)
                     && !float::bf16_activations(level, w.dtype, w.bf16_activations)
@@ -222,7 +243,7 @@ unsafe fn matmul_multi_raw(
                 Some(w) => float::to_even_odd(level, x, inputs[i].1, w.cols),
                 None => Vec::new(),
             };
-            (acts, xb, xeo)
+            Prepared { acts, xb, xeo, xt }
         })
         .collect();
     // Unit `u` of the split is row group `u - starts[i]` of matrix `i`.
@@ -239,7 +260,7 @@ unsafe fn matmul_multi_raw(
     let tile = |i: usize, (t0, t1): (usize, usize), (ra, rz): (usize, usize), out: &mut [f32], ldo: usize| {
         let w = &ws[i];
         let (x, _) = inputs[input_of[i]];
-        let (acts, xb, xeo) = &prepared[input_of[i]];
+        let Prepared { acts, xb, xeo, xt } = &prepared[input_of[i]];
         let (cols, nb) = (w.cols, w.cols / 32);
         let rows = match w.layout {
             Layout::Rows => &w.data[ra * w.row_bytes()..rz * w.row_bytes()],
@@ -252,6 +273,8 @@ unsafe fn matmul_multi_raw(
         if dot::uses_q8_activations(w.dtype) {
             let acts = &acts[t0 * nb..t1 * nb];
             dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, ldo);
+        } else if let Some(xt) = xt.as_ref().filter(|_| on_amx(w)) {
+            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo);
         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
             float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         } else if float::even_odd_activations(level, w.dtype) {
@@ -390,6 +413,53 @@ mod tests {
     }
 
     #[test]
+    fn prefill_only_bf16_runs_on_amx_batch_invariant_and_close() {
+        let level = SimdLevel::Avx512;
+        if !float::bf16_on_amx(level, 64) {
+            eprintln!("skipped: no AMX-BF16 here (or PIO_SIMD caps it)");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        // A small matrix (tokens split across threads) and a larger one (rows split), with a
+        // last partial row group; then a width AMX does not take (the AVX-512 BF16 kernel).
+        for (rows, cols, n) in [(40, 64, 150), (300, 2048, 70), (24, 48, 20)] {
+            let data = stored(&mut rng, DType::BF16, rows, cols);
+            let w = WeightView {
+                bf16_activations: true,
+                prefill_only: true,
+                ..WeightView::rows(DType::BF16, rows, cols, &data)
+            };
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut all = vec![0f32; n * rows];
+            matmul_at(level, w, &x, n, &mut all);
+            for t in [0, n / 2, n - 1] {
+                let mut one = vec![0f32; rows];
+                matmul_at(level, w, &x[t * cols..(t + 1) * cols], 1, &mut one);
+                // Rounded to bf16 where the matrix runs on AMX (or `vdpbf16ps`), else f32.
+                let xt = &x[t * cols..(t + 1) * cols];
+                let xr: Vec<f32> =
+                    if float::bf16_on_amx(level, cols) || float::bf16_activations(level, DType::BF16, true) {
+                        float::to_bf16(xt).iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
+                    } else {
+                        xt.to_vec()
+                    };
+                for r in 0..rows {
+                    let got = all[t * rows + r];
+                    assert_eq!(got.to_bits(), one[r].to_bits(), "{rows} x {cols}: ({r}, {t}) alone");
+                    let want = w.row(r).chunks_exact(2).zip(&xr).map(|(b, &v)| {
+                        f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64 * v as f64
+                    });
+                    let want: f64 = want.sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * cols as f64,
+                        "{rows} x {cols}: ({r}, {t}) {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matrices_with_their_own_inputs_equal_each_alone() {
         // The experts of a mixture: different widths, token counts and formats in one pass.
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -441,7 +511,7 @@ mod tests {
                 let view = |i: usize, layout: Layout| {
                     let (dtype, rows, cols) = shapes[i];
                     let data = if layout == Layout::Rows { &datas[i] } else { &packed[i] };
-                    WeightView { dtype, rows, cols, data, layout, bf16_activations: false }
+                    WeightView { dtype, rows, cols, data, layout, bf16_activations: false, prefill_only: false }
                 };
                 for i in 0..shapes.len() {
                     let (mut a, mut b) = (vec![0f32; n * shapes[i].1], vec![0f32; n * shapes[i].1]);

@@ -189,6 +189,87 @@ pub fn bf16_activations(level: SimdLevel, dtype: DType, wanted: bool) -> bool {
     wanted && has_bf16_dot(level, dtype) && crate::cpu::fast_bf16_dot()
 }
 
+/// Whether BF16 rows of `cols` columns can run on AMX tiles at `level` ([`gemm_bf16_amx`], which
+/// takes [`to_bf16_pairs`]): AMX is on ([`crate::cpu::has_amx`]) and the width a multiple of 32.
+/// [`crate::matmul`] uses them for matrices that ask for bf16 activations and have no one-token
+/// products ([`crate::matmul::WeightView::prefill_only`]).
+pub fn bf16_on_amx(level: SimdLevel, cols: usize) -> bool {
+    level == SimdLevel::Avx512 && crate::cpu::has_amx() && cols.is_multiple_of(32) && cols > 0
+}
+
+/// Activations rounded to bf16 and transposed by pairs of columns for [`gemm_bf16_amx`]
+/// ([`to_bf16_pairs`]).
+pub struct Bf16Pairs {
+    buf: Vec<u32>,
+    /// Where the first pair row starts in `buf`: 64-byte aligned.
+    start: usize,
+    /// Tokens per pair row: the tokens rounded up to 16, so every tile row (16 tokens) is one
+    /// aligned cache line (a tile load of lines split across two ran at half the speed).
+    pub(crate) stride: usize,
+    pub(crate) ntok: usize,
+    pub(crate) cols: usize,
+}
+
+impl Bf16Pairs {
+    /// Pair row `p` (columns `2p`, `2p + 1`) of tokens `t..`.
+    pub(crate) fn at(&self, p: usize, t: usize) -> *const u32 {
+        self.buf[self.start + p * self.stride + t..].as_ptr()
+    }
+}
+
+/// `x` (`ntok` tokens of `cols` values, token-major) rounded to bf16 and transposed by pairs of
+/// columns: pair row `p` holds columns `2p` (low half) and `2p + 1` of every token, then zeros
+/// up to a multiple of 16 tokens.
+pub fn to_bf16_pairs(x: &[f32], ntok: usize, cols: usize) -> Bf16Pairs {
+    assert!(cols.is_multiple_of(2) && x.len() == ntok * cols, "{ntok} tokens of {cols} columns");
+    let stride = ntok.next_multiple_of(16);
+    let mut buf = vec![0u32; cols / 2 * stride + 16];
+    let start = (16 - (buf.as_ptr() as usize / 4) % 16) % 16;
+    buf.truncate(start + cols / 2 * stride);
+    let out = &mut buf[start..];
+    #[cfg(target_arch = "x86_64")]
+    if cols.is_multiple_of(32) && crate::cpu::level() == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16() {
+        // SAFETY: the CPU has AVX-512 F and BF16 (checked); `out` is aligned and sized above.
+        unsafe { crate::dot::amx::bf16_pairs(x, ntok, cols, out, stride) };
+        return Bf16Pairs { buf, start, stride, ntok, cols };
+    }
+    // Blocks of 16 tokens x 16 pairs, so both the reads and the writes run along lines.
+    for t0 in (0..ntok).step_by(16) {
+        for p0 in (0..cols / 2).step_by(16) {
+            for t in t0..(t0 + 16).min(ntok) {
+                let row = &x[t * cols..(t + 1) * cols];
+                for p in p0..(p0 + 16).min(cols / 2) {
+                    let lo = half::bf16::from_f32(row[2 * p]).to_bits();
+                    let hi = half::bf16::from_f32(row[2 * p + 1]).to_bits();
+                    out[p * stride + t] = lo as u32 | (hi as u32) << 16;
+                }
+            }
+        }
+    }
+    Bf16Pairs { buf, start, stride, ntok, cols }
+}
+
+/// [`gemm_bf16`] on AMX tiles, where [`bf16_on_amx`] says: BF16 rows `w` times tokens `t0..t1`
+/// of `xt`, `out[(t - t0) * ldo + r]`.
+pub fn gemm_bf16_amx(
+    level: SimdLevel,
+    w: &[u8],
+    nrows: usize,
+    xt: &Bf16Pairs,
+    tokens: (usize, usize),
+    out: &mut [f32],
+    ldo: usize,
+) {
+    assert!(nrows > 0 && w.len().is_multiple_of(nrows) && bf16_on_amx(level, w.len() / nrows / 2));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `bf16_on_amx` checked `has_amx()` (the CPU and the OS); `gemm_bf16` checks shapes.
+    unsafe {
+        crate::dot::amx::gemm_bf16(w, nrows, xt, tokens, out, ldo)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX is x86-64 only: {} {:?} {} {}", xt.ntok, tokens, out.len(), ldo)
+}
+
 /// Whether [`gemm_bf16`] can run at `level`: BF16 rows, AVX-512 with BF16.
 pub fn has_bf16_dot(level: SimdLevel, dtype: DType) -> bool {
     dtype == DType::BF16 && level == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16()
@@ -839,6 +920,76 @@ mod tests {
                     gemm_even_odd(level, &w, rows, &xp, ntok, &mut got, rows);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_pairs_hold_each_tokens_rounded_pairs() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+        for (ntok, cols) in [(1, 32), (5, 64), (16, 96), (37, 1024), (3, 34)] {
+            let x: Vec<f32> = (0..ntok * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let xt = to_bf16_pairs(&x, ntok, cols);
+            assert!(xt.stride >= ntok && xt.stride.is_multiple_of(16));
+            for t in 0..ntok {
+                for p in 0..cols / 2 {
+                    let want = to_bf16(&x[t * cols + 2 * p..t * cols + 2 * p + 2]);
+                    // SAFETY: `at` points inside the pairs for p < cols / 2, t < ntok.
+                    let got = unsafe { *xt.at(p, t) };
+                    assert_eq!(got, want[0] as u32 | (want[1] as u32) << 16, "{ntok} x {cols}: pair {p} of token {t}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn amx_bf16_gemm_matches_the_reference_and_is_batch_invariant() {
+        let level = SimdLevel::Avx512;
+        if !bf16_on_amx(level, 32) {
+            eprintln!("skipped: no AMX-BF16 here (or PIO_SIMD caps it)");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        for (cols, rows, ntok) in [(32, 1, 1), (64, 13, 5), (96, 37, 37), (1024, 16, 16), (256, 64, 70), (160, 33, 3)] {
+            let (w, x) = random_tile(&mut rng, DType::BF16, rows, ntok, cols);
+            let rb = w.len() / rows;
+            let xr: Vec<f32> = to_bf16(&x).iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+            let xt = to_bf16_pairs(&x, ntok, cols);
+            // An output stride past the rows, and an output that ends at the last row.
+            let ldo = rows + 3;
+            let mut whole = vec![f32::NAN; (ntok - 1) * ldo + rows];
+            gemm_bf16_amx(level, &w, rows, &xt, (0, ntok), &mut whole, ldo);
+            for t in 0..ntok {
+                for r in 0..rows {
+                    let want = quant::dot_row(DType::BF16, &w[r * rb..(r + 1) * rb], &xr[t * cols..(t + 1) * cols]);
+                    let got = whole[t * ldo + r];
+                    assert!((got - want).abs() <= 1e-5 * cols as f32, "{cols} cols ({r}, {t}): {got} vs {want}");
+                }
+                for r in rows..ldo.min(whole.len() - t * ldo) {
+                    assert!(whole[t * ldo + r].is_nan(), "wrote past row {rows} of token {t}");
+                }
+            }
+            // Each token alone, each row alone, and a later range of the tokens with whole row
+            // groups: the same bits.
+            for t in 0..ntok {
+                let one_t = to_bf16_pairs(&x[t * cols..(t + 1) * cols], 1, cols);
+                let mut out = vec![0f32; rows];
+                gemm_bf16_amx(level, &w, rows, &one_t, (0, 1), &mut out, rows);
+                for r in 0..rows {
+                    assert_eq!(out[r].to_bits(), whole[t * ldo + r].to_bits(), "{cols} cols: token {t} alone, row {r}");
+                    let mut single = [0f32];
+                    gemm_bf16_amx(level, &w[r * rb..(r + 1) * rb], 1, &one_t, (0, 1), &mut single, 1);
+                    assert_eq!(single[0].to_bits(), out[r].to_bits(), "{cols} cols: ({r}, {t}) alone");
+                }
+            }
+            let (t0, r0) = (ntok / 3, rows / 16 / 2 * 16);
+            let mut part = vec![0f32; (ntok - t0) * (rows - r0)];
+            gemm_bf16_amx(level, &w[r0 * rb..], rows - r0, &xt, (t0, ntok), &mut part, rows - r0);
+            for t in t0..ntok {
+                for r in r0..rows {
+                    let got = part[(t - t0) * (rows - r0) + r - r0];
+                    assert_eq!(got.to_bits(), whole[t * ldo + r].to_bits(), "{cols} cols: ({r}, {t}) in a part");
                 }
             }
         }

@@ -11,6 +11,8 @@
 //! pair sits in it. A token's result is therefore bitwise the same alone, in any batch, and
 //! under any prefill chunking (at a given SIMD level).
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod float;
 pub mod kquants;
 pub mod legacy;

@@ -17,17 +17,24 @@ pub struct Linear {
     /// (see [`pio_kernels::dot::float::bf16_activations`]); chosen at load
     /// ([`crate::LoadOptions::bf16_activations`]).
     pub bf16_activations: bool,
+    /// Every product has many tokens: a vision tower's matrices (see
+    /// [`pio_kernels::matmul::WeightView::prefill_only`]).
+    pub prefill_only: bool,
 }
 
 impl Linear {
     /// A projection with f32 activations.
     pub fn new(weight: Tensor, bias: Option<Vec<f32>>) -> Linear {
-        Linear { weight, bias, bf16_activations: false }
+        Linear { weight, bias, bf16_activations: false, prefill_only: false }
     }
 
     /// The weight as the kernels take it.
     pub fn view(&self) -> matmul::WeightView<'_> {
-        matmul::WeightView { bf16_activations: self.bf16_activations, ..self.weight.matrix() }
+        matmul::WeightView {
+            bf16_activations: self.bf16_activations,
+            prefill_only: self.prefill_only,
+            ..self.weight.matrix()
+        }
     }
 
     /// Takes `{prefix}.weight` (and `{prefix}.bias` when `bias`) from the checkpoint.

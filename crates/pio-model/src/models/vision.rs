@@ -200,7 +200,7 @@ impl VisionEncoder {
         let deepstack = (0..c.deepstack_visual_indexes.len())
             .map(|i| Merger::load(ckpt, &format!("{prefix}.deepstack_merger_list.{i}"), c, true))
             .collect::<Result<Vec<_>>>()?;
-        Ok(VisionEncoder {
+        let mut tower = VisionEncoder {
             config: c.clone(),
             processor,
             patch_embed,
@@ -209,7 +209,13 @@ impl VisionEncoder {
             merger,
             deepstack,
             inv_freq: ops::rope_inv_freq(ROPE_THETA, c.head_dim() / 2),
-        })
+        };
+        // Every product of the tower has an image's patches as its tokens (no decode), so its
+        // BF16 matrices may run on AMX tiles.
+        for l in tower.linears_mut() {
+            l.prefill_only = true;
+        }
+        Ok(tower)
     }
 
     pub fn config(&self) -> &VisionConfig {

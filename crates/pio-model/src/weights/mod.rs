@@ -167,7 +167,15 @@ impl Tensor {
         let cols = self.shape.last().copied().unwrap_or(1);
         let layout = if self.is_rows() { Layout::Rows } else { Layout::Interleaved };
         let rows = self.numel() / cols.max(1);
-        WeightView { dtype: self.dtype, rows, cols, data: self.bytes(), layout, bf16_activations: false }
+        WeightView {
+            dtype: self.dtype,
+            rows,
+            cols,
+            data: self.bytes(),
+            layout,
+            bf16_activations: false,
+            prefill_only: false,
+        }
     }
 }
 
