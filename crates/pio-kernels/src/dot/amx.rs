@@ -145,6 +145,8 @@ pub(crate) unsafe fn gemm_bf16(
     let rb = w.len() / nrows;
     let cols = rb / 2;
     assert!(w.len() == nrows * rb && cols.is_multiple_of(32) && cols > 0, "{nrows} rows of {rb} bytes");
+    // Tile rows of 16 tokens from `t0 + 16 k` stay inside the pairs: `to_bf16_pairs` puts 16
+    // zeros after the last row.
     assert!(t0 < t1 && t1 <= xt.ntok && xt.cols == cols, "tokens {t0}..{t1} of {} x {}", xt.ntok, xt.cols);
     assert!(ldo >= nrows && out.len() >= (t1 - t0 - 1) * ldo + nrows);
     // A last group of fewer than 16 rows is read from a zero-padded copy: tile loads read all 16.

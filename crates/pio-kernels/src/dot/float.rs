@@ -219,14 +219,16 @@ impl Bf16Pairs {
 
 /// `x` (`ntok` tokens of `cols` values, token-major) rounded to bf16 and transposed by pairs of
 /// columns: pair row `p` holds columns `2p` (low half) and `2p + 1` of every token, then zeros
-/// up to a multiple of 16 tokens.
+/// up to a multiple of 16 tokens; 16 more zeros follow the last row.
 pub fn to_bf16_pairs(x: &[f32], ntok: usize, cols: usize) -> Bf16Pairs {
     assert!(cols.is_multiple_of(2) && x.len() == ntok * cols, "{ntok} tokens of {cols} columns");
     let stride = ntok.next_multiple_of(16);
-    let mut buf = vec![0u32; cols / 2 * stride + 16];
+    // 16 zeros after the last row: a tile row of 16 tokens from any token reads inside.
+    let len = cols / 2 * stride + 16;
+    let mut buf = vec![0u32; len + 15];
     let start = (16 - (buf.as_ptr() as usize / 4) % 16) % 16;
-    buf.truncate(start + cols / 2 * stride);
-    let out = &mut buf[start..];
+    buf.truncate(start + len);
+    let out = &mut buf[start..start + cols / 2 * stride];
     #[cfg(target_arch = "x86_64")]
     if cols.is_multiple_of(32) && crate::cpu::level() == SimdLevel::Avx512 && crate::cpu::has_avx512_bf16() {
         // SAFETY: the CPU has AVX-512 F and BF16 (checked); `out` is aligned and sized above.
