@@ -1,8 +1,8 @@
 //! Throughput of `matmul` per weight format and SIMD level, at Qwen3-0.6B's MLP shape
 //! (3072 x 1024): decode (1 token, bandwidth-bound: GB/s of weights) and prefill (64 tokens,
 //! compute-bound: GMAC/s). `BF16xbf16`: BF16 weights times bf16-rounded activations, on AMX
-//! tiles where the CPU has them (as a vision tower's matrices). `cargo bench -p pio-kernels --bench matmul [-- FILTER]`; threads
-//! follow `PIO_THREADS`.
+//! tiles where the CPU has them (as a vision tower's matrices).
+//! `cargo bench -p pio-kernels --bench matmul [-- FILTER]`; threads follow `PIO_THREADS`.
 
 use std::hint::black_box;
 
@@ -28,14 +28,26 @@ fn weights(dtype: DType) -> Vec<u8> {
 fn bench(c: &mut Criterion) {
     // BF16 twice: with f32 activations, and with bf16 ones where the CPU multiplies those
     // faster (`vdpbf16ps` on AMD; AMX tiles on Intel, as the vision tower's matrices).
-    let formats =
-        [DType::BF16, DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q4_K];
-    for (i, dtype) in formats.into_iter().chain([DType::Q6_K]).enumerate() {
+    let formats = [
+        DType::BF16,
+        DType::BF16,
+        DType::F16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q4_K,
+        DType::Q6_K,
+    ];
+    for (i, dtype) in formats.into_iter().enumerate() {
         let data = weights(dtype);
         let bf16_act = i == 1;
-        let w = WeightView { bf16_activations: bf16_act, ..WeightView::rows(dtype, ROWS, COLS, &data) };
-        // AMX too where the CPU has it (what a vision tower's BF16 matrices run on).
-        let w = WeightView { prefill_only: bf16_act, ..w };
+        // `prefill_only`: AMX too where the CPU has it (as a vision tower's BF16 matrices).
+        let w = WeightView {
+            bf16_activations: bf16_act,
+            prefill_only: bf16_act,
+            ..WeightView::rows(dtype, ROWS, COLS, &data)
+        };
         let name = if bf16_act { "BF16xbf16".to_string() } else { dtype.to_string() };
         for n in [1usize, 64] {
             let mut g = c.benchmark_group(format!("matmul_{name}_n{n}"));
