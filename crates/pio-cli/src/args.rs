@@ -50,6 +50,11 @@ pub struct ModelArgs {
     /// A GGUF file or a Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// The vision file (mmproj GGUF) of a vision-language GGUF model, as llama.cpp's --mmproj.
+    /// Unset: `mmproj-<model file name>` beside the model when there is one (what `pio synth`
+    /// and `pio quantize` write), else text only.
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
     /// Print the architecture, parameter count, weight types and memory used.
     #[arg(long)]
     pub verbose: bool,
@@ -122,6 +127,7 @@ impl ModelArgs {
                 direct_io: true,
                 resident_layers: self.resident_layers,
             },
+            mmproj: self.mmproj.clone(),
         }
     }
 

@@ -348,7 +348,7 @@ fn bench_image(
     text: &[u32],
 ) -> Result<ImageBench> {
     let model = loaded.model.as_ref();
-    let Some(vision) = model.vision() else { bail!("--image: this model takes no images") };
+    let Some(vision) = model.vision() else { bail!("--image: {}", crate::commands::no_images(loaded)) };
     let img = pio_model::image::open(path)?;
     let (mut preprocess_s, mut encode_s) = (f64::INFINITY, f64::INFINITY);
     let mut pixels = None;

@@ -58,6 +58,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 bytes as f64 / 1e6,
                 start.elapsed().as_secs_f64()
             );
+            let mmproj = pio_model::mmproj::default_path(&a.out);
+            if a.out.is_file() && mmproj.is_file() {
+                let mb = std::fs::metadata(&mmproj).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
+                eprintln!("wrote {} (the vision tower, llama.cpp's mmproj): {mb:.1} MB", mmproj.display());
+            }
             Ok(())
         }
         Command::ChatTemplate(a) => {
@@ -207,13 +212,22 @@ fn resolve_params(s: &SamplingArgs, loaded: &LoadedModel) -> GenerateParams {
     }
 }
 
+/// Why `loaded` takes no images, for an error message.
+pub(crate) fn no_images(loaded: &LoadedModel) -> String {
+    if loaded.info.arch == "qwen3vl" {
+        "this Qwen3-VL GGUF model was loaded without its vision file: pass --mmproj PATH (its mmproj GGUF)".into()
+    } else {
+        "this model takes no images (text only)".into()
+    }
+}
+
 /// The images at `paths`, decoded and laid out by `loaded`'s image processor (an error for a
 /// model without a vision tower).
 fn load_images(loaded: &LoadedModel, paths: &[PathBuf]) -> Result<Vec<Arc<PixelValues>>> {
     if paths.is_empty() {
         return Ok(Vec::new());
     }
-    let vision = loaded.model.vision().context("--image: this model takes no images (text only)")?;
+    let vision = loaded.model.vision().with_context(|| format!("--image: {}", no_images(loaded)))?;
     paths
         .iter()
         .map(|p| {

@@ -22,5 +22,8 @@ pub fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
         summary.file_bytes as f64 / 1e6,
         start.elapsed().as_secs_f64()
     );
+    if let Some((path, bytes)) = &summary.mmproj {
+        eprintln!("wrote {} (the vision tower, llama.cpp's mmproj): {:.1} MB", path.display(), *bytes as f64 / 1e6);
+    }
     Ok(())
 }

@@ -479,6 +479,54 @@ fn images_on_the_command_line() {
 }
 
 #[test]
+fn gguf_pair_with_mmproj_on_the_command_line() {
+    // `pio quantize` writes the fixture as llama.cpp's pair (text model + mmproj); `pio generate
+    // --mmproj` on it gives transformers' greedy tokens of the image prompt, and the text file
+    // without its vision file says what is missing.
+    let dir = std::env::temp_dir().join(format!("pio-cli-mmproj-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = dir.join("vl.gguf");
+    let (text_s, model) = (text.to_str().expect("path"), fixture("qwen3_vl"));
+    let o = pio(&["quantize", "--model", model.to_str().expect("path"), "--quant", "f32", "--out", text_s], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("mmproj-vl.gguf"), "{}", stderr(&o));
+    let mmproj = dir.join("vision.gguf");
+    std::fs::rename(dir.join("mmproj-vl.gguf"), &mmproj).expect("rename");
+
+    let bytes = reference("qwen3_vl");
+    let r = SafeTensors::deserialize(&bytes).expect("reference");
+    let ids = ids_of(&r, "image_input_ids");
+    let want = ids_of(&r, "image_greedy_ids");
+    let image = model.join("image.png");
+    let args = [
+        "generate",
+        "--model",
+        text_s,
+        "--image",
+        image.to_str().expect("path"),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--prompt-ids",
+        &csv(&ids),
+        "--max-tokens",
+        &want.len().to_string(),
+    ];
+    let o = pio(&[&args[..], &["--mmproj", mmproj.to_str().expect("path")]].concat(), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    let got: Vec<u32> =
+        v["token_ids"].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
+    assert_eq!(got, want);
+    let o = pio(&args, None);
+    assert_fails(&o, "--mmproj");
+    let o = pio(&[&args[..], &["--mmproj", text_s]].concat(), None);
+    assert_fails(&o, "\"clip\"");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn chat_attaches_images_with_a_command() {
     // A tiny Qwen3-VL with the real Qwen3 tokenizer (its vision tokens), written by pio synth.
     let dir = std::env::temp_dir().join(format!("pio-cli-vision-chat-{}", std::process::id()));

@@ -316,7 +316,7 @@ impl VisionConfig {
         Ok(c)
     }
 
-    fn validate(&self, text_hidden: usize, text_layers: usize) -> Result<()> {
+    pub(crate) fn validate(&self, text_hidden: usize, text_layers: usize) -> Result<()> {
         let sizes = [
             self.depth,
             self.hidden_size,
@@ -804,22 +804,19 @@ impl ModelConfig {
     /// Reads the config of a GGUF file of arch `llama`, `qwen2` or `qwen3`.
     pub fn from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         let arch_name = g.get_str("general.architecture")?.to_string();
-        let (arch, rope_layout) =
-            match arch_name.as_str() {
-                "qwen3" => (Arch::Qwen3, RopeLayout::SplitHalves),
-                "qwen2" => (Arch::Qwen2, RopeLayout::SplitHalves),
-                // convert_hf_to_gguf permutes llama q/k rows so adjacent pairs rotate together.
-                "llama" => (Arch::Llama, RopeLayout::Interleaved),
-                "qwen3moe" => (Arch::Qwen3Moe, RopeLayout::SplitHalves),
-                "deepseek2" => return Self::from_gguf_deepseek2(g),
-                "qwen3next" => return Self::from_gguf_qwen3next(g),
-                "qwen3vl" => return Err(Error::file(
-                    &g.path,
-                    "Qwen3-VL from GGUF (a text file and an mmproj file) is not supported yet: load its Hugging Face \
-                     directory",
-                )),
-                other => return Err(Error::file(&g.path, format!("unknown architecture {other:?}"))),
-            };
+        let (arch, rope_layout) = match arch_name.as_str() {
+            "qwen3" => (Arch::Qwen3, RopeLayout::SplitHalves),
+            "qwen2" => (Arch::Qwen2, RopeLayout::SplitHalves),
+            // convert_hf_to_gguf permutes llama q/k rows so adjacent pairs rotate together.
+            "llama" => (Arch::Llama, RopeLayout::Interleaved),
+            "qwen3moe" => (Arch::Qwen3Moe, RopeLayout::SplitHalves),
+            "deepseek2" => return Self::from_gguf_deepseek2(g),
+            "qwen3next" => return Self::from_gguf_qwen3next(g),
+            // Qwen3-VL's text model: Qwen3 with multimodal rotary sections (its vision tower is
+            // the mmproj file, `crate::mmproj`).
+            "qwen3vl" => (Arch::Qwen3, RopeLayout::SplitHalves),
+            other => return Err(Error::file(&g.path, format!("unknown architecture {other:?}"))),
+        };
         let key = |k: &str| format!("{arch_name}.{k}");
         let num_heads = g.get_usize(&key("attention.head_count"))?;
         let hidden_size = g.get_usize(&key("embedding_length"))?;
@@ -905,8 +902,31 @@ impl ModelConfig {
             mrope_section: None,
             vision: None,
         };
+        let mut config = config;
+        if arch_name == "qwen3vl" {
+            config.arch = Arch::Qwen3Vl;
+            config.mrope_section = Some(Self::gguf_mrope_section(g, config.rotary_dim)?);
+        }
         config.validate().map_err(|e| Error::file(&g.path, e.to_string()))?;
         Ok(config)
+    }
+
+    /// `qwen3vl.rope.dimension_sections` (t, h, w and a fourth section llama.cpp keeps for
+    /// other models, which must be empty): frequencies per axis, covering the rotary width.
+    fn gguf_mrope_section(g: &GgufFile, rotary_dim: usize) -> Result<[usize; 3]> {
+        let key = "qwen3vl.rope.dimension_sections";
+        let a = g.get(key).and_then(|v| v.as_array()).ok_or_else(|| Error::file(&g.path, format!("missing {key}")))?;
+        let n: Option<Vec<usize>> = a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect();
+        match n.as_deref() {
+            Some(&[t, h, w, 0] | &[t, h, w]) if 2 * (t + h + w) == rotary_dim => Ok([t, h, w]),
+            _ => Err(Error::file(
+                &g.path,
+                format!(
+                    "{key} {a:?}: three sections covering the {} rotary frequencies (and an empty fourth)",
+                    rotary_dim / 2
+                ),
+            )),
+        }
     }
 
     /// Qwen3-Next as llama.cpp's `qwen3next` writes it: Gated DeltaNet sizes in `ssm.*`

@@ -6,6 +6,7 @@ pub mod error;
 pub mod image;
 pub mod layers;
 pub mod load;
+pub mod mmproj;
 pub mod models;
 pub mod quantize;
 pub mod registry;

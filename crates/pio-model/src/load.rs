@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use pio_kernels::DType;
 use serde_json::Value;
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::layers::{ExpertCache, ExpertCacheOptions};
 use crate::models::decoder::DecoderModel;
 use crate::models::CausalLm;
@@ -49,6 +49,8 @@ pub struct ModelInfo {
     pub repacked: Option<(usize, usize, f64)>,
     /// How the weights were fitted under [`LoadOptions::max_memory`] by streaming experts.
     pub streaming: Option<StreamingInfo>,
+    /// The vision file a GGUF model's tower was read from ([`LoadOptions::mmproj`]).
+    pub mmproj: Option<PathBuf>,
 }
 
 /// How a model was fitted under a memory bound.
@@ -84,7 +86,7 @@ pub fn memory_reserve(max_memory: usize) -> usize {
 pub const RUNTIME_ALLOWANCE: usize = 128 << 20;
 
 /// How [`load_with`] loads a model.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     /// Quantize every matrix to this format at load, whatever the checkpoint holds (see
     /// [`crate::quantize`] for which format each matrix gets); `None` keeps the checkpoint's.
@@ -107,6 +109,10 @@ pub struct LoadOptions {
     pub max_memory: Option<usize>,
     /// How experts stream ([`ExpertCacheOptions::slots`] streams them whatever the bound).
     pub expert_cache: ExpertCacheOptions,
+    /// The vision file (`mmproj`) of a vision-language GGUF model, as llama.cpp's `--mmproj`.
+    /// `None`: `mmproj-<file name>` beside the model when there is one (what `pio synth` and
+    /// `pio quantize` write), else the text model alone.
+    pub mmproj: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -117,6 +123,7 @@ impl Default for LoadOptions {
             bf16_activations: true,
             max_memory: None,
             expert_cache: ExpertCacheOptions::default(),
+            mmproj: None,
         }
     }
 }
@@ -377,10 +384,30 @@ fn available_memory() -> Option<usize> {
 
 fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedModel> {
     let g = GgufFile::open(path)?;
-    let config = gguf_config(&g)?;
+    let mut config = gguf_config(&g)?;
     let mut ckpt = g.checkpoint();
+    let mut processor = None;
+    let mmproj = match &options.mmproj {
+        Some(p) if config.arch != Arch::Qwen3Vl => {
+            return Err(Error::file(
+                p,
+                format!("--mmproj: the model {} ({}) takes no images", path.display(), config.arch_name),
+            ))
+        }
+        Some(p) => Some(p.clone()),
+        None => Some(crate::mmproj::default_path(path)).filter(|p| config.arch == Arch::Qwen3Vl && p.is_file()),
+    };
+    if let Some(mp) = &mmproj {
+        let vision = crate::mmproj::read(mp, &g, &config)?;
+        let mut all: std::collections::BTreeMap<String, crate::weights::Tensor> =
+            ckpt.tensors().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        all.extend(vision.checkpoint.tensors().map(|(n, t)| (n.to_string(), t.clone())));
+        ckpt = crate::weights::Checkpoint::new(path.to_path_buf(), all);
+        config.vision = Some(vision.config);
+        processor = Some(vision.processor);
+    }
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let mut model = DecoderModel::load(config.clone(), ckpt, progress)?;
+    let mut model = DecoderModel::load_multimodal(config.clone(), ckpt, processor, progress)?;
     model.set_bf16_activations(options.bf16_activations);
     let streaming = fit_in_memory(&mut model, options)?;
     let repacked = repack_at_load(&mut model, options, streaming.is_none());
@@ -394,7 +421,8 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
             }
         }
     }
-    let info = model_info(path, "gguf", &config, &model, quantized, repacked, streaming);
+    let mut info = model_info(path, "gguf", &config, &model, quantized, repacked, streaming);
+    info.mmproj = mmproj;
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
 }
 
@@ -471,6 +499,7 @@ fn model_info(
         quantized,
         repacked,
         streaming,
+        mmproj: None,
     }
 }
 

@@ -141,6 +141,51 @@ pub struct QuantizeSummary {
     pub weight_types: Vec<(DType, usize, usize)>,
     /// Size of the file written.
     pub file_bytes: u64,
+    /// The vision file written beside a vision-language model's (llama.cpp's mmproj) and its size.
+    pub mmproj: Option<(PathBuf, u64)>,
+}
+
+/// A vision-language checkpoint split into its tower (`model.visual.*`) and its text model
+/// (`model.language_model.*` renamed to a text model's `model.*`).
+fn split_vision(ckpt: Checkpoint) -> (Checkpoint, Checkpoint) {
+    let (mut tower, mut text) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    for (name, t) in ckpt.tensors() {
+        if name.starts_with("model.visual.") {
+            tower.insert(name.to_string(), t.clone());
+        } else {
+            text.insert(name.replacen("model.language_model.", "model.", 1), t.clone());
+        }
+    }
+    (Checkpoint::new(ckpt.path.clone(), tower), Checkpoint::new(ckpt.path.clone(), text))
+}
+
+/// Writes the tower `tower` (Hugging Face names) as the mmproj file of a text model quantized
+/// to `target`, through a partial file renamed into place.
+fn write_mmproj(
+    out: &Path,
+    v: &crate::config::VisionConfig,
+    processor: &crate::image::ImageProcessorConfig,
+    name: &str,
+    tower: &Checkpoint,
+    target: DType,
+) -> Result<()> {
+    let file_type = crate::mmproj::file_type_for(target);
+    let metadata = crate::mmproj::metadata(v, processor, name, llama_file_type(file_type));
+    let shapes: Vec<(String, Vec<usize>)> = tower.tensors().map(|(n, t)| (n.to_string(), t.shape.clone())).collect();
+    let planned = crate::mmproj::plan(v, &shapes, file_type)?;
+    let headers: Vec<TensorHeader> =
+        planned.iter().map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let tmp = partial_path(out);
+    write_gguf_with(&tmp, &metadata, &headers, &mut |i| {
+        let t = &planned[i];
+        // `plan` names only tensors of `tower`.
+        let values = tower.tensors().find(|(n, _)| *n == t.hf).map_or_else(Vec::new, |(_, x)| x.to_f32_vec());
+        Cow::Owned(crate::mmproj::encode(t, &values))
+    })?;
+    std::fs::rename(&tmp, out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(out, e)
+    })
 }
 
 /// Quantizes the model at `input` (a Hugging Face directory or a GGUF file) to `target` and
@@ -168,21 +213,24 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     if out.exists() && out.canonicalize().ok() == input.canonicalize().ok() {
         return Err(Error::file(out, "is the input model; choose another --out"));
     }
+    let mut vision = None;
     let (config, mut ckpt, metadata, permute) = if input.is_dir() {
         let (_, config) = read_hf_config(input)?;
-        if config.vision.is_some() {
-            return Err(Error::file(
-                input,
-                "a vision-language model goes to GGUF as two files (text model and mmproj), which is not written \
-                 yet: quantize it at load time instead (--quant)",
-            ));
-        }
         let config_path = input.join("config.json");
         let tokenizer = input.join("tokenizer.json").is_file().then_some(input);
         let name = model_name(&config_path, &config);
         let metadata = hf_gguf_metadata(&config_path, tokenizer, &name, llama_file_type(target))?;
         let permute = config.arch == Arch::Llama;
-        (config, safetensors::load_dir(input)?, metadata, permute)
+        let mut ckpt = safetensors::load_dir(input)?;
+        if let Some(v) = &config.vision {
+            // The tower goes to its own file (llama.cpp's mmproj), the text model to `out` under
+            // a text model's names.
+            let processor = crate::image::ImageProcessorConfig::load(input)?;
+            let (tower, text) = split_vision(ckpt);
+            vision = Some((v.clone(), processor, tower, name));
+            ckpt = text;
+        }
+        (config, ckpt, metadata, permute)
     } else {
         let g = GgufFile::open(input)?;
         let config = gguf_config(&g)?;
@@ -201,7 +249,8 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     // Building the model checks every tensor's name and shape, so a file we write is one we
     // can load. It only borrows the (mapped or owned) bytes.
     let copy = Checkpoint::new(ckpt.path.clone(), ckpt.tensors().map(|(n, t)| (n.to_string(), t.clone())).collect());
-    DecoderModel::load(config.clone(), copy, &mut |_, _| {})?;
+    let text_config = ModelConfig { vision: None, ..config.clone() };
+    DecoderModel::load(text_config, copy, &mut |_, _| {})?;
 
     let mut files: Vec<FileTensor<'_>> = Vec::new();
     let mut stacks: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
@@ -290,7 +339,16 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
         Error::io(out, e)
     })?;
     let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
-    Ok(QuantizeSummary { weight_types, file_bytes })
+    let mmproj = match vision {
+        None => None,
+        Some((v, processor, tower, name)) => {
+            let path = crate::mmproj::default_path(out);
+            write_mmproj(&path, &v, &processor, &name, &tower, target)?;
+            let bytes = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+            Some((path, bytes))
+        }
+    };
+    Ok(QuantizeSummary { weight_types, file_bytes, mmproj })
 }
 
 /// `ckpt` with every latent attention `kv_b_proj` replaced by llama.cpp's per-head split

@@ -44,6 +44,7 @@ use pio_kernels::{quant, DType};
 use serde_json::Value as Json;
 
 use crate::config::{Arch, Gating, ModelConfig};
+use crate::mmproj;
 use crate::weights::gguf::{write_gguf_with, TensorHeader, Value};
 use crate::weights::names::{hf_expert_to_gguf, hf_to_gguf};
 use crate::{Error, Result};
@@ -110,7 +111,16 @@ pub fn write_random_checkpoint(
             let name = format!("{} (random weights)", model_name(config_path, &config));
             let file_type = crate::quantize::llama_file_type(dtype);
             let metadata = gguf_metadata(config_path, &config, &raw_config, tokenizer.as_ref(), &name, file_type)?;
-            write_gguf_file(out, &metadata, &config, &specs, dtype, seed)
+            let (vision, text): (Vec<Spec>, Vec<Spec>) =
+                specs.into_iter().partition(|s| s.name.starts_with("model.visual."));
+            write_gguf_file(out, &metadata, &config, &text, dtype, seed)?;
+            if let Some(v) = &config.vision {
+                let processor = crate::image::ImageProcessorConfig::from_json(
+                    &processor_json(config_path, &raw_config)?.to_string(),
+                )?;
+                write_mmproj(&mmproj::default_path(out), v, &processor, &name, &vision, dtype, seed)?;
+            }
+            Ok(())
         }
     }
 }
@@ -511,23 +521,12 @@ fn write_hf_dir(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     copy_file(config_path, &out.join("config.json"))?;
     if raw_config.get("vision_config").is_some() {
-        // The image processor's config beside the model's, or the one Qwen3-VL ships.
-        let src = config_path.with_file_name("preprocessor_config.json");
-        let dst = out.join("preprocessor_config.json");
+        let (src, dst) = (config_path.with_file_name("preprocessor_config.json"), out.join("preprocessor_config.json"));
         if src.is_file() {
             copy_file(&src, &dst)?;
         } else {
-            let v = &raw_config["vision_config"];
-            let default = serde_json::json!({
-                "size": {"longest_edge": 16_777_216, "shortest_edge": 65_536},
-                "patch_size": v["patch_size"],
-                "temporal_patch_size": v["temporal_patch_size"],
-                "merge_size": v["spatial_merge_size"],
-                "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5],
-                "image_processor_type": "Qwen2VLImageProcessorFast",
-            });
-            std::fs::write(&dst, format!("{default:#}\n")).map_err(|e| Error::io(&dst, e))?;
+            let json = processor_json(config_path, raw_config)?;
+            std::fs::write(&dst, format!("{json:#}\n")).map_err(|e| Error::io(&dst, e))?;
         }
     }
     let mut gen = serde_json::Map::new();
@@ -561,6 +560,25 @@ fn write_hf_dir(
         .map_err(|e| Error::file(&st_path, format!("cannot write: {e}")))
 }
 
+/// The image processor's config of a vision-language model: `preprocessor_config.json` beside
+/// its config, or the one Qwen3-VL ships.
+fn processor_json(config_path: &Path, raw_config: &Json) -> Result<Json> {
+    let src = config_path.with_file_name("preprocessor_config.json");
+    if src.is_file() {
+        return read_json(&src);
+    }
+    let v = &raw_config["vision_config"];
+    Ok(serde_json::json!({
+        "size": {"longest_edge": 16_777_216, "shortest_edge": 65_536},
+        "patch_size": v["patch_size"],
+        "temporal_patch_size": v["temporal_patch_size"],
+        "merge_size": v["spatial_merge_size"],
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+    }))
+}
+
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
     std::fs::copy(src, dst).map_err(|e| Error::file(dst, format!("cannot copy {}: {e}", src.display())))?;
     Ok(())
@@ -585,13 +603,6 @@ pub(crate) fn gguf_arch(c: &ModelConfig) -> &'static str {
 /// Why llama.cpp's architecture for `c` cannot hold the model, if it cannot: its `qwen3moe`
 /// graph makes every layer a mixture and always renormalizes the routing weights.
 fn gguf_unsupported(c: &ModelConfig) -> Option<String> {
-    if c.vision.is_some() {
-        return Some(
-            "a vision-language model goes to GGUF as two files (text model and mmproj), which is not written yet: \
-             use the Hugging Face directory"
-                .into(),
-        );
-    }
     if let (Some(la), Some(m)) = (&c.linear_attn, &c.moe) {
         if la.key_head_dim != la.value_head_dim {
             return Some("llama.cpp's qwen3next takes the value head width for the key head width: linear_key_head_dim and linear_value_head_dim must be equal".into());
@@ -696,6 +707,20 @@ fn model_metadata(c: &ModelConfig, name: &str, file_type: u32) -> Vec<(String, V
     }
     if c.arch == Arch::Glm4MoeLite {
         m.push((k("nextn_predict_layers"), u32_of(0)));
+    }
+    if let Some([t, h, w]) = c.mrope_section {
+        // llama.cpp's four sections, the fourth unused by Qwen3-VL.
+        let sections = [t, h, w, 0].map(|n| Value::I32(i32::try_from(n).unwrap_or(i32::MAX)));
+        m.push((k("rope.dimension_sections"), Value::Array(sections.to_vec())));
+        let deepstack = c.vision.as_ref().map_or(0, |v| v.deepstack_visual_indexes.len());
+        m.push((k("n_deepstack_layers"), u32_of(deepstack)));
+        // Ours, not llama.cpp's (which finds these tokens by name in the vocabulary): so that a
+        // file without a vocabulary (a test model's) still says which tokens are the image's.
+        if let Some(v) = &c.vision {
+            for (key, id) in mmproj::token_keys(v) {
+                m.push((k(key), Value::U32(id)));
+            }
+        }
     }
     if let (Some(la), Some(moe)) = (&c.linear_attn, &c.moe) {
         m.extend([
@@ -844,11 +869,13 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
     let mut tensors: Vec<GgufTensor<'a>> = Vec::with_capacity(specs.len());
     let mut stacks: HashMap<String, usize> = HashMap::new();
     for spec in specs {
+        // A vision-language model's text tensors, under the names of a text model.
+        let spec_name = spec.name.replacen("model.language_model.", "model.", 1);
         let dtype = match spec.shape[..] {
-            [_, cols] => matrix_type(&spec.name, cols, target, c.tie_word_embeddings),
+            [_, cols] => matrix_type(&spec_name, cols, target, c.tie_word_embeddings),
             _ => DType::F32,
         };
-        if let Some((stack, e)) = hf_expert_to_gguf(&spec.name) {
+        if let Some((stack, e)) = hf_expert_to_gguf(&spec_name) {
             let i = *stacks.entry(stack.clone()).or_insert_with(|| {
                 let [rows, cols] = spec.shape[..] else { unreachable!("experts are matrices") };
                 tensors.push(GgufTensor {
@@ -866,7 +893,7 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
             t.header.shape[0] += 1;
             continue;
         }
-        if let (Some(a), Some(prefix)) = (&c.mla, spec.name.strip_suffix("kv_b_proj.weight")) {
+        if let (Some(a), Some(prefix)) = (&c.mla, spec_name.strip_suffix("kv_b_proj.weight")) {
             let (nh, r, nope, v) = (c.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.v_head_dim);
             for (half, value, shape) in [("k_b_proj", false, vec![nh, r, nope]), ("v_b_proj", true, vec![nh, v, r])] {
                 let hf = format!("{prefix}{half}.weight");
@@ -882,7 +909,7 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
         }
         if let Some(la) = c.linear_attn.as_ref() {
             // llama.cpp's qwen3next layout of Gated DeltaNet and of the zero-centred norms.
-            if let Some(prefix) = spec.name.strip_suffix("in_proj_qkvz.weight") {
+            if let Some(prefix) = spec_name.strip_suffix("in_proj_qkvz.weight") {
                 let (qkv, z) = la.qkvz_split();
                 let z_rows = la.num_value_heads * la.value_head_dim;
                 for (half, ranges, rows) in [("in_proj_qkv", qkv, la.conv_channels()), ("in_proj_z", z, z_rows)] {
@@ -896,10 +923,10 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
                 }
                 continue;
             }
-            let map: Option<(String, ValueMap)> = if let Some(prefix) = spec.name.strip_suffix("A_log") {
+            let map: Option<(String, ValueMap)> = if let Some(prefix) = spec_name.strip_suffix("A_log") {
                 Some((format!("{prefix}ssm_a"), |x| -x.exp()))
             } else if matches!(spec.init, Init::ZeroNorm) {
-                Some((spec.name.clone(), |x| 1.0 + x))
+                Some((spec_name.clone(), |x| 1.0 + x))
             } else {
                 None
             };
@@ -913,14 +940,14 @@ fn gguf_tensors<'a>(out: &Path, c: &ModelConfig, specs: &'a [Spec], target: DTyp
                 continue;
             }
         }
-        let name = hf_to_gguf(&spec.name, gguf_arch(c)).ok_or_else(|| {
+        let name = hf_to_gguf(&spec_name, gguf_arch(c)).ok_or_else(|| {
             Error::file(out, format!("tensor {:?} has no GGUF name (mlp_bias is not supported in GGUF)", spec.name))
         })?;
         let permute = c.arch == Arch::Llama
-            && ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"].iter().any(|s| spec.name.ends_with(s));
+            && ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"].iter().any(|s| spec_name.ends_with(s));
         // A depthwise convolution is stored [channels, taps].
         let shape = match spec.shape[..] {
-            [ch, 1, taps] if spec.name.ends_with("conv1d.weight") => vec![ch, taps],
+            [ch, 1, taps] if spec_name.ends_with("conv1d.weight") => vec![ch, taps],
             _ => spec.shape.clone(),
         };
         tensors.push(GgufTensor { header: TensorHeader { name, dtype, shape }, source: Source::One { spec, permute } });
@@ -987,6 +1014,33 @@ fn write_gguf_file(
         .collect();
     create_parent(out)?;
     write_gguf_with(out, metadata, &headers, &mut |i| Cow::Owned(tensors[i].bytes(c, dtype, seed)))
+}
+
+/// Writes the vision tower `specs` of `v` as llama.cpp's mmproj file of a text model written
+/// with matrices of `target` (see [`mmproj::file_type_for`]).
+fn write_mmproj(
+    out: &Path,
+    v: &crate::config::VisionConfig,
+    processor: &crate::image::ImageProcessorConfig,
+    name: &str,
+    specs: &[Spec],
+    target: DType,
+    seed: u64,
+) -> Result<()> {
+    let file_type = mmproj::file_type_for(target);
+    let metadata = mmproj::metadata(v, processor, name, crate::quantize::llama_file_type(file_type));
+    let shapes: Vec<(String, Vec<usize>)> = specs.iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+    let planned = mmproj::plan(v, &shapes, file_type)?;
+    let headers: Vec<TensorHeader> =
+        planned.iter().map(|t| TensorHeader { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let by_name: HashMap<&str, &Spec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    create_parent(out)?;
+    write_gguf_with(out, &metadata, &headers, &mut |i| {
+        let t = &planned[i];
+        // `plan` names only tensors of `specs`.
+        let values = by_name.get(t.hf.as_str()).map_or_else(Vec::new, |spec| values_f32(spec, target, seed));
+        Cow::Owned(mmproj::encode(t, &values))
+    })
 }
 
 fn create_parent(out: &Path) -> Result<()> {

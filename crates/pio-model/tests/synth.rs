@@ -482,3 +482,46 @@ fn last_logits(model: &dyn pio_model::CausalLm) -> Vec<f32> {
     };
     model.forward(&batch, &mut cache).expect("forward")
 }
+
+#[test]
+fn vision_language_gguf_is_a_pair_llama_cpp_reads() {
+    // Qwen3-VL to GGUF: the text model (`qwen3vl`, M-RoPE sections, DeepStack count) and an
+    // mmproj file beside it with the converter's names and types; loaded together, the tower
+    // sees an image as the directory written from the same seed does (F16 matrices there).
+    let s = Scratch::new("vl-pair");
+    let cfg = fixture_config("qwen3_vl");
+    write(&cfg, None, &s.path("hf"), DType::F32, 3);
+    write(&cfg, None, &s.path("m.gguf"), DType::Q4_K, 3);
+    let text = GgufFile::open(&s.path("m.gguf")).expect("text file");
+    assert_eq!(text.get_str("general.architecture").expect("arch"), "qwen3vl");
+    let sections = text.get("qwen3vl.rope.dimension_sections").and_then(Value::as_array).expect("sections");
+    assert_eq!(sections.iter().map(|v| v.as_u64().expect("int")).collect::<Vec<_>>(), vec![6, 5, 5, 0]);
+    assert_eq!(text.get("qwen3vl.n_deepstack_layers").and_then(Value::as_u64), Some(2));
+    assert!(text.tensors.keys().all(|n| !n.starts_with("v.") && !n.contains("visual")));
+    let vision = GgufFile::open(&s.path("mmproj-m.gguf")).expect("mmproj file");
+    assert_eq!(vision.get_str("general.architecture").expect("arch"), "clip");
+    assert_eq!(vision.get_str("clip.projector_type").expect("projector"), "qwen3vl_merger");
+    for (name, dtype) in [
+        ("v.blk.0.attn_qkv.weight", DType::F16),
+        ("mm.0.weight", DType::F16),
+        ("v.deepstack.1.fc2.weight", DType::F16),
+        // An F16 file keeps its patch kernels F16 (any other type: F32).
+        ("v.patch_embd.weight", DType::F16),
+        ("v.patch_embd.weight.1", DType::F16),
+        ("v.position_embd.weight", DType::F32),
+        ("v.blk.1.ln2.bias", DType::F32),
+    ] {
+        assert_eq!(vision.tensors.get(name).map(|t| t.dtype), Some(dtype), "{name}");
+    }
+
+    let image = pio_model::image::open(&cfg.with_file_name("image.png")).expect("image");
+    let features = |m: &LoadedModel| {
+        let v = m.model.vision().expect("a vision tower");
+        v.encode(&pio_model::image::preprocess(&image, v.processor()).expect("pixels")).expect("encode")
+    };
+    let (a, b) = (features(&load(&s.path("m.gguf"))), features(&load(&s.path("hf"))));
+    assert_eq!((a.grid, a.deepstack.len()), (b.grid, b.deepstack.len()));
+    let scale = b.embeds.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = a.embeds.iter().zip(&b.embeds).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-2 * scale, "merged features differ by {diff} (scale {scale})");
+}

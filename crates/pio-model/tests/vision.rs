@@ -238,3 +238,56 @@ fn image_prompt_split_across_forwards_matches_one_pass() {
     let joined: Vec<f32> = a.into_iter().chain(b).collect();
     assert_close("split image prompt", &joined, &r.f32s("image_logits"));
 }
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pio-vision-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn gguf_pair_matches_the_directory_and_transformers() {
+    // The fixture written as llama.cpp's pair (text model + mmproj), in F32: the same image
+    // features as the directory's, bit for bit, and transformers' logits.
+    let s = Scratch::new("pair");
+    let text = s.0.join("fixture-f32.gguf");
+    let summary = pio_model::quantize::write_quantized_gguf(&fixture(), pio_kernels::DType::F32, &text).expect("write");
+    let (mmproj, _) = summary.mmproj.expect("an mmproj file beside the text model");
+    assert_eq!(mmproj, s.0.join("mmproj-fixture-f32.gguf"));
+    let options = pio_model::LoadOptions { bf16_activations: false, mmproj: Some(mmproj), ..Default::default() };
+    let pair = pio_model::load_with(&text, &options, &mut |_, _| {}).expect("the pair loads");
+    let dir = load();
+    let (a, b) = (pair.model.as_ref(), dir.model.as_ref());
+    assert_eq!(a.vision().expect("tower").config(), b.vision().expect("tower").config());
+    assert_eq!(a.vision().expect("tower").processor(), b.vision().expect("tower").processor());
+    let feats = image_features(a);
+    assert_eq!(feats, image_features(b), "image features from the mmproj file");
+
+    let r = Reference::open();
+    let ids = r.ids("image_input_ids");
+    let (pos, _) = rope_positions(&ids, 5, &[feats.grid], 2).expect("positions");
+    let seq = Seq { ids: &ids, start: 0, table: vec![0, 1], mrope: Some(&pos), image: Some(&feats) };
+    let logits = forward(a, &mut f32_cache(a), &[seq], 5).remove(0);
+    assert_close("image logits from the GGUF pair", &logits, &r.f32s("image_logits"));
+
+    // Without its mmproj the text file is a text model (the default path is found, so move it).
+    std::fs::rename(s.0.join("mmproj-fixture-f32.gguf"), s.0.join("elsewhere.gguf")).expect("rename");
+    let alone = pio_model::load_with(&text, &Default::default(), &mut |_, _| {}).expect("text alone loads");
+    assert!(alone.model.vision().is_none());
+    // An mmproj for a model that takes no images, and a text file given as the mmproj.
+    let bad = pio_model::LoadOptions { mmproj: Some(text.clone()), ..Default::default() };
+    let e = pio_model::load_with(&text, &bad, &mut |_, _| {}).err().expect("a text file is no mmproj").to_string();
+    assert!(e.contains("\"clip\""), "{e}");
+}
