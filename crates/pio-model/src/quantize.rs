@@ -234,6 +234,14 @@ pub fn write_quantized_gguf(input: &Path, target: DType, out: &Path) -> Result<Q
     } else {
         let g = GgufFile::open(input)?;
         let config = gguf_config(&g)?;
+        // A vision-language model's vision file beside it (llama.cpp's mmproj, named as
+        // `default_path` names it) is quantized along with it, so the pair stays a pair.
+        let mmproj = crate::mmproj::default_path(input);
+        if g.get_str("general.architecture").ok() == Some("qwen3vl") && mmproj.is_file() {
+            let f = crate::mmproj::read(&mmproj, &g, &config)?;
+            let name = g.get_str("general.name").unwrap_or("Qwen3-VL").to_string();
+            vision = Some((f.config, f.processor, f.checkpoint, name));
+        }
         (config, g.checkpoint(), carried_metadata(&g, target), false)
     };
     if let Some(a) = &config.mla {

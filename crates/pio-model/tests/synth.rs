@@ -519,9 +519,20 @@ fn vision_language_gguf_is_a_pair_llama_cpp_reads() {
         let v = m.model.vision().expect("a vision tower");
         v.encode(&pio_model::image::preprocess(&image, v.processor()).expect("pixels")).expect("encode")
     };
-    let (a, b) = (features(&load(&s.path("m.gguf"))), features(&load(&s.path("hf"))));
-    assert_eq!((a.grid, a.deepstack.len()), (b.grid, b.deepstack.len()));
-    let scale = b.embeds.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = a.embeds.iter().zip(&b.embeds).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(diff <= 1e-2 * scale, "merged features differ by {diff} (scale {scale})");
+    let b = features(&load(&s.path("hf")));
+    let close = |a: &pio_model::models::vision::ImageFeatures, tol: f32| {
+        assert_eq!((a.grid, a.deepstack.len()), (b.grid, b.deepstack.len()));
+        let scale = b.embeds.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a.embeds.iter().zip(&b.embeds).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= tol * scale, "merged features differ by {diff} (scale {scale})");
+    };
+    close(&features(&load(&s.path("m.gguf"))), 1e-2);
+
+    // `pio quantize` of the pair quantizes its mmproj too (to mmproj-<out>), the tower to Q8_0.
+    let summary = pio_model::quantize::write_quantized_gguf(&s.path("m.gguf"), DType::Q8_0, &s.path("q8.gguf"))
+        .expect("quantize the pair");
+    assert_eq!(summary.mmproj.as_ref().map(|(p, _)| p.clone()), Some(s.path("mmproj-q8.gguf")));
+    let vision = GgufFile::open(&s.path("mmproj-q8.gguf")).expect("quantized mmproj");
+    assert_eq!(vision.tensors.get("v.blk.0.attn_qkv.weight").map(|t| t.dtype), Some(DType::Q8_0));
+    close(&features(&load(&s.path("q8.gguf"))), 3e-2);
 }
