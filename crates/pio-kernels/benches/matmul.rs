@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pio_kernels::cpu::SimdLevel;
-use pio_kernels::matmul::{matmul_at, WeightView};
+use pio_kernels::matmul::{matmul_at, Layout, WeightView};
 use pio_kernels::{quant, DType};
 
 const ROWS: usize = 3072;
@@ -31,6 +31,7 @@ fn bench(c: &mut Criterion) {
     let formats = [
         DType::BF16,
         DType::BF16,
+        DType::BF16,
         DType::F16,
         DType::Q8_0,
         DType::Q4_0,
@@ -40,15 +41,27 @@ fn bench(c: &mut Criterion) {
         DType::Q6_K,
     ];
     for (i, dtype) in formats.into_iter().enumerate() {
-        let data = weights(dtype);
-        let bf16_act = i == 1;
+        let mut data = weights(dtype);
+        let (bf16_act, tiled) = (i == 1 || i == 2, i == 2);
+        // The third: in the tiles' own layout, which only the AMX tiles read.
+        if tiled && !pio_kernels::dot::float::bf16_on_amx(SimdLevel::Avx512, COLS) {
+            continue;
+        }
+        if tiled {
+            data = pio_kernels::dot::float::tile_bf16(ROWS, COLS, &data);
+        }
         // `prefill_only`: AMX too where the CPU has it (as a vision tower's BF16 matrices).
         let w = WeightView {
             bf16_activations: bf16_act,
             prefill_only: bf16_act,
+            layout: if tiled { Layout::Interleaved } else { Layout::Rows },
             ..WeightView::rows(dtype, ROWS, COLS, &data)
         };
-        let name = if bf16_act { "BF16xbf16".to_string() } else { dtype.to_string() };
+        let name = match (bf16_act, tiled) {
+            (_, true) => "BF16xbf16-tiled".to_string(),
+            (true, false) => "BF16xbf16".to_string(),
+            _ => dtype.to_string(),
+        };
         for n in [1usize, 64] {
             let mut g = c.benchmark_group(format!("matmul_{name}_n{n}"));
             if n == 1 {
@@ -59,7 +72,7 @@ fn bench(c: &mut Criterion) {
             let x: Vec<f32> = (0..n * COLS).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
             let mut y = vec![0f32; n * ROWS];
             for level in SimdLevel::available() {
-                if level == SimdLevel::Scalar && n > 1 {
+                if (level == SimdLevel::Scalar && n > 1) || (tiled && level != SimdLevel::Avx512) {
                     continue;
                 }
                 g.bench_with_input(BenchmarkId::from_parameter(level.name()), &level, |b, &level| {

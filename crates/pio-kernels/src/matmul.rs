@@ -58,6 +58,11 @@ impl<'a> WeightView<'a> {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         match self.layout {
             Layout::Rows => quant::dequantize_row(self.dtype, self.row(r), out),
+            Layout::Interleaved if self.dtype == DType::BF16 => {
+                let mut row = vec![0u8; self.row_bytes()];
+                float::tiled_row_bf16(self.data, self.cols, r, &mut row);
+                quant::dequantize_row(self.dtype, &row, out);
+            }
             Layout::Interleaved => {
                 // Block by block through a stack buffer: a lookup per token allocates nothing.
                 assert!(r < self.rows && out.len() == self.cols, "row {r} of {} x {}", self.rows, self.cols);
@@ -200,7 +205,14 @@ unsafe fn matmul_multi_raw(
     for ((w, &(_, len)), &i) in ws.iter().zip(&outs).zip(input_of) {
         let (x, n) = inputs[i];
         assert_eq!(w.data.len(), w.expected_bytes(), "{} matrix of {} x {} in {:?}", w.dtype, w.rows, w.cols, w.layout);
-        assert!(w.layout == Layout::Rows || dot::interleaves(w.dtype), "{} cannot be interleaved", w.dtype);
+        // BF16 is tiled only for the AMX tiles, which then do all of its products.
+        let tiled_bf16 =
+            w.dtype == DType::BF16 && w.bf16_activations && w.prefill_only && float::bf16_on_amx(level, w.cols);
+        assert!(
+            w.layout == Layout::Rows || dot::interleaves(w.dtype) || tiled_bf16,
+            "{} cannot be interleaved",
+            w.dtype
+        );
         assert_eq!(len, n * w.rows);
         assert_eq!(x.len(), n * w.cols, "input {i} is not [n, cols] for a matrix of {} columns", w.cols);
     }
@@ -237,7 +249,8 @@ unsafe fn matmul_multi_raw(
             };
             let xt = users().find(|w| on_amx(w)).map(|w| float::to_bf16_pairs(x, inputs[i].1, w.cols));
             let xeo = match users().find(|w| {
-                float::even_odd_activations(level, w.dtype)
+                !on_amx(w)
+                    && float::even_odd_activations(level, w.dtype)
                     && !float::bf16_activations(level, w.dtype, w.bf16_activations)
             }) {
                 Some(w) => float::to_even_odd(level, x, inputs[i].1, w.cols),
@@ -274,7 +287,7 @@ unsafe fn matmul_multi_raw(
             let acts = &acts[t0 * nb..t1 * nb];
             dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, ldo);
         } else if let Some(xt) = xt.as_ref().filter(|_| on_amx(w)) {
-            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo);
+            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo, w.layout == Layout::Interleaved);
         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
             float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         } else if float::even_odd_activations(level, w.dtype) {
@@ -455,6 +468,18 @@ mod tests {
                         "{rows} x {cols}: ({r}, {t}) {got} vs {want}"
                     );
                 }
+            }
+            // In the tiles' own layout: the same bits, and the same rows read back.
+            if float::bf16_on_amx(level, cols) {
+                let tiled = float::tile_bf16(rows, cols, &data);
+                let wt = WeightView { layout: Layout::Interleaved, data: &tiled, ..w };
+                let mut again = vec![0f32; n * rows];
+                matmul_at(level, wt, &x, n, &mut again);
+                assert!(again.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()), "{rows} x {cols}: tiled");
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                wt.dequantize_row(rows - 1, &mut a);
+                w.dequantize_row(rows - 1, &mut b);
+                assert_eq!(a, b);
             }
         }
     }

@@ -7,6 +7,7 @@
 //! reference.
 
 use crate::cpu::SimdLevel;
+use crate::dot::GROUP_ROWS;
 use crate::DType;
 
 /// Dot of a stored F32/F16/BF16 row with `x`: [`dot_scalar`] at every level.
@@ -197,6 +198,38 @@ pub fn bf16_on_amx(level: SimdLevel, cols: usize) -> bool {
     level == SimdLevel::Avx512 && crate::cpu::has_amx() && cols.is_multiple_of(32) && cols > 0
 }
 
+/// BF16 rows (`rows` x `cols`, one after another) in the layout [`gemm_bf16_amx`] reads as one
+/// stream: groups of 16 rows (zero rows complete the last), and in each group, block by block
+/// of 32 columns, the 16 rows' 64 bytes one after another (a tile as one load of 1 KiB).
+pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+    let rb = cols * 2;
+    assert!(
+        cols.is_multiple_of(32) && data.len() == rows * rb,
+        "{} bytes are not {rows} BF16 rows of {cols}",
+        data.len()
+    );
+    let mut out = vec![0u8; rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * rb];
+    for (r, row) in data.chunks_exact(rb).enumerate() {
+        let group = r / GROUP_ROWS * GROUP_ROWS * rb;
+        for (b, chunk) in row.chunks_exact(64).enumerate() {
+            let at = group + b * GROUP_ROWS * 64 + (r % GROUP_ROWS) * 64;
+            out[at..at + 64].copy_from_slice(chunk);
+        }
+    }
+    out
+}
+
+/// Row `r`'s bytes from [`tile_bf16`]'s layout of rows of `cols` values, into `out` (`2 cols`).
+pub fn tiled_row_bf16(data: &[u8], cols: usize, r: usize, out: &mut [u8]) {
+    let rb = cols * 2;
+    assert_eq!(out.len(), rb);
+    let group = r / GROUP_ROWS * GROUP_ROWS * rb;
+    for (b, chunk) in out.chunks_exact_mut(64).enumerate() {
+        let at = group + b * GROUP_ROWS * 64 + (r % GROUP_ROWS) * 64;
+        chunk.copy_from_slice(&data[at..at + 64]);
+    }
+}
+
 /// Activations rounded to bf16 and transposed by pairs of columns for [`gemm_bf16_amx`]
 /// ([`to_bf16_pairs`]).
 pub struct Bf16Pairs {
@@ -253,6 +286,7 @@ pub fn to_bf16_pairs(x: &[f32], ntok: usize, cols: usize) -> Bf16Pairs {
 
 /// [`gemm_bf16`] on AMX tiles, where [`bf16_on_amx`] says: BF16 rows `w` times tokens `t0..t1`
 /// of `xt`, `out[(t - t0) * ldo + r]`.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_amx(
     level: SimdLevel,
     w: &[u8],
@@ -261,12 +295,14 @@ pub fn gemm_bf16_amx(
     tokens: (usize, usize),
     out: &mut [f32],
     ldo: usize,
+    tiled: bool,
 ) {
-    assert!(nrows > 0 && w.len().is_multiple_of(nrows) && bf16_on_amx(level, w.len() / nrows / 2));
+    let stored = if tiled { nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS } else { nrows };
+    assert!(nrows > 0 && w.len().is_multiple_of(stored) && bf16_on_amx(level, w.len() / stored / 2));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `bf16_on_amx` checked `has_amx()` (the CPU and the OS); `gemm_bf16` checks shapes.
     unsafe {
-        crate::dot::amx::gemm_bf16(w, nrows, xt, tokens, out, ldo)
+        crate::dot::amx::gemm_bf16(w, nrows, xt, tokens, out, ldo, tiled)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("AMX is x86-64 only: {} {:?} {} {}", xt.ntok, tokens, out.len(), ldo)
@@ -961,7 +997,7 @@ mod tests {
             // An output stride past the rows, and an output that ends at the last row.
             let ldo = rows + 3;
             let mut whole = vec![f32::NAN; (ntok - 1) * ldo + rows];
-            gemm_bf16_amx(level, &w, rows, &xt, (0, ntok), &mut whole, ldo);
+            gemm_bf16_amx(level, &w, rows, &xt, (0, ntok), &mut whole, ldo, false);
             for t in 0..ntok {
                 for r in 0..rows {
                     let want = quant::dot_row(DType::BF16, &w[r * rb..(r + 1) * rb], &xr[t * cols..(t + 1) * cols]);
@@ -977,22 +1013,33 @@ mod tests {
             for t in 0..ntok {
                 let one_t = to_bf16_pairs(&x[t * cols..(t + 1) * cols], 1, cols);
                 let mut out = vec![0f32; rows];
-                gemm_bf16_amx(level, &w, rows, &one_t, (0, 1), &mut out, rows);
+                gemm_bf16_amx(level, &w, rows, &one_t, (0, 1), &mut out, rows, false);
                 for r in 0..rows {
                     assert_eq!(out[r].to_bits(), whole[t * ldo + r].to_bits(), "{cols} cols: token {t} alone, row {r}");
                     let mut single = [0f32];
-                    gemm_bf16_amx(level, &w[r * rb..(r + 1) * rb], 1, &one_t, (0, 1), &mut single, 1);
+                    gemm_bf16_amx(level, &w[r * rb..(r + 1) * rb], 1, &one_t, (0, 1), &mut single, 1, false);
                     assert_eq!(single[0].to_bits(), out[r].to_bits(), "{cols} cols: ({r}, {t}) alone");
                 }
             }
             let (t0, r0) = (ntok / 3, rows / 16 / 2 * 16);
             let mut part = vec![0f32; (ntok - t0) * (rows - r0)];
-            gemm_bf16_amx(level, &w[r0 * rb..], rows - r0, &xt, (t0, ntok), &mut part, rows - r0);
+            gemm_bf16_amx(level, &w[r0 * rb..], rows - r0, &xt, (t0, ntok), &mut part, rows - r0, false);
             for t in t0..ntok {
                 for r in r0..rows {
                     let got = part[(t - t0) * (rows - r0) + r - r0];
                     assert_eq!(got.to_bits(), whole[t * ldo + r].to_bits(), "{cols} cols: ({r}, {t}) in a part");
                 }
+            }
+            // The tiled layout: the same bits, and each row read back as stored.
+            let tiled = tile_bf16(rows, cols, &w);
+            let mut again = vec![f32::NAN; (ntok - 1) * ldo + rows];
+            gemm_bf16_amx(level, &tiled, rows, &xt, (0, ntok), &mut again, ldo, true);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&again), bits(&whole), "{cols} cols: tiled");
+            let mut row = vec![0u8; rb];
+            for r in 0..rows {
+                tiled_row_bf16(&tiled, cols, r, &mut row);
+                assert_eq!(row, w[r * rb..(r + 1) * rb], "row {r} from the tiles");
             }
         }
     }

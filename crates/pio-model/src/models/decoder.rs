@@ -29,6 +29,7 @@
 
 use std::sync::Arc;
 
+use pio_kernels::dot::float::bf16_on_amx;
 use pio_kernels::ops;
 
 use super::vision::VisionEncoder;
@@ -329,6 +330,16 @@ impl DecoderModel {
         }
         for l in matrices {
             if l.weight.interleave() {
+                count += 1;
+                bytes += l.weight.bytes().len();
+            }
+        }
+        // The vision tower's BF16 matrices that run on AMX tiles: in the tiles' own layout.
+        let level = pio_kernels::cpu::level();
+        for l in self.vision.iter_mut().flat_map(VisionEncoder::linears_mut) {
+            let amx =
+                l.prefill_only && l.bf16_activations && bf16_on_amx(level, l.weight.shape.last().copied().unwrap_or(0));
+            if amx && l.weight.tile_for_amx() {
                 count += 1;
                 bytes += l.weight.bytes().len();
             }

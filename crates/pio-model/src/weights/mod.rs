@@ -85,6 +85,21 @@ impl Tensor {
         true
     }
 
+    /// Rearranges a BF16 matrix into the layout the AMX tiles read as one stream
+    /// ([`pio_kernels::dot::float::tile_bf16`]), in memory of its own, letting go of the mapped
+    /// pages as [`Tensor::interleave`] does. Only for a matrix every product of which runs on
+    /// the tiles (no other kernel reads the layout). Returns whether it did.
+    pub fn tile_for_amx(&mut self) -> bool {
+        let (&[rows, cols], DType::BF16, true) = (&self.shape[..], self.dtype, self.is_rows()) else { return false };
+        let packed = dot::float::tile_bf16(rows, cols, self.bytes());
+        if let Storage::Mapped { map, offset, len, .. } = &self.storage {
+            // SAFETY: as in `interleave`: private read-only mapping, only advice.
+            let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, *offset, *len) };
+        }
+        self.storage = Storage::Interleaved(Arc::new(packed));
+        true
+    }
+
     /// Copies a mapped tensor's bytes into memory of its own and lets go of the file pages (so
     /// nothing reads the file for it again: a file changed or truncated after loading cannot
     /// fault). Returns whether it copied.
