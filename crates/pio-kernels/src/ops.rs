@@ -234,11 +234,77 @@ pub fn gelu_tanh_in_place_at(level: crate::cpu::SimdLevel, x: &mut [f32]) {
     }
 }
 
+/// `out = softmax(scale * x)` for `scale > 0` (exact: the max subtracted, [`crate::math::exp`] or its vector
+/// forms, then normalized); `out` has `x.len()` values. For the attention of an encoder, whose
+/// rows of scores come from a matrix product: the scalar loop, a reduction, does not vectorise.
+pub fn softmax_scaled_into(x: &[f32], scale: f32, out: &mut [f32]) {
+    softmax_scaled_into_at(crate::cpu::level(), x, scale, out)
+}
+
+/// [`softmax_scaled_into`] at an explicit SIMD level.
+pub fn softmax_scaled_into_at(level: crate::cpu::SimdLevel, x: &[f32], scale: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
+    let (done, mut sum) = match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level only names features the CPU has; lengths are equal.
+        crate::cpu::SimdLevel::Avx512 => unsafe { simd::exp_scaled_avx512(x, scale, max, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::cpu::SimdLevel::Avx2 => unsafe { simd::exp_scaled_avx2(x, scale, max, out) },
+        _ => (0, 0.0),
+    };
+    for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
+        *o = crate::math::exp(v * scale - max);
+        sum += *o;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
 
     use crate::math::x86::{exp256, exp512};
+
+    /// `out[i] = exp(x[i] * scale - max)` over whole vectors of 16; returns how many it did
+    /// and their sum.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_scaled_avx512(x: &[f32], scale: f32, max: f32, out: &mut [f32]) -> (usize, f32) {
+        let n = x.len() / 16 * 16;
+        let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+        let (s, m) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max));
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let e = exp512(_mm512_fmadd_ps(_mm512_loadu_ps(p.add(i)), s, m));
+            acc = _mm512_add_ps(acc, e);
+            _mm512_storeu_ps(o.add(i), e);
+            i += 16;
+        }
+        (n, _mm512_reduce_add_ps(acc))
+    }
+
+    /// `out[i] = exp(x[i] * scale - max)` over whole vectors of 8; returns how many it did and
+    /// their sum.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_scaled_avx2(x: &[f32], scale: f32, max: f32, out: &mut [f32]) -> (usize, f32) {
+        let n = x.len() / 8 * 8;
+        let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+        let (s, m) = (_mm256_set1_ps(scale), _mm256_set1_ps(-max));
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let e = exp256(_mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), s, m));
+            acc = _mm256_add_ps(acc, e);
+            _mm256_storeu_ps(o.add(i), e);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        (n, lanes.iter().sum())
+    }
 
     /// GELU (tanh) over whole vectors of 16; returns how many elements it did.
     #[target_feature(enable = "avx512f")]
@@ -449,6 +515,22 @@ mod tests {
             hadamard_rows(&mut rb, n);
             for (x, y) in rb.iter().zip(&b) {
                 assert!((x - y).abs() < 1e-4 * y.abs().max(1.0), "n={n}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn scaled_softmax_matches_the_plain_one_at_every_level() {
+        for n in [1usize, 7, 16, 37, 300] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 29 % 17) as f32 - 8.0) * 1.7).collect();
+            let mut want: Vec<f32> = x.iter().map(|v| v * 0.125).collect();
+            softmax(&mut want);
+            for level in crate::cpu::SimdLevel::available() {
+                let mut got = vec![0f32; n];
+                softmax_scaled_into_at(level, &x, 0.125, &mut got);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-6 + 1e-5 * w, "{level:?} n={n}: {g} vs {w}");
+                }
             }
         }
     }
