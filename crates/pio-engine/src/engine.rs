@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pio_model::image::PixelValues;
 use pio_model::tokenizer::Tokenizer;
@@ -343,7 +343,17 @@ pub struct Engine<'m> {
     next_id: SeqId,
     /// The vision tower's outputs of recent images.
     image_features: crate::vision::FeatureCache,
+    /// Requests whose images are going through the tower, oldest first, with their sequences
+    /// (queued in the scheduler once every image is done).
+    encoding: std::collections::VecDeque<(SeqId, crate::vision::PendingVision, Sequence)>,
+    /// How long a step may spend in the tower while other sequences run (at least one block).
+    encode_slice: Duration,
 }
+
+/// [`Engine::set_encode_slice`]'s default: a tower block of a 1024 x 1024 image is ~1.7 s on
+/// 2 cores and the whole tower 24 of them, so other streams see a pause of at most a block per
+/// step instead of the whole tower; a small image's blocks (~0.1 s) run a few per step.
+const ENCODE_SLICE: Duration = Duration::from_millis(100);
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m dyn CausalLm, tokenizer: Option<&'m Tokenizer>, cfg: EngineConfig) -> Result<Engine<'m>> {
@@ -401,6 +411,8 @@ impl<'m> Engine<'m> {
             metrics,
             next_id: 0,
             image_features: Default::default(),
+            encoding: Default::default(),
+            encode_slice: ENCODE_SLICE,
         })
     }
 
@@ -419,7 +431,15 @@ impl<'m> Engine<'m> {
     }
 
     pub fn has_work(&self) -> bool {
-        self.sched.has_work()
+        self.sched.has_work() || !self.encoding.is_empty()
+    }
+
+    /// How long one [`step`](Self::step) may spend in the vision tower while other sequences
+    /// are running: it runs tower blocks (at least one) of the oldest request still encoding
+    /// until this has passed, then the batch. Without other sequences the tower runs through.
+    /// The features do not depend on it.
+    pub fn set_encode_slice(&mut self, slice: Duration) {
+        self.encode_slice = slice;
     }
 
     pub fn num_requests(&self) -> usize {
@@ -461,14 +481,12 @@ impl<'m> Engine<'m> {
         if !params.images.is_empty() && params.attention_window.is_some() {
             return Err(EngineError::Invalid("a streaming window (attention_window) cannot take images".into()));
         }
-        // Placeholders expanded, the request checked, then the vision tower run once per image
-        // (its features live as long as the request).
+        // Placeholders expanded and the request checked; the vision tower runs in the steps
+        // (once per image, its features living as long as the request).
         let images = std::mem::take(&mut params.images);
         let limits = &self.limits;
-        let (prompt, vision, images) =
-            crate::vision::prepare(self.model, prompt, &images, &mut self.image_features, |p| {
-                validate_request(limits, p, &params)
-            })?;
+        let (prompt, mut pending, images) =
+            crate::vision::prepare(self.model, prompt, images, |p| validate_request(limits, p, &params))?;
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
         let streaming = self.limits.streaming(&params)?;
@@ -481,6 +499,18 @@ impl<'m> Engine<'m> {
         seq.logits_from = params.prompt_logits;
         seq.streaming = streaming;
         seq.images = images;
+        // Images found in the feature cache need no tower time: such a request is queued now.
+        let vision = match pending.take() {
+            Some(mut p) => {
+                if p.take_cached(&mut self.image_features) {
+                    Some(p.into_inputs()?)
+                } else {
+                    pending = Some(p);
+                    None
+                }
+            }
+            None => None,
+        };
         self.reqs.insert(
             id,
             RequestState {
@@ -495,14 +525,54 @@ impl<'m> Engine<'m> {
                 vision,
             },
         );
-        self.sched.add(seq);
+        match pending {
+            Some(p) => self.encoding.push_back((id, p, seq)),
+            None => self.sched.add(seq),
+        }
         self.metrics.requests_waiting.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs the vision tower now for every request waiting on it (which [`step`](Self::step)
+    /// otherwise spreads over its steps while other sequences run); their sequences are queued.
+    pub fn encode_images(&mut self) -> Result<()> {
+        self.advance_encoding(false)
+    }
+
+    /// Runs the vision tower for the requests waiting on it, oldest first: through, unless
+    /// `share` and other sequences are running; then blocks until
+    /// [`set_encode_slice`](Self::set_encode_slice)'s time is spent. A request whose images are
+    /// all done joins the scheduler's queue.
+    fn advance_encoding(&mut self, share: bool) -> Result<()> {
+        let Some(tower) = self.model.vision() else {
+            return Ok(());
+        };
+        let (mut others, start, slice) = (share && self.sched.has_work(), Instant::now(), self.encode_slice);
+        while let Some((_, pending, _)) = self.encoding.front_mut() {
+            if !pending.advance(tower, &mut self.image_features, || !others || start.elapsed() < slice)? {
+                return Ok(());
+            }
+            if let Some((id, pending, seq)) = self.encoding.pop_front() {
+                if let Some(r) = self.reqs.get_mut(&id) {
+                    r.vision = Some(pending.into_inputs()?);
+                    self.sched.add(seq);
+                    // The next request's tower shares the step with this one's prefill.
+                    others = share;
+                }
+            }
+            if others && start.elapsed() >= slice {
+                break;
+            }
+        }
         Ok(())
     }
 
     /// Removes a request and frees its blocks; false if it is not (or no longer) here.
     pub fn abort(&mut self, id: SeqId) -> bool {
-        self.finish(id, FinishReason::Abort).is_some()
+        // A request still in the vision tower has no sequence in the scheduler yet.
+        let known = self.reqs.contains_key(&id);
+        self.finish(id, FinishReason::Abort);
+        known
     }
 
     /// Teacher forcing: the logits (`[rows, vocab]` flattened) of every position from `from` on
@@ -540,6 +610,7 @@ impl<'m> Engine<'m> {
     /// Runs one step and returns what each request it touched produced: a token for every
     /// sequence that reached its end this step (decoding, or the last chunk of its prompt).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        self.advance_encoding(true)?;
         let plan = self.sched.schedule();
         self.metrics.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         self.metrics.prefix_cache_hit_tokens.fetch_add(plan.prefix_hit_tokens as u64, Ordering::Relaxed);
@@ -761,6 +832,7 @@ impl<'m> Engine<'m> {
         };
         self.metrics.finished[label].fetch_add(1, Ordering::Relaxed);
         self.metrics.request_duration.observe(r.arrival.elapsed());
+        self.encoding.retain(|(e, _, _)| *e != id);
         let seq = self.sched.remove(id);
         self.publish_gauges();
         seq

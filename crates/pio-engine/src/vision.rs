@@ -1,13 +1,13 @@
 //! A request's images: their placeholders in the prompt, the vision tower's features (computed
-//! once per image when the request arrives, kept while it lives), the multimodal rotary
-//! positions, and the spans the prefix cache keys blocks by.
+//! once per image, a tower block at a time over the engine's steps, and kept while the request
+//! lives), the multimodal rotary positions, and the spans the prefix cache keys blocks by.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use pio_model::config::VisionConfig;
 use pio_model::image::PixelValues;
-use pio_model::models::vision::{rope_positions, ImageFeatures};
+use pio_model::models::vision::{rope_positions, EncodeJob, ImageFeatures, VisionEncoder};
 use pio_model::CausalLm;
 
 use crate::kv_cache::ImageSpan;
@@ -104,38 +104,111 @@ pub(crate) struct FeatureCache {
 const CACHED_IMAGES: usize = 8;
 
 impl FeatureCache {
-    fn get_or_encode(
-        &mut self,
-        hash: u64,
-        encode: impl FnOnce() -> pio_model::Result<ImageFeatures>,
-    ) -> Result<Arc<ImageFeatures>> {
+    /// The features of the image with this hash, if kept (then the most recently used).
+    fn get(&mut self, hash: u64) -> Option<Arc<ImageFeatures>> {
         // The most recently used at the back.
-        if let Some(e) = self.entries.iter().position(|(h, _)| *h == hash).and_then(|i| self.entries.remove(i)) {
-            let f = e.1.clone();
-            self.entries.push_back(e);
-            return Ok(f);
-        }
-        let f = Arc::new(encode()?);
+        let e = self.entries.iter().position(|(h, _)| *h == hash).and_then(|i| self.entries.remove(i))?;
+        let f = e.1.clone();
+        self.entries.push_back(e);
+        Some(f)
+    }
+
+    fn put(&mut self, hash: u64, f: Arc<ImageFeatures>) {
         if self.entries.len() == CACHED_IMAGES {
             self.entries.pop_front();
         }
-        self.entries.push_back((hash, f.clone()));
-        Ok(f)
+        self.entries.push_back((hash, f));
+    }
+}
+
+/// A request's images on their way through the tower: the features of those done (or found in
+/// the [`FeatureCache`]) and the one under way. The engine advances it between its steps
+/// ([`PendingVision::advance`]) and queues the request once every image is done.
+#[derive(Debug)]
+pub(crate) struct PendingVision {
+    images: Vec<Arc<PixelValues>>,
+    hashes: Vec<u64>,
+    features: Vec<Option<Arc<ImageFeatures>>>,
+    /// The first image without features, part way through the tower.
+    job: Option<(usize, EncodeJob)>,
+    positions: Vec<[usize; 3]>,
+    delta: i64,
+}
+
+impl PendingVision {
+    /// Runs tower blocks for the images still missing, one at a time, as long as `more()`
+    /// says (asked after each block, so at least one runs per call while any is left); true
+    /// once every image has its features. Finished images go into `cache`, and an image found
+    /// there (another request encoded it meanwhile) is not run again.
+    pub(crate) fn advance(
+        &mut self,
+        tower: &VisionEncoder,
+        cache: &mut FeatureCache,
+        mut more: impl FnMut() -> bool,
+    ) -> Result<bool> {
+        loop {
+            let Some(i) = self.features.iter().position(Option::is_none) else {
+                return Ok(true);
+            };
+            if self.job.as_ref().is_none_or(|(j, _)| *j != i) {
+                if let Some(f) = cache.get(self.hashes[i]) {
+                    self.features[i] = Some(f);
+                    continue;
+                }
+                self.job = Some((i, tower.begin(&self.images[i])?));
+            }
+            let Some((_, job)) = self.job.as_mut() else {
+                continue;
+            };
+            if tower.run_block(job) {
+                if let Some((_, job)) = self.job.take() {
+                    let f = Arc::new(tower.finish(job));
+                    cache.put(self.hashes[i], f.clone());
+                    self.features[i] = Some(f);
+                }
+            }
+            if self.features.iter().all(Option::is_some) {
+                return Ok(true);
+            }
+            if !more() {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Takes what [`FeatureCache`] has of the images (running no tower block); true if that
+    /// was all of them.
+    pub(crate) fn take_cached(&mut self, cache: &mut FeatureCache) -> bool {
+        for (f, &h) in self.features.iter_mut().zip(&self.hashes) {
+            if f.is_none() {
+                *f = cache.get(h);
+            }
+        }
+        self.features.iter().all(Option::is_some)
+    }
+
+    /// What the request carries once [`advance`](Self::advance) returned true.
+    pub(crate) fn into_inputs(self) -> Result<VisionInputs> {
+        let features = self
+            .features
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| EngineError::Invalid("an image was not encoded".into()))?;
+        Ok(VisionInputs { features, positions: self.positions, delta: self.delta })
     }
 }
 
 /// Readies a request's `images` for `model`: expands their placeholders in `prompt`, has
-/// `check` look at the expanded prompt (before any encoding: a prompt too long for the context
-/// costs no vision tower), runs the tower over each image (or takes its features from `cache`),
-/// and computes the prompt's rotary positions. A text prompt to any model passes through
-/// (`None`).
+/// `check` look at the expanded prompt, checks that the tower takes each image, and computes the
+/// prompt's rotary positions and image spans. The tower itself runs later, through
+/// [`PendingVision::advance`] (a prompt too long for the context costs no tower time). A text
+/// prompt to any model passes through (`None`).
 pub(crate) fn prepare(
     model: &dyn CausalLm,
     prompt: Vec<u32>,
-    images: &[Arc<PixelValues>],
-    cache: &mut FeatureCache,
+    images: Vec<Arc<PixelValues>>,
     check: impl FnOnce(&[u32]) -> Result<()>,
-) -> Result<(Vec<u32>, Option<VisionInputs>, Vec<ImageSpan>)> {
+) -> Result<(Vec<u32>, Option<PendingVision>, Vec<ImageSpan>)> {
     let Some(vision) = model.vision() else {
         if images.is_empty() {
             check(&prompt)?;
@@ -156,12 +229,10 @@ pub(crate) fn prepare(
     let counts: Vec<usize> = images.iter().map(|p| p.num_tokens(merge)).collect();
     let prompt = expand_image_tokens(&prompt, token, &counts)?;
     check(&prompt)?;
+    for p in &images {
+        vision.check(p)?;
+    }
     let hashes: Vec<u64> = images.iter().map(|p| content_hash(p)).collect();
-    let features = images
-        .iter()
-        .zip(&hashes)
-        .map(|(p, &h)| cache.get_or_encode(h, || vision.encode(p)))
-        .collect::<Result<Vec<_>>>()?;
     let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
     let (positions, delta) = rope_positions(&prompt, token, &grids, merge)?;
     let mut spans = Vec::with_capacity(images.len());
@@ -173,7 +244,8 @@ pub(crate) fn prepare(
         spans.push(ImageSpan { start: i, len: n, hash });
         i += n;
     }
-    Ok((prompt, Some(VisionInputs { features, positions, delta }), spans))
+    let features = vec![None; images.len()];
+    Ok((prompt, Some(PendingVision { images, hashes, features, job: None, positions, delta }), spans))
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Requests with images through the engine, on the tiny Qwen3-VL fixture: the greedy
 //! continuation transformers gives, whatever the batch, the prefill chunking and the prefix
 //! cache; one placeholder or the expanded run alike; the prefix cache shares blocks between
-//! prompts with the same image and never between different images; bad requests are errors.
+//! prompts with the same image and never between different images; the tower runs a block at a
+//! time between other streams' steps; bad requests are errors.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pio_engine::engine::{Engine, EngineConfig, RequestParams};
 use pio_model::image::{open, preprocess, PixelValues, RgbImage};
@@ -124,6 +126,59 @@ fn image_requests_batched_with_text_equal_each_alone() {
         assert_eq!(got, alone, "budget {budget}");
         assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
     }
+}
+
+#[test]
+fn text_streams_keep_decoding_while_an_image_goes_through_the_tower() {
+    let m = load("qwen3_vl");
+    let model = m.model.as_ref();
+    let blocks = model.vision().expect("vision").num_blocks();
+    assert!(blocks >= 2, "the fixture's tower has {blocks} blocks");
+    let prompt = reference_ids("image_input_ids");
+    let text = reference_ids("input_ids");
+    let px = pixels(model, &image());
+    let want_text =
+        run_all(&mut Engine::new(model, None, config(512)).expect("engine"), &[(text.clone(), greedy(12, vec![]))]);
+    let want_image = reference_ids("image_greedy_ids");
+
+    let mut e = Engine::new(model, None, config(512)).expect("engine");
+    // One tower block per step while another sequence runs.
+    e.set_encode_slice(Duration::ZERO);
+    let t = e.add_request(text, greedy(12, vec![])).expect("text request");
+    let mut text_ids: Vec<u32> = e.step().expect("step").iter().flat_map(|o| o.token_ids.clone()).collect();
+    assert_eq!(text_ids.len(), 1, "the text prompt's prefill");
+    // A request aborted while its image is part way through the tower leaves nothing behind.
+    let gone = e.add_request(prompt.clone(), greedy(4, vec![pixels(model, &mirrored())])).expect("image request");
+    let v = e.add_request(prompt, greedy(want_image.len(), vec![px.clone()])).expect("second image request");
+    let (mut image_ids, mut text_before_image, mut steps) = (Vec::<u32>::new(), 0, 0);
+    while e.has_work() {
+        let out = e.step().expect("step");
+        steps += 1;
+        if steps == 1 {
+            assert!(e.abort(gone), "the first image request is still in the tower");
+        }
+        for o in out {
+            assert_ne!(o.id, gone, "an aborted request produces nothing");
+            if o.id == t {
+                text_ids.extend(&o.token_ids);
+                if image_ids.is_empty() {
+                    text_before_image += o.token_ids.len();
+                }
+            } else if o.id == v {
+                image_ids.extend(&o.token_ids);
+            }
+        }
+    }
+    // One block of the aborted image, then the other image's blocks, one per step, each step
+    // also decoding the text stream.
+    assert!(
+        text_before_image >= blocks,
+        "{text_before_image} text tokens before the image's first, with a tower of {blocks} blocks run one per step"
+    );
+    assert_eq!(text_ids, want_text[0].0, "the text stream is its own");
+    assert_eq!(image_ids, want_image, "the image request still gives transformers' tokens");
+    assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
+    assert_eq!(e.num_requests(), 0);
 }
 
 #[test]

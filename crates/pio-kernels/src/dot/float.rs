@@ -867,6 +867,104 @@ mod tests {
         }
     }
 
+    /// A measurement for the next step of BF16 decode, not a check: GB/s of one-token products
+    /// over a 512 MiB BF16 matrix (2048 columns, past any cache), the row-major tile that
+    /// `gemm` runs (6 rows at once: 6 streams a row apart, each row one 4 KiB page) against a
+    /// layout with groups of 6 rows interleaved by 16 columns, read as one stream, with and
+    /// without software prefetch; 1 and 2 threads, 5 alternated passes each.
+    /// `cargo test --release -p pio-kernels --lib bench_bf16_decode -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn bench_bf16_decode_layouts() {
+        use std::arch::x86_64::*;
+        const COLS: usize = 2048;
+        const ROWS: usize = 131072;
+        const R: usize = 6;
+        let rb = COLS * 2;
+        let w: Vec<u8> = (0..ROWS * rb).map(|i| ((i * 2654435761usize) >> 13) as u8 & 0x3f).collect();
+        let x: Vec<f32> = (0..COLS).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+        let xeo = to_even_odd(SimdLevel::Avx2, &x, 1, COLS);
+        // Interleaved: per group of R rows, per 16 columns, the R rows' 32 bytes.
+        let mut il = vec![0u8; ROWS * rb];
+        for g in 0..ROWS / R {
+            for c in 0..COLS / 16 {
+                for i in 0..R {
+                    let src = &w[(g * R + i) * rb + c * 32..][..32];
+                    il[g * R * rb + (c * R + i) * 32..][..32].copy_from_slice(src);
+                }
+            }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn il_kernel(w: &[u8], rows: usize, xeo: &[f32], out: &mut [f32], ahead: usize) {
+            let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+            let rb = COLS * 2;
+            for g in 0..rows / R {
+                let mut p = w.as_ptr().add(g * R * rb);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for c in 0..COLS / 16 {
+                    let xe = _mm256_loadu_ps(xeo.as_ptr().add(16 * c));
+                    let xo = _mm256_loadu_ps(xeo.as_ptr().add(16 * c + 8));
+                    if ahead != 0 {
+                        for k in 0..R * 32 / 64 {
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + 64 * k) as *const i8);
+                        }
+                    }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let raw = _mm256_loadu_si256(p.add(32 * i) as *const __m256i);
+                        let we = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw));
+                        let wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+                        *a = _mm256_fmadd_ps(wo, xo, _mm256_fmadd_ps(we, xe, *a));
+                    }
+                    p = p.add(R * 32);
+                }
+                for i in 0..R {
+                    let mut t = [0f32; 8];
+                    _mm256_storeu_ps(t.as_mut_ptr(), acc[i]);
+                    out[g * R + i] = t.iter().sum();
+                }
+            }
+        }
+        let half = ROWS / 2 / R * R;
+        type Kernel<'a> = &'a (dyn Fn(&[u8], usize, &mut [f32]) + Sync);
+        let run = |name: &str, threads: usize, f: Kernel<'_>, data: &[u8]| {
+            let mut out = vec![0f32; ROWS];
+            let t0 = std::time::Instant::now();
+            if threads == 1 {
+                f(data, ROWS, &mut out);
+            } else {
+                let (o1, o2) = out.split_at_mut(half);
+                std::thread::scope(|sc| {
+                    sc.spawn(|| f(&data[..half * rb], half, o1));
+                    f(&data[half * rb..], ROWS - half, o2);
+                });
+            }
+            let gbs = (ROWS * rb) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+            std::hint::black_box(&out);
+            (name.to_string(), threads, gbs)
+        };
+        let rowmajor = |d: &[u8], n: usize, o: &mut [f32]| gemm_even_odd(SimdLevel::Avx2, d, n, &xeo, 1, o, 1);
+        let il0 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 0) };
+        let il1 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 1024) };
+        let il4 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 4096) };
+        let mut res: Vec<(String, usize, f64)> = Vec::new();
+        for _ in 0..5 {
+            for threads in [1, 2] {
+                res.push(run("rowmajor", threads, &rowmajor, &w));
+                res.push(run("il-nopf", threads, &il0, &il));
+                res.push(run("il-pf1k", threads, &il1, &il));
+                res.push(run("il-pf4k", threads, &il4, &il));
+            }
+        }
+        for name in ["rowmajor", "il-nopf", "il-pf1k", "il-pf4k"] {
+            for threads in [1, 2] {
+                let mut v: Vec<f64> = res.iter().filter(|r| r.0 == name && r.1 == threads).map(|r| r.2).collect();
+                v.sort_by(f64::total_cmp);
+                println!("{name} t{threads}: median {:.1} GB/s, best {:.1} ({v:.1?})", v[v.len() / 2], v[v.len() - 1]);
+            }
+        }
+    }
+
     /// A random `[rows, cols]` matrix stored as `dtype` and `[ntok, cols]` activations.
     fn random_tile(
         rng: &mut rand::rngs::StdRng,

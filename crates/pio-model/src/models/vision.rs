@@ -97,6 +97,25 @@ impl ImageFeatures {
     }
 }
 
+/// One image part way through the tower ([`VisionEncoder::begin`]): the hidden states after
+/// `next` blocks and the DeepStack features taken so far.
+#[derive(Debug)]
+pub struct EncodeJob {
+    grid: [usize; 3],
+    x: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    next: usize,
+    deepstack: Vec<(usize, Vec<f32>)>,
+}
+
+impl EncodeJob {
+    /// Blocks run so far.
+    pub fn blocks_done(&self) -> usize {
+        self.next
+    }
+}
+
 impl LayerNorm {
     fn load(ckpt: &mut Checkpoint, prefix: &str, dim: usize) -> Result<LayerNorm> {
         Ok(LayerNorm {
@@ -249,6 +268,14 @@ impl VisionEncoder {
 
     /// Runs the tower over one image's patches.
     pub fn encode(&self, pixels: &PixelValues) -> Result<ImageFeatures> {
+        let mut job = self.begin(pixels)?;
+        while !self.run_block(&mut job) {}
+        Ok(self.finish(job))
+    }
+
+    /// Checks that the tower takes `pixels`: a grid of whole merge windows, rows of its patch
+    /// length. [`encode`](Self::encode) and [`begin`](Self::begin) fail exactly when this does.
+    pub fn check(&self, pixels: &PixelValues) -> Result<()> {
         let c = &self.config;
         let [t, gh, gw] = pixels.grid;
         let m = c.spatial_merge_size;
@@ -266,30 +293,59 @@ impl VisionEncoder {
                 c.patch_len()
             )));
         }
-        let h = c.hidden_size;
+        Ok(())
+    }
+
+    /// Starts encoding one image: its patches embedded, with their positions, ready for the
+    /// first block. The tower then runs a block per [`run_block`](Self::run_block), so a caller
+    /// (the engine) can spread a large image over many steps; the result is the same however
+    /// the blocks are spread.
+    pub fn begin(&self, pixels: &PixelValues) -> Result<EncodeJob> {
+        self.check(pixels)?;
         let mut x = self.patch_embed.forward(&pixels.data);
         let pos = self.position_embeddings(pixels.grid);
         ops::add_in_place(&mut x, &pos);
         let (cos, sin) = self.rotary(pixels.grid);
-        let mut deepstack = Vec::with_capacity(self.deepstack.len());
-        for (i, b) in self.blocks.iter().enumerate() {
-            let a = self.attention(b, &b.norm1.forward(&x), &cos, &sin, gh * gw);
-            ops::add_in_place(&mut x, &a);
-            let mut f = b.fc1.forward(&b.norm2.forward(&x));
-            ops::gelu_tanh_in_place(&mut f);
-            ops::add_in_place(&mut x, &b.fc2.forward(&f));
-            if let Some(k) = c.deepstack_visual_indexes.iter().position(|&d| d == i) {
-                deepstack.push((k, self.deepstack[k].forward(&x)));
-            }
+        Ok(EncodeJob { grid: pixels.grid, x, cos, sin, next: 0, deepstack: Vec::with_capacity(self.deepstack.len()) })
+    }
+
+    /// Runs the next block of `job`; true once every block has run (then nothing is left to
+    /// do but [`finish`](Self::finish)).
+    pub fn run_block(&self, job: &mut EncodeJob) -> bool {
+        let Some(b) = self.blocks.get(job.next) else {
+            return true;
+        };
+        let [_, gh, gw] = job.grid;
+        let x = &mut job.x;
+        let a = self.attention(b, &b.norm1.forward(x), &job.cos, &job.sin, gh * gw);
+        ops::add_in_place(x, &a);
+        let mut f = b.fc1.forward(&b.norm2.forward(x));
+        ops::gelu_tanh_in_place(&mut f);
+        ops::add_in_place(x, &b.fc2.forward(&f));
+        if let Some(k) = self.config.deepstack_visual_indexes.iter().position(|&d| d == job.next) {
+            job.deepstack.push((k, self.deepstack[k].forward(x)));
         }
-        deepstack.sort_by_key(|(k, _)| *k);
-        debug_assert_eq!(x.len(), n * h);
-        Ok(ImageFeatures {
-            embeds: self.merger.forward(&x),
-            deepstack: deepstack.into_iter().map(|(_, d)| d).collect(),
-            grid: pixels.grid,
-            hidden: c.out_hidden_size,
-        })
+        job.next += 1;
+        job.next == self.blocks.len()
+    }
+
+    /// The features of a job whose blocks have all run ([`run_block`](Self::run_block)
+    /// returned true); runs any that have not.
+    pub fn finish(&self, mut job: EncodeJob) -> ImageFeatures {
+        while !self.run_block(&mut job) {}
+        job.deepstack.sort_by_key(|(k, _)| *k);
+        debug_assert_eq!(job.x.len(), job.grid.iter().product::<usize>() * self.config.hidden_size);
+        ImageFeatures {
+            embeds: self.merger.forward(&job.x),
+            deepstack: job.deepstack.into_iter().map(|(_, d)| d).collect(),
+            grid: job.grid,
+            hidden: self.config.out_hidden_size,
+        }
+    }
+
+    /// The tower's blocks: the steps of an [`EncodeJob`].
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Attention of one block over `h` (`[patches, hidden]`): each frame of `frame` patches
