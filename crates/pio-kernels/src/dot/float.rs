@@ -925,7 +925,37 @@ mod tests {
                 }
             }
         }
-        let half = ROWS / 2 / R * R;
+        // The row-major walk with `RR` rows at once, prefetching the next tile as `gemm` does.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn rm_kernel<const RR: usize>(w: &[u8], rows: usize, xeo: &[f32], out: &mut [f32], pf: bool) {
+            let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+            let rb = COLS * 2;
+            for g in 0..rows / RR {
+                let base = w.as_ptr().add(g * RR * rb);
+                let mut acc = [_mm256_setzero_ps(); RR];
+                for c in 0..COLS / 16 {
+                    let xe = _mm256_loadu_ps(xeo.as_ptr().add(16 * c));
+                    let xo = _mm256_loadu_ps(xeo.as_ptr().add(16 * c + 8));
+                    if pf && c % 2 == 0 {
+                        for i in 0..RR {
+                            _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(i * rb + 32 * c + RR * rb) as *const i8);
+                        }
+                    }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let raw = _mm256_loadu_si256(base.add(i * rb + 32 * c) as *const __m256i);
+                        let we = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw));
+                        let wo = _mm256_castsi256_ps(_mm256_and_si256(raw, hi));
+                        *a = _mm256_fmadd_ps(wo, xo, _mm256_fmadd_ps(we, xe, *a));
+                    }
+                }
+                for i in 0..RR {
+                    let mut t = [0f32; 8];
+                    _mm256_storeu_ps(t.as_mut_ptr(), acc[i]);
+                    out[g * RR + i] = t.iter().sum();
+                }
+            }
+        }
+        let half = ROWS / 2 / 24 * 24;
         type Kernel<'a> = &'a (dyn Fn(&[u8], usize, &mut [f32]) + Sync);
         let run = |name: &str, threads: usize, f: Kernel<'_>, data: &[u8]| {
             let mut out = vec![0f32; ROWS];
@@ -947,16 +977,26 @@ mod tests {
         let il0 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 0) };
         let il1 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 1024) };
         let il4 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 4096) };
+        let rm2 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { rm_kernel::<2>(d, n, &xeo, o, true) };
+        let rm3 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { rm_kernel::<3>(d, n, &xeo, o, true) };
+        let rm4 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { rm_kernel::<4>(d, n, &xeo, o, true) };
+        let rm8 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { rm_kernel::<8>(d, n, &xeo, o, true) };
+        let rm4n = |d: &[u8], n: usize, o: &mut [f32]| unsafe { rm_kernel::<4>(d, n, &xeo, o, false) };
         let mut res: Vec<(String, usize, f64)> = Vec::new();
         for _ in 0..5 {
             for threads in [1, 2] {
                 res.push(run("rowmajor", threads, &rowmajor, &w));
+                res.push(run("rm2", threads, &rm2, &w));
+                res.push(run("rm3", threads, &rm3, &w));
+                res.push(run("rm4", threads, &rm4, &w));
+                res.push(run("rm8", threads, &rm8, &w));
+                res.push(run("rm4-nopf", threads, &rm4n, &w));
                 res.push(run("il-nopf", threads, &il0, &il));
                 res.push(run("il-pf1k", threads, &il1, &il));
                 res.push(run("il-pf4k", threads, &il4, &il));
             }
         }
-        for name in ["rowmajor", "il-nopf", "il-pf1k", "il-pf4k"] {
+        for name in ["rowmajor", "rm2", "rm3", "rm4", "rm8", "rm4-nopf", "il-nopf", "il-pf1k", "il-pf4k"] {
             for threads in [1, 2] {
                 let mut v: Vec<f64> = res.iter().filter(|r| r.0 == name && r.1 == threads).map(|r| r.2).collect();
                 v.sort_by(f64::total_cmp);
