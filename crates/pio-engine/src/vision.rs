@@ -157,15 +157,10 @@ impl PendingVision {
                 }
                 self.job = Some((i, tower.begin(&self.images[i])?));
             }
-            let Some((_, job)) = self.job.as_mut() else {
-                continue;
-            };
-            if tower.run_block(job) {
-                if let Some((_, job)) = self.job.take() {
-                    let f = Arc::new(tower.finish(job));
-                    cache.put(self.hashes[i], f.clone());
-                    self.features[i] = Some(f);
-                }
+            if let Some((_, job)) = self.job.take_if(|(_, job)| tower.run_block(job)) {
+                let f = Arc::new(tower.finish(job));
+                cache.put(self.hashes[i], f.clone());
+                self.features[i] = Some(f);
             }
             if self.features.iter().all(Option::is_some) {
                 return Ok(true);

@@ -109,13 +109,6 @@ pub struct EncodeJob {
     deepstack: Vec<(usize, Vec<f32>)>,
 }
 
-impl EncodeJob {
-    /// Blocks run so far.
-    pub fn blocks_done(&self) -> usize {
-        self.next
-    }
-}
-
 impl LayerNorm {
     fn load(ckpt: &mut Checkpoint, prefix: &str, dim: usize) -> Result<LayerNorm> {
         Ok(LayerNorm {
@@ -268,9 +261,7 @@ impl VisionEncoder {
 
     /// Runs the tower over one image's patches.
     pub fn encode(&self, pixels: &PixelValues) -> Result<ImageFeatures> {
-        let mut job = self.begin(pixels)?;
-        while !self.run_block(&mut job) {}
-        Ok(self.finish(job))
+        Ok(self.finish(self.begin(pixels)?))
     }
 
     /// Checks that the tower takes `pixels`: a grid of whole merge windows, rows of its patch
