@@ -62,8 +62,9 @@ pub struct ModelArgs {
     /// f16 (any format name); the LM head keeps Q6_K below 8 bits, as llama-quantize does.
     #[arg(long, value_parser = parse_quant)]
     pub quant: Option<DType>,
-    /// Keep every matrix in the file's row layout instead of rearranging the Q4_K/Q5_K/Q6_K
-    /// ones at load for faster decode (as llama.cpp's --no-repack; the results are the same).
+    /// Keep every matrix in the file's row layout instead of rearranging the block-quantized
+    /// and BF16 ones at load for faster decode (as llama.cpp's --no-repack; the results are the
+    /// same).
     #[arg(long)]
     pub no_repack: bool,
     /// BF16 weights multiply bf16-rounded activations where the CPU has AVX-512 BF16 (twice the

@@ -26,42 +26,36 @@ fn weights(dtype: DType) -> Vec<u8> {
 }
 
 fn bench(c: &mut Criterion) {
-    // BF16 twice: with f32 activations, and with bf16 ones where the CPU multiplies those
-    // faster (`vdpbf16ps` on AMD; AMX tiles on Intel, as the vision tower's matrices).
+    // BF16 in rows and interleaved (the layout decode loads it in), with f32 activations and
+    // with bf16 ones where the CPU multiplies those faster (`vdpbf16ps` on AMD; AMX tiles on
+    // Intel, as the vision tower's matrices).
     let formats = [
-        DType::BF16,
-        DType::BF16,
-        DType::BF16,
-        DType::F16,
-        DType::Q8_0,
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q4_K,
-        DType::Q6_K,
+        (DType::BF16, false, false),
+        (DType::BF16, false, true),
+        (DType::BF16, true, false),
+        (DType::BF16, true, true),
+        (DType::F16, false, false),
+        (DType::Q8_0, false, false),
+        (DType::Q4_0, false, false),
+        (DType::Q4_1, false, false),
+        (DType::Q5_0, false, false),
+        (DType::Q4_K, false, false),
+        (DType::Q6_K, false, false),
     ];
-    for (i, dtype) in formats.into_iter().enumerate() {
+    for (dtype, bf16_act, tiled) in formats {
         let mut data = weights(dtype);
-        let (bf16_act, tiled) = (i == 1 || i == 2, i == 2);
-        // The third: in the tiles' own layout, which only the AMX tiles read.
-        if tiled && !pio_kernels::dot::float::bf16_on_amx(SimdLevel::Avx512, COLS) {
-            continue;
-        }
         if tiled {
             data = pio_kernels::dot::float::tile_bf16(ROWS, COLS, &data);
         }
-        // `prefill_only`: AMX too where the CPU has it (as a vision tower's BF16 matrices).
+        // `prefill_only` with bf16 activations: AMX too where the CPU has it (as a vision
+        // tower's BF16 matrices).
         let w = WeightView {
             bf16_activations: bf16_act,
             prefill_only: bf16_act,
             layout: if tiled { Layout::Interleaved } else { Layout::Rows },
             ..WeightView::rows(dtype, ROWS, COLS, &data)
         };
-        let name = match (bf16_act, tiled) {
-            (_, true) => "BF16xbf16-tiled".to_string(),
-            (true, false) => "BF16xbf16".to_string(),
-            _ => dtype.to_string(),
-        };
+        let name = format!("{dtype}{}{}", if bf16_act { "xbf16" } else { "" }, if tiled { "-tiled" } else { "" });
         for n in [1usize, 64] {
             let mut g = c.benchmark_group(format!("matmul_{name}_n{n}"));
             if n == 1 {
@@ -72,7 +66,7 @@ fn bench(c: &mut Criterion) {
             let x: Vec<f32> = (0..n * COLS).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
             let mut y = vec![0f32; n * ROWS];
             for level in SimdLevel::available() {
-                if (level == SimdLevel::Scalar && n > 1) || (tiled && level != SimdLevel::Avx512) {
+                if level == SimdLevel::Scalar && (n > 1 || tiled) {
                     continue;
                 }
                 g.bench_with_input(BenchmarkId::from_parameter(level.name()), &level, |b, &level| {

@@ -59,9 +59,13 @@ impl<'a> WeightView<'a> {
         match self.layout {
             Layout::Rows => quant::dequantize_row(self.dtype, self.row(r), out),
             Layout::Interleaved if self.dtype == DType::BF16 => {
-                let mut row = vec![0u8; self.row_bytes()];
-                float::tiled_row_bf16(self.data, self.cols, r, &mut row);
-                quant::dequantize_row(self.dtype, &row, out);
+                // 64 bytes at a time through the stack: a lookup per token allocates nothing.
+                assert!(r < self.rows && out.len() == self.cols, "row {r} of {} x {}", self.rows, self.cols);
+                let group = r / dot::GROUP_ROWS * dot::GROUP_ROWS * self.cols * 2 + r % dot::GROUP_ROWS * 64;
+                for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                    let at = group + b * dot::GROUP_ROWS * 64;
+                    quant::dequantize_row(self.dtype, &self.data[at..at + 64], o);
+                }
             }
             Layout::Interleaved => {
                 // Block by block through a stack buffer: a lookup per token allocates nothing.
@@ -205,12 +209,11 @@ unsafe fn matmul_multi_raw(
     for ((w, &(_, len)), &i) in ws.iter().zip(&outs).zip(input_of) {
         let (x, n) = inputs[i];
         assert_eq!(w.data.len(), w.expected_bytes(), "{} matrix of {} x {} in {:?}", w.dtype, w.rows, w.cols, w.layout);
-        // BF16 is tiled only for the AMX tiles, which then do all of its products.
-        let tiled_bf16 =
-            w.dtype == DType::BF16 && w.bf16_activations && w.prefill_only && float::bf16_on_amx(level, w.cols);
         assert!(
-            w.layout == Layout::Rows || dot::interleaves(w.dtype) || tiled_bf16,
-            "{} cannot be interleaved",
+            w.layout == Layout::Rows || dot::interleaves(w.dtype) || float::interleaves_bf16(w.dtype, w.cols),
+            "{} x {} of {} cannot be interleaved",
+            w.rows,
+            w.cols,
             w.dtype
         );
         assert_eq!(len, n * w.rows);
@@ -289,10 +292,18 @@ unsafe fn matmul_multi_raw(
         } else if let Some(xt) = xt.as_ref().filter(|_| on_amx(w)) {
             float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo, w.layout == Layout::Interleaved);
         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
-            float::gemm_bf16(level, rows, rz - ra, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
+            float::gemm_bf16(level, rows, rz - ra, w.layout, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         } else if float::even_odd_activations(level, w.dtype) {
             let padded = float::even_odd_width(level, cols);
-            float::gemm_even_odd(level, rows, rz - ra, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
+            float::gemm_even_odd(level, rows, rz - ra, w.layout, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
+        } else if w.layout == Layout::Interleaved {
+            // Interleaved BF16 at the scalar level (only where a caller asks for it: loading
+            // interleaves only at AVX2 and up): its rows restored for the reference tile.
+            let mut restored = vec![0u8; (rz - ra) * w.row_bytes()];
+            for (r, row) in restored.chunks_exact_mut(w.row_bytes()).enumerate() {
+                float::tiled_row_bf16(rows, cols, r, row);
+            }
+            dot::gemm_f32(level, w.dtype, &restored, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         } else {
             dot::gemm_f32(level, w.dtype, rows, rz - ra, &x[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         }
@@ -525,10 +536,24 @@ mod tests {
             (DType::Q4_1, 140, 32),
             (DType::Q5_0, 33, 160),
             (DType::Q5_1, 8, 64),
+            (DType::BF16, 37, 96),
+            (DType::BF16, 300, 256),
+            (DType::BF16, 13, 32),
         ];
         let datas: Vec<Vec<u8>> = shapes.iter().map(|&(d, r, c)| stored(&mut rng, d, r, c)).collect();
-        let packed: Vec<Vec<u8>> =
-            shapes.iter().zip(&datas).map(|(&(d, r, c), data)| dot::interleave(d, r, c, data)).collect();
+        let packed: Vec<Vec<u8>> = shapes
+            .iter()
+            .zip(&datas)
+            .map(
+                |(&(d, r, c), data)| {
+                    if d == DType::BF16 {
+                        float::tile_bf16(r, c, data)
+                    } else {
+                        dot::interleave(d, r, c, data)
+                    }
+                },
+            )
+            .collect();
         for n in [1usize, 3, 70] {
             let xs: Vec<Vec<f32>> =
                 shapes.iter().map(|&(_, _, c)| (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
@@ -536,7 +561,9 @@ mod tests {
                 let view = |i: usize, layout: Layout| {
                     let (dtype, rows, cols) = shapes[i];
                     let data = if layout == Layout::Rows { &datas[i] } else { &packed[i] };
-                    WeightView { dtype, rows, cols, data, layout, bf16_activations: false, prefill_only: false }
+                    // The last BF16 matrix with bf16 activations (`vdpbf16ps` where the CPU has it).
+                    let bf16_activations = i == shapes.len() - 1;
+                    WeightView { dtype, rows, cols, data, layout, bf16_activations, prefill_only: false }
                 };
                 for i in 0..shapes.len() {
                     let (mut a, mut b) = (vec![0f32; n * shapes[i].1], vec![0f32; n * shapes[i].1]);

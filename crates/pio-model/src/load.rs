@@ -91,7 +91,8 @@ pub struct LoadOptions {
     /// Quantize every matrix to this format at load, whatever the checkpoint holds (see
     /// [`crate::quantize`] for which format each matrix gets); `None` keeps the checkpoint's.
     pub quant: Option<DType>,
-    /// Rearrange the matrices that have interleaved decode kernels (Q4_K, Q5_K, Q6_K) at load,
+    /// Rearrange the matrices that have interleaved decode kernels (the GGUF block formats but
+    /// Q2_K and Q3_K, and BF16) at load,
     /// as llama.cpp's repacking does (see [`DecoderModel::interleave_weights`]): faster decode,
     /// the same results, those matrices in memory of their own instead of mapped from the file.
     /// Only where the CPU runs the SIMD kernels; routed experts only when all of them take at

@@ -4,10 +4,11 @@
 //! where a BF16 matrix asks for bf16-rounded activations and the CPU multiplies them faster
 //! ([`bf16_activations`]: AVX-512 BF16's `vdpbf16ps`). Products go through tiles of rows x tokens
 //! ([`gemm`], [`gemm_even_odd`], [`gemm_bf16`]); single rows ([`dot`]) have only the scalar
-//! reference.
+//! reference. BF16 rows may be stored in rows or interleaved by groups of 16 ([`tile_bf16`],
+//! which decode reads as one stream); every tile gives the same bits from either.
 
 use crate::cpu::SimdLevel;
-use crate::dot::GROUP_ROWS;
+use crate::dot::{Layout, GROUP_ROWS};
 use crate::DType;
 
 /// Dot of a stored F32/F16/BF16 row with `x`: [`dot_scalar`] at every level.
@@ -80,18 +81,18 @@ pub fn gemm(
             // (`ntok` rows of `cols` rounded up to the level's group).
             unsafe {
                 if level == SimdLevel::Avx512 {
-                    x86::gemm_avx512(dtype, w, nrows, xp, ntok, out, ldo)
+                    x86::gemm_avx512(dtype, w, nrows, xp, ntok, out, ldo, false)
                 } else {
-                    x86::gemm_avx2(dtype, w, nrows, xp, ntok, out, ldo)
+                    x86::gemm_avx2(dtype, w, nrows, xp, ntok, out, ldo, false)
                 }
             }
         }),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo) },
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo, false) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { x86::gemm_avx2(dtype, w, nrows, x, ntok, out, ldo) },
+        SimdLevel::Avx2 => unsafe { x86::gemm_avx2(dtype, w, nrows, x, ntok, out, ldo, false) },
         _ => {
             for r in 0..nrows {
                 let row = &w[r * rb..(r + 1) * rb];
@@ -138,29 +139,70 @@ pub fn to_even_odd(level: SimdLevel, x: &[f32], ntok: usize, cols: usize) -> Vec
 }
 
 /// [`gemm`] of BF16 rows with activations laid out by [`to_even_odd`] (`ntok` rows of
-/// [`even_odd_width`]): the same bits as [`gemm`] gives.
-pub fn gemm_even_odd(level: SimdLevel, w: &[u8], nrows: usize, xp: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
+/// [`even_odd_width`]): the same bits as [`gemm`] gives, from rows in either layout ([`Layout::Interleaved`]:
+/// [`tile_bf16`]'s whole groups of 16 rows).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_even_odd(
+    level: SimdLevel,
+    w: &[u8],
+    nrows: usize,
+    layout: Layout,
+    xp: &[f32],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     assert!(even_odd_activations(level, DType::BF16), "even/odd activations only for BF16 at AVX2 and AVX-512");
     if nrows == 0 || ntok == 0 {
         return;
     }
-    let cols = w.len() / nrows.max(1) / 2;
+    let cols = bf16_cols(w.len(), nrows, layout);
     assert!(
-        w.len() == nrows * cols * 2
-            && xp.len() == ntok * even_odd_width(level, cols)
-            && out.len() >= (ntok - 1) * ldo + nrows,
+        xp.len() == ntok * even_odd_width(level, cols) && ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows,
         "even/odd tile shapes"
     );
-    match level {
+    with_rows(w, nrows, cols, layout, ntok, |w, il| match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `even_odd_activations` checked the level (one the CPU has); shapes above.
-        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(DType::BF16, w, nrows, xp, ntok, out, ldo) },
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(DType::BF16, w, nrows, xp, ntok, out, ldo, il) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        _ => unsafe { x86::gemm_avx2(DType::BF16, w, nrows, xp, ntok, out, ldo) },
+        _ => unsafe { x86::gemm_avx2(DType::BF16, w, nrows, xp, ntok, out, ldo, il) },
         #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("even/odd activations are x86 only"),
+        _ => unreachable!("even/odd activations are x86 only: {il} {}", w.len()),
+    })
+}
+
+thread_local! {
+    /// [`with_rows`]' restored rows, reused across calls.
+    static ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f(rows, interleaved)` over `nrows` BF16 rows of `cols` stored in `layout`: as stored
+/// for one token (the one-token walks read [`tile_bf16`]'s layout as one stream), else in rows
+/// restored into a buffer. Many tokens' tiles read each row's 64 bytes of a block 1 KiB apart
+/// in that layout, which cost 11% of a 64-token product that fits L3 and 25% of a
+/// Qwen3-0.6B-shaped prefill at AVX2 on AMD Zen; the copy is one pass over the weights per
+/// call, against `ntok` passes of products. Both read the same values in the same order.
+fn with_rows<R>(
+    w: &[u8],
+    nrows: usize,
+    cols: usize,
+    layout: Layout,
+    ntok: usize,
+    f: impl FnOnce(&[u8], bool) -> R,
+) -> R {
+    if layout == Layout::Rows || ntok == 1 {
+        return f(w, layout == Layout::Interleaved);
     }
+    ROWS.with_borrow_mut(|rows| {
+        rows.clear();
+        rows.resize(nrows * cols * 2, 0);
+        for (r, row) in rows.chunks_exact_mut(cols * 2).enumerate() {
+            tiled_row_bf16(w, cols, r, row);
+        }
+        f(rows, false)
+    })
 }
 
 /// `x` (`ntok` rows of `cols`) as the BF16 tiles read it: per `group` columns, the even ones then
@@ -198,24 +240,39 @@ pub fn bf16_on_amx(level: SimdLevel, cols: usize) -> bool {
     level == SimdLevel::Avx512 && crate::cpu::has_amx() && cols.is_multiple_of(32) && cols > 0
 }
 
-/// BF16 rows (`rows` x `cols`, one after another) in the layout [`gemm_bf16_amx`] reads as one
-/// stream: groups of 16 rows (zero rows complete the last), and in each group, block by block
-/// of 32 columns, the 16 rows' 64 bytes one after another (a tile as one load of 1 KiB).
+/// Whether a BF16 matrix of `cols` columns has a [`tile_bf16`] layout ([`Layout::Interleaved`]).
+pub fn interleaves_bf16(dtype: DType, cols: usize) -> bool {
+    dtype == DType::BF16 && cols.is_multiple_of(32) && cols > 0
+}
+
+/// BF16 rows (`rows` x `cols`, one after another) in the layout every BF16 tile also reads
+/// ([`Layout::Interleaved`]): groups of 16 rows (zero rows complete the last), and in each
+/// group, block by block of 32 columns, the 16 rows' 64 bytes one after another. One token's
+/// products then read each group as one stream (where rows read side by side are as many
+/// streams, a 4 KiB page apart: Qwen3-0.6B-shaped BF16 decode at AVX2 on AMD Zen read 25-30
+/// GB/s that way, 30-37 from one stream); an AMX tile is one load of 1 KiB.
 pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
     let rb = cols * 2;
     assert!(
-        cols.is_multiple_of(32) && data.len() == rows * rb,
+        interleaves_bf16(DType::BF16, cols) && data.len() == rows * rb,
         "{} bytes are not {rows} BF16 rows of {cols}",
         data.len()
     );
-    let mut out = vec![0u8; rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * rb];
-    for (r, row) in data.chunks_exact(rb).enumerate() {
-        let group = r / GROUP_ROWS * GROUP_ROWS * rb;
-        for (b, chunk) in row.chunks_exact(64).enumerate() {
-            let at = group + b * GROUP_ROWS * 64 + (r % GROUP_ROWS) * 64;
-            out[at..at + 64].copy_from_slice(chunk);
+    let groups = rows.div_ceil(GROUP_ROWS);
+    let mut out = crate::dot::huge_zeroed(groups * GROUP_ROWS * rb);
+    let dst = crate::dot::SharedBytes(out.as_mut_ptr());
+    let dst = &dst;
+    crate::parallel::for_each_range(groups, data.len(), |g0, g1| {
+        for r in g0 * GROUP_ROWS..(g1 * GROUP_ROWS).min(rows) {
+            let group = r / GROUP_ROWS * GROUP_ROWS * rb;
+            for (b, chunk) in data[r * rb..(r + 1) * rb].chunks_exact(64).enumerate() {
+                let at = group + b * GROUP_ROWS * 64 + (r % GROUP_ROWS) * 64;
+                // SAFETY: `at + 64` lies in `out` (whole groups of `rb`-byte rows), and only this
+                // range writes its groups' bytes while `out` is borrowed here.
+                unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst.0.add(at), 64) };
+            }
         }
-    }
+    });
     out
 }
 
@@ -318,26 +375,49 @@ pub fn to_bf16(x: &[f32]) -> Vec<u16> {
     x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
 }
 
-/// A batch-invariant tile of BF16 rows times bf16 activations `xb` (`ntok` tokens, token-major):
-/// `out[t * ldo + r]`. Only where [`bf16_activations`] says so.
+/// A batch-invariant tile of BF16 rows (in either layout, as [`gemm_even_odd`]) times bf16
+/// activations `xb` (`ntok` tokens, token-major): `out[t * ldo + r]`. Only where
+/// [`bf16_activations`] says so.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_bf16(level: SimdLevel, w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
+pub fn gemm_bf16(
+    level: SimdLevel,
+    w: &[u8],
+    nrows: usize,
+    layout: Layout,
+    xb: &[u16],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
     assert!(has_bf16_dot(level, DType::BF16), "vdpbf16ps is not available at {level:?}");
-    assert!(nrows > 0 && ntok > 0 && w.len().is_multiple_of(nrows) && xb.len().is_multiple_of(ntok));
-    assert_eq!(w.len() / nrows, 2 * (xb.len() / ntok), "row and activation widths differ");
+    assert!(nrows > 0 && ntok > 0 && xb.len().is_multiple_of(ntok));
+    assert_eq!(bf16_cols(w.len(), nrows, layout), xb.len() / ntok, "row and activation widths differ");
     assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `bf16_activations` checked the CPU has AVX-512 F/BW/VL and BF16; shapes checked above.
-    unsafe {
-        x86::gemm_bf16_avx512(w, nrows, xb, ntok, out, ldo)
-    }
+    with_rows(w, nrows, xb.len() / ntok, layout, ntok, |w, il| unsafe {
+        x86::gemm_bf16_avx512(w, nrows, xb, ntok, out, ldo, il)
+    })
+}
+
+/// The columns of `nrows` BF16 rows held in `len` bytes in `layout` (whole groups of 16 rows
+/// of a multiple of 32 columns in [`Layout::Interleaved`]), asserted.
+fn bf16_cols(len: usize, nrows: usize, layout: Layout) -> usize {
+    let stored = match layout {
+        Layout::Rows => nrows,
+        Layout::Interleaved => nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS,
+    };
+    let cols = len / stored / 2;
+    assert!(len == stored * cols * 2, "{len} bytes are not {nrows} BF16 rows in {layout:?}");
+    assert!(layout == Layout::Rows || cols.is_multiple_of(32), "interleaved BF16 rows of {cols} columns");
+    cols
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::DType;
+    use super::{DType, GROUP_ROWS};
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -378,11 +458,25 @@ mod x86 {
     const R1_AVX512: usize = 8;
     const R1_AVX2: usize = 6;
 
+    /// Where the bytes of columns `c..` of a row lie from the row's first: `2c` in rows; in
+    /// [`super::tile_bf16`]'s layout (`IL`), whose rows point at their first 64 bytes in their
+    /// group, `c / 32` blocks of 16 rows x 64 bytes on (`c` a multiple of 16 there).
+    #[inline(always)]
+    fn at<const IL: bool>(c: usize) -> usize {
+        if IL {
+            c / 32 * (GROUP_ROWS * 64) + c % 32 * 2
+        } else {
+            2 * c
+        }
+    }
+
     /// Walks a `nrows x ntok` block in tiles of `R` rows x (`T` or 1) tokens. Rows past the end of
     /// a partial row tile repeat the tile's first row and their results are dropped, so every
-    /// written output comes from the same per-accumulator code.
+    /// written output comes from the same per-accumulator code. With `il`, `w` holds BF16 rows in
+    /// [`super::tile_bf16`]'s layout (whole groups of 16 rows) and one token runs `$decode` over
+    /// each group: the same operations per (row, token), so the same bits, from one stream.
     macro_rules! tile_driver {
-        ($name:ident, $kernel:ident, $feat:literal, $r:literal, $t:literal, $r1:ident) => {
+        ($name:ident, $kernel:ident, $decode:ident, $feat:literal, $r:literal, $t:literal, $r1:ident) => {
             #[target_feature(enable = $feat)]
             #[allow(clippy::too_many_arguments)]
             pub unsafe fn $name(
@@ -393,15 +487,18 @@ mod x86 {
                 ntok: usize,
                 out: &mut [f32],
                 ldo: usize,
+                il: bool,
             ) {
-                match dtype {
-                    DType::F32 => drive::<F32>(w, nrows, x, ntok, out, ldo),
-                    DType::F16 => drive::<F16>(w, nrows, x, ntok, out, ldo),
-                    _ => drive::<BF16>(w, nrows, x, ntok, out, ldo),
+                match (dtype, il) {
+                    (DType::F32, false) => drive::<F32, false>(w, nrows, x, ntok, out, ldo),
+                    (DType::F16, false) => drive::<F16, false>(w, nrows, x, ntok, out, ldo),
+                    (DType::BF16, false) => drive::<BF16, false>(w, nrows, x, ntok, out, ldo),
+                    (DType::BF16, true) => drive::<BF16, true>(w, nrows, x, ntok, out, ldo),
+                    _ => unreachable!("{dtype} has no interleaved layout"),
                 }
 
                 #[target_feature(enable = $feat)]
-                unsafe fn drive<const D: u8>(
+                unsafe fn drive<const D: u8, const IL: bool>(
                     w: &[u8],
                     nrows: usize,
                     x: &[f32],
@@ -409,10 +506,25 @@ mod x86 {
                     out: &mut [f32],
                     ldo: usize,
                 ) {
-                    let rb = w.len() / nrows;
+                    let stored = if IL { nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS } else { nrows };
+                    let rb = w.len() / stored;
                     // The weights' columns; the activations' stride may be padded (AVX2 BF16).
                     let cols = rb / if D == F32 { 4 } else { 2 };
                     let xs_stride = x.len() / ntok;
+                    let row = |r: usize| {
+                        if IL {
+                            w.as_ptr().add(r / GROUP_ROWS * GROUP_ROWS * rb + r % GROUP_ROWS * 64)
+                        } else {
+                            w.as_ptr().add(r * rb)
+                        }
+                    };
+                    if ntok == 1 && IL {
+                        for g in 0..stored / GROUP_ROWS {
+                            let sums = $decode(w.as_ptr().add(g * GROUP_ROWS * rb), x.as_ptr(), cols);
+                            crate::dot::put(out, g * GROUP_ROWS, &sums, (nrows - g * GROUP_ROWS).min(GROUP_ROWS));
+                        }
+                        return;
+                    }
                     if ntok == 1 {
                         // Decode: more rows per tile, so more accumulator chains and more
                         // streams from memory at once (a pair's operations are the same).
@@ -420,9 +532,9 @@ mod x86 {
                         while r0 < nrows {
                             let live = (nrows - r0).min($r1);
                             let rows: [*const u8; $r1] =
-                                std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+                                std::array::from_fn(|i| row(r0 + if i < live { i } else { 0 }));
                             // The next tile's rows, a line ahead of each as this one reads it.
-                            let sums = $kernel::<D, $r1, 1>(rows, [x.as_ptr()], cols, $r1 * rb);
+                            let sums = $kernel::<D, IL, $r1, 1>(rows, [x.as_ptr()], cols, $r1 * rb);
                             crate::dot::put(out, r0, &sums[0], live);
                             r0 += $r1;
                         }
@@ -432,8 +544,7 @@ mod x86 {
                     // bytes of its BF16 or F16 rows) stay in L1 while the rows stream from L2.
                     let row_tile = |r0: usize| {
                         let live = (nrows - r0).min($r);
-                        let rows: [*const u8; $r] =
-                            std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+                        let rows: [*const u8; $r] = std::array::from_fn(|i| row(r0 + if i < live { i } else { 0 }));
                         (rows, live)
                     };
                     let mut t0 = 0;
@@ -441,7 +552,7 @@ mod x86 {
                         let xs: [*const f32; $t] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * xs_stride));
                         for r0 in (0..nrows).step_by($r) {
                             let (rows, live) = row_tile(r0);
-                            let sums = $kernel::<D, $r, $t>(rows, xs, cols, 0);
+                            let sums = $kernel::<D, IL, $r, $t>(rows, xs, cols, 0);
                             for (j, row_sums) in sums.iter().enumerate() {
                                 for i in 0..live {
                                     out[(t0 + j) * ldo + r0 + i] = row_sums[i];
@@ -453,7 +564,7 @@ mod x86 {
                     while t0 < ntok {
                         for r0 in (0..nrows).step_by($r) {
                             let (rows, live) = row_tile(r0);
-                            let sums = $kernel::<D, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols, 0);
+                            let sums = $kernel::<D, IL, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols, 0);
                             for i in 0..live {
                                 out[t0 * ldo + r0 + i] = sums[0][i];
                             }
@@ -463,6 +574,93 @@ mod x86 {
                 }
             }
         };
+    }
+
+    /// One token times one group of 16 BF16 rows in [`super::tile_bf16`]'s layout, read in
+    /// order: per block of 32 columns, each row's 64 bytes as two groups of 16 for
+    /// [`super::even_odd`]'s activations (groups of 16), each even FMA then odd, as
+    /// [`tile256_bf16`] does. The hardware prefetchers follow the one stream (asking for lines
+    /// 2 KiB ahead in software made it 20-40% slower on AMD Zen). 16 accumulators and the activations do not fit AVX2's 16
+    /// registers: rows 0-7 keep theirs in registers, rows 8-15 in memory (a load and a store
+    /// each per block, from L1), where the compiler's own spills of a 16-register walk cost
+    /// 20-30% of the read bandwidth and a walk of rows 0-7 over every block before rows 8-15 half.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_il_avx2(group: *const u8, x: *const f32, cols: usize) -> [f32; GROUP_ROWS] {
+        let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        let widen = |raw: __m256i| {
+            (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw)), _mm256_castsi256_ps(_mm256_and_si256(raw, hi)))
+        };
+        const H: usize = GROUP_ROWS / 2;
+        let mut acc = [_mm256_setzero_ps(); H];
+        let mut mem = [_mm256_setzero_ps(); H];
+        for b in 0..cols / 32 {
+            let p = group.add(b * GROUP_ROWS * 64);
+            let xb = x.add(32 * b);
+            let (xe0, xo0) = (_mm256_loadu_ps(xb), _mm256_loadu_ps(xb.add(8)));
+            let (xe1, xo1) = (_mm256_loadu_ps(xb.add(16)), _mm256_loadu_ps(xb.add(24)));
+            let step = |a: __m256, row: *const u8| {
+                let (we, wo) = widen(_mm256_loadu_si256(row as *const __m256i));
+                let a = _mm256_fmadd_ps(wo, xo0, _mm256_fmadd_ps(we, xe0, a));
+                let (we, wo) = widen(_mm256_loadu_si256(row.add(32) as *const __m256i));
+                _mm256_fmadd_ps(wo, xo1, _mm256_fmadd_ps(we, xe1, a))
+            };
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = step(*a, p.add(64 * i));
+            }
+            for (i, m) in mem.iter_mut().enumerate() {
+                // Through memory on purpose: see above.
+                let a = std::ptr::read_volatile(m);
+                std::ptr::write_volatile(m, step(a, p.add(64 * (H + i))));
+            }
+        }
+        let mut sums = [0f32; GROUP_ROWS];
+        for i in 0..H {
+            sums[i] = hsum256(acc[i]);
+            sums[H + i] = hsum256(mem[i]);
+        }
+        sums
+    }
+
+    /// [`decode_il_avx2`] at AVX-512: each row's 64 bytes of a block as one group of 32, as
+    /// [`tile512_bf16`] does.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn decode_il_avx512(group: *const u8, x: *const f32, cols: usize) -> [f32; GROUP_ROWS] {
+        let mut acc = [_mm512_setzero_ps(); GROUP_ROWS];
+        let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        for b in 0..cols / 32 {
+            let p = group.add(b * GROUP_ROWS * 64);
+            let (xe, xo) = (_mm512_loadu_ps(x.add(32 * b)), _mm512_loadu_ps(x.add(32 * b + 16)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let raw = _mm512_loadu_si512(p.add(64 * i) as *const _);
+                let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw));
+                let wo = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+                *a = _mm512_fmadd_ps(wo, xo, _mm512_fmadd_ps(we, xe, *a));
+            }
+        }
+        let mut sums = [0f32; GROUP_ROWS];
+        for (s, a) in sums.iter_mut().zip(acc) {
+            *s = _mm512_reduce_add_ps(a);
+        }
+        sums
+    }
+
+    /// [`decode_il_avx2`] with `vdpbf16ps` and bf16 activations, as [`tile_bf16`] does.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn decode_il_bf16(group: *const u8, x: *const u16, cols: usize) -> [f32; GROUP_ROWS] {
+        let mut acc = [_mm512_setzero_ps(); GROUP_ROWS];
+        for b in 0..cols / 32 {
+            let p = group.add(b * GROUP_ROWS * 64);
+            let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(x.add(32 * b) as *const _));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(64 * i) as *const _));
+                *a = _mm512_dpbf16_ps(*a, wv, xv);
+            }
+        }
+        let mut sums = [0f32; GROUP_ROWS];
+        for (s, a) in sums.iter_mut().zip(acc) {
+            *s = _mm512_reduce_add_ps(a);
+        }
+        sums
     }
 
     /// Asks for the line `at` bytes past each row into L2 (a prefetch never faults, wherever it
@@ -479,14 +677,14 @@ mod x86 {
 
     /// Sums of `R` rows times `T` tokens, `[token][row]`, 16 columns per FMA.
     #[inline(always)]
-    unsafe fn tile512<const D: u8, const R: usize, const T: usize>(
+    unsafe fn tile512<const D: u8, const IL: bool, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
         ahead: usize,
     ) -> [[f32; R]; T] {
         if D == BF16 {
-            return tile512_bf16(rows, xs, cols, ahead);
+            return tile512_bf16::<IL, R, T>(rows, xs, cols, ahead);
         }
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm512_setzero_ps(); R]; T];
@@ -536,7 +734,7 @@ mod x86 {
     /// every tile shape. (`vpmovzxwd` and a shift per 16 weights, as `widen16` does, put a byte
     /// shuffle on every vector; here the widening is one shift or one `and` per 16 weights.)
     #[inline(always)]
-    unsafe fn tile512_bf16<const R: usize, const T: usize>(
+    unsafe fn tile512_bf16<const IL: bool, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
@@ -554,7 +752,7 @@ mod x86 {
                 prefetch_lines(&rows, 2 * c + ahead);
             }
             let w: [(__m512, __m512); R] =
-                std::array::from_fn(|i| widen(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
+                std::array::from_fn(|i| widen(_mm512_loadu_si512(rows[i].add(at::<IL>(c)) as *const _)));
             for j in 0..T {
                 let (xe, xo) = (_mm512_loadu_ps(xs[j].add(c)), _mm512_loadu_ps(xs[j].add(c + 16)));
                 for i in 0..R {
@@ -568,7 +766,7 @@ mod x86 {
             // padded already).
             let mut wpad = [[0u8; 64]; R];
             for i in 0..R {
-                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr(), 2 * (cols - full));
+                std::ptr::copy_nonoverlapping(rows[i].add(at::<IL>(full)), wpad[i].as_mut_ptr(), 2 * (cols - full));
             }
             for j in 0..T {
                 let (xe, xo) = (_mm512_loadu_ps(xs[j].add(full)), _mm512_loadu_ps(xs[j].add(full + 16)));
@@ -589,14 +787,14 @@ mod x86 {
 
     /// Sums of `R` rows times `T` tokens, `[token][row]`, 8 columns per FMA.
     #[inline(always)]
-    unsafe fn tile256<const D: u8, const R: usize, const T: usize>(
+    unsafe fn tile256<const D: u8, const IL: bool, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
         ahead: usize,
     ) -> [[f32; R]; T] {
         if D == BF16 {
-            return tile256_bf16(rows, xs, cols, ahead);
+            return tile256_bf16::<IL, R, T>(rows, xs, cols, ahead);
         }
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm256_setzero_ps(); R]; T];
@@ -660,7 +858,7 @@ mod x86 {
     /// a 32-byte load of a row gives its even columns (shifted up) and its odd ones (masked), and
     /// each accumulator takes both FMAs, even first: the same operations in every tile shape.
     #[inline(always)]
-    unsafe fn tile256_bf16<const R: usize, const T: usize>(
+    unsafe fn tile256_bf16<const IL: bool, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
@@ -683,7 +881,7 @@ mod x86 {
                 let xe = _mm256_loadu_ps(xs[0].add(c));
                 let xo = _mm256_loadu_ps(xs[0].add(c + 8));
                 for i in 0..R {
-                    let (we, wo) = widen(_mm256_loadu_si256(rows[i].add(2 * c) as *const __m256i));
+                    let (we, wo) = widen(_mm256_loadu_si256(rows[i].add(at::<IL>(c)) as *const __m256i));
                     acc[0][i] = _mm256_fmadd_ps(wo, xo, _mm256_fmadd_ps(we, xe, acc[0][i]));
                 }
                 c += 16;
@@ -695,7 +893,9 @@ mod x86 {
             // with the first and keeps both halves live, spilling accumulators (prefill of the
             // Qwen3-0.6B-shaped BF16 file 165 -> 118 tok/s).
             let we: [__m256; R] = std::array::from_fn(|i| {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(rows[i].add(2 * c) as *const __m256i)))
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(
+                    rows[i].add(at::<IL>(c)) as *const __m256i
+                )))
             });
             for j in 0..T {
                 let xe = _mm256_loadu_ps(xs[j].add(c));
@@ -704,7 +904,7 @@ mod x86 {
                 }
             }
             let wo: [__m256; R] =
-                std::array::from_fn(|i| _mm256_castsi256_ps(_mm256_and_si256(reload(rows[i].add(2 * c)), hi)));
+                std::array::from_fn(|i| _mm256_castsi256_ps(_mm256_and_si256(reload(rows[i].add(at::<IL>(c))), hi)));
             for j in 0..T {
                 let xo = _mm256_loadu_ps(xs[j].add(c + 8));
                 for i in 0..R {
@@ -718,7 +918,7 @@ mod x86 {
             // padded already).
             let mut wpad = [[0u8; 32]; R];
             for i in 0..R {
-                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr(), 2 * (cols - full));
+                std::ptr::copy_nonoverlapping(rows[i].add(at::<IL>(full)), wpad[i].as_mut_ptr(), 2 * (cols - full));
             }
             for j in 0..T {
                 let (xe, xo) = (_mm256_loadu_ps(xs[j].add(full)), _mm256_loadu_ps(xs[j].add(full + 8)));
@@ -737,15 +937,15 @@ mod x86 {
         sums
     }
 
-    tile_driver!(gemm_avx512, tile512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 4, 4, R1_AVX512);
+    tile_driver!(gemm_avx512, tile512, decode_il_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 4, 4, R1_AVX512);
     // 3 rows x 4 tokens: 12 accumulators, 3 widened rows and a token vector fill the 16 ymm
     // registers (2 x 4 left FMA ports idle: Qwen3-0.6B-shaped BF16 prefill at AVX2 138 -> 163
     // tok/s; 4 x 3 and 6 x 2 spill, 139 and 122).
-    tile_driver!(gemm_avx2, tile256, "avx2,fma,f16c", 3, 4, R1_AVX2);
+    tile_driver!(gemm_avx2, tile256, decode_il_avx2, "avx2,fma,f16c", 3, 4, R1_AVX2);
 
     /// Sums of `R` BF16 rows times `T` bf16 tokens, `[token][row]`, 32 columns per `vdpbf16ps`.
     #[inline(always)]
-    unsafe fn tile_bf16<const R: usize, const T: usize>(
+    unsafe fn tile_bf16<const IL: bool, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const u16; T],
         cols: usize,
@@ -759,7 +959,7 @@ mod x86 {
                 prefetch_lines(&rows, 2 * c + ahead);
             }
             let wv: [__m512bh; R] =
-                std::array::from_fn(|i| std::mem::transmute(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
+                std::array::from_fn(|i| std::mem::transmute(_mm512_loadu_si512(rows[i].add(at::<IL>(c)) as *const _)));
             for j in 0..T {
                 let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xs[j].add(c) as *const _));
                 for i in 0..R {
@@ -773,7 +973,7 @@ mod x86 {
             let n = cols - full;
             let mut wpad = [[0u16; 32]; R];
             for i in 0..R {
-                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr() as *mut u8, 2 * n);
+                std::ptr::copy_nonoverlapping(rows[i].add(at::<IL>(full)), wpad[i].as_mut_ptr() as *mut u8, 2 * n);
             }
             for j in 0..T {
                 let mut xpad = [0u16; 32];
@@ -797,20 +997,51 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL and BF16; shapes as [`super::gemm_bf16`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn gemm_bf16_avx512(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
+    pub unsafe fn gemm_bf16_avx512(
+        w: &[u8],
+        nrows: usize,
+        xb: &[u16],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+        il: bool,
+    ) {
+        if il {
+            bf16_drive::<true>(w, nrows, xb, ntok, out, ldo)
+        } else {
+            bf16_drive::<false>(w, nrows, xb, ntok, out, ldo)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn bf16_drive<const IL: bool>(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
         const R: usize = 4;
         const T: usize = 4;
-        let rb = w.len() / nrows;
+        let stored = if IL { nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS } else { nrows };
+        let rb = w.len() / stored;
         let cols = xb.len() / ntok;
+        let row = |r: usize| {
+            if IL {
+                w.as_ptr().add(r / GROUP_ROWS * GROUP_ROWS * rb + r % GROUP_ROWS * 64)
+            } else {
+                w.as_ptr().add(r * rb)
+            }
+        };
+        if ntok == 1 && IL {
+            for g in 0..stored / GROUP_ROWS {
+                let sums = decode_il_bf16(w.as_ptr().add(g * GROUP_ROWS * rb), xb.as_ptr(), cols);
+                crate::dot::put(out, g * GROUP_ROWS, &sums, (nrows - g * GROUP_ROWS).min(GROUP_ROWS));
+            }
+            return;
+        }
         if ntok == 1 {
             // Decode: more rows per tile, as in `tile_driver` (a pair's operations are the same).
             let mut r0 = 0;
             while r0 < nrows {
                 let live = (nrows - r0).min(R1_AVX512);
-                let rows: [*const u8; R1_AVX512] =
-                    std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+                let rows: [*const u8; R1_AVX512] = std::array::from_fn(|i| row(r0 + if i < live { i } else { 0 }));
                 // The next tile's rows, a line ahead of each as this one reads it.
-                let sums = tile_bf16::<R1_AVX512, 1>(rows, [xb.as_ptr()], cols, R1_AVX512 * rb);
+                let sums = tile_bf16::<IL, R1_AVX512, 1>(rows, [xb.as_ptr()], cols, R1_AVX512 * rb);
                 crate::dot::put(out, r0, &sums[0], live);
                 r0 += R1_AVX512;
             }
@@ -820,19 +1051,18 @@ mod x86 {
         while r0 < nrows {
             // Rows past the end of a partial tile repeat its first row; their sums are dropped.
             let live = (nrows - r0).min(R);
-            let rows: [*const u8; R] =
-                std::array::from_fn(|i| w.as_ptr().add((r0 + if i < live { i } else { 0 }) * rb));
+            let rows: [*const u8; R] = std::array::from_fn(|i| row(r0 + if i < live { i } else { 0 }));
             let mut t0 = 0;
             while t0 + T <= ntok {
                 let xs: [*const u16; T] = std::array::from_fn(|j| xb.as_ptr().add((t0 + j) * cols));
-                let sums = tile_bf16::<R, T>(rows, xs, cols, 0);
+                let sums = tile_bf16::<IL, R, T>(rows, xs, cols, 0);
                 for (j, row_sums) in sums.iter().enumerate() {
                     crate::dot::put(out, (t0 + j) * ldo + r0, row_sums, live);
                 }
                 t0 += T;
             }
             while t0 < ntok {
-                let sums = tile_bf16::<R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols, 0);
+                let sums = tile_bf16::<IL, R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols, 0);
                 crate::dot::put(out, t0 * ldo + r0, &sums[0], live);
                 t0 += 1;
             }
@@ -867,11 +1097,12 @@ mod tests {
         }
     }
 
-    /// A measurement for the next step of BF16 decode, not a check: GB/s of one-token products
-    /// over a 512 MiB BF16 matrix (2048 columns, past any cache), the row-major tile that
-    /// `gemm` runs (6 rows at once: 6 streams a row apart, each row one 4 KiB page) against a
-    /// layout with groups of 6 rows interleaved by 16 columns, read as one stream, with and
-    /// without software prefetch; 1 and 2 threads, 5 alternated passes each.
+    /// A measurement, not a check: GB/s of one-token products over a 512 MiB BF16 matrix (2048
+    /// columns, past any cache): the row-major tile (6 rows at once: 6 streams a row apart, each
+    /// row one 4 KiB page), the interleaved layout loading puts BF16 in (`tiled16`:
+    /// [`tile_bf16`], what decode reads), and other row counts and layouts (groups of 6 rows
+    /// interleaved by 16 columns, with and without software prefetch); 1 and 2 threads, 5
+    /// alternated passes each.
     /// `cargo test --release -p pio-kernels --lib bench_bf16_decode -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -955,7 +1186,7 @@ mod tests {
                 }
             }
         }
-        let half = ROWS / 2 / 24 * 24;
+        let half = ROWS / 2 / 48 * 48;
         type Kernel<'a> = &'a (dyn Fn(&[u8], usize, &mut [f32]) + Sync);
         let run = |name: &str, threads: usize, f: Kernel<'_>, data: &[u8]| {
             let mut out = vec![0f32; ROWS];
@@ -973,7 +1204,12 @@ mod tests {
             std::hint::black_box(&out);
             (name.to_string(), threads, gbs)
         };
-        let rowmajor = |d: &[u8], n: usize, o: &mut [f32]| gemm_even_odd(SimdLevel::Avx2, d, n, &xeo, 1, o, 1);
+        let rowmajor =
+            |d: &[u8], n: usize, o: &mut [f32]| gemm_even_odd(SimdLevel::Avx2, d, n, Layout::Rows, &xeo, 1, o, n);
+        let il16 = |d: &[u8], n: usize, o: &mut [f32]| {
+            gemm_even_odd(SimdLevel::Avx2, d, n, Layout::Interleaved, &xeo, 1, o, n)
+        };
+        let tiled = tile_bf16(ROWS, COLS, &w);
         let il0 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 0) };
         let il1 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 1024) };
         let il4 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 4096) };
@@ -986,6 +1222,7 @@ mod tests {
         for _ in 0..5 {
             for threads in [1, 2] {
                 res.push(run("rowmajor", threads, &rowmajor, &w));
+                res.push(run("tiled16", threads, &il16, &tiled));
                 res.push(run("rm2", threads, &rm2, &w));
                 res.push(run("rm3", threads, &rm3, &w));
                 res.push(run("rm4", threads, &rm4, &w));
@@ -996,7 +1233,7 @@ mod tests {
                 res.push(run("il-pf4k", threads, &il4, &il));
             }
         }
-        for name in ["rowmajor", "rm2", "rm3", "rm4", "rm8", "rm4-nopf", "il-nopf", "il-pf1k", "il-pf4k"] {
+        for name in ["rowmajor", "tiled16", "rm2", "rm3", "rm4", "rm8", "rm4-nopf", "il-nopf", "il-pf1k", "il-pf4k"] {
             for threads in [1, 2] {
                 let mut v: Vec<f64> = res.iter().filter(|r| r.0 == name && r.1 == threads).map(|r| r.2).collect();
                 v.sort_by(f64::total_cmp);
@@ -1093,9 +1330,15 @@ mod tests {
                     gemm(level, DType::BF16, &w, rows, &x, ntok, &mut want, rows);
                     let xp = to_even_odd(level, &x, ntok, cols);
                     let mut got = vec![f32::NAN; ntok * rows];
-                    gemm_even_odd(level, &w, rows, &xp, ntok, &mut got, rows);
+                    gemm_even_odd(level, &w, rows, Layout::Rows, &xp, ntok, &mut got, rows);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok}");
+                    if interleaves_bf16(DType::BF16, cols) {
+                        let tiled = tile_bf16(rows, cols, &w);
+                        let mut got = vec![f32::NAN; ntok * rows];
+                        gemm_even_odd(level, &tiled, rows, Layout::Interleaved, &xp, ntok, &mut got, rows);
+                        assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok} interleaved");
+                    }
                 }
             }
         }
@@ -1196,14 +1439,24 @@ mod tests {
             let xb = to_bf16(&x);
             let xr: Vec<f32> = xb.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
             let mut whole = vec![0f32; ntok * rows];
-            gemm_bf16(level, &w, rows, &xb, ntok, &mut whole, rows);
+            gemm_bf16(level, &w, rows, Layout::Rows, &xb, ntok, &mut whole, rows);
+            if interleaves_bf16(DType::BF16, cols) {
+                let tiled = tile_bf16(rows, cols, &w);
+                for n in [ntok, 1] {
+                    let mut got = vec![f32::NAN; n * rows];
+                    gemm_bf16(level, &tiled, rows, Layout::Interleaved, &xb[..n * cols], n, &mut got, rows);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&whole[..n * rows]), "cols={cols} {n} tokens interleaved");
+                }
+            }
             for t in 0..ntok {
                 for r in 0..rows {
                     let want = quant::dot_row(DType::BF16, &w[r * rb..(r + 1) * rb], &xr[t * cols..(t + 1) * cols]);
                     let got = whole[t * rows + r];
                     assert!((got - want).abs() <= 1e-5 * cols as f32, "cols={cols} ({r},{t}): {got} vs {want}");
                     let mut one = [0f32];
-                    gemm_bf16(level, &w[r * rb..(r + 1) * rb], 1, &xb[t * cols..(t + 1) * cols], 1, &mut one, 1);
+                    let row = &w[r * rb..(r + 1) * rb];
+                    gemm_bf16(level, row, 1, Layout::Rows, &xb[t * cols..(t + 1) * cols], 1, &mut one, 1);
                     assert_eq!(one[0].to_bits(), got.to_bits(), "cols={cols} ({r},{t}) alone");
                 }
             }

@@ -29,7 +29,7 @@ pub enum Layout {
     #[default]
     Rows,
     /// Groups of 16 rows with each block's fields side by side, for the decode kernels
-    /// ([`interleave`]); the formats [`interleaves`] names.
+    /// ([`interleave`]); the formats [`interleaves`] names. BF16: [`float::tile_bf16`]'s.
     Interleaved,
 }
 
@@ -181,7 +181,7 @@ pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
 }
 
 /// The bytes of `out`, written by several threads at once, each its own disjoint part.
-struct SharedBytes(*mut u8);
+pub(crate) struct SharedBytes(pub(crate) *mut u8);
 
 // SAFETY: each range of the split writes only its own groups' bytes, while `out` is borrowed by
 // the function running the split.
@@ -252,7 +252,7 @@ pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8
 /// (`MADV_HUGEPAGE`, before the first write), where it allows them. Decode streams every
 /// weight once per token: with 4 KiB pages that is a TLB miss every 64 cache lines, and a
 /// two-level page walk under a hypervisor; 2 MiB pages make those misses rare.
-fn huge_zeroed(len: usize) -> Vec<u8> {
+pub(crate) fn huge_zeroed(len: usize) -> Vec<u8> {
     let mut v: Vec<u8> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {

@@ -339,7 +339,7 @@ impl DecoderModel {
         for l in self.vision.iter_mut().flat_map(VisionEncoder::linears_mut) {
             let amx =
                 l.prefill_only && l.bf16_activations && bf16_on_amx(level, l.weight.shape.last().copied().unwrap_or(0));
-            if amx && l.weight.tile_for_amx() {
+            if amx && l.weight.interleave() {
                 count += 1;
                 bytes += l.weight.bytes().len();
             }

@@ -66,34 +66,23 @@ impl Tensor {
         !matches!(self.storage, Storage::Interleaved(_))
     }
 
-    /// Rearranges a matrix whose format has interleaved kernels (Q4_K, Q5_K, Q6_K) into that
-    /// layout, in memory of its own, and lets go of the mapped file pages it was read from (so
+    /// Rearranges a matrix whose format has interleaved kernels (the GGUF block formats but
+    /// Q2_K and Q3_K; BF16 of a multiple of 32 columns) into that layout, in memory of its own, and lets go of the mapped file pages it was read from (so
     /// they are not resident twice). Products are bitwise the same; decode reads one stream
     /// of columns instead of transposing 16 rows on every call. Returns whether it did.
     pub fn interleave(&mut self) -> bool {
-        if self.shape.len() != 2 || !dot::interleaves(self.dtype) || !self.is_rows() {
+        let (&[rows, cols], true) = (&self.shape[..], self.is_rows()) else { return false };
+        let packed = if dot::interleaves(self.dtype) {
+            dot::interleave(self.dtype, rows, cols, self.bytes())
+        } else if dot::float::interleaves_bf16(self.dtype, cols) {
+            dot::float::tile_bf16(rows, cols, self.bytes())
+        } else {
             return false;
-        }
-        let packed = dot::interleave(self.dtype, self.shape[0], self.shape[1], self.bytes());
+        };
         if let Storage::Mapped { map, offset, len, .. } = &self.storage {
             // SAFETY: the mapping is private and read-only, so dropping its pages only means a
             // later access reads them from the file again (the embedding shares a tied head's
             // pages and does). A failure only leaves the pages resident.
-            let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, *offset, *len) };
-        }
-        self.storage = Storage::Interleaved(Arc::new(packed));
-        true
-    }
-
-    /// Rearranges a BF16 matrix into the layout the AMX tiles read as one stream
-    /// ([`pio_kernels::dot::float::tile_bf16`]), in memory of its own, letting go of the mapped
-    /// pages as [`Tensor::interleave`] does. Only for a matrix every product of which runs on
-    /// the tiles (no other kernel reads the layout). Returns whether it did.
-    pub fn tile_for_amx(&mut self) -> bool {
-        let (&[rows, cols], DType::BF16, true) = (&self.shape[..], self.dtype, self.is_rows()) else { return false };
-        let packed = dot::float::tile_bf16(rows, cols, self.bytes());
-        if let Storage::Mapped { map, offset, len, .. } = &self.storage {
-            // SAFETY: as in `interleave`: private read-only mapping, only advice.
             let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, *offset, *len) };
         }
         self.storage = Storage::Interleaved(Arc::new(packed));
