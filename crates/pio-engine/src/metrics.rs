@@ -45,6 +45,12 @@ impl Histogram {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).count
     }
 
+    /// The mean observation in seconds (`None` before the first).
+    pub fn mean(&self) -> Option<f64> {
+        let h = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (h.count > 0).then(|| h.sum / h.count as f64)
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let h = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

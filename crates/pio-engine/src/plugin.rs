@@ -14,10 +14,10 @@ use pio_model::chat_template::ChatRequest;
 use pio_model::config::VisionConfig;
 use pio_model::image::{ImageProcessorConfig, PixelValues};
 use pio_model::tokenizer::Tokenizer;
-use pio_model::{CausalLm, GenerationDefaults, LoadOptions, ModelInfo};
+use pio_model::{CausalLm, GenerationDefaults, KvCacheType, LoadOptions, ModelInfo};
 
 use crate::engine::{EngineConfig, FinishReason, RequestParams};
-use crate::handle::{EngineHandle, Event};
+use crate::handle::{EngineHandle, Event, RequestStream};
 use crate::{EngineError, Result};
 
 /// A finished generation.
@@ -43,6 +43,9 @@ pub struct PluginReport {
     pub generated_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
     pub preemptions: u64,
+    /// Means over the requests so far, in seconds (`None` before the first).
+    pub mean_time_to_first_token: Option<f64>,
+    pub mean_inter_token_latency: Option<f64>,
 }
 
 /// The interface every model offers.
@@ -64,6 +67,45 @@ pub trait ModelPlugin: Send + Sync {
     fn unload(self: Box<Self>);
 }
 
+/// How [`EnginePlugin::load_with`] loads a model and sizes its engine.
+#[derive(Debug, Clone)]
+pub struct PluginOptions {
+    pub load: LoadOptions,
+    /// Storage of the cached keys and values.
+    pub kv_cache_type: KvCacheType,
+    /// The KV cache's memory; `None`: room for two contexts of `max_model_len` tokens (more
+    /// shorter ones), within a quarter of the memory available and 1 GiB, and at least 1024
+    /// tokens. The engine touches all of it at start.
+    pub kv_cache_bytes: Option<usize>,
+    /// The longest context (prompt and output); `None`: the model's, at most 32768.
+    pub max_model_len: Option<usize>,
+    /// Sequences run at once (more wait).
+    pub max_num_seqs: usize,
+    /// Threads for the kernels; `None`: the default pool (all cores, or `PIO_THREADS`).
+    pub threads: Option<usize>,
+}
+
+impl Default for PluginOptions {
+    fn default() -> Self {
+        PluginOptions {
+            load: LoadOptions::default(),
+            kv_cache_type: KvCacheType::default(),
+            kv_cache_bytes: None,
+            max_model_len: None,
+            max_num_seqs: 16,
+            threads: None,
+        }
+    }
+}
+
+/// Memory available to new allocations (`MemAvailable`), where the system says.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Any [`CausalLm`] behind the engine.
 pub struct EnginePlugin {
     engine: EngineHandle,
@@ -80,14 +122,103 @@ impl EnginePlugin {
     /// tokenizer) and starts its engine with a KV cache of `kv_cache_bytes` and contexts of at
     /// most `max_model_len` tokens.
     pub fn load(path: &Path, options: &LoadOptions, kv_cache_bytes: usize, max_model_len: usize) -> Result<Self> {
-        let loaded = pio_model::load_with(path, options, &mut |_, _| {})?;
-        let tokenizer = Arc::new(loaded.tokenizer()?.clone());
-        let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
-        let cfg = EngineConfig::for_model(model.as_ref(), Default::default(), kv_cache_bytes, max_model_len)?;
-        let kv_cache_bytes = model.kv_bytes_per_token(cfg.kv_cache_type) * cfg.block_size * cfg.num_blocks;
-        let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));
-        let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
-        Ok(EnginePlugin { engine, tokenizer, defaults: loaded.generation, info: loaded.info, kv_cache_bytes, vision })
+        let options = PluginOptions {
+            load: options.clone(),
+            kv_cache_bytes: Some(kv_cache_bytes),
+            max_model_len: Some(max_model_len),
+            ..Default::default()
+        };
+        Self::load_with(path, &options)
+    }
+
+    /// [`EnginePlugin::load`] with every option: the KV cache's type and size, the threads
+    /// (a pool of their own for the load and the engine's kernels).
+    pub fn load_with(path: &Path, options: &PluginOptions) -> Result<Self> {
+        let pool = match options.threads {
+            Some(0) => return Err(EngineError::Invalid("threads must be at least 1".into())),
+            Some(n) => pio_kernels::parallel::ThreadPool::new(n),
+            None => pio_kernels::parallel::ThreadPool::default_pool(),
+        };
+        pool.install(|| {
+            let loaded = pio_model::load_with(path, &options.load, &mut |_, _| {})?;
+            let tokenizer = Arc::new(loaded.tokenizer()?.clone());
+            let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
+            let max_model_len =
+                options.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.min(32768)).max(1);
+            let kv_type = options.kv_cache_type;
+            model.check_kv_cache_type(kv_type).map_err(EngineError::Invalid)?;
+            let per_token = model.kv_bytes_per_token(kv_type);
+            let kv_cache_bytes = options.kv_cache_bytes.unwrap_or_else(|| {
+                let want = per_token.saturating_mul(max_model_len).saturating_mul(2);
+                let avail = (available_memory().unwrap_or(4 << 30) / 4).min(1 << 30);
+                want.min(avail).max(per_token * 16 * 64)
+            });
+            let mut cfg = EngineConfig::for_model(model.as_ref(), kv_type, kv_cache_bytes, max_model_len)?;
+            if options.max_num_seqs == 0 {
+                return Err(EngineError::Invalid("max_num_seqs must be at least 1".into()));
+            }
+            cfg.max_num_seqs = cfg.max_num_seqs.min(options.max_num_seqs);
+            let kv_cache_bytes = per_token * cfg.block_size * cfg.num_blocks;
+            let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));
+            let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
+            Ok(EnginePlugin {
+                engine,
+                tokenizer,
+                defaults: loaded.generation,
+                info: loaded.info,
+                kv_cache_bytes,
+                vision,
+            })
+        })
+    }
+
+    /// The checkpoint's generation defaults (its end-of-sequence tokens and sampling values).
+    pub fn defaults(&self) -> &GenerationDefaults {
+        &self.defaults
+    }
+
+    /// `prompt` tokenized (with the model's BOS rule) after the placeholders of any of
+    /// `images` images it has none for (vision-language models).
+    pub fn text_prompt(&self, prompt: &str, images: usize) -> Result<Vec<u32>> {
+        let ids = self.tokenizer.encode(prompt, true)?;
+        let mut all = self.placeholders(&ids, images);
+        all.extend(ids);
+        Ok(all)
+    }
+
+    /// OpenAI-style `messages` rendered by the model's chat template (with the generation
+    /// prompt) and tokenized; their `image_url` parts (`data:` URLs) are decoded into
+    /// `params.images`.
+    pub fn chat_prompt(&self, messages: &[serde_json::Value], params: &mut RequestParams) -> Result<Vec<u32>> {
+        let template = self
+            .tokenizer
+            .chat_template()
+            .ok_or_else(|| EngineError::Invalid("the model has no chat template".into()))?;
+        let body = serde_json::json!({ "messages": messages });
+        let placeholder = match self.vision {
+            Some(_) => Some(self.tokenizer.decode(&self.placeholders(&[], 1), false)?),
+            None => None,
+        };
+        let (request, urls) = ChatRequest::from_openai_json_with_images(&body, placeholder.as_deref())?;
+        let text = template.render(&request)?;
+        for url in &urls {
+            if !url.starts_with("data:") {
+                return Err(EngineError::Invalid(
+                    "the plugin takes images inline, as data: URLs (or through RequestParams::images with generate_text)"
+                        .into(),
+                ));
+            }
+            params.images.push(self.image(&pio_model::image::data_url_bytes(url)?)?);
+        }
+        Ok(self.tokenizer.encode(&text, false)?)
+    }
+
+    /// Queues `prompt` (token ids, as [`EnginePlugin::text_prompt`] or
+    /// [`EnginePlugin::chat_prompt`] make them) and returns its outputs as they come; with the
+    /// model's end-of-sequence tokens when `params` has none. Dropping the stream early
+    /// cancels the request.
+    pub fn submit(&self, prompt: Vec<u32>, params: &RequestParams) -> Result<RequestStream> {
+        self.engine.submit(prompt, self.with_eos(params))
     }
 
     /// [`crate::vision::missing_placeholders`] (none for a text model).
@@ -107,7 +238,7 @@ impl EnginePlugin {
 
     fn run(&self, prompt: Vec<u32>, params: &RequestParams) -> Result<Completion> {
         let prompt_tokens = prompt.len();
-        let mut stream = self.engine.submit(prompt, self.with_eos(params))?;
+        let mut stream = self.submit(prompt, params)?;
         let mut out = Completion {
             text: String::new(),
             token_ids: Vec::new(),
@@ -136,35 +267,13 @@ impl EnginePlugin {
 
 impl ModelPlugin for EnginePlugin {
     fn generate_text(&self, prompt: &str, params: &RequestParams) -> Result<Completion> {
-        let ids = self.tokenizer.encode(prompt, true)?;
-        let mut all = self.placeholders(&ids, params.images.len());
-        all.extend(ids);
-        self.run(all, params)
+        self.run(self.text_prompt(prompt, params.images.len())?, params)
     }
 
     fn chat_completion(&self, messages: &[serde_json::Value], params: &RequestParams) -> Result<Completion> {
-        let template = self
-            .tokenizer
-            .chat_template()
-            .ok_or_else(|| EngineError::Invalid("the model has no chat template".into()))?;
-        let body = serde_json::json!({ "messages": messages });
-        let placeholder = match self.vision {
-            Some(_) => Some(self.tokenizer.decode(&self.placeholders(&[], 1), false)?),
-            None => None,
-        };
-        let (request, urls) = ChatRequest::from_openai_json_with_images(&body, placeholder.as_deref())?;
-        let text = template.render(&request)?;
         let mut params = params.clone();
-        for url in &urls {
-            if !url.starts_with("data:") {
-                return Err(EngineError::Invalid(
-                    "the plugin takes images inline, as data: URLs (or through RequestParams::images with generate_text)"
-                        .into(),
-                ));
-            }
-            params.images.push(self.image(&pio_model::image::data_url_bytes(url)?)?);
-        }
-        self.run(self.tokenizer.encode(&text, false)?, &params)
+        let prompt = self.chat_prompt(messages, &mut params)?;
+        self.run(prompt, &params)
     }
 
     fn image(&self, encoded: &[u8]) -> Result<Arc<PixelValues>> {
@@ -199,6 +308,8 @@ impl ModelPlugin for EnginePlugin {
             generated_tokens: m.generation_tokens.load(Ordering::Relaxed),
             prefix_cache_hit_tokens: m.prefix_cache_hit_tokens.load(Ordering::Relaxed),
             preemptions: m.preemptions.load(Ordering::Relaxed),
+            mean_time_to_first_token: m.time_to_first_token.mean(),
+            mean_inter_token_latency: m.inter_token_latency.mean(),
         }
     }
 
