@@ -422,9 +422,48 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
             }
         }
     }
+    // A GGUF file carries no generation_config: the sampling its publisher recommends, where
+    // known by its name.
+    let mut name: Vec<&str> =
+        ["general.basename", "general.name", "general.finetune"].iter().filter_map(|k| g.get_str(k).ok()).collect();
+    name.extend(path.file_name().and_then(|n| n.to_str()));
+    recommended_sampling(&name.join(" "), &mut generation);
     let mut info = model_info(path, "gguf", &config, &model, quantized, repacked, streaming);
     info.mmproj = mmproj;
     Ok(LoadedModel { model: Box::new(model), tokenizer, generation, info })
+}
+
+/// Fills `g`'s sampling values with what the publisher of the model named `name` (a GGUF
+/// file's `general.basename`, `general.name`, `general.finetune` and file name) recommends, where that is
+/// known: a model card or the `generation_config.json` of the original checkpoint. A small
+/// instruct model sampled at the CLI's generic defaults (temperature 0.8) can drift into
+/// repeating itself; SmolLM2-135M-Instruct did on one seed of two.
+fn recommended_sampling(name: &str, g: &mut GenerationDefaults) {
+    let n = name.to_ascii_lowercase();
+    // (temperature, top_k, top_p, min_p, repetition_penalty)
+    let (t, k, p, m, r) = if n.contains("smollm2") {
+        // HuggingFaceTB/SmolLM2-*-Instruct model cards.
+        (0.2, None, 0.9, None, None)
+    } else if n.contains("qwen3") && n.contains("coder") {
+        // Qwen3-Coder cards ("best practices").
+        (0.7, Some(20), 0.8, None, Some(1.05))
+    } else if n.contains("qwen3") && n.contains("2507") {
+        // Qwen3-*-Instruct-2507 cards.
+        (0.7, Some(20), 0.8, Some(0.0), None)
+    } else if n.contains("qwen3") {
+        // Qwen3 cards, thinking mode (the default of their chat template).
+        (0.6, Some(20), 0.95, Some(0.0), None)
+    } else if n.contains("qwen2.5") && n.contains("instruct") {
+        // Qwen2.5 Instruct generation_config.json.
+        (0.7, Some(20), 0.8, None, Some(1.05))
+    } else {
+        return;
+    };
+    g.temperature = g.temperature.or(Some(t));
+    g.top_k = g.top_k.or(k);
+    g.top_p = g.top_p.or(Some(p));
+    g.min_p = g.min_p.or(m);
+    g.repetition_penalty = g.repetition_penalty.or(r);
 }
 
 /// Rebuilds the tokenizer a GGUF file carries in its metadata.
@@ -521,5 +560,32 @@ fn add_eos_ids(ids: &mut Vec<u32>, v: Option<&Value>) {
         Some(Value::Array(a)) => a.iter().for_each(&mut push),
         Some(v) => push(v),
         None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishers_sampling_by_gguf_name() {
+        let of = |name: &str| {
+            let mut g = GenerationDefaults::default();
+            recommended_sampling(name, &mut g);
+            (g.temperature, g.top_k, g.top_p, g.min_p, g.repetition_penalty)
+        };
+        // The fetched SmolLM2 file's `general.basename`, `general.name`, `general.finetune`.
+        let smollm2 = (Some(0.2), None, Some(0.9), None, None);
+        assert_eq!(of("smollm2 Smollm2 135M 8k Lc100K Mix1 Ep2 8k-lc100k-mix1-ep2"), smollm2);
+        assert_eq!(
+            of("Qwen2.5-Coder Qwen2.5 Coder 0.5B Instruct AWQ Instruct-AWQ"),
+            (Some(0.7), Some(20), Some(0.8), None, Some(1.05))
+        );
+        assert_eq!(of("Qwen3 Qwen3 4B Instruct 2507 Instruct-2507"), (Some(0.7), Some(20), Some(0.8), Some(0.0), None));
+        assert_eq!(of("Llama-3.2 Llama 3.2 1B Instruct"), (None, None, None, None, None));
+        // The checkpoint's own values win.
+        let mut g = GenerationDefaults { temperature: Some(1.0), ..Default::default() };
+        recommended_sampling("Qwen3 0.6B", &mut g);
+        assert_eq!((g.temperature, g.top_k), (Some(1.0), Some(20)));
     }
 }

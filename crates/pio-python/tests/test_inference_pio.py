@@ -221,3 +221,11 @@ def test_help_shows_docstrings():
     assert "vLLM" in (ip.LLM.__doc__ or "")
     assert ip.create_glm_4_7_flash_plugin.__doc__
     assert ip._native.Engine.complete.__doc__
+
+
+def test_a_gguf_gets_its_publishers_sampling(llm):
+    # The SmolLM2 card's temperature 0.2 and top-p 0.9 (a GGUF file carries no generation_config),
+    # and its end-of-turn token.
+    d = llm._engine.defaults()
+    assert d["temperature"] == pytest.approx(0.2) and d["top_p"] == pytest.approx(0.9)
+    assert 2 in d["eos_token_ids"]
