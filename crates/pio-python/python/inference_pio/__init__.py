@@ -299,12 +299,14 @@ class LLM:
     def _prompt_kwargs(prompt: Any) -> Dict[str, Any]:
         if isinstance(prompt, str):
             return {"prompt": prompt}
-        if isinstance(prompt, dict):
+        if isinstance(prompt, dict) and ("prompt_token_ids" in prompt or "prompt" in prompt):
+            images = (prompt.get("multi_modal_data") or {}).get("image", []) or []
+            if isinstance(images, (str, bytes, bytearray, os.PathLike)):
+                images = [images]
+            images = [_image_bytes(i) for i in images]
             if "prompt_token_ids" in prompt:
-                return {"prompt_token_ids": list(prompt["prompt_token_ids"])}
-            if "prompt" in prompt:
-                images = [_image_bytes(i) for i in (prompt.get("multi_modal_data") or {}).get("image", []) or []]
-                return {"prompt": prompt["prompt"], "images": images}
+                return {"prompt_token_ids": list(prompt["prompt_token_ids"]), "images": images}
+            return {"prompt": prompt["prompt"], "images": images}
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return {"prompt_token_ids": list(prompt)}
         raise ValueError(f"a prompt is a string, a list of token ids or a dict with 'prompt'/'prompt_token_ids', not {prompt!r}")
@@ -346,9 +348,10 @@ class LLM:
         sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
         use_tqdm: bool = False,
     ) -> List[RequestOutput]:
-        """Continues each prompt (a string, a list of token ids, or a dict with ``prompt`` (and
-        ``multi_modal_data: {"image": [...]}`` for a vision model) or ``prompt_token_ids``); one
-        output per prompt, in order. All prompts run batched."""
+        """Continues each prompt (a string, a list of token ids, or a dict with ``prompt`` or
+        ``prompt_token_ids``, and ``multi_modal_data: {"image": [paths or bytes]}`` for a vision
+        model, each image standing for the next ``<|image_pad|>`` run); one output per prompt,
+        in order. All prompts run batched."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
         ):
