@@ -61,9 +61,8 @@ impl<'a> WeightView<'a> {
             Layout::Interleaved if self.dtype == DType::BF16 => {
                 // 64 bytes at a time through the stack: a lookup per token allocates nothing.
                 assert!(r < self.rows && out.len() == self.cols, "row {r} of {} x {}", self.rows, self.cols);
-                let group = r / dot::GROUP_ROWS * dot::GROUP_ROWS * self.cols * 2 + r % dot::GROUP_ROWS * 64;
                 for (b, o) in out.chunks_exact_mut(32).enumerate() {
-                    let at = group + b * dot::GROUP_ROWS * 64;
+                    let at = float::tiled_bf16_at(self.cols, r, b);
                     quant::dequantize_row(self.dtype, &self.data[at..at + 64], o);
                 }
             }

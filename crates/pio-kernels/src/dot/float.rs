@@ -245,6 +245,12 @@ pub fn interleaves_bf16(dtype: DType, cols: usize) -> bool {
     dtype == DType::BF16 && cols.is_multiple_of(32) && cols > 0
 }
 
+/// Where block `b` (columns `32b..32b + 32`, 64 bytes) of row `r` lies in [`tile_bf16`]'s
+/// layout of rows of `cols` values.
+pub fn tiled_bf16_at(cols: usize, r: usize, b: usize) -> usize {
+    r / GROUP_ROWS * GROUP_ROWS * cols * 2 + b * GROUP_ROWS * 64 + r % GROUP_ROWS * 64
+}
+
 /// BF16 rows (`rows` x `cols`, one after another) in the layout every BF16 tile also reads
 /// ([`Layout::Interleaved`]): groups of 16 rows (zero rows complete the last), and in each
 /// group, block by block of 32 columns, the 16 rows' 64 bytes one after another. One token's
@@ -264,9 +270,8 @@ pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
     let dst = &dst;
     crate::parallel::for_each_range(groups, data.len(), |g0, g1| {
         for r in g0 * GROUP_ROWS..(g1 * GROUP_ROWS).min(rows) {
-            let group = r / GROUP_ROWS * GROUP_ROWS * rb;
             for (b, chunk) in data[r * rb..(r + 1) * rb].chunks_exact(64).enumerate() {
-                let at = group + b * GROUP_ROWS * 64 + (r % GROUP_ROWS) * 64;
+                let at = tiled_bf16_at(cols, r, b);
                 // SAFETY: `at + 64` lies in `out` (whole groups of `rb`-byte rows), and only this
                 // range writes its groups' bytes while `out` is borrowed here.
                 unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst.0.add(at), 64) };
@@ -278,11 +283,9 @@ pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
 
 /// Row `r`'s bytes from [`tile_bf16`]'s layout of rows of `cols` values, into `out` (`2 cols`).
 pub fn tiled_row_bf16(data: &[u8], cols: usize, r: usize, out: &mut [u8]) {
-    let rb = cols * 2;
-    assert_eq!(out.len(), rb);
-    let group = r / GROUP_ROWS * GROUP_ROWS * rb;
+    assert_eq!(out.len(), cols * 2);
     for (b, chunk) in out.chunks_exact_mut(64).enumerate() {
-        let at = group + b * GROUP_ROWS * 64 + (r % GROUP_ROWS) * 64;
+        let at = tiled_bf16_at(cols, r, b);
         chunk.copy_from_slice(&data[at..at + 64]);
     }
 }
@@ -470,6 +473,44 @@ mod x86 {
         }
     }
 
+    /// The rows `w` holds for `nrows` rows: whole groups of 16 in [`super::tile_bf16`]'s layout.
+    #[inline(always)]
+    fn stored_rows<const IL: bool>(nrows: usize) -> usize {
+        if IL {
+            nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS
+        } else {
+            nrows
+        }
+    }
+
+    /// Where row `r` of `w` starts (rows of `rb` bytes; in [`super::tile_bf16`]'s layout, its
+    /// first 64 bytes in its group), for addressing with [`at`].
+    #[inline(always)]
+    unsafe fn row_at<const IL: bool>(w: &[u8], r: usize, rb: usize) -> *const u8 {
+        if IL {
+            w.as_ptr().add(r / GROUP_ROWS * GROUP_ROWS * rb + r % GROUP_ROWS * 64)
+        } else {
+            w.as_ptr().add(r * rb)
+        }
+    }
+
+    /// One token over every group of `nrows` rows in [`super::tile_bf16`]'s layout (`rb` bytes
+    /// per row): `decode(group)` gives the group's 16 sums, of which the rows that exist go to
+    /// `out`.
+    #[inline(always)]
+    unsafe fn decode_groups(
+        w: &[u8],
+        nrows: usize,
+        rb: usize,
+        out: &mut [f32],
+        decode: impl Fn(*const u8) -> [f32; GROUP_ROWS],
+    ) {
+        for g in 0..nrows.div_ceil(GROUP_ROWS) {
+            let sums = decode(w.as_ptr().add(g * GROUP_ROWS * rb));
+            crate::dot::put(out, g * GROUP_ROWS, &sums, (nrows - g * GROUP_ROWS).min(GROUP_ROWS));
+        }
+    }
+
     /// Walks a `nrows x ntok` block in tiles of `R` rows x (`T` or 1) tokens. Rows past the end of
     /// a partial row tile repeat the tile's first row and their results are dropped, so every
     /// written output comes from the same per-accumulator code. With `il`, `w` holds BF16 rows in
@@ -506,23 +547,13 @@ mod x86 {
                     out: &mut [f32],
                     ldo: usize,
                 ) {
-                    let stored = if IL { nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS } else { nrows };
-                    let rb = w.len() / stored;
+                    let rb = w.len() / stored_rows::<IL>(nrows);
                     // The weights' columns; the activations' stride may be padded (AVX2 BF16).
                     let cols = rb / if D == F32 { 4 } else { 2 };
                     let xs_stride = x.len() / ntok;
-                    let row = |r: usize| {
-                        if IL {
-                            w.as_ptr().add(r / GROUP_ROWS * GROUP_ROWS * rb + r % GROUP_ROWS * 64)
-                        } else {
-                            w.as_ptr().add(r * rb)
-                        }
-                    };
+                    let row = |r: usize| row_at::<IL>(w, r, rb);
                     if ntok == 1 && IL {
-                        for g in 0..stored / GROUP_ROWS {
-                            let sums = $decode(w.as_ptr().add(g * GROUP_ROWS * rb), x.as_ptr(), cols);
-                            crate::dot::put(out, g * GROUP_ROWS, &sums, (nrows - g * GROUP_ROWS).min(GROUP_ROWS));
-                        }
+                        decode_groups(w, nrows, rb, out, |g| $decode(g, x.as_ptr(), cols));
                         return;
                     }
                     if ntok == 1 {
@@ -1017,21 +1048,11 @@ mod x86 {
     unsafe fn bf16_drive<const IL: bool>(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
         const R: usize = 4;
         const T: usize = 4;
-        let stored = if IL { nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS } else { nrows };
-        let rb = w.len() / stored;
+        let rb = w.len() / stored_rows::<IL>(nrows);
         let cols = xb.len() / ntok;
-        let row = |r: usize| {
-            if IL {
-                w.as_ptr().add(r / GROUP_ROWS * GROUP_ROWS * rb + r % GROUP_ROWS * 64)
-            } else {
-                w.as_ptr().add(r * rb)
-            }
-        };
+        let row = |r: usize| row_at::<IL>(w, r, rb);
         if ntok == 1 && IL {
-            for g in 0..stored / GROUP_ROWS {
-                let sums = decode_il_bf16(w.as_ptr().add(g * GROUP_ROWS * rb), xb.as_ptr(), cols);
-                crate::dot::put(out, g * GROUP_ROWS, &sums, (nrows - g * GROUP_ROWS).min(GROUP_ROWS));
-            }
+            decode_groups(w, nrows, rb, out, |g| decode_il_bf16(g, xb.as_ptr(), cols));
             return;
         }
         if ntok == 1 {
