@@ -98,14 +98,6 @@ impl Default for PluginOptions {
     }
 }
 
-/// Memory available to new allocations (`MemAvailable`), where the system says.
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Any [`CausalLm`] behind the engine.
 pub struct EnginePlugin {
     engine: EngineHandle,
@@ -134,8 +126,10 @@ impl EnginePlugin {
     /// [`EnginePlugin::load`] with every option: the KV cache's type and size, the threads
     /// (a pool of their own for the load and the engine's kernels).
     pub fn load_with(path: &Path, options: &PluginOptions) -> Result<Self> {
+        if options.threads == Some(0) || options.max_num_seqs == 0 || options.max_model_len == Some(0) {
+            return Err(EngineError::Invalid("threads, max_num_seqs and max_model_len must be at least 1".into()));
+        }
         let pool = match options.threads {
-            Some(0) => return Err(EngineError::Invalid("threads must be at least 1".into())),
             Some(n) => pio_kernels::parallel::ThreadPool::new(n),
             None => pio_kernels::parallel::ThreadPool::default_pool(),
         };
@@ -144,19 +138,16 @@ impl EnginePlugin {
             let tokenizer = Arc::new(loaded.tokenizer()?.clone());
             let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
             let max_model_len =
-                options.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.min(32768)).max(1);
+                options.max_model_len.unwrap_or_else(|| model.shape().max_position_embeddings.clamp(1, 32768));
             let kv_type = options.kv_cache_type;
-            model.check_kv_cache_type(kv_type).map_err(EngineError::Invalid)?;
             let per_token = model.kv_bytes_per_token(kv_type);
             let kv_cache_bytes = options.kv_cache_bytes.unwrap_or_else(|| {
                 let want = per_token.saturating_mul(max_model_len).saturating_mul(2);
-                let avail = (available_memory().unwrap_or(4 << 30) / 4).min(1 << 30);
+                let avail = (pio_model::available_memory().unwrap_or(4 << 30) / 4).min(1 << 30);
                 want.min(avail).max(per_token * 16 * 64)
             });
+            // (`for_model` checks that the model can store its cache as `kv_type`.)
             let mut cfg = EngineConfig::for_model(model.as_ref(), kv_type, kv_cache_bytes, max_model_len)?;
-            if options.max_num_seqs == 0 {
-                return Err(EngineError::Invalid("max_num_seqs must be at least 1".into()));
-            }
             cfg.max_num_seqs = cfg.max_num_seqs.min(options.max_num_seqs);
             let kv_cache_bytes = per_token * cfg.block_size * cfg.num_blocks;
             let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));

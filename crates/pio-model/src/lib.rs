@@ -18,8 +18,8 @@ pub use batch::{ForwardBatch, StateSnapshot, VisualEmbeds};
 pub use error::{Error, Result};
 pub use layers::{CacheSpec, EvictionPolicy, ExpertCacheOptions, ExpertCacheStats, KvCache, LayerCache};
 pub use load::{
-    load, load_tokenizer, load_with, memory_reserve, GenerationDefaults, LoadOptions, LoadedModel, ModelInfo,
-    StreamingInfo,
+    available_memory, load, load_tokenizer, load_with, memory_reserve, GenerationDefaults, LoadOptions, LoadedModel,
+    ModelInfo, StreamingInfo,
 };
 pub use models::{CausalLm, ModelShape};
 pub use pio_kernels::attention::{KvCacheDtype, KvCacheType};

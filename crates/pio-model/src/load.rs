@@ -376,7 +376,7 @@ fn fit_in_memory(model: &mut DecoderModel, options: &LoadOptions) -> Result<Opti
 
 /// Bytes of memory the system could give this process now without swapping (Linux's
 /// `MemAvailable`: free memory plus what the page cache could drop); `None` where unknown.
-fn available_memory() -> Option<usize> {
+pub fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -55,7 +55,7 @@ fn get<'py, T: FromPyObjectOwned<'py>>(params: &Bound<'py, PyDict>, key: &str) -
     }
 }
 
-/// The keys [`request_params`] takes.
+/// The keys [`request_params`] takes (the package's `SamplingParams` fields).
 const PARAM_KEYS: [&str; 14] = [
     "max_tokens",
     "min_tokens",
@@ -197,6 +197,30 @@ impl Engine {
         };
         Ok((plugin, ids, p))
     }
+
+    /// Prepares and queues a request; images decode and prompts tokenize without the GIL too.
+    fn start(
+        &self,
+        py: Python<'_>,
+        spec: Prompt,
+        images: Vec<Vec<u8>>,
+        params: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Started> {
+        let p = request_params(params)?;
+        py.detach(|| {
+            let (plugin, ids, p) = self.prepare(spec, images, p)?;
+            let inner = plugin.submit(ids.clone(), &p).map_err(py_err)?;
+            Ok(Started { plugin, prompt_token_ids: ids, want_logprobs: p.logprobs.is_some(), inner })
+        })
+    }
+}
+
+/// A queued request, as [`Engine::start`] leaves it.
+struct Started {
+    plugin: Arc<EnginePlugin>,
+    prompt_token_ids: Vec<u32>,
+    want_logprobs: bool,
+    inner: RequestStream,
 }
 
 /// What a request continues.
@@ -249,9 +273,6 @@ impl Engine {
                 PyValueError::new_err(format!("quant {q:?}: unknown format (known: {})", names.join(", ")))
             })?),
         };
-        if threads == Some(0) || max_num_seqs == 0 || max_model_len == Some(0) {
-            return Err(PyValueError::new_err("threads, max_num_seqs and max_model_len must be at least 1"));
-        }
         let options = PluginOptions {
             load: LoadOptions { quant, repack, bf16_activations, max_memory, mmproj, ..Default::default() },
             kv_cache_type: KvCacheType { k: kv_dtype(cache_type_k)?, v: kv_dtype(cache_type_v)? },
@@ -268,8 +289,8 @@ impl Engine {
     }
 
     /// Runs a request to its end: a dict of `text`, `token_ids`, `finish_reason` ("stop",
-    /// "length"), `prompt_tokens`, `cached_tokens` and `logprobs` (a list of `token_id`,
-    /// `logprob`, `top` when `params["logprobs"]` asks, else None).
+    /// "length"), `prompt_tokens`, `cached_tokens`, `prompt_token_ids` and `logprobs` (a list of
+    /// `token_id`, `logprob`, `top` when `params["logprobs"]` asks, else None).
     #[pyo3(signature = (*, prompt_token_ids=None, prompt=None, messages_json=None, images=Vec::new(), params=None))]
     fn complete<'py>(
         &self,
@@ -280,26 +301,7 @@ impl Engine {
         images: Vec<Vec<u8>>,
         params: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let spec = prompt_of(prompt_token_ids, prompt, messages_json)?;
-        let p = request_params(params)?;
-        // Images decode and prompts tokenize without the GIL too.
-        let (plugin, ids, p) = py.detach(|| self.prepare(spec, images, p))?;
-        let want = p.logprobs.is_some();
-        let prompt_ids = ids.clone();
-        let out = py.detach(move || -> Result<Output, EngineError> {
-            let mut stream = plugin.submit(ids, &p)?;
-            let mut out = Output::default();
-            while let Some(e) = stream.blocking_recv() {
-                match e {
-                    Event::Output(o) => out.add(o, want),
-                    Event::Error(e) => return Err(EngineError::Invalid(e)),
-                }
-            }
-            Ok(out)
-        });
-        let d = out.map_err(py_err)?.into_dict(py)?;
-        d.set_item("prompt_token_ids", prompt_ids)?;
-        Ok(d)
+        self.stream(py, prompt_token_ids, prompt, messages_json, images, params)?.collect(py)
     }
 
     /// Starts a request and returns its steps as they come ([`Stream`]).
@@ -314,12 +316,13 @@ impl Engine {
         params: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Stream> {
         let spec = prompt_of(prompt_token_ids, prompt, messages_json)?;
-        let p = request_params(params)?;
-        let (plugin, ids, p) = py.detach(|| self.prepare(spec, images, p))?;
-        let want_logprobs = p.logprobs.is_some();
-        let prompt_token_ids = ids.clone();
-        let inner = py.detach(|| plugin.submit(ids, &p)).map_err(py_err)?;
-        Ok(Stream { inner: Mutex::new(Some(inner)), want_logprobs, prompt_token_ids, _plugin: plugin })
+        let s = self.start(py, spec, images, params)?;
+        Ok(Stream {
+            inner: Mutex::new(Some(s.inner)),
+            want_logprobs: s.want_logprobs,
+            prompt_token_ids: s.prompt_token_ids,
+            _plugin: s.plugin,
+        })
     }
 
     /// Token ids of `text`, with the model's BOS rule.
@@ -436,6 +439,29 @@ impl Stream {
         }
     }
 
+    /// The rest of the request, to its end, as one dict (as [`Engine::complete`] returns, with
+    /// the text and tokens not yet read), gathered without the GIL.
+    fn collect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let want = self.want_logprobs;
+        let out = py.detach(|| -> Result<Output, EngineError> {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = Output::default();
+            if let Some(stream) = guard.as_mut() {
+                while let Some(e) = stream.blocking_recv() {
+                    match e {
+                        Event::Output(o) => out.add(o, want),
+                        Event::Error(e) => return Err(EngineError::Invalid(e)),
+                    }
+                }
+            }
+            *guard = None;
+            Ok(out)
+        });
+        let d = out.map_err(py_err)?.into_dict(py)?;
+        d.set_item("prompt_token_ids", self.prompt_token_ids.clone())?;
+        Ok(d)
+    }
+
     /// Cancels the request if it is still running.
     fn close(&self, py: Python<'_>) {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -448,6 +474,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Stream>()?;
     m.add("InferencePIOError", m.py().get_type::<InferencePIOError>())?;
+    m.add("SAMPLING_KEYS", PARAM_KEYS.to_vec())?;
     let levels = pio_kernels::cpu::level().name();
     m.add("simd_level", levels)?;
     Ok(())

@@ -84,22 +84,8 @@ class SamplingParams:
     #: Return the sampled token's log-probability and this many alternatives per token.
     logprobs: Optional[int] = None
 
-    _KEYS = (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "ignore_eos",
-        "min_tokens",
-        "logprobs",
-    )
+    #: The fields the engine takes (the native module's list).
+    _KEYS = tuple(_native.SAMPLING_KEYS)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
@@ -325,17 +311,9 @@ class LLM:
                 streams.append(self._engine.stream(params=p, **req))
             outputs = []
             for req, stream in zip(requests, streams):
-                raw: Dict[str, Any] = {"text": "", "token_ids": [], "finish_reason": None, "logprobs": None}
-                cached = 0
-                for step in stream:
-                    raw["text"] += step["text"]
-                    raw["token_ids"] += step["token_ids"]
-                    raw["finish_reason"] = step["finish_reason"] or raw["finish_reason"]
-                    cached = step["cached_tokens"]
-                    if step["logprobs"] is not None:
-                        raw["logprobs"] = (raw["logprobs"] or []) + step["logprobs"]
+                raw = stream.collect()
                 outputs.append(
-                    RequestOutput(req.get("prompt"), list(stream.prompt_token_ids), [_completion(raw)], True, cached)
+                    RequestOutput(req.get("prompt"), raw["prompt_token_ids"], [_completion(raw)], True, raw["cached_tokens"])
                 )
             return outputs
         finally:
@@ -539,9 +517,7 @@ class InferencePIOPlugin:
         llm = self._loaded()
         request: Any = {"prompt": prompt, "multi_modal_data": {"image": list(images)}} if images else prompt
         if stream:
-            return llm.stream(prompt, self._params(sampling)) if not images else _deltas(
-                llm._engine.stream(params=llm._params(self._params(sampling)), **llm._prompt_kwargs(request))
-            )
+            return llm.stream(request, self._params(sampling))
         return llm.generate([request], self._params(sampling))[0].outputs[0].text
 
     def chat(self, messages: Sequence[Message], *, stream: bool = False, **sampling: Any) -> Union[str, Iterator[str]]:
