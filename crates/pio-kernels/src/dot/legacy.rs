@@ -511,6 +511,9 @@ mod tile_x86 {
         /// `wg` (quants `4g..4g+4` of each row, as bytes) with 0x10 added where the fifth bit,
         /// nibble `g` of each row's `qh` dword, is set.
         unsafe fn fifth(wg: Self::I, qh: Self::I, g: usize) -> Self::I;
+        /// [`Width::fifth`] from the interleaved layout's fifth bits
+        /// ([`crate::dot::spread_fifth_bits`]: quant `4g + k`'s is bit `g` of byte `k`).
+        unsafe fn fifth_spread(wg: Self::I, qh: Self::I, g: usize) -> Self::I;
         unsafe fn zero_p() -> Self::P;
         unsafe fn set1_p(x: f32) -> Self::P;
         unsafe fn mul(a: Self::P, b: Self::P) -> Self::P;
@@ -544,9 +547,10 @@ mod tile_x86 {
     }
 
     /// A block of `N` rows from its columns of quant dwords `q` (Q8_0: all 8; the nibble
-    /// formats: the first 4) and the fifth bits `qh` (Q5_0 / Q5_1).
+    /// formats: the first 4) and the fifth bits `qh` (Q5_0 / Q5_1; `SPREAD`: in the interleaved
+    /// layout's order).
     #[inline(always)]
-    unsafe fn block<V: Width<N>, F: Fmt, const N: usize>(
+    unsafe fn block<V: Width<N>, F: Fmt, const N: usize, const SPREAD: bool>(
         d: V::P,
         m: V::P,
         q: [V::I; 8],
@@ -562,7 +566,7 @@ mod tile_x86 {
             let x = if g < 4 { q[g] } else { V::srl4(q[g - 4]) };
             *wg = V::and(x, V::set1_i8(0x0F));
             if F::QH != 0 {
-                *wg = V::fifth(*wg, qh, g);
+                *wg = if SPREAD { V::fifth_spread(*wg, qh, g) } else { V::fifth(*wg, qh, g) };
             }
         }
         Block { w, d, m }
@@ -582,7 +586,7 @@ mod tile_x86 {
         if F::BYTES {
             q[4..].copy_from_slice(&V::transpose(base, offs, F::QS + 16));
         }
-        block::<V, F, N>(d, m, q, qh)
+        block::<V, F, N, false>(d, m, q, qh)
     }
 
     /// The interleaved block of a 16-row group at `blk` (see [`crate::dot::interleave`]), rows
@@ -600,7 +604,7 @@ mod tile_x86 {
             *qc = V::load(col(F::QS, c));
         }
         let qh = if F::QH != 0 { V::load(col(F::QH, 0)) } else { V::zero() };
-        block::<V, F, N>(d, m, q, qh)
+        block::<V, F, N, true>(d, m, q, qh)
     }
 
     /// Q8_0's blocks of `N` rows left in place for a token or two (see [`tile`]).
@@ -951,6 +955,22 @@ mod tile_x86 {
             _mm256_or_si256(wg, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
         }
         #[inline(always)]
+        unsafe fn fifth_spread(wg: __m256i, qh: __m256i, g: usize) -> __m256i {
+            // Bit g of each byte to bit 4: a dword shift moves bits across bytes only below bit
+            // 4 (left, by at most 4) or above it (right, by at most 3), which the mask drops.
+            let at4 = match g {
+                0 => _mm256_slli_epi32::<4>(qh),
+                1 => _mm256_slli_epi32::<3>(qh),
+                2 => _mm256_slli_epi32::<2>(qh),
+                3 => _mm256_slli_epi32::<1>(qh),
+                4 => qh,
+                5 => _mm256_srli_epi32::<1>(qh),
+                6 => _mm256_srli_epi32::<2>(qh),
+                _ => _mm256_srli_epi32::<3>(qh),
+            };
+            _mm256_or_si256(wg, _mm256_and_si256(at4, _mm256_set1_epi8(0x10)))
+        }
+        #[inline(always)]
         unsafe fn zero_p() -> __m256 {
             _mm256_setzero_ps()
         }
@@ -1118,6 +1138,11 @@ mod tile_x86 {
             let [i0, i1, i2, i3] = dword_byte_index(g / 2);
             let sel = _mm512_setr_epi32(i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3, i0, i1, i2, i3);
             let set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, sel), _mm512_set1_epi32(nibble_bits(g)));
+            _mm512_mask_add_epi8(wg, set, wg, _mm512_set1_epi8(0x10))
+        }
+        #[inline(always)]
+        unsafe fn fifth_spread(wg: __m512i, qh: __m512i, g: usize) -> __m512i {
+            let set = _mm512_test_epi8_mask(qh, _mm512_set1_epi8((1u8 << g) as i8));
             _mm512_mask_add_epi8(wg, set, wg, _mm512_set1_epi8(0x10))
         }
         #[inline(always)]
