@@ -237,6 +237,22 @@ pub trait KvSource: Copy + Send + Sync {
         v: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize, &'s [f32], usize);
 
+    /// Positions `p0..p0 + n` of kv head `g` in place as f16, laid out as [`KvSource::chunk`]'s
+    /// (keys, key stride, values, value stride), where `level`'s kernels widen them in registers
+    /// instead of staging them (AVX2: staging took 13% of a 16-stream decode's time, as much as
+    /// the scores it fed with two query rows per kv head).
+    #[allow(clippy::type_complexity)]
+    fn chunk_f16(
+        &self,
+        _level: SimdLevel,
+        _table: &[u32],
+        _g: usize,
+        _p0: usize,
+        _n: usize,
+    ) -> Option<(&[f16], usize, &[f16], usize)> {
+        None
+    }
+
     /// Asks the CPU to start loading positions `p0..p0 + CHUNK` of kv head `g` (a chunk the
     /// kernel reads soon). A sequence's blocks lie apart in the pool, a kv head's rows of
     /// consecutive blocks a whole block of all heads apart, so the hardware prefetchers, which
@@ -507,6 +523,11 @@ pub trait KvElem: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
 
     /// The buffer itself when it holds f32 (then read in place, never staged).
     fn as_f32s(buf: &[Self]) -> Option<&[f32]>;
+
+    /// The buffer itself when it holds f16 (which AVX2's kernels read in place).
+    fn as_f16s(_buf: &[Self]) -> Option<&[f16]> {
+        None
+    }
 }
 
 impl KvElem for f32 {
@@ -574,6 +595,10 @@ impl KvElem for f16 {
 
     fn as_f32s(_: &[f16]) -> Option<&[f32]> {
         None
+    }
+
+    fn as_f16s(buf: &[f16]) -> Option<&[f16]> {
+        Some(buf)
     }
 }
 
@@ -699,6 +724,26 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
         if let Some(v) = self.v.get(base + off * hd..base + (off + CHUNK) * hd) {
             prefetch_lines(v);
         }
+    }
+    fn chunk_f16(
+        &self,
+        level: SimdLevel,
+        table: &[u32],
+        g: usize,
+        p0: usize,
+        n: usize,
+    ) -> Option<(&[f16], usize, &[f16], usize)> {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        if level != SimdLevel::Avx2 || !bs.is_multiple_of(CHUNK) {
+            return None;
+        }
+        let (kh, vh) = (T::as_f16s(self.k)?, T::as_f16s(self.v)?);
+        // As `chunk`'s in-place f32 case.
+        let kd = self.num_kv_heads * hd;
+        let (b, off) = (table[p0 / bs] as usize, p0 % bs);
+        let kb = (b * kd + g * hd) * bs + off;
+        let vb = (b * kd + g * hd) * bs + off * hd;
+        Some((&kh[kb..kb + (hd - 1) * bs + CHUNK], bs, &vh[vb..vb + n * hd], hd))
     }
     fn chunk<'s>(
         &'s self,
@@ -1699,6 +1744,26 @@ fn attend<S: KvSource>(
                 active.extend((t * group..(t + 1) * group).map(|i| (i, seen)));
             }
         }
+        // A sliding window that starts inside the chunk: the keys before it are not seen.
+        let hide_before_window = |s: &mut [f32]| {
+            for &(i, _) in active.iter() {
+                let from = ctxs[i / group].start.saturating_sub(p0);
+                s[i * CHUNK..i * CHUNK + from].fill(f32::NEG_INFINITY);
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        if let Some((kh, ks, vh, vs)) = if int8 { None } else { kv.chunk_f16(level, table, g, p0, n) } {
+            assert!(kh.len() >= (hd - 1) * ks + CHUNK, "key chunk out of range");
+            // SAFETY: `chunk_f16` answers only at the AVX2 level, so the CPU has AVX2, FMA and
+            // F16C; the keys' length is asserted above, and the callees slice `q`, `s`, `m`,
+            // `l`, `o` and check the values against `active`.
+            unsafe { x86::scores_avx2(q, hd, active, kh, ks, scale, s) };
+            hide_before_window(s);
+            // SAFETY: as above (`hd` is a multiple of 8 at this level).
+            unsafe { x86::update_avx2(active, s, vh, vs, m, l, o, hd) };
+            p0 += n;
+            continue;
+        }
         let staged = if int8 {
             kv.int8_scores(level, table, g, p0, n, (q, qi, qd), active, scale, s);
             None
@@ -1707,11 +1772,7 @@ fn attend<S: KvSource>(
             scores(level, q, hd, active, kc, ks, scale, s);
             Some((vc, vs))
         };
-        // A sliding window that starts inside the chunk: the keys before it are not seen.
-        for &(i, _) in active.iter() {
-            let from = ctxs[i / group].start.saturating_sub(p0);
-            s[i * CHUNK..i * CHUNK + from].fill(f32::NEG_INFINITY);
-        }
+        hide_before_window(s);
         let (vc, vs) = match staged {
             Some(staged) => staged,
             None if kv.accumulate_values(level, table, g, p0, n, active, s, m, l, o) => {
@@ -1896,6 +1957,28 @@ pub(crate) mod x86 {
 
     use super::CHUNK;
     use crate::math::x86::{exp256, exp512};
+
+    /// What the AVX2 score and value kernels read: f32 (staged, or an f32 cache) or an f16 cache
+    /// read in place and widened in registers (exactly, so the same products as from a staged
+    /// copy, without writing and reading that copy).
+    pub trait Lanes8: Copy {
+        /// 8 consecutive values at `p`, as f32 (inlined into callers with AVX2 and F16C).
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Lanes8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Lanes8 for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
 
     /// [`super::quantize_queries`], 32 values per step: the same bytes (`vcvtps2dq` rounds to
     /// nearest even, as `round_ties_even`).
@@ -2761,32 +2844,32 @@ pub(crate) mod x86 {
 
     /// [`super::scores`] with two 8-lane halves per row: rows two at a time, two accumulators
     /// (`d mod 2`) per half.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_avx2<K: Lanes8>(
         q: &[f32],
         hd: usize,
         active: &[(usize, usize)],
-        kt: &[f32],
+        kt: &[K],
         ks: usize,
         scale: f32,
         s: &mut [f32],
     ) {
         let mut blocks = active.chunks_exact(2);
         for b in &mut blocks {
-            scores_rows_avx2::<2>(q, hd, b, kt, ks, scale, s);
+            scores_rows_avx2::<2, K>(q, hd, b, kt, ks, scale, s);
         }
         if let r @ [_] = blocks.remainder() {
-            scores_rows_avx2::<1>(q, hd, r, kt, ks, scale, s);
+            scores_rows_avx2::<1, K>(q, hd, r, kt, ks, scale, s);
         }
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_rows_avx2<const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_rows_avx2<const R: usize, K: Lanes8>(
         q: &[f32],
         hd: usize,
         rows: &[(usize, usize)],
-        kt: &[f32],
+        kt: &[K],
         ks: usize,
         scale: f32,
         s: &mut [f32],
@@ -2799,8 +2882,8 @@ pub(crate) mod x86 {
         // registers (indexed at run time they lived on the stack, one store-to-load round trip
         // per multiply-add).
         let step = |acc: &mut [[[__m256; 2]; 2]; R], d: usize, e: usize| {
-            let k0 = _mm256_loadu_ps(kp.add(d * ks));
-            let k1 = _mm256_loadu_ps(kp.add(d * ks + 8));
+            let k0 = K::load8(kp.add(d * ks));
+            let k1 = K::load8(kp.add(d * ks + 8));
             for r in 0..R {
                 let qv = _mm256_set1_ps(*qp[r].add(d));
                 let a = &mut acc[r][e];
@@ -2833,11 +2916,11 @@ pub(crate) mod x86 {
     /// As [`update_avx512`], 8 lanes wide: groups of 8 rows ([`softmax_rows_avx2`] for a full
     /// enough one), then two rows at a time share each value vector; `hd` is a multiple of 8.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn update_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn update_avx2<E: Lanes8>(
         active: &[(usize, usize)],
         s: &[f32],
-        v: &[f32],
+        v: &[E],
         vs: usize,
         m: &mut [f32],
         l: &mut [f32],
@@ -2887,9 +2970,9 @@ pub(crate) mod x86 {
                     (o.as_mut_ptr().add(group[kk].0 * hd), w.add(kk * ks) as *const f32, _mm256_set1_ps(corr[kk]))
                 };
                 if e - k == 2 {
-                    accumulate_rows_avx2::<2>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
+                    accumulate_rows_avx2::<2, E>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
                 } else {
-                    accumulate_rows_avx2::<1>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
+                    accumulate_rows_avx2::<1, E>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd);
                 }
             }
         }
@@ -2898,19 +2981,19 @@ pub(crate) mod x86 {
     /// As [`accumulate_rows_avx512`] with 8-lane vectors: 2 x 4 accumulators per 32 columns
     /// (eight independent chains keep both FMA ports busy), then narrower blocks.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_rows_avx2<const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn accumulate_rows_avx2<const R: usize, E: Lanes8>(
         rows: [(*mut f32, *const f32, __m256); R],
-        v: *const f32,
+        v: *const E,
         vs: usize,
         js: usize,
         seen: usize,
         hd: usize,
     ) {
         #[inline(always)]
-        unsafe fn block<const R: usize, const NV: usize>(
+        unsafe fn block<const R: usize, const NV: usize, E: Lanes8>(
             rows: &[(*mut f32, *const f32, __m256); R],
-            v: *const f32,
+            v: *const E,
             vs: usize,
             js: usize,
             seen: usize,
@@ -2920,7 +3003,7 @@ pub(crate) mod x86 {
                 std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(rows[r].0.add(d + 8 * i)), rows[r].2))
             });
             for j in 0..seen {
-                let vv: [__m256; NV] = std::array::from_fn(|i| _mm256_loadu_ps(v.add(j * vs + d + 8 * i)));
+                let vv: [__m256; NV] = std::array::from_fn(|i| E::load8(v.add(j * vs + d + 8 * i)));
                 for r in 0..R {
                     let pv = _mm256_set1_ps(*rows[r].1.add(j * js));
                     for i in 0..NV {
@@ -2937,20 +3020,20 @@ pub(crate) mod x86 {
         let mut d = 0;
         if R == 1 {
             while d + 64 <= hd {
-                block::<R, 8>(&rows, v, vs, js, seen, d);
+                block::<R, 8, E>(&rows, v, vs, js, seen, d);
                 d += 64;
             }
         }
         while d + 32 <= hd {
-            block::<R, 4>(&rows, v, vs, js, seen, d);
+            block::<R, 4, E>(&rows, v, vs, js, seen, d);
             d += 32;
         }
         if d + 16 <= hd {
-            block::<R, 2>(&rows, v, vs, js, seen, d);
+            block::<R, 2, E>(&rows, v, vs, js, seen, d);
             d += 16;
         }
         if d + 8 <= hd {
-            block::<R, 1>(&rows, v, vs, js, seen, d);
+            block::<R, 1, E>(&rows, v, vs, js, seen, d);
         }
     }
 
@@ -3036,8 +3119,16 @@ pub(crate) mod x86 {
 
     /// [`update_row_avx512`] with 8 lanes: `acc.len()` is a multiple of 8.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn update_row_avx2(s: &[f32], seen: usize, v: &[f32], vs: usize, m: &mut f32, l: &mut f32, acc: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn update_row_avx2<E: Lanes8>(
+        s: &[f32],
+        seen: usize,
+        v: &[E],
+        vs: usize,
+        m: &mut f32,
+        l: &mut f32,
+        acc: &mut [f32],
+    ) {
         let hd = acc.len();
         assert!(
             s.len() >= CHUNK && (1..=CHUNK).contains(&seen) && hd.is_multiple_of(8) && v.len() >= (seen - 1) * vs + hd
@@ -3049,15 +3140,15 @@ pub(crate) mod x86 {
         // idle on the FMA latency: 13% faster prefill attention).
         let mut d = 0;
         while d + 64 <= hd {
-            accumulate_avx2::<8>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
+            accumulate_avx2::<8, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
             d += 64;
         }
         for w in [4, 2, 1] {
             if d + 8 * w <= hd {
                 match w {
-                    4 => accumulate_avx2::<4>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    2 => accumulate_avx2::<2>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    _ => accumulate_avx2::<1>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    4 => accumulate_avx2::<4, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    2 => accumulate_avx2::<2, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    _ => accumulate_avx2::<1, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
                 }
                 d += 8 * w;
             }
@@ -3066,13 +3157,19 @@ pub(crate) mod x86 {
 
     /// As [`accumulate_avx512`] with 8-lane vectors.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_avx2<const NV: usize>(ap: *mut f32, vp: *const f32, vs: usize, p: &[f32], corr: __m256) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn accumulate_avx2<const NV: usize, E: Lanes8>(
+        ap: *mut f32,
+        vp: *const E,
+        vs: usize,
+        p: &[f32],
+        corr: __m256,
+    ) {
         let mut a: [__m256; NV] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(ap.add(8 * i)), corr));
         for (j, &pj) in p.iter().enumerate() {
             let (pv, row) = (_mm256_set1_ps(pj), vp.add(j * vs));
             for (i, ai) in a.iter_mut().enumerate() {
-                *ai = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * i)), *ai);
+                *ai = _mm256_fmadd_ps(pv, E::load8(row.add(8 * i)), *ai);
             }
         }
         for (i, ai) in a.iter().enumerate() {
