@@ -688,6 +688,30 @@ impl<T: KvElem> PagedKvMut<'_, T> {
     }
 }
 
+impl<T: KvElem> PagedKv<'_, T> {
+    /// Positions `p0..p0 + n` of kv head `g` as [`KvSource::chunk`] lays them out, read in place
+    /// from `k` and `v` (this cache's keys and values, seen as their element type). A chunk lies
+    /// inside one block when blocks are whole chunks (both start at multiples of CHUNK).
+    #[allow(clippy::type_complexity)]
+    fn in_place<'s, E>(
+        &self,
+        k: &'s [E],
+        v: &'s [E],
+        table: &[u32],
+        g: usize,
+        p0: usize,
+        n: usize,
+    ) -> (&'s [E], usize, &'s [E], usize) {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        debug_assert!(bs.is_multiple_of(CHUNK));
+        let kd = self.num_kv_heads * hd;
+        let (b, off) = (table[p0 / bs] as usize, p0 % bs);
+        let kb = (b * kd + g * hd) * bs + off;
+        let vb = (b * kd + g * hd) * bs + off * hd;
+        (&k[kb..kb + (hd - 1) * bs + CHUNK], bs, &v[vb..vb + n * hd], hd)
+    }
+}
+
 impl<T: KvElem> KvSource for PagedKv<'_, T> {
     fn block_size(&self) -> usize {
         self.block_size
@@ -734,17 +758,10 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
         p0: usize,
         n: usize,
     ) -> Option<(&[f16], usize, &[f16], usize)> {
-        let (hd, bs) = (self.head_dim, self.block_size);
-        if level != SimdLevel::Avx2 || !bs.is_multiple_of(CHUNK) {
+        if level != SimdLevel::Avx2 || !self.block_size.is_multiple_of(CHUNK) {
             return None;
         }
-        let (kh, vh) = (T::as_f16s(self.k)?, T::as_f16s(self.v)?);
-        // As `chunk`'s in-place f32 case.
-        let kd = self.num_kv_heads * hd;
-        let (b, off) = (table[p0 / bs] as usize, p0 % bs);
-        let kb = (b * kd + g * hd) * bs + off;
-        let vb = (b * kd + g * hd) * bs + off * hd;
-        Some((&kh[kb..kb + (hd - 1) * bs + CHUNK], bs, &vh[vb..vb + n * hd], hd))
+        Some(self.in_place(T::as_f16s(self.k)?, T::as_f16s(self.v)?, table, g, p0, n))
     }
     fn chunk<'s>(
         &'s self,
@@ -756,17 +773,9 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
         kt: &'s mut Vec<f32>,
         v: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize, &'s [f32], usize) {
-        let (hd, bs) = (self.head_dim, self.block_size);
-        let kd = self.num_kv_heads * hd;
-        // Chunks lie inside one block when blocks are whole chunks (they start at multiples of
-        // both).
-        match (bs.is_multiple_of(CHUNK), T::as_f32s(self.k), T::as_f32s(self.v)) {
-            (true, Some(kf), Some(vf)) => {
-                let (b, off) = (table[p0 / bs] as usize, p0 % bs);
-                let kb = (b * kd + g * hd) * bs + off;
-                let vb = (b * kd + g * hd) * bs + off * hd;
-                (&kf[kb..kb + (hd - 1) * bs + CHUNK], bs, &vf[vb..vb + n * hd], hd)
-            }
+        let hd = self.head_dim;
+        match (self.block_size.is_multiple_of(CHUNK), T::as_f32s(self.k), T::as_f32s(self.v)) {
+            (true, Some(kf), Some(vf)) => self.in_place(kf, vf, table, g, p0, n),
             _ => {
                 stage(level, *self, table, g, p0, n, kt, v);
                 (&kt[..], CHUNK, &v[..n * hd], hd)
