@@ -527,9 +527,9 @@ pub fn gemm(
 
 /// Tiled Q4_K / Q5_K / Q6_K products on x86-64.
 ///
-/// **Layout.** Rows go 16 (AVX-512) or 8 (AVX2) at a time, one per 32-bit lane of a *column*,
-/// one register. For each super-block, the rows' packed quants are
-/// transposed (16 x 16 dword transposes at AVX-512, 8 x 8 ones at AVX2: a dword of packed bytes
+/// **Layout.** Rows go 16 at a time (8 in AVX2's one-token kernels), one per 32-bit lane of a
+/// *column*: one register at AVX-512, two at AVX2. For each super-block, the rows' packed quants
+/// are transposed (16 x 16 dword transposes at AVX-512, 8 x 8 ones at AVX2: a dword of packed bytes
 /// holds the same four weight positions in every row) and unpacked so that column
 /// `8 * j + g` holds, in lane `i`, the four weights of row `i` that meet bytes `4g..4g + 4` of
 /// Q8Block `j`. That costs a few operations per row and super-block, about what one row's
@@ -542,8 +542,9 @@ pub fn gemm(
 /// per (Q8Block, token) for all 16 rows: Q4_K/Q5_K add `cvt(Σ q·q_a)·(d·sc_j)·d_a − (dmin·m_j)·s_a`,
 /// Q6_K `(cvt(Σ_lo)·(d·sc_lo) + cvt(Σ_hi)·(d·sc_hi))·d_a`, with the per-row factors `d·sc` (exact
 /// products of an f16 and a 6- or 8-bit integer) prepared per super-block. Each token's
-/// accumulator is one float vector; tokens run `TT` at a time (8 at AVX-512) so a column load
-/// serves several.
+/// accumulator is one float vector; tokens run `TT` at a time (8 at AVX-512, 2 or 4 at AVX2) in a
+/// register tile ([`Isa::dot_tile`]): each column is loaded once and meets the `TT` tokens'
+/// broadcasts before the next, and at AVX2 one broadcast serves the column's two registers.
 ///
 /// **Q6_K's −32.** `Σ q_a(q − 32)` per 16-weight half is computed one of two ways, chosen by the
 /// number of tokens: with few, the columns hold `q` and each sum starts from `−32·Σ q_a`
@@ -615,29 +616,46 @@ pub(crate) mod tiled {
         unsafe fn f16_load(p: *const u16) -> Self::F;
         /// Σ of the four unsigned bytes of each lane.
         unsafe fn hsum_bytes(v: Self::I) -> Self::I;
-        /// `init + Σ_g` over `N` groups of (the four byte products of column `g` at `w + 64g`
-        /// with the four bytes at `a + 4g`, broadcast): weights unsigned and activations signed,
+        /// `init + Σ_g` over `N` groups of (the four byte products of column `cols[g]` with the
+        /// four bytes at `a + 4g`, broadcast): weights unsigned and activations signed,
         /// or the other way round with `FLIP`. The non-VNNI form sums `I16` groups of
         /// `pmaddubsw` pairs in i16 before widening; the caller picks `I16` so they cannot
         /// saturate.
-        #[inline(always)]
-        unsafe fn dot<const N: usize, const I16: usize, const FLIP: bool>(
-            init: Self::I,
-            w: *const u8,
-            a: *const u8,
-        ) -> Self::I {
-            let mut cols = [Self::zero_i(); N];
-            for (g, c) in cols.iter_mut().enumerate() {
-                *c = Self::load(w.add(64 * g));
-            }
-            Self::dot_cols::<N, I16, FLIP>(init, &cols, a)
-        }
-        /// As [`Isa::dot`] with the `N` columns in registers.
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
             init: Self::I,
             cols: &[Self::I; N],
             a: *const u8,
         ) -> Self::I;
+        /// [`Isa::dot_cols`] for `TT` tokens at once, with column `g` at `w + 64g`, token `t`
+        /// from `init[t]` with its bytes at `a[t]`: each column is loaded once and meets every token's broadcast before the next
+        /// column, so a product costs one load (the broadcast) instead of two.
+        #[inline(always)]
+        unsafe fn dot_tile<const N: usize, const I16: usize, const TT: usize, const FLIP: bool>(
+            init: [Self::I; TT],
+            w: *const u8,
+            a: &[*const u8; TT],
+        ) -> [Self::I; TT] {
+            let mut sum = init;
+            for g0 in (0..N).step_by(I16) {
+                let mut s = [Self::zero_i(); TT];
+                for g in g0..(g0 + I16).min(N) {
+                    let wv = Self::load(w.add(64 * g));
+                    for (s, &a) in s.iter_mut().zip(a) {
+                        *s = Self::dot_acc::<FLIP>(*s, wv, a.add(4 * g));
+                    }
+                }
+                for (sum, s) in sum.iter_mut().zip(s) {
+                    *sum = Self::widen_add(*sum, s);
+                }
+            }
+            sum
+        }
+        /// One group's products added to a partial sum: `s + wv · (the 4 bytes at a,
+        /// broadcast)`, in i16 pairs (`pmaddubsw`) or, with VNNI, in i32; the weights are the
+        /// unsigned operand, or the activations with `FLIP`.
+        unsafe fn dot_acc<const FLIP: bool>(s: Self::I, wv: Self::I, a: *const u8) -> Self::I;
+        /// `sum + s` with `s` from [`Isa::dot_acc`] widened to i32 where it is i16.
+        unsafe fn widen_add(sum: Self::I, s: Self::I) -> Self::I;
         /// Column `c` = dword `c` (bytes `off + 4c..`) of each of the 16 rows: 64 bytes read per
         /// row. The 16 rows' loads go out together: issuing them row group by row group (8
         /// rows, then 8) measured up to 30% slower when decoding from memory, as the hardware
@@ -796,6 +814,24 @@ pub(crate) mod tiled {
             }
         }
         #[inline(always)]
+        unsafe fn dot_acc<const FLIP: bool>(s: __m512i, wv: __m512i, a: *const u8) -> __m512i {
+            let av = _mm512_set1_epi32((a as *const i32).read_unaligned());
+            let (u, v) = if FLIP { (av, wv) } else { (wv, av) };
+            if VNNI {
+                _mm512_dpbusd_epi32(s, u, v)
+            } else {
+                _mm512_add_epi16(s, _mm512_maddubs_epi16(u, v))
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_add(sum: __m512i, s: __m512i) -> __m512i {
+            if VNNI {
+                _mm512_add_epi32(sum, s)
+            } else {
+                _mm512_add_epi32(sum, _mm512_madd_epi16(s, _mm512_set1_epi16(1)))
+            }
+        }
+        #[inline(always)]
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
             init: __m512i,
             cols: &[__m512i; N],
@@ -917,10 +953,210 @@ pub(crate) mod tiled {
         _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)))
     }
 
-    /// Columns of 8 rows in one register (a 16-row group is two of them). The one-token kernels
-    /// unpack and multiply in registers, where 16-row columns would need 32 registers for a
-    /// 16-dword transpose (AVX2 has 16); the tiles measured 4% faster prefill with 8-row columns
-    /// and register tiles of 4 tokens than with two registers per column and one token.
+    // --- AVX2: two 256-bit registers per column (rows 0..8, 8..16) -----------------------------
+
+    /// Columns of 16 rows in two registers, for tiles of many tokens: with register tiles of
+    /// 2 tokens (Q6_K: 4), a broadcast serves two products and a column load two tokens. Q4_K
+    /// tiles of 64 tokens at 1024-3072 columns measured 15% fewer ns per pair than 8-row columns
+    /// with one token per pass (and 4% fewer than 8-row columns in 4-token register tiles); 4
+    /// tokens here spill (8 i16 sums beside 8 float accumulators).
+    struct Ymm;
+    /// `[f(a[0], b[0]), f(a[1], b[1])]`.
+    macro_rules! halves {
+        ($f:ident($($a:expr),*)) => {
+            [$f($($a[0]),*), $f($($a[1]),*)]
+        };
+    }
+
+    impl Isa for Ymm {
+        type I = [__m256i; 2];
+        type F = [__m256; 2];
+        const LANES: usize = 16;
+        const WIDE: bool = false;
+        #[inline(always)]
+        unsafe fn zero_i() -> Self::I {
+            [_mm256_setzero_si256(); 2]
+        }
+        #[inline(always)]
+        unsafe fn zero_f() -> Self::F {
+            [_mm256_setzero_ps(); 2]
+        }
+        #[inline(always)]
+        unsafe fn set1_i8(x: i8) -> Self::I {
+            [_mm256_set1_epi8(x); 2]
+        }
+        #[inline(always)]
+        unsafe fn set1_i32(x: i32) -> Self::I {
+            [_mm256_set1_epi32(x); 2]
+        }
+        #[inline(always)]
+        unsafe fn set1_f(x: f32) -> Self::F {
+            [_mm256_set1_ps(x); 2]
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self::I {
+            [_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i)]
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut u8, v: Self::I) {
+            _mm256_storeu_si256(p as *mut __m256i, v[0]);
+            _mm256_storeu_si256(p.add(32) as *mut __m256i, v[1]);
+        }
+        #[inline(always)]
+        unsafe fn loadf(p: *const f32) -> Self::F {
+            [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+        }
+        #[inline(always)]
+        unsafe fn storef(p: *mut f32, v: Self::F) {
+            _mm256_storeu_ps(p, v[0]);
+            _mm256_storeu_ps(p.add(8), v[1]);
+        }
+        #[inline(always)]
+        unsafe fn and(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_and_si256(a, b))
+        }
+        #[inline(always)]
+        unsafe fn or(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_or_si256(a, b))
+        }
+        #[inline(always)]
+        unsafe fn add_i8(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_add_epi8(a, b))
+        }
+        #[inline(always)]
+        unsafe fn sub_i8(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_sub_epi8(a, b))
+        }
+        #[inline(always)]
+        unsafe fn sub_i32(a: Self::I, b: Self::I) -> Self::I {
+            halves!(_mm256_sub_epi32(a, b))
+        }
+        #[inline(always)]
+        unsafe fn srl(v: Self::I, n: u32) -> Self::I {
+            let n = [_mm256_set1_epi32(n as i32); 2];
+            halves!(_mm256_srlv_epi32(v, n))
+        }
+        #[inline(always)]
+        unsafe fn sll(v: Self::I, n: u32) -> Self::I {
+            let n = [_mm256_set1_epi32(n as i32); 2];
+            halves!(_mm256_sllv_epi32(v, n))
+        }
+        #[inline(always)]
+        unsafe fn sra(v: Self::I, n: u32) -> Self::I {
+            let n = [_mm256_set1_epi32(n as i32); 2];
+            halves!(_mm256_srav_epi32(v, n))
+        }
+        #[inline(always)]
+        unsafe fn cvt(v: Self::I) -> Self::F {
+            halves!(_mm256_cvtepi32_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+            halves!(_mm256_mul_ps(a, b))
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            halves!(_mm256_fmadd_ps(a, b, c))
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            halves!(_mm256_fnmadd_ps(a, b, c))
+        }
+        #[inline(always)]
+        unsafe fn f16_lo(v: Self::I) -> Self::F {
+            let low = [_mm256_set1_epi32(0xFFFF); 2];
+            let v = halves!(_mm256_and_si256(v, low));
+            halves!(f16_of_low_words(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_hi(v: Self::I) -> Self::F {
+            let v = [_mm256_srli_epi32::<16>(v[0]), _mm256_srli_epi32::<16>(v[1])];
+            halves!(f16_of_low_words(v))
+        }
+        #[inline(always)]
+        unsafe fn f16_load(p: *const u16) -> Self::F {
+            [
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i)),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn hsum_bytes(v: Self::I) -> Self::I {
+            let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+            [
+                _mm256_madd_epi16(_mm256_maddubs_epi16(v[0], ones8), ones16),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(v[1], ones8), ones16),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn dot_acc<const FLIP: bool>(s: Self::I, wv: Self::I, a: *const u8) -> Self::I {
+            let av = [_mm256_set1_epi32((a as *const i32).read_unaligned()); 2];
+            if FLIP {
+                halves!(add_maddubs(s, av, wv))
+            } else {
+                halves!(add_maddubs(s, wv, av))
+            }
+        }
+        #[inline(always)]
+        unsafe fn widen_add(sum: Self::I, s: Self::I) -> Self::I {
+            let ones = [_mm256_set1_epi16(1); 2];
+            halves!(add_madd(sum, s, ones))
+        }
+        #[inline(always)]
+        unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
+            init: Self::I,
+            cols: &[Self::I; N],
+            a: *const u8,
+        ) -> Self::I {
+            let mut out = init;
+            for (h, o) in out.iter_mut().enumerate() {
+                let mut half = [_mm256_setzero_si256(); N];
+                for (x, c) in half.iter_mut().zip(cols) {
+                    *x = c[h];
+                }
+                *o = Ymm8::dot_cols::<N, I16, FLIP>(init[h], &half, a);
+            }
+            out
+        }
+        #[inline(always)]
+        unsafe fn transpose(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 16] {
+            let mut out = [Self::zero_i(); 16];
+            for d in 0..2 {
+                for h in 0..2 {
+                    for (c, v) in transpose_8x8(&rows[8 * h..], off + 32 * d).into_iter().enumerate() {
+                        out[8 * d + c][h] = v;
+                    }
+                }
+            }
+            out
+        }
+        #[inline(always)]
+        unsafe fn transpose8(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 8] {
+            let (a, b) = (transpose_8x8(&rows[..8], off), transpose_8x8(&rows[8..], off));
+            std::array::from_fn(|c| [a[c], b[c]])
+        }
+        #[inline(always)]
+        unsafe fn gather4(rows: &[*const u8; ROWS], off: usize) -> [Self::I; 4] {
+            let (a, b) = (gather4_8(&rows[..8], off), gather4_8(&rows[8..], off));
+            std::array::from_fn(|c| [a[c], b[c]])
+        }
+    }
+
+    /// `s + pmaddubsw(w, a)` (i16).
+    #[inline(always)]
+    unsafe fn add_maddubs(s: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        _mm256_add_epi16(s, _mm256_maddubs_epi16(w, a))
+    }
+
+    /// `sum + pmaddwd(s, ones)` (i32).
+    #[inline(always)]
+    unsafe fn add_madd(sum: __m256i, s: __m256i, ones: __m256i) -> __m256i {
+        _mm256_add_epi32(sum, _mm256_madd_epi16(s, ones))
+    }
+
+    /// Columns of 8 rows in one register (a 16-row group is two of them), for the one-token
+    /// kernels, which unpack and multiply in registers, where 16-row columns would need 32
+    /// registers for a 16-dword transpose (AVX2 has 16).
     struct Ymm8;
 
     impl Isa for Ymm8 {
@@ -1027,6 +1263,16 @@ pub(crate) mod tiled {
         #[inline(always)]
         unsafe fn hsum_bytes(v: Self::I) -> Self::I {
             _mm256_madd_epi16(_mm256_maddubs_epi16(v, _mm256_set1_epi8(1)), _mm256_set1_epi16(1))
+        }
+        #[inline(always)]
+        unsafe fn dot_acc<const FLIP: bool>(s: Self::I, wv: Self::I, a: *const u8) -> Self::I {
+            let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
+            let (u, v) = if FLIP { (av, wv) } else { (wv, av) };
+            _mm256_add_epi16(s, _mm256_maddubs_epi16(u, v))
+        }
+        #[inline(always)]
+        unsafe fn widen_add(sum: Self::I, s: Self::I) -> Self::I {
+            _mm256_add_epi32(sum, _mm256_madd_epi16(s, _mm256_set1_epi16(1)))
         }
         #[inline(always)]
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
@@ -1463,10 +1709,11 @@ pub(crate) mod tiled {
         let mut v = *acc;
         unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
             let (dsc, dmm) = (S::loadf(Unpacked::factor(un, j)), S::loadf(Unpacked::factor(un, 8 + j)));
-            for (v, a) in v.iter_mut().zip(&a) {
+            // Σ q·q_a is exact (|.| ≤ 32·31·128 < 2^24, so is its conversion).
+            let qs = a.map(|a| (*a.add(j)).qs.as_ptr() as *const u8);
+            let i = S::dot_tile::<8, I16, TT, false>([S::zero_i(); TT], Unpacked::col(un, 8 * j), &qs);
+            for ((v, a), i) in v.iter_mut().zip(&a).zip(i) {
                 let b = &*a.add(j);
-                // Σ q·q_a is exact (|.| ≤ 32·31·128 < 2^24, so is its conversion).
-                let i = S::dot::<8, I16, false>(S::zero_i(), Unpacked::col(un, 8 * j), b.qs.as_ptr() as *const u8);
                 // + d·sc_j·d_a·Σ q·q_a − dmin·m_j·s_a
                 *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
                 *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
@@ -1525,27 +1772,30 @@ pub(crate) mod tiled {
         let mut v = *acc;
         for j in 0..ACT_PER_SUPER {
             let (flo, fhi) = (S::loadf(Unpacked::factor(un, 2 * j)), S::loadf(Unpacked::factor(un, 2 * j + 1)));
-            let (clo, chi) = if SIGNED {
-                (S::load(Unpacked::corr(un, 2 * j)), S::load(Unpacked::corr(un, 2 * j + 1)))
+            // Σ q_a·(q − 32) per half: exact, |.| ≤ 16·32·128. Without VNNI, two groups of
+            // pairs per i16: 2·2·255·32 or 2·2·63·128 at most.
+            let (lo, hi) = if SIGNED {
+                let (clo, chi) = (S::load(Unpacked::corr(un, 2 * j)), S::load(Unpacked::corr(un, 2 * j + 1)));
+                let x: [*const u8; TT] = std::array::from_fn(|t| ax[t].as_ptr().add(32 * j));
+                let x16 = x.map(|x| x.add(16));
+                (
+                    S::dot_tile::<4, 2, TT, true>([clo; TT], Unpacked::col(un, 8 * j), &x),
+                    S::dot_tile::<4, 2, TT, true>([chi; TT], Unpacked::col(un, 8 * j + 4), &x16),
+                )
             } else {
-                (S::zero_i(), S::zero_i())
+                let b: [&[i64]; TT] = std::array::from_fn(|t| &offs[t][4 * (j / 2) + j % 2..]);
+                let q: [*const u8; TT] = a.map(|a| (*a.add(j)).qs.as_ptr() as *const u8);
+                let q16 = q.map(|q| q.add(16));
+                (
+                    S::dot_tile::<4, 2, TT, false>(b.map(|b| S::set1_i32(b[0] as i32)), Unpacked::col(un, 8 * j), &q),
+                    S::dot_tile::<4, 2, TT, false>(
+                        b.map(|b| S::set1_i32(b[2] as i32)),
+                        Unpacked::col(un, 8 * j + 4),
+                        &q16,
+                    ),
+                )
             };
-            for (((v, a), x), o) in v.iter_mut().zip(&a).zip(ax).zip(offs) {
-                // Σ q_a·(q − 32) per half: exact, |.| ≤ 16·32·128. Without VNNI, two groups of
-                // pairs per i16: 2·2·255·32 or 2·2·63·128 at most.
-                let (lo, hi) = if SIGNED {
-                    let x = x.as_ptr().add(32 * j);
-                    (
-                        S::dot::<4, 2, true>(clo, Unpacked::col(un, 8 * j), x),
-                        S::dot::<4, 2, true>(chi, Unpacked::col(un, 8 * j + 4), x.add(16)),
-                    )
-                } else {
-                    let (b, q) = (&o[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
-                    (
-                        S::dot::<4, 2, false>(S::set1_i32(b[0] as i32), Unpacked::col(un, 8 * j), q),
-                        S::dot::<4, 2, false>(S::set1_i32(b[2] as i32), Unpacked::col(un, 8 * j + 4), q.add(16)),
-                    )
-                };
+            for (((v, a), lo), hi) in v.iter_mut().zip(&a).zip(lo).zip(hi) {
                 // + (d·sc_lo·Σ_lo + d·sc_hi·Σ_hi)·d_a
                 let u = S::fma(S::cvt(hi), fhi, S::mul(S::cvt(lo), flo));
                 *v = S::fma(u, S::set1_f((*a.add(j)).d), *v);
@@ -1842,7 +2092,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Ymm8, Ymm8, 4, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Ymm, Ymm8, 2, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
