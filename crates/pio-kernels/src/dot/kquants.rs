@@ -1917,6 +1917,15 @@ pub(crate) mod tiled {
                     pf.some();
                     let k = kk + 2 * hi;
                     let j = 4 * h + k;
+                    // Narrow ISAs load the columns again for each Q8Block where that is a plain
+                    // load (see `one_q4k`), rather than hold 16 registers of them: cache-resident
+                    // one-token tile 41 -> 36.5 ns per row of 1024 columns, 125 -> 114 at 3072,
+                    // streaming 23 MiB 150 -> 146 (`bench_gemm_ns_per_pair`, 5 alternated runs).
+                    let (ql, qh) = if !S::WIDE && R::RELOAD && (hi == 1 || kk == 1) {
+                        (src.opaque().cols8::<S>(64 * h + 32 * kk), src.opaque().cols8::<S>(128 + 32 * h))
+                    } else {
+                        (ql, qh)
+                    };
                     let mut cols = [S::zero_i(); 8];
                     for g in 0..8 {
                         let low = S::and(if k < 2 { ql[g] } else { S::srl(ql[g], 4) }, m4);
