@@ -961,13 +961,16 @@ pub(crate) mod tiled {
     /// with one token per pass (and 4% fewer than 8-row columns in 4-token register tiles); 4
     /// tokens here spill (8 i16 sums beside 8 float accumulators).
     struct Ymm;
-    /// `[f(a[0], b[0]), f(a[1], b[1])]`.
+    /// `[Ymm8::f(a[0], b[0], ..), Ymm8::f(a[1], b[1], ..)]`: an operation of [`Ymm8`] on each
+    /// half of a two-register column.
     macro_rules! halves {
         ($f:ident($($a:expr),*)) => {
-            [$f($($a[0]),*), $f($($a[1]),*)]
+            [Ymm8::$f($($a[0]),*), Ymm8::$f($($a[1]),*)]
         };
     }
 
+    /// Two [`Ymm8`] columns side by side (rows 0..8, 8..16): every operation is Ymm8's on each
+    /// half, and a broadcast activation serves both.
     impl Isa for Ymm {
         type I = [__m256i; 2];
         type F = [__m256; 2];
@@ -975,132 +978,116 @@ pub(crate) mod tiled {
         const WIDE: bool = false;
         #[inline(always)]
         unsafe fn zero_i() -> Self::I {
-            [_mm256_setzero_si256(); 2]
+            [Ymm8::zero_i(); 2]
         }
         #[inline(always)]
         unsafe fn zero_f() -> Self::F {
-            [_mm256_setzero_ps(); 2]
+            [Ymm8::zero_f(); 2]
         }
         #[inline(always)]
         unsafe fn set1_i8(x: i8) -> Self::I {
-            [_mm256_set1_epi8(x); 2]
+            [Ymm8::set1_i8(x); 2]
         }
         #[inline(always)]
         unsafe fn set1_i32(x: i32) -> Self::I {
-            [_mm256_set1_epi32(x); 2]
+            [Ymm8::set1_i32(x); 2]
         }
         #[inline(always)]
         unsafe fn set1_f(x: f32) -> Self::F {
-            [_mm256_set1_ps(x); 2]
+            [Ymm8::set1_f(x); 2]
         }
         #[inline(always)]
         unsafe fn load(p: *const u8) -> Self::I {
-            [_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i)]
+            [Ymm8::load(p), Ymm8::load(p.add(32))]
         }
         #[inline(always)]
         unsafe fn store(p: *mut u8, v: Self::I) {
-            _mm256_storeu_si256(p as *mut __m256i, v[0]);
-            _mm256_storeu_si256(p.add(32) as *mut __m256i, v[1]);
+            Ymm8::store(p, v[0]);
+            Ymm8::store(p.add(32), v[1]);
         }
         #[inline(always)]
         unsafe fn loadf(p: *const f32) -> Self::F {
-            [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+            [Ymm8::loadf(p), Ymm8::loadf(p.add(8))]
         }
         #[inline(always)]
         unsafe fn storef(p: *mut f32, v: Self::F) {
-            _mm256_storeu_ps(p, v[0]);
-            _mm256_storeu_ps(p.add(8), v[1]);
+            Ymm8::storef(p, v[0]);
+            Ymm8::storef(p.add(8), v[1]);
         }
         #[inline(always)]
         unsafe fn and(a: Self::I, b: Self::I) -> Self::I {
-            halves!(_mm256_and_si256(a, b))
+            halves!(and(a, b))
         }
         #[inline(always)]
         unsafe fn or(a: Self::I, b: Self::I) -> Self::I {
-            halves!(_mm256_or_si256(a, b))
+            halves!(or(a, b))
         }
         #[inline(always)]
         unsafe fn add_i8(a: Self::I, b: Self::I) -> Self::I {
-            halves!(_mm256_add_epi8(a, b))
+            halves!(add_i8(a, b))
         }
         #[inline(always)]
         unsafe fn sub_i8(a: Self::I, b: Self::I) -> Self::I {
-            halves!(_mm256_sub_epi8(a, b))
+            halves!(sub_i8(a, b))
         }
         #[inline(always)]
         unsafe fn sub_i32(a: Self::I, b: Self::I) -> Self::I {
-            halves!(_mm256_sub_epi32(a, b))
+            halves!(sub_i32(a, b))
         }
         #[inline(always)]
         unsafe fn srl(v: Self::I, n: u32) -> Self::I {
-            let n = [_mm256_set1_epi32(n as i32); 2];
-            halves!(_mm256_srlv_epi32(v, n))
+            [Ymm8::srl(v[0], n), Ymm8::srl(v[1], n)]
         }
         #[inline(always)]
         unsafe fn sll(v: Self::I, n: u32) -> Self::I {
-            let n = [_mm256_set1_epi32(n as i32); 2];
-            halves!(_mm256_sllv_epi32(v, n))
+            [Ymm8::sll(v[0], n), Ymm8::sll(v[1], n)]
         }
         #[inline(always)]
         unsafe fn sra(v: Self::I, n: u32) -> Self::I {
-            let n = [_mm256_set1_epi32(n as i32); 2];
-            halves!(_mm256_srav_epi32(v, n))
+            [Ymm8::sra(v[0], n), Ymm8::sra(v[1], n)]
         }
         #[inline(always)]
         unsafe fn cvt(v: Self::I) -> Self::F {
-            halves!(_mm256_cvtepi32_ps(v))
+            halves!(cvt(v))
         }
         #[inline(always)]
         unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
-            halves!(_mm256_mul_ps(a, b))
+            halves!(mul(a, b))
         }
         #[inline(always)]
         unsafe fn fma(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
-            halves!(_mm256_fmadd_ps(a, b, c))
+            halves!(fma(a, b, c))
         }
         #[inline(always)]
         unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
-            halves!(_mm256_fnmadd_ps(a, b, c))
+            halves!(fnmadd(a, b, c))
         }
         #[inline(always)]
         unsafe fn f16_lo(v: Self::I) -> Self::F {
-            let low = [_mm256_set1_epi32(0xFFFF); 2];
-            let v = halves!(_mm256_and_si256(v, low));
-            halves!(f16_of_low_words(v))
+            halves!(f16_lo(v))
         }
         #[inline(always)]
         unsafe fn f16_hi(v: Self::I) -> Self::F {
-            let v = [_mm256_srli_epi32::<16>(v[0]), _mm256_srli_epi32::<16>(v[1])];
-            halves!(f16_of_low_words(v))
+            halves!(f16_hi(v))
         }
         #[inline(always)]
         unsafe fn f16_load(p: *const u16) -> Self::F {
-            [
-                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(p.add(8) as *const __m128i)),
-            ]
+            [Ymm8::f16_load(p), Ymm8::f16_load(p.add(8))]
         }
         #[inline(always)]
         unsafe fn hsum_bytes(v: Self::I) -> Self::I {
-            let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
-            [
-                _mm256_madd_epi16(_mm256_maddubs_epi16(v[0], ones8), ones16),
-                _mm256_madd_epi16(_mm256_maddubs_epi16(v[1], ones8), ones16),
-            ]
+            halves!(hsum_bytes(v))
         }
         #[inline(always)]
         unsafe fn dot_acc<const FLIP: bool>(s: Self::I, wv: Self::I, a: *const u8) -> Self::I {
-            let av = [_mm256_set1_epi32((a as *const i32).read_unaligned()); 2];
-            if FLIP {
-                halves!(add_maddubs(s, av, wv))
-            } else {
-                halves!(add_maddubs(s, wv, av))
-            }
+            // One broadcast for both halves.
+            let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
+            let p = |w: __m256i| if FLIP { _mm256_maddubs_epi16(av, w) } else { _mm256_maddubs_epi16(w, av) };
+            [_mm256_add_epi16(s[0], p(wv[0])), _mm256_add_epi16(s[1], p(wv[1]))]
         }
         #[inline(always)]
         unsafe fn widen_add(sum: Self::I, s: Self::I) -> Self::I {
-            let ones = [_mm256_set1_epi16(1); 2];
-            halves!(add_madd(sum, s, ones))
+            halves!(widen_add(sum, s))
         }
         #[inline(always)]
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
@@ -1110,10 +1097,7 @@ pub(crate) mod tiled {
         ) -> Self::I {
             let mut out = init;
             for (h, o) in out.iter_mut().enumerate() {
-                let mut half = [_mm256_setzero_si256(); N];
-                for (x, c) in half.iter_mut().zip(cols) {
-                    *x = c[h];
-                }
+                let half: [__m256i; N] = std::array::from_fn(|g| cols[g][h]);
                 *o = Ymm8::dot_cols::<N, I16, FLIP>(init[h], &half, a);
             }
             out
@@ -1140,18 +1124,6 @@ pub(crate) mod tiled {
             let (a, b) = (gather4_8(&rows[..8], off), gather4_8(&rows[8..], off));
             std::array::from_fn(|c| [a[c], b[c]])
         }
-    }
-
-    /// `s + pmaddubsw(w, a)` (i16).
-    #[inline(always)]
-    unsafe fn add_maddubs(s: __m256i, w: __m256i, a: __m256i) -> __m256i {
-        _mm256_add_epi16(s, _mm256_maddubs_epi16(w, a))
-    }
-
-    /// `sum + pmaddwd(s, ones)` (i32).
-    #[inline(always)]
-    unsafe fn add_madd(sum: __m256i, s: __m256i, ones: __m256i) -> __m256i {
-        _mm256_add_epi32(sum, _mm256_madd_epi16(s, ones))
     }
 
     /// Columns of 8 rows in one register (a 16-row group is two of them), for the one-token
