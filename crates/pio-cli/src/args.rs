@@ -209,6 +209,39 @@ pub struct SamplingArgs {
     pub attention_sinks: Option<usize>,
 }
 
+/// Speculative decoding.
+#[derive(Debug, Args, Clone)]
+pub struct SpecArgs {
+    /// Speculative decoding: `ngram` (prompt lookup: the tokens that followed the latest earlier
+    /// occurrence of the last few tokens are proposed and verified in one forward). The output is
+    /// the same tokens as without it; proposals that keep failing are shortened down to none.
+    #[arg(long, value_name = "METHOD")]
+    pub spec: Option<pio_engine::spec::SpecMethod>,
+    /// Most tokens proposed per sequence per step.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub spec_tokens: u16,
+    /// Longest run of last tokens the n-gram proposer matches.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub spec_ngram: u16,
+    /// Shortest run of last tokens the n-gram proposer matches (shorter matches propose
+    /// nothing: they are rarely right).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub spec_ngram_min: u16,
+}
+
+impl SpecArgs {
+    /// The engine's speculative decoding settings (`None`: off).
+    pub fn config(&self) -> Option<pio_engine::spec::SpecConfig> {
+        self.spec.map(|method| match method {
+            pio_engine::spec::SpecMethod::Ngram => pio_engine::spec::SpecConfig::ngram(
+                self.spec_tokens as usize,
+                self.spec_ngram as usize,
+                self.spec_ngram_min as usize,
+            ),
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -235,6 +268,8 @@ pub struct GenerateArgs {
     pub json: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 #[derive(Debug, Args)]
@@ -246,6 +281,8 @@ pub struct ChatArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 #[derive(Debug, Args)]
@@ -329,6 +366,8 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 #[derive(Debug, Args)]

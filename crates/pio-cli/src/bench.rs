@@ -40,6 +40,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     cfg.max_num_seqs = a.batch;
     cfg.max_batch_tokens = a.prompt_tokens * a.batch;
     cfg.max_memory = a.model.max_memory;
+    cfg.spec = a.spec.config();
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
     let one_token = RequestParams { max_tokens: Some(1), ignore_eos: true, ..Default::default() };
 
@@ -92,6 +93,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let moe_before = loaded.model.moe_stats();
     let mut decode_steps = 0u64;
     let mut decode_cache: Option<pio_model::ExpertCacheStats> = None;
+    // Speculative decoding over the decode runs: (proposals, tokens proposed, accepted).
+    let mut spec = (0u64, 0u64, 0u64);
     for _ in 0..a.repeats.max(1) {
         // As `generate` (the same request and timing: decode is what follows the first
         // token), stepping here so the expert cache is counted over the decode steps alone.
@@ -101,12 +104,22 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             first = engine.step()?.iter().any(|o| o.id == id && !o.token_ids.is_empty());
         }
         let cache_before = loaded.model.expert_cache_stats();
+        let m = engine.metrics().clone();
+        let counts = || {
+            let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            (l(&m.spec_drafts), l(&m.spec_draft_tokens), l(&m.spec_accepted_tokens))
+        };
+        let spec_before = counts();
         let start = Instant::now();
         let mut steps = 0;
         while engine.has_work() {
             steps += engine.step()?.iter().filter(|o| o.id == id).map(|o| o.token_ids.len()).sum::<usize>();
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let spec_after = counts();
+        spec.0 += spec_after.0 - spec_before.0;
+        spec.1 += spec_after.1 - spec_before.1;
+        spec.2 += spec_after.2 - spec_before.2;
         if let (Some(b), Some(e)) = (cache_before, loaded.model.expert_cache_stats()) {
             let d = e.since(&b);
             decode_cache = Some(match decode_cache {
@@ -197,6 +210,20 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             "decode_disk_read_bytes_per_s": streaming.map(|s| s.1 * decode_tps),
         })
     });
+    // Acceptance over the proposed tokens, and tokens committed per verifying step (the
+    // accepted ones and the one sampled after them).
+    let spec_json = a.spec.config().map(|c| {
+        json!({
+            "method": c.method.to_string(),
+            "num_tokens": c.num_tokens,
+            "ngram_max": c.ngram_max,
+            "drafts": spec.0,
+            "draft_tokens": spec.1,
+            "accepted_tokens": spec.2,
+            "acceptance_rate": if spec.1 > 0 { spec.2 as f64 / spec.1 as f64 } else { 0.0 },
+            "mean_accepted_length": if spec.0 > 0 { 1.0 + spec.2 as f64 / spec.0 as f64 } else { 0.0 },
+        })
+    });
     let v = json!({
         "model": a.model.model.display().to_string(),
         "arch": loaded.info.arch,
@@ -212,6 +239,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "batch_decode_tokens_per_s": batch_decode_tps,
+        "spec": spec_json,
         "peak_rss_bytes": peak_rss,
         "kv_cache_dtype": a.model.kv_cache_type().to_string(),
         "cache_type_k": a.model.kv_cache_type().k.name(),
@@ -258,6 +286,17 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             engine.cache_bytes() as f64 / (1 << 20) as f64,
             a.model.kv_cache_type(),
         ))?;
+        if let (Some(c), true) = (a.spec.config(), spec.0 > 0) {
+            out(&format!(
+                "  speculative decoding ({}, up to {} tokens): {} of {} proposed tokens accepted ({:.1}%), {:.2} tokens per verifying step\n",
+                c.method,
+                c.num_tokens,
+                spec.2,
+                spec.1,
+                100.0 * spec.2 as f64 / spec.1.max(1) as f64,
+                1.0 + spec.2 as f64 / spec.0 as f64,
+            ))?;
+        }
         if let Some(tps) = batch_decode_tps {
             out(&format!("  batched decode {:>8.1} tok/s ({} sequences, one token each per step)\n", tps, a.batch))?;
         }

@@ -313,6 +313,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     cfg.max_num_seqs = 1;
     cfg.max_model_len = ctx;
     cfg.max_memory = a.model.max_memory;
+    cfg.spec = a.spec.config();
     let mut engine = Engine::new(loaded.model.as_ref(), tokenizer, cfg)?;
     let mut write_err = None;
     let mut on_text = |s: &str| {
@@ -334,6 +335,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "text": output.text,
             "finish_reason": output.finish_reason.as_str(),
             "timings": {"load_s": load_s, "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps},
+            "spec": a.spec.config().map(|c| {
+                let m = engine.metrics();
+                let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                json!({
+                    "method": c.method.to_string(),
+                    "drafts": l(&m.spec_drafts),
+                    "draft_tokens": l(&m.spec_draft_tokens),
+                    "accepted_tokens": l(&m.spec_accepted_tokens),
+                })
+            }),
         });
         out(&format!("{v}\n"))?;
     } else {
@@ -369,6 +380,7 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         prefix_caching: true,
         kv_cache_type: kv_cache_type(&a.model, &loaded)?,
         max_memory: a.model.max_memory,
+        spec: a.spec.config(),
     };
     let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg)?;
     let mut messages = Vec::new();

@@ -15,6 +15,8 @@ use crate::args::ModelArgs;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub spec: crate::args::SpecArgs,
     /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -111,6 +113,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     cfg.max_num_seqs = if state_per_seq > 0 { a.max_num_seqs.min(cfg.max_num_seqs) } else { a.max_num_seqs };
     cfg.max_batch_tokens = a.max_batch_tokens;
     cfg.prefix_caching = !a.no_prefix_caching;
+    cfg.spec = a.spec.config();
     if a.max_num_seqs == 0 || a.max_batch_tokens == 0 {
         bail!("--max-num-seqs and --max-batch-tokens must be at least 1");
     }

@@ -23,6 +23,7 @@ use crate::runner::{forward, SeqSlice};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::StateCopy;
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
+use crate::spec::{Adaptive, SpecConfig};
 use crate::stop::StopStrings;
 use crate::vision::VisionInputs;
 use crate::{EngineError, Result};
@@ -48,6 +49,9 @@ pub struct EngineConfig {
     /// KV cache (recurrent state included) larger than what the bound keeps for the cache and
     /// scratch ([`pio_model::memory_reserve`]) is refused.
     pub max_memory: Option<usize>,
+    /// Speculative decoding ([`crate::spec`]); `None`: off. Models with recurrent state and
+    /// streaming windows decode without it.
+    pub spec: Option<SpecConfig>,
 }
 
 impl EngineConfig {
@@ -77,6 +81,7 @@ impl EngineConfig {
             prefix_caching: false,
             kv_cache_type,
             max_memory: None,
+            spec: None,
         }
     }
 
@@ -132,6 +137,7 @@ impl EngineConfig {
             prefix_caching: true,
             kv_cache_type,
             max_memory: None,
+            spec: None,
         })
     }
 }
@@ -328,6 +334,8 @@ struct RequestState {
     logits_sent: usize,
     /// The request's images, made ready for the model.
     vision: Option<VisionInputs>,
+    /// Its speculative proposal length.
+    spec: Adaptive,
 }
 
 /// The engine core: a model, its paged KV cache, the scheduler and the requests.
@@ -523,6 +531,7 @@ impl<'m> Engine<'m> {
                 queued: true,
                 logits_sent: 0,
                 vision,
+                spec: Adaptive::new(self.limits.cfg.spec.map_or(0, |c| c.num_tokens)),
             },
         );
         match pending {
@@ -611,6 +620,7 @@ impl<'m> Engine<'m> {
     /// sequence that reached its end this step (decoding, or the last chunk of its prompt).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         self.advance_encoding(true)?;
+        self.propose();
         let plan = self.sched.schedule();
         self.metrics.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         self.metrics.prefix_cache_hit_tokens.fetch_add(plan.prefix_hit_tokens as u64, Ordering::Relaxed);
@@ -664,7 +674,8 @@ impl<'m> Engine<'m> {
                 let wanted = self.reqs.get(&s.id).and_then(|r| r.params.prompt_logits.map(|p| p.max(r.logits_sent)));
                 let mut logits_from = wanted.filter(|&p| p < seq.num_prompt_tokens).unwrap_or(end);
                 if s.samples {
-                    logits_from = logits_from.min(end - 1);
+                    // Proposals: a row for each, and one for the token before them.
+                    logits_from = logits_from.min(end - 1 - seq.num_draft);
                 }
                 slices.push(SeqSlice {
                     token_ids: &seq.token_ids,
@@ -698,7 +709,13 @@ impl<'m> Engine<'m> {
                     r.logits_sent = prompt_end;
                 }
             }
-            if s.samples {
+            let num_draft = self.sched.get(s.id).map_or(0, |q| q.num_draft);
+            if s.samples && num_draft > 0 {
+                let rows = rows.split_off(rows.len().saturating_sub((num_draft + 1) * vocab));
+                if let Some(out) = self.verify(s.id, rows, prompt_logits)? {
+                    outputs.push(out);
+                }
+            } else if s.samples {
                 let row = rows.split_off(rows.len().saturating_sub(vocab));
                 if let Some(out) = self.sample_one(s.id, row, prompt_logits)? {
                     outputs.push(out);
@@ -733,6 +750,73 @@ impl<'m> Engine<'m> {
             num_cached_tokens: seq.num_cached_tokens,
             prompt_logits,
         })
+    }
+
+    /// Gives each decoding sequence the tokens its proposer offers (speculative decoding).
+    fn propose(&mut self) {
+        let Some(cfg) = self.limits.cfg.spec else { return };
+        if cfg.num_tokens == 0 || self.model.cache_spec().has_state() {
+            return;
+        }
+        let max_len = self.limits.cfg.max_model_len;
+        for (&id, r) in self.reqs.iter_mut() {
+            let Some(seq) = self.sched.get(id) else { continue };
+            if seq.num_draft > 0 || seq.token_ids.len() != seq.num_computed_tokens + 1 || seq.streaming.is_some() {
+                continue;
+            }
+            // Room: the request's remaining tokens less the one the step samples anyway, and
+            // the context.
+            let left = r.max_tokens.saturating_sub(seq.num_generated() + 1);
+            let room = max_len.saturating_sub(seq.token_ids.len() + 1);
+            let k = r.spec.take_len().min(left).min(room);
+            if k == 0 {
+                continue;
+            }
+            let draft = crate::spec::ngram_propose(&seq.token_ids, cfg.ngram_max, cfg.ngram_min, k);
+            self.sched.propose(id, &draft);
+        }
+    }
+
+    /// Samples the rows of a step that verified proposals: position by position, as decoding
+    /// without them would, keeping each proposal while it equals the sampled token; the first
+    /// token that differs (or the one after the last proposal) ends the step. One output with
+    /// every committed token.
+    fn verify(&mut self, id: SeqId, rows: Vec<f32>, prompt_logits: Vec<f32>) -> Result<Option<RequestOutput>> {
+        let vocab = self.model.shape().vocab_size;
+        let draft = self.sched.take_draft(id);
+        let mut merged: Option<RequestOutput> = None;
+        let mut accepted = 0;
+        let mut prompt_logits = Some(prompt_logits);
+        for (i, row) in rows.chunks_exact(vocab).enumerate() {
+            let Some(out) = self.sample_one(id, row.to_vec(), prompt_logits.take().unwrap_or_default())? else { break };
+            let (token, done) = (out.token_ids.last().copied(), out.finish_reason.is_some());
+            merged = Some(match merged.take() {
+                None => out,
+                Some(mut m) => {
+                    m.token_ids.extend(out.token_ids);
+                    m.text.push_str(&out.text);
+                    m.logprobs.extend(out.logprobs);
+                    m.finish_reason = out.finish_reason;
+                    m.num_generated_tokens = out.num_generated_tokens;
+                    m
+                }
+            });
+            match draft.get(i) {
+                Some(&d) if !done && token == Some(d) => {
+                    accepted += 1;
+                    self.sched.accept_computed(id);
+                }
+                _ => break,
+            }
+        }
+        let m = &self.metrics;
+        m.spec_drafts.fetch_add(1, Ordering::Relaxed);
+        m.spec_draft_tokens.fetch_add(draft.len() as u64, Ordering::Relaxed);
+        m.spec_accepted_tokens.fetch_add(accepted as u64, Ordering::Relaxed);
+        if let (Some(r), Some(cfg)) = (self.reqs.get_mut(&id), self.limits.cfg.spec) {
+            r.spec.update(draft.len(), accepted, cfg.num_tokens);
+        }
+        Ok(merged)
     }
 
     /// Samples the next token of `id` from its logits row and decides whether it is finished.

@@ -30,6 +30,7 @@ pub mod plugin;
 mod runner;
 pub mod sampler;
 pub mod scheduler;
+pub mod spec;
 pub mod stop;
 pub mod vision;
 

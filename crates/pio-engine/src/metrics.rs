@@ -83,6 +83,11 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Speculative decoding: tokens proposed and verified, and those of them accepted.
+    pub spec_draft_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    /// Speculative decoding: proposals verified (one per sequence per step that carried any).
+    pub spec_drafts: AtomicU64,
     /// Requests finished, by reason: stop, length, abort, error.
     pub finished: [AtomicU64; 4],
     pub time_to_first_token: Histogram,
@@ -102,6 +107,9 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             preemptions: AtomicU64::new(0),
+            spec_draft_tokens: AtomicU64::new(0),
+            spec_accepted_tokens: AtomicU64::new(0),
+            spec_drafts: AtomicU64::new(0),
             finished: Default::default(),
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             inter_token_latency: Histogram::new(ITL_BUCKETS),
@@ -143,6 +151,25 @@ impl Metrics {
             "pio_num_preemptions_total",
             "Sequences preempted for lack of KV blocks.",
             lq(&self.preemptions),
+        );
+        // vLLM's names, under our prefix.
+        counter(
+            &mut s,
+            "pio_spec_decode_num_drafts_total",
+            "Speculative proposals verified (a sequence's tokens in one step).",
+            lq(&self.spec_drafts),
+        );
+        counter(
+            &mut s,
+            "pio_spec_decode_num_draft_tokens_total",
+            "Speculative tokens proposed and verified.",
+            lq(&self.spec_draft_tokens),
+        );
+        counter(
+            &mut s,
+            "pio_spec_decode_num_accepted_tokens_total",
+            "Speculative tokens accepted.",
+            lq(&self.spec_accepted_tokens),
         );
         let _ = writeln!(
             s,

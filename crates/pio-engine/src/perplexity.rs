@@ -422,6 +422,7 @@ pub fn perplexity(
         prefix_caching: false,
         kv_cache_type: params.kv_cache_type,
         max_memory: None,
+        spec: None,
     };
     let mut engine = Engine::new(model, None, cfg)?;
     let mut acc = Accumulator::default();

@@ -72,6 +72,10 @@ pub struct Sequence {
     pub shift: usize,
     /// The runs of image placeholders in the prompt (vision-language models).
     pub images: Vec<ImageSpan>,
+    /// Proposed tokens at the end of `token_ids` (speculative decoding), not yet committed:
+    /// they run in the next step beside the last committed token and never enter the prefix
+    /// cache until [`Scheduler::take_draft`] gives them back and the engine accepts them.
+    pub num_draft: usize,
 }
 
 impl Sequence {
@@ -87,11 +91,19 @@ impl Sequence {
             streaming: None,
             images: Vec::new(),
             shift: 0,
+            num_draft: 0,
         }
     }
 
     pub fn num_generated(&self) -> usize {
         self.token_ids.len() - self.num_prompt_tokens
+    }
+
+    /// Drops the last `n` proposed tokens.
+    fn drop_draft(&mut self, n: usize) {
+        let n = n.min(self.num_draft);
+        self.token_ids.truncate(self.token_ids.len() - n);
+        self.num_draft -= n;
     }
 }
 
@@ -201,7 +213,7 @@ impl Scheduler {
         // admission order.
         let remaining = |s: &Sequence| s.token_ids.len() - s.num_computed_tokens;
         let mut order: Vec<SeqId> = self.running.clone();
-        order.sort_by_key(|id| self.seqs.get(id).is_some_and(|s| remaining(s) > 1));
+        order.sort_by_key(|id| self.seqs.get(id).is_some_and(|s| remaining(s) - s.num_draft > 1));
         for id in order {
             if budget == 0 {
                 break;
@@ -211,7 +223,9 @@ impl Scheduler {
             }
             let bs = self.kv.block_size();
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
-            let (start, mut n, len) = (seq.num_computed_tokens, remaining(seq).min(budget), seq.token_ids.len());
+            // Proposals beyond the budget are dropped: a step runs all of a sequence's or none.
+            seq.drop_draft(remaining(seq).saturating_sub(budget));
+            let (start, mut n, mut len) = (seq.num_computed_tokens, remaining(seq).min(budget), seq.token_ids.len());
             if let Some(st) = seq.streaming {
                 // A full window drops its oldest blocks after the sinks first.
                 if start - seq.shift >= st.window_blocks * bs {
@@ -221,13 +235,20 @@ impl Scheduler {
                 }
                 n = n.min(st.window_blocks * bs - (start - seq.shift));
             }
-            let cache_end = start - seq.shift + n;
+            let shift = seq.shift;
             loop {
-                if self.kv.allocate(id, &CachedPrefix::default(), cache_end) {
+                if self.kv.allocate(id, &CachedPrefix::default(), start - shift + n) {
                     let samples = start + n == len;
                     plan.scheduled.push(Scheduled { id, start, num_tokens: n, samples });
                     budget -= n;
                     break;
+                }
+                // Out of blocks: proposals go first.
+                if let Some(seq) = self.seqs.get_mut(&id).filter(|s| s.num_draft > 0) {
+                    n -= seq.num_draft;
+                    len -= seq.num_draft;
+                    seq.drop_draft(seq.num_draft);
+                    continue;
                 }
                 // Out of blocks: preempt the most recently admitted sequence (maybe this one).
                 let Some(victim) = self.running.pop() else { break };
@@ -294,7 +315,8 @@ impl Scheduler {
             if let Some(seq) = self.seqs.get_mut(&s.id) {
                 seq.num_computed_tokens = s.start + s.num_tokens;
                 if seq.streaming.is_none() {
-                    self.kv.cache_computed(s.id, &seq.token_ids, &seq.images, seq.num_computed_tokens);
+                    let committed = &seq.token_ids[..seq.token_ids.len() - seq.num_draft];
+                    self.kv.cache_computed(s.id, committed, &seq.images, seq.num_computed_tokens);
                 }
                 for c in &plan.state_copies {
                     if let StateCopy::Snapshot { id, position, .. } = *c {
@@ -325,9 +347,47 @@ impl Scheduler {
         }
     }
 
+    /// Gives a running sequence that is decoding (every token but its last computed, no
+    /// proposals yet, not a streaming window) proposed tokens to verify in the next step.
+    /// Returns whether it took them.
+    pub fn propose(&mut self, id: SeqId, draft: &[u32]) -> bool {
+        let Some(seq) = self.seqs.get_mut(&id) else { return false };
+        let decoding = seq.token_ids.len() == seq.num_computed_tokens + 1 && seq.num_draft == 0;
+        if draft.is_empty() || !decoding || seq.streaming.is_some() || !self.running.contains(&id) {
+            return false;
+        }
+        seq.token_ids.extend_from_slice(draft);
+        seq.num_draft = draft.len();
+        true
+    }
+
+    /// Takes back a sequence's proposals after the step that verified them: the sequence ends
+    /// at its committed tokens again, all computed. The engine then appends the tokens it
+    /// samples and marks each accepted proposal computed ([`accept_computed`](Self::accept_computed)).
+    pub fn take_draft(&mut self, id: SeqId) -> Vec<u32> {
+        let Some(seq) = self.seqs.get_mut(&id) else { return Vec::new() };
+        let committed = seq.token_ids.len() - seq.num_draft;
+        let draft = seq.token_ids.split_off(committed);
+        seq.num_draft = 0;
+        seq.num_computed_tokens = seq.num_computed_tokens.min(committed);
+        draft
+    }
+
+    /// One more token of `id` has its K/V in the cache: an accepted proposal, computed in the
+    /// step that verified it.
+    pub fn accept_computed(&mut self, id: SeqId) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed_tokens = (seq.num_computed_tokens + 1).min(seq.token_ids.len());
+            if seq.streaming.is_none() {
+                self.kv.cache_computed(id, &seq.token_ids, &seq.images, seq.num_computed_tokens);
+            }
+        }
+    }
+
     fn preempt(&mut self, id: SeqId) {
         self.kv.free(id);
         if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.drop_draft(seq.num_draft);
             seq.num_computed_tokens = 0;
             seq.shift = 0;
             seq.num_preemptions += 1;
@@ -497,5 +557,50 @@ mod tests {
         s.remove(2);
         assert_eq!(s.kv().pool().num_used(), 0);
         assert!(!s.has_work());
+    }
+
+    #[test]
+    fn proposals_run_with_the_last_token_and_are_cut_to_the_budget() {
+        let mut s = sched(4, 6, 4, 64);
+        s.add(Sequence::new(1, prompt(6, 0)));
+        // Not decoding yet: nothing to propose for.
+        assert!(!s.propose(1, &[7]));
+        let p = s.schedule();
+        run(&mut s, &p);
+        assert!(s.propose(1, &[1, 2, 3, 4, 5, 6, 7]));
+        assert!(!s.propose(1, &[8]), "one proposal at a time");
+        let p = s.schedule();
+        // Budget 6: the last committed token and 5 of the 7 proposals.
+        assert_eq!(shares(&p), vec![(1, 6, 6)]);
+        assert!(p.scheduled[0].samples);
+        assert_eq!(s.get(1).map(|q| q.num_draft), Some(5));
+        s.complete(&p);
+        // Proposals never enter the prefix cache: blocks 0..1 hold committed tokens only.
+        assert_eq!(s.take_draft(1), vec![1, 2, 3, 4, 5]);
+        let q = s.get(1).expect("sequence");
+        assert_eq!((q.token_ids.len(), q.num_computed_tokens, q.num_draft), (7, 7, 0));
+        assert_eq!(s.kv().find_cached_prefix(&prompt(6, 0), &[], usize::MAX).blocks.len(), 1);
+        // Two proposals accepted (the engine appends them as sampled tokens).
+        for t in [1, 2] {
+            s.append_token(1, t);
+            s.accept_computed(1);
+        }
+        s.append_token(1, 9);
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 9, 1)]);
+    }
+
+    #[test]
+    fn preemption_drops_proposals() {
+        let mut s = sched(4, 64, 4, 3);
+        s.add(Sequence::new(1, prompt(11, 0)));
+        let p = s.schedule();
+        run(&mut s, &p);
+        // 12 tokens in 3 blocks of 4: proposals would need a fourth block.
+        assert!(s.propose(1, &[1, 2, 3]));
+        let p = s.schedule();
+        assert_eq!(shares(&p), vec![(1, 11, 1)], "the proposals go before anything is preempted");
+        assert!(p.preempted.is_empty());
+        assert_eq!(s.get(1).map(|q| (q.num_draft, q.token_ids.len())), Some((0, 12)));
     }
 }

@@ -39,6 +39,7 @@ fn config(num_blocks: usize, max_batch_tokens: usize) -> EngineConfig {
         prefix_caching: true,
         kv_cache_type: Default::default(),
         max_memory: None,
+        spec: None,
     }
 }
 
@@ -246,6 +247,7 @@ fn sliding_window_models_release_blocks_and_outgrow_the_cache() {
         prefix_caching: true,
         kv_cache_type: Default::default(),
         max_memory: None,
+        spec: None,
     };
     let mut engine = Engine::new(model, None, cfg).expect("engine");
     let params = RequestParams { max_tokens: Some(new), ignore_eos: true, ..Default::default() };

@@ -161,3 +161,42 @@ fn qwen25_gguf_tokenizer_matches_qwen3_reference_ids() {
     }
     assert!(checked > 10, "only {checked} cases checked");
 }
+
+/// N-gram speculation on a code-editing prompt (`crates/pio-cli/tests/data/spec/`): the same
+/// tokens as plain decoding, greedy and seeded, on both real models; proposals are accepted.
+#[test]
+fn ngram_speculation_gives_the_same_tokens_on_real_models() {
+    let task = std::fs::read_to_string(root().join("crates/pio-cli/tests/data/spec/rename_5.txt")).expect("prompt");
+    for file in ["Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"] {
+        let Some(path) = model_path(file) else { return };
+        let loaded = pio_model::load(&path, &mut |_, _| {}).expect("model loads");
+        let tok = loaded.tokenizer().expect("GGUF tokenizer");
+        let template = tok.chat_template().expect("GGUF chat template");
+        let rendered = template.render(&ChatRequest::single_user(&task)).expect("template renders");
+        let prompt = tok.encode(&rendered, true).expect("encode");
+        for sampling in
+            [SamplingParams::greedy(), SamplingParams { temperature: 0.7, seed: Some(3), ..Default::default() }]
+        {
+            let params = GenerateParams {
+                sampling,
+                max_tokens: 160,
+                stop_token_ids: loaded.generation.eos_token_ids.clone(),
+                ignore_eos: false,
+                stop: Vec::new(),
+                attention_window: None,
+                attention_sinks: None,
+                images: Vec::new(),
+            };
+            let run = |spec| {
+                let cfg = EngineConfig { spec, ..EngineConfig::for_tokens(prompt.len() + 200, Default::default()) };
+                let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg).expect("engine");
+                let out = generate(&mut engine, &prompt, &params, &mut |_| {}).expect("generate");
+                (out.token_ids, engine.metrics().spec_accepted_tokens.load(std::sync::atomic::Ordering::Relaxed))
+            };
+            let (plain, _) = run(None);
+            let (spec, accepted) = run(Some(pio_engine::spec::SpecConfig::ngram(8, 5, 3)));
+            assert_eq!(spec, plain, "{file}: speculative tokens");
+            assert!(accepted > 0, "{file}: no proposal was accepted on a code-editing prompt");
+        }
+    }
+}

@@ -40,6 +40,7 @@ fn run(loaded: &LoadedModel) -> (Vec<Vec<f32>>, Vec<Vec<u32>>, u64) {
         prefix_caching: true,
         kv_cache_type: Default::default(),
         max_memory: None,
+        spec: None,
     };
     let mut engine = Engine::new(loaded.model.as_ref(), None, cfg).expect("engine");
     let reqs = [(prompt(70, 3), 12), (prompt(45, 8), 20), (prompt(70, 3), 30)];

@@ -40,6 +40,7 @@ fn config(max_batch_tokens: usize) -> EngineConfig {
         prefix_caching: true,
         kv_cache_type: pio_model::KvCacheType::both(pio_model::KvCacheDtype::F32),
         max_memory: None,
+        spec: None,
     }
 }
 
