@@ -43,6 +43,9 @@ pub struct PluginReport {
     pub generated_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
     pub preemptions: u64,
+    /// Speculative decoding: tokens proposed and verified, and those accepted.
+    pub spec_draft_tokens: u64,
+    pub spec_accepted_tokens: u64,
     /// Means over the requests so far, in seconds (`None` before the first).
     pub mean_time_to_first_token: Option<f64>,
     pub mean_inter_token_latency: Option<f64>,
@@ -83,6 +86,8 @@ pub struct PluginOptions {
     pub max_num_seqs: usize,
     /// Threads for the kernels; `None`: the default pool (all cores, or `PIO_THREADS`).
     pub threads: Option<usize>,
+    /// Speculative decoding ([`crate::spec`]); `None`: off.
+    pub spec: Option<crate::spec::SpecConfig>,
 }
 
 impl Default for PluginOptions {
@@ -94,6 +99,7 @@ impl Default for PluginOptions {
             max_model_len: None,
             max_num_seqs: 16,
             threads: None,
+            spec: None,
         }
     }
 }
@@ -149,6 +155,7 @@ impl EnginePlugin {
             // (`for_model` checks that the model can store its cache as `kv_type`.)
             let mut cfg = EngineConfig::for_model(model.as_ref(), kv_type, kv_cache_bytes, max_model_len)?;
             cfg.max_num_seqs = cfg.max_num_seqs.min(options.max_num_seqs);
+            cfg.spec = options.spec;
             let kv_cache_bytes = per_token * cfg.block_size * cfg.num_blocks;
             let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));
             let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
@@ -299,6 +306,8 @@ impl ModelPlugin for EnginePlugin {
             generated_tokens: m.generation_tokens.load(Ordering::Relaxed),
             prefix_cache_hit_tokens: m.prefix_cache_hit_tokens.load(Ordering::Relaxed),
             preemptions: m.preemptions.load(Ordering::Relaxed),
+            spec_draft_tokens: m.spec_draft_tokens.load(Ordering::Relaxed),
+            spec_accepted_tokens: m.spec_accepted_tokens.load(Ordering::Relaxed),
             mean_time_to_first_token: m.time_to_first_token.mean(),
             mean_inter_token_latency: m.inter_token_latency.mean(),
         }

@@ -13,6 +13,7 @@ use pio_engine::engine::{FinishReason, RequestOutput, RequestParams, TokenLogpro
 use pio_engine::handle::{Event, RequestStream};
 use pio_engine::plugin::{EnginePlugin, ModelPlugin, PluginOptions};
 use pio_engine::sampler::SamplingParams;
+use pio_engine::spec::{SpecConfig, SpecMethod};
 use pio_engine::EngineError;
 use pio_kernels::DType;
 use pio_model::{KvCacheDtype, KvCacheType, LoadOptions};
@@ -249,7 +250,8 @@ impl Engine {
     #[new]
     #[pyo3(signature = (path, *, quant=None, threads=None, kv_cache_bytes=None, cache_type_k=None,
         cache_type_v=None, max_model_len=None, max_num_seqs=16, mmproj=None, repack=true,
-        bf16_activations=true, max_memory=None))]
+        bf16_activations=true, max_memory=None, spec_method=None, spec_tokens=8, spec_ngram=5,
+        spec_ngram_min=3))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -265,6 +267,10 @@ impl Engine {
         repack: bool,
         bf16_activations: bool,
         max_memory: Option<usize>,
+        spec_method: Option<&str>,
+        spec_tokens: usize,
+        spec_ngram: usize,
+        spec_ngram_min: usize,
     ) -> PyResult<Engine> {
         let quant = match quant {
             None => None,
@@ -273,6 +279,20 @@ impl Engine {
                 PyValueError::new_err(format!("quant {q:?}: unknown format (known: {})", names.join(", ")))
             })?),
         };
+        let spec = match spec_method {
+            None => None,
+            Some(m) => match m.parse::<SpecMethod>().map_err(PyValueError::new_err)? {
+                SpecMethod::Ngram => {
+                    if spec_tokens == 0 || spec_tokens > 64 || spec_ngram_min == 0 || spec_ngram < spec_ngram_min {
+                        return Err(PyValueError::new_err(format!(
+                            "speculative decoding: need 1 <= num_speculative_tokens <= 64 (got {spec_tokens}) and \
+                             1 <= prompt_lookup_min <= prompt_lookup_max (got {spec_ngram_min}, {spec_ngram})"
+                        )));
+                    }
+                    Some(SpecConfig::ngram(spec_tokens, spec_ngram, spec_ngram_min))
+                }
+            },
+        };
         let options = PluginOptions {
             load: LoadOptions { quant, repack, bf16_activations, max_memory, mmproj, ..Default::default() },
             kv_cache_type: KvCacheType { k: kv_dtype(cache_type_k)?, v: kv_dtype(cache_type_v)? },
@@ -280,6 +300,7 @@ impl Engine {
             max_model_len,
             max_num_seqs,
             threads,
+            spec,
         };
         if !path.exists() {
             return Err(InferencePIOError::new_err(format!("{}: no such file or directory", path.display())));
@@ -375,6 +396,8 @@ impl Engine {
         d.set_item("generated_tokens", r.generated_tokens)?;
         d.set_item("prefix_cache_hit_tokens", r.prefix_cache_hit_tokens)?;
         d.set_item("preemptions", r.preemptions)?;
+        d.set_item("spec_decode_num_draft_tokens", r.spec_draft_tokens)?;
+        d.set_item("spec_decode_num_accepted_tokens", r.spec_accepted_tokens)?;
         d.set_item("mean_time_to_first_token_s", r.mean_time_to_first_token)?;
         d.set_item("mean_inter_token_latency_s", r.mean_inter_token_latency)?;
         d.set_item("decode_tokens_per_s", r.mean_inter_token_latency.filter(|&s| s > 0.0).map(|s| 1.0 / s))?;

@@ -229,3 +229,20 @@ def test_a_gguf_gets_its_publishers_sampling(llm):
     d = llm._engine.defaults()
     assert d["temperature"] == pytest.approx(0.2) and d["top_p"] == pytest.approx(0.9)
     assert 2 in d["eos_token_ids"]
+
+
+def test_speculative_decoding_gives_the_same_tokens(llm):
+    task = (ROOT / "crates" / "pio-cli" / "tests" / "data" / "spec" / "rename_5.txt").read_text()
+    messages = [{"role": "user", "content": task}]
+    params = ip.SamplingParams(temperature=0, max_tokens=96)
+    plain = llm.chat(messages, params)[0].outputs[0].token_ids
+    spec = ip.LLM(MODEL, speculative_config={"method": "ngram", "num_speculative_tokens": 6}, **OPTS)
+    try:
+        assert spec.chat(messages, params)[0].outputs[0].token_ids == plain
+        assert spec.report()["spec_decode_num_accepted_tokens"] > 0
+    finally:
+        spec.shutdown()
+    with pytest.raises(ValueError, match="unknown keys"):
+        ip.LLM(MODEL, speculative_config={"method": "ngram", "k": 3}, **OPTS)
+    with pytest.raises(ValueError, match="speculation method"):
+        ip.LLM(MODEL, speculative_config={"method": "eagle"}, **OPTS)

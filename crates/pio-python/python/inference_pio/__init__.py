@@ -240,7 +240,10 @@ class LLM:
     ``quant`` (quantize at load: ``"q8_0"``, ``"q4_k"``, ...), ``threads``, ``kv_cache_mem``
     (bytes or ``"2GiB"``), ``cache_type_k`` / ``cache_type_v`` (``f16``, ``bf16``, ``f32``,
     ``q8_0``, ``q4_0``), ``max_model_len``, ``max_num_seqs``, ``mmproj`` (a Qwen3-VL GGUF's vision
-    file), ``max_memory`` (stream what does not fit from disk), ``repack``, ``bf16_activations``.
+    file), ``max_memory`` (stream what does not fit from disk), ``repack``, ``bf16_activations``,
+    and ``speculative_config`` as vLLM takes it: ``{"method": "ngram", "num_speculative_tokens": 8,
+    "prompt_lookup_max": 5, "prompt_lookup_min": 3}`` (prompt lookup; the outputs are the same
+    tokens as without it).
     """
 
     def __init__(
@@ -258,8 +261,16 @@ class LLM:
         max_memory: Union[None, int, str] = None,
         repack: bool = True,
         bf16_activations: bool = True,
+        speculative_config: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.model = os.fspath(model)
+        spec = dict(speculative_config or {})
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown} (known: {sorted(known)})")
+        if spec and "method" not in spec:
+            raise ValueError("speculative_config needs a 'method' (\"ngram\")")
         self._engine = _native.Engine(
             self.model,
             quant=quant,
@@ -273,6 +284,10 @@ class LLM:
             repack=repack,
             bf16_activations=bf16_activations,
             max_memory=_parse_size(max_memory),
+            spec_method=spec.get("method"),
+            spec_tokens=spec.get("num_speculative_tokens", 8),
+            spec_ngram=spec.get("prompt_lookup_max", 5),
+            spec_ngram_min=spec.get("prompt_lookup_min", 3),
         )
         self._defaults = self._engine.defaults()
 

@@ -35,6 +35,10 @@ class Engine:
         repack: bool = True,
         bf16_activations: bool = True,
         max_memory: Optional[int] = None,
+        spec_method: Optional[str] = None,
+        spec_tokens: int = 8,
+        spec_ngram: int = 5,
+        spec_ngram_min: int = 3,
     ) -> None: ...
     def complete(
         self,
