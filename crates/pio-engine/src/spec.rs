@@ -97,29 +97,35 @@ pub fn ngram_propose(tokens: &[u32], n_max: usize, n_min: usize, k: usize) -> Ve
 }
 
 /// A sequence's proposal length, adapted to how its proposals fare: halved when a step
-/// accepts none, doubled (up to the configured most) when a step accepts all; at zero the
-/// sequence proposes nothing for [`Adaptive::PAUSE`] steps, then tries one token again.
+/// accepts none, doubled (up to the configured most) when a step accepts all. At zero the
+/// sequence proposes nothing for a pause, then tries one token; each failed try doubles the
+/// pause (from [`Adaptive::PAUSE`] up to [`Adaptive::MAX_PAUSE`] steps), and any accepted token
+/// resets it. So text that proposals rarely match pays for a failed verification at most every
+/// `MAX_PAUSE` steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Adaptive {
     k: usize,
     paused: usize,
+    pause: usize,
 }
 
 impl Adaptive {
-    /// Decode steps without proposals after the length fell to zero. On the code-editing
-    /// prompts of `crates/pio-cli/tests/data/spec/` (Qwen2.5-Coder-0.5B Q4_K_M, 2 threads,
-    /// AVX2) 4 steps decoded faster than 16 (1.81x against 1.60x plain decode, median of five).
+    /// The first pause after the length fell to zero. On the code-editing prompts of
+    /// `crates/pio-cli/tests/data/spec/` (Qwen2.5-Coder-0.5B Q4_K_M, 2 threads, AVX2) 4 steps
+    /// decoded faster than 16 (1.81x against 1.60x plain decode, median of five).
     pub const PAUSE: usize = 4;
+    /// The longest pause.
+    pub const MAX_PAUSE: usize = 64;
 
     pub fn new(max: usize) -> Adaptive {
-        Adaptive { k: max, paused: 0 }
+        Adaptive { k: max, paused: 0, pause: Self::PAUSE }
     }
 
     /// Tokens to propose this step (counts a paused step).
     pub fn take_len(&mut self) -> usize {
         if self.k == 0 {
             self.paused += 1;
-            if self.paused >= Self::PAUSE {
+            if self.paused >= self.pause {
                 self.paused = 0;
                 self.k = 1;
             }
@@ -134,9 +140,16 @@ impl Adaptive {
             return;
         }
         if accepted == 0 {
+            if self.k == 1 {
+                // A failed try after a pause (or a run of failures down to one token).
+                self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+            }
             self.k /= 2;
-        } else if accepted == proposed {
-            self.k = (self.k * 2).clamp(1, max);
+        } else {
+            self.pause = Self::PAUSE;
+            if accepted == proposed {
+                self.k = (self.k * 2).clamp(1, max);
+            }
         }
     }
 }
@@ -160,7 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_length_shrinks_to_a_pause_and_recovers() {
+    fn adaptive_length_shrinks_to_a_growing_pause_and_recovers() {
         let mut a = Adaptive::new(4);
         assert_eq!(a.take_len(), 4);
         a.update(4, 0, 4);
@@ -168,16 +181,27 @@ mod tests {
         a.update(2, 0, 4);
         a.update(1, 0, 4);
         assert_eq!(a.k, 0);
-        for _ in 0..Adaptive::PAUSE - 1 {
+        // Paused: nothing for `PAUSE * 2` steps (the failure at one token doubled it), then one.
+        for _ in 0..Adaptive::PAUSE * 2 {
             assert_eq!(a.take_len(), 0);
         }
-        assert_eq!(a.take_len(), 0);
         assert_eq!(a.take_len(), 1);
+        a.update(1, 0, 4);
+        let waited = std::iter::from_fn(|| Some(a.take_len())).take_while(|&k| k == 0).count();
+        assert_eq!(waited, Adaptive::PAUSE * 4);
+        // Success resets the pause and grows the length back.
         a.update(1, 1, 4);
+        assert_eq!(a.pause, Adaptive::PAUSE);
         a.update(2, 2, 4);
         assert_eq!(a.take_len(), 4);
         a.update(4, 2, 4);
         assert_eq!(a.take_len(), 4);
+        // The pause stops growing.
+        for _ in 0..10 {
+            a.k = 1;
+            a.update(1, 0, 4);
+        }
+        assert_eq!(a.pause, Adaptive::MAX_PAUSE);
     }
 
     #[test]
