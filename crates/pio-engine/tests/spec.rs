@@ -65,7 +65,7 @@ fn requests() -> Vec<(Vec<u32>, RequestParams)> {
 #[test]
 fn ngram_speculation_gives_the_tokens_of_plain_decoding() {
     for spec in [SpecConfig::ngram(4, 3, 1), SpecConfig::ngram(8, 5, 3)] {
-        for name in ["qwen3", "qwen3_moe", "glm4_moe_lite", "qwen2", "qwen3_next"] {
+        for name in ["qwen3", "qwen3_moe", "glm4_moe_lite", "qwen2", "qwen3_vl", "qwen3_next"] {
             check_family(name, Some(spec));
         }
     }

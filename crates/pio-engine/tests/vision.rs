@@ -99,6 +99,12 @@ fn image_request_gives_the_greedy_tokens_of_transformers() {
             assert_eq!(got[0].0, want, "budget {budget}, prompt of {}", p.len());
         }
     }
+    // Speculative decoding after an image (M-RoPE positions of proposals): the same tokens.
+    let spec = EngineConfig { spec: Some(pio_engine::spec::SpecConfig::ngram(4, 3, 1)), ..config(512) };
+    let mut e = Engine::new(model, None, spec).expect("engine");
+    let got = run_all(&mut e, &[(prompt.clone(), greedy(want.len(), vec![px.clone()]))]);
+    assert_eq!(got[0].0, want, "with speculation");
+    assert!(e.metrics().spec_draft_tokens.load(Ordering::Relaxed) > 0, "no proposals were verified");
 }
 
 #[test]
