@@ -356,7 +356,13 @@ pub struct Engine<'m> {
     encoding: std::collections::VecDeque<(SeqId, crate::vision::PendingVision, Sequence)>,
     /// How long a step may spend in the tower while other sequences run (at least one block).
     encode_slice: Duration,
+    /// Proposes tokens instead of the n-gram lookup ([`Engine::set_proposer`]).
+    proposer: Option<Proposer<'m>>,
 }
+
+/// A speculative proposer: given a sequence's id, its tokens (prompt and output so far) and the
+/// most tokens wanted, the tokens it proposes to follow.
+pub type Proposer<'m> = Box<dyn FnMut(SeqId, &[u32], usize) -> Vec<u32> + Send + 'm>;
 
 /// [`Engine::set_encode_slice`]'s default: a tower block of a 1024 x 1024 image is ~1.7 s on
 /// 2 cores and the whole tower 24 of them, so other streams see a pause of at most a block per
@@ -421,6 +427,7 @@ impl<'m> Engine<'m> {
             image_features: Default::default(),
             encoding: Default::default(),
             encode_slice: ENCODE_SLICE,
+            proposer: None,
         })
     }
 
@@ -440,6 +447,13 @@ impl<'m> Engine<'m> {
 
     pub fn has_work(&self) -> bool {
         self.sched.has_work() || !self.encoding.is_empty()
+    }
+
+    /// Replaces the n-gram lookup of speculative decoding (`EngineConfig::spec`, which still
+    /// sets the most tokens per proposal and turns it on) with another proposer; `None` goes
+    /// back to the lookup.
+    pub fn set_proposer(&mut self, proposer: Option<Proposer<'m>>) {
+        self.proposer = proposer;
     }
 
     /// How long one [`step`](Self::step) may spend in the vision tower while other sequences
@@ -663,6 +677,19 @@ impl<'m> Engine<'m> {
                 self.cache.copy_state(from as usize, to as usize)?;
             }
         }
+        // Recurrent state of sequences verifying proposals, as it was before them: put back if
+        // a proposal fails (the accepted tokens then run again to bring it forward).
+        let mut saved_states = Vec::new();
+        if self.model.cache_spec().has_state() {
+            for s in &plan.scheduled {
+                let draft = self.sched.get(s.id).map_or(0, |q| q.num_draft);
+                if let (true, Some(slot)) = (draft > 0 && s.samples, self.sched.kv().state_slot(s.id)) {
+                    let mut buf = Vec::new();
+                    self.cache.save_state(slot as usize, &mut buf)?;
+                    saved_states.push((s.id, s.start, buf));
+                }
+            }
+        }
         let logits = {
             let kv = self.sched.kv();
             let mut slices = Vec::with_capacity(plan.scheduled.len());
@@ -712,8 +739,15 @@ impl<'m> Engine<'m> {
             let num_draft = self.sched.get(s.id).map_or(0, |q| q.num_draft);
             if s.samples && num_draft > 0 {
                 let rows = rows.split_off(rows.len().saturating_sub((num_draft + 1) * vocab));
-                if let Some(out) = self.verify(s.id, rows, prompt_logits)? {
-                    outputs.push(out);
+                let (out, accepted) = self.verify(s.id, rows, prompt_logits)?;
+                outputs.extend(out);
+                if accepted < num_draft {
+                    if let Some((_, start, saved)) = saved_states.iter().find(|(id, _, _)| *id == s.id) {
+                        if let Some(slot) = self.sched.kv().state_slot(s.id) {
+                            self.cache.restore_state(slot as usize, saved)?;
+                            self.sched.rewind_computed(s.id, *start);
+                        }
+                    }
                 }
             } else if s.samples {
                 let row = rows.split_off(rows.len().saturating_sub(vocab));
@@ -752,10 +786,13 @@ impl<'m> Engine<'m> {
         })
     }
 
-    /// Gives each decoding sequence the tokens its proposer offers (speculative decoding).
+    /// Gives each decoding sequence the tokens its proposer offers (speculative decoding). A
+    /// model with recurrent state has its state saved before the step and put back when a
+    /// proposal fails; the accepted tokens then run again in the next step (recomputing from the
+    /// last committed token rather than keeping a state per proposed position).
     fn propose(&mut self) {
         let Some(cfg) = self.limits.cfg.spec else { return };
-        if cfg.num_tokens == 0 || self.model.cache_spec().has_state() {
+        if cfg.num_tokens == 0 {
             return;
         }
         let max_len = self.limits.cfg.max_model_len;
@@ -772,7 +809,11 @@ impl<'m> Engine<'m> {
             if k == 0 {
                 continue;
             }
-            let draft = crate::spec::ngram_propose(&seq.token_ids, cfg.ngram_max, cfg.ngram_min, k);
+            let mut draft = match self.proposer.as_mut() {
+                Some(p) => p(id, &seq.token_ids, k),
+                None => crate::spec::ngram_propose(&seq.token_ids, cfg.ngram_max, cfg.ngram_min, k),
+            };
+            draft.truncate(k);
             self.sched.propose(id, &draft);
         }
     }
@@ -781,7 +822,8 @@ impl<'m> Engine<'m> {
     /// without them would, keeping each proposal while it equals the sampled token; the first
     /// token that differs (or the one after the last proposal) ends the step. One output with
     /// every committed token.
-    fn verify(&mut self, id: SeqId, rows: Vec<f32>, prompt_logits: Vec<f32>) -> Result<Option<RequestOutput>> {
+    /// Returns the output and the number of proposals accepted.
+    fn verify(&mut self, id: SeqId, rows: Vec<f32>, prompt_logits: Vec<f32>) -> Result<(Option<RequestOutput>, usize)> {
         let vocab = self.model.shape().vocab_size;
         let draft = self.sched.take_draft(id);
         let mut merged: Option<RequestOutput> = None;
@@ -816,7 +858,7 @@ impl<'m> Engine<'m> {
         if let (Some(r), Some(cfg)) = (self.reqs.get_mut(&id), self.limits.cfg.spec) {
             r.spec.update(draft.len(), accepted, cfg.num_tokens);
         }
-        Ok(merged)
+        Ok((merged, accepted))
     }
 
     /// Samples the next token of `id` from its logits row and decides whether it is finished.

@@ -299,9 +299,11 @@ impl Scheduler {
             plan.prefix_hit_tokens += hit;
             budget -= n;
         }
-        // Checkpoints of recurrent state at the block boundaries the step crosses.
+        // Checkpoints of recurrent state at the block boundaries the step crosses (among
+        // committed tokens: a state past a proposal may not stand).
         for s in &plan.scheduled {
-            if let Some((position, to)) = self.kv.plan_snapshot(s.id, s.start, s.start + s.num_tokens) {
+            let draft = self.seqs.get(&s.id).map_or(0, |q| q.num_draft);
+            if let Some((position, to)) = self.kv.plan_snapshot(s.id, s.start, s.start + s.num_tokens - draft) {
                 plan.state_copies.push(StateCopy::Snapshot { id: s.id, position, to });
             }
         }
@@ -371,6 +373,15 @@ impl Scheduler {
         seq.num_draft = 0;
         seq.num_computed_tokens = seq.num_computed_tokens.min(committed);
         draft
+    }
+
+    /// Sets how many of `id`'s tokens count as computed back to `n` (a model with recurrent
+    /// state whose state went back to before a step that verified proposals: those tokens run
+    /// again, the accepted ones among them, to bring the state forward).
+    pub fn rewind_computed(&mut self, id: SeqId, n: usize) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed_tokens = seq.num_computed_tokens.min(n);
+        }
     }
 
     /// One more token of `id` has its K/V in the cache: an accepted proposal, computed in the

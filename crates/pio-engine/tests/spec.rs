@@ -105,10 +105,52 @@ fn check_family(name: &str, spec: Option<SpecConfig>) {
         run_all(&mut e, &reqs);
         e.metrics().spec_draft_tokens.load(Ordering::Relaxed)
     };
-    if name == "qwen3_next" {
-        // Recurrent state cannot roll back yet: no proposals.
-        assert_eq!(drafted, 0, "{name}");
-    } else {
-        assert!(drafted > 0 && accepted > 0, "{name}: proposals should be made and some accepted");
+    // The random Qwen3-Next does not repeat itself, so its n-gram proposals (few) fail:
+    // acceptance with recurrent state is checked with proposals that are partly right (below).
+    if name != "qwen3_next" {
+        assert!(drafted > 0 && accepted > 0, "{name}: {drafted} proposed, {accepted} accepted alone");
+    }
+}
+
+/// Proposals that are right for a while and then wrong, on every family (Qwen3-Next's
+/// recurrent state is put back and the accepted tokens run again): the same tokens, and
+/// proposals accepted in part.
+#[test]
+fn partly_right_proposals_give_the_tokens_of_plain_decoding() {
+    for name in ["qwen3", "glm4_moe_lite", "qwen3_next"] {
+        let m = model_of(name);
+        let reqs: Vec<(Vec<u32>, RequestParams)> = (0..3)
+            .map(|i| (prompt(17 + 5 * i, i as u32), RequestParams { max_tokens: Some(30), ..Default::default() }))
+            .collect();
+        let want: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|r| {
+                let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, None)).expect("engine");
+                run_all(&mut e, std::slice::from_ref(r)).remove(0)
+            })
+            .collect();
+        let prompts: Vec<usize> = reqs.iter().map(|r| r.0.len()).collect();
+        let oracle = want.clone();
+        let mut calls = 0usize;
+        let spec = Some(SpecConfig::ngram(4, 3, 1));
+        let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, spec)).expect("engine");
+        // Request i has id i: the continuation plain decoding gives, its last token wrong every
+        // other time.
+        e.set_proposer(Some(Box::new(move |id, tokens, k| {
+            let (i, generated) = (id as usize, tokens.len() - prompts[id as usize]);
+            let mut draft: Vec<u32> = oracle[i].iter().skip(generated).take(k).copied().collect();
+            calls += 1;
+            if calls.is_multiple_of(2) {
+                if let Some(last) = draft.last_mut() {
+                    *last = (*last + 1) % 500;
+                }
+            }
+            draft
+        })));
+        assert_eq!(run_all(&mut e, &reqs), want, "{name}");
+        let accepted = e.metrics().spec_accepted_tokens.load(Ordering::Relaxed);
+        let drafted = e.metrics().spec_draft_tokens.load(Ordering::Relaxed);
+        assert!(accepted > 0 && accepted < drafted, "{name}: {accepted} of {drafted} accepted");
+        assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
     }
 }

@@ -304,6 +304,51 @@ impl KvCache {
         Ok(())
     }
 
+    /// Appends slot `slot`'s recurrent state (every recurrent layer's, in layer order) to
+    /// `out`, for [`restore_state`](Self::restore_state).
+    pub fn save_state(&self, slot: usize, out: &mut Vec<f32>) -> crate::Result<()> {
+        if slot >= self.num_state_slots {
+            return Err(crate::Error::Batch(format!("state slot {slot}: the cache has {}", self.num_state_slots)));
+        }
+        for (l, store) in self.spec.layers.iter().zip(&self.layers) {
+            let (cl, dl) = l.state_len();
+            if let LayerStore::State { conv, delta } = store {
+                out.extend_from_slice(&conv[slot * cl..(slot + 1) * cl]);
+                out.extend_from_slice(&delta[slot * dl..(slot + 1) * dl]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back a state [`save_state`](Self::save_state) took into slot `slot`.
+    pub fn restore_state(&mut self, slot: usize, saved: &[f32]) -> crate::Result<()> {
+        let want: usize = self
+            .spec
+            .layers
+            .iter()
+            .zip(&self.layers)
+            .filter(|(_, s)| matches!(s, LayerStore::State { .. }))
+            .map(|(l, _)| l.state_len().0 + l.state_len().1)
+            .sum();
+        if slot >= self.num_state_slots || saved.len() != want {
+            return Err(crate::Error::Batch(format!(
+                "restoring state slot {slot} ({} values, {want} expected; the cache has {} slots)",
+                saved.len(),
+                self.num_state_slots
+            )));
+        }
+        let mut at = 0;
+        for (l, store) in self.spec.layers.iter().zip(&mut self.layers) {
+            let (cl, dl) = l.state_len();
+            if let LayerStore::State { conv, delta } = store {
+                conv[slot * cl..(slot + 1) * cl].copy_from_slice(&saved[at..at + cl]);
+                delta[slot * dl..(slot + 1) * dl].copy_from_slice(&saved[at + cl..at + cl + dl]);
+                at += cl + dl;
+            }
+        }
+        Ok(())
+    }
+
     /// Touches every page of the cache now, so its memory is resident from the start and the
     /// process's RSS does not creep up as blocks are first used (a long-running server's memory
     /// is then fixed at start, as vLLM's and llama-server's are).
