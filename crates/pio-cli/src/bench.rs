@@ -93,8 +93,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let moe_before = loaded.model.moe_stats();
     let mut decode_steps = 0u64;
     let mut decode_cache: Option<pio_model::ExpertCacheStats> = None;
-    // Speculative decoding over the decode runs: (proposals, tokens proposed, accepted).
-    let mut spec = (0u64, 0u64, 0u64);
+    // Speculative decoding over the decode runs.
+    let mut spec = pio_engine::metrics::SpecCounts::default();
     for _ in 0..a.repeats.max(1) {
         // As `generate` (the same request and timing: decode is what follows the first
         // token), stepping here so the expert cache is counted over the decode steps alone.
@@ -104,22 +104,17 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             first = engine.step()?.iter().any(|o| o.id == id && !o.token_ids.is_empty());
         }
         let cache_before = loaded.model.expert_cache_stats();
-        let m = engine.metrics().clone();
-        let counts = || {
-            let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            (l(&m.spec_drafts), l(&m.spec_draft_tokens), l(&m.spec_accepted_tokens))
-        };
-        let spec_before = counts();
+        let spec_before = engine.metrics().spec_counts();
         let start = Instant::now();
         let mut steps = 0;
         while engine.has_work() {
             steps += engine.step()?.iter().filter(|o| o.id == id).map(|o| o.token_ids.len()).sum::<usize>();
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let spec_after = counts();
-        spec.0 += spec_after.0 - spec_before.0;
-        spec.1 += spec_after.1 - spec_before.1;
-        spec.2 += spec_after.2 - spec_before.2;
+        let d = engine.metrics().spec_counts().since(&spec_before);
+        spec.drafts += d.drafts;
+        spec.draft_tokens += d.draft_tokens;
+        spec.accepted_tokens += d.accepted_tokens;
         if let (Some(b), Some(e)) = (cache_before, loaded.model.expert_cache_stats()) {
             let d = e.since(&b);
             decode_cache = Some(match decode_cache {
@@ -210,18 +205,16 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             "decode_disk_read_bytes_per_s": streaming.map(|s| s.1 * decode_tps),
         })
     });
-    // Acceptance over the proposed tokens, and tokens committed per verifying step (the
-    // accepted ones and the one sampled after them).
     let spec_json = a.spec.config().map(|c| {
         json!({
             "method": c.method.to_string(),
             "num_tokens": c.num_tokens,
             "ngram_max": c.ngram_max,
-            "drafts": spec.0,
-            "draft_tokens": spec.1,
-            "accepted_tokens": spec.2,
-            "acceptance_rate": if spec.1 > 0 { spec.2 as f64 / spec.1 as f64 } else { 0.0 },
-            "mean_accepted_length": if spec.0 > 0 { 1.0 + spec.2 as f64 / spec.0 as f64 } else { 0.0 },
+            "drafts": spec.drafts,
+            "draft_tokens": spec.draft_tokens,
+            "accepted_tokens": spec.accepted_tokens,
+            "acceptance_rate": spec.acceptance_rate(),
+            "mean_accepted_length": spec.mean_accepted_length(),
         })
     });
     let v = json!({
@@ -286,15 +279,15 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
             engine.cache_bytes() as f64 / (1 << 20) as f64,
             a.model.kv_cache_type(),
         ))?;
-        if let (Some(c), true) = (a.spec.config(), spec.0 > 0) {
+        if let (Some(c), true) = (a.spec.config(), spec.drafts > 0) {
             out(&format!(
                 "  speculative decoding ({}, up to {} tokens): {} of {} proposed tokens accepted ({:.1}%), {:.2} tokens per verifying step\n",
                 c.method,
                 c.num_tokens,
-                spec.2,
-                spec.1,
-                100.0 * spec.2 as f64 / spec.1.max(1) as f64,
-                1.0 + spec.2 as f64 / spec.0 as f64,
+                spec.accepted_tokens,
+                spec.draft_tokens,
+                100.0 * spec.acceptance_rate(),
+                spec.mean_accepted_length(),
             ))?;
         }
         if let Some(tps) = batch_decode_tps {

@@ -336,13 +336,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "finish_reason": output.finish_reason.as_str(),
             "timings": {"load_s": load_s, "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps},
             "spec": a.spec.config().map(|c| {
-                let m = engine.metrics();
-                let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let n = engine.metrics().spec_counts();
                 json!({
                     "method": c.method.to_string(),
-                    "drafts": l(&m.spec_drafts),
-                    "draft_tokens": l(&m.spec_draft_tokens),
-                    "accepted_tokens": l(&m.spec_accepted_tokens),
+                    "drafts": n.drafts,
+                    "draft_tokens": n.draft_tokens,
+                    "accepted_tokens": n.accepted_tokens,
                 })
             }),
         });

@@ -49,8 +49,8 @@ pub struct EngineConfig {
     /// KV cache (recurrent state included) larger than what the bound keeps for the cache and
     /// scratch ([`pio_model::memory_reserve`]) is refused.
     pub max_memory: Option<usize>,
-    /// Speculative decoding ([`crate::spec`]); `None`: off. Models with recurrent state and
-    /// streaming windows decode without it.
+    /// Speculative decoding ([`crate::spec`]); `None`: off. Streaming windows decode without
+    /// it.
     pub spec: Option<SpecConfig>,
 }
 
@@ -682,12 +682,11 @@ impl<'m> Engine<'m> {
         let mut saved_states = Vec::new();
         if self.model.cache_spec().has_state() {
             for s in &plan.scheduled {
-                let draft = self.sched.get(s.id).map_or(0, |q| q.num_draft);
-                if let (true, Some(slot)) = (draft > 0 && s.samples, self.sched.kv().state_slot(s.id)) {
-                    let mut buf = Vec::new();
-                    self.cache.save_state(slot as usize, &mut buf)?;
-                    saved_states.push((s.id, s.start, buf));
-                }
+                let drafting = s.samples && self.sched.get(s.id).is_some_and(|q| q.num_draft > 0);
+                let Some(slot) = self.sched.kv().state_slot(s.id).filter(|_| drafting) else { continue };
+                let mut buf = Vec::new();
+                self.cache.save_state(slot as usize, &mut buf)?;
+                saved_states.push((s.id, s.start, buf));
             }
         }
         let logits = {
@@ -738,8 +737,8 @@ impl<'m> Engine<'m> {
             }
             let num_draft = self.sched.get(s.id).map_or(0, |q| q.num_draft);
             if s.samples && num_draft > 0 {
-                let rows = rows.split_off(rows.len().saturating_sub((num_draft + 1) * vocab));
-                let (out, accepted) = self.verify(s.id, rows, prompt_logits)?;
+                let at = rows.len().saturating_sub((num_draft + 1) * vocab);
+                let (out, accepted) = self.verify(s.id, &mut rows[at..], prompt_logits)?;
                 outputs.extend(out);
                 if accepted < num_draft {
                     if let Some((_, start, saved)) = saved_states.iter().find(|(id, _, _)| *id == s.id) {
@@ -750,8 +749,8 @@ impl<'m> Engine<'m> {
                     }
                 }
             } else if s.samples {
-                let row = rows.split_off(rows.len().saturating_sub(vocab));
-                if let Some(out) = self.sample_one(s.id, row, prompt_logits)? {
+                let at = rows.len().saturating_sub(vocab);
+                if let Some(out) = self.sample_one(s.id, &mut rows[at..], prompt_logits)? {
                     outputs.push(out);
                 }
             } else if !prompt_logits.is_empty() {
@@ -797,10 +796,7 @@ impl<'m> Engine<'m> {
         }
         let max_len = self.limits.cfg.max_model_len;
         for (&id, r) in self.reqs.iter_mut() {
-            let Some(seq) = self.sched.get(id) else { continue };
-            if seq.num_draft > 0 || seq.token_ids.len() != seq.num_computed_tokens + 1 || seq.streaming.is_some() {
-                continue;
-            }
+            let Some(seq) = self.sched.get(id).filter(|q| q.takes_draft()) else { continue };
             // Room: the request's remaining tokens less the one the step samples anyway, and
             // the context.
             let left = r.max_tokens.saturating_sub(seq.num_generated() + 1);
@@ -821,16 +817,20 @@ impl<'m> Engine<'m> {
     /// Samples the rows of a step that verified proposals: position by position, as decoding
     /// without them would, keeping each proposal while it equals the sampled token; the first
     /// token that differs (or the one after the last proposal) ends the step. One output with
-    /// every committed token.
-    /// Returns the output and the number of proposals accepted.
-    fn verify(&mut self, id: SeqId, rows: Vec<f32>, prompt_logits: Vec<f32>) -> Result<(Option<RequestOutput>, usize)> {
+    /// every committed token, and the number of proposals accepted.
+    fn verify(
+        &mut self,
+        id: SeqId,
+        rows: &mut [f32],
+        prompt_logits: Vec<f32>,
+    ) -> Result<(Option<RequestOutput>, usize)> {
         let vocab = self.model.shape().vocab_size;
         let draft = self.sched.take_draft(id);
         let mut merged: Option<RequestOutput> = None;
         let mut accepted = 0;
         let mut prompt_logits = Some(prompt_logits);
-        for (i, row) in rows.chunks_exact(vocab).enumerate() {
-            let Some(out) = self.sample_one(id, row.to_vec(), prompt_logits.take().unwrap_or_default())? else { break };
+        for (i, row) in rows.chunks_exact_mut(vocab).enumerate() {
+            let Some(out) = self.sample_one(id, row, prompt_logits.take().unwrap_or_default())? else { break };
             let (token, done) = (out.token_ids.last().copied(), out.finish_reason.is_some());
             merged = Some(match merged.take() {
                 None => out,
@@ -862,12 +862,7 @@ impl<'m> Engine<'m> {
     }
 
     /// Samples the next token of `id` from its logits row and decides whether it is finished.
-    fn sample_one(
-        &mut self,
-        id: SeqId,
-        mut logits: Vec<f32>,
-        prompt_logits: Vec<f32>,
-    ) -> Result<Option<RequestOutput>> {
+    fn sample_one(&mut self, id: SeqId, logits: &mut [f32], prompt_logits: Vec<f32>) -> Result<Option<RequestOutput>> {
         let (Some(r), Some(seq)) = (self.reqs.get_mut(&id), self.sched.get(id)) else { return Ok(None) };
         if r.max_tokens == 0 {
             // Scoring only: the prompt is done.
@@ -883,7 +878,7 @@ impl<'m> Engine<'m> {
         let p = &r.params;
         let stops_allowed = n_gen >= p.min_tokens;
         let is_stop_token = |t: u32| (!p.ignore_eos && p.eos_token_ids.contains(&t)) || p.stop_token_ids.contains(&t);
-        let logprobs = p.logprobs.map(|n| (n, log_softmax(&logits)));
+        let logprobs = p.logprobs.map(|n| (n, log_softmax(logits)));
         if !stops_allowed {
             for t in p.eos_token_ids.iter().chain(&p.stop_token_ids) {
                 if let Some(v) = logits.get_mut(*t as usize) {
@@ -891,7 +886,7 @@ impl<'m> Engine<'m> {
                 }
             }
         }
-        let token = r.sampler.sample(&logits, prompt, generated);
+        let token = r.sampler.sample(logits, prompt, generated);
         let lp = logprobs.map(|(n, lsm)| token_logprob(&lsm, token, n));
         let now = Instant::now();
         match r.last_token {

@@ -118,10 +118,60 @@ impl Default for Metrics {
     }
 }
 
+/// Speculative decoding's counters at one moment ([`Metrics::spec_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpecCounts {
+    /// Proposals verified (a sequence's tokens in one step).
+    pub drafts: u64,
+    /// Tokens proposed and verified.
+    pub draft_tokens: u64,
+    /// Of those, accepted.
+    pub accepted_tokens: u64,
+}
+
+impl SpecCounts {
+    /// What was counted between `before` and `self`.
+    pub fn since(&self, before: &SpecCounts) -> SpecCounts {
+        SpecCounts {
+            drafts: self.drafts - before.drafts,
+            draft_tokens: self.draft_tokens - before.draft_tokens,
+            accepted_tokens: self.accepted_tokens - before.accepted_tokens,
+        }
+    }
+
+    /// Accepted over proposed tokens (0 with none proposed).
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.draft_tokens > 0 {
+            self.accepted_tokens as f64 / self.draft_tokens as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// Tokens committed per verifying step: the accepted ones and the one sampled after them
+    /// (0 with no step).
+    pub fn mean_accepted_length(&self) -> f64 {
+        if self.drafts > 0 {
+            1.0 + self.accepted_tokens as f64 / self.drafts as f64
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Labels of [`Metrics::finished`].
 pub const FINISH_LABELS: [&str; 4] = ["stop", "length", "abort", "error"];
 
 impl Metrics {
+    /// Speculative decoding's counters now.
+    pub fn spec_counts(&self) -> SpecCounts {
+        SpecCounts {
+            drafts: self.spec_drafts.load(Ordering::Relaxed),
+            draft_tokens: self.spec_draft_tokens.load(Ordering::Relaxed),
+            accepted_tokens: self.spec_accepted_tokens.load(Ordering::Relaxed),
+        }
+    }
+
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render_prometheus(&self) -> String {
         let mut s = String::new();

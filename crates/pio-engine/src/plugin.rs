@@ -306,8 +306,8 @@ impl ModelPlugin for EnginePlugin {
             generated_tokens: m.generation_tokens.load(Ordering::Relaxed),
             prefix_cache_hit_tokens: m.prefix_cache_hit_tokens.load(Ordering::Relaxed),
             preemptions: m.preemptions.load(Ordering::Relaxed),
-            spec_draft_tokens: m.spec_draft_tokens.load(Ordering::Relaxed),
-            spec_accepted_tokens: m.spec_accepted_tokens.load(Ordering::Relaxed),
+            spec_draft_tokens: m.spec_counts().draft_tokens,
+            spec_accepted_tokens: m.spec_counts().accepted_tokens,
             mean_time_to_first_token: m.time_to_first_token.mean(),
             mean_inter_token_latency: m.inter_token_latency.mean(),
         }

@@ -99,6 +99,12 @@ impl Sequence {
         self.token_ids.len() - self.num_prompt_tokens
     }
 
+    /// Whether it can take proposals: decoding (every token but its last computed), none yet,
+    /// not a streaming window.
+    pub fn takes_draft(&self) -> bool {
+        self.token_ids.len() == self.num_computed_tokens + 1 && self.num_draft == 0 && self.streaming.is_none()
+    }
+
     /// Drops the last `n` proposed tokens.
     fn drop_draft(&mut self, n: usize) {
         let n = n.min(self.num_draft);
@@ -349,13 +355,11 @@ impl Scheduler {
         }
     }
 
-    /// Gives a running sequence that is decoding (every token but its last computed, no
-    /// proposals yet, not a streaming window) proposed tokens to verify in the next step.
-    /// Returns whether it took them.
+    /// Gives a running sequence that [takes proposals](Sequence::takes_draft) tokens to verify
+    /// in the next step. Returns whether it took them.
     pub fn propose(&mut self, id: SeqId, draft: &[u32]) -> bool {
         let Some(seq) = self.seqs.get_mut(&id) else { return false };
-        let decoding = seq.token_ids.len() == seq.num_computed_tokens + 1 && seq.num_draft == 0;
-        if draft.is_empty() || !decoding || seq.streaming.is_some() || !self.running.contains(&id) {
+        if draft.is_empty() || !seq.takes_draft() || !self.running.contains(&id) {
             return false;
         }
         seq.token_ids.extend_from_slice(draft);

@@ -46,6 +46,16 @@ fn run_all(engine: &mut Engine<'_>, reqs: &[(Vec<u32>, RequestParams)]) -> Vec<V
     out
 }
 
+/// Each request's tokens, run alone without speculation.
+fn plain_each(model: &dyn pio_model::CausalLm, reqs: &[(Vec<u32>, RequestParams)]) -> Vec<Vec<u32>> {
+    reqs.iter()
+        .map(|r| {
+            let mut e = Engine::new(model, None, config(64, 1024, None)).expect("engine");
+            run_all(&mut e, std::slice::from_ref(r)).remove(0)
+        })
+        .collect()
+}
+
 fn requests() -> Vec<(Vec<u32>, RequestParams)> {
     (0..6)
         .map(|i| {
@@ -74,13 +84,7 @@ fn ngram_speculation_gives_the_tokens_of_plain_decoding() {
 fn check_family(name: &str, spec: Option<SpecConfig>) {
     let m = model_of(name);
     let reqs = requests();
-    let want: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| {
-            let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, None)).expect("engine");
-            run_all(&mut e, std::slice::from_ref(r)).remove(0)
-        })
-        .collect();
+    let want = plain_each(m.model.as_ref(), &reqs);
     // Each alone with speculation.
     let mut accepted = 0;
     for (r, w) in reqs.iter().zip(&want) {
@@ -122,13 +126,7 @@ fn partly_right_proposals_give_the_tokens_of_plain_decoding() {
         let reqs: Vec<(Vec<u32>, RequestParams)> = (0..3)
             .map(|i| (prompt(17 + 5 * i, i as u32), RequestParams { max_tokens: Some(30), ..Default::default() }))
             .collect();
-        let want: Vec<Vec<u32>> = reqs
-            .iter()
-            .map(|r| {
-                let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, None)).expect("engine");
-                run_all(&mut e, std::slice::from_ref(r)).remove(0)
-            })
-            .collect();
+        let want = plain_each(m.model.as_ref(), &reqs);
         let prompts: Vec<usize> = reqs.iter().map(|r| r.0.len()).collect();
         let oracle = want.clone();
         let mut calls = 0usize;
