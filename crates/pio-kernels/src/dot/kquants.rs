@@ -2675,10 +2675,7 @@ mod tests {
             for cols in [1024, 3072, 4864] {
                 let w: Vec<u8> =
                     (0..ROWS).flat_map(|_| quantized_row(dtype, &random_vec(&mut rng, cols, 1.0))).collect();
-                let tokens: Vec<usize> = std::env::var("PIO_BENCH_TOKENS")
-                    .ok()
-                    .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-                    .unwrap_or_else(|| vec![1, 8, 16, 64]);
+                let tokens = crate::dot::bench_tokens(&[1, 8, 16, 64]);
                 for &ntok in &tokens {
                     let act = quantize_q8_vec(&random_vec(&mut rng, cols * ntok, 1.0));
                     let mut out = vec![0f32; ROWS * ntok];

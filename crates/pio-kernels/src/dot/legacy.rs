@@ -1826,10 +1826,7 @@ mod tests {
                 if !only.is_empty() && !only.split(',').any(|f| f.eq_ignore_ascii_case(dtype.name())) {
                     continue;
                 }
-                let tokens: Vec<usize> = std::env::var("PIO_BENCH_TOKENS")
-                    .ok()
-                    .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
-                    .unwrap_or_else(|| vec![1, 64]);
+                let tokens = crate::dot::bench_tokens(&[1, 64]);
                 for &ntok in &tokens {
                     let (w, act) = random_tile(&mut rng, dtype, blocks, ROWS, ntok);
                     let rb = w.len() / ROWS;

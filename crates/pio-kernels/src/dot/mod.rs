@@ -370,6 +370,15 @@ pub(crate) fn gemm_q8_by_dots(
     }
 }
 
+/// Token counts a kernel benchmark runs: `PIO_BENCH_TOKENS` (comma-separated), else `default`.
+#[cfg(test)]
+pub(crate) fn bench_tokens(default: &[usize]) -> Vec<usize> {
+    std::env::var("PIO_BENCH_TOKENS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
