@@ -213,10 +213,15 @@ pub struct SamplingArgs {
 #[derive(Debug, Args, Clone)]
 pub struct SpecArgs {
     /// Speculative decoding: `ngram` (prompt lookup: the tokens that followed the latest earlier
-    /// occurrence of the last few tokens are proposed and verified in one forward). The output is
+    /// occurrence of the last few tokens are proposed and verified in one forward) or `draft`
+    /// (a smaller model with the same tokenizer, --draft-model, decodes ahead). The output is
     /// the same tokens as without it; proposals that keep failing are shortened down to none.
     #[arg(long, value_name = "METHOD")]
     pub spec: Option<pio_engine::spec::SpecMethod>,
+    /// The draft model of `--spec draft` (a GGUF file or a Hugging Face directory, loaded with
+    /// the target's options; its KV cache holds as many tokens as the target's).
+    #[arg(long, value_name = "PATH")]
+    pub draft_model: Option<std::path::PathBuf>,
     /// Most tokens proposed per sequence per step.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub spec_tokens: u16,
@@ -238,7 +243,29 @@ impl SpecArgs {
                 self.spec_ngram as usize,
                 self.spec_ngram_min as usize,
             ),
+            pio_engine::spec::SpecMethod::Draft => pio_engine::spec::SpecConfig::draft(self.spec_tokens as usize),
         })
+    }
+
+    /// The draft model `--spec draft` asks for, loaded like the target (`model`) and checked
+    /// against its tokenizer; `None` without `--spec draft`.
+    pub fn load_draft(
+        &self,
+        model: &ModelArgs,
+        target: &pio_model::LoadedModel,
+    ) -> anyhow::Result<Option<Box<dyn pio_model::CausalLm>>> {
+        use anyhow::Context;
+        let wants = self.spec == Some(pio_engine::spec::SpecMethod::Draft);
+        match (&self.draft_model, wants) {
+            (None, false) => Ok(None),
+            (None, true) => anyhow::bail!("--spec draft needs --draft-model PATH"),
+            (Some(_), false) => anyhow::bail!("--draft-model is used by --spec draft"),
+            (Some(path), true) => {
+                let draft = pio_engine::draft::load_draft(path, &model.load_options(), target.tokenizer.as_ref().ok())
+                    .with_context(|| format!("loading the draft model {}", path.display()))?;
+                Ok(Some(draft))
+            }
+        }
     }
 }
 
@@ -363,6 +390,10 @@ pub struct BenchArgs {
     /// tower, and the prefill of a prompt of its tokens before the --prompt-tokens ones.
     #[arg(long, value_name = "PATH")]
     pub image: Option<std::path::PathBuf>,
+    /// Temperature of the decode runs (seeded); 0 decodes greedily, as speculative decoding
+    /// is usually measured.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

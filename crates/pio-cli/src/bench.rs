@@ -41,7 +41,8 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     cfg.max_batch_tokens = a.prompt_tokens * a.batch;
     cfg.max_memory = a.model.max_memory;
     cfg.spec = a.spec.config();
-    let mut engine = Engine::new(loaded.model.as_ref(), None, cfg)?;
+    let draft = a.spec.load_draft(&a.model, &loaded)?;
+    let mut engine = Engine::with_draft(loaded.model.as_ref(), None, cfg, draft.as_deref())?;
     let one_token = RequestParams { max_tokens: Some(1), ignore_eos: true, ..Default::default() };
 
     // Prefill: `batch` prompts in one forward (which also samples each one's first token),
@@ -71,13 +72,13 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     };
 
     // Decode: one sequence, end-of-sequence ignored; best of `repeats`.
-    // Sampled at temperature 1 with a fixed seed rather than greedy: a random-weight model's
+    // Sampled at temperature 1 (`--temperature`) with a fixed seed rather than greedy: a random-weight model's
     // greedy continuation soon repeats one token, so a mixture would route every step to the
     // same experts (an expert cache would hit nearly always); sampled tokens vary from step to
     // step as llama-bench's random tokens do. The sampler's cost is in the figure, as it is
     // in any real decode.
     let params = GenerateParams {
-        sampling: SamplingParams { seed: Some(1), ..SamplingParams::default() },
+        sampling: SamplingParams { seed: Some(1), temperature: a.temperature, ..SamplingParams::default() },
         max_tokens: a.gen_tokens,
         stop_token_ids: Vec::new(),
         ignore_eos: true,
@@ -115,6 +116,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         spec.drafts += d.drafts;
         spec.draft_tokens += d.draft_tokens;
         spec.accepted_tokens += d.accepted_tokens;
+        spec.propose_us += d.propose_us;
         if let (Some(b), Some(e)) = (cache_before, loaded.model.expert_cache_stats()) {
             let d = e.since(&b);
             decode_cache = Some(match decode_cache {
@@ -209,12 +211,14 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         json!({
             "method": c.method.to_string(),
             "num_tokens": c.num_tokens,
-            "ngram_max": c.ngram_max,
+            "ngram_max": (c.method == pio_engine::spec::SpecMethod::Ngram).then_some(c.ngram_max),
+            "draft_model": a.spec.draft_model.as_ref().map(|p| p.display().to_string()),
             "drafts": spec.drafts,
             "draft_tokens": spec.draft_tokens,
             "accepted_tokens": spec.accepted_tokens,
             "acceptance_rate": spec.acceptance_rate(),
             "mean_accepted_length": spec.mean_accepted_length(),
+            "propose_s": spec.propose_us as f64 / 1e6,
         })
     });
     let v = json!({
@@ -281,13 +285,14 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         ))?;
         if let (Some(c), true) = (a.spec.config(), spec.drafts > 0) {
             out(&format!(
-                "  speculative decoding ({}, up to {} tokens): {} of {} proposed tokens accepted ({:.1}%), {:.2} tokens per verifying step\n",
+                "  speculative decoding ({}, up to {} tokens): {} of {} proposed tokens accepted ({:.1}%), {:.2} tokens per verifying step, proposing {:.2} ms per verifying step\n",
                 c.method,
                 c.num_tokens,
                 spec.accepted_tokens,
                 spec.draft_tokens,
                 100.0 * spec.acceptance_rate(),
                 spec.mean_accepted_length(),
+                spec.propose_us as f64 / 1e3 / spec.drafts as f64,
             ))?;
         }
         if let Some(tps) = batch_decode_tps {

@@ -314,7 +314,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     cfg.max_model_len = ctx;
     cfg.max_memory = a.model.max_memory;
     cfg.spec = a.spec.config();
-    let mut engine = Engine::new(loaded.model.as_ref(), tokenizer, cfg)?;
+    let draft = a.spec.load_draft(&a.model, &loaded)?;
+    let mut engine = Engine::with_draft(loaded.model.as_ref(), tokenizer, cfg, draft.as_deref())?;
     let mut write_err = None;
     let mut on_text = |s: &str| {
         if !a.json && write_err.is_none() {
@@ -381,7 +382,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         max_memory: a.model.max_memory,
         spec: a.spec.config(),
     };
-    let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), cfg)?;
+    let draft = a.spec.load_draft(&a.model, &loaded)?;
+    let mut engine = Engine::with_draft(loaded.model.as_ref(), Some(tok), cfg, draft.as_deref())?;
     let mut messages = Vec::new();
     if let Some(sys) = &a.system {
         messages.push(json!({"role": "system", "content": sys}));

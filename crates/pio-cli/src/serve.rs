@@ -88,6 +88,7 @@ fn available_ram() -> Option<usize> {
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let (loaded, _) = crate::commands::load_model(&a.model)?;
+    let draft: Option<Arc<dyn pio_model::CausalLm>> = a.spec.load_draft(&a.model, &loaded)?.map(Arc::from);
     let dtype = crate::commands::kv_cache_type(&a.model, &loaded)?;
     let tokenizer = Arc::new(loaded.tokenizer()?.clone());
     let model: Arc<dyn pio_model::CausalLm> = Arc::from(loaded.model);
@@ -118,7 +119,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         bail!("--max-num-seqs and --max-batch-tokens must be at least 1");
     }
     let model_ref = model.clone();
-    let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, a.max_queued_requests)?;
+    let engine = EngineHandle::spawn_with_draft(model, Some(tokenizer.clone()), cfg, a.max_queued_requests, draft)?;
     let model_name = a.served_model_name.clone().unwrap_or_else(|| {
         let p = &a.model.model;
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());

@@ -570,3 +570,50 @@ fn chat_attaches_images_with_a_command() {
     assert!(cached.len() == 2 && cached[1] >= 64, "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--spec draft --draft-model`: transformers' greedy tokens with a draft of another family and
+/// with the model drafting for itself (every proposal accepted); `bench` reports acceptance;
+/// a missing or unusable draft exits 1 saying why.
+#[test]
+fn generate_and_bench_with_a_draft_model() {
+    let bytes = reference("qwen3");
+    let r = SafeTensors::deserialize(&bytes).expect("reference");
+    let want = ids_of(&r, "greedy_ids");
+    let model = fixture("qwen3");
+    let m = model.to_str().expect("path");
+    let run = |extra: &[&str]| {
+        let n = want.len().to_string();
+        let args = ["generate", "--model", m, "--prompt-ids", &csv(&ids_of(&r, "input_ids")), "--temperature", "0"];
+        let o = pio(&[&args[..], &["--max-tokens", &n, "--ignore-eos", "--json"], extra].concat(), None);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str::<Value>(&stdout(&o)).expect("one JSON object")
+    };
+    for (draft, all_accepted) in [(fixture("llama"), false), (model.clone(), true)] {
+        let v = run(&["--spec", "draft", "--spec-tokens", "4", "--draft-model", draft.to_str().expect("path")]);
+        let got: Vec<u32> =
+            v["token_ids"].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
+        assert_eq!(got, want, "drafted by {}", draft.display());
+        assert_eq!(v["spec"]["method"], "draft");
+        let (drafted, accepted) = (&v["spec"]["draft_tokens"], &v["spec"]["accepted_tokens"]);
+        assert!(drafted.as_u64().is_some_and(|d| d > 0), "{v}");
+        if all_accepted {
+            assert_eq!(drafted, accepted, "{v}");
+        }
+    }
+    let args = ["bench", "--model", m, "--prompt-tokens", "8", "--gen-tokens", "16", "--repeats", "1", "--json"];
+    let o = pio(&[&args[..], &["--temperature", "0", "--spec", "draft", "--draft-model", m]].concat(), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(v["spec"]["method"], "draft");
+    assert_eq!(v["spec"]["acceptance_rate"].as_f64(), Some(1.0), "{v}");
+    let fails = |extra: &[&str], what: &str| {
+        let o = pio(&[&["generate", "--model", m, "--prompt-ids", "1,2,3", "--json"][..], extra].concat(), None);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(what), "{}", stderr(&o));
+    };
+    fails(&["--spec", "draft"], "--spec draft needs --draft-model PATH");
+    fails(&["--draft-model", m], "--draft-model is used by --spec draft");
+    let next = fixture("qwen3_next");
+    fails(&["--spec", "draft", "--draft-model", next.to_str().expect("path")], "recurrent state");
+    fails(&["--spec", "draft", "--draft-model", "/nonexistent/draft.gguf"], "loading the draft model");
+}

@@ -23,7 +23,7 @@ use crate::runner::{forward, SeqSlice};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::StateCopy;
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
-use crate::spec::{Adaptive, SpecConfig};
+use crate::spec::{Adaptive, ProposalRequest, Propose, SpecConfig, SpecMethod};
 use crate::stop::StopStrings;
 use crate::vision::VisionInputs;
 use crate::{EngineError, Result};
@@ -360,9 +360,9 @@ pub struct Engine<'m> {
     proposer: Option<Proposer<'m>>,
 }
 
-/// A speculative proposer: given a sequence's id, its tokens (prompt and output so far) and the
-/// most tokens wanted, the tokens it proposes to follow.
-pub type Proposer<'m> = Box<dyn FnMut(SeqId, &[u32], usize) -> Vec<u32> + Send + 'm>;
+/// A speculative proposer ([`crate::spec::Propose`]; a closure of (sequence id, its tokens, the
+/// most tokens wanted) is one).
+pub type Proposer<'m> = Box<dyn Propose + 'm>;
 
 /// [`Engine::set_encode_slice`]'s default: a tower block of a 1024 x 1024 image is ~1.7 s on
 /// 2 cores and the whole tower 24 of them, so other streams see a pause of at most a block per
@@ -370,7 +370,34 @@ pub type Proposer<'m> = Box<dyn FnMut(SeqId, &[u32], usize) -> Vec<u32> + Send +
 const ENCODE_SLICE: Duration = Duration::from_millis(100);
 
 impl<'m> Engine<'m> {
+    /// An engine for `model`. Speculation by a draft model (`cfg.spec` of
+    /// [`SpecMethod::Draft`]) takes [`with_draft`](Self::with_draft) instead.
     pub fn new(model: &'m dyn CausalLm, tokenizer: Option<&'m Tokenizer>, cfg: EngineConfig) -> Result<Engine<'m>> {
+        Self::with_draft(model, tokenizer, cfg, None)
+    }
+
+    /// An engine for `model` whose speculative proposals come from `draft` (a smaller model
+    /// with the same vocabulary, with its own KV cache of as many tokens as the target's),
+    /// which `cfg.spec` must ask for ([`SpecMethod::Draft`]); `None` as [`new`](Self::new).
+    pub fn with_draft(
+        model: &'m dyn CausalLm,
+        tokenizer: Option<&'m Tokenizer>,
+        cfg: EngineConfig,
+        draft: Option<&'m dyn CausalLm>,
+    ) -> Result<Engine<'m>> {
+        let wants_draft = cfg.spec.is_some_and(|s| s.method == SpecMethod::Draft);
+        let proposer: Option<Proposer<'m>> = match (draft, wants_draft) {
+            (Some(d), true) => Some(Box::new(crate::draft::DraftModel::new(d, model, &cfg)?)),
+            (None, false) => None,
+            (None, true) => {
+                return Err(EngineError::Invalid("speculation by a draft model needs the draft model".into()))
+            }
+            (Some(_), false) => {
+                return Err(EngineError::Invalid(
+                    "a draft model was given, but speculation is not set to use one (method draft)".into(),
+                ))
+            }
+        };
         model.check_kv_cache_type(cfg.kv_cache_type).map_err(EngineError::Invalid)?;
         if cfg.block_size == 0 || cfg.num_blocks == 0 || cfg.max_num_seqs == 0 || cfg.max_batch_tokens == 0 {
             return Err(EngineError::Invalid(format!("engine sizes must be positive: {cfg:?}")));
@@ -427,7 +454,7 @@ impl<'m> Engine<'m> {
             image_features: Default::default(),
             encoding: Default::default(),
             encode_slice: ENCODE_SLICE,
-            proposer: None,
+            proposer,
         })
     }
 
@@ -449,9 +476,9 @@ impl<'m> Engine<'m> {
         self.sched.has_work() || !self.encoding.is_empty()
     }
 
-    /// Replaces the n-gram lookup of speculative decoding (`EngineConfig::spec`, which still
-    /// sets the most tokens per proposal and turns it on) with another proposer; `None` goes
-    /// back to the lookup.
+    /// Replaces the proposer of speculative decoding (the n-gram lookup, or the draft model;
+    /// `EngineConfig::spec` still sets the most tokens per proposal and turns it on) with
+    /// another; `None` goes back to the n-gram lookup.
     pub fn set_proposer(&mut self, proposer: Option<Proposer<'m>>) {
         self.proposer = proposer;
     }
@@ -634,7 +661,7 @@ impl<'m> Engine<'m> {
     /// sequence that reached its end this step (decoding, or the last chunk of its prompt).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         self.advance_encoding(true)?;
-        self.propose();
+        self.propose()?;
         let plan = self.sched.schedule();
         self.metrics.preemptions.fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
         self.metrics.prefix_cache_hit_tokens.fetch_add(plan.prefix_hit_tokens as u64, Ordering::Relaxed);
@@ -789,12 +816,13 @@ impl<'m> Engine<'m> {
     /// model with recurrent state has its state saved before the step and put back when a
     /// proposal fails; the accepted tokens then run again in the next step (recomputing from the
     /// last committed token rather than keeping a state per proposed position).
-    fn propose(&mut self) {
-        let Some(cfg) = self.limits.cfg.spec else { return };
+    fn propose(&mut self) -> Result<()> {
+        let Some(cfg) = self.limits.cfg.spec else { return Ok(()) };
         if cfg.num_tokens == 0 {
-            return;
+            return Ok(());
         }
         let max_len = self.limits.cfg.max_model_len;
+        let mut wants = Vec::new();
         for (&id, r) in self.reqs.iter_mut() {
             let Some(seq) = self.sched.get(id).filter(|q| q.takes_draft()) else { continue };
             // Room: the request's remaining tokens less the one the step samples anyway, and
@@ -802,16 +830,30 @@ impl<'m> Engine<'m> {
             let left = r.max_tokens.saturating_sub(seq.num_generated() + 1);
             let room = max_len.saturating_sub(seq.token_ids.len() + 1);
             let k = r.spec.take_len().min(left).min(room);
-            if k == 0 {
-                continue;
+            if k > 0 {
+                wants.push(ProposalRequest { id, tokens: &seq.token_ids, max: k });
             }
-            let mut draft = match self.proposer.as_mut() {
-                Some(p) => p(id, &seq.token_ids, k),
-                None => crate::spec::ngram_propose(&seq.token_ids, cfg.ngram_max, cfg.ngram_min, k),
-            };
+        }
+        if wants.is_empty() {
+            return Ok(());
+        }
+        // In id order, so a batched proposer sees the same batch whatever the map's order.
+        wants.sort_by_key(|w| w.id);
+        let start = Instant::now();
+        let drafts = match self.proposer.as_mut() {
+            Some(p) => p.propose(&wants)?,
+            None => wants
+                .iter()
+                .map(|w| crate::spec::ngram_propose(w.tokens, cfg.ngram_max, cfg.ngram_min, w.max))
+                .collect(),
+        };
+        self.metrics.spec_propose_us.fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let chosen: Vec<(SeqId, usize)> = wants.iter().map(|w| (w.id, w.max)).collect();
+        for ((id, k), mut draft) in chosen.into_iter().zip(drafts) {
             draft.truncate(k);
             self.sched.propose(id, &draft);
         }
+        Ok(())
     }
 
     /// Samples the rows of a step that verified proposals: position by position, as decoding
@@ -954,6 +996,9 @@ impl<'m> Engine<'m> {
         self.metrics.finished[label].fetch_add(1, Ordering::Relaxed);
         self.metrics.request_duration.observe(r.arrival.elapsed());
         self.encoding.retain(|(e, _, _)| *e != id);
+        if let Some(p) = self.proposer.as_mut() {
+            p.release(id);
+        }
         let seq = self.sched.remove(id);
         self.publish_gauges();
         seq

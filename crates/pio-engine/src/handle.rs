@@ -58,6 +58,18 @@ impl EngineHandle {
         cfg: EngineConfig,
         max_queued: usize,
     ) -> Result<EngineHandle> {
+        Self::spawn_with_draft(model, tokenizer, cfg, max_queued, None)
+    }
+
+    /// As [`spawn`](Self::spawn), with a draft model for speculative decoding
+    /// ([`Engine::with_draft`]).
+    pub fn spawn_with_draft(
+        model: Arc<dyn CausalLm>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+        max_queued: usize,
+        draft: Option<Arc<dyn CausalLm>>,
+    ) -> Result<EngineHandle> {
         let limits = RequestLimits::new(cfg, model.as_ref(), tokenizer.is_some());
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel();
@@ -67,7 +79,7 @@ impl EngineHandle {
         let pool = pio_kernels::parallel::ThreadPool::current();
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
-            .spawn(move || pool.install(|| engine_thread(model, tokenizer, cfg, m, rx, ready_tx)))
+            .spawn(move || pool.install(|| engine_thread(model, draft, tokenizer, cfg, m, rx, ready_tx)))
             .map_err(|e| EngineError::Invalid(format!("starting the engine thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -183,13 +195,14 @@ impl Drop for RequestStream {
 
 fn engine_thread(
     model: Arc<dyn CausalLm>,
+    draft: Option<Arc<dyn CausalLm>>,
     tokenizer: Option<Arc<Tokenizer>>,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<()>>,
 ) {
-    let mut engine = match Engine::new(model.as_ref(), tokenizer.as_deref(), cfg) {
+    let mut engine = match Engine::with_draft(model.as_ref(), tokenizer.as_deref(), cfg, draft.as_deref()) {
         Ok(e) => e,
         Err(e) => {
             let _ = ready.send(Err(e));

@@ -20,6 +20,7 @@
 //!   `llama-perplexity`.
 //! - [`metrics`] counts what the engine did, for the server's `/metrics`.
 pub mod block_pool;
+pub mod draft;
 pub mod engine;
 pub mod generate;
 pub mod handle;

@@ -88,6 +88,9 @@ pub struct Metrics {
     pub spec_accepted_tokens: AtomicU64,
     /// Speculative decoding: proposals verified (one per sequence per step that carried any).
     pub spec_drafts: AtomicU64,
+    /// Speculative decoding: microseconds spent proposing (a draft model's forwards, the n-gram
+    /// lookup).
+    pub spec_propose_us: AtomicU64,
     /// Requests finished, by reason: stop, length, abort, error.
     pub finished: [AtomicU64; 4],
     pub time_to_first_token: Histogram,
@@ -110,6 +113,7 @@ impl Default for Metrics {
             spec_draft_tokens: AtomicU64::new(0),
             spec_accepted_tokens: AtomicU64::new(0),
             spec_drafts: AtomicU64::new(0),
+            spec_propose_us: AtomicU64::new(0),
             finished: Default::default(),
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             inter_token_latency: Histogram::new(ITL_BUCKETS),
@@ -127,6 +131,8 @@ pub struct SpecCounts {
     pub draft_tokens: u64,
     /// Of those, accepted.
     pub accepted_tokens: u64,
+    /// Microseconds spent proposing.
+    pub propose_us: u64,
 }
 
 impl SpecCounts {
@@ -136,6 +142,7 @@ impl SpecCounts {
             drafts: self.drafts - before.drafts,
             draft_tokens: self.draft_tokens - before.draft_tokens,
             accepted_tokens: self.accepted_tokens - before.accepted_tokens,
+            propose_us: self.propose_us - before.propose_us,
         }
     }
 
@@ -169,6 +176,7 @@ impl Metrics {
             drafts: self.spec_drafts.load(Ordering::Relaxed),
             draft_tokens: self.spec_draft_tokens.load(Ordering::Relaxed),
             accepted_tokens: self.spec_accepted_tokens.load(Ordering::Relaxed),
+            propose_us: self.spec_propose_us.load(Ordering::Relaxed),
         }
     }
 
@@ -220,6 +228,13 @@ impl Metrics {
             "pio_spec_decode_num_accepted_tokens_total",
             "Speculative tokens accepted.",
             lq(&self.spec_accepted_tokens),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP pio_spec_decode_propose_seconds_total Time spent proposing speculative tokens (a draft model's \
+             forwards, the n-gram lookup).\n# TYPE pio_spec_decode_propose_seconds_total counter\n\
+             pio_spec_decode_propose_seconds_total {}",
+            lq(&self.spec_propose_us) as f64 / 1e6
         );
         let _ = writeln!(
             s,

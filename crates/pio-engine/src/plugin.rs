@@ -88,6 +88,9 @@ pub struct PluginOptions {
     pub threads: Option<usize>,
     /// Speculative decoding ([`crate::spec`]); `None`: off.
     pub spec: Option<crate::spec::SpecConfig>,
+    /// The draft model of speculation by a draft ([`crate::spec::SpecMethod::Draft`]): a
+    /// smaller model with the same tokenizer, loaded with the same options.
+    pub draft_model: Option<std::path::PathBuf>,
 }
 
 impl Default for PluginOptions {
@@ -100,6 +103,7 @@ impl Default for PluginOptions {
             max_num_seqs: 16,
             threads: None,
             spec: None,
+            draft_model: None,
         }
     }
 }
@@ -158,7 +162,11 @@ impl EnginePlugin {
             cfg.spec = options.spec;
             let kv_cache_bytes = per_token * cfg.block_size * cfg.num_blocks;
             let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));
-            let engine = EngineHandle::spawn(model, Some(tokenizer.clone()), cfg, usize::MAX)?;
+            let draft = match &options.draft_model {
+                Some(p) => Some(Arc::from(crate::draft::load_draft(p, &options.load, Some(&tokenizer))?)),
+                None => None,
+            };
+            let engine = EngineHandle::spawn_with_draft(model, Some(tokenizer.clone()), cfg, usize::MAX, draft)?;
             Ok(EnginePlugin {
                 engine,
                 tokenizer,

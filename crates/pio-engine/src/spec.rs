@@ -17,18 +17,24 @@
 //! guarantee (batch invariance).
 //!
 //! Proposers: [`ngram_propose`] (prompt lookup: the continuation of the latest earlier
-//! occurrence of the sequence's last `n` tokens). [`Adaptive`] shrinks a sequence's proposal
+//! occurrence of the sequence's last `n` tokens), a draft model ([`crate::draft::DraftModel`]),
+//! or anything else that implements [`Propose`]. [`Adaptive`] shrinks a sequence's proposal
 //! length while proposals are rejected, down to none for a while, so speculation costs little
 //! where it does not hit.
 
 use std::fmt;
 use std::str::FromStr;
 
+use crate::kv_cache::SeqId;
+use crate::Result;
+
 /// What proposes tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpecMethod {
     /// Prompt lookup: match the last tokens against the prompt and the output so far.
     Ngram,
+    /// A smaller model with the same vocabulary, decoding greedily ahead of the target.
+    Draft,
 }
 
 impl FromStr for SpecMethod {
@@ -37,8 +43,9 @@ impl FromStr for SpecMethod {
     fn from_str(s: &str) -> std::result::Result<SpecMethod, String> {
         match s {
             "ngram" => Ok(SpecMethod::Ngram),
-            "draft" | "mtp" => Err(format!("speculation method {s:?} is not implemented yet (available: ngram)")),
-            _ => Err(format!("unknown speculation method {s:?} (available: ngram)")),
+            "draft" | "draft_model" => Ok(SpecMethod::Draft),
+            "mtp" => Err(format!("speculation method {s:?} is not implemented yet (available: ngram, draft)")),
+            _ => Err(format!("unknown speculation method {s:?} (available: ngram, draft)")),
         }
     }
 }
@@ -47,6 +54,7 @@ impl fmt::Display for SpecMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SpecMethod::Ngram => "ngram",
+            SpecMethod::Draft => "draft",
         })
     }
 }
@@ -68,6 +76,38 @@ impl SpecConfig {
     pub fn ngram(num_tokens: usize, ngram_max: usize, ngram_min: usize) -> SpecConfig {
         let ngram_min = ngram_min.max(1);
         SpecConfig { method: SpecMethod::Ngram, num_tokens, ngram_max: ngram_max.max(ngram_min), ngram_min }
+    }
+
+    /// A draft model proposing up to `num_tokens` tokens (the engine is built with
+    /// [`crate::engine::Engine::with_draft`]).
+    pub fn draft(num_tokens: usize) -> SpecConfig {
+        SpecConfig { method: SpecMethod::Draft, num_tokens, ngram_max: 0, ngram_min: 0 }
+    }
+}
+
+/// One sequence asking for proposals.
+#[derive(Debug, Clone, Copy)]
+pub struct ProposalRequest<'a> {
+    pub id: SeqId,
+    /// Its tokens: prompt and output so far.
+    pub tokens: &'a [u32],
+    /// The most tokens wanted.
+    pub max: usize,
+}
+
+/// What proposes tokens for speculative decoding, for all sequences of a step at once.
+pub trait Propose: Send {
+    /// Up to `max` tokens to follow each request's tokens (fewer, or none, are fine).
+    fn propose(&mut self, reqs: &[ProposalRequest<'_>]) -> Result<Vec<Vec<u32>>>;
+
+    /// The sequence `id` is gone: drop what is kept for it.
+    fn release(&mut self, _id: SeqId) {}
+}
+
+/// A function of (sequence id, tokens, most wanted) proposes for one sequence at a time.
+impl<F: FnMut(SeqId, &[u32], usize) -> Vec<u32> + Send> Propose for F {
+    fn propose(&mut self, reqs: &[ProposalRequest<'_>]) -> Result<Vec<Vec<u32>>> {
+        Ok(reqs.iter().map(|r| self(r.id, r.tokens, r.max)).collect())
     }
 }
 
@@ -207,7 +247,8 @@ mod tests {
     #[test]
     fn methods_parse() {
         assert_eq!("ngram".parse::<SpecMethod>(), Ok(SpecMethod::Ngram));
-        assert!("draft".parse::<SpecMethod>().unwrap_err().contains("not implemented"));
+        assert_eq!("draft".parse::<SpecMethod>(), Ok(SpecMethod::Draft));
+        assert!("mtp".parse::<SpecMethod>().unwrap_err().contains("not implemented"));
         assert!("foo".parse::<SpecMethod>().is_err());
     }
 }

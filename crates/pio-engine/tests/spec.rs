@@ -1,6 +1,6 @@
-//! Speculative decoding (n-gram proposals) on the tiny random-weight models: the tokens are
-//! exactly those of decoding without it — greedy or seeded sampling, alone or batched, with
-//! chunked prompts and preemption — and proposals are verified and accepted.
+//! Speculative decoding (n-gram proposals and draft models) on the tiny random-weight models:
+//! the tokens are exactly those of decoding without it — greedy or seeded sampling, alone or
+//! batched, with chunked prompts and preemption — and proposals are verified and accepted.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use pio_engine::engine::{Engine, EngineConfig, RequestParams};
 use pio_engine::sampler::SamplingParams;
 use pio_engine::spec::SpecConfig;
-use pio_model::LoadedModel;
+use pio_model::{CausalLm, LoadedModel};
 
 fn model_of(name: &str) -> LoadedModel {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(name);
@@ -83,19 +83,25 @@ fn ngram_speculation_gives_the_tokens_of_plain_decoding() {
 
 fn check_family(name: &str, spec: Option<SpecConfig>) {
     let m = model_of(name);
+    check_model(name, m.model.as_ref(), None, spec);
+}
+
+/// `model` with speculation (by `draft` where given) gives plain decoding's tokens.
+fn check_model(name: &str, model: &dyn CausalLm, draft: Option<&dyn CausalLm>, spec: Option<SpecConfig>) {
+    let engine = |cfg: EngineConfig| Engine::with_draft(model, None, cfg, draft).expect("engine");
     let reqs = requests();
-    let want = plain_each(m.model.as_ref(), &reqs);
+    let want = plain_each(model, &reqs);
     // Each alone with speculation.
     let mut accepted = 0;
     for (r, w) in reqs.iter().zip(&want) {
-        let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, spec)).expect("engine");
+        let mut e = engine(config(64, 1024, spec));
         assert_eq!(&run_all(&mut e, std::slice::from_ref(r)).remove(0), w, "{name}: alone");
         accepted += e.metrics().spec_accepted_tokens.load(Ordering::Relaxed);
     }
     // Batched, with a budget that chunks prompts and cuts proposals, and with a cache so
     // small that sequences are preempted.
     for (blocks, budget) in [(64, 1024), (64, 9), (10, 64)] {
-        let mut e = Engine::new(m.model.as_ref(), None, config(blocks, budget, spec)).expect("engine");
+        let mut e = engine(config(blocks, budget, spec));
         assert_eq!(run_all(&mut e, &reqs), want, "{name}: batched, {blocks} blocks, budget {budget}");
         assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0, "{name}: blocks left in use");
         let gen: usize = want.iter().map(Vec::len).sum();
@@ -105,13 +111,16 @@ fn check_family(name: &str, spec: Option<SpecConfig>) {
         }
     }
     let drafted = {
-        let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, spec)).expect("engine");
+        let mut e = engine(config(64, 1024, spec));
         run_all(&mut e, &reqs);
         e.metrics().spec_draft_tokens.load(Ordering::Relaxed)
     };
-    // The random Qwen3-Next does not repeat itself, so its n-gram proposals (few) fail:
-    // acceptance with recurrent state is checked with proposals that are partly right (below).
-    if name != "qwen3_next" {
+    // The random Qwen3-Next does not repeat itself, so its n-gram proposals (few) fail, and a
+    // random draft of another family proposes nothing the target samples: acceptance with
+    // recurrent state is checked with proposals that are partly right (below), and the draft's
+    // rollback with a model drafting for itself.
+    let random_draft = draft.is_some_and(|d| !std::ptr::addr_eq(d, model));
+    if !name.starts_with("qwen3_next") && !random_draft {
         assert!(drafted > 0 && accepted > 0, "{name}: {drafted} proposed, {accepted} accepted alone");
     }
 }
@@ -134,7 +143,7 @@ fn partly_right_proposals_give_the_tokens_of_plain_decoding() {
         let mut e = Engine::new(m.model.as_ref(), None, config(64, 1024, spec)).expect("engine");
         // Request i has id i: the continuation plain decoding gives, its last token wrong every
         // other time.
-        e.set_proposer(Some(Box::new(move |id, tokens, k| {
+        e.set_proposer(Some(Box::new(move |id: u64, tokens: &[u32], k: usize| {
             let (i, generated) = (id as usize, tokens.len() - prompts[id as usize]);
             let mut draft: Vec<u32> = oracle[i].iter().skip(generated).take(k).copied().collect();
             calls += 1;
@@ -151,4 +160,112 @@ fn partly_right_proposals_give_the_tokens_of_plain_decoding() {
         assert!(accepted > 0 && accepted < drafted, "{name}: {accepted} of {drafted} accepted");
         assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
     }
+}
+
+/// A draft model proposing for every family (targets with recurrent state, MoE, MLA and
+/// vision included): plain decoding's tokens, alone and batched, with chunked prompts and
+/// preemption; the draft's cache rolls back what the target rejected.
+#[test]
+fn draft_model_speculation_gives_the_tokens_of_plain_decoding() {
+    // Tiny random models of different families sharing the fixtures' 512-token vocabulary.
+    let drafts = [("qwen3", "qwen2"), ("qwen3_moe", "qwen3"), ("glm4_moe_lite", "llama"), ("qwen3_next", "qwen3")];
+    for (target, draft) in drafts {
+        let (t, d) = (model_of(target), model_of(draft));
+        for spec in [SpecConfig::draft(4), SpecConfig::draft(1)] {
+            check_model(&format!("{target} drafted by {draft}"), t.model.as_ref(), Some(d.model.as_ref()), Some(spec));
+        }
+    }
+    // Drafting for itself: greedy proposals, accepted by the greedy requests and in part by the
+    // sampled ones, so the draft's cache is rolled back after partial acceptance.
+    let q = model_of("qwen3");
+    check_model("qwen3 drafted by itself", q.model.as_ref(), Some(q.model.as_ref()), Some(SpecConfig::draft(4)));
+}
+
+/// A model drafting for itself proposes exactly what greedy decoding then samples, so every
+/// greedy proposal is accepted, and the accepted ones are what the step commits.
+#[test]
+fn a_model_drafting_for_itself_has_its_greedy_proposals_all_accepted() {
+    for name in ["qwen3", "qwen2", "qwen3_vl"] {
+        let m = model_of(name);
+        let reqs: Vec<(Vec<u32>, RequestParams)> = (0..4)
+            .map(|i| (prompt(15 + 9 * i, i as u32), RequestParams { max_tokens: Some(33), ..Default::default() }))
+            .collect();
+        let want = plain_each(m.model.as_ref(), &reqs);
+        // Budget 20 runs the prompts in chunks, so proposals start while others prefill.
+        for budget in [1024, 20] {
+            let mut e = Engine::with_draft(
+                m.model.as_ref(),
+                None,
+                config(64, budget, Some(SpecConfig::draft(5))),
+                Some(m.model.as_ref()),
+            )
+            .expect("engine");
+            assert_eq!(run_all(&mut e, &reqs), want, "{name}");
+            let drafted = e.metrics().spec_draft_tokens.load(Ordering::Relaxed);
+            let accepted = e.metrics().spec_accepted_tokens.load(Ordering::Relaxed);
+            assert!(drafted > 0 && accepted == drafted, "{name}: {accepted} of {drafted} accepted");
+            // Each verifying step commits its accepted tokens and one more.
+            let steps = e.metrics().spec_drafts.load(Ordering::Relaxed);
+            let generated = e.metrics().generation_tokens.load(Ordering::Relaxed);
+            assert!(generated >= steps + accepted, "{name}: {generated} tokens from {steps} steps");
+            assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
+        }
+    }
+}
+
+#[test]
+fn draft_models_that_cannot_draft_are_refused() {
+    let (q, next) = (model_of("qwen3"), model_of("qwen3_next"));
+    let spec = Some(SpecConfig::draft(4));
+    let err = |r: pio_engine::Result<Engine<'_>>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(Engine::with_draft(q.model.as_ref(), None, config(64, 64, spec), Some(next.model.as_ref())))
+        .contains("recurrent state"));
+    assert!(err(Engine::new(q.model.as_ref(), None, config(64, 64, spec))).contains("needs the draft model"));
+    let ngram = Some(SpecConfig::ngram(4, 3, 1));
+    assert!(err(Engine::with_draft(q.model.as_ref(), None, config(64, 64, ngram), Some(q.model.as_ref())))
+        .contains("not set to use one"));
+}
+
+/// The draft's cache after proposals the target rejected: the next proposals are those of a
+/// fresh draft (the rejected positions are recomputed), alone or beside another sequence, with
+/// prompts run in chunks.
+#[test]
+fn a_draft_rolls_back_what_the_target_rejected() {
+    use pio_engine::draft::DraftModel;
+    use pio_engine::spec::{ProposalRequest, Propose};
+    let m = model_of("qwen3");
+    let model = m.model.as_ref();
+    let cfg = config(64, 16, Some(SpecConfig::draft(4)));
+    fn req(id: u64, tokens: &[u32], max: usize) -> ProposalRequest<'_> {
+        ProposalRequest { id, tokens, max }
+    }
+    let (p, other) = (prompt(40, 1), prompt(23, 2));
+    let mut draft = DraftModel::new(model, model, &cfg).expect("draft");
+    let first = draft.propose(&[req(0, &p, 4)]).expect("propose").remove(0);
+    assert_eq!(first.len(), 4);
+    // The target kept the first proposal and sampled something else for the second.
+    let mut next = p.clone();
+    next.extend([first[0], (first[1] + 1) % 512]);
+    let got = draft.propose(&[req(0, &next, 4), req(1, &other, 3)]).expect("propose");
+    let fresh = |tokens: &[u32], max| {
+        let mut d = DraftModel::new(model, model, &cfg).expect("draft");
+        d.propose(&[req(7, tokens, max)]).expect("propose").remove(0)
+    };
+    assert_eq!(got, vec![fresh(&next, 4), fresh(&other, 3)]);
+    // Everything accepted and one more token: the draft catches up from its proposals.
+    let mut after = next.clone();
+    after.extend(&got[0]);
+    after.push(9);
+    assert_eq!(draft.propose(&[req(0, &after, 2)]).expect("propose"), vec![fresh(&after, 2)]);
+    // Tokens that differ further back than the last one (another history under the same id).
+    let mut edited = after.clone();
+    let n = edited.len();
+    for t in &mut edited[..n - 2] {
+        *t = (*t * 7 + 3) % 512;
+    }
+    assert_ne!(fresh(&edited, 3), fresh(&after, 3), "the edit should change the proposals");
+    assert_eq!(draft.propose(&[req(0, &edited, 3)]).expect("propose"), vec![fresh(&edited, 3)]);
+    // A released sequence starts over.
+    draft.release(0);
+    assert_eq!(draft.propose(&[req(0, &p, 4)]).expect("propose"), vec![first]);
 }

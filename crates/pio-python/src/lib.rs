@@ -251,7 +251,7 @@ impl Engine {
     #[pyo3(signature = (path, *, quant=None, threads=None, kv_cache_bytes=None, cache_type_k=None,
         cache_type_v=None, max_model_len=None, max_num_seqs=16, mmproj=None, repack=true,
         bf16_activations=true, max_memory=None, spec_method=None, spec_tokens=8, spec_ngram=5,
-        spec_ngram_min=3))]
+        spec_ngram_min=3, spec_draft_model=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -271,6 +271,7 @@ impl Engine {
         spec_tokens: usize,
         spec_ngram: usize,
         spec_ngram_min: usize,
+        spec_draft_model: Option<PathBuf>,
     ) -> PyResult<Engine> {
         let quant = match quant {
             None => None,
@@ -291,7 +292,32 @@ impl Engine {
                     }
                     Some(SpecConfig::ngram(spec_tokens, spec_ngram, spec_ngram_min))
                 }
+                SpecMethod::Draft => {
+                    if spec_tokens == 0 || spec_tokens > 64 {
+                        return Err(PyValueError::new_err(format!(
+                            "speculative decoding: need 1 <= num_speculative_tokens <= 64 (got {spec_tokens})"
+                        )));
+                    }
+                    Some(SpecConfig::draft(spec_tokens))
+                }
             },
+        };
+        let draft_model = match (spec.map(|s| s.method), spec_draft_model) {
+            (Some(SpecMethod::Draft), Some(p)) => {
+                if !p.exists() {
+                    return Err(InferencePIOError::new_err(format!("{}: no such file or directory", p.display())));
+                }
+                Some(p)
+            }
+            (Some(SpecMethod::Draft), None) => {
+                return Err(PyValueError::new_err("speculative_config: a draft model needs its 'model' path"))
+            }
+            (_, Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "speculative_config: a 'model' is a draft model (method draft_model)",
+                ))
+            }
+            (_, None) => None,
         };
         let options = PluginOptions {
             load: LoadOptions { quant, repack, bf16_activations, max_memory, mmproj, ..Default::default() },
@@ -301,6 +327,7 @@ impl Engine {
             max_num_seqs,
             threads,
             spec,
+            draft_model,
         };
         if !path.exists() {
             return Err(InferencePIOError::new_err(format!("{}: no such file or directory", path.display())));

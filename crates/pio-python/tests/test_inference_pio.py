@@ -246,3 +246,24 @@ def test_speculative_decoding_gives_the_same_tokens(llm):
         ip.LLM(MODEL, speculative_config={"method": "ngram", "k": 3}, **OPTS)
     with pytest.raises(ValueError, match="speculation method"):
         ip.LLM(MODEL, speculative_config={"method": "eagle"}, **OPTS)
+
+
+def test_a_draft_model_gives_the_same_tokens(llm):
+    # The model drafting for itself (vLLM's form: a draft "model" path): every greedy proposal
+    # is accepted, and the tokens are plain decoding's.
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    params = ip.SamplingParams(temperature=0, max_tokens=40)
+    plain = llm.chat(messages, params)[0].outputs[0].token_ids
+    assert len(plain) > 8
+    spec = ip.LLM(MODEL, speculative_config={"model": MODEL, "num_speculative_tokens": 4}, **OPTS)
+    try:
+        assert spec.chat(messages, params)[0].outputs[0].token_ids == plain
+        r = spec.report()
+        assert r["spec_decode_num_draft_tokens"] > 0
+        assert r["spec_decode_num_accepted_tokens"] == r["spec_decode_num_draft_tokens"]
+    finally:
+        spec.shutdown()
+    with pytest.raises(ValueError, match="needs its 'model' path"):
+        ip.LLM(MODEL, speculative_config={"method": "draft_model"}, **OPTS)
+    with pytest.raises(ip.InferencePIOError, match="no such file"):
+        ip.LLM(MODEL, speculative_config={"model": "/nonexistent.gguf"}, **OPTS)

@@ -242,8 +242,9 @@ class LLM:
     ``q8_0``, ``q4_0``), ``max_model_len``, ``max_num_seqs``, ``mmproj`` (a Qwen3-VL GGUF's vision
     file), ``max_memory`` (stream what does not fit from disk), ``repack``, ``bf16_activations``,
     and ``speculative_config`` as vLLM takes it: ``{"method": "ngram", "num_speculative_tokens": 8,
-    "prompt_lookup_max": 5, "prompt_lookup_min": 3}`` (prompt lookup; the outputs are the same
-    tokens as without it).
+    "prompt_lookup_max": 5, "prompt_lookup_min": 3}`` (prompt lookup) or ``{"model": PATH,
+    "num_speculative_tokens": 4}`` (a draft model with the same tokenizer; ``"method":
+    "draft_model"`` may be given); either way the outputs are the same tokens as without it.
     """
 
     def __init__(
@@ -265,12 +266,15 @@ class LLM:
     ) -> None:
         self.model = os.fspath(model)
         spec = dict(speculative_config or {})
-        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
         unknown = sorted(set(spec) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {unknown} (known: {sorted(known)})")
+        if "model" in spec:
+            spec.setdefault("method", "draft_model")
         if spec and "method" not in spec:
-            raise ValueError("speculative_config needs a 'method' (\"ngram\")")
+            raise ValueError("speculative_config needs a 'method' (\"ngram\") or a draft 'model'")
+        draft = spec.get("model")
         self._engine = _native.Engine(
             self.model,
             quant=quant,
@@ -288,6 +292,7 @@ class LLM:
             spec_tokens=spec.get("num_speculative_tokens", 8),
             spec_ngram=spec.get("prompt_lookup_max", 5),
             spec_ngram_min=spec.get("prompt_lookup_min", 3),
+            spec_draft_model=None if draft is None else os.fspath(draft),
         )
         self._defaults = self._engine.defaults()
 
