@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use pio_engine::engine::EngineConfig;
 use pio_engine::handle::EngineHandle;
+use pio_server::tool_parser::ToolCallParser;
 use pio_server::{AppState, HttpConfig};
 
 use crate::args::ModelArgs;
@@ -60,6 +61,11 @@ pub struct ServeArgs {
     /// 32 pixels for Qwen3-VL; 4096 is about 2048 x 2048); larger images are refused with 400.
     #[arg(long, default_value_t = 4096)]
     pub max_image_tokens: usize,
+    /// How the model writes tool calls, parsed into `tool_calls` for chat requests with
+    /// `tools`: hermes (Qwen3, Qwen2.5), qwen3_coder (Qwen3-Coder, Qwen3-Coder-Next), glm47
+    /// (GLM-4.5 to 4.7), or none (calls stay text). Default: what the chat template writes.
+    #[arg(long, value_name = "NAME")]
+    pub tool_call_parser: Option<String>,
 }
 
 /// `1234`, `64KiB`, `512MiB`, `2GiB`, `1.5G` (binary units either way).
@@ -87,6 +93,14 @@ fn available_ram() -> Option<usize> {
 }
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+    // `Some(None)`: "none" was asked for.
+    let chosen_parser = match a.tool_call_parser.as_deref() {
+        None => None,
+        Some("none") => Some(None),
+        Some(name) => {
+            Some(Some(name.parse::<ToolCallParser>().map_err(|e| anyhow::anyhow!("--tool-call-parser: {e}"))?))
+        }
+    };
     let (loaded, _) = crate::commands::load_model(&a.model)?;
     let draft: Option<Arc<dyn pio_model::CausalLm>> = a.spec.load_draft(&a.model, &loaded)?.map(Arc::from);
     let dtype = crate::commands::kv_cache_type(&a.model, &loaded)?;
@@ -147,6 +161,10 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     };
     let has_vision = vision.is_some();
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let tool_parser = match chosen_parser {
+        Some(p) => p,
+        None => tokenizer.chat_template().and_then(|t| ToolCallParser::for_template(t.source())),
+    };
     let state_app = Arc::new(AppState {
         engine,
         tokenizer,
@@ -155,6 +173,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         created,
         vision,
+        tool_parser,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -176,10 +195,11 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     };
     rt.block_on(pio_server::serve(state_app, http, addr, |bound| {
         eprintln!(
-            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB {dtype}{state}{})",
+            "serving {model_name} on http://{bound} (context {} tokens, KV cache {} blocks of {} = {kv_mib} MiB {dtype}{state}{}{})",
             cfg.max_model_len,
             cfg.num_blocks,
             cfg.block_size,
+            tool_parser.map(|p| format!(", tool calls parsed as {p}")).unwrap_or_default(),
             if a.api_key.is_some() { ", API key required" } else { "" }
         );
     }))

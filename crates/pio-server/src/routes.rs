@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::params::{self, CommonParams};
+use crate::tool_parser::{Delta, ToolCall, ToolCallParser, ToolCallStream};
 use crate::AppState;
 
 pub async fn health(State(s): State<Arc<AppState>>) -> Response {
@@ -145,8 +146,23 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
             choices.push(Choice { index: choices.len(), prompt: p, stream });
         }
     }
-    let meta =
-        Meta { id: new_id(kind), created: unix_time(), model: s.model_name.clone(), kind, num_prompts: prompts.len() };
+    // Tool calls are parsed out of the answer when the request gives tools and may call them.
+    let tools = match (kind, s.tool_parser, o.get("tools").and_then(Value::as_array)) {
+        (Kind::Chat, Some(parser), Some(tools))
+            if !tools.is_empty() && o.get("tool_choice") != Some(&json!("none")) =>
+        {
+            Some((parser, Arc::new(tools.clone())))
+        }
+        _ => None,
+    };
+    let meta = Meta {
+        id: new_id(kind),
+        created: unix_time(),
+        model: s.model_name.clone(),
+        kind,
+        num_prompts: prompts.len(),
+        tools,
+    };
     if common.stream {
         Ok(stream_response(s.clone(), meta, choices, &common))
     } else {
@@ -227,9 +243,16 @@ struct Meta {
     model: String,
     kind: Kind,
     num_prompts: usize,
+    /// How to find tool calls in the answers, and the request's tools.
+    tools: Option<(ToolCallParser, Arc<Vec<Value>>)>,
 }
 
 impl Meta {
+    /// A stream that splits an answer into content and tool calls.
+    fn tool_stream(&self) -> Option<ToolCallStream> {
+        self.tools.as_ref().map(|(p, tools)| ToolCallStream::new(*p, tools.to_vec()))
+    }
+
     fn object(&self, chunk: bool) -> &'static str {
         match (self.kind, chunk) {
             (Kind::Chat, false) => "chat.completion",
@@ -374,12 +397,26 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
         }
         let logprobs = if any_logprobs { lp.json() } else { Value::Null };
         out.push(match meta.kind {
-            Kind::Chat => json!({
-                "index": c.index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish_str(finish),
-            }),
+            Kind::Chat => match &meta.tools {
+                Some((parser, tools)) => {
+                    let parsed = parser.parse(&text, tools);
+                    let mut message = json!({"role": "assistant", "content": parsed.content});
+                    let mut reason = finish_str(finish);
+                    if !parsed.calls.is_empty() {
+                        message["tool_calls"] = parsed.calls.iter().map(tool_call_json).collect();
+                        if finish != FinishReason::Length {
+                            reason = "tool_calls";
+                        }
+                    }
+                    json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
+                }
+                None => json!({
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": finish_str(finish),
+                }),
+            },
             Kind::Completion => json!({
                 "index": c.index,
                 "text": text,
@@ -444,7 +481,9 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
         let kind = meta.kind;
         // Text streamed so far per choice: completions' `text_offset` counts from its start.
         let mut offsets = vec![0usize; num_choices];
-        merged.map(move |(index, prompt, e)| match e {
+        // Per choice, where tool calls are parsed out of the text.
+        let mut tool_streams: Vec<Option<ToolCallStream>> = (0..num_choices).map(|_| meta.tool_stream()).collect();
+        merged.flat_map(move |(index, prompt, e)| match e {
             Event::Output(o) => {
                 if let Ok(mut u) = usage.lock() {
                     u.add(prompt, &o);
@@ -461,18 +500,26 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
                     w.json()
                 };
                 let finish = o.finish_reason.map(finish_str);
-                let choice = match kind {
-                    Kind::Chat => {
+                let events = match (kind, tool_streams.get_mut(index).and_then(Option::as_mut)) {
+                    (Kind::Chat, Some(ts)) => tool_chunks(ts, index, &o, logprobs)
+                        .into_iter()
+                        .map(|choice| chunk(json!([choice]), None))
+                        .collect(),
+                    (Kind::Chat, None) => {
                         let delta = if o.text.is_empty() { json!({}) } else { json!({"content": o.text}) };
-                        json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                        let choice =
+                            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
+                        vec![chunk(json!([choice]), None)]
                     }
-                    Kind::Completion => {
-                        json!({"index": index, "text": o.text, "logprobs": logprobs, "finish_reason": finish})
+                    (Kind::Completion, _) => {
+                        let choice =
+                            json!({"index": index, "text": o.text, "logprobs": logprobs, "finish_reason": finish});
+                        vec![chunk(json!([choice]), None)]
                     }
                 };
-                chunk(json!([choice]), None)
+                stream::iter(events)
             }
-            Event::Error(e) => SseEvent::default().data(ApiError::internal(e).body().to_string()),
+            Event::Error(e) => stream::iter(vec![SseEvent::default().data(ApiError::internal(e).body().to_string())]),
         })
     };
     let tail = stream::once(async move {
@@ -488,6 +535,56 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
     let all: BoxStream<'static, Result<SseEvent, Infallible>> =
         stream::iter(first).chain(body).chain(tail).map(Ok).boxed();
     Sse::new(all).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The chunks' choices for one output of a chat answer whose tool calls are parsed: a delta
+/// per piece of content and per call (calls given whole: name and arguments in one delta), the
+/// output's logprobs on the first, its finish reason (`tool_calls` once a call was made) on the
+/// last.
+fn tool_chunks(ts: &mut ToolCallStream, index: usize, o: &RequestOutput, logprobs: Value) -> Vec<Value> {
+    let mut next_call = ts.num_calls();
+    let mut deltas = ts.push(&o.text);
+    if o.finish_reason.is_some() {
+        deltas.extend(ts.finish());
+    }
+    let mut choices: Vec<Value> = deltas
+        .into_iter()
+        .map(|d| {
+            let delta = match d {
+                Delta::Content(c) => json!({"content": c}),
+                Delta::Call(c) => {
+                    let mut call = tool_call_json(&c);
+                    call["index"] = json!(next_call);
+                    next_call += 1;
+                    json!({"tool_calls": [call]})
+                }
+            };
+            json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null})
+        })
+        .collect();
+    if choices.is_empty() && (!logprobs.is_null() || o.finish_reason.is_some()) {
+        choices.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null}));
+    }
+    if let Some(first) = choices.first_mut() {
+        first["logprobs"] = logprobs;
+    }
+    if let (Some(last), Some(r)) = (choices.last_mut(), o.finish_reason) {
+        last["finish_reason"] =
+            json!(if ts.num_calls() > 0 && r != FinishReason::Length { "tool_calls" } else { finish_str(r) });
+    }
+    choices
+}
+
+/// A call as OpenAI's `tool_calls` entry, with a fresh id.
+fn tool_call_json(c: &ToolCall) -> Value {
+    json!({"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+}
+
+fn new_call_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    format!("call_{nanos:x}{n:04x}")
 }
 
 fn new_id(kind: Kind) -> String {
