@@ -110,6 +110,9 @@ pub struct ModelArgs {
     /// --max-memory says (for measuring layer streaming).
     #[arg(long)]
     pub resident_layers: Option<usize>,
+    /// Load the multi-token-prediction layer (set by `--spec mtp`).
+    #[arg(skip)]
+    pub mtp: bool,
 }
 
 impl ModelArgs {
@@ -129,6 +132,7 @@ impl ModelArgs {
                 resident_layers: self.resident_layers,
             },
             mmproj: self.mmproj.clone(),
+            mtp: self.mtp,
         }
     }
 
@@ -213,8 +217,9 @@ pub struct SamplingArgs {
 #[derive(Debug, Args, Clone)]
 pub struct SpecArgs {
     /// Speculative decoding: `ngram` (prompt lookup: the tokens that followed the latest earlier
-    /// occurrence of the last few tokens are proposed and verified in one forward) or `draft`
-    /// (a smaller model with the same tokenizer, --draft-model, decodes ahead). The output is
+    /// occurrence of the last few tokens are proposed and verified in one forward), `draft`
+    /// (a smaller model with the same tokenizer, --draft-model, decodes ahead) or `mtp` (the
+    /// model's own multi-token-prediction layer: GLM-4.7-Flash). The output is
     /// the same tokens as without it; proposals that keep failing are shortened down to none.
     #[arg(long, value_name = "METHOD")]
     pub spec: Option<pio_engine::spec::SpecMethod>,
@@ -244,7 +249,15 @@ impl SpecArgs {
                 self.spec_ngram_min as usize,
             ),
             pio_engine::spec::SpecMethod::Draft => pio_engine::spec::SpecConfig::draft(self.spec_tokens as usize),
+            pio_engine::spec::SpecMethod::Mtp => pio_engine::spec::SpecConfig::mtp(self.spec_tokens as usize),
         })
+    }
+
+    /// Whether the model's multi-token-prediction layer is asked for (`--spec mtp`): it is then
+    /// loaded, and the prefix cache is off (the layer needs every prompt position's hidden
+    /// state).
+    pub fn mtp(&self) -> bool {
+        self.spec == Some(pio_engine::spec::SpecMethod::Mtp)
     }
 
     /// The draft model `--spec draft` asks for, loaded like the target (`model`) and checked
@@ -423,6 +436,10 @@ pub struct SynthArgs {
     /// as JSON, else as a string); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Also write the multi-token-prediction layer (GLM-4.7-Flash), for `--spec mtp`
+    /// (llama.cpp does not load such a file).
+    #[arg(long)]
+    pub mtp: bool,
 }
 
 #[derive(Debug, Args)]

@@ -15,7 +15,8 @@ use serde_json::json;
 use crate::args::BenchArgs;
 use crate::commands::{load_model, out, peak_rss_bytes};
 
-pub fn cmd_bench(a: BenchArgs) -> Result<()> {
+pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
+    a.model.mtp = a.spec.mtp();
     if a.prompt_tokens == 0 || a.batch == 0 {
         bail!("--prompt-tokens and --batch must be positive");
     }

@@ -45,7 +45,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let dtype = a.dtype;
             let start = Instant::now();
             let (config, _scratch) = synth_config(&a.config, &a.set)?;
-            pio_model::synth::write_random_checkpoint(&config, a.tokenizer.as_deref(), &a.out, dtype, a.seed)?;
+            pio_model::synth::write_random_checkpoint_with(
+                &config,
+                a.tokenizer.as_deref(),
+                &a.out,
+                dtype,
+                a.seed,
+                a.mtp,
+            )?;
             let params = pio_model::config::ModelConfig::from_hf_file(&config)?.num_params();
             let bytes: u64 = match std::fs::read_dir(&a.out) {
                 Ok(entries) => entries.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum(),
@@ -258,7 +265,8 @@ fn context_size(s: &SamplingArgs, loaded: &LoadedModel) -> usize {
     s.ctx_size.unwrap_or_else(|| loaded.model.shape().max_position_embeddings.min(4096))
 }
 
-fn cmd_generate(a: GenerateArgs) -> Result<()> {
+fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
+    a.model.mtp = a.spec.mtp();
     let (loaded, load_s) = load_model(&a.model)?;
     let images = load_images(&loaded, &a.images)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
@@ -363,7 +371,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_chat(a: ChatArgs) -> Result<()> {
+fn cmd_chat(mut a: ChatArgs) -> Result<()> {
+    a.model.mtp = a.spec.mtp();
     let (loaded, _) = load_model(&a.model)?;
     let tok = loaded.tokenizer()?;
     let template = tok.chat_template().context("the model has no chat template")?;
@@ -377,7 +386,8 @@ fn cmd_chat(a: ChatArgs) -> Result<()> {
         max_num_seqs: 1,
         max_batch_tokens: 512,
         max_model_len: ctx,
-        prefix_caching: true,
+        // (The MTP layer needs every prompt position's hidden state.)
+        prefix_caching: !a.spec.mtp(),
         kv_cache_type: kv_cache_type(&a.model, &loaded)?,
         max_memory: a.model.max_memory,
         spec: a.spec.config(),

@@ -92,7 +92,7 @@ fn available_ram() -> Option<usize> {
     Some(line.split_whitespace().nth(1)?.parse::<usize>().ok()? * 1024)
 }
 
-pub fn cmd_serve(a: ServeArgs) -> Result<()> {
+pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
     // `Some(None)`: "none" was asked for.
     let chosen_parser = match a.tool_call_parser.as_deref() {
         None => None,
@@ -101,6 +101,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             Some(Some(name.parse::<ToolCallParser>().map_err(|e| anyhow::anyhow!("--tool-call-parser: {e}"))?))
         }
     };
+    a.model.mtp = a.spec.mtp();
     let (loaded, _) = crate::commands::load_model(&a.model)?;
     let draft: Option<Arc<dyn pio_model::CausalLm>> = a.spec.load_draft(&a.model, &loaded)?.map(Arc::from);
     let dtype = crate::commands::kv_cache_type(&a.model, &loaded)?;
@@ -127,7 +128,8 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let state_per_seq = model.cache_spec().state_bytes_per_seq();
     cfg.max_num_seqs = if state_per_seq > 0 { a.max_num_seqs.min(cfg.max_num_seqs) } else { a.max_num_seqs };
     cfg.max_batch_tokens = a.max_batch_tokens;
-    cfg.prefix_caching = !a.no_prefix_caching;
+    // The MTP layer needs every prompt position's hidden state.
+    cfg.prefix_caching = !a.no_prefix_caching && !a.spec.mtp();
     cfg.spec = a.spec.config();
     if a.max_num_seqs == 0 || a.max_batch_tokens == 0 {
         bail!("--max-num-seqs and --max-batch-tokens must be at least 1");

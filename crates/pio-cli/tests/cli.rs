@@ -617,3 +617,36 @@ fn generate_and_bench_with_a_draft_model() {
     fails(&["--spec", "draft", "--draft-model", next.to_str().expect("path")], "recurrent state");
     fails(&["--spec", "draft", "--draft-model", "/nonexistent/draft.gguf"], "loading the draft model");
 }
+
+/// `pio synth --mtp` writes GLM-4.7-Flash's MTP layer; `--spec mtp` loads it and gives the
+/// tokens of plain decoding (GGUF and a directory alike); a model without one says so.
+#[test]
+fn generate_with_the_models_own_mtp_layer() {
+    let dir = std::env::temp_dir().join(format!("pio-cli-mtp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(fixture("glm4_moe_lite").join("config.json")).expect("config"))
+            .expect("json");
+    cfg["num_nextn_predict_layers"] = 1.into();
+    let config = dir.join("config.json");
+    std::fs::write(&config, cfg.to_string()).expect("write config");
+    for out in [dir.join("m.gguf"), dir.join("hf")] {
+        let (c, o) = (config.to_str().expect("path"), out.to_str().expect("path"));
+        let r = pio(&["synth", "--config", c, "--out", o, "--dtype", "f32", "--mtp"], None);
+        assert!(r.status.success(), "{}", stderr(&r));
+        let run = |extra: &[&str]| {
+            let args = ["generate", "--model", o, "--prompt-ids", "5,6,7,8,9,10,11", "--max-tokens", "24"];
+            let r = pio(&[&args[..], &["--temperature", "0", "--ignore-eos", "--json"], extra].concat(), None);
+            assert!(r.status.success(), "{}", stderr(&r));
+            serde_json::from_str::<Value>(&stdout(&r)).expect("one JSON object")
+        };
+        let (plain, mtp) = (run(&[]), run(&["--spec", "mtp", "--spec-tokens", "2"]));
+        assert_eq!(plain["token_ids"], mtp["token_ids"], "{o}");
+        assert!(mtp["spec"]["draft_tokens"].as_u64().is_some_and(|d| d > 0), "{mtp}");
+    }
+    let plain = fixture("glm4_moe_lite");
+    let r = pio(&["generate", "--model", plain.to_str().expect("path"), "--prompt-ids", "1,2", "--spec", "mtp"], None);
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+    assert!(stderr(&r).contains("no multi-token-prediction layer"), "{}", stderr(&r));
+    let _ = std::fs::remove_dir_all(&dir);
+}

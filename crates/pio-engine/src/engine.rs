@@ -19,7 +19,7 @@ use pio_model::{CausalLm, KvCache, KvCacheType};
 
 use crate::kv_cache::{KvCacheManager, SeqId};
 use crate::metrics::Metrics;
-use crate::runner::{forward, SeqSlice};
+use crate::runner::{forward, forward_hidden, SeqSlice};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::StateCopy;
 use crate::scheduler::{Scheduler, SchedulerConfig, Sequence, Streaming};
@@ -388,6 +388,9 @@ impl<'m> Engine<'m> {
         let wants_draft = cfg.spec.is_some_and(|s| s.method == SpecMethod::Draft);
         let proposer: Option<Proposer<'m>> = match (draft, wants_draft) {
             (Some(d), true) => Some(Box::new(crate::draft::DraftModel::new(d, model, &cfg)?)),
+            (None, false) if cfg.spec.is_some_and(|s| s.method == SpecMethod::Mtp) => {
+                Some(Box::new(crate::mtp::MtpProposer::new(model, &cfg)?))
+            }
             (None, false) => None,
             (None, true) => {
                 return Err(EngineError::Invalid("speculation by a draft model needs the draft model".into()))
@@ -745,11 +748,18 @@ impl<'m> Engine<'m> {
                     vision: self.reqs.get(&s.id).and_then(|r| r.vision.as_ref()).map(|v| (v, &seq.images[..])),
                 });
             }
-            forward(self.model, &mut self.cache, &slices)?
+            if self.proposer.as_ref().is_some_and(|p| p.wants_hidden()) {
+                forward_hidden(self.model, &mut self.cache, &slices)?
+            } else {
+                (forward(self.model, &mut self.cache, &slices)?, Vec::new())
+            }
         };
+        let (logits, hidden) = logits;
         self.sched.complete(&plan);
         let mut outputs = Vec::new();
-        for (s, mut rows) in plan.scheduled.iter().zip(logits) {
+        for (k, (s, mut rows)) in plan.scheduled.iter().zip(logits).enumerate() {
+            // Positions of the slice committed by this step (all but rejected proposals).
+            let mut committed = s.num_tokens;
             let end = s.start + s.num_tokens;
             // The prompt positions among the rows go back to the caller.
             let mut prompt_logits = Vec::new();
@@ -767,11 +777,13 @@ impl<'m> Engine<'m> {
                 let at = rows.len().saturating_sub((num_draft + 1) * vocab);
                 let (out, accepted) = self.verify(s.id, &mut rows[at..], prompt_logits)?;
                 outputs.extend(out);
+                committed = s.num_tokens - num_draft + accepted;
                 if accepted < num_draft {
                     if let Some((_, start, saved)) = saved_states.iter().find(|(id, _, _)| *id == s.id) {
                         if let Some(slot) = self.sched.kv().state_slot(s.id) {
                             self.cache.restore_state(slot as usize, saved)?;
                             self.sched.rewind_computed(s.id, *start);
+                            committed = 0;
                         }
                     }
                 }
@@ -783,6 +795,14 @@ impl<'m> Engine<'m> {
             } else if !prompt_logits.is_empty() {
                 if let Some(out) = self.progress(s.id, prompt_logits) {
                     outputs.push(out);
+                }
+            }
+            // The hidden states of the committed positions, for a proposer that takes them (a
+            // finished request's proposer state is already gone).
+            if let (Some(h), Some(p)) = (hidden.get(k), self.proposer.as_mut()) {
+                let width = h.len() / s.num_tokens.max(1);
+                if self.reqs.contains_key(&s.id) && width > 0 {
+                    p.observe(s.id, s.start, &h[..committed * width], width);
                 }
             }
         }

@@ -26,6 +26,7 @@ pub mod generate;
 pub mod handle;
 pub mod kv_cache;
 pub mod metrics;
+pub mod mtp;
 pub mod perplexity;
 pub mod plugin;
 mod runner;

@@ -144,7 +144,10 @@ impl EnginePlugin {
             None => pio_kernels::parallel::ThreadPool::default_pool(),
         };
         pool.install(|| {
-            let loaded = pio_model::load_with(path, &options.load, &mut |_, _| {})?;
+            // Speculation by MTP loads the model's MTP layer.
+            let mtp = options.spec.is_some_and(|s| s.method == crate::spec::SpecMethod::Mtp);
+            let load = pio_model::LoadOptions { mtp: options.load.mtp || mtp, ..options.load.clone() };
+            let loaded = pio_model::load_with(path, &load, &mut |_, _| {})?;
             let tokenizer = Arc::new(loaded.tokenizer()?.clone());
             let model: Arc<dyn CausalLm> = Arc::from(loaded.model);
             let max_model_len =
@@ -160,6 +163,8 @@ impl EnginePlugin {
             let mut cfg = EngineConfig::for_model(model.as_ref(), kv_type, kv_cache_bytes, max_model_len)?;
             cfg.max_num_seqs = cfg.max_num_seqs.min(options.max_num_seqs);
             cfg.spec = options.spec;
+            // The MTP layer needs every prompt position's hidden state.
+            cfg.prefix_caching &= !mtp;
             let kv_cache_bytes = per_token * cfg.block_size * cfg.num_blocks;
             let vision = model.vision().map(|v| (v.processor().clone(), v.config().clone()));
             let draft = match &options.draft_model {

@@ -30,7 +30,56 @@ pub(crate) struct SeqSlice<'a> {
 /// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
 /// logits rows (`[rows, vocab]` flattened) for positions `logits_from.max(start)..end`.
 pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -> Result<Vec<Vec<f32>>> {
-    let bs = cache.block_size;
+    let (batch, rows_per_seq) = build(slices, cache.block_size)?;
+    let out = model.forward(&batch, cache)?;
+    Ok(split(&out, &rows_per_seq, model.shape().vocab_size))
+}
+
+/// Rows per slice (`[rows, width]` flattened each).
+pub(crate) type PerSeq = Vec<Vec<f32>>;
+
+/// As [`forward`], also returning each slice's final hidden states (every position of it,
+/// `[num_tokens, hidden]` flattened).
+pub(crate) fn forward_hidden(
+    model: &dyn CausalLm,
+    cache: &mut KvCache,
+    slices: &[SeqSlice<'_>],
+) -> Result<(PerSeq, PerSeq)> {
+    let (batch, rows_per_seq) = build(slices, cache.block_size)?;
+    let (out, hidden) = model.forward_with_hidden(&batch, cache)?;
+    let tokens: Vec<usize> = slices.iter().map(|s| s.num_tokens).collect();
+    let width = hidden.len() / batch.num_tokens().max(1);
+    Ok((split(&out, &rows_per_seq, model.shape().vocab_size), split(&hidden, &tokens, width)))
+}
+
+/// Runs the slices through `model`'s multi-token-prediction layer over its `cache`, with
+/// `hidden` one row per batch token (slice by slice); returns each slice's logits rows and their
+/// hidden states.
+pub(crate) fn forward_mtp(
+    model: &dyn CausalLm,
+    cache: &mut KvCache,
+    slices: &[SeqSlice<'_>],
+    hidden: &[f32],
+) -> Result<(PerSeq, PerSeq)> {
+    let (batch, rows_per_seq) = build(slices, cache.block_size)?;
+    let (out, hidden_out) = model.mtp_forward(&batch, hidden, cache)?;
+    let width = hidden.len() / batch.num_tokens().max(1);
+    Ok((split(&out, &rows_per_seq, model.shape().vocab_size), split(&hidden_out, &rows_per_seq, width)))
+}
+
+/// `out` cut into consecutive pieces of `rows` rows of `width`.
+fn split(out: &[f32], rows: &[usize], width: usize) -> Vec<Vec<f32>> {
+    let mut result = Vec::with_capacity(rows.len());
+    let mut off = 0;
+    for &r in rows {
+        result.push(out.get(off * width..(off + r) * width).map(<[f32]>::to_vec).unwrap_or_default());
+        off += r;
+    }
+    result
+}
+
+/// The flat batch of `slices`, and how many logits rows each slice has in it.
+fn build(slices: &[SeqSlice<'_>], bs: usize) -> Result<(ForwardBatch, Vec<usize>)> {
     let mut batch = ForwardBatch::default();
     let mut rows_per_seq = Vec::with_capacity(slices.len());
     // Multimodal rotary positions for every token once any sequence has images.
@@ -79,15 +128,7 @@ pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSl
     if !batch.state_slots.is_empty() && batch.state_slots.len() != slices.len() {
         return Err(EngineError::Invalid("some sequences of a batch have a state slot and some not".into()));
     }
-    let out = model.forward(&batch, cache)?;
-    let vocab = model.shape().vocab_size;
-    let mut result = Vec::with_capacity(slices.len());
-    let mut off = 0;
-    for rows in rows_per_seq {
-        result.push(out[off * vocab..(off + rows) * vocab].to_vec());
-        off += rows;
-    }
-    Ok(result)
+    Ok((batch, rows_per_seq))
 }
 
 /// Adds token `i` of an image's features as batch token `row`'s.

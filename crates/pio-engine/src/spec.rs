@@ -35,6 +35,8 @@ pub enum SpecMethod {
     Ngram,
     /// A smaller model with the same vocabulary, decoding greedily ahead of the target.
     Draft,
+    /// The model's own multi-token-prediction layer (GLM-4.7-Flash).
+    Mtp,
 }
 
 impl FromStr for SpecMethod {
@@ -44,8 +46,8 @@ impl FromStr for SpecMethod {
         match s {
             "ngram" => Ok(SpecMethod::Ngram),
             "draft" | "draft_model" => Ok(SpecMethod::Draft),
-            "mtp" => Err(format!("speculation method {s:?} is not implemented yet (available: ngram, draft)")),
-            _ => Err(format!("unknown speculation method {s:?} (available: ngram, draft)")),
+            "mtp" => Ok(SpecMethod::Mtp),
+            _ => Err(format!("unknown speculation method {s:?} (available: ngram, draft, mtp)")),
         }
     }
 }
@@ -55,6 +57,7 @@ impl fmt::Display for SpecMethod {
         f.write_str(match self {
             SpecMethod::Ngram => "ngram",
             SpecMethod::Draft => "draft",
+            SpecMethod::Mtp => "mtp",
         })
     }
 }
@@ -83,6 +86,12 @@ impl SpecConfig {
     pub fn draft(num_tokens: usize) -> SpecConfig {
         SpecConfig { method: SpecMethod::Draft, num_tokens, ngram_max: 0, ngram_min: 0 }
     }
+
+    /// The model's multi-token-prediction layer proposing up to `num_tokens` tokens (the model
+    /// loaded with [`pio_model::LoadOptions::mtp`]).
+    pub fn mtp(num_tokens: usize) -> SpecConfig {
+        SpecConfig { method: SpecMethod::Mtp, num_tokens, ngram_max: 0, ngram_min: 0 }
+    }
 }
 
 /// One sequence asking for proposals.
@@ -102,6 +111,15 @@ pub trait Propose: Send {
 
     /// The sequence `id` is gone: drop what is kept for it.
     fn release(&mut self, _id: SeqId) {}
+
+    /// Whether it takes the target's final hidden states ([`observe`](Self::observe)).
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+
+    /// The target's final hidden states (rows of `width`) of `id`'s committed positions
+    /// `first..`, as a forward computed them.
+    fn observe(&mut self, _id: SeqId, _first: usize, _hidden: &[f32], _width: usize) {}
 }
 
 /// A function of (sequence id, tokens, most wanted) proposes for one sequence at a time.
@@ -248,7 +266,7 @@ mod tests {
     fn methods_parse() {
         assert_eq!("ngram".parse::<SpecMethod>(), Ok(SpecMethod::Ngram));
         assert_eq!("draft".parse::<SpecMethod>(), Ok(SpecMethod::Draft));
-        assert!("mtp".parse::<SpecMethod>().unwrap_err().contains("not implemented"));
+        assert_eq!("mtp".parse::<SpecMethod>(), Ok(SpecMethod::Mtp));
         assert!("foo".parse::<SpecMethod>().is_err());
     }
 }

@@ -269,3 +269,105 @@ fn a_draft_rolls_back_what_the_target_rejected() {
     draft.release(0);
     assert_eq!(draft.propose(&[req(0, &p, 4)]).expect("propose"), vec![first]);
 }
+
+/// The tiny GLM-4.7-Flash fixture's config with one MTP layer, written with random weights
+/// (as a Hugging Face directory, or GGUF when `name` ends in `.gguf`) and loaded with it.
+fn glm_with_mtp(name: &str) -> LoadedModel {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/glm4_moe_lite");
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("pio-mtp-{}-{n}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("config.json")).expect("config")).expect("json");
+    cfg["num_nextn_predict_layers"] = 1.into();
+    let config = dir.join("config.json");
+    std::fs::write(&config, cfg.to_string()).expect("write config");
+    let out = dir.join(name);
+    pio_model::synth::write_random_checkpoint_with(&config, None, &out, pio_kernels::DType::F32, 5, true)
+        .expect("synth with MTP");
+    let options = pio_model::LoadOptions { mtp: true, ..Default::default() };
+    let m = pio_model::load_with(&out, &options, &mut |_, _| {}).expect("load with MTP");
+    let _ = std::fs::remove_dir_all(&dir);
+    m
+}
+
+/// Speculation by the model's own MTP layer: plain decoding's tokens, alone, batched, with
+/// chunked prompts and preemption (the prefix cache off: the layer takes every position's
+/// hidden state), from a Hugging Face directory and from GGUF alike.
+#[test]
+fn mtp_speculation_gives_the_tokens_of_plain_decoding() {
+    for name in ["hf", "m.gguf"] {
+        let m = glm_with_mtp(name);
+        let model = m.model.as_ref();
+        let reqs = requests();
+        let want = plain_each(model, &reqs);
+        for (blocks, budget) in [(64, 1024), (64, 9), (10, 64)] {
+            let cfg = EngineConfig { prefix_caching: false, ..config(blocks, budget, Some(SpecConfig::mtp(3))) };
+            let mut e = Engine::new(model, None, cfg).expect("engine");
+            assert_eq!(run_all(&mut e, &reqs), want, "{name}: {blocks} blocks, budget {budget}");
+            assert!(e.metrics().spec_draft_tokens.load(Ordering::Relaxed) > 0, "{name}: nothing proposed");
+            assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
+        }
+        // The prefix cache on, or a model without the layer loaded: refused, saying why.
+        let err = |r: pio_engine::Result<Engine<'_>>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(Engine::new(model, None, config(64, 64, Some(SpecConfig::mtp(3))))).contains("prefix cache off"));
+        let plain = model_of("glm4_moe_lite");
+        let cfg = EngineConfig { prefix_caching: false, ..config(64, 64, Some(SpecConfig::mtp(3))) };
+        assert!(err(Engine::new(plain.model.as_ref(), None, cfg)).contains("not loaded"));
+    }
+}
+
+/// The MTP proposer fed hidden states step by step (its entries computed in pieces, its
+/// chained ones recomputed) proposes what a fresh one fed everything at once proposes, and
+/// its chain is the layer run on its own output.
+#[test]
+fn mtp_proposals_do_not_depend_on_how_the_steps_came() {
+    use pio_engine::mtp::MtpProposer;
+    use pio_engine::spec::{ProposalRequest, Propose};
+    let m = glm_with_mtp("hf");
+    let model = m.model.as_ref();
+    let tokens = prompt(40, 3);
+    // The target's hidden states of every position, from one forward.
+    let hidden = {
+        let mut cache = model.new_kv_cache(16, 8);
+        let n = tokens.len();
+        let batch = pio_model::ForwardBatch {
+            token_ids: tokens.clone(),
+            positions: (0..n).collect(),
+            seq_indices: vec![0; n],
+            slot_mapping: (0..n).collect(),
+            block_tables: vec![(0..8).collect()],
+            logits_indices: vec![n - 1],
+            ..Default::default()
+        };
+        let (logits, hidden) = model.forward_with_hidden(&batch, &mut cache).expect("forward");
+        // The logits are the plain forward's.
+        let mut again = model.new_kv_cache(16, 8);
+        assert_eq!(model.forward(&batch, &mut again).expect("forward"), logits);
+        hidden
+    };
+    let w = hidden.len() / tokens.len();
+    let cfg = EngineConfig { prefix_caching: false, ..config(64, 7, Some(SpecConfig::mtp(4))) };
+    let req = |n: usize| [ProposalRequest { id: 0, tokens: &tokens[..n], max: 4 }];
+    // Fed in pieces: a prompt of 20, then steps committing 3, 1 and 5 tokens.
+    let mut stepped = MtpProposer::new(model, &cfg).expect("proposer");
+    let mut got = Vec::new();
+    let mut at = 0;
+    for n in [20, 23, 24, 29] {
+        // The forward of a step computes positions at..n-1 (the last token is only sampled).
+        stepped.observe(0, at, &hidden[at * w..(n - 1) * w], w);
+        at = n - 1;
+        got = stepped.propose(&req(n)).expect("propose").remove(0);
+        assert_eq!(got.len(), 4);
+    }
+    let mut fresh = MtpProposer::new(model, &cfg).expect("proposer");
+    fresh.observe(0, 0, &hidden[..28 * w], w);
+    assert_eq!(fresh.propose(&req(29)).expect("propose").remove(0), got);
+    // A fresh one asked for one token at a time after committing the proposals it made agrees
+    // on the first proposal (the chain starts where the target's hidden states end).
+    let mut one = MtpProposer::new(model, &cfg).expect("proposer");
+    one.observe(0, 0, &hidden[..28 * w], w);
+    let first = one.propose(&[ProposalRequest { id: 0, tokens: &tokens[..29], max: 1 }]).expect("propose");
+    assert_eq!(first[0], got[..1].to_vec());
+}

@@ -114,6 +114,9 @@ pub struct LoadOptions {
     /// `None`: `mmproj-<file name>` beside the model when there is one (what `pio synth` and
     /// `pio quantize` write), else the text model alone.
     pub mmproj: Option<PathBuf>,
+    /// Load the multi-token-prediction layer (GLM-4.7-Flash's `nextn`) for speculative
+    /// decoding ([`CausalLm::mtp_forward`]); otherwise it is skipped.
+    pub mtp: bool,
 }
 
 impl Default for LoadOptions {
@@ -125,6 +128,7 @@ impl Default for LoadOptions {
             max_memory: None,
             expert_cache: ExpertCacheOptions::default(),
             mmproj: None,
+            mtp: false,
         }
     }
 }
@@ -199,7 +203,7 @@ fn load_hf_dir(dir: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize
     let mut ckpt = safetensors::load_dir(dir)?;
     let quantized = quantize_at_load(&mut ckpt, &config, options);
     let processor = config.vision.as_ref().map(|_| crate::image::ImageProcessorConfig::load(dir)).transpose()?;
-    let mut model = DecoderModel::load_multimodal(config.clone(), ckpt, processor, progress)?;
+    let mut model = DecoderModel::load_multimodal_with(config.clone(), ckpt, processor, options.mtp, progress)?;
     model.set_bf16_activations(options.bf16_activations);
     let streaming = fit_in_memory(&mut model, options)?;
     let repacked = repack_at_load(&mut model, options, streaming.is_none());
@@ -408,7 +412,7 @@ fn load_gguf(path: &Path, options: &LoadOptions, progress: &mut dyn FnMut(usize,
         processor = Some(vision.processor);
     }
     let quantized = quantize_at_load(&mut ckpt, &config, options);
-    let mut model = DecoderModel::load_multimodal(config.clone(), ckpt, processor, progress)?;
+    let mut model = DecoderModel::load_multimodal_with(config.clone(), ckpt, processor, options.mtp, progress)?;
     model.set_bf16_activations(options.bf16_activations);
     let streaming = fit_in_memory(&mut model, options)?;
     let repacked = repack_at_load(&mut model, options, streaming.is_none());

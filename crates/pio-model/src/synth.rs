@@ -12,8 +12,10 @@
 //!
 //! Mixtures of experts get every expert (`mlp.experts.{e}.*`), the shared expert and, per
 //! `sparse_layers`, dense layers. Multi-token-prediction layers (`num_nextn_predict_layers`)
-//! are not written: the directory keeps `config.json` as it is (the loader skips MTP layers,
-//! present or not), and GGUF files say `nextn_predict_layers` 0.
+//! are not written unless asked for ([`write_random_checkpoint_with`], `pio synth --mtp`:
+//! GLM-4.7-Flash's one): the directory keeps `config.json` as it is (the loader skips MTP
+//! layers unless told to load them), and GGUF files say `nextn_predict_layers` 0 (1 with the
+//! layer, which llama.cpp's `deepseek2` loader does not take).
 //!
 //! Each tensor's numbers depend only on the seed and its Hugging Face name, so the same seed
 //! gives the same model as a Hugging Face directory and as GGUF in a float type (llama q/k rows
@@ -82,6 +84,21 @@ pub fn write_random_checkpoint(
     dtype: DType,
     seed: u64,
 ) -> Result<()> {
+    write_random_checkpoint_with(config_path, tokenizer_dir, out, dtype, seed, false)
+}
+
+/// [`write_random_checkpoint`], with a multi-token-prediction layer when `mtp` (GLM-4.7-Flash,
+/// whose config must say `num_nextn_predict_layers` >= 1): `model.layers.{N}` (`blk.N.nextn.*`
+/// and the layer's usual names in GGUF, `nextn_predict_layers` 1), as the released checkpoint
+/// has it. llama.cpp's `deepseek2` loader does not take such a file.
+pub fn write_random_checkpoint_with(
+    config_path: &Path,
+    tokenizer_dir: Option<&Path>,
+    out: &Path,
+    dtype: DType,
+    seed: u64,
+    mtp: bool,
+) -> Result<()> {
     let format = SynthFormat::from_path(out);
     match format {
         SynthFormat::HfDir if !is_float(dtype) => {
@@ -104,13 +121,29 @@ pub fn write_random_checkpoint(
     if let Some(t) = &tokenizer {
         t.check_fits(config.vocab_size)?;
     }
-    let specs = tensor_specs(&config);
+    if mtp && (config.arch != Arch::Glm4MoeLite || config.num_nextn_predict_layers == 0) {
+        return Err(Error::file(
+            config_path,
+            "a multi-token-prediction layer is written for GLM-4.7-Flash configs with num_nextn_predict_layers >= 1 only",
+        ));
+    }
+    let specs = tensor_specs(&config, mtp);
     match format {
         SynthFormat::HfDir => write_hf_dir(config_path, &raw_config, tokenizer.as_ref(), &specs, out, dtype, seed),
         SynthFormat::Gguf => {
             let name = format!("{} (random weights)", model_name(config_path, &config));
             let file_type = crate::quantize::llama_file_type(dtype);
-            let metadata = gguf_metadata(config_path, &config, &raw_config, tokenizer.as_ref(), &name, file_type)?;
+            let mut metadata = gguf_metadata(config_path, &config, &raw_config, tokenizer.as_ref(), &name, file_type)?;
+            if mtp {
+                let arch = gguf_arch(&config);
+                for (key, value) in &mut metadata {
+                    if *key == format!("{arch}.block_count") {
+                        *value = Value::U32(u32::try_from(config.num_layers + 1).unwrap_or(u32::MAX));
+                    } else if *key == format!("{arch}.nextn_predict_layers") {
+                        *value = Value::U32(1);
+                    }
+                }
+            }
             let (vision, text): (Vec<Spec>, Vec<Spec>) =
                 specs.into_iter().partition(|s| s.name.starts_with("model.visual."));
             write_gguf_file(out, &metadata, &config, &text, dtype, seed)?;
@@ -212,18 +245,54 @@ impl Spec {
 /// Every tensor `DecoderModel::load` takes for `c`, in load order: experts one matrix each
 /// (`mlp.experts.{e}.*`), latent attention with the unsplit `kv_b_proj`; no multi-token
 /// prediction layers.
-fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
-    let (h, inter) = (c.hidden_size, c.intermediate_size);
+fn tensor_specs(c: &ModelConfig, mtp: bool) -> Vec<Spec> {
+    let h = c.hidden_size;
     // Qwen3-Next's norms scale by `1 + w`.
     let norm = if c.zero_centred_norms { Init::ZeroNorm } else { Init::Norm };
     let mut specs =
         vec![Spec { name: "model.embed_tokens.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix }];
     for i in 0..c.num_layers {
+        let linear = c.linear_attn.as_ref().filter(|la| la.layers[i]);
+        specs.extend(layer_specs(c, i, linear, c.is_sparse_layer(i)));
+    }
+    if mtp {
+        // One multi-token-prediction layer after the decoder layers, of the last layer's kind.
+        let i = c.num_layers;
+        specs.extend(layer_specs(c, i, None, i > 0 && c.is_sparse_layer(i - 1)));
+        for (name, shape, init) in [
+            ("enorm.weight", vec![h], norm),
+            ("hnorm.weight", vec![h], norm),
+            ("eh_proj.weight", vec![h, 2 * h], Init::Matrix),
+            ("shared_head.norm.weight", vec![h], norm),
+        ] {
+            specs.push(Spec { name: format!("model.layers.{i}.{name}"), shape, init });
+        }
+    }
+    specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: norm });
+    if let Some(v) = &c.vision {
+        // A vision-language checkpoint: the text model under `model.language_model`, the tower
+        // under `model.visual`.
+        for s in &mut specs {
+            s.name = s.name.replacen("model.", "model.language_model.", 1);
+        }
+        specs.extend(vision_specs(v));
+    }
+    if !c.tie_word_embeddings {
+        specs.push(Spec { name: "lm_head.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix });
+    }
+    specs
+}
+
+/// The tensors of decoder layer `i` (`linear`: its Gated DeltaNet config, if it is one;
+/// `sparse`: a mixture of experts).
+fn layer_specs(c: &ModelConfig, i: usize, linear: Option<&crate::config::LinearAttnConfig>, sparse: bool) -> Vec<Spec> {
+    let (h, inter) = (c.hidden_size, c.intermediate_size);
+    let norm = if c.zero_centred_norms { Init::ZeroNorm } else { Init::Norm };
+    {
         let p = format!("model.layers.{i}");
         let mut layer: Vec<(String, Vec<usize>, Init)> = Vec::new();
         let mut push = |name: &str, shape: Vec<usize>, init| layer.push((name.to_string(), shape, init));
         push("input_layernorm.weight", vec![h], norm);
-        let linear = c.linear_attn.as_ref().filter(|la| la.layers[i]);
         match (&c.mla, linear) {
             (_, Some(la)) => {
                 let (nk, nv, dk, dv) = (la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim);
@@ -289,7 +358,7 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
             }
         };
         match &c.moe {
-            Some(m) if c.is_sparse_layer(i) => {
+            Some(m) if sparse => {
                 push("mlp.gate.weight", vec![m.num_experts, h], Init::Matrix);
                 if matches!(m.gating, Gating::SigmoidGrouped { .. }) {
                     push("mlp.gate.e_score_correction_bias", vec![m.num_experts], Init::Bias);
@@ -306,21 +375,8 @@ fn tensor_specs(c: &ModelConfig) -> Vec<Spec> {
             }
             _ => mlp(&mut push, "mlp", inter, c.mlp_bias),
         }
-        specs.extend(layer.into_iter().map(|(name, shape, init)| Spec { name: format!("{p}.{name}"), shape, init }));
+        layer.into_iter().map(|(name, shape, init)| Spec { name: format!("{p}.{name}"), shape, init }).collect()
     }
-    specs.push(Spec { name: "model.norm.weight".into(), shape: vec![h], init: norm });
-    if let Some(v) = &c.vision {
-        // A vision-language checkpoint: the text model under `model.language_model`, the tower
-        // under `model.visual`.
-        for s in &mut specs {
-            s.name = s.name.replacen("model.", "model.language_model.", 1);
-        }
-        specs.extend(vision_specs(v));
-    }
-    if !c.tie_word_embeddings {
-        specs.push(Spec { name: "lm_head.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix });
-    }
-    specs
 }
 
 /// The tensors of a Qwen3-VL vision tower (`model.visual.*`), as `VisionEncoder::load` takes them.

@@ -292,13 +292,17 @@ impl Engine {
                     }
                     Some(SpecConfig::ngram(spec_tokens, spec_ngram, spec_ngram_min))
                 }
-                SpecMethod::Draft => {
+                method @ (SpecMethod::Draft | SpecMethod::Mtp) => {
                     if spec_tokens == 0 || spec_tokens > 64 {
                         return Err(PyValueError::new_err(format!(
                             "speculative decoding: need 1 <= num_speculative_tokens <= 64 (got {spec_tokens})"
                         )));
                     }
-                    Some(SpecConfig::draft(spec_tokens))
+                    Some(if method == SpecMethod::Mtp {
+                        SpecConfig::mtp(spec_tokens)
+                    } else {
+                        SpecConfig::draft(spec_tokens)
+                    })
                 }
             },
         };

@@ -41,7 +41,7 @@ use crate::layers::expert_cache::{parts_of, ExpertFiles, Part};
 use crate::layers::mla::LatentAttention;
 use crate::layers::{
     Attention, CacheSpec, EvictionPolicy, ExpertCache, ExpertCacheOptions, ExpertCacheStats, GatedDeltaNet, KvCache,
-    Linear, Mlp, MoeStats, RmsNorm, SparseMoe,
+    LayerCache, Linear, Mlp, MoeStats, RmsNorm, SparseMoe,
 };
 use crate::weights::{Checkpoint, Storage, Tensor};
 use crate::{Error, Result};
@@ -64,6 +64,23 @@ pub struct DecoderModel {
     layer_stream: Option<LayerStream>,
     /// The vision tower of a vision-language model (Qwen3-VL).
     vision: Option<VisionEncoder>,
+    /// The multi-token-prediction layer, when loaded for speculative decoding.
+    mtp: Option<MtpHead>,
+}
+
+/// A multi-token-prediction layer (GLM-4.7-Flash's `nextn`, as vLLM runs DeepSeek's MTP):
+/// `eh_proj(cat(enorm(embed(token)), hnorm(hidden)))` through a decoder layer with a cache of
+/// its own, then `norm` and the model's LM head.
+#[derive(Debug)]
+struct MtpHead {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    /// `[hidden, 2 * hidden]`.
+    eh_proj: Linear,
+    layer: DecoderLayer,
+    /// The shared head's norm (`shared_head.norm`).
+    norm: RmsNorm,
+    cache_spec: CacheSpec,
 }
 
 /// The last layers of a dense model read from disk for every forward, through a ring of slots:
@@ -218,8 +235,20 @@ impl DecoderModel {
     /// the usual ones under `model.language_model.`.
     pub fn load_multimodal(
         config: ModelConfig,
+        ckpt: Checkpoint,
+        processor: Option<ImageProcessorConfig>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<DecoderModel> {
+        Self::load_multimodal_with(config, ckpt, processor, false, progress)
+    }
+
+    /// [`DecoderModel::load_multimodal`], with the multi-token-prediction layer when `mtp`
+    /// (which the checkpoint must have); without, MTP layers are skipped.
+    pub fn load_multimodal_with(
+        config: ModelConfig,
         mut ckpt: Checkpoint,
         processor: Option<ImageProcessorConfig>,
+        mtp: bool,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<DecoderModel> {
         let vision = match (&config.vision, processor) {
@@ -266,8 +295,23 @@ impl DecoderModel {
             });
         }
         // Multi-token-prediction layers follow the decoder layers; they only serve speculative
-        // decoding, which does not use them yet, so they are skipped by name, explicitly.
-        for i in c.num_layers..c.num_layers + c.num_nextn_predict_layers {
+        // decoding: the first is loaded when asked for, the others are skipped by name.
+        let mtp = match (mtp, c.arch) {
+            (false, _) => None,
+            (true, crate::config::Arch::Glm4MoeLite) if c.num_nextn_predict_layers > 0 => {
+                Some(MtpHead::load(&mut ckpt, c, c.num_layers)?)
+            }
+            (true, crate::config::Arch::Glm4MoeLite) => {
+                return Err(Error::Config("the checkpoint has no multi-token-prediction layer".into()))
+            }
+            (true, arch) => {
+                return Err(Error::Config(format!(
+                    "multi-token prediction is not supported for {arch:?} yet (GLM-4.7-Flash's is)"
+                )))
+            }
+        };
+        let first_skipped = c.num_layers + usize::from(mtp.is_some());
+        for i in first_skipped..c.num_layers + c.num_nextn_predict_layers {
             // Hugging Face names, and GGUF names the table does not map (`blk.N.nextn.*`).
             let (hf, gguf) = (format!("model.layers.{i}."), format!("blk.{i}."));
             let names: Vec<String> =
@@ -305,6 +349,7 @@ impl DecoderModel {
             expert_cache: None,
             layer_stream: None,
             vision,
+            mtp,
         })
     }
 
@@ -533,6 +578,76 @@ impl DecoderModel {
     }
 }
 
+impl MtpHead {
+    /// Layer `i` of the checkpoint (the first after the decoder layers) as an MTP layer: a
+    /// decoder layer of the last layer's kind (its attention at layer 0 of a cache of its own)
+    /// with `enorm`, `hnorm`, `eh_proj` and `shared_head.norm`. The layer's copies of the
+    /// embedding and the head, where a checkpoint has them, are the model's and are not kept.
+    fn load(ckpt: &mut Checkpoint, c: &ModelConfig, i: usize) -> Result<MtpHead> {
+        let (p, h) = (format!("model.layers.{i}"), c.hidden_size);
+        let norm = |ck: &mut Checkpoint, name: &str| load_norm(ck, &format!("{p}.{name}.weight"), h, c);
+        let (self_attn, cache) = match &c.mla {
+            Some(mla) => (
+                AttentionBlock::Latent(LatentAttention::load(ckpt, &format!("{p}.self_attn"), 0, c, mla)?),
+                LayerCache::Latent { width: mla.cache_width() },
+            ),
+            None => (
+                AttentionBlock::Standard(SelfAttention::load(ckpt, &p, 0, c)?),
+                LayerCache::Attention { num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, window: None },
+            ),
+        };
+        let sparse = c.num_layers > 0 && c.is_sparse_layer(c.num_layers - 1);
+        let mlp = match &c.moe {
+            Some(moe) if sparse => FeedForward::Sparse(SparseMoe::load(ckpt, &format!("{p}.mlp"), h, moe)?),
+            _ => FeedForward::Dense(Mlp::load(ckpt, &format!("{p}.mlp"), h, c.intermediate_size, c.mlp_bias)?),
+        };
+        let layer = DecoderLayer {
+            input_layernorm: norm(ckpt, "input_layernorm")?,
+            self_attn,
+            post_attention_layernorm: norm(ckpt, "post_attention_layernorm")?,
+            mlp,
+        };
+        let head = MtpHead {
+            enorm: norm(ckpt, "enorm")?,
+            hnorm: norm(ckpt, "hnorm")?,
+            eh_proj: Linear::load(ckpt, &format!("{p}.eh_proj"), 2 * h, h, false)?,
+            layer,
+            norm: norm(ckpt, "shared_head.norm")?,
+            cache_spec: CacheSpec { layers: vec![cache] },
+        };
+        ckpt.discard(&format!("{p}.embed_tokens.weight"));
+        ckpt.discard(&format!("{p}.shared_head.head.weight"));
+        Ok(head)
+    }
+}
+
+impl DecoderLayer {
+    /// `x += attn(norm(x)); x += mlp(norm(x))` over `batch` (`next`: the next sparse layer, whose
+    /// experts may be prefetched).
+    fn forward(
+        &self,
+        x: &mut [f32],
+        batch: &ForwardBatch,
+        cache: &mut KvCache,
+        next: Option<&SparseMoe>,
+    ) -> Result<()> {
+        let hn = self.input_layernorm.forward(x);
+        let attn = match &self.self_attn {
+            AttentionBlock::Standard(a) => a.forward(&hn, batch, cache),
+            AttentionBlock::Latent(a) => a.forward(&hn, batch, cache),
+            AttentionBlock::Linear(a) => a.forward(&hn, batch, cache)?,
+        };
+        ops::add_in_place(x, &attn);
+        let hn = self.post_attention_layernorm.forward(x);
+        let mlp = match &self.mlp {
+            FeedForward::Dense(m) => m.forward(&hn),
+            FeedForward::Sparse(m) => m.forward(&hn, next)?,
+        };
+        ops::add_in_place(x, &mlp);
+        Ok(())
+    }
+}
+
 impl SelfAttention {
     fn load(ckpt: &mut Checkpoint, p: &str, layer: usize, c: &ModelConfig) -> Result<SelfAttention> {
         let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -678,6 +793,70 @@ impl CausalLm for DecoderModel {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<Vec<f32>> {
+        Ok(self.run(batch, cache, false)?.0)
+    }
+
+    fn forward_with_hidden(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (logits, hidden) = self.run(batch, cache, true)?;
+        Ok((logits, hidden.unwrap_or_default()))
+    }
+
+    fn mtp_cache_spec(&self) -> Option<&CacheSpec> {
+        self.mtp.as_ref().map(|m| &m.cache_spec)
+    }
+
+    fn mtp_forward(&self, batch: &ForwardBatch, hidden: &[f32], cache: &mut KvCache) -> Result<(Vec<f32>, Vec<f32>)> {
+        let m =
+            self.mtp.as_ref().ok_or_else(|| Error::Config("the multi-token-prediction layer is not loaded".into()))?;
+        batch.validate(cache.block_size, cache.num_blocks)?;
+        if cache.spec() != &m.cache_spec {
+            return Err(Error::Batch("KV cache was made for another shape than the MTP layer's".into()));
+        }
+        let (h, n) = (self.config.hidden_size, batch.num_tokens());
+        if hidden.len() != n * h {
+            return Err(Error::Batch(format!("{} hidden values for {n} tokens of width {h}", hidden.len())));
+        }
+        // The embedding of the token after each hidden state's position (none at position 0,
+        // as vLLM's MTP does), normed; the hidden states normed; side by side.
+        let embed = self.embed_tokens.matrix();
+        let mut e = vec![0f32; n * h];
+        for ((row, &id), &pos) in e.chunks_exact_mut(h).zip(&batch.token_ids).zip(&batch.positions) {
+            if id as usize >= self.config.vocab_size {
+                return Err(Error::Batch(format!("token id {id} is outside the vocabulary")));
+            }
+            if pos > 0 {
+                embed.dequantize_row(id as usize, row);
+            }
+        }
+        m.enorm.forward_in_place(&mut e);
+        let mut hn = hidden.to_vec();
+        m.hnorm.forward_in_place(&mut hn);
+        let mut cat = Vec::with_capacity(2 * n * h);
+        for (er, hr) in e.chunks_exact(h).zip(hn.chunks_exact(h)) {
+            cat.extend_from_slice(er);
+            cat.extend_from_slice(hr);
+        }
+        let mut x = m.eh_proj.forward(&cat);
+        m.layer.forward(&mut x, batch, cache, None)?;
+        let mut rows = Vec::with_capacity(batch.logits_indices.len() * h);
+        for &i in &batch.logits_indices {
+            rows.extend_from_slice(&x[i * h..(i + 1) * h]);
+        }
+        let out_hidden = rows.clone();
+        m.norm.forward_in_place(&mut rows);
+        Ok((self.lm_head.forward(&rows), out_hidden))
+    }
+}
+
+impl DecoderModel {
+    /// The forward: logits of `batch.logits_indices`, and with `want_hidden` every token's final
+    /// hidden state (after the final norm).
+    fn run(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut KvCache,
+        want_hidden: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let c = &self.config;
         batch.validate(cache.block_size, cache.num_blocks)?;
         if cache.spec() != &self.cache_spec {
@@ -721,25 +900,11 @@ impl CausalLm for DecoderModel {
                 _ => None,
             };
             let layer = streamed.as_ref().map_or(layer, |s| &s.layer);
-            let hn = layer.input_layernorm.forward(&x);
-            let attn = match &layer.self_attn {
-                AttentionBlock::Standard(a) => a.forward(&hn, batch, cache),
-                AttentionBlock::Latent(a) => a.forward(&hn, batch, cache),
-                AttentionBlock::Linear(a) => a.forward(&hn, batch, cache)?,
-            };
-            ops::add_in_place(&mut x, &attn);
-            let hn = layer.post_attention_layernorm.forward(&x);
-            let mlp = match &layer.mlp {
-                FeedForward::Dense(m) => m.forward(&hn),
-                FeedForward::Sparse(m) => {
-                    let next = self.layers[i + 1..].iter().find_map(|l| match &l.mlp {
-                        FeedForward::Sparse(m) => Some(m),
-                        FeedForward::Dense(_) => None,
-                    });
-                    m.forward(&hn, next)?
-                }
-            };
-            ops::add_in_place(&mut x, &mlp);
+            let next = self.layers[i + 1..].iter().find_map(|l| match &l.mlp {
+                FeedForward::Sparse(m) => Some(m),
+                FeedForward::Dense(_) => None,
+            });
+            layer.forward(&mut x, batch, cache, next)?;
             // DeepStack: the vision tower's features of layer `i` join the image tokens.
             if let Some((v, ds)) = visual.and_then(|v| Some((v, v.deepstack.get(i)?))) {
                 for (j, &r) in v.rows.iter().enumerate() {
@@ -747,12 +912,18 @@ impl CausalLm for DecoderModel {
                 }
             }
         }
+        if want_hidden {
+            self.norm.forward_in_place(&mut x);
+        }
         let mut rows = Vec::with_capacity(batch.logits_indices.len() * h);
         for &i in &batch.logits_indices {
             rows.extend_from_slice(&x[i * h..(i + 1) * h]);
         }
-        self.norm.forward_in_place(&mut rows);
-        Ok(self.lm_head.forward(&rows))
+        if !want_hidden {
+            self.norm.forward_in_place(&mut rows);
+        }
+        let logits = self.lm_head.forward(&rows);
+        Ok((logits, want_hidden.then_some(x)))
     }
 }
 

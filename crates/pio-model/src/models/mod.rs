@@ -37,6 +37,35 @@ pub trait CausalLm: Send + Sync {
     /// What each layer keeps in the cache.
     fn cache_spec(&self) -> &CacheSpec;
 
+    /// As [`forward`](Self::forward), also returning every batch token's final hidden state
+    /// (after the final norm, `[num_tokens, hidden]`), which a multi-token-prediction module
+    /// takes.
+    fn forward_with_hidden(&self, _batch: &ForwardBatch, _cache: &mut KvCache) -> Result<(Vec<f32>, Vec<f32>)> {
+        Err(crate::Error::Config("this model does not give its hidden states".into()))
+    }
+
+    /// What its multi-token-prediction module keeps in its own cache (one layer), when the
+    /// module is loaded ([`crate::LoadOptions::mtp`]): GLM-4.7-Flash's `nextn` layer. From the
+    /// target's final hidden state at position `i` and the token at `i + 1` it predicts the
+    /// token at `i + 2` through one decoder layer; chained on its own hidden output it proposes
+    /// further tokens (speculative decoding, as vLLM's MTP).
+    fn mtp_cache_spec(&self) -> Option<&CacheSpec> {
+        None
+    }
+
+    /// Runs the multi-token-prediction module over `batch`, whose token `j` is the token after
+    /// the position of `hidden` row `j` and runs at that position (its K/V go to `cache`, made
+    /// from [`mtp_cache_spec`](Self::mtp_cache_spec)); returns the logits of
+    /// `batch.logits_indices` and those rows' hidden states (to chain on).
+    fn mtp_forward(
+        &self,
+        _batch: &ForwardBatch,
+        _hidden: &[f32],
+        _cache: &mut KvCache,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Err(crate::Error::Config("this model has no multi-token-prediction module loaded".into()))
+    }
+
     /// Bytes one token's keys and values take across all layers, stored as `types`.
     fn kv_bytes_per_token(&self, types: KvCacheType) -> usize {
         self.cache_spec().bytes_per_token(types)

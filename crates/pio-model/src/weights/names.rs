@@ -52,6 +52,13 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("ssm_a", "linear_attn.ssm_a"),
     ("ssm_norm.weight", "linear_attn.norm.weight"),
     ("ssm_out.weight", "linear_attn.out_proj.weight"),
+    // Multi-token-prediction (`nextn`) layers after the decoder layers (llama.cpp's GLM-4.5).
+    ("nextn.eh_proj.weight", "eh_proj.weight"),
+    ("nextn.enorm.weight", "enorm.weight"),
+    ("nextn.hnorm.weight", "hnorm.weight"),
+    ("nextn.shared_head_norm.weight", "shared_head.norm.weight"),
+    ("nextn.shared_head_head.weight", "shared_head.head.weight"),
+    ("nextn.embed_tokens.weight", "embed_tokens.weight"),
 ];
 
 /// Names one architecture spells its own way when written: (GGUF architecture, GGUF suffix,

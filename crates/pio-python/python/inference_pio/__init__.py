@@ -244,7 +244,9 @@ class LLM:
     and ``speculative_config`` as vLLM takes it: ``{"method": "ngram", "num_speculative_tokens": 8,
     "prompt_lookup_max": 5, "prompt_lookup_min": 3}`` (prompt lookup) or ``{"model": PATH,
     "num_speculative_tokens": 4}`` (a draft model with the same tokenizer; ``"method":
-    "draft_model"`` may be given); either way the outputs are the same tokens as without it.
+    "draft_model"`` may be given) or ``{"method": "mtp", "num_speculative_tokens": 1}`` (the
+    model's own multi-token-prediction layer, GLM-4.7-Flash); the outputs are the same tokens as
+    without it.
     """
 
     def __init__(
