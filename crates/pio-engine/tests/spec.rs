@@ -273,14 +273,21 @@ fn a_draft_rolls_back_what_the_target_rejected() {
 /// The tiny GLM-4.7-Flash fixture's config with one MTP layer, written with random weights
 /// (as a Hugging Face directory, or GGUF when `name` ends in `.gguf`) and loaded with it.
 fn glm_with_mtp(name: &str) -> LoadedModel {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic/glm4_moe_lite");
+    with_mtp("glm4_moe_lite", name)
+}
+
+/// A tiny fixture's config (`family`) with one MTP layer, as [`glm_with_mtp`].
+fn with_mtp(family: &str, name: &str) -> LoadedModel {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/synthetic").join(family);
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("pio-mtp-{}-{n}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("config.json")).expect("config")).expect("json");
-    cfg["num_nextn_predict_layers"] = 1.into();
+    if family == "glm4_moe_lite" {
+        cfg["num_nextn_predict_layers"] = 1.into();
+    }
     let config = dir.join("config.json");
     std::fs::write(&config, cfg.to_string()).expect("write config");
     let out = dir.join(name);
@@ -292,13 +299,17 @@ fn glm_with_mtp(name: &str) -> LoadedModel {
     m
 }
 
-/// Speculation by the model's own MTP layer: plain decoding's tokens, alone, batched, with
-/// chunked prompts and preemption (the prefix cache off: the layer takes every position's
+/// Speculation by the model's own MTP layer (GLM-4.7-Flash's, and Qwen3-Next's, whose
+/// recurrent state is put back when a proposal fails): plain decoding's tokens, alone, batched,
+/// with chunked prompts and preemption (the prefix cache off: the layer takes every position's
 /// hidden state), from a Hugging Face directory and from GGUF alike.
 #[test]
 fn mtp_speculation_gives_the_tokens_of_plain_decoding() {
-    for name in ["hf", "m.gguf"] {
-        let m = glm_with_mtp(name);
+    for (family, name) in
+        [("glm4_moe_lite", "hf"), ("glm4_moe_lite", "m.gguf"), ("qwen3_next", "hf"), ("qwen3_next", "m.gguf")]
+    {
+        let m = with_mtp(family, name);
+        let name = format!("{family} {name}");
         let model = m.model.as_ref();
         let reqs = requests();
         let want = plain_each(model, &reqs);
@@ -312,7 +323,7 @@ fn mtp_speculation_gives_the_tokens_of_plain_decoding() {
         // The prefix cache on, or a model without the layer loaded: refused, saying why.
         let err = |r: pio_engine::Result<Engine<'_>>| r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err(Engine::new(model, None, config(64, 64, Some(SpecConfig::mtp(3))))).contains("prefix cache off"));
-        let plain = model_of("glm4_moe_lite");
+        let plain = model_of(family);
         let cfg = EngineConfig { prefix_caching: false, ..config(64, 64, Some(SpecConfig::mtp(3))) };
         assert!(err(Engine::new(plain.model.as_ref(), None, cfg)).contains("not loaded"));
     }

@@ -161,7 +161,8 @@ pub struct ModelConfig {
     /// head width, with MLA it is `qk_head_dim`).
     pub mla: Option<MlaConfig>,
     /// Trailing multi-token-prediction layers the checkpoint stores after the decoder layers
-    /// (GLM-4.7-Flash `num_nextn_predict_layers`); not run, and skipped at load.
+    /// (GLM-4.7-Flash `num_nextn_predict_layers`; in GGUF `nextn_predict_layers`, Qwen3-Next's
+    /// too); skipped at load unless speculation by MTP asks for the first.
     pub num_nextn_predict_layers: usize,
     /// Per layer: the sliding window (a position sees itself and the `w - 1` before it), or
     /// `None` for full attention.

@@ -121,10 +121,16 @@ pub fn write_random_checkpoint_with(
     if let Some(t) = &tokenizer {
         t.check_fits(config.vocab_size)?;
     }
-    if mtp && (config.arch != Arch::Glm4MoeLite || config.num_nextn_predict_layers == 0) {
+    let mtp_ok = match config.arch {
+        Arch::Glm4MoeLite => config.num_nextn_predict_layers > 0,
+        Arch::Qwen3Next => true,
+        _ => false,
+    };
+    if mtp && !mtp_ok {
         return Err(Error::file(
             config_path,
-            "a multi-token-prediction layer is written for GLM-4.7-Flash configs with num_nextn_predict_layers >= 1 only",
+            "a multi-token-prediction layer is written for Qwen3-Next, and for GLM-4.7-Flash configs with \
+             num_nextn_predict_layers >= 1, only",
         ));
     }
     let specs = tensor_specs(&config, mtp);
@@ -139,10 +145,11 @@ pub fn write_random_checkpoint_with(
                 for (key, value) in &mut metadata {
                     if *key == format!("{arch}.block_count") {
                         *value = Value::U32(u32::try_from(config.num_layers + 1).unwrap_or(u32::MAX));
-                    } else if *key == format!("{arch}.nextn_predict_layers") {
-                        *value = Value::U32(1);
                     }
                 }
+                let key = format!("{arch}.nextn_predict_layers");
+                metadata.retain(|(k, _)| *k != key);
+                metadata.push((key, Value::U32(1)));
             }
             let (vision, text): (Vec<Spec>, Vec<Spec>) =
                 specs.into_iter().partition(|s| s.name.starts_with("model.visual."));
@@ -281,6 +288,27 @@ fn tensor_specs(c: &ModelConfig, mtp: bool) -> Vec<Spec> {
         specs.push(Spec { name: "lm_head.weight".into(), shape: vec![c.vocab_size, h], init: Init::Matrix });
     }
     specs
+}
+
+/// The name a Hugging Face checkpoint stores tensor `name` under: Qwen3-Next keeps its MTP
+/// layer (layer `num_layers` here, as in GGUF) under `mtp.*`. The numbers still come from
+/// `name`, so both formats hold the same model.
+fn hf_stored_name(c: &ModelConfig, name: &str) -> String {
+    if c.arch == Arch::Qwen3Next {
+        let n = c.num_layers;
+        for (from, to) in [
+            (format!("model.layers.{n}.eh_proj."), "mtp.fc."),
+            (format!("model.layers.{n}.enorm."), "mtp.pre_fc_norm_embedding."),
+            (format!("model.layers.{n}.hnorm."), "mtp.pre_fc_norm_hidden."),
+            (format!("model.layers.{n}.shared_head.norm."), "mtp.norm."),
+            (format!("model.layers.{n}."), "mtp.layers.0."),
+        ] {
+            if let Some(rest) = name.strip_prefix(&from) {
+                return format!("{to}{rest}");
+            }
+        }
+    }
+    name.to_string()
 }
 
 /// The tensors of decoder layer `i` (`linear`: its Gated DeltaNet config, if it is one;
@@ -610,7 +638,8 @@ fn write_hf_dir(
         }
     }
     let st_path = out.join("model.safetensors");
-    let tensors = specs.iter().map(|s| (s.name.clone(), LazyTensor { spec: s, dtype, seed }));
+    let c = ModelConfig::from_hf_file(config_path)?;
+    let tensors = specs.iter().map(|s| (hf_stored_name(&c, &s.name), LazyTensor { spec: s, dtype, seed }));
     let info = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::tensor::serialize_to_file(tensors, Some(info), &st_path)
         .map_err(|e| Error::file(&st_path, format!("cannot write: {e}")))

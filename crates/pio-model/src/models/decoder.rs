@@ -68,7 +68,7 @@ pub struct DecoderModel {
     mtp: Option<MtpHead>,
 }
 
-/// A multi-token-prediction layer (GLM-4.7-Flash's `nextn`, as vLLM runs DeepSeek's MTP):
+/// A multi-token-prediction layer (GLM-4.7-Flash's `nextn`, Qwen3-Next's `mtp.*`, as vLLM runs them):
 /// `eh_proj(cat(enorm(embed(token)), hnorm(hidden)))` through a decoder layer with a cache of
 /// its own, then `norm` and the model's LM head.
 #[derive(Debug)]
@@ -81,6 +81,9 @@ struct MtpHead {
     /// The shared head's norm (`shared_head.norm`).
     norm: RmsNorm,
     cache_spec: CacheSpec,
+    /// DeepSeek's MTP as vLLM runs it (GLM): no embedding at position 0, and the hidden state
+    /// it chains on is taken before `norm`; Qwen3-Next's takes it after.
+    deepseek: bool,
 }
 
 /// The last layers of a dense model read from disk for every forward, through a ring of slots:
@@ -296,17 +299,30 @@ impl DecoderModel {
         }
         // Multi-token-prediction layers follow the decoder layers; they only serve speculative
         // decoding: the first is loaded when asked for, the others are skipped by name.
+        use crate::config::Arch;
+        if mtp && c.arch == Arch::Qwen3Next && ckpt.contains("mtp.fc.weight") {
+            // Qwen3-Next's Hugging Face names for what GGUF (and GLM) keep as layer N.
+            let n = c.num_layers;
+            for (from, to) in [
+                ("mtp.layers.0.".to_string(), format!("model.layers.{n}.")),
+                ("mtp.fc.".into(), format!("model.layers.{n}.eh_proj.")),
+                ("mtp.pre_fc_norm_embedding.".into(), format!("model.layers.{n}.enorm.")),
+                ("mtp.pre_fc_norm_hidden.".into(), format!("model.layers.{n}.hnorm.")),
+                ("mtp.norm.".into(), format!("model.layers.{n}.shared_head.norm.")),
+            ] {
+                ckpt.rename_prefix(&from, &to);
+            }
+        }
+        let has_mtp = ckpt.contains(&format!("model.layers.{}.eh_proj.weight", c.num_layers));
         let mtp = match (mtp, c.arch) {
             (false, _) => None,
-            (true, crate::config::Arch::Glm4MoeLite) if c.num_nextn_predict_layers > 0 => {
-                Some(MtpHead::load(&mut ckpt, c, c.num_layers)?)
-            }
-            (true, crate::config::Arch::Glm4MoeLite) => {
+            (true, Arch::Glm4MoeLite | Arch::Qwen3Next) if has_mtp => Some(MtpHead::load(&mut ckpt, c, c.num_layers)?),
+            (true, Arch::Glm4MoeLite | Arch::Qwen3Next) => {
                 return Err(Error::Config("the checkpoint has no multi-token-prediction layer".into()))
             }
             (true, arch) => {
                 return Err(Error::Config(format!(
-                    "multi-token prediction is not supported for {arch:?} yet (GLM-4.7-Flash's is)"
+                    "multi-token prediction is not supported for {arch:?} (GLM-4.7-Flash's and Qwen3-Next's are)"
                 )))
             }
         };
@@ -614,6 +630,7 @@ impl MtpHead {
             layer,
             norm: norm(ckpt, "shared_head.norm")?,
             cache_spec: CacheSpec { layers: vec![cache] },
+            deepseek: c.arch != crate::config::Arch::Qwen3Next,
         };
         ckpt.discard(&format!("{p}.embed_tokens.weight"));
         ckpt.discard(&format!("{p}.shared_head.head.weight"));
@@ -824,7 +841,7 @@ impl CausalLm for DecoderModel {
             if id as usize >= self.config.vocab_size {
                 return Err(Error::Batch(format!("token id {id} is outside the vocabulary")));
             }
-            if pos > 0 {
+            if pos > 0 || !m.deepseek {
                 embed.dequantize_row(id as usize, row);
             }
         }
@@ -842,9 +859,10 @@ impl CausalLm for DecoderModel {
         for &i in &batch.logits_indices {
             rows.extend_from_slice(&x[i * h..(i + 1) * h]);
         }
-        let out_hidden = rows.clone();
+        let before = m.deepseek.then(|| rows.clone());
         m.norm.forward_in_place(&mut rows);
-        Ok((self.lm_head.forward(&rows), out_hidden))
+        let logits = self.lm_head.forward(&rows);
+        Ok((logits, before.unwrap_or(rows)))
     }
 }
 
