@@ -389,6 +389,11 @@ impl DecoderModel {
         for l in &mut self.layers[..streamed] {
             matrices.extend(l.linears_mut(routed_experts));
         }
+        // The MTP layer runs once per proposed token: as fast as the others.
+        if let Some(m) = &mut self.mtp {
+            matrices.push(&mut m.eh_proj);
+            matrices.extend(m.layer.linears_mut(routed_experts));
+        }
         for l in matrices {
             if l.weight.interleave() {
                 count += 1;
@@ -552,6 +557,10 @@ impl DecoderModel {
         let mut all: Vec<&mut Linear> = vec![&mut self.lm_head];
         for l in &mut self.layers {
             all.extend(l.linears_mut(routed_experts));
+        }
+        if let Some(m) = &mut self.mtp {
+            all.push(&mut m.eh_proj);
+            all.extend(m.layer.linears_mut(routed_experts));
         }
         all
     }
