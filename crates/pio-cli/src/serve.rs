@@ -66,6 +66,14 @@ pub struct ServeArgs {
     /// (GLM-4.5 to 4.7), or none (calls stay text). Default: what the chat template writes.
     #[arg(long, value_name = "NAME")]
     pub tool_call_parser: Option<String>,
+    /// Split a thinking model's reasoning (`<think>`...`</think>`) from its answer into
+    /// `reasoning_content`: qwen3, deepseek_r1, glm45 or glm47 (the same markup). Default: none.
+    #[arg(long, value_name = "NAME", value_parser = parse_reasoning_parser)]
+    pub reasoning_parser: Option<pio_server::reasoning::ReasoningParser>,
+}
+
+fn parse_reasoning_parser(s: &str) -> Result<pio_server::reasoning::ReasoningParser, String> {
+    s.parse()
 }
 
 /// `1234`, `64KiB`, `512MiB`, `2GiB`, `1.5G` (binary units either way).
@@ -176,6 +184,7 @@ pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
         created,
         vision,
         tool_parser,
+        reasoning_parser: a.reasoning_parser,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

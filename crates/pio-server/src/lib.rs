@@ -3,7 +3,8 @@
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streaming as server-sent events
 //! ending with `data: [DONE]`, or one JSON answer), `GET /v1/models`, `GET /health`,
 //! `GET /metrics` (Prometheus text). Chat requests with `tools` get the model's tool calls back
-//! as `tool_calls` ([`tool_parser`]). With an API key every route but `/health` wants
+//! as `tool_calls` ([`tool_parser`]); with a reasoning parser, a thinking model's reasoning comes
+//! back as `reasoning_content` ([`reasoning`]). With an API key every route but `/health` wants
 //! `Authorization: Bearer <key>`. Errors use OpenAI's error JSON. A client that goes away
 //! mid-request drops its [`pio_engine::handle::RequestStream`]s, which cancels them and frees
 //! their KV blocks at the engine's next step.
@@ -11,6 +12,7 @@
 pub mod error;
 mod media;
 pub mod params;
+pub mod reasoning;
 mod routes;
 pub mod tool_parser;
 
@@ -44,6 +46,9 @@ pub struct AppState {
     /// How the model writes tool calls: a chat request with `tools` gets its calls back as
     /// `tool_calls` (`None`: as text).
     pub tool_parser: Option<tool_parser::ToolCallParser>,
+    /// How the model marks its reasoning: chat answers then carry it as `reasoning_content`
+    /// (`None`: it stays in the content).
+    pub reasoning_parser: Option<reasoning::ReasoningParser>,
 }
 
 /// How chat requests' image parts reach a vision-language model.

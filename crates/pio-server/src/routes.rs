@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::params::{self, CommonParams};
+use crate::reasoning::{Part, ReasoningStream};
 use crate::tool_parser::{Delta, ToolCall, ToolCallParser, ToolCallStream};
 use crate::AppState;
 
@@ -96,9 +97,11 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         Some(_) => return Err(ApiError::bad_param("model", "`model` must be a string")),
     }
     let mut images = Vec::new();
+    let mut opens_reasoning = false;
     let (prompts, logprobs) = match kind {
         Kind::Chat => {
-            let (ids, urls) = chat_prompt(s, &body)?;
+            let (ids, urls, opens) = chat_prompt(s, &body)?;
+            opens_reasoning = opens;
             images = urls.iter().map(|u| crate::media::load_image(s, u)).collect::<Result<Vec<_>, _>>()?;
             (vec![ids], params::chat_logprobs(o)?)
         }
@@ -162,6 +165,7 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         kind,
         num_prompts: prompts.len(),
         tools,
+        reasoning: (kind == Kind::Chat && s.reasoning_parser.is_some()).then_some(opens_reasoning),
     };
     if common.stream {
         Ok(stream_response(s.clone(), meta, choices, &common))
@@ -204,13 +208,14 @@ fn with_param(mut e: ApiError, kind: Kind) -> ApiError {
 }
 
 /// The chat template applied to the messages, as token ids, and the URLs of their images.
-fn chat_prompt(s: &AppState, body: &Value) -> Result<(Vec<u32>, Vec<String>), ApiError> {
+/// Also whether the prompt leaves the answer inside an open `<think>` block.
+fn chat_prompt(s: &AppState, body: &Value) -> Result<(Vec<u32>, Vec<String>, bool), ApiError> {
     let placeholder = s.vision.as_ref().map(|v| v.placeholder.as_str());
     let (req, urls) = ChatRequest::from_openai_json_with_images(body, placeholder)?;
     let template =
         s.tokenizer.chat_template().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
     let text = template.render(&req)?;
-    Ok((s.tokenizer.encode(&text, false)?, urls))
+    Ok((s.tokenizer.encode(&text, false)?, urls, crate::reasoning::prompt_opens_reasoning(&text)))
 }
 
 /// `prompt`: a string, an array of strings, an array of token ids or an array of those.
@@ -245,12 +250,21 @@ struct Meta {
     num_prompts: usize,
     /// How to find tool calls in the answers, and the request's tools.
     tools: Option<(ToolCallParser, Arc<Vec<Value>>)>,
+    /// With a reasoning parser: whether the prompt leaves the answer inside a `<think>` block.
+    reasoning: Option<bool>,
 }
 
 impl Meta {
-    /// A stream that splits an answer into content and tool calls.
-    fn tool_stream(&self) -> Option<ToolCallStream> {
-        self.tools.as_ref().map(|(p, tools)| ToolCallStream::new(*p, tools.to_vec()))
+    /// What splits a chat answer into reasoning, content and tool calls (`None`: nothing to
+    /// split).
+    fn splitter(&self) -> Option<Splitter> {
+        if self.tools.is_none() && self.reasoning.is_none() {
+            return None;
+        }
+        Some(Splitter {
+            reasoning: self.reasoning.map(ReasoningStream::new),
+            tools: self.tools.as_ref().map(|(p, tools)| ToolCallStream::new(*p, tools.to_vec())),
+        })
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -397,26 +411,28 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
         }
         let logprobs = if any_logprobs { lp.json() } else { Value::Null };
         out.push(match meta.kind {
-            Kind::Chat => match &meta.tools {
-                Some((parser, tools)) => {
+            Kind::Chat => {
+                let (reasoning, text) = match meta.reasoning {
+                    Some(inside) => ReasoningStream::split(inside, &text),
+                    None => (None, text),
+                };
+                let mut message = json!({"role": "assistant", "content": text});
+                let mut reason = finish_str(finish);
+                if let Some((parser, tools)) = &meta.tools {
                     let parsed = parser.parse(&text, tools);
-                    let mut message = json!({"role": "assistant", "content": parsed.content});
-                    let mut reason = finish_str(finish);
+                    message["content"] = json!(parsed.content);
                     if !parsed.calls.is_empty() {
                         message["tool_calls"] = parsed.calls.iter().map(tool_call_json).collect();
                         if finish != FinishReason::Length {
                             reason = "tool_calls";
                         }
                     }
-                    json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
                 }
-                None => json!({
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs,
-                    "finish_reason": finish_str(finish),
-                }),
-            },
+                if let Some(r) = reasoning {
+                    message["reasoning_content"] = json!(r);
+                }
+                json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
+            }
             Kind::Completion => json!({
                 "index": c.index,
                 "text": text,
@@ -481,8 +497,8 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
         let kind = meta.kind;
         // Text streamed so far per choice: completions' `text_offset` counts from its start.
         let mut offsets = vec![0usize; num_choices];
-        // Per choice, where tool calls are parsed out of the text.
-        let mut tool_streams: Vec<Option<ToolCallStream>> = (0..num_choices).map(|_| meta.tool_stream()).collect();
+        // Per choice, what splits reasoning and tool calls out of the text.
+        let mut splitters: Vec<Option<Splitter>> = (0..num_choices).map(|_| meta.splitter()).collect();
         merged.flat_map(move |(index, prompt, e)| match e {
             Event::Output(o) => {
                 if let Ok(mut u) = usage.lock() {
@@ -500,8 +516,8 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
                     w.json()
                 };
                 let finish = o.finish_reason.map(finish_str);
-                let events = match (kind, tool_streams.get_mut(index).and_then(Option::as_mut)) {
-                    (Kind::Chat, Some(ts)) => tool_chunks(ts, index, &o, logprobs)
+                let events = match (kind, splitters.get_mut(index).and_then(Option::as_mut)) {
+                    (Kind::Chat, Some(sp)) => split_chunks(sp, index, &o, logprobs)
                         .into_iter()
                         .map(|choice| chunk(json!([choice]), None))
                         .collect(),
@@ -537,30 +553,75 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
     Sse::new(all).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// The chunks' choices for one output of a chat answer whose tool calls are parsed: a delta
-/// per piece of content and per call (calls given whole: name and arguments in one delta), the
+/// Splits a chat answer as it streams: reasoning first (with a reasoning parser), then the
+/// content's tool calls (with a tool parser).
+struct Splitter {
+    reasoning: Option<ReasoningStream>,
+    tools: Option<ToolCallStream>,
+}
+
+impl Splitter {
+    /// The deltas `text` completes (`done`: the answer ends with it).
+    fn push(&mut self, text: &str, done: bool) -> Vec<Value> {
+        let mut parts = match &mut self.reasoning {
+            Some(r) => {
+                let mut p = r.push(text);
+                if done {
+                    p.extend(r.finish());
+                }
+                p
+            }
+            None => vec![Part::Content(text.to_string())],
+        };
+        if self.tools.is_some() && done && parts.is_empty() {
+            // Flush what the tool parser holds.
+            parts.push(Part::Content(String::new()));
+        }
+        let mut out = Vec::new();
+        for p in parts {
+            match p {
+                Part::Reasoning(r) => out.push(json!({"reasoning_content": r})),
+                Part::Content(c) => match &mut self.tools {
+                    Some(ts) => {
+                        let mut next_call = ts.num_calls();
+                        let mut deltas = ts.push(&c);
+                        if done {
+                            deltas.extend(ts.finish());
+                        }
+                        for d in deltas {
+                            out.push(match d {
+                                Delta::Content(c) => json!({"content": c}),
+                                Delta::Call(c) => {
+                                    let mut call = tool_call_json(&c);
+                                    call["index"] = json!(next_call);
+                                    next_call += 1;
+                                    json!({"tool_calls": [call]})
+                                }
+                            });
+                        }
+                    }
+                    None if c.is_empty() => {}
+                    None => out.push(json!({"content": c})),
+                },
+            }
+        }
+        out
+    }
+
+    fn num_calls(&self) -> usize {
+        self.tools.as_ref().map_or(0, ToolCallStream::num_calls)
+    }
+}
+
+/// The chunks' choices for one output of a chat answer that is split: a delta per piece of
+/// reasoning, of content and per call (calls given whole: name and arguments in one delta), the
 /// output's logprobs on the first, its finish reason (`tool_calls` once a call was made) on the
 /// last.
-fn tool_chunks(ts: &mut ToolCallStream, index: usize, o: &RequestOutput, logprobs: Value) -> Vec<Value> {
-    let mut next_call = ts.num_calls();
-    let mut deltas = ts.push(&o.text);
-    if o.finish_reason.is_some() {
-        deltas.extend(ts.finish());
-    }
-    let mut choices: Vec<Value> = deltas
+fn split_chunks(sp: &mut Splitter, index: usize, o: &RequestOutput, logprobs: Value) -> Vec<Value> {
+    let mut choices: Vec<Value> = sp
+        .push(&o.text, o.finish_reason.is_some())
         .into_iter()
-        .map(|d| {
-            let delta = match d {
-                Delta::Content(c) => json!({"content": c}),
-                Delta::Call(c) => {
-                    let mut call = tool_call_json(&c);
-                    call["index"] = json!(next_call);
-                    next_call += 1;
-                    json!({"tool_calls": [call]})
-                }
-            };
-            json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null})
-        })
+        .map(|delta| json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}))
         .collect();
     if choices.is_empty() && (!logprobs.is_null() || o.finish_reason.is_some()) {
         choices.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null}));
@@ -570,7 +631,7 @@ fn tool_chunks(ts: &mut ToolCallStream, index: usize, o: &RequestOutput, logprob
     }
     if let (Some(last), Some(r)) = (choices.last_mut(), o.finish_reason) {
         last["finish_reason"] =
-            json!(if ts.num_calls() > 0 && r != FinishReason::Length { "tool_calls" } else { finish_str(r) });
+            json!(if sp.num_calls() > 0 && r != FinishReason::Length { "tool_calls" } else { finish_str(r) });
     }
     choices
 }

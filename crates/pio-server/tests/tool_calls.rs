@@ -94,6 +94,7 @@ fn app(answer: &str, parser: Option<ToolCallParser>) -> axum::Router {
         created: 0,
         vision: None,
         tool_parser: parser,
+        reasoning_parser: Some(pio_server::reasoning::ReasoningParser::Think),
     };
     pio_server::router(Arc::new(state), HttpConfig::default())
 }
@@ -170,4 +171,42 @@ async fn without_a_parser_or_with_tool_choice_none_the_markup_stays_text() {
         serde_json::from_str(&post(app(broken, Some(ToolCallParser::Hermes)), request(false)).await).expect("JSON");
     assert_eq!(plain(&v).as_deref(), Some(broken));
     assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+/// With a reasoning parser, a thinking answer's reasoning comes back as `reasoning_content`
+/// (whole, and streamed as deltas of its own), before the content and the tool calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_comes_back_apart_from_content_and_calls() {
+    let answer = format!("<think>\nThe user wants two cities.\n</think>\n\n{ANSWER}");
+    let v: Value =
+        serde_json::from_str(&post(app(&answer, Some(ToolCallParser::Hermes)), request(false)).await).expect("JSON");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["reasoning_content"], "The user wants two cities.", "{v}");
+    assert_eq!(message["content"], "I will check both.");
+    assert_eq!(message["tool_calls"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+
+    let text = post(app(&answer, Some(ToolCallParser::Hermes)), request(true)).await;
+    let deltas: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).expect("chunk JSON")["choices"][0]["delta"].clone())
+        .collect();
+    let reasoning: String = deltas.iter().filter_map(|d| d["reasoning_content"].as_str()).collect();
+    let content: String = deltas.iter().filter_map(|d| d["content"].as_str()).collect();
+    assert_eq!(reasoning.trim(), "The user wants two cities.");
+    assert_eq!(content.trim(), "I will check both.");
+    assert!(!content.contains("think") && !reasoning.contains("think"), "{content:?} {reasoning:?}");
+    let calls = deltas.iter().filter_map(|d| d["tool_calls"].as_array()).flatten().count();
+    assert_eq!(calls, 2);
+    // The reasoning comes before any content.
+    let first_content = deltas.iter().position(|d| d["content"].as_str().is_some_and(|c| !c.is_empty()));
+    let last_reasoning = deltas.iter().rposition(|d| d["reasoning_content"].is_string());
+    assert!(last_reasoning < first_content, "{deltas:?}");
+
+    // Without thinking, no `reasoning_content`.
+    let v: Value = serde_json::from_str(&post(app("Plain answer.", None), request(false)).await).expect("JSON");
+    assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Plain answer.");
 }
