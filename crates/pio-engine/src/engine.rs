@@ -225,6 +225,9 @@ pub struct RequestParams {
     pub ignore_eos: bool,
     /// Strings that end generation; the text is cut before them.
     pub stop: Vec<String>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 bans a token,
+    /// 100 all but forces it); the reported log-probabilities are the model's, before it.
+    pub logit_bias: Vec<(u32, f32)>,
     /// Report the sampled token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
     /// Return the logits of every prompt position from this one on (teacher forcing:
@@ -257,6 +260,7 @@ impl Default for RequestParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             stop: Vec::new(),
+            logit_bias: Vec::new(),
             logprobs: None,
             prompt_logits: None,
             attention_window: None,
@@ -941,6 +945,11 @@ impl<'m> Engine<'m> {
         let stops_allowed = n_gen >= p.min_tokens;
         let is_stop_token = |t: u32| (!p.ignore_eos && p.eos_token_ids.contains(&t)) || p.stop_token_ids.contains(&t);
         let logprobs = p.logprobs.map(|n| (n, log_softmax(logits)));
+        for &(t, b) in &p.logit_bias {
+            if let Some(v) = logits.get_mut(t as usize) {
+                *v += b;
+            }
+        }
         if !stops_allowed {
             for t in p.eos_token_ids.iter().chain(&p.stop_token_ids) {
                 if let Some(v) = logits.get_mut(*t as usize) {
@@ -1053,6 +1062,13 @@ pub fn validate_request(limits: &RequestLimits, prompt: &[u32], params: &Request
                 prompt.len()
             )));
         }
+    }
+    if let Some(&(t, b)) =
+        params.logit_bias.iter().find(|&&(t, b)| t as usize >= vocab_size || !(-100.0..=100.0).contains(&b))
+    {
+        return Err(EngineError::Invalid(format!(
+            "logit_bias: token {t} with bias {b}: tokens must be in the vocabulary ({vocab_size}) and biases in [-100, 100]"
+        )));
     }
     if let Some(n) = params.logprobs {
         if n > 20 {

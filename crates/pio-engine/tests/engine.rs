@@ -506,3 +506,32 @@ fn the_budget_holds_the_recurrent_state_too() {
     let err = EngineConfig::for_model(model, Default::default(), 4 * per_seq, 256).expect_err("too small").to_string();
     assert!(err.contains("recurrent state"), "{err}");
 }
+
+/// `logit_bias`: +100 all but forces a token, -100 keeps the greedy one out; the reported
+/// log-probabilities stay the model's; out-of-range biases and tokens are refused.
+#[test]
+fn logit_bias_moves_the_sampled_tokens() {
+    let m = model();
+    let p = prompt(12, 4);
+    let plain = alone(m.model.as_ref(), &p, &greedy(6));
+    let forced = RequestParams { logit_bias: vec![(77, 100.0)], ..greedy(6) };
+    assert_eq!(alone(m.model.as_ref(), &p, &forced), vec![77; 6]);
+    let banned = RequestParams { logit_bias: vec![(plain[0], -100.0)], ..greedy(1) };
+    assert_ne!(alone(m.model.as_ref(), &p, &banned)[0], plain[0]);
+    // Log-probabilities are the model's: the forced token's is what plain decoding reports.
+    let mut e = Engine::new(m.model.as_ref(), None, config(64, 512)).expect("engine");
+    let with_lp = |bias: Vec<(u32, f32)>| RequestParams { logit_bias: bias, logprobs: Some(1), ..greedy(1) };
+    let id = e.add_request(p.clone(), with_lp(vec![(plain[0], 5.0)])).expect("request");
+    let id2 = e.add_request(p.clone(), with_lp(Vec::new())).expect("request");
+    let mut lps = std::collections::HashMap::new();
+    while e.has_work() {
+        for o in e.step().expect("step") {
+            lps.insert(o.id, o.logprobs.first().map(|l| l.logprob));
+        }
+    }
+    assert_eq!(lps[&id], lps[&id2]);
+    for bad in [vec![(1u32, 100.5f32)], vec![(1_000_000, 1.0)]] {
+        let r = RequestParams { logit_bias: bad, ..greedy(1) };
+        assert!(e.add_request(p.clone(), r).is_err());
+    }
+}

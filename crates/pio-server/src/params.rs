@@ -89,6 +89,24 @@ fn get_token_ids(o: &Map<String, Value>, key: &str) -> Result<Vec<u32>, ApiError
     }
 }
 
+/// `logit_bias`: token ids (as strings, OpenAI's form) to biases in [-100, 100].
+fn get_logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad =
+        || ApiError::bad_param("logit_bias", "`logit_bias` must map token ids (as strings) to numbers in [-100, 100]");
+    match present(o, "logit_bias") {
+        None => Ok(Vec::new()),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                let t = k.trim().parse::<u32>().map_err(|_| bad())?;
+                let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(bad)?;
+                Ok((t, b as f32))
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
 /// Reads the sampling, stopping and streaming fields; `logprobs` is what the endpoint read
 /// (chat: `logprobs` + `top_logprobs`; completions: the integer `logprobs`).
 pub fn common(
@@ -137,6 +155,7 @@ pub fn common(
         stop_token_ids: get_token_ids(o, "stop_token_ids")?,
         ignore_eos: get_bool(o, "ignore_eos")?.unwrap_or(false),
         stop: get_stop(o)?,
+        logit_bias: get_logit_bias(o)?,
         logprobs,
         prompt_logits: None,
         attention_window: get_usize(o, "attention_window")?,
@@ -204,6 +223,13 @@ mod tests {
         assert_eq!((d.params.sampling.temperature, d.params.sampling.top_p, d.n), (1.0, 1.0, 1));
         let m = parse(json!({"max_tokens": 5, "max_completion_tokens": 9})).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(m.params.max_tokens, Some(9));
+        let b = parse(json!({"logit_bias": {"15": -100, "7": 2.5}})).unwrap_or_else(|e| panic!("{e:?}"));
+        let mut bias = b.params.logit_bias.clone();
+        bias.sort_by_key(|x| x.0);
+        assert_eq!(bias, vec![(7, 2.5), (15, -100.0)]);
+        for bad in [json!({"logit_bias": {"x": 1}}), json!({"logit_bias": {"3": 101}}), json!({"logit_bias": [1]})] {
+            assert!(parse(bad).is_err());
+        }
     }
 
     #[test]

@@ -177,9 +177,6 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
 /// Fields we do not implement are refused rather than silently ignored.
 fn refuse_unsupported(o: &Map<String, Value>, kind: Kind) -> Result<(), ApiError> {
     let set = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
-    if o.get("logit_bias").is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty())) {
-        return Err(ApiError::bad_param("logit_bias", "`logit_bias` is not supported"));
-    }
     if let Some(rf) = o.get("response_format").filter(|v| !v.is_null()) {
         if rf.get("type").and_then(Value::as_str) != Some("text") {
             return Err(ApiError::bad_param(
