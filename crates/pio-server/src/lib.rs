@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API over an [`EngineHandle`].
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (streaming as server-sent events
-//! ending with `data: [DONE]`, or one JSON answer), `GET /v1/models`, `GET /health`,
+//! ending with `data: [DONE]`, or one JSON answer), `GET /v1/models`, `POST /tokenize` and
+//! `POST /detokenize` (vLLM's shapes), `GET /version`, `GET /health`,
 //! `GET /metrics` (Prometheus text). Chat requests with `tools` get the model's tool calls back
 //! as `tool_calls` ([`tool_parser`]); with a reasoning parser, a thinking model's reasoning comes
 //! back as `reasoning_content` ([`reasoning`]). With an API key every route but `/health` wants
@@ -84,6 +85,9 @@ pub fn router(state: Arc<AppState>, http: HttpConfig) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()

@@ -51,6 +51,65 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.engine.render_prometheus()).into_response()
 }
 
+/// vLLM's `/tokenize`: `{"prompt": TEXT, "add_special_tokens": true}` or `{"messages": [...],
+/// "add_generation_prompt": true, ...}` (the chat template applied) -> `{"count", "max_model_len",
+/// "tokens"}` (and `"token_strs"` with `"return_token_strs": true`).
+pub async fn tokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    tokenize_body(&s, body).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn tokenize_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| ApiError::bad_request(format!("could not read the request body: {r}")))?;
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let o = params::object(&body)?;
+    let tokens = match (o.get("prompt"), o.get("messages")) {
+        (Some(Value::String(text)), None) => {
+            let special = params::get_bool(o, "add_special_tokens")?.unwrap_or(true);
+            s.tokenizer.encode(text, special)?
+        }
+        (None, Some(_)) => chat_prompt(s, &body)?.0,
+        _ => return Err(ApiError::bad_param("prompt", "give either `prompt` (a string) or `messages`")),
+    };
+    let mut v = json!({"count": tokens.len(), "max_model_len": s.engine.config().max_model_len, "tokens": tokens});
+    if params::get_bool(o, "return_token_strs")?.unwrap_or(false) {
+        let strs: Vec<Value> =
+            tokens.iter().map(|&t| s.tokenizer.id_to_token(t).map_or(Value::Null, Value::String)).collect();
+        v["token_strs"] = Value::Array(strs);
+    }
+    Ok(Json(v).into_response())
+}
+
+/// vLLM's `/detokenize`: `{"tokens": [ids]}` -> `{"prompt": TEXT}`.
+pub async fn detokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    detokenize_body(&s, body).unwrap_or_else(IntoResponse::into_response)
+}
+
+fn detokenize_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| ApiError::bad_request(format!("could not read the request body: {r}")))?;
+    let body: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let o = params::object(&body)?;
+    let bad = || ApiError::bad_param("tokens", "`tokens` must be an array of token ids in the vocabulary");
+    let ids: Vec<u32> = o
+        .get("tokens")
+        .and_then(Value::as_array)
+        .ok_or_else(bad)?
+        .iter()
+        .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    if ids.iter().any(|&t| s.tokenizer.id_to_token(t).is_none()) {
+        return Err(bad());
+    }
+    Ok(Json(json!({"prompt": s.tokenizer.decode(&ids, false)?})).into_response())
+}
+
+/// `{"version": ...}`: this server's.
+pub async fn version() -> Json<Value> {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
 pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     run(&s, body, Kind::Chat).await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -1,6 +1,7 @@
-//! Tool calls through the HTTP API, from a model that writes a scripted answer (a stand-in
-//! for a trained model: the tiny random ones never write tool-call markup, and the small real
-//! one does not follow the format). The real Qwen3 tokenizer and chat template.
+//! The HTTP API's tool calls, reasoning, `/tokenize`, `/detokenize` and `/version`, over a model
+//! that writes a scripted answer (a stand-in for a trained model: the tiny random ones never
+//! write tool-call markup, and the small real one does not follow the format). The real Qwen3
+//! tokenizer and chat template.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -209,4 +210,52 @@ async fn reasoning_comes_back_apart_from_content_and_calls() {
     let v: Value = serde_json::from_str(&post(app("Plain answer.", None), request(false)).await).expect("JSON");
     assert!(v["choices"][0]["message"].get("reasoning_content").is_none(), "{v}");
     assert_eq!(v["choices"][0]["message"]["content"], "Plain answer.");
+}
+
+async fn call(app: axum::Router, req: Request<Body>) -> (u16, Value) {
+    let resp = app.oneshot(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).expect("JSON body"))
+}
+
+fn json_post(path: &str, body: Value) -> Request<Body> {
+    Request::post(path).header("content-type", "application/json").body(Body::from(body.to_string())).expect("request")
+}
+
+/// `/tokenize` (a prompt, or chat messages through the template), `/detokenize` and `/version`,
+/// in vLLM's shapes; bad input gets 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_detokenize_and_version() {
+    let tok = tokenizer();
+    let want = tok.encode("Hello world", true).expect("encode");
+    let (st, v) =
+        call(app("x", None), json_post("/tokenize", json!({"prompt": "Hello world", "return_token_strs": true}))).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["tokens"], json!(want));
+    assert_eq!(v["count"], json!(want.len()));
+    assert_eq!(v["token_strs"].as_array().map(Vec::len), Some(want.len()));
+    assert!(v["max_model_len"].as_u64().is_some_and(|n| n > 0));
+    let (st, v) =
+        call(app("x", None), json_post("/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]}))).await;
+    assert_eq!(st, 200, "{v}");
+    let rendered =
+        tok.decode(&serde_json::from_value::<Vec<u32>>(v["tokens"].clone()).expect("ids"), false).expect("decode");
+    assert!(
+        rendered.contains("<|im_start|>user\nHi<|im_end|>") && rendered.ends_with("<|im_start|>assistant\n"),
+        "{rendered:?}"
+    );
+    let (st, v) = call(app("x", None), json_post("/detokenize", json!({"tokens": want}))).await;
+    assert_eq!((st, v["prompt"].as_str()), (200, Some("Hello world")), "{v}");
+    for (path, body) in [
+        ("/detokenize", json!({"tokens": [999999999]})),
+        ("/detokenize", json!({"tokens": "a"})),
+        ("/tokenize", json!({"text": 1})),
+    ] {
+        let (st, v) = call(app("x", None), json_post(path, body)).await;
+        assert_eq!(st, 400, "{path}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    let (st, v) = call(app("x", None), Request::get("/version").body(Body::empty()).expect("request")).await;
+    assert_eq!((st, v["version"].as_str()), (200, Some(env!("CARGO_PKG_VERSION"))));
 }
