@@ -70,6 +70,11 @@ pub struct ServeArgs {
     /// `reasoning_content`: qwen3, deepseek_r1, glm45 or glm47 (the same markup). Default: none.
     #[arg(long, value_name = "NAME", value_parser = parse_reasoning_parser)]
     pub reasoning_parser: Option<pio_server::reasoning::ReasoningParser>,
+    /// Log level of the server's log on stderr (a line per request, a stats line every 10 s
+    /// while busy, failures with their cause): error, warn, info, debug, trace. `RUST_LOG`
+    /// takes precedence.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
 }
 
 fn parse_reasoning_parser(s: &str) -> Result<pio_server::reasoning::ReasoningParser, String> {
@@ -101,6 +106,13 @@ fn available_ram() -> Option<usize> {
 }
 
 pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::try_new(v).context("RUST_LOG")?,
+        _ => tracing_subscriber::EnvFilter::try_new(format!("pio_server={}", a.log_level))
+            .with_context(|| format!("--log-level {}", a.log_level))?,
+    };
+    // A second server in the same process (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     // `Some(None)`: "none" was asked for.
     let chosen_parser = match a.tool_call_parser.as_deref() {
         None => None,

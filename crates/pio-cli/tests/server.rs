@@ -33,6 +33,8 @@ fn model_path() -> Option<PathBuf> {
 struct Server {
     child: Child,
     port: u16,
+    /// Its log lines so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -64,8 +66,29 @@ impl Server {
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in {line:?}"));
         // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in reader.lines() {});
-        Server { child, port }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for l in reader.lines().map_while(Result::ok) {
+                if let Ok(mut v) = sink.lock() {
+                    v.push(l);
+                }
+            }
+        });
+        Server { child, port, log }
+    }
+
+    /// Waits up to 5 s for a log line containing every one of `parts`.
+    fn wait_log(&self, parts: &[&str]) -> String {
+        for _ in 0..100 {
+            let found =
+                self.log.lock().ok().and_then(|v| v.iter().find(|l| parts.iter().all(|p| l.contains(p))).cloned());
+            if let Some(l) = found {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no log line with {parts:?} in {:?}", self.log.lock().map(|v| v.clone()));
     }
 
     fn connect(&self) -> TcpStream {
@@ -151,6 +174,12 @@ fn errors_come_back_in_openai_format_with_the_right_status() {
     let (s, v) = srv.post("/v1/completions", &json!({"prompt": long, "max_tokens": 4}));
     assert_error(s, &v, 400, "invalid_request_error", "64");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Refusals are logged with their cause; finished requests with their figures.
+    srv.wait_log(&["WARN", "request refused", "status=400", "maximum context length"]);
+    let (s, _) = srv.post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 3}));
+    assert_eq!(s, 200);
+    let line = srv.wait_log(&["INFO", "request done", "endpoint=\"/v1/completions\"", "completion_tokens=3"]);
+    assert!(line.contains("ttft_ms=") && line.contains("duration_ms="), "{line}");
     for bad in [
         json!({"prompt": "hi", "temperature": -0.5}),
         json!({"prompt": "hi", "top_p": 1.5}),

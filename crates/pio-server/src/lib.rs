@@ -118,7 +118,42 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     on_listening(listener.local_addr()?);
+    tokio::spawn(log_stats(state.clone(), std::time::Duration::from_secs(10)));
     axum::serve(listener, router(state, http)).with_graceful_shutdown(shutdown_signal()).await
+}
+
+/// Every `every` while there is work: one line of the engine's state and throughput since the
+/// last (vLLM's periodic stats).
+async fn log_stats(state: Arc<AppState>, every: std::time::Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = state.engine.metrics().clone();
+    let read =
+        || (m.prompt_tokens.load(Relaxed), m.generation_tokens.load(Relaxed), m.prefix_cache_hit_tokens.load(Relaxed));
+    let mut last = read();
+    let mut interval = tokio::time::interval(every);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let now = read();
+        let (running, waiting) = (m.requests_running.load(Relaxed), m.requests_waiting.load(Relaxed));
+        if now == last && running == 0 && waiting == 0 {
+            continue;
+        }
+        let secs = every.as_secs_f64();
+        let (prompt, generated, hits) = (now.0 - last.0, now.1 - last.1, now.2 - last.2);
+        let kv = 100.0 * m.kv_blocks_used.load(Relaxed) as f64 / m.kv_blocks_total.load(Relaxed).max(1) as f64;
+        let one = |x: f64| (x * 10.0).round() / 10.0;
+        tracing::info!(
+            running,
+            waiting,
+            kv_cache_usage_pct = one(kv),
+            prefix_cache_hit_rate_pct = one(100.0 * hits as f64 / prompt.max(1) as f64),
+            prompt_tokens_per_s = one(prompt as f64 / secs),
+            generation_tokens_per_s = one(generated as f64 / secs),
+            "engine"
+        );
+        last = now;
+    }
 }
 
 async fn shutdown_signal() {

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -111,17 +111,55 @@ pub async fn version() -> Json<Value> {
 }
 
 pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    run(&s, body, Kind::Chat).await.unwrap_or_else(IntoResponse::into_response)
+    run(&s, body, Kind::Chat).await.unwrap_or_else(|e| logged(e, Kind::Chat))
 }
 
 pub async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    run(&s, body, Kind::Completion).await.unwrap_or_else(IntoResponse::into_response)
+    run(&s, body, Kind::Completion).await.unwrap_or_else(|e| logged(e, Kind::Completion))
+}
+
+/// A failed request's answer, logged with its cause (server errors as errors, the client's as
+/// warnings).
+fn logged(e: ApiError, kind: Kind) -> Response {
+    let endpoint = kind.path();
+    if e.status.is_server_error() {
+        tracing::error!(endpoint, status = e.status.as_u16(), error = %e.message, "request failed");
+    } else {
+        tracing::warn!(endpoint, status = e.status.as_u16(), param = e.param.as_deref().unwrap_or(""), error = %e.message, "request refused");
+    }
+    e.into_response()
+}
+
+/// One line per finished request.
+fn log_done(meta: &Meta, usage: &Usage, first_token: Option<Instant>, stream: bool) {
+    let (prompt, _) = usage.totals();
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+    tracing::info!(
+        id = %meta.id,
+        endpoint = meta.kind.path(),
+        status = 200,
+        stream,
+        prompt_tokens = prompt,
+        completion_tokens = usage.completion,
+        ttft_ms = first_token.map_or(0.0, |t| ms(t - meta.started)),
+        duration_ms = ms(meta.started.elapsed()),
+        "request done"
+    );
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Chat,
     Completion,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Chat => "/v1/chat/completions",
+            Kind::Completion => "/v1/completions",
+        }
+    }
 }
 
 /// One choice being produced: which prompt it answers and its stream.
@@ -132,6 +170,7 @@ struct Choice {
 }
 
 async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let body = body.map_err(|r| {
         let status = r.status();
         let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -225,6 +264,7 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         num_prompts: prompts.len(),
         tools,
         reasoning: (kind == Kind::Chat && s.reasoning_parser.is_some()).then_some(opens_reasoning),
+        started,
     };
     if common.stream {
         Ok(stream_response(s.clone(), meta, choices, &common))
@@ -308,6 +348,8 @@ struct Meta {
     tools: Option<(ToolCallParser, Arc<Vec<Value>>)>,
     /// With a reasoning parser: whether the prompt leaves the answer inside a `<think>` block.
     reasoning: Option<bool>,
+    /// When the request arrived.
+    started: Instant,
 }
 
 impl Meta {
@@ -352,9 +394,13 @@ impl Usage {
         self.completion += o.token_ids.len();
     }
 
+    /// Prompt tokens and cached prompt tokens.
+    fn totals(&self) -> (usize, usize) {
+        (self.prompts.iter().flatten().map(|p| p.0).sum(), self.prompts.iter().flatten().map(|p| p.1).sum())
+    }
+
     fn json(&self) -> Value {
-        let prompt: usize = self.prompts.iter().flatten().map(|p| p.0).sum();
-        let cached: usize = self.prompts.iter().flatten().map(|p| p.1).sum();
+        let (prompt, cached) = self.totals();
         json!({
             "prompt_tokens": prompt,
             "completion_tokens": self.completion,
@@ -444,6 +490,7 @@ impl LogprobWriter {
 async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -> Result<Response, ApiError> {
     let mut usage = Usage::new(meta.num_prompts);
     let mut out = Vec::with_capacity(choices.len());
+    let mut first_token = None;
     for mut c in choices {
         let mut text = String::new();
         let mut finish = FinishReason::Length;
@@ -453,6 +500,9 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
             match e {
                 Event::Output(o) => {
                     usage.add(c.prompt, &o);
+                    if first_token.is_none() && !o.token_ids.is_empty() {
+                        first_token = Some(Instant::now());
+                    }
                     if !o.logprobs.is_empty() {
                         any_logprobs = true;
                         lp.push(s, &o.logprobs, text.len());
@@ -497,6 +547,7 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
             }),
         });
     }
+    log_done(&meta, &usage, first_token, false);
     Ok(Json(json!({
         "id": meta.id,
         "object": meta.object(false),
@@ -511,6 +562,7 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
 fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &CommonParams) -> Response {
     let include_usage = common.include_usage;
     let usage = Arc::new(Mutex::new(Usage::new(meta.num_prompts)));
+    let first_token: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let chunk = {
         let meta = meta.clone();
         move |choices: Value, usage: Option<Value>| -> SseEvent {
@@ -549,7 +601,7 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
             .boxed()
     }));
     let body = {
-        let (usage, chunk, s) = (usage.clone(), chunk.clone(), s.clone());
+        let (usage, chunk, s, first) = (usage.clone(), chunk.clone(), s.clone(), first_token.clone());
         let kind = meta.kind;
         // Text streamed so far per choice: completions' `text_offset` counts from its start.
         let mut offsets = vec![0usize; num_choices];
@@ -559,6 +611,11 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
             Event::Output(o) => {
                 if let Ok(mut u) = usage.lock() {
                     u.add(prompt, &o);
+                }
+                if !o.token_ids.is_empty() {
+                    if let Ok(mut f) = first.lock() {
+                        f.get_or_insert_with(Instant::now);
+                    }
                 }
                 let offset = offsets.get(index).copied().unwrap_or(0);
                 if let Some(off) = offsets.get_mut(index) {
@@ -596,6 +653,9 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
     };
     let tail = stream::once(async move {
         let mut events = Vec::new();
+        if let (Ok(u), Ok(f)) = (usage.lock(), first_token.lock()) {
+            log_done(&meta, &u, *f, true);
+        }
         if include_usage {
             let u = usage.lock().map(|u| u.json()).unwrap_or(Value::Null);
             events.push(chunk(json!([]), Some(u)));
