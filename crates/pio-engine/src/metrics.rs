@@ -52,16 +52,26 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
+        self.render_labeled(out, name, help, "");
+    }
+
+    /// With `labels` (`key="value",...`) on every sample.
+    fn render_labeled(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let h = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let (pre, set) = if labels.is_empty() {
+            (String::new(), String::new())
+        } else {
+            (format!("{labels},"), format!("{{{labels}}}"))
+        };
         let mut cum = 0;
         for (i, &b) in self.bounds.iter().enumerate() {
             cum += h.counts[i];
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{pre}le=\"{b}\"}} {cum}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "{name}_sum {}", h.sum);
-        let _ = writeln!(out, "{name}_count {}", h.count);
+        let _ = writeln!(out, "{name}_bucket{{{pre}le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{set} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{set} {}", h.count);
     }
 }
 
@@ -250,6 +260,90 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The same figures under vLLM's names (`vllm:*`, labeled `model_name`), so dashboards made
+    /// for vLLM read this server too.
+    pub fn render_vllm(&self, model_name: &str) -> String {
+        let mut s = String::new();
+        let name = model_name.replace('\\', "\\\\").replace('"', "\\\"");
+        let label = format!("model_name=\"{name}\"");
+        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let lq = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut one = |metric: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric}{{{label}}} {v}");
+        };
+        one(
+            "vllm:num_requests_running",
+            "gauge",
+            "Requests in the running batch.",
+            ld(&self.requests_running).to_string(),
+        );
+        let waiting = ld(&self.requests_waiting) + ld(&self.requests_in_flight);
+        one("vllm:num_requests_waiting", "gauge", "Requests waiting to be admitted.", waiting.to_string());
+        let usage = ld(&self.kv_blocks_used) as f64 / ld(&self.kv_blocks_total).max(1) as f64;
+        one("vllm:kv_cache_usage_perc", "gauge", "KV cache usage (1 = all blocks in use).", usage.to_string());
+        one(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            lq(&self.prompt_tokens).to_string(),
+        );
+        one(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache.",
+            lq(&self.prefix_cache_hit_tokens).to_string(),
+        );
+        one(
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Prompt tokens of admitted requests.",
+            lq(&self.prompt_tokens).to_string(),
+        );
+        one("vllm:generation_tokens_total", "counter", "Tokens generated.", lq(&self.generation_tokens).to_string());
+        one("vllm:num_preemptions_total", "counter", "Sequences preempted.", lq(&self.preemptions).to_string());
+        one(
+            "vllm:spec_decode_num_drafts_total",
+            "counter",
+            "Speculative proposals verified.",
+            lq(&self.spec_drafts).to_string(),
+        );
+        one(
+            "vllm:spec_decode_num_draft_tokens_total",
+            "counter",
+            "Speculative tokens proposed.",
+            lq(&self.spec_draft_tokens).to_string(),
+        );
+        one(
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Speculative tokens accepted.",
+            lq(&self.spec_accepted_tokens).to_string(),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP vllm:request_success_total Finished requests by reason.\n# TYPE vllm:request_success_total counter"
+        );
+        for (reason, v) in FINISH_LABELS.iter().zip(&self.finished) {
+            let _ = writeln!(s, "vllm:request_success_total{{{label},finished_reason=\"{reason}\"}} {}", lq(v));
+        }
+        self.time_to_first_token.render_labeled(
+            &mut s,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            &label,
+        );
+        self.inter_token_latency.render_labeled(
+            &mut s,
+            "vllm:inter_token_latency_seconds",
+            "Time between tokens.",
+            &label,
+        );
+        self.request_duration.render_labeled(&mut s, "vllm:e2e_request_latency_seconds", "Arrival to finish.", &label);
+        s
+    }
+}
+
 /// An expert cache's counters (see [`pio_model::ExpertCacheStats`]) in Prometheus text format.
 pub fn render_expert_cache(c: &pio_model::ExpertCacheStats) -> String {
     let metrics: [(&str, &str, &str, String); 9] = [
@@ -297,6 +391,12 @@ mod tests {
         assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"80\"} 1\n"));
         assert!(s.contains("pio_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(s.contains("pio_time_to_first_token_seconds_count 2\n"));
+        let v = m.render_vllm("my \"model\"");
+        let l = "model_name=\"my \\\"model\\\"\"";
+        assert!(v.contains(&format!("vllm:prompt_tokens_total{{{l}}} 7\n")), "{v}");
+        assert!(v.contains(&format!("vllm:time_to_first_token_seconds_bucket{{{l},le=\"0.05\"}} 1\n")), "{v}");
+        assert!(v.contains(&format!("vllm:time_to_first_token_seconds_count{{{l}}} 2\n")), "{v}");
+        assert!(v.contains(&format!("vllm:kv_cache_usage_perc{{{l}}} 0\n")), "{v}");
     }
 
     #[test]

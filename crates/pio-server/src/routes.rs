@@ -48,7 +48,9 @@ pub async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
 }
 
 pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.engine.render_prometheus()).into_response()
+    let mut text = s.engine.render_prometheus();
+    text.push_str(&s.engine.metrics().render_vllm(&s.model_name));
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// vLLM's `/tokenize`: `{"prompt": TEXT, "add_special_tokens": true}` or `{"messages": [...],

@@ -258,4 +258,11 @@ async fn tokenize_detokenize_and_version() {
     }
     let (st, v) = call(app("x", None), Request::get("/version").body(Body::empty()).expect("request")).await;
     assert_eq!((st, v["version"].as_str()), (200, Some(env!("CARGO_PKG_VERSION"))));
+    // `/metrics` has vLLM's names beside ours.
+    let resp =
+        app("x", None).oneshot(Request::get("/metrics").body(Body::empty()).expect("request")).await.expect("response");
+    let text = String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+    assert!(text.contains("pio_num_requests_running 0\n"), "{text}");
+    assert!(text.contains("vllm:num_requests_running{model_name=\"scripted\"} 0\n"), "{text}");
+    assert!(text.contains("vllm:e2e_request_latency_seconds_count{model_name=\"scripted\"}"), "{text}");
 }
