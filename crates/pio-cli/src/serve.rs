@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// takes precedence.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Let web pages of these origins call the API (CORS), e.g.
+    /// `--allowed-origins http://localhost:3000`; `*` allows any. Repeatable; off by default.
+    #[arg(long, value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
 }
 
 fn parse_reasoning_parser(s: &str) -> Result<pio_server::reasoning::ReasoningParser, String> {
@@ -204,7 +208,10 @@ pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let default_body = if has_vision { 32 << 20 } else { 4 << 20 };
-    let http = HttpConfig { max_body_bytes: a.max_body_bytes.unwrap_or(default_body) };
+    let http = HttpConfig {
+        max_body_bytes: a.max_body_bytes.unwrap_or(default_body),
+        allowed_origins: a.allowed_origins.clone(),
+    };
     let addr = SocketAddr::new(a.host, a.port);
     let kv_mib = cfg.num_blocks * cfg.block_size * per_token / (1 << 20);
     let state = match state_per_seq {

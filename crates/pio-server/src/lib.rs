@@ -67,16 +67,39 @@ pub struct VisionServing {
 }
 
 /// Limits of the HTTP layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Browser origins allowed to call the API (CORS; `*`: any); none: no CORS headers, so
+    /// browsers keep pages of other origins out.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { max_body_bytes: 4 << 20 }
+        HttpConfig { max_body_bytes: 4 << 20, allowed_origins: Vec::new() }
     }
+}
+
+/// The CORS layer `origins` ask for (`None`: none given).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+    )
 }
 
 /// All routes over `state`.
@@ -90,12 +113,17 @@ pub fn router(state: Arc<AppState>, http: HttpConfig) -> Router {
         .route("/version", get(routes::version))
         .route("/metrics", get(routes::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(routes::health))
         .merge(api)
         .fallback(|| async { ApiError::not_found("no such route", "not_found") })
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a browser's preflight is answered before the API key is asked for.
+    match cors(&http.allowed_origins) {
+        Some(c) => router.layer(c),
+        None => router,
+    }
 }
 
 async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -71,6 +71,10 @@ fn request(stream: bool) -> Value {
 
 /// An app over a model that answers the request with `answer`.
 fn app(answer: &str, parser: Option<ToolCallParser>) -> axum::Router {
+    app_with(answer, parser, HttpConfig::default())
+}
+
+fn app_with(answer: &str, parser: Option<ToolCallParser>, http: HttpConfig) -> axum::Router {
     let tok = tokenizer();
     let template = tok.chat_template().expect("a chat template");
     let prompt = template.render(&ChatRequest::from_openai_json(&request(false)).expect("request")).expect("render");
@@ -97,7 +101,7 @@ fn app(answer: &str, parser: Option<ToolCallParser>) -> axum::Router {
         tool_parser: parser,
         reasoning_parser: Some(pio_server::reasoning::ReasoningParser::Think),
     };
-    pio_server::router(Arc::new(state), HttpConfig::default())
+    pio_server::router(Arc::new(state), http)
 }
 
 async fn post(app: axum::Router, body: Value) -> String {
@@ -265,4 +269,28 @@ async fn tokenize_detokenize_and_version() {
     assert!(text.contains("pio_num_requests_running 0\n"), "{text}");
     assert!(text.contains("vllm:num_requests_running{model_name=\"scripted\"} 0\n"), "{text}");
     assert!(text.contains("vllm:e2e_request_latency_seconds_count{model_name=\"scripted\"}"), "{text}");
+}
+
+/// CORS only for the origins asked for; preflights are answered before the API key is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_headers_only_for_allowed_origins() {
+    let preflight = |origin: &str| {
+        Request::options("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .body(Body::empty())
+            .expect("request")
+    };
+    let http = HttpConfig { allowed_origins: vec!["http://localhost:3000".into()], ..HttpConfig::default() };
+    let resp = app_with("x", None, http.clone()).oneshot(preflight("http://localhost:3000")).await.expect("response");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(
+        resp.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()),
+        Some("http://localhost:3000")
+    );
+    let resp = app_with("x", None, http).oneshot(preflight("http://evil.example")).await.expect("response");
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    let resp = app("x", None).oneshot(preflight("http://localhost:3000")).await.expect("response");
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
