@@ -57,7 +57,7 @@ fn get<'py, T: FromPyObjectOwned<'py>>(params: &Bound<'py, PyDict>, key: &str) -
 }
 
 /// The keys [`request_params`] takes (the package's `SamplingParams` fields).
-const PARAM_KEYS: [&str; 14] = [
+const PARAM_KEYS: [&str; 15] = [
     "max_tokens",
     "min_tokens",
     "temperature",
@@ -72,6 +72,7 @@ const PARAM_KEYS: [&str; 14] = [
     "stop_token_ids",
     "ignore_eos",
     "logprobs",
+    "logit_bias",
 ];
 
 /// A request's parameters from a dict of [`PARAM_KEYS`] (absent or `None`: greedy, no limit
@@ -102,6 +103,8 @@ fn request_params(params: Option<&Bound<'_, PyDict>>) -> PyResult<RequestParams>
     p.stop_token_ids = get(d, "stop_token_ids")?.unwrap_or_default();
     p.ignore_eos = get(d, "ignore_eos")?.unwrap_or(false);
     p.logprobs = get(d, "logprobs")?;
+    let bias: Option<std::collections::HashMap<u32, f32>> = get(d, "logit_bias")?;
+    p.logit_bias = bias.map(|b| b.into_iter().collect()).unwrap_or_default();
     Ok(p)
 }
 

@@ -267,3 +267,15 @@ def test_a_draft_model_gives_the_same_tokens(llm):
         ip.LLM(MODEL, speculative_config={"method": "draft_model"}, **OPTS)
     with pytest.raises(ip.InferencePIOError, match="no such file"):
         ip.LLM(MODEL, speculative_config={"model": "/nonexistent.gguf"}, **OPTS)
+
+
+def test_logit_bias_forces_and_bans_tokens(llm):
+    prompt = "Once upon a time"
+    params = ip.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = llm.generate(prompt, params)[0].outputs[0].token_ids
+    forced = ip.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logit_bias={42: 100})
+    assert llm.generate(prompt, forced)[0].outputs[0].token_ids == [42] * 4
+    banned = ip.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logit_bias={plain[0]: -100})
+    assert llm.generate(prompt, banned)[0].outputs[0].token_ids[0] != plain[0]
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(prompt, ip.SamplingParams(max_tokens=1, logit_bias={1: 500}))

@@ -83,6 +83,8 @@ class SamplingParams:
     min_tokens: int = 0
     #: Return the sampled token's log-probability and this many alternatives per token.
     logprobs: Optional[int] = None
+    #: Added to these token ids' logits before sampling (-100 bans a token, 100 all but forces it).
+    logit_bias: Optional[Dict[int, float]] = None
 
     #: The fields the engine takes (the native module's list).
     _KEYS = tuple(_native.SAMPLING_KEYS)
@@ -116,6 +118,7 @@ class SamplingParams:
         p["ignore_eos"] = self.ignore_eos
         p["min_tokens"] = self.min_tokens
         p["logprobs"] = self.logprobs
+        p["logit_bias"] = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         return p
 
 
