@@ -211,6 +211,37 @@ pub struct SamplingArgs {
     /// sinks; rounded up to a block of 16).
     #[arg(long)]
     pub attention_sinks: Option<usize>,
+    /// Constrained decoding: the output is a JSON document valid under this JSON schema (a
+    /// file).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["regex", "grammar"])]
+    pub json_schema: Option<PathBuf>,
+    /// Constrained decoding: the output matches this regular expression.
+    #[arg(long, value_name = "REGEX", conflicts_with = "grammar")]
+    pub regex: Option<String>,
+    /// Constrained decoding: the output follows this Lark grammar (a file; llguidance's
+    /// dialect).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+}
+
+impl SamplingArgs {
+    /// The constraint these options ask for.
+    pub fn guide(&self) -> anyhow::Result<Option<pio_engine::guided::Guide>> {
+        use anyhow::Context;
+        use pio_engine::guided::Guide;
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        Ok(if let Some(p) = &self.json_schema {
+            let schema: serde_json::Value =
+                serde_json::from_str(&read(p)?).with_context(|| format!("{}: not JSON", p.display()))?;
+            Some(Guide::JsonSchema(schema))
+        } else if let Some(r) = &self.regex {
+            Some(Guide::Regex(r.clone()))
+        } else if let Some(p) = &self.grammar {
+            Some(Guide::Lark(read(p)?))
+        } else {
+            None
+        })
+    }
 }
 
 /// Speculative decoding.

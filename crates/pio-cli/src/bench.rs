@@ -79,6 +79,7 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     // step as llama-bench's random tokens do. The sampler's cost is in the figure, as it is
     // in any real decode.
     let params = GenerateParams {
+        guide: None,
         sampling: SamplingParams { seed: Some(1), temperature: a.temperature, ..SamplingParams::default() },
         max_tokens: a.gen_tokens,
         stop_token_ids: Vec::new(),

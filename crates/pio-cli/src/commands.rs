@@ -216,6 +216,7 @@ fn resolve_params(s: &SamplingArgs, loaded: &LoadedModel) -> GenerateParams {
         attention_window: s.attention_window,
         attention_sinks: s.attention_sinks,
         images: Vec::new(),
+        guide: None,
     }
 }
 
@@ -311,6 +312,7 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
         (Err(e), false) => bail!("{e}"),
     };
     let mut params = resolve_params(&a.sampling, &loaded);
+    params.guide = a.sampling.guide()?;
     params.images = images;
     let ctx = context_size(&a.sampling, &loaded);
     let prompt_len = expanded_len(&loaded, &prompt_ids, &params.images);
@@ -376,7 +378,8 @@ fn cmd_chat(mut a: ChatArgs) -> Result<()> {
     let (loaded, _) = load_model(&a.model)?;
     let tok = loaded.tokenizer()?;
     let template = tok.chat_template().context("the model has no chat template")?;
-    let params = resolve_params(&a.sampling, &loaded);
+    let mut params = resolve_params(&a.sampling, &loaded);
+    params.guide = a.sampling.guide()?;
     let ctx = context_size(&a.sampling, &loaded);
     // One engine for the whole conversation: each turn's prompt starts with the previous turns,
     // whose K/V the prefix cache still holds.

@@ -473,3 +473,58 @@ fn chat_with_image_parts() {
     drop(small);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Structured outputs: `response_format` with a JSON schema gives JSON that validates, whole
+/// and streamed, at temperature 0 and 1; `guided_choice` one of its strings; a schema or regex
+/// that does not compile is a 400 naming the field.
+#[test]
+fn structured_outputs_follow_their_schema() {
+    let Some(model) = model_path() else { return };
+    let srv = Server::start(&model, &[]);
+    let schema = json!({"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["name", "age", "tags"], "additionalProperties": false});
+    let valid = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+        let o = v.as_object().unwrap_or_else(|| panic!("not an object: {text}"));
+        assert!(o.len() == 3 && o["name"].is_string() && o["age"].is_i64(), "{text}");
+        assert!(o["tags"].as_array().is_some_and(|t| t.len() <= 3 && t.iter().all(Value::is_string)), "{text}");
+    };
+    for temperature in [0.0, 1.0] {
+        let req = json!({"messages": [{"role": "user", "content": "Describe a fictional person."}],
+            "temperature": temperature, "seed": 3, "max_tokens": 120,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}});
+        let (s, v) = srv.post("/v1/chat/completions", &req);
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        valid(v["choices"][0]["message"]["content"].as_str().expect("content"));
+        let mut sreq = req.clone();
+        sreq["stream"] = json!(true);
+        let (s, text) = srv.request("POST", "/v1/chat/completions", &[], sreq.to_string().as_bytes());
+        assert_eq!(s, 200);
+        let streamed: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+            .collect();
+        valid(&streamed);
+    }
+    let req = json!({"messages": [{"role": "user", "content": "Pick a color."}], "temperature": 1, "max_tokens": 10,
+        "guided_choice": ["red", "green", "blue"]});
+    let (s, v) = srv.post("/v1/chat/completions", &req);
+    assert_eq!(s, 200, "{v}");
+    let c = v["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(["red", "green", "blue"].contains(&c), "{c:?}");
+    for (field, bad) in [
+        ("guided_regex", json!("(unclosed")),
+        ("response_format", json!({"type": "json_schema"})),
+        ("guided_choice", json!([])),
+    ] {
+        let mut req = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+        req[field] = bad;
+        let (s, v) = srv.post("/v1/chat/completions", &req);
+        assert_eq!(s, 400, "{field}: {v}");
+        assert_eq!(v["error"]["param"], field, "{v}");
+    }
+}

@@ -228,6 +228,9 @@ pub struct RequestParams {
     /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: -100 bans a token,
     /// 100 all but forces it); the reported log-probabilities are the model's, before it.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Constrained decoding: what the output must match ([`crate::guided`]); it then ends
+    /// with an end token once the grammar is complete.
+    pub guide: Option<crate::guided::Guide>,
     /// Report the sampled token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
     /// Return the logits of every prompt position from this one on (teacher forcing:
@@ -261,6 +264,7 @@ impl Default for RequestParams {
             ignore_eos: false,
             stop: Vec::new(),
             logit_bias: Vec::new(),
+            guide: None,
             logprobs: None,
             prompt_logits: None,
             attention_window: None,
@@ -340,6 +344,8 @@ struct RequestState {
     vision: Option<VisionInputs>,
     /// Its speculative proposal length.
     spec: Adaptive,
+    /// Where its output is in its grammar (guided requests).
+    guide: Option<crate::guided::GuideState>,
 }
 
 /// The engine core: a model, its paged KV cache, the scheduler and the requests.
@@ -362,6 +368,8 @@ pub struct Engine<'m> {
     encode_slice: Duration,
     /// Proposes tokens instead of the n-gram lookup ([`Engine::set_proposer`]).
     proposer: Option<Proposer<'m>>,
+    /// Compiles guided requests' grammars (made at the first one: it walks the vocabulary).
+    guides: Option<crate::guided::GuideFactory>,
 }
 
 /// A speculative proposer ([`crate::spec::Propose`]; a closure of (sequence id, its tokens, the
@@ -462,6 +470,7 @@ impl<'m> Engine<'m> {
             encoding: Default::default(),
             encode_slice: ENCODE_SLICE,
             proposer,
+            guides: None,
         })
     }
 
@@ -545,6 +554,10 @@ impl<'m> Engine<'m> {
             crate::vision::prepare(self.model, prompt, images, |p| validate_request(limits, p, &params))?;
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
+        let guide = match &params.guide {
+            Some(g) => Some(self.guide_factory()?.matcher(g)?),
+            None => None,
+        };
         let streaming = self.limits.streaming(&params)?;
         // A streaming window has no length limit beyond the caller's.
         let room =
@@ -580,6 +593,7 @@ impl<'m> Engine<'m> {
                 logits_sent: 0,
                 vision,
                 spec: Adaptive::new(self.limits.cfg.spec.map_or(0, |c| c.num_tokens)),
+                guide,
             },
         );
         match pending {
@@ -814,6 +828,18 @@ impl<'m> Engine<'m> {
         Ok(outputs)
     }
 
+    /// The engine's grammar compiler, made at first use.
+    fn guide_factory(&mut self) -> Result<&crate::guided::GuideFactory> {
+        if self.guides.is_none() {
+            let tok = self
+                .tokenizer
+                .ok_or_else(|| EngineError::Invalid("guided decoding needs the model's tokenizer".into()))?;
+            let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
+            self.guides = Some(crate::guided::GuideFactory::new(tok, self.model.shape().vocab_size, eos)?);
+        }
+        self.guides.as_ref().ok_or_else(|| EngineError::Invalid("no grammar compiler".into()))
+    }
+
     fn publish_gauges(&self) {
         let m = &self.metrics;
         m.requests_running.store(self.sched.num_running(), Ordering::Relaxed);
@@ -950,6 +976,11 @@ impl<'m> Engine<'m> {
                 *v += b;
             }
         }
+        if let Some(g) = r.guide.as_mut() {
+            // Only what the grammar allows; its end tokens once it is complete.
+            let stops: Vec<u32> = p.eos_token_ids.iter().chain(&p.stop_token_ids).copied().collect();
+            g.mask(logits, &stops)?;
+        }
         if !stops_allowed {
             for t in p.eos_token_ids.iter().chain(&p.stop_token_ids) {
                 if let Some(v) = logits.get_mut(*t as usize) {
@@ -958,6 +989,13 @@ impl<'m> Engine<'m> {
             }
         }
         let token = r.sampler.sample(logits, prompt, generated);
+        let guide_done = match r.guide.as_mut() {
+            Some(g) if !is_stop_token(token) => {
+                g.consume(token)?;
+                g.is_stopped()
+            }
+            _ => false,
+        };
         let lp = logprobs.map(|(n, lsm)| token_logprob(&lsm, token, n));
         let now = Instant::now();
         match r.last_token {
@@ -992,6 +1030,10 @@ impl<'m> Engine<'m> {
                 }
             }
             let streams = r.params.attention_window.is_some();
+            if out.finish_reason.is_none() && guide_done {
+                // The grammar allows nothing more: the output is complete.
+                out.finish_reason = Some(FinishReason::Stop);
+            }
             if out.finish_reason.is_none()
                 && (out.num_generated_tokens >= r.max_tokens
                     || (!streams && num_prompt + out.num_generated_tokens >= self.limits.cfg.max_model_len))

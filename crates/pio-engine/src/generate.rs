@@ -28,6 +28,8 @@ pub struct GenerateParams {
     pub attention_sinks: Option<usize>,
     /// Images for the prompt's placeholders ([`RequestParams::images`]).
     pub images: Vec<Arc<PixelValues>>,
+    /// What the output must match ([`RequestParams::guide`]).
+    pub guide: Option<crate::guided::Guide>,
 }
 
 pub use crate::engine::FinishReason;
@@ -43,6 +45,7 @@ impl From<&GenerateParams> for RequestParams {
             attention_window: p.attention_window,
             attention_sinks: p.attention_sinks,
             images: p.images.clone(),
+            guide: p.guide.clone(),
             ..Default::default()
         }
     }

@@ -45,6 +45,9 @@ pub struct EngineHandle {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// For reports that read the model's own counters (the expert cache).
     model: Arc<dyn CausalLm>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    /// Checks guided requests' grammars before they are queued (made at the first).
+    guides: std::sync::OnceLock<std::result::Result<crate::guided::GuideFactory, String>>,
 }
 
 impl EngineHandle {
@@ -76,6 +79,7 @@ impl EngineHandle {
         let (ready_tx, ready_rx) = mpsc::channel();
         let m = metrics.clone();
         let model_ref = model.clone();
+        let tokenizer_ref = tokenizer.clone();
         let pool = pio_kernels::parallel::ThreadPool::current();
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
@@ -94,6 +98,8 @@ impl EngineHandle {
             next_id: AtomicU64::new(0),
             thread: Mutex::new(Some(thread)),
             model: model_ref,
+            tokenizer: tokenizer_ref,
+            guides: std::sync::OnceLock::new(),
         })
     }
 
@@ -124,6 +130,15 @@ impl EngineHandle {
     /// too long...), too many are queued, or the engine has stopped.
     pub fn submit(&self, prompt: Vec<u32>, params: RequestParams) -> Result<RequestStream> {
         validate_request(&self.limits, &prompt, &params)?;
+        if let Some(g) = &params.guide {
+            // A grammar that does not compile is the caller's error, before anything is queued.
+            let factory = self.guides.get_or_init(|| {
+                let tok = self.tokenizer.as_deref().ok_or("guided decoding needs the model's tokenizer")?;
+                let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
+                crate::guided::GuideFactory::new(tok, self.model.shape().vocab_size, eos).map_err(|e| e.to_string())
+            });
+            factory.as_ref().map_err(|e| EngineError::Invalid(e.clone()))?.matcher(g)?;
+        }
         let in_flight = &self.metrics.requests_in_flight;
         let waiting = self.metrics.requests_waiting.load(Ordering::Acquire);
         let reserved = in_flight.fetch_add(1, Ordering::AcqRel);

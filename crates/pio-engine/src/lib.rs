@@ -23,6 +23,7 @@ pub mod block_pool;
 pub mod draft;
 pub mod engine;
 pub mod generate;
+pub mod guided;
 pub mod handle;
 pub mod kv_cache;
 pub mod metrics;

@@ -145,6 +145,7 @@ fn greedy_continuations_match_transformers() {
         let r = Reference::open(name);
         let want = r.ids("greedy_ids");
         let params = GenerateParams {
+            guide: None,
             sampling: SamplingParams::greedy(),
             max_tokens: want.len(),
             stop_token_ids: loaded.generation.eos_token_ids.clone(),
@@ -386,6 +387,7 @@ fn recurrent_state_carries_a_long_prompt_across_any_split() {
             ),
         }
         let params = GenerateParams {
+            guide: None,
             sampling: SamplingParams::greedy(),
             max_tokens: want_greedy.len(),
             stop_token_ids: Vec::new(),

@@ -40,6 +40,7 @@ fn one_interface_loads_generates_chats_and_reports() {
     let mut engine = Engine::new(loaded.model.as_ref(), Some(tok), EngineConfig::for_tokens(64, Default::default()))
         .expect("engine");
     let params = GenerateParams {
+        guide: None,
         sampling: SamplingParams::greedy(),
         max_tokens: 12,
         stop_token_ids: loaded.generation.eos_token_ids.clone(),

@@ -84,6 +84,7 @@ fn check(name: &str) {
 
     // 3. Greedy, end-of-sequence ignored, up to the first undecided step.
     let params = GenerateParams {
+        guide: None,
         sampling: SamplingParams::greedy(),
         max_tokens: greedy_ref.len(),
         stop_token_ids: loaded.generation.eos_token_ids.clone(),
@@ -178,6 +179,7 @@ fn ngram_speculation_gives_the_same_tokens_on_real_models() {
             [SamplingParams::greedy(), SamplingParams { temperature: 0.7, seed: Some(3), ..Default::default() }]
         {
             let params = GenerateParams {
+                guide: None,
                 sampling,
                 max_tokens: 160,
                 stop_token_ids: loaded.generation.eos_token_ids.clone(),
@@ -198,5 +200,78 @@ fn ngram_speculation_gives_the_same_tokens_on_real_models() {
             assert_eq!(spec, plain, "{file}: speculative tokens");
             assert!(accepted > 0, "{file}: no proposal was accepted on a code-editing prompt");
         }
+    }
+}
+
+/// Guided decoding on both real models: JSON under a schema (greedy and sampled, with n-gram
+/// speculation giving the same tokens as without), a regex, a choice; a guided request batched
+/// with an unguided one leaves the unguided one's tokens as they are alone.
+#[test]
+fn guided_outputs_match_their_grammar_on_real_models() {
+    use pio_engine::engine::RequestParams;
+    use pio_engine::guided::Guide;
+    let schema = serde_json::json!({"type": "object", "properties": {"city": {"type": "string"},
+        "population": {"type": "integer"}}, "required": ["city", "population"], "additionalProperties": false});
+    for file in ["Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"] {
+        let Some(path) = model_path(file) else { return };
+        let loaded = pio_model::load(&path, &mut |_, _| {}).expect("model loads");
+        let tok = loaded.tokenizer().expect("GGUF tokenizer");
+        let template = tok.chat_template().expect("GGUF chat template");
+        let chat = |text: &str| {
+            let rendered = template.render(&ChatRequest::single_user(text)).expect("template renders");
+            tok.encode(&rendered, true).expect("encode")
+        };
+        let eos = loaded.generation.eos_token_ids.clone();
+        let req = |guide: Option<Guide>, sampling: SamplingParams| RequestParams {
+            guide,
+            sampling,
+            max_tokens: Some(60),
+            eos_token_ids: eos.clone(),
+            ..Default::default()
+        };
+        let run = |reqs: &[(Vec<u32>, RequestParams)], spec| -> Vec<Vec<u32>> {
+            let cfg = EngineConfig { spec, ..EngineConfig::for_tokens(4096, Default::default()) };
+            let mut e = Engine::new(loaded.model.as_ref(), Some(tok), cfg).expect("engine");
+            let ids: Vec<u64> =
+                reqs.iter().map(|(p, r)| e.add_request(p.clone(), r.clone()).expect("request")).collect();
+            let mut out = vec![Vec::new(); reqs.len()];
+            while e.has_work() {
+                for o in e.step().expect("step") {
+                    out[ids.iter().position(|&i| i == o.id).expect("id")].extend(o.token_ids);
+                }
+            }
+            out
+        };
+        let city = chat("Name a large city and its population, as JSON.");
+        for sampling in
+            [SamplingParams::greedy(), SamplingParams { temperature: 1.0, seed: Some(5), ..Default::default() }]
+        {
+            let r = (city.clone(), req(Some(Guide::JsonSchema(schema.clone())), sampling.clone()));
+            let plain = run(std::slice::from_ref(&r), None).remove(0);
+            let text = tok.decode(&plain, true).expect("decode");
+            let v: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{file}: not JSON ({e}): {text:?}"));
+            assert!(
+                v["city"].is_string() && v["population"].is_i64() && v.as_object().map(|o| o.len()) == Some(2),
+                "{file}: {text}"
+            );
+            let spec = run(std::slice::from_ref(&r), Some(pio_engine::spec::SpecConfig::ngram(4, 3, 1))).remove(0);
+            assert_eq!(spec, plain, "{file}: guided tokens with speculation");
+        }
+        let yes_no = (
+            chat("Is water wet? Answer yes or no."),
+            req(Some(Guide::Regex("(yes|no)".into())), SamplingParams::greedy()),
+        );
+        let choice = (
+            chat("Pick a fruit."),
+            req(Some(Guide::Choice(vec!["apple".into(), "pear".into()])), SamplingParams::greedy()),
+        );
+        let free = (chat("Say hello."), req(None, SamplingParams::greedy()));
+        let alone = run(std::slice::from_ref(&free), None).remove(0);
+        let batched = run(&[yes_no, choice, free], None);
+        let text = |ids: &[u32]| tok.decode(ids, true).expect("decode");
+        assert!(["yes", "no"].contains(&text(&batched[0]).as_str()), "{file}: {:?}", text(&batched[0]));
+        assert!(["apple", "pear"].contains(&text(&batched[1]).as_str()), "{file}: {:?}", text(&batched[1]));
+        assert_eq!(batched[2], alone, "{file}: the unguided request beside guided ones");
     }
 }

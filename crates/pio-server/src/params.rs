@@ -1,6 +1,7 @@
 //! Reading the sampling and stopping fields of a completion request.
 
 use pio_engine::engine::RequestParams;
+use pio_engine::guided::Guide;
 use pio_engine::sampler::SamplingParams;
 use pio_model::GenerationDefaults;
 use serde_json::{Map, Value};
@@ -14,6 +15,8 @@ pub struct CommonParams {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// The field the constraint came from (named when it does not compile).
+    pub guide_field: Option<&'static str>,
 }
 
 /// Most choices per request.
@@ -107,6 +110,65 @@ fn get_logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
     }
 }
 
+/// Constrained decoding: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's
+/// `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark), at most one.
+fn get_guide(o: &Map<String, Value>) -> Result<Option<(&'static str, Guide)>, ApiError> {
+    let mut found: Vec<(&'static str, Guide)> = Vec::new();
+    if let Some(rf) = present(o, "response_format") {
+        let bad = || {
+            ApiError::bad_param(
+                "response_format",
+                "`response_format` must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \
+                 \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+            )
+        };
+        match rf.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => found.push(("response_format", Guide::JsonObject)),
+            Some("json_schema") => {
+                let schema =
+                    rf.get("json_schema").and_then(|j| j.get("schema")).filter(|s| s.is_object()).ok_or_else(bad)?;
+                found.push(("response_format", Guide::JsonSchema(schema.clone())));
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if let Some(v) = present(o, "guided_json") {
+        let schema = match v {
+            Value::String(s) => serde_json::from_str::<Value>(s).ok(),
+            v => Some(v.clone()),
+        }
+        .filter(Value::is_object)
+        .ok_or_else(|| ApiError::bad_param("guided_json", "`guided_json` must be a JSON schema (an object)"))?;
+        found.push(("guided_json", Guide::JsonSchema(schema)));
+    }
+    if let Some(v) = present(o, "guided_regex") {
+        let r = v.as_str().ok_or_else(|| ApiError::bad_param("guided_regex", "`guided_regex` must be a string"))?;
+        found.push(("guided_regex", Guide::Regex(r.to_string())));
+    }
+    if let Some(v) = present(o, "guided_choice") {
+        let bad = || ApiError::bad_param("guided_choice", "`guided_choice` must be a non-empty array of strings");
+        let c: Vec<String> = v
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(bad)?
+            .iter()
+            .map(|x| x.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        found.push(("guided_choice", Guide::Choice(c)));
+    }
+    if let Some(v) = present(o, "guided_grammar") {
+        let g = v.as_str().ok_or_else(|| ApiError::bad_param("guided_grammar", "`guided_grammar` must be a string"))?;
+        found.push(("guided_grammar", Guide::Lark(g.to_string())));
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(ApiError::bad_param(found[1].0, "give at most one of response_format and the guided_* fields")),
+    }
+}
+
 /// Reads the sampling, stopping and streaming fields; `logprobs` is what the endpoint read
 /// (chat: `logprobs` + `top_logprobs`; completions: the integer `logprobs`).
 pub fn common(
@@ -147,6 +209,7 @@ pub fn common(
         Some(Value::Object(so)) => get_bool(so, "include_usage")?.unwrap_or(false),
         Some(_) => return Err(ApiError::bad_param("stream_options", "`stream_options` must be an object")),
     };
+    let guide = get_guide(o)?;
     let params = RequestParams {
         sampling,
         max_tokens,
@@ -156,6 +219,7 @@ pub fn common(
         ignore_eos: get_bool(o, "ignore_eos")?.unwrap_or(false),
         stop: get_stop(o)?,
         logit_bias: get_logit_bias(o)?,
+        guide: guide.clone().map(|(_, g)| g),
         logprobs,
         prompt_logits: None,
         attention_window: get_usize(o, "attention_window")?,
@@ -170,7 +234,7 @@ pub fn common(
             ));
         }
     }
-    Ok(CommonParams { params, n, stream, include_usage })
+    Ok(CommonParams { params, n, stream, include_usage, guide_field: guide.map(|(f, _)| f) })
 }
 
 /// Chat's `logprobs` (bool) and `top_logprobs` (0..=20).

@@ -245,7 +245,13 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
             rp.images = images.clone();
             rp.sampling.seed = rp.sampling.seed.map(|seed| seed.wrapping_add(j as u64));
             // On an error the streams submitted so far are dropped, which cancels them.
-            let stream = s.engine.submit(ids.clone(), rp).map_err(|e| with_param(e.into(), kind))?;
+            let stream = s.engine.submit(ids.clone(), rp).map_err(|e| {
+                let mut e: ApiError = with_param(e.into(), kind);
+                if e.message.starts_with("the guide does not compile") {
+                    e.param = common.guide_field.map(str::to_string);
+                }
+                e
+            })?;
             choices.push(Choice { index: choices.len(), prompt: p, stream });
         }
     }
@@ -278,14 +284,6 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
 /// Fields we do not implement are refused rather than silently ignored.
 fn refuse_unsupported(o: &Map<String, Value>, kind: Kind) -> Result<(), ApiError> {
     let set = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
-    if let Some(rf) = o.get("response_format").filter(|v| !v.is_null()) {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::bad_param(
-                "response_format",
-                "only `response_format` {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
     if kind == Kind::Completion && set("suffix") {
         return Err(ApiError::bad_param("suffix", "`suffix` is not supported"));
     }
