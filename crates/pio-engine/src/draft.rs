@@ -181,7 +181,7 @@ impl Propose for DraftModel<'_> {
                 }
                 let n = (tokens.len() - next[a]).min(budget);
                 budget -= n;
-                slices.push(slice(tokens, next[a], n, tokens.len() - 1, kv.block_table(reqs[i].id)));
+                slices.push(SeqSlice::text(tokens, next[a], n, tokens.len() - 1, kv.block_table(reqs[i].id)));
                 ran.push((a, n));
             }
             if slices.is_empty() {
@@ -214,7 +214,7 @@ impl Propose for DraftModel<'_> {
                 .map(|&i| {
                     let tokens = held.get(&reqs[i].id).map_or(&[][..], |h| &h[..]);
                     let at = tokens.len().saturating_sub(1);
-                    slice(tokens, at, 1, at, kv.block_table(reqs[i].id))
+                    SeqSlice::text(tokens, at, 1, at, kv.block_table(reqs[i].id))
                 })
                 .collect();
             let rows = forward(*model, cache, &slices)?;
@@ -229,19 +229,5 @@ impl Propose for DraftModel<'_> {
     fn release(&mut self, id: SeqId) {
         self.kv.free(id);
         self.held.remove(&id);
-    }
-}
-
-fn slice<'a>(tokens: &'a [u32], start: usize, n: usize, logits_from: usize, blocks: &'a [u32]) -> SeqSlice<'a> {
-    SeqSlice {
-        token_ids: tokens,
-        start,
-        num_tokens: n,
-        block_table: blocks,
-        shift: 0,
-        logits_from,
-        state_slot: None,
-        snapshot: None,
-        vision: None,
     }
 }

@@ -369,7 +369,7 @@ pub struct Engine<'m> {
     /// Proposes tokens instead of the n-gram lookup ([`Engine::set_proposer`]).
     proposer: Option<Proposer<'m>>,
     /// Compiles guided requests' grammars (made at the first one: it walks the vocabulary).
-    guides: Option<crate::guided::GuideFactory>,
+    guides: crate::guided::Guides,
 }
 
 /// A speculative proposer ([`crate::spec::Propose`]; a closure of (sequence id, its tokens, the
@@ -470,7 +470,7 @@ impl<'m> Engine<'m> {
             encoding: Default::default(),
             encode_slice: ENCODE_SLICE,
             proposer,
-            guides: None,
+            guides: Default::default(),
         })
     }
 
@@ -483,6 +483,11 @@ impl<'m> Engine<'m> {
     }
 
     /// Shares an existing metrics sink (the handle's) instead of the engine's own.
+    /// Shares a grammar compiler (the handle's) instead of the engine's own.
+    pub fn set_guides(&mut self, guides: crate::guided::Guides) {
+        self.guides = guides;
+    }
+
     pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
         metrics.kv_blocks_total.store(self.limits.cfg.num_blocks, Ordering::Relaxed);
         self.metrics = metrics;
@@ -555,7 +560,7 @@ impl<'m> Engine<'m> {
         self.next_id = self.next_id.max(id + 1);
         let sampler = Sampler::new(params.sampling.clone())?;
         let guide = match &params.guide {
-            Some(g) => Some(self.guide_factory()?.matcher(g)?),
+            Some(g) => Some(self.guides.matcher(self.tokenizer, self.model.shape().vocab_size, g)?),
             None => None,
         };
         let streaming = self.limits.streaming(&params)?;
@@ -828,18 +833,6 @@ impl<'m> Engine<'m> {
         Ok(outputs)
     }
 
-    /// The engine's grammar compiler, made at first use.
-    fn guide_factory(&mut self) -> Result<&crate::guided::GuideFactory> {
-        if self.guides.is_none() {
-            let tok = self
-                .tokenizer
-                .ok_or_else(|| EngineError::Invalid("guided decoding needs the model's tokenizer".into()))?;
-            let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
-            self.guides = Some(crate::guided::GuideFactory::new(tok, self.model.shape().vocab_size, eos)?);
-        }
-        self.guides.as_ref().ok_or_else(|| EngineError::Invalid("no grammar compiler".into()))
-    }
-
     fn publish_gauges(&self) {
         let m = &self.metrics;
         m.requests_running.store(self.sched.num_running(), Ordering::Relaxed);
@@ -978,8 +971,7 @@ impl<'m> Engine<'m> {
         }
         if let Some(g) = r.guide.as_mut() {
             // Only what the grammar allows; its end tokens once it is complete.
-            let stops: Vec<u32> = p.eos_token_ids.iter().chain(&p.stop_token_ids).copied().collect();
-            g.mask(logits, &stops)?;
+            g.mask(logits, |t| p.eos_token_ids.contains(&t) || p.stop_token_ids.contains(&t))?;
         }
         if !stops_allowed {
             for t in p.eos_token_ids.iter().chain(&p.stop_token_ids) {

@@ -105,6 +105,24 @@ impl GuideFactory {
     }
 }
 
+/// A [`GuideFactory`] made at first use, shared by its clones (an engine and its handle: the
+/// handle checks a request's grammar before queueing it, the engine runs it; the vocabulary is
+/// walked once).
+#[derive(Clone, Default)]
+pub struct Guides(Arc<std::sync::OnceLock<std::result::Result<GuideFactory, String>>>);
+
+impl Guides {
+    /// A matcher for `guide` over `tokenizer` (the model's, with `vocab_size` logits).
+    pub fn matcher(&self, tokenizer: Option<&Tokenizer>, vocab_size: usize, guide: &Guide) -> Result<GuideState> {
+        let factory = self.0.get_or_init(|| {
+            let tok = tokenizer.ok_or("guided decoding needs the model's tokenizer")?;
+            let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
+            GuideFactory::new(tok, vocab_size, eos).map_err(|e| e.to_string())
+        });
+        factory.as_ref().map_err(|e| EngineError::Invalid(e.clone()))?.matcher(guide)
+    }
+}
+
 /// One request's place in its grammar.
 pub struct GuideState {
     matcher: Matcher,
@@ -113,9 +131,9 @@ pub struct GuideState {
 
 impl GuideState {
     /// Sets the logits of every token the grammar does not allow next to -inf; when the
-    /// grammar is complete, `stop` (the request's end tokens) are allowed. False when the
-    /// grammar allows nothing more (the output is complete).
-    pub fn mask(&mut self, logits: &mut [f32], stop: &[u32]) -> Result<bool> {
+    /// grammar is complete, the tokens `is_stop` says end the request are allowed. False when
+    /// the grammar allows nothing more (the output is complete).
+    pub fn mask(&mut self, logits: &mut [f32], is_stop: impl Fn(u32) -> bool) -> Result<bool> {
         if self.matcher.is_stopped() {
             return Ok(false);
         }
@@ -123,7 +141,7 @@ impl GuideState {
         let done = self.matcher.is_accepting().unwrap_or(false);
         let n = logits.len().min(self.vocab);
         for (t, v) in logits.iter_mut().enumerate().take(n) {
-            let allowed = mask.is_allowed(t as u32) || (done && stop.contains(&(t as u32)));
+            let allowed = mask.is_allowed(t as u32) || (done && is_stop(t as u32));
             if !allowed {
                 *v = f32::NEG_INFINITY;
             }

@@ -46,8 +46,8 @@ pub struct EngineHandle {
     /// For reports that read the model's own counters (the expert cache).
     model: Arc<dyn CausalLm>,
     tokenizer: Option<Arc<Tokenizer>>,
-    /// Checks guided requests' grammars before they are queued (made at the first).
-    guides: std::sync::OnceLock<std::result::Result<crate::guided::GuideFactory, String>>,
+    /// Checks guided requests' grammars before they are queued (shared with the engine).
+    guides: crate::guided::Guides,
 }
 
 impl EngineHandle {
@@ -80,10 +80,14 @@ impl EngineHandle {
         let m = metrics.clone();
         let model_ref = model.clone();
         let tokenizer_ref = tokenizer.clone();
+        let guides = crate::guided::Guides::default();
+        let engine_guides = guides.clone();
         let pool = pio_kernels::parallel::ThreadPool::current();
         let thread = std::thread::Builder::new()
             .name("pio-engine".into())
-            .spawn(move || pool.install(|| engine_thread(model, draft, tokenizer, cfg, m, rx, ready_tx)))
+            .spawn(move || {
+                pool.install(|| engine_thread(model, draft, tokenizer, cfg, (m, engine_guides), rx, ready_tx))
+            })
             .map_err(|e| EngineError::Invalid(format!("starting the engine thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -99,7 +103,7 @@ impl EngineHandle {
             thread: Mutex::new(Some(thread)),
             model: model_ref,
             tokenizer: tokenizer_ref,
-            guides: std::sync::OnceLock::new(),
+            guides,
         })
     }
 
@@ -132,12 +136,7 @@ impl EngineHandle {
         validate_request(&self.limits, &prompt, &params)?;
         if let Some(g) = &params.guide {
             // A grammar that does not compile is the caller's error, before anything is queued.
-            let factory = self.guides.get_or_init(|| {
-                let tok = self.tokenizer.as_deref().ok_or("guided decoding needs the model's tokenizer")?;
-                let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
-                crate::guided::GuideFactory::new(tok, self.model.shape().vocab_size, eos).map_err(|e| e.to_string())
-            });
-            factory.as_ref().map_err(|e| EngineError::Invalid(e.clone()))?.matcher(g)?;
+            self.guides.matcher(self.tokenizer.as_deref(), self.model.shape().vocab_size, g)?;
         }
         let in_flight = &self.metrics.requests_in_flight;
         let waiting = self.metrics.requests_waiting.load(Ordering::Acquire);
@@ -213,7 +212,8 @@ fn engine_thread(
     draft: Option<Arc<dyn CausalLm>>,
     tokenizer: Option<Arc<Tokenizer>>,
     cfg: EngineConfig,
-    metrics: Arc<Metrics>,
+    // What the handle shares with the engine: its metrics and its grammar compiler.
+    (metrics, guides): (Arc<Metrics>, crate::guided::Guides),
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<()>>,
 ) {
@@ -225,6 +225,7 @@ fn engine_thread(
         }
     };
     engine.set_metrics(metrics.clone());
+    engine.set_guides(guides);
     // A server's memory is fixed at start: the cache is its budget, resident before requests.
     engine.prefault_cache();
     let _ = ready.send(Ok(()));

@@ -51,12 +51,8 @@ impl Histogram {
         (h.count > 0).then(|| h.sum / h.count as f64)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        self.render_labeled(out, name, help, "");
-    }
-
-    /// With `labels` (`key="value",...`) on every sample.
-    fn render_labeled(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+    /// With `labels` (`key="value",...`, or none) on every sample.
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let h = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let (pre, set) = if labels.is_empty() {
@@ -190,156 +186,153 @@ impl Metrics {
         }
     }
 
+    /// The scalar figures: (our name, vLLM's name, type, help, value); a name left empty is not
+    /// rendered under that scheme.
+    fn figures(&self) -> Vec<(&'static str, &'static str, &'static str, &'static str, String)> {
+        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let lq = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let waiting = ld(&self.requests_waiting) + ld(&self.requests_in_flight);
+        let usage = ld(&self.kv_blocks_used) as f64 / ld(&self.kv_blocks_total).max(1) as f64;
+        vec![
+            (
+                "pio_num_requests_running",
+                "vllm:num_requests_running",
+                "gauge",
+                "Requests in the running batch.",
+                ld(&self.requests_running).to_string(),
+            ),
+            (
+                "pio_num_requests_waiting",
+                "vllm:num_requests_waiting",
+                "gauge",
+                "Requests queued for admission.",
+                waiting.to_string(),
+            ),
+            (
+                "pio_kv_cache_blocks_used",
+                "",
+                "gauge",
+                "KV cache blocks held by requests.",
+                ld(&self.kv_blocks_used).to_string(),
+            ),
+            (
+                "pio_kv_cache_blocks_total",
+                "",
+                "gauge",
+                "KV cache blocks in the pool.",
+                ld(&self.kv_blocks_total).to_string(),
+            ),
+            ("", "vllm:kv_cache_usage_perc", "gauge", "KV cache usage (1 = all blocks in use).", usage.to_string()),
+            (
+                "",
+                "vllm:prefix_cache_queries_total",
+                "counter",
+                "Prompt tokens looked up in the prefix cache.",
+                lq(&self.prompt_tokens),
+            ),
+            (
+                "pio_prefix_cache_hit_tokens_total",
+                "vllm:prefix_cache_hits_total",
+                "counter",
+                "Prompt tokens served from the prefix cache.",
+                lq(&self.prefix_cache_hit_tokens),
+            ),
+            (
+                "pio_prompt_tokens_total",
+                "vllm:prompt_tokens_total",
+                "counter",
+                "Prompt tokens of admitted requests.",
+                lq(&self.prompt_tokens),
+            ),
+            (
+                "pio_generation_tokens_total",
+                "vllm:generation_tokens_total",
+                "counter",
+                "Tokens generated.",
+                lq(&self.generation_tokens),
+            ),
+            (
+                "pio_num_preemptions_total",
+                "vllm:num_preemptions_total",
+                "counter",
+                "Sequences preempted for lack of KV blocks.",
+                lq(&self.preemptions),
+            ),
+            // vLLM's names, under our prefix too.
+            (
+                "pio_spec_decode_num_drafts_total",
+                "vllm:spec_decode_num_drafts_total",
+                "counter",
+                "Speculative proposals verified (a sequence's tokens in one step).",
+                lq(&self.spec_drafts),
+            ),
+            (
+                "pio_spec_decode_num_draft_tokens_total",
+                "vllm:spec_decode_num_draft_tokens_total",
+                "counter",
+                "Speculative tokens proposed and verified.",
+                lq(&self.spec_draft_tokens),
+            ),
+            (
+                "pio_spec_decode_num_accepted_tokens_total",
+                "vllm:spec_decode_num_accepted_tokens_total",
+                "counter",
+                "Speculative tokens accepted.",
+                lq(&self.spec_accepted_tokens),
+            ),
+            (
+                "pio_spec_decode_propose_seconds_total",
+                "",
+                "counter",
+                "Time spent proposing speculative tokens (a draft model's forwards, the n-gram lookup).",
+                (self.spec_propose_us.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
+            ),
+        ]
+    }
+
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render_prometheus(&self) -> String {
-        let mut s = String::new();
-        let gauge = |s: &mut String, name: &str, help: &str, v: usize| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let counter = |s: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
-        let lq = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        gauge(&mut s, "pio_num_requests_running", "Requests in the running batch.", ld(&self.requests_running));
-        let waiting = ld(&self.requests_waiting) + ld(&self.requests_in_flight);
-        gauge(&mut s, "pio_num_requests_waiting", "Requests queued for admission.", waiting);
-        gauge(&mut s, "pio_kv_cache_blocks_used", "KV cache blocks held by requests.", ld(&self.kv_blocks_used));
-        gauge(&mut s, "pio_kv_cache_blocks_total", "KV cache blocks in the pool.", ld(&self.kv_blocks_total));
-        counter(
-            &mut s,
-            "pio_prefix_cache_hit_tokens_total",
-            "Prompt tokens served from the prefix cache.",
-            lq(&self.prefix_cache_hit_tokens),
-        );
-        counter(&mut s, "pio_prompt_tokens_total", "Prompt tokens of admitted requests.", lq(&self.prompt_tokens));
-        counter(&mut s, "pio_generation_tokens_total", "Tokens generated.", lq(&self.generation_tokens));
-        counter(
-            &mut s,
-            "pio_num_preemptions_total",
-            "Sequences preempted for lack of KV blocks.",
-            lq(&self.preemptions),
-        );
-        // vLLM's names, under our prefix.
-        counter(
-            &mut s,
-            "pio_spec_decode_num_drafts_total",
-            "Speculative proposals verified (a sequence's tokens in one step).",
-            lq(&self.spec_drafts),
-        );
-        counter(
-            &mut s,
-            "pio_spec_decode_num_draft_tokens_total",
-            "Speculative tokens proposed and verified.",
-            lq(&self.spec_draft_tokens),
-        );
-        counter(
-            &mut s,
-            "pio_spec_decode_num_accepted_tokens_total",
-            "Speculative tokens accepted.",
-            lq(&self.spec_accepted_tokens),
-        );
-        let _ = writeln!(
-            s,
-            "# HELP pio_spec_decode_propose_seconds_total Time spent proposing speculative tokens (a draft model's \
-             forwards, the n-gram lookup).\n# TYPE pio_spec_decode_propose_seconds_total counter\n\
-             pio_spec_decode_propose_seconds_total {}",
-            lq(&self.spec_propose_us) as f64 / 1e6
-        );
-        let _ = writeln!(
-            s,
-            "# HELP pio_request_success_total Finished requests by reason.\n# TYPE pio_request_success_total counter"
-        );
-        for (label, v) in FINISH_LABELS.iter().zip(&self.finished) {
-            let _ = writeln!(s, "pio_request_success_total{{finished_reason=\"{label}\"}} {}", lq(v));
-        }
-        self.time_to_first_token.render(&mut s, "pio_time_to_first_token_seconds", "Time to first token.");
-        self.inter_token_latency.render(&mut s, "pio_inter_token_latency_seconds", "Time between tokens.");
-        self.request_duration.render(&mut s, "pio_request_duration_seconds", "Arrival to finish.");
-        s
+        self.render(false, "")
     }
-}
 
-impl Metrics {
     /// The same figures under vLLM's names (`vllm:*`, labeled `model_name`), so dashboards made
     /// for vLLM read this server too.
     pub fn render_vllm(&self, model_name: &str) -> String {
-        let mut s = String::new();
         let name = model_name.replace('\\', "\\\\").replace('"', "\\\"");
-        let label = format!("model_name=\"{name}\"");
-        let ld = |a: &AtomicUsize| a.load(Ordering::Relaxed);
-        let lq = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut one = |metric: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(s, "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric}{{{label}}} {v}");
-        };
-        one(
-            "vllm:num_requests_running",
-            "gauge",
-            "Requests in the running batch.",
-            ld(&self.requests_running).to_string(),
-        );
-        let waiting = ld(&self.requests_waiting) + ld(&self.requests_in_flight);
-        one("vllm:num_requests_waiting", "gauge", "Requests waiting to be admitted.", waiting.to_string());
-        let usage = ld(&self.kv_blocks_used) as f64 / ld(&self.kv_blocks_total).max(1) as f64;
-        one("vllm:kv_cache_usage_perc", "gauge", "KV cache usage (1 = all blocks in use).", usage.to_string());
-        one(
-            "vllm:prefix_cache_queries_total",
-            "counter",
-            "Prompt tokens looked up in the prefix cache.",
-            lq(&self.prompt_tokens).to_string(),
-        );
-        one(
-            "vllm:prefix_cache_hits_total",
-            "counter",
-            "Prompt tokens found in the prefix cache.",
-            lq(&self.prefix_cache_hit_tokens).to_string(),
-        );
-        one(
-            "vllm:prompt_tokens_total",
-            "counter",
-            "Prompt tokens of admitted requests.",
-            lq(&self.prompt_tokens).to_string(),
-        );
-        one("vllm:generation_tokens_total", "counter", "Tokens generated.", lq(&self.generation_tokens).to_string());
-        one("vllm:num_preemptions_total", "counter", "Sequences preempted.", lq(&self.preemptions).to_string());
-        one(
-            "vllm:spec_decode_num_drafts_total",
-            "counter",
-            "Speculative proposals verified.",
-            lq(&self.spec_drafts).to_string(),
-        );
-        one(
-            "vllm:spec_decode_num_draft_tokens_total",
-            "counter",
-            "Speculative tokens proposed.",
-            lq(&self.spec_draft_tokens).to_string(),
-        );
-        one(
-            "vllm:spec_decode_num_accepted_tokens_total",
-            "counter",
-            "Speculative tokens accepted.",
-            lq(&self.spec_accepted_tokens).to_string(),
-        );
-        let _ = writeln!(
-            s,
-            "# HELP vllm:request_success_total Finished requests by reason.\n# TYPE vllm:request_success_total counter"
-        );
-        for (reason, v) in FINISH_LABELS.iter().zip(&self.finished) {
-            let _ = writeln!(s, "vllm:request_success_total{{{label},finished_reason=\"{reason}\"}} {}", lq(v));
+        self.render(true, &format!("model_name=\"{name}\""))
+    }
+
+    /// Every figure under our names or vLLM's, with `labels` on every sample.
+    fn render(&self, vllm: bool, labels: &str) -> String {
+        let mut s = String::new();
+        let set = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let pre = if labels.is_empty() { String::new() } else { format!("{labels},") };
+        for (ours, theirs, kind, help, v) in self.figures() {
+            let name = if vllm { theirs } else { ours };
+            if !name.is_empty() {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{set} {v}");
+            }
         }
-        self.time_to_first_token.render_labeled(
+        let name = if vllm { "vllm:request_success_total" } else { "pio_request_success_total" };
+        let _ = writeln!(s, "# HELP {name} Finished requests by reason.\n# TYPE {name} counter");
+        for (label, v) in FINISH_LABELS.iter().zip(&self.finished) {
+            let _ = writeln!(s, "{name}{{{pre}finished_reason=\"{label}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        let p = if vllm { "vllm:" } else { "pio_" };
+        let e2e = if vllm { "vllm:e2e_request_latency_seconds" } else { "pio_request_duration_seconds" };
+        self.time_to_first_token.render(
             &mut s,
-            "vllm:time_to_first_token_seconds",
+            &format!("{p}time_to_first_token_seconds"),
             "Time to first token.",
-            &label,
+            labels,
         );
-        self.inter_token_latency.render_labeled(
+        self.inter_token_latency.render(
             &mut s,
-            "vllm:inter_token_latency_seconds",
+            &format!("{p}inter_token_latency_seconds"),
             "Time between tokens.",
-            &label,
+            labels,
         );
-        self.request_duration.render_labeled(&mut s, "vllm:e2e_request_latency_seconds", "Arrival to finish.", &label);
+        self.request_duration.render(&mut s, e2e, "Arrival to finish.", labels);
         s
     }
 }

@@ -148,7 +148,7 @@ impl Propose for MtpProposer<'_> {
                 budget -= take;
                 let from = (next[a] - s.first) * h;
                 hidden.extend_from_slice(&s.pending[from..from + take * h]);
-                slices.push(slice(&shifted[i], next[a], take, end - 1, self.kv.block_table(reqs[i].id)));
+                slices.push(SeqSlice::text(&shifted[i], next[a], take, end - 1, self.kv.block_table(reqs[i].id)));
                 ran.push((a, take));
             }
             if slices.is_empty() {
@@ -188,7 +188,7 @@ impl Propose for MtpProposer<'_> {
                 .iter()
                 .map(|&i| {
                     let at = shifted[i].len() - 1;
-                    slice(&shifted[i], at, 1, at, self.kv.block_table(reqs[i].id))
+                    SeqSlice::text(&shifted[i], at, 1, at, self.kv.block_table(reqs[i].id))
                 })
                 .collect();
             let (rows, hid) = forward_mtp(self.model, &mut self.cache, &slices, &hidden)?;
@@ -204,19 +204,5 @@ impl Propose for MtpProposer<'_> {
     fn release(&mut self, id: SeqId) {
         self.kv.free(id);
         self.seqs.remove(&id);
-    }
-}
-
-fn slice<'a>(tokens: &'a [u32], start: usize, n: usize, logits_from: usize, blocks: &'a [u32]) -> SeqSlice<'a> {
-    SeqSlice {
-        token_ids: tokens,
-        start,
-        num_tokens: n,
-        block_table: blocks,
-        shift: 0,
-        logits_from,
-        state_slot: None,
-        snapshot: None,
-        vision: None,
     }
 }

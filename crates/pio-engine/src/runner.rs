@@ -27,6 +27,30 @@ pub(crate) struct SeqSlice<'a> {
     pub(crate) vision: Option<(&'a VisionInputs, &'a [ImageSpan])>,
 }
 
+impl<'a> SeqSlice<'a> {
+    /// Tokens `start..start + num_tokens` of a plain text sequence (no window, state or
+    /// images), as a proposer runs them over its own cache.
+    pub(crate) fn text(
+        token_ids: &'a [u32],
+        start: usize,
+        num_tokens: usize,
+        logits_from: usize,
+        block_table: &'a [u32],
+    ) -> SeqSlice<'a> {
+        SeqSlice {
+            token_ids,
+            start,
+            num_tokens,
+            block_table,
+            shift: 0,
+            logits_from,
+            state_slot: None,
+            snapshot: None,
+            vision: None,
+        }
+    }
+}
+
 /// Runs the slices of several sequences as ONE flat batch over `cache` and returns each one's
 /// logits rows (`[rows, vocab]` flattened) for positions `logits_from.max(start)..end`.
 pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -> Result<Vec<Vec<f32>>> {

@@ -53,6 +53,20 @@ pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
+/// A request's JSON body (400 when unreadable or malformed, 413 when too large).
+fn read_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(|r| {
+        let status = r.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is too large".to_string()
+        } else {
+            format!("could not read the request body: {r}")
+        };
+        ApiError { status, ..ApiError::bad_request(message) }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
 /// vLLM's `/tokenize`: `{"prompt": TEXT, "add_special_tokens": true}` or `{"messages": [...],
 /// "add_generation_prompt": true, ...}` (the chat template applied) -> `{"count", "max_model_len",
 /// "tokens"}` (and `"token_strs"` with `"return_token_strs": true`).
@@ -61,9 +75,7 @@ pub async fn tokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesR
 }
 
 fn tokenize_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| ApiError::bad_request(format!("could not read the request body: {r}")))?;
-    let body: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let body = read_json(body)?;
     let o = params::object(&body)?;
     let tokens = match (o.get("prompt"), o.get("messages")) {
         (Some(Value::String(text)), None) => {
@@ -88,9 +100,7 @@ pub async fn detokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, Byte
 }
 
 fn detokenize_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| ApiError::bad_request(format!("could not read the request body: {r}")))?;
-    let body: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let body = read_json(body)?;
     let o = params::object(&body)?;
     let bad = || ApiError::bad_param("tokens", "`tokens` must be an array of token ids in the vocabulary");
     let ids: Vec<u32> = o
@@ -173,17 +183,7 @@ struct Choice {
 
 async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let body = body.map_err(|r| {
-        let status = r.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "the request body is too large".to_string()
-        } else {
-            format!("could not read the request body: {r}")
-        };
-        ApiError { status, ..ApiError::bad_request(message) }
-    })?;
-    let body: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    let body = read_json(body)?;
     let o = params::object(&body)?;
     match o.get("model") {
         None | Some(Value::Null) => {}
@@ -679,7 +679,7 @@ struct Splitter {
 impl Splitter {
     /// The deltas `text` completes (`done`: the answer ends with it).
     fn push(&mut self, text: &str, done: bool) -> Vec<Value> {
-        let mut parts = match &mut self.reasoning {
+        let parts = match &mut self.reasoning {
             Some(r) => {
                 let mut p = r.push(text);
                 if done {
@@ -689,36 +689,34 @@ impl Splitter {
             }
             None => vec![Part::Content(text.to_string())],
         };
-        if self.tools.is_some() && done && parts.is_empty() {
-            // Flush what the tool parser holds.
-            parts.push(Part::Content(String::new()));
-        }
         let mut out = Vec::new();
+        let mut calls = Vec::new();
         for p in parts {
             match p {
                 Part::Reasoning(r) => out.push(json!({"reasoning_content": r})),
                 Part::Content(c) => match &mut self.tools {
-                    Some(ts) => {
-                        let mut next_call = ts.num_calls();
-                        let mut deltas = ts.push(&c);
-                        if done {
-                            deltas.extend(ts.finish());
-                        }
-                        for d in deltas {
-                            out.push(match d {
-                                Delta::Content(c) => json!({"content": c}),
-                                Delta::Call(c) => {
-                                    let mut call = tool_call_json(&c);
-                                    call["index"] = json!(next_call);
-                                    next_call += 1;
-                                    json!({"tool_calls": [call]})
-                                }
-                            });
-                        }
-                    }
+                    Some(ts) => calls.extend(ts.push(&c)),
                     None if c.is_empty() => {}
                     None => out.push(json!({"content": c})),
                 },
+            }
+        }
+        if let Some(ts) = &mut self.tools {
+            if done {
+                calls.extend(ts.finish());
+            }
+            // Calls are numbered from those given before this output.
+            let mut next_call = ts.num_calls() - calls.iter().filter(|d| matches!(d, Delta::Call(_))).count();
+            for d in calls {
+                out.push(match d {
+                    Delta::Content(c) => json!({"content": c}),
+                    Delta::Call(c) => {
+                        let mut call = tool_call_json(&c);
+                        call["index"] = json!(next_call);
+                        next_call += 1;
+                        json!({"tool_calls": [call]})
+                    }
+                });
             }
         }
         out
