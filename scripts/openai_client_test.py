@@ -5,7 +5,7 @@ Usage:
     python3 -m pip install -q --target target/pydeps openai
     PYTHONPATH=target/pydeps python3 scripts/openai_client_test.py \
         --pio target/release/pio --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        [--vision-model DIR --image PNG]
+        [--vision-model DIR --image PNG] [--agent-model models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf]
 
 It starts the servers itself (`pio serve --port 0`, the port read from the first stderr line)
 and kills them on exit, failure included:
@@ -18,7 +18,10 @@ and kills them on exit, failure included:
     2000-token request is still running while the test looks): the queue cap (429) and the
     freeing of KV blocks when clients go away;
   * with --vision-model (a Qwen3-VL directory with a tokenizer, e.g. one `pio synth` wrote): a
-    chat with a base64 image part, streamed and not, and an http(s) image URL refused.
+    chat with a base64 image part, streamed and not, and an http(s) image URL refused;
+  * with --agent-model (a model whose chat template writes tool calls): `tool_choice` required
+    and named (calls valid under their tool's schema, streamed and not), a tool result answered
+    in text, bad tools refused, and `response_format` JSON schemas, streamed and not.
 
 Prints one PASS/FAIL line per check and a summary; exits 1 if any check failed. The model
 must have a chat template (SmolLM2-135M-Instruct does).
@@ -638,6 +641,166 @@ def run_vision_checks(srv, image_path):
     check("chat with a base64 image part, streamed and not", image_chat)
     check("an http(s) image URL is refused with 400", remote_url_refused)
 
+def validate(value, schema, at="$"):
+    """A small JSON-schema check (type, properties, required, additionalProperties, enum, items,
+    maxItems, minimum): enough for the schemas below, with no third-party package."""
+    types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    t = schema.get("type")
+    if t == "integer":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{at}: {value!r} is not an integer"
+    elif t == "number":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{at}: {value!r} is not a number"
+    elif t is not None:
+        assert isinstance(value, types[t]), f"{at}: {value!r} is not of type {t}"
+    if "enum" in schema:
+        assert value in schema["enum"], f"{at}: {value!r} not in {schema['enum']}"
+    if "minimum" in schema:
+        assert value >= schema["minimum"], f"{at}: {value!r} < {schema['minimum']}"
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for k in schema.get("required", []):
+            assert k in value, f"{at}: `{k}` is missing from {value!r}"
+        if schema.get("additionalProperties") is False:
+            extra = set(value) - set(props)
+            assert not extra, f"{at}: unexpected {sorted(extra)}"
+        for k, v in value.items():
+            if k in props:
+                validate(v, props[k], f"{at}.{k}")
+    if isinstance(value, list):
+        if "maxItems" in schema:
+            assert len(value) <= schema["maxItems"], f"{at}: more than {schema['maxItems']} items"
+        for i, v in enumerate(value):
+            validate(v, schema.get("items", {}), f"{at}[{i}]")
+
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string"},
+    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "integer", "minimum": 1}}, "required": ["city", "unit"]}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather forecast for a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The current time in a time zone",
+                                      "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+def run_agent_checks(srv):
+    """An agent's requests on a model that writes tool calls: required and named calls that
+    validate against their tool's schema, a tool result answered in text, and JSON-schema
+    outputs, streamed and not, at temperature 0 and 1."""
+    import json
+
+    c = srv.client(timeout=120.0)
+    m = srv.name
+    ask = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+    def check_call(name, arguments):
+        assert name in SCHEMAS, f"call of an unknown function {name!r}"
+        args = json.loads(arguments)
+        validate(args, SCHEMAS[name])
+        return args
+
+    def required_call():
+        for temperature in (0, 1):
+            r = c.chat.completions.create(model=m, messages=ask, tools=TOOLS, tool_choice="required",
+                                          temperature=temperature, seed=5, max_tokens=120)
+            ch = r.choices[0]
+            assert ch.finish_reason == "tool_calls", f"finish_reason {ch.finish_reason!r}: {ch.message!r}"
+            assert ch.message.tool_calls, f"no tool calls: {ch.message!r}"
+            for call in ch.message.tool_calls:
+                assert call.type == "function" and call.id, f"{call!r}"
+                args = check_call(call.function.name, call.function.arguments)
+            info(f"required, temperature {temperature}: {ch.message.tool_calls[0].function.name}({args})")
+
+    def required_call_streamed():
+        stream = c.chat.completions.create(model=m, messages=ask, tools=TOOLS, tool_choice="required",
+                                           temperature=1, seed=9, max_tokens=120, stream=True)
+        calls, finish = {}, None
+        for chunk in stream:
+            if not chunk.choices:
+                continue
+            ch = chunk.choices[0]
+            for d in ch.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = entry["id"] or d.id
+                if d.function:
+                    entry["name"] += d.function.name or ""
+                    entry["arguments"] += d.function.arguments or ""
+            finish = ch.finish_reason or finish
+        assert calls, "no tool-call deltas"
+        assert finish == "tool_calls", f"finish_reason {finish!r}"
+        for call in calls.values():
+            assert call["id"], f"{call}"
+            check_call(call["name"], call["arguments"])
+
+    def named_call():
+        r = c.chat.completions.create(model=m, messages=ask, tools=TOOLS, temperature=1, seed=2, max_tokens=120,
+                                      tool_choice={"type": "function", "function": {"name": "get_time"}})
+        calls = r.choices[0].message.tool_calls
+        assert calls and len(calls) == 1, f"{r.choices[0].message!r}"
+        assert calls[0].function.name == "get_time", f"{calls[0]!r}"
+        check_call("get_time", calls[0].function.arguments)
+
+    def tool_result_answered():
+        r = c.chat.completions.create(model=m, messages=ask, tools=TOOLS, tool_choice="required", temperature=0,
+                                      max_tokens=120)
+        call = r.choices[0].message.tool_calls[0]
+        history = ask + [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id,
+             "content": json.dumps({"forecast": ["sunny, 24 C", "cloudy, 19 C", "rain, 15 C"]})},
+        ]
+        r = c.chat.completions.create(model=m, messages=history, tools=TOOLS, temperature=0, max_tokens=80)
+        ch = r.choices[0]
+        assert ch.finish_reason in ("stop", "length"), f"finish_reason {ch.finish_reason!r}: {ch.message!r}"
+        assert not ch.message.tool_calls, f"another call instead of an answer: {ch.message!r}"
+        assert ch.message.content and ch.message.content.strip(), f"no text answer: {ch.message!r}"
+        info(f"answer to the tool result: {ch.message.content[:100]!r}")
+
+    def bad_tool_requests():
+        e = expect_error(openai.BadRequestError, 400, lambda: c.chat.completions.create(
+            model=m, messages=ask, tools=TOOLS, max_tokens=4,
+            tool_choice={"type": "function", "function": {"name": "get_stock_price"}}))
+        assert e.body and e.body.get("param") == "tool_choice", f"{e.body}"
+        e = expect_error(openai.BadRequestError, 400, lambda: c.chat.completions.create(
+            model=m, messages=ask, max_tokens=4, tool_choice="required",
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]))
+        assert e.body and e.body.get("param") == "tools", f"{e.body}"
+
+    person = {"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
+        "languages": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["name", "age", "languages"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}}
+    describe = [{"role": "user", "content": "Describe a fictional programmer as JSON."}]
+
+    def schema_output():
+        for temperature in (0, 1):
+            r = c.chat.completions.create(model=m, messages=describe, response_format=fmt, temperature=temperature,
+                                          seed=4, max_tokens=150)
+            text = r.choices[0].message.content
+            assert r.choices[0].finish_reason == "stop", f"finish_reason {r.choices[0].finish_reason!r}: {text!r}"
+            validate(json.loads(text), person)
+            stream = c.chat.completions.create(model=m, messages=describe, response_format=fmt,
+                                               temperature=temperature, seed=4, max_tokens=150, stream=True)
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            validate(json.loads(streamed), person)
+            if temperature == 0:
+                assert streamed == text, f"streamed {streamed!r} != {text!r}"
+            info(f"json_schema, temperature {temperature}: {text[:100]!r}")
+
+    check("tool_choice required: calls valid under their tool's schema (temperature 0 and 1)", required_call)
+    check("tool_choice required, streamed: tool-call deltas assemble into a valid call", required_call_streamed)
+    check("tool_choice naming a function: one call of it", named_call)
+    check("a tool result is answered in text", tool_result_answered)
+    check("an unknown named function or a bad tool schema is a 400 naming the field", bad_tool_requests)
+    check("response_format json_schema: valid JSON, streamed and not, temperature 0 and 1", schema_output)
+
 
 # ---------------------------------------------------------------------------------------------
 
@@ -649,6 +812,8 @@ def main():
     p.add_argument("--model", required=True, help="a GGUF model with a chat template")
     p.add_argument("--vision-model", help="also: a vision-language model (Hugging Face directory with a tokenizer)")
     p.add_argument("--image", help="the PNG image for --vision-model")
+    p.add_argument("--agent-model", help="also: tool calls and JSON-schema outputs on this GGUF model (one whose "
+                   "chat template writes tool calls, e.g. Qwen2.5-Coder-0.5B-Instruct)")
     ARGS = p.parse_args()
     t0 = time.monotonic()
     print(f"openai {openai.__version__}, pio {ARGS.pio}, model {ARGS.model}", flush=True)
@@ -661,6 +826,8 @@ def main():
     runs = [(ARGS.model, label, args, fn) for label, args, fn in phases]
     if ARGS.vision_model:
         runs.append((ARGS.vision_model, "vision", [], lambda srv: run_vision_checks(srv, ARGS.image)))
+    if ARGS.agent_model:
+        runs.append((ARGS.agent_model, "agent", ["--max-model-len", "4096"], run_agent_checks))
     for model, label, args, fn in runs:
         try:
             srv = Server(ARGS.pio, model, args, label)

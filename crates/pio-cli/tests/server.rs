@@ -29,6 +29,18 @@ fn model_path() -> Option<PathBuf> {
     None
 }
 
+/// The model whose chat template writes tool calls (hermes), for the agent checks.
+fn agent_model_path() -> Option<PathBuf> {
+    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let path = dir.join("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf");
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", path.display());
+    eprintln!("skipping the agent checks: {} not found (run scripts/fetch-models.sh)", path.display());
+    None
+}
+
 /// A running `pio serve`, killed on drop.
 struct Server {
     child: Child,
@@ -364,6 +376,7 @@ fn the_official_openai_client_works() {
         .arg(env!("CARGO_BIN_EXE_pio"))
         .arg("--model")
         .arg(&model)
+        .args(agent_model_path().map(|p| [PathBuf::from("--agent-model"), p]).into_iter().flatten())
         .output()
         .expect("python runs");
     let log = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -15,6 +15,7 @@ mod media;
 pub mod params;
 pub mod reasoning;
 mod routes;
+pub mod tool_grammar;
 pub mod tool_parser;
 
 use std::net::SocketAddr;

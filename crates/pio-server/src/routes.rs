@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use pio_engine::engine::{FinishReason, RequestOutput, RequestParams, TokenLogprob};
+use pio_engine::guided::Guide;
 use pio_engine::handle::{Event, RequestStream};
 use pio_model::chat_template::ChatRequest;
 use serde_json::{json, Map, Value};
@@ -22,6 +23,7 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::params::{self, CommonParams};
 use crate::reasoning::{Part, ReasoningStream};
+use crate::tool_grammar::{call_grammar, read_tools, Reasoning, ToolChoice};
 use crate::tool_parser::{Delta, ToolCall, ToolCallParser, ToolCallStream};
 use crate::AppState;
 
@@ -213,7 +215,10 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         }
     };
     refuse_unsupported(o, kind)?;
-    let common = params::common(o, &s.defaults, logprobs)?;
+    let mut common = params::common(o, &s.defaults, logprobs)?;
+    if kind == Kind::Chat {
+        force_tool_calls(s, o, &mut common, opens_reasoning)?;
+    }
     if common.include_usage && !common.stream {
         return Err(ApiError::bad_param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
@@ -290,9 +295,51 @@ fn refuse_unsupported(o: &Map<String, Value>, kind: Kind) -> Result<(), ApiError
     if o.get("best_of").and_then(Value::as_u64).is_some_and(|b| b > 1) {
         return Err(ApiError::bad_param("best_of", "`best_of` above 1 is not supported; use `n`"));
     }
-    if kind == Kind::Chat && o.get("tool_choice").and_then(Value::as_str).is_some_and(|c| c != "none" && c != "auto") {
-        return Err(ApiError::bad_param("tool_choice", "only `tool_choice` \"auto\" or \"none\" is supported"));
+    Ok(())
+}
+
+/// Checks `tools` and, for `tool_choice` `"required"` or a named function, holds the answer to
+/// calls by a grammar (see [`crate::tool_grammar`]).
+fn force_tool_calls(
+    s: &AppState,
+    o: &Map<String, Value>,
+    common: &mut CommonParams,
+    opens_reasoning: bool,
+) -> Result<(), ApiError> {
+    let tools = match o.get("tools") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(t) => read_tools(t).map_err(|m| ApiError::bad_param("tools", m))?,
+    };
+    let choice = match o.get("tool_choice") {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(c) => ToolChoice::from_json(c).map_err(|m| ApiError::bad_param("tool_choice", m))?,
+    };
+    let only = match &choice {
+        ToolChoice::None | ToolChoice::Auto => return Ok(()),
+        ToolChoice::Required => None,
+        ToolChoice::Function(name) => Some(name.as_str()),
+    };
+    let parser = s.tool_parser.ok_or_else(|| {
+        ApiError::bad_param(
+            "tool_choice",
+            "this model's chat template writes no tool calls, so no call can be required of it \
+             (start the server with --tool-call-parser to name the markup)",
+        )
+    })?;
+    if let Some(field) = common.guide_field {
+        return Err(ApiError::bad_param(field, format!("`{field}` cannot be combined with a required `tool_choice`")));
     }
+    let reasoning = match (s.reasoning_parser.is_some(), opens_reasoning) {
+        (false, _) => Reasoning::Off,
+        (true, true) => Reasoning::Open,
+        (true, false) => Reasoning::Optional,
+    };
+    let one = only.is_some() || params::get_bool(o, "parallel_tool_calls")? == Some(false);
+    let grammar =
+        call_grammar(parser, &tools, only, one, reasoning).map_err(|m| ApiError::bad_param("tool_choice", m))?;
+    common.params.guide = Some(Guide::Lark(grammar));
+    // What does not compile is a tool's parameters schema.
+    common.guide_field = Some("tools");
     Ok(())
 }
 
