@@ -17,6 +17,7 @@ pub mod reasoning;
 mod routes;
 pub mod tool_grammar;
 pub mod tool_parser;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

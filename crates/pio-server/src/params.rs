@@ -1,4 +1,5 @@
-//! Reading the sampling and stopping fields of a completion request.
+//! Checking the sampling and stopping fields of a completion request (typed in
+//! [`crate::wire`]) and turning them into the engine's parameters.
 
 use pio_engine::engine::RequestParams;
 use pio_engine::guided::Guide;
@@ -7,6 +8,7 @@ use pio_model::GenerationDefaults;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::wire::{OneOrMany, ResponseFormat, SamplingFields};
 
 /// The fields both endpoints share.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,116 +26,35 @@ pub const MAX_N: usize = 16;
 /// Most alternatives per token in logprobs.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-pub fn object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
-    body.as_object().ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
-}
-
-fn present<'a>(o: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    o.get(key).filter(|v| !v.is_null())
-}
-
-pub fn get_f32(o: &Map<String, Value>, key: &str) -> Result<Option<f32>, ApiError> {
-    match present(o, key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(|x| Some(x as f32))
-            .ok_or_else(|| ApiError::bad_param(key, format!("`{key}` must be a number"))),
-    }
-}
-
-pub fn get_i64(o: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
-    match present(o, key) {
-        None => Ok(None),
-        Some(v) => v.as_i64().map(Some).ok_or_else(|| ApiError::bad_param(key, format!("`{key}` must be an integer"))),
-    }
-}
-
-/// A non-negative integer field.
-pub fn get_usize(o: &Map<String, Value>, key: &str) -> Result<Option<usize>, ApiError> {
-    match get_i64(o, key)? {
-        None => Ok(None),
-        Some(x) if x >= 0 => Ok(Some(x as usize)),
-        Some(x) => Err(ApiError::bad_param(key, format!("`{key}` must be >= 0, got {x}"))),
-    }
-}
-
-pub fn get_bool(o: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
-    match present(o, key) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(ApiError::bad_param(key, format!("`{key}` must be true or false"))),
-    }
-}
-
-/// `stop`: a string or an array of strings.
-fn get_stop(o: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
-    match present(o, "stop") {
-        None => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<String>>>()
-            .ok_or_else(|| ApiError::bad_param("stop", "`stop` must be a string or an array of strings")),
-        Some(_) => Err(ApiError::bad_param("stop", "`stop` must be a string or an array of strings")),
-    }
-}
-
-fn get_token_ids(o: &Map<String, Value>, key: &str) -> Result<Vec<u32>, ApiError> {
-    match present(o, key) {
-        None => Ok(Vec::new()),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
-            .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| ApiError::bad_param(key, format!("`{key}` must be an array of token ids"))),
-        Some(_) => Err(ApiError::bad_param(key, format!("`{key}` must be an array of token ids"))),
-    }
-}
-
 /// `logit_bias`: token ids (as strings, OpenAI's form) to biases in [-100, 100].
-fn get_logit_bias(o: &Map<String, Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+fn logit_bias(m: Option<&Map<String, Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
     let bad =
         || ApiError::bad_param("logit_bias", "`logit_bias` must map token ids (as strings) to numbers in [-100, 100]");
-    match present(o, "logit_bias") {
-        None => Ok(Vec::new()),
-        Some(Value::Object(m)) => m
-            .iter()
-            .map(|(k, v)| {
-                let t = k.trim().parse::<u32>().map_err(|_| bad())?;
-                let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(bad)?;
-                Ok((t, b as f32))
-            })
-            .collect(),
-        Some(_) => Err(bad()),
-    }
+    let Some(m) = m else { return Ok(Vec::new()) };
+    m.iter()
+        .map(|(k, v)| {
+            let t = k.trim().parse::<u32>().map_err(|_| bad())?;
+            let b = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(bad)?;
+            Ok((t, b as f32))
+        })
+        .collect()
 }
 
 /// Constrained decoding: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's
 /// `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark), at most one.
-fn get_guide(o: &Map<String, Value>) -> Result<Option<(&'static str, Guide)>, ApiError> {
+fn guide(f: &SamplingFields) -> Result<Option<(&'static str, Guide)>, ApiError> {
     let mut found: Vec<(&'static str, Guide)> = Vec::new();
-    if let Some(rf) = present(o, "response_format") {
-        let bad = || {
-            ApiError::bad_param(
-                "response_format",
-                "`response_format` must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \
-                 \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
-            )
-        };
-        match rf.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some("json_object") => found.push(("response_format", Guide::JsonObject)),
-            Some("json_schema") => {
-                let schema =
-                    rf.get("json_schema").and_then(|j| j.get("schema")).filter(|s| s.is_object()).ok_or_else(bad)?;
-                found.push(("response_format", Guide::JsonSchema(schema.clone())));
-            }
-            _ => return Err(bad()),
+    match &f.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => found.push(("response_format", Guide::JsonObject)),
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            let schema = json_schema.schema.clone().ok_or_else(|| {
+                ApiError::bad_param("response_format", "`response_format.json_schema.schema` is required")
+            })?;
+            found.push(("response_format", Guide::JsonSchema(Value::Object(schema))));
         }
     }
-    if let Some(v) = present(o, "guided_json") {
+    if let Some(v) = &f.guided_json {
         let schema = match v {
             Value::String(s) => serde_json::from_str::<Value>(s).ok(),
             v => Some(v.clone()),
@@ -142,25 +63,17 @@ fn get_guide(o: &Map<String, Value>) -> Result<Option<(&'static str, Guide)>, Ap
         .ok_or_else(|| ApiError::bad_param("guided_json", "`guided_json` must be a JSON schema (an object)"))?;
         found.push(("guided_json", Guide::JsonSchema(schema)));
     }
-    if let Some(v) = present(o, "guided_regex") {
-        let r = v.as_str().ok_or_else(|| ApiError::bad_param("guided_regex", "`guided_regex` must be a string"))?;
-        found.push(("guided_regex", Guide::Regex(r.to_string())));
+    if let Some(r) = &f.guided_regex {
+        found.push(("guided_regex", Guide::Regex(r.clone())));
     }
-    if let Some(v) = present(o, "guided_choice") {
-        let bad = || ApiError::bad_param("guided_choice", "`guided_choice` must be a non-empty array of strings");
-        let c: Vec<String> = v
-            .as_array()
-            .filter(|a| !a.is_empty())
-            .ok_or_else(bad)?
-            .iter()
-            .map(|x| x.as_str().map(str::to_string))
-            .collect::<Option<_>>()
-            .ok_or_else(bad)?;
-        found.push(("guided_choice", Guide::Choice(c)));
+    if let Some(c) = &f.guided_choice {
+        if c.is_empty() {
+            return Err(ApiError::bad_param("guided_choice", "`guided_choice` must be a non-empty array of strings"));
+        }
+        found.push(("guided_choice", Guide::Choice(c.clone())));
     }
-    if let Some(v) = present(o, "guided_grammar") {
-        let g = v.as_str().ok_or_else(|| ApiError::bad_param("guided_grammar", "`guided_grammar` must be a string"))?;
-        found.push(("guided_grammar", Guide::Lark(g.to_string())));
+    if let Some(g) = &f.guided_grammar {
+        found.push(("guided_grammar", Guide::Lark(g.clone())));
     }
     match found.len() {
         0 => Ok(None),
@@ -169,61 +82,65 @@ fn get_guide(o: &Map<String, Value>) -> Result<Option<(&'static str, Guide)>, Ap
     }
 }
 
-/// Reads the sampling, stopping and streaming fields; `logprobs` is what the endpoint read
-/// (chat: `logprobs` + `top_logprobs`; completions: the integer `logprobs`).
+/// Checks the sampling, stopping and streaming fields and turns them into the engine's request
+/// parameters; `logprobs` is what the endpoint read (chat: `logprobs` + `top_logprobs`;
+/// completions: the integer `logprobs`).
 pub fn common(
-    o: &Map<String, Value>,
+    f: &SamplingFields,
     defaults: &GenerationDefaults,
     logprobs: Option<usize>,
 ) -> Result<CommonParams, ApiError> {
-    let max_tokens = match get_usize(o, "max_completion_tokens")? {
-        Some(m) => Some(m),
-        None => get_usize(o, "max_tokens")?,
-    };
+    let max_tokens = f.max_completion_tokens.or(f.max_tokens);
     if max_tokens == Some(0) {
         return Err(ApiError::bad_param("max_tokens", "`max_tokens` must be at least 1"));
     }
-    let top_k = match get_i64(o, "top_k")? {
+    let top_k = match f.top_k {
         None => defaults.top_k.unwrap_or(0),
         Some(k) if k <= 0 => 0, // -1 and 0 both mean off, as in vLLM
         Some(k) => k as usize,
     };
     let sampling = SamplingParams {
-        temperature: get_f32(o, "temperature")?.or(defaults.temperature).unwrap_or(1.0),
+        temperature: f.temperature.or(defaults.temperature).unwrap_or(1.0),
         top_k,
-        top_p: get_f32(o, "top_p")?.or(defaults.top_p).unwrap_or(1.0),
-        min_p: get_f32(o, "min_p")?.or(defaults.min_p).unwrap_or(0.0),
-        repetition_penalty: get_f32(o, "repetition_penalty")?.or(defaults.repetition_penalty).unwrap_or(1.0),
-        presence_penalty: get_f32(o, "presence_penalty")?.unwrap_or(0.0),
-        frequency_penalty: get_f32(o, "frequency_penalty")?.unwrap_or(0.0),
-        seed: get_i64(o, "seed")?.map(|s| s as u64),
+        top_p: f.top_p.or(defaults.top_p).unwrap_or(1.0),
+        min_p: f.min_p.or(defaults.min_p).unwrap_or(0.0),
+        repetition_penalty: f.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        seed: f.seed.map(|s| s as u64),
     };
     sampling.validate().map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let n = get_usize(o, "n")?.unwrap_or(1);
+    let n = f.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::bad_param("n", format!("`n` must be in 1..={MAX_N}, got {n}")));
     }
-    let stream = get_bool(o, "stream")?.unwrap_or(false);
-    let include_usage = match present(o, "stream_options") {
-        None => false,
-        Some(Value::Object(so)) => get_bool(so, "include_usage")?.unwrap_or(false),
-        Some(_) => return Err(ApiError::bad_param("stream_options", "`stream_options` must be an object")),
-    };
-    let guide = get_guide(o)?;
+    if f.best_of.is_some_and(|b| b > 1) {
+        return Err(ApiError::bad_param("best_of", "`best_of` above 1 is not supported; use `n`"));
+    }
+    let stream = f.stream.unwrap_or(false);
+    let include_usage = f.stream_options.as_ref().and_then(|so| so.include_usage).unwrap_or(false);
+    if include_usage && !stream {
+        return Err(ApiError::bad_param("stream_options", "`stream_options` is only allowed with `stream: true`"));
+    }
+    let guide = guide(f)?;
     let params = RequestParams {
         sampling,
         max_tokens,
-        min_tokens: get_usize(o, "min_tokens")?.unwrap_or(0),
+        min_tokens: f.min_tokens.unwrap_or(0),
         eos_token_ids: defaults.eos_token_ids.clone(),
-        stop_token_ids: get_token_ids(o, "stop_token_ids")?,
-        ignore_eos: get_bool(o, "ignore_eos")?.unwrap_or(false),
-        stop: get_stop(o)?,
-        logit_bias: get_logit_bias(o)?,
+        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        stop: match &f.stop {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        },
+        logit_bias: logit_bias(f.logit_bias.as_ref())?,
         guide: guide.clone().map(|(_, g)| g),
         logprobs,
         prompt_logits: None,
-        attention_window: get_usize(o, "attention_window")?,
-        attention_sinks: get_usize(o, "attention_sinks")?,
+        attention_window: f.attention_window,
+        attention_sinks: f.attention_sinks,
         images: Vec::new(),
     };
     if let (Some(max), min) = (params.max_tokens, params.min_tokens) {
@@ -238,10 +155,8 @@ pub fn common(
 }
 
 /// Chat's `logprobs` (bool) and `top_logprobs` (0..=20).
-pub fn chat_logprobs(o: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
-    let on = get_bool(o, "logprobs")?.unwrap_or(false);
-    let top = get_usize(o, "top_logprobs")?;
-    match (on, top) {
+pub fn chat_logprobs(on: Option<bool>, top: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match (on.unwrap_or(false), top) {
         (_, Some(t)) if t > MAX_TOP_LOGPROBS => {
             Err(ApiError::bad_param("top_logprobs", format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}")))
         }
@@ -252,8 +167,8 @@ pub fn chat_logprobs(o: &Map<String, Value>) -> Result<Option<usize>, ApiError> 
 }
 
 /// Completions' integer `logprobs` (0..=20).
-pub fn completion_logprobs(o: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
-    match get_usize(o, "logprobs")? {
+pub fn completion_logprobs(logprobs: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match logprobs {
         Some(t) if t > MAX_TOP_LOGPROBS => {
             Err(ApiError::bad_param("logprobs", format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}")))
         }
@@ -267,7 +182,7 @@ mod tests {
     use serde_json::json;
 
     fn parse(v: Value) -> Result<CommonParams, ApiError> {
-        common(object(&v)?, &GenerationDefaults::default(), None)
+        common(&crate::wire::parse::<SamplingFields>(&v)?, &GenerationDefaults::default(), None)
     }
 
     #[test]
@@ -314,9 +229,8 @@ mod tests {
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(e.param.as_deref(), param, "{body}");
         }
-        let o = json!({"logprobs": false, "top_logprobs": 2});
-        assert!(chat_logprobs(object(&o).unwrap_or_else(|e| panic!("{e:?}"))).is_err());
-        let o = json!({"logprobs": true, "top_logprobs": 2});
-        assert_eq!(chat_logprobs(object(&o).unwrap_or_else(|e| panic!("{e:?}"))).ok(), Some(Some(2)));
+        assert!(chat_logprobs(Some(false), Some(2)).is_err());
+        assert!(chat_logprobs(Some(true), Some(21)).is_err());
+        assert_eq!(chat_logprobs(Some(true), Some(2)).ok(), Some(Some(2)));
     }
 }

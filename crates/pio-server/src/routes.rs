@@ -18,13 +18,20 @@ use pio_engine::engine::{FinishReason, RequestOutput, RequestParams, TokenLogpro
 use pio_engine::guided::Guide;
 use pio_engine::handle::{Event, RequestStream};
 use pio_model::chat_template::ChatRequest;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::params::{self, CommonParams};
 use crate::reasoning::{Part, ReasoningStream};
-use crate::tool_grammar::{call_grammar, read_tools, Reasoning, ToolChoice};
+use crate::tool_grammar::{call_grammar, read_tools, Reasoning, ToolChoice, ToolSpec};
 use crate::tool_parser::{Delta, ToolCall, ToolCallParser, ToolCallStream};
+use crate::wire::{
+    self, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionRequest, ChatDelta, ChatLogprob, ChatLogprobs,
+    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    FunctionCall, ModelCard, ModelList, Prompt, PromptTokensDetails, SamplingFields, TokenizeRequest, TokenizeResponse,
+    ToolCallOut, ToolKind, TopLogprob, Usage, Version,
+};
 use crate::AppState;
 
 pub async fn health(State(s): State<Arc<AppState>>) -> Response {
@@ -36,17 +43,17 @@ pub async fn health(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
-pub async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": s.model_name,
-            "object": "model",
-            "created": s.created,
-            "owned_by": "pio",
-            "max_model_len": s.engine.config().max_model_len,
+pub async fn models(State(s): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: s.model_name.clone(),
+            object: "model",
+            created: s.created,
+            owned_by: "pio",
+            max_model_len: s.engine.config().max_model_len,
         }],
-    }))
+    })
 }
 
 pub async fn metrics(State(s): State<Arc<AppState>>) -> Response {
@@ -78,22 +85,16 @@ pub async fn tokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesR
 
 fn tokenize_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = read_json(body)?;
-    let o = params::object(&body)?;
-    let tokens = match (o.get("prompt"), o.get("messages")) {
-        (Some(Value::String(text)), None) => {
-            let special = params::get_bool(o, "add_special_tokens")?.unwrap_or(true);
-            s.tokenizer.encode(text, special)?
-        }
+    let req: TokenizeRequest = wire::parse(&body)?;
+    let tokens = match (&req.prompt, &req.messages) {
+        (Some(text), None) => s.tokenizer.encode(text, req.add_special_tokens.unwrap_or(true))?,
         (None, Some(_)) => chat_prompt(s, &body)?.0,
         _ => return Err(ApiError::bad_param("prompt", "give either `prompt` (a string) or `messages`")),
     };
-    let mut v = json!({"count": tokens.len(), "max_model_len": s.engine.config().max_model_len, "tokens": tokens});
-    if params::get_bool(o, "return_token_strs")?.unwrap_or(false) {
-        let strs: Vec<Value> =
-            tokens.iter().map(|&t| s.tokenizer.id_to_token(t).map_or(Value::Null, Value::String)).collect();
-        v["token_strs"] = Value::Array(strs);
-    }
-    Ok(Json(v).into_response())
+    let token_strs =
+        req.return_token_strs.unwrap_or(false).then(|| tokens.iter().map(|&t| s.tokenizer.id_to_token(t)).collect());
+    let max_model_len = s.engine.config().max_model_len;
+    Ok(Json(TokenizeResponse { count: tokens.len(), max_model_len, tokens, token_strs }).into_response())
 }
 
 /// vLLM's `/detokenize`: `{"tokens": [ids]}` -> `{"prompt": TEXT}`.
@@ -102,26 +103,16 @@ pub async fn detokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, Byte
 }
 
 fn detokenize_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = read_json(body)?;
-    let o = params::object(&body)?;
-    let bad = || ApiError::bad_param("tokens", "`tokens` must be an array of token ids in the vocabulary");
-    let ids: Vec<u32> = o
-        .get("tokens")
-        .and_then(Value::as_array)
-        .ok_or_else(bad)?
-        .iter()
-        .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
-        .collect::<Option<_>>()
-        .ok_or_else(bad)?;
-    if ids.iter().any(|&t| s.tokenizer.id_to_token(t).is_none()) {
-        return Err(bad());
+    let req: DetokenizeRequest = wire::parse(&read_json(body)?)?;
+    if let Some(t) = req.tokens.iter().find(|&&t| s.tokenizer.id_to_token(t).is_none()) {
+        return Err(ApiError::bad_param("tokens", format!("`tokens`: {t} is not in the vocabulary")));
     }
-    Ok(Json(json!({"prompt": s.tokenizer.decode(&ids, false)?})).into_response())
+    Ok(Json(DetokenizeResponse { prompt: s.tokenizer.decode(&req.tokens, false)? }).into_response())
 }
 
 /// `{"version": ...}`: this server's.
-pub async fn version() -> Json<Value> {
-    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+pub async fn version() -> Json<Version> {
+    Json(Version { version: env!("CARGO_PKG_VERSION") })
 }
 
 pub async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -145,7 +136,7 @@ fn logged(e: ApiError, kind: Kind) -> Response {
 }
 
 /// One line per finished request.
-fn log_done(meta: &Meta, usage: &Usage, first_token: Option<Instant>, stream: bool) {
+fn log_done(meta: &Meta, usage: &Counts, first_token: Option<Instant>, stream: bool) {
     let (prompt, _) = usage.totals();
     let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
     tracing::info!(
@@ -186,42 +177,35 @@ struct Choice {
 async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
     let started = Instant::now();
     let body = read_json(body)?;
-    let o = params::object(&body)?;
-    match o.get("model") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(m)) if *m == s.model_name => {}
-        Some(Value::String(m)) => {
-            return Err(ApiError::not_found(
-                format!("the model `{m}` does not exist; this server serves `{}`", s.model_name),
-                "model_not_found",
-            ))
-        }
-        Some(_) => return Err(ApiError::bad_param("model", "`model` must be a string")),
-    }
     let mut images = Vec::new();
+    let mut tools = None;
     let mut opens_reasoning = false;
-    let (prompts, logprobs) = match kind {
+    let (prompts, common) = match kind {
         Kind::Chat => {
+            let req = ChatCompletionRequest::from_json(&body)?;
+            check_model(s, &req.sampling)?;
             let (ids, urls, opens) = chat_prompt(s, &body)?;
             opens_reasoning = opens;
             images = urls.iter().map(|u| crate::media::load_image(s, u)).collect::<Result<Vec<_>, _>>()?;
-            (vec![ids], params::chat_logprobs(o)?)
+            let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
+            let mut common = params::common(&req.sampling, &s.defaults, logprobs)?;
+            tools = chat_tools(s, &req, &mut common, opens)?;
+            (vec![ids], common)
         }
         Kind::Completion => {
-            if params::get_bool(o, "echo")?.unwrap_or(false) {
+            let req = CompletionRequest::from_json(&body)?;
+            check_model(s, &req.sampling)?;
+            if req.echo == Some(true) {
                 return Err(ApiError::bad_param("echo", "`echo` is not supported"));
             }
-            (completion_prompts(s, o)?, params::completion_logprobs(o)?)
+            if req.suffix.is_some() {
+                return Err(ApiError::bad_param("suffix", "`suffix` is not supported"));
+            }
+            let prompts = completion_prompts(s, req.prompt.as_ref())?;
+            let logprobs = params::completion_logprobs(req.logprobs)?;
+            (prompts, params::common(&req.sampling, &s.defaults, logprobs)?)
         }
     };
-    refuse_unsupported(o, kind)?;
-    let mut common = params::common(o, &s.defaults, logprobs)?;
-    if kind == Kind::Chat {
-        force_tool_calls(s, o, &mut common, opens_reasoning)?;
-    }
-    if common.include_usage && !common.stream {
-        return Err(ApiError::bad_param("stream_options", "`stream_options` is only allowed with `stream: true`"));
-    }
     let max_len = s.engine.config().max_model_len;
     // A streaming window (`attention_window`) runs past the context.
     let bounded = common.params.attention_window.is_none();
@@ -260,15 +244,6 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
             choices.push(Choice { index: choices.len(), prompt: p, stream });
         }
     }
-    // Tool calls are parsed out of the answer when the request gives tools and may call them.
-    let tools = match (kind, s.tool_parser, o.get("tools").and_then(Value::as_array)) {
-        (Kind::Chat, Some(parser), Some(tools))
-            if !tools.is_empty() && o.get("tool_choice") != Some(&json!("none")) =>
-        {
-            Some((parser, Arc::new(tools.clone())))
-        }
-        _ => None,
-    };
     let meta = Meta {
         id: new_id(kind),
         created: unix_time(),
@@ -286,36 +261,33 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
     }
 }
 
-/// Fields we do not implement are refused rather than silently ignored.
-fn refuse_unsupported(o: &Map<String, Value>, kind: Kind) -> Result<(), ApiError> {
-    let set = |k: &str| o.get(k).is_some_and(|v| !v.is_null());
-    if kind == Kind::Completion && set("suffix") {
-        return Err(ApiError::bad_param("suffix", "`suffix` is not supported"));
+/// How to find tool calls in the answers, and the request's tools.
+type CallParsing = (ToolCallParser, Arc<Vec<ToolSpec>>);
+
+/// A request for another model than the one served is a 404.
+fn check_model(s: &AppState, f: &SamplingFields) -> Result<(), ApiError> {
+    match &f.model {
+        Some(m) if *m != s.model_name => Err(ApiError::not_found(
+            format!("the model `{m}` does not exist; this server serves `{}`", s.model_name),
+            "model_not_found",
+        )),
+        _ => Ok(()),
     }
-    if o.get("best_of").and_then(Value::as_u64).is_some_and(|b| b > 1) {
-        return Err(ApiError::bad_param("best_of", "`best_of` above 1 is not supported; use `n`"));
-    }
-    Ok(())
 }
 
-/// Checks `tools` and, for `tool_choice` `"required"` or a named function, holds the answer to
-/// calls by a grammar (see [`crate::tool_grammar`]).
-fn force_tool_calls(
+/// Checks `tools` and says how to find calls in the answer (`None`: tool calls are not parsed:
+/// no tools, no parser, or `tool_choice` `"none"`); for `tool_choice` `"required"` or a named
+/// function, holds the answer to calls by a grammar (see [`crate::tool_grammar`]).
+fn chat_tools(
     s: &AppState,
-    o: &Map<String, Value>,
+    req: &ChatCompletionRequest,
     common: &mut CommonParams,
     opens_reasoning: bool,
-) -> Result<(), ApiError> {
-    let tools = match o.get("tools") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(t) => read_tools(t).map_err(|m| ApiError::bad_param("tools", m))?,
-    };
-    let choice = match o.get("tool_choice") {
-        None | Some(Value::Null) => ToolChoice::Auto,
-        Some(c) => ToolChoice::from_json(c).map_err(|m| ApiError::bad_param("tool_choice", m))?,
-    };
-    let only = match &choice {
-        ToolChoice::None | ToolChoice::Auto => return Ok(()),
+) -> Result<Option<CallParsing>, ApiError> {
+    let tools = read_tools(req.tools.as_deref().unwrap_or_default()).map_err(|m| ApiError::bad_param("tools", m))?;
+    let only = match req.tool_choice.as_ref().unwrap_or(&ToolChoice::Auto) {
+        ToolChoice::None => return Ok(None),
+        ToolChoice::Auto => return Ok(s.tool_parser.filter(|_| !tools.is_empty()).map(|p| (p, Arc::new(tools)))),
         ToolChoice::Required => None,
         ToolChoice::Function(name) => Some(name.as_str()),
     };
@@ -334,13 +306,13 @@ fn force_tool_calls(
         (true, true) => Reasoning::Open,
         (true, false) => Reasoning::Optional,
     };
-    let one = only.is_some() || params::get_bool(o, "parallel_tool_calls")? == Some(false);
+    let one = only.is_some() || req.parallel_tool_calls == Some(false);
     let grammar =
         call_grammar(parser, &tools, only, one, reasoning).map_err(|m| ApiError::bad_param("tool_choice", m))?;
     common.params.guide = Some(Guide::Lark(grammar));
     // What does not compile is a tool's parameters schema.
     common.guide_field = Some("tools");
-    Ok(())
+    Ok(Some((parser, Arc::new(tools))))
 }
 
 fn with_param(mut e: ApiError, kind: Kind) -> ApiError {
@@ -362,25 +334,17 @@ fn chat_prompt(s: &AppState, body: &Value) -> Result<(Vec<u32>, Vec<String>, boo
 }
 
 /// `prompt`: a string, an array of strings, an array of token ids or an array of those.
-fn completion_prompts(s: &AppState, o: &Map<String, Value>) -> Result<Vec<Vec<u32>>, ApiError> {
-    let bad = || ApiError::bad_param("prompt", "`prompt` must be a string, an array of strings or of token ids");
-    let ids = |v: &[Value]| -> Option<Vec<u32>> {
-        v.iter().map(|x| x.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
-    };
-    let prompts = match o.get("prompt") {
-        None | Some(Value::Null) => return Err(ApiError::bad_param("prompt", "`prompt` is required")),
-        Some(Value::String(t)) => vec![s.tokenizer.encode(t, true)?],
-        Some(Value::Array(a)) if a.is_empty() => return Err(bad()),
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
-            a.iter().map(|t| s.tokenizer.encode(t.as_str().unwrap_or_default(), true)).collect::<Result<_, _>>()?
-        }
-        Some(Value::Array(a)) if a.iter().all(Value::is_number) => vec![ids(a).ok_or_else(bad)?],
-        Some(Value::Array(a)) if a.iter().all(Value::is_array) => {
-            a.iter().map(|p| p.as_array().and_then(|p| ids(p))).collect::<Option<Vec<_>>>().ok_or_else(bad)?
-        }
-        Some(_) => return Err(bad()),
-    };
-    Ok(prompts)
+fn completion_prompts(s: &AppState, prompt: Option<&Prompt>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let empty = || ApiError::bad_param("prompt", "`prompt` must not be empty");
+    Ok(match prompt {
+        None => return Err(ApiError::bad_param("prompt", "`prompt` is required")),
+        Some(Prompt::Text(t)) => vec![s.tokenizer.encode(t, true)?],
+        Some(Prompt::Texts(ts)) if ts.is_empty() => return Err(empty()),
+        Some(Prompt::Texts(ts)) => ts.iter().map(|t| s.tokenizer.encode(t, true)).collect::<Result<_, _>>()?,
+        Some(Prompt::Ids(ids)) => vec![ids.clone()],
+        Some(Prompt::Batch(b)) if b.is_empty() => return Err(empty()),
+        Some(Prompt::Batch(b)) => b.clone(),
+    })
 }
 
 /// The fields every answer and chunk repeats.
@@ -392,7 +356,7 @@ struct Meta {
     kind: Kind,
     num_prompts: usize,
     /// How to find tool calls in the answers, and the request's tools.
-    tools: Option<(ToolCallParser, Arc<Vec<Value>>)>,
+    tools: Option<CallParsing>,
     /// With a reasoning parser: whether the prompt leaves the answer inside a `<think>` block.
     reasoning: Option<bool>,
     /// When the request arrived.
@@ -412,6 +376,31 @@ impl Meta {
         })
     }
 
+    /// A whole answer.
+    fn answer<C>(&self, choices: Vec<C>, usage: Option<Option<Usage>>) -> Completion<C> {
+        Completion {
+            id: self.id.clone(),
+            object: self.object(false),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    /// A stream chunk as an event.
+    fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Option<Usage>>) -> SseEvent {
+        let c = Completion {
+            id: self.id.clone(),
+            object: self.object(true),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
+        SseEvent::default().data(serde_json::to_string(&c).unwrap_or_default())
+    }
+
     fn object(&self, chunk: bool) -> &'static str {
         match (self.kind, chunk) {
             (Kind::Chat, false) => "chat.completion",
@@ -423,15 +412,15 @@ impl Meta {
 
 /// Token counts for `usage`.
 #[derive(Debug, Clone, Default)]
-struct Usage {
+struct Counts {
     /// Per prompt: (tokens, cached tokens), from its first output.
     prompts: Vec<Option<(usize, usize)>>,
     completion: usize,
 }
 
-impl Usage {
-    fn new(num_prompts: usize) -> Usage {
-        Usage { prompts: vec![None; num_prompts], completion: 0 }
+impl Counts {
+    fn new(num_prompts: usize) -> Counts {
+        Counts { prompts: vec![None; num_prompts], completion: 0 }
     }
 
     fn add(&mut self, prompt: usize, o: &RequestOutput) {
@@ -446,14 +435,14 @@ impl Usage {
         (self.prompts.iter().flatten().map(|p| p.0).sum(), self.prompts.iter().flatten().map(|p| p.1).sum())
     }
 
-    fn json(&self) -> Value {
+    fn usage(&self) -> Usage {
         let (prompt, cached) = self.totals();
-        json!({
-            "prompt_tokens": prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": prompt + self.completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        })
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: self.completion,
+            total_tokens: prompt + self.completion,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: cached },
+        }
     }
 }
 
@@ -464,177 +453,171 @@ fn finish_str(r: FinishReason) -> &'static str {
     }
 }
 
-/// Log-probabilities in the endpoint's format, for `text_offset` starting at `offset`.
-struct LogprobWriter {
-    kind: Kind,
-    entries: Vec<Value>,
-    tokens: Vec<Value>,
-    token_logprobs: Vec<Value>,
-    top: Vec<Value>,
-    offsets: Vec<usize>,
+/// Log-probabilities in the endpoint's format.
+enum LogprobWriter {
+    Chat(ChatLogprobs),
+    Completion(CompletionLogprobs),
 }
 
 impl LogprobWriter {
     fn new(kind: Kind) -> LogprobWriter {
-        LogprobWriter {
-            kind,
-            entries: Vec::new(),
-            tokens: Vec::new(),
-            token_logprobs: Vec::new(),
-            top: Vec::new(),
-            offsets: Vec::new(),
+        match kind {
+            Kind::Chat => LogprobWriter::Chat(ChatLogprobs::default()),
+            Kind::Completion => LogprobWriter::Completion(CompletionLogprobs::default()),
         }
     }
 
+    /// Adds `lps`, the first at `offset` bytes into the choice's text (completions'
+    /// `text_offset`).
     fn push(&mut self, s: &AppState, lps: &[TokenLogprob], mut offset: usize) {
         let piece = |t: u32| s.tokenizer.decode(&[t], false).unwrap_or_default();
         for lp in lps {
-            let tok = piece(lp.token);
-            match self.kind {
-                Kind::Chat => {
-                    let top: Vec<Value> = lp
+            let token = piece(lp.token);
+            match self {
+                LogprobWriter::Chat(c) => {
+                    let top_logprobs = lp
                         .top
                         .iter()
-                        .map(|&(t, l)| {
-                            let p = piece(t);
-                            json!({"token": p, "logprob": l, "bytes": p.as_bytes()})
+                        .map(|&(t, logprob)| {
+                            let token = piece(t);
+                            TopLogprob { bytes: token.as_bytes().to_vec(), token, logprob }
                         })
                         .collect();
-                    self.entries.push(
-                        json!({"token": tok, "logprob": lp.logprob, "bytes": tok.as_bytes(), "top_logprobs": top}),
-                    );
+                    c.content.push(ChatLogprob {
+                        bytes: token.as_bytes().to_vec(),
+                        token,
+                        logprob: lp.logprob,
+                        top_logprobs,
+                    });
                 }
-                Kind::Completion => {
+                LogprobWriter::Completion(c) => {
                     // As vLLM: the sampled token is always among the alternatives listed.
                     let mut top = Map::new();
                     for &(t, l) in &lp.top {
                         top.insert(piece(t), json!(l));
                     }
-                    top.entry(tok.clone()).or_insert(json!(lp.logprob));
-                    self.offsets.push(offset);
-                    offset += tok.len();
-                    self.tokens.push(json!(tok));
-                    self.token_logprobs.push(json!(lp.logprob));
-                    self.top.push(Value::Object(top));
+                    top.entry(token.clone()).or_insert(json!(lp.logprob));
+                    c.text_offset.push(offset);
+                    offset += token.len();
+                    c.tokens.push(token);
+                    c.token_logprobs.push(lp.logprob);
+                    c.top_logprobs.push(top);
                 }
             }
         }
     }
 
-    fn json(self) -> Value {
-        match self.kind {
-            Kind::Chat => json!({"content": self.entries}),
-            Kind::Completion => json!({
-                "tokens": self.tokens,
-                "token_logprobs": self.token_logprobs,
-                "top_logprobs": self.top,
-                "text_offset": self.offsets,
-            }),
+    fn chat(self) -> Option<ChatLogprobs> {
+        match self {
+            LogprobWriter::Chat(c) => Some(c),
+            LogprobWriter::Completion(_) => None,
+        }
+    }
+
+    fn completion(self) -> Option<CompletionLogprobs> {
+        match self {
+            LogprobWriter::Completion(c) => Some(c),
+            LogprobWriter::Chat(_) => None,
         }
     }
 }
 
+/// One choice's whole answer.
+struct Answer {
+    index: usize,
+    text: String,
+    finish: FinishReason,
+    logprobs: Option<LogprobWriter>,
+}
+
 async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -> Result<Response, ApiError> {
-    let mut usage = Usage::new(meta.num_prompts);
-    let mut out = Vec::with_capacity(choices.len());
+    let mut counts = Counts::new(meta.num_prompts);
+    let mut answers = Vec::with_capacity(choices.len());
     let mut first_token = None;
     for mut c in choices {
-        let mut text = String::new();
-        let mut finish = FinishReason::Length;
-        let mut lp = LogprobWriter::new(meta.kind);
-        let mut any_logprobs = false;
+        let mut a = Answer { index: c.index, text: String::new(), finish: FinishReason::Length, logprobs: None };
         while let Some(e) = c.stream.recv().await {
             match e {
                 Event::Output(o) => {
-                    usage.add(c.prompt, &o);
+                    counts.add(c.prompt, &o);
                     if first_token.is_none() && !o.token_ids.is_empty() {
                         first_token = Some(Instant::now());
                     }
                     if !o.logprobs.is_empty() {
-                        any_logprobs = true;
-                        lp.push(s, &o.logprobs, text.len());
+                        a.logprobs.get_or_insert_with(|| LogprobWriter::new(meta.kind)).push(
+                            s,
+                            &o.logprobs,
+                            a.text.len(),
+                        );
                     }
-                    text.push_str(&o.text);
+                    a.text.push_str(&o.text);
                     if let Some(r) = o.finish_reason {
-                        finish = r;
+                        a.finish = r;
                     }
                 }
                 Event::Error(e) => return Err(ApiError::internal(e)),
             }
         }
-        let logprobs = if any_logprobs { lp.json() } else { Value::Null };
-        out.push(match meta.kind {
-            Kind::Chat => {
-                let (reasoning, text) = match meta.reasoning {
-                    Some(inside) => ReasoningStream::split(inside, &text),
-                    None => (None, text),
-                };
-                let mut message = json!({"role": "assistant", "content": text});
-                let mut reason = finish_str(finish);
-                if let Some((parser, tools)) = &meta.tools {
-                    let parsed = parser.parse(&text, tools);
-                    message["content"] = json!(parsed.content);
-                    if !parsed.calls.is_empty() {
-                        message["tool_calls"] = parsed.calls.iter().map(tool_call_json).collect();
-                        if finish != FinishReason::Length {
-                            reason = "tool_calls";
-                        }
-                    }
-                }
-                if let Some(r) = reasoning {
-                    message["reasoning_content"] = json!(r);
-                }
-                json!({"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": reason})
-            }
-            Kind::Completion => json!({
-                "index": c.index,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish_str(finish),
-            }),
-        });
+        answers.push(a);
     }
-    log_done(&meta, &usage, first_token, false);
-    Ok(Json(json!({
-        "id": meta.id,
-        "object": meta.object(false),
-        "created": meta.created,
-        "model": meta.model,
-        "choices": out,
-        "usage": usage.json(),
-    }))
-    .into_response())
+    log_done(&meta, &counts, first_token, false);
+    let usage = Some(Some(counts.usage()));
+    Ok(match meta.kind {
+        Kind::Chat => {
+            Json(meta.answer(answers.into_iter().map(|a| chat_choice(&meta, a)).collect(), usage)).into_response()
+        }
+        Kind::Completion => {
+            let choices = answers
+                .into_iter()
+                .map(|a| CompletionChoice {
+                    index: a.index,
+                    text: a.text,
+                    logprobs: a.logprobs.and_then(LogprobWriter::completion),
+                    finish_reason: Some(finish_str(a.finish)),
+                })
+                .collect();
+            Json(meta.answer(choices, usage)).into_response()
+        }
+    })
+}
+
+/// A whole chat answer split into reasoning, content and tool calls.
+fn chat_choice(meta: &Meta, a: Answer) -> ChatChoice {
+    let (reasoning_content, text) = match meta.reasoning {
+        Some(inside) => ReasoningStream::split(inside, &a.text),
+        None => (None, a.text),
+    };
+    let mut finish_reason = finish_str(a.finish);
+    let mut message =
+        AssistantMessage { role: "assistant", content: Some(text), reasoning_content, tool_calls: Vec::new() };
+    if let Some((parser, tools)) = &meta.tools {
+        let parsed = parser.parse(message.content.as_deref().unwrap_or_default(), tools);
+        message.content = parsed.content;
+        if !parsed.calls.is_empty() {
+            message.tool_calls = parsed.calls.iter().map(|c| tool_call_out(c, None)).collect();
+            if a.finish != FinishReason::Length {
+                finish_reason = "tool_calls";
+            }
+        }
+    }
+    ChatChoice { index: a.index, message, logprobs: a.logprobs.and_then(LogprobWriter::chat), finish_reason }
 }
 
 fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &CommonParams) -> Response {
     let include_usage = common.include_usage;
-    let usage = Arc::new(Mutex::new(Usage::new(meta.num_prompts)));
+    let counts = Arc::new(Mutex::new(Counts::new(meta.num_prompts)));
     let first_token: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-    let chunk = {
-        let meta = meta.clone();
-        move |choices: Value, usage: Option<Value>| -> SseEvent {
-            let mut v = json!({
-                "id": meta.id,
-                "object": meta.object(true),
-                "created": meta.created,
-                "model": meta.model,
-                "choices": choices,
-            });
-            if include_usage {
-                v["usage"] = usage.unwrap_or(Value::Null);
-            }
-            SseEvent::default().data(v.to_string())
-        }
-    };
+    // Every chunk carries `usage` with `include_usage` (null but on the last).
+    let no_usage = include_usage.then_some(None);
     // Chat streams open each choice with the assistant role.
     let first: Vec<SseEvent> = match meta.kind {
         Kind::Chat => choices
             .iter()
             .map(|c| {
-                chunk(
-                    json!([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null,
-                        "finish_reason": null}]),
-                    None,
+                let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..ChatDelta::default() };
+                meta.chunk(
+                    vec![ChatChunkChoice { index: c.index, delta, logprobs: None, finish_reason: None }],
+                    no_usage,
                 )
             })
             .collect(),
@@ -648,15 +631,14 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
             .boxed()
     }));
     let body = {
-        let (usage, chunk, s, first) = (usage.clone(), chunk.clone(), s.clone(), first_token.clone());
-        let kind = meta.kind;
+        let (counts, s, first, meta) = (counts.clone(), s.clone(), first_token.clone(), meta.clone());
         // Text streamed so far per choice: completions' `text_offset` counts from its start.
         let mut offsets = vec![0usize; num_choices];
         // Per choice, what splits reasoning and tool calls out of the text.
         let mut splitters: Vec<Option<Splitter>> = (0..num_choices).map(|_| meta.splitter()).collect();
         merged.flat_map(move |(index, prompt, e)| match e {
             Event::Output(o) => {
-                if let Ok(mut u) = usage.lock() {
+                if let Ok(mut u) = counts.lock() {
                     u.add(prompt, &o);
                 }
                 if !o.token_ids.is_empty() {
@@ -668,29 +650,35 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
                 if let Some(off) = offsets.get_mut(index) {
                     *off += o.text.len();
                 }
-                let logprobs = if o.logprobs.is_empty() {
-                    Value::Null
-                } else {
-                    let mut w = LogprobWriter::new(kind);
+                let logprobs = (!o.logprobs.is_empty()).then(|| {
+                    let mut w = LogprobWriter::new(meta.kind);
                     w.push(&s, &o.logprobs, offset);
-                    w.json()
-                };
-                let finish = o.finish_reason.map(finish_str);
-                let events = match (kind, splitters.get_mut(index).and_then(Option::as_mut)) {
-                    (Kind::Chat, Some(sp)) => split_chunks(sp, index, &o, logprobs)
+                    w
+                });
+                let finish_reason = o.finish_reason.map(finish_str);
+                let events = match (meta.kind, splitters.get_mut(index).and_then(Option::as_mut)) {
+                    (Kind::Chat, Some(sp)) => split_chunks(sp, index, &o, logprobs.and_then(LogprobWriter::chat))
                         .into_iter()
-                        .map(|choice| chunk(json!([choice]), None))
+                        .map(|choice| meta.chunk(vec![choice], no_usage))
                         .collect(),
                     (Kind::Chat, None) => {
-                        let delta = if o.text.is_empty() { json!({}) } else { json!({"content": o.text}) };
-                        let choice =
-                            json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish});
-                        vec![chunk(json!([choice]), None)]
+                        let content = (!o.text.is_empty()).then(|| o.text.clone());
+                        let choice = ChatChunkChoice {
+                            index,
+                            delta: ChatDelta { content, ..ChatDelta::default() },
+                            logprobs: logprobs.and_then(LogprobWriter::chat),
+                            finish_reason,
+                        };
+                        vec![meta.chunk(vec![choice], no_usage)]
                     }
                     (Kind::Completion, _) => {
-                        let choice =
-                            json!({"index": index, "text": o.text, "logprobs": logprobs, "finish_reason": finish});
-                        vec![chunk(json!([choice]), None)]
+                        let choice = CompletionChoice {
+                            index,
+                            text: o.text.clone(),
+                            logprobs: logprobs.and_then(LogprobWriter::completion),
+                            finish_reason,
+                        };
+                        vec![meta.chunk(vec![choice], no_usage)]
                     }
                 };
                 stream::iter(events)
@@ -700,12 +688,12 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
     };
     let tail = stream::once(async move {
         let mut events = Vec::new();
-        if let (Ok(u), Ok(f)) = (usage.lock(), first_token.lock()) {
+        if let (Ok(u), Ok(f)) = (counts.lock(), first_token.lock()) {
             log_done(&meta, &u, *f, true);
         }
         if include_usage {
-            let u = usage.lock().map(|u| u.json()).unwrap_or(Value::Null);
-            events.push(chunk(json!([]), Some(u)));
+            let usage = counts.lock().ok().map(|u| u.usage());
+            events.push(meta.chunk(Vec::<ChatChunkChoice>::new(), Some(usage)));
         }
         events.push(SseEvent::default().data("[DONE]"));
         stream::iter(events)
@@ -725,7 +713,7 @@ struct Splitter {
 
 impl Splitter {
     /// The deltas `text` completes (`done`: the answer ends with it).
-    fn push(&mut self, text: &str, done: bool) -> Vec<Value> {
+    fn push(&mut self, text: &str, done: bool) -> Vec<ChatDelta> {
         let parts = match &mut self.reasoning {
             Some(r) => {
                 let mut p = r.push(text);
@@ -736,15 +724,16 @@ impl Splitter {
             }
             None => vec![Part::Content(text.to_string())],
         };
+        let content = |c: String| ChatDelta { content: Some(c), ..ChatDelta::default() };
         let mut out = Vec::new();
         let mut calls = Vec::new();
         for p in parts {
             match p {
-                Part::Reasoning(r) => out.push(json!({"reasoning_content": r})),
+                Part::Reasoning(r) => out.push(ChatDelta { reasoning_content: Some(r), ..ChatDelta::default() }),
                 Part::Content(c) => match &mut self.tools {
                     Some(ts) => calls.extend(ts.push(&c)),
                     None if c.is_empty() => {}
-                    None => out.push(json!({"content": c})),
+                    None => out.push(content(c)),
                 },
             }
         }
@@ -756,12 +745,11 @@ impl Splitter {
             let mut next_call = ts.num_calls() - calls.iter().filter(|d| matches!(d, Delta::Call(_))).count();
             for d in calls {
                 out.push(match d {
-                    Delta::Content(c) => json!({"content": c}),
+                    Delta::Content(c) => content(c),
                     Delta::Call(c) => {
-                        let mut call = tool_call_json(&c);
-                        call["index"] = json!(next_call);
+                        let call = tool_call_out(&c, Some(next_call));
                         next_call += 1;
-                        json!({"tool_calls": [call]})
+                        ChatDelta { tool_calls: Some(vec![call]), ..ChatDelta::default() }
                     }
                 });
             }
@@ -778,28 +766,38 @@ impl Splitter {
 /// reasoning, of content and per call (calls given whole: name and arguments in one delta), the
 /// output's logprobs on the first, its finish reason (`tool_calls` once a call was made) on the
 /// last.
-fn split_chunks(sp: &mut Splitter, index: usize, o: &RequestOutput, logprobs: Value) -> Vec<Value> {
-    let mut choices: Vec<Value> = sp
+fn split_chunks(
+    sp: &mut Splitter,
+    index: usize,
+    o: &RequestOutput,
+    logprobs: Option<ChatLogprobs>,
+) -> Vec<ChatChunkChoice> {
+    let mut choices: Vec<ChatChunkChoice> = sp
         .push(&o.text, o.finish_reason.is_some())
         .into_iter()
-        .map(|delta| json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null}))
+        .map(|delta| ChatChunkChoice { index, delta, logprobs: None, finish_reason: None })
         .collect();
-    if choices.is_empty() && (!logprobs.is_null() || o.finish_reason.is_some()) {
-        choices.push(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null}));
+    if choices.is_empty() && (logprobs.is_some() || o.finish_reason.is_some()) {
+        choices.push(ChatChunkChoice { index, delta: ChatDelta::default(), logprobs: None, finish_reason: None });
     }
     if let Some(first) = choices.first_mut() {
-        first["logprobs"] = logprobs;
+        first.logprobs = logprobs;
     }
     if let (Some(last), Some(r)) = (choices.last_mut(), o.finish_reason) {
-        last["finish_reason"] =
-            json!(if sp.num_calls() > 0 && r != FinishReason::Length { "tool_calls" } else { finish_str(r) });
+        last.finish_reason =
+            Some(if sp.num_calls() > 0 && r != FinishReason::Length { "tool_calls" } else { finish_str(r) });
     }
     choices
 }
 
-/// A call as OpenAI's `tool_calls` entry, with a fresh id.
-fn tool_call_json(c: &ToolCall) -> Value {
-    json!({"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+/// A call as OpenAI's `tool_calls` entry, with a fresh id (`index`: its place in a stream).
+fn tool_call_out(c: &ToolCall, index: Option<usize>) -> ToolCallOut {
+    ToolCallOut {
+        index,
+        id: new_call_id(),
+        kind: ToolKind::Function,
+        function: FunctionCall { name: c.name.clone(), arguments: c.arguments.clone() },
+    }
 }
 
 fn new_call_id() -> String {

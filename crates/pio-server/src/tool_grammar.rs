@@ -19,6 +19,7 @@
 use serde_json::{json, Value};
 
 use crate::tool_parser::ToolCallParser;
+use crate::wire::Tool;
 
 /// What `tool_choice` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,28 +71,21 @@ pub struct ToolSpec {
     pub parameters: Value,
 }
 
-/// Checks a request's `tools` (OpenAI's `[{"type": "function", "function": {"name", "description",
-/// "parameters"}}]`): the messages name what is wrong, for a 400 naming `tools`.
-pub fn read_tools(tools: &Value) -> Result<Vec<ToolSpec>, String> {
-    let list = tools.as_array().ok_or("`tools` must be an array")?;
-    let mut out: Vec<ToolSpec> = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
+/// Checks a request's `tools` (their shape is typed by [`Tool`]): names of letters, digits, `_`,
+/// `-` and `.`, each once, and parameters that are an object schema. The messages say what is
+/// wrong, for a 400 naming `tools`.
+pub fn read_tools(tools: &[Tool]) -> Result<Vec<ToolSpec>, String> {
+    let mut out: Vec<ToolSpec> = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
         let at = |what: &str| format!("`tools[{i}]`: {what}");
-        let t = t.as_object().ok_or_else(|| at("must be an object"))?;
-        match t.get("type").and_then(Value::as_str) {
-            Some("function") => {}
-            _ => return Err(at("`type` must be \"function\"")),
+        let name = t.function.name.as_str();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+            return Err(at("`function.name` must be a non-empty string of letters, digits, `_`, `-` and `.`"));
         }
-        let f = t.get("function").and_then(Value::as_object).ok_or_else(|| at("`function` must be an object"))?;
-        let name = f
-            .get("name")
-            .and_then(Value::as_str)
-            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)))
-            .ok_or_else(|| at("`function.name` must be a non-empty string of letters, digits, `_`, `-` and `.`"))?;
         if out.iter().any(|o| o.name == name) {
             return Err(at(&format!("the function `{name}` is given twice")));
         }
-        let parameters = match f.get("parameters") {
+        let parameters = match &t.function.parameters {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
             Some(p @ Value::Object(po)) => {
                 match po.get("type") {
@@ -287,14 +281,18 @@ mod tests {
         }
     }
 
+    fn list(v: Value) -> Vec<Tool> {
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     fn tools() -> Vec<ToolSpec> {
-        read_tools(&json!([
+        read_tools(&list(json!([
             {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
                 "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                 "required": ["city", "unit"]}}},
             {"type": "function", "function": {"name": "now"}}
-        ]))
+        ])))
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -328,11 +326,12 @@ mod tests {
         let g = call_grammar(ToolCallParser::Qwen3Coder, &t, None, false, Reasoning::Off).unwrap_or_default();
         let call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork\n</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>";
         assert!(accepts(&g, call), "{g}");
-        let parsed = ToolCallParser::Qwen3Coder.parse(
-            call,
-            &[json!({"type": "function", "function": {"name": "get_weather", "parameters": t[0].parameters}})],
-        );
+        let parsed = ToolCallParser::Qwen3Coder.parse(call, &t);
         assert_eq!(parsed.calls.len(), 1);
+        assert_eq!(
+            serde_json::from_str::<Value>(&parsed.calls[0].arguments).ok(),
+            Some(json!({"city": "New\nYork", "days": 3, "unit": "celsius"}))
+        );
         assert!(accepts(&g, "<tool_call>\n<function=now>\n</function>\n</tool_call>"));
         assert!(!accepts(
             &g,
@@ -362,15 +361,16 @@ mod tests {
 
     #[test]
     fn bad_tools_and_choices_are_refused() {
+        for bad in [json!({}), json!([{"type": "function"}]), json!([{"type": "retrieval", "function": {"name": "x"}}])]
+        {
+            assert!(serde_json::from_value::<Vec<Tool>>(bad.clone()).is_err(), "{bad}");
+        }
         for bad in [
-            json!({}),
-            json!([{"type": "function"}]),
-            json!([{"type": "retrieval", "function": {"name": "x"}}]),
             json!([{"type": "function", "function": {"name": "a b"}}]),
             json!([{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]),
             json!([{"type": "function", "function": {"name": "x"}}, {"type": "function", "function": {"name": "x"}}]),
         ] {
-            assert!(read_tools(&bad).is_err(), "{bad}");
+            assert!(read_tools(&list(bad.clone())).is_err(), "{bad}");
         }
         for bad in [json!("always"), json!(3), json!({"type": "function"}), json!({"function": {"name": "x"}})] {
             assert!(ToolChoice::from_json(&bad).is_err(), "{bad}");

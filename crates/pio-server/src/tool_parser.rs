@@ -20,6 +20,8 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
+use crate::tool_grammar::ToolSpec;
+
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
@@ -50,7 +52,7 @@ impl ToolCallParser {
     }
 
     /// The content and the calls of a whole answer (`tools`: the request's `tools`).
-    pub fn parse(self, text: &str, tools: &[Value]) -> Parsed {
+    pub fn parse(self, text: &str, tools: &[ToolSpec]) -> Parsed {
         let mut s = ToolCallStream::new(self, tools.to_vec());
         let mut deltas = s.push(text);
         deltas.extend(s.finish());
@@ -67,7 +69,7 @@ impl ToolCallParser {
     }
 
     /// A call's body (what is between the tags), or `None` when it does not parse.
-    fn parse_call(self, body: &str, tools: &[Value]) -> Option<ToolCall> {
+    fn parse_call(self, body: &str, tools: &[ToolSpec]) -> Option<ToolCall> {
         match self {
             ToolCallParser::Hermes => {
                 let v: Value = serde_json::from_str(body.trim()).ok()?;
@@ -179,7 +181,7 @@ pub enum Delta {
 #[derive(Debug)]
 pub struct ToolCallStream {
     parser: ToolCallParser,
-    tools: Vec<Value>,
+    tools: Vec<ToolSpec>,
     /// Text not passed on yet: a possible start of `<tool_call>`, or a call's body so far.
     held: String,
     in_call: bool,
@@ -187,7 +189,7 @@ pub struct ToolCallStream {
 }
 
 impl ToolCallStream {
-    pub fn new(parser: ToolCallParser, tools: Vec<Value>) -> ToolCallStream {
+    pub fn new(parser: ToolCallParser, tools: Vec<ToolSpec>) -> ToolCallStream {
         ToolCallStream { parser, tools, held: String::new(), in_call: false, calls: 0 }
     }
 
@@ -250,12 +252,9 @@ impl ToolCallStream {
 }
 
 /// The JSON schema type of parameter `key` of tool `name` (the first non-null one of a list).
-fn param_type<'a>(tools: &'a [Value], name: &str, key: &str) -> Option<&'a str> {
-    let f = tools
-        .iter()
-        .map(|t| t.get("function").unwrap_or(t))
-        .find(|f| f.get("name").and_then(Value::as_str) == Some(name))?;
-    match f.get("parameters")?.get("properties")?.get(key)?.get("type")? {
+fn param_type<'a>(tools: &'a [ToolSpec], name: &str, key: &str) -> Option<&'a str> {
+    let f = tools.iter().find(|t| t.name == name)?;
+    match f.parameters.get("properties")?.get(key)?.get("type")? {
         Value::String(t) => Some(t),
         Value::Array(ts) => ts.iter().filter_map(Value::as_str).find(|t| *t != "null"),
         _ => None,
@@ -289,13 +288,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn tools() -> Vec<Value> {
+    fn tools() -> Vec<ToolSpec> {
         vec![
-            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
-                    "metric": {"type": "boolean"}, "hours": {"type": ["array", "null"]}, "zip": {"type": "string"}}}}}),
-            json!({"type": "function", "function": {"name": "add", "parameters": {"type": "object",
-                "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}),
+            ToolSpec {
+                name: "get_weather".into(),
+                parameters: json!({"type": "object", "properties": {"city": {"type": "string"},
+                    "days": {"type": "integer"}, "metric": {"type": "boolean"}, "hours": {"type": ["array", "null"]},
+                    "zip": {"type": "string"}}}),
+            },
+            ToolSpec {
+                name: "add".into(),
+                parameters: json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}),
+            },
         ]
     }
 
