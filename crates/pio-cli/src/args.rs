@@ -211,6 +211,13 @@ pub struct SamplingArgs {
     /// sinks; rounded up to a block of 16).
     #[arg(long)]
     pub attention_sinks: Option<usize>,
+    #[command(flatten)]
+    pub guide: GuideArgs,
+}
+
+/// Constrained decoding.
+#[derive(Debug, Args, Clone, Default)]
+pub struct GuideArgs {
     /// Constrained decoding: the output is a JSON document valid under this JSON schema (a
     /// file).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["regex", "grammar"])]
@@ -224,7 +231,7 @@ pub struct SamplingArgs {
     pub grammar: Option<PathBuf>,
 }
 
-impl SamplingArgs {
+impl GuideArgs {
     /// The constraint these options ask for.
     pub fn guide(&self) -> anyhow::Result<Option<pio_engine::guided::Guide>> {
         use anyhow::Context;
@@ -443,6 +450,10 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub spec: SpecArgs,
+    /// Decode under this constraint (every sequence, one and batched), to measure what
+    /// constrained decoding costs.
+    #[command(flatten)]
+    pub guide: GuideArgs,
 }
 
 #[derive(Debug, Args)]

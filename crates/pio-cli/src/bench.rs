@@ -43,7 +43,14 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     cfg.max_memory = a.model.max_memory;
     cfg.spec = a.spec.config();
     let draft = a.spec.load_draft(&a.model, &loaded)?;
-    let mut engine = Engine::with_draft(loaded.model.as_ref(), None, cfg, draft.as_deref())?;
+    // A constraint needs the tokenizer (its grammar is compiled against the token bytes).
+    let guide = a.guide.guide()?;
+    let tokenizer = match (&guide, &loaded.tokenizer) {
+        (None, _) => None,
+        (Some(_), Ok(t)) => Some(t),
+        (Some(_), Err(e)) => bail!("constrained decoding needs the model's tokenizer: {e}"),
+    };
+    let mut engine = Engine::with_draft(loaded.model.as_ref(), tokenizer, cfg, draft.as_deref())?;
     let one_token = RequestParams { max_tokens: Some(1), ignore_eos: true, ..Default::default() };
 
     // Prefill: `batch` prompts in one forward (which also samples each one's first token),
@@ -79,7 +86,7 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     // step as llama-bench's random tokens do. The sampler's cost is in the figure, as it is
     // in any real decode.
     let params = GenerateParams {
-        guide: None,
+        guide: guide.clone(),
         sampling: SamplingParams { seed: Some(1), temperature: a.temperature, ..SamplingParams::default() },
         max_tokens: a.gen_tokens,
         stop_token_ids: Vec::new(),
@@ -98,6 +105,10 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     let mut decode_cache: Option<pio_model::ExpertCacheStats> = None;
     // Speculative decoding over the decode runs.
     let mut spec = pio_engine::metrics::SpecCounts::default();
+    // Constrained decoding: seconds on masks and grammars over the timed decode steps, and those
+    // steps' seconds.
+    let guided_s = |e: &Engine| e.metrics().guided_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+    let (mut decode_guided_s, mut decode_s) = (0.0, 0.0);
     for _ in 0..a.repeats.max(1) {
         // As `generate` (the same request and timing: decode is what follows the first
         // token), stepping here so the expert cache is counted over the decode steps alone.
@@ -108,12 +119,15 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         }
         let cache_before = loaded.model.expert_cache_stats();
         let spec_before = engine.metrics().spec_counts();
+        let guided_before = guided_s(&engine);
         let start = Instant::now();
         let mut steps = 0;
         while engine.has_work() {
             steps += engine.step()?.iter().filter(|o| o.id == id).map(|o| o.token_ids.len()).sum::<usize>();
         }
         let elapsed = start.elapsed().as_secs_f64();
+        decode_guided_s += guided_s(&engine) - guided_before;
+        decode_s += elapsed;
         let d = engine.metrics().spec_counts().since(&spec_before);
         spec.drafts += d.drafts;
         spec.draft_tokens += d.draft_tokens;
@@ -147,8 +161,14 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     // Batched decode: `batch` sequences (16-token prompts, each its own) stepping one token
     // each per forward, greedy: aggregate tokens/s over `gen_tokens` steps, best of `repeats`.
     let mut batch_decode_tps: Option<f64> = None;
+    let (mut batch_guided_s, mut batch_s) = (0.0, 0.0);
     if a.batch > 1 {
-        let request = RequestParams { max_tokens: Some(a.gen_tokens + 1), ignore_eos: true, ..Default::default() };
+        let request = RequestParams {
+            max_tokens: Some(a.gen_tokens + 1),
+            ignore_eos: true,
+            guide: guide.clone(),
+            ..Default::default()
+        };
         for _ in 0..a.repeats.max(1) {
             for i in 0..a.batch {
                 let mut p = decode_prompt.to_vec();
@@ -161,12 +181,16 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
             while started.len() < a.batch && engine.has_work() {
                 started.extend(engine.step()?.iter().filter(|o| !o.token_ids.is_empty()).map(|o| o.id));
             }
+            let guided_before = guided_s(&engine);
             let start = Instant::now();
             let mut generated = 0;
             while engine.has_work() {
                 generated += engine.step()?.iter().map(|o| o.token_ids.len()).sum::<usize>();
             }
-            let tps = generated as f64 / start.elapsed().as_secs_f64();
+            let elapsed = start.elapsed().as_secs_f64();
+            batch_guided_s += guided_s(&engine) - guided_before;
+            batch_s += elapsed;
+            let tps = generated as f64 / elapsed;
             batch_decode_tps = Some(batch_decode_tps.map_or(tps, |b: f64| b.max(tps)));
         }
     }
@@ -239,6 +263,11 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         "decode_tokens_per_s": decode_tps,
         "batch_decode_tokens_per_s": batch_decode_tps,
         "spec": spec_json,
+        "guided": guide.as_ref().map(|_| json!({
+            "decode_tokens": decode_steps,
+            "decode_guided_fraction": decode_guided_s / decode_s.max(1e-9),
+            "batch_decode_guided_fraction": (a.batch > 1).then(|| batch_guided_s / batch_s.max(1e-9)),
+        })),
         "peak_rss_bytes": peak_rss,
         "kv_cache_dtype": a.model.kv_cache_type().to_string(),
         "cache_type_k": a.model.kv_cache_type().k.name(),
@@ -299,6 +328,17 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         }
         if let Some(tps) = batch_decode_tps {
             out(&format!("  batched decode {:>8.1} tok/s ({} sequences, one token each per step)\n", tps, a.batch))?;
+        }
+        if guide.is_some() {
+            out(&format!(
+                "  constrained decoding: {:.1}% of the decode time on token masks and grammars{}\n",
+                100.0 * decode_guided_s / decode_s.max(1e-9),
+                if a.batch > 1 {
+                    format!(", {:.1}% of the batched decode's", 100.0 * batch_guided_s / batch_s.max(1e-9))
+                } else {
+                    String::new()
+                },
+            ))?;
         }
         if let Some(i) = &image {
             out(&format!(

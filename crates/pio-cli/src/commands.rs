@@ -312,7 +312,7 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
         (Err(e), false) => bail!("{e}"),
     };
     let mut params = resolve_params(&a.sampling, &loaded);
-    params.guide = a.sampling.guide()?;
+    params.guide = a.sampling.guide.guide()?;
     params.images = images;
     let ctx = context_size(&a.sampling, &loaded);
     let prompt_len = expanded_len(&loaded, &prompt_ids, &params.images);
@@ -379,7 +379,7 @@ fn cmd_chat(mut a: ChatArgs) -> Result<()> {
     let tok = loaded.tokenizer()?;
     let template = tok.chat_template().context("the model has no chat template")?;
     let mut params = resolve_params(&a.sampling, &loaded);
-    params.guide = a.sampling.guide()?;
+    params.guide = a.sampling.guide.guide()?;
     let ctx = context_size(&a.sampling, &loaded);
     // One engine for the whole conversation: each turn's prompt starts with the previous turns,
     // whose K/V the prefix cache still holds.

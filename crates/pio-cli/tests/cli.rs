@@ -650,3 +650,66 @@ fn generate_with_the_models_own_mtp_layer() {
     assert!(stderr(&r).contains("no multi-token-prediction layer"), "{}", stderr(&r));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Constrained decoding from the command line, on the real SmolLM2: `generate --json-schema`
+/// writes JSON valid under the schema, `--regex` text matching it, and `bench --json-schema`
+/// reports the share of the decode spent on masks and grammars.
+#[test]
+fn constrained_generate_and_bench() {
+    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
+    let model = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !model.exists() {
+        assert!(std::env::var_os("CI").is_none(), "{} missing in CI", model.display());
+        eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", model.display());
+        return;
+    }
+    let m = model.to_str().expect("path");
+    let schema = std::env::temp_dir().join(format!("pio-cli-schema-{}.json", std::process::id()));
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": false}"#,
+    )
+    .expect("write schema");
+    let s = schema.to_str().expect("path");
+    let o = pio(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "--prompt",
+            "Describe a person.",
+            "--max-tokens",
+            "60",
+            "--seed",
+            "3",
+            "--json-schema",
+            s,
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    assert!(v["name"].is_string() && v["age"].is_i64() && v.as_object().is_some_and(|o| o.len() == 2), "{v}");
+    let o = pio(
+        &["generate", "--model", m, "--prompt", "The year is", "--max-tokens", "8", "--regex", " [0-9]{4}\\."],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let t = text.trim_end_matches('\n');
+    assert!(
+        t.len() == 6 && t.starts_with(' ') && t.ends_with('.') && t[1..5].bytes().all(|b| b.is_ascii_digit()),
+        "{t:?}"
+    );
+    let args = ["bench", "--model", m, "--prompt-tokens", "8", "--gen-tokens", "16", "--repeats", "1", "--batch", "2"];
+    let o = pio(&[&args[..], &["--json", "--json-schema", s]].concat(), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    for key in ["decode_guided_fraction", "batch_decode_guided_fraction"] {
+        assert!(v["guided"][key].as_f64().is_some_and(|f| f > 0.0 && f < 1.0), "{key}: {v}");
+    }
+    let _ = std::fs::remove_file(&schema);
+}

@@ -969,9 +969,12 @@ impl<'m> Engine<'m> {
                 *v += b;
             }
         }
+        let mut guided = Duration::ZERO;
         if let Some(g) = r.guide.as_mut() {
             // Only what the grammar allows; its end tokens once it is complete.
+            let start = Instant::now();
             g.mask(logits, |t| p.eos_token_ids.contains(&t) || p.stop_token_ids.contains(&t))?;
+            guided += start.elapsed();
         }
         if !stops_allowed {
             for t in p.eos_token_ids.iter().chain(&p.stop_token_ids) {
@@ -983,11 +986,16 @@ impl<'m> Engine<'m> {
         let token = r.sampler.sample(logits, prompt, generated);
         let guide_done = match r.guide.as_mut() {
             Some(g) if !is_stop_token(token) => {
+                let start = Instant::now();
                 g.consume(token)?;
+                guided += start.elapsed();
                 g.is_stopped()
             }
             _ => false,
         };
+        if r.guide.is_some() {
+            self.metrics.guided_us.fetch_add(guided.as_micros() as u64, Ordering::Relaxed);
+        }
         let lp = logprobs.map(|(n, lsm)| token_logprob(&lsm, token, n));
         let now = Instant::now();
         match r.last_token {

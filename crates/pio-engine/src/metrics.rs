@@ -97,6 +97,8 @@ pub struct Metrics {
     /// Speculative decoding: microseconds spent proposing (a draft model's forwards, the n-gram
     /// lookup).
     pub spec_propose_us: AtomicU64,
+    /// Constrained decoding: microseconds spent on token masks and advancing grammars.
+    pub guided_us: AtomicU64,
     /// Requests finished, by reason: stop, length, abort, error.
     pub finished: [AtomicU64; 4],
     pub time_to_first_token: Histogram,
@@ -120,6 +122,7 @@ impl Default for Metrics {
             spec_accepted_tokens: AtomicU64::new(0),
             spec_drafts: AtomicU64::new(0),
             spec_propose_us: AtomicU64::new(0),
+            guided_us: AtomicU64::new(0),
             finished: Default::default(),
             time_to_first_token: Histogram::new(TTFT_BUCKETS),
             inter_token_latency: Histogram::new(ITL_BUCKETS),
@@ -286,6 +289,13 @@ impl Metrics {
                 "counter",
                 "Time spent proposing speculative tokens (a draft model's forwards, the n-gram lookup).",
                 (self.spec_propose_us.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
+            ),
+            (
+                "pio_guided_decoding_seconds_total",
+                "",
+                "counter",
+                "Time spent on constrained decoding: computing token masks and advancing grammars.",
+                (self.guided_us.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
             ),
         ]
     }
