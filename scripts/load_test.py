@@ -4,7 +4,7 @@
 Usage:
     python3 scripts/load_test.py --url http://127.0.0.1:PORT --model NAME \
         [--clients 32] [--duration 60] [--max-tokens 128] [--prompt-tokens 100] \
-        [--pid SERVER_PID] [--api-key KEY] [--json]
+        [--pid SERVER_PID] [--api-key KEY] [--json] [--json-schema FILE]
     python3 scripts/load_test.py ... --compare-single --clients 16 [--min-speedup 6]
 
 Each of --clients clients loops for --duration seconds: a streaming chat completion with a
@@ -160,7 +160,7 @@ async def read_body(reader, headers):
 
 
 async def one_request(args, host, port, path, prompt, stats, deadline):
-    body = json.dumps({
+    req = {
         "model": args.model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": args.max_tokens,
@@ -168,7 +168,10 @@ async def one_request(args, host, port, path, prompt, stats, deadline):
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
-    }).encode()
+    }
+    if args.json_schema:
+        req["response_format"] = {"type": "json_schema", "json_schema": {"name": "load", "schema": args.json_schema}}
+    body = json.dumps(req).encode()
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n")
     if args.api_key:
@@ -399,6 +402,9 @@ def main():
                    help="run 1 client first, then --clients, and compare the aggregate throughputs")
     p.add_argument("--min-speedup", type=float, default=6.0, help="what --compare-single demands")
     p.add_argument("--json", action="store_true", help="also print one JSON line with all figures")
+    p.add_argument("--json-schema", metavar="FILE", type=lambda f: json.load(open(f)),
+                   help="every request asks for JSON under this schema (response_format), to measure what "
+                        "constrained decoding costs")
     args = p.parse_args()
 
     try:
