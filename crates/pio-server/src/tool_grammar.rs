@@ -145,17 +145,15 @@ pub fn call_grammar(
     let alts: Vec<String> = (0..chosen.len()).map(|i| format!("f{i}")).collect();
     match parser {
         ToolCallParser::Hermes => {
-            g.push_str("call: \"<tool_call>\\n\" body \"\\n</tool_call>\"\n");
-            let branches: Vec<Value> = chosen
-                .iter()
-                .map(|t| {
-                    json!({"type": "object",
-                        "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                        "required": ["name", "arguments"], "additionalProperties": false})
-                })
-                .collect();
-            let schema = if branches.len() == 1 { branches[0].clone() } else { json!({"anyOf": branches}) };
-            g.push_str(&format!("body: %json {schema}\n"));
+            // One JSON grammar per tool, so that each keeps its own `$defs` at its root.
+            g.push_str(&format!("call: \"<tool_call>\\n\" ({}) \"\\n</tool_call>\"\n", alts.join(" | ")));
+            for (i, t) in chosen.iter().enumerate() {
+                let mut schema = json!({"type": "object",
+                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                    "required": ["name", "arguments"], "additionalProperties": false});
+                with_definitions(&mut schema, &t.parameters);
+                g.push_str(&format!("f{i}: %json {schema}\n"));
+            }
         }
         ToolCallParser::Qwen3Coder => {
             g.push_str(&format!("call: \"<tool_call>\\n\" ({}) \"</tool_call>\"\n", alts.join(" | ")));
@@ -165,7 +163,7 @@ pub fn call_grammar(
                 for (j, (key, schema, required)) in params(&t.parameters).into_iter().enumerate() {
                     let name = format!("f{i}p{j}");
                     let open = lit(&format!("<parameter={key}>\n"));
-                    match value_rule(schema) {
+                    match value_rule(schema, &t.parameters) {
                         ArgValue::Text => g.push_str(&format!("{name}: {open} sval \"\\n\"\n")),
                         ArgValue::Rule(v) => g.push_str(&format!("{name}: {open} {v} \"\\n</parameter>\\n\"\n")),
                     }
@@ -184,7 +182,7 @@ pub fn call_grammar(
                 for (j, (key, schema, required)) in params(&t.parameters).into_iter().enumerate() {
                     let name = format!("f{i}p{j}");
                     let open = lit(&format!("<arg_key>{key}</arg_key><arg_value>"));
-                    match value_rule(schema) {
+                    match value_rule(schema, &t.parameters) {
                         ArgValue::Text => g.push_str(&format!("{name}: {open} aval\n")),
                         ArgValue::Rule(v) => g.push_str(&format!("{name}: {open} {v} \"</arg_value>\"\n")),
                     }
@@ -223,7 +221,8 @@ enum ArgValue {
     Rule(String),
 }
 
-fn value_rule(schema: &Value) -> ArgValue {
+/// How parameter `schema` of a tool whose parameters are `parameters` is written.
+fn value_rule(schema: &Value, parameters: &Value) -> ArgValue {
     // A string enum: one of its values, bare.
     if let Some(values) = schema.get("enum").and_then(Value::as_array) {
         if !values.is_empty() && values.iter().all(Value::is_string) {
@@ -231,9 +230,28 @@ fn value_rule(schema: &Value) -> ArgValue {
             return ArgValue::Rule(format!("({})", alts.join(" | ")));
         }
     }
-    match schema.get("type").and_then(Value::as_str) {
-        Some("string") => ArgValue::Text,
-        _ => ArgValue::Rule(format!("%json {schema}")),
+    // A string (or a string or null, as optional parameters are often typed): bare text, as the
+    // parsers read it.
+    let string = match schema.get("type") {
+        Some(Value::String(t)) => t == "string",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "string"),
+        _ => false,
+    };
+    if string {
+        return ArgValue::Text;
+    }
+    let mut schema = schema.clone();
+    with_definitions(&mut schema, parameters);
+    ArgValue::Rule(format!("%json {schema}"))
+}
+
+/// Copies the definitions of `parameters` (`$defs`, `definitions`) to the root of `schema`, a
+/// schema built from parts of it, so its `#/$defs/...` references still resolve.
+fn with_definitions(schema: &mut Value, parameters: &Value) {
+    for key in ["$defs", "definitions"] {
+        if let (Some(defs), Some(o)) = (parameters.get(key), schema.as_object_mut()) {
+            o.entry(key).or_insert_with(|| defs.clone());
+        }
     }
 }
 
@@ -345,6 +363,33 @@ mod tests {
         assert!(accepts(&g, "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Rome</arg_value><arg_key>unit</arg_key><arg_value>celsius</arg_value></tool_call>"), "{g}");
         assert!(!accepts(&g, "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Rome</arg_value></tool_call>"));
         assert!(!accepts(&g, "Sure."));
+    }
+
+    #[test]
+    fn references_and_nullable_strings() {
+        let t = read_tools(&list(json!([{"type": "function", "function": {"name": "book", "parameters": {
+            "type": "object",
+            "$defs": {"date": {"type": "object", "properties": {"day": {"type": "integer"}}, "required": ["day"]}},
+            "properties": {"when": {"$ref": "#/$defs/date"}, "note": {"type": ["string", "null"]}},
+            "required": ["when"]}}}])))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let g = call_grammar(ToolCallParser::Hermes, &t, None, true, Reasoning::Off).unwrap_or_default();
+        assert!(
+            accepts(&g, "<tool_call>\n{\"name\": \"book\", \"arguments\": {\"when\": {\"day\": 3}}}\n</tool_call>"),
+            "{g}"
+        );
+        assert!(!accepts(
+            &g,
+            "<tool_call>\n{\"name\": \"book\", \"arguments\": {\"when\": {\"day\": \"x\"}}}\n</tool_call>"
+        ));
+        let g = call_grammar(ToolCallParser::Qwen3Coder, &t, None, true, Reasoning::Off).unwrap_or_default();
+        let call = "<tool_call>\n<function=book>\n<parameter=when>\n{\"day\": 3}\n</parameter>\n<parameter=note>\nby the window\n</parameter>\n</function>\n</tool_call>";
+        assert!(accepts(&g, call), "{g}");
+        let args = &ToolCallParser::Qwen3Coder.parse(call, &t).calls[0].arguments;
+        assert_eq!(
+            serde_json::from_str::<Value>(args).ok(),
+            Some(json!({"when": {"day": 3}, "note": "by the window"}))
+        );
     }
 
     #[test]
