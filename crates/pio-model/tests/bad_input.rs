@@ -61,6 +61,25 @@ fn truncated_safetensors() {
     assert_mentions(&load_err(&s.0), &["model.safetensors", "not a valid safetensors file"]);
 }
 
+/// A sharded checkpoint's index names its shards; one that leads out of the model directory
+/// (a path, `..`, an absolute path) is refused before anything is opened.
+#[test]
+fn shard_names_outside_the_model_directory_are_refused() {
+    let s = Scratch::copy_of("qwen3", "index-escape");
+    std::fs::rename(s.0.join("model.safetensors"), s.0.join("model-00001-of-00001.safetensors")).expect("rename");
+    let index = |shard: &str| {
+        let v = serde_json::json!({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors",
+            "model.norm.weight": shard}});
+        std::fs::write(s.0.join("model.safetensors.index.json"), v.to_string()).expect("write index");
+    };
+    for bad in ["../model.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ""] {
+        index(bad);
+        assert_mentions(&load_err(&s.0), &["model.safetensors.index.json", "not a file name in the model directory"]);
+    }
+    index("model-00001-of-00001.safetensors");
+    assert!(pio_model::load(&s.0, &mut |_, _| {}).is_ok());
+}
+
 #[test]
 fn garbage_safetensors_header() {
     let s = Scratch::copy_of("qwen3", "garbage-st");

@@ -25,6 +25,12 @@ pub struct CommonParams {
 pub const MAX_N: usize = 16;
 /// Most alternatives per token in logprobs.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Most stop strings per request, and the longest one in bytes (each is checked against the
+/// text after every token).
+pub const MAX_STOP_STRINGS: usize = 64;
+pub const MAX_STOP_BYTES: usize = 4096;
+/// Most entries of `stop_token_ids`, of `logit_bias` and of `guided_choice`.
+pub const MAX_TOKEN_LIST: usize = 1024;
 
 /// `logit_bias`: token ids (as strings, OpenAI's form) to biases in [-100, 100].
 fn logit_bias(m: Option<&Map<String, Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
@@ -122,6 +128,26 @@ pub fn common(
     if include_usage && !stream {
         return Err(ApiError::bad_param("stream_options", "`stream_options` is only allowed with `stream: true`"));
     }
+    let stop = match &f.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s.clone()],
+        Some(OneOrMany::Many(v)) => v.clone(),
+    };
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::bad_param("stop", format!("at most {MAX_STOP_STRINGS} stop strings are accepted")));
+    }
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_param("stop", format!("a stop string may be at most {MAX_STOP_BYTES} bytes long")));
+    }
+    for (field, n) in [
+        ("stop_token_ids", f.stop_token_ids.as_ref().map_or(0, Vec::len)),
+        ("logit_bias", f.logit_bias.as_ref().map_or(0, Map::len)),
+        ("guided_choice", f.guided_choice.as_ref().map_or(0, Vec::len)),
+    ] {
+        if n > MAX_TOKEN_LIST {
+            return Err(ApiError::bad_param(field, format!("`{field}` may have at most {MAX_TOKEN_LIST} entries")));
+        }
+    }
     let guide = guide(f)?;
     let params = RequestParams {
         sampling,
@@ -130,11 +156,7 @@ pub fn common(
         eos_token_ids: defaults.eos_token_ids.clone(),
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
-        stop: match &f.stop {
-            None => Vec::new(),
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        },
+        stop,
         logit_bias: logit_bias(f.logit_bias.as_ref())?,
         guide: guide.clone().map(|(_, g)| g),
         logprobs,
@@ -224,6 +246,10 @@ mod tests {
             (json!({"presence_penalty": 3}), None),
             (json!({"stream": "yes"}), Some("stream")),
             (json!({"min_tokens": 9, "max_tokens": 2}), Some("min_tokens")),
+            (json!({"stop": vec!["x"; MAX_STOP_STRINGS + 1]}), Some("stop")),
+            (json!({"stop": "y".repeat(MAX_STOP_BYTES + 1)}), Some("stop")),
+            (json!({"stop_token_ids": vec![1; MAX_TOKEN_LIST + 1]}), Some("stop_token_ids")),
+            (json!({"guided_choice": vec!["a"; MAX_TOKEN_LIST + 1]}), Some("guided_choice")),
         ] {
             let e = parse(body.clone()).err().unwrap_or_else(|| panic!("{body} accepted"));
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{body}");

@@ -71,10 +71,16 @@ pub struct ToolSpec {
     pub parameters: Value,
 }
 
+/// Most tools one request may give.
+pub const MAX_TOOLS: usize = 256;
+
 /// Checks a request's `tools` (their shape is typed by [`Tool`]): names of letters, digits, `_`,
 /// `-` and `.`, each once, and parameters that are an object schema. The messages say what is
 /// wrong, for a 400 naming `tools`.
 pub fn read_tools(tools: &[Tool]) -> Result<Vec<ToolSpec>, String> {
+    if tools.len() > MAX_TOOLS {
+        return Err(format!("at most {MAX_TOOLS} tools are accepted, {} were given", tools.len()));
+    }
     let mut out: Vec<ToolSpec> = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
         let at = |what: &str| format!("`tools[{i}]`: {what}");
@@ -417,6 +423,9 @@ mod tests {
         ] {
             assert!(read_tools(&list(bad.clone())).is_err(), "{bad}");
         }
+        let many: Vec<Value> =
+            (0..=MAX_TOOLS).map(|i| json!({"type": "function", "function": {"name": format!("f{i}")}})).collect();
+        assert!(read_tools(&list(Value::Array(many))).is_err_and(|e| e.contains("at most")));
         for bad in [json!("always"), json!(3), json!({"type": "function"}), json!({"function": {"name": "x"}})] {
             assert!(ToolChoice::from_json(&bad).is_err(), "{bad}");
         }

@@ -186,11 +186,23 @@ pub struct ToolCallStream {
     held: String,
     in_call: bool,
     calls: usize,
+    /// Whitespace after a call, given only if text follows before the next call.
+    pending: String,
+    /// Text other than whitespace came since the last call.
+    segment_has_text: bool,
 }
 
 impl ToolCallStream {
     pub fn new(parser: ToolCallParser, tools: Vec<ToolSpec>) -> ToolCallStream {
-        ToolCallStream { parser, tools, held: String::new(), in_call: false, calls: 0 }
+        ToolCallStream {
+            parser,
+            tools,
+            held: String::new(),
+            in_call: false,
+            calls: 0,
+            pending: String::new(),
+            segment_has_text: false,
+        }
     }
 
     /// Calls given so far.
@@ -211,15 +223,18 @@ impl ToolCallStream {
                 match self.parser.parse_call(&body, &self.tools) {
                     Some(call) => {
                         self.calls += 1;
+                        self.segment_has_text = false;
                         out.push(Delta::Call(call));
                     }
-                    None => out.push(Delta::Content(format!("{OPEN}{body}{CLOSE}"))),
+                    None => self.content(&mut out, format!("{OPEN}{body}{CLOSE}")),
                 }
             } else if let Some(at) = self.held.find(OPEN) {
                 let before: String = self.held[..at].to_string();
                 self.held.drain(..at + OPEN.len());
                 self.in_call = true;
                 self.content(&mut out, before);
+                // Whitespace alone between two calls is dropped.
+                self.pending.clear();
             } else {
                 // Keep back what could be the start of the tag.
                 let keep = (1..OPEN.len()).rev().find(|&n| self.held.ends_with(&OPEN[..n])).unwrap_or(0);
@@ -242,9 +257,20 @@ impl ToolCallStream {
         out
     }
 
-    /// Content, except whitespace between or after calls.
-    fn content(&self, out: &mut Vec<Delta>, text: String) {
-        if text.is_empty() || (self.calls > 0 && text.trim().is_empty()) {
+    /// Content, except whitespace alone between or after calls (held in `pending` until text
+    /// follows, so that where the text is split does not matter).
+    fn content(&mut self, out: &mut Vec<Delta>, text: String) {
+        if text.is_empty() {
+            return;
+        }
+        if self.calls > 0 && !self.segment_has_text {
+            if text.trim().is_empty() {
+                self.pending.push_str(&text);
+                return;
+            }
+            self.segment_has_text = true;
+            let text = std::mem::take(&mut self.pending) + &text;
+            out.push(Delta::Content(text));
             return;
         }
         out.push(Delta::Content(text));
@@ -330,6 +356,19 @@ mod tests {
         let content = content.trim();
         assert_eq!(Parsed { content: (!content.is_empty()).then(|| content.to_string()), calls }, whole, "{text}");
         whole
+    }
+
+    /// Found by fuzzing: whitespace after a call, then text, kept its whitespace when whole and
+    /// lost it when streamed in pieces.
+    #[test]
+    fn whitespace_after_a_call_then_text_streams_as_it_reads_whole() {
+        let p = ToolCallParser::Glm47;
+        let text = "<tool_call>add<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>\n  Done:\n ok \n<tool_call>add</tool_call> \n";
+        let r = both(p, text);
+        assert_eq!((r.content.as_deref(), r.calls.len()), (Some("Done:\n ok"), 2));
+        // Whitespace alone between and after calls is dropped, however it arrives.
+        let r = both(p, "<tool_call>add</tool_call>\n \n<tool_call>add</tool_call>\n");
+        assert_eq!((r.content, r.calls.len()), (None, 2));
     }
 
     #[test]

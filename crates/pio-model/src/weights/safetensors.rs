@@ -28,6 +28,15 @@ pub fn load_dir(dir: &Path) -> Result<Checkpoint> {
         if shards.is_empty() {
             return Err(Error::file(&index, "empty \"weight_map\""));
         }
+        // Shards are files beside the index: a name that leads elsewhere is refused.
+        if let Some(bad) = shards.iter().find(|s| {
+            let p = Path::new(s);
+            s.is_empty()
+                || p.components().count() != 1
+                || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        }) {
+            return Err(Error::file(&index, format!("shard {bad:?} is not a file name in the model directory")));
+        }
         shards.into_iter().map(|s| dir.join(s)).collect()
     } else if single.exists() {
         vec![single]
