@@ -79,6 +79,19 @@ pub struct ServeArgs {
     /// `--allowed-origins http://localhost:3000`; `*` allows any. Repeatable; off by default.
     #[arg(long, value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
+    /// Most open connections; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (slow ones are disconnected).
+    #[arg(long, default_value_t = 30.0)]
+    pub header_read_timeout: f64,
+    /// Seconds a client has to send a request's body after its headers (408 after that).
+    #[arg(long, default_value_t = 60.0)]
+    pub body_read_timeout: f64,
+    /// On SIGTERM or Ctrl-C: seconds running requests may go on before they are aborted (new
+    /// connections are refused and /health answers 503 meanwhile).
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
 }
 
 fn parse_reasoning_parser(s: &str) -> Result<pio_server::reasoning::ReasoningParser, String> {
@@ -201,6 +214,7 @@ pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
         vision,
         tool_parser,
         reasoning_parser: a.reasoning_parser,
+        lifecycle: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -211,6 +225,10 @@ pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
     let http = HttpConfig {
         max_body_bytes: a.max_body_bytes.unwrap_or(default_body),
         allowed_origins: a.allowed_origins.clone(),
+        max_connections: a.max_connections,
+        header_read_timeout: seconds(a.header_read_timeout, "--header-read-timeout")?,
+        body_read_timeout: seconds(a.body_read_timeout, "--body-read-timeout")?,
+        shutdown_timeout: seconds(a.shutdown_timeout, "--shutdown-timeout")?,
     };
     let addr = SocketAddr::new(a.host, a.port);
     let kv_mib = cfg.num_blocks * cfg.block_size * per_token / (1 << 20);
@@ -235,6 +253,11 @@ pub fn cmd_serve(mut a: ServeArgs) -> Result<()> {
     }))
     .with_context(|| format!("serving on {addr}"))?;
     Ok(())
+}
+
+/// A non-negative number of seconds.
+fn seconds(s: f64, flag: &str) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("{flag}: {s} is not a number of seconds"))
 }
 
 #[cfg(test)]

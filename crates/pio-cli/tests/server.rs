@@ -541,3 +541,111 @@ fn structured_outputs_follow_their_schema() {
         assert_eq!(v["error"]["param"], field, "{v}");
     }
 }
+
+/// Sends SIGTERM to the server.
+fn terminate(srv: &Server) {
+    let ok = Command::new("kill").args(["-TERM", &srv.child.id().to_string()]).status().expect("kill runs");
+    assert!(ok.success());
+}
+
+/// Reads a streamed answer to its end: its `data:` payloads.
+fn read_events(mut s: TcpStream) -> Vec<String> {
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    String::from_utf8_lossy(&resp).lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+fn streaming_completion(srv: &Server, max_tokens: usize) -> TcpStream {
+    let body = json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": true, "ignore_eos": true,
+        "temperature": 0})
+    .to_string();
+    let mut s = srv.connect();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("send");
+    // The first bytes: the request is running.
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).expect("a first byte");
+    s
+}
+
+/// SIGTERM: running requests finish (all their tokens) while new requests and /health get
+/// 503, then the server exits 0; past `--shutdown-timeout` what still runs gets a final error
+/// event and the server exits 0 all the same.
+#[test]
+fn shutdown_drains_running_requests_then_aborts_them_at_the_timeout() {
+    let Some(model) = model_path() else { return };
+    let mut srv = Server::start(&model, &["--shutdown-timeout", "60"]);
+    let s = streaming_completion(&srv, 300);
+    terminate(&srv);
+    srv.wait_log(&["shutting down: draining"]);
+    let (status, text) = srv.request("GET", "/health", &[], b"");
+    assert_eq!(status, 503, "{text}");
+    let (status, v) = srv.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("shutting down")), "{v}");
+    let events = read_events(s);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let tokens = events.iter().filter(|e| e.contains("\"text\"")).count();
+    assert_eq!(tokens, 300, "every token of the running request");
+    let status = srv.child.wait().expect("exits");
+    assert!(status.success(), "{status:?}");
+    srv.wait_log(&["every request finished"]);
+
+    let mut srv = Server::start(&model, &["--shutdown-timeout", "0.5", "--max-model-len", "8192"]);
+    let s = streaming_completion(&srv, 8000);
+    let start = std::time::Instant::now();
+    terminate(&srv);
+    let events = read_events(s);
+    assert!(start.elapsed() < Duration::from_secs(20), "aborted at the timeout");
+    let n = events.len();
+    assert!(n >= 2 && events[n - 1] == "[DONE]", "{:?}", &events[n.saturating_sub(3)..]);
+    assert!(events[n - 2].contains("\"error\"") && events[n - 2].contains("shutting down"), "{}", events[n - 2]);
+    assert!(srv.child.wait().expect("exits").success());
+    srv.wait_log(&["shutdown timeout: aborting"]);
+}
+
+/// Connections past `--max-connections` get 503; a client that dribbles its headers is cut
+/// off at `--header-read-timeout`, one that does not send its body gets 408 at
+/// `--body-read-timeout`; normal clients are served throughout.
+#[test]
+fn connection_cap_and_slow_clients() {
+    let Some(model) = model_path() else { return };
+    let srv =
+        Server::start(&model, &["--max-connections", "3", "--header-read-timeout", "1", "--body-read-timeout", "1"]);
+    let mut slow_headers = srv.connect();
+    slow_headers.write_all(b"GET /health HTTP/1.1\r\nHo").expect("send");
+    let mut slow_body = srv.connect();
+    slow_body
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(200));
+    // Two of three taken: a normal request is served, on the third.
+    let (status, _) = srv.request("GET", "/health", &[], b"");
+    assert_eq!(status, 200);
+    // The cap reached (a held connection, once the last one's slot is back), one more is
+    // refused.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held = srv.connect();
+    std::thread::sleep(Duration::from_millis(200));
+    held.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    assert!(held.read(&mut [0u8; 16]).is_err(), "the held connection is open and silent");
+    let (status, text) = srv.request("GET", "/health", &[], b"");
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("too many open connections"), "{text}");
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow_headers.read_to_end(&mut buf);
+    assert!(buf.is_empty() && start.elapsed() < Duration::from_secs(5), "{buf:?}");
+    let mut buf = Vec::new();
+    let _ = slow_body.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("did not arrive within 1 s"), "{text}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, v) = srv.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(status, 200, "{v}");
+}

@@ -32,10 +32,16 @@ use crate::wire::{
     FunctionCall, ModelCard, ModelList, Prompt, PromptTokensDetails, SamplingFields, TokenizeRequest, TokenizeResponse,
     ToolCallOut, ToolKind, TopLogprob, Usage, Version,
 };
-use crate::AppState;
+use crate::{AppState, Phase};
+
+/// What a request still running when the shutdown timeout ends gets.
+const ABORTED: &str = "the server is shutting down: the request was aborted";
 
 pub async fn health(State(s): State<Arc<AppState>>) -> Response {
-    if s.engine.is_alive() {
+    if s.lifecycle.phase() != Phase::Serving {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, ..ApiError::internal("the server is shutting down") }
+            .into_response()
+    } else if s.engine.is_alive() {
         StatusCode::OK.into_response()
     } else {
         ApiError { status: StatusCode::SERVICE_UNAVAILABLE, ..ApiError::internal("the engine has stopped") }
@@ -176,6 +182,8 @@ struct Choice {
 
 async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind) -> Result<Response, ApiError> {
     let started = Instant::now();
+    // Counted as running (a shutdown waits for it) until its answer is written.
+    let running = s.lifecycle.enter();
     let body = read_json(body)?;
     let mut images = Vec::new();
     let mut tools = None;
@@ -255,7 +263,7 @@ async fn run(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>, kind: Kind)
         started,
     };
     if common.stream {
-        Ok(stream_response(s.clone(), meta, choices, &common))
+        Ok(stream_response(s.clone(), meta, choices, &common, running))
     } else {
         collect_response(s, meta, choices).await
     }
@@ -536,7 +544,14 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
     let mut first_token = None;
     for mut c in choices {
         let mut a = Answer { index: c.index, text: String::new(), finish: FinishReason::Length, logprobs: None };
-        while let Some(e) = c.stream.recv().await {
+        loop {
+            let e = tokio::select! {
+                e = c.stream.recv() => e,
+                _ = s.lifecycle.aborting() => {
+                    return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, ..ApiError::internal(ABORTED) });
+                }
+            };
+            let Some(e) = e else { break };
             match e {
                 Event::Output(o) => {
                     counts.add(c.prompt, &o);
@@ -603,7 +618,13 @@ fn chat_choice(meta: &Meta, a: Answer) -> ChatChoice {
     ChatChoice { index: a.index, message, logprobs: a.logprobs.and_then(LogprobWriter::chat), finish_reason }
 }
 
-fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &CommonParams) -> Response {
+fn stream_response(
+    s: Arc<AppState>,
+    meta: Meta,
+    choices: Vec<Choice>,
+    common: &CommonParams,
+    running: crate::Running,
+) -> Response {
     let include_usage = common.include_usage;
     let counts = Arc::new(Mutex::new(Counts::new(meta.num_prompts)));
     let first_token: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
@@ -626,9 +647,20 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
     let num_choices = choices.len();
     let merged = stream::select_all(choices.into_iter().map(|c| {
         let (index, prompt) = (c.index, c.prompt);
-        stream::unfold(c.stream, |mut rs| async move { rs.recv().await.map(|e| (e, rs)) })
-            .map(move |e| (index, prompt, e))
-            .boxed()
+        let lifecycle = s.lifecycle.clone();
+        // Past the shutdown timeout: one error event, and the request is dropped (cancelled).
+        stream::unfold(Some(c.stream), move |rs| {
+            let lifecycle = lifecycle.clone();
+            async move {
+                let mut rs = rs?;
+                tokio::select! {
+                    e = rs.recv() => e.map(|e| (e, Some(rs))),
+                    _ = lifecycle.aborting() => Some((Event::Error(ABORTED.to_string()), None)),
+                }
+            }
+        })
+        .map(move |e| (index, prompt, e))
+        .boxed()
     }));
     let body = {
         let (counts, s, first, meta) = (counts.clone(), s.clone(), first_token.clone(), meta.clone());
@@ -687,6 +719,9 @@ fn stream_response(s: Arc<AppState>, meta: Meta, choices: Vec<Choice>, common: &
         })
     };
     let tail = stream::once(async move {
+        // The request stops counting as running once its last events are out (or its client
+        // has gone, which drops this).
+        let _running = running;
         let mut events = Vec::new();
         if let (Ok(u), Ok(f)) = (counts.lock(), first_token.lock()) {
             log_done(&meta, &u, *f, true);

@@ -100,6 +100,7 @@ fn app_with(answer: &str, parser: Option<ToolCallParser>, http: HttpConfig) -> a
         vision: None,
         tool_parser: parser,
         reasoning_parser: Some(pio_server::reasoning::ReasoningParser::Think),
+        lifecycle: Default::default(),
     };
     pio_server::router(Arc::new(state), http)
 }
