@@ -376,3 +376,70 @@ fn randomly_damaged_gguf_files_never_panic() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A GGUF header's every length and count is checked against the file before anything is
+/// allocated: a metadata array or string claiming more than the file holds, arrays nested too
+/// deep, tensor dimensions whose product overflows, more tensors than the header can list.
+#[test]
+fn gguf_lengths_and_counts_are_bounded_by_the_file() {
+    let dir = std::env::temp_dir().join(format!("pio-gguf-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("bad.gguf");
+    let header = |n_tensors: u64, n_kv: u64| {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(n_kv.to_le_bytes());
+        b
+    };
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
+    // An array of 2^40 u32s in a file of a few dozen bytes.
+    let mut b = header(0, 1);
+    string(&mut b, "x");
+    b.extend(9u32.to_le_bytes());
+    b.extend(4u32.to_le_bytes());
+    b.extend((1u64 << 40).to_le_bytes());
+    cases.push((b, "exceeds the file"));
+    // A string of 2^62 bytes.
+    let mut b = header(0, 1);
+    string(&mut b, "x");
+    b.extend(8u32.to_le_bytes());
+    b.extend((1u64 << 62).to_le_bytes());
+    cases.push((b, "exceeds the file"));
+    // Arrays of arrays of arrays of arrays.
+    let mut b = header(0, 1);
+    string(&mut b, "x");
+    b.extend(9u32.to_le_bytes());
+    for _ in 0..4 {
+        b.extend(9u32.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+    }
+    b.extend(4u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(7u32.to_le_bytes());
+    cases.push((b, "nested too deeply"));
+    // A tensor of 2^40 x 2^40 elements.
+    let mut b = header(1, 0);
+    string(&mut b, "t");
+    b.extend(2u32.to_le_bytes());
+    b.extend((1u64 << 40).to_le_bytes());
+    b.extend((1u64 << 40).to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    cases.push((b, "overflow"));
+    // 2^60 tensors announced, none there.
+    cases.push((header(1 << 60, 0), "truncated"));
+    for (bytes, what) in cases {
+        std::fs::write(&path, &bytes).expect("write");
+        let err = match pio_model::weights::gguf::GgufFile::open(&path) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e) => e.to_string(),
+        };
+        assert_mentions(&err, &["bad.gguf", what]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
