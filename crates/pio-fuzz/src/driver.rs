@@ -224,6 +224,7 @@ pub fn fuzz(target: &Target, seeds: Vec<Vec<u8>>, duration: Duration, seed: u64)
         Ok(stats)
     })();
     std::panic::set_hook(previous);
+    crate::remove_scratch();
     result
 }
 

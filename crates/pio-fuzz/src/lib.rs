@@ -55,17 +55,24 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A scratch path of this process and thread (targets that read files write their input
-/// there; on tmpfs when there is one).
-fn scratch(name: &str) -> PathBuf {
+/// Where this process's scratch files go (on tmpfs when there is one).
+fn scratch_root() -> PathBuf {
     let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let dir = base
-        .join(format!("pio-fuzz-{}-{:?}", std::process::id(), std::thread::current().id()))
-        .to_string_lossy()
-        .replace(['(', ')'], "");
-    let dir = PathBuf::from(dir);
+    base.join(format!("pio-fuzz-{}", std::process::id()))
+}
+
+/// A scratch path of this process and thread (targets that read files write their input
+/// there).
+fn scratch(name: &str) -> PathBuf {
+    let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let dir = scratch_root().join(thread);
     let _ = std::fs::create_dir_all(&dir);
     dir.join(name)
+}
+
+/// Removes this process's scratch files.
+pub fn remove_scratch() {
+    let _ = std::fs::remove_dir_all(scratch_root());
 }
 
 // -----------------------------------------------------------------------------------------

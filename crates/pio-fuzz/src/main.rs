@@ -12,6 +12,12 @@ use std::time::Duration;
 use pio_fuzz::{driver, seeds, target, TARGETS};
 
 fn main() -> ExitCode {
+    let code = run();
+    pio_fuzz::remove_scratch();
+    code
+}
+
+fn run() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: pio-fuzz list | seed DIR [TARGET...] | run TARGET SECONDS [SEED] | replay TARGET FILE...";
     let names = |given: &[String]| -> Vec<String> {
