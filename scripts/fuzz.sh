@@ -37,6 +37,7 @@ if cargo +nightly fuzz --version >/dev/null 2>&1; then
       -rss_limit_mb=8192 -timeout=60 -print_final_stats=1 >"artifacts/$t.log" 2>&1)
     rc=$?
     set -e
+    rm -rf /dev/shm/pio-fuzz-* 2>/dev/null || true
     stats=$(grep -E '^#[0-9]+.*(DONE|cov:)' "$log" | tail -1 || true)
     execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}' || true)
     crashes=$(ls "fuzz/artifacts/$t" 2>/dev/null | grep -c -E '^(crash|leak|timeout|oom)-' || true)
