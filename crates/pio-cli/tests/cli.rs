@@ -276,16 +276,22 @@ fn chat_template_renders_a_request_file() {
     let _ = std::fs::remove_file(&req);
 }
 
-/// The default model, when fetched: coherent chat text through the README's command.
-#[test]
-fn generate_and_chat_with_smollm2() {
+/// The fetched SmolLM2 file; `None` (skip) outside CI when it is not there.
+fn smollm2() -> Option<PathBuf> {
     let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
     let model = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !model.exists() {
         assert!(std::env::var_os("CI").is_none(), "{} missing in CI", model.display());
         eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", model.display());
-        return;
+        return None;
     }
+    Some(model)
+}
+
+/// The default model, when fetched: coherent chat text through the README's command.
+#[test]
+fn generate_and_chat_with_smollm2() {
+    let Some(model) = smollm2() else { return };
     let m = model.to_str().expect("path");
     // Greedy: the reference's first six steps are decided (margins >= 0.3), the seventh is not.
     let o = pio(
@@ -656,13 +662,7 @@ fn generate_with_the_models_own_mtp_layer() {
 /// reports the share of the decode spent on masks and grammars.
 #[test]
 fn constrained_generate_and_bench() {
-    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
-    let model = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !model.exists() {
-        assert!(std::env::var_os("CI").is_none(), "{} missing in CI", model.display());
-        eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", model.display());
-        return;
-    }
+    let Some(model) = smollm2() else { return };
     let m = model.to_str().expect("path");
     let schema = std::env::temp_dir().join(format!("pio-cli-schema-{}.json", std::process::id()));
     std::fs::write(

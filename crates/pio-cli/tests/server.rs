@@ -18,9 +18,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn model_path() -> Option<PathBuf> {
+/// A real model under `models/` (or `$PIO_MODELS_DIR`); `None` (skip) outside CI when it is
+/// not fetched.
+fn real_model(file: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = dir.join(file);
     if path.exists() {
         return Some(path);
     }
@@ -29,16 +31,13 @@ fn model_path() -> Option<PathBuf> {
     None
 }
 
+fn model_path() -> Option<PathBuf> {
+    real_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
 /// The model whose chat template writes tool calls (hermes), for the agent checks.
 fn agent_model_path() -> Option<PathBuf> {
-    let dir = std::env::var_os("PIO_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
-    let path = dir.join("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf");
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing in CI: .ci/run must fetch it", path.display());
-    eprintln!("skipping the agent checks: {} not found (run scripts/fetch-models.sh)", path.display());
-    None
+    real_model("Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf")
 }
 
 /// A running `pio serve`, killed on drop.

@@ -93,10 +93,10 @@ impl Lifecycle {
         self.phase.send_replace(phase);
     }
 
-    /// Resolves once running requests must end ([`Phase::Aborting`]).
-    pub async fn aborting(&self) {
-        let mut rx = self.phase.subscribe();
-        let _ = rx.wait_for(|p| *p == Phase::Aborting).await;
+    /// A watch for [`Phase::Aborting`], kept by a request for its whole life (one subscription,
+    /// not one per event).
+    pub fn abort_watch(&self) -> AbortWatch {
+        AbortWatch(self.phase.subscribe())
     }
 
     /// Counts a request as running until the guard is dropped.
@@ -108,6 +108,16 @@ impl Lifecycle {
     /// Requests running now.
     pub fn running(&self) -> usize {
         self.running.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// See [`Lifecycle::abort_watch`].
+pub struct AbortWatch(tokio::sync::watch::Receiver<Phase>);
+
+impl AbortWatch {
+    /// Resolves once running requests must end ([`Phase::Aborting`]).
+    pub async fn aborting(&mut self) {
+        let _ = self.0.wait_for(|p| *p == Phase::Aborting).await;
     }
 }
 
@@ -220,8 +230,7 @@ async fn read_body_within(State((timeout, limit)): State<(Duration, usize)>, req
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
         Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             let status = if too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
             let message = if too_large {
                 "the request body is too large".to_string()

@@ -384,11 +384,11 @@ impl Meta {
         })
     }
 
-    /// A whole answer.
-    fn answer<C>(&self, choices: Vec<C>, usage: Option<Option<Usage>>) -> Completion<C> {
+    /// A whole answer (`chunk`: false) or a stream chunk.
+    fn completion<C>(&self, choices: Vec<C>, usage: Option<Option<Usage>>, chunk: bool) -> Completion<C> {
         Completion {
             id: self.id.clone(),
-            object: self.object(false),
+            object: self.object(chunk),
             created: self.created,
             model: self.model.clone(),
             choices,
@@ -396,17 +396,13 @@ impl Meta {
         }
     }
 
+    fn answer<C>(&self, choices: Vec<C>, usage: Option<Option<Usage>>) -> Completion<C> {
+        self.completion(choices, usage, false)
+    }
+
     /// A stream chunk as an event.
     fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Option<Usage>>) -> SseEvent {
-        let c = Completion {
-            id: self.id.clone(),
-            object: self.object(true),
-            created: self.created,
-            model: self.model.clone(),
-            choices,
-            usage,
-        };
-        SseEvent::default().data(serde_json::to_string(&c).unwrap_or_default())
+        SseEvent::default().data(serde_json::to_string(&self.completion(choices, usage, true)).unwrap_or_default())
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -542,12 +538,13 @@ async fn collect_response(s: &Arc<AppState>, meta: Meta, choices: Vec<Choice>) -
     let mut counts = Counts::new(meta.num_prompts);
     let mut answers = Vec::with_capacity(choices.len());
     let mut first_token = None;
+    let mut abort = s.lifecycle.abort_watch();
     for mut c in choices {
         let mut a = Answer { index: c.index, text: String::new(), finish: FinishReason::Length, logprobs: None };
         loop {
             let e = tokio::select! {
                 e = c.stream.recv() => e,
-                _ = s.lifecycle.aborting() => {
+                _ = abort.aborting() => {
                     return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, ..ApiError::internal(ABORTED) });
                 }
             };
@@ -647,16 +644,12 @@ fn stream_response(
     let num_choices = choices.len();
     let merged = stream::select_all(choices.into_iter().map(|c| {
         let (index, prompt) = (c.index, c.prompt);
-        let lifecycle = s.lifecycle.clone();
         // Past the shutdown timeout: one error event, and the request is dropped (cancelled).
-        stream::unfold(Some(c.stream), move |rs| {
-            let lifecycle = lifecycle.clone();
-            async move {
-                let mut rs = rs?;
-                tokio::select! {
-                    e = rs.recv() => e.map(|e| (e, Some(rs))),
-                    _ = lifecycle.aborting() => Some((Event::Error(ABORTED.to_string()), None)),
-                }
+        stream::unfold(Some((c.stream, s.lifecycle.abort_watch())), |state| async move {
+            let (mut rs, mut abort) = state?;
+            tokio::select! {
+                e = rs.recv() => e.map(|e| (e, Some((rs, abort)))),
+                _ = abort.aborting() => Some((Event::Error(ABORTED.to_string()), None)),
             }
         })
         .map(move |e| (index, prompt, e))
