@@ -272,30 +272,52 @@ unsafe fn matmul_multi_raw(
         .collect();
     // One tile: rows `ra..rz` of matrix `i` times its tokens `t0..t1`, to `out[(t - t0) * ldo +
     // (r - ra)]`.
-    let tile = |i: usize, (t0, t1): (usize, usize), (ra, rz): (usize, usize), out: &mut [f32], ldo: usize| {
+    // The stored bytes of rows `ra..rz` of matrix `i` (row tiles start at whole groups in the
+    // interleaved layout: ROWS_PER_TILE is a multiple of G).
+    let stored = |i: usize, (ra, rz): (usize, usize)| {
+        let w = &ws[i];
+        match w.layout {
+            Layout::Rows => &w.data[ra * w.row_bytes()..rz * w.row_bytes()],
+            Layout::Interleaved => {
+                let group_bytes = dot::interleaved_bytes(w.dtype, G, w.cols);
+                &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes]
+            }
+        }
+    };
+    // Interleaved BF16 times many tokens off AMX is read in rows ([`float::gemm_even_odd`]),
+    // restored here once per row tile for all the call's tokens (restored per token tile, the
+    // copies took 10% of a Qwen3-0.6B-shaped BF16 prefill at AVX2).
+    let restores = |i: usize| {
+        let w = &ws[i];
+        w.dtype == DType::BF16 && w.layout == Layout::Interleaved && inputs[input_of[i]].1 > 1 && !on_amx(w)
+    };
+    // One tile: rows `ra..rz` of matrix `i` (`restored`: those rows restored in rows) times its
+    // tokens `t0..t1`, to `out[(t - t0) * ldo + (r - ra)]`.
+    let tile = |i: usize,
+                (t0, t1): (usize, usize),
+                (ra, rz): (usize, usize),
+                restored: Option<&[u8]>,
+                out: &mut [f32],
+                ldo: usize| {
         let w = &ws[i];
         let (x, _) = inputs[input_of[i]];
         let Prepared { acts, xb, xeo, xt } = &prepared[input_of[i]];
         let (cols, nb) = (w.cols, w.cols / 32);
-        let rows = match w.layout {
-            Layout::Rows => &w.data[ra * w.row_bytes()..rz * w.row_bytes()],
-            // Row tiles start at whole groups (ROWS_PER_TILE is a multiple of G).
-            Layout::Interleaved => {
-                let group_bytes = dot::interleaved_bytes(w.dtype, G, cols);
-                &w.data[ra / G * group_bytes..rz.div_ceil(G) * group_bytes]
-            }
+        let (rows, layout) = match restored {
+            Some(rows) => (rows, Layout::Rows),
+            None => (stored(i, (ra, rz)), w.layout),
         };
         if dot::uses_q8_activations(w.dtype) {
             let acts = &acts[t0 * nb..t1 * nb];
-            dot::gemm_q8(level, w.dtype, rows, rz - ra, w.layout, acts, t1 - t0, out, ldo);
+            dot::gemm_q8(level, w.dtype, rows, rz - ra, layout, acts, t1 - t0, out, ldo);
         } else if let Some(xt) = xt.as_ref().filter(|_| on_amx(w)) {
-            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo, w.layout == Layout::Interleaved);
+            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo, layout == Layout::Interleaved);
         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
-            float::gemm_bf16(level, rows, rz - ra, w.layout, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
+            float::gemm_bf16(level, rows, rz - ra, layout, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
         } else if float::even_odd_activations(level, w.dtype) {
             let padded = float::even_odd_width(level, cols);
-            float::gemm_even_odd(level, rows, rz - ra, w.layout, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
-        } else if w.layout == Layout::Interleaved {
+            float::gemm_even_odd(level, rows, rz - ra, layout, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
+        } else if layout == Layout::Interleaved {
             // Interleaved BF16 at the scalar level (only where a caller asks for it: loading
             // interleaves only at AVX2 and up): its rows restored for the reference tile.
             let mut restored = vec![0u8; (rz - ra) * w.row_bytes()];
@@ -317,25 +339,33 @@ unsafe fn matmul_multi_raw(
         // split by tokens on a 2 MiB L2).
         let parts = parallel::num_threads();
         parallel::for_each_range(parts, work, |p0, p1| {
-            for (i, w) in ws.iter().enumerate() {
-                let n = inputs[input_of[i]].1;
-                let (ta, tb) = (n * p0 / parts, n * p1 / parts);
-                let (y, len) = outs[i];
-                for t0 in (ta..tb).step_by(TOKENS_PER_TILE) {
-                    let t1 = (t0 + TOKENS_PER_TILE).min(tb);
-                    for ra in (0..w.rows).step_by(ROWS_PER_TILE) {
-                        let rz = (ra + ROWS_PER_TILE).min(w.rows);
-                        let (at, end) = (t0 * w.rows + ra, (t1 - 1) * w.rows + rz);
-                        assert!(end <= len);
-                        // SAFETY: output `i` is ours to write for this whole call (the caller's
-                        // promise); `at..end` lies inside it (asserted) and within tokens
-                        // `ta..tb`, which no other thread's range overlaps (the parts' ranges
-                        // are disjoint), and this thread's earlier slices are dropped.
-                        let out = unsafe { std::slice::from_raw_parts_mut((y as *mut f32).add(at), end - at) };
-                        tile(i, (t0, t1), (ra, rz), out, w.rows);
+            RESTORED.with_borrow_mut(|buf| {
+                for (i, w) in ws.iter().enumerate() {
+                    let n = inputs[input_of[i]].1;
+                    let (ta, tb) = (n * p0 / parts, n * p1 / parts);
+                    let (y, len) = outs[i];
+                    // The whole matrix (at most half an L2) restored once for this thread's tokens.
+                    let restored = match restores(i) && ta < tb {
+                        true => Some(float::restore_rows_bf16(w.data, w.rows, w.cols, buf)),
+                        false => None,
+                    };
+                    for t0 in (ta..tb).step_by(TOKENS_PER_TILE) {
+                        let t1 = (t0 + TOKENS_PER_TILE).min(tb);
+                        for ra in (0..w.rows).step_by(ROWS_PER_TILE) {
+                            let rz = (ra + ROWS_PER_TILE).min(w.rows);
+                            let (at, end) = (t0 * w.rows + ra, (t1 - 1) * w.rows + rz);
+                            assert!(end <= len);
+                            // SAFETY: output `i` is ours to write for this whole call (the caller's
+                            // promise); `at..end` lies inside it (asserted) and within tokens
+                            // `ta..tb`, which no other thread's range overlaps (the parts' ranges
+                            // are disjoint), and this thread's earlier slices are dropped.
+                            let out = unsafe { std::slice::from_raw_parts_mut((y as *mut f32).add(at), end - at) };
+                            let rb = 2 * w.cols;
+                            tile(i, (t0, t1), (ra, rz), restored.map(|r| &r[ra * rb..rz * rb]), out, w.rows);
+                        }
                     }
                 }
-            }
+            })
         });
         return;
     }
@@ -356,13 +386,38 @@ unsafe fn matmul_multi_raw(
                 if part.len() < TOKENS_PER_TILE * width {
                     part.resize(TOKENS_PER_TILE * width, 0.0);
                 }
+                let (y, len) = outs[i];
+                if restores(i) {
+                    // Row tiles outside, each restored once, then every token tile against it
+                    // (from L2), its outputs copied out at once.
+                    RESTORED.with_borrow_mut(|buf| {
+                        for ra in (r0..r1).step_by(ROWS_PER_TILE) {
+                            let rz = (ra + ROWS_PER_TILE).min(r1);
+                            let restored = float::restore_rows_bf16(stored(i, (ra, rz)), rz - ra, w.cols, buf);
+                            for t0 in (0..n).step_by(TOKENS_PER_TILE) {
+                                let t1 = (t0 + TOKENS_PER_TILE).min(n);
+                                tile(i, (t0, t1), (ra, rz), Some(restored), part, rz - ra);
+                                for t in t0..t1 {
+                                    let at = t * w.rows + ra;
+                                    assert!(at + rz - ra <= len);
+                                    let src = &part[(t - t0) * (rz - ra)..(t - t0 + 1) * (rz - ra)];
+                                    // SAFETY: as below: rows `ra..rz` lie in this thread's
+                                    // disjoint range of row groups, inside output `i`.
+                                    unsafe {
+                                        std::ptr::copy_nonoverlapping(src.as_ptr(), (y as *mut f32).add(at), rz - ra)
+                                    };
+                                }
+                            }
+                        }
+                    });
+                    continue;
+                }
                 for t0 in (0..n).step_by(TOKENS_PER_TILE) {
                     let t1 = (t0 + TOKENS_PER_TILE).min(n);
                     for ra in (r0..r1).step_by(ROWS_PER_TILE) {
                         let rz = (ra + ROWS_PER_TILE).min(r1);
-                        tile(i, (t0, t1), (ra, rz), &mut part[ra - r0..], width);
+                        tile(i, (t0, t1), (ra, rz), None, &mut part[ra - r0..], width);
                     }
-                    let (y, len) = outs[i];
                     for t in t0..t1 {
                         let at = t * w.rows + r0;
                         assert!(at + width <= len);
@@ -383,6 +438,8 @@ unsafe fn matmul_multi_raw(
 thread_local! {
     /// Each thread's buffer for one token tile of a matrix's outputs, reused from call to call.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's interleaved BF16 rows restored in rows, reused from call to call.
+    static RESTORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
@@ -553,7 +610,7 @@ mod tests {
                 },
             )
             .collect();
-        for n in [1usize, 3, 70] {
+        for n in [1usize, 3, 70, 130] {
             let xs: Vec<Vec<f32>> =
                 shapes.iter().map(|&(_, _, c)| (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
             for level in SimdLevel::available() {

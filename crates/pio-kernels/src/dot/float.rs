@@ -195,14 +195,22 @@ fn with_rows<R>(
     if layout == Layout::Rows || ntok == 1 {
         return f(w, layout == Layout::Interleaved);
     }
-    ROWS.with_borrow_mut(|rows| {
-        rows.clear();
-        rows.resize(nrows * cols * 2, 0);
-        for (r, row) in rows.chunks_exact_mut(cols * 2).enumerate() {
-            tiled_row_bf16(w, cols, r, row);
-        }
-        f(rows, false)
-    })
+    ROWS.with_borrow_mut(|rows| f(restore_rows_bf16(w, nrows, cols, rows), false))
+}
+
+/// The first `nrows` rows of `cols` values of [`tile_bf16`]'s layout `w` (whole groups of 16
+/// rows) restored into `buf` one after another, as [`Layout::Rows`] holds them. `buf` only grows:
+/// it is written, never cleared first.
+pub fn restore_rows_bf16<'a>(w: &[u8], nrows: usize, cols: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+    let len = nrows * cols * 2;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let rows = &mut buf[..len];
+    for (r, row) in rows.chunks_exact_mut(cols * 2).enumerate() {
+        tiled_row_bf16(w, cols, r, row);
+    }
+    rows
 }
 
 /// `x` (`ntok` rows of `cols`) as the BF16 tiles read it: per `group` columns, the even ones then
@@ -215,8 +223,13 @@ fn even_odd(x: &[f32], ntok: usize, cols: usize, group: usize, xp: &mut Vec<f32>
     xp.clear();
     xp.resize(ntok * padded, 0.0);
     for (src, dst) in x.chunks_exact(cols.max(1)).zip(xp.chunks_exact_mut(padded.max(1))) {
-        for (c, &v) in src.iter().enumerate() {
-            dst[c / group * group + (c % 2) * half + (c % group) / 2] = v;
+        // Group by group, pair by pair (no index arithmetic per value: 3% of a BF16 prefill).
+        for (s, d) in src.chunks(group).zip(dst.chunks_exact_mut(group)) {
+            let (even, odd) = d.split_at_mut(half);
+            for ((pair, e), o) in s.chunks(2).zip(even).zip(odd) {
+                *e = pair[0];
+                *o = pair.get(1).copied().unwrap_or(0.0);
+            }
         }
     }
 }
