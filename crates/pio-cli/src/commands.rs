@@ -81,7 +81,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 std::fs::read_to_string(&a.request).with_context(|| format!("reading {}", a.request.display()))?;
             let body: Value =
                 serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", a.request.display()))?;
-            let req = ChatRequest::from_openai_json(&body)?;
+            // Image parts are shown as a template that walks the parts renders them (only the
+            // tokenizer is loaded here: whether the model takes images is not known).
+            let walks = template.walks_content_parts();
+            let (req, _) = ChatRequest::from_openai_json_for(&body, walks.then_some(""), walks)?;
             out(&template.render(&req)?)
         }
     }

@@ -45,6 +45,7 @@ pub struct ChatTemplate {
     bos_token: Option<String>,
     eos_token: Option<String>,
     env: Environment<'static>,
+    walks_parts: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -61,7 +62,16 @@ impl ChatTemplate {
     /// Compiles `source`. Syntax errors are reported as [`Error::Template`].
     pub fn new(source: String, bos_token: Option<String>, eos_token: Option<String>) -> Result<ChatTemplate> {
         let env = build_env(&source)?;
-        Ok(ChatTemplate { source, bos_token, eos_token, env })
+        let walks_parts = walks_content_lists(&source);
+        Ok(ChatTemplate { source, bos_token, eos_token, env, walks_parts })
+    }
+
+    /// Whether the template renders a message's `content` given as a list of parts itself (it
+    /// loops over it, as the Qwen-VL templates do): requests then keep their lists
+    /// ([`ChatRequest::from_openai_json_for`]), as transformers' `apply_chat_template` and
+    /// vLLM's "openai" content format hand them over.
+    pub fn walks_content_parts(&self) -> bool {
+        self.walks_parts
     }
 
     /// Renders the prompt for `req` (the text that is then tokenized, special tokens included).
@@ -151,6 +161,18 @@ impl ChatRequest {
         body: &serde_json::Value,
         image_placeholder: Option<&str>,
     ) -> Result<(ChatRequest, Vec<String>)> {
+        Self::from_openai_json_for(body, image_placeholder, false)
+    }
+
+    /// [`ChatRequest::from_openai_json_with_images`] for a template that renders lists of
+    /// parts itself when `keep_parts` ([`ChatTemplate::walks_content_parts`]): the parts are
+    /// checked and the image URLs collected the same way, but each list stays as it is, so
+    /// the template places its own vision tokens and joins the texts as it means to.
+    pub fn from_openai_json_for(
+        body: &serde_json::Value,
+        image_placeholder: Option<&str>,
+        keep_parts: bool,
+    ) -> Result<(ChatRequest, Vec<String>)> {
         let mut urls = Vec::new();
         let obj = body.as_object().ok_or_else(|| Error::Template("request body must be a JSON object".into()))?;
         let messages = match obj.get("messages") {
@@ -174,7 +196,7 @@ impl ChatRequest {
                 return Err(Error::Template(format!("`messages[{i}].role` must be a string")));
             }
             let mut m = m.clone();
-            join_text_parts(&mut m, i, image_placeholder, &mut urls)?;
+            join_text_parts(&mut m, i, image_placeholder, &mut urls, keep_parts)?;
             parse_tool_call_arguments(&mut m);
             out.push(m);
         }
@@ -233,12 +255,14 @@ fn json_type_name(v: &serde_json::Value) -> &'static str {
 /// `content` given as a list of parts (`[{"type": "text", "text": ...}, ...]`, as OpenAI allows)
 /// becomes the parts' texts joined by newlines, as vLLM does for text-only models; an image
 /// part becomes `image` (a model that takes images) joined to what follows without one, its
-/// URL added to `urls`; other part types are refused.
+/// URL added to `urls`; other part types are refused. `keep`: the parts are checked and the
+/// URLs collected, the list left as it is.
 fn join_text_parts(
     message: &mut serde_json::Value,
     i: usize,
     image: Option<&str>,
     urls: &mut Vec<String>,
+    keep: bool,
 ) -> Result<()> {
     let Some(serde_json::Value::Array(parts)) = message.get("content") else {
         return Ok(());
@@ -277,8 +301,30 @@ fn join_text_parts(
             }
         }
     }
-    message["content"] = serde_json::Value::String(text);
+    if !keep {
+        message["content"] = serde_json::Value::String(text);
+    }
     Ok(())
+}
+
+/// Whether `source` loops over a message's content (`{% for x in content %}`, `... in
+/// message.content`, `... in message['content']`): a template that renders lists of parts.
+/// A look at the tags, as vLLM's detection of the "openai" content format looks at the
+/// template (its walk of the parsed template also follows assignments; these are the forms
+/// the Qwen-VL and other multimodal templates use).
+fn walks_content_lists(source: &str) -> bool {
+    source.split("{%").skip(1).any(|tag| {
+        let tag = tag.split("%}").next().unwrap_or("");
+        let words: Vec<&str> =
+            tag.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace()).split_whitespace().collect();
+        match words.as_slice() {
+            ["for", _, "in", target, ..] => {
+                let t = target.trim_end_matches(['-', '+']);
+                t == "content" || t.ends_with(".content") || t.ends_with("['content']") || t.ends_with("[\"content\"]")
+            }
+            _ => false,
+        }
+    })
 }
 
 /// `tool_calls[*].function.arguments` given as a JSON-encoded object string becomes the object.

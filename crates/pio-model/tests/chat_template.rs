@@ -162,6 +162,49 @@ fn image_parts_become_placeholders_for_a_vision_model_only() {
     assert!(ChatRequest::from_openai_json_with_images(&bad, Some("<I>")).is_err());
 }
 
+/// A template that walks lists of parts itself, in the Qwen-VL templates' way (written for this
+/// test: a string is written as it is, a list part by part, an image as its vision tokens).
+const PARTS_TEMPLATE: &str = "{%- macro render(content) %}{%- if content is string %}{{- content }}\
+    {%- else %}{%- for item in content %}{%- if 'image_url' in item or item.type == 'image' %}[img]\
+    {%- elif 'text' in item %}{{- item.text }}{%- endif %}{%- endfor %}{%- endif %}{%- endmacro %}\
+    {%- for m in messages %}<{{ m.role }}>{{ render(m.content) }};{%- endfor %}";
+
+#[test]
+fn a_template_that_walks_content_lists_gets_them() {
+    let template = ChatTemplate::new(PARTS_TEMPLATE.into(), None, None).unwrap();
+    assert!(template.walks_content_parts());
+    let body = json!({"messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "A"},
+            {"type": "text", "text": "B"},
+            {"type": "image_url", "image_url": {"url": "data:a"}},
+            {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "ok"}]});
+    // The parts reach the template as a list: its own join (none) and its own image marks.
+    let (req, urls) = ChatRequest::from_openai_json_for(&body, Some("<I>"), true).unwrap();
+    assert_eq!(template.render(&req).unwrap(), "<user>AB[img]?;<assistant>ok;");
+    assert_eq!(urls, ["data:a"]);
+    // Joined for a template that does not walk them.
+    let (req, _) = ChatRequest::from_openai_json_for(&body, Some("<I>"), false).unwrap();
+    assert_eq!(template.render(&req).unwrap(), "<user>A\nB<I>?;<assistant>ok;");
+    // Parts are checked either way; images only for a model that takes them.
+    let bad = json!({"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]});
+    assert!(ChatRequest::from_openai_json_for(&bad, Some("<I>"), true).is_err());
+    assert!(ChatRequest::from_openai_json_for(&body, None, true).is_err());
+    // The loop forms that count, and templates that only read `content` as a string.
+    for (source, walks) in [
+        ("{% for c in message['content'] %}{{ c.text }}{% endfor %}", true),
+        ("{%- for part in m.content -%}{{ part.text }}{%- endfor %}", true),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", false),
+        ("{% for c in contents %}{% endfor %}{{ content }}", false),
+    ] {
+        assert_eq!(ChatTemplate::new(source.into(), None, None).unwrap().walks_content_parts(), walks, "{source}");
+    }
+    // The Qwen3 template (the text model's) reads a list as no text: it keeps the join.
+    let tok = Tokenizer::from_hf_dir(&data_dir().join("qwen3-tokenizer")).unwrap();
+    assert!(!tok.chat_template().unwrap().walks_content_parts());
+}
+
 #[test]
 fn raise_exception_surfaces_as_error() {
     let template = ChatTemplate::new(

@@ -334,9 +334,9 @@ fn with_param(mut e: ApiError, kind: Kind) -> ApiError {
 /// Also whether the prompt leaves the answer inside an open `<think>` block.
 fn chat_prompt(s: &AppState, body: &Value) -> Result<(Vec<u32>, Vec<String>, bool), ApiError> {
     let placeholder = s.vision.as_ref().map(|v| v.placeholder.as_str());
-    let (req, urls) = ChatRequest::from_openai_json_with_images(body, placeholder)?;
     let template =
         s.tokenizer.chat_template().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
+    let (req, urls) = ChatRequest::from_openai_json_for(body, placeholder, template.walks_content_parts())?;
     let text = template.render(&req)?;
     Ok((s.tokenizer.encode(&text, false)?, urls, crate::reasoning::prompt_opens_reasoning(&text)))
 }
