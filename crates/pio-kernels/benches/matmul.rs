@@ -2,6 +2,7 @@
 //! (3072 x 1024): decode (1 token, bandwidth-bound: GB/s of weights) and prefill (64 tokens,
 //! compute-bound: GMAC/s). `BF16xbf16`: BF16 weights times bf16-rounded activations, on AMX
 //! tiles where the CPU has them (as a vision tower's matrices).
+//! Also a vision tower's attention products (`attention_products`).
 //! `cargo bench -p pio-kernels --bench matmul [-- FILTER]`; threads follow `PIO_THREADS`.
 
 use std::hint::black_box;
@@ -78,9 +79,45 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// A vision tower's attention products at 4096 patches, one head (64 dims), 256 queries: the
+/// scores (queries times keys) and the values' sums (probabilities times values), through
+/// `matmul`'s row-dot tiles (keys, and values transposed, as the matrix) and through
+/// `matmul_kn`'s outer products (keys transposed, values as they are). GMAC/s.
+fn attention_products(c: &mut Criterion) {
+    let (m, k, n) = (256usize, 64usize, 4096usize);
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+    let keys: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+    let mut kt = vec![0f32; k * n];
+    for t in 0..n {
+        for d in 0..k {
+            kt[d * n + t] = keys[t * k + d];
+        }
+    }
+    let probs: Vec<f32> = (0..m * n).map(|i| (i % 11) as f32 * 0.01).collect();
+    let bytes = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let (kb, vtb) = (bytes(&keys), bytes(&kt));
+    let mut g = c.benchmark_group("attention_products_4096x64");
+    g.throughput(Throughput::Elements((m * k * n) as u64));
+    let mut scores = vec![0f32; m * n];
+    let mut o = vec![0f32; m * k];
+    g.bench_function("scores_matmul", |b| {
+        b.iter(|| pio_kernels::matmul::matmul(WeightView::rows(DType::F32, n, k, &kb), black_box(&a), m, &mut scores))
+    });
+    g.bench_function("scores_matmul_kn", |b| {
+        b.iter(|| pio_kernels::matmul::matmul_kn(black_box(&a), m, k, &kt, n, &mut scores))
+    });
+    g.bench_function("values_matmul", |b| {
+        b.iter(|| pio_kernels::matmul::matmul(WeightView::rows(DType::F32, k, n, &vtb), black_box(&probs), m, &mut o))
+    });
+    g.bench_function("values_matmul_kn", |b| {
+        b.iter(|| pio_kernels::matmul::matmul_kn(black_box(&probs), m, n, &keys, k, &mut o))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench
+    targets = bench, attention_products
 }
 criterion_main!(benches);
