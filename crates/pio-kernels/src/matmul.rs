@@ -89,6 +89,9 @@ const TOKENS_PER_TILE: usize = 64;
 /// Qwen3-0.6B-shaped Q8_0 / Q4_K_M files.
 const ROWS_PER_TILE: usize = 128;
 const _: () = assert!(ROWS_PER_TILE.is_multiple_of(dot::GROUP_ROWS));
+/// Ranges of row groups per thread in a split by rows, claimed one at a time (see
+/// [`parallel::for_each_range_balanced`]).
+const ROW_SPLITS_PER_THREAD: usize = 4;
 /// Calls whose every input has at least this many tokens, and whose every matrix fits in half
 /// an L2 cache, split the tokens across the threads (see `matmul_multi_raw`).
 const TOKEN_SPLIT_MIN: usize = 2 * TOKENS_PER_TILE;
@@ -371,7 +374,7 @@ unsafe fn matmul_multi_raw(
     }
     // Each thread writes its rows of every output itself (so the copy-out is split across the
     // threads too), through `outs`: see the SAFETY note at the copy.
-    parallel::for_each_range(total, work, |u0, u1| {
+    parallel::for_each_range_balanced(total, work, ROW_SPLITS_PER_THREAD, |u0, u1| {
         SCRATCH.with_borrow_mut(|part| {
             for (i, w) in ws.iter().enumerate() {
                 let (a, b) = (u0.max(starts[i]), u1.min(starts[i] + w.rows.div_ceil(G)));

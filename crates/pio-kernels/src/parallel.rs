@@ -178,6 +178,33 @@ pub fn for_each_range<T: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -
     }
 }
 
+/// [`for_each_range`] in up to `per_thread` ranges per thread, which the threads claim one at a
+/// time: a thread slowed down (by a neighbour on the machine, or by its share of the memory
+/// bandwidth) takes fewer of them instead of keeping the others waiting at the end.
+pub fn for_each_range_balanced<T: Send>(
+    n: usize,
+    work: usize,
+    per_thread: usize,
+    f: impl Fn(usize, usize) -> T + Sync,
+) -> Vec<T> {
+    let parts = |threads: usize| {
+        let threads = threads.min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1);
+        if threads == 1 {
+            1
+        } else {
+            (threads * per_thread.max(1)).min(n.max(1))
+        }
+    };
+    match WORKER_OF.with(|w| w.get()) {
+        0 => {
+            let pool = ThreadPool::current();
+            split_ranges(Some(&pool.0), n, parts(pool.threads()), &f)
+        }
+        // Inline on a worker: one range.
+        _ => split_ranges(None, n, 1, &f),
+    }
+}
+
 /// Runs `f(i)` for every `i` in `0..n_tasks`, each exactly once, on the calling thread and the
 /// current pool's workers, which claim tasks one at a time (so uneven tasks balance
 /// themselves). Returns when all have run; a panic in a task is re-raised here.
