@@ -84,7 +84,7 @@ pub fn run(cli: Cli) -> Result<()> {
             // Image parts are shown as a template that walks the parts renders them (only the
             // tokenizer is loaded here: whether the model takes images is not known).
             let walks = template.walks_content_parts();
-            let (req, _) = ChatRequest::from_openai_json_for(&body, walks.then_some(""), walks)?;
+            let (req, _) = ChatRequest::from_openai_json_with_images(&body, walks.then_some(""), walks)?;
             out(&template.render(&req)?)
         }
     }

@@ -211,7 +211,7 @@ impl EnginePlugin {
             None => None,
         };
         let (request, urls) =
-            ChatRequest::from_openai_json_for(&body, placeholder.as_deref(), template.walks_content_parts())?;
+            ChatRequest::from_openai_json_with_images(&body, placeholder.as_deref(), template.walks_content_parts())?;
         let text = template.render(&request)?;
         for url in &urls {
             if !url.starts_with("data:") {

@@ -171,9 +171,12 @@ fn request(data: &[u8]) {
             }
         }
     }
-    if let Ok((req, _urls)) = ChatRequest::from_openai_json_with_images(&body, Some("<|image_pad|>")) {
-        if let Some(t) = qwen3_template() {
-            let _ = t.render(&req);
+    // Content lists joined, and kept as they are (as for a template that walks them).
+    for keep in [false, true] {
+        if let Ok((req, _urls)) = ChatRequest::from_openai_json_with_images(&body, Some("<|image_pad|>"), keep) {
+            if let Some(t) = qwen3_template() {
+                let _ = t.render(&req);
+            }
         }
     }
     if let Ok(r) = CompletionRequest::from_json(&body) {

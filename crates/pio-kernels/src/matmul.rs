@@ -373,7 +373,23 @@ unsafe fn matmul_multi_raw(
         return;
     }
     // Each thread writes its rows of every output itself (so the copy-out is split across the
-    // threads too), through `outs`: see the SAFETY note at the copy.
+    // threads too), through `outs`: `part` (tokens `t0..t1` of rows `ra..rz` of matrix `i`,
+    // token-major) to its place in output `i`.
+    let copy_out = |i: usize, (t0, t1): (usize, usize), (ra, rz): (usize, usize), part: &[f32]| {
+        let (y, len) = outs[i];
+        let width = rz - ra;
+        for t in t0..t1 {
+            let at = t * ws[i].rows + ra;
+            assert!(at + width <= len);
+            let src = &part[(t - t0) * width..(t - t0 + 1) * width];
+            // SAFETY: output `i` is ours to write for this whole call (the caller's promise);
+            // `at + width <= len` keeps the write inside it; and the ranges of row groups the
+            // threads get are disjoint (rows `ra..rz` lie in this thread's), so no two threads
+            // write the same element. Every (token, row) is written once: the ranges cover every
+            // row group, each with all its tokens.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (y as *mut f32).add(at), width) };
+        }
+    };
     parallel::for_each_range_balanced(total, work, ROW_SPLITS_PER_THREAD, |u0, u1| {
         SCRATCH.with_borrow_mut(|part| {
             for (i, w) in ws.iter().enumerate() {
@@ -389,7 +405,6 @@ unsafe fn matmul_multi_raw(
                 if part.len() < TOKENS_PER_TILE * width {
                     part.resize(TOKENS_PER_TILE * width, 0.0);
                 }
-                let (y, len) = outs[i];
                 if restores(i) {
                     // Row tiles outside, each restored once, then every token tile against it
                     // (from L2), its outputs copied out at once.
@@ -400,16 +415,7 @@ unsafe fn matmul_multi_raw(
                             for t0 in (0..n).step_by(TOKENS_PER_TILE) {
                                 let t1 = (t0 + TOKENS_PER_TILE).min(n);
                                 tile(i, (t0, t1), (ra, rz), Some(restored), part, rz - ra);
-                                for t in t0..t1 {
-                                    let at = t * w.rows + ra;
-                                    assert!(at + rz - ra <= len);
-                                    let src = &part[(t - t0) * (rz - ra)..(t - t0 + 1) * (rz - ra)];
-                                    // SAFETY: as below: rows `ra..rz` lie in this thread's
-                                    // disjoint range of row groups, inside output `i`.
-                                    unsafe {
-                                        std::ptr::copy_nonoverlapping(src.as_ptr(), (y as *mut f32).add(at), rz - ra)
-                                    };
-                                }
+                                copy_out(i, (t0, t1), (ra, rz), part);
                             }
                         }
                     });
@@ -421,17 +427,7 @@ unsafe fn matmul_multi_raw(
                         let rz = (ra + ROWS_PER_TILE).min(r1);
                         tile(i, (t0, t1), (ra, rz), None, &mut part[ra - r0..], width);
                     }
-                    for t in t0..t1 {
-                        let at = t * w.rows + r0;
-                        assert!(at + width <= len);
-                        let src = &part[(t - t0) * width..(t - t0 + 1) * width];
-                        // SAFETY: output `i` is ours to write for this whole call (the caller's
-                        // promise); `at + width <= len` keeps the write inside it; and the
-                        // ranges of row groups the threads get are disjoint, so no two threads
-                        // write the same element. Every (token, row) is written once: the
-                        // ranges cover every row group, each with all its tokens.
-                        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (y as *mut f32).add(at), width) };
-                    }
+                    copy_out(i, (t0, t1), (r0, r1), part);
                 }
             }
         })

@@ -168,7 +168,7 @@ pub fn num_threads() -> usize {
 /// in order. The ranges depend only on `n`, `work` and [`num_threads`]; `n == 0` gives one call
 /// `f(0, 0)`.
 pub fn for_each_range<T: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
-    let parts = |threads: usize| threads.min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1);
+    let parts = |threads: usize| busy_threads(n, work, threads);
     match WORKER_OF.with(|w| w.get()) {
         0 => {
             let pool = ThreadPool::current();
@@ -187,13 +187,9 @@ pub fn for_each_range_balanced<T: Send>(
     per_thread: usize,
     f: impl Fn(usize, usize) -> T + Sync,
 ) -> Vec<T> {
-    let parts = |threads: usize| {
-        let threads = threads.min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1);
-        if threads == 1 {
-            1
-        } else {
-            (threads * per_thread.max(1)).min(n.max(1))
-        }
+    let parts = |threads: usize| match busy_threads(n, work, threads) {
+        1 => 1,
+        busy => (busy * per_thread.max(1)).min(n.max(1)),
     };
     match WORKER_OF.with(|w| w.get()) {
         0 => {
@@ -203,6 +199,12 @@ pub fn for_each_range_balanced<T: Send>(
         // Inline on a worker: one range.
         _ => split_ranges(None, n, 1, &f),
     }
+}
+
+/// Of `threads`, how many a split of `n` items and `work` operations keeps busy: at most one per
+/// item and per [`MIN_WORK_PER_THREAD`] operations, at least one.
+fn busy_threads(n: usize, work: usize, threads: usize) -> usize {
+    threads.min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1)
 }
 
 /// Runs `f(i)` for every `i` in `0..n_tasks`, each exactly once, on the calling thread and the

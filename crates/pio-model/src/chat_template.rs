@@ -68,7 +68,7 @@ impl ChatTemplate {
 
     /// Whether the template renders a message's `content` given as a list of parts itself (it
     /// loops over it, as the Qwen-VL templates do): requests then keep their lists
-    /// ([`ChatRequest::from_openai_json_for`]), as transformers' `apply_chat_template` and
+    /// ([`ChatRequest::from_openai_json_with_images`]), as transformers' `apply_chat_template` and
     /// vLLM's "openai" content format hand them over.
     pub fn walks_content_parts(&self) -> bool {
         self.walks_parts
@@ -149,26 +149,18 @@ impl ChatRequest {
     /// are parsed into an object, as vLLM does, so templates that iterate over the
     /// arguments work.
     pub fn from_openai_json(body: &serde_json::Value) -> Result<ChatRequest> {
-        Self::from_openai_json_with_images(body, None).map(|(r, _)| r)
+        Self::from_openai_json_with_images(body, None, false).map(|(r, _)| r)
     }
 
     /// [`ChatRequest::from_openai_json`] for a model that takes images: each
     /// `{"type": "image_url", "image_url": {"url": ...}}` part (or `"image_url": "..."`)
     /// becomes `image_placeholder` in the message's text, directly before what follows it (as
     /// Qwen-VL templates render image parts), and its URL is returned, in message order.
-    /// Without a placeholder (a text model) image parts are refused.
+    /// Without a placeholder (a text model) image parts are refused. `keep_parts`, for a
+    /// template that renders lists of parts itself ([`ChatTemplate::walks_content_parts`]): the
+    /// parts are checked and the image URLs collected the same way, but each list stays as it
+    /// is, so the template places its own vision tokens and joins the texts as it means to.
     pub fn from_openai_json_with_images(
-        body: &serde_json::Value,
-        image_placeholder: Option<&str>,
-    ) -> Result<(ChatRequest, Vec<String>)> {
-        Self::from_openai_json_for(body, image_placeholder, false)
-    }
-
-    /// [`ChatRequest::from_openai_json_with_images`] for a template that renders lists of
-    /// parts itself when `keep_parts` ([`ChatTemplate::walks_content_parts`]): the parts are
-    /// checked and the image URLs collected the same way, but each list stays as it is, so
-    /// the template places its own vision tokens and joins the texts as it means to.
-    pub fn from_openai_json_for(
         body: &serde_json::Value,
         image_placeholder: Option<&str>,
         keep_parts: bool,

@@ -152,14 +152,14 @@ fn image_parts_become_placeholders_for_a_vision_model_only() {
             {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///c"}}]}]});
-    let (req, urls) = ChatRequest::from_openai_json_with_images(&body, Some("<I>")).unwrap();
+    let (req, urls) = ChatRequest::from_openai_json_with_images(&body, Some("<I>"), false).unwrap();
     assert_eq!(req.messages[0]["content"], "<I>and<I>?");
     assert_eq!(req.messages[2]["content"], "<I>");
     assert_eq!(urls, ["data:a", "data:b", "file:///c"]);
     let err = ChatRequest::from_openai_json(&body).unwrap_err();
     assert!(err.to_string().contains("\"image_url\" are not supported by this model"), "{err}");
     let bad = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"u": 1}}]}]});
-    assert!(ChatRequest::from_openai_json_with_images(&bad, Some("<I>")).is_err());
+    assert!(ChatRequest::from_openai_json_with_images(&bad, Some("<I>"), false).is_err());
 }
 
 /// A template that walks lists of parts itself, in the Qwen-VL templates' way (written for this
@@ -181,16 +181,16 @@ fn a_template_that_walks_content_lists_gets_them() {
             {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": "ok"}]});
     // The parts reach the template as a list: its own join (none) and its own image marks.
-    let (req, urls) = ChatRequest::from_openai_json_for(&body, Some("<I>"), true).unwrap();
+    let (req, urls) = ChatRequest::from_openai_json_with_images(&body, Some("<I>"), true).unwrap();
     assert_eq!(template.render(&req).unwrap(), "<user>AB[img]?;<assistant>ok;");
     assert_eq!(urls, ["data:a"]);
     // Joined for a template that does not walk them.
-    let (req, _) = ChatRequest::from_openai_json_for(&body, Some("<I>"), false).unwrap();
+    let (req, _) = ChatRequest::from_openai_json_with_images(&body, Some("<I>"), false).unwrap();
     assert_eq!(template.render(&req).unwrap(), "<user>A\nB<I>?;<assistant>ok;");
     // Parts are checked either way; images only for a model that takes them.
     let bad = json!({"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]});
-    assert!(ChatRequest::from_openai_json_for(&bad, Some("<I>"), true).is_err());
-    assert!(ChatRequest::from_openai_json_for(&body, None, true).is_err());
+    assert!(ChatRequest::from_openai_json_with_images(&bad, Some("<I>"), true).is_err());
+    assert!(ChatRequest::from_openai_json_with_images(&body, None, true).is_err());
     // The loop forms that count, and templates that only read `content` as a string.
     for (source, walks) in [
         ("{% for c in message['content'] %}{{ c.text }}{% endfor %}", true),

@@ -336,7 +336,7 @@ fn chat_prompt(s: &AppState, body: &Value) -> Result<(Vec<u32>, Vec<String>, boo
     let placeholder = s.vision.as_ref().map(|v| v.placeholder.as_str());
     let template =
         s.tokenizer.chat_template().ok_or_else(|| ApiError::bad_request("this model has no chat template"))?;
-    let (req, urls) = ChatRequest::from_openai_json_for(body, placeholder, template.walks_content_parts())?;
+    let (req, urls) = ChatRequest::from_openai_json_with_images(body, placeholder, template.walks_content_parts())?;
     let text = template.render(&req)?;
     Ok((s.tokenizer.encode(&text, false)?, urls, crate::reasoning::prompt_opens_reasoning(&text)))
 }

@@ -363,8 +363,9 @@ impl VisionEncoder {
         // the matrix) and an exact softmax between them. The paged decode kernel took each
         // query alone: at 1024 x 1024 pixels (4096 patches) 45% of the tower's time.
         let mut out = vec![0f32; n * hid];
-        // On AMX tiles (keys, values and probabilities rounded to bf16) unless the tower's
-        // weights are F32 or bf16 activations were turned off: those keep f32 products.
+        // On AMX tiles (keys, values and probabilities rounded to bf16) where the CPU has them,
+        // unless the tower's weights are F32 or bf16 activations were turned off: those, and
+        // CPUs without AMX, take f32 products.
         let level = pio_kernels::cpu::level();
         let on_amx = b.qkv.dtype() != pio_kernels::DType::F32
             && b.qkv.bf16_activations
@@ -381,49 +382,14 @@ impl VisionEncoder {
         for f0 in (0..n).step_by(frame) {
             for h in 0..heads {
                 let at = |t: usize| (f0 + t) * hid + h * hd;
-                // On AMX: keys and Vᵀ (its keys padded to a multiple of 32, AMX's block, with
-                // zeros) as BF16 matrices of rows. Else f32 outer products (`matmul_kn`, which
-                // suits the short head dimension: 1.2-1.4x the row-dot tiles here): keys
-                // transposed (`[hd, frame]`), values as they are (`[kp, hd]`, zero rows after
-                // the keys).
-                let mats = on_amx.then(|| {
-                    let keys: Vec<f32> = (0..frame).flat_map(|t| k[at(t)..at(t) + hd].iter().copied()).collect();
-                    let mut vt = vec![0f32; hd * kp];
-                    for t in 0..frame {
-                        for (d, &x) in v[at(t)..at(t) + hd].iter().enumerate() {
-                            vt[d * kp + t] = x;
-                        }
-                    }
-                    (AttnMatrix::new(&keys, frame, hd, true), AttnMatrix::new(&vt, hd, kp, true))
-                });
-                let (mut kt, mut vp) = (Vec::new(), Vec::new());
-                if mats.is_none() {
-                    kt = vec![0f32; hd * frame];
-                    vp = vec![0f32; kp * hd];
-                    for t in 0..frame {
-                        for (d, &x) in k[at(t)..at(t) + hd].iter().enumerate() {
-                            kt[d * frame + t] = x;
-                        }
-                        vp[t * hd..(t + 1) * hd].copy_from_slice(&v[at(t)..at(t) + hd]);
-                    }
-                }
+                let head = HeadOperands::new(on_amx, frame, hd, |t| &k[at(t)..at(t) + hd], |t| &v[at(t)..at(t) + hd]);
                 for q0 in (0..frame).step_by(ATTN_QUERIES) {
                     let qn = ATTN_QUERIES.min(frame - q0);
                     queries.clear();
                     (q0..q0 + qn).for_each(|t| queries.extend_from_slice(&q[at(t)..at(t) + hd]));
-                    match &mats {
-                        Some((kmat, _)) => {
-                            pio_kernels::matmul::matmul(kmat.view(), &queries, qn, &mut scores[..qn * frame])
-                        }
-                        None => pio_kernels::matmul::matmul_kn(&queries, qn, hd, &kt, frame, &mut scores[..qn * frame]),
-                    }
+                    head.scores(&queries, qn, &mut scores[..qn * frame]);
                     softmax_rows(&scores[..qn * frame], frame, scale, &mut probs[..qn * kp]);
-                    match &mats {
-                        Some((_, vmat)) => {
-                            pio_kernels::matmul::matmul(vmat.view(), &probs[..qn * kp], qn, &mut o[..qn * hd])
-                        }
-                        None => pio_kernels::matmul::matmul_kn(&probs[..qn * kp], qn, kp, &vp, hd, &mut o[..qn * hd]),
-                    }
+                    head.values(&probs[..qn * kp], qn, &mut o[..qn * hd]);
                     for (i, row) in o[..qn * hd].chunks_exact(hd).enumerate() {
                         out[at(q0 + i)..at(q0 + i) + hd].copy_from_slice(row);
                     }
@@ -499,31 +465,81 @@ impl VisionEncoder {
 /// Queries whose scores one product computes: `[256, patches]` f32 (4 MiB at 4096 patches).
 const ATTN_QUERIES: usize = 256;
 
-/// A matrix of the attention's products (a head's keys, or its values transposed): BF16 rows
-/// on AMX tiles where the tower's matrices use them (activations rounded to bf16 there too),
-/// else f32.
-struct AttnMatrix {
-    dtype: pio_kernels::DType,
-    bytes: Vec<u8>,
-    rows: usize,
-    cols: usize,
-    amx: bool,
+/// One head's keys and values as the attention's two products take them (`frame` keys of `hd`
+/// values; `kp` = `frame` rounded up to 32, the probabilities' row length, whose columns after
+/// the keys are zero).
+enum HeadOperands {
+    /// BF16 matrices of rows on AMX tiles (activations rounded to bf16 there too): the keys,
+    /// and Vᵀ with its keys padded to `kp` with zeros.
+    Amx { keys: Vec<u8>, vt: Vec<u8>, frame: usize, hd: usize, kp: usize },
+    /// f32 outer products ([`pio_kernels::matmul::matmul_kn`], which suits the short head
+    /// dimension: 1.2-1.4x the row-dot tiles at AVX2): the keys transposed (`[hd, frame]`), the
+    /// values as they are (`[kp, hd]`, zero rows after the keys).
+    F32 { kt: Vec<f32>, vp: Vec<f32>, frame: usize, hd: usize, kp: usize },
 }
 
-impl AttnMatrix {
-    fn new(x: &[f32], rows: usize, cols: usize, amx: bool) -> AttnMatrix {
-        let amx = amx && pio_kernels::dot::float::bf16_on_amx(pio_kernels::cpu::level(), cols);
-        let dtype = if amx { pio_kernels::DType::BF16 } else { pio_kernels::DType::F32 };
-        let mut bytes = vec![0u8; dtype.row_bytes(cols).unwrap_or(0) * rows];
-        pio_kernels::quant::quantize_row(dtype, x, &mut bytes);
-        AttnMatrix { dtype, bytes, rows, cols, amx }
+impl HeadOperands {
+    fn new<'a>(
+        amx: bool,
+        frame: usize,
+        hd: usize,
+        key: impl Fn(usize) -> &'a [f32],
+        value: impl Fn(usize) -> &'a [f32],
+    ) -> HeadOperands {
+        let kp = frame.next_multiple_of(32);
+        if amx {
+            let keys: Vec<f32> = (0..frame).flat_map(|t| key(t).iter().copied()).collect();
+            let mut vt = vec![0f32; hd * kp];
+            for t in 0..frame {
+                for (d, &x) in value(t).iter().enumerate() {
+                    vt[d * kp + t] = x;
+                }
+            }
+            let bf16 = |x: &[f32]| {
+                let mut b = vec![0u8; x.len() * 2];
+                pio_kernels::quant::quantize_row(pio_kernels::DType::BF16, x, &mut b);
+                b
+            };
+            return HeadOperands::Amx { keys: bf16(&keys), vt: bf16(&vt), frame, hd, kp };
+        }
+        let (mut kt, mut vp) = (vec![0f32; hd * frame], vec![0f32; kp * hd]);
+        for t in 0..frame {
+            for (d, &x) in key(t).iter().enumerate() {
+                kt[d * frame + t] = x;
+            }
+            vp[t * hd..(t + 1) * hd].copy_from_slice(value(t));
+        }
+        HeadOperands::F32 { kt, vp, frame, hd, kp }
     }
 
-    fn view(&self) -> pio_kernels::matmul::WeightView<'_> {
+    /// A BF16 matrix of rows on the AMX tiles.
+    fn amx_view(bytes: &[u8], rows: usize, cols: usize) -> pio_kernels::matmul::WeightView<'_> {
         pio_kernels::matmul::WeightView {
-            bf16_activations: self.amx,
-            prefill_only: self.amx,
-            ..pio_kernels::matmul::WeightView::rows(self.dtype, self.rows, self.cols, &self.bytes)
+            bf16_activations: true,
+            prefill_only: true,
+            ..pio_kernels::matmul::WeightView::rows(pio_kernels::DType::BF16, rows, cols, bytes)
+        }
+    }
+
+    /// `qn` queries (`[qn, hd]`) times the keys: `out` `[qn, frame]`.
+    fn scores(&self, queries: &[f32], qn: usize, out: &mut [f32]) {
+        match self {
+            HeadOperands::Amx { keys, frame, hd, .. } => {
+                pio_kernels::matmul::matmul(Self::amx_view(keys, *frame, *hd), queries, qn, out)
+            }
+            HeadOperands::F32 { kt, frame, hd, .. } => {
+                pio_kernels::matmul::matmul_kn(queries, qn, *hd, kt, *frame, out)
+            }
+        }
+    }
+
+    /// `qn` rows of probabilities (`[qn, kp]`) times the values: `out` `[qn, hd]`.
+    fn values(&self, probs: &[f32], qn: usize, out: &mut [f32]) {
+        match self {
+            HeadOperands::Amx { vt, hd, kp, .. } => {
+                pio_kernels::matmul::matmul(Self::amx_view(vt, *hd, *kp), probs, qn, out)
+            }
+            HeadOperands::F32 { vp, hd, kp, .. } => pio_kernels::matmul::matmul_kn(probs, qn, *kp, vp, *hd, out),
         }
     }
 }
