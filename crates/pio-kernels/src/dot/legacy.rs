@@ -459,6 +459,7 @@ mod tile_x86 {
 
     /// One block of `N` rows, lane `r` = row `r`: `w[g]` = the row's quants `4g..4g+4` as bytes
     /// (unsigned as stored, or Q8_0's signed ones), `d` / `m` its scale / minimum.
+    #[derive(Clone, Copy)]
     struct Block<I, P> {
         w: [I; 8],
         d: P,
@@ -675,78 +676,157 @@ mod tile_x86 {
     /// tokens and each block: the group's block is unpacked once, what the tokens share is
     /// derived from it, and each token's exact i32 block sums are folded into its f32
     /// accumulators, one lane per row.
+    ///
+    /// `vpdpbusd` tiles of several tokens take two groups at a time ([`groups`]): each token's
+    /// broadcast activations then serve 32 rows. A broadcast costs a `vpdpbusd` slot of its own
+    /// here (a loop of independent `vpdpbusd`s from memory broadcasts ran 1.32 a cycle on a
+    /// Granite-Rapids-class core, 1.58 with each broadcast shared by two, 1.85 from registers).
+    /// Every (row, token) takes the same operations either way, so the sums are the same bits.
     #[inline(always)]
     unsafe fn walk<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(tile: Tile<'_>) {
-        const G: usize = crate::dot::GROUP_ROWS;
-        let act = tile.act;
-        let nb = act.len() / tile.ntok;
-        let rb = nb * F::BB;
+        let Tile { w, nrows, packed, act, ntok, out, ldo } = tile;
+        let nb = act.len() / ntok;
         let with_offsets = F::OFFSET_LOG2 != 0 && (KIND == NIBBLES || KIND == VNNI);
         let offsets = if with_offsets { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-        let mut acc = [[0f32; N]; TOKENS];
-        for r0 in (0..tile.nrows).step_by(N) {
-            let live = (tile.nrows - r0).min(N);
-            let (offs, idx) = row_offsets::<N>(live, rb);
-            for t0 in (0..tile.ntok).step_by(TOKENS) {
-                let acc = &mut acc[..(tile.ntok - t0).min(TOKENS)];
-                acc.fill([0.0; N]);
-                for b in 0..nb {
-                    let blk = if tile.packed {
-                        let at = ((r0 / G) * nb + b) * G * F::BB;
-                        let bytes = G * F::BB;
-                        let (ahead, first, last) = if N < G {
-                            // Narrower vectors take a group in passes, each reading part of every
-                            // line of a block. Pass `k` asks for its share of the lines of the
-                            // next group's same block, so those arrive a pass or more early and
-                            // each block's prefetches are a few, not a burst.
-                            let (passes, k) = (G / N, (r0 % G) / N);
-                            let share = bytes.div_ceil(64).div_ceil(passes) * 64;
-                            (tile.w.as_ptr().wrapping_add(at + nb * bytes), k * share, ((k + 1) * share).min(bytes))
-                        } else {
-                            (tile.w.as_ptr().wrapping_add(at + PREFETCH_BYTES), 0, bytes)
-                        };
-                        // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded
-                        // 37.2 -> 41.0 tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1).
-                        for line in (first..last).step_by(64) {
-                            // A prefetch never faults, wherever it points.
-                            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
-                        }
-                        packed::<V, F, N>(tile.w[at..].as_ptr(), r0 % G)
-                    } else {
-                        let p = tile.w[r0 * rb + b * F::BB..].as_ptr();
-                        if KIND == BYTES_IN_PLACE {
-                            in_place::<V, F, N>(p, &offs, &idx)
-                        } else {
-                            unpack::<V, F, N>(p, &offs, &idx)
-                        }
-                    };
-                    // What the tokens share: the weights as the products take them, and Q8_0's
-                    // signs.
-                    let mut wa = blk.w;
-                    let mut sign = [V::no_sign(); 8];
-                    for g in 0..8 {
-                        if KIND == VNNI && F::BYTES {
-                            // `vpdpbusd` needs unsigned weights: Q8_0's signed bytes get 128
-                            // added (an xor), which its offset term takes back.
-                            wa[g] = V::xor(blk.w[g], V::set1_i8(-128));
-                        } else if KIND == BYTES || KIND == BYTES_IN_PLACE {
-                            (wa[g], sign[g]) = V::signs(blk.w[g]);
-                        }
-                    }
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let at = (t0 + i) * nb + b;
-                        // VNNI: its fields at a pointer plus constants ([`crate::dot::opaque`]);
-                        // the other kinds broadcast with separate loads, and AVX2's one-token
-                        // walk measured 22% slower through such a pointer (Q8_0 decode).
-                        let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
-                        let off = if with_offsets { offsets[at] } else { 0 };
-                        let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
-                        finish::<V, F, N>(acc, s, &blk, a);
-                    }
-                }
-                store(acc, live, tile.out, t0 * tile.ldo + r0, tile.ldo);
+        let pairs = KIND == VNNI && N == crate::dot::GROUP_ROWS && ntok >= PAIR_MIN_TOKENS;
+        let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
+        let mut r0 = 0;
+        while r0 < nrows {
+            if pairs && nrows - r0 > N {
+                groups::<V, F, N, KIND, true>(&walk, r0, nrows, out, ldo);
+                r0 += 2 * N;
+            } else {
+                groups::<V, F, N, KIND, false>(&walk, r0, nrows, out, ldo);
+                r0 += N;
             }
         }
+    }
+
+    /// Fewest tokens for which [`walk`] takes two row groups at a time: one or two tokens have
+    /// few broadcasts to share, and a single group prefetches ahead more evenly.
+    const PAIR_MIN_TOKENS: usize = 4;
+
+    /// What every group of a [`walk`] shares.
+    struct Walk<'a> {
+        w: &'a [u8],
+        packed: bool,
+        act: &'a [Q8Block],
+        ntok: usize,
+        nb: usize,
+        offsets: &'a [i32],
+    }
+
+    /// The group of `N` rows at `r0` (and with `TWO` the next one, which exists) times every
+    /// token of the walk, stored to `out`.
+    #[inline(always)]
+    unsafe fn groups<V: Width<N>, F: Fmt, const N: usize, const KIND: u8, const TWO: bool>(
+        walk: &Walk<'_>,
+        r0: usize,
+        nrows: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let (act, nb) = (walk.act, walk.nb);
+        let rb = nb * F::BB;
+        let live = [(nrows - r0).min(N), if TWO { (nrows - r0 - N).min(N) } else { 0 }];
+        let (offs, idx) = row_offsets::<N>(live[0], rb);
+        let (offs2, idx2) = if TWO { row_offsets::<N>(live[1], rb) } else { (offs, idx) };
+        let mut acc = [[0f32; N]; TOKENS];
+        let mut acc2 = [[0f32; N]; TOKENS];
+        for t0 in (0..walk.ntok).step_by(TOKENS) {
+            let n = (walk.ntok - t0).min(TOKENS);
+            let (acc, acc2) = (&mut acc[..n], &mut acc2[..n]);
+            acc.fill([0.0; N]);
+            if TWO {
+                acc2.fill([0.0; N]);
+            }
+            for b in 0..nb {
+                let blk = group_block::<V, F, N, KIND>(walk, r0, b, &offs, &idx);
+                let blk2 = if TWO { group_block::<V, F, N, KIND>(walk, r0 + N, b, &offs2, &idx2) } else { blk };
+                let (wa, sign) = shared::<V, F, N, KIND>(&blk);
+                let (wa2, sign2) = if TWO { shared::<V, F, N, KIND>(&blk2) } else { (wa, sign) };
+                for i in 0..n {
+                    let at = (t0 + i) * nb + b;
+                    // VNNI: its fields at a pointer plus constants ([`crate::dot::opaque`]);
+                    // the other kinds broadcast with separate loads, and AVX2's one-token
+                    // walk measured 22% slower through such a pointer (Q8_0 decode).
+                    let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
+                    let off = if walk.offsets.is_empty() { 0 } else { walk.offsets[at] };
+                    let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
+                    finish::<V, F, N>(&mut acc[i], s, &blk, a);
+                    if TWO {
+                        let s = sum::<V, F, N, KIND>(&wa2, &sign2, a.qs.as_ptr(), off);
+                        finish::<V, F, N>(&mut acc2[i], s, &blk2, a);
+                    }
+                }
+            }
+            store(acc, live[0], out, t0 * ldo + r0, ldo);
+            if TWO {
+                store(acc2, live[1], out, t0 * ldo + r0 + N, ldo);
+            }
+        }
+    }
+
+    /// Block `b` of the group of `N` rows at `r0`, unpacked (prefetching ahead in the
+    /// interleaved layout).
+    #[inline(always)]
+    unsafe fn group_block<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(
+        walk: &Walk<'_>,
+        r0: usize,
+        b: usize,
+        offs: &[usize; N],
+        idx: &[i32; N],
+    ) -> Block<V::I, V::P> {
+        const G: usize = crate::dot::GROUP_ROWS;
+        let nb = walk.nb;
+        if !walk.packed {
+            let p = walk.w[r0 * nb * F::BB + b * F::BB..].as_ptr();
+            return if KIND == BYTES_IN_PLACE {
+                in_place::<V, F, N>(p, offs, idx)
+            } else {
+                unpack::<V, F, N>(p, offs, idx)
+            };
+        }
+        let at = ((r0 / G) * nb + b) * G * F::BB;
+        let bytes = G * F::BB;
+        let (ahead, first, last) = if N < G {
+            // Narrower vectors take a group in passes, each reading part of every line of a
+            // block. Pass `k` asks for its share of the lines of the next group's same block,
+            // so those arrive a pass or more early and each block's prefetches are a few, not a
+            // burst.
+            let (passes, k) = (G / N, (r0 % G) / N);
+            let share = bytes.div_ceil(64).div_ceil(passes) * 64;
+            (walk.w.as_ptr().wrapping_add(at + nb * bytes), k * share, ((k + 1) * share).min(bytes))
+        } else {
+            (walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES), 0, bytes)
+        };
+        // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded 37.2 -> 41.0
+        // tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1).
+        for line in (first..last).step_by(64) {
+            // A prefetch never faults, wherever it points.
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+        }
+        packed::<V, F, N>(walk.w[at..].as_ptr(), r0 % G)
+    }
+
+    /// What the tokens share of a block: the weights as the products take them, and Q8_0's
+    /// signs.
+    #[inline(always)]
+    unsafe fn shared<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(
+        blk: &Block<V::I, V::P>,
+    ) -> ([V::I; 8], [V::Sign; 8]) {
+        let mut wa = blk.w;
+        let mut sign = [V::no_sign(); 8];
+        for g in 0..8 {
+            if KIND == VNNI && F::BYTES {
+                // `vpdpbusd` needs unsigned weights: Q8_0's signed bytes get 128 added (an
+                // xor), which its offset term takes back.
+                wa[g] = V::xor(blk.w[g], V::set1_i8(-128));
+            } else if KIND == BYTES || KIND == BYTES_IN_PLACE {
+                (wa[g], sign[g]) = V::signs(blk.w[g]);
+            }
+        }
+        (wa, sign)
     }
 
     /// One token's exact i32 sums of a block of `N` rows: `wa` the weights as [`walk`] prepared
