@@ -7,7 +7,7 @@ concurrent requests through `pio serve`.
     scripts/bench-spec.py --model models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf [--rounds 3]
         [--prompts crates/pio-cli/tests/data/spec] [--max-tokens 700] [--threads 2]
         [--spec-args "--spec ngram"] [--concurrency 8]
-        [--llama-server PATH --llama-spec-args "--spec-type ngram-simple --draft-max 8"]
+        [--llama-server PATH --llama-spec-args "--spec-type ngram-simple"]
     scripts/bench-spec.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --open-ended
 
 Single-request figures come from `pio generate --json` (decode tokens over decode time), each
