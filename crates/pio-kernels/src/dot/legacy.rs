@@ -690,13 +690,17 @@ mod tile_x86 {
         let offsets = if with_offsets { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
         let pairs = KIND == VNNI && N == crate::dot::GROUP_ROWS && ntok >= PAIR_MIN_TOKENS;
         let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
+        // The accumulators of a token chunk, for one group and for the second of a pair; only
+        // the used ones are initialized, per chunk (zeroing 8 KiB per call would show in decode).
+        let mut acc = [std::mem::MaybeUninit::<[f32; N]>::uninit(); TOKENS];
+        let mut acc2 = [std::mem::MaybeUninit::<[f32; N]>::uninit(); TOKENS];
         let mut r0 = 0;
         while r0 < nrows {
             if pairs && nrows - r0 > N {
-                groups::<V, F, N, KIND, true>(&walk, r0, nrows, out, ldo);
+                groups::<V, F, N, KIND, true>(&walk, r0, nrows, [&mut acc, &mut acc2], out, ldo);
                 r0 += 2 * N;
             } else {
-                groups::<V, F, N, KIND, false>(&walk, r0, nrows, out, ldo);
+                groups::<V, F, N, KIND, false>(&walk, r0, nrows, [&mut acc, &mut acc2], out, ldo);
                 r0 += N;
             }
         }
@@ -723,6 +727,7 @@ mod tile_x86 {
         walk: &Walk<'_>,
         r0: usize,
         nrows: usize,
+        [acc_buf, acc2_buf]: [&mut [std::mem::MaybeUninit<[f32; N]>; TOKENS]; 2],
         out: &mut [f32],
         ldo: usize,
     ) {
@@ -731,15 +736,17 @@ mod tile_x86 {
         let live = [(nrows - r0).min(N), if TWO { (nrows - r0 - N).min(N) } else { 0 }];
         let (offs, idx) = row_offsets::<N>(live[0], rb);
         let (offs2, idx2) = if TWO { row_offsets::<N>(live[1], rb) } else { (offs, idx) };
-        let mut acc = [[0f32; N]; TOKENS];
-        let mut acc2 = [[0f32; N]; TOKENS];
         for t0 in (0..walk.ntok).step_by(TOKENS) {
             let n = (walk.ntok - t0).min(TOKENS);
-            let (acc, acc2) = (&mut acc[..n], &mut acc2[..n]);
-            acc.fill([0.0; N]);
-            if TWO {
-                acc2.fill([0.0; N]);
-            }
+            let zeroed = |buf: &mut [std::mem::MaybeUninit<[f32; N]>; TOKENS]| {
+                for a in &mut buf[..n] {
+                    a.write([0.0; N]);
+                }
+                // SAFETY: the first `n` were just written.
+                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut [f32; N], n) }
+            };
+            let acc = zeroed(acc_buf);
+            let acc2 = if TWO { zeroed(acc2_buf) } else { &mut [][..] };
             for b in 0..nb {
                 let blk = group_block::<V, F, N, KIND>(walk, r0, b, &offs, &idx);
                 let blk2 = if TWO { group_block::<V, F, N, KIND>(walk, r0 + N, b, &offs2, &idx2) } else { blk };
