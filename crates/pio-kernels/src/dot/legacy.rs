@@ -686,8 +686,7 @@ mod tile_x86 {
     unsafe fn walk<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(tile: Tile<'_>) {
         let Tile { w, nrows, packed, act, ntok, out, ldo } = tile;
         let nb = act.len() / ntok;
-        let with_offsets = F::OFFSET_LOG2 != 0 && (KIND == NIBBLES || KIND == VNNI);
-        let offsets = if with_offsets { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
+        let offsets = if with_offsets::<F>(KIND) { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
         let pairs = KIND == VNNI && N == crate::dot::GROUP_ROWS && ntok >= PAIR_MIN_TOKENS;
         let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
@@ -704,6 +703,13 @@ mod tile_x86 {
                 r0 += N;
             }
         }
+    }
+
+    /// Whether the integer sums of `KIND` start from the offset terms of format `F`
+    /// ([`offset_terms`]); known at compile time, so the walk's per-token branch goes.
+    #[inline(always)]
+    const fn with_offsets<F: Fmt>(kind: u8) -> bool {
+        F::OFFSET_LOG2 != 0 && (kind == NIBBLES || kind == VNNI)
     }
 
     /// Fewest tokens for which [`walk`] takes two row groups at a time: one or two tokens have
@@ -758,7 +764,7 @@ mod tile_x86 {
                     // the other kinds broadcast with separate loads, and AVX2's one-token
                     // walk measured 22% slower through such a pointer (Q8_0 decode).
                     let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
-                    let off = if walk.offsets.is_empty() { 0 } else { walk.offsets[at] };
+                    let off = if with_offsets::<F>(KIND) { walk.offsets[at] } else { 0 };
                     let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
                     finish::<V, F, N>(&mut acc[i], s, &blk, a);
                     if TWO {
