@@ -168,14 +168,7 @@ pub fn num_threads() -> usize {
 /// in order. The ranges depend only on `n`, `work` and [`num_threads`]; `n == 0` gives one call
 /// `f(0, 0)`.
 pub fn for_each_range<T: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -> T + Sync) -> Vec<T> {
-    let parts = |threads: usize| busy_threads(n, work, threads);
-    match WORKER_OF.with(|w| w.get()) {
-        0 => {
-            let pool = ThreadPool::current();
-            split_ranges(Some(&pool.0), n, parts(pool.threads()), &f)
-        }
-        threads => split_ranges(None, n, parts(threads), &f),
-    }
+    for_each_range_balanced(n, work, 1, f)
 }
 
 /// [`for_each_range`] in up to `per_thread` ranges per thread, which the threads claim one at a
@@ -196,8 +189,9 @@ pub fn for_each_range_balanced<T: Send>(
             let pool = ThreadPool::current();
             split_ranges(Some(&pool.0), n, parts(pool.threads()), &f)
         }
-        // Inline on a worker: one range.
-        _ => split_ranges(None, n, 1, &f),
+        // Inline on a worker, in the same ranges (they depend only on `n`, `work` and
+        // [`num_threads`]).
+        threads => split_ranges(None, n, parts(threads), &f),
     }
 }
 
