@@ -61,9 +61,13 @@ impl<'a> WeightView<'a> {
             Layout::Interleaved if self.dtype == DType::BF16 => {
                 // 64 bytes at a time through the stack: a lookup per token allocates nothing.
                 assert!(r < self.rows && out.len() == self.cols, "row {r} of {} x {}", self.rows, self.cols);
+                let mut block = [0u8; 64];
                 for (b, o) in out.chunks_exact_mut(32).enumerate() {
-                    let at = float::tiled_bf16_at(self.cols, r, b);
-                    quant::dequantize_row(self.dtype, &self.data[at..at + 64], o);
+                    for (p, pair) in block.chunks_exact_mut(4).enumerate() {
+                        let at = float::tiled_bf16_at(self.cols, r, 32 * b + 2 * p);
+                        pair.copy_from_slice(&self.data[at..at + 4]);
+                    }
+                    quant::dequantize_row(self.dtype, &block, o);
                 }
             }
             Layout::Interleaved => {
@@ -255,7 +259,7 @@ unsafe fn matmul_multi_raw(
             let xt = users().find(|w| on_amx(w)).map(|w| float::to_bf16_pairs(x, inputs[i].1, w.cols));
             let xeo = match users().find(|w| {
                 !on_amx(w)
-                    && float::even_odd_activations(level, w.dtype)
+                    && float::even_odd_activations(level, w.dtype, w.cols)
                     && !float::bf16_activations(level, w.dtype, w.bf16_activations)
             }) {
                 Some(w) => float::to_even_odd(level, x, inputs[i].1, w.cols),
@@ -287,12 +291,11 @@ unsafe fn matmul_multi_raw(
             }
         }
     };
-    // Interleaved BF16 times many tokens off AMX is read in rows ([`float::gemm_even_odd`]),
-    // restored here once per row tile for all the call's tokens (restored per token tile, the
-    // copies took 10% of a Qwen3-0.6B-shaped BF16 prefill at AVX2).
+    // Interleaved BF16 on AMX is read in rows, restored here once per row tile for all the
+    // call's tokens.
     let restores = |i: usize| {
         let w = &ws[i];
-        w.dtype == DType::BF16 && w.layout == Layout::Interleaved && inputs[input_of[i]].1 > 1 && !on_amx(w)
+        w.dtype == DType::BF16 && w.layout == Layout::Interleaved && on_amx(w)
     };
     // One tile: rows `ra..rz` of matrix `i` (`restored`: those rows restored in rows) times its
     // tokens `t0..t1`, to `out[(t - t0) * ldo + (r - ra)]`.
@@ -314,12 +317,16 @@ unsafe fn matmul_multi_raw(
             let acts = &acts[t0 * nb..t1 * nb];
             dot::gemm_q8(level, w.dtype, rows, rz - ra, layout, acts, t1 - t0, out, ldo);
         } else if let Some(xt) = xt.as_ref().filter(|_| on_amx(w)) {
-            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo, layout == Layout::Interleaved);
+            // Interleaved rows come restored ([`float::restore_rows_bf16`]).
+            assert_eq!(layout, Layout::Rows);
+            float::gemm_bf16_amx(level, rows, rz - ra, xt, (t0, t1), out, ldo);
         } else if float::bf16_activations(level, w.dtype, w.bf16_activations) {
             float::gemm_bf16(level, rows, rz - ra, layout, &xb[t0 * cols..t1 * cols], t1 - t0, out, ldo);
-        } else if float::even_odd_activations(level, w.dtype) {
+        } else if float::tiles_bf16(level, w.dtype, cols) {
+            float::gemm_tiled(level, rows, rz - ra, layout, &x[t0 * cols..t1 * cols], t1 - t0, out, ldo);
+        } else if float::even_odd_activations(level, w.dtype, cols) {
             let padded = float::even_odd_width(level, cols);
-            float::gemm_even_odd(level, rows, rz - ra, layout, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
+            float::gemm_even_odd(level, rows, rz - ra, &xeo[t0 * padded..t1 * padded], t1 - t0, out, ldo);
         } else if layout == Layout::Interleaved {
             // Interleaved BF16 at the scalar level (only where a caller asks for it: loading
             // interleaves only at AVX2 and up): its rows restored for the reference tile.

@@ -130,10 +130,7 @@ const G: usize = 16;
 
 /// `out[(t - t0) * ldo + r] = Σ_c w[r][c] · x[t][c]` for the `nrows` BF16 rows of `w` and
 /// tokens `t0..t1` of `xt`. The columns are a multiple of 32. `w` holds the rows one after
-/// another, or, `tiled`, in [`crate::dot::float::tile_bf16`]'s layout (whole groups of 16 rows,
-/// each tile's 16 x 64 bytes together): the same products, each tile one load of 1 KiB instead
-/// of 16 lines a row apart (`benches/matmul.rs`, 3072 x 1024: 64 tokens 109 -> 128 G MAC/s,
-/// one token 14 -> 20 GiB/s).
+/// another.
 ///
 /// # Safety
 /// [`crate::cpu::amx_detected`] is true (AMX-TILE, AMX-BF16, AVX-512, granted by Linux).
@@ -145,21 +142,19 @@ pub(crate) unsafe fn gemm_bf16(
     (t0, t1): (usize, usize),
     out: &mut [f32],
     ldo: usize,
-    tiled: bool,
 ) {
-    let stored_rows = if tiled { nrows.div_ceil(G) * G } else { nrows };
-    let rb = w.len() / stored_rows;
+    let rb = w.len() / nrows;
     let cols = rb / 2;
-    assert!(w.len() == stored_rows * rb && cols.is_multiple_of(32) && cols > 0, "{nrows} rows of {rb} bytes");
+    assert!(w.len() == nrows * rb && cols.is_multiple_of(32) && cols > 0, "{nrows} rows of {rb} bytes");
     // Where block `b` of a group starts, and the bytes between its 16 rows.
-    let (block_step, w_stride) = if tiled { (G * 64, 64) } else { (64, rb) };
+    let (block_step, w_stride) = (64, rb);
     // Tile rows of 16 tokens from `t0 + 16 k` stay inside the pairs: `to_bf16_pairs` puts 16
     // zeros after the last row.
     assert!(t0 < t1 && t1 <= xt.ntok && xt.cols == cols, "tokens {t0}..{t1} of {} x {}", xt.ntok, xt.cols);
     assert!(ldo >= nrows && out.len() >= (t1 - t0 - 1) * ldo + nrows);
     // A last group of fewer than 16 rows is read from a zero-padded copy: tile loads read all 16.
-    let whole = stored_rows / G;
-    let pad: Vec<u8> = if !stored_rows.is_multiple_of(G) {
+    let whole = nrows / G;
+    let pad: Vec<u8> = if !nrows.is_multiple_of(G) {
         let mut p = vec![0u8; G * rb];
         p[..(nrows - whole * G) * rb].copy_from_slice(&w[whole * G * rb..]);
         p
@@ -185,12 +180,7 @@ pub(crate) unsafe fn gemm_bf16(
                 // prefetch (a tile load waits on its 16 lines about one after another). Into
                 // L1 a few blocks ahead instead, or as well, measured slower.
                 for r in 0..2 * G {
-                    // Tiled: the next pass's two groups hold these two blocks in 2 KiB each.
-                    let at = if tiled {
-                        (2 + r / G) * G * rb + block_step * b + 128 * (r % G)
-                    } else {
-                        (2 * G + r) * rb + 64 * b
-                    };
+                    let at = (2 * G + r) * rb + 64 * b;
                     let p = ws[0].wrapping_add(at);
                     _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
                     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64) as *const i8);

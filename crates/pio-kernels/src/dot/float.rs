@@ -3,9 +3,10 @@
 //! Activations stay f32 so results match the float reference up to summation order, except
 //! where a BF16 matrix asks for bf16-rounded activations and the CPU multiplies them faster
 //! ([`bf16_activations`]: AVX-512 BF16's `vdpbf16ps`). Products go through tiles of rows x tokens
-//! ([`gemm`], [`gemm_even_odd`], [`gemm_bf16`]); single rows ([`dot`]) have only the scalar
-//! reference. BF16 rows may be stored in rows or interleaved by groups of 16 ([`tile_bf16`],
-//! which decode reads as one stream); every tile gives the same bits from either.
+//! ([`gemm`], [`gemm_even_odd`], [`gemm_tiled`], [`gemm_bf16`]); single rows ([`dot`]) have
+//! only the scalar reference. BF16 rows may be stored in rows or interleaved by groups of 16
+//! rows and pairs of columns ([`tile_bf16`], which decode reads as one stream and whose tiles
+//! need no horizontal sums); every tile gives the same bits from either.
 
 use crate::cpu::SimdLevel;
 use crate::dot::{Layout, GROUP_ROWS};
@@ -56,7 +57,9 @@ pub fn dot_scalar(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
 /// once and used for every token of the tile. Every (row, token) pair has one accumulator that
 /// sees the same operations in every tile shape (one FMA per vector of columns in column order,
 /// a zero-padded last vector, then a fixed horizontal sum), so outputs do not depend on the
-/// batch. The scalar level is the plain per-pair [`dot_scalar`].
+/// batch. BF16 rows of widths [`tiles_bf16`] takes go through [`gemm_tiled`] instead (one
+/// accumulator per (row, token) over the pairs of columns in order). The scalar level is the
+/// plain per-pair [`dot_scalar`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     level: SimdLevel,
@@ -71,6 +74,9 @@ pub fn gemm(
     let rb = w.len() / nrows;
     let cols = x.len() / ntok;
     assert_eq!(rb, cols * dtype.row_bytes(1).unwrap_or(0), "row and activation widths differ");
+    if tiles_bf16(level, dtype, cols) {
+        return gemm_tiled(level, w, nrows, Layout::Rows, x, ntok, out, ldo);
+    }
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` only names levels the CPU has (see `cpu`); shapes were checked above and
@@ -81,18 +87,18 @@ pub fn gemm(
             // (`ntok` rows of `cols` rounded up to the level's group).
             unsafe {
                 if level == SimdLevel::Avx512 {
-                    x86::gemm_avx512(dtype, w, nrows, xp, ntok, out, ldo, false)
+                    x86::gemm_avx512(dtype, w, nrows, xp, ntok, out, ldo)
                 } else {
-                    x86::gemm_avx2(dtype, w, nrows, xp, ntok, out, ldo, false)
+                    x86::gemm_avx2(dtype, w, nrows, xp, ntok, out, ldo)
                 }
             }
         }),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo, false) },
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(dtype, w, nrows, x, ntok, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { x86::gemm_avx2(dtype, w, nrows, x, ntok, out, ldo, false) },
+        SimdLevel::Avx2 => unsafe { x86::gemm_avx2(dtype, w, nrows, x, ntok, out, ldo) },
         _ => {
             for r in 0..nrows {
                 let row = &w[r * rb..(r + 1) * rb];
@@ -104,17 +110,62 @@ pub fn gemm(
     }
 }
 
+/// Whether BF16 rows of `cols` at `level` go through the tiles of [`tile_bf16`]'s layout
+/// ([`gemm_tiled`], and [`gemm_bf16`] for bf16 activations), in either layout: AVX2 and
+/// AVX-512, widths [`interleaves_bf16`] takes.
+pub fn tiles_bf16(level: SimdLevel, dtype: DType, cols: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && matches!(level, SimdLevel::Avx2 | SimdLevel::Avx512)
+        && interleaves_bf16(dtype, cols)
+}
+
+/// A batch-invariant tile of BF16 rows of a width [`tiles_bf16`] takes, stored in `layout`,
+/// times f32 activations `x` (`ntok` tokens, token-major): `out[t * ldo + r]`. Each (row,
+/// token) sum is one f32 accumulator taking the pairs of columns in order (the even column's
+/// FMA, then the odd one's), whatever the tile shape, so the same bits from any batch.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_tiled(
+    level: SimdLevel,
+    w: &[u8],
+    nrows: usize,
+    layout: Layout,
+    x: &[f32],
+    ntok: usize,
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if nrows == 0 || ntok == 0 {
+        return;
+    }
+    let cols = bf16_cols(w.len(), nrows, layout);
+    assert!(tiles_bf16(level, DType::BF16, cols), "no BF16 tiles of {cols} columns at {level:?}");
+    assert!(x.len() == ntok * cols && ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows, "tile shapes");
+    with_tiled(w, nrows, cols, layout, |w| match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `tiles_bf16` checked the level (one the CPU has); shapes above.
+        SimdLevel::Avx512 => unsafe { x86::tiled_avx512(w, nrows, x, ntok, out, ldo) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        _ => unsafe { x86::tiled_avx2(w, nrows, x, ntok, out, ldo) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("BF16 tiles are x86 only: {}", w.len()),
+    })
+}
+
 thread_local! {
     /// [`even_odd`]'s activations, reused across calls.
     static EVEN_ODD: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Whether BF16 rows at `level` take their activations as [`to_even_odd`] lays them out
-/// ([`gemm_even_odd`]): the BF16 tiles of AVX2 and AVX-512 (those with f32 activations, see
-/// [`bf16_activations`]). Callers that multiply many row tiles by the same activations lay them
-/// out once.
-pub fn even_odd_activations(level: SimdLevel, dtype: DType) -> bool {
-    cfg!(target_arch = "x86_64") && matches!(level, SimdLevel::Avx2 | SimdLevel::Avx512) && dtype == DType::BF16
+/// Whether BF16 rows of `cols` at `level` take their activations as [`to_even_odd`] lays them
+/// out ([`gemm_even_odd`]): the BF16 row tiles of AVX2 and AVX-512, for widths [`tiles_bf16`]
+/// does not take (with f32 activations, see [`bf16_activations`]). Callers that multiply many
+/// row tiles by the same activations lay them out once.
+pub fn even_odd_activations(level: SimdLevel, dtype: DType, cols: usize) -> bool {
+    cfg!(target_arch = "x86_64")
+        && matches!(level, SimdLevel::Avx2 | SimdLevel::Avx512)
+        && dtype == DType::BF16
+        && !tiles_bf16(level, dtype, cols)
 }
 
 /// Columns per group of [`to_even_odd`]'s layout at `level`: one load of BF16 weights.
@@ -138,79 +189,29 @@ pub fn to_even_odd(level: SimdLevel, x: &[f32], ntok: usize, cols: usize) -> Vec
     xp
 }
 
-/// [`gemm`] of BF16 rows with activations laid out by [`to_even_odd`] (`ntok` rows of
-/// [`even_odd_width`]): the same bits as [`gemm`] gives, from rows in either layout ([`Layout::Interleaved`]:
-/// [`tile_bf16`]'s whole groups of 16 rows).
+/// [`gemm`] of BF16 rows (of a width [`even_odd_activations`] takes) with activations laid out
+/// by [`to_even_odd`] (`ntok` rows of [`even_odd_width`]): the same bits as [`gemm`] gives.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_even_odd(
-    level: SimdLevel,
-    w: &[u8],
-    nrows: usize,
-    layout: Layout,
-    xp: &[f32],
-    ntok: usize,
-    out: &mut [f32],
-    ldo: usize,
-) {
-    assert!(even_odd_activations(level, DType::BF16), "even/odd activations only for BF16 at AVX2 and AVX-512");
+pub fn gemm_even_odd(level: SimdLevel, w: &[u8], nrows: usize, xp: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
     if nrows == 0 || ntok == 0 {
         return;
     }
-    let cols = bf16_cols(w.len(), nrows, layout);
+    let cols = bf16_cols(w.len(), nrows, Layout::Rows);
+    assert!(even_odd_activations(level, DType::BF16, cols), "no even/odd activations for {cols} columns at {level:?}");
     assert!(
         xp.len() == ntok * even_odd_width(level, cols) && ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows,
         "even/odd tile shapes"
     );
-    with_rows(w, nrows, cols, layout, ntok, |w, il| match level {
+    match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `even_odd_activations` checked the level (one the CPU has); shapes above.
-        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(DType::BF16, w, nrows, xp, ntok, out, ldo, il) },
+        SimdLevel::Avx512 => unsafe { x86::gemm_avx512(DType::BF16, w, nrows, xp, ntok, out, ldo) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        _ => unsafe { x86::gemm_avx2(DType::BF16, w, nrows, xp, ntok, out, ldo, il) },
+        _ => unsafe { x86::gemm_avx2(DType::BF16, w, nrows, xp, ntok, out, ldo) },
         #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("even/odd activations are x86 only: {il} {}", w.len()),
-    })
-}
-
-thread_local! {
-    /// [`with_rows`]' restored rows, reused across calls.
-    static ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f(rows, interleaved)` over `nrows` BF16 rows of `cols` stored in `layout`: as stored
-/// for one token (the one-token walks read [`tile_bf16`]'s layout as one stream), else in rows
-/// restored into a buffer. Many tokens' tiles read each row's 64 bytes of a block 1 KiB apart
-/// in that layout, which cost 11% of a 64-token product that fits L3 and 25% of a
-/// Qwen3-0.6B-shaped prefill at AVX2 on AMD Zen; the copy is one pass over the weights per
-/// call, against `ntok` passes of products. Both read the same values in the same order.
-fn with_rows<R>(
-    w: &[u8],
-    nrows: usize,
-    cols: usize,
-    layout: Layout,
-    ntok: usize,
-    f: impl FnOnce(&[u8], bool) -> R,
-) -> R {
-    if layout == Layout::Rows || ntok == 1 {
-        return f(w, layout == Layout::Interleaved);
+        _ => unreachable!("even/odd activations are x86 only: {}", w.len()),
     }
-    ROWS.with_borrow_mut(|rows| f(restore_rows_bf16(w, nrows, cols, rows), false))
-}
-
-/// The first `nrows` rows of `cols` values of [`tile_bf16`]'s layout `w` (whole groups of 16
-/// rows) restored into `buf` one after another, as [`Layout::Rows`] holds them. `buf` only grows:
-/// it is written, never cleared first.
-pub fn restore_rows_bf16<'a>(w: &[u8], nrows: usize, cols: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
-    let len = nrows * cols * 2;
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    let rows = &mut buf[..len];
-    for (r, row) in rows.chunks_exact_mut(cols * 2).enumerate() {
-        tiled_row_bf16(w, cols, r, row);
-    }
-    rows
 }
 
 /// `x` (`ntok` rows of `cols`) as the BF16 tiles read it: per `group` columns, the even ones then
@@ -258,49 +259,104 @@ pub fn interleaves_bf16(dtype: DType, cols: usize) -> bool {
     dtype == DType::BF16 && cols.is_multiple_of(32) && cols > 0
 }
 
-/// Where block `b` (columns `32b..32b + 32`, 64 bytes) of row `r` lies in [`tile_bf16`]'s
-/// layout of rows of `cols` values.
-pub fn tiled_bf16_at(cols: usize, r: usize, b: usize) -> usize {
-    r / GROUP_ROWS * GROUP_ROWS * cols * 2 + b * GROUP_ROWS * 64 + r % GROUP_ROWS * 64
+/// Where the two bytes of weight `(r, c)` lie in [`tile_bf16`]'s layout of rows of `cols` values.
+pub fn tiled_bf16_at(cols: usize, r: usize, c: usize) -> usize {
+    r / GROUP_ROWS * GROUP_ROWS * cols * 2 + c / 2 * 64 + r % GROUP_ROWS * 4 + c % 2 * 2
 }
 
-/// BF16 rows (`rows` x `cols`, one after another) in the layout every BF16 tile also reads
-/// ([`Layout::Interleaved`]): groups of 16 rows (zero rows complete the last), and in each
-/// group, block by block of 32 columns, the 16 rows' 64 bytes one after another. One token's
-/// products then read each group as one stream (where rows read side by side are as many
-/// streams, a 4 KiB page apart: Qwen3-0.6B-shaped BF16 decode at AVX2 on AMD Zen read 25-30
-/// GB/s that way, 30-37 from one stream); an AMX tile is one load of 1 KiB.
+/// BF16 rows (`rows` x `cols`, one after another) in the layout the BF16 tiles of AVX2 and
+/// AVX-512 read ([`Layout::Interleaved`]): groups of 16 rows (zero rows complete the last), and
+/// in each group, pair by pair of columns, the 16 rows' pairs as 16 dwords (the even column in
+/// the low half). One 64-byte load then holds two columns of 16 rows: a shift widens the even
+/// column to f32 and a mask the odd one, each a vector of the 16 rows that a token's broadcast
+/// value multiplies; the sums need no horizontal adds, and one token reads each group as one
+/// stream. (`vdpbf16ps` takes the dwords as they are: its lanes multiply pairs.)
 pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-    let rb = cols * 2;
-    assert!(
-        interleaves_bf16(DType::BF16, cols) && data.len() == rows * rb,
-        "{} bytes are not {rows} BF16 rows of {cols}",
-        data.len()
-    );
+    check_rows(rows, cols, data);
     let groups = rows.div_ceil(GROUP_ROWS);
-    let mut out = crate::dot::huge_zeroed(groups * GROUP_ROWS * rb);
+    let mut out = crate::dot::huge_zeroed(groups * GROUP_ROWS * cols * 2);
     let dst = crate::dot::SharedBytes(out.as_mut_ptr());
     let dst = &dst;
     crate::parallel::for_each_range(groups, data.len(), |g0, g1| {
-        for r in g0 * GROUP_ROWS..(g1 * GROUP_ROWS).min(rows) {
-            for (b, chunk) in data[r * rb..(r + 1) * rb].chunks_exact(64).enumerate() {
-                let at = tiled_bf16_at(cols, r, b);
-                // SAFETY: `at + 64` lies in `out` (whole groups of `rb`-byte rows), and only this
-                // range writes its groups' bytes while `out` is borrowed here.
-                unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst.0.add(at), 64) };
-            }
-        }
+        let gb = GROUP_ROWS * cols * 2;
+        // SAFETY: groups `g0..g1` of `out` (whole groups of `gb` bytes) are this range's alone
+        // while `out` is borrowed here.
+        let part = unsafe { std::slice::from_raw_parts_mut(dst.0.add(g0 * gb), (g1 - g0) * gb) };
+        tile_groups(data, rows, cols, g0, part);
     });
     out
+}
+
+fn check_rows(rows: usize, cols: usize, data: &[u8]) {
+    assert!(
+        interleaves_bf16(DType::BF16, cols) && data.len() == rows * cols * 2,
+        "{} bytes are not {rows} BF16 rows of {cols}",
+        data.len()
+    );
+}
+
+/// Groups `g0..` of [`tile_bf16`]'s layout of the rows `data` (`rows` x `cols`) into `out`
+/// (whole groups; rows past `rows` stay as `out` has them, zeros).
+fn tile_groups(data: &[u8], rows: usize, cols: usize, g0: usize, out: &mut [u8]) {
+    let rb = cols * 2;
+    for (g, group) in out.chunks_exact_mut(GROUP_ROWS * rb).enumerate() {
+        let r0 = (g0 + g) * GROUP_ROWS;
+        // 16 pairs at a time (a line of each row, 1 KiB of the group), so the scattered writes
+        // stay in L1 (pair by pair over whole rows, loading took 50% longer than row copies).
+        for (b, block) in group.chunks_exact_mut(16 * 64).enumerate() {
+            for i in 0..GROUP_ROWS.min(rows.saturating_sub(r0)) {
+                let line = &data[(r0 + i) * rb + 64 * b..][..64];
+                for (pair, dst) in line.chunks_exact(4).zip(block.chunks_exact_mut(64)) {
+                    dst[4 * i..4 * i + 4].copy_from_slice(pair);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Rows laid out by [`tile_bf16`] for one call ([`with_tiled`]), reused across calls.
+    static TILED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` over BF16 rows of `cols` (a width [`interleaves_bf16`] takes) in [`tile_bf16`]'s
+/// layout: `w` itself if stored so, else `w`'s rows laid out so for this call (the same sums
+/// from either layout, at one more pass over the weights for rows).
+fn with_tiled<R>(w: &[u8], nrows: usize, cols: usize, layout: Layout, f: impl FnOnce(&[u8]) -> R) -> R {
+    if layout == Layout::Interleaved {
+        return f(w);
+    }
+    check_rows(nrows, cols, w);
+    TILED.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.resize(nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS * cols * 2, 0);
+        tile_groups(w, nrows, cols, 0, buf);
+        f(buf)
+    })
 }
 
 /// Row `r`'s bytes from [`tile_bf16`]'s layout of rows of `cols` values, into `out` (`2 cols`).
 pub fn tiled_row_bf16(data: &[u8], cols: usize, r: usize, out: &mut [u8]) {
     assert_eq!(out.len(), cols * 2);
-    for (b, chunk) in out.chunks_exact_mut(64).enumerate() {
-        let at = tiled_bf16_at(cols, r, b);
-        chunk.copy_from_slice(&data[at..at + 64]);
+    let at = tiled_bf16_at(cols, r, 0);
+    for (p, pair) in out.chunks_exact_mut(4).enumerate() {
+        pair.copy_from_slice(&data[at + 64 * p..][..4]);
     }
+}
+
+/// The first `nrows` rows of `cols` values of [`tile_bf16`]'s layout `w` (whole groups of 16
+/// rows) restored into `buf` one after another, as [`Layout::Rows`] holds them, for the AMX
+/// tiles. `buf` only grows: it is written, never cleared first.
+pub fn restore_rows_bf16<'a>(w: &[u8], nrows: usize, cols: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+    let len = nrows * cols * 2;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let rows = &mut buf[..len];
+    for (r, row) in rows.chunks_exact_mut(cols * 2).enumerate() {
+        tiled_row_bf16(w, cols, r, row);
+    }
+    rows
 }
 
 /// Activations rounded to bf16 and transposed by pairs of columns for [`gemm_bf16_amx`]
@@ -357,8 +413,8 @@ pub fn to_bf16_pairs(x: &[f32], ntok: usize, cols: usize) -> Bf16Pairs {
     Bf16Pairs { buf, start, stride, ntok, cols }
 }
 
-/// [`gemm_bf16`] on AMX tiles, where [`bf16_on_amx`] says: BF16 rows `w` times tokens `t0..t1`
-/// of `xt`, `out[(t - t0) * ldo + r]`.
+/// [`gemm_bf16`] on AMX tiles, where [`bf16_on_amx`] says: BF16 rows `w` (one after another)
+/// times tokens `t0..t1` of `xt`, `out[(t - t0) * ldo + r]`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_amx(
     level: SimdLevel,
@@ -368,14 +424,12 @@ pub fn gemm_bf16_amx(
     tokens: (usize, usize),
     out: &mut [f32],
     ldo: usize,
-    tiled: bool,
 ) {
-    let stored = if tiled { nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS } else { nrows };
-    assert!(nrows > 0 && w.len().is_multiple_of(stored) && bf16_on_amx(level, w.len() / stored / 2));
+    assert!(nrows > 0 && w.len().is_multiple_of(nrows) && bf16_on_amx(level, w.len() / nrows / 2));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `bf16_on_amx` checked `has_amx()` (the CPU and the OS); `gemm_bf16` checks shapes.
     unsafe {
-        crate::dot::amx::gemm_bf16(w, nrows, xt, tokens, out, ldo, tiled)
+        crate::dot::amx::gemm_bf16(w, nrows, xt, tokens, out, ldo)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("AMX is x86-64 only: {} {:?} {} {}", xt.ntok, tokens, out.len(), ldo)
@@ -391,9 +445,10 @@ pub fn to_bf16(x: &[f32]) -> Vec<u16> {
     x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
 }
 
-/// A batch-invariant tile of BF16 rows (in either layout, as [`gemm_even_odd`]) times bf16
+/// A batch-invariant tile of BF16 rows (in either layout, as [`gemm_tiled`]) times bf16
 /// activations `xb` (`ntok` tokens, token-major): `out[t * ldo + r]`. Only where
-/// [`bf16_activations`] says so.
+/// [`bf16_activations`] says so. Widths [`interleaves_bf16`] takes run on [`tile_bf16`]'s
+/// layout, one `vdpbf16ps` per pair of columns for 16 rows; other widths on row tiles.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(
     level: SimdLevel,
@@ -409,11 +464,15 @@ pub fn gemm_bf16(
     assert!(nrows > 0 && ntok > 0 && xb.len().is_multiple_of(ntok));
     assert_eq!(bf16_cols(w.len(), nrows, layout), xb.len() / ntok, "row and activation widths differ");
     assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
+    let cols = xb.len() / ntok;
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `bf16_activations` checked the CPU has AVX-512 F/BW/VL and BF16; shapes checked above.
-    with_rows(w, nrows, xb.len() / ntok, layout, ntok, |w, il| unsafe {
-        x86::gemm_bf16_avx512(w, nrows, xb, ntok, out, ldo, il)
-    })
+    if interleaves_bf16(DType::BF16, cols) {
+        // SAFETY: `has_bf16_dot` checked the CPU has AVX-512 F/BW/VL and BF16; shapes above.
+        with_tiled(w, nrows, cols, layout, |w| unsafe { x86::tiled_bf16_avx512(w, nrows, xb, ntok, out, ldo) })
+    } else {
+        // SAFETY: as above (rows: other widths are never interleaved).
+        unsafe { x86::gemm_bf16_avx512(w, nrows, xb, ntok, out, ldo) }
+    }
 }
 
 /// The columns of `nrows` BF16 rows held in `len` bytes in `layout` (whole groups of 16 rows
@@ -474,65 +533,12 @@ mod x86 {
     const R1_AVX512: usize = 8;
     const R1_AVX2: usize = 6;
 
-    /// Where the bytes of columns `c..` of a row lie from the row's first: `2c` in rows; in
-    /// [`super::tile_bf16`]'s layout (`IL`), whose rows point at their first 64 bytes in their
-    /// group, `c / 32` blocks of 16 rows x 64 bytes on (`c` a multiple of 16 there).
-    #[inline(always)]
-    fn at<const IL: bool>(c: usize) -> usize {
-        if IL {
-            c / 32 * (GROUP_ROWS * 64) + c % 32 * 2
-        } else {
-            2 * c
-        }
-    }
-
-    /// The rows `w` holds for `nrows` rows: whole groups of 16 in [`super::tile_bf16`]'s layout.
-    #[inline(always)]
-    fn stored_rows<const IL: bool>(nrows: usize) -> usize {
-        if IL {
-            nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS
-        } else {
-            nrows
-        }
-    }
-
-    /// Where row `r` of `w` starts (rows of `rb` bytes; in [`super::tile_bf16`]'s layout, its
-    /// first 64 bytes in its group), for addressing with [`at`].
-    #[inline(always)]
-    unsafe fn row_at<const IL: bool>(w: &[u8], r: usize, rb: usize) -> *const u8 {
-        if IL {
-            w.as_ptr().add(r / GROUP_ROWS * GROUP_ROWS * rb + r % GROUP_ROWS * 64)
-        } else {
-            w.as_ptr().add(r * rb)
-        }
-    }
-
-    /// One token over every group of `nrows` rows in [`super::tile_bf16`]'s layout (`rb` bytes
-    /// per row): `decode(group)` gives the group's 16 sums, of which the rows that exist go to
-    /// `out`.
-    #[inline(always)]
-    unsafe fn decode_groups(
-        w: &[u8],
-        nrows: usize,
-        rb: usize,
-        out: &mut [f32],
-        decode: impl Fn(*const u8) -> [f32; GROUP_ROWS],
-    ) {
-        for g in 0..nrows.div_ceil(GROUP_ROWS) {
-            let sums = decode(w.as_ptr().add(g * GROUP_ROWS * rb));
-            crate::dot::put(out, g * GROUP_ROWS, &sums, (nrows - g * GROUP_ROWS).min(GROUP_ROWS));
-        }
-    }
-
-    /// Walks a `nrows x ntok` block in tiles of `R` rows x (`T` or 1) tokens. Rows past the end of
-    /// a partial row tile repeat the tile's first row and their results are dropped, so every
-    /// written output comes from the same per-accumulator code. With `il`, `w` holds BF16 rows in
-    /// [`super::tile_bf16`]'s layout (whole groups of 16 rows) and one token runs `$decode` over
-    /// each group: the same operations per (row, token), so the same bits, from one stream.
+    /// Walks a `nrows x ntok` block of rows in tiles of `R` rows x (`T` or 1) tokens. Rows past
+    /// the end of a partial row tile repeat the tile's first row and their results are dropped,
+    /// so every written output comes from the same per-accumulator code.
     macro_rules! tile_driver {
-        ($name:ident, $kernel:ident, $decode:ident, $feat:literal, $r:literal, $t:literal, $r1:ident) => {
+        ($name:ident, $kernel:ident, $feat:literal, $r:literal, $t:literal, $r1:ident) => {
             #[target_feature(enable = $feat)]
-            #[allow(clippy::too_many_arguments)]
             pub unsafe fn $name(
                 dtype: DType,
                 w: &[u8],
@@ -541,18 +547,15 @@ mod x86 {
                 ntok: usize,
                 out: &mut [f32],
                 ldo: usize,
-                il: bool,
             ) {
-                match (dtype, il) {
-                    (DType::F32, false) => drive::<F32, false>(w, nrows, x, ntok, out, ldo),
-                    (DType::F16, false) => drive::<F16, false>(w, nrows, x, ntok, out, ldo),
-                    (DType::BF16, false) => drive::<BF16, false>(w, nrows, x, ntok, out, ldo),
-                    (DType::BF16, true) => drive::<BF16, true>(w, nrows, x, ntok, out, ldo),
-                    _ => unreachable!("{dtype} has no interleaved layout"),
+                match dtype {
+                    DType::F32 => drive::<F32>(w, nrows, x, ntok, out, ldo),
+                    DType::F16 => drive::<F16>(w, nrows, x, ntok, out, ldo),
+                    _ => drive::<BF16>(w, nrows, x, ntok, out, ldo),
                 }
 
                 #[target_feature(enable = $feat)]
-                unsafe fn drive<const D: u8, const IL: bool>(
+                unsafe fn drive<const D: u8>(
                     w: &[u8],
                     nrows: usize,
                     x: &[f32],
@@ -560,15 +563,11 @@ mod x86 {
                     out: &mut [f32],
                     ldo: usize,
                 ) {
-                    let rb = w.len() / stored_rows::<IL>(nrows);
-                    // The weights' columns; the activations' stride may be padded (AVX2 BF16).
+                    let rb = w.len() / nrows;
+                    // The weights' columns; the activations' stride may be padded (BF16).
                     let cols = rb / if D == F32 { 4 } else { 2 };
                     let xs_stride = x.len() / ntok;
-                    let row = |r: usize| row_at::<IL>(w, r, rb);
-                    if ntok == 1 && IL {
-                        decode_groups(w, nrows, rb, out, |g| $decode(g, x.as_ptr(), cols));
-                        return;
-                    }
+                    let row = |r: usize| w.as_ptr().add(r * rb);
                     if ntok == 1 {
                         // Decode: more rows per tile, so more accumulator chains and more
                         // streams from memory at once (a pair's operations are the same).
@@ -578,7 +577,7 @@ mod x86 {
                             let rows: [*const u8; $r1] =
                                 std::array::from_fn(|i| row(r0 + if i < live { i } else { 0 }));
                             // The next tile's rows, a line ahead of each as this one reads it.
-                            let sums = $kernel::<D, IL, $r1, 1>(rows, [x.as_ptr()], cols, $r1 * rb);
+                            let sums = $kernel::<D, $r1, 1>(rows, [x.as_ptr()], cols, $r1 * rb);
                             crate::dot::put(out, r0, &sums[0], live);
                             r0 += $r1;
                         }
@@ -596,7 +595,7 @@ mod x86 {
                         let xs: [*const f32; $t] = std::array::from_fn(|j| x.as_ptr().add((t0 + j) * xs_stride));
                         for r0 in (0..nrows).step_by($r) {
                             let (rows, live) = row_tile(r0);
-                            let sums = $kernel::<D, IL, $r, $t>(rows, xs, cols, 0);
+                            let sums = $kernel::<D, $r, $t>(rows, xs, cols, 0);
                             for (j, row_sums) in sums.iter().enumerate() {
                                 for i in 0..live {
                                     out[(t0 + j) * ldo + r0 + i] = row_sums[i];
@@ -608,7 +607,7 @@ mod x86 {
                     while t0 < ntok {
                         for r0 in (0..nrows).step_by($r) {
                             let (rows, live) = row_tile(r0);
-                            let sums = $kernel::<D, IL, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols, 0);
+                            let sums = $kernel::<D, $r, 1>(rows, [x.as_ptr().add(t0 * xs_stride)], cols, 0);
                             for i in 0..live {
                                 out[t0 * ldo + r0 + i] = sums[0][i];
                             }
@@ -618,93 +617,6 @@ mod x86 {
                 }
             }
         };
-    }
-
-    /// One token times one group of 16 BF16 rows in [`super::tile_bf16`]'s layout, read in
-    /// order: per block of 32 columns, each row's 64 bytes as two groups of 16 for
-    /// [`super::even_odd`]'s activations (groups of 16), each even FMA then odd, as
-    /// [`tile256_bf16`] does. The hardware prefetchers follow the one stream (asking for lines
-    /// 2 KiB ahead in software made it 20-40% slower on AMD Zen). 16 accumulators and the activations do not fit AVX2's 16
-    /// registers: rows 0-7 keep theirs in registers, rows 8-15 in memory (a load and a store
-    /// each per block, from L1), where the compiler's own spills of a 16-register walk cost
-    /// 20-30% of the read bandwidth and a walk of rows 0-7 over every block before rows 8-15 half.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn decode_il_avx2(group: *const u8, x: *const f32, cols: usize) -> [f32; GROUP_ROWS] {
-        let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-        let widen = |raw: __m256i| {
-            (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(raw)), _mm256_castsi256_ps(_mm256_and_si256(raw, hi)))
-        };
-        const H: usize = GROUP_ROWS / 2;
-        let mut acc = [_mm256_setzero_ps(); H];
-        let mut mem = [_mm256_setzero_ps(); H];
-        for b in 0..cols / 32 {
-            let p = group.add(b * GROUP_ROWS * 64);
-            let xb = x.add(32 * b);
-            let (xe0, xo0) = (_mm256_loadu_ps(xb), _mm256_loadu_ps(xb.add(8)));
-            let (xe1, xo1) = (_mm256_loadu_ps(xb.add(16)), _mm256_loadu_ps(xb.add(24)));
-            let step = |a: __m256, row: *const u8| {
-                let (we, wo) = widen(_mm256_loadu_si256(row as *const __m256i));
-                let a = _mm256_fmadd_ps(wo, xo0, _mm256_fmadd_ps(we, xe0, a));
-                let (we, wo) = widen(_mm256_loadu_si256(row.add(32) as *const __m256i));
-                _mm256_fmadd_ps(wo, xo1, _mm256_fmadd_ps(we, xe1, a))
-            };
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = step(*a, p.add(64 * i));
-            }
-            for (i, m) in mem.iter_mut().enumerate() {
-                // Through memory on purpose: see above.
-                let a = std::ptr::read_volatile(m);
-                std::ptr::write_volatile(m, step(a, p.add(64 * (H + i))));
-            }
-        }
-        let mut sums = [0f32; GROUP_ROWS];
-        for i in 0..H {
-            sums[i] = hsum256(acc[i]);
-            sums[H + i] = hsum256(mem[i]);
-        }
-        sums
-    }
-
-    /// [`decode_il_avx2`] at AVX-512: each row's 64 bytes of a block as one group of 32, as
-    /// [`tile512_bf16`] does.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn decode_il_avx512(group: *const u8, x: *const f32, cols: usize) -> [f32; GROUP_ROWS] {
-        let mut acc = [_mm512_setzero_ps(); GROUP_ROWS];
-        let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        for b in 0..cols / 32 {
-            let p = group.add(b * GROUP_ROWS * 64);
-            let (xe, xo) = (_mm512_loadu_ps(x.add(32 * b)), _mm512_loadu_ps(x.add(32 * b + 16)));
-            for (i, a) in acc.iter_mut().enumerate() {
-                let raw = _mm512_loadu_si512(p.add(64 * i) as *const _);
-                let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw));
-                let wo = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
-                *a = _mm512_fmadd_ps(wo, xo, _mm512_fmadd_ps(we, xe, *a));
-            }
-        }
-        let mut sums = [0f32; GROUP_ROWS];
-        for (s, a) in sums.iter_mut().zip(acc) {
-            *s = _mm512_reduce_add_ps(a);
-        }
-        sums
-    }
-
-    /// [`decode_il_avx2`] with `vdpbf16ps` and bf16 activations, as [`tile_bf16`] does.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn decode_il_bf16(group: *const u8, x: *const u16, cols: usize) -> [f32; GROUP_ROWS] {
-        let mut acc = [_mm512_setzero_ps(); GROUP_ROWS];
-        for b in 0..cols / 32 {
-            let p = group.add(b * GROUP_ROWS * 64);
-            let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(x.add(32 * b) as *const _));
-            for (i, a) in acc.iter_mut().enumerate() {
-                let wv: __m512bh = std::mem::transmute(_mm512_loadu_si512(p.add(64 * i) as *const _));
-                *a = _mm512_dpbf16_ps(*a, wv, xv);
-            }
-        }
-        let mut sums = [0f32; GROUP_ROWS];
-        for (s, a) in sums.iter_mut().zip(acc) {
-            *s = _mm512_reduce_add_ps(a);
-        }
-        sums
     }
 
     /// Asks for the line `at` bytes past each row into L2 (a prefetch never faults, wherever it
@@ -721,14 +633,14 @@ mod x86 {
 
     /// Sums of `R` rows times `T` tokens, `[token][row]`, 16 columns per FMA.
     #[inline(always)]
-    unsafe fn tile512<const D: u8, const IL: bool, const R: usize, const T: usize>(
+    unsafe fn tile512<const D: u8, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
         ahead: usize,
     ) -> [[f32; R]; T] {
         if D == BF16 {
-            return tile512_bf16::<IL, R, T>(rows, xs, cols, ahead);
+            return tile512_bf16::<R, T>(rows, xs, cols, ahead);
         }
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm512_setzero_ps(); R]; T];
@@ -778,7 +690,7 @@ mod x86 {
     /// every tile shape. (`vpmovzxwd` and a shift per 16 weights, as `widen16` does, put a byte
     /// shuffle on every vector; here the widening is one shift or one `and` per 16 weights.)
     #[inline(always)]
-    unsafe fn tile512_bf16<const IL: bool, const R: usize, const T: usize>(
+    unsafe fn tile512_bf16<const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
@@ -796,7 +708,7 @@ mod x86 {
                 prefetch_lines(&rows, 2 * c + ahead);
             }
             let w: [(__m512, __m512); R] =
-                std::array::from_fn(|i| widen(_mm512_loadu_si512(rows[i].add(at::<IL>(c)) as *const _)));
+                std::array::from_fn(|i| widen(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
             for j in 0..T {
                 let (xe, xo) = (_mm512_loadu_ps(xs[j].add(c)), _mm512_loadu_ps(xs[j].add(c + 16)));
                 for i in 0..R {
@@ -810,7 +722,7 @@ mod x86 {
             // padded already).
             let mut wpad = [[0u8; 64]; R];
             for i in 0..R {
-                std::ptr::copy_nonoverlapping(rows[i].add(at::<IL>(full)), wpad[i].as_mut_ptr(), 2 * (cols - full));
+                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr(), 2 * (cols - full));
             }
             for j in 0..T {
                 let (xe, xo) = (_mm512_loadu_ps(xs[j].add(full)), _mm512_loadu_ps(xs[j].add(full + 16)));
@@ -831,14 +743,14 @@ mod x86 {
 
     /// Sums of `R` rows times `T` tokens, `[token][row]`, 8 columns per FMA.
     #[inline(always)]
-    unsafe fn tile256<const D: u8, const IL: bool, const R: usize, const T: usize>(
+    unsafe fn tile256<const D: u8, const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
         ahead: usize,
     ) -> [[f32; R]; T] {
         if D == BF16 {
-            return tile256_bf16::<IL, R, T>(rows, xs, cols, ahead);
+            return tile256_bf16::<R, T>(rows, xs, cols, ahead);
         }
         let esz = if D == F32 { 4 } else { 2 };
         let mut acc = [[_mm256_setzero_ps(); R]; T];
@@ -902,7 +814,7 @@ mod x86 {
     /// a 32-byte load of a row gives its even columns (shifted up) and its odd ones (masked), and
     /// each accumulator takes both FMAs, even first: the same operations in every tile shape.
     #[inline(always)]
-    unsafe fn tile256_bf16<const IL: bool, const R: usize, const T: usize>(
+    unsafe fn tile256_bf16<const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const f32; T],
         cols: usize,
@@ -925,7 +837,7 @@ mod x86 {
                 let xe = _mm256_loadu_ps(xs[0].add(c));
                 let xo = _mm256_loadu_ps(xs[0].add(c + 8));
                 for i in 0..R {
-                    let (we, wo) = widen(_mm256_loadu_si256(rows[i].add(at::<IL>(c)) as *const __m256i));
+                    let (we, wo) = widen(_mm256_loadu_si256(rows[i].add(2 * c) as *const __m256i));
                     acc[0][i] = _mm256_fmadd_ps(wo, xo, _mm256_fmadd_ps(we, xe, acc[0][i]));
                 }
                 c += 16;
@@ -937,9 +849,7 @@ mod x86 {
             // with the first and keeps both halves live, spilling accumulators (prefill of the
             // Qwen3-0.6B-shaped BF16 file 165 -> 118 tok/s).
             let we: [__m256; R] = std::array::from_fn(|i| {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(
-                    rows[i].add(at::<IL>(c)) as *const __m256i
-                )))
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(rows[i].add(2 * c) as *const __m256i)))
             });
             for j in 0..T {
                 let xe = _mm256_loadu_ps(xs[j].add(c));
@@ -948,7 +858,7 @@ mod x86 {
                 }
             }
             let wo: [__m256; R] =
-                std::array::from_fn(|i| _mm256_castsi256_ps(_mm256_and_si256(reload(rows[i].add(at::<IL>(c))), hi)));
+                std::array::from_fn(|i| _mm256_castsi256_ps(_mm256_and_si256(reload(rows[i].add(2 * c)), hi)));
             for j in 0..T {
                 let xo = _mm256_loadu_ps(xs[j].add(c + 8));
                 for i in 0..R {
@@ -962,7 +872,7 @@ mod x86 {
             // padded already).
             let mut wpad = [[0u8; 32]; R];
             for i in 0..R {
-                std::ptr::copy_nonoverlapping(rows[i].add(at::<IL>(full)), wpad[i].as_mut_ptr(), 2 * (cols - full));
+                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr(), 2 * (cols - full));
             }
             for j in 0..T {
                 let (xe, xo) = (_mm256_loadu_ps(xs[j].add(full)), _mm256_loadu_ps(xs[j].add(full + 8)));
@@ -986,15 +896,15 @@ mod x86 {
     // serves 8 tokens instead of 4 (`cargo bench ... matmul_BF16-tiled_n64/avx512`, 2 threads,
     // Granite-Rapids-class: 98.5 -> 122 GMAC/s; 2 x 8: 112; rows layout 119 -> 131; F16 114 ->
     // 119).
-    tile_driver!(gemm_avx512, tile512, decode_il_avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 3, 8, R1_AVX512);
+    tile_driver!(gemm_avx512, tile512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", 3, 8, R1_AVX512);
     // 3 rows x 4 tokens: 12 accumulators, 3 widened rows and a token vector fill the 16 ymm
     // registers (2 x 4 left FMA ports idle: Qwen3-0.6B-shaped BF16 prefill at AVX2 138 -> 163
     // tok/s; 4 x 3 and 6 x 2 spill, 139 and 122).
-    tile_driver!(gemm_avx2, tile256, decode_il_avx2, "avx2,fma,f16c", 3, 4, R1_AVX2);
+    tile_driver!(gemm_avx2, tile256, "avx2,fma,f16c", 3, 4, R1_AVX2);
 
     /// Sums of `R` BF16 rows times `T` bf16 tokens, `[token][row]`, 32 columns per `vdpbf16ps`.
     #[inline(always)]
-    unsafe fn tile_bf16<const IL: bool, const R: usize, const T: usize>(
+    unsafe fn tile_bf16<const R: usize, const T: usize>(
         rows: [*const u8; R],
         xs: [*const u16; T],
         cols: usize,
@@ -1008,7 +918,7 @@ mod x86 {
                 prefetch_lines(&rows, 2 * c + ahead);
             }
             let wv: [__m512bh; R] =
-                std::array::from_fn(|i| std::mem::transmute(_mm512_loadu_si512(rows[i].add(at::<IL>(c)) as *const _)));
+                std::array::from_fn(|i| std::mem::transmute(_mm512_loadu_si512(rows[i].add(2 * c) as *const _)));
             for j in 0..T {
                 let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(xs[j].add(c) as *const _));
                 for i in 0..R {
@@ -1022,7 +932,7 @@ mod x86 {
             let n = cols - full;
             let mut wpad = [[0u16; 32]; R];
             for i in 0..R {
-                std::ptr::copy_nonoverlapping(rows[i].add(at::<IL>(full)), wpad[i].as_mut_ptr() as *mut u8, 2 * n);
+                std::ptr::copy_nonoverlapping(rows[i].add(2 * full), wpad[i].as_mut_ptr() as *mut u8, 2 * n);
             }
             for j in 0..T {
                 let mut xpad = [0u16; 32];
@@ -1043,36 +953,18 @@ mod x86 {
         sums
     }
 
+    /// [`tile_bf16`] over rows (widths the tiled layout does not take; see
+    /// [`super::gemm_bf16`]).
+    ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL and BF16; shapes as [`super::gemm_bf16`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn gemm_bf16_avx512(
-        w: &[u8],
-        nrows: usize,
-        xb: &[u16],
-        ntok: usize,
-        out: &mut [f32],
-        ldo: usize,
-        il: bool,
-    ) {
-        if il {
-            bf16_drive::<true>(w, nrows, xb, ntok, out, ldo)
-        } else {
-            bf16_drive::<false>(w, nrows, xb, ntok, out, ldo)
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn bf16_drive<const IL: bool>(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
+    pub unsafe fn gemm_bf16_avx512(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
         const R: usize = 4;
         const T: usize = 4;
-        let rb = w.len() / stored_rows::<IL>(nrows);
+        let rb = w.len() / nrows;
         let cols = xb.len() / ntok;
-        let row = |r: usize| row_at::<IL>(w, r, rb);
-        if ntok == 1 && IL {
-            decode_groups(w, nrows, rb, out, |g| decode_il_bf16(g, xb.as_ptr(), cols));
-            return;
-        }
+        let row = |r: usize| w.as_ptr().add(r * rb);
         if ntok == 1 {
             // Decode: more rows per tile, as in `tile_driver` (a pair's operations are the same).
             let mut r0 = 0;
@@ -1080,7 +972,7 @@ mod x86 {
                 let live = (nrows - r0).min(R1_AVX512);
                 let rows: [*const u8; R1_AVX512] = std::array::from_fn(|i| row(r0 + if i < live { i } else { 0 }));
                 // The next tile's rows, a line ahead of each as this one reads it.
-                let sums = tile_bf16::<IL, R1_AVX512, 1>(rows, [xb.as_ptr()], cols, R1_AVX512 * rb);
+                let sums = tile_bf16::<R1_AVX512, 1>(rows, [xb.as_ptr()], cols, R1_AVX512 * rb);
                 crate::dot::put(out, r0, &sums[0], live);
                 r0 += R1_AVX512;
             }
@@ -1094,19 +986,276 @@ mod x86 {
             let mut t0 = 0;
             while t0 + T <= ntok {
                 let xs: [*const u16; T] = std::array::from_fn(|j| xb.as_ptr().add((t0 + j) * cols));
-                let sums = tile_bf16::<IL, R, T>(rows, xs, cols, 0);
+                let sums = tile_bf16::<R, T>(rows, xs, cols, 0);
                 for (j, row_sums) in sums.iter().enumerate() {
                     crate::dot::put(out, (t0 + j) * ldo + r0, row_sums, live);
                 }
                 t0 += T;
             }
             while t0 < ntok {
-                let sums = tile_bf16::<IL, R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols, 0);
+                let sums = tile_bf16::<R, 1>(rows, [xb.as_ptr().add(t0 * cols)], cols, 0);
                 crate::dot::put(out, t0 * ldo + r0, &sums[0], live);
                 t0 += 1;
             }
             r0 += R;
         }
+    }
+
+    /// The tiles of [`super::tile_bf16`]'s layout: `NG` groups of 16 rows times `T` tokens, each
+    /// group's sums for a token one vector (lane `i`: the group's row `i`), accumulated pair of
+    /// columns by pair in order. The same operations per (row, token) in every tile shape, so
+    /// tiles of any `NG` and `T` give the same bits.
+    trait Tiles {
+        /// An activation value as the tiles read it (f32, or bf16 bits).
+        type X: Copy;
+        /// One group's 16 sums for one token.
+        type V: Copy;
+        /// # Safety
+        /// The CPU has what the implementation uses, and the caller enables it; `groups[g]`
+        /// points at `pairs` x 64 bytes and `xs[j]` at `2 pairs` values.
+        unsafe fn tile<const NG: usize, const T: usize>(
+            groups: [*const u8; NG],
+            xs: [*const Self::X; T],
+            pairs: usize,
+        ) -> [[Self::V; NG]; T];
+        /// Writes the first `live` (1..=16) sums of `v` to `out..`.
+        ///
+        /// # Safety
+        /// As [`Tiles::tile`]; `out` is valid for `live` writes.
+        unsafe fn store(v: Self::V, out: *mut f32, live: usize);
+    }
+
+    /// f32 activations at AVX-512: a 64-byte load of a group widens to its even column (a shift)
+    /// and its odd one (a mask), each token's two values are broadcast, and each accumulator
+    /// takes the even FMA, then the odd one.
+    struct Avx512F32;
+
+    impl Tiles for Avx512F32 {
+        type X = f32;
+        type V = __m512;
+
+        #[inline(always)]
+        unsafe fn tile<const NG: usize, const T: usize>(
+            groups: [*const u8; NG],
+            xs: [*const f32; T],
+            pairs: usize,
+        ) -> [[__m512; NG]; T] {
+            let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            let mut acc = [[_mm512_setzero_ps(); NG]; T];
+            for p in 0..pairs {
+                let w: [(__m512, __m512); NG] = std::array::from_fn(|g| {
+                    let raw = _mm512_loadu_si512(groups[g].add(64 * p) as *const _);
+                    (_mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw)), _mm512_castsi512_ps(_mm512_and_si512(raw, hi)))
+                });
+                for j in 0..T {
+                    let (xe, xo) = (_mm512_set1_ps(*xs[j].add(2 * p)), _mm512_set1_ps(*xs[j].add(2 * p + 1)));
+                    for g in 0..NG {
+                        acc[j][g] = _mm512_fmadd_ps(w[g].1, xo, _mm512_fmadd_ps(w[g].0, xe, acc[j][g]));
+                    }
+                }
+            }
+            acc
+        }
+
+        #[inline(always)]
+        unsafe fn store(v: __m512, out: *mut f32, live: usize) {
+            _mm512_mask_storeu_ps(out, (u32::MAX >> (32 - live)) as u16, v);
+        }
+    }
+
+    /// [`Avx512F32`] at AVX2: each group as two vectors of 8 rows (the first and last 32 bytes of
+    /// its 64). Per pair, the even columns of the group's halves (shifted) meet every token's
+    /// even value, then the odd ones (masked, from a second load: [`reload`]) the odd values, so
+    /// a tile of 1 x 5 holds its 10 accumulators, 2 widened halves, a broadcast and the mask in
+    /// the 16 registers (the even and odd halves of both at once spilled accumulators).
+    struct Avx2F32;
+
+    impl Tiles for Avx2F32 {
+        type X = f32;
+        type V = [__m256; 2];
+
+        #[inline(always)]
+        unsafe fn tile<const NG: usize, const T: usize>(
+            groups: [*const u8; NG],
+            xs: [*const f32; T],
+            pairs: usize,
+        ) -> [[[__m256; 2]; NG]; T] {
+            let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+            let mut acc = [[[_mm256_setzero_ps(); 2]; NG]; T];
+            for p in 0..pairs {
+                for g in 0..NG {
+                    let at = |h: usize| groups[g].add(64 * p + 32 * h);
+                    let we: [__m256; 2] = std::array::from_fn(|h| {
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_loadu_si256(at(h) as *const __m256i)))
+                    });
+                    for j in 0..T {
+                        let xe = _mm256_set1_ps(*xs[j].add(2 * p));
+                        for h in 0..2 {
+                            acc[j][g][h] = _mm256_fmadd_ps(we[h], xe, acc[j][g][h]);
+                        }
+                    }
+                    let wo: [__m256; 2] =
+                        std::array::from_fn(|h| _mm256_castsi256_ps(_mm256_and_si256(reload(at(h)), hi)));
+                    for j in 0..T {
+                        let xo = _mm256_set1_ps(*xs[j].add(2 * p + 1));
+                        for h in 0..2 {
+                            acc[j][g][h] = _mm256_fmadd_ps(wo[h], xo, acc[j][g][h]);
+                        }
+                    }
+                }
+            }
+            acc
+        }
+
+        #[inline(always)]
+        unsafe fn store(v: [__m256; 2], out: *mut f32, live: usize) {
+            if live == GROUP_ROWS {
+                _mm256_storeu_ps(out, v[0]);
+                _mm256_storeu_ps(out.add(8), v[1]);
+            } else {
+                let mut all = [0f32; GROUP_ROWS];
+                _mm256_storeu_ps(all.as_mut_ptr(), v[0]);
+                _mm256_storeu_ps(all.as_mut_ptr().add(8), v[1]);
+                std::ptr::copy_nonoverlapping(all.as_ptr(), out, live);
+            }
+        }
+    }
+
+    /// bf16 activations at AVX-512 BF16: one `vdpbf16ps` per pair of columns, 16 rows' pairs
+    /// times a token's pair broadcast.
+    struct Avx512Bf16;
+
+    impl Tiles for Avx512Bf16 {
+        type X = u16;
+        type V = __m512;
+
+        #[inline(always)]
+        unsafe fn tile<const NG: usize, const T: usize>(
+            groups: [*const u8; NG],
+            xs: [*const u16; T],
+            pairs: usize,
+        ) -> [[__m512; NG]; T] {
+            let mut acc = [[_mm512_setzero_ps(); NG]; T];
+            for p in 0..pairs {
+                let w: [__m512bh; NG] =
+                    std::array::from_fn(|g| std::mem::transmute(_mm512_loadu_si512(groups[g].add(64 * p) as *const _)));
+                for j in 0..T {
+                    let pair = std::ptr::read_unaligned(xs[j].add(2 * p) as *const i32);
+                    let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    for g in 0..NG {
+                        acc[j][g] = _mm512_dpbf16_ps(acc[j][g], w[g], xv);
+                    }
+                }
+            }
+            acc
+        }
+
+        #[inline(always)]
+        unsafe fn store(v: __m512, out: *mut f32, live: usize) {
+            Avx512F32::store(v, out, live)
+        }
+    }
+
+    /// `out[t * ldo + r]` for the `nrows` rows of `w` (in [`super::tile_bf16`]'s layout) and
+    /// the `ntok` tokens of `x` (token-major): token tiles of `T`, then `T2`, then single
+    /// tokens, outside (their activations stay in L1 while the groups stream from L2); inside,
+    /// tiles of `NG` groups (`NG1` for single tokens: one token's groups are its only
+    /// independent chains), then single groups.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn drive<K: Tiles, const NG: usize, const T: usize, const T2: usize, const NG1: usize>(
+        w: &[u8],
+        nrows: usize,
+        x: &[K::X],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let groups = nrows.div_ceil(GROUP_ROWS);
+        let pairs = w.len() / groups / 64;
+        assert!(w.len() == groups * pairs * 64 && x.len() == ntok * 2 * pairs);
+        assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
+        let group = |g: usize| w.as_ptr().add(g * pairs * 64);
+        let token = |t: usize| x.as_ptr().add(t * 2 * pairs);
+        let out = out.as_mut_ptr();
+        #[inline(always)]
+        unsafe fn run<K: Tiles, const NG: usize, const T: usize>(
+            g0: usize,
+            t0: usize,
+            group: impl Fn(usize) -> *const u8,
+            token: impl Fn(usize) -> *const K::X,
+            pairs: usize,
+            nrows: usize,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let acc =
+                K::tile::<NG, T>(std::array::from_fn(|g| group(g0 + g)), std::array::from_fn(|j| token(t0 + j)), pairs);
+            for (j, sums) in acc.iter().enumerate() {
+                for (g, &v) in sums.iter().enumerate() {
+                    let r = (g0 + g) * GROUP_ROWS;
+                    // SAFETY: rows `r..r + live` of token `t0 + j` lie in `out` (asserted above).
+                    K::store(v, out.add((t0 + j) * ldo + r), (nrows - r).min(GROUP_ROWS));
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn tokens<K: Tiles, const NG: usize, const T: usize>(
+            t0: usize,
+            groups: usize,
+            group: impl Fn(usize) -> *const u8 + Copy,
+            token: impl Fn(usize) -> *const K::X + Copy,
+            pairs: usize,
+            nrows: usize,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            let mut g0 = 0;
+            while g0 + NG <= groups {
+                run::<K, NG, T>(g0, t0, group, token, pairs, nrows, out, ldo);
+                g0 += NG;
+            }
+            while g0 < groups {
+                run::<K, 1, T>(g0, t0, group, token, pairs, nrows, out, ldo);
+                g0 += 1;
+            }
+        }
+        let mut t0 = 0;
+        while t0 + T <= ntok {
+            tokens::<K, NG, T>(t0, groups, group, token, pairs, nrows, out, ldo);
+            t0 += T;
+        }
+        while t0 + T2 <= ntok {
+            tokens::<K, NG, T2>(t0, groups, group, token, pairs, nrows, out, ldo);
+            t0 += T2;
+        }
+        while t0 < ntok {
+            tokens::<K, NG1, 1>(t0, groups, group, token, pairs, nrows, out, ldo);
+            t0 += 1;
+        }
+    }
+
+    // 2 groups x 12 tokens: 24 accumulators, 4 widened vectors, 2 broadcasts and the mask in
+    // the 32 registers; each broadcast serves 2 groups, each widening 12 tokens.
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL; shapes as [`super::gemm_tiled`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn tiled_avx512(w: &[u8], nrows: usize, x: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
+        drive::<Avx512F32, 2, 12, 4, 4>(w, nrows, x, ntok, out, ldo)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; shapes as [`super::gemm_tiled`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tiled_avx2(w: &[u8], nrows: usize, x: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
+        drive::<Avx2F32, 1, 5, 4, 4>(w, nrows, x, ntok, out, ldo)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL and BF16; shapes as [`super::gemm_bf16`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn tiled_bf16_avx512(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
+        drive::<Avx512Bf16, 4, 6, 2, 4>(w, nrows, xb, ntok, out, ldo)
     }
 }
 
@@ -1137,9 +1286,8 @@ mod tests {
     }
 
     /// A measurement, not a check: GB/s of one-token products over a 512 MiB BF16 matrix (2048
-    /// columns, past any cache): the row-major tile (6 rows at once: 6 streams a row apart, each
-    /// row one 4 KiB page), the interleaved layout loading puts BF16 in (`tiled16`:
-    /// [`tile_bf16`], what decode reads), and other row counts and layouts (groups of 6 rows
+    /// columns, past any cache): the interleaved layout loading puts BF16 in (`tiled16`:
+    /// [`tile_bf16`], what decode reads), and row-major walks and other layouts (groups of 6 rows
     /// interleaved by 16 columns, with and without software prefetch); 1 and 2 threads, 5
     /// alternated passes each.
     /// `cargo test --release -p pio-kernels --lib bench_bf16_decode -- --ignored --nocapture`
@@ -1243,11 +1391,8 @@ mod tests {
             std::hint::black_box(&out);
             (name.to_string(), threads, gbs)
         };
-        let rowmajor =
-            |d: &[u8], n: usize, o: &mut [f32]| gemm_even_odd(SimdLevel::Avx2, d, n, Layout::Rows, &xeo, 1, o, n);
-        let il16 = |d: &[u8], n: usize, o: &mut [f32]| {
-            gemm_even_odd(SimdLevel::Avx2, d, n, Layout::Interleaved, &xeo, 1, o, n)
-        };
+        let il16 =
+            |d: &[u8], n: usize, o: &mut [f32]| gemm_tiled(SimdLevel::Avx2, d, n, Layout::Interleaved, &x, 1, o, n);
         let tiled = tile_bf16(ROWS, COLS, &w);
         let il0 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 0) };
         let il1 = |d: &[u8], n: usize, o: &mut [f32]| unsafe { il_kernel(d, n, &xeo, o, 1024) };
@@ -1260,7 +1405,6 @@ mod tests {
         let mut res: Vec<(String, usize, f64)> = Vec::new();
         for _ in 0..5 {
             for threads in [1, 2] {
-                res.push(run("rowmajor", threads, &rowmajor, &w));
                 res.push(run("tiled16", threads, &il16, &tiled));
                 res.push(run("rm2", threads, &rm2, &w));
                 res.push(run("rm3", threads, &rm3, &w));
@@ -1272,7 +1416,7 @@ mod tests {
                 res.push(run("il-pf4k", threads, &il4, &il));
             }
         }
-        for name in ["rowmajor", "tiled16", "rm2", "rm3", "rm4", "rm8", "rm4-nopf", "il-nopf", "il-pf1k", "il-pf4k"] {
+        for name in ["tiled16", "rm2", "rm3", "rm4", "rm8", "rm4-nopf", "il-nopf", "il-pf1k", "il-pf4k"] {
             for threads in [1, 2] {
                 let mut v: Vec<f64> = res.iter().filter(|r| r.0 == name && r.1 == threads).map(|r| r.2).collect();
                 v.sort_by(f64::total_cmp);
@@ -1358,27 +1502,76 @@ mod tests {
     }
 
     #[test]
-    fn even_odd_activations_give_gemms_bits() {
+    fn bf16_paths_give_gemms_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(14);
-        for level in SimdLevel::available().into_iter().filter(|&l| even_odd_activations(l, DType::BF16)) {
-            for cols in [1, 7, 16, 17, 31, 32, 33, 264] {
-                for ntok in [1, 2, 5, 11] {
-                    let rows = 13;
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let levels = SimdLevel::available();
+        for &level in levels.iter().filter(|&&l| matches!(l, SimdLevel::Avx2 | SimdLevel::Avx512)) {
+            for cols in [1, 7, 16, 17, 31, 32, 33, 64, 264, 1024] {
+                // Tiles of 12 and 4 tokens and single ones, of 2 groups and single ones.
+                for (rows, ntok) in [(13, 1), (13, 2), (37, 5), (40, 11), (50, 17), (13, 30)] {
                     let (w, x) = random_tile(&mut rng, DType::BF16, rows, ntok, cols);
                     let mut want = vec![0f32; ntok * rows];
                     gemm(level, DType::BF16, &w, rows, &x, ntok, &mut want, rows);
-                    let xp = to_even_odd(level, &x, ntok, cols);
                     let mut got = vec![f32::NAN; ntok * rows];
-                    gemm_even_odd(level, &w, rows, Layout::Rows, &xp, ntok, &mut got, rows);
-                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok}");
-                    if interleaves_bf16(DType::BF16, cols) {
-                        let tiled = tile_bf16(rows, cols, &w);
-                        let mut got = vec![f32::NAN; ntok * rows];
-                        gemm_even_odd(level, &tiled, rows, Layout::Interleaved, &xp, ntok, &mut got, rows);
-                        assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok} interleaved");
+                    if even_odd_activations(level, DType::BF16, cols) {
+                        let xp = to_even_odd(level, &x, ntok, cols);
+                        gemm_even_odd(level, &w, rows, &xp, ntok, &mut got, rows);
+                        assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok}");
+                        continue;
+                    }
+                    assert!(tiles_bf16(level, DType::BF16, cols));
+                    let tiled = tile_bf16(rows, cols, &w);
+                    gemm_tiled(level, &tiled, rows, Layout::Interleaved, &x, ntok, &mut got, rows);
+                    assert_eq!(bits(&got), bits(&want), "{level:?} cols={cols} ntok={ntok} tiled");
+                    // Each token alone, and rows from a later group on with a wider output.
+                    let rb = 2 * cols;
+                    for t in 0..ntok {
+                        let mut one = vec![0f32; rows];
+                        gemm(level, DType::BF16, &w, rows, &x[t * cols..(t + 1) * cols], 1, &mut one, rows);
+                        assert_eq!(bits(&one), bits(&want[t * rows..(t + 1) * rows]), "{level:?} {cols}: token {t}");
+                    }
+                    let (r0, ldo) = (16, rows + 5);
+                    if rows > r0 {
+                        let n = rows - r0;
+                        let mut part = vec![f32::NAN; (ntok - 1) * ldo + n];
+                        gemm(level, DType::BF16, &w[r0 * rb..], n, &x, ntok, &mut part, ldo);
+                        for t in 0..ntok {
+                            assert_eq!(bits(&part[t * ldo..t * ldo + n]), bits(&want[t * rows + r0..(t + 1) * rows]));
+                            if t + 1 < ntok {
+                                assert!(part[t * ldo + n..(t + 1) * ldo].iter().all(|v| v.is_nan()), "wrote past {n}");
+                            }
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_bf16_rows_read_back_as_stored() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        for (rows, cols) in [(1, 32), (13, 64), (37, 96), (48, 1024)] {
+            let (w, _) = random_tile(&mut rng, DType::BF16, rows, 1, cols);
+            let rb = 2 * cols;
+            let tiled = tile_bf16(rows, cols, &w);
+            assert_eq!(tiled.len(), rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * rb);
+            let mut row = vec![0u8; rb];
+            for r in 0..rows {
+                tiled_row_bf16(&tiled, cols, r, &mut row);
+                assert_eq!(row, w[r * rb..(r + 1) * rb], "{rows} x {cols}: row {r}");
+                for c in [0, 1, cols - 1] {
+                    let at = tiled_bf16_at(cols, r, c);
+                    assert_eq!(tiled[at..at + 2], w[r * rb + 2 * c..r * rb + 2 * c + 2]);
+                }
+            }
+            let mut buf = Vec::new();
+            assert_eq!(restore_rows_bf16(&tiled, rows, cols, &mut buf), &w[..]);
+            // The padding rows of the last group are zeros.
+            let padded = rows.div_ceil(GROUP_ROWS) * GROUP_ROWS;
+            for r in rows..padded {
+                tiled_row_bf16(&tiled, cols, r, &mut row);
+                assert!(row.iter().all(|&b| b == 0));
             }
         }
     }
@@ -1417,7 +1610,7 @@ mod tests {
             // An output stride past the rows, and an output that ends at the last row.
             let ldo = rows + 3;
             let mut whole = vec![f32::NAN; (ntok - 1) * ldo + rows];
-            gemm_bf16_amx(level, &w, rows, &xt, (0, ntok), &mut whole, ldo, false);
+            gemm_bf16_amx(level, &w, rows, &xt, (0, ntok), &mut whole, ldo);
             for t in 0..ntok {
                 for r in 0..rows {
                     let want = quant::dot_row(DType::BF16, &w[r * rb..(r + 1) * rb], &xr[t * cols..(t + 1) * cols]);
@@ -1433,33 +1626,22 @@ mod tests {
             for t in 0..ntok {
                 let one_t = to_bf16_pairs(&x[t * cols..(t + 1) * cols], 1, cols);
                 let mut out = vec![0f32; rows];
-                gemm_bf16_amx(level, &w, rows, &one_t, (0, 1), &mut out, rows, false);
+                gemm_bf16_amx(level, &w, rows, &one_t, (0, 1), &mut out, rows);
                 for r in 0..rows {
                     assert_eq!(out[r].to_bits(), whole[t * ldo + r].to_bits(), "{cols} cols: token {t} alone, row {r}");
                     let mut single = [0f32];
-                    gemm_bf16_amx(level, &w[r * rb..(r + 1) * rb], 1, &one_t, (0, 1), &mut single, 1, false);
+                    gemm_bf16_amx(level, &w[r * rb..(r + 1) * rb], 1, &one_t, (0, 1), &mut single, 1);
                     assert_eq!(single[0].to_bits(), out[r].to_bits(), "{cols} cols: ({r}, {t}) alone");
                 }
             }
             let (t0, r0) = (ntok / 3, rows / 16 / 2 * 16);
             let mut part = vec![0f32; (ntok - t0) * (rows - r0)];
-            gemm_bf16_amx(level, &w[r0 * rb..], rows - r0, &xt, (t0, ntok), &mut part, rows - r0, false);
+            gemm_bf16_amx(level, &w[r0 * rb..], rows - r0, &xt, (t0, ntok), &mut part, rows - r0);
             for t in t0..ntok {
                 for r in r0..rows {
                     let got = part[(t - t0) * (rows - r0) + r - r0];
                     assert_eq!(got.to_bits(), whole[t * ldo + r].to_bits(), "{cols} cols: ({r}, {t}) in a part");
                 }
-            }
-            // The tiled layout: the same bits, and each row read back as stored.
-            let tiled = tile_bf16(rows, cols, &w);
-            let mut again = vec![f32::NAN; (ntok - 1) * ldo + rows];
-            gemm_bf16_amx(level, &tiled, rows, &xt, (0, ntok), &mut again, ldo, true);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&again), bits(&whole), "{cols} cols: tiled");
-            let mut row = vec![0u8; rb];
-            for r in 0..rows {
-                tiled_row_bf16(&tiled, cols, r, &mut row);
-                assert_eq!(row, w[r * rb..(r + 1) * rb], "row {r} from the tiles");
             }
         }
     }
