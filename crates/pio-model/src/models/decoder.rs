@@ -400,12 +400,14 @@ impl DecoderModel {
                 bytes += l.weight.bytes().len();
             }
         }
-        // The vision tower's BF16 matrices that run on AMX tiles: in the tiles' own layout.
+        // The vision tower's BF16 matrices, except those that run on AMX tiles (which read
+        // rows): in the layout the BF16 tiles read, which they would otherwise lay out for
+        // every product ([`pio_kernels::dot::float::gemm_tiled`]).
         let level = pio_kernels::cpu::level();
         for l in self.vision.iter_mut().flat_map(VisionEncoder::linears_mut) {
             let amx =
                 l.prefill_only && l.bf16_activations && bf16_on_amx(level, l.weight.shape.last().copied().unwrap_or(0));
-            if amx && l.weight.interleave() {
+            if !amx && l.weight.dtype == pio_kernels::DType::BF16 && l.weight.interleave() {
                 count += 1;
                 bytes += l.weight.bytes().len();
             }
