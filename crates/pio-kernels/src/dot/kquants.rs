@@ -903,7 +903,7 @@ pub(crate) mod tiled {
     /// 8 x 8 dword transpose of 32 bytes at `off` of rows `r[0..8]`: `out[c]` lane `i` = row `i`
     /// dword `c`.
     #[inline(always)]
-    unsafe fn transpose_8x8(r: &[*const u8], off: usize) -> [__m256i; 8] {
+    pub(crate) unsafe fn transpose_8x8(r: &[*const u8], off: usize) -> [__m256i; 8] {
         let r: [__m256i; 8] = std::array::from_fn(|i| _mm256_loadu_si256(r[i].add(off) as *const __m256i));
         // Per 128-bit lane L, u[4q + m] = rows 4q..4q+4 at dword 4L + m.
         let mut u = [_mm256_setzero_si256(); 8];
