@@ -307,16 +307,25 @@ fn check_rows(rows: usize, cols: usize, data: &[u8]) {
 }
 
 /// Groups `g0..` of [`tile_bf16`]'s layout of the rows `data` (`rows` x `cols`) into `out`
-/// (whole groups; rows past `rows` stay as `out` has them, zeros).
+/// (whole groups; every byte written, rows past `rows` as zeros).
 fn tile_groups(data: &[u8], rows: usize, cols: usize, g0: usize, out: &mut [u8]) {
     let rb = cols * 2;
+    assert!(out.len().is_multiple_of(GROUP_ROWS * rb) && data.len() >= rows * rb);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the levels name what the CPU has; `out` holds whole groups (asserted), `data` the
+    // rows, and only rows below `rows` are read.
+    match crate::cpu::level() {
+        SimdLevel::Avx512 => return unsafe { x86::tile_groups_avx512(data, rows, cols, g0, out) },
+        SimdLevel::Avx2 => return unsafe { x86::tile_groups_avx2(data, rows, cols, g0, out) },
+        SimdLevel::Scalar => {}
+    }
     for (g, group) in out.chunks_exact_mut(GROUP_ROWS * rb).enumerate() {
         let r0 = (g0 + g) * GROUP_ROWS;
         // 16 pairs at a time (a line of each row, 1 KiB of the group), so the scattered writes
         // stay in L1 (pair by pair over whole rows, loading took 50% longer than row copies).
         for (b, block) in group.chunks_exact_mut(16 * 64).enumerate() {
-            for i in 0..GROUP_ROWS.min(rows.saturating_sub(r0)) {
-                let line = &data[(r0 + i) * rb + 64 * b..][..64];
+            for i in 0..GROUP_ROWS {
+                let line = if r0 + i < rows { &data[(r0 + i) * rb + 64 * b..][..64] } else { &[0; 64] };
                 for (pair, dst) in line.chunks_exact(4).zip(block.chunks_exact_mut(64)) {
                     dst[4 * i..4 * i + 4].copy_from_slice(pair);
                 }
@@ -339,10 +348,13 @@ fn with_tiled<R>(w: &[u8], nrows: usize, cols: usize, layout: Layout, f: impl Fn
     }
     check_rows(nrows, cols, w);
     TILED.with_borrow_mut(|buf| {
-        buf.clear();
-        buf.resize(nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS * cols * 2, 0);
-        tile_groups(w, nrows, cols, 0, buf);
-        f(buf)
+        // Only grown: `tile_groups` writes every byte it is given.
+        let len = nrows.div_ceil(GROUP_ROWS) * GROUP_ROWS * cols * 2;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        tile_groups(w, nrows, cols, 0, &mut buf[..len]);
+        f(&buf[..len])
     })
 }
 
@@ -1058,7 +1070,7 @@ mod x86 {
     unsafe fn lay_out_512(rows: &[*const u8; GROUP_ROWS], dst: *mut u8) {
         let r = std::array::from_fn(|i| _mm512_loadu_si512(rows[i] as *const _));
         for (k, v) in crate::dot::kquants::tiled::transpose_16x16(r).into_iter().enumerate() {
-            _mm512_store_si512(dst.add(64 * k) as *mut _, v);
+            _mm512_storeu_si512(dst.add(64 * k) as *mut _, v);
         }
     }
 
@@ -1179,7 +1191,7 @@ mod x86 {
                 for q in 0..2 {
                     let t = crate::dot::kquants::tiled::transpose_8x8(&rows[8 * h..8 * h + 8], 32 * q);
                     for (c, v) in t.into_iter().enumerate() {
-                        _mm256_store_si256(dst.add(4 * (GROUP_ROWS * (8 * q + c) + 8 * h)) as *mut __m256i, v);
+                        _mm256_storeu_si256(dst.add(4 * (GROUP_ROWS * (8 * q + c) + 8 * h)) as *mut __m256i, v);
                     }
                 }
             }
@@ -1367,6 +1379,41 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// [`super::tile_groups`] with [`Tiles::lay_out`]'s transposes (loading the Qwen3-0.6B-shaped
+    /// BF16 file: see the README; `--no-repack` prefill lays out rows this way per call).
+    #[inline(always)]
+    unsafe fn tile_groups_with<K: Tiles>(data: &[u8], rows: usize, cols: usize, g0: usize, out: &mut [u8]) {
+        static ZEROS: [u8; 64] = [0; 64];
+        let rb = cols * 2;
+        for (g, group) in out.chunks_exact_mut(GROUP_ROWS * rb).enumerate() {
+            let r0 = (g0 + g) * GROUP_ROWS;
+            for (b, block) in group.chunks_exact_mut(16 * 64).enumerate() {
+                let lines: [*const u8; GROUP_ROWS] = std::array::from_fn(|i| {
+                    if r0 + i < rows {
+                        data.as_ptr().add((r0 + i) * rb + 64 * b)
+                    } else {
+                        ZEROS.as_ptr()
+                    }
+                });
+                K::lay_out(&lines, block.as_mut_ptr());
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL; `out` holds whole groups of `cols`, `data` `rows` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub unsafe fn tile_groups_avx512(data: &[u8], rows: usize, cols: usize, g0: usize, out: &mut [u8]) {
+        tile_groups_with::<Avx512F32>(data, rows, cols, g0, out)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2; as [`tile_groups_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_groups_avx2(data: &[u8], rows: usize, cols: usize, g0: usize, out: &mut [u8]) {
+        tile_groups_with::<Avx2F32>(data, rows, cols, g0, out)
     }
 
     /// # Safety
