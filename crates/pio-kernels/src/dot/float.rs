@@ -1065,6 +1065,17 @@ mod x86 {
         unsafe fn lay_out(rows: &[*const u8; GROUP_ROWS], dst: *mut u8);
     }
 
+    /// The 64 bytes at `off` of rows `r0..r0 + 16` of `w` (rows of `rb` bytes) as
+    /// [`Tiles::lay_out`] takes them: rows from `nrows` on read zeros (whose sums are dropped).
+    ///
+    /// # Safety
+    /// `off + 64 <= rb` and `w` holds `nrows` rows.
+    #[inline(always)]
+    unsafe fn row_lines(w: &[u8], rb: usize, nrows: usize, r0: usize, off: usize) -> [*const u8; GROUP_ROWS] {
+        static ZEROS: [u8; 64] = [0; 64];
+        std::array::from_fn(|i| if r0 + i < nrows { w.as_ptr().add((r0 + i) * rb + off) } else { ZEROS.as_ptr() })
+    }
+
     /// [`Tiles::lay_out`] at AVX-512: one 16 x 16 dword transpose.
     #[inline(always)]
     unsafe fn lay_out_512(rows: &[*const u8; GROUP_ROWS], dst: *mut u8) {
@@ -1341,8 +1352,6 @@ mod x86 {
         let rb = w.len() / nrows;
         let pairs = rb / 4;
         assert!(w.len() == nrows * rb && pairs.is_multiple_of(16) && x.len() == 2 * pairs && out.len() >= nrows);
-        // Rows past the matrix read zeros, whose sums are dropped.
-        static ZEROS: [u8; 64] = [0; 64];
         // Each of the 16 rows is its own stream, which the hardware prefetchers follow too
         // shallowly: each row's line 4 blocks ahead is asked for (one token, Qwen3-0.6B-shaped
         // BF16, 2 threads: 15.7 -> 19.0-19.5 tok/s at AVX-512, 14.1 -> 17.2-17.7 at AVX2; at
@@ -1354,14 +1363,7 @@ mod x86 {
             for p0 in (0..pairs).step_by(16) {
                 for (g, buf) in bufs.iter_mut().enumerate() {
                     // A line (16 pairs) of each of the group's rows, transposed into place.
-                    let rows: [*const u8; GROUP_ROWS] = std::array::from_fn(|i| {
-                        let r = (g0 + g) * GROUP_ROWS + i;
-                        if r < nrows {
-                            w.as_ptr().add(r * rb + 4 * p0)
-                        } else {
-                            ZEROS.as_ptr()
-                        }
-                    });
+                    let rows = row_lines(w, rb, nrows, (g0 + g) * GROUP_ROWS, 4 * p0);
                     for &r in &rows {
                         // A prefetch never faults, wherever it points.
                         _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(AHEAD) as *const i8);
@@ -1385,19 +1387,10 @@ mod x86 {
     /// BF16 file: see the README; `--no-repack` prefill lays out rows this way per call).
     #[inline(always)]
     unsafe fn tile_groups_with<K: Tiles>(data: &[u8], rows: usize, cols: usize, g0: usize, out: &mut [u8]) {
-        static ZEROS: [u8; 64] = [0; 64];
         let rb = cols * 2;
         for (g, group) in out.chunks_exact_mut(GROUP_ROWS * rb).enumerate() {
-            let r0 = (g0 + g) * GROUP_ROWS;
             for (b, block) in group.chunks_exact_mut(16 * 64).enumerate() {
-                let lines: [*const u8; GROUP_ROWS] = std::array::from_fn(|i| {
-                    if r0 + i < rows {
-                        data.as_ptr().add((r0 + i) * rb + 64 * b)
-                    } else {
-                        ZEROS.as_ptr()
-                    }
-                });
-                K::lay_out(&lines, block.as_mut_ptr());
+                K::lay_out(&row_lines(data, rb, rows, (g0 + g) * GROUP_ROWS, 64 * b), block.as_mut_ptr());
             }
         }
     }
