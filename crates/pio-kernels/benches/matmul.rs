@@ -1,6 +1,7 @@
 //! Throughput of `matmul` per weight format and SIMD level, at Qwen3-0.6B's MLP shape
-//! (3072 x 1024): decode (1 token, bandwidth-bound: GB/s of weights) and prefill (64 tokens,
-//! compute-bound: GMAC/s). `BF16xbf16`: BF16 weights times bf16-rounded activations, on AMX
+//! (3072 x 1024): decode (1 token, bandwidth-bound: GB/s of weights), 16 sequences decoded
+//! together (or a speculative verification) and prefill (16 and 64 tokens, compute-bound:
+//! GMAC/s). `BF16xbf16`: BF16 weights times bf16-rounded activations, on AMX
 //! tiles where the CPU has them (as a vision tower's matrices).
 //! Also a vision tower's attention products (`attention_products`).
 //! `cargo bench -p pio-kernels --bench matmul [-- FILTER]`; threads follow `PIO_THREADS`.
@@ -57,7 +58,7 @@ fn bench(c: &mut Criterion) {
             ..WeightView::rows(dtype, ROWS, COLS, &data)
         };
         let name = format!("{dtype}{}{}", if bf16_act { "xbf16" } else { "" }, if tiled { "-tiled" } else { "" });
-        for n in [1usize, 64] {
+        for n in [1usize, 16, 64] {
             let mut g = c.benchmark_group(format!("matmul_{name}_n{n}"));
             if n == 1 {
                 g.throughput(Throughput::Bytes(data.len() as u64));

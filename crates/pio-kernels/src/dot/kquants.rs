@@ -544,7 +544,8 @@ pub fn gemm(
 /// products of an f16 and a 6- or 8-bit integer) prepared per super-block. Each token's
 /// accumulator is one float vector; tokens run `TT` at a time (8 at AVX-512, 2 or 4 at AVX2) in a
 /// register tile ([`Isa::dot_tile`]): each column is loaded once and meets the `TT` tokens'
-/// broadcasts before the next, and at AVX2 one broadcast serves the column's two registers.
+/// broadcasts before the next, and at AVX2 one broadcast serves the column's two registers. With
+/// VNNI and 16 tokens or more, Q6_K takes two row groups at a time, a broadcast serving both.
 ///
 /// **Q6_K's −32.** `Σ q_a(q − 32)` per 16-weight half is computed one of two ways, chosen by the
 /// number of tokens: with few, the columns hold `q` and each sum starts from `−32·Σ q_a`
@@ -626,26 +627,34 @@ pub(crate) mod tiled {
             cols: &[Self::I; N],
             a: *const u8,
         ) -> Self::I;
-        /// [`Isa::dot_cols`] for `TT` tokens at once, with column `g` at `w + 64g`, token `t`
-        /// from `init[t]` with its bytes at `a[t]`: each column is loaded once and meets every token's broadcast before the next
-        /// column, so a product costs one load (the broadcast) instead of two.
+        /// [`Isa::dot_cols`] for `TT` tokens and `G` row groups at once, with group `k`'s column
+        /// `g` at `w[k] + 64g`, token `t` from `init[k][t]` with its bytes at `a[t]`: each column
+        /// is loaded once and meets every token's broadcast before the next column, and each
+        /// broadcast meets the `G` groups' columns, so a product costs one load (the broadcast)
+        /// or, for two groups, half of one.
         #[inline(always)]
-        unsafe fn dot_tile<const N: usize, const I16: usize, const TT: usize, const FLIP: bool>(
-            init: [Self::I; TT],
-            w: *const u8,
+        unsafe fn dot_tile<const N: usize, const I16: usize, const TT: usize, const FLIP: bool, const G: usize>(
+            init: [[Self::I; TT]; G],
+            w: [*const u8; G],
             a: &[*const u8; TT],
-        ) -> [Self::I; TT] {
+        ) -> [[Self::I; TT]; G] {
             let mut sum = init;
             for g0 in (0..N).step_by(I16) {
-                let mut s = [Self::zero_i(); TT];
+                let mut s = [[Self::zero_i(); TT]; G];
                 for g in g0..(g0 + I16).min(N) {
-                    let wv = Self::load(w.add(64 * g));
-                    for (s, &a) in s.iter_mut().zip(a) {
-                        *s = Self::dot_acc::<FLIP>(*s, wv, a.add(4 * g));
+                    let wv: [Self::I; G] = std::array::from_fn(|k| Self::load(w[k].add(64 * g)));
+                    for (t, &a) in a.iter().enumerate() {
+                        // The same broadcast for every group (one load, as the loads are
+                        // identical and nothing is stored between them).
+                        for (s, &wv) in s.iter_mut().zip(&wv) {
+                            s[t] = Self::dot_acc::<FLIP>(s[t], wv, a.add(4 * g));
+                        }
                     }
                 }
                 for (sum, s) in sum.iter_mut().zip(s) {
-                    *sum = Self::widen_add(*sum, s);
+                    for (sum, s) in sum.iter_mut().zip(s) {
+                        *sum = Self::widen_add(*sum, s);
+                    }
                 }
             }
             sum
@@ -1518,7 +1527,7 @@ pub(crate) mod tiled {
     impl Unpacked {
         /// Uninitialized, as a zeroed buffer would cost a 6 KiB memset per call (noticeable in
         /// decode's 16 x 1 tiles); every byte is written before it is read.
-        fn uninit() -> std::mem::MaybeUninit<Unpacked> {
+        const fn uninit() -> std::mem::MaybeUninit<Unpacked> {
             std::mem::MaybeUninit::uninit()
         }
         #[inline(always)]
@@ -1681,32 +1690,39 @@ pub(crate) mod tiled {
 
     // --- Products for a register tile of TT tokens --------------------------------------------
 
-    /// Q4_K / Q5_K: adds one super-block to the accumulators of `TT` tokens, `a[t]` pointing at
-    /// token t's eight Q8Blocks. `I16`: groups summed in i16 without the AVX-512 VNNI (weights
-    /// < 16: 8 groups, |Σ| ≤ 8·2·15·128; < 32: 4 groups).
+    /// Q4_K / Q5_K: adds one super-block of `G` row groups (unpacked at `un[k]`) to their
+    /// accumulators `acc[k]` of `TT` tokens, `a[t]` pointing at token t's eight Q8Blocks. `I16`:
+    /// groups summed in i16 without the AVX-512 VNNI (weights < 16: 8 groups,
+    /// |Σ| ≤ 8·2·15·128; < 32: 4 groups).
     #[inline(always)]
-    unsafe fn compute_k4<S: Isa, const I16: usize, const TT: usize>(
-        un: *mut Unpacked,
+    unsafe fn compute_k4<S: Isa, const I16: usize, const TT: usize, const G: usize>(
+        un: [*mut Unpacked; G],
         a: [*const Q8Block; TT],
-        acc: &mut [S::F; TT],
+        acc: [&mut [S::F; TT]; G],
     ) {
         // Each token's broadcasts at its own pointer plus a constant ([`crate::dot::opaque`];
         // hence also the unrolled loop).
         let a = a.map(crate::dot::opaque);
-        let mut v = *acc;
+        let mut v: [[S::F; TT]; G] = std::array::from_fn(|k| *acc[k]);
         unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-            let (dsc, dmm) = (S::loadf(Unpacked::factor(un, j)), S::loadf(Unpacked::factor(un, 8 + j)));
             // Σ q·q_a is exact (|.| ≤ 32·31·128 < 2^24, so is its conversion).
+            let f: [(S::F, S::F); G] =
+                un.map(|u| (S::loadf(Unpacked::factor(u, j)), S::loadf(Unpacked::factor(u, 8 + j))));
             let qs = a.map(|a| (*a.add(j)).qs.as_ptr() as *const u8);
-            let i = S::dot_tile::<8, I16, TT, false>([S::zero_i(); TT], Unpacked::col(un, 8 * j), &qs);
-            for ((v, a), i) in v.iter_mut().zip(&a).zip(i) {
-                let b = &*a.add(j);
-                // + d·sc_j·d_a·Σ q·q_a − dmin·m_j·s_a
-                *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
-                *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
+            let i = S::dot_tile::<8, I16, TT, false, G>([[S::zero_i(); TT]; G], un.map(|u| Unpacked::col(u, 8 * j) as *const u8), &qs);
+            for (k, (v, i)) in v.iter_mut().zip(i).enumerate() {
+                let (dsc, dmm) = f[k];
+                for ((v, a), i) in v.iter_mut().zip(&a).zip(i) {
+                    let b = &*a.add(j);
+                    // + d·sc_j·d_a·Σ q·q_a − dmin·m_j·s_a
+                    *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
+                    *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
+                }
             }
         });
-        *acc = v;
+        for (acc, v) in acc.into_iter().zip(v) {
+            *acc = v;
+        }
     }
 
     /// −32·Σ q_a over each 16-byte half of a token's eight Q8Blocks, at `4i + 2h + e` for
@@ -1733,10 +1749,10 @@ pub(crate) mod tiled {
     /// module docs); otherwise each half's sum starts from `−32·Σ q_a` ([`q6k_offsets`]). Both
     /// give the same exact integers.
     #[inline(always)]
-    unsafe fn compute_q6k<S: Isa, const SIGNED: bool, const TT: usize>(
-        un: *mut Unpacked,
+    unsafe fn compute_q6k<S: Isa, const SIGNED: bool, const TT: usize, const G: usize>(
+        un: [*mut Unpacked; G],
         a: [*const Q8Block; TT],
-        acc: &mut [S::F; TT],
+        acc: [&mut [S::F; TT]; G],
     ) {
         // SIGNED: q_a + 128 = q_a ^ 0x80 as unsigned bytes, 32 per Q8Block.
         let mut ax = [[0u8; 32 * ACT_PER_SUPER]; TT];
@@ -1756,39 +1772,49 @@ pub(crate) mod tiled {
         // Read back from memory as broadcasts, rather than extracted from the registers that
         // wrote them (shuffles, on the busiest port).
         let (ax, offs) = (std::hint::black_box(&ax), std::hint::black_box(&offs));
-        let mut v = *acc;
+        let mut v: [[S::F; TT]; G] = std::array::from_fn(|k| *acc[k]);
         for j in 0..ACT_PER_SUPER {
-            let (flo, fhi) = (S::loadf(Unpacked::factor(un, 2 * j)), S::loadf(Unpacked::factor(un, 2 * j + 1)));
             // Σ q_a·(q − 32) per half: exact, |.| ≤ 16·32·128. Without VNNI, two groups of
             // pairs per i16: 2·2·255·32 or 2·2·63·128 at most.
             let (lo, hi) = if SIGNED {
-                let (clo, chi) = (S::load(Unpacked::corr(un, 2 * j)), S::load(Unpacked::corr(un, 2 * j + 1)));
                 let x: [*const u8; TT] = std::array::from_fn(|t| ax[t].as_ptr().add(32 * j));
                 let x16 = x.map(|x| x.add(16));
+                let init = |e: usize| un.map(|u| [S::load(Unpacked::corr(u, 2 * j + e)); TT]);
                 (
-                    S::dot_tile::<4, 2, TT, true>([clo; TT], Unpacked::col(un, 8 * j), &x),
-                    S::dot_tile::<4, 2, TT, true>([chi; TT], Unpacked::col(un, 8 * j + 4), &x16),
+                    S::dot_tile::<4, 2, TT, true, G>(init(0), un.map(|u| Unpacked::col(u, 8 * j) as *const u8), &x),
+                    S::dot_tile::<4, 2, TT, true, G>(
+                        init(1),
+                        un.map(|u| Unpacked::col(u, 8 * j + 4) as *const u8),
+                        &x16,
+                    ),
                 )
             } else {
                 let b: [&[i64]; TT] = std::array::from_fn(|t| &offs[t][4 * (j / 2) + j % 2..]);
                 let q: [*const u8; TT] = a.map(|a| (*a.add(j)).qs.as_ptr() as *const u8);
                 let q16 = q.map(|q| q.add(16));
+                let init = |e: usize| [b.map(|b| S::set1_i32(b[2 * e] as i32)); G];
                 (
-                    S::dot_tile::<4, 2, TT, false>(b.map(|b| S::set1_i32(b[0] as i32)), Unpacked::col(un, 8 * j), &q),
-                    S::dot_tile::<4, 2, TT, false>(
-                        b.map(|b| S::set1_i32(b[2] as i32)),
-                        Unpacked::col(un, 8 * j + 4),
+                    S::dot_tile::<4, 2, TT, false, G>(init(0), un.map(|u| Unpacked::col(u, 8 * j) as *const u8), &q),
+                    S::dot_tile::<4, 2, TT, false, G>(
+                        init(1),
+                        un.map(|u| Unpacked::col(u, 8 * j + 4) as *const u8),
                         &q16,
                     ),
                 )
             };
-            for (((v, a), lo), hi) in v.iter_mut().zip(&a).zip(lo).zip(hi) {
-                // + (d·sc_lo·Σ_lo + d·sc_hi·Σ_hi)·d_a
-                let u = S::fma(S::cvt(hi), fhi, S::mul(S::cvt(lo), flo));
-                *v = S::fma(u, S::set1_f((*a.add(j)).d), *v);
+            for (k, ((v, lo), hi)) in v.iter_mut().zip(lo).zip(hi).enumerate() {
+                let (flo, fhi) =
+                    (S::loadf(Unpacked::factor(un[k], 2 * j)), S::loadf(Unpacked::factor(un[k], 2 * j + 1)));
+                for (((v, a), lo), hi) in v.iter_mut().zip(&a).zip(lo).zip(hi) {
+                    // + (d·sc_lo·Σ_lo + d·sc_hi·Σ_hi)·d_a
+                    let u = S::fma(S::cvt(hi), fhi, S::mul(S::cvt(lo), flo));
+                    *v = S::fma(u, S::set1_f((*a.add(j)).d), *v);
+                }
             }
         }
-        *acc = v;
+        for (acc, v) in acc.into_iter().zip(v) {
+            *acc = v;
+        }
     }
 
     // --- One token: unpacked in registers ------------------------------------------------------
@@ -1981,23 +2007,33 @@ pub(crate) mod tiled {
     }
 
     #[inline(always)]
-    unsafe fn compute<S: Isa, const FMT: u8, const TT: usize>(
-        un: *mut Unpacked,
+    unsafe fn compute<S: Isa, const FMT: u8, const TT: usize, const G: usize>(
+        un: [*mut Unpacked; G],
         a: [*const Q8Block; TT],
-        acc: &mut [S::F; TT],
+        acc: [&mut [S::F; TT]; G],
     ) {
         match FMT {
-            Q4K => compute_k4::<S, 8, TT>(un, a, acc),
-            Q5K => compute_k4::<S, 4, TT>(un, a, acc),
-            Q6K => compute_q6k::<S, false, TT>(un, a, acc),
-            _ => compute_q6k::<S, true, TT>(un, a, acc),
+            Q4K => compute_k4::<S, 8, TT, G>(un, a, acc),
+            Q5K => compute_k4::<S, 4, TT, G>(un, a, acc),
+            Q6K => compute_q6k::<S, false, TT, G>(un, a, acc),
+            _ => compute_q6k::<S, true, TT, G>(un, a, acc),
         }
     }
 
+    /// Fewest tokens for which [`drive`] takes two row groups at a time: with 8, Q6_K paired
+    /// was no faster than alone (3072 x 1024, one thread, AVX-512 VNNI: 75 vs 75 GMAC/s), with
+    /// 16 a little (97 vs 94), with 64 much (125-127 vs 108-112).
+    const PAIR_MIN_TOKENS: usize = 16;
+
     /// The whole tile: row groups of 16, token chunks of [`TOKENS`], super-blocks in order, and
-    /// register tiles of `TT` tokens (then single tokens).
+    /// register tiles of `TT` tokens (then single tokens). With `TT2` > 0 and at least
+    /// [`PAIR_MIN_TOKENS`] tokens, two row groups go together in register tiles of `TT2` tokens,
+    /// so each activation broadcast serves 32 rows (as the legacy formats' walk does). The
+    /// VNNI kernels pair Q6_K's groups (4 tokens per register tile; 2, 3 and 6 measured
+    /// slower), not Q4_K's: paired Q4_K measured no faster at 64 tokens (161 vs 160 GMAC/s with
+    /// 3-token tiles; 4 and more spill) and slower at 8 (102 vs 127).
     #[inline(always)]
-    unsafe fn drive<S: Isa, M: Mat, const FMT: u8, const TT: usize>(
+    unsafe fn drive<S: Isa, M: Mat, const FMT: u8, const TT: usize, const TT2: usize>(
         m: M,
         nrows: usize,
         act: &[Q8Block],
@@ -2005,46 +2041,75 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
+        let mut r0 = 0;
+        while r0 < nrows {
+            if TT2 > 0 && ntok >= PAIR_MIN_TOKENS && nrows - r0 > S::LANES {
+                drive_groups::<S, M, FMT, TT2, 2>(m, r0, nrows, act, ntok, out, ldo);
+                r0 += 2 * S::LANES;
+            } else {
+                drive_groups::<S, M, FMT, TT, 1>(m, r0, nrows, act, ntok, out, ldo);
+                r0 += S::LANES;
+            }
+        }
+    }
+
+    /// The `G` row groups from `r0` (which exist) times every token.
+    #[inline(always)]
+    unsafe fn drive_groups<S: Isa, M: Mat, const FMT: u8, const TT: usize, const G: usize>(
+        m: M,
+        r0: usize,
+        nrows: usize,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
         let nb = act.len() / ntok;
-        let mut un = Unpacked::uninit();
-        let un = un.as_mut_ptr();
+        let mut un = [const { Unpacked::uninit() }; G];
+        let un: [*mut Unpacked; G] = std::array::from_fn(|k| un[k].as_mut_ptr());
         // Accumulators of a token chunk; only the used ones are initialized (a 4 KiB memset per
         // decode tile would show).
-        let mut acc_buf = std::mem::MaybeUninit::<[S::F; TOKENS]>::uninit();
-        let acc_ptr = acc_buf.as_mut_ptr() as *mut S::F;
-        for r0 in (0..nrows).step_by(S::LANES) {
-            // Lanes past the end of a partial row group are dropped.
-            let live = (nrows - r0).min(S::LANES);
-            for t0 in (0..ntok).step_by(TOKENS) {
-                let tn = (ntok - t0).min(TOKENS);
+        let mut acc_buf = [const { std::mem::MaybeUninit::<[S::F; TOKENS]>::uninit() }; G];
+        let acc_ptr: [*mut S::F; G] = std::array::from_fn(|k| acc_buf[k].as_mut_ptr() as *mut S::F);
+        // Lanes past the end of a partial row group are dropped.
+        let live: [usize; G] = std::array::from_fn(|k| (nrows - r0 - k * S::LANES).min(S::LANES));
+        for t0 in (0..ntok).step_by(TOKENS) {
+            let tn = (ntok - t0).min(TOKENS);
+            for p in acc_ptr {
                 for t in 0..tn {
-                    acc_ptr.add(t).write(S::zero_f());
+                    p.add(t).write(S::zero_f());
                 }
-                // SAFETY: the first `tn` accumulators were just written.
-                let acc = std::slice::from_raw_parts_mut(acc_ptr, tn);
-                for s in 0..nb / ACT_PER_SUPER {
-                    // Memory read a little later, asked for a part before each token tile's
-                    // products, as in the one-token walk: batched decode (8-16 tokens) read its
-                    // weights from memory while computing only partly overlapped.
-                    let mut pf = Prefetch::new(m.ahead(r0, S::LANES, s), tn / TT + tn % TT);
-                    unpack::<S, M::Src, FMT>(m.block(r0, live, s), un);
-                    let a0 = act.as_ptr().add(t0 * nb + s * ACT_PER_SUPER);
-                    let mut t = 0;
-                    while let Some(tile) = acc[t..].first_chunk_mut::<TT>() {
-                        pf.some();
-                        compute::<S, FMT, TT>(un, std::array::from_fn(|k| a0.add((t + k) * nb)), tile);
-                        t += TT;
-                    }
-                    for (k, tile) in acc[t..].iter_mut().enumerate() {
-                        pf.some();
-                        compute::<S, FMT, 1>(un, [a0.add((t + k) * nb)], std::array::from_mut(tile));
-                    }
+            }
+            for s in 0..nb / ACT_PER_SUPER {
+                // Memory read a little later, asked for a part before each token tile's
+                // products, as in the one-token walk: batched decode (8-16 tokens) read its
+                // weights from memory while computing only partly overlapped.
+                let mut pf: [Prefetch; G] =
+                    std::array::from_fn(|k| Prefetch::new(m.ahead(r0 + k * S::LANES, S::LANES, s), tn / TT + tn % TT));
+                for k in 0..G {
+                    unpack::<S, M::Src, FMT>(m.block(r0 + k * S::LANES, live[k], s), un[k]);
                 }
-                for (t, acc) in acc.iter().enumerate() {
+                let a0 = act.as_ptr().add(t0 * nb + s * ACT_PER_SUPER);
+                let mut t = 0;
+                while t + TT <= tn {
+                    pf.iter_mut().for_each(|pf| pf.some());
+                    // SAFETY: tokens `t..t + TT` of each group's initialized accumulators.
+                    let tiles = acc_ptr.map(|p| &mut *(p.add(t) as *mut [S::F; TT]));
+                    compute::<S, FMT, TT, G>(un, std::array::from_fn(|k| a0.add((t + k) * nb)), tiles);
+                    t += TT;
+                }
+                for t in t..tn {
+                    pf.iter_mut().for_each(|pf| pf.some());
+                    let tiles = acc_ptr.map(|p| &mut *(p.add(t) as *mut [S::F; 1]));
+                    compute::<S, FMT, 1, G>(un, [a0.add(t * nb)], tiles);
+                }
+            }
+            for (k, p) in acc_ptr.into_iter().enumerate() {
+                for t in 0..tn {
                     let mut lanes = [0f32; ROWS];
-                    S::storef(lanes.as_mut_ptr(), *acc);
-                    let o = (t0 + t) * ldo + r0;
-                    crate::dot::put(out, o, &lanes, live);
+                    S::storef(lanes.as_mut_ptr(), *p.add(t));
+                    let o = (t0 + t) * ldo + r0 + k * S::LANES;
+                    crate::dot::put(out, o, &lanes, live[k]);
                 }
             }
         }
@@ -2053,7 +2118,15 @@ pub(crate) mod tiled {
     /// The tile of `dtype` over `m`, with the one-token kernels at `One` (which may be a
     /// narrower ISA) for a single token.
     #[inline(always)]
-    unsafe fn by_format<S: Isa, One: Isa, M: Mat, const TT: usize, const TT6: usize>(
+    unsafe fn by_format<
+        S: Isa,
+        One: Isa,
+        M: Mat,
+        const TT: usize,
+        const TT6: usize,
+        const TT2: usize,
+        const TT26: usize,
+    >(
         dtype: DType,
         m: M,
         nrows: usize,
@@ -2065,10 +2138,12 @@ pub(crate) mod tiled {
         match dtype {
             DType::Q4_K if ntok == 1 => drive_one::<One, M, Q4K>(m, nrows, act, out),
             DType::Q6_K if ntok == 1 => drive_one::<One, M, Q6K>(m, nrows, act, out),
-            DType::Q4_K => drive::<S, M, Q4K, TT>(m, nrows, act, ntok, out, ldo),
-            DType::Q5_K => drive::<S, M, Q5K, TT>(m, nrows, act, ntok, out, ldo),
-            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => drive::<S, M, Q6K_SIGNED, TT6>(m, nrows, act, ntok, out, ldo),
-            DType::Q6_K => drive::<S, M, Q6K, TT6>(m, nrows, act, ntok, out, ldo),
+            DType::Q4_K => drive::<S, M, Q4K, TT, TT2>(m, nrows, act, ntok, out, ldo),
+            DType::Q5_K => drive::<S, M, Q5K, TT, TT2>(m, nrows, act, ntok, out, ldo),
+            DType::Q6_K if ntok >= Q6K_SIGNED_FROM => {
+                drive::<S, M, Q6K_SIGNED, TT6, TT26>(m, nrows, act, ntok, out, ldo)
+            }
+            DType::Q6_K => drive::<S, M, Q6K, TT6, TT26>(m, nrows, act, ntok, out, ldo),
             other => panic!("{other} has no tiled kernel"),
         }
     }
@@ -2076,7 +2151,7 @@ pub(crate) mod tiled {
     /// The matrix `w` of `nrows` rows as the kernels walk it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize, const TT6: usize>(
+    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize, const TT6: usize, const TT2: usize, const TT26: usize>(
         dtype: DType,
         w: &[u8],
         nrows: usize,
@@ -2090,10 +2165,10 @@ pub(crate) mod tiled {
         let bb = dtype.block_bytes();
         if interleaved {
             let m = Interleaved { w: w.as_ptr(), supers, bb };
-            by_format::<S, One, _, TT, TT6>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, One, _, TT, TT6, TT2, TT26>(dtype, m, nrows, act, ntok, out, ldo)
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
-            by_format::<S, One, _, TT, TT6>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, One, _, TT, TT6, TT2, TT26>(dtype, m, nrows, act, ntok, out, ldo)
         }
     }
 
@@ -2112,7 +2187,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Ymm, Ymm8, 2, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Ymm, Ymm8, 2, 4, 0, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2129,7 +2204,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<false>, Zmm<false>, 8, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<false>, Zmm<false>, 8, 8, 0, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2146,7 +2221,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<true>, Zmm<true>, 8, 8>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<true>, Zmm<true>, 8, 8, 0, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.
@@ -2492,8 +2567,11 @@ mod tests {
     #[test]
     fn gemm_matches_scalar_dots() {
         let mut rng = StdRng::seed_from_u64(17);
-        let (nrows, ntok, ldo) = (13, 11, 15);
-        for dtype in FORMATS {
+        // One partial row group; then two groups at a time and a partial one (with 5 tokens,
+        // Q6_K's unsigned columns; with 11, its signed ones).
+        for (dtype, (nrows, ntok, ldo)) in
+            FORMATS.into_iter().flat_map(|d| [(13, 11, 15), (45, 5, 47), (45, 11, 47)].map(|s| (d, s)))
+        {
             for supers in [1, 2, 7] {
                 for bytes in [false, true] {
                     let (w, act) = random_tile(&mut rng, dtype, nrows, ntok, supers, bytes);
@@ -2575,8 +2653,15 @@ mod tests {
     #[test]
     fn gemm_is_batch_invariant() {
         let mut rng = StdRng::seed_from_u64(18);
-        for dtype in FORMATS {
-            let (nrows, ntok, supers) = (13, 11, 3);
+        // Sub-tiles (first row, rows, first token, tokens) of 13 rows (one partial group) and of
+        // 45 (two groups at a time, then a partial one).
+        type SubTiles = &'static [(usize, usize, usize, usize)];
+        let shapes: [(usize, SubTiles); 2] = [
+            (13, &[(6, 5, 7, 3), (1, 12, 0, 11), (0, 13, 5, 1), (12, 1, 2, 9)]),
+            (45, &[(6, 37, 7, 4), (0, 45, 2, 6), (16, 29, 0, 11), (3, 33, 1, 9)]),
+        ];
+        for (dtype, (nrows, subs)) in FORMATS.into_iter().flat_map(|d| shapes.map(|s| (d, s))) {
+            let (ntok, supers) = (11, 3);
             let (w, act) = random_tile(&mut rng, dtype, nrows, ntok, supers, true);
             let (rb, nb) = (w.len() / nrows, act.len() / ntok);
             for (name, f) in gemm_variants(dtype) {
@@ -2592,7 +2677,7 @@ mod tests {
                     }
                 }
                 // Sub-tiles at offsets, into a wider output.
-                for (r0, nr, t0, nt) in [(6, 5, 7, 3), (1, 12, 0, 11), (0, 13, 5, 1), (12, 1, 2, 9)] {
+                for &(r0, nr, t0, nt) in subs {
                     let ldo = nr + 3;
                     let mut sub = vec![0f32; (nt - 1) * ldo + nr];
                     f(&w[r0 * rb..(r0 + nr) * rb], nr, &act[t0 * nb..(t0 + nt) * nb], nt, &mut sub, ldo);
