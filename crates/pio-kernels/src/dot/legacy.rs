@@ -695,7 +695,10 @@ mod tile_x86 {
         let mut acc2 = [std::mem::MaybeUninit::<[f32; N]>::uninit(); TOKENS];
         let mut r0 = 0;
         while r0 < nrows {
-            if pairs && nrows - r0 > N {
+            if KIND == VNNI && !with_offsets::<F>(KIND) && N == crate::dot::GROUP_ROWS && ntok >= TILED_MIN_TOKENS {
+                groups_tiled::<V, F, N>(&walk, r0, nrows, &mut acc, out, ldo);
+                r0 += N;
+            } else if pairs && nrows - r0 > N {
                 groups::<V, F, N, KIND, true>(&walk, r0, nrows, [&mut acc, &mut acc2], out, ldo);
                 r0 += 2 * N;
             } else {
@@ -777,6 +780,105 @@ mod tile_x86 {
             if TWO {
                 store(acc2, live[1], out, t0 * ldo + r0 + N, ldo);
             }
+        }
+    }
+
+    /// Fewest tokens for which the VNNI walk of the formats without offset terms (Q4_1, Q5_1)
+    /// takes register tiles of [`TILE_TOKENS`] ([`groups_tiled`]) instead of pairs of groups.
+    /// `cargo bench -p pio-kernels --bench matmul -- 'matmul_Q(4_0|4_1|5_0|8_0)_n(16|64)/avx512$'`
+    /// (one thread, GMAC/s, 2 alternated rounds, pairs -> tiles): Q4_1 n16 132 / 137 -> 139 /
+    /// 144, n64 156 / 152 -> 167 / 175; the formats with offset terms gained nothing or lost
+    /// (Q8_0 n64 148 / 151 -> 137 / 146, Q5_0 145 / 149 -> 145 / 157, Q4_0 152 / 159 -> 149 /
+    /// 154), so they keep the pairs.
+    const TILED_MIN_TOKENS: usize = 8;
+    /// Tokens per register tile of [`groups_tiled`].
+    const TILE_TOKENS: usize = 8;
+    /// Blocks a [`groups_tiled`] pass unpacks before its tokens take them.
+    const TILED_BLOCKS: usize = 8;
+
+    /// The group of `N` rows at `r0` times every token, with `vpdpbusd`, for a format without
+    /// offset terms: [`TILED_BLOCKS`] blocks are unpacked at a time, then each register tile of
+    /// [`TILE_TOKENS`] tokens takes them with its accumulators in registers (not loaded and
+    /// stored per block and token, as in [`groups`]), each column serving the tile's tokens.
+    /// The same operations per (row, token) as [`groups`], so the same bits.
+    #[inline(always)]
+    unsafe fn groups_tiled<V: Width<N>, F: Fmt, const N: usize>(
+        walk: &Walk<'_>,
+        r0: usize,
+        nrows: usize,
+        acc_buf: &mut [std::mem::MaybeUninit<[f32; N]>; TOKENS],
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        let nb = walk.nb;
+        let rb = nb * F::BB;
+        let live = (nrows - r0).min(N);
+        let (offs, idx) = row_offsets::<N>(live, rb);
+        let mut cols = [[V::zero(); 8]; TILED_BLOCKS];
+        let mut dm = [(V::zero_p(), V::zero_p()); TILED_BLOCKS];
+        for t0 in (0..walk.ntok).step_by(TOKENS) {
+            let n = (walk.ntok - t0).min(TOKENS);
+            for a in &mut acc_buf[..n] {
+                a.write([0.0; N]);
+            }
+            // SAFETY: the first `n` were just written.
+            let acc = std::slice::from_raw_parts_mut(acc_buf.as_mut_ptr() as *mut [f32; N], n);
+            for b0 in (0..nb).step_by(TILED_BLOCKS) {
+                let nbk = (nb - b0).min(TILED_BLOCKS);
+                for k in 0..nbk {
+                    let blk = group_block::<V, F, N, VNNI>(walk, r0, b0 + k, &offs, &idx);
+                    cols[k] = shared::<V, F, N, VNNI>(&blk).0;
+                    dm[k] = (blk.d, blk.m);
+                }
+                let mut t = 0;
+                while t + TILE_TOKENS <= n {
+                    token_tile::<V, F, N, TILE_TOKENS>(walk, &cols, &dm, nbk, t0 + t, b0, &mut acc[t..t + TILE_TOKENS]);
+                    t += TILE_TOKENS;
+                }
+                for t in t..n {
+                    token_tile::<V, F, N, 1>(walk, &cols, &dm, nbk, t0 + t, b0, &mut acc[t..t + 1]);
+                }
+            }
+            store(acc, live, out, t0 * ldo + r0, ldo);
+        }
+    }
+
+    /// Blocks `b0..b0 + nbk` (unpacked: `cols`, `dm`) of tokens `t0..t0 + TT` into `acc`.
+    #[inline(always)]
+    unsafe fn token_tile<V: Width<N>, F: Fmt, const N: usize, const TT: usize>(
+        walk: &Walk<'_>,
+        cols: &[[V::I; 8]; TILED_BLOCKS],
+        dm: &[(V::P, V::P); TILED_BLOCKS],
+        nbk: usize,
+        t0: usize,
+        b0: usize,
+        acc: &mut [[f32; N]],
+    ) {
+        let nb = walk.nb;
+        let mut v: [V::P; TT] = std::array::from_fn(|t| V::loadp(acc[t].as_ptr()));
+        for k in 0..nbk {
+            let at: [usize; TT] = std::array::from_fn(|t| (t0 + t) * nb + b0 + k);
+            // Each token's fields at a pointer plus constants ([`crate::dot::opaque`]). In
+            // bounds: tokens `t0..t0 + TT` and blocks `b0..b0 + nbk` lie in `act` (a bounds check
+            // here measured 20-25% slower).
+            let a: [&Q8Block; TT] = at.map(|at| &*crate::dot::opaque(walk.act.as_ptr().add(at)));
+            let mut s: [V::I; TT] = [V::zero(); TT];
+            for (g, &w) in cols[k].iter().enumerate() {
+                for (s, a) in s.iter_mut().zip(&a) {
+                    *s = V::dpbusd(*s, w, V::bcast(a.qs.as_ptr(), g));
+                }
+            }
+            let (d, m) = dm[k];
+            for ((v, s), a) in v.iter_mut().zip(s).zip(&a) {
+                // The float steps of [`finish`].
+                *v = V::fma(V::mul(d, V::set1_p(a.d)), V::cvt(s), *v);
+                if F::MIN {
+                    *v = V::fma(m, V::set1_p(a.s), *v);
+                }
+            }
+        }
+        for (acc, v) in acc.iter_mut().zip(v) {
+            V::storep(acc.as_mut_ptr(), v);
         }
     }
 
