@@ -2118,15 +2118,7 @@ pub(crate) mod tiled {
     /// The tile of `dtype` over `m`, with the one-token kernels at `One` (which may be a
     /// narrower ISA) for a single token.
     #[inline(always)]
-    unsafe fn by_format<
-        S: Isa,
-        One: Isa,
-        M: Mat,
-        const TT: usize,
-        const TT6: usize,
-        const TT2: usize,
-        const TT26: usize,
-    >(
+    unsafe fn by_format<S: Isa, One: Isa, M: Mat, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
         dtype: DType,
         m: M,
         nrows: usize,
@@ -2138,12 +2130,12 @@ pub(crate) mod tiled {
         match dtype {
             DType::Q4_K if ntok == 1 => drive_one::<One, M, Q4K>(m, nrows, act, out),
             DType::Q6_K if ntok == 1 => drive_one::<One, M, Q6K>(m, nrows, act, out),
-            DType::Q4_K => drive::<S, M, Q4K, TT, TT2>(m, nrows, act, ntok, out, ldo),
-            DType::Q5_K => drive::<S, M, Q5K, TT, TT2>(m, nrows, act, ntok, out, ldo),
+            DType::Q4_K => drive::<S, M, Q4K, TT, 0>(m, nrows, act, ntok, out, ldo),
+            DType::Q5_K => drive::<S, M, Q5K, TT, 0>(m, nrows, act, ntok, out, ldo),
             DType::Q6_K if ntok >= Q6K_SIGNED_FROM => {
-                drive::<S, M, Q6K_SIGNED, TT6, TT26>(m, nrows, act, ntok, out, ldo)
+                drive::<S, M, Q6K_SIGNED, TT6, TT6_PAIR>(m, nrows, act, ntok, out, ldo)
             }
-            DType::Q6_K => drive::<S, M, Q6K, TT6, TT26>(m, nrows, act, ntok, out, ldo),
+            DType::Q6_K => drive::<S, M, Q6K, TT6, TT6_PAIR>(m, nrows, act, ntok, out, ldo),
             other => panic!("{other} has no tiled kernel"),
         }
     }
@@ -2151,7 +2143,7 @@ pub(crate) mod tiled {
     /// The matrix `w` of `nrows` rows as the kernels walk it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize, const TT6: usize, const TT2: usize, const TT26: usize>(
+    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
         dtype: DType,
         w: &[u8],
         nrows: usize,
@@ -2165,10 +2157,10 @@ pub(crate) mod tiled {
         let bb = dtype.block_bytes();
         if interleaved {
             let m = Interleaved { w: w.as_ptr(), supers, bb };
-            by_format::<S, One, _, TT, TT6, TT2, TT26>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, One, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
-            by_format::<S, One, _, TT, TT6, TT2, TT26>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, One, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
         }
     }
 
@@ -2187,7 +2179,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Ymm, Ymm8, 2, 4, 0, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Ymm, Ymm8, 2, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2204,7 +2196,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<false>, Zmm<false>, 8, 8, 0, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<false>, Zmm<false>, 8, 8, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2221,7 +2213,7 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<true>, Zmm<true>, 8, 8, 0, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<true>, Zmm<true>, 8, 8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.

@@ -628,12 +628,19 @@ mod tile_x86 {
         blk: &Block<V::I, V::P>,
         a: &Q8Block,
     ) {
-        let scale = V::mul(blk.d, V::set1_p(a.d));
-        let mut v = V::fma(scale, V::cvt(sum), V::loadp(acc.as_ptr()));
+        V::storep(acc.as_mut_ptr(), fold::<V, F, N>(V::loadp(acc.as_ptr()), sum, blk.d, blk.m, a));
+    }
+
+    /// The float steps of [`finish`] on an accumulator `v` in a register: `d`, `m` the block's
+    /// scale and minimum.
+    #[inline(always)]
+    unsafe fn fold<V: Width<N>, F: Fmt, const N: usize>(v: V::P, sum: V::I, d: V::P, m: V::P, a: &Q8Block) -> V::P {
+        let v = V::fma(V::mul(d, V::set1_p(a.d)), V::cvt(sum), v);
         if F::MIN {
-            v = V::fma(blk.m, V::set1_p(a.s), v);
+            V::fma(m, V::set1_p(a.s), v)
+        } else {
+            v
         }
-        V::storep(acc.as_mut_ptr(), v);
     }
 
     /// How a tile takes its integer sums: the nibble formats' `vpmaddubsw` pairs added in i16
@@ -708,6 +715,16 @@ mod tile_x86 {
         }
     }
 
+    /// The first `n` accumulators of `buf`, zeroed (only those: zeroing all 64 per call would
+    /// show in decode).
+    fn zeroed<const N: usize>(buf: &mut [std::mem::MaybeUninit<[f32; N]>; TOKENS], n: usize) -> &mut [[f32; N]] {
+        for a in &mut buf[..n] {
+            a.write([0.0; N]);
+        }
+        // SAFETY: the first `n` were just written.
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut [f32; N], n) }
+    }
+
     /// Whether the integer sums of `KIND` start from the offset terms of format `F`
     /// ([`offset_terms`]); known at compile time, so the walk's per-token branch goes.
     #[inline(always)]
@@ -747,15 +764,8 @@ mod tile_x86 {
         let (offs2, idx2) = if TWO { row_offsets::<N>(live[1], rb) } else { (offs, idx) };
         for t0 in (0..walk.ntok).step_by(TOKENS) {
             let n = (walk.ntok - t0).min(TOKENS);
-            let zeroed = |buf: &mut [std::mem::MaybeUninit<[f32; N]>; TOKENS]| {
-                for a in &mut buf[..n] {
-                    a.write([0.0; N]);
-                }
-                // SAFETY: the first `n` were just written.
-                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut [f32; N], n) }
-            };
-            let acc = zeroed(acc_buf);
-            let acc2 = if TWO { zeroed(acc2_buf) } else { &mut [][..] };
+            let acc = zeroed(acc_buf, n);
+            let acc2 = if TWO { zeroed(acc2_buf, n) } else { &mut [][..] };
             for b in 0..nb {
                 let blk = group_block::<V, F, N, KIND>(walk, r0, b, &offs, &idx);
                 let blk2 = if TWO { group_block::<V, F, N, KIND>(walk, r0 + N, b, &offs2, &idx2) } else { blk };
@@ -818,11 +828,7 @@ mod tile_x86 {
         let mut dm = [(V::zero_p(), V::zero_p()); TILED_BLOCKS];
         for t0 in (0..walk.ntok).step_by(TOKENS) {
             let n = (walk.ntok - t0).min(TOKENS);
-            for a in &mut acc_buf[..n] {
-                a.write([0.0; N]);
-            }
-            // SAFETY: the first `n` were just written.
-            let acc = std::slice::from_raw_parts_mut(acc_buf.as_mut_ptr() as *mut [f32; N], n);
+            let acc = zeroed(acc_buf, n);
             for b0 in (0..nb).step_by(TILED_BLOCKS) {
                 let nbk = (nb - b0).min(TILED_BLOCKS);
                 for k in 0..nbk {
@@ -870,11 +876,7 @@ mod tile_x86 {
             }
             let (d, m) = dm[k];
             for ((v, s), a) in v.iter_mut().zip(s).zip(&a) {
-                // The float steps of [`finish`].
-                *v = V::fma(V::mul(d, V::set1_p(a.d)), V::cvt(s), *v);
-                if F::MIN {
-                    *v = V::fma(m, V::set1_p(a.s), *v);
-                }
+                *v = fold::<V, F, N>(*v, s, d, m, a);
             }
         }
         for (acc, v) in acc.iter_mut().zip(v) {
