@@ -3,10 +3,10 @@
 //! A weight block decodes to `w[i] = d_w * q_w[i]` (`+ m_w` for the `_1` formats) and an
 //! activation block to `x[i] ≈ d_a * q_a[i]`, so one block contributes
 //!
-//! - `d_w·d_a · Σ q_w[i]·q_a[i]` for Q4_0 / Q5_0 / Q8_0, with `q_w` centred (Q4_0: nibble − 8,
-//!   Q5_0: 5-bit value − 16, Q8_0: the signed byte), and
-//! - `d_w·d_a · Σ q_w[i]·q_a[i] + m_w·s_a` for Q4_1 / Q5_1, with `q_w` unsigned and
-//!   `s_a = d_a·Σ q_a` precomputed in the activation block.
+//! - `d_w·d_a · Σ q_w[i]·q_a[i]` for Q8_0 (`q_w` the signed byte), and
+//! - `d_w·d_a · Σ q_w[i]·q_a[i] + m_w·s_a` for the nibble formats, with `q_w` unsigned as stored
+//!   and `s_a = d_a·Σ q_a` precomputed in the activation block: `m_w` is Q4_1 / Q5_1's minimum,
+//!   and for Q4_0 / Q5_0, whose weights are `d_w·(q_w − o)`, `−o·d_w` (`o` = 8, 16).
 //!
 //! The inner sum is exact integer arithmetic at every level.
 //!
@@ -57,15 +57,17 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// The reference: per block an exact i32 sum of quant products, then
-/// `(d_w·d_a)·sum (+ m_w·s_a)` added in block order.
+/// `(d_w·d_a)·sum (+ m_w·s_a)` added in block order (Q4_0 / Q5_0: `sum` of the unsigned
+/// quants, `m_w = −o·d_w` for their offset `o`, 8 or 16).
 pub fn dot_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
     scalar_sum(dtype, row, act, false)
 }
 
 /// One (row, token) product exactly as every tile kernel ([`gemm`]) computes it, at every SIMD
 /// level: per block the exact i32 sum of quant products, then in block order
-/// `acc = fma(d_w·d_a, sum, acc)` and, for Q4_1 / Q5_1, `acc = fma(m_w, s_a, acc)` (f32, one
-/// rounding per step).
+/// `acc = fma(d_w·d_a, sum, acc)` and, for the nibble formats, `acc = fma(m_w, s_a, acc)` (f32,
+/// one rounding per step; `m_w` is Q4_1 / Q5_1's minimum, or `−8·d_w` / `−16·d_w` for Q4_0 /
+/// Q5_0, whose sums take the unsigned quants as stored).
 pub fn tile_dot_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
     scalar_sum(dtype, row, act, true)
 }
@@ -75,13 +77,14 @@ pub fn tile_dot_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
 fn scalar_sum(dtype: DType, row: &[u8], act: &[Q8Block], fused: bool) -> f32 {
     check(dtype, row, act);
     match dtype {
-        DType::Q4_0 => scalar_blocks::<18>(row, act, Fold::new(fused, false), |b, y| {
+        DType::Q4_0 => scalar_blocks::<18>(row, act, Fold::new(fused, true), |b, y| {
             let mut sum = 0i32;
             for j in 0..16 {
                 let q = b[2 + j];
-                sum += ((q & 0x0F) as i32 - 8) * y[j] as i32 + ((q >> 4) as i32 - 8) * y[j + 16] as i32;
+                sum += (q & 0x0F) as i32 * y[j] as i32 + (q >> 4) as i32 * y[j + 16] as i32;
             }
-            (f16_at(b, 0), 0.0, sum)
+            let d = f16_at(b, 0);
+            (d, -8.0 * d, sum)
         }),
         DType::Q4_1 => scalar_blocks::<20>(row, act, Fold::new(fused, true), |b, y| {
             let mut sum = 0i32;
@@ -91,16 +94,17 @@ fn scalar_sum(dtype: DType, row: &[u8], act: &[Q8Block], fused: bool) -> f32 {
             }
             (f16_at(b, 0), f16_at(b, 2), sum)
         }),
-        DType::Q5_0 => scalar_blocks::<22>(row, act, Fold::new(fused, false), |b, y| {
+        DType::Q5_0 => scalar_blocks::<22>(row, act, Fold::new(fused, true), |b, y| {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             let mut sum = 0i32;
             for j in 0..16 {
                 let q = b[6 + j];
-                let lo = ((q & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
-                let hi = ((q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
+                let lo = ((q & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i32;
+                let hi = ((q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32;
                 sum += lo * y[j] as i32 + hi * y[j + 16] as i32;
             }
-            (f16_at(b, 0), 0.0, sum)
+            let d = f16_at(b, 0);
+            (d, -16.0 * d, sum)
         }),
         DType::Q5_1 => scalar_blocks::<24>(row, act, Fold::new(fused, true), |b, y| {
             let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -176,7 +180,7 @@ fn scalar_blocks<const BB: usize>(
 ///
 /// **Why the result cannot depend on the tile.** Per block, the sum of quant products is an
 /// exact i32 however a kernel arranges it; the float steps that follow (`d_w·d_a`, one fma per
-/// block in block order, one more for the `_1` minimum) are IEEE operations on one vector lane
+/// block in block order, one more for the nibble formats' `m_w·s_a`) are IEEE operations on one vector lane
 /// per (row, token), and a lane's operations never involve another lane. So an output is the
 /// same bits whatever the number of rows and tokens in the call, wherever it sits, and at every
 /// SIMD level (the scalar level computes the same fused sequence). It may differ from
@@ -194,9 +198,12 @@ fn scalar_blocks<const BB: usize>(
 ///
 /// **Offsets.** Both instructions multiply unsigned bytes (the weights here) by signed ones (the
 /// activations). The quants go in unsigned as stored (Q4_0 nibbles 0..16, Q5_0 values 0..32,
-/// and for VNNI Q8_0's bytes + 128), and the offset `o` they carry (8, 16, 128) comes back
-/// exactly through `Σ (q − o)·a = Σ q·a − o·Σ a`: `−o·Σ a` is computed once per activation
-/// block and call, and starts that block's integer sum. Q4_1 / Q5_1 have no offset. Without
+/// and for VNNI Q8_0's bytes + 128). Q4_0 / Q5_0's offset `o` (8, 16) is a float term, as the
+/// `_1` formats' minimum: `d·d_a·Σ (q − o)·a = d·d_a·Σ q·a − o·d·s_a` (`s_a = d_a·Σ a`), so the
+/// integer sums are the same for every token and the VNNI walk keeps them in register tiles.
+/// Q8_0's 128 under VNNI comes back exactly through `Σ (q − 128)·a = Σ q·a − 128·Σ a`:
+/// `−128·Σ a` is computed once per activation block and call, and starts that block's integer
+/// sum. Without
 /// VNNI, Q8_0's full-range bytes would overflow the i16 pair sums that way; its weight sign
 /// moves onto the activation instead (`|w|·(sign(w)·a)`), and for one or two tokens it skips
 /// the transpose (multiplying rows in place and reducing them with a few shuffles is cheaper
@@ -290,8 +297,9 @@ mod tile_x86 {
         const QS: usize;
         /// Where the 32 fifth bits start (Q5_0 / Q5_1); 0 when there are none.
         const QH: usize;
-        /// log2 of the offset `o` the stored (unsigned) quants carry: Q4_0: 8, Q5_0: 16, and
-        /// Q8_0 when the VNNI kernel adds 128 to make its bytes unsigned; 0 for none.
+        /// log2 of the offset `o` the stored (unsigned) quants carry: Q4_0: 8, Q5_0: 16 (an
+        /// `m·s_a` term, [`has_m`]), and Q8_0 when the VNNI kernel adds 128 to make its bytes
+        /// unsigned (an offset term, [`offset_terms`]); 0 for none.
         const OFFSET_LOG2: u32;
         /// An f16 minimum `m` follows `d` (Q4_1, Q5_1).
         const MIN: bool;
@@ -541,10 +549,32 @@ mod tile_x86 {
         unsafe fn rows(base: *const u8, offs: &[usize; N], at: usize) -> [Self::I; 8];
     }
 
-    /// `d` and, for the `_1` formats, `m`, from the dword holding them in each lane.
+    /// `d` and `m` (the `_1` formats' minimum, or Q4_0 / Q5_0's `−o·d`), from the dword holding
+    /// them in each lane.
     #[inline(always)]
     unsafe fn d_m<V: Width<N>, F: Fmt, const N: usize>(dm: V::I) -> (V::P, V::P) {
-        (V::f16_lo(dm), if F::MIN { V::f16_hi(dm) } else { V::zero_p() })
+        let d = V::f16_lo(dm);
+        (d, m_of::<V, F, N>(d, dm))
+    }
+
+    /// The block's `m` term factor from its scale `d` and header dword `dm`: the `_1` formats'
+    /// stored minimum, `−o·d` for the nibble formats with an offset (exact: a power of two
+    /// times an f16), none for Q8_0.
+    #[inline(always)]
+    unsafe fn m_of<V: Width<N>, F: Fmt, const N: usize>(d: V::P, dm: V::I) -> V::P {
+        if F::MIN {
+            V::f16_hi(dm)
+        } else if has_m::<F>() {
+            V::mul(d, V::set1_p(-((1u32 << F::OFFSET_LOG2) as f32)))
+        } else {
+            V::zero_p()
+        }
+    }
+
+    /// Whether the format's blocks add an `m·s_a` term: the `_1` formats' minimum, or the
+    /// offset of Q4_0 / Q5_0's unsigned quants (`Σ (q − o)·a·d·d_a = d·d_a·Σ q·a − o·d·s_a`).
+    const fn has_m<F: Fmt>() -> bool {
+        F::MIN || (F::OFFSET_LOG2 != 0 && !F::BYTES)
     }
 
     /// A block of `N` rows from its columns of quant dwords `q` (Q8_0: all 8; the nibble
@@ -597,8 +627,12 @@ mod tile_x86 {
     unsafe fn packed<V: Width<N>, F: Fmt, const N: usize>(blk: *const u8, lane: usize) -> Block<V::I, V::P> {
         // Column `c` of the field at byte `off` of the row blocks.
         let col = |off: usize, c: usize| blk.add(16 * off + 64 * c + 4 * lane);
-        let (d, m) =
-            if F::MIN { d_m::<V, F, N>(V::load(col(0, 0))) } else { (V::f16_load(blk.add(2 * lane)), V::zero_p()) };
+        let (d, m) = if F::MIN {
+            d_m::<V, F, N>(V::load(col(0, 0)))
+        } else {
+            let d = V::f16_load(blk.add(2 * lane));
+            (d, m_of::<V, F, N>(d, V::zero()))
+        };
         let n = if F::BYTES { 8 } else { 4 };
         let mut q = [V::zero(); 8];
         for (c, qc) in q.iter_mut().enumerate().take(n) {
@@ -619,7 +653,7 @@ mod tile_x86 {
         Block { w: V::rows(base, offs, F::QS), d: V::f16_lo(dm), m: V::zero_p() }
     }
 
-    /// `acc = fma(d_w·d_a, sum, acc)`, then `fma(m_w, s_a, acc)` for the `_1` formats: the float
+    /// `acc = fma(d_w·d_a, sum, acc)`, then `fma(m_w, s_a, acc)` for the nibble formats: the float
     /// steps of [`super::tile_dot_scalar`], one lane per row.
     #[inline(always)]
     unsafe fn finish<V: Width<N>, F: Fmt, const N: usize>(
@@ -636,7 +670,7 @@ mod tile_x86 {
     #[inline(always)]
     unsafe fn fold<V: Width<N>, F: Fmt, const N: usize>(v: V::P, sum: V::I, d: V::P, m: V::P, a: &Q8Block) -> V::P {
         let v = V::fma(V::mul(d, V::set1_p(a.d)), V::cvt(sum), v);
-        if F::MIN {
+        if has_m::<F>() {
             V::fma(m, V::set1_p(a.s), v)
         } else {
             v
@@ -693,6 +727,7 @@ mod tile_x86 {
     unsafe fn walk<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(tile: Tile<'_>) {
         let Tile { w, nrows, packed, act, ntok, out, ldo } = tile;
         let nb = act.len() / ntok;
+        let tiled = KIND == VNNI && !F::BYTES && N == crate::dot::GROUP_ROWS && ntok >= TILED_MIN_TOKENS;
         let offsets = if with_offsets::<F>(KIND) { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
         let pairs = KIND == VNNI && N == crate::dot::GROUP_ROWS && ntok >= PAIR_MIN_TOKENS;
         let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
@@ -702,7 +737,7 @@ mod tile_x86 {
         let mut acc2 = [std::mem::MaybeUninit::<[f32; N]>::uninit(); TOKENS];
         let mut r0 = 0;
         while r0 < nrows {
-            if KIND == VNNI && !with_offsets::<F>(KIND) && N == crate::dot::GROUP_ROWS && ntok >= TILED_MIN_TOKENS {
+            if tiled {
                 groups_tiled::<V, F, N>(&walk, r0, nrows, &mut acc, out, ldo);
                 r0 += N;
             } else if pairs && nrows - r0 > N {
@@ -729,7 +764,7 @@ mod tile_x86 {
     /// ([`offset_terms`]); known at compile time, so the walk's per-token branch goes.
     #[inline(always)]
     const fn with_offsets<F: Fmt>(kind: u8) -> bool {
-        F::OFFSET_LOG2 != 0 && (kind == NIBBLES || kind == VNNI)
+        F::BYTES && kind == VNNI
     }
 
     /// Fewest tokens for which [`walk`] takes two row groups at a time: one or two tokens have
@@ -793,21 +828,23 @@ mod tile_x86 {
         }
     }
 
-    /// Fewest tokens for which the VNNI walk of the formats without offset terms (Q4_1, Q5_1)
-    /// takes register tiles of [`TILE_TOKENS`] ([`groups_tiled`]) instead of pairs of groups.
+    /// Fewest tokens for which the VNNI walk of the nibble formats (all but Q8_0, whose offset
+    /// term starts its integer sums) takes register tiles of [`TILE_TOKENS`] ([`groups_tiled`]) instead of pairs of groups.
     /// `cargo bench -p pio-kernels --bench matmul -- 'matmul_Q(4_0|4_1|5_0|8_0)_n(16|64)/avx512$'`
     /// (one thread, GMAC/s, 2 alternated rounds, pairs -> tiles): Q4_1 n16 132 / 137 -> 139 /
-    /// 144, n64 156 / 152 -> 167 / 175; the formats with offset terms gained nothing or lost
-    /// (Q8_0 n64 148 / 151 -> 137 / 146, Q5_0 145 / 149 -> 145 / 157, Q4_0 152 / 159 -> 149 /
-    /// 154), so they keep the pairs.
+    /// 144, n64 156 / 152 -> 167 / 175. With offset terms starting the integer sums (read per
+    /// token and block) the tiles gained nothing or lost (Q8_0 n64 148 / 151 -> 137 / 146, Q5_0
+    /// 145 / 149 -> 145 / 157), so Q8_0 keeps the pairs; Q4_0 / Q5_0, whose offset is now an
+    /// `m·s_a` term as the `_1` formats' minimum ([`has_m`]), gained: Q5_0 n64 151 / 135 ->
+    /// 162 / 159, Q4_0 152 / 146 -> 168 / 164.
     const TILED_MIN_TOKENS: usize = 8;
     /// Tokens per register tile of [`groups_tiled`].
     const TILE_TOKENS: usize = 8;
     /// Blocks a [`groups_tiled`] pass unpacks before its tokens take them.
     const TILED_BLOCKS: usize = 8;
 
-    /// The group of `N` rows at `r0` times every token, with `vpdpbusd`, for a format without
-    /// offset terms: [`TILED_BLOCKS`] blocks are unpacked at a time, then each register tile of
+    /// The group of `N` rows at `r0` times every token, with `vpdpbusd`, for a nibble format
+    /// (no offset terms in its integer sums): [`TILED_BLOCKS`] blocks are unpacked at a time, then each register tile of
     /// [`TILE_TOKENS`] tokens takes them with its accumulators in registers (not loaded and
     /// stored per block and token, as in [`groups`]), each column serving the tile's tokens.
     /// The same operations per (row, token) as [`groups`], so the same bits.
@@ -999,7 +1036,8 @@ mod tile_x86 {
                 s
             }
             _ => {
-                // Unsigned quants times signed activations, from the offset term.
+                // Unsigned quants times signed activations (Q4_0 / Q5_0: their offset is an
+                // `m·s_a` term, [`has_m`]).
                 let mut s = V::set1_i32(off);
                 for h in (0..8).step_by(F::I16_GROUPS) {
                     let mut p = V::maddubs(wa[h], V::bcast(y, h));
