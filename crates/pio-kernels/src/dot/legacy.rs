@@ -180,8 +180,8 @@ fn scalar_blocks<const BB: usize>(
 ///
 /// **Why the result cannot depend on the tile.** Per block, the sum of quant products is an
 /// exact i32 however a kernel arranges it; the float steps that follow (`d_w·d_a`, one fma per
-/// block in block order, one more for the nibble formats' `m_w·s_a`) are IEEE operations on one vector lane
-/// per (row, token), and a lane's operations never involve another lane. So an output is the
+/// block in block order, one more for the nibble formats' `m_w·s_a`) are IEEE operations on
+/// one vector lane per (row, token), and a lane's operations never involve another lane. So an output is the
 /// same bits whatever the number of rows and tokens in the call, wherever it sits, and at every
 /// SIMD level (the scalar level computes the same fused sequence). It may differ from
 /// [`dot_q8`], which adds the blocks in another order, in the last bits.
@@ -203,8 +203,7 @@ fn scalar_blocks<const BB: usize>(
 /// integer sums are the same for every token and the VNNI walk keeps them in register tiles.
 /// Q8_0's 128 under VNNI comes back exactly through `Σ (q − 128)·a = Σ q·a − 128·Σ a`:
 /// `−128·Σ a` is computed once per activation block and call, and starts that block's integer
-/// sum. Without
-/// VNNI, Q8_0's full-range bytes would overflow the i16 pair sums that way; its weight sign
+/// sum. Without VNNI, Q8_0's full-range bytes would overflow the i16 pair sums that way; its weight sign
 /// moves onto the activation instead (`|w|·(sign(w)·a)`), and for one or two tokens it skips
 /// the transpose (multiplying rows in place and reducing them with a few shuffles is cheaper
 /// when a block serves a single token; the sums, being exact, are the same).
@@ -554,17 +553,14 @@ mod tile_x86 {
     #[inline(always)]
     unsafe fn d_m<V: Width<N>, F: Fmt, const N: usize>(dm: V::I) -> (V::P, V::P) {
         let d = V::f16_lo(dm);
-        (d, m_of::<V, F, N>(d, dm))
+        (d, if F::MIN { V::f16_hi(dm) } else { offset_m::<V, F, N>(d) })
     }
 
-    /// The block's `m` term factor from its scale `d` and header dword `dm`: the `_1` formats'
-    /// stored minimum, `−o·d` for the nibble formats with an offset (exact: a power of two
-    /// times an f16), none for Q8_0.
+    /// The `m` of a format without a stored minimum, from its scale `d`: `−o·d` for Q4_0 /
+    /// Q5_0 (exact: a power of two times an f16), none for Q8_0.
     #[inline(always)]
-    unsafe fn m_of<V: Width<N>, F: Fmt, const N: usize>(d: V::P, dm: V::I) -> V::P {
-        if F::MIN {
-            V::f16_hi(dm)
-        } else if has_m::<F>() {
+    unsafe fn offset_m<V: Width<N>, F: Fmt, const N: usize>(d: V::P) -> V::P {
+        if has_m::<F>() {
             V::mul(d, V::set1_p(-((1u32 << F::OFFSET_LOG2) as f32)))
         } else {
             V::zero_p()
@@ -631,7 +627,7 @@ mod tile_x86 {
             d_m::<V, F, N>(V::load(col(0, 0)))
         } else {
             let d = V::f16_load(blk.add(2 * lane));
-            (d, m_of::<V, F, N>(d, V::zero()))
+            (d, offset_m::<V, F, N>(d))
         };
         let n = if F::BYTES { 8 } else { 4 };
         let mut q = [V::zero(); 8];
@@ -829,7 +825,8 @@ mod tile_x86 {
     }
 
     /// Fewest tokens for which the VNNI walk of the nibble formats (all but Q8_0, whose offset
-    /// term starts its integer sums) takes register tiles of [`TILE_TOKENS`] ([`groups_tiled`]) instead of pairs of groups.
+    /// term starts its integer sums) takes register tiles of [`TILE_TOKENS`] ([`groups_tiled`])
+    /// instead of pairs of groups.
     /// `cargo bench -p pio-kernels --bench matmul -- 'matmul_Q(4_0|4_1|5_0|8_0)_n(16|64)/avx512$'`
     /// (one thread, GMAC/s, 2 alternated rounds, pairs -> tiles): Q4_1 n16 132 / 137 -> 139 /
     /// 144, n64 156 / 152 -> 167 / 175. With offset terms starting the integer sums (read per
@@ -844,9 +841,10 @@ mod tile_x86 {
     const TILED_BLOCKS: usize = 8;
 
     /// The group of `N` rows at `r0` times every token, with `vpdpbusd`, for a nibble format
-    /// (no offset terms in its integer sums): [`TILED_BLOCKS`] blocks are unpacked at a time, then each register tile of
-    /// [`TILE_TOKENS`] tokens takes them with its accumulators in registers (not loaded and
-    /// stored per block and token, as in [`groups`]), each column serving the tile's tokens.
+    /// (no offset terms in its integer sums): [`TILED_BLOCKS`] blocks are unpacked at a time,
+    /// then each register tile of [`TILE_TOKENS`] tokens takes them with its accumulators in
+    /// registers (not loaded and stored per block and token, as in [`groups`]), each column
+    /// serving the tile's tokens.
     /// The same operations per (row, token) as [`groups`], so the same bits.
     #[inline(always)]
     unsafe fn groups_tiled<V: Width<N>, F: Fmt, const N: usize>(
@@ -1037,8 +1035,8 @@ mod tile_x86 {
             }
             _ => {
                 // Unsigned quants times signed activations (Q4_0 / Q5_0: their offset is an
-                // `m·s_a` term, [`has_m`]).
-                let mut s = V::set1_i32(off);
+                // `m·s_a` term, [`has_m`], not an offset term).
+                let mut s = V::zero();
                 for h in (0..8).step_by(F::I16_GROUPS) {
                     let mut p = V::maddubs(wa[h], V::bcast(y, h));
                     for g in h + 1..h + F::I16_GROUPS {
