@@ -1,7 +1,10 @@
 //! Which SIMD instruction sets the kernels may use: detected once, optionally capped by
-//! `PIO_SIMD=scalar|avx2|avx512|amx` so every level can be tested and benchmarked on one machine.
-//! `amx` is the AVX-512 level plus Intel's AMX tile multiplier ([`has_amx`]), the default where
-//! the CPU and the kernel offer it; `avx512` then means AVX-512 without AMX.
+//! `PIO_SIMD=scalar|avx2|avxvnni|avx512|amx` so every level can be tested and benchmarked on one
+//! machine. `amx` is the AVX-512 level plus Intel's AMX tile multiplier ([`has_amx`]), the default
+//! where the CPU and the kernel offer it; `avx512` then means AVX-512 without AMX. Likewise
+//! `avxvnni` is the AVX2 level plus AVX-VNNI ([`has_avx_vnni`]: the 256-bit `vpdpbusd` of
+//! Intel's client cores since Alder Lake, which have no AVX-512), the default where the CPU has
+//! it and no AVX-512; `avx2` then means plain AVX2, as on AMD's Zen 2 and Zen 3.
 
 use std::sync::OnceLock;
 
@@ -25,11 +28,12 @@ impl SimdLevel {
         }
     }
 
-    /// Parses `scalar`, `avx2`, `avx512` or `amx` (the AVX-512 level, with [`has_amx`]).
+    /// Parses `scalar`, `avx2`, `avxvnni` (the AVX2 level, with [`has_avx_vnni`]), `avx512` or
+    /// `amx` (the AVX-512 level, with [`has_amx`]).
     pub fn parse(s: &str) -> Option<SimdLevel> {
         match s.trim().to_ascii_lowercase().as_str() {
             "scalar" => Some(SimdLevel::Scalar),
-            "avx2" => Some(SimdLevel::Avx2),
+            "avx2" | "avxvnni" => Some(SimdLevel::Avx2),
             "avx512" | "amx" => Some(SimdLevel::Avx512),
             _ => None,
         }
@@ -71,16 +75,59 @@ pub fn level() -> SimdLevel {
     *L.get_or_init(|| match std::env::var("PIO_SIMD") {
         Err(_) => detected(),
         Ok(v) => match SimdLevel::parse(&v) {
-            Some(l) if l <= detected() && (!v.trim().eq_ignore_ascii_case("amx") || amx_detected()) => l,
+            Some(l)
+                if l <= detected()
+                    && (!v.trim().eq_ignore_ascii_case("amx") || amx_detected())
+                    && (!v.trim().eq_ignore_ascii_case("avxvnni") || avx_vnni_detected()) =>
+            {
+                l
+            }
             _ => {
                 eprintln!(
-                    "warning: PIO_SIMD={v:?} is not one of scalar|avx2|avx512|amx this CPU runs; using {}",
+                    "warning: PIO_SIMD={v:?} is not one of scalar|avx2|avxvnni|avx512|amx this CPU runs; using {}",
                     detected().name()
                 );
                 detected()
             }
         },
     })
+}
+
+/// The name of what the kernels run: [`level`]'s, or `avxvnni` / `amx` where [`has_avx_vnni`] /
+/// [`has_amx`] add to it.
+pub fn label() -> &'static str {
+    if has_avx_vnni() {
+        "avxvnni"
+    } else if has_amx() {
+        "amx"
+    } else {
+        level().name()
+    }
+}
+
+/// The AVX2-level kernels use AVX-VNNI (the VEX-encoded 256-bit `vpdpbusd`): the CPU has it, the
+/// level is AVX2 (AVX-512 CPUs run their own VNNI at the AVX-512 level), and `PIO_SIMD` is unset
+/// or `avxvnni` (`avx2` asks for plain AVX2).
+pub fn has_avx_vnni() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        let asked = match std::env::var("PIO_SIMD") {
+            Err(_) => true,
+            Ok(v) => v.trim().eq_ignore_ascii_case("avxvnni"),
+        };
+        asked && level() == SimdLevel::Avx2 && avx_vnni_detected()
+    })
+}
+
+/// The CPU has AVX-VNNI (and the AVX2 level).
+pub(crate) fn avx_vnni_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: OnceLock<bool> = OnceLock::new();
+        *V.get_or_init(|| detected() >= SimdLevel::Avx2 && std::arch::is_x86_feature_detected!("avxvnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// AVX-512 VNNI (`vpdpbusd`) is available.
@@ -218,5 +265,30 @@ mod cache_tests {
         assert_eq!(super::parse_cache_size("12Q"), None);
         assert_eq!(super::parse_cache_size(""), None);
         assert!(super::l2_bytes() >= 64 << 10);
+    }
+}
+
+#[cfg(test)]
+mod level_tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_with_their_extensions() {
+        assert_eq!(SimdLevel::parse("scalar"), Some(SimdLevel::Scalar));
+        assert_eq!(SimdLevel::parse(" AVX2 "), Some(SimdLevel::Avx2));
+        assert_eq!(SimdLevel::parse("avxvnni"), Some(SimdLevel::Avx2));
+        assert_eq!(SimdLevel::parse("avx512"), Some(SimdLevel::Avx512));
+        assert_eq!(SimdLevel::parse("amx"), Some(SimdLevel::Avx512));
+        assert_eq!(SimdLevel::parse("avx10"), None);
+    }
+
+    #[test]
+    fn extensions_only_at_their_level() {
+        // AVX-VNNI is only used at the AVX2 level, AMX only at the AVX-512 one.
+        assert!(!has_avx_vnni() || level() == SimdLevel::Avx2);
+        assert!(!has_amx() || level() == SimdLevel::Avx512);
+        assert!(!has_avx_vnni() || avx_vnni_detected());
+        let label = label();
+        assert!(["scalar", "avx2", "avxvnni", "avx512", "amx"].contains(&label), "{label}");
     }
 }

@@ -239,9 +239,15 @@ pub fn gemm(
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` comes from `cpu::level()`, which only reports what the CPU has
-        // (AVX2 + FMA + F16C); the checks above and `dot::gemm_q8` asserted the shapes and the
-        // layout's size.
-        SimdLevel::Avx2 => unsafe { tile_x86::gemm_avx2(dtype, w, nrows, packed, act, ntok, out, ldo) },
+        // (AVX2 + FMA + F16C), and `has_avx_vnni()` detected AVX-VNNI; the checks above and
+        // `dot::gemm_q8` asserted the shapes and the layout's size.
+        SimdLevel::Avx2 => unsafe {
+            if crate::cpu::has_avx_vnni() {
+                tile_x86::gemm_avx2_vnni(dtype, w, nrows, packed, act, ntok, out, ldo)
+            } else {
+                tile_x86::gemm_avx2(dtype, w, nrows, packed, act, ntok, out, ldo)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX-512 F/BW/VL/DQ + FMA + F16C); the VNNI kernels only run when
         // `has_avx512_vnni()` detected it.
@@ -723,9 +729,9 @@ mod tile_x86 {
     unsafe fn walk<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(tile: Tile<'_>) {
         let Tile { w, nrows, packed, act, ntok, out, ldo } = tile;
         let nb = act.len() / ntok;
-        let tiled = KIND == VNNI && !F::BYTES && N == crate::dot::GROUP_ROWS && ntok >= TILED_MIN_TOKENS;
+        let tiled = KIND == VNNI && !F::BYTES && ntok >= TILED_MIN_TOKENS;
         let offsets = if with_offsets::<F>(KIND) { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-        let pairs = KIND == VNNI && N == crate::dot::GROUP_ROWS && ntok >= PAIR_MIN_TOKENS;
+        let pairs = KIND == VNNI && ntok >= PAIR_MIN_TOKENS;
         let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
         // the used ones are initialized, per chunk (zeroing 8 KiB per call would show in decode).
@@ -837,6 +843,10 @@ mod tile_x86 {
     const TILED_MIN_TOKENS: usize = 8;
     /// Tokens per register tile of [`groups_tiled`].
     const TILE_TOKENS: usize = 8;
+    /// Tokens per register tile of [`groups_tiled`] for 8-row vectors (AVX-VNNI, with 16
+    /// registers). Nibble formats at 896 columns, 64 tokens (`bench_gemm_ns_per_pair`, ns per
+    /// pair): 8.1-8.4 with pairs of groups, 7.1-7.7 with tiles of 4 tokens, 7.0-7.4 with 6.
+    const NARROW_TILE_TOKENS: usize = 6;
     /// Blocks a [`groups_tiled`] pass unpacks before its tokens take them.
     const TILED_BLOCKS: usize = 8;
 
@@ -872,9 +882,25 @@ mod tile_x86 {
                     dm[k] = (blk.d, blk.m);
                 }
                 let mut t = 0;
-                while t + TILE_TOKENS <= n {
-                    token_tile::<V, F, N, TILE_TOKENS>(walk, &cols, &dm, nbk, t0 + t, b0, &mut acc[t..t + TILE_TOKENS]);
-                    t += TILE_TOKENS;
+                if N == crate::dot::GROUP_ROWS {
+                    while t + TILE_TOKENS <= n {
+                        token_tile::<V, F, N, TILE_TOKENS>(
+                            walk,
+                            &cols,
+                            &dm,
+                            nbk,
+                            t0 + t,
+                            b0,
+                            &mut acc[t..t + TILE_TOKENS],
+                        );
+                        t += TILE_TOKENS;
+                    }
+                } else {
+                    while t + NARROW_TILE_TOKENS <= n {
+                        let acc = &mut acc[t..t + NARROW_TILE_TOKENS];
+                        token_tile::<V, F, N, NARROW_TILE_TOKENS>(walk, &cols, &dm, nbk, t0 + t, b0, acc);
+                        t += NARROW_TILE_TOKENS;
+                    }
                 }
                 for t in t..n {
                     token_tile::<V, F, N, 1>(walk, &cols, &dm, nbk, t0 + t, b0, &mut acc[t..t + 1]);
@@ -1053,7 +1079,8 @@ mod tile_x86 {
     // AVX2: 8 rows per vector
     // ---------------------------------------------------------------------------------------
 
-    struct Ymm;
+    /// AVX2; `VNNI` takes the byte products with AVX-VNNI's 256-bit `vpdpbusd`.
+    struct Ymm<const VNNI: bool>;
 
     /// Dwords 0 and 1 of each of 8 rows' blocks: the first two vectors of a transpose of the
     /// blocks' first 16 bytes. Measured cheaper than two 8-lane gathers (the AVX-512 kernels
@@ -1101,12 +1128,12 @@ mod tile_x86 {
         _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(p))
     }
 
-    impl Width<8> for Ymm {
+    impl<const VNNI: bool> Width<8> for Ymm<VNNI> {
         type I = __m256i;
         type P = __m256;
         /// `vpsignb` takes the weights' signs from the weights themselves.
         type Sign = __m256i;
-        const VNNI: bool = false;
+        const VNNI: bool = VNNI;
         #[inline(always)]
         unsafe fn zero() -> __m256i {
             _mm256_setzero_si256()
@@ -1148,8 +1175,9 @@ mod tile_x86 {
             _mm256_madd_epi16(a, _mm256_set1_epi16(1))
         }
         #[inline(always)]
-        unsafe fn dpbusd(_: __m256i, _: __m256i, _: __m256i) -> __m256i {
-            unreachable!("the AVX2 tile does not use VNNI")
+        unsafe fn dpbusd(s: __m256i, a: __m256i, b: __m256i) -> __m256i {
+            // Only reached with `VNNI` (see `tile`), whose entry point enables AVX-VNNI.
+            _mm256_dpbusd_avx_epi32(s, a, b)
         }
         #[inline(always)]
         unsafe fn bcast(p: *const i8, g: usize) -> __m256i {
@@ -1463,7 +1491,14 @@ mod tile_x86 {
     /// The CPU has AVX2 + FMA + F16C; shapes as [`tile`] says.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile_avx2<F: Fmt>(t: Tile<'_>) {
-        tile::<Ymm, F, 8>(t)
+        tile::<Ymm<false>, F, 8>(t)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 + AVX-VNNI + FMA + F16C; shapes as [`tile`] says.
+    #[target_feature(enable = "avx2,avxvnni,fma,f16c")]
+    unsafe fn tile_avx2_vnni<F: Fmt>(t: Tile<'_>) {
+        tile::<Ymm<true>, F, 8>(t)
     }
 
     /// # Safety
@@ -1483,9 +1518,16 @@ mod tile_x86 {
     /// The kernels of one instruction set, for each format.
     fn kernels<const AVX512: bool, const VNNI: bool>() -> [Kernel; 5] {
         match (AVX512, VNNI) {
-            (false, _) => {
+            (false, false) => {
                 [tile_avx2::<Q4_0>, tile_avx2::<Q4_1>, tile_avx2::<Q5_0>, tile_avx2::<Q5_1>, tile_avx2::<Q8_0>]
             }
+            (false, true) => [
+                tile_avx2_vnni::<Q4_0>,
+                tile_avx2_vnni::<Q4_1>,
+                tile_avx2_vnni::<Q5_0>,
+                tile_avx2_vnni::<Q5_1>,
+                tile_avx2_vnni::<Q8_0>,
+            ],
             (true, false) => [
                 tile_avx512::<Q4_0>,
                 tile_avx512::<Q4_1>,
@@ -1517,6 +1559,22 @@ mod tile_x86 {
         ldo: usize,
     ) {
         pick(dtype, kernels::<false, false>())(Tile { w, nrows, packed, act, ntok, out, ldo })
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 + AVX-VNNI + FMA + F16C; the shapes are as [`super::gemm`] asserts.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn gemm_avx2_vnni(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        packed: bool,
+        act: &[Q8Block],
+        ntok: usize,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
+        pick(dtype, kernels::<false, true>())(Tile { w, nrows, packed, act, ntok, out, ldo })
     }
 
     /// # Safety
@@ -1559,10 +1617,13 @@ mod tile_x86 {
     /// Every x86 tile kernel set the CPU runs, by name.
     #[cfg(test)]
     pub(super) fn variants() -> Vec<(&'static str, Gemm)> {
-        use crate::cpu::{detected, has_avx512_vnni, SimdLevel};
+        use crate::cpu::{avx_vnni_detected, detected, has_avx512_vnni, SimdLevel};
         let mut v: Vec<(&'static str, Gemm)> = Vec::new();
         if detected() >= SimdLevel::Avx2 {
             v.push(("avx2", gemm_avx2));
+            if avx_vnni_detected() {
+                v.push(("avx2+vnni", gemm_avx2_vnni));
+            }
         }
         if detected() >= SimdLevel::Avx512 {
             v.push(("avx512", gemm_avx512));

@@ -29,7 +29,8 @@
 //!   scale into vector accumulators, reduced once per row.
 //! - The Avx512 level runs these 256-bit kernels with VNNI's `vpdpbusd` (AVX-512 VL + VNNI), or
 //!   the AVX2 ones on CPUs without VNNI: kernels with two activation blocks per 512-bit register
-//!   measured slower (see `x86::wide`, kept in test builds).
+//!   measured slower (see `x86::wide`, kept in test builds). The AVX2 level runs them with
+//!   AVX-VNNI's VEX-encoded `vpdpbusd` where the CPU has it ([`crate::cpu::has_avx_vnni`]).
 //!
 //! The integer sums are exact at every level; levels differ only in the order the float terms
 //! are added. Tiles ([`super::gemm_q8`]) are one [`dot_q8`] per (row, token), so they are batch
@@ -55,8 +56,15 @@ pub fn dot_q8(level: SimdLevel, dtype: DType, row: &[u8], act: &[Q8Block]) -> f3
         SimdLevel::Scalar => scalar(dtype, row, act),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `level` comes from `cpu::level()`, which only reports what the CPU has
-        // (AVX2 + FMA + F16C); `check` asserted `row` holds `act.len()` blocks of `dtype`.
-        SimdLevel::Avx2 => unsafe { x86::dot_avx2(dtype, row, act) },
+        // (AVX2 + FMA + F16C), and `has_avx_vnni()` detected AVX-VNNI; `check` asserted `row`
+        // holds `act.len()` blocks of `dtype`.
+        SimdLevel::Avx2 => unsafe {
+            if crate::cpu::has_avx_vnni() {
+                x86::dot_avx2_vnni(dtype, row, act)
+            } else {
+                x86::dot_avx2(dtype, row, act)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above (AVX-512 F/BW/VL/DQ + FMA + F16C); the VNNI variant only runs when
         // `has_avx512_vnni()` detected it.
@@ -214,6 +222,19 @@ mod x86 {
         _mm256_sub_epi32(_mm256_dpbusd_epi32(z, u, y), _mm256_dpbusd_epi32(z, _mm256_set1_epi8(8), y))
     }
 
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni,fma,f16c")]
+    unsafe fn signed256_avxvnni(w: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni,fma,f16c")]
+    unsafe fn off8_256_avxvnni(u: __m256i, y: __m256i) -> __m256i {
+        let z = _mm256_setzero_si256();
+        _mm256_sub_epi32(_mm256_dpbusd_avx_epi32(z, u, y), _mm256_dpbusd_avx_epi32(z, _mm256_set1_epi8(8), y))
+    }
+
     // ---------------------------------------------------------------------------------------
     // 256-bit: one activation block per register, two accumulators. One macro body,
     // instantiated with `vpmaddubsw` products (AVX2) and with 256-bit VNNI ones.
@@ -309,6 +330,28 @@ mod x86 {
         off8_256_vnni
     );
 
+    kernels256!(
+        "avx2,avxvnni,fma,f16c",
+        int8_avxvnni,
+        int4_avxvnni,
+        nf4_block256_avxvnni,
+        nf4_avxvnni,
+        signed256_avxvnni,
+        off8_256_avxvnni
+    );
+
+    /// # Safety
+    /// The CPU has AVX2, AVX-VNNI, FMA and F16C; `row` holds `act.len()` blocks of `dtype`.
+    #[target_feature(enable = "avx2,avxvnni,fma,f16c")]
+    pub(super) unsafe fn dot_avx2_vnni(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
+        match dtype {
+            DType::INT8 => int8_avxvnni(row, act),
+            DType::INT4 => int4_avxvnni(row, act),
+            DType::NF4 => nf4_avxvnni(row, act),
+            other => panic!("{other} is not INT8, INT4 or NF4"),
+        }
+    }
+
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `row` holds `act.len()` blocks of `dtype`.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -352,10 +395,13 @@ mod x86 {
     /// shapes the dispatcher does not use.
     #[cfg(test)]
     pub(super) fn variants() -> Vec<(&'static str, Kernel)> {
-        use crate::cpu::{detected, has_avx512_vnni, SimdLevel};
+        use crate::cpu::{avx_vnni_detected, detected, has_avx512_vnni, SimdLevel};
         let mut v: Vec<(&'static str, Kernel)> = Vec::new();
         if detected() >= SimdLevel::Avx2 {
             v.push(("avx2", dot_avx2));
+            if avx_vnni_detected() {
+                v.push(("avx2+vnni", dot_avx2_vnni));
+            }
         }
         if detected() >= SimdLevel::Avx512 {
             v.push(("512bit", wide::dot_512));
