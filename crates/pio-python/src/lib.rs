@@ -532,7 +532,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Stream>()?;
     m.add("InferencePIOError", m.py().get_type::<InferencePIOError>())?;
     m.add("SAMPLING_KEYS", PARAM_KEYS.to_vec())?;
-    let levels = pio_kernels::cpu::level().name();
-    m.add("simd_level", levels)?;
+    m.add("simd_level", pio_kernels::cpu::label())?;
     Ok(())
 }

@@ -53,7 +53,8 @@ __all__ = [
     "create_qwen3_vl_2b_plugin",
 ]
 
-#: The SIMD level the kernels run at on this CPU (``PIO_SIMD`` can lower it).
+#: The SIMD level the kernels run at on this CPU (``PIO_SIMD`` can lower it): ``scalar``,
+#: ``avx2``, ``avxvnni`` (AVX2 with AVX-VNNI), ``avx512`` or ``amx`` (AVX-512 with AMX tiles).
 simd_level: str = _native.simd_level
 
 Message = Dict[str, Any]
