@@ -110,13 +110,13 @@ pub fn label() -> &'static str {
 /// or `avxvnni` (`avx2` asks for plain AVX2).
 pub fn has_avx_vnni() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| {
-        let asked = match std::env::var("PIO_SIMD") {
-            Err(_) => true,
-            Ok(v) => v.trim().eq_ignore_ascii_case("avxvnni"),
-        };
-        asked && level() == SimdLevel::Avx2 && avx_vnni_detected()
-    })
+    *V.get_or_init(|| extension_asked("avxvnni") && level() == SimdLevel::Avx2 && avx_vnni_detected())
+}
+
+/// `PIO_SIMD` leaves the level's extension `name` on: it is unset (extensions are the default
+/// where the CPU has them) or names it.
+fn extension_asked(name: &str) -> bool {
+    std::env::var("PIO_SIMD").map_or(true, |v| v.trim().eq_ignore_ascii_case(name))
 }
 
 /// The CPU has AVX-VNNI (and the AVX2 level).
@@ -147,13 +147,7 @@ pub fn has_avx512_vnni() -> bool {
 /// is unset or `amx`.
 pub fn has_amx() -> bool {
     static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| {
-        let asked = match std::env::var("PIO_SIMD") {
-            Err(_) => true,
-            Ok(v) => v.trim().eq_ignore_ascii_case("amx"),
-        };
-        asked && level() == SimdLevel::Avx512 && amx_detected()
-    })
+    *V.get_or_init(|| extension_asked("amx") && level() == SimdLevel::Avx512 && amx_detected())
 }
 
 /// The CPU has AMX-TILE and AMX-BF16 (and AVX-512 BF16) and the kernel lets this process use

@@ -973,8 +973,8 @@ pub(crate) mod tiled {
     /// with one token per pass (and 4% fewer than 8-row columns in 4-token register tiles); 4
     /// tokens here spill (8 i16 sums beside 8 float accumulators).
     struct Ymm<const VNNI: bool>;
-    /// `[Ymm8::<VNNI>::f(a[0], b[0], ..), Ymm8::<VNNI>::f(a[1], b[1], ..)]`: an operation of [`Ymm8`] on each
-    /// half of a two-register column.
+    /// `[Ymm8::f(a[0], b[0], ..), Ymm8::f(a[1], b[1], ..)]`: an operation of [`Ymm8`] on each half
+    /// of a two-register column.
     macro_rules! halves {
         ($f:ident($($a:expr),*)) => {
             [Ymm8::<VNNI>::$f($($a[0]),*), Ymm8::<VNNI>::$f($($a[1]),*)]
@@ -1094,18 +1094,7 @@ pub(crate) mod tiled {
         unsafe fn dot_acc<const FLIP: bool>(s: Self::I, wv: Self::I, a: *const u8) -> Self::I {
             // One broadcast for both halves.
             let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
-            if VNNI {
-                let p = |s: __m256i, w: __m256i| {
-                    if FLIP {
-                        _mm256_dpbusd_avx_epi32(s, av, w)
-                    } else {
-                        _mm256_dpbusd_avx_epi32(s, w, av)
-                    }
-                };
-                return [p(s[0], wv[0]), p(s[1], wv[1])];
-            }
-            let p = |w: __m256i| if FLIP { _mm256_maddubs_epi16(av, w) } else { _mm256_maddubs_epi16(w, av) };
-            [_mm256_add_epi16(s[0], p(wv[0])), _mm256_add_epi16(s[1], p(wv[1]))]
+            [Ymm8::<VNNI>::mac::<FLIP>(s[0], wv[0], av), Ymm8::<VNNI>::mac::<FLIP>(s[1], wv[1], av)]
         }
         #[inline(always)]
         unsafe fn widen_add(sum: Self::I, s: Self::I) -> Self::I {
@@ -1152,6 +1141,20 @@ pub(crate) mod tiled {
     /// kernels, which unpack and multiply in registers, where 16-row columns would need 32
     /// registers for a 16-dword transpose (AVX2 has 16).
     struct Ymm8<const VNNI: bool>;
+
+    impl<const VNNI: bool> Ymm8<VNNI> {
+        /// `s` plus the byte products of `wv` with `av` (weights unsigned and activations signed,
+        /// or the other way round with `FLIP`): in i32 with VNNI, else as `pmaddubsw` i16 pairs.
+        #[inline(always)]
+        unsafe fn mac<const FLIP: bool>(s: __m256i, wv: __m256i, av: __m256i) -> __m256i {
+            let (u, v) = if FLIP { (av, wv) } else { (wv, av) };
+            if VNNI {
+                _mm256_dpbusd_avx_epi32(s, u, v)
+            } else {
+                _mm256_add_epi16(s, _mm256_maddubs_epi16(u, v))
+            }
+        }
+    }
 
     impl<const VNNI: bool> Isa for Ymm8<VNNI> {
         type I = __m256i;
@@ -1264,13 +1267,7 @@ pub(crate) mod tiled {
         }
         #[inline(always)]
         unsafe fn dot_acc<const FLIP: bool>(s: Self::I, wv: Self::I, a: *const u8) -> Self::I {
-            let av = _mm256_set1_epi32((a as *const i32).read_unaligned());
-            let (u, v) = if FLIP { (av, wv) } else { (wv, av) };
-            if VNNI {
-                _mm256_dpbusd_avx_epi32(s, u, v)
-            } else {
-                _mm256_add_epi16(s, _mm256_maddubs_epi16(u, v))
-            }
+            Self::mac::<FLIP>(s, wv, _mm256_set1_epi32((a as *const i32).read_unaligned()))
         }
         #[inline(always)]
         unsafe fn widen_add(sum: Self::I, s: Self::I) -> Self::I {
@@ -1286,26 +1283,22 @@ pub(crate) mod tiled {
             cols: &[Self::I; N],
             a: *const u8,
         ) -> Self::I {
+            let av = |g: usize| _mm256_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
             if VNNI {
                 // Two chains, so consecutive `vpdpbusd`s do not wait on each other.
                 let mut c = [init, _mm256_setzero_si256()];
                 for (g, &wv) in cols.iter().enumerate() {
-                    let av = _mm256_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
-                    let (u, v) = if FLIP { (av, wv) } else { (wv, av) };
-                    c[g % 2] = _mm256_dpbusd_avx_epi32(c[g % 2], u, v);
+                    c[g % 2] = Self::mac::<FLIP>(c[g % 2], wv, av(g));
                 }
                 return _mm256_add_epi32(c[0], c[1]);
             }
-            let ones = _mm256_set1_epi16(1);
             let mut sum = init;
             for g0 in (0..N).step_by(I16) {
                 let mut s = _mm256_setzero_si256();
                 for (g, &wv) in cols.iter().enumerate().skip(g0).take(I16) {
-                    let av = _mm256_set1_epi32((a.add(4 * g) as *const i32).read_unaligned());
-                    let p = if FLIP { _mm256_maddubs_epi16(av, wv) } else { _mm256_maddubs_epi16(wv, av) };
-                    s = _mm256_add_epi16(s, p);
+                    s = Self::mac::<FLIP>(s, wv, av(g));
                 }
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(s, ones));
+                sum = Self::widen_add(sum, s);
             }
             sum
         }
