@@ -338,12 +338,78 @@ mod x86 {
     /// of the tile (positions 0..8, 8..16), the four groups' low and high nibbles against the
     /// broadcast query groups with `vpmaddubsw` (at most 8 · 2 · 15 · 127 = 30480: exact in 16
     /// bits), then `vpmaddwd` into each position's dword.
+    /// With AVX-VNNI ([`crate::cpu::has_avx_vnni`]) the 256-bit `vpdpbusd` takes the products
+    /// ([`dots_avx2_vnni`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dots_avx2(tile: &[u8], hd: usize, qs: &[Q4Query], f: &mut [[f32; CHUNK]]) {
+        if crate::cpu::has_avx_vnni() {
+            return dots_avx2_vnni(tile, hd, qs, f);
+        }
         match qs.len() {
             2 => dots_rows_avx2::<2>(tile, hd, qs, f),
             1 => dots_rows_avx2::<1>(tile, hd, qs, f),
             _ => unreachable!("one or two rows at a time"),
+        }
+    }
+
+    /// [`dots_avx2`] with AVX-VNNI's `vpdpbusd` (the nibbles unsigned, the query bytes signed):
+    /// the same exact integers in i32 directly.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, AVX-VNNI, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn dots_avx2_vnni(tile: &[u8], hd: usize, qs: &[Q4Query], f: &mut [[f32; CHUNK]]) {
+        match qs.len() {
+            2 => dots_rows_avx2_vnni::<2>(tile, hd, qs, f),
+            1 => dots_rows_avx2_vnni::<1>(tile, hd, qs, f),
+            _ => unreachable!("one or two rows at a time"),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn dots_rows_avx2_vnni<const R: usize>(tile: &[u8], hd: usize, qs: &[Q4Query], f: &mut [[f32; CHUNK]]) {
+        assert!(qs.len() == R && f.len() == R && tile.len() == CHUNK * hd / 32 * 18 && hd <= super::MAX_HD);
+        let tp = tile.as_ptr();
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..hd / 32 {
+            let at = tp.add(CHUNK * hd / 2 + 32 * b);
+            let dk = [
+                _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(16) as *const __m128i)),
+            ];
+            // isum[r][h][e]: row r, positions 8h..8h+8, low (e = 0) or high nibbles: separate
+            // chains, for `vpdpbusd`'s latency.
+            let mut isum = [[[_mm256_setzero_si256(); 2]; 2]; R];
+            for w in 0..4 {
+                let x: [__m256i; 2] =
+                    std::array::from_fn(|h| _mm256_loadu_si256(tp.add(64 * (4 * b + w) + 32 * h) as *const __m256i));
+                let lo = [_mm256_and_si256(x[0], mask), _mm256_and_si256(x[1], mask)];
+                let hi = [
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x[0]), mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x[1]), mask),
+                ];
+                for r in 0..R {
+                    let ql = _mm256_set1_epi32(qword(&qs[r], 32 * b + 4 * w));
+                    let qh = _mm256_set1_epi32(qword(&qs[r], 32 * b + 16 + 4 * w));
+                    for h in 0..2 {
+                        isum[r][h][0] = _mm256_dpbusd_avx_epi32(isum[r][h][0], lo[h], ql);
+                        isum[r][h][1] = _mm256_dpbusd_avx_epi32(isum[r][h][1], hi[h], qh);
+                    }
+                }
+            }
+            for r in 0..R {
+                let (bias, sc) = (_mm256_set1_epi32(qs[r].bias[b]), _mm256_set1_ps(qs[r].dq[b]));
+                for h in 0..2 {
+                    let t = _mm256_sub_epi32(_mm256_add_epi32(isum[r][h][0], isum[r][h][1]), bias);
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dk[h], sc), acc[r][h]);
+                }
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(f[r].as_mut_ptr(), acc[r][0]);
+            _mm256_storeu_ps(f[r].as_mut_ptr().add(8), acc[r][1]);
         }
     }
 
@@ -538,6 +604,17 @@ mod tests {
                     for (r, &i) in pair.iter().enumerate() {
                         let same = f[r].iter().zip(&want[i].1).all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "{level:?} hd {hd} row {i}: {:?} vs {:?}", f[r], want[i].1);
+                    }
+                    // AVX-VNNI wherever the CPU has it, whatever the process's level.
+                    #[cfg(target_arch = "x86_64")]
+                    if level == SimdLevel::Avx2 && crate::cpu::avx_vnni_detected() {
+                        let mut f = [[0f32; CHUNK]; 2];
+                        // SAFETY: the CPU has AVX2 (the level) and AVX-VNNI (just checked).
+                        unsafe { x86::dots_avx2_vnni(&tile, hd, &p, &mut f) };
+                        for (r, &i) in pair.iter().enumerate() {
+                            let same = f[r].iter().zip(&want[i].1).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "AVX-VNNI hd {hd} row {i}: {:?} vs {:?}", f[r], want[i].1);
+                        }
                     }
                 }
             }
