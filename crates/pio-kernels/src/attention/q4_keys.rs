@@ -338,6 +338,7 @@ mod x86 {
     /// of the tile (positions 0..8, 8..16), the four groups' low and high nibbles against the
     /// broadcast query groups with `vpmaddubsw` (at most 8 · 2 · 15 · 127 = 30480: exact in 16
     /// bits), then `vpmaddwd` into each position's dword.
+    ///
     /// With AVX-VNNI ([`crate::cpu::has_avx_vnni`]) the 256-bit `vpdpbusd` takes the products
     /// ([`dots_avx2_vnni`]).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -346,8 +347,8 @@ mod x86 {
             return dots_avx2_vnni(tile, hd, qs, f);
         }
         match qs.len() {
-            2 => dots_rows_avx2::<2>(tile, hd, qs, f),
-            1 => dots_rows_avx2::<1>(tile, hd, qs, f),
+            2 => dots_rows_256::<2, false>(tile, hd, qs, f),
+            1 => dots_rows_256::<1, false>(tile, hd, qs, f),
             _ => unreachable!("one or two rows at a time"),
         }
     }
@@ -360,62 +361,21 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     pub unsafe fn dots_avx2_vnni(tile: &[u8], hd: usize, qs: &[Q4Query], f: &mut [[f32; CHUNK]]) {
         match qs.len() {
-            2 => dots_rows_avx2_vnni::<2>(tile, hd, qs, f),
-            1 => dots_rows_avx2_vnni::<1>(tile, hd, qs, f),
+            2 => dots_rows_256::<2, true>(tile, hd, qs, f),
+            1 => dots_rows_256::<1, true>(tile, hd, qs, f),
             _ => unreachable!("one or two rows at a time"),
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    unsafe fn dots_rows_avx2_vnni<const R: usize>(tile: &[u8], hd: usize, qs: &[Q4Query], f: &mut [[f32; CHUNK]]) {
-        assert!(qs.len() == R && f.len() == R && tile.len() == CHUNK * hd / 32 * 18 && hd <= super::MAX_HD);
-        let tp = tile.as_ptr();
-        let mask = _mm256_set1_epi8(0x0F);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for b in 0..hd / 32 {
-            let at = tp.add(CHUNK * hd / 2 + 32 * b);
-            let dk = [
-                _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(at.add(16) as *const __m128i)),
-            ];
-            // isum[r][h][e]: row r, positions 8h..8h+8, low (e = 0) or high nibbles: separate
-            // chains, for `vpdpbusd`'s latency.
-            let mut isum = [[[_mm256_setzero_si256(); 2]; 2]; R];
-            for w in 0..4 {
-                let x: [__m256i; 2] =
-                    std::array::from_fn(|h| _mm256_loadu_si256(tp.add(64 * (4 * b + w) + 32 * h) as *const __m256i));
-                let lo = [_mm256_and_si256(x[0], mask), _mm256_and_si256(x[1], mask)];
-                let hi = [
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(x[0]), mask),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(x[1]), mask),
-                ];
-                for r in 0..R {
-                    let ql = _mm256_set1_epi32(qword(&qs[r], 32 * b + 4 * w));
-                    let qh = _mm256_set1_epi32(qword(&qs[r], 32 * b + 16 + 4 * w));
-                    for h in 0..2 {
-                        isum[r][h][0] = _mm256_dpbusd_avx_epi32(isum[r][h][0], lo[h], ql);
-                        isum[r][h][1] = _mm256_dpbusd_avx_epi32(isum[r][h][1], hi[h], qh);
-                    }
-                }
-            }
-            for r in 0..R {
-                let (bias, sc) = (_mm256_set1_epi32(qs[r].bias[b]), _mm256_set1_ps(qs[r].dq[b]));
-                for h in 0..2 {
-                    let t = _mm256_sub_epi32(_mm256_add_epi32(isum[r][h][0], isum[r][h][1]), bias);
-                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dk[h], sc), acc[r][h]);
-                }
-            }
-        }
-        for r in 0..R {
-            _mm256_storeu_ps(f[r].as_mut_ptr(), acc[r][0]);
-            _mm256_storeu_ps(f[r].as_mut_ptr().add(8), acc[r][1]);
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dots_rows_avx2<const R: usize>(tile: &[u8], hd: usize, qs: &[Q4Query], f: &mut [[f32; CHUNK]]) {
+    /// The rows' dots with 8-lane vectors, without (`VNNI` false) or with AVX-VNNI; inlined into
+    /// [`dots_avx2`] and [`dots_avx2_vnni`], which enable what it uses.
+    #[inline(always)]
+    unsafe fn dots_rows_256<const R: usize, const VNNI: bool>(
+        tile: &[u8],
+        hd: usize,
+        qs: &[Q4Query],
+        f: &mut [[f32; CHUNK]],
+    ) {
         assert!(qs.len() == R && f.len() == R && tile.len() == CHUNK * hd / 32 * 18 && hd <= super::MAX_HD);
         let tp = tile.as_ptr();
         let (mask, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
@@ -426,26 +386,41 @@ mod x86 {
                 _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)),
                 _mm256_cvtph_ps(_mm_loadu_si128(at.add(16) as *const __m128i)),
             ];
-            // isum[r][h]: row r, positions 8h..8h+8; each broadcast query group serves both halves.
-            let mut isum = [[_mm256_setzero_si256(); 2]; R];
+            // isum[r][h][e]: row r, positions 8h..8h+8; each broadcast query group serves both
+            // halves. With VNNI, i32 sums of the low (e = 0) and high nibbles in separate chains
+            // (for `vpdpbusd`'s latency); without, one i16 sum in e = 0.
+            let mut isum = [[[_mm256_setzero_si256(); 2]; 2]; R];
             for w in 0..4 {
                 let x: [__m256i; 2] =
                     std::array::from_fn(|h| _mm256_loadu_si256(tp.add(64 * (4 * b + w) + 32 * h) as *const __m256i));
-                let lo = x.map(|x| _mm256_and_si256(x, mask));
-                let hi = x.map(|x| _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask));
+                // (Written out rather than `map`: a closure would lose the entry points' target
+                // features.)
+                let lo = [_mm256_and_si256(x[0], mask), _mm256_and_si256(x[1], mask)];
+                let hi = [
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x[0]), mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x[1]), mask),
+                ];
                 for r in 0..R {
                     let ql = _mm256_set1_epi32(qword(&qs[r], 32 * b + 4 * w));
                     let qh = _mm256_set1_epi32(qword(&qs[r], 32 * b + 16 + 4 * w));
                     for h in 0..2 {
-                        let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], ql), _mm256_maddubs_epi16(hi[h], qh));
-                        isum[r][h] = _mm256_add_epi16(isum[r][h], p);
+                        let s = &mut isum[r][h];
+                        if VNNI {
+                            s[0] = _mm256_dpbusd_avx_epi32(s[0], lo[h], ql);
+                            s[1] = _mm256_dpbusd_avx_epi32(s[1], hi[h], qh);
+                        } else {
+                            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], ql), _mm256_maddubs_epi16(hi[h], qh));
+                            s[0] = _mm256_add_epi16(s[0], p);
+                        }
                     }
                 }
             }
             for r in 0..R {
                 let (bias, sc) = (_mm256_set1_epi32(qs[r].bias[b]), _mm256_set1_ps(qs[r].dq[b]));
                 for h in 0..2 {
-                    let t = _mm256_sub_epi32(_mm256_madd_epi16(isum[r][h], ones), bias);
+                    let s = isum[r][h];
+                    let t = if VNNI { _mm256_add_epi32(s[0], s[1]) } else { _mm256_madd_epi16(s[0], ones) };
+                    let t = _mm256_sub_epi32(t, bias);
                     acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dk[h], sc), acc[r][h]);
                 }
             }

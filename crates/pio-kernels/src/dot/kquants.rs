@@ -2213,12 +2213,12 @@ pub(crate) mod tiled {
     /// # Safety
     /// As [`gemm_avx2`], with AVX-VNNI (`vpdpbusd` on 256-bit registers, VEX-encoded: Intel's
     /// cores since Alder Lake and Sapphire Rapids, AMD's since Zen 5).
-    #[allow(clippy::too_many_arguments)]
     ///
     /// Register tiles of 3 tokens: without the i16 sums of `pmaddubsw`, a third token's
     /// accumulators fit in AVX2's 16 registers. Q4_K, 64 tokens, 1024 / 3072 / 4864 columns
     /// (`bench_gemm_ns_per_pair`, ns per pair): 2 tokens 7.8 / 24.0 / 37.9, 3 tokens 7.3 / 22.2 /
     /// 34.2, 4 tokens 11.3 / 33.7 / 53.3 (spilling). Q6_K keeps 4 (3 and 2 were no faster).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     pub unsafe fn gemm_avx2_vnni(
         dtype: DType,
