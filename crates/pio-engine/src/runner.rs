@@ -56,7 +56,7 @@ impl<'a> SeqSlice<'a> {
 pub(crate) fn forward(model: &dyn CausalLm, cache: &mut KvCache, slices: &[SeqSlice<'_>]) -> Result<Vec<Vec<f32>>> {
     let (batch, rows_per_seq) = build(slices, cache.block_size)?;
     let out = model.forward(&batch, cache)?;
-    Ok(split(&out, &rows_per_seq, model.shape().vocab_size))
+    Ok(split(out, &rows_per_seq, model.shape().vocab_size))
 }
 
 /// Rows per slice (`[rows, width]` flattened each).
@@ -73,7 +73,7 @@ pub(crate) fn forward_hidden(
     let (out, hidden) = model.forward_with_hidden(&batch, cache)?;
     let tokens: Vec<usize> = slices.iter().map(|s| s.num_tokens).collect();
     let width = hidden.len() / batch.num_tokens().max(1);
-    Ok((split(&out, &rows_per_seq, model.shape().vocab_size), split(&hidden, &tokens, width)))
+    Ok((split(out, &rows_per_seq, model.shape().vocab_size), split(hidden, &tokens, width)))
 }
 
 /// Runs the slices through `model`'s multi-token-prediction layer over its `cache`, with
@@ -88,11 +88,18 @@ pub(crate) fn forward_mtp(
     let (batch, rows_per_seq) = build(slices, cache.block_size)?;
     let (out, hidden_out) = model.mtp_forward(&batch, hidden, cache)?;
     let width = hidden.len() / batch.num_tokens().max(1);
-    Ok((split(&out, &rows_per_seq, model.shape().vocab_size), split(&hidden_out, &rows_per_seq, width)))
+    Ok((split(out, &rows_per_seq, model.shape().vocab_size), split(hidden_out, &rows_per_seq, width)))
 }
 
 /// `out` cut into consecutive pieces of `rows` rows of `width`.
-fn split(out: &[f32], rows: &[usize], width: usize) -> Vec<Vec<f32>> {
+fn split(out: Vec<f32>, rows: &[usize], width: usize) -> Vec<Vec<f32>> {
+    if let [r] = rows {
+        if r * width == out.len() {
+            // One piece (a single sequence's decode step): the vector itself, not a copy of
+            // its vocabulary-wide row.
+            return vec![out];
+        }
+    }
     let mut result = Vec::with_capacity(rows.len());
     let mut off = 0;
     for &r in rows {
