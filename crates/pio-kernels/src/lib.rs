@@ -7,6 +7,7 @@
 //! - [`delta`]: Gated DeltaNet's causal convolution and gated delta rule over a per-sequence
 //!   state.
 //! - [`dot`]: row-times-vector dots per format and SIMD level.
+//! - [`huge`]: memory on transparent huge pages for the matrices decode streams.
 //! - [`matmul`]: a weight matrix in any format times a batch of f32 activations.
 //! - [`attention`]: a flat batch of queries over a paged KV cache of f32 or f16
 //!   ([`attention::KvCacheDtype`]).
@@ -22,6 +23,7 @@ pub mod cpu;
 pub mod delta;
 pub mod dot;
 pub mod dtype;
+pub mod huge;
 pub mod math;
 pub mod matmul;
 pub mod membw;

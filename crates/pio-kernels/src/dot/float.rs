@@ -283,9 +283,22 @@ pub fn tiled_bf16_at(cols: usize, r: usize, c: usize) -> usize {
 /// value multiplies; the sums need no horizontal adds, and one token reads each group as one
 /// stream. (`vdpbf16ps` takes the dwords as they are: its lanes multiply pairs.)
 pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; tiled_bf16_bytes(rows, cols)];
+    tile_bf16_into(rows, cols, data, &mut out);
+    out
+}
+
+/// The bytes of a [`tile_bf16`] matrix.
+pub fn tiled_bf16_bytes(rows: usize, cols: usize) -> usize {
+    rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * cols * 2
+}
+
+/// [`tile_bf16`] into `out`, which has [`tiled_bf16_bytes`] zero bytes (such as a
+/// [`crate::huge::HugeArena`] buffer).
+pub fn tile_bf16_into(rows: usize, cols: usize, data: &[u8], out: &mut [u8]) {
     check_rows(rows, cols, data);
     let groups = rows.div_ceil(GROUP_ROWS);
-    let mut out = crate::dot::huge_zeroed(groups * GROUP_ROWS * cols * 2);
+    assert_eq!(out.len(), tiled_bf16_bytes(rows, cols), "tiled BF16 size of {rows} x {cols}");
     let dst = crate::dot::SharedBytes(out.as_mut_ptr());
     let dst = &dst;
     crate::parallel::for_each_range(groups, data.len(), |g0, g1| {
@@ -295,7 +308,6 @@ pub fn tile_bf16(rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
         let part = unsafe { std::slice::from_raw_parts_mut(dst.0.add(g0 * gb), (g1 - g0) * gb) };
         tile_groups(data, rows, cols, g0, part);
     });
-    out
 }
 
 fn check_rows(rows: usize, cols: usize, data: &[u8]) {

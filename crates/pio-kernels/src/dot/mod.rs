@@ -248,33 +248,18 @@ fn packed_offset(o: usize, w: usize, k: usize, i: usize) -> usize {
 /// repacked formats do; products are bitwise the same as from the rows, and the size is the
 /// same but for the zero rows that complete the last group.
 pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-    let rb = (cols / dtype.block_elems()) * dtype.block_bytes();
-    assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
-    let mut out = huge_zeroed(interleaved_bytes(dtype, rows, cols));
-    shuffle(dtype, rows, cols, data, &mut out, true);
+    let mut out = vec![0u8; interleaved_bytes(dtype, rows, cols)];
+    interleave_into(dtype, rows, cols, data, &mut out);
     out
 }
 
-/// `len` zero bytes whose memory the kernel is asked to back with transparent huge pages
-/// (`MADV_HUGEPAGE`, before the first write), where it allows them. Decode streams every
-/// weight once per token: with 4 KiB pages that is a TLB miss every 64 cache lines, and a
-/// two-level page walk under a hypervisor; 2 MiB pages make those misses rare.
-pub(crate) fn huge_zeroed(len: usize) -> Vec<u8> {
-    let mut v: Vec<u8> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = v.as_mut_ptr() as usize;
-        let (a, b) = (start.next_multiple_of(HUGE), (start + len) / HUGE * HUGE);
-        if b > a {
-            // SAFETY: `a..b` lies inside the allocation just made, which nothing else uses;
-            // the advice only changes how the kernel backs those pages (an error, such as
-            // huge pages being off, leaves them as they are).
-            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
-        }
-    }
-    v.resize(len, 0);
-    v
+/// [`interleave`] into `out`, which has [`interleaved_bytes`] zero bytes (such as a
+/// [`crate::huge::HugeArena`] buffer: decode streams these matrices).
+pub fn interleave_into(dtype: DType, rows: usize, cols: usize, data: &[u8], out: &mut [u8]) {
+    let rb = (cols / dtype.block_elems()) * dtype.block_bytes();
+    assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
+    assert_eq!(out.len(), interleaved_bytes(dtype, rows, cols), "{dtype}: interleaved size of {rows} x {cols}");
+    shuffle(dtype, rows, cols, data, out, true);
 }
 
 /// The rows of an [`interleave`]d matrix, in GGML's layout again.

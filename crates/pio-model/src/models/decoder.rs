@@ -394,8 +394,10 @@ impl DecoderModel {
             matrices.push(&mut m.eh_proj);
             matrices.extend(m.layer.linears_mut(routed_experts));
         }
+        // One arena for all of them (the chunks stay while their matrices do).
+        let mut arena = pio_kernels::huge::HugeArena::new();
         for l in matrices {
-            if l.weight.interleave() {
+            if l.weight.interleave(&mut arena) {
                 count += 1;
                 bytes += l.weight.bytes().len();
             }
@@ -407,7 +409,7 @@ impl DecoderModel {
         for l in self.vision.iter_mut().flat_map(VisionEncoder::linears_mut) {
             let amx =
                 l.prefill_only && l.bf16_activations && bf16_on_amx(level, l.weight.shape.last().copied().unwrap_or(0));
-            if !amx && l.weight.dtype == pio_kernels::DType::BF16 && l.weight.interleave() {
+            if !amx && l.weight.dtype == pio_kernels::DType::BF16 && l.weight.interleave(&mut arena) {
                 count += 1;
                 bytes += l.weight.bytes().len();
             }

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use memmap2::{Mmap, UncheckedAdvice};
+use pio_kernels::huge::{HugeArena, HugeBytes};
 use pio_kernels::matmul::{Layout, WeightView};
 use pio_kernels::{dot, quant, DType};
 
@@ -29,8 +30,8 @@ pub enum Storage {
     /// Bytes owned in memory (converted or quantized at load).
     Owned(Arc<Vec<u8>>),
     /// A matrix rearranged at load for the decode kernels ([`Layout::Interleaved`], see
-    /// [`Tensor::interleave`]); its bytes are not rows.
-    Interleaved(Arc<Vec<u8>>),
+    /// [`Tensor::interleave`]), on huge pages; its bytes are not rows.
+    Interleaved(Arc<HugeBytes>),
     /// Part `part` of what slot `slot` of a streaming cache holds: a layer read from disk for
     /// one forward (rows). Only valid while the forward that pinned the slot holds it (see
     /// [`crate::layers::ExpertCache::bytes`]).
@@ -56,7 +57,8 @@ impl Tensor {
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped { map, offset, len, .. } => &map[*offset..*offset + *len],
-            Storage::Owned(v) | Storage::Interleaved(v) => v,
+            Storage::Owned(v) => v,
+            Storage::Interleaved(v) => v,
             Storage::Pooled { cache, slot, part } => cache.bytes(*slot, *part),
         }
     }
@@ -70,12 +72,19 @@ impl Tensor {
     /// Q2_K and Q3_K; BF16 of a multiple of 32 columns) into that layout, in memory of its own, and lets go of the mapped file pages it was read from (so
     /// they are not resident twice). Products are bitwise the same; decode reads one stream
     /// of columns instead of transposing 16 rows on every call. Returns whether it did.
-    pub fn interleave(&mut self) -> bool {
+    ///
+    /// The copy is placed in `arena`, beside the model's other rearranged matrices, so that
+    /// all of them sit on huge pages (see [`pio_kernels::huge`]).
+    pub fn interleave(&mut self, arena: &mut HugeArena) -> bool {
         let (&[rows, cols], true) = (&self.shape[..], self.is_rows()) else { return false };
         let packed = if dot::interleaves(self.dtype) {
-            dot::interleave(self.dtype, rows, cols, self.bytes())
+            let mut out = arena.zeroed(dot::interleaved_bytes(self.dtype, rows, cols));
+            dot::interleave_into(self.dtype, rows, cols, self.bytes(), &mut out);
+            out
         } else if dot::float::interleaves_bf16(self.dtype, cols) {
-            dot::float::tile_bf16(rows, cols, self.bytes())
+            let mut out = arena.zeroed(dot::float::tiled_bf16_bytes(rows, cols));
+            dot::float::tile_bf16_into(rows, cols, self.bytes(), &mut out);
+            out
         } else {
             return false;
         };
