@@ -248,10 +248,14 @@ pub fn softmax_scaled_into_at(level: crate::cpu::SimdLevel, x: &[f32], scale: f3
     let (done, mut sum) = match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level only names features the CPU has; lengths are equal.
-        crate::cpu::SimdLevel::Avx512 => unsafe { simd::exp_scaled_avx512(x, scale, max, out) },
+        crate::cpu::SimdLevel::Avx512 => unsafe {
+            simd::exp_scaled_avx512(x.as_ptr(), x.len(), scale, max, out.as_mut_ptr())
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        crate::cpu::SimdLevel::Avx2 => unsafe { simd::exp_scaled_avx2(x, scale, max, out) },
+        crate::cpu::SimdLevel::Avx2 => unsafe {
+            simd::exp_scaled_avx2(x.as_ptr(), x.len(), scale, max, out.as_mut_ptr())
+        },
         _ => (0, 0.0),
     };
     for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
@@ -283,13 +287,15 @@ pub fn exp_shifted_in_place_at(
     assert!(block > 0, "blocks of at least one value");
     sums.clear();
     for chunk in x.chunks_mut(block) {
+        // The scaled kernels in place with scale 1 (`x * 1 - max` rounds once, as `x - max`).
+        let (p, n) = (chunk.as_mut_ptr(), chunk.len());
         let (done, mut sum) = match level {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level only names features the CPU has.
-            crate::cpu::SimdLevel::Avx512 => unsafe { simd::exp_shifted_avx512(chunk, max) },
+            // SAFETY: the level only names features the CPU has; `p` holds `n` values.
+            crate::cpu::SimdLevel::Avx512 => unsafe { simd::exp_scaled_avx512(p, n, 1.0, max, p) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            crate::cpu::SimdLevel::Avx2 => unsafe { simd::exp_shifted_avx2(chunk, max) },
+            crate::cpu::SimdLevel::Avx2 => unsafe { simd::exp_scaled_avx2(p, n, 1.0, max, p) },
             _ => (0, 0.0),
         };
         // A map, then a sum over independent lanes: fused, the serial sum kept the map from
@@ -315,75 +321,42 @@ mod simd {
 
     use crate::math::x86::{exp256, exp512};
 
-    /// `out[i] = exp(x[i] * scale - max)` over whole vectors of 16; returns how many it did
-    /// and their sum.
+    /// `out[i] = exp(x[i] * scale - max)` for `i < n` over whole vectors of 16; returns how
+    /// many it did and their sum. `x` may be `out` (in place): each vector is read before it is
+    /// written.
+    ///
+    /// # Safety
+    /// AVX-512 F; `x` readable and `out` writable for `n` values.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_scaled_avx512(x: &[f32], scale: f32, max: f32, out: &mut [f32]) -> (usize, f32) {
-        let n = x.len() / 16 * 16;
-        let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+    pub unsafe fn exp_scaled_avx512(x: *const f32, n: usize, scale: f32, max: f32, out: *mut f32) -> (usize, f32) {
+        let n = n / 16 * 16;
         let (s, m) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max));
         let mut acc = _mm512_setzero_ps();
         let mut i = 0;
         while i < n {
-            let e = exp512(_mm512_fmadd_ps(_mm512_loadu_ps(p.add(i)), s, m));
+            let e = exp512(_mm512_fmadd_ps(_mm512_loadu_ps(x.add(i)), s, m));
             acc = _mm512_add_ps(acc, e);
-            _mm512_storeu_ps(o.add(i), e);
+            _mm512_storeu_ps(out.add(i), e);
             i += 16;
         }
         (n, _mm512_reduce_add_ps(acc))
     }
 
-    /// `out[i] = exp(x[i] * scale - max)` over whole vectors of 8; returns how many it did and
-    /// their sum.
+    /// `out[i] = exp(x[i] * scale - max)` for `i < n` over whole vectors of 8; returns how many
+    /// it did and their sum. `x` may be `out`, as for [`exp_scaled_avx512`].
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `x` readable and `out` writable for `n` values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_scaled_avx2(x: &[f32], scale: f32, max: f32, out: &mut [f32]) -> (usize, f32) {
-        let n = x.len() / 8 * 8;
-        let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+    pub unsafe fn exp_scaled_avx2(x: *const f32, n: usize, scale: f32, max: f32, out: *mut f32) -> (usize, f32) {
+        let n = n / 8 * 8;
         let (s, m) = (_mm256_set1_ps(scale), _mm256_set1_ps(-max));
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
         while i < n {
-            let e = exp256(_mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), s, m));
+            let e = exp256(_mm256_fmadd_ps(_mm256_loadu_ps(x.add(i)), s, m));
             acc = _mm256_add_ps(acc, e);
-            _mm256_storeu_ps(o.add(i), e);
-            i += 8;
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        (n, lanes.iter().sum())
-    }
-
-    /// `x[i] = exp(x[i] - max)` in place over whole vectors of 16; returns how many it did and
-    /// their sum.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn exp_shifted_avx512(x: &mut [f32], max: f32) -> (usize, f32) {
-        let n = x.len() / 16 * 16;
-        let p = x.as_mut_ptr();
-        let m = _mm512_set1_ps(max);
-        let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i < n {
-            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), m));
-            acc = _mm512_add_ps(acc, e);
-            _mm512_storeu_ps(p.add(i), e);
-            i += 16;
-        }
-        (n, _mm512_reduce_add_ps(acc))
-    }
-
-    /// `x[i] = exp(x[i] - max)` in place over whole vectors of 8; returns how many it did and
-    /// their sum.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_shifted_avx2(x: &mut [f32], max: f32) -> (usize, f32) {
-        let n = x.len() / 8 * 8;
-        let p = x.as_mut_ptr();
-        let m = _mm256_set1_ps(max);
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i < n {
-            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
-            acc = _mm256_add_ps(acc, e);
-            _mm256_storeu_ps(p.add(i), e);
+            _mm256_storeu_ps(out.add(i), e);
             i += 8;
         }
         let mut lanes = [0f32; 8];
