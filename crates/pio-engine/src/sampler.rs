@@ -698,19 +698,28 @@ fn draw<R: Rng + ?Sized>(values: &[f32], weight: impl Fn(f32) -> f32 + Copy, tot
             cumulative += block_sum;
             continue;
         }
-        for (i, &w) in weights.iter().enumerate() {
-            if w > 0.0 {
-                cumulative += f64::from(w);
-                if target < cumulative {
-                    return (b * BLOCK + i) as u32;
-                }
-            }
+        if let Some(i) = walk_block(weights, target, &mut cumulative) {
+            return (b * BLOCK + i) as u32;
         }
         // Rounding: the serial walk fell just short of the block's sum.
         break;
     }
     // Rounding left the target at or past the total: take the last token with any mass seen.
     last_positive as u32
+}
+
+/// Within the block holding the draw: the position where the cumulative weight, continued
+/// from `cumulative`, passes `target`; `None` when rounding leaves it short.
+fn walk_block(weights: &[f32], target: f64, cumulative: &mut f64) -> Option<usize> {
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            *cumulative += f64::from(w);
+            if target < *cumulative {
+                return Some(i);
+            }
+        }
+    }
+    None
 }
 
 /// [`draw`] over weights already computed (`values`), with their sums per [`BLOCK`] values
@@ -732,13 +741,8 @@ fn draw_weights<R: Rng + ?Sized>(values: &[f32], block_sums: &[f64], total: f64,
             cumulative += block_sum;
             continue;
         }
-        for (i, &w) in block.iter().enumerate() {
-            if w > 0.0 {
-                cumulative += f64::from(w);
-                if target < cumulative {
-                    return (b * BLOCK + i) as u32;
-                }
-            }
+        if let Some(i) = walk_block(block, target, &mut cumulative) {
+            return (b * BLOCK + i) as u32;
         }
         // Rounding: the serial walk fell just short of the block's sum.
         break;
