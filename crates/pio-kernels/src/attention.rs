@@ -20,8 +20,9 @@
 //! covering every query head that shares it (GQA): `tokens * group` query rows. Per chunk the
 //! item
 //! 1. takes the chunk as f32: keys `[head_dim][16]`, values `[16][head_dim]` (an f32 cache whose
-//!    blocks hold whole chunks is read in place; otherwise the chunk is staged, which is where
-//!    f16 is widened, once for all the item's rows);
+//!    blocks hold whole chunks is read in place, and so is such an f16 cache at the AVX2 and
+//!    AVX-512 levels, whose kernels widen it in registers; otherwise the chunk is staged, which
+//!    is where f16 is widened, once for all the item's rows);
 //! 2. computes a row's 16 scores as one vector, `s += q[d] * kᵀ[d]` over `d` in order (into four
 //!    accumulators by `d mod 4`, summed at the end), so no score needs a horizontal sum;
 //! 3. updates the row's running maximum and sum and accumulates the values.
@@ -239,9 +240,9 @@ pub trait KvSource: Copy + Send + Sync {
 
     /// Positions `p0..p0 + n` of kv head `g` in place as f16, laid out as [`KvSource::chunk`]'s
     /// (keys, key stride, values, value stride), where `level`'s kernels widen them in registers
-    /// instead of staging them. At AVX2 the staging was 13% of a 16-stream decode's profile (the
-    /// scores it fed, two query rows per kv head, 2%); read in place, a Qwen3-0.6B-shaped decode
-    /// at depth 2048 ran 23.6 -> 28.4 tok/s.
+    /// instead of staging them (at the AVX2 and AVX-512 levels). At AVX2 the staging was 13% of
+    /// a 16-stream decode's profile (the scores it fed, two query rows per kv head, 2%); read in
+    /// place, a Qwen3-0.6B-shaped decode at depth 2048 ran 23.6 -> 28.4 tok/s.
     #[allow(clippy::type_complexity)]
     fn chunk_f16(
         &self,
@@ -525,7 +526,7 @@ pub trait KvElem: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
     /// The buffer itself when it holds f32 (then read in place, never staged).
     fn as_f32s(buf: &[Self]) -> Option<&[f32]>;
 
-    /// The buffer itself when it holds f16 (which AVX2's kernels read in place).
+    /// The buffer itself when it holds f16 (which the AVX2 and AVX-512 kernels read in place).
     fn as_f16s(_buf: &[Self]) -> Option<&[f16]> {
         None
     }
@@ -758,7 +759,7 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
         p0: usize,
         n: usize,
     ) -> Option<(&[f16], usize, &[f16], usize)> {
-        if level != SimdLevel::Avx2 || !self.block_size.is_multiple_of(CHUNK) {
+        if !matches!(level, SimdLevel::Avx2 | SimdLevel::Avx512) || !self.block_size.is_multiple_of(CHUNK) {
             return None;
         }
         Some(self.in_place(T::as_f16s(self.k)?, T::as_f16s(self.v)?, table, g, p0, n))
@@ -1764,13 +1765,21 @@ fn attend<S: KvSource>(
         #[cfg(target_arch = "x86_64")]
         if let Some((kh, ks, vh, vs)) = if int8 { None } else { kv.chunk_f16(level, table, g, p0, n) } {
             assert!(kh.len() >= (hd - 1) * ks + CHUNK, "key chunk out of range");
-            // SAFETY: `chunk_f16` answers only at the AVX2 level, so the CPU has AVX2, FMA and
-            // F16C; the keys' length is asserted above, and the callees slice `q`, `s`, `m`,
-            // `l`, `o` and check the values against `active`.
-            unsafe { x86::scores_avx2(q, hd, active, kh, ks, scale, s) };
-            hide_before_window(s);
-            // SAFETY: as above (`hd` is a multiple of 8 at this level).
-            unsafe { x86::update_avx2(active, s, vh, vs, m, l, o, hd) };
+            // SAFETY: `chunk_f16` answers only at the AVX2 and AVX-512 levels, so the CPU has
+            // that level's features (F16C and FMA included); the keys' length is asserted
+            // above, and the callees slice `q`, `s`, `m`, `l`, `o` and check the values against
+            // `active` (`hd` is a multiple of 8 at the AVX2 level).
+            unsafe {
+                if level == SimdLevel::Avx512 {
+                    x86::scores_avx512(q, hd, active, kh, ks, scale, s);
+                    hide_before_window(s);
+                    x86::update_avx512(active, s, vh, vs, m, l, o, hd);
+                } else {
+                    x86::scores_avx2(q, hd, active, kh, ks, scale, s);
+                    hide_before_window(s);
+                    x86::update_avx2(active, s, vh, vs, m, l, o, hd);
+                }
+            }
             p0 += n;
             continue;
         }
@@ -1987,6 +1996,35 @@ pub(crate) mod x86 {
         #[inline(always)]
         unsafe fn load8(p: *const f16) -> __m256 {
             _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+
+    /// [`Lanes8`] for the AVX-512 kernels: 16 values at `p`, or the lanes of `mask` (zero
+    /// elsewhere), as f32 (inlined into callers with AVX-512 F/BW/VL).
+    pub trait Lanes16: Copy {
+        unsafe fn load16(p: *const Self) -> __m512;
+        unsafe fn load16_masked(mask: __mmask16, p: *const Self) -> __m512;
+    }
+
+    impl Lanes16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(mask: __mmask16, p: *const f32) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
+    }
+
+    impl Lanes16 for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(mask: __mmask16, p: *const f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
         }
     }
 
@@ -2436,24 +2474,24 @@ pub(crate) mod x86 {
     }
 
     /// [`super::scores`] with 16 lanes: rows four at a time share each key vector.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn scores_avx512(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn scores_avx512<K: Lanes16>(
         q: &[f32],
         hd: usize,
         active: &[(usize, usize)],
-        kt: &[f32],
+        kt: &[K],
         ks: usize,
         scale: f32,
         s: &mut [f32],
     ) {
         let mut blocks = active.chunks_exact(4);
         for b in &mut blocks {
-            scores_rows_avx512::<4>(q, hd, b, kt, ks, scale, s);
+            scores_rows_avx512::<4, K>(q, hd, b, kt, ks, scale, s);
         }
         match blocks.remainder() {
-            r @ [_] => scores_rows_avx512::<1>(q, hd, r, kt, ks, scale, s),
-            r @ [_, _] => scores_rows_avx512::<2>(q, hd, r, kt, ks, scale, s),
-            r @ [_, _, _] => scores_rows_avx512::<3>(q, hd, r, kt, ks, scale, s),
+            r @ [_] => scores_rows_avx512::<1, K>(q, hd, r, kt, ks, scale, s),
+            r @ [_, _] => scores_rows_avx512::<2, K>(q, hd, r, kt, ks, scale, s),
+            r @ [_, _, _] => scores_rows_avx512::<3, K>(q, hd, r, kt, ks, scale, s),
             _ => {}
         }
     }
@@ -2462,12 +2500,12 @@ pub(crate) mod x86 {
     /// `q[d] * kt[d]` for `d` in order, then `(a0 + a1) + (a2 + a3)`, times `scale`; which rows
     /// share the block does not change it.
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn scores_rows_avx512<const R: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn scores_rows_avx512<const R: usize, K: Lanes16>(
         q: &[f32],
         hd: usize,
         rows: &[(usize, usize)],
-        kt: &[f32],
+        kt: &[K],
         ks: usize,
         scale: f32,
         s: &mut [f32],
@@ -2477,7 +2515,7 @@ pub(crate) mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut d = 0;
         while d + 4 <= hd {
-            let k: [__m512; 4] = std::array::from_fn(|a| _mm512_loadu_ps(kp.add((d + a) * ks)));
+            let k: [__m512; 4] = std::array::from_fn(|a| K::load16(kp.add((d + a) * ks)));
             for (ar, qr) in acc.iter_mut().zip(&qp) {
                 for (a, (aa, ka)) in ar.iter_mut().zip(&k).enumerate() {
                     *aa = _mm512_fmadd_ps(_mm512_set1_ps(*qr.add(d + a)), *ka, *aa);
@@ -2486,7 +2524,7 @@ pub(crate) mod x86 {
             d += 4;
         }
         while d < hd {
-            let k = _mm512_loadu_ps(kp.add(d * ks));
+            let k = K::load16(kp.add(d * ks));
             for r in 0..R {
                 acc[r][d % 4] = _mm512_fmadd_ps(_mm512_set1_ps(*qp[r].add(d)), k, acc[r][d % 4]);
             }
@@ -2515,11 +2553,11 @@ pub(crate) mod x86 {
     /// Then up to four rows with the same `seen` share each value vector they read
     /// ([`accumulate_rows_avx512`]).
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn update_avx512(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn update_avx512<E: Lanes16>(
         active: &[(usize, usize)],
         s: &[f32],
-        v: &[f32],
+        v: &[E],
         vs: usize,
         m: &mut [f32],
         l: &mut [f32],
@@ -2569,10 +2607,10 @@ pub(crate) mod x86 {
                     (o.as_mut_ptr().add(group[kk].0 * hd), w.add(kk * ks) as *const f32, _mm512_set1_ps(corr[kk]))
                 };
                 match e - k {
-                    4 => accumulate_rows_avx512::<4>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
-                    3 => accumulate_rows_avx512::<3>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
-                    2 => accumulate_rows_avx512::<2>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
-                    _ => accumulate_rows_avx512::<1>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    4 => accumulate_rows_avx512::<4, E>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    3 => accumulate_rows_avx512::<3, E>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    2 => accumulate_rows_avx512::<2, E>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
+                    _ => accumulate_rows_avx512::<1, E>(std::array::from_fn(rows), v.as_ptr(), vs, js, seen, hd),
                 }
             }
         }
@@ -2686,11 +2724,11 @@ pub(crate) mod x86 {
     /// what [`update_avx512`] does for it among others, with less bookkeeping (a one-row decode
     /// took 15-20% longer through the groups).
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn update_row_avx512(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn update_row_avx512<E: Lanes16>(
         s: &[f32],
         seen: usize,
-        v: &[f32],
+        v: &[E],
         vs: usize,
         m: &mut f32,
         l: &mut f32,
@@ -2705,15 +2743,15 @@ pub(crate) mod x86 {
         // the accumulations into them are independent chains.
         let mut d = 0;
         while d + 128 <= hd {
-            accumulate_avx512::<8>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
+            accumulate_avx512::<8, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv);
             d += 128;
         }
         for w in [4, 2, 1] {
             if d + 16 * w <= hd {
                 match w {
-                    4 => accumulate_avx512::<4>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    2 => accumulate_avx512::<2>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
-                    _ => accumulate_avx512::<1>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    4 => accumulate_avx512::<4, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    2 => accumulate_avx512::<2, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
+                    _ => accumulate_avx512::<1, E>(ap.add(d), vp.add(d), vs, &pj[..seen], cv),
                 }
                 d += 16 * w;
             }
@@ -2722,7 +2760,7 @@ pub(crate) mod x86 {
             let mask = ((1u32 << (hd - d)) - 1) as __mmask16;
             let mut a = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, ap.add(d)), cv);
             for (j, &p) in pj.iter().enumerate().take(seen) {
-                a = _mm512_fmadd_ps(_mm512_set1_ps(p), _mm512_maskz_loadu_ps(mask, vp.add(j * vs + d)), a);
+                a = _mm512_fmadd_ps(_mm512_set1_ps(p), E::load16_masked(mask, vp.add(j * vs + d)), a);
             }
             _mm512_mask_storeu_ps(ap.add(d), mask, a);
         }
@@ -2730,13 +2768,19 @@ pub(crate) mod x86 {
 
     /// `acc[..16 * NV] = acc * corr + sum_j p[j] * v[j * vs..][..16 * NV]`, `j` in order.
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn accumulate_avx512<const NV: usize>(ap: *mut f32, vp: *const f32, vs: usize, p: &[f32], corr: __m512) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn accumulate_avx512<const NV: usize, E: Lanes16>(
+        ap: *mut f32,
+        vp: *const E,
+        vs: usize,
+        p: &[f32],
+        corr: __m512,
+    ) {
         let mut a: [__m512; NV] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(ap.add(16 * i)), corr));
         for (j, &pj) in p.iter().enumerate() {
             let (pv, row) = (_mm512_set1_ps(pj), vp.add(j * vs));
             for (i, ai) in a.iter_mut().enumerate() {
-                *ai = _mm512_fmadd_ps(pv, _mm512_loadu_ps(row.add(16 * i)), *ai);
+                *ai = _mm512_fmadd_ps(pv, E::load16(row.add(16 * i)), *ai);
             }
         }
         for (i, ai) in a.iter().enumerate() {
@@ -2773,10 +2817,10 @@ pub(crate) mod x86 {
     /// row's bits do not depend on the rows beside it). The rows share each value vector: 4 x 4
     /// accumulators per 64 columns, then narrower blocks and a masked tail.
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn accumulate_rows_avx512<const R: usize>(
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn accumulate_rows_avx512<const R: usize, E: Lanes16>(
         rows: [(*mut f32, *const f32, __m512); R],
-        v: *const f32,
+        v: *const E,
         vs: usize,
         js: usize,
         seen: usize,
@@ -2786,9 +2830,9 @@ pub(crate) mod x86 {
         // stores, which the multiply-adds take as memory operands (masked ones cost a one-row
         // decode 20%).
         #[inline(always)]
-        unsafe fn block<const R: usize, const NV: usize, const MASKED: bool>(
+        unsafe fn block<const R: usize, const NV: usize, const MASKED: bool, E: Lanes16>(
             rows: &[(*mut f32, *const f32, __m512); R],
-            v: *const f32,
+            v: *const E,
             vs: usize,
             js: usize,
             seen: usize,
@@ -2800,7 +2844,11 @@ pub(crate) mod x86 {
                 std::array::from_fn(|i| _mm512_mul_ps(load(rows[r].0.add(d + 16 * i)), rows[r].2))
             });
             for j in 0..seen {
-                let vv: [__m512; NV] = std::array::from_fn(|i| load(v.add(j * vs + d + 16 * i)));
+                let mut vv = [_mm512_setzero_ps(); NV];
+                for (i, x) in vv.iter_mut().enumerate() {
+                    let p = v.add(j * vs + d + 16 * i);
+                    *x = if MASKED { E::load16_masked(mask, p) } else { E::load16(p) };
+                }
                 for r in 0..R {
                     let pv = _mm512_set1_ps(*rows[r].1.add(j * js));
                     for i in 0..NV {
@@ -2822,24 +2870,24 @@ pub(crate) mod x86 {
         if R == 1 {
             // A row alone: eight vectors, so eight independent chains keep both FMA ports busy.
             while d + 128 <= hd {
-                block::<R, 8, false>(&rows, v, vs, js, seen, d, !0);
+                block::<R, 8, false, E>(&rows, v, vs, js, seen, d, !0);
                 d += 128;
             }
         }
         while d + 64 <= hd {
-            block::<R, 4, false>(&rows, v, vs, js, seen, d, !0);
+            block::<R, 4, false, E>(&rows, v, vs, js, seen, d, !0);
             d += 64;
         }
         if d + 32 <= hd {
-            block::<R, 2, false>(&rows, v, vs, js, seen, d, !0);
+            block::<R, 2, false, E>(&rows, v, vs, js, seen, d, !0);
             d += 32;
         }
         if d + 16 <= hd {
-            block::<R, 1, false>(&rows, v, vs, js, seen, d, !0);
+            block::<R, 1, false, E>(&rows, v, vs, js, seen, d, !0);
             d += 16;
         }
         if d < hd {
-            block::<R, 1, true>(&rows, v, vs, js, seen, d, ((1u32 << (hd - d)) - 1) as __mmask16);
+            block::<R, 1, true, E>(&rows, v, vs, js, seen, d, ((1u32 << (hd - d)) - 1) as __mmask16);
         }
     }
 
