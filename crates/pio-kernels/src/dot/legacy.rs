@@ -888,9 +888,7 @@ mod tile_x86 {
                     cols[k].write(shared::<V, F, N, VNNI>(&blk).0);
                     dm[k].write((blk.d, blk.m));
                 }
-                // SAFETY: the first `nbk` were just written.
-                let cols = unsafe { &*(&cols as *const _ as *const [[V::I; 8]; TILED_BLOCKS]) };
-                let dm = unsafe { &*(&dm as *const _ as *const [(V::P, V::P); TILED_BLOCKS]) };
+                let (cols, dm) = (&cols, &dm);
                 let mut t = 0;
                 if N == crate::dot::GROUP_ROWS {
                     while t + TILE_TOKENS <= n {
@@ -915,14 +913,14 @@ mod tile_x86 {
         }
     }
 
-    /// Blocks `b0..b0 + nbk` (unpacked: `cols`, `dm`) of tokens `t0..t0 + TT` into `acc`, which
-    /// the pass of blocks 0.. starts from zero (and so need not hold anything before it) and the
-    /// later ones read back.
+    /// Blocks `b0..b0 + nbk` (unpacked: `cols`, `dm`, whose first `nbk` are written) of tokens
+    /// `t0..t0 + TT` into `acc`, which the pass of blocks 0.. starts from zero (and so need not
+    /// hold anything before it) and the later ones read back.
     #[inline(always)]
     unsafe fn token_tile<V: Width<N>, F: Fmt, const N: usize, const TT: usize>(
         walk: &Walk<'_>,
-        cols: &[[V::I; 8]; TILED_BLOCKS],
-        dm: &[(V::P, V::P); TILED_BLOCKS],
+        cols: &[std::mem::MaybeUninit<[V::I; 8]>; TILED_BLOCKS],
+        dm: &[std::mem::MaybeUninit<(V::P, V::P)>; TILED_BLOCKS],
         nbk: usize,
         t0: usize,
         b0: usize,
@@ -939,12 +937,13 @@ mod tile_x86 {
             // here measured 20-25% slower).
             let a: [&Q8Block; TT] = at.map(|at| &*crate::dot::opaque(walk.act.as_ptr().add(at)));
             let mut s: [V::I; TT] = [V::zero(); TT];
-            for (g, &w) in cols[k].iter().enumerate() {
+            // `k < nbk`: written by this pass (the caller's promise).
+            for (g, &w) in cols[k].assume_init_ref().iter().enumerate() {
                 for (s, a) in s.iter_mut().zip(&a) {
                     *s = V::dpbusd(*s, w, V::bcast(a.qs.as_ptr(), g));
                 }
             }
-            let (d, m) = dm[k];
+            let (d, m) = dm[k].assume_init();
             for ((v, s), a) in v.iter_mut().zip(s).zip(&a) {
                 *v = fold::<V, F, N>(*v, s, d, m, a);
             }
