@@ -731,7 +731,11 @@ mod tile_x86 {
         let nb = act.len() / ntok;
         let tiled = KIND == VNNI && !F::BYTES && ntok >= TILED_MIN_TOKENS;
         let offsets = if with_offsets::<F>(KIND) { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-        let pairs = KIND == VNNI && ntok >= PAIR_MIN_TOKENS;
+        // Both halves of an interleaved group at once when vectors hold half a group: each line
+        // of a block is then read in one pass, not half of it in each of two passes a group's
+        // walk apart (Q8_0 through VNNI for a token or two excepted: measured no faster).
+        let halves = packed && N < crate::dot::GROUP_ROWS && !(KIND == VNNI && F::BYTES && ntok < PAIR_MIN_TOKENS);
+        let pairs = (KIND == VNNI && ntok >= PAIR_MIN_TOKENS) || halves;
         let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
         // the used ones are initialized, per chunk (zeroing 8 KiB per call would show in decode).
@@ -804,6 +808,10 @@ mod tile_x86 {
             let acc = zeroed(acc_buf, n);
             let acc2 = if TWO { zeroed(acc2_buf, n) } else { &mut [][..] };
             for b in 0..nb {
+                if TWO && KIND == BYTES_FEW && walk.packed {
+                    bytes_few_pair::<V, F, N>(walk, r0, b, t0, n, acc, acc2);
+                    continue;
+                }
                 let blk = group_block::<V, F, N, KIND>(walk, r0, b, &offs, &idx);
                 let blk2 = if TWO { group_block::<V, F, N, KIND>(walk, r0 + N, b, &offs2, &idx2) } else { blk };
                 let (wa, sign) = shared::<V, F, N, KIND>(&blk);
@@ -827,6 +835,50 @@ mod tile_x86 {
             if TWO {
                 store(acc2, live[1], out, t0 * ldo + r0 + N, ldo);
             }
+        }
+    }
+
+    /// Block `b` of both halves of the interleaved 16-row group at `r0` (vectors of `N = 8`
+    /// rows) times tokens `t0..t0 + n`, Q8_0 without VNNI: column by column, each line of the
+    /// block read once, the loads next to their products (unpacking both halves first spilled).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn bytes_few_pair<V: Width<N>, F: Fmt, const N: usize>(
+        walk: &Walk<'_>,
+        r0: usize,
+        b: usize,
+        t0: usize,
+        n: usize,
+        acc: &mut [[f32; N]],
+        acc2: &mut [[f32; N]],
+    ) {
+        const G: usize = crate::dot::GROUP_ROWS;
+        let nb = walk.nb;
+        let at = ((r0 / G) * nb + b) * G * F::BB;
+        let bytes = G * F::BB;
+        let ahead = walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES);
+        for line in (0..bytes).step_by(64) {
+            // A prefetch never faults, wherever it points.
+            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+        }
+        let blk = walk.w[at..at + bytes].as_ptr();
+        let d = [V::f16_load(blk), V::f16_load(blk.add(2 * N))];
+        let col = |c: usize, h: usize| blk.add(16 * F::QS + 64 * c + 4 * N * h);
+        for i in 0..n {
+            let a = &walk.act[(t0 + i) * nb + b];
+            let y = a.qs.as_ptr();
+            let mut s = [V::zero(); 2];
+            for g in 0..8 {
+                let x = V::bcast(y, g);
+                for (h, s) in s.iter_mut().enumerate() {
+                    let w = V::load(col(g, h));
+                    let (abs, sign) = V::signs(w);
+                    *s = V::add_i32(*s, V::widen(V::maddubs(abs, V::signed(x, sign))));
+                }
+            }
+            let z = V::zero_p();
+            V::storep(acc[i].as_mut_ptr(), fold::<V, F, N>(V::loadp(acc[i].as_ptr()), s[0], d[0], z, a));
+            V::storep(acc2[i].as_mut_ptr(), fold::<V, F, N>(V::loadp(acc2[i].as_ptr()), s[1], d[1], z, a));
         }
     }
 
