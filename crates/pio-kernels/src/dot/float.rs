@@ -1456,7 +1456,102 @@ mod x86 {
     /// The CPU has AVX2 and FMA; shapes as [`super::gemm_tiled`] checks.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tiled_avx2(w: &[u8], nrows: usize, x: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
-        drive::<Avx2F32, 1, 5, 4, 4>(w, nrows, x, ntok, out, ldo)
+        if ntok >= WIDEN_MIN_TOKENS {
+            widened_avx2(w, nrows, x, ntok, out, ldo)
+        } else {
+            drive::<Avx2F32, 1, 5, 4, 4>(w, nrows, x, ntok, out, ldo)
+        }
+    }
+
+    /// Fewest tokens for which [`tiled_avx2`] widens each group's weights once ([`widened_avx2`])
+    /// rather than per register tile of tokens.
+    const WIDEN_MIN_TOKENS: usize = 8;
+    /// Pairs of columns per block that [`widened_avx2`] widens at a time (8 KiB of f32, in L1).
+    const WIDEN_PAIRS: usize = 64;
+
+    /// [`drive`]'s products at AVX2 for many tokens: each group's BF16 weights are widened to
+    /// f32 once per call, a block of [`WIDEN_PAIRS`] pairs at a time into a buffer in L1, and
+    /// every token's register tile then takes them from there. [`Avx2F32::tile`] widens per tile
+    /// of 5 tokens, a shift or a mask per vector beside each 10 FMAs, on the ports the FMAs use
+    /// (and its loads, 24 per 20 FMAs, bound Zen 3); here a pair costs 4 loads and 10 broadcasts
+    /// per 20 FMAs. Each (row, token) accumulator takes the pairs in order, the even column's FMA
+    /// then the odd one's, and goes through memory only whole between blocks: the same bits.
+    #[inline(always)]
+    unsafe fn widened_avx2(w: &[u8], nrows: usize, x: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
+        const T: usize = 5;
+        let groups = nrows.div_ceil(GROUP_ROWS);
+        let pairs = w.len() / groups / 64;
+        assert!(w.len() == groups * pairs * 64 && x.len() == ntok * 2 * pairs);
+        assert!(ldo >= nrows && out.len() >= (ntok - 1) * ldo + nrows);
+        /// Pair `p` of a block: the even column of rows 0..8 and 8..16, then the odd one's.
+        #[repr(C, align(64))]
+        struct Block([[__m256; 4]; WIDEN_PAIRS]);
+        let mut buf = Block([[_mm256_setzero_ps(); 4]; WIDEN_PAIRS]);
+        // Every token's accumulators for the group: written whole by the first block.
+        let mut acc = vec![[_mm256_setzero_ps(); 2]; ntok];
+        let hi = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        #[inline(always)]
+        unsafe fn tokens<const T: usize>(
+            buf: &[[__m256; 4]],
+            x: *const f32,
+            stride: usize,
+            first: bool,
+            acc: &mut [[__m256; 2]],
+        ) {
+            let mut v: [[__m256; 2]; T] =
+                std::array::from_fn(|j| if first { [_mm256_setzero_ps(); 2] } else { acc[j] });
+            for (p, wv) in buf.iter().enumerate() {
+                for (j, v) in v.iter_mut().enumerate() {
+                    let xe = _mm256_set1_ps(*x.add(j * stride + 2 * p));
+                    v[0] = _mm256_fmadd_ps(wv[0], xe, v[0]);
+                    v[1] = _mm256_fmadd_ps(wv[1], xe, v[1]);
+                }
+                for (j, v) in v.iter_mut().enumerate() {
+                    let xo = _mm256_set1_ps(*x.add(j * stride + 2 * p + 1));
+                    v[0] = _mm256_fmadd_ps(wv[2], xo, v[0]);
+                    v[1] = _mm256_fmadd_ps(wv[3], xo, v[1]);
+                }
+            }
+            acc[..T].copy_from_slice(&v);
+        }
+        for g in 0..groups {
+            let gw = w.as_ptr().add(g * pairs * 64);
+            for p0 in (0..pairs).step_by(WIDEN_PAIRS) {
+                let np = (pairs - p0).min(WIDEN_PAIRS);
+                for (p, b) in buf.0[..np].iter_mut().enumerate() {
+                    let at = gw.add(64 * (p0 + p));
+                    let lo = _mm256_loadu_si256(at as *const __m256i);
+                    let up = _mm256_loadu_si256(at.add(32) as *const __m256i);
+                    *b = [
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(lo)),
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(up)),
+                        _mm256_castsi256_ps(_mm256_and_si256(lo, hi)),
+                        _mm256_castsi256_ps(_mm256_and_si256(up, hi)),
+                    ];
+                }
+                let (blk, first) = (&buf.0[..np], p0 == 0);
+                let xt = |t: usize| x.as_ptr().add(t * 2 * pairs + 2 * p0);
+                let mut t = 0;
+                while t + T <= ntok {
+                    tokens::<T>(blk, xt(t), 2 * pairs, first, &mut acc[t..t + T]);
+                    t += T;
+                }
+                // The rest in one tile (single tokens wait on their two FMA chains).
+                let acc = &mut acc[t..];
+                match ntok - t {
+                    0 => {}
+                    1 => tokens::<1>(blk, xt(t), 2 * pairs, first, acc),
+                    2 => tokens::<2>(blk, xt(t), 2 * pairs, first, acc),
+                    3 => tokens::<3>(blk, xt(t), 2 * pairs, first, acc),
+                    _ => tokens::<4>(blk, xt(t), 2 * pairs, first, acc),
+                }
+            }
+            let r = g * GROUP_ROWS;
+            for (t, &v) in acc.iter().enumerate() {
+                // SAFETY: rows `r..r + live` of token `t` lie in `out` (asserted above).
+                Avx2F32::store(v, out.as_mut_ptr().add(t * ldo + r), (nrows - r).min(GROUP_ROWS));
+            }
+        }
     }
 
     /// # Safety
