@@ -731,10 +731,11 @@ mod tile_x86 {
         let nb = act.len() / ntok;
         let tiled = KIND == VNNI && !F::BYTES && ntok >= TILED_MIN_TOKENS;
         let offsets = if with_offsets::<F>(KIND) { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
-        // Both halves of an interleaved group at once when vectors hold half a group: each line
-        // of a block is then read in one pass, not half of it in each of two passes a group's
-        // walk apart (Q8_0 through VNNI for a token or two excepted: measured no faster).
-        let halves = packed && N < crate::dot::GROUP_ROWS && !(KIND == VNNI && F::BYTES && ntok < PAIR_MIN_TOKENS);
+        // For a token or two (decode), both halves of an interleaved group at once when vectors
+        // hold half a group: each line of a block is then read in one pass, not half of it in
+        // each of two passes a group's walk apart (Q8_0 through VNNI excepted: measured no
+        // faster). Many tokens, whose blocks come from L2, keep one half at a time.
+        let halves = packed && N < crate::dot::GROUP_ROWS && ntok < PAIR_MIN_TOKENS && !(KIND == VNNI && F::BYTES);
         let pairs = (KIND == VNNI && ntok >= PAIR_MIN_TOKENS) || halves;
         let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
