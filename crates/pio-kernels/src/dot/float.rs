@@ -1106,7 +1106,8 @@ mod x86 {
     /// another (into L2). Decode of the Qwen3-0.6B-shaped BF16 file (`pio bench --prompt-tokens
     /// 8`, medians of 3-6 alternated runs, an Emerald Rapids VM): without, 8.6 / 8.2 tok/s at
     /// AVX-512 / AVX2 on one thread and 14.5 / 14.1 on two; 4096 bytes ahead 9.9 / 9.0 and
-    /// 15.2 / 15.1; 2048 and 8192 in between.
+    /// 15.2 / 15.1; 8192 read 9.3 / 8.6 on one thread, and on two 2048 and 8192 were within
+    /// noise of 4096.
     const ONE_TOKEN_AHEAD: usize = 4096;
 
     /// For one token, asks for each group's line [`ONE_TOKEN_AHEAD`] bytes past pair `p`'s (a
