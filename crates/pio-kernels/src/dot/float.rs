@@ -1113,7 +1113,8 @@ mod x86 {
     /// For one token, asks for each group's line [`ONE_TOKEN_AHEAD`] bytes past pair `p`'s (a
     /// prefetch never faults, wherever it points): a decode step streams each group from memory
     /// once, `NG` interleaved streams the hardware prefetchers follow too shallowly (as the K
-    /// and legacy formats' walks do for theirs).
+    /// and legacy formats' walks do for theirs). Over [`rows_one`]'s L1 buffers, which prefetch
+    /// the rows themselves, the line asked for is on the stack and costs a cache hit.
     #[inline(always)]
     unsafe fn one_token_prefetch<const NG: usize, const T: usize>(groups: &[*const u8; NG], p: usize) {
         if T == 1 {
