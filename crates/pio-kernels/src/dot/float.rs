@@ -1110,17 +1110,15 @@ mod x86 {
     /// noise of 4096.
     const ONE_TOKEN_AHEAD: usize = 4096;
 
-    /// For one token, asks for each group's line [`ONE_TOKEN_AHEAD`] bytes past pair `p`'s (a
-    /// prefetch never faults, wherever it points): a decode step streams each group from memory
+    /// For one token, asks for each group's line [`ONE_TOKEN_AHEAD`] bytes past pair `p`'s
+    /// ([`prefetch_lines`], as the row-major one-token tiles do): a decode step streams each group from memory
     /// once, `NG` interleaved streams the hardware prefetchers follow too shallowly (as the K
     /// and legacy formats' walks do for theirs). Over [`rows_one`]'s L1 buffers, which prefetch
     /// the rows themselves, the line asked for is on the stack and costs a cache hit.
     #[inline(always)]
     unsafe fn one_token_prefetch<const NG: usize, const T: usize>(groups: &[*const u8; NG], p: usize) {
         if T == 1 {
-            for g in groups {
-                _mm_prefetch::<_MM_HINT_T1>(g.wrapping_add(64 * p + ONE_TOKEN_AHEAD) as *const i8);
-            }
+            prefetch_lines(groups, 64 * p + ONE_TOKEN_AHEAD);
         }
     }
 
