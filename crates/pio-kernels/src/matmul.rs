@@ -73,7 +73,9 @@ impl<'a> WeightView<'a> {
             Layout::Interleaved => {
                 // Block by block through a stack buffer: a lookup per token allocates nothing.
                 assert!(r < self.rows && out.len() == self.cols, "row {r} of {} x {}", self.rows, self.cols);
-                let (bb, be) = (self.dtype.block_bytes(), self.dtype.block_elems());
+                // A block as a one-block row (INT8's carries its row's scale).
+                let be = self.dtype.block_elems();
+                let bb = self.dtype.row_bytes(be).unwrap_or(0);
                 let mut block = [0u8; 256];
                 assert!(bb <= block.len(), "{} blocks of {bb} bytes", self.dtype);
                 for (b, o) in out.chunks_exact_mut(be).enumerate() {

@@ -24,6 +24,7 @@
 
 use crate::act::Q8Block;
 use crate::cpu::SimdLevel;
+use crate::dot::nongguf::{NF4_I8, NF4_I8_SCALE};
 use crate::dot::Layout;
 use crate::DType;
 
@@ -69,7 +70,52 @@ pub fn dot_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
 /// one rounding per step; `m_w` is Q4_1 / Q5_1's minimum, or `−8·d_w` / `−16·d_w` for Q4_0 /
 /// Q5_0, whose sums take the unsigned quants as stored).
 pub fn tile_dot_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
-    scalar_sum(dtype, row, act, true)
+    match dtype {
+        DType::INT8 | DType::INT4 | DType::NF4 => chunked_tile_scalar(dtype, row, act),
+        _ => scalar_sum(dtype, row, act, true),
+    }
+}
+
+/// [`tile_dot_scalar`] of INT8, INT4 and NF4, whose scale serves a row, 4 or 2 Q8Blocks (the
+/// tiles take them as Q8_0, Q4_0 and Q8_0 blocks that share it): per Q8Block the exact i32 sum,
+/// then in block order INT8 as Q8_0 (`fma(s·d_a, Σ q·q_a)`, `s` the row's scale), INT4 as Q4_0
+/// (`fma(d·d_a, Σ u·q_a)`, `fma(−8·d, s_a)`, `u` the unsigned code) and NF4 as Q8_0
+/// (`fma((d/127)·d_a, Σ NF4_I8[u]·q_a)`).
+fn chunked_tile_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
+    assert_eq!(
+        dtype.row_bytes(act.len() * 32),
+        Some(row.len()),
+        "{dtype}: a row of {} bytes does not hold {} activation blocks",
+        row.len(),
+        act.len()
+    );
+    if dtype == DType::INT8 {
+        let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+        let mut total = 0f32;
+        for (q, a) in row[4..].chunks_exact(32).zip(act) {
+            let sum: i32 = q.iter().zip(&a.qs).map(|(&w, &y)| (w as i8) as i32 * y as i32).sum();
+            total = (s * a.d).mul_add(sum as f32, total);
+        }
+        return total;
+    }
+    let (chunk, bb) = (dtype.block_elems() / 32, dtype.block_bytes());
+    let mut total = 0f32;
+    for (b, a) in act.iter().enumerate() {
+        let blk = &row[b / chunk * bb..][..bb];
+        let (sub, d) = (b % chunk, f16_at(blk, 0));
+        // Sub-block `sub`'s codes: nibble `sub % 2` of the 32 bytes of run `sub / 2`.
+        let (run, shift) = (&blk[2 + 32 * (sub / 2)..][..32], 4 * (sub % 2));
+        let code = |i: usize| (run[i] >> shift) & 0x0F;
+        if dtype == DType::INT4 {
+            let sum: i32 = a.qs.iter().enumerate().map(|(i, &y)| code(i) as i32 * y as i32).sum();
+            total = (d * a.d).mul_add(sum as f32, total);
+            total = (-8.0 * d).mul_add(a.s, total);
+        } else {
+            let sum: i32 = a.qs.iter().enumerate().map(|(i, &y)| NF4_I8[code(i) as usize] as i32 * y as i32).sum();
+            total = (d * NF4_I8_SCALE * a.d).mul_add(sum as f32, total);
+        }
+    }
+    total
 }
 
 /// The per-block integer sums of every format, folded the [`dot_scalar`] way or (`fused`) the
@@ -227,14 +273,28 @@ pub fn gemm(
     }
     let nb = act.len() / ntok;
     let packed = layout == Layout::Interleaved;
+    let chunked = matches!(dtype, DType::INT8 | DType::INT4 | DType::NF4);
     if packed {
         assert!(
-            matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
+            chunked || matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
             "{dtype} is not a legacy block format"
         );
         crate::dot::check_interleaved(dtype, w.len(), nrows, nb);
+    } else if chunked {
+        assert_eq!(
+            dtype.row_bytes(nb * 32).map(|rb| rb * nrows),
+            Some(w.len()),
+            "{dtype}: {} bytes are not {nrows} rows of {nb} activation blocks",
+            w.len()
+        );
     } else {
         check(dtype, &w[..w.len() / nrows], &act[..nb]);
+    }
+    if chunked && !packed && level != SimdLevel::Scalar {
+        // The SIMD tiles read INT8, INT4 and NF4 only interleaved (the layout they are repacked into
+        // at load); rows (`--no-repack`) are rearranged for the call, so the bits are the same.
+        let packed = crate::dot::interleave(dtype, nrows, nb * 32, w);
+        return gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, ntok, out, ldo);
     }
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -314,6 +374,18 @@ mod tile_x86 {
         /// i16 without overflow: 16 products of 4-bit quants (≤ 15·128 each) or 8 of 5-bit ones
         /// (≤ 31·128). Q8_0 does not use it.
         const I16_GROUPS: usize;
+        /// Q8Blocks per stored block: 1, or the 4 and 2 that share INT4's and NF4's scale.
+        const CHUNK: usize = 1;
+        /// The codes lie in runs (INT4, NF4): 32 bytes per row hold two Q8Blocks, the first in
+        /// the low nibbles and the second in the high ones, so Q8Block `k` of a stored block takes
+        /// nibble `k % 2` of the 8 dwords of run `k / 2`. Read from the interleaved layout only.
+        const RUNS: bool = false;
+        /// NF4: the codes index [`super::NF4_I8`] (signed bytes, taken as [`Fmt::BYTES`]) and
+        /// the scale is `d / 127`.
+        const TABLE: bool = false;
+        /// INT8: one f32 scale per row, which the interleaved layout keeps per group of rows
+        /// ahead of its blocks (`crate::dot::interleave`); blocks are the 32 codes alone.
+        const ROW_SCALE: bool = false;
     }
 
     pub(super) struct Q4_0;
@@ -321,6 +393,9 @@ mod tile_x86 {
     pub(super) struct Q5_0;
     pub(super) struct Q5_1;
     pub(super) struct Q8_0;
+    pub(super) struct Int8;
+    pub(super) struct Int4;
+    pub(super) struct Nf4;
 
     impl Fmt for Q4_0 {
         const BB: usize = 18;
@@ -367,18 +442,57 @@ mod tile_x86 {
         const BYTES: bool = true;
         const I16_GROUPS: usize = 1;
     }
+    /// INT8 as Q8_0 blocks whose scale is the row's.
+    impl Fmt for Int8 {
+        const BB: usize = 32;
+        const QS: usize = 0;
+        const QH: usize = 0;
+        const OFFSET_LOG2: u32 = 7;
+        const MIN: bool = false;
+        const BYTES: bool = true;
+        const I16_GROUPS: usize = 1;
+        const ROW_SCALE: bool = true;
+    }
+    /// INT4 as Q4_0 blocks that share a scale by four (an `m·s_a` term of `−8·d`).
+    impl Fmt for Int4 {
+        const BB: usize = 66;
+        const QS: usize = 2;
+        const QH: usize = 0;
+        const OFFSET_LOG2: u32 = 3;
+        const MIN: bool = false;
+        const BYTES: bool = false;
+        const I16_GROUPS: usize = 8;
+        const CHUNK: usize = 4;
+        const RUNS: bool = true;
+    }
+    /// NF4 as Q8_0 blocks that share a scale by two, the bytes looked up from the codes.
+    impl Fmt for Nf4 {
+        const BB: usize = 34;
+        const QS: usize = 2;
+        const QH: usize = 0;
+        const OFFSET_LOG2: u32 = 7;
+        const MIN: bool = false;
+        const BYTES: bool = true;
+        const I16_GROUPS: usize = 1;
+        const CHUNK: usize = 2;
+        const RUNS: bool = true;
+        const TABLE: bool = true;
+    }
 
     /// A kernel of one format as the dispatchers below call it.
     type Kernel = unsafe fn(Tile<'_>);
 
-    /// The kernel of `dtype` among one ISA's five.
-    fn pick(dtype: DType, k: [Kernel; 5]) -> Kernel {
+    /// The kernel of `dtype` among one ISA's eight.
+    fn pick(dtype: DType, k: [Kernel; 8]) -> Kernel {
         match dtype {
             DType::Q4_0 => k[0],
             DType::Q4_1 => k[1],
             DType::Q5_0 => k[2],
             DType::Q5_1 => k[3],
             DType::Q8_0 => k[4],
+            DType::INT4 => k[5],
+            DType::NF4 => k[6],
+            DType::INT8 => k[7],
             other => panic!("{other} is not a legacy block format"),
         }
     }
@@ -512,6 +626,8 @@ mod tile_x86 {
         unsafe fn bcast(p: *const i8, g: usize) -> Self::I;
         /// The 16 bytes at `p` in every 128-bit lane.
         unsafe fn bcast128(p: *const i8) -> Self::I;
+        /// `vpshufb`: byte `i` of `t`'s 128-bit lane for each byte `i` (< 16) of `idx`.
+        unsafe fn lookup(t: Self::I, idx: Self::I) -> Self::I;
         /// A placeholder where no sign is needed.
         unsafe fn no_sign() -> Self::Sign;
         /// `(|w|, the sign of w)` of signed bytes.
@@ -588,7 +704,20 @@ mod tile_x86 {
         m: V::P,
         q: [V::I; 8],
         qh: V::I,
+        sub: usize,
     ) -> Block<V::I, V::P> {
+        if F::RUNS {
+            // Nibble `sub % 2` of each dword of the run: quants 4g..4g+4 of the Q8Block.
+            let mut w = [V::zero(); 8];
+            let table = if F::TABLE { V::bcast128(super::NF4_I8.as_ptr()) } else { V::zero() };
+            for (wg, &x) in w.iter_mut().zip(&q) {
+                *wg = V::and(if sub % 2 == 1 { V::srl4(x) } else { x }, V::set1_i8(0x0F));
+                if F::TABLE {
+                    *wg = V::lookup(table, *wg);
+                }
+            }
+            return Block { w, d, m };
+        }
         if F::BYTES {
             return Block { w: q, d, m };
         }
@@ -619,29 +748,41 @@ mod tile_x86 {
         if F::BYTES {
             q[4..].copy_from_slice(&V::transpose(base, offs, F::QS + 16));
         }
-        block::<V, F, N, false>(d, m, q, qh)
+        block::<V, F, N, false>(d, m, q, qh, 0)
     }
 
     /// The interleaved block of a 16-row group at `blk` (see [`crate::dot::interleave`]), rows
     /// `lane..lane + N`, unpacked as [`unpack`] unpacks rows: the same values, without the
     /// transposes.
+    ///
+    /// INT4 and NF4 (`F::CHUNK` > 1): `blk` is the stored block, `sub` the Q8Block in it.
+    /// INT8 (`F::ROW_SCALE`): `head` is its group's row scales.
     #[inline(always)]
-    unsafe fn packed<V: Width<N>, F: Fmt, const N: usize>(blk: *const u8, lane: usize) -> Block<V::I, V::P> {
+    unsafe fn packed<V: Width<N>, F: Fmt, const N: usize>(
+        blk: *const u8,
+        head: *const u8,
+        lane: usize,
+        sub: usize,
+    ) -> Block<V::I, V::P> {
         // Column `c` of the field at byte `off` of the row blocks.
         let col = |off: usize, c: usize| blk.add(16 * off + 64 * c + 4 * lane);
-        let (d, m) = if F::MIN {
+        let (d, m) = if F::ROW_SCALE {
+            (V::loadp(head.add(4 * lane) as *const f32), V::zero_p())
+        } else if F::MIN {
             d_m::<V, F, N>(V::load(col(0, 0)))
         } else {
             let d = V::f16_load(blk.add(2 * lane));
+            // NF4: the f32 product `d · (1/127)`, as the scalar twin rounds it.
+            let d = if F::TABLE { V::mul(d, V::set1_p(super::NF4_I8_SCALE)) } else { d };
             (d, offset_m::<V, F, N>(d))
         };
-        let n = if F::BYTES { 8 } else { 4 };
+        let (n, qs) = if F::RUNS { (8, F::QS + 32 * (sub / 2)) } else { (if F::BYTES { 8 } else { 4 }, F::QS) };
         let mut q = [V::zero(); 8];
         for (c, qc) in q.iter_mut().enumerate().take(n) {
-            *qc = V::load(col(F::QS, c));
+            *qc = V::load(col(qs, c));
         }
         let qh = if F::QH != 0 { V::load(col(F::QH, 0)) } else { V::zero() };
-        block::<V, F, N, true>(d, m, q, qh)
+        block::<V, F, N, true>(d, m, q, qh, sub)
     }
 
     /// Q8_0's blocks of `N` rows left in place for a token or two (see [`tile`]).
@@ -800,7 +941,7 @@ mod tile_x86 {
         ldo: usize,
     ) {
         let (act, nb) = (walk.act, walk.nb);
-        let rb = nb * F::BB;
+        let rb = nb / F::CHUNK * F::BB;
         let live = [(nrows - r0).min(N), if TWO { (nrows - r0 - N).min(N) } else { 0 }];
         let (offs, idx) = row_offsets::<N>(live[0], rb);
         let (offs2, idx2) = if TWO { row_offsets::<N>(live[1], rb) } else { (offs, idx) };
@@ -809,7 +950,7 @@ mod tile_x86 {
             let acc = zeroed(acc_buf, n);
             let acc2 = if TWO { zeroed(acc2_buf, n) } else { &mut [][..] };
             for b in 0..nb {
-                if TWO && KIND == BYTES_FEW && walk.packed {
+                if TWO && KIND == BYTES_FEW && walk.packed && !F::TABLE {
                     bytes_few_pair::<V, F, N>(walk, r0, b, t0, n, acc, acc2);
                     continue;
                 }
@@ -855,7 +996,7 @@ mod tile_x86 {
     ) {
         const G: usize = crate::dot::GROUP_ROWS;
         let nb = walk.nb;
-        let at = ((r0 / G) * nb + b) * G * F::BB;
+        let (at, head, _) = located::<F>(nb, r0, b);
         let bytes = G * F::BB;
         let ahead = walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES);
         for line in (0..bytes).step_by(64) {
@@ -863,7 +1004,12 @@ mod tile_x86 {
             _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
         }
         let blk = walk.w[at..at + bytes].as_ptr();
-        let d = [V::f16_load(blk), V::f16_load(blk.add(2 * N))];
+        let d = if F::ROW_SCALE {
+            let head = walk.w[head..head + 4 * G].as_ptr() as *const f32;
+            [V::loadp(head), V::loadp(head.add(N))]
+        } else {
+            [V::f16_load(blk), V::f16_load(blk.add(2 * N))]
+        };
         let col = |c: usize, h: usize| blk.add(16 * F::QS + 64 * c + 4 * N * h);
         for i in 0..n {
             let a = &walk.act[(t0 + i) * nb + b];
@@ -919,7 +1065,7 @@ mod tile_x86 {
         ldo: usize,
     ) {
         let nb = walk.nb;
-        let rb = nb * F::BB;
+        let rb = nb / F::CHUNK * F::BB;
         let live = (nrows - r0).min(N);
         let (offs, idx) = row_offsets::<N>(live, rb);
         // Left uninitialized: a pass writes the blocks it reads, and zeroing these 4.5 KiB (and
@@ -1026,18 +1172,19 @@ mod tile_x86 {
                 unpack::<V, F, N>(p, offs, idx)
             };
         }
-        let at = ((r0 / G) * nb + b) * G * F::BB;
-        let bytes = G * F::BB;
+        let (at, head, next) = located::<F>(nb, r0, b);
+        let (bytes, sub) = (G * F::BB, b % F::CHUNK);
         let (ahead, first, last) = if N < G {
             // Narrower vectors take a group in passes, each reading part of every line of a
             // block. Pass `k` asks for its share of the lines of the next group's same block,
             // so those arrive a pass or more early and each block's prefetches are a few, not a
-            // burst.
-            let (passes, k) = (G / N, (r0 % G) / N);
-            let share = bytes.div_ceil(64).div_ceil(passes) * 64;
-            (walk.w.as_ptr().wrapping_add(at + nb * bytes), k * share, ((k + 1) * share).min(bytes))
+            // burst (and a block shared by Q8Blocks, a share per Q8Block of it).
+            let (parts, k) = (G / N * F::CHUNK, (r0 % G) / N * F::CHUNK + sub);
+            let share = bytes.div_ceil(64).div_ceil(parts) * 64;
+            (walk.w.as_ptr().wrapping_add(at + next), k * share, ((k + 1) * share).min(bytes))
         } else {
-            (walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES), 0, bytes)
+            let share = bytes.div_ceil(64).div_ceil(F::CHUNK) * 64;
+            (walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES), sub * share, ((sub + 1) * share).min(bytes))
         };
         // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded 37.2 -> 41.0
         // tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1).
@@ -1045,7 +1192,25 @@ mod tile_x86 {
             // A prefetch never faults, wherever it points.
             _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
         }
-        packed::<V, F, N>(walk.w[at..].as_ptr(), r0 % G)
+        packed::<V, F, N>(walk.w[at..].as_ptr(), walk.w[head..].as_ptr(), r0 % G, sub)
+    }
+
+    /// Where Q8Block `b` of the interleaved group of row `r0` lies in a matrix of `nb`
+    /// Q8Blocks per row: `(at, head, next)`, the byte offsets of its stored block and of its
+    /// scales (INT8: the group's row scales; otherwise the stored block), and the distance to
+    /// the next group's same block.
+    #[inline(always)]
+    fn located<F: Fmt>(nb: usize, r0: usize, b: usize) -> (usize, usize, usize) {
+        const G: usize = crate::dot::GROUP_ROWS;
+        if F::ROW_SCALE {
+            let group = G * (4 + nb * F::BB);
+            let head = (r0 / G) * group;
+            (head + 4 * G + b * G * F::BB, head, group)
+        } else {
+            let nsb = nb / F::CHUNK;
+            let at = ((r0 / G) * nsb + b / F::CHUNK) * G * F::BB;
+            (at, at, nsb * G * F::BB)
+        }
     }
 
     /// What the tokens share of a block: the weights as the products take them, and Q8_0's
@@ -1249,6 +1414,10 @@ mod tile_x86 {
             _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
         }
         #[inline(always)]
+        unsafe fn lookup(t: __m256i, idx: __m256i) -> __m256i {
+            _mm256_shuffle_epi8(t, idx)
+        }
+        #[inline(always)]
         unsafe fn no_sign() -> __m256i {
             _mm256_setzero_si256()
         }
@@ -1435,6 +1604,10 @@ mod tile_x86 {
             _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i))
         }
         #[inline(always)]
+        unsafe fn lookup(t: __m512i, idx: __m512i) -> __m512i {
+            _mm512_shuffle_epi8(t, idx)
+        }
+        #[inline(always)]
         unsafe fn no_sign() -> __mmask64 {
             0
         }
@@ -1577,32 +1750,26 @@ mod tile_x86 {
     }
 
     /// The kernels of one instruction set, for each format.
-    fn kernels<const AVX512: bool, const VNNI: bool>() -> [Kernel; 5] {
+    fn kernels<const AVX512: bool, const VNNI: bool>() -> [Kernel; 8] {
+        macro_rules! each {
+            ($tile:ident) => {
+                [
+                    $tile::<Q4_0>,
+                    $tile::<Q4_1>,
+                    $tile::<Q5_0>,
+                    $tile::<Q5_1>,
+                    $tile::<Q8_0>,
+                    $tile::<Int4>,
+                    $tile::<Nf4>,
+                    $tile::<Int8>,
+                ]
+            };
+        }
         match (AVX512, VNNI) {
-            (false, false) => {
-                [tile_avx2::<Q4_0>, tile_avx2::<Q4_1>, tile_avx2::<Q5_0>, tile_avx2::<Q5_1>, tile_avx2::<Q8_0>]
-            }
-            (false, true) => [
-                tile_avx2_vnni::<Q4_0>,
-                tile_avx2_vnni::<Q4_1>,
-                tile_avx2_vnni::<Q5_0>,
-                tile_avx2_vnni::<Q5_1>,
-                tile_avx2_vnni::<Q8_0>,
-            ],
-            (true, false) => [
-                tile_avx512::<Q4_0>,
-                tile_avx512::<Q4_1>,
-                tile_avx512::<Q5_0>,
-                tile_avx512::<Q5_1>,
-                tile_avx512::<Q8_0>,
-            ],
-            (true, true) => [
-                tile_avx512_vnni::<Q4_0>,
-                tile_avx512_vnni::<Q4_1>,
-                tile_avx512_vnni::<Q5_0>,
-                tile_avx512_vnni::<Q5_1>,
-                tile_avx512_vnni::<Q8_0>,
-            ],
+            (false, false) => each!(tile_avx2),
+            (false, true) => each!(tile_avx2_vnni),
+            (true, false) => each!(tile_avx512),
+            (true, true) => each!(tile_avx512_vnni),
         }
     }
 
@@ -2126,6 +2293,60 @@ mod tests {
                     for r in 0..nrows {
                         let (want, _) = exact(dtype, &w[r * rb..(r + 1) * rb], &act[t * blocks..(t + 1) * blocks]);
                         assert_eq!(out[t * nrows + r] as f64, want, "{dtype} {name}: row {r} token {t}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// INT8, INT4 and NF4 through the tiles: every level and kernel set (interleaved; rows through
+    /// [`gemm`], which rearranges them) gives the scalar twin's bits for every split, and the
+    /// products are those of the formats' own reference ([`crate::dot::nongguf::dot_scalar`])
+    /// up to float rounding.
+    #[test]
+    fn int8_int4_and_nf4_tiles_are_bitwise_and_close() {
+        let mut rng = StdRng::seed_from_u64(0x4b17);
+        for dtype in [DType::INT8, DType::INT4, DType::NF4] {
+            for (nr, nt, blocks) in [(13, 11, 4), (21, 5, 12), (37, 70, 8), (16, 1, 36), (19, 2, 4)] {
+                let cols = 32 * blocks;
+                let mut w = Vec::new();
+                for _ in 0..nr {
+                    let x: Vec<f32> = random_act(&mut rng, blocks);
+                    let mut row = vec![0u8; dtype.row_bytes(cols).unwrap()];
+                    quant::quantize_row(dtype, &x, &mut row);
+                    w.extend(row);
+                }
+                let act: Vec<Q8Block> = (0..nt).flat_map(|_| quantize_q8_vec(&random_act(&mut rng, blocks))).collect();
+                let rb = w.len() / nr;
+                let want = sub_tile(&gemm_impls()[0].1, dtype, &w, nr, &act, nt, (0, nr), (0, nt), nr);
+                for t in 0..nt {
+                    for r in 0..nr {
+                        let (row, a) = (&w[r * rb..(r + 1) * rb], &act[t * blocks..(t + 1) * blocks]);
+                        let reference = crate::dot::nongguf::dot_scalar(dtype, row, a);
+                        // What the rounding is relative to: INT4's offset term is up to 8·d·s_a.
+                        let mut wf = vec![0f32; cols];
+                        quant::dequantize_row(dtype, row, &mut wf);
+                        let wmax = wf.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let xsum: f32 =
+                            a.iter().map(|b| b.d * b.qs.iter().map(|&q| (q as f32).abs()).sum::<f32>()).sum();
+                        let mag = 16.0 * wmax * xsum;
+                        let got = want[t][r];
+                        assert!((got - reference).abs() <= 1e-5 * mag, "{dtype} ({r}, {t}): {got} vs {reference}");
+                    }
+                }
+                for (name, f) in gemm_impls() {
+                    if name.ends_with("packed false") {
+                        // The raw kernels read these formats only interleaved.
+                        continue;
+                    }
+                    let what = format!("{dtype} {nr} x {nt} x {blocks} blocks {name}");
+                    let full = sub_tile(&f, dtype, &w, nr, &act, nt, (0, nr), (0, nt), nr + 2);
+                    assert_bits(&full, &want, (0, 0), &format!("{what} vs scalar"));
+                    for ((r0, r1), (t0, t1)) in
+                        [((0, 1), (0, 1)), ((3, nr), (0, nt)), ((0, nr), (nt - 1, nt)), ((5, 9), (0, 1))]
+                    {
+                        let got = sub_tile(&f, dtype, &w, nr, &act, nt, (r0, r1), (t0, t1), r1 - r0 + 1);
+                        assert_bits(&got, &full, (r0, t0), &format!("{what}, rows {r0}..{r1} x tokens {t0}..{t1}"));
                     }
                 }
             }

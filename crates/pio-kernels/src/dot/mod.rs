@@ -81,15 +81,16 @@ pub fn gemm_q8(
     // The formats' own `gemm`s check an interleaved matrix's size.
     check_tile(w.len(), nrows, layout, act.len(), ntok, out.len(), ldo);
     match dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => {
-            legacy::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo)
-        }
+        DType::Q4_0
+        | DType::Q4_1
+        | DType::Q5_0
+        | DType::Q5_1
+        | DType::Q8_0
+        | DType::INT8
+        | DType::INT4
+        | DType::NF4 => legacy::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo),
         DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
             kquants::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo)
-        }
-        DType::INT8 | DType::INT4 | DType::NF4 => {
-            assert_eq!(layout, Layout::Rows, "{dtype} has no interleaved layout");
-            gemm_q8_by_dots(level, dtype, w, nrows, act, ntok, out, ldo)
         }
         DType::F32 | DType::F16 | DType::BF16 => panic!("{dtype} rows dot with f32 activations"),
     }
@@ -154,7 +155,7 @@ pub const GROUP_ROWS: usize = 16;
 
 /// Whether `dtype` has kernels for the interleaved layout ([`interleave`]).
 pub fn interleaves(dtype: DType) -> bool {
-    segments(dtype).is_some()
+    segments(dtype).is_some() || dtype == DType::INT8
 }
 
 /// The fields of a block as the interleaved layout stores them: `(offset, width)` with
@@ -167,6 +168,8 @@ fn segments(dtype: DType) -> Option<&'static [(usize, usize)]> {
         DType::Q5_0 => &[(0, 2), (2, 4), (6, 16)],
         DType::Q5_1 => &[(0, 4), (4, 4), (8, 16)],
         DType::Q8_0 => &[(0, 2), (2, 32)],
+        DType::INT4 => &[(0, 2), (2, 64)],
+        DType::NF4 => &[(0, 2), (2, 32)],
         DType::Q4_K => &[(0, 144)],
         DType::Q5_K => &[(0, 176)],
         DType::Q6_K => &[(0, 208), (208, 2)],
@@ -177,7 +180,20 @@ fn segments(dtype: DType) -> Option<&'static [(usize, usize)]> {
 /// Bytes of a `rows` x `cols` matrix of `dtype` in the interleaved layout: whole groups of
 /// [`GROUP_ROWS`] (the rows after the last one are zeros).
 pub fn interleaved_bytes(dtype: DType, rows: usize, cols: usize) -> usize {
-    rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * (cols / dtype.block_elems()) * dtype.block_bytes()
+    rows.div_ceil(GROUP_ROWS) * GROUP_ROWS * dtype.row_bytes(cols).unwrap_or(0)
+}
+
+/// Where INT8's interleaved layout puts byte `k` of row `r`'s stored bytes (its f32 scale, then
+/// its codes), in a matrix `cols` wide: per group of 16 rows, the 16 scales side by side (row
+/// `i`'s at `4i`), then block by block of 32 codes, dword `c` of a block as a 64-byte column
+/// (row `i`'s at `64c + 4i`), as the legacy formats' fields.
+fn int8_packed_at(cols: usize, r: usize, k: usize) -> usize {
+    let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
+    let group = g * GROUP_ROWS * (4 + cols);
+    match k.checked_sub(4) {
+        None => group + 4 * i + k,
+        Some(q) => group + 4 * GROUP_ROWS + q / 32 * 32 * GROUP_ROWS + (q % 32) / 4 * 64 + 4 * i + q % 4,
+    }
 }
 
 /// The bytes of `out`, written by several threads at once, each its own disjoint part.
@@ -191,6 +207,21 @@ unsafe impl Sync for SharedBytes {}
 /// `src` and writes interleaved blocks to `dst`, otherwise the other way round. Dword fields move
 /// four bytes at a time, f16 fields two; fifth bits are reordered on the way ([`spread_fifth_bits`]).
 fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], pack: bool) {
+    if dtype == DType::INT8 {
+        let rb = 4 + cols;
+        let (rows_len, packed_len) = (rows * rb, interleaved_bytes(dtype, rows, cols));
+        let (src_len, dst_len) = if pack { (rows_len, packed_len) } else { (packed_len, rows_len) };
+        assert!(src.len() == src_len && dst.len() == dst_len, "{dtype}: {rows} x {cols} in the wrong sizes");
+        // Dword by dword (one thread: a single pass over a matrix that is quantized at load).
+        for r in 0..rows {
+            for k in (0..rb).step_by(4) {
+                let at = int8_packed_at(cols, r, k);
+                let (from, to) = if pack { (r * rb + k, at) } else { (at, r * rb + k) };
+                dst[to..to + 4].copy_from_slice(&src[from..from + 4]);
+            }
+        }
+        return;
+    }
     let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
     let rb = blocks * bb;
     let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
@@ -256,7 +287,7 @@ pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8
 /// [`interleave`] into `out`, which has [`interleaved_bytes`] zero bytes (such as a
 /// [`crate::huge::HugeArena`] buffer: decode streams these matrices).
 pub fn interleave_into(dtype: DType, rows: usize, cols: usize, data: &[u8], out: &mut [u8]) {
-    let rb = (cols / dtype.block_elems()) * dtype.block_bytes();
+    let rb = dtype.row_bytes(cols).unwrap_or(0);
     assert_eq!(data.len(), rows * rb, "{dtype}: {} bytes are not {rows} rows of {cols}", data.len());
     assert_eq!(out.len(), interleaved_bytes(dtype, rows, cols), "{dtype}: interleaved size of {rows} x {cols}");
     shuffle(dtype, rows, cols, data, out, true);
@@ -264,7 +295,7 @@ pub fn interleave_into(dtype: DType, rows: usize, cols: usize, data: &[u8], out:
 
 /// The rows of an [`interleave`]d matrix, in GGML's layout again.
 pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
-    let rb = (cols / dtype.block_elems()) * dtype.block_bytes();
+    let rb = dtype.row_bytes(cols).unwrap_or(0);
     assert_eq!(data.len(), interleaved_bytes(dtype, rows, cols), "{dtype}: interleaved size of {rows} x {cols}");
     let mut out = vec![0u8; rows * rb];
     shuffle(dtype, rows, cols, data, &mut out, false);
@@ -274,7 +305,20 @@ pub fn deinterleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<
 /// Block `b` of row `r` of an [`interleave`]d matrix `cols` wide, in GGML's layout, into `out`
 /// (one block's bytes): what a lookup of one row (an embedding shared with a repacked LM head)
 /// reads, block by block, without restoring the matrix.
+///
+/// INT8, whose scale is the row's: `out` holds the block as a one-block row (the scale, then the
+/// 32 codes: 36 bytes), what [`crate::quant::dequantize_row`] reads.
 pub fn interleaved_block(dtype: DType, cols: usize, data: &[u8], r: usize, b: usize, out: &mut [u8]) {
+    if dtype == DType::INT8 {
+        assert_eq!(out.len(), 36, "{dtype}: a block with its row's scale is 36 bytes");
+        assert!(b < cols / 32, "block {b} of a row of {}", cols / 32);
+        assert!(int8_packed_at(cols, r | (GROUP_ROWS - 1), 4 + cols - 1) < data.len(), "row {r} is past the matrix");
+        for k in (0..36).step_by(4) {
+            let at = int8_packed_at(cols, r, if k < 4 { k } else { 32 * b + k });
+            out[k..k + 4].copy_from_slice(&data[at..at + 4]);
+        }
+        return;
+    }
     let (bb, blocks) = (dtype.block_bytes(), cols / dtype.block_elems());
     let fields = segments(dtype).unwrap_or_else(|| panic!("{dtype} has no interleaved layout"));
     assert_eq!(out.len(), bb, "{dtype}: a block is {bb} bytes");
@@ -382,20 +426,35 @@ mod tests {
 
     #[test]
     fn interleaved_rows_are_the_rows() {
-        for dtype in
-            [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K]
-        {
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q8_0,
+            DType::Q4_K,
+            DType::Q5_K,
+            DType::Q6_K,
+            DType::INT8,
+            DType::INT4,
+            DType::NF4,
+        ] {
             let (rows, cols) = (37, 512);
             let rb = dtype.row_bytes(cols).unwrap_or(0);
             // Arbitrary bytes: the layout moves bytes and never reads them as numbers.
             let data: Vec<u8> = (0..rows * rb).map(|i| (i * 131 % 251) as u8).collect();
             let packed = interleave(dtype, rows, cols, &data);
-            let bb = dtype.block_bytes();
+            assert_eq!(deinterleave(dtype, rows, cols, &packed), data, "{dtype}");
+            // A block as a one-block row (INT8: with its row's scale first).
+            let (be, pre) = (dtype.block_elems(), dtype.row_prefix_bytes());
+            let bb = dtype.row_bytes(be).unwrap_or(0);
             let mut block = vec![0u8; bb];
             for r in 0..rows {
-                for b in 0..rb / bb {
+                for b in 0..cols / be {
                     interleaved_block(dtype, cols, &packed, r, b, &mut block);
-                    assert_eq!(block, &data[r * rb + b * bb..r * rb + (b + 1) * bb], "{dtype} row {r} block {b}");
+                    let row = &data[r * rb..(r + 1) * rb];
+                    let want = [&row[..pre], &row[pre + b * (bb - pre)..pre + (b + 1) * (bb - pre)]].concat();
+                    assert_eq!(block, want, "{dtype} row {r} block {b}");
                 }
             }
         }

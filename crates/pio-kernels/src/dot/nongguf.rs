@@ -780,28 +780,6 @@ mod tests {
     }
 
     #[test]
-    fn gemm_is_one_dot_per_pair_at_every_level() {
-        let mut rng = StdRng::seed_from_u64(13);
-        let (nrows, ntok) = (5, 3);
-        for dtype in FORMATS {
-            let n = widths(dtype)[2];
-            let rows: Vec<u8> = (0..nrows).flat_map(|_| random_row(&mut rng, dtype, n)).collect();
-            let act: Vec<Q8Block> = (0..ntok).flat_map(|_| random_act(&mut rng, n)).collect();
-            let rb = rows.len() / nrows;
-            for level in SimdLevel::available() {
-                let mut out = vec![f32::NAN; ntok * 8];
-                super::super::gemm_q8(level, dtype, &rows, nrows, super::super::Layout::Rows, &act, ntok, &mut out, 8);
-                for r in 0..nrows {
-                    for t in 0..ntok {
-                        let one = dot_q8(level, dtype, &rows[r * rb..(r + 1) * rb], &act[t * n / 32..(t + 1) * n / 32]);
-                        assert_eq!(out[t * 8 + r].to_bits(), one.to_bits(), "{dtype} {level:?} ({r}, {t})");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
     fn matmul_is_close_to_the_f32_reference_and_batch_invariant() {
         use crate::matmul::{matmul_at, WeightView};
         let mut rng = StdRng::seed_from_u64(14);
