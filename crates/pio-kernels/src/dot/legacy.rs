@@ -1,4 +1,5 @@
-//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows (32-weight blocks) dotted with [`Q8Block`] activations.
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows (32-weight blocks) dotted with [`Q8Block`] activations,
+//! and the tiles that INT8, INT4 and NF4 share with them (see [`gemm`]).
 //!
 //! A weight block decodes to `w[i] = d_w * q_w[i]` (`+ m_w` for the `_1` formats) and an
 //! activation block to `x[i] ≈ d_a * q_a[i]`, so one block contributes
@@ -253,6 +254,14 @@ fn scalar_blocks<const BB: usize>(
 /// moves onto the activation instead (`|w|·(sign(w)·a)`), and for one or two tokens it skips
 /// the transpose (multiplying rows in place and reducing them with a few shuffles is cheaper
 /// when a block serves a single token; the sums, being exact, are the same).
+///
+/// **INT8, INT4 and NF4** (the formats quantized at load, [`crate::dot::nongguf`]) run on the
+/// same tiles, over their interleaved layout only (rows are rearranged per call): INT4 as Q4_0
+/// blocks that share a scale by four (its codes `u` unsigned, the 8 an `m·s_a` term), NF4 as Q8_0
+/// blocks that share one by two (its codes looked up in [`NF4_I8`] with `vpshufb`, the scale
+/// `d/127`), INT8 as Q8_0 blocks whose scale is the row's (kept per 16-row group ahead of its
+/// blocks). Each Q8Block of a shared block takes nibble `k % 2` of the 8 dwords of run `k / 2`.
+/// [`tile_dot_scalar`] gives their bits too.
 ///
 /// Activation quants must lie in −127..=127, as [`crate::act::quantize_q8`] produces (only the
 /// sign trick would overflow on −128).

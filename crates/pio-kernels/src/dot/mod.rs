@@ -277,7 +277,8 @@ fn packed_offset(o: usize, w: usize, k: usize, i: usize) -> usize {
 /// `i`), an f16 scale at `2i`. A kernel then loads a column (one dword of 16 rows) with one
 /// instruction instead of transposing rows on every call, as llama.cpp's and ik_llama.cpp's
 /// repacked formats do; products are bitwise the same as from the rows, and the size is the
-/// same but for the zero rows that complete the last group.
+/// same but for the zero rows that complete the last group. INT8 keeps each group's 16 row
+/// scales (f32) side by side ahead of its blocks of 32 codes.
 pub fn interleave(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; interleaved_bytes(dtype, rows, cols)];
     interleave_into(dtype, rows, cols, data, &mut out);

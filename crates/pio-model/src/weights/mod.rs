@@ -69,7 +69,7 @@ impl Tensor {
     }
 
     /// Rearranges a matrix whose format has interleaved kernels (the GGUF block formats but
-    /// Q2_K and Q3_K; BF16 of a multiple of 32 columns) into that layout, in memory of its own, and lets go of the mapped file pages it was read from (so
+    /// Q2_K and Q3_K, INT8, INT4 and NF4; BF16 of a multiple of 32 columns) into that layout, in memory of its own, and lets go of the mapped file pages it was read from (so
     /// they are not resident twice). Products are bitwise the same; decode reads one stream
     /// of columns instead of transposing 16 rows on every call. Returns whether it did.
     ///
