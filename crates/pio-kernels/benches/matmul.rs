@@ -43,11 +43,19 @@ fn bench(c: &mut Criterion) {
         (DType::Q5_0, false, false),
         (DType::Q4_K, false, false),
         (DType::Q6_K, false, false),
+        // Interleaved as a model holds them (Q4_0 for comparison with INT4 and NF4), and the
+        // formats quantized at load.
+        (DType::Q4_0, false, true),
+        (DType::INT8, false, true),
+        (DType::INT4, false, true),
+        (DType::NF4, false, true),
     ];
     for (dtype, bf16_act, tiled) in formats {
         let mut data = weights(dtype);
-        if tiled {
+        if tiled && dtype == DType::BF16 {
             data = pio_kernels::dot::float::tile_bf16(ROWS, COLS, &data);
+        } else if tiled {
+            data = pio_kernels::dot::interleave(dtype, ROWS, COLS, &data);
         }
         // `prefill_only` with bf16 activations: AMX too where the CPU has it (as a vision
         // tower's BF16 matrices).
