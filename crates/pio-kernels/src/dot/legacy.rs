@@ -1183,23 +1183,27 @@ mod tile_x86 {
         }
         let (at, head, next) = located::<F>(nb, r0, b);
         let (bytes, sub) = (G * F::BB, b % F::CHUNK);
-        let (ahead, first, last) = if N < G {
-            // Narrower vectors take a group in passes, each reading part of every line of a
-            // block. Pass `k` asks for its share of the lines of the next group's same block,
-            // so those arrive a pass or more early and each block's prefetches are a few, not a
-            // burst (and a block shared by Q8Blocks, a share per Q8Block of it).
-            let (parts, k) = (G / N * F::CHUNK, (r0 % G) / N * F::CHUNK + sub);
-            let share = bytes.div_ceil(64).div_ceil(parts) * 64;
-            (walk.w.as_ptr().wrapping_add(at + next), k * share, ((k + 1) * share).min(bytes))
-        } else {
-            let share = bytes.div_ceil(64).div_ceil(F::CHUNK) * 64;
-            (walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES), sub * share, ((sub + 1) * share).min(bytes))
-        };
+        // Narrower vectors take a group in passes, each reading part of every line of a block.
+        // Pass `k` asks for its share of the lines of the next group's same block, so those
+        // arrive a pass or more early and each block's prefetches are a few, not a burst.
+        let (passes, k) = (G / N, (r0 % G) / N);
+        let share = bytes.div_ceil(64).div_ceil(passes) * 64;
+        let ahead = if N < G { at + next + k * share } else { at + PREFETCH_BYTES };
+        let ahead = walk.w.as_ptr().wrapping_add(ahead);
         // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded 37.2 -> 41.0
-        // tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1).
-        for line in (first..last).step_by(64) {
-            // A prefetch never faults, wherever it points.
-            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+        // tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1). A prefetch never faults, wherever
+        // it points.
+        if F::CHUNK == 1 {
+            for line in (0..share.min(bytes - k * share)).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+            }
+        } else if sub == 0 {
+            // A block shared by Q8Blocks at its first one, a constant count of lines (a count
+            // and offsets computed per Q8Block cost INT4 a fifth of its one-token time in
+            // scalar work).
+            for line in (0..share).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+            }
         }
         packed::<V, F, N>(walk.w[at..].as_ptr(), walk.w[head..].as_ptr(), r0 % G, sub)
     }
