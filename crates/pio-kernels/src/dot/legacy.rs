@@ -83,13 +83,7 @@ pub fn tile_dot_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
 /// (`fma(d·d_a, Σ u·q_a)`, `fma(−8·d, s_a)`, `u` the unsigned code) and NF4 as Q8_0
 /// (`fma((d/127)·d_a, Σ NF4_I8[u]·q_a)`).
 fn chunked_tile_scalar(dtype: DType, row: &[u8], act: &[Q8Block]) -> f32 {
-    assert_eq!(
-        dtype.row_bytes(act.len() * 32),
-        Some(row.len()),
-        "{dtype}: a row of {} bytes does not hold {} activation blocks",
-        row.len(),
-        act.len()
-    );
+    crate::dot::nongguf::check(dtype, row, act);
     if dtype == DType::INT8 {
         let s = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
         let mut total = 0f32;
@@ -282,24 +276,19 @@ pub fn gemm(
     }
     let nb = act.len() / ntok;
     let packed = layout == Layout::Interleaved;
-    let chunked = matches!(dtype, DType::INT8 | DType::INT4 | DType::NF4);
+    let load_time = matches!(dtype, DType::INT8 | DType::INT4 | DType::NF4);
     if packed {
         assert!(
-            chunked || matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
+            load_time || matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0),
             "{dtype} is not a legacy block format"
         );
         crate::dot::check_interleaved(dtype, w.len(), nrows, nb);
-    } else if chunked {
-        assert_eq!(
-            dtype.row_bytes(nb * 32).map(|rb| rb * nrows),
-            Some(w.len()),
-            "{dtype}: {} bytes are not {nrows} rows of {nb} activation blocks",
-            w.len()
-        );
+    } else if load_time {
+        crate::dot::nongguf::check(dtype, &w[..w.len() / nrows], &act[..nb]);
     } else {
         check(dtype, &w[..w.len() / nrows], &act[..nb]);
     }
-    if chunked && !packed && level != SimdLevel::Scalar {
+    if load_time && !packed && level != SimdLevel::Scalar {
         // The SIMD tiles read INT8, INT4 and NF4 only interleaved (the layout they are repacked into
         // at load); rows (`--no-repack`) are rearranged for the call, so the bits are the same.
         let packed = crate::dot::interleave(dtype, nrows, nb * 32, w);
@@ -950,7 +939,7 @@ mod tile_x86 {
         ldo: usize,
     ) {
         let (act, nb) = (walk.act, walk.nb);
-        let rb = nb / F::CHUNK * F::BB;
+        let rb = nb * F::BB;
         let live = [(nrows - r0).min(N), if TWO { (nrows - r0 - N).min(N) } else { 0 }];
         let (offs, idx) = row_offsets::<N>(live[0], rb);
         let (offs2, idx2) = if TWO { row_offsets::<N>(live[1], rb) } else { (offs, idx) };
@@ -1074,7 +1063,7 @@ mod tile_x86 {
         ldo: usize,
     ) {
         let nb = walk.nb;
-        let rb = nb / F::CHUNK * F::BB;
+        let rb = nb * F::BB;
         let live = (nrows - r0).min(N);
         let (offs, idx) = row_offsets::<N>(live, rb);
         // Left uninitialized: a pass writes the blocks it reads, and zeroing these 4.5 KiB (and

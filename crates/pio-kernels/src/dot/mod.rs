@@ -427,19 +427,9 @@ mod tests {
 
     #[test]
     fn interleaved_rows_are_the_rows() {
-        for dtype in [
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-            DType::Q8_0,
-            DType::Q4_K,
-            DType::Q5_K,
-            DType::Q6_K,
-            DType::INT8,
-            DType::INT4,
-            DType::NF4,
-        ] {
+        let formats: Vec<DType> = DType::ALL.into_iter().filter(|&d| interleaves(d)).collect();
+        assert_eq!(formats.len(), 11, "{formats:?}");
+        for dtype in formats {
             let (rows, cols) = (37, 512);
             let rb = dtype.row_bytes(cols).unwrap_or(0);
             // Arbitrary bytes: the layout moves bytes and never reads them as numbers.

@@ -42,7 +42,7 @@ pub fn dot_q8(_level: SimdLevel, dtype: DType, row: &[u8], act: &[Q8Block]) -> f
 
 /// Asserts `dtype` is INT8, INT4 or NF4 and `row` holds exactly `act.len() * 32` of its
 /// weights (INT4 rows are whole groups of 128, NF4 rows whole blocks of 64).
-fn check(dtype: DType, row: &[u8], act: &[Q8Block]) {
+pub(super) fn check(dtype: DType, row: &[u8], act: &[Q8Block]) {
     assert!(matches!(dtype, DType::INT8 | DType::INT4 | DType::NF4), "{dtype} is not INT8, INT4 or NF4");
     assert_eq!(
         dtype.row_bytes(act.len() * 32),
