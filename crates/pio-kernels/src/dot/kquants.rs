@@ -1442,18 +1442,48 @@ pub(crate) mod tiled {
         end: *const u8,
         /// Lines per [`Prefetch::some`].
         per: usize,
+        /// Whether `per` is a constant and the lines run out exactly (see [`Prefetch::fixed`]).
+        fixed: bool,
     }
 
     impl Prefetch {
         /// `bytes` from `p`, asked for over `calls` calls of [`Prefetch::some`].
         #[inline(always)]
         fn new((p, bytes): (*const u8, usize), calls: usize) -> Self {
-            Prefetch { next: p, end: p.wrapping_add(bytes), per: bytes.div_ceil(64).div_ceil(calls.max(1)) }
+            Prefetch {
+                next: p,
+                end: p.wrapping_add(bytes),
+                per: bytes.div_ceil(64).div_ceil(calls.max(1)),
+                fixed: false,
+            }
+        }
+
+        /// `lines` from `p` over `calls` calls, both constants where this is inlined: the
+        /// lines that do not divide evenly now, then the same count per call, straight-line
+        /// prefetches with no bounds check. In the one-token kernels, the runtime count and
+        /// its checks were 7 short loops per super-block (about 70 scalar instructions beside
+        /// 64 `pmaddubsw` at AVX2).
+        #[inline(always)]
+        unsafe fn fixed(p: *const u8, lines: usize, calls: usize) -> Self {
+            let per = lines / calls;
+            let mut next = p;
+            for _ in 0..lines - per * calls {
+                _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
+                next = next.wrapping_add(64);
+            }
+            Prefetch { next, end: next, per, fixed: true }
         }
 
         /// The next few lines.
         #[inline(always)]
         unsafe fn some(&mut self) {
+            if self.fixed {
+                for _ in 0..self.per {
+                    _mm_prefetch::<_MM_HINT_T1>(self.next as *const i8);
+                    self.next = self.next.wrapping_add(64);
+                }
+                return;
+            }
             for _ in 0..self.per {
                 if self.next >= self.end {
                     return;
@@ -1901,6 +1931,11 @@ pub(crate) mod tiled {
             });
         } else {
             unroll!(k in [0, 1, 2, 3] {
+                // The block's and the activations' pointers hidden from the optimizer per
+                // chunk of 64 weights: seeing through them, LLVM hoisted the super-block's 64
+                // activation broadcasts ahead of the products and kept them, and columns, on
+                // the stack.
+                let (src, a) = (src.opaque(), crate::dot::opaque(a));
                 if R::RELOAD {
                     // The high nibbles from a second load of the columns (from L1), so the
                     // first load's 8 registers are free after the low nibbles' products: held
@@ -2020,17 +2055,23 @@ pub(crate) mod tiled {
         let mut v = [S::zero_f(); P];
         for s in 0..supers {
             // `Prefetch::some` calls per super-block of `S::LANES` rows: one per Q8Block.
-            let mut pf = Prefetch::new(m.ahead(r0, step, s), P * ACT_PER_SUPER);
+            // The bytes `ahead` gives, as a constant: a step's share of a super-block.
+            let lines = (step * if FMT == Q4K { 144 } else { 210 }).div_ceil(64);
+            let mut pf = Prefetch::fixed(m.ahead(r0, step, s).0, lines, P * ACT_PER_SUPER);
             let a = act.as_ptr().add(s * ACT_PER_SUPER);
-            for (h, v) in v.iter_mut().enumerate() {
-                let r = r0 + h * S::LANES;
-                let src = m.block(r, (nrows - r).min(S::LANES), s);
-                if FMT == Q4K {
-                    one_q4k::<S, M::Src>(src, a, v, &mut pf);
-                } else {
-                    one_q6k::<S, M::Src>(src, a, offs.get_unchecked(s), v, &mut pf);
+            // Unrolled: as a loop over `v`, LLVM kept the accumulators in memory, indexed by
+            // the part (a store-to-load forward in each Q8Block's chain).
+            unroll!(h in [0, 1] {
+                if h < P {
+                    let r = r0 + h * S::LANES;
+                    let src = m.block(r, (nrows - r).min(S::LANES), s);
+                    if FMT == Q4K {
+                        one_q4k::<S, M::Src>(src, a, &mut v[h], &mut pf);
+                    } else {
+                        one_q6k::<S, M::Src>(src, a, offs.get_unchecked(s), &mut v[h], &mut pf);
+                    }
                 }
-            }
+            });
         }
         for (h, v) in v.iter().enumerate() {
             S::storef(lanes.as_mut_ptr().add(h * S::LANES), *v);
@@ -2167,10 +2208,9 @@ pub(crate) mod tiled {
         }
     }
 
-    /// The tile of `dtype` over `m`, with the one-token kernels at `One` (which may be a
-    /// narrower ISA) for a single token.
+    /// The tile of `dtype` over `m`, for more than one token (see [`one_token`] for one).
     #[inline(always)]
-    unsafe fn by_format<S: Isa, One: Isa, M: Mat, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
+    unsafe fn by_format<S: Isa, M: Mat, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
         dtype: DType,
         m: M,
         nrows: usize,
@@ -2180,8 +2220,6 @@ pub(crate) mod tiled {
         ldo: usize,
     ) {
         match dtype {
-            DType::Q4_K if ntok == 1 => drive_one::<One, M, Q4K>(m, nrows, act, out),
-            DType::Q6_K if ntok == 1 => drive_one::<One, M, Q6K>(m, nrows, act, out),
             DType::Q4_K => drive::<S, M, Q4K, TT, 0>(m, nrows, act, ntok, out, ldo),
             DType::Q5_K => drive::<S, M, Q5K, TT, 0>(m, nrows, act, ntok, out, ldo),
             DType::Q6_K if ntok >= Q6K_SIGNED_FROM => {
@@ -2195,7 +2233,7 @@ pub(crate) mod tiled {
     /// The matrix `w` of `nrows` rows as the kernels walk it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn with_layout<S: Isa, One: Isa, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
+    unsafe fn with_layout<S: Isa, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
         dtype: DType,
         w: &[u8],
         nrows: usize,
@@ -2209,11 +2247,64 @@ pub(crate) mod tiled {
         let bb = dtype.block_bytes();
         if interleaved {
             let m = Interleaved { w: w.as_ptr(), supers, bb };
-            by_format::<S, One, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
-            by_format::<S, One, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
         }
+    }
+
+    /// A single token's product ([`drive_one`]) at `S`, for each layout and format.
+    #[inline(always)]
+    unsafe fn one_token<S: Isa>(
+        dtype: DType,
+        w: &[u8],
+        nrows: usize,
+        interleaved: bool,
+        act: &[Q8Block],
+        out: &mut [f32],
+    ) {
+        let supers = act.len() / ACT_PER_SUPER;
+        let bb = dtype.block_bytes();
+        let q4k = dtype == DType::Q4_K;
+        if interleaved {
+            let m = Interleaved { w: w.as_ptr(), supers, bb };
+            if q4k {
+                drive_one::<S, _, Q4K>(m, nrows, act, out)
+            } else {
+                drive_one::<S, _, Q6K>(m, nrows, act, out)
+            }
+        } else {
+            let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
+            if q4k {
+                drive_one::<S, _, Q4K>(m, nrows, act, out)
+            } else {
+                drive_one::<S, _, Q6K>(m, nrows, act, out)
+            }
+        }
+    }
+
+    /// Generates the one-token entry point `$name` at ISA `$isa` with `$features`: a function
+    /// of its own, so that its registers are allocated apart from the many-token tiles' (inlined
+    /// into one function, AVX2's 16 registers spilled in the one-token loops).
+    macro_rules! one_token_fn {
+        ($name:ident, $isa:ty, $features:literal) => {
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn $name(dtype: DType, w: &[u8], nrows: usize, interleaved: bool, act: &[Q8Block], out: &mut [f32]) {
+                one_token::<$isa>(dtype, w, nrows, interleaved, act, out)
+            }
+        };
+    }
+
+    one_token_fn!(one_avx2, Ymm8<false>, "avx2,fma,f16c");
+    one_token_fn!(one_avx2_vnni, Ymm8<true>, "avx2,fma,f16c,avxvnni");
+    one_token_fn!(one_avx512, Zmm<false>, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+    one_token_fn!(one_avx512_vnni, Zmm<true>, "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c");
+
+    /// Whether [`one_token`] takes the product (a single token of Q4_K or Q6_K).
+    fn is_one_token(dtype: DType, ntok: usize) -> bool {
+        ntok == 1 && matches!(dtype, DType::Q4_K | DType::Q6_K)
     }
 
     /// # Safety
@@ -2231,7 +2322,10 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Ymm<false>, Ymm8<false>, 2, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        if is_one_token(dtype, ntok) {
+            return one_avx2(dtype, w, nrows, interleaved, act, out);
+        }
+        with_layout::<Ymm<false>, 2, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2254,7 +2348,10 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Ymm<true>, Ymm8<true>, 3, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        if is_one_token(dtype, ntok) {
+            return one_avx2_vnni(dtype, w, nrows, interleaved, act, out);
+        }
+        with_layout::<Ymm<true>, 3, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2271,7 +2368,10 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<false>, Zmm<false>, 8, 8, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        if is_one_token(dtype, ntok) {
+            return one_avx512(dtype, w, nrows, interleaved, act, out);
+        }
+        with_layout::<Zmm<false>, 8, 8, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2288,7 +2388,10 @@ pub(crate) mod tiled {
         out: &mut [f32],
         ldo: usize,
     ) {
-        with_layout::<Zmm<true>, Zmm<true>, 8, 8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        if is_one_token(dtype, ntok) {
+            return one_avx512_vnni(dtype, w, nrows, interleaved, act, out);
+        }
+        with_layout::<Zmm<true>, 8, 8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.
