@@ -938,7 +938,7 @@ mod tile_x86 {
         out: &mut [f32],
         ldo: usize,
     ) {
-        let (act, nb) = (walk.act, walk.nb);
+        let nb = walk.nb;
         let rb = nb * F::BB;
         let live = [(nrows - r0).min(N), if TWO { (nrows - r0 - N).min(N) } else { 0 }];
         let (offs, idx) = row_offsets::<N>(live[0], rb);
@@ -947,33 +947,75 @@ mod tile_x86 {
             let n = (walk.ntok - t0).min(TOKENS);
             let acc = zeroed(acc_buf, n);
             let acc2 = if TWO { zeroed(acc2_buf, n) } else { &mut [][..] };
-            for b in 0..nb {
-                if TWO && KIND == BYTES_FEW && walk.packed && !F::TABLE {
-                    bytes_few_pair::<V, F, N>(walk, r0, b, t0, n, acc, acc2);
-                    continue;
-                }
-                let blk = group_block::<V, F, N, KIND>(walk, r0, b, &offs, &idx);
-                let blk2 = if TWO { group_block::<V, F, N, KIND>(walk, r0 + N, b, &offs2, &idx2) } else { blk };
-                let (wa, sign) = shared::<V, F, N, KIND>(&blk);
-                let (wa2, sign2) = if TWO { shared::<V, F, N, KIND>(&blk2) } else { (wa, sign) };
-                for i in 0..n {
-                    let at = (t0 + i) * nb + b;
-                    // VNNI: its fields at a pointer plus constants ([`crate::dot::opaque`]);
-                    // the other kinds broadcast with separate loads, and AVX2's one-token
-                    // walk measured 22% slower through such a pointer (Q8_0 decode).
-                    let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
-                    let off = if with_offsets::<F>(KIND) { walk.offsets[at] } else { 0 };
-                    let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
-                    finish::<V, F, N>(&mut acc[i], s, &blk, a);
-                    if TWO {
-                        let s = sum::<V, F, N, KIND>(&wa2, &sign2, a.qs.as_ptr(), off);
-                        finish::<V, F, N>(&mut acc2[i], s, &blk2, a);
+            let rows = Rows { r0, offs: &offs, idx: &idx, offs2: &offs2, idx2: &idx2 };
+            if F::CHUNK > 1 && walk.packed {
+                // By stored block, each Q8Block's place in it a constant: its run's loads
+                // and nibble are then fixed, and the Q8Blocks of one run share its loads.
+                for b in (0..nb).step_by(F::CHUNK) {
+                    block_step::<V, F, N, KIND, TWO>(walk, &rows, b, 0, t0, n, acc, acc2);
+                    block_step::<V, F, N, KIND, TWO>(walk, &rows, b + 1, 1, t0, n, acc, acc2);
+                    if F::CHUNK > 2 {
+                        block_step::<V, F, N, KIND, TWO>(walk, &rows, b + 2, 2, t0, n, acc, acc2);
+                        block_step::<V, F, N, KIND, TWO>(walk, &rows, b + 3, 3, t0, n, acc, acc2);
                     }
+                }
+            } else {
+                for b in 0..nb {
+                    if TWO && KIND == BYTES_FEW && walk.packed && !F::TABLE {
+                        bytes_few_pair::<V, F, N>(walk, r0, b, t0, n, acc, acc2);
+                        continue;
+                    }
+                    block_step::<V, F, N, KIND, TWO>(walk, &rows, b, b % F::CHUNK, t0, n, acc, acc2);
                 }
             }
             store(acc, live[0], out, t0 * ldo + r0, ldo);
             if TWO {
                 store(acc2, live[1], out, t0 * ldo + r0 + N, ldo);
+            }
+        }
+    }
+
+    /// The rows of a [`groups`] call: the first group's at `r0`, and their offsets and lane
+    /// indices in the row layout, for both groups.
+    struct Rows<'a, const N: usize> {
+        r0: usize,
+        offs: &'a [usize; N],
+        idx: &'a [i32; N],
+        offs2: &'a [usize; N],
+        idx2: &'a [i32; N],
+    }
+
+    /// Q8Block `b` (the `sub`-th of its stored block) of [`groups`]' rows times tokens
+    /// `t0..t0 + n`, into their accumulators.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_step<V: Width<N>, F: Fmt, const N: usize, const KIND: u8, const TWO: bool>(
+        walk: &Walk<'_>,
+        rows: &Rows<'_, N>,
+        b: usize,
+        sub: usize,
+        t0: usize,
+        n: usize,
+        acc: &mut [[f32; N]],
+        acc2: &mut [[f32; N]],
+    ) {
+        let (act, nb, r0) = (walk.act, walk.nb, rows.r0);
+        let blk = group_block::<V, F, N, KIND>(walk, r0, b, sub, rows.offs, rows.idx);
+        let blk2 = if TWO { group_block::<V, F, N, KIND>(walk, r0 + N, b, sub, rows.offs2, rows.idx2) } else { blk };
+        let (wa, sign) = shared::<V, F, N, KIND>(&blk);
+        let (wa2, sign2) = if TWO { shared::<V, F, N, KIND>(&blk2) } else { (wa, sign) };
+        for i in 0..n {
+            let at = (t0 + i) * nb + b;
+            // VNNI: its fields at a pointer plus constants ([`crate::dot::opaque`]); the other
+            // kinds broadcast with separate loads, and AVX2's one-token walk measured 22%
+            // slower through such a pointer (Q8_0 decode).
+            let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
+            let off = if with_offsets::<F>(KIND) { walk.offsets[at] } else { 0 };
+            let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
+            finish::<V, F, N>(&mut acc[i], s, &blk, a);
+            if TWO {
+                let s = sum::<V, F, N, KIND>(&wa2, &sign2, a.qs.as_ptr(), off);
+                finish::<V, F, N>(&mut acc2[i], s, &blk2, a);
             }
         }
     }
@@ -1081,7 +1123,7 @@ mod tile_x86 {
             for b0 in (0..nb).step_by(TILED_BLOCKS) {
                 let nbk = (nb - b0).min(TILED_BLOCKS);
                 for k in 0..nbk {
-                    let blk = group_block::<V, F, N, VNNI>(walk, r0, b0 + k, &offs, &idx);
+                    let blk = group_block::<V, F, N, VNNI>(walk, r0, b0 + k, (b0 + k) % F::CHUNK, &offs, &idx);
                     cols[k].write(shared::<V, F, N, VNNI>(&blk).0);
                     dm[k].write((blk.d, blk.m));
                 }
@@ -1157,6 +1199,7 @@ mod tile_x86 {
         walk: &Walk<'_>,
         r0: usize,
         b: usize,
+        sub: usize,
         offs: &[usize; N],
         idx: &[i32; N],
     ) -> Block<V::I, V::P> {
@@ -1171,7 +1214,7 @@ mod tile_x86 {
             };
         }
         let (at, head, next) = located::<F>(nb, r0, b);
-        let (bytes, sub) = (G * F::BB, b % F::CHUNK);
+        let bytes = G * F::BB;
         // Narrower vectors take a group in passes, each reading part of every line of a block.
         // Pass `k` asks for its share of the lines of the next group's same block, so those
         // arrive a pass or more early and each block's prefetches are a few, not a burst.
@@ -1938,7 +1981,7 @@ mod tests {
             let offset = rng.random_range(-1.0f32..1.0);
             w.extend((0..32).map(|_| offset + scale * rng.random_range(-1.0f32..1.0)));
         }
-        let mut row = vec![0u8; blocks * dtype.block_bytes()];
+        let mut row = vec![0u8; dtype.row_bytes(blocks * 32).unwrap_or(0)];
         quant::quantize_row(dtype, &w, &mut row);
         (w, row)
     }
@@ -2400,11 +2443,16 @@ mod tests {
         let only = std::env::var("PIO_BENCH_FORMATS").unwrap_or_default();
         for cols in [896, 4864] {
             let blocks = cols / 32;
-            for dtype in [DType::Q5_0, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1] {
+            for dtype in
+                [DType::Q5_0, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1, DType::INT4, DType::NF4, DType::INT8]
+            {
                 if !only.is_empty() && !only.split(',').any(|f| f.eq_ignore_ascii_case(dtype.name())) {
                     continue;
                 }
                 let tokens = crate::dot::bench_tokens(&[1, 64]);
+                // The formats quantized at load have tiles for the interleaved layout only.
+                let rows_too = !matches!(dtype, DType::INT4 | DType::NF4 | DType::INT8);
+                let kernels: Vec<_> = kernels.iter().filter(|(_, _, packed)| *packed || rows_too).collect();
                 for &ntok in &tokens {
                     let (w, act) = random_tile(&mut rng, dtype, blocks, ROWS, ntok);
                     let rb = w.len() / ROWS;
