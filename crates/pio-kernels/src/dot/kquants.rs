@@ -2055,8 +2055,10 @@ pub(crate) mod tiled {
         let mut v = [S::zero_f(); P];
         for s in 0..supers {
             // `Prefetch::some` calls per super-block of `S::LANES` rows: one per Q8Block.
-            // The bytes `ahead` gives, as a constant: a step's share of a super-block.
-            let lines = (step * if FMT == Q4K { 144 } else { 210 }).div_ceil(64);
+            // The bytes `ahead` gives, as a constant (the format's, not `m`'s block size): a
+            // step's share of a super-block.
+            let bb = if FMT == Q4K { DType::Q4_K } else { DType::Q6_K }.block_bytes();
+            let lines = (step * bb).div_ceil(64);
             let mut pf = Prefetch::fixed(m.ahead(r0, step, s).0, lines, P * ACT_PER_SUPER);
             let a = act.as_ptr().add(s * ACT_PER_SUPER);
             // Unrolled: as a loop over `v`, LLVM kept the accumulators in memory, indexed by
