@@ -173,26 +173,49 @@ pub fn for_each_range<T: Send>(n: usize, work: usize, f: impl Fn(usize, usize) -
 
 /// [`for_each_range`] in up to `per_thread` ranges per thread, which the threads claim one at a
 /// time: a thread slowed down (by a neighbour on the machine, or by its share of the memory
-/// bandwidth) takes fewer of them instead of keeping the others waiting at the end.
+/// bandwidth) takes fewer of them instead of keeping the others waiting at the end. The ranges
+/// shrink as they go ([`tapered_bounds`]), so the last claimed are short.
 pub fn for_each_range_balanced<T: Send>(
     n: usize,
     work: usize,
     per_thread: usize,
     f: impl Fn(usize, usize) -> T + Sync,
 ) -> Vec<T> {
-    let parts = |threads: usize| match busy_threads(n, work, threads) {
-        1 => 1,
-        busy => (busy * per_thread.max(1)).min(n.max(1)),
+    let bounds = |threads: usize| match busy_threads(n, work, threads) {
+        1 => vec![0, n],
+        busy => tapered_bounds(n, busy, per_thread.max(1)),
     };
     match WORKER_OF.with(|w| w.get()) {
         0 => {
             let pool = ThreadPool::current();
-            split_ranges(Some(&pool.0), n, parts(pool.threads()), &f)
+            split_bounds(Some(&pool.0), &bounds(pool.threads()), &f)
         }
         // Inline on a worker, in the same ranges (they depend only on `n`, `work` and
         // [`num_threads`]).
-        threads => split_ranges(None, n, parts(threads), &f),
+        threads => split_bounds(None, &bounds(threads), &f),
     }
+}
+
+/// Bounds of `0..n` in `rounds` rounds of `busy` ranges each, claimed in order: round `r`
+/// (before the last) covers half of what the earlier rounds left, the last round the rest, so
+/// the ranges shrink and the last ones claimed (which decide how long the others wait at the
+/// end) are small while the count of claims stays `busy * rounds`. Empty ranges are dropped.
+fn tapered_bounds(n: usize, busy: usize, rounds: usize) -> Vec<usize> {
+    let mut bounds = vec![0];
+    for r in 0..rounds {
+        let from = bounds[bounds.len() - 1];
+        let to = if r + 1 == rounds { n } else { from + (n - from) / 2 };
+        for i in 1..=busy {
+            let b = from + (to - from) * i / busy;
+            if b > bounds[bounds.len() - 1] {
+                bounds.push(b);
+            }
+        }
+    }
+    if bounds.len() == 1 {
+        bounds.push(n);
+    }
+    bounds
 }
 
 /// Of `threads`, how many a split of `n` items and `work` operations keeps busy: at most one per
@@ -211,21 +234,16 @@ pub fn for_each_task(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     ThreadPool::current().0.run(n_tasks, f)
 }
 
-/// `f` over `parts` balanced ranges of `0..n` (lengths differ by at most one), results in order;
-/// on `pool`, or inline without one.
-fn split_ranges<T: Send, F: Fn(usize, usize) -> T + Sync>(
-    pool: Option<&Pool>,
-    n: usize,
-    parts: usize,
-    f: &F,
-) -> Vec<T> {
+/// `f` over the ranges `bounds[t]..bounds[t + 1]`, results in order; on `pool`, or inline
+/// without one.
+fn split_bounds<T: Send, F: Fn(usize, usize) -> T + Sync>(pool: Option<&Pool>, bounds: &[usize], f: &F) -> Vec<T> {
+    let parts = bounds.len().saturating_sub(1);
     if parts <= 1 {
-        return vec![f(0, n)];
+        return vec![f(bounds.first().copied().unwrap_or(0), bounds.last().copied().unwrap_or(0))];
     }
-    let start = |t: usize| t * (n / parts) + t.min(n % parts);
     let slots: Vec<Mutex<Option<T>>> = (0..parts).map(|_| Mutex::new(None)).collect();
     let task = |t: usize| {
-        let r = f(start(t), start(t + 1));
+        let r = f(bounds[t], bounds[t + 1]);
         *lock(&slots[t]) = Some(r);
     };
     match pool {
@@ -550,6 +568,21 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
+    /// `f` over `parts` equal ranges of `0..n` (lengths differ by at most one), as
+    /// [`for_each_range`] splits, results in order; on `pool`, or inline without one.
+    fn split_ranges<T: Send, F: Fn(usize, usize) -> T + Sync>(
+        pool: Option<&Pool>,
+        n: usize,
+        parts: usize,
+        f: &F,
+    ) -> Vec<T> {
+        if parts <= 1 {
+            return vec![f(0, n)];
+        }
+        let bounds: Vec<usize> = (0..=parts).map(|t| t * (n / parts) + t.min(n % parts)).collect();
+        split_bounds(pool, &bounds, f)
+    }
+
     /// Checks that `split_ranges` over `parts` covers `0..n` exactly once, in order.
     fn check_ranges(pool: &Pool, n: usize, parts: usize) {
         let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
@@ -759,5 +792,39 @@ mod tests {
         let ids = lock(&ids);
         assert_eq!(ids.len(), 2);
         assert_ne!(ids[0], ids[1]);
+    }
+    #[test]
+    fn tapered_bounds_shrink_and_cover() {
+        assert_eq!(tapered_bounds(64, 2, 4), vec![0, 16, 32, 40, 48, 52, 56, 60, 64]);
+        assert_eq!(tapered_bounds(0, 2, 4), vec![0, 0]);
+        assert_eq!(tapered_bounds(1, 2, 4), vec![0, 1]);
+        for n in 0..300 {
+            for busy in 1..5 {
+                for rounds in 1..6 {
+                    let b = tapered_bounds(n, busy, rounds);
+                    assert_eq!((b[0], b[b.len() - 1]), (0, n), "n={n} busy={busy} rounds={rounds}");
+                    assert!(b.len() <= busy * rounds + 1);
+                    // Strictly increasing (no empty range) unless there is nothing to split.
+                    assert!(n == 0 || b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+                    // Each round's ranges are no larger than the first round's.
+                    let first = b[1] - b[0];
+                    assert!(b.windows(2).all(|w| w[1] - w[0] <= first.max(1) + 1), "{b:?}");
+                }
+            }
+        }
+        // Through the pool: every item once, in order.
+        let pool = ThreadPool::new(2);
+        let hits: Vec<AtomicU32> = (0..1000).map(|_| AtomicU32::new(0)).collect();
+        let ranges = pool.install(|| {
+            for_each_range_balanced(1000, usize::MAX / 2, 4, |a, b| {
+                hits[a..b].iter().for_each(|h| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                });
+                (a, b)
+            })
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        assert_eq!(ranges.len(), 8);
+        assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0 && w[0].1 - w[0].0 + 1 >= w[1].1 - w[1].0));
     }
 }
