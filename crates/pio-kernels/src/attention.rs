@@ -261,6 +261,14 @@ pub trait KvSource: Copy + Send + Sync {
     /// follow runs of lines, miss the first lines of every chunk.
     fn prefetch(&self, _table: &[u32], _g: usize, _p0: usize) {}
 
+    /// Positions `p0..p0 + CHUNK` of kv head `g` as one run of keys and one of values, each
+    /// contiguous f16 in place, where the cache holds them so (f16, blocks of one chunk): the
+    /// f16 score kernels then ask for them a line of each at a time between their products
+    /// ([`Ahead`]) instead of in one burst ([`KvSource::prefetch`]).
+    fn ahead_f16(&self, _table: &[u32], _g: usize, _p0: usize) -> Option<(&[f16], &[f16])> {
+        None
+    }
+
     /// Whether [`KvSource::int8_scores`] scores this cache's keys at `level`: block-format keys
     /// against an int8 query with integer dot products (as ik_llama.cpp does) instead of widening
     /// them. q8_0 keys where the CPU has VNNI (AVX2's byte products are no faster than the f32
@@ -411,6 +419,47 @@ fn prefetch_lines<T>(bytes: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
+}
+
+/// A chunk's key and value runs to prefetch, a line of each per call of [`Ahead::line`] with
+/// the line's index: the score kernels call it once per 64 bytes of keys they read, so the
+/// loads are asked for across the chunk's products. Asked for all at once (as
+/// [`KvSource::prefetch`] does), 128 lines per chunk of a 128-wide head wait on the core's few
+/// line-fill buffers and the kernel computes nothing meanwhile (the weight kernels' lesson).
+#[derive(Clone, Copy)]
+struct Ahead {
+    k: *const i8,
+    v: *const i8,
+    /// Lines in each run; none past them are asked for.
+    lines: usize,
+}
+
+impl Ahead {
+    /// Nothing to prefetch.
+    const NONE: Ahead = Ahead { k: std::ptr::null(), v: std::ptr::null(), lines: 0 };
+
+    /// The runs `k`, `v` (as many lines of each as the shorter has).
+    fn new(k: &[f16], v: &[f16]) -> Ahead {
+        let lines = std::mem::size_of_val(k).min(std::mem::size_of_val(v)) / 64;
+        Ahead { k: k.as_ptr() as *const i8, v: v.as_ptr() as *const i8, lines }
+    }
+
+    /// Asks for line `i` of both runs, if they have it.
+    #[inline(always)]
+    fn line(&self, i: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if i < self.lines {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: a prefetch reads nothing architecturally and cannot fault; SSE is in the
+            // x86-64 baseline.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(self.k.wrapping_add(64 * i));
+                _mm_prefetch::<_MM_HINT_T0>(self.v.wrapping_add(64 * i));
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = i;
+    }
 }
 
 /// Whether block-format keys are stored in tiles ([`CodedKv`]): blocks of whole chunks.
@@ -750,6 +799,14 @@ impl<T: KvElem> KvSource for PagedKv<'_, T> {
         if let Some(v) = self.v.get(base + off * hd..base + (off + CHUNK) * hd) {
             prefetch_lines(v);
         }
+    }
+    fn ahead_f16(&self, table: &[u32], g: usize, p0: usize) -> Option<(&[f16], &[f16])> {
+        let (hd, bs) = (self.head_dim, self.block_size);
+        if bs != CHUNK || !p0.is_multiple_of(CHUNK) {
+            return None;
+        }
+        let base = (*table.get(p0 / bs)? as usize * self.num_kv_heads + g) * hd * bs;
+        Some((T::as_f16s(self.k)?.get(base..base + hd * bs)?, T::as_f16s(self.v)?.get(base..base + CHUNK * hd)?))
     }
     fn chunk_f16(
         &self,
@@ -1743,9 +1800,18 @@ fn attend<S: KvSource>(
     let mut p0 = first / CHUNK * CHUNK;
     while p0 < longest {
         let n = (longest - p0).min(CHUNK);
-        if p0 + PREFETCH_AHEAD < longest {
+        let in_place = if int8 { None } else { kv.chunk_f16(level, table, g, p0, n) };
+        // The chunk after next: asked for by the f16 kernels as they go where it is two runs,
+        // else here at once.
+        let ahead = match (p0 + PREFETCH_AHEAD < longest, &in_place) {
+            (false, _) => Some(Ahead::NONE),
+            (true, Some(_)) => kv.ahead_f16(table, g, p0 + PREFETCH_AHEAD).map(|(k, v)| Ahead::new(k, v)),
+            (true, None) => None,
+        };
+        let ahead = ahead.unwrap_or_else(|| {
             kv.prefetch(table, g, p0 + PREFETCH_AHEAD);
-        }
+            Ahead::NONE
+        });
         // The chunk as f32: key j's dimension d at kc[d * ks + j], its value at vc[j * vs ..].
         active.clear();
         for (t, ctx) in ctxs.iter().enumerate() {
@@ -1763,7 +1829,7 @@ fn attend<S: KvSource>(
             }
         };
         #[cfg(target_arch = "x86_64")]
-        if let Some((kh, ks, vh, vs)) = if int8 { None } else { kv.chunk_f16(level, table, g, p0, n) } {
+        if let Some((kh, ks, vh, vs)) = in_place {
             assert!(kh.len() >= (hd - 1) * ks + CHUNK, "key chunk out of range");
             // SAFETY: `chunk_f16` answers only at the AVX2 and AVX-512 levels, so the CPU has
             // that level's features (F16C and FMA included); the keys' length is asserted
@@ -1771,11 +1837,11 @@ fn attend<S: KvSource>(
             // `active` (`hd` is a multiple of 8 at the AVX2 level).
             unsafe {
                 if level == SimdLevel::Avx512 {
-                    x86::scores_avx512(q, hd, active, kh, ks, scale, s);
+                    x86::scores_avx512(q, hd, active, kh, ks, scale, s, ahead);
                     hide_before_window(s);
                     x86::update_avx512(active, s, vh, vs, m, l, o, hd);
                 } else {
-                    x86::scores_avx2(q, hd, active, kh, ks, scale, s);
+                    x86::scores_avx2(q, hd, active, kh, ks, scale, s, ahead);
                     hide_before_window(s);
                     x86::update_avx2(active, s, vh, vs, m, l, o, hd);
                 }
@@ -1888,10 +1954,10 @@ fn scores(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level only names features the CPU has; `kt` was checked above and the
         // callee slices rows of `q` and `s` with bounds checks.
-        SimdLevel::Avx512 => unsafe { x86::scores_avx512(q, hd, active, kt, ks, scale, s) },
+        SimdLevel::Avx512 => unsafe { x86::scores_avx512(q, hd, active, kt, ks, scale, s, Ahead::NONE) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        SimdLevel::Avx2 => unsafe { x86::scores_avx2(q, hd, active, kt, ks, scale, s) },
+        SimdLevel::Avx2 => unsafe { x86::scores_avx2(q, hd, active, kt, ks, scale, s, Ahead::NONE) },
         _ => {
             for &(i, seen) in active {
                 let mut acc = [0f32; CHUNK];
@@ -2475,7 +2541,8 @@ pub(crate) mod x86 {
 
     /// [`super::scores`] with 16 lanes: rows four at a time share each key vector.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn scores_avx512<K: Lanes16>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_avx512<K: Lanes16>(
         q: &[f32],
         hd: usize,
         active: &[(usize, usize)],
@@ -2483,15 +2550,19 @@ pub(crate) mod x86 {
         ks: usize,
         scale: f32,
         s: &mut [f32],
+        ahead: super::Ahead,
     ) {
+        // The first block of rows asks for the chunk `ahead`, the others nothing.
+        let mut ahead = ahead;
         let mut blocks = active.chunks_exact(4);
         for b in &mut blocks {
-            scores_rows_avx512::<4, K>(q, hd, b, kt, ks, scale, s);
+            scores_rows_avx512::<4, K>(q, hd, b, kt, ks, scale, s, ahead);
+            ahead = super::Ahead::NONE;
         }
         match blocks.remainder() {
-            r @ [_] => scores_rows_avx512::<1, K>(q, hd, r, kt, ks, scale, s),
-            r @ [_, _] => scores_rows_avx512::<2, K>(q, hd, r, kt, ks, scale, s),
-            r @ [_, _, _] => scores_rows_avx512::<3, K>(q, hd, r, kt, ks, scale, s),
+            r @ [_] => scores_rows_avx512::<1, K>(q, hd, r, kt, ks, scale, s, ahead),
+            r @ [_, _] => scores_rows_avx512::<2, K>(q, hd, r, kt, ks, scale, s, ahead),
+            r @ [_, _, _] => scores_rows_avx512::<3, K>(q, hd, r, kt, ks, scale, s, ahead),
             _ => {}
         }
     }
@@ -2501,6 +2572,7 @@ pub(crate) mod x86 {
     /// share the block does not change it.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn scores_rows_avx512<const R: usize, K: Lanes16>(
         q: &[f32],
         hd: usize,
@@ -2509,12 +2581,16 @@ pub(crate) mod x86 {
         ks: usize,
         scale: f32,
         s: &mut [f32],
+        ahead: super::Ahead,
     ) {
         let qp: [*const f32; R] = std::array::from_fn(|r| q[rows[r].0 * hd..(rows[r].0 + 1) * hd].as_ptr());
         let kp = kt.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut d = 0;
         while d + 4 <= hd {
+            // Four dimensions of 16 f16 keys: two lines.
+            ahead.line(d / 2);
+            ahead.line(d / 2 + 1);
             let k: [__m512; 4] = std::array::from_fn(|a| K::load16(kp.add((d + a) * ks)));
             for (ar, qr) in acc.iter_mut().zip(&qp) {
                 for (a, (aa, ka)) in ar.iter_mut().zip(&k).enumerate() {
@@ -2903,7 +2979,8 @@ pub(crate) mod x86 {
     /// [`super::scores`] with two 8-lane halves per row: rows two at a time, two accumulators
     /// (`d mod 2`) per half.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores_avx2<K: Lanes8>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scores_avx2<K: Lanes8>(
         q: &[f32],
         hd: usize,
         active: &[(usize, usize)],
@@ -2911,18 +2988,23 @@ pub(crate) mod x86 {
         ks: usize,
         scale: f32,
         s: &mut [f32],
+        ahead: super::Ahead,
     ) {
+        // The first block of rows asks for the chunk `ahead`, the others nothing.
+        let mut ahead = ahead;
         let mut blocks = active.chunks_exact(2);
         for b in &mut blocks {
-            scores_rows_avx2::<2, K>(q, hd, b, kt, ks, scale, s);
+            scores_rows_avx2::<2, K>(q, hd, b, kt, ks, scale, s, ahead);
+            ahead = super::Ahead::NONE;
         }
         if let r @ [_] = blocks.remainder() {
-            scores_rows_avx2::<1, K>(q, hd, r, kt, ks, scale, s);
+            scores_rows_avx2::<1, K>(q, hd, r, kt, ks, scale, s, ahead);
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn scores_rows_avx2<const R: usize, K: Lanes8>(
         q: &[f32],
         hd: usize,
@@ -2931,6 +3013,7 @@ pub(crate) mod x86 {
         ks: usize,
         scale: f32,
         s: &mut [f32],
+        ahead: super::Ahead,
     ) {
         let qp: [*const f32; R] = std::array::from_fn(|r| q[rows[r].0 * hd..(rows[r].0 + 1) * hd].as_ptr());
         let kp = kt.as_ptr();
@@ -2951,6 +3034,8 @@ pub(crate) mod x86 {
         };
         let mut d = 0;
         while d + 2 <= hd {
+            // Two dimensions of 16 f16 keys: a line.
+            ahead.line(d / 2);
             step(&mut acc, d, 0);
             step(&mut acc, d + 1, 1);
             d += 2;
@@ -3884,5 +3969,29 @@ mod tests {
         let mut out = vec![f32::NAN; 16];
         paged_attention(&q, 1, kv, &[QueryContext::causal(&[], 0)], 1.0, &mut out);
         assert!(out.iter().all(|&v| v == 0.0));
+    }
+
+    /// The runs `ahead_f16` names are the keys and values `in_place` reads for that chunk.
+    #[test]
+    fn ahead_runs_are_the_chunk_read_in_place() {
+        let (bs, nkv, hd, blocks) = (CHUNK, 3, 32, 5);
+        let n = blocks * bs * nkv * hd;
+        let k: Vec<f16> = (0..n).map(|i| f16::from_f32(i as f32)).collect();
+        let v: Vec<f16> = (0..n).map(|i| f16::from_f32(-(i as f32))).collect();
+        let kv = PagedKv { k: &k, v: &v, block_size: bs, num_kv_heads: nkv, head_dim: hd };
+        let table = [4u32, 0, 2];
+        for g in 0..nkv {
+            for p0 in (0..table.len() * bs).step_by(CHUNK) {
+                let (rk, rv) = kv.ahead_f16(&table, g, p0).expect("f16 blocks of one chunk");
+                let (ik, ks, iv, _) = kv.in_place(&k, &v, &table, g, p0, CHUNK);
+                assert_eq!(ks, bs);
+                assert_eq!((rk.as_ptr(), rk.len()), (ik.as_ptr(), hd * bs));
+                assert_eq!((rv.as_ptr(), rv.len()), (iv.as_ptr(), iv.len()));
+            }
+        }
+        // Past the table, or blocks of two chunks: none.
+        assert!(kv.ahead_f16(&table, 0, table.len() * bs).is_none());
+        let wide = PagedKv { k: &k, v: &v, block_size: 2 * CHUNK, num_kv_heads: nkv, head_dim: hd };
+        assert!(wide.ahead_f16(&table, 0, 0).is_none());
     }
 }
