@@ -64,6 +64,28 @@ impl Drop for Chunk {
     }
 }
 
+/// Asks for huge pages under the whole 2 MiB pages inside `buf`, a large buffer not yet written
+/// (zeroed pages the kernel maps on first touch, as `vec![0; n]` of a large `n` gets): those
+/// pages are then mapped huge when first touched. Smaller buffers, and the ends of larger ones,
+/// keep small pages.
+pub fn advise<T>(buf: &[T]) {
+    #[cfg(target_os = "linux")]
+    {
+        let start = buf.as_ptr() as usize;
+        let (a, b) = (start.next_multiple_of(HUGE), (start + std::mem::size_of_val(buf)) / HUGE * HUGE);
+        if a < b {
+            // SAFETY: `a..b` lies inside `buf`'s allocation; the advice only changes how the
+            // kernel backs those pages, never what they hold (an error, such as huge pages being
+            // off, leaves them as they are).
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 /// Zeroed byte buffers placed one after another in huge-page chunks. Drop the arena once the
 /// buffers are made: each chunk lives as long as some buffer in it does.
 #[derive(Default)]
@@ -167,5 +189,16 @@ mod tests {
         assert!(!same(&bufs[5], &bufs[6]) && same(&bufs[3], &bufs[6]));
         // The second half chunk does not fit in what the first left: a new chunk.
         assert!(same(&bufs[6], &bufs[7]) && !same(&bufs[7], &bufs[8]));
+    }
+
+    #[test]
+    fn advice_keeps_contents_of_any_buffer() {
+        for n in [0usize, 1, 4095, 3 << 20, (5 << 20) + 7] {
+            let mut v = vec![0u8; n];
+            advise(&v);
+            v.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+            advise(&v[n / 3..]);
+            assert!(v.iter().enumerate().all(|(i, &x)| x == i as u8), "{n}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 
 use half::f16;
 use pio_kernels::attention::{KvCacheDtype, KvCacheType, KvElem, ANCHOR_BLOCK};
+use pio_kernels::huge;
 
 use crate::config::ModelConfig;
 
@@ -249,7 +250,18 @@ impl KvCache {
                     },
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Decode reads a sequence's keys and values chunk by chunk, a head's chunks a block of
+        // all heads apart: on small pages each chunk is a TLB miss and a run the hardware
+        // prefetchers start over.
+        for layer in &layers {
+            match layer {
+                LayerStore::F32 { k, v } => (huge::advise(k), huge::advise(v)),
+                LayerStore::F16 { k, v } => (huge::advise(k), huge::advise(v)),
+                LayerStore::Coded { k, v, .. } => (huge::advise(k), huge::advise(v)),
+                LayerStore::State { .. } => ((), ()),
+            };
+        }
         KvCache { block_size, num_blocks, num_state_slots, spec: spec.clone(), types, layers }
     }
 
