@@ -1803,15 +1803,13 @@ fn attend<S: KvSource>(
         let in_place = if int8 { None } else { kv.chunk_f16(level, table, g, p0, n) };
         // The chunk after next: asked for by the f16 kernels as they go where it is two runs,
         // else here at once.
-        let ahead = match (p0 + PREFETCH_AHEAD < longest, &in_place) {
-            (false, _) => Some(Ahead::NONE),
-            (true, Some(_)) => kv.ahead_f16(table, g, p0 + PREFETCH_AHEAD).map(|(k, v)| Ahead::new(k, v)),
-            (true, None) => None,
-        };
-        let ahead = ahead.unwrap_or_else(|| {
-            kv.prefetch(table, g, p0 + PREFETCH_AHEAD);
-            Ahead::NONE
-        });
+        let mut ahead = Ahead::NONE;
+        if p0 + PREFETCH_AHEAD < longest {
+            match in_place.as_ref().and_then(|_| kv.ahead_f16(table, g, p0 + PREFETCH_AHEAD)) {
+                Some((k, v)) => ahead = Ahead::new(k, v),
+                None => kv.prefetch(table, g, p0 + PREFETCH_AHEAD),
+            }
+        }
         // The chunk as f32: key j's dimension d at kc[d * ks + j], its value at vc[j * vs ..].
         active.clear();
         for (t, ctx) in ctxs.iter().enumerate() {

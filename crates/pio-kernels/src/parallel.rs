@@ -793,6 +793,7 @@ mod tests {
         assert_eq!(ids.len(), 2);
         assert_ne!(ids[0], ids[1]);
     }
+
     #[test]
     fn tapered_bounds_shrink_and_cover() {
         assert_eq!(tapered_bounds(64, 2, 4), vec![0, 16, 32, 40, 48, 52, 56, 60, 64]);

@@ -256,11 +256,20 @@ impl KvCache {
         // prefetchers start over.
         for layer in &layers {
             match layer {
-                LayerStore::F32 { k, v } => (huge::advise(k), huge::advise(v)),
-                LayerStore::F16 { k, v } => (huge::advise(k), huge::advise(v)),
-                LayerStore::Coded { k, v, .. } => (huge::advise(k), huge::advise(v)),
-                LayerStore::State { .. } => ((), ()),
-            };
+                LayerStore::F32 { k, v } => {
+                    huge::advise(k);
+                    huge::advise(v);
+                }
+                LayerStore::F16 { k, v } => {
+                    huge::advise(k);
+                    huge::advise(v);
+                }
+                LayerStore::Coded { k, v, .. } => {
+                    huge::advise(k);
+                    huge::advise(v);
+                }
+                LayerStore::State { .. } => {}
+            }
         }
         KvCache { block_size, num_blocks, num_state_slots, spec: spec.clone(), types, layers }
     }
