@@ -96,8 +96,30 @@ const TOKENS_PER_TILE: usize = 64;
 const ROWS_PER_TILE: usize = 128;
 const _: () = assert!(ROWS_PER_TILE.is_multiple_of(dot::GROUP_ROWS));
 /// Ranges of row groups per thread in a split by rows, claimed one at a time (see
-/// [`parallel::for_each_range_balanced`]).
+/// [`parallel::for_each_range_balanced`]): at least this many, more for large products
+/// ([`row_split_rounds`]).
 const ROW_SPLITS_PER_THREAD: usize = 4;
+/// Work (multiply-adds) of the last ranges a row split hands out, where the product is large
+/// enough: how long the other threads may wait at its end. A decode's LM head (Qwen3-0.6B's:
+/// 155 M multiply-adds) in four tapered rounds ended on ranges of 8 MB of Q6_K, so a thread
+/// finishing first waited up to a third of a millisecond per token.
+const TAIL_WORK: usize = 1 << 17;
+/// The fewest row groups a range takes from an extra round (a prefill's tiles of
+/// [`ROWS_PER_TILE`] rows).
+const MIN_RANGE_GROUPS: usize = ROWS_PER_TILE / dot::GROUP_ROWS;
+
+/// Rounds of a split of `units` row groups and `work` multiply-adds across `threads`: each
+/// round after the first halves the ranges (see [`parallel::for_each_range_balanced`]), so
+/// rounds are added until the last ranges hold about [`TAIL_WORK`], as long as they keep
+/// [`MIN_RANGE_GROUPS`]. Claims grow with the logarithm of the work.
+fn row_split_rounds(units: usize, work: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let mut rounds = ROW_SPLITS_PER_THREAD;
+    while rounds < 16 && work >> (rounds - 1) > threads * TAIL_WORK && units >> rounds >= threads * MIN_RANGE_GROUPS {
+        rounds += 1;
+    }
+    rounds
+}
 /// Calls whose every input has at least this many tokens, and whose every matrix fits in half
 /// an L2 cache, split the tokens across the threads (see `matmul_multi_raw`).
 const TOKEN_SPLIT_MIN: usize = 2 * TOKENS_PER_TILE;
@@ -399,7 +421,8 @@ unsafe fn matmul_multi_raw(
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), (y as *mut f32).add(at), width) };
         }
     };
-    parallel::for_each_range_balanced(total, work, ROW_SPLITS_PER_THREAD, |u0, u1| {
+    let rounds = row_split_rounds(total, work, parallel::num_threads());
+    parallel::for_each_range_balanced(total, work, rounds, |u0, u1| {
         SCRATCH.with_borrow_mut(|part| {
             for (i, w) in ws.iter().enumerate() {
                 let (a, b) = (u0.max(starts[i]), u1.min(starts[i] + w.rows.div_ceil(G)));
@@ -587,6 +610,26 @@ mod tests {
             quant::quantize_row(dtype, src, dst);
         }
         out
+    }
+
+    #[test]
+    fn large_products_split_into_more_rounds_with_short_tails() {
+        // Decode products of Qwen3-0.6B's layers keep four or five rounds.
+        for (rows, cols) in [(1024, 2048), (4096, 1024), (6144, 1024), (1024, 3072)] {
+            let rounds = row_split_rounds(rows / 16, rows * cols, 2);
+            assert!((ROW_SPLITS_PER_THREAD..=ROW_SPLITS_PER_THREAD + 1).contains(&rounds), "{rows} x {cols}: {rounds}");
+        }
+        // Its LM head ends on ranges of about TAIL_WORK, still whole tiles' worth of groups.
+        let (units, work) = (151_936 / 16, 151_936 * 1024);
+        let rounds = row_split_rounds(units, work, 2);
+        assert!(rounds > ROW_SPLITS_PER_THREAD, "{rounds}");
+        let last = units / (2 << (rounds - 1));
+        assert!(last >= MIN_RANGE_GROUPS / 2 && work / units * last <= 4 * TAIL_WORK, "{rounds} {last}");
+        // A prefill's ranges keep at least a row tile's groups.
+        let rounds = row_split_rounds(384, 6144 * 1024 * 512, 2);
+        assert!(384 / (2 << (rounds - 1)) >= MIN_RANGE_GROUPS, "{rounds}");
+        // One thread, or nothing to split, stays at the minimum.
+        assert_eq!(row_split_rounds(0, 0, 1), ROW_SPLITS_PER_THREAD);
     }
 
     #[test]

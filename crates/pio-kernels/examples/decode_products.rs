@@ -1,0 +1,101 @@
+//! The matrix products of a Qwen3-0.6B-shaped Q4_K_M decode step alone — no attention, norms
+//! or sampling — against the memory-bandwidth probe: how much of the roofline the products and
+//! their splits across threads reach by themselves.
+//!
+//! 28 layers of q/k/v (one split), o, gate/up (one split) and down in Q4_K, then a Q6_K LM
+//! head of 151936 rows, all interleaved on huge pages as a loaded model holds them (375 MB).
+//! Prints GB/s per kind of product, medians over the passes, then the probe.
+//!
+//! `cargo run --release -p pio-kernels --example decode_products [-- THREADS [PASSES]]`
+//! (`PIO_SIMD=avx2` for the AVX2 kernels).
+
+use std::time::Instant;
+
+use pio_kernels::huge::{HugeArena, HugeBytes};
+use pio_kernels::matmul::{matmul_many, Layout, WeightView};
+use pio_kernels::parallel::ThreadPool;
+use pio_kernels::{dot, membw, quant, DType};
+
+const HIDDEN: usize = 1024;
+const HEAD_ROWS: usize = 151_936;
+/// (input width, [(rows, dtype)] of the matrices split together) per product of a step.
+const PRODUCTS: [(&str, usize, &[usize]); 4] = [
+    ("q/k/v", HIDDEN, &[2048, 1024, 1024]),
+    ("o", 2048, &[HIDDEN]),
+    ("gate/up", HIDDEN, &[3072, 3072]),
+    ("down", 3072, &[HIDDEN]),
+];
+
+/// A `rows x cols` matrix in the interleaved layout (a repeated pattern: speed does not depend on
+/// the values).
+fn matrix(arena: &mut HugeArena, dtype: DType, rows: usize, cols: usize) -> HugeBytes {
+    let rb = dtype.row_bytes(cols).expect("a block format");
+    let w: Vec<f32> = (0..16 * cols).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
+    let mut group = vec![0u8; 16 * rb];
+    for (src, dst) in w.chunks_exact(cols).zip(group.chunks_exact_mut(rb)) {
+        quant::quantize_row(dtype, src, dst);
+    }
+    let stored: Vec<u8> = (0..rows / 16).flat_map(|_| group.iter().copied()).collect();
+    let mut out = arena.zeroed(dot::interleaved_bytes(dtype, rows, cols));
+    dot::interleave_into(dtype, rows, cols, &stored, &mut out);
+    out
+}
+
+fn view(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> WeightView<'_> {
+    WeightView { layout: Layout::Interleaved, ..WeightView::rows(dtype, rows, cols, data) }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("a number"));
+    let threads = args.next().unwrap_or(2);
+    let passes = args.next().unwrap_or(10).max(1);
+    ThreadPool::new(threads).install(|| {
+        let mut arena = HugeArena::new();
+        let layers: Vec<Vec<Vec<HugeBytes>>> = (0..28)
+            .map(|_| {
+                let product = |&(_, cols, rows): &(&str, usize, &[usize])| {
+                    rows.iter().map(|&r| matrix(&mut arena, DType::Q4_K, r, cols)).collect()
+                };
+                PRODUCTS.iter().map(product).collect()
+            })
+            .collect();
+        let head = matrix(&mut arena, DType::Q6_K, HEAD_ROWS, HIDDEN);
+        let inputs: Vec<Vec<f32>> = PRODUCTS.iter().map(|&(_, cols, _)| vec![0.1; cols]).collect();
+        // Seconds and bytes per kind of product (the head last), per pass.
+        let kinds = PRODUCTS.len() + 1;
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); kinds + 1];
+        for pass in 0..passes + 1 {
+            let (mut secs, mut bytes) = (vec![0f64; kinds], vec![0usize; kinds]);
+            for layer in &layers {
+                for (k, (&(_, cols, rows), mats)) in PRODUCTS.iter().zip(layer).enumerate() {
+                    let views: Vec<_> = rows.iter().zip(mats).map(|(&r, m)| view(DType::Q4_K, r, cols, m)).collect();
+                    let t = Instant::now();
+                    std::hint::black_box(matmul_many(&views, &inputs[k], 1));
+                    secs[k] += t.elapsed().as_secs_f64();
+                    bytes[k] += mats.iter().map(|m| m.len()).sum::<usize>();
+                }
+            }
+            let t = Instant::now();
+            std::hint::black_box(matmul_many(&[view(DType::Q6_K, HEAD_ROWS, HIDDEN, &head)], &inputs[0], 1));
+            secs[kinds - 1] += t.elapsed().as_secs_f64();
+            bytes[kinds - 1] += head.len();
+            // The first pass warms up.
+            if pass > 0 {
+                for k in 0..kinds {
+                    rates[k].push(bytes[k] as f64 / secs[k] / 1e9);
+                }
+                rates[kinds].push(bytes.iter().sum::<usize>() as f64 / secs.iter().sum::<f64>() / 1e9);
+            }
+        }
+        let names = PRODUCTS.iter().map(|p| p.0).chain(["LM head", "all"]);
+        for (name, r) in names.zip(rates) {
+            println!("{name:8} {:5.1} GB/s", median(r));
+        }
+        println!("probe    {:5.1} GB/s ({threads} threads)", membw::read_bandwidth() / 1e9);
+    });
+}
