@@ -51,9 +51,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("a number"));
-    let threads = args.next().unwrap_or(2);
-    let passes = args.next().unwrap_or(10).max(1);
+    let args: Result<Vec<usize>, _> = std::env::args().skip(1).map(|a| a.parse::<usize>()).collect();
+    let Ok(args) = args else {
+        eprintln!("usage: decode_products [THREADS [PASSES]] (whole numbers)");
+        std::process::exit(2);
+    };
+    let threads = args.first().copied().unwrap_or(2);
+    let passes = args.get(1).copied().unwrap_or(10).max(1);
     ThreadPool::new(threads).install(|| {
         let mut arena = HugeArena::new();
         let layers: Vec<Vec<Vec<HugeBytes>>> = (0..28)

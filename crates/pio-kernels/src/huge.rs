@@ -46,13 +46,8 @@ impl Chunk {
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        #[cfg(target_os = "linux")]
-        // SAFETY: the range is the allocation just made, which nothing has touched; the advice
-        // only changes how the kernel backs its pages (an error, such as huge pages being off,
-        // leaves them as they are).
-        unsafe {
-            libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE);
-        }
+        // The allocation just made, which nothing has touched: whole huge pages.
+        advise_range(ptr as usize, len);
         Chunk { ptr, layout }
     }
 }
@@ -69,12 +64,17 @@ impl Drop for Chunk {
 /// pages are then mapped huge when first touched. Smaller buffers, and the ends of larger ones,
 /// keep small pages.
 pub fn advise<T>(buf: &[T]) {
+    advise_range(buf.as_ptr() as usize, std::mem::size_of_val(buf));
+}
+
+/// `MADV_HUGEPAGE` on the whole 2 MiB pages inside the `len` bytes at address `start`, which
+/// belong to one allocation of the caller's.
+fn advise_range(start: usize, len: usize) {
     #[cfg(target_os = "linux")]
     {
-        let start = buf.as_ptr() as usize;
-        let (a, b) = (start.next_multiple_of(HUGE), (start + std::mem::size_of_val(buf)) / HUGE * HUGE);
+        let (a, b) = (start.next_multiple_of(HUGE), (start + len) / HUGE * HUGE);
         if a < b {
-            // SAFETY: `a..b` lies inside `buf`'s allocation; the advice only changes how the
+            // SAFETY: `a..b` lies inside the caller's allocation; the advice only changes how the
             // kernel backs those pages, never what they hold (an error, such as huge pages being
             // off, leaves them as they are).
             unsafe {
@@ -83,7 +83,7 @@ pub fn advise<T>(buf: &[T]) {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = buf;
+    let _ = (start, len);
 }
 
 /// Zeroed byte buffers placed one after another in huge-page chunks. Drop the arena once the
