@@ -6,8 +6,9 @@
 //! head of 151936 rows, all interleaved on huge pages as a loaded model holds them (375 MB).
 //! Prints GB/s per kind of product, medians over the passes, then the probe.
 //!
-//! `cargo run --release -p pio-kernels --example decode_products [-- THREADS [PASSES]]`
-//! (`PIO_SIMD=avx2` for the AVX2 kernels).
+//! `cargo run --release -p pio-kernels --example decode_products [-- THREADS [PASSES [FORMAT]]]`
+//! (`PIO_SIMD=avx2` for the AVX2 kernels). FORMAT, a block format's name (`q8_0`, `q6_k`, ...),
+//! stores every matrix, the LM head too, in that format instead.
 
 use std::time::Instant;
 
@@ -51,24 +52,32 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let args: Result<Vec<usize>, _> = std::env::args().skip(1).map(|a| a.parse::<usize>()).collect();
-    let Ok(args) = args else {
-        eprintln!("usage: decode_products [THREADS [PASSES]] (whole numbers)");
+    let usage = || -> ! {
+        eprintln!("usage: decode_products [THREADS [PASSES [FORMAT]]] (whole numbers; a block format's name)");
         std::process::exit(2);
     };
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let Ok(args) = raw.iter().take(2).map(|a| a.parse::<usize>()).collect::<Result<Vec<usize>, _>>() else { usage() };
     let threads = args.first().copied().unwrap_or(2);
     let passes = args.get(1).copied().unwrap_or(10).max(1);
+    let (body, head_format) = match raw.get(2) {
+        None => (DType::Q4_K, DType::Q6_K),
+        Some(name) => match DType::from_name(name).filter(|d| d.ggml_id().is_some() && d.block_elems() > 1) {
+            Some(d) => (d, d),
+            None => usage(),
+        },
+    };
     ThreadPool::new(threads).install(|| {
         let mut arena = HugeArena::new();
         let layers: Vec<Vec<Vec<HugeBytes>>> = (0..28)
             .map(|_| {
                 let product = |&(_, cols, rows): &(&str, usize, &[usize])| {
-                    rows.iter().map(|&r| matrix(&mut arena, DType::Q4_K, r, cols)).collect()
+                    rows.iter().map(|&r| matrix(&mut arena, body, r, cols)).collect()
                 };
                 PRODUCTS.iter().map(product).collect()
             })
             .collect();
-        let head = matrix(&mut arena, DType::Q6_K, HEAD_ROWS, HIDDEN);
+        let head = matrix(&mut arena, head_format, HEAD_ROWS, HIDDEN);
         let inputs: Vec<Vec<f32>> = PRODUCTS.iter().map(|&(_, cols, _)| vec![0.1; cols]).collect();
         // Seconds and bytes per kind of product (the head last), per pass.
         let kinds = PRODUCTS.len() + 1;
@@ -77,7 +86,7 @@ fn main() {
             let (mut secs, mut bytes) = (vec![0f64; kinds], vec![0usize; kinds]);
             for layer in &layers {
                 for (k, (&(_, cols, rows), mats)) in PRODUCTS.iter().zip(layer).enumerate() {
-                    let views: Vec<_> = rows.iter().zip(mats).map(|(&r, m)| view(DType::Q4_K, r, cols, m)).collect();
+                    let views: Vec<_> = rows.iter().zip(mats).map(|(&r, m)| view(body, r, cols, m)).collect();
                     let t = Instant::now();
                     std::hint::black_box(matmul_many(&views, &inputs[k], 1));
                     secs[k] += t.elapsed().as_secs_f64();
@@ -85,7 +94,7 @@ fn main() {
                 }
             }
             let t = Instant::now();
-            std::hint::black_box(matmul_many(&[view(DType::Q6_K, HEAD_ROWS, HIDDEN, &head)], &inputs[0], 1));
+            std::hint::black_box(matmul_many(&[view(head_format, HEAD_ROWS, HIDDEN, &head)], &inputs[0], 1));
             secs[kinds - 1] += t.elapsed().as_secs_f64();
             bytes[kinds - 1] += head.len();
             // The first pass warms up.
