@@ -253,7 +253,12 @@ fn shuffle(dtype: DType, rows: usize, cols: usize, src: &[u8], dst: &mut [u8], p
                         let at = group + packed_offset(o, w, k, i);
                         let (from, to) = if pack { (from_row + o + k, at) } else { (at, row + o + k) };
                         if Some(o) == fifth_bits_at(dtype) {
-                            let x = from_bytes[from..from + 4].try_into().map_or(0, u32::from_le_bytes);
+                            let x = u32::from_le_bytes([
+                                from_bytes[from],
+                                from_bytes[from + 1],
+                                from_bytes[from + 2],
+                                from_bytes[from + 3],
+                            ]);
                             let y = if pack { spread_fifth_bits(x) } else { gather_fifth_bits(x) }.to_le_bytes();
                             // SAFETY: as the copy below.
                             unsafe { std::ptr::copy_nonoverlapping(y.as_ptr(), out.0.add(to), 4) };
