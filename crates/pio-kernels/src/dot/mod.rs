@@ -385,29 +385,31 @@ fn fifth_bits_at(dtype: DType) -> Option<usize> {
 /// `qh[32h + l] = (w_2 & 15) | (w_3 & 15) << 4`: `w_0`, `w_1` are one mask away, `w_2`, `w_3` four
 /// or five operations (2.75 per weight instead of 4.25). Scales and `d` are unchanged.
 pub(crate) fn recode_q6k(block: &mut [u8]) {
-    for h in 0..2 {
-        for l in 0..32 {
-            let (a, b, c) = (64 * h + l, 64 * h + 32 + l, 128 + 32 * h + l);
-            let (x, y, z) = (block[a], block[b], block[c]);
-            let w =
-                [x & 15 | (z & 3) << 4, y & 15 | (z >> 2 & 3) << 4, x >> 4 | (z >> 4 & 3) << 4, y >> 4 | (z >> 6) << 4];
-            block[a] = w[0] | (w[2] >> 4) << 6;
-            block[b] = w[1] | (w[3] >> 4) << 6;
-            block[c] = w[2] & 15 | (w[3] & 15) << 4;
-        }
-    }
+    map_q6k_trios(block, |x, y, z| {
+        let w = [x & 15 | (z & 3) << 4, y & 15 | (z >> 2 & 3) << 4, x >> 4 | (z >> 4 & 3) << 4, y >> 4 | (z >> 6) << 4];
+        (w[0] | (w[2] >> 4) << 6, w[1] | (w[3] >> 4) << 6, w[2] & 15 | (w[3] & 15) << 4)
+    });
 }
 
 /// The inverse of [`recode_q6k`]: GGML's bytes again.
 pub(crate) fn restore_q6k(block: &mut [u8]) {
+    map_q6k_trios(block, |x, y, z| {
+        let w = [x & 63, y & 63, z & 15 | (x >> 6) << 4, z >> 4 | (y >> 6) << 4];
+        (
+            w[0] & 15 | (w[2] & 15) << 4,
+            w[1] & 15 | (w[3] & 15) << 4,
+            w[0] >> 4 | (w[1] >> 4) << 2 | (w[2] >> 4) << 4 | (w[3] >> 4) << 6,
+        )
+    });
+}
+
+/// Replaces each byte trio `(ql[64h + l], ql[64h + 32 + l], qh[32h + l])` of a Q6_K block (the
+/// four weights `128h + 32k + l`) by `f` of it.
+fn map_q6k_trios(block: &mut [u8], f: impl Fn(u8, u8, u8) -> (u8, u8, u8)) {
     for h in 0..2 {
         for l in 0..32 {
             let (a, b, c) = (64 * h + l, 64 * h + 32 + l, 128 + 32 * h + l);
-            let (x, y, z) = (block[a], block[b], block[c]);
-            let w = [x & 63, y & 63, z & 15 | (x >> 6) << 4, z >> 4 | (y >> 6) << 4];
-            block[a] = w[0] & 15 | (w[2] & 15) << 4;
-            block[b] = w[1] & 15 | (w[3] & 15) << 4;
-            block[c] = w[0] >> 4 | (w[1] >> 4) << 2 | (w[2] >> 4) << 4 | (w[3] >> 4) << 6;
+            (block[a], block[b], block[c]) = f(block[a], block[b], block[c]);
         }
     }
 }
