@@ -109,6 +109,8 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     // steps' seconds.
     let guided_s = |e: &Engine| e.metrics().guided_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
     let (mut decode_guided_s, mut decode_s) = (0.0, 0.0);
+    // Which SIMD level ran the decode steps' one-token products (`pio_kernels::adapt`).
+    let levels_before = pio_kernels::adapt::calls_by_level();
     for _ in 0..a.repeats.max(1) {
         // As `generate` (the same request and timing: decode is what follows the first
         // token), stepping here so the expert cache is counted over the decode steps alone.
@@ -148,6 +150,9 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
             decode_tps = decode_tps.max(steps as f64 / elapsed);
         }
     }
+    let levels_after = pio_kernels::adapt::calls_by_level();
+    let decode_levels = [levels_after[0] - levels_before[0], levels_after[1] - levels_before[1]];
+    let decode_levels = (decode_levels.iter().sum::<u64>() > 0).then_some(decode_levels);
     // Each generate call also runs its prompt once; that forward is counted too, so the
     // fraction is over every forward of the decode phase (the prompt is at most 16 tokens).
     let moe = match (moe_before, loaded.model.moe_stats()) {
@@ -262,6 +267,7 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "batch_decode_tokens_per_s": batch_decode_tps,
+        "decode_products_by_level": decode_levels.map(|[wide, narrow]| json!({"avx512": wide, "avx2": narrow})),
         "spec": spec_json,
         "guided": guide.as_ref().map(|_| json!({
             "decode_tokens": decode_steps,
@@ -324,6 +330,14 @@ pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 100.0 * spec.acceptance_rate(),
                 spec.mean_accepted_length(),
                 spec.propose_us as f64 / 1e3 / spec.drafts as f64,
+            ))?;
+        }
+        if let Some([wide, narrow]) = decode_levels {
+            out(&format!(
+                "  decode products at AVX-512 / AVX2 (the faster of late): {:.0}% / {:.0}% of {}\n",
+                100.0 * wide as f64 / (wide + narrow) as f64,
+                100.0 * narrow as f64 / (wide + narrow) as f64,
+                wide + narrow,
             ))?;
         }
         if let Some(tps) = batch_decode_tps {

@@ -3,6 +3,7 @@
 //! - [`DType`]: the storage formats a weight can have (plain floats and GGUF block formats).
 //! - [`quant`]: the scalar reference codecs of every block format, and a row-times-vector dot.
 //! - [`act`]: activations quantized to 8 bits for integer dot products.
+//! - [`adapt`]: which of two SIMD levels runs a decode step's products, by their measured speed.
 //! - [`cpu`]: which SIMD level the kernels dispatch to (detected; `PIO_SIMD` caps it).
 //! - [`delta`]: Gated DeltaNet's causal convolution and gated delta rule over a per-sequence
 //!   state.
@@ -18,6 +19,7 @@
 //! - [`parallel`]: how an operation is split across cores.
 //! - [`reference`]: plain scalar oracles the fast kernels are tested against.
 pub mod act;
+pub mod adapt;
 pub mod attention;
 pub mod cpu;
 pub mod delta;

@@ -3,7 +3,7 @@
 use crate::act::{self, Q8Block};
 use crate::cpu::{self, SimdLevel};
 use crate::dot::float;
-use crate::{dot, parallel, quant, DType};
+use crate::{adapt, dot, parallel, quant, DType};
 
 pub use crate::dot::Layout;
 
@@ -228,6 +228,37 @@ struct Prepared {
 /// Each `outs[i]` is valid for writes of `len` f32 values, and nothing else reads or writes
 /// those values during the call.
 unsafe fn matmul_multi_raw(
+    level: SimdLevel,
+    ws: &[WeightView<'_>],
+    input_of: &[usize],
+    inputs: &[(&[f32], usize)],
+    outs: Vec<(usize, usize)>,
+) {
+    // One token through block-format matrices (a decode step): at whichever of two levels ran
+    // this call site faster lately, as both give the same bits (see `adapt`).
+    if let (Some(levels), Some(first)) = (adapt::pair(level), ws.first()) {
+        if inputs.iter().all(|&(_, n)| n == 1) && ws.iter().all(|w| dot::uses_q8_activations(w.dtype)) {
+            // A site is a shape of call (the same matrices of every layer; a set of experts),
+            // so that it gathers many calls per token.
+            let key = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (first.dtype, first.rows, first.cols, ws.len(), inputs.len()).hash(&mut h);
+                h.finish()
+            };
+            // SAFETY: the caller's promise on `outs`, passed on.
+            return adapt::timed(key, levels, |at| unsafe { matmul_multi_at(at, ws, input_of, inputs, outs) });
+        }
+    }
+    // SAFETY: as above.
+    unsafe { matmul_multi_at(level, ws, input_of, inputs, outs) }
+}
+
+/// [`matmul_multi_raw`] at `level`.
+///
+/// # Safety
+/// As [`matmul_multi_raw`].
+unsafe fn matmul_multi_at(
     level: SimdLevel,
     ws: &[WeightView<'_>],
     input_of: &[usize],
@@ -630,6 +661,38 @@ mod tests {
         assert!(384 / (2 << (rounds - 1)) >= MIN_RANGE_GROUPS, "{rounds}");
         // One thread, or nothing to split, stays at the minimum.
         assert_eq!(row_split_rounds(0, 0, 1), ROW_SPLITS_PER_THREAD);
+    }
+
+    #[test]
+    fn one_token_products_keep_their_bits_whichever_level_runs_them() {
+        // Enough calls of one site for both levels' bursts and an exploring one (at AVX-512;
+        // elsewhere the level is fixed): every call gives the bits of the batched product.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (rows, cols, n) = (40, 512, 3);
+        for dtype in [DType::Q8_0, DType::Q5_0, DType::Q4_K, DType::Q6_K] {
+            let data = stored(&mut rng, dtype, rows, cols);
+            let packed = dot::interleave(dtype, rows, cols, &data);
+            let w = WeightView { layout: Layout::Interleaved, ..WeightView::rows(dtype, rows, cols, &packed) };
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let level = cpu::level();
+            let batch = matmul_many_at(level, &[w, w], &x, n);
+            let before = adapt::calls_by_level();
+            for call in 0..300 {
+                let t = call % n;
+                let one = matmul_many_at(level, &[w, w], &x[t * cols..(t + 1) * cols], 1);
+                for y in [&one[0], &one[1]] {
+                    assert!(
+                        y.iter().zip(&batch[0][t * rows..(t + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype}: call {call}, token {t} differs from the batch"
+                    );
+                }
+            }
+            let after = adapt::calls_by_level();
+            if adapt::pair(level).is_some() {
+                // Other tests' products count too, so only a lower bound: both levels ran.
+                assert!(after[0] > before[0] && after[1] > before[1], "{before:?} -> {after:?}");
+            }
+        }
     }
 
     #[test]

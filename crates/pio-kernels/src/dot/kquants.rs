@@ -2932,6 +2932,38 @@ mod tests {
     }
 
     #[test]
+    fn simd_levels_give_the_same_bits() {
+        // The float steps are lane-wise and the same at every SIMD level, so any level may take
+        // any product of a batch (decode at one width, prefill at another) without changing a bit.
+        let mut rng = StdRng::seed_from_u64(23);
+        for dtype in FORMATS {
+            for ntok in [1, 2, 5, 19] {
+                let nrows = 37;
+                let (w, act) = random_tile(&mut rng, dtype, nrows, ntok, 3, ntok % 2 == 1);
+                let mut first: Option<(String, Vec<u32>)> = None;
+                let mut compared = 0;
+                for (name, f) in gemm_variants(dtype) {
+                    if name.contains("Scalar") {
+                        continue;
+                    }
+                    compared += 1;
+                    let mut out = vec![0f32; ntok * nrows];
+                    f(&w, nrows, &act, ntok, &mut out, nrows);
+                    let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    match &first {
+                        None => first = Some((name, bits)),
+                        Some((n0, b0)) => assert!(b0 == &bits, "{dtype} {ntok} tokens: {name} differs from {n0}"),
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                if crate::cpu::detected() >= SimdLevel::Avx2 {
+                    assert!(compared >= 2, "{dtype}: only {compared} SIMD variants");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn gemm_of_empty_rows_is_zero() {
         for dtype in FORMATS {
             for (name, f) in gemm_variants(dtype) {
