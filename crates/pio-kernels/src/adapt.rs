@@ -2,20 +2,20 @@
 //!
 //! Decode's products read every weight once per token and are bound by memory; how fast a
 //! kernel streams then depends on more than its instructions. On a Zen 5 host whose memory the
-//! neighbours sometimes load (the two-thread read probe at 48-53 GB/s instead of 76-81, for
-//! minutes at a time), the AVX-512 one-token kernels decoded Qwen3-0.6B-shaped Q4_K_M 6-8%
-//! faster than the AVX2 ones while the memory was free and 10-11% slower while it was loaded
-//! (`pio bench`, interleaved runs grouped by the probe). Neither level wins everywhere, and
-//! which one wins changes while a model runs.
+//! neighbours sometimes load (the two-thread read probe at 44-53 GB/s instead of 76-81, for
+//! minutes at a time), the AVX-512 one-token kernels decoded Qwen3-0.6B-shaped Q4_K_M 3-9%
+//! faster than the AVX2 ones while the memory was free and 10-12% slower while it was loaded
+//! (Q8_0: 18% slower; `scripts/bench-ab.sh`, alternated runs grouped by the probe). Neither
+//! level wins everywhere, and which one wins changes while a model runs.
 //!
 //! The block formats' products give the same bits at every SIMD level (integer block sums,
 //! then the same lane-wise float steps: `dot::legacy` and `dot::kquants` test it), so a product
 //! may run at either level without changing a result, and a decode may change level from one
-//! token to the next. [`timed`] does that per call site (a shape of call: the same
-//! matrices of every layer, or a set of experts): it times each call, runs the level that was faster, and every
-//! [`PERIOD`] calls a burst of [`BURST`] at the other, whose mean time decides whether to
-//! change (a site has a call per layer, so a change of which is faster is seen within about
-//! ten tokens). The exploring calls cost 1/16 of the difference.
+//! token to the next. [`timed`] does that per call site (a shape of call: the same matrices of
+//! every layer, or a set of experts): it times each call, runs the level that was faster, and
+//! every [`PERIOD`] calls a burst of [`BURST`] at the other, whose mean time decides whether to
+//! change (a site has a call per layer, so a change of which is faster is seen within about ten
+//! tokens). The exploring calls cost 1/16 of the difference.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
