@@ -19,7 +19,8 @@ while [[ $# -gt 0 ]]; do
         --gen) gen="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
         --split) split="$2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -*) echo "error: unknown option $1" >&2; exit 1 ;;
         *) break ;;
     esac
 done
@@ -29,6 +30,8 @@ if [[ $# -lt 2 ]]; then
 fi
 model="$1"; shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
+# The default binary is this checkout's, built as `scripts/bench-vs-llamacpp.sh` builds it.
+cargo build --release --locked -p pio-cli --manifest-path "$root/Cargo.toml" >&2
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 
