@@ -43,6 +43,9 @@ pub enum Command {
     /// The KV cache a model's config implies: bytes per token for each cache type, and the
     /// tokens a memory budget holds.
     KvCache(crate::kv_cache::KvCacheArgs),
+    /// The memory read bandwidth the kernel threads reach now: the probe `pio bench` divides
+    /// a decode's bytes by for its roofline.
+    Bandwidth(crate::bench::BandwidthArgs),
 }
 
 #[derive(Debug, Args)]

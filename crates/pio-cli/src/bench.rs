@@ -15,6 +15,30 @@ use serde_json::json;
 use crate::args::BenchArgs;
 use crate::commands::{load_model, out, peak_rss_bytes};
 
+#[derive(Debug, clap::Args)]
+pub struct BandwidthArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pio bandwidth`: the probe of `pio bench`'s roofline alone (about a second and 1 GiB), so a
+/// comparison can measure the machine right before and after another program's run: on a
+/// shared host the bandwidth left to us changes for minutes at a time, and a decode figure
+/// means little without the bandwidth it met.
+pub fn cmd_bandwidth(a: BandwidthArgs) -> Result<()> {
+    let threads = pio_kernels::parallel::num_threads();
+    let bandwidth = pio_kernels::membw::read_bandwidth();
+    if a.json {
+        let v = json!({ "threads": threads, "mem_bandwidth_bytes_per_s": bandwidth });
+        return out(&format!("{v}\n"));
+    }
+    out(&format!(
+        "memory read bandwidth {:.1} GB/s ({threads} threads, best of 4 passes over 1 GiB)\n",
+        bandwidth / 1e9
+    ))
+}
+
 pub fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     a.model.mtp = a.spec.mtp();
     if a.prompt_tokens == 0 || a.batch == 0 {

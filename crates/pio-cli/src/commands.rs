@@ -41,6 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),
         Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::KvCache(a) => crate::kv_cache::cmd_kv_cache(a),
+        Command::Bandwidth(a) => crate::bench::cmd_bandwidth(a),
         Command::Synth(a) => {
             let dtype = a.dtype;
             let start = Instant::now();

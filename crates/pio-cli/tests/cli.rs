@@ -713,3 +713,17 @@ fn constrained_generate_and_bench() {
     }
     let _ = std::fs::remove_file(&schema);
 }
+
+/// `pio bandwidth` measures the machine alone, at the thread count asked for.
+#[test]
+fn bandwidth_probe_alone() {
+    let o = pio(&["--threads", "1", "bandwidth", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).expect("one JSON object");
+    assert_eq!(v["threads"].as_u64(), Some(1));
+    let bw = v["mem_bandwidth_bytes_per_s"].as_f64().expect("a number");
+    // Any machine that runs this reads between 100 MB/s and 10 TB/s.
+    assert!((1e8..1e13).contains(&bw), "{bw}");
+    let o = pio(&["bandwidth"], None);
+    assert!(o.status.success() && stdout(&o).contains("GB/s"), "{}", stderr(&o));
+}
