@@ -1437,12 +1437,22 @@ pub(crate) mod tiled {
     /// Prefetches a region into L2 a few lines at a time, spread over a super-block's products
     /// (a prefetch never faults, wherever it points).
     ///
-    /// To L2 rather than L1: a burst of L1 prefetches waits on the few L1 fill buffers (to L2,
-    /// Qwen3-4B-shaped Q4_K_M decoded 7.07 -> 7.21 tok/s at AVX2 and 8.74 -> 9.31 at AVX-512).
+    /// The hint `H`: the many-token tiles ask into L2, whose blocks every token tile reads again.
+    /// The one-token walk asks non-temporally (`_MM_HINT_NTA`, into L1 and past the other
+    /// levels) on AMD's cores and into L2 on Intel's ([`crate::cpu::one_token_prefetch_nta`]).
+    /// On Sapphire Rapids, to L2 rather than L1: a burst of L1 prefetches waits on the few L1
+    /// fill buffers (to L2, Qwen3-4B-shaped Q4_K_M decoded 7.07 -> 7.21 tok/s at AVX2 and 8.74
+    /// -> 9.31 at AVX-512). On Zen 5, non-temporal rather than to L2: the products of a
+    /// Qwen3-4B-shaped decode step alone (`decode_products`, the two hints alternated pass by
+    /// pass in one process, 2 threads) streamed 36.3 -> 45.9 GB/s at AVX2 against a 51 GB/s
+    /// probe, 40.3 -> 55.2 against an 80 GB/s one (`_MM_HINT_T0` 45.3: it is L1 that counts);
+    /// whole decode (`scripts/bench-ab.sh --rounds 6`, against the build before, medians of
+    /// runs below / above 65 GB/s): Qwen3-4B-shaped Q4_K_M 17.2 -> 17.9 / 22.0 -> 22.8 tok/s,
+    /// Qwen3-0.6B-shaped 94.7 -> 106.6 / 116.5 -> 121.3 (AVX2: 17.8 -> 18.3, 93.9 -> 98.9).
     /// Spread rather than in one burst per super-block: a burst of 36-53 prefetches still
     /// stalled the core on them (about 45% of the one-token kernel's samples sat on
     /// `prefetcht1`), so a core either computed or waited on memory, hardly both.
-    struct Prefetch {
+    struct Prefetch<const H: i32> {
         next: *const u8,
         end: *const u8,
         /// Lines per [`Prefetch::some`].
@@ -1451,7 +1461,7 @@ pub(crate) mod tiled {
         fixed: bool,
     }
 
-    impl Prefetch {
+    impl<const H: i32> Prefetch<H> {
         /// `bytes` from `p`, asked for over `calls` calls of [`Prefetch::some`].
         #[inline(always)]
         fn new((p, bytes): (*const u8, usize), calls: usize) -> Self {
@@ -1473,7 +1483,7 @@ pub(crate) mod tiled {
             let per = lines / calls;
             let mut next = p;
             for _ in 0..lines - per * calls {
-                _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
+                _mm_prefetch::<H>(next as *const i8);
                 next = next.wrapping_add(64);
             }
             Prefetch { next, end: next, per, fixed: true }
@@ -1484,7 +1494,7 @@ pub(crate) mod tiled {
         unsafe fn some(&mut self) {
             if self.fixed {
                 for _ in 0..self.per {
-                    _mm_prefetch::<_MM_HINT_T1>(self.next as *const i8);
+                    _mm_prefetch::<H>(self.next as *const i8);
                     self.next = self.next.wrapping_add(64);
                 }
                 return;
@@ -1493,7 +1503,7 @@ pub(crate) mod tiled {
                 if self.next >= self.end {
                     return;
                 }
-                _mm_prefetch::<_MM_HINT_T1>(self.next as *const i8);
+                _mm_prefetch::<H>(self.next as *const i8);
                 self.next = self.next.wrapping_add(64);
             }
         }
@@ -1907,14 +1917,14 @@ pub(crate) mod tiled {
     /// `q` for `e` = 0, the high ones for 1) to `v`, with the float steps of [`compute_k4`] on
     /// the same values, so the same bits as the tile.
     #[inline(always)]
-    unsafe fn one_q4k_nibbles<S: Isa>(
+    unsafe fn one_q4k_nibbles<S: Isa, const H: i32>(
         q: &[S::I; 8],
         j0: usize,
         e: usize,
         (sc, m, d, dmin): &K4Header<S>,
         a: *const Q8Block,
         v: &mut S::F,
-        pf: &mut Prefetch,
+        pf: &mut Prefetch<H>,
     ) {
         // At AVX2 the mask is opaque to the compiler: short of registers, it otherwise rebuilt it
         // from the constant before every column (`vpbroadcastb`: a load and a shuffle) rather
@@ -1939,27 +1949,27 @@ pub(crate) mod tiled {
 
     /// [`one_q4k_nibbles`] for both nibbles of the columns `q`: Q8Blocks `j0` and `j0 + 1`.
     #[inline(always)]
-    unsafe fn one_q4k_pair<S: Isa>(
+    unsafe fn one_q4k_pair<S: Isa, const H: i32>(
         q: &[S::I; 8],
         j0: usize,
         h: &K4Header<S>,
         a: *const Q8Block,
         v: &mut S::F,
-        pf: &mut Prefetch,
+        pf: &mut Prefetch<H>,
     ) {
-        one_q4k_nibbles::<S>(q, j0, 0, h, a, v, pf);
-        one_q4k_nibbles::<S>(q, j0, 1, h, a, v, pf);
+        one_q4k_nibbles::<S, H>(q, j0, 0, h, a, v, pf);
+        one_q4k_nibbles::<S, H>(q, j0, 1, h, a, v, pf);
     }
 
     /// Q4_K, one token: adds one super-block of `S::LANES` rows to `v` (`a`: its 8 Q8Blocks).
     #[inline(always)]
-    unsafe fn one_q4k<S: Isa, R: Src>(src: R, a: *const Q8Block, v: &mut S::F, pf: &mut Prefetch) {
+    unsafe fn one_q4k<S: Isa, R: Src, const H: i32>(src: R, a: *const Q8Block, v: &mut S::F, pf: &mut Prefetch<H>) {
         let h = k4_header::<S>(src.cols4::<S>(0));
         if S::WIDE {
             unroll!(half in [0, 1] {
                 let q = src.cols16::<S>(16 + 64 * half);
-                one_q4k_pair::<S>(&std::array::from_fn(|c| q[c]), 4 * half, &h, a, v, pf);
-                one_q4k_pair::<S>(&std::array::from_fn(|c| q[8 + c]), 4 * half + 2, &h, a, v, pf);
+                one_q4k_pair::<S, H>(&std::array::from_fn(|c| q[c]), 4 * half, &h, a, v, pf);
+                one_q4k_pair::<S, H>(&std::array::from_fn(|c| q[8 + c]), 4 * half + 2, &h, a, v, pf);
             });
         } else {
             unroll!(k in [0, 1, 2, 3] {
@@ -1975,10 +1985,10 @@ pub(crate) mod tiled {
                     // (`bench_gemm_ns_per_pair`, best of 5 alternated): 94.4 -> 86.8 ns per row
                     // of 3072 columns; Qwen3-0.6B-shaped Q4_K_M decode +3% at 2 threads, +4% at
                     // one (medians of alternated rounds).
-                    one_q4k_nibbles::<S>(&src.cols8::<S>(16 + 32 * k), 2 * k, 0, &h, a, v, pf);
-                    one_q4k_nibbles::<S>(&src.opaque().cols8::<S>(16 + 32 * k), 2 * k, 1, &h, a, v, pf);
+                    one_q4k_nibbles::<S, H>(&src.cols8::<S>(16 + 32 * k), 2 * k, 0, &h, a, v, pf);
+                    one_q4k_nibbles::<S, H>(&src.opaque().cols8::<S>(16 + 32 * k), 2 * k, 1, &h, a, v, pf);
                 } else {
-                    one_q4k_pair::<S>(&src.cols8::<S>(16 + 32 * k), 2 * k, &h, a, v, pf);
+                    one_q4k_pair::<S, H>(&src.cols8::<S>(16 + 32 * k), 2 * k, &h, a, v, pf);
                 }
             });
         }
@@ -1988,7 +1998,13 @@ pub(crate) mod tiled {
     /// and each half's sum starting from `−32·Σ q_a` (`offs`, [`q6k_offsets`]), and the float
     /// steps of [`compute_q6k`].
     #[inline(always)]
-    unsafe fn one_q6k<S: Isa, R: Src>(src: R, a: *const Q8Block, offs: &[i64; 16], v: &mut S::F, pf: &mut Prefetch) {
+    unsafe fn one_q6k<S: Isa, R: Src, const H: i32>(
+        src: R,
+        a: *const Q8Block,
+        offs: &[i64; 16],
+        v: &mut S::F,
+        pf: &mut Prefetch<H>,
+    ) {
         let sc = src.cols4::<S>(192);
         let d = src.f16::<S>(208);
         let factor = |i: usize| S::mul(d, S::cvt(byte_s::<S>(sc[i / 4], i % 4)));
@@ -2039,7 +2055,12 @@ pub(crate) mod tiled {
     /// A single token's products (decode): row groups of `S::LANES`, each super-block unpacked
     /// in registers and used at once, bitwise the same as [`drive`] (the same float steps).
     #[inline(always)]
-    unsafe fn drive_one<S: Isa, M: Mat, const FMT: u8>(m: M, nrows: usize, act: &[Q8Block], out: &mut [f32]) {
+    unsafe fn drive_one<S: Isa, M: Mat, const FMT: u8, const H: i32>(
+        m: M,
+        nrows: usize,
+        act: &[Q8Block],
+        out: &mut [f32],
+    ) {
         let supers = act.len() / ACT_PER_SUPER;
         // (A loop: intrinsics inlined into a closure lose this function's target features.)
         let mut offs: Vec<[i64; 16]> = Vec::new();
@@ -2060,9 +2081,9 @@ pub(crate) mod tiled {
             // L2, best of 100 x 2000 calls, 3 alternated runs: 145.5 -> 138.2 ns per row at AVX2,
             // 80.8 -> 77.0 at AVX-512; Q4_K unchanged (90.4 / 89.2, 43.7 / 43.3).
             if live > S::LANES {
-                walk_one::<S, M, FMT, 2>(m, nrows, r0, step, act, &offs, &mut lanes);
+                walk_one::<S, M, FMT, 2, H>(m, nrows, r0, step, act, &offs, &mut lanes);
             } else {
-                walk_one::<S, M, FMT, 1>(m, nrows, r0, step, act, &offs, &mut lanes);
+                walk_one::<S, M, FMT, 1, H>(m, nrows, r0, step, act, &offs, &mut lanes);
             }
             crate::dot::put(out, r0, &lanes, live);
         }
@@ -2071,7 +2092,7 @@ pub(crate) mod tiled {
     /// [`drive_one`]'s walk of one step of rows from `r0`, in `P` parts of `S::LANES` rows, into
     /// `lanes`.
     #[inline(always)]
-    unsafe fn walk_one<S: Isa, M: Mat, const FMT: u8, const P: usize>(
+    unsafe fn walk_one<S: Isa, M: Mat, const FMT: u8, const P: usize, const H: i32>(
         m: M,
         nrows: usize,
         r0: usize,
@@ -2088,7 +2109,7 @@ pub(crate) mod tiled {
             // step's share of a super-block.
             let bb = if FMT == Q4K { DType::Q4_K } else { DType::Q6_K }.block_bytes();
             let lines = (step * bb).div_ceil(64);
-            let mut pf = Prefetch::fixed(m.ahead(r0, step, s).0, lines, P * ACT_PER_SUPER);
+            let mut pf = Prefetch::<H>::fixed(m.ahead(r0, step, s).0, lines, P * ACT_PER_SUPER);
             let a = act.as_ptr().add(s * ACT_PER_SUPER);
             // Unrolled: as a loop over `v`, LLVM kept the accumulators in memory, indexed by
             // the part (a store-to-load forward in each Q8Block's chain).
@@ -2102,9 +2123,9 @@ pub(crate) mod tiled {
                     let r = r0 + h * S::LANES;
                     let src = m.block(r, (nrows - r).min(S::LANES), s);
                     if FMT == Q4K {
-                        one_q4k::<S, M::Src>(src, a, &mut v[h], &mut pf);
+                        one_q4k::<S, M::Src, H>(src, a, &mut v[h], &mut pf);
                     } else {
-                        one_q6k::<S, M::Src>(src, a, offs.get_unchecked(s), &mut v[h], &mut pf);
+                        one_q6k::<S, M::Src, H>(src, a, offs.get_unchecked(s), &mut v[h], &mut pf);
                     }
                 }
             });
@@ -2213,7 +2234,7 @@ pub(crate) mod tiled {
                 // Memory read a little later, asked for a part before each token tile's
                 // products, as in the one-token walk: batched decode (8-16 tokens) read its
                 // weights from memory while computing only partly overlapped.
-                let mut pf: [Prefetch; G] =
+                let mut pf: [Prefetch<_MM_HINT_T1>; G] =
                     std::array::from_fn(|k| Prefetch::new(m.ahead(r0 + k * S::LANES, S::LANES, s), tn / TT + tn % TT));
                 for k in 0..G {
                     unpack::<S, M::Src, FMT>(m.block(r0 + k * S::LANES, live[k], s), un[k]);
@@ -2292,7 +2313,7 @@ pub(crate) mod tiled {
 
     /// A single token's product ([`drive_one`]) at `S`, for each layout and format.
     #[inline(always)]
-    unsafe fn one_token<S: Isa>(
+    unsafe fn one_token<S: Isa, const H: i32>(
         dtype: DType,
         w: &[u8],
         nrows: usize,
@@ -2306,29 +2327,59 @@ pub(crate) mod tiled {
         if interleaved {
             let m = Interleaved { w: w.as_ptr(), supers, bb };
             if q4k {
-                drive_one::<S, _, Q4K>(m, nrows, act, out)
+                drive_one::<S, _, Q4K, H>(m, nrows, act, out)
             } else {
-                drive_one::<S, _, Q6K>(m, nrows, act, out)
+                drive_one::<S, _, Q6K, H>(m, nrows, act, out)
             }
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
             if q4k {
-                drive_one::<S, _, Q4K>(m, nrows, act, out)
+                drive_one::<S, _, Q4K, H>(m, nrows, act, out)
             } else {
-                drive_one::<S, _, Q6K>(m, nrows, act, out)
+                drive_one::<S, _, Q6K, H>(m, nrows, act, out)
             }
         }
     }
 
     /// Generates the one-token entry point `$name` at ISA `$isa` with `$features`: a function
     /// of its own, so that its registers are allocated apart from the many-token tiles' (inlined
-    /// into one function, AVX2's 16 registers spilled in the one-token loops).
+    /// into one function, AVX2's 16 registers spilled in the one-token loops). It prefetches
+    /// with `_MM_HINT_NTA` where [`crate::cpu::one_token_prefetch_nta`] says so, else into L2:
+    /// two functions, each with its hint as a constant.
     macro_rules! one_token_fn {
         ($name:ident, $isa:ty, $features:literal) => {
             #[target_feature(enable = $features)]
             #[inline(never)]
             unsafe fn $name(dtype: DType, w: &[u8], nrows: usize, interleaved: bool, act: &[Q8Block], out: &mut [f32]) {
-                one_token::<$isa>(dtype, w, nrows, interleaved, act, out)
+                #[target_feature(enable = $features)]
+                #[inline(never)]
+                unsafe fn nta(
+                    dtype: DType,
+                    w: &[u8],
+                    nrows: usize,
+                    interleaved: bool,
+                    act: &[Q8Block],
+                    out: &mut [f32],
+                ) {
+                    one_token::<$isa, _MM_HINT_NTA>(dtype, w, nrows, interleaved, act, out)
+                }
+                #[target_feature(enable = $features)]
+                #[inline(never)]
+                unsafe fn l2(
+                    dtype: DType,
+                    w: &[u8],
+                    nrows: usize,
+                    interleaved: bool,
+                    act: &[Q8Block],
+                    out: &mut [f32],
+                ) {
+                    one_token::<$isa, _MM_HINT_T1>(dtype, w, nrows, interleaved, act, out)
+                }
+                if crate::cpu::one_token_prefetch_nta() {
+                    nta(dtype, w, nrows, interleaved, act, out)
+                } else {
+                    l2(dtype, w, nrows, interleaved, act, out)
+                }
             }
         };
     }

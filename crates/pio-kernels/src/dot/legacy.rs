@@ -876,7 +876,8 @@ mod tile_x86 {
         // faster). Many tokens, whose blocks come from L2, keep one half at a time.
         let halves = packed && N < crate::dot::GROUP_ROWS && ntok < PAIR_MIN_TOKENS && !(KIND == VNNI && F::BYTES);
         let pairs = (KIND == VNNI && ntok >= PAIR_MIN_TOKENS) || halves;
-        let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets };
+        let nta = ntok == 1 && crate::cpu::one_token_prefetch_nta();
+        let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets, nta };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
         // the used ones are initialized, per chunk (zeroing 8 KiB per call would show in decode).
         let mut acc = [std::mem::MaybeUninit::<[f32; N]>::uninit(); TOKENS];
@@ -925,6 +926,9 @@ mod tile_x86 {
         ntok: usize,
         nb: usize,
         offsets: &'a [i32],
+        /// Whether prefetches are non-temporal (one token, where
+        /// [`crate::cpu::one_token_prefetch_nta`] says so) rather than into L2 (see [`prefetch`]).
+        nta: bool,
     }
 
     /// The group of `N` rows at `r0` (and with `TWO` the next one, which exists) times every
@@ -1040,8 +1044,7 @@ mod tile_x86 {
         let bytes = G * F::BB;
         let ahead = walk.w.as_ptr().wrapping_add(at + PREFETCH_BYTES);
         for line in (0..bytes).step_by(64) {
-            // A prefetch never faults, wherever it points.
-            _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+            prefetch(walk.nta, ahead.wrapping_add(line));
         }
         let blk = walk.w[at..at + bytes].as_ptr();
         let d = if F::ROW_SCALE {
@@ -1222,22 +1225,40 @@ mod tile_x86 {
         let share = bytes.div_ceil(64).div_ceil(passes) * 64;
         let ahead = if N < G { at + next + k * share } else { at + PREFETCH_BYTES };
         let ahead = walk.w.as_ptr().wrapping_add(ahead);
-        // Into L2, as the K formats' walk does (Qwen3-0.6B-shaped Q8_0 decoded 37.2 -> 41.0
-        // tok/s at AVX-512, 29.5 -> 30.3 at AVX2 against L1). A prefetch never faults, wherever
-        // it points.
+        // For several tokens into L2 (Qwen3-0.6B-shaped Q8_0 decoded 37.2 -> 41.0 tok/s at
+        // AVX-512, 29.5 -> 30.3 at AVX2 against L1, Sapphire Rapids, before the one-token walk
+        // went non-temporal where that is faster: see [`prefetch`]).
         if F::CHUNK == 1 {
             for line in (0..share.min(bytes - k * share)).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+                prefetch(walk.nta, ahead.wrapping_add(line));
             }
         } else if sub == 0 {
             // A block shared by Q8Blocks at its first one, a constant count of lines (a count
             // and offsets computed per Q8Block cost INT4 a fifth of its one-token time in
             // scalar work).
             for line in (0..share).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
+                prefetch(walk.nta, ahead.wrapping_add(line));
             }
         }
         packed::<V, F, N>(walk.w[at..].as_ptr(), walk.w[head..].as_ptr(), r0 % G, sub)
+    }
+
+    /// Asks for the line at `p` (a prefetch never faults, wherever it points): non-temporally
+    /// (into L1, past the other levels) for a single token where
+    /// [`crate::cpu::one_token_prefetch_nta`] says so, as the K formats' one-token walk does
+    /// (`kquants::tiled::Prefetch`), its weights being read once per call; else into L2, whose
+    /// blocks each chunk of tokens reads again. Zen 5, one-token products of a
+    /// Qwen3-0.6B-shaped step (`decode_products 2 12 q8_0`, runs alternated with the build
+    /// before, probe 49-54 GB/s): Q8_0 45.1 -> 48.2 GB/s (medians of 4); whole decode
+    /// (`scripts/bench-ab.sh`, probe below 65 GB/s) Qwen2.5-Coder-0.5B Q4_K_M (Q5_0 / Q8_0 and
+    /// K formats) 110.4 -> 117.5 tok/s (8 runs each), SmolLM2 Q4_1 441.6 -> 444.2 (4).
+    #[inline(always)]
+    unsafe fn prefetch(nta: bool, p: *const u8) {
+        if nta {
+            _mm_prefetch::<_MM_HINT_NTA>(p as *const i8);
+        } else {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+        }
     }
 
     /// Where Q8Block `b` of the interleaved group of row `r0` lies in a matrix of `nb`
