@@ -24,7 +24,7 @@ while [[ $# -gt 0 ]]; do
         --gen) gen="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
         --split) split="$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         -*) echo "error: unknown option $1" >&2; exit 1 ;;
         *) break ;;
     esac
