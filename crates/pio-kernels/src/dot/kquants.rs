@@ -1434,8 +1434,8 @@ pub(crate) mod tiled {
         unsafe fn ahead(self, r0: usize, step: usize, s: usize) -> (*const u8, usize);
     }
 
-    /// Prefetches a region into L2 a few lines at a time, spread over a super-block's products
-    /// (a prefetch never faults, wherever it points).
+    /// Prefetches a region a few lines at a time with hint `H`, spread over a super-block's
+    /// products (a prefetch never faults, wherever it points).
     ///
     /// The hint `H`: the many-token tiles ask into L2, whose blocks every token tile reads again.
     /// The one-token walk asks non-temporally (`_MM_HINT_NTA`, into L1 and past the other
@@ -1443,10 +1443,10 @@ pub(crate) mod tiled {
     /// On Sapphire Rapids, to L2 rather than L1: a burst of L1 prefetches waits on the few L1
     /// fill buffers (to L2, Qwen3-4B-shaped Q4_K_M decoded 7.07 -> 7.21 tok/s at AVX2 and 8.74
     /// -> 9.31 at AVX-512). On Zen 5, non-temporal rather than to L2: the products of a
-    /// Qwen3-4B-shaped decode step alone (`decode_products`, the two hints alternated pass by
-    /// pass in one process, 2 threads) streamed 36.3 -> 45.9 GB/s at AVX2 against a 51 GB/s
-    /// probe, 40.3 -> 55.2 against an 80 GB/s one (`_MM_HINT_T0` 45.3: it is L1 that counts);
-    /// whole decode (`scripts/bench-ab.sh --rounds 6`, against the build before, medians of
+    /// Qwen3-4B-shaped decode step alone (`PIO_BENCH_SHAPE=qwen3-4b decode_products 2 6`, AVX2,
+    /// runs alternated with the build before, probe 52 GB/s) streamed 42.4 -> 46.2 GB/s
+    /// (medians of 4); alternated pass by pass in one process, `_MM_HINT_T0` read as fast as
+    /// NTA (it is L1 that counts); whole decode (`scripts/bench-ab.sh --rounds 6`, against the build before, medians of
     /// runs below / above 65 GB/s): Qwen3-4B-shaped Q4_K_M 17.2 -> 17.9 / 22.0 -> 22.8 tok/s,
     /// Qwen3-0.6B-shaped 94.7 -> 106.6 / 116.5 -> 121.3 (AVX2: 17.8 -> 18.3, 93.9 -> 98.9).
     /// Spread rather than in one burst per super-block: a burst of 36-53 prefetches still
