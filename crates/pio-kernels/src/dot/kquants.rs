@@ -2345,7 +2345,7 @@ pub(crate) mod tiled {
     /// of its own, so that its registers are allocated apart from the many-token tiles' (inlined
     /// into one function, AVX2's 16 registers spilled in the one-token loops). It prefetches
     /// with `_MM_HINT_NTA` where [`crate::cpu::one_token_prefetch_nta`] says so, else into L2:
-    /// two functions, each with its hint as a constant.
+    /// an instance per hint, each with it as a constant.
     macro_rules! one_token_fn {
         ($name:ident, $isa:ty, $features:literal) => {
             #[target_feature(enable = $features)]
@@ -2353,7 +2353,7 @@ pub(crate) mod tiled {
             unsafe fn $name(dtype: DType, w: &[u8], nrows: usize, interleaved: bool, act: &[Q8Block], out: &mut [f32]) {
                 #[target_feature(enable = $features)]
                 #[inline(never)]
-                unsafe fn nta(
+                unsafe fn at<const H: i32>(
                     dtype: DType,
                     w: &[u8],
                     nrows: usize,
@@ -2361,24 +2361,12 @@ pub(crate) mod tiled {
                     act: &[Q8Block],
                     out: &mut [f32],
                 ) {
-                    one_token::<$isa, _MM_HINT_NTA>(dtype, w, nrows, interleaved, act, out)
-                }
-                #[target_feature(enable = $features)]
-                #[inline(never)]
-                unsafe fn l2(
-                    dtype: DType,
-                    w: &[u8],
-                    nrows: usize,
-                    interleaved: bool,
-                    act: &[Q8Block],
-                    out: &mut [f32],
-                ) {
-                    one_token::<$isa, _MM_HINT_T1>(dtype, w, nrows, interleaved, act, out)
+                    one_token::<$isa, H>(dtype, w, nrows, interleaved, act, out)
                 }
                 if crate::cpu::one_token_prefetch_nta() {
-                    nta(dtype, w, nrows, interleaved, act, out)
+                    at::<_MM_HINT_NTA>(dtype, w, nrows, interleaved, act, out)
                 } else {
-                    l2(dtype, w, nrows, interleaved, act, out)
+                    at::<_MM_HINT_T1>(dtype, w, nrows, interleaved, act, out)
                 }
             }
         };
