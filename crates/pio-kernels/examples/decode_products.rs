@@ -7,8 +7,9 @@
 //! Prints GB/s per kind of product, medians over the passes, then the probe.
 //!
 //! `cargo run --release -p pio-kernels --example decode_products [-- THREADS [PASSES [FORMAT]]]`
-//! (`PIO_SIMD=avx2` for the AVX2 kernels). FORMAT, a block format's name (`q8_0`, `q6_k`, ...),
-//! stores every matrix, the LM head too, in that format instead. `PIO_BENCH_SHAPE=qwen3-4b`
+//! (`PIO_SIMD=avx2` for the AVX2 kernels). FORMAT, a block format's name (`q8_0`, `q6_k`, ...)
+//! or `bf16` (tiled, times bf16 activations where the CPU has AVX-512 BF16), stores every
+//! matrix, the LM head too, in that format instead. `PIO_BENCH_SHAPE=qwen3-4b`
 //! takes Qwen3-4B's 36 layers and widths instead (2.3 GB). `PIO_BENCH_LEVELS=avx512,avx2`
 //! alternates the levels named pass by pass (each level's figures then met the same machine; at
 //! AVX-512 the one-token products run at whichever level was faster of late, see
@@ -59,20 +60,31 @@ const QWEN3_4B: Shape = Shape {
 /// A `rows x cols` matrix in the interleaved layout (a repeated pattern: speed does not depend on
 /// the values).
 fn matrix(arena: &mut HugeArena, dtype: DType, rows: usize, cols: usize) -> HugeBytes {
-    let rb = dtype.row_bytes(cols).expect("a block format");
+    let rb = dtype.row_bytes(cols).expect("a block format or BF16");
     let w: Vec<f32> = (0..16 * cols).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
     let mut group = vec![0u8; 16 * rb];
     for (src, dst) in w.chunks_exact(cols).zip(group.chunks_exact_mut(rb)) {
         quant::quantize_row(dtype, src, dst);
     }
     let stored: Vec<u8> = (0..rows / 16).flat_map(|_| group.iter().copied()).collect();
+    if dtype == DType::BF16 {
+        // The tiles a loaded model keeps BF16 in.
+        let mut out = arena.zeroed(dot::float::tiled_bf16_bytes(rows, cols));
+        dot::float::tile_bf16_into(rows, cols, &stored, &mut out);
+        return out;
+    }
     let mut out = arena.zeroed(dot::interleaved_bytes(dtype, rows, cols));
     dot::interleave_into(dtype, rows, cols, &stored, &mut out);
     out
 }
 
 fn view(dtype: DType, rows: usize, cols: usize, data: &[u8]) -> WeightView<'_> {
-    WeightView { layout: Layout::Interleaved, ..WeightView::rows(dtype, rows, cols, data) }
+    // BF16 with bf16 activations where the CPU multiplies them (as `pio` runs it by default).
+    WeightView {
+        layout: Layout::Interleaved,
+        bf16_activations: dtype == DType::BF16,
+        ..WeightView::rows(dtype, rows, cols, data)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -82,7 +94,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let usage = || -> ! {
-        eprintln!("usage: decode_products [THREADS [PASSES [FORMAT]]] (whole numbers; a block format's name)");
+        eprintln!("usage: decode_products [THREADS [PASSES [FORMAT]]] (whole numbers; a block format's name or bf16)");
         std::process::exit(2);
     };
     let raw: Vec<String> = std::env::args().skip(1).collect();
@@ -91,7 +103,9 @@ fn main() {
     let passes = args.get(1).copied().unwrap_or(10).max(1);
     let (body, head_format) = match raw.get(2) {
         None => (DType::Q4_K, DType::Q6_K),
-        Some(name) => match DType::from_name(name).filter(|d| d.ggml_id().is_some() && d.block_elems() > 1) {
+        Some(name) => match DType::from_name(name)
+            .filter(|&d| d == DType::BF16 || (d.ggml_id().is_some() && d.block_elems() > 1))
+        {
             Some(d) => (d, d),
             None => usage(),
         },

@@ -204,7 +204,7 @@ pub fn fast_bf16_dot() -> bool {
 
 /// Whether the one-token products prefetch their weights non-temporally (into L1, past the
 /// other caches) rather than into L2: they read each weight once per token. Measured faster on
-/// AMD's Zen 5 (`dot::kquants::tiled::Prefetch`); Intel's cores keep L2, which a Sapphire
+/// AMD's Zen 5 (`dot::kquants::tiled::Prefetch`, `dot::float`'s one-token tiles); Intel's cores keep L2, which a Sapphire
 /// Rapids VM measured faster than L1 (`_MM_HINT_T0`) and where the non-temporal hint was not
 /// measured.
 pub fn one_token_prefetch_nta() -> bool {
