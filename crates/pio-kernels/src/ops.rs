@@ -35,7 +35,14 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 pub fn rms_norm_rows(x: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
     assert!(dim > 0 && x.len().is_multiple_of(dim));
-    match crate::cpu::level() {
+    let level = crate::cpu::level();
+    // Rows are independent: the threads take ranges of them (a prefill's; one row stays here).
+    let work = 4 * x.len();
+    crate::parallel::for_each_rows_mut([x], [dim], work, |_, [rows]| rms_norm_rows_at(level, rows, weight, eps));
+}
+
+fn rms_norm_rows_at(level: crate::cpu::SimdLevel, x: &mut [f32], weight: &[f32], eps: f32) {
+    match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level only names features the CPU has.
         crate::cpu::SimdLevel::Avx512 => unsafe { rms_norm_avx512(x, weight, eps) },
@@ -168,6 +175,19 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// [`swiglu`] at an explicit SIMD level.
 pub fn swiglu_at(level: crate::cpu::SimdLevel, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
+    if gate.len().is_multiple_of(16) {
+        // Many tokens' worth split across the threads in whole vectors of 16 (so every element
+        // takes the vector path it takes unsplit: the same bits).
+        let work = 16 * gate.len();
+        crate::parallel::for_each_rows_mut([gate], [16], work, |r0, [g]| {
+            swiglu_serial(level, g, &up[16 * r0..16 * r0 + g.len()])
+        });
+    } else {
+        swiglu_serial(level, gate, up)
+    }
+}
+
+fn swiglu_serial(level: crate::cpu::SimdLevel, gate: &mut [f32], up: &[f32]) {
     let done = match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level only names features the CPU has; lengths are equal.
@@ -543,9 +563,12 @@ pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
 /// `x += y`.
 pub fn add_in_place(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len());
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    let work = x.len();
+    crate::parallel::for_each_rows_mut([x], [1], work, |r0, [x]| {
+        for (a, b) in x.iter_mut().zip(&y[r0..]) {
+            *a += b;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -663,6 +686,39 @@ mod tests {
             for i in 0..n {
                 let want = silu(gate[i]) * up[i];
                 assert!((g[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "{level:?} {i}: {} vs {want}", g[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn row_steps_split_across_threads_give_the_bits_of_one_thread() {
+        // A prefill's worth (split across the pool) against the same rows one at a time (one
+        // thread each): swiglu, the norm and the residual add.
+        let (rows, w) = (300, 1536);
+        let x: Vec<f32> = (0..rows * w).map(|i| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0).collect();
+        let y: Vec<f32> = (0..rows * w).map(|i| ((i * 40503) % 997) as f32 / 300.0 - 1.5).collect();
+        let weight: Vec<f32> = (0..w).map(|i| 0.5 + (i % 13) as f32 * 0.1).collect();
+        for level in crate::cpu::SimdLevel::available() {
+            let (mut g, mut n, mut a) = (x.clone(), x.clone(), x.clone());
+            crate::parallel::ThreadPool::new(2).install(|| {
+                swiglu_at(level, &mut g, &y);
+                if level == crate::cpu::level() {
+                    rms_norm_rows(&mut n, &weight, 1e-6);
+                }
+                add_in_place(&mut a, &y);
+            });
+            for r in 0..rows {
+                let at = r * w..(r + 1) * w;
+                let mut gr = x[at.clone()].to_vec();
+                swiglu_at(level, &mut gr, &y[at.clone()]);
+                assert!(gr.iter().zip(&g[at.clone()]).all(|(p, q)| p.to_bits() == q.to_bits()), "{level:?} {r}");
+                if level == crate::cpu::level() {
+                    let mut nr = x[at.clone()].to_vec();
+                    rms_norm_rows(&mut nr, &weight, 1e-6);
+                    assert!(nr.iter().zip(&n[at.clone()]).all(|(p, q)| p.to_bits() == q.to_bits()), "norm {r}");
+                }
+                let ar: Vec<f32> = x[at.clone()].iter().zip(&y[at.clone()]).map(|(p, q)| p + q).collect();
+                assert_eq!(ar, a[at]);
             }
         }
     }

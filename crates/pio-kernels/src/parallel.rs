@@ -224,6 +224,39 @@ fn busy_threads(n: usize, work: usize, threads: usize) -> usize {
     threads.min(n.max(1)).min(work / MIN_WORK_PER_THREAD).max(1)
 }
 
+/// Runs `f(r0, rows)` over disjoint ranges of the rows of `K` buffers at once, in parallel
+/// when `work` (a rough count of operations, as [`for_each_range`]) pays for the threads: buffer
+/// `i` holds rows of `widths[i]` values, every buffer the same number of rows, and `rows[i]` is
+/// rows `r0..` of buffer `i` (the same rows of each). For the row-wise steps between the
+/// products (norms, rotations, activations, residual adds): done on the calling thread alone
+/// for a prefill, they kept the other waiting.
+pub fn for_each_rows_mut<const K: usize>(
+    bufs: [&mut [f32]; K],
+    widths: [usize; K],
+    work: usize,
+    f: impl Fn(usize, [&mut [f32]; K]) + Sync,
+) {
+    let n = match widths.first() {
+        Some(&w) if w > 0 => bufs[0].len() / w,
+        _ => 0,
+    };
+    for (b, &w) in bufs.iter().zip(&widths) {
+        assert!(w > 0 && b.len() == n * w, "buffers of different row counts");
+    }
+    let mut bufs = bufs;
+    let ptrs: [SharedOut; K] = std::array::from_fn(|i| SharedOut(bufs[i].as_mut_ptr(), bufs[i].len()));
+    for_each_range(n, work, |r0, r1| {
+        let rows: [&mut [f32]; K] = std::array::from_fn(|i| {
+            let w = widths[i];
+            assert!(r1 * w <= ptrs[i].1);
+            // SAFETY: in bounds (asserted); the ranges `r0..r1` are disjoint, so no two threads
+            // touch the same rows, and `bufs` stay borrowed mutably by this call throughout.
+            unsafe { std::slice::from_raw_parts_mut(ptrs[i].0.add(r0 * w), (r1 - r0) * w) }
+        });
+        f(r0, rows)
+    });
+}
+
 /// Runs `f(i)` for every `i` in `0..n_tasks`, each exactly once, on the calling thread and the
 /// current pool's workers, which claim tasks one at a time (so uneven tasks balance
 /// themselves). Returns when all have run; a panic in a task is re-raised here.
@@ -604,6 +637,38 @@ mod tests {
             assert!(b - a <= n.div_ceil(parts.max(1)), "n={n} parts={parts}: {ranges:?}");
         }
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n} parts={parts}");
+    }
+
+    #[test]
+    fn rows_of_several_buffers_are_each_visited_once_with_their_index() {
+        let n = 1000;
+        let (mut a, mut b) = (vec![0f32; 3 * n], vec![0f32; 5 * n]);
+        let calls = AtomicU32::new(0);
+        ThreadPool::new(3).install(|| {
+            for_each_rows_mut([&mut a, &mut b], [3, 5], usize::MAX, |r0, [x, y]| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                assert_eq!(x.len() / 3, y.len() / 5, "the same rows of each");
+                for (i, (x, y)) in x.chunks_exact_mut(3).zip(y.chunks_exact_mut(5)).enumerate() {
+                    x.iter_mut().for_each(|v| *v += (r0 + i) as f32);
+                    y.iter_mut().for_each(|v| *v += (r0 + i) as f32 + 0.5);
+                }
+            });
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 3, "split across the pool");
+        assert!(a.chunks_exact(3).enumerate().all(|(r, x)| x.iter().all(|&v| v == r as f32)));
+        assert!(b.chunks_exact(5).enumerate().all(|(r, y)| y.iter().all(|&v| v == r as f32 + 0.5)));
+        // Little work: one call on this thread; no rows: one empty call.
+        let mut c = vec![1f32; 8];
+        let one = AtomicU32::new(0);
+        for_each_rows_mut([&mut c], [2], 10, |r0, [x]| {
+            assert_eq!((r0, x.len()), (0, 8));
+            one.fetch_add(1, Ordering::Relaxed);
+        });
+        for_each_rows_mut([&mut [][..]], [4], usize::MAX, |_, [x]| {
+            assert!(x.is_empty());
+            one.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(one.load(Ordering::Relaxed), 2);
     }
 
     #[test]

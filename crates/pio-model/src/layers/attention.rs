@@ -2,6 +2,7 @@
 
 use pio_kernels::attention::{paged_attention, CodedKvMut, KvElem, PagedKvMut, QueryContext};
 use pio_kernels::ops::{self, RopeLayout};
+use pio_kernels::parallel;
 
 use crate::batch::ForwardBatch;
 use crate::layers::kv_cache::{KvCache, LayerStore};
@@ -49,15 +50,20 @@ impl Attention {
         cache: &mut KvCache,
     ) -> Vec<f32> {
         let (qd, kd) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for (t, &pos) in batch.positions.iter().enumerate() {
-            match (&self.mrope_section, batch.mrope_positions.get(t)) {
-                (Some(section), Some(p)) => mrope_angles(p, section, &self.inv_freq, &mut cos, &mut sin),
-                _ => ops::rope_angles(pos, &self.inv_freq, &mut cos, &mut sin),
+        // Token by token, a prefill's tokens in ranges across the threads.
+        let work = 4 * (q.len() + k.len());
+        parallel::for_each_rows_mut([&mut *q, &mut *k], [qd, kd], work, |t0, [q, k]| {
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for (i, (q, k)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kd)).enumerate() {
+                let t = t0 + i;
+                match (&self.mrope_section, batch.mrope_positions.get(t)) {
+                    (Some(section), Some(p)) => mrope_angles(p, section, &self.inv_freq, &mut cos, &mut sin),
+                    _ => ops::rope_angles(batch.positions[t], &self.inv_freq, &mut cos, &mut sin),
+                }
+                ops::rope_heads_with(q, self.head_dim, &cos, &sin, self.rope_layout);
+                ops::rope_heads_with(k, self.head_dim, &cos, &sin, self.rope_layout);
             }
-            ops::rope_heads_with(&mut q[t * qd..(t + 1) * qd], self.head_dim, &cos, &sin, self.rope_layout);
-            ops::rope_heads_with(&mut k[t * kd..(t + 1) * kd], self.head_dim, &cos, &sin, self.rope_layout);
-        }
+        });
         let bs = cache.block_size;
         let types = cache.types();
         match cache.layer_mut(self.layer) {
