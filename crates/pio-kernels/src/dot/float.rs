@@ -1124,10 +1124,20 @@ mod x86 {
     ///
     /// With hint `H`: the tiled entry points ask with `_MM_HINT_NTA` for one token where
     /// [`crate::cpu::one_token_prefetch_nta`] says so, as the K and legacy formats' one-token
-    /// walks do; products of a Qwen3-0.6B-shaped BF16 decode step alone (`decode_products 2 8
+    /// walks do. Products of a Qwen3-0.6B-shaped BF16 decode step alone (`decode_products 2 8
     /// bf16`, the hint switched pass by pass in one process, 2 threads, Zen 5), NTA against L2:
     /// AVX-512 (bf16 activations) +1-3% where the probe read 72-75 GB/s, level at 45-47; AVX2
     /// level at 72-75, +3.5% at 45-47.
+    ///
+    /// That instance also walks 2 groups at a time rather than 4 (fewer streams; the same
+    /// bits). The same step, variants alternated pass by pass, GB/s with 4 / 2 / 1 groups:
+    /// bf16 activations at AVX-512 49.7 / 49.6 / 50.4, 47.4 / 48.6 / 47.9, 50.5 / 51.9 / 52.4
+    /// where the probe read about 50, 67.8 / 73.3 (4 / 2) where it read more; f32 activations
+    /// at AVX-512 61.6 / 69.1 / 64.1 (free), 46.2 / 47.4 / 49.7 and 46.5 / 47.9 / 49.9 (loaded);
+    /// at AVX2 61.1 / 64.0 / 62.1 and 60.7 / 64.1 / 60.5 (free), 43.3 / 45.2 / 49.4 (loaded).
+    /// Two beats four everywhere but once (bf16, 49.6 against 49.7) and is best where the memory
+    /// is free; one is best for f32 activations where it is loaded (4-8% ahead of two), but its
+    /// single chain per token falls behind two when the memory is free.
     #[inline(always)]
     unsafe fn one_token_prefetch<const NG: usize, const T: usize, const H: i32>(groups: &[*const u8; NG], p: usize) {
         if T == 1 {
@@ -1488,7 +1498,7 @@ mod x86 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
         #[inline(never)]
         unsafe fn one(w: &[u8], nrows: usize, x: &[f32], out: &mut [f32], ldo: usize) {
-            drive::<Avx512F32, 2, 12, 4, 4, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
+            drive::<Avx512F32, 2, 12, 4, 2, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
         }
         if ntok == 1 && crate::cpu::one_token_prefetch_nta() {
             return one(w, nrows, x, out, ldo);
@@ -1506,7 +1516,7 @@ mod x86 {
             #[target_feature(enable = "avx2,fma")]
             #[inline(never)]
             unsafe fn one(w: &[u8], nrows: usize, x: &[f32], out: &mut [f32], ldo: usize) {
-                drive::<Avx2F32, 1, 5, 4, 4, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
+                drive::<Avx2F32, 1, 5, 4, 2, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
             }
             if ntok == 1 && crate::cpu::one_token_prefetch_nta() {
                 return one(w, nrows, x, out, ldo);
@@ -1613,7 +1623,7 @@ mod x86 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
         #[inline(never)]
         unsafe fn one(w: &[u8], nrows: usize, xb: &[u16], out: &mut [f32], ldo: usize) {
-            drive::<Avx512Bf16, 4, 6, 2, 4, _MM_HINT_NTA>(w, nrows, xb, 1, out, ldo)
+            drive::<Avx512Bf16, 4, 6, 2, 2, _MM_HINT_NTA>(w, nrows, xb, 1, out, ldo)
         }
         if ntok == 1 && crate::cpu::one_token_prefetch_nta() {
             return one(w, nrows, xb, out, ldo);
