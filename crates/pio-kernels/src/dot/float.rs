@@ -1489,21 +1489,37 @@ mod x86 {
         rows_one::<Avx512Bf16, 4>(w, nrows, xb, out)
     }
 
+    /// Groups a one-token tile walks at a time in the instance that prefetches non-temporally
+    /// (4 otherwise; see [`one_token_prefetch`] for the measurements).
+    const NTA_GROUPS: usize = 2;
+
+    /// [`drive`] over tiles `$k` (register tiles of `$ng` groups x `$t` tokens, then `$t2`;
+    /// `$ng1` groups for a single token), in an entry point with `$features`. For one token where
+    /// [`crate::cpu::one_token_prefetch_nta`] says so, a function of its own instead, which
+    /// prefetches with `_MM_HINT_NTA` and walks [`NTA_GROUPS`] groups at a time.
+    macro_rules! drive_by_hint {
+        ($features:literal, $k:ty, [$ng:literal, $t:literal, $t2:literal, $ng1:literal],
+         $w:expr, $nrows:expr, $x:expr, $ntok:expr, $out:expr, $ldo:expr) => {{
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn one(w: &[u8], nrows: usize, x: &[<$k as Tiles>::X], out: &mut [f32], ldo: usize) {
+                drive::<$k, $ng, $t, $t2, NTA_GROUPS, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
+            }
+            if $ntok == 1 && crate::cpu::one_token_prefetch_nta() {
+                one($w, $nrows, $x, $out, $ldo)
+            } else {
+                drive::<$k, $ng, $t, $t2, $ng1, _MM_HINT_T1>($w, $nrows, $x, $ntok, $out, $ldo)
+            }
+        }};
+    }
+
     // 2 groups x 12 tokens: 24 accumulators, 4 widened vectors, 2 broadcasts and the mask in
     // the 32 registers; each broadcast serves 2 groups, each widening 12 tokens.
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL; shapes as [`super::gemm_tiled`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub unsafe fn tiled_avx512(w: &[u8], nrows: usize, x: &[f32], ntok: usize, out: &mut [f32], ldo: usize) {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        #[inline(never)]
-        unsafe fn one(w: &[u8], nrows: usize, x: &[f32], out: &mut [f32], ldo: usize) {
-            drive::<Avx512F32, 2, 12, 4, 2, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
-        }
-        if ntok == 1 && crate::cpu::one_token_prefetch_nta() {
-            return one(w, nrows, x, out, ldo);
-        }
-        drive::<Avx512F32, 2, 12, 4, 4, _MM_HINT_T1>(w, nrows, x, ntok, out, ldo)
+        drive_by_hint!("avx512f,avx512bw,avx512vl,avx2,fma", Avx512F32, [2, 12, 4, 4], w, nrows, x, ntok, out, ldo)
     }
 
     /// # Safety
@@ -1513,15 +1529,7 @@ mod x86 {
         if ntok >= WIDEN_MIN_TOKENS {
             widened_avx2(w, nrows, x, ntok, out, ldo)
         } else {
-            #[target_feature(enable = "avx2,fma")]
-            #[inline(never)]
-            unsafe fn one(w: &[u8], nrows: usize, x: &[f32], out: &mut [f32], ldo: usize) {
-                drive::<Avx2F32, 1, 5, 4, 2, _MM_HINT_NTA>(w, nrows, x, 1, out, ldo)
-            }
-            if ntok == 1 && crate::cpu::one_token_prefetch_nta() {
-                return one(w, nrows, x, out, ldo);
-            }
-            drive::<Avx2F32, 1, 5, 4, 4, _MM_HINT_T1>(w, nrows, x, ntok, out, ldo)
+            drive_by_hint!("avx2,fma", Avx2F32, [1, 5, 4, 4], w, nrows, x, ntok, out, ldo)
         }
     }
 
@@ -1620,15 +1628,7 @@ mod x86 {
     /// The CPU has AVX-512 F/BW/VL and BF16; shapes as [`super::gemm_bf16`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub unsafe fn tiled_bf16_avx512(w: &[u8], nrows: usize, xb: &[u16], ntok: usize, out: &mut [f32], ldo: usize) {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-        #[inline(never)]
-        unsafe fn one(w: &[u8], nrows: usize, xb: &[u16], out: &mut [f32], ldo: usize) {
-            drive::<Avx512Bf16, 4, 6, 2, 2, _MM_HINT_NTA>(w, nrows, xb, 1, out, ldo)
-        }
-        if ntok == 1 && crate::cpu::one_token_prefetch_nta() {
-            return one(w, nrows, xb, out, ldo);
-        }
-        drive::<Avx512Bf16, 4, 6, 2, 4, _MM_HINT_T1>(w, nrows, xb, ntok, out, ldo)
+        drive_by_hint!("avx512f,avx512bw,avx512vl,avx512bf16", Avx512Bf16, [4, 6, 2, 4], w, nrows, xb, ntok, out, ldo)
     }
 }
 
