@@ -181,6 +181,11 @@ pub fn for_each_range_balanced<T: Send>(
     per_thread: usize,
     f: impl Fn(usize, usize) -> T + Sync,
 ) -> Vec<T> {
+    // Too little for two threads whatever the pool: one range here, without looking the pool up
+    // (a decode's row-wise steps come through here several times a layer).
+    if busy_threads(n, work, usize::MAX) == 1 {
+        return vec![f(0, n)];
+    }
     let bounds = |threads: usize| match busy_threads(n, work, threads) {
         1 => vec![0, n],
         busy => tapered_bounds(n, busy, per_thread.max(1)),
