@@ -2179,9 +2179,8 @@ pub(crate) mod tiled {
     /// register tiles of `TT` tokens (then single tokens). With `TT2` > 0 and at least
     /// [`PAIR_MIN_TOKENS`] tokens, two row groups go together in register tiles of `TT2` tokens,
     /// so each activation broadcast serves 32 rows (as the legacy formats' walk does). The
-    /// VNNI kernels pair Q6_K's groups (4 tokens per register tile; 2, 3 and 6 measured
-    /// slower), not Q4_K's: paired Q4_K measured no faster at 64 tokens (161 vs 160 GMAC/s with
-    /// 3-token tiles; 4 and more spill) and slower at 8 (102 vs 127).
+    /// AVX-512 VNNI kernel pairs Q6_K's groups (4 tokens per register tile; 2, 3 and 6 measured
+    /// slower) and Q4_K's (2 tokens: see [`gemm_avx512_vnni`]).
     #[inline(always)]
     unsafe fn drive<S: Isa, M: Mat, const FMT: u8, const TT: usize, const TT2: usize>(
         m: M,
@@ -2267,7 +2266,14 @@ pub(crate) mod tiled {
 
     /// The tile of `dtype` over `m`, for more than one token (see [`one_token`] for one).
     #[inline(always)]
-    unsafe fn by_format<S: Isa, M: Mat, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
+    unsafe fn by_format<
+        S: Isa,
+        M: Mat,
+        const TT: usize,
+        const TT_PAIR: usize,
+        const TT6: usize,
+        const TT6_PAIR: usize,
+    >(
         dtype: DType,
         m: M,
         nrows: usize,
@@ -2277,7 +2283,7 @@ pub(crate) mod tiled {
         ldo: usize,
     ) {
         match dtype {
-            DType::Q4_K => drive::<S, M, Q4K, TT, 0>(m, nrows, act, ntok, out, ldo),
+            DType::Q4_K => drive::<S, M, Q4K, TT, TT_PAIR>(m, nrows, act, ntok, out, ldo),
             DType::Q5_K => drive::<S, M, Q5K, TT, 0>(m, nrows, act, ntok, out, ldo),
             DType::Q6_K if ntok >= Q6K_SIGNED_FROM => {
                 drive::<S, M, Q6K_SIGNED, TT6, TT6_PAIR>(m, nrows, act, ntok, out, ldo)
@@ -2290,7 +2296,7 @@ pub(crate) mod tiled {
     /// The matrix `w` of `nrows` rows as the kernels walk it.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn with_layout<S: Isa, const TT: usize, const TT6: usize, const TT6_PAIR: usize>(
+    unsafe fn with_layout<S: Isa, const TT: usize, const TT_PAIR: usize, const TT6: usize, const TT6_PAIR: usize>(
         dtype: DType,
         w: &[u8],
         nrows: usize,
@@ -2304,10 +2310,10 @@ pub(crate) mod tiled {
         let bb = dtype.block_bytes();
         if interleaved {
             let m = Interleaved { w: w.as_ptr(), supers, bb };
-            by_format::<S, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, _, TT, TT_PAIR, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
         } else {
             let m = RowMajor { w: w.as_ptr(), rb: w.len() / nrows, bb };
-            by_format::<S, _, TT, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
+            by_format::<S, _, TT, TT_PAIR, TT6, TT6_PAIR>(dtype, m, nrows, act, ntok, out, ldo)
         }
     }
 
@@ -2400,7 +2406,7 @@ pub(crate) mod tiled {
         if is_one_token(dtype, ntok) {
             return one_avx2(dtype, w, nrows, interleaved, act, out);
         }
-        with_layout::<Ymm<false>, 2, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Ymm<false>, 2, 0, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2426,7 +2432,7 @@ pub(crate) mod tiled {
         if is_one_token(dtype, ntok) {
             return one_avx2_vnni(dtype, w, nrows, interleaved, act, out);
         }
-        with_layout::<Ymm<true>, 3, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Ymm<true>, 3, 0, 4, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
@@ -2446,11 +2452,19 @@ pub(crate) mod tiled {
         if is_one_token(dtype, ntok) {
             return one_avx512(dtype, w, nrows, interleaved, act, out);
         }
-        with_layout::<Zmm<false>, 8, 8, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<false>, 8, 0, 8, 0>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// # Safety
     /// As [`gemm_avx512`], with AVX-512 VNNI.
+    ///
+    /// Q4_K in register tiles of 4 tokens, two row groups at a time in tiles of 2 from
+    /// [`PAIR_MIN_TOKENS`] tokens. Zen 5, 2 threads, interleaved matrices through `matmul`,
+    /// GMAC/s, one process alternating the variants (medians of 9): 3072 x 1024 by 64 tokens
+    /// 497 with 8-token tiles, 547 with 4, 582 paired by 2 (570 by 3, 344 by 4: spilling);
+    /// 9728 x 2560 by 512: 536 / 608 / 642; 2560 x 9728 by 512: 420 / 513 / 553; 4096 x 2560
+    /// by 16: 471 / 522 / 529. Eight tokens' accumulators, with the float steps' operands, had
+    /// spilled to the stack (64 stores a super-block); 5 tokens measured as 4, 6 as 8.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn gemm_avx512_vnni(
@@ -2466,7 +2480,7 @@ pub(crate) mod tiled {
         if is_one_token(dtype, ntok) {
             return one_avx512_vnni(dtype, w, nrows, interleaved, act, out);
         }
-        with_layout::<Zmm<true>, 8, 8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<true>, 4, 2, 8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.
@@ -2815,10 +2829,11 @@ mod tests {
     #[test]
     fn gemm_matches_scalar_dots() {
         let mut rng = StdRng::seed_from_u64(17);
-        // One partial row group; then two groups at a time and a partial one (with 5 tokens,
-        // Q6_K's unsigned columns; with 11, its signed ones).
+        // One partial row group; then two groups and a partial one (with 5 tokens, Q6_K's
+        // unsigned columns; with 11, its signed ones; with 17, paired row groups' register
+        // tiles and a token left over).
         for (dtype, (nrows, ntok, ldo)) in
-            FORMATS.into_iter().flat_map(|d| [(13, 11, 15), (45, 5, 47), (45, 11, 47)].map(|s| (d, s)))
+            FORMATS.into_iter().flat_map(|d| [(13, 11, 15), (45, 5, 47), (45, 11, 47), (45, 17, 47)].map(|s| (d, s)))
         {
             for supers in [1, 2, 7] {
                 for bytes in [false, true] {
