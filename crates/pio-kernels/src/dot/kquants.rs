@@ -2175,12 +2175,17 @@ pub(crate) mod tiled {
     /// 16 a little (97 vs 94), with 64 much (125-127 vs 108-112).
     const PAIR_MIN_TOKENS: usize = 16;
 
+    /// As [`PAIR_MIN_TOKENS`] for Q4_K: a batched decode step of 16 sequences (Qwen3-0.6B
+    /// shape, its matrices read from memory) ran 485 -> 430 tok/s with Q4_K's groups paired
+    /// (`pio bench --batch 16`), 490 with 4-token tiles alone.
+    const Q4K_PAIR_MIN_TOKENS: usize = 32;
+
     /// The whole tile: row groups of 16, token chunks of [`TOKENS`], super-blocks in order, and
     /// register tiles of `TT` tokens (then single tokens). With `TT2` > 0 and at least
     /// [`PAIR_MIN_TOKENS`] tokens, two row groups go together in register tiles of `TT2` tokens,
     /// so each activation broadcast serves 32 rows (as the legacy formats' walk does). The
     /// AVX-512 VNNI kernel pairs Q6_K's groups (4 tokens per register tile; 2, 3 and 6 measured
-    /// slower) and Q4_K's (2 tokens: see [`gemm_avx512_vnni`]).
+    /// slower) and Q4_K's from [`Q4K_PAIR_MIN_TOKENS`] (2 tokens: see [`gemm_avx512_vnni`]).
     #[inline(always)]
     unsafe fn drive<S: Isa, M: Mat, const FMT: u8, const TT: usize, const TT2: usize>(
         m: M,
@@ -2192,7 +2197,8 @@ pub(crate) mod tiled {
     ) {
         let mut r0 = 0;
         while r0 < nrows {
-            if TT2 > 0 && ntok >= PAIR_MIN_TOKENS && nrows - r0 > S::LANES {
+            let pair_from = if FMT == Q4K { Q4K_PAIR_MIN_TOKENS } else { PAIR_MIN_TOKENS };
+            if TT2 > 0 && ntok >= pair_from && nrows - r0 > S::LANES {
                 drive_groups::<S, M, FMT, TT2, 2>(m, r0, nrows, act, ntok, out, ldo);
                 r0 += 2 * S::LANES;
             } else {
@@ -2459,7 +2465,7 @@ pub(crate) mod tiled {
     /// As [`gemm_avx512`], with AVX-512 VNNI.
     ///
     /// Q4_K in register tiles of 4 tokens, two row groups at a time in tiles of 2 from
-    /// [`PAIR_MIN_TOKENS`] tokens. Zen 5, 2 threads, interleaved matrices through `matmul`,
+    /// [`Q4K_PAIR_MIN_TOKENS`] tokens. Zen 5, 2 threads, interleaved matrices through `matmul`,
     /// GMAC/s, one process alternating the variants (medians of 9): 3072 x 1024 by 64 tokens
     /// 497 with 8-token tiles, 547 with 4, 582 paired by 2 (570 by 3, 344 by 4: spilling);
     /// 9728 x 2560 by 512: 536 / 608 / 642; 2560 x 9728 by 512: 420 / 513 / 553; 4096 x 2560
@@ -2830,10 +2836,10 @@ mod tests {
     fn gemm_matches_scalar_dots() {
         let mut rng = StdRng::seed_from_u64(17);
         // One partial row group; then two groups and a partial one (with 5 tokens, Q6_K's
-        // unsigned columns; with 11, its signed ones; with 17, paired row groups' register
-        // tiles and a token left over).
+        // unsigned columns; with 11, its signed ones; with 33, the paired row groups' register
+        // tiles of Q4_K and Q6_K and a token left over).
         for (dtype, (nrows, ntok, ldo)) in
-            FORMATS.into_iter().flat_map(|d| [(13, 11, 15), (45, 5, 47), (45, 11, 47), (45, 17, 47)].map(|s| (d, s)))
+            FORMATS.into_iter().flat_map(|d| [(13, 11, 15), (45, 5, 47), (45, 11, 47), (45, 33, 47)].map(|s| (d, s)))
         {
             for supers in [1, 2, 7] {
                 for bytes in [false, true] {
