@@ -43,9 +43,11 @@ fn bench(c: &mut Criterion) {
         (DType::Q5_0, false, false),
         (DType::Q4_K, false, false),
         (DType::Q6_K, false, false),
-        // Interleaved as a model holds them (Q4_0 for comparison with INT4 and NF4), and the
+        // Interleaved as a model holds them (Q4_0 for comparison with INT4 and NF4; Q5_0, most of
+        // Qwen2.5-Coder-0.5B's Q4_K_M file, whose 896 columns take no K format), and the
         // formats quantized at load.
         (DType::Q4_0, false, true),
+        (DType::Q5_0, false, true),
         (DType::INT8, false, true),
         (DType::INT4, false, true),
         (DType::NF4, false, true),
