@@ -105,6 +105,48 @@ fn quantize_q8_generic(x: &[f32], out: &mut [Q8Block]) {
     }
 }
 
+/// `−Σ qs` of every block: with an offset `o`, `Σ (q_w − o)·q_a = Σ q_w·q_a − o·Σ q_a`, so the
+/// tile kernels of formats whose stored quants carry an offset (Q4_0, Q5_0, and Q8_0 made
+/// unsigned for `vpdpbusd`) start each block's exact integer sum from `o` times this.
+/// [`crate::matmul`] computes them once per call and input, for all the threads' tiles.
+pub fn neg_sums(blocks: &[Q8Block]) -> Vec<i32> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::level() >= crate::cpu::SimdLevel::Avx2 {
+        // SAFETY: the level only names features the CPU has.
+        return unsafe { neg_sums_avx2(blocks) };
+    }
+    blocks.iter().map(|b| -b.qs.iter().map(|&q| q as i32).sum::<i32>()).collect()
+}
+
+/// [`neg_sums`] in AVX2 (the same exact integers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn neg_sums_avx2(blocks: &[Q8Block]) -> Vec<i32> {
+    use std::arch::x86_64::*;
+    let mut out = vec![0i32; blocks.len()];
+    let (quads, tail) = blocks.as_chunks::<4>();
+    let (out_quads, out_tail) = out.as_chunks_mut::<4>();
+    for (a, o) in quads.iter().zip(out_quads) {
+        // `vpsadbw` sums 8 unsigned bytes `q + 128` into each 64-bit lane ...
+        let s: [__m256i; 4] = std::array::from_fn(|i| {
+            let q = _mm256_loadu_si256(a[i].qs.as_ptr() as *const __m256i);
+            _mm256_sad_epu8(_mm256_xor_si256(q, _mm256_set1_epi8(-128)), _mm256_setzero_si256())
+        });
+        // ... four blocks' four partial sums are added to one 64-bit lane per block ...
+        let s01 = _mm256_add_epi64(_mm256_unpacklo_epi64(s[0], s[1]), _mm256_unpackhi_epi64(s[0], s[1]));
+        let s23 = _mm256_add_epi64(_mm256_unpacklo_epi64(s[2], s[3]), _mm256_unpackhi_epi64(s[2], s[3]));
+        let s =
+            _mm256_add_epi64(_mm256_permute2x128_si256::<0x20>(s01, s23), _mm256_permute2x128_si256::<0x31>(s01, s23));
+        let s = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
+        // ... and −Σ q = 32·128 − Σ (q + 128).
+        _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(_mm_set1_epi32(32 * 128), s));
+    }
+    for (a, o) in tail.iter().zip(out_tail) {
+        *o = -a.qs.iter().map(|&q| q as i32).sum::<i32>();
+    }
+    out
+}
+
 /// `x` quantized into a new vector of blocks; a long `x` (a prefill's activations) is split
 /// across the threads.
 pub fn quantize_q8_vec(x: &[f32]) -> Vec<Q8Block> {
@@ -148,6 +190,25 @@ mod tests {
         }
         let zero = quantize_q8_vec(&[0.0; 32]);
         assert_eq!((zero[0].d, zero[0].s, zero[0].qs), (0.0, 0.0, [0; 32]));
+    }
+
+    #[test]
+    fn neg_sums_are_the_negated_quant_sums() {
+        // Extremes (every quant ±127) and a tail past the last whole group of four blocks.
+        for n in [0usize, 1, 4, 7, 9] {
+            let mut blocks: Vec<Q8Block> = (0..n)
+                .map(|b| Q8Block {
+                    qs: std::array::from_fn(|i| ((b * 31 + i * 17) % 255) as i32 as i8),
+                    ..Default::default()
+                })
+                .collect();
+            if n > 2 {
+                blocks[1].qs = [127; 32];
+                blocks[2].qs = [-127; 32];
+            }
+            let want: Vec<i32> = blocks.iter().map(|b| -b.qs.iter().map(|&q| q as i32).sum::<i32>()).collect();
+            assert_eq!(neg_sums(&blocks), want, "{n} blocks");
+        }
     }
 
     #[test]

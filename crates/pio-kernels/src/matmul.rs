@@ -216,6 +216,8 @@ fn matmul_multi_into(
 /// to bf16 (token-major, or transposed by pairs for AMX), or f32 laid out even/odd.
 struct Prepared {
     acts: Vec<Q8Block>,
+    /// `acts`' [`act::neg_sums`], where a matrix's tiles start from offset terms.
+    sums: Vec<i32>,
     xb: Vec<u16>,
     xeo: Vec<f32>,
     xt: Option<float::Bf16Pairs>,
@@ -306,6 +308,9 @@ unsafe fn matmul_multi_at(
             let users = || ws.iter().zip(input_of).filter(move |(_, &j)| j == i).map(|(w, _)| w);
             let acts =
                 if users().any(|w| dot::uses_q8_activations(w.dtype)) { act::quantize_q8_vec(x) } else { Vec::new() };
+            // Once here rather than per tile: each of a matrix's row tiles would sum every block.
+            let sums =
+                if users().any(|w| dot::legacy::uses_sums(level, w.dtype)) { act::neg_sums(&acts) } else { Vec::new() };
             let xb = if users().any(|w| float::bf16_activations(level, w.dtype, w.bf16_activations) && !on_amx(w)) {
                 float::to_bf16(x)
             } else {
@@ -320,7 +325,7 @@ unsafe fn matmul_multi_at(
                 Some(w) => float::to_even_odd(level, x, inputs[i].1, w.cols),
                 None => Vec::new(),
             };
-            Prepared { acts, xb, xeo, xt }
+            Prepared { acts, sums, xb, xeo, xt }
         })
         .collect();
     // Unit `u` of the split is row group `u - starts[i]` of matrix `i`.
@@ -362,7 +367,7 @@ unsafe fn matmul_multi_at(
                 ldo: usize| {
         let w = &ws[i];
         let (x, _) = inputs[input_of[i]];
-        let Prepared { acts, xb, xeo, xt } = &prepared[input_of[i]];
+        let Prepared { acts, sums, xb, xeo, xt } = &prepared[input_of[i]];
         let (cols, nb) = (w.cols, w.cols / 32);
         let (rows, layout) = match restored {
             Some(rows) => (rows, Layout::Rows),
@@ -370,7 +375,8 @@ unsafe fn matmul_multi_at(
         };
         if dot::uses_q8_activations(w.dtype) {
             let acts = &acts[t0 * nb..t1 * nb];
-            dot::gemm_q8(level, w.dtype, rows, rz - ra, layout, acts, t1 - t0, out, ldo);
+            let sums = if sums.is_empty() { &[][..] } else { &sums[t0 * nb..t1 * nb] };
+            dot::gemm_q8(level, w.dtype, rows, rz - ra, layout, acts, sums, t1 - t0, out, ldo);
         } else if let Some(xt) = xt.as_ref().filter(|_| on_amx(w)) {
             // Interleaved rows come restored ([`float::restore_rows_bf16`]).
             assert_eq!(layout, Layout::Rows);

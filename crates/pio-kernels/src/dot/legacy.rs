@@ -243,8 +243,9 @@ fn scalar_blocks<const BB: usize>(
 /// `_1` formats' minimum: `d·d_a·Σ (q − o)·a = d·d_a·Σ q·a − o·d·s_a` (`s_a = d_a·Σ a`), so the
 /// integer sums are the same for every token and the VNNI walk keeps them in register tiles.
 /// Q8_0's 128 under VNNI comes back exactly through `Σ (q − 128)·a = Σ q·a − 128·Σ a`:
-/// `−128·Σ a` is computed once per activation block and call, and starts that block's integer
-/// sum. Without VNNI, Q8_0's full-range bytes would overflow the i16 pair sums that way; its weight sign
+/// `−128·Σ a` starts each block's integer sum, from `−Σ a` summed once per activation block and
+/// product ([`crate::act::neg_sums`], which `matmul` passes to every tile; a tile called without
+/// them sums the blocks itself). Without VNNI, Q8_0's full-range bytes would overflow the i16 pair sums that way; its weight sign
 /// moves onto the activation instead (`|w|·(sign(w)·a)`), and for one or two tokens it skips
 /// the transpose (multiplying rows in place and reducing them with a few shuffles is cheaper
 /// when a block serves a single token; the sums, being exact, are the same).
@@ -267,6 +268,7 @@ pub fn gemm(
     nrows: usize,
     layout: Layout,
     act: &[Q8Block],
+    sums: &[i32],
     ntok: usize,
     out: &mut [f32],
     ldo: usize,
@@ -274,6 +276,7 @@ pub fn gemm(
     if nrows == 0 || ntok == 0 {
         return;
     }
+    assert!(sums.is_empty() || sums.len() == act.len(), "one block sum per activation block, or none");
     let nb = act.len() / ntok;
     let packed = layout == Layout::Interleaved;
     let load_time = matches!(dtype, DType::INT8 | DType::INT4 | DType::NF4);
@@ -292,7 +295,7 @@ pub fn gemm(
         // The SIMD tiles read INT8, INT4 and NF4 only interleaved (the layout they are repacked into
         // at load); rows (`--no-repack`) are rearranged for the call, so the bits are the same.
         let packed = crate::dot::interleave(dtype, nrows, nb * 32, w);
-        return gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, ntok, out, ldo);
+        return gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, sums, ntok, out, ldo);
     }
     match level {
         #[cfg(target_arch = "x86_64")]
@@ -301,9 +304,9 @@ pub fn gemm(
         // `dot::gemm_q8` asserted the shapes and the layout's size.
         SimdLevel::Avx2 => unsafe {
             if crate::cpu::has_avx_vnni() {
-                tile_x86::gemm_avx2_vnni(dtype, w, nrows, packed, act, ntok, out, ldo)
+                tile_x86::gemm_avx2_vnni(dtype, w, nrows, packed, act, sums, ntok, out, ldo)
             } else {
-                tile_x86::gemm_avx2(dtype, w, nrows, packed, act, ntok, out, ldo)
+                tile_x86::gemm_avx2(dtype, w, nrows, packed, act, sums, ntok, out, ldo)
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -311,9 +314,9 @@ pub fn gemm(
         // `has_avx512_vnni()` detected it.
         SimdLevel::Avx512 => unsafe {
             if crate::cpu::has_avx512_vnni() {
-                tile_x86::gemm_avx512_vnni(dtype, w, nrows, packed, act, ntok, out, ldo)
+                tile_x86::gemm_avx512_vnni(dtype, w, nrows, packed, act, sums, ntok, out, ldo)
             } else {
-                tile_x86::gemm_avx512(dtype, w, nrows, packed, act, ntok, out, ldo)
+                tile_x86::gemm_avx512(dtype, w, nrows, packed, act, sums, ntok, out, ldo)
             }
         },
         // The reference restores an interleaved matrix's rows.
@@ -323,6 +326,18 @@ pub fn gemm(
         }
         _ => gemm_scalar(dtype, w, nrows, act, ntok, out, ldo),
     }
+}
+
+/// Whether [`gemm`] at `level` starts the integer sums of `dtype` from offset terms, and so
+/// reads the activations' [`crate::act::neg_sums`]: the whole-byte formats made unsigned for
+/// `vpdpbusd`.
+pub fn uses_sums(level: SimdLevel, dtype: DType) -> bool {
+    let vnni = match level {
+        SimdLevel::Avx512 => crate::cpu::has_avx512_vnni(),
+        SimdLevel::Avx2 => crate::cpu::has_avx_vnni(),
+        _ => false,
+    };
+    vnni && matches!(dtype, DType::Q8_0 | DType::INT8 | DType::NF4)
 }
 
 /// The scalar level: [`tile_dot_scalar`] per (row, token).
@@ -362,7 +377,7 @@ mod tile_x86 {
         const QH: usize;
         /// log2 of the offset `o` the stored (unsigned) quants carry: Q4_0: 8, Q5_0: 16 (an
         /// `m·s_a` term, [`has_m`]), and Q8_0 when the VNNI kernel adds 128 to make its bytes
-        /// unsigned (an offset term, [`offset_terms`]); 0 for none.
+        /// unsigned (an offset term, [`offset`]); 0 for none.
         const OFFSET_LOG2: u32;
         /// An f16 minimum `m` follows `d` (Q4_1, Q5_1).
         const MIN: bool;
@@ -508,40 +523,13 @@ mod tile_x86 {
         (offs, offs.map(|o| o as i32))
     }
 
-    /// `−o·Σ q` for every activation block, `o = 1 << log2`: the offset's share of
-    /// `Σ (q_w − o)·q_a = Σ q_w·q_a − o·Σ q_a`, exact in i32. It starts each block's integer
-    /// sum, so the stored unsigned quants go into the products as they are.
-    ///
-    /// # Safety
-    /// The CPU has AVX2.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn offset_terms(act: &[Q8Block], log2: u32) -> Vec<i32> {
-        let mut out = vec![0i32; act.len()];
-        let (quads, tail) = act.as_chunks::<4>();
-        let (out_quads, out_tail) = out.as_chunks_mut::<4>();
-        let shift = _mm_cvtsi32_si128(log2 as i32);
-        for (a, o) in quads.iter().zip(out_quads) {
-            // `vpsadbw` sums 8 unsigned bytes `q + 128` into each 64-bit lane ...
-            let s: [__m256i; 4] = std::array::from_fn(|i| {
-                let q = _mm256_loadu_si256(a[i].qs.as_ptr() as *const __m256i);
-                _mm256_sad_epu8(_mm256_xor_si256(q, _mm256_set1_epi8(-128)), _mm256_setzero_si256())
-            });
-            // ... four blocks' four partial sums are added to one 64-bit lane per block ...
-            let s01 = _mm256_add_epi64(_mm256_unpacklo_epi64(s[0], s[1]), _mm256_unpackhi_epi64(s[0], s[1]));
-            let s23 = _mm256_add_epi64(_mm256_unpacklo_epi64(s[2], s[3]), _mm256_unpackhi_epi64(s[2], s[3]));
-            let s = _mm256_add_epi64(
-                _mm256_permute2x128_si256::<0x20>(s01, s23),
-                _mm256_permute2x128_si256::<0x31>(s01, s23),
-            );
-            let s = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
-            // ... and −o·Σ q = (32·128 − Σ (q + 128)) << log2.
-            let v = _mm_sll_epi32(_mm_sub_epi32(_mm_set1_epi32(32 * 128), s), shift);
-            _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, v);
-        }
-        for (a, o) in tail.iter().zip(out_tail) {
-            *o = -(a.qs.iter().map(|&q| q as i32).sum::<i32>() << log2);
-        }
-        out
+    /// The offset term of format `F` for an activation block whose quants sum to `−neg_sum`:
+    /// `−o·Σ q_a`, `o = 1 << F::OFFSET_LOG2`, the offset's share of
+    /// `Σ (q_w − o)·q_a = Σ q_w·q_a − o·Σ q_a`, exact in i32 (|Σ q_a| ≤ 32·127). It starts each
+    /// block's integer sum, so the stored unsigned quants go into the products as they are.
+    #[inline(always)]
+    fn offset<F: Fmt>(neg_sum: i32) -> i32 {
+        neg_sum << F::OFFSET_LOG2
     }
 
     /// Copies the first `live` lanes of each token's accumulator to `out` from `at`.
@@ -568,6 +556,9 @@ mod tile_x86 {
         nrows: usize,
         packed: bool,
         act: &'a [Q8Block],
+        /// `−Σ q_a` per activation block ([`crate::act::neg_sums`]), or empty: then the walk
+        /// computes them where its format needs them.
+        sums: &'a [i32],
         ntok: usize,
         out: &'a mut [f32],
         ldo: usize,
@@ -866,10 +857,17 @@ mod tile_x86 {
     /// Every (row, token) takes the same operations either way, so the sums are the same bits.
     #[inline(always)]
     unsafe fn walk<V: Width<N>, F: Fmt, const N: usize, const KIND: u8>(tile: Tile<'_>) {
-        let Tile { w, nrows, packed, act, ntok, out, ldo } = tile;
+        let Tile { w, nrows, packed, act, sums, ntok, out, ldo } = tile;
         let nb = act.len() / ntok;
         let tiled = KIND == VNNI && !F::BYTES && ntok >= TILED_MIN_TOKENS;
-        let offsets = if with_offsets::<F>(KIND) { offset_terms(act, F::OFFSET_LOG2) } else { Vec::new() };
+        // The activations' sums, from the caller (once per product, not per tile) or made here.
+        let owned;
+        let sums = if !with_offsets::<F>(KIND) || !sums.is_empty() {
+            sums
+        } else {
+            owned = crate::act::neg_sums(act);
+            &owned[..]
+        };
         // For a token or two (decode), both halves of an interleaved group at once when vectors
         // hold half a group: each line of a block is then read in one pass, not half of it in
         // each of two passes a group's walk apart (Q8_0 through VNNI excepted: measured no
@@ -877,7 +875,7 @@ mod tile_x86 {
         let halves = packed && N < crate::dot::GROUP_ROWS && ntok < PAIR_MIN_TOKENS && !(KIND == VNNI && F::BYTES);
         let pairs = (KIND == VNNI && ntok >= PAIR_MIN_TOKENS) || halves;
         let nta = ntok == 1 && crate::cpu::one_token_prefetch_nta();
-        let walk = Walk { w, packed, act, ntok, nb, offsets: &offsets, nta };
+        let walk = Walk { w, packed, act, ntok, nb, sums, nta };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
         // the used ones are initialized, per chunk (zeroing 8 KiB per call would show in decode).
         let mut acc = [std::mem::MaybeUninit::<[f32; N]>::uninit(); TOKENS];
@@ -908,7 +906,7 @@ mod tile_x86 {
     }
 
     /// Whether the integer sums of `KIND` start from the offset terms of format `F`
-    /// ([`offset_terms`]); known at compile time, so the walk's per-token branch goes.
+    /// ([`offset`]); known at compile time, so the walk's per-token branch goes.
     #[inline(always)]
     const fn with_offsets<F: Fmt>(kind: u8) -> bool {
         F::BYTES && kind == VNNI
@@ -925,7 +923,8 @@ mod tile_x86 {
         act: &'a [Q8Block],
         ntok: usize,
         nb: usize,
-        offsets: &'a [i32],
+        /// `−Σ q_a` per activation block where the format takes offset terms ([`offset`]).
+        sums: &'a [i32],
         /// Whether prefetches are non-temporal (one token, where
         /// [`crate::cpu::one_token_prefetch_nta`] says so) rather than into L2 (see [`prefetch`]).
         nta: bool,
@@ -1014,7 +1013,7 @@ mod tile_x86 {
             // kinds broadcast with separate loads, and AVX2's one-token walk measured 22%
             // slower through such a pointer (Q8_0 decode).
             let a = if KIND == VNNI { &*crate::dot::opaque(&act[at]) } else { &act[at] };
-            let off = if with_offsets::<F>(KIND) { walk.offsets[at] } else { 0 };
+            let off = if with_offsets::<F>(KIND) { offset::<F>(walk.sums[at]) } else { 0 };
             let s = sum::<V, F, N, KIND>(&wa, &sign, a.qs.as_ptr(), off);
             finish::<V, F, N>(&mut acc[i], s, &blk, a);
             if TWO {
@@ -1848,11 +1847,12 @@ mod tile_x86 {
         nrows: usize,
         packed: bool,
         act: &[Q8Block],
+        sums: &[i32],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        pick(dtype, kernels::<false, false>())(Tile { w, nrows, packed, act, ntok, out, ldo })
+        pick(dtype, kernels::<false, false>())(Tile { w, nrows, packed, act, sums, ntok, out, ldo })
     }
 
     /// # Safety
@@ -1864,11 +1864,12 @@ mod tile_x86 {
         nrows: usize,
         packed: bool,
         act: &[Q8Block],
+        sums: &[i32],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        pick(dtype, kernels::<false, true>())(Tile { w, nrows, packed, act, ntok, out, ldo })
+        pick(dtype, kernels::<false, true>())(Tile { w, nrows, packed, act, sums, ntok, out, ldo })
     }
 
     /// # Safety
@@ -1880,11 +1881,12 @@ mod tile_x86 {
         nrows: usize,
         packed: bool,
         act: &[Q8Block],
+        sums: &[i32],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        pick(dtype, kernels::<true, false>())(Tile { w, nrows, packed, act, ntok, out, ldo })
+        pick(dtype, kernels::<true, false>())(Tile { w, nrows, packed, act, sums, ntok, out, ldo })
     }
 
     /// # Safety
@@ -1897,16 +1899,17 @@ mod tile_x86 {
         nrows: usize,
         packed: bool,
         act: &[Q8Block],
+        sums: &[i32],
         ntok: usize,
         out: &mut [f32],
         ldo: usize,
     ) {
-        pick(dtype, kernels::<true, true>())(Tile { w, nrows, packed, act, ntok, out, ldo })
+        pick(dtype, kernels::<true, true>())(Tile { w, nrows, packed, act, sums, ntok, out, ldo })
     }
 
     /// A tile kernel set as the tests and the benchmark call it.
     #[cfg(test)]
-    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, bool, &[Q8Block], usize, &mut [f32], usize);
+    pub(super) type Gemm = unsafe fn(DType, &[u8], usize, bool, &[Q8Block], &[i32], usize, &mut [f32], usize);
 
     /// Every x86 tile kernel set the CPU runs, by name.
     #[cfg(test)]
@@ -2157,7 +2160,7 @@ mod tests {
             v.push((
                 format!("{level:?}"),
                 Box::new(move |dtype, w, nrows, act, ntok, out, ldo| {
-                    gemm(level, dtype, w, nrows, Layout::Rows, act, ntok, out, ldo)
+                    gemm(level, dtype, w, nrows, Layout::Rows, act, &[], ntok, out, ldo)
                 }),
             ));
         }
@@ -2167,7 +2170,7 @@ mod tests {
                 format!("{level:?} interleaved"),
                 Box::new(move |dtype, w, nrows, act, ntok, out, ldo| {
                     let packed = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
-                    gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, ntok, out, ldo)
+                    gemm(level, dtype, &packed, nrows, Layout::Interleaved, act, &[], ntok, out, ldo)
                 }),
             ));
         }
@@ -2181,9 +2184,9 @@ mod tests {
                     Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
                         if packed {
                             let p = crate::dot::interleave(dtype, nrows, act.len() / ntok * 32, w);
-                            f(dtype, &p, nrows, true, act, ntok, out, ldo)
+                            f(dtype, &p, nrows, true, act, &crate::act::neg_sums(act), ntok, out, ldo)
                         } else {
-                            f(dtype, w, nrows, false, act, ntok, out, ldo)
+                            f(dtype, w, nrows, false, act, &[], ntok, out, ldo)
                         }
                     }),
                 ));
@@ -2455,7 +2458,7 @@ mod tests {
                     // SAFETY: `variants` lists only what the CPU runs; shapes are whole tiles,
                     // in the layout `packed` says.
                     Box::new(move |dtype, w, nrows, act, ntok, out, ldo| unsafe {
-                        f(dtype, w, nrows, packed, act, ntok, out, ldo)
+                        f(dtype, w, nrows, packed, act, &[], ntok, out, ldo)
                     }),
                     packed,
                 ));

@@ -60,9 +60,10 @@ pub fn dot_f32(level: SimdLevel, dtype: DType, row: &[u8], x: &[f32]) -> f32 {
 /// `w` holds `nrows` stored rows of `dtype` in `layout`: consecutive rows (`w.len() / nrows`
 /// bytes each), or whole 16-row groups of the interleaved layout ([`interleave`]), which gives
 /// bitwise the same outputs. `act` holds `ntok` tokens' activations, token-major
-/// (`act.len() / ntok` blocks each, the row's width / 32). Each output is bitwise independent of
-/// `nrows`, `ntok` and its place in the tile (see the module docs); it may differ from
-/// [`dot_q8`] in the last bits.
+/// (`act.len() / ntok` blocks each, the row's width / 32), and `sums` their
+/// [`crate::act::neg_sums`] (or nothing: the legacy formats' kernels then compute the ones
+/// they need per call). Each output is bitwise independent of `nrows`, `ntok` and its place in
+/// the tile (see the module docs); it may differ from [`dot_q8`] in the last bits.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_q8(
     level: SimdLevel,
@@ -71,6 +72,7 @@ pub fn gemm_q8(
     nrows: usize,
     layout: Layout,
     act: &[Q8Block],
+    sums: &[i32],
     ntok: usize,
     out: &mut [f32],
     ldo: usize,
@@ -88,7 +90,7 @@ pub fn gemm_q8(
         | DType::Q8_0
         | DType::INT8
         | DType::INT4
-        | DType::NF4 => legacy::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo),
+        | DType::NF4 => legacy::gemm(level, dtype, w, nrows, layout, act, sums, ntok, out, ldo),
         DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => {
             kquants::gemm(level, dtype, w, nrows, layout, act, ntok, out, ldo)
         }

@@ -258,7 +258,7 @@ mod tests {
             for level in SimdLevel::available() {
                 for (layout, w) in [(Layout::Rows, &row), (Layout::Interleaved, &packed)] {
                     let mut out = [0f32];
-                    super::super::gemm_q8(level, dtype, w, 1, layout, &act, 1, &mut out, 1);
+                    super::super::gemm_q8(level, dtype, w, 1, layout, &act, &[], 1, &mut out, 1);
                     let got = out[0] as f64;
                     assert!((got - want).abs() <= 1e-6 * want.abs(), "{dtype} {level:?} {layout:?}: {got} vs {want}");
                 }
