@@ -2170,22 +2170,21 @@ pub(crate) mod tiled {
         }
     }
 
-    /// Fewest tokens for which [`drive`] takes two row groups at a time: with 8, Q6_K paired
-    /// was no faster than alone (3072 x 1024, one thread, AVX-512 VNNI: 75 vs 75 GMAC/s), with
-    /// 16 a little (97 vs 94), with 64 much (125-127 vs 108-112).
-    const PAIR_MIN_TOKENS: usize = 16;
-
-    /// As [`PAIR_MIN_TOKENS`] for Q4_K: a batched decode step of 16 sequences (Qwen3-0.6B
-    /// shape, its matrices read from memory) ran 485 -> 430 tok/s with Q4_K's groups paired
-    /// (`pio bench --batch 16`), 490 with 4-token tiles alone.
-    const Q4K_PAIR_MIN_TOKENS: usize = 32;
+    /// Fewest tokens for which [`drive`] takes two row groups at a time. From 16, a batched
+    /// decode step of 16 sequences (Qwen3-0.6B shape, its matrices read from memory, not from
+    /// L2) lost to it: Q4_K's groups paired ran it 485 -> 430 tok/s (`pio bench --batch 16`),
+    /// Q6_K's (a third of such a step is its 151936-row LM head) 547 -> 445 on Zen 5 (5
+    /// alternated rounds, medians; 562 with Q6_K's single groups in 4-token tiles instead of 8).
+    /// One thread, 3072 x 1024 from L2, Q6_K paired by 64 tokens ran 125-127 GMAC/s against
+    /// 108-112 alone.
+    const PAIR_MIN_TOKENS: usize = 32;
 
     /// The whole tile: row groups of 16, token chunks of [`TOKENS`], super-blocks in order, and
     /// register tiles of `TT` tokens (then single tokens). With `TT2` > 0 and at least
     /// [`PAIR_MIN_TOKENS`] tokens, two row groups go together in register tiles of `TT2` tokens,
     /// so each activation broadcast serves 32 rows (as the legacy formats' walk does). The
     /// AVX-512 VNNI kernel pairs Q6_K's groups (4 tokens per register tile; 2, 3 and 6 measured
-    /// slower) and Q4_K's from [`Q4K_PAIR_MIN_TOKENS`] (2 tokens: see [`gemm_avx512_vnni`]).
+    /// slower) and Q4_K's (2 tokens: see [`gemm_avx512_vnni`]).
     #[inline(always)]
     unsafe fn drive<S: Isa, M: Mat, const FMT: u8, const TT: usize, const TT2: usize>(
         m: M,
@@ -2197,8 +2196,7 @@ pub(crate) mod tiled {
     ) {
         let mut r0 = 0;
         while r0 < nrows {
-            let pair_from = if FMT == Q4K { Q4K_PAIR_MIN_TOKENS } else { PAIR_MIN_TOKENS };
-            if TT2 > 0 && ntok >= pair_from && nrows - r0 > S::LANES {
+            if TT2 > 0 && ntok >= PAIR_MIN_TOKENS && nrows - r0 > S::LANES {
                 drive_groups::<S, M, FMT, TT2, 2>(m, r0, nrows, act, ntok, out, ldo);
                 r0 += 2 * S::LANES;
             } else {
@@ -2465,7 +2463,7 @@ pub(crate) mod tiled {
     /// As [`gemm_avx512`], with AVX-512 VNNI.
     ///
     /// Q4_K in register tiles of 4 tokens, two row groups at a time in tiles of 2 from
-    /// [`Q4K_PAIR_MIN_TOKENS`] tokens. Zen 5, 2 threads, interleaved matrices through `matmul`,
+    /// [`PAIR_MIN_TOKENS`] tokens; Q6_K in tiles of 4, paired in tiles of 4. Zen 5, 2 threads, interleaved matrices through `matmul`,
     /// GMAC/s, one process alternating the variants (medians of 9): 3072 x 1024 by 64 tokens
     /// 497 with 8-token tiles, 547 with 4, 582 paired by 2 (570 by 3, 344 by 4: spilling);
     /// 9728 x 2560 by 512: 536 / 608 / 642; 2560 x 9728 by 512: 420 / 513 / 553; 4096 x 2560
@@ -2486,7 +2484,7 @@ pub(crate) mod tiled {
         if is_one_token(dtype, ntok) {
             return one_avx512_vnni(dtype, w, nrows, interleaved, act, out);
         }
-        with_layout::<Zmm<true>, 4, 2, 8, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
+        with_layout::<Zmm<true>, 4, 2, 4, 4>(dtype, w, nrows, interleaved, act, ntok, out, ldo)
     }
 
     /// A tiled kernel: `(dtype, w, nrows, interleaved, act, ntok, out, ldo)`.
