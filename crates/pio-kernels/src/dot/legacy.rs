@@ -873,7 +873,8 @@ mod tile_x86 {
         // each of two passes a group's walk apart (Q8_0 through VNNI excepted: measured no
         // faster). Many tokens, whose blocks come from L2, keep one half at a time.
         let halves = packed && N < crate::dot::GROUP_ROWS && ntok < PAIR_MIN_TOKENS && !(KIND == VNNI && F::BYTES);
-        let pairs = (KIND == VNNI && ntok >= PAIR_MIN_TOKENS) || halves;
+        let pair_from = if N == crate::dot::GROUP_ROWS { WIDE_PAIR_MIN_TOKENS } else { PAIR_MIN_TOKENS };
+        let pairs = (KIND == VNNI && ntok >= pair_from) || halves;
         let nta = ntok == 1 && crate::cpu::one_token_prefetch_nta();
         let walk = Walk { w, packed, act, ntok, nb, sums, nta };
         // The accumulators of a token chunk, for one group and for the second of a pair; only
@@ -915,6 +916,16 @@ mod tile_x86 {
     /// Fewest tokens for which [`walk`] takes two row groups at a time: one or two tokens have
     /// few broadcasts to share, and a single group prefetches ahead more evenly.
     const PAIR_MIN_TOKENS: usize = 4;
+
+    /// As [`PAIR_MIN_TOKENS`] for the AVX-512 `vpdpbusd` walk (16-row vectors) of Q8_0, and of
+    /// the nibble formats below [`TILED_MIN_TOKENS`]. A batched decode step of 16 sequences
+    /// reads its matrices from memory, and there two groups at a time lost, as the K formats'
+    /// pairs did (`kquants::tiled`): Qwen3-0.6B-shaped Q8_0, `pio bench --batch 16
+    /// --prompt-tokens 100 --gen-tokens 48`, Zen 5, alternated rounds, medians 389 tok/s paired
+    /// from 4 tokens, 437 from 32 (8 rounds); 408 against 458 (4 more). AVX-VNNI's 8-row walk
+    /// kept its pairs from 4 (from 32 it measured 235 against 240). Prefill chunks of 64
+    /// tokens, read from L2, keep the pairs.
+    const WIDE_PAIR_MIN_TOKENS: usize = 32;
 
     /// What every group of a [`walk`] shares.
     struct Walk<'a> {
