@@ -106,9 +106,9 @@ fn quantize_q8_generic(x: &[f32], out: &mut [Q8Block]) {
 }
 
 /// `−Σ qs` of every block: with an offset `o`, `Σ (q_w − o)·q_a = Σ q_w·q_a − o·Σ q_a`, so the
-/// tile kernels of formats whose stored quants carry an offset (Q4_0, Q5_0, and Q8_0 made
-/// unsigned for `vpdpbusd`) start each block's exact integer sum from `o` times this.
-/// [`crate::matmul`] computes them once per call and input, for all the threads' tiles.
+/// `vpdpbusd` tiles of the whole-byte formats (Q8_0, INT8, NF4, their bytes made unsigned by
+/// adding `o` = 128) start each block's exact integer sum from `o` times this.
+/// [`crate::matmul`] computes them once per product and input, for all the threads' tiles.
 pub fn neg_sums(blocks: &[Q8Block]) -> Vec<i32> {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::level() >= crate::cpu::SimdLevel::Avx2 {

@@ -2463,12 +2463,13 @@ pub(crate) mod tiled {
     /// As [`gemm_avx512`], with AVX-512 VNNI.
     ///
     /// Q4_K in register tiles of 4 tokens, two row groups at a time in tiles of 2 from
-    /// [`PAIR_MIN_TOKENS`] tokens; Q6_K in tiles of 4, paired in tiles of 4. Zen 5, 2 threads, interleaved matrices through `matmul`,
-    /// GMAC/s, one process alternating the variants (medians of 9): 3072 x 1024 by 64 tokens
-    /// 497 with 8-token tiles, 547 with 4, 582 paired by 2 (570 by 3, 344 by 4: spilling);
-    /// 9728 x 2560 by 512: 536 / 608 / 642; 2560 x 9728 by 512: 420 / 513 / 553; 4096 x 2560
-    /// by 16: 471 / 522 / 529. Eight tokens' accumulators, with the float steps' operands, had
-    /// spilled to the stack (64 stores a super-block); 5 tokens measured as 4, 6 as 8.
+    /// [`PAIR_MIN_TOKENS`] tokens; Q6_K in tiles of 4, paired in tiles of 4. For Q4_K (Zen 5,
+    /// 2 threads, interleaved matrices through `matmul`, GMAC/s, one process alternating the
+    /// variants, medians of 9): 3072 x 1024 by 64 tokens 497 with 8-token tiles, 547 with 4,
+    /// 582 paired by 2 (570 by 3, 344 by 4: spilling); 9728 x 2560 by 512: 536 / 608 / 642;
+    /// 2560 x 9728 by 512: 420 / 513 / 553; 4096 x 2560 by 16: 471 / 522 / 529. Eight tokens'
+    /// accumulators, with the float steps' operands, had spilled to the stack (64 stores a
+    /// super-block); 5 tokens measured as 4, 6 as 8.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn gemm_avx512_vnni(
