@@ -1495,6 +1495,9 @@ pub(crate) mod tiled {
             if self.fixed {
                 for _ in 0..self.per {
                     _mm_prefetch::<H>(self.next as *const i8);
+                    if H == _MM_HINT_NTA {
+                        _mm_prefetch::<_MM_HINT_T1>(self.next.wrapping_add(FAR_AHEAD) as *const i8);
+                    }
                     self.next = self.next.wrapping_add(64);
                 }
                 return;
@@ -1513,6 +1516,23 @@ pub(crate) mod tiled {
     /// Qwen3-0.6B-shaped Q4_K_M 15-25% faster than 1 or 2 and as fast as 6-12, at both ISAs
     /// (2 threads, Sapphire Rapids), and 8 was no better than 4 with the L2 hint.
     const PREFETCH_BLOCKS: usize = 4;
+
+    /// How far past each line the one-token walk asks for non-temporally it also asks for a
+    /// line into L2 (`_MM_HINT_T1`), where it prefetches non-temporally at all: the L1 requests
+    /// then mostly find their lines in L2, and the core keeps more of memory's latency covered
+    /// than its few L1 fill buffers allow. Zen 5, products of a Qwen3-0.6B-shaped Q4_K_M step
+    /// alone (`decode_products 2 6`, AVX-512, the level chosen per call; runs alternated with
+    /// the build before): memory loaded (probe 46-48 GB/s) all products 31.3-37.5 -> 37.6-39.7
+    /// GB/s, LM head (Q6_K) 29.5-33.8 -> 34.2-37.6; memory free (probe 75-78) all 38.0-52.3
+    /// -> 44.7-51.5, LM head 47.1-52.1 -> 56.9-57.4; 4096 bytes measured as 8192, 12288 and
+    /// more slower. At AVX2 alone no change (40-47 GB/s either way), so the one-token products
+    /// at AVX-512 now run at that level more often (`pio_kernels::adapt`: 11% -> 65% of the
+    /// calls). Whole decode, Qwen3-4B-shaped Q4_K_M (`pio bench --prompt-tokens 16
+    /// --gen-tokens 128`, memory loaded): 17.0 / 15.6 / 17.0 -> 17.3 / 16.8 / 17.6 tok/s;
+    /// Qwen3-0.6B-shaped: no change beyond the noise (88-103 tok/s either way). The legacy
+    /// formats' one-token walk measured slower with it (Q8_0 with memory free, 67-68 -> 58-61
+    /// GB/s) and does without.
+    const FAR_AHEAD: usize = 8192;
 
     /// GGML's layout: row `r` at `w + r·rb`, super-blocks of `bb` bytes.
     #[derive(Clone, Copy)]
