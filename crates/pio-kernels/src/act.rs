@@ -152,17 +152,28 @@ unsafe fn neg_sums_avx2(blocks: &[Q8Block]) -> Vec<i32> {
 pub fn quantize_q8_vec(x: &[f32]) -> Vec<Q8Block> {
     let blocks = x.len() / 32;
     // One vector the threads fill in place (a vector per thread, then a copy into one, cost 1-2%
-    // of a SmolLM2 prefill).
-    let mut out = vec![Q8Block::default(); blocks];
+    // of a SmolLM2 prefill). Each thread initializes its own range just before quantizing into
+    // it: filled with defaults up front, on the calling thread alone while the others waited,
+    // it took 1.3% of a Qwen2.5-Coder-0.5B prefill.
+    let mut out: Vec<Q8Block> = Vec::with_capacity(blocks);
     let shared = SharedBlocks(out.as_mut_ptr(), blocks);
     crate::parallel::for_each_range(blocks, x.len() * 4, |b0, b1| {
         let shared = &shared;
         assert!(b0 <= b1 && b1 <= shared.1);
-        // SAFETY: `out` is borrowed mutably for the whole split (which returns before it is used
-        // again), `b0..b1` lies inside it (asserted), and the ranges of the split are disjoint.
-        let part = unsafe { std::slice::from_raw_parts_mut(shared.0.add(b0), b1 - b0) };
+        // SAFETY: `out`'s capacity is `blocks`, which `b0..b1` lies inside (asserted); the ranges
+        // of the split are disjoint and the vector is not touched otherwise until the split
+        // returns; every block of the range is written before the slice over it is made.
+        let part = unsafe {
+            let p = shared.0.add(b0);
+            for i in 0..b1 - b0 {
+                p.add(i).write(Q8Block::default());
+            }
+            std::slice::from_raw_parts_mut(p, b1 - b0)
+        };
         quantize_q8(&x[b0 * 32..b1 * 32], part);
     });
+    // SAFETY: the ranges of the split cover `0..blocks`, each block written above.
+    unsafe { out.set_len(blocks) };
     out
 }
 
