@@ -1523,11 +1523,11 @@ pub(crate) mod tiled {
     /// than its few L1 fill buffers allow. Zen 5, products of a Qwen3-0.6B-shaped Q4_K_M step
     /// alone (`decode_products 2 6`, AVX-512, the level chosen per call; runs alternated with
     /// the build before): memory loaded (probe 46-48 GB/s) all products 31.3-37.5 -> 37.6-39.7
-    /// GB/s, LM head (Q6_K) 29.5-33.8 -> 34.2-37.6; memory free (probe 75-78) all 38.0-52.3
+    /// GB/s, LM head (Q6_K) 29.5-33.8 -> 34.2-39.1; memory free (probe 75-78) all 38.0-52.3
     /// -> 44.7-51.5, LM head 47.1-52.1 -> 56.9-57.4; 4096 bytes measured as 8192, 12288 and
-    /// more slower. At AVX2 alone no change (40-47 GB/s either way), so the one-token products
-    /// at AVX-512 now run at that level more often (`pio_kernels::adapt`: 11% -> 65% of the
-    /// calls). Whole decode, Qwen3-4B-shaped Q4_K_M (`pio bench --prompt-tokens 16
+    /// more no faster. At AVX2 alone no change (40-47 GB/s either way); at AVX-512 the per-call
+    /// choice (`pio_kernels::adapt`) now takes the AVX-512 kernels for 59-74% of the calls
+    /// (6-17% before). Whole decode, Qwen3-4B-shaped Q4_K_M (`pio bench --prompt-tokens 16
     /// --gen-tokens 128`, memory loaded): 17.0 / 15.6 / 17.0 -> 17.3 / 16.8 / 17.6 tok/s;
     /// Qwen3-0.6B-shaped: no change beyond the noise (88-103 tok/s either way). The legacy
     /// formats' one-token walk measured slower with it (Q8_0 with memory free, 67-68 -> 58-61
