@@ -204,6 +204,20 @@ mod tests {
     }
 
     #[test]
+    fn split_quantization_matches_one_range() {
+        // Long enough for every thread of a pool of three to take a range (with a remainder):
+        // each range is initialized and filled by its own thread.
+        let x: Vec<f32> = (0..32 * 3001).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+        let mut one = vec![Q8Block::default(); x.len() / 32];
+        quantize_q8(&x, &mut one);
+        let split = crate::parallel::ThreadPool::new(3).install(|| quantize_q8_vec(&x));
+        assert_eq!(split.len(), one.len());
+        for (a, b) in split.iter().zip(&one) {
+            assert_eq!((a.d.to_bits(), a.s.to_bits(), a.qs), (b.d.to_bits(), b.s.to_bits(), b.qs));
+        }
+    }
+
+    #[test]
     fn neg_sums_are_the_negated_quant_sums() {
         // Extremes (every quant ±127) and a tail past the last whole group of four blocks.
         for n in [0usize, 1, 4, 7, 9] {
