@@ -115,7 +115,12 @@ pub fn neg_sums(blocks: &[Q8Block]) -> Vec<i32> {
         // SAFETY: the level only names features the CPU has.
         return unsafe { neg_sums_avx2(blocks) };
     }
-    blocks.iter().map(|b| -b.qs.iter().map(|&q| q as i32).sum::<i32>()).collect()
+    blocks.iter().map(neg_sum).collect()
+}
+
+/// `−Σ qs` of one block.
+fn neg_sum(b: &Q8Block) -> i32 {
+    -b.qs.iter().map(|&q| q as i32).sum::<i32>()
 }
 
 /// [`neg_sums`] in AVX2 (the same exact integers).
@@ -142,7 +147,7 @@ unsafe fn neg_sums_avx2(blocks: &[Q8Block]) -> Vec<i32> {
         _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, _mm_sub_epi32(_mm_set1_epi32(32 * 128), s));
     }
     for (a, o) in tail.iter().zip(out_tail) {
-        *o = -a.qs.iter().map(|&q| q as i32).sum::<i32>();
+        *o = neg_sum(a);
     }
     out
 }

@@ -246,9 +246,10 @@ fn scalar_blocks<const BB: usize>(
 /// `−128·Σ a` starts each block's integer sum, from `−Σ a` summed once per activation block and
 /// product ([`crate::act::neg_sums`], which `matmul` passes to every tile; a tile called without
 /// them sums the blocks itself). Without VNNI, Q8_0's full-range bytes would overflow the i16
-/// pair sums that way; its weight sign moves onto the activation instead (`|w|·(sign(w)·a)`), and for one or two tokens it skips
-/// the transpose (multiplying rows in place and reducing them with a few shuffles is cheaper
-/// when a block serves a single token; the sums, being exact, are the same).
+/// pair sums that way; its weight sign moves onto the activation instead (`|w|·(sign(w)·a)`),
+/// and for one or two tokens it skips the transpose (multiplying rows in place and reducing
+/// them with a few shuffles is cheaper when a block serves a single token; the sums, being
+/// exact, are the same).
 ///
 /// **INT8, INT4 and NF4** (the formats quantized at load, [`crate::dot::nongguf`]) run on the
 /// same tiles, over their interleaved layout only (rows are rearranged per call): INT4 as Q4_0
