@@ -620,6 +620,17 @@ pub(crate) mod tiled {
         unsafe fn f16_load(p: *const u16) -> Self::F;
         /// Σ of the four unsigned bytes of each lane.
         unsafe fn hsum_bytes(v: Self::I) -> Self::I;
+        /// Whether [`Isa::nibble_dot8`] is this ISA's own: the one-token Q4_K walk then reads the
+        /// interleaved layout's columns through it instead of [`Isa::dot_cols`].
+        const NIBBLE_DOT: bool = false;
+        /// Σ over the 8 columns at `p`, `p + 64`, ... (one Q8Block's, in the interleaved layout)
+        /// of the products of their low nibbles (`HI`: high nibbles), unsigned, with the four
+        /// signed bytes at `a + 4g` broadcast: the same sums as masking the columns and
+        /// [`Isa::dot_cols`]`::<8, 8, false>` from zero.
+        #[inline(always)]
+        unsafe fn nibble_dot8<const HI: bool>(_p: *const u8, _a: *const u8) -> Self::I {
+            unreachable!("only where NIBBLE_DOT")
+        }
         /// `init + Σ_g` over `N` groups of (the four byte products of column `cols[g]` with the
         /// four bytes at `a + 4g`, broadcast): weights unsigned and activations signed,
         /// or the other way round with `FLIP`. The non-VNNI form sums `I16` groups of
@@ -1142,6 +1153,127 @@ pub(crate) mod tiled {
     /// registers for a 16-dword transpose (AVX2 has 16).
     struct Ymm8<const VNNI: bool>;
 
+    /// [`Isa::nibble_dot8`] at AVX2 without VNNI, in assembly: each column is masked (and
+    /// shifted) straight from memory, multiplied and added in i16 as it comes, so the walk holds
+    /// 7 registers where the intrinsics held the 8 columns, the mask and the header's factors
+    /// in AVX2's 16 and spilled (about 190 stack accesses a super-block of 16 rows, beside 128
+    /// `pmaddubsw`), or, with the columns and the mask hidden from LLVM to stop that, went
+    /// through the stack for them. The i16 sums cannot wrap: 8 columns of pairs of at most
+    /// 15·128 each. Zen 5 at `PIO_SIMD=avx2`, binaries before and after alternated: the
+    /// products of a Qwen3-0.6B-shaped Q4_K_M decode step alone (`decode_products 1 20`) 24.8 /
+    /// 25.9 / 25.3 -> 28.4 / 29.0 / 28.7 GB/s on one thread (2 threads, memory-bound: 41.8-43.3
+    /// -> 42.8-43.9); whole decode on one thread (`pio bench --threads 1 --gen-tokens 64`)
+    /// Qwen3-0.6B-shaped Q4_K_M 65.8 / 60.9 / 64.3 -> 69.3 / 70.5 / 68.0 tok/s, Qwen3-4B-shaped
+    /// 10.6 / 10.9 / 10.4 -> 11.5 / 11.7 / 11.7.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn nibble_dot8_avx2<const HI: bool>(p: *const u8, a: *const u8) -> __m256i {
+        // The low nibbles masked, the high ones masked and shifted (as 16-bit lanes: the masks
+        // keep bits from crossing bytes), straight from memory (VEX has no memory form of a
+        // shift by an immediate; EVEX's needs AVX-512).
+        let mask = _mm256_set1_epi8(if HI { 0xF0u8 as i8 } else { 0x0F });
+        let ones = _mm256_set1_epi16(1);
+        let out: __m256i;
+        // Two columns at a time: mask (shift) both, broadcast both activations, multiply both,
+        // add both to the i16 sum.
+        macro_rules! nibble_asm {
+            ($($load:literal),*) => {
+                std::arch::asm!(
+                    $($load,)*
+                    "vpmaddwd {acc}, {acc}, {ones}",
+                    p = in(reg) p,
+                    a = in(reg) a,
+                    m = in(ymm_reg) mask,
+                    ones = in(ymm_reg) ones,
+                    acc = out(ymm_reg) out,
+                    t0 = out(ymm_reg) _,
+                    t1 = out(ymm_reg) _,
+                    b0 = out(ymm_reg) _,
+                    b1 = out(ymm_reg) _,
+                    options(pure, readonly, nostack, preserves_flags),
+                )
+            };
+        }
+        if HI {
+            nibble_asm!(
+                "vpand {t0}, {m}, ymmword ptr [{p}]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 64]",
+                "vpsrlw {t0}, {t0}, 4",
+                "vpsrlw {t1}, {t1}, 4",
+                "vpbroadcastd {b0}, dword ptr [{a}]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
+                "vpmaddubsw {acc}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t1}",
+                "vpand {t0}, {m}, ymmword ptr [{p} + 128]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 192]",
+                "vpsrlw {t0}, {t0}, 4",
+                "vpsrlw {t1}, {t1}, 4",
+                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
+                "vpmaddubsw {t0}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t0}",
+                "vpaddw {acc}, {acc}, {t1}",
+                "vpand {t0}, {m}, ymmword ptr [{p} + 256]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 320]",
+                "vpsrlw {t0}, {t0}, 4",
+                "vpsrlw {t1}, {t1}, 4",
+                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
+                "vpmaddubsw {t0}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t0}",
+                "vpaddw {acc}, {acc}, {t1}",
+                "vpand {t0}, {m}, ymmword ptr [{p} + 384]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 448]",
+                "vpsrlw {t0}, {t0}, 4",
+                "vpsrlw {t1}, {t1}, 4",
+                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
+                "vpmaddubsw {t0}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t0}",
+                "vpaddw {acc}, {acc}, {t1}"
+            );
+        } else {
+            nibble_asm!(
+                "vpand {t0}, {m}, ymmword ptr [{p}]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 64]",
+                "vpbroadcastd {b0}, dword ptr [{a}]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
+                "vpmaddubsw {acc}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t1}",
+                "vpand {t0}, {m}, ymmword ptr [{p} + 128]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 192]",
+                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
+                "vpmaddubsw {t0}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t0}",
+                "vpaddw {acc}, {acc}, {t1}",
+                "vpand {t0}, {m}, ymmword ptr [{p} + 256]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 320]",
+                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
+                "vpmaddubsw {t0}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t0}",
+                "vpaddw {acc}, {acc}, {t1}",
+                "vpand {t0}, {m}, ymmword ptr [{p} + 384]",
+                "vpand {t1}, {m}, ymmword ptr [{p} + 448]",
+                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
+                "vpmaddubsw {t0}, {t0}, {b0}",
+                "vpmaddubsw {t1}, {t1}, {b1}",
+                "vpaddw {acc}, {acc}, {t0}",
+                "vpaddw {acc}, {acc}, {t1}"
+            );
+        }
+        out
+    }
+
     impl<const VNNI: bool> Ymm8<VNNI> {
         /// `s` plus the byte products of `wv` with `av` (weights unsigned and activations signed,
         /// or the other way round with `FLIP`): in i32 with VNNI, else as `pmaddubsw` i16 pairs.
@@ -1277,6 +1409,11 @@ pub(crate) mod tiled {
                 _mm256_add_epi32(sum, _mm256_madd_epi16(s, _mm256_set1_epi16(1)))
             }
         }
+        const NIBBLE_DOT: bool = !VNNI;
+        #[inline(always)]
+        unsafe fn nibble_dot8<const HI: bool>(p: *const u8, a: *const u8) -> Self::I {
+            nibble_dot8_avx2::<HI>(p, a)
+        }
         #[inline(always)]
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
             init: Self::I,
@@ -1338,6 +1475,10 @@ pub(crate) mod tiled {
         unsafe fn cols4<S: Isa>(self, off: usize) -> [S::I; 4];
         /// The f16 at byte `off` of each row (the low half of its dword), as f32.
         unsafe fn f16<S: Isa>(self, off: usize) -> S::F;
+        /// Where [`Src::RELOAD`]: the first of the columns of dwords `off / 4 ..` (64 bytes apart).
+        unsafe fn col_ptr<S: Isa>(self, _off: usize) -> *const u8 {
+            unreachable!("columns in memory only where RELOAD")
+        }
     }
 
     /// Rows in GGML's layout, each through its own pointer, transposed on the fly.
@@ -1416,6 +1557,10 @@ pub(crate) mod tiled {
         #[inline(always)]
         unsafe fn f16<S: Isa>(self, off: usize) -> S::F {
             S::f16_load((self.block.add(ROWS * off) as *const u16).add(self.lane))
+        }
+        #[inline(always)]
+        unsafe fn col_ptr<S: Isa>(self, off: usize) -> *const u8 {
+            self.block.add(ROWS * off + 4 * self.lane)
         }
     }
 
@@ -1941,7 +2086,7 @@ pub(crate) mod tiled {
         q: &[S::I; 8],
         j0: usize,
         e: usize,
-        (sc, m, d, dmin): &K4Header<S>,
+        h: &K4Header<S>,
         a: *const Q8Block,
         v: &mut S::F,
         pf: &mut Prefetch<H>,
@@ -1960,8 +2105,30 @@ pub(crate) mod tiled {
         for c in cols.iter_mut() {
             *c = S::and(if e == 0 { *c } else { S::srl(*c, 4) }, m4);
         }
+        let i = S::dot_cols::<8, 8, false>(S::zero_i(), &cols, (*a.add(j)).qs.as_ptr() as *const u8);
+        one_q4k_sum::<S>(i, j, h, a, v);
+    }
+
+    /// [`one_q4k_nibbles`] through [`Isa::nibble_dot8`]: the columns of Q8Block `j0 + e` from
+    /// `p`, the interleaved layout's.
+    #[inline(always)]
+    unsafe fn one_q4k_nibbles_at<S: Isa, const H: i32, const HI: bool>(
+        p: *const u8,
+        j: usize,
+        h: &K4Header<S>,
+        a: *const Q8Block,
+        v: &mut S::F,
+        pf: &mut Prefetch<H>,
+    ) {
+        pf.some();
+        let i = S::nibble_dot8::<HI>(p, (*a.add(j)).qs.as_ptr() as *const u8);
+        one_q4k_sum::<S>(i, j, h, a, v);
+    }
+
+    /// Adds Q8Block `j`'s integer sums `i` to `v`, with the float steps of [`compute_k4`].
+    #[inline(always)]
+    unsafe fn one_q4k_sum<S: Isa>(i: S::I, j: usize, (sc, m, d, dmin): &K4Header<S>, a: *const Q8Block, v: &mut S::F) {
         let b = &*a.add(j);
-        let i = S::dot_cols::<8, 8, false>(S::zero_i(), &cols, b.qs.as_ptr() as *const u8);
         let (dsc, dmm) = k4_factor::<S>(sc, m, *d, *dmin, j);
         *v = S::fma(S::cvt(i), S::mul(dsc, S::set1_f(b.d)), *v);
         *v = S::fnmadd(dmm, S::set1_f(b.s), *v);
@@ -1998,7 +2165,11 @@ pub(crate) mod tiled {
                 // activation broadcasts ahead of the products and kept them, and columns, on
                 // the stack.
                 let (src, a) = (src.opaque(), crate::dot::opaque(a));
-                if R::RELOAD {
+                if R::RELOAD && S::NIBBLE_DOT {
+                    let p = src.col_ptr::<S>(16 + 32 * k);
+                    one_q4k_nibbles_at::<S, H, false>(p, 2 * k, &h, a, v, pf);
+                    one_q4k_nibbles_at::<S, H, true>(p, 2 * k + 1, &h, a, v, pf);
+                } else if R::RELOAD {
                     // The high nibbles from a second load of the columns (from L1), so the
                     // first load's 8 registers are free after the low nibbles' products: held
                     // for both, they spilled the masks and the factors. Decode streaming 23 MiB
