@@ -620,16 +620,31 @@ pub(crate) mod tiled {
         unsafe fn f16_load(p: *const u16) -> Self::F;
         /// Σ of the four unsigned bytes of each lane.
         unsafe fn hsum_bytes(v: Self::I) -> Self::I;
-        /// Whether [`Isa::nibble_dot8`] is this ISA's own: the one-token Q4_K walk then reads the
-        /// interleaved layout's columns through it instead of [`Isa::dot_cols`].
-        const NIBBLE_DOT: bool = false;
+        /// Whether [`Isa::nibble_dot8`] and [`Isa::q6k_dot8`] are this ISA's own: the one-token
+        /// Q4_K and Q6_K walks then read the interleaved layout's columns through them instead
+        /// of [`Isa::dot_cols`].
+        const ASM_ONE_TOKEN: bool = false;
         /// Σ over the 8 columns at `p`, `p + 64`, ... (one Q8Block's, in the interleaved layout)
         /// of the products of their low nibbles (`HI`: high nibbles), unsigned, with the four
         /// signed bytes at `a + 4g` broadcast: the same sums as masking the columns and
         /// [`Isa::dot_cols`]`::<8, 8, false>` from zero.
         #[inline(always)]
         unsafe fn nibble_dot8<const HI: bool>(_p: *const u8, _a: *const u8) -> Self::I {
-            unreachable!("only where NIBBLE_DOT")
+            unreachable!("only where ASM_ONE_TOKEN")
+        }
+        /// Q6_K's Q8Block `k` (0..4) of a 128-weight half: its 8 re-encoded columns
+        /// ([`q6k_col`]) from the `ql` columns at `ql`, `ql + 64`, ... and the `qh` ones at `qh`,
+        /// ..., times the four signed bytes at `a + 4g`: `(lo + Σ_{g<4}, hi + Σ_{g≥4})`, the sums
+        /// of [`Isa::dot_cols`]`::<4, 2, false>` from `lo` and `hi`.
+        #[inline(always)]
+        unsafe fn q6k_dot8<const K: usize>(
+            _ql: *const u8,
+            _qh: *const u8,
+            _a: *const u8,
+            _lo: Self::I,
+            _hi: Self::I,
+        ) -> (Self::I, Self::I) {
+            unreachable!("only where ASM_ONE_TOKEN")
         }
         /// `init + Σ_g` over `N` groups of (the four byte products of column `cols[g]` with the
         /// four bytes at `a + 4g`, broadcast): weights unsigned and activations signed,
@@ -1151,6 +1166,232 @@ pub(crate) mod tiled {
     /// Columns of 8 rows in one register (a 16-row group is two of them), for the one-token
     /// kernels, which unpack and multiply in registers, where 16-row columns would need 32
     /// registers for a 16-dword transpose (AVX2 has 16).
+    /// [`Isa::q6k_dot8`] at AVX2 without VNNI, in assembly, for the reason of
+    /// [`nibble_dot8_avx2`] (the intrinsics' walk went to the stack about 270 times a
+    /// super-block of 16 rows). Each column is built from memory: `ql & 0x3F` for `K` < 2,
+    /// else the nibble of `qh` (`qh & 0x0F`, or `(qh & 0xF0) >> 4`) or'ed with `(ql & 0xC0) >>
+    /// 2` (each mask first, so no bit crosses a byte in the 32-bit shifts). Two columns' products
+    /// (at most 2·63·128 each) are summed in i16, then widened. Zen 5 at `PIO_SIMD=avx2`, one
+    /// thread, alternated with the build before: the Q6_K LM head of `decode_products 1 12`
+    /// 29.4 / 29.1 / 27.3 -> 32.4 / 31.5 / 31.3 GB/s; whole decode (`pio bench --threads 1
+    /// --gen-tokens 64`) Qwen3-0.6B-shaped Q4_K_M 67.6 / 68.8 / 69.9 -> 70.2 / 72.9 / 77.0 tok/s,
+    /// Qwen3-4B-shaped (Q6_K for the LM head, `attn_v` and half the `ffn_down`) 11.0 / 11.3 /
+    /// 11.8 -> 12.6 / 13.0 / 13.0.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn q6k_dot8_avx2<const K: usize>(
+        ql: *const u8,
+        qh: *const u8,
+        a: *const u8,
+        lo: __m256i,
+        hi: __m256i,
+    ) -> (__m256i, __m256i) {
+        let (ma, mb) = match K {
+            0 | 1 => (0x3F, 0),
+            2 => (0x0F, 0xC0u8 as i8),
+            _ => (0xF0u8 as i8, 0xC0u8 as i8),
+        };
+        let (ma, mb, ones) = (_mm256_set1_epi8(ma), _mm256_set1_epi8(mb), _mm256_set1_epi16(1));
+        let (mut lo, mut hi) = (lo, hi);
+        macro_rules! q6k_asm {
+            ($($line:literal),*) => {
+                std::arch::asm!(
+                    $($line,)*
+                    ql = in(reg) ql,
+                    qh = in(reg) qh,
+                    a = in(reg) a,
+                    ma = in(ymm_reg) ma,
+                    mb = in(ymm_reg) mb,
+                    ones = in(ymm_reg) ones,
+                    lo = inout(ymm_reg) lo,
+                    hi = inout(ymm_reg) hi,
+                    x0 = out(ymm_reg) _,
+                    x1 = out(ymm_reg) _,
+                    y0 = out(ymm_reg) _,
+                    y1 = out(ymm_reg) _,
+                    b0 = out(ymm_reg) _,
+                    b1 = out(ymm_reg) _,
+                    options(pure, readonly, nostack, preserves_flags),
+                )
+            };
+        }
+        match K {
+            0 | 1 => q6k_asm!(
+                // (`ql` alone: the other operands are named, as each template must use them all.)
+                "/* {qh} {mb} {y0} {y1} */",
+                "vpand {x0}, {ma}, ymmword ptr [{ql}]",
+                "vpand {x1}, {ma}, ymmword ptr [{ql} + 64]",
+                "vpbroadcastd {b0}, dword ptr [{a}]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {lo}, {lo}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{ql} + 128]",
+                "vpand {x1}, {ma}, ymmword ptr [{ql} + 192]",
+                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {lo}, {lo}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{ql} + 256]",
+                "vpand {x1}, {ma}, ymmword ptr [{ql} + 320]",
+                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {hi}, {hi}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{ql} + 384]",
+                "vpand {x1}, {ma}, ymmword ptr [{ql} + 448]",
+                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {hi}, {hi}, {x0}"
+            ),
+            2 => q6k_asm!(
+                "vpand {x0}, {ma}, ymmword ptr [{qh}]",
+                "vpand {y0}, {mb}, ymmword ptr [{ql}]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 64]",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 64]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a}]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {lo}, {lo}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{qh} + 128]",
+                "vpand {y0}, {mb}, ymmword ptr [{ql} + 128]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 192]",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 192]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {lo}, {lo}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{qh} + 256]",
+                "vpand {y0}, {mb}, ymmword ptr [{ql} + 256]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 320]",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 320]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {hi}, {hi}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{qh} + 384]",
+                "vpand {y0}, {mb}, ymmword ptr [{ql} + 384]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 448]",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 448]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {hi}, {hi}, {x0}"
+            ),
+            _ => q6k_asm!(
+                "vpand {x0}, {ma}, ymmword ptr [{qh}]",
+                "vpsrld {x0}, {x0}, 4",
+                "vpand {y0}, {mb}, ymmword ptr [{ql}]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 64]",
+                "vpsrld {x1}, {x1}, 4",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 64]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a}]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {lo}, {lo}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{qh} + 128]",
+                "vpsrld {x0}, {x0}, 4",
+                "vpand {y0}, {mb}, ymmword ptr [{ql} + 128]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 192]",
+                "vpsrld {x1}, {x1}, 4",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 192]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {lo}, {lo}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{qh} + 256]",
+                "vpsrld {x0}, {x0}, 4",
+                "vpand {y0}, {mb}, ymmword ptr [{ql} + 256]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 320]",
+                "vpsrld {x1}, {x1}, 4",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 320]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {hi}, {hi}, {x0}",
+                "vpand {x0}, {ma}, ymmword ptr [{qh} + 384]",
+                "vpsrld {x0}, {x0}, 4",
+                "vpand {y0}, {mb}, ymmword ptr [{ql} + 384]",
+                "vpsrld {y0}, {y0}, 2",
+                "vpor {x0}, {x0}, {y0}",
+                "vpand {x1}, {ma}, ymmword ptr [{qh} + 448]",
+                "vpsrld {x1}, {x1}, 4",
+                "vpand {y1}, {mb}, ymmword ptr [{ql} + 448]",
+                "vpsrld {y1}, {y1}, 2",
+                "vpor {x1}, {x1}, {y1}",
+                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
+                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
+                "vpmaddubsw {x0}, {x0}, {b0}",
+                "vpmaddubsw {x1}, {x1}, {b1}",
+                "vpaddw {x0}, {x0}, {x1}",
+                "vpmaddwd {x0}, {x0}, {ones}",
+                "vpaddd {hi}, {hi}, {x0}"
+            ),
+        }
+        (lo, hi)
+    }
+
     struct Ymm8<const VNNI: bool>;
 
     /// [`Isa::nibble_dot8`] at AVX2 without VNNI, in assembly: each column is masked (and
@@ -1409,10 +1650,20 @@ pub(crate) mod tiled {
                 _mm256_add_epi32(sum, _mm256_madd_epi16(s, _mm256_set1_epi16(1)))
             }
         }
-        const NIBBLE_DOT: bool = !VNNI;
+        const ASM_ONE_TOKEN: bool = !VNNI;
         #[inline(always)]
         unsafe fn nibble_dot8<const HI: bool>(p: *const u8, a: *const u8) -> Self::I {
             nibble_dot8_avx2::<HI>(p, a)
+        }
+        #[inline(always)]
+        unsafe fn q6k_dot8<const K: usize>(
+            ql: *const u8,
+            qh: *const u8,
+            a: *const u8,
+            lo: Self::I,
+            hi: Self::I,
+        ) -> (Self::I, Self::I) {
+            q6k_dot8_avx2::<K>(ql, qh, a, lo, hi)
         }
         #[inline(always)]
         unsafe fn dot_cols<const N: usize, const I16: usize, const FLIP: bool>(
@@ -2165,7 +2416,7 @@ pub(crate) mod tiled {
                 // activation broadcasts ahead of the products and kept them, and columns, on
                 // the stack.
                 let (src, a) = (src.opaque(), crate::dot::opaque(a));
-                if R::RELOAD && S::NIBBLE_DOT {
+                if R::RELOAD && S::ASM_ONE_TOKEN {
                     let p = src.col_ptr::<S>(16 + 32 * k);
                     one_q4k_nibbles_at::<S, H, false>(p, 2 * k, &h, a, v, pf);
                     one_q4k_nibbles_at::<S, H, true>(p, 2 * k + 1, &h, a, v, pf);
@@ -2220,21 +2471,34 @@ pub(crate) mod tiled {
                     // load (see `one_q4k`), rather than hold 16 registers of them: cache-resident
                     // one-token tile 41 -> 36.5 ns per row of 1024 columns, 125 -> 114 at 3072,
                     // streaming 23 MiB 150 -> 146 (`bench_gemm_ns_per_pair`, 5 alternated runs).
-                    let (ql, qh) = if !S::WIDE && R::RELOAD && (hi == 1 || kk == 1) {
-                        (src.opaque().cols8::<S>(64 * h + 32 * kk), src.opaque().cols8::<S>(128 + 32 * h))
+                    if S::ASM_ONE_TOKEN && R::RELOAD && R::RECODED {
+                        let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
+                        let (ql, qh) = (src.col_ptr::<S>(64 * h + 32 * kk), src.col_ptr::<S>(128 + 32 * h));
+                        let (lo, hi) = (S::set1_i32(b[0] as i32), S::set1_i32(b[2] as i32));
+                        let (lo, hi) = match k {
+                            0 => S::q6k_dot8::<0>(ql, qh, q, lo, hi),
+                            1 => S::q6k_dot8::<1>(ql, qh, q, lo, hi),
+                            2 => S::q6k_dot8::<2>(ql, qh, q, lo, hi),
+                            _ => S::q6k_dot8::<3>(ql, qh, q, lo, hi),
+                        };
+                        u[k] = S::fma(S::cvt(hi), factor(2 * j + 1), S::mul(S::cvt(lo), factor(2 * j)));
                     } else {
-                        (ql, qh)
-                    };
-                    let mut cols = [S::zero_i(); 8];
-                    for g in 0..8 {
-                        cols[g] = q6k_col::<S, R>(k, ql[g], qh[g]);
+                        let (ql, qh) = if !S::WIDE && R::RELOAD && (hi == 1 || kk == 1) {
+                            (src.opaque().cols8::<S>(64 * h + 32 * kk), src.opaque().cols8::<S>(128 + 32 * h))
+                        } else {
+                            (ql, qh)
+                        };
+                        let mut cols = [S::zero_i(); 8];
+                        for g in 0..8 {
+                            cols[g] = q6k_col::<S, R>(k, ql[g], qh[g]);
+                        }
+                        let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
+                        let lo_cols: [S::I; 4] = std::array::from_fn(|g| cols[g]);
+                        let hi_cols: [S::I; 4] = std::array::from_fn(|g| cols[4 + g]);
+                        let lo = S::dot_cols::<4, 2, false>(S::set1_i32(b[0] as i32), &lo_cols, q);
+                        let hi = S::dot_cols::<4, 2, false>(S::set1_i32(b[2] as i32), &hi_cols, q.add(16));
+                        u[k] = S::fma(S::cvt(hi), factor(2 * j + 1), S::mul(S::cvt(lo), factor(2 * j)));
                     }
-                    let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
-                    let lo_cols: [S::I; 4] = std::array::from_fn(|g| cols[g]);
-                    let hi_cols: [S::I; 4] = std::array::from_fn(|g| cols[4 + g]);
-                    let lo = S::dot_cols::<4, 2, false>(S::set1_i32(b[0] as i32), &lo_cols, q);
-                    let hi = S::dot_cols::<4, 2, false>(S::set1_i32(b[2] as i32), &hi_cols, q.add(16));
-                    u[k] = S::fma(S::cvt(hi), factor(2 * j + 1), S::mul(S::cvt(lo), factor(2 * j)));
                 });
             });
             unroll!(k in [0, 1, 2, 3] {
