@@ -1397,9 +1397,9 @@ pub(crate) mod tiled {
     /// [`Isa::nibble_dot8`] at AVX2 without VNNI, in assembly: each column is masked (and
     /// shifted) straight from memory, multiplied and added in i16 as it comes, so the walk holds
     /// 7 registers where the intrinsics held the 8 columns, the mask and the header's factors
-    /// in AVX2's 16 and spilled (about 190 stack accesses a super-block of 16 rows, beside 128
-    /// `pmaddubsw`), or, with the columns and the mask hidden from LLVM to stop that, went
-    /// through the stack for them. The i16 sums cannot wrap: 8 columns of pairs of at most
+    /// in AVX2's 16 and spilled (186 stack accesses a super-block of 16 rows, beside 128
+    /// `pmaddubsw`; 109 now, around the float steps), or, with the columns and the mask hidden
+    /// from LLVM to stop that, went through the stack for them. The i16 sums cannot wrap: 8 columns of pairs of at most
     /// 15·128 each. Zen 5 at `PIO_SIMD=avx2`, binaries before and after alternated: the
     /// products of a Qwen3-0.6B-shaped Q4_K_M decode step alone (`decode_products 1 20`) 24.8 /
     /// 25.9 / 25.3 -> 28.4 / 29.0 / 28.7 GB/s on one thread (2 threads, memory-bound: 41.8-43.3
