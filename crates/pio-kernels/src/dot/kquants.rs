@@ -1177,6 +1177,10 @@ pub(crate) mod tiled {
     /// --gen-tokens 64`) Qwen3-0.6B-shaped Q4_K_M 67.6 / 68.8 / 69.9 -> 70.2 / 72.9 / 77.0 tok/s,
     /// Qwen3-4B-shaped (Q6_K for the LM head, `attn_v` and half the `ffn_down`) 11.0 / 11.3 /
     /// 11.8 -> 12.6 / 13.0 / 13.0.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the 32 bytes at `ql + 64c` (c < 8), at `qh + 64c` where `K` >= 2, and
+    /// at `a` are readable.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn q6k_dot8_avx2<const K: usize>(
@@ -1399,13 +1403,16 @@ pub(crate) mod tiled {
     /// 7 registers where the intrinsics held the 8 columns, the mask and the header's factors
     /// in AVX2's 16 and spilled (186 stack accesses a super-block of 16 rows, beside 128
     /// `pmaddubsw`; 109 now, around the float steps), or, with the columns and the mask hidden
-    /// from LLVM to stop that, went through the stack for them. The i16 sums cannot wrap: 8 columns of pairs of at most
-    /// 15·128 each. Zen 5 at `PIO_SIMD=avx2`, binaries before and after alternated: the
-    /// products of a Qwen3-0.6B-shaped Q4_K_M decode step alone (`decode_products 1 20`) 24.8 /
-    /// 25.9 / 25.3 -> 28.4 / 29.0 / 28.7 GB/s on one thread (2 threads, memory-bound: 41.8-43.3
-    /// -> 42.8-43.9); whole decode on one thread (`pio bench --threads 1 --gen-tokens 64`)
-    /// Qwen3-0.6B-shaped Q4_K_M 65.8 / 60.9 / 64.3 -> 69.3 / 70.5 / 68.0 tok/s, Qwen3-4B-shaped
-    /// 10.6 / 10.9 / 10.4 -> 11.5 / 11.7 / 11.7.
+    /// from LLVM to stop that, went through the stack for them. The i16 sums cannot wrap: 8
+    /// columns of pairs of at most 15·128 each. Zen 5 at `PIO_SIMD=avx2`, binaries before and
+    /// after alternated: the products of a Qwen3-0.6B-shaped Q4_K_M decode step alone
+    /// (`decode_products 1 20`) 24.8 / 25.9 / 25.3 -> 28.4 / 29.0 / 28.7 GB/s on one thread (2
+    /// threads, memory-bound: 41.8-43.3 -> 42.8-43.9); whole decode on one thread (`pio bench
+    /// --threads 1 --gen-tokens 64`) Qwen3-0.6B-shaped Q4_K_M 65.8 / 60.9 / 64.3 -> 69.3 / 70.5
+    /// / 68.0 tok/s, Qwen3-4B-shaped 10.6 / 10.9 / 10.4 -> 11.5 / 11.7 / 11.7.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the 32 bytes at `p + 64c` (c < 8) and the 32 at `a` are readable.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn nibble_dot8_avx2<const HI: bool>(p: *const u8, a: *const u8) -> __m256i {
