@@ -1163,9 +1163,176 @@ pub(crate) mod tiled {
         }
     }
 
-    /// Columns of 8 rows in one register (a 16-row group is two of them), for the one-token
-    /// kernels, which unpack and multiply in registers, where 16-row columns would need 32
-    /// registers for a 16-dword transpose (AVX2 has 16).
+    /// The high nibbles' shift of both columns of a [`nibble_pair`] (`true`), or nothing.
+    macro_rules! nibble_shift {
+        (false) => {
+            ""
+        };
+        (true) => {
+            "vpsrlw {t0}, {t0}, 4\nvpsrlw {t1}, {t1}, 4\n"
+        };
+    }
+
+    /// Two columns of [`nibble_dot8_avx2`]'s template (bytes `$c0`, `$c1` of `{p}`, masked from
+    /// memory, shifted down for the high nibbles; activation bytes `$a0`, `$a1` of `{a}`),
+    /// multiplied and added to the i16 sum `{acc}` (which the first pair starts).
+    macro_rules! nibble_pair {
+        ($hi:tt, $first:tt, $c0:literal, $c1:literal, $a0:literal, $a1:literal) => {
+            concat!(
+                "vpand {t0}, {m}, ymmword ptr [{p} + ", $c0, "]\n",
+                "vpand {t1}, {m}, ymmword ptr [{p} + ", $c1, "]\n",
+                nibble_shift!($hi),
+                "vpbroadcastd {b0}, dword ptr [{a} + ", $a0, "]\n",
+                "vpbroadcastd {b1}, dword ptr [{a} + ", $a1, "]\n",
+                nibble_pair!(@sum $first),
+                "vpaddw {acc}, {acc}, {t1}\n",
+            )
+        };
+        (@sum true) => {
+            "vpmaddubsw {acc}, {t0}, {b0}\nvpmaddubsw {t1}, {t1}, {b1}\n"
+        };
+        (@sum false) => {
+            "vpmaddubsw {t0}, {t0}, {b0}\nvpmaddubsw {t1}, {t1}, {b1}\nvpaddw {acc}, {acc}, {t0}\n"
+        };
+    }
+
+    /// [`nibble_dot8_avx2`]'s assembly for the low (`false`) or high nibbles.
+    macro_rules! nibble_asm {
+        ($hi:tt, $p:expr, $a:expr, $mask:expr, $ones:expr, $out:ident) => {
+            std::arch::asm!(
+                nibble_pair!($hi, true, "0", "64", "0", "4"),
+                nibble_pair!($hi, false, "128", "192", "8", "12"),
+                nibble_pair!($hi, false, "256", "320", "16", "20"),
+                nibble_pair!($hi, false, "384", "448", "24", "28"),
+                "vpmaddwd {acc}, {acc}, {ones}",
+                p = in(reg) $p,
+                a = in(reg) $a,
+                m = in(ymm_reg) $mask,
+                ones = in(ymm_reg) $ones,
+                acc = out(ymm_reg) $out,
+                t0 = out(ymm_reg) _,
+                t1 = out(ymm_reg) _,
+                b0 = out(ymm_reg) _,
+                b1 = out(ymm_reg) _,
+                options(pure, readonly, nostack, preserves_flags),
+            )
+        };
+    }
+
+    /// [`Isa::nibble_dot8`] at AVX2 without VNNI, in assembly: each column is masked (and
+    /// shifted) straight from memory, multiplied and added in i16 as it comes, so the walk holds
+    /// 7 registers where the intrinsics held the 8 columns, the mask and the header's factors
+    /// in AVX2's 16 and spilled (186 stack accesses a super-block of 16 rows, beside 128
+    /// `pmaddubsw`; 109 now, around the float steps), or, with the columns and the mask hidden
+    /// from LLVM to stop that, went through the stack for them. The i16 sums cannot wrap: 8
+    /// columns of pairs of at most 15·128 each. Zen 5 at `PIO_SIMD=avx2`, binaries before and
+    /// after alternated: the products of a Qwen3-0.6B-shaped Q4_K_M decode step alone
+    /// (`decode_products 1 20`) 24.8 / 25.9 / 25.3 -> 28.4 / 29.0 / 28.7 GB/s on one thread (2
+    /// threads, memory-bound: 41.8-43.3 -> 42.8-43.9); whole decode on one thread (`pio bench
+    /// --threads 1 --gen-tokens 64`) Qwen3-0.6B-shaped Q4_K_M 65.8 / 60.9 / 64.3 -> 69.3 / 70.5
+    /// / 68.0 tok/s, Qwen3-4B-shaped 10.6 / 10.9 / 10.4 -> 11.5 / 11.7 / 11.7.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the 32 bytes at `p + 64c` (c < 8) and the 32 at `a` are readable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn nibble_dot8_avx2<const HI: bool>(p: *const u8, a: *const u8) -> __m256i {
+        // The low nibbles masked, the high ones masked and shifted (as 16-bit lanes: the masks
+        // keep bits from crossing bytes), straight from memory (VEX has no memory form of a
+        // shift by an immediate; EVEX's needs AVX-512). Two columns at a time: mask (shift)
+        // both, broadcast both activations, multiply both, add both to the i16 sum.
+        let mask = _mm256_set1_epi8(if HI { 0xF0u8 as i8 } else { 0x0F });
+        let ones = _mm256_set1_epi16(1);
+        let out: __m256i;
+        if HI {
+            nibble_asm!(true, p, a, mask, ones, out);
+        } else {
+            nibble_asm!(false, p, a, mask, ones, out);
+        }
+        out
+    }
+
+    /// One column of [`q6k_dot8_avx2`]'s template for Q8Block `K` (`k01`, `k2`, `k3`): built
+    /// into `$x` (with `$y` for `K` >= 2) from the dwords at byte `$off` of `{ql}` and `{qh}`.
+    macro_rules! q6k_col {
+        (k01, $x:literal, $y:literal, $off:literal) => {
+            concat!("vpand {", $x, "}, {ma}, ymmword ptr [{ql} + ", $off, "]\n")
+        };
+        (k2, $x:literal, $y:literal, $off:literal) => {
+            concat!("vpand {", $x, "}, {ma}, ymmword ptr [{qh} + ", $off, "]\n", q6k_col!(@top, $x, $y, $off))
+        };
+        (k3, $x:literal, $y:literal, $off:literal) => {
+            concat!(
+                "vpand {", $x, "}, {ma}, ymmword ptr [{qh} + ", $off, "]\n",
+                "vpsrld {", $x, "}, {", $x, "}, 4\n",
+                q6k_col!(@top, $x, $y, $off),
+            )
+        };
+        // The top two bits, `(ql & 0xC0) >> 2`, or'ed in.
+        (@top, $x:literal, $y:literal, $off:literal) => {
+            concat!(
+                "vpand {", $y, "}, {mb}, ymmword ptr [{ql} + ", $off, "]\n",
+                "vpsrld {", $y, "}, {", $y, "}, 2\n",
+                "vpor {", $x, "}, {", $x, "}, {", $y, "}\n",
+            )
+        };
+    }
+
+    /// Two columns of [`q6k_dot8_avx2`]'s template (bytes `$c0`, `$c1`, activation bytes `$a0`,
+    /// `$a1` of `{a}`): multiplied, summed in i16, widened and added to `{$acc}`.
+    macro_rules! q6k_pair {
+        ($k:tt, $acc:literal, $c0:literal, $c1:literal, $a0:literal, $a1:literal) => {
+            concat!(
+                q6k_col!($k, "x0", "y0", $c0),
+                q6k_col!($k, "x1", "y1", $c1),
+                "vpbroadcastd {b0}, dword ptr [{a} + ",
+                $a0,
+                "]\n",
+                "vpbroadcastd {b1}, dword ptr [{a} + ",
+                $a1,
+                "]\n",
+                "vpmaddubsw {x0}, {x0}, {b0}\n",
+                "vpmaddubsw {x1}, {x1}, {b1}\n",
+                "vpaddw {x0}, {x0}, {x1}\n",
+                "vpmaddwd {x0}, {x0}, {ones}\n",
+                "vpaddd {",
+                $acc,
+                "}, {",
+                $acc,
+                "}, {x0}\n",
+            )
+        };
+    }
+
+    /// [`q6k_dot8_avx2`]'s assembly for one kind of Q8Block (`k01`, `k2`, `k3`).
+    macro_rules! q6k_asm {
+        ($k:tt, $ql:expr, $qh:expr, $a:expr, $ma:expr, $mb:expr, $ones:expr, $lo:ident, $hi:ident) => {
+            std::arch::asm!(
+                // Every operand is named in every template (`ql` alone leaves these out).
+                "/* {qh} {mb} {y0} {y1} */",
+                q6k_pair!($k, "lo", "0", "64", "0", "4"),
+                q6k_pair!($k, "lo", "128", "192", "8", "12"),
+                q6k_pair!($k, "hi", "256", "320", "16", "20"),
+                q6k_pair!($k, "hi", "384", "448", "24", "28"),
+                ql = in(reg) $ql,
+                qh = in(reg) $qh,
+                a = in(reg) $a,
+                ma = in(ymm_reg) $ma,
+                mb = in(ymm_reg) $mb,
+                ones = in(ymm_reg) $ones,
+                lo = inout(ymm_reg) $lo,
+                hi = inout(ymm_reg) $hi,
+                x0 = out(ymm_reg) _,
+                x1 = out(ymm_reg) _,
+                y0 = out(ymm_reg) _,
+                y1 = out(ymm_reg) _,
+                b0 = out(ymm_reg) _,
+                b1 = out(ymm_reg) _,
+                options(pure, readonly, nostack, preserves_flags),
+            )
+        };
+    }
+
     /// [`Isa::q6k_dot8`] at AVX2 without VNNI, in assembly, for the reason of
     /// [`nibble_dot8_avx2`] (the intrinsics' walk went to the stack about 270 times a
     /// super-block of 16 rows). Each column is built from memory: `ql & 0x3F` for `K` < 2,
@@ -1197,330 +1364,18 @@ pub(crate) mod tiled {
         };
         let (ma, mb, ones) = (_mm256_set1_epi8(ma), _mm256_set1_epi8(mb), _mm256_set1_epi16(1));
         let (mut lo, mut hi) = (lo, hi);
-        macro_rules! q6k_asm {
-            ($($line:literal),*) => {
-                std::arch::asm!(
-                    $($line,)*
-                    ql = in(reg) ql,
-                    qh = in(reg) qh,
-                    a = in(reg) a,
-                    ma = in(ymm_reg) ma,
-                    mb = in(ymm_reg) mb,
-                    ones = in(ymm_reg) ones,
-                    lo = inout(ymm_reg) lo,
-                    hi = inout(ymm_reg) hi,
-                    x0 = out(ymm_reg) _,
-                    x1 = out(ymm_reg) _,
-                    y0 = out(ymm_reg) _,
-                    y1 = out(ymm_reg) _,
-                    b0 = out(ymm_reg) _,
-                    b1 = out(ymm_reg) _,
-                    options(pure, readonly, nostack, preserves_flags),
-                )
-            };
-        }
         match K {
-            0 | 1 => q6k_asm!(
-                // (`ql` alone: the other operands are named, as each template must use them all.)
-                "/* {qh} {mb} {y0} {y1} */",
-                "vpand {x0}, {ma}, ymmword ptr [{ql}]",
-                "vpand {x1}, {ma}, ymmword ptr [{ql} + 64]",
-                "vpbroadcastd {b0}, dword ptr [{a}]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {lo}, {lo}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{ql} + 128]",
-                "vpand {x1}, {ma}, ymmword ptr [{ql} + 192]",
-                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {lo}, {lo}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{ql} + 256]",
-                "vpand {x1}, {ma}, ymmword ptr [{ql} + 320]",
-                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {hi}, {hi}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{ql} + 384]",
-                "vpand {x1}, {ma}, ymmword ptr [{ql} + 448]",
-                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {hi}, {hi}, {x0}"
-            ),
-            2 => q6k_asm!(
-                "vpand {x0}, {ma}, ymmword ptr [{qh}]",
-                "vpand {y0}, {mb}, ymmword ptr [{ql}]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 64]",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 64]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a}]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {lo}, {lo}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{qh} + 128]",
-                "vpand {y0}, {mb}, ymmword ptr [{ql} + 128]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 192]",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 192]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {lo}, {lo}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{qh} + 256]",
-                "vpand {y0}, {mb}, ymmword ptr [{ql} + 256]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 320]",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 320]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {hi}, {hi}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{qh} + 384]",
-                "vpand {y0}, {mb}, ymmword ptr [{ql} + 384]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 448]",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 448]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {hi}, {hi}, {x0}"
-            ),
-            _ => q6k_asm!(
-                "vpand {x0}, {ma}, ymmword ptr [{qh}]",
-                "vpsrld {x0}, {x0}, 4",
-                "vpand {y0}, {mb}, ymmword ptr [{ql}]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 64]",
-                "vpsrld {x1}, {x1}, 4",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 64]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a}]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {lo}, {lo}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{qh} + 128]",
-                "vpsrld {x0}, {x0}, 4",
-                "vpand {y0}, {mb}, ymmword ptr [{ql} + 128]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 192]",
-                "vpsrld {x1}, {x1}, 4",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 192]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {lo}, {lo}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{qh} + 256]",
-                "vpsrld {x0}, {x0}, 4",
-                "vpand {y0}, {mb}, ymmword ptr [{ql} + 256]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 320]",
-                "vpsrld {x1}, {x1}, 4",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 320]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {hi}, {hi}, {x0}",
-                "vpand {x0}, {ma}, ymmword ptr [{qh} + 384]",
-                "vpsrld {x0}, {x0}, 4",
-                "vpand {y0}, {mb}, ymmword ptr [{ql} + 384]",
-                "vpsrld {y0}, {y0}, 2",
-                "vpor {x0}, {x0}, {y0}",
-                "vpand {x1}, {ma}, ymmword ptr [{qh} + 448]",
-                "vpsrld {x1}, {x1}, 4",
-                "vpand {y1}, {mb}, ymmword ptr [{ql} + 448]",
-                "vpsrld {y1}, {y1}, 2",
-                "vpor {x1}, {x1}, {y1}",
-                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
-                "vpmaddubsw {x0}, {x0}, {b0}",
-                "vpmaddubsw {x1}, {x1}, {b1}",
-                "vpaddw {x0}, {x0}, {x1}",
-                "vpmaddwd {x0}, {x0}, {ones}",
-                "vpaddd {hi}, {hi}, {x0}"
-            ),
+            0 | 1 => q6k_asm!(k01, ql, qh, a, ma, mb, ones, lo, hi),
+            2 => q6k_asm!(k2, ql, qh, a, ma, mb, ones, lo, hi),
+            _ => q6k_asm!(k3, ql, qh, a, ma, mb, ones, lo, hi),
         }
         (lo, hi)
     }
 
+    /// Columns of 8 rows in one register (a 16-row group is two of them), for the one-token
+    /// kernels, which unpack and multiply in registers, where 16-row columns would need 32
+    /// registers for a 16-dword transpose (AVX2 has 16).
     struct Ymm8<const VNNI: bool>;
-
-    /// [`Isa::nibble_dot8`] at AVX2 without VNNI, in assembly: each column is masked (and
-    /// shifted) straight from memory, multiplied and added in i16 as it comes, so the walk holds
-    /// 7 registers where the intrinsics held the 8 columns, the mask and the header's factors
-    /// in AVX2's 16 and spilled (186 stack accesses a super-block of 16 rows, beside 128
-    /// `pmaddubsw`; 109 now, around the float steps), or, with the columns and the mask hidden
-    /// from LLVM to stop that, went through the stack for them. The i16 sums cannot wrap: 8
-    /// columns of pairs of at most 15·128 each. Zen 5 at `PIO_SIMD=avx2`, binaries before and
-    /// after alternated: the products of a Qwen3-0.6B-shaped Q4_K_M decode step alone
-    /// (`decode_products 1 20`) 24.8 / 25.9 / 25.3 -> 28.4 / 29.0 / 28.7 GB/s on one thread (2
-    /// threads, memory-bound: 41.8-43.3 -> 42.8-43.9); whole decode on one thread (`pio bench
-    /// --threads 1 --gen-tokens 64`) Qwen3-0.6B-shaped Q4_K_M 65.8 / 60.9 / 64.3 -> 69.3 / 70.5
-    /// / 68.0 tok/s, Qwen3-4B-shaped 10.6 / 10.9 / 10.4 -> 11.5 / 11.7 / 11.7.
-    ///
-    /// # Safety
-    /// The CPU has AVX2; the 32 bytes at `p + 64c` (c < 8) and the 32 at `a` are readable.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn nibble_dot8_avx2<const HI: bool>(p: *const u8, a: *const u8) -> __m256i {
-        // The low nibbles masked, the high ones masked and shifted (as 16-bit lanes: the masks
-        // keep bits from crossing bytes), straight from memory (VEX has no memory form of a
-        // shift by an immediate; EVEX's needs AVX-512).
-        let mask = _mm256_set1_epi8(if HI { 0xF0u8 as i8 } else { 0x0F });
-        let ones = _mm256_set1_epi16(1);
-        let out: __m256i;
-        // Two columns at a time: mask (shift) both, broadcast both activations, multiply both,
-        // add both to the i16 sum.
-        macro_rules! nibble_asm {
-            ($($load:literal),*) => {
-                std::arch::asm!(
-                    $($load,)*
-                    "vpmaddwd {acc}, {acc}, {ones}",
-                    p = in(reg) p,
-                    a = in(reg) a,
-                    m = in(ymm_reg) mask,
-                    ones = in(ymm_reg) ones,
-                    acc = out(ymm_reg) out,
-                    t0 = out(ymm_reg) _,
-                    t1 = out(ymm_reg) _,
-                    b0 = out(ymm_reg) _,
-                    b1 = out(ymm_reg) _,
-                    options(pure, readonly, nostack, preserves_flags),
-                )
-            };
-        }
-        if HI {
-            nibble_asm!(
-                "vpand {t0}, {m}, ymmword ptr [{p}]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 64]",
-                "vpsrlw {t0}, {t0}, 4",
-                "vpsrlw {t1}, {t1}, 4",
-                "vpbroadcastd {b0}, dword ptr [{a}]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
-                "vpmaddubsw {acc}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t1}",
-                "vpand {t0}, {m}, ymmword ptr [{p} + 128]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 192]",
-                "vpsrlw {t0}, {t0}, 4",
-                "vpsrlw {t1}, {t1}, 4",
-                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
-                "vpmaddubsw {t0}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t0}",
-                "vpaddw {acc}, {acc}, {t1}",
-                "vpand {t0}, {m}, ymmword ptr [{p} + 256]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 320]",
-                "vpsrlw {t0}, {t0}, 4",
-                "vpsrlw {t1}, {t1}, 4",
-                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
-                "vpmaddubsw {t0}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t0}",
-                "vpaddw {acc}, {acc}, {t1}",
-                "vpand {t0}, {m}, ymmword ptr [{p} + 384]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 448]",
-                "vpsrlw {t0}, {t0}, 4",
-                "vpsrlw {t1}, {t1}, 4",
-                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
-                "vpmaddubsw {t0}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t0}",
-                "vpaddw {acc}, {acc}, {t1}"
-            );
-        } else {
-            nibble_asm!(
-                "vpand {t0}, {m}, ymmword ptr [{p}]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 64]",
-                "vpbroadcastd {b0}, dword ptr [{a}]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 4]",
-                "vpmaddubsw {acc}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t1}",
-                "vpand {t0}, {m}, ymmword ptr [{p} + 128]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 192]",
-                "vpbroadcastd {b0}, dword ptr [{a} + 8]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 12]",
-                "vpmaddubsw {t0}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t0}",
-                "vpaddw {acc}, {acc}, {t1}",
-                "vpand {t0}, {m}, ymmword ptr [{p} + 256]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 320]",
-                "vpbroadcastd {b0}, dword ptr [{a} + 16]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 20]",
-                "vpmaddubsw {t0}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t0}",
-                "vpaddw {acc}, {acc}, {t1}",
-                "vpand {t0}, {m}, ymmword ptr [{p} + 384]",
-                "vpand {t1}, {m}, ymmword ptr [{p} + 448]",
-                "vpbroadcastd {b0}, dword ptr [{a} + 24]",
-                "vpbroadcastd {b1}, dword ptr [{a} + 28]",
-                "vpmaddubsw {t0}, {t0}, {b0}",
-                "vpmaddubsw {t1}, {t1}, {b1}",
-                "vpaddw {acc}, {acc}, {t0}",
-                "vpaddw {acc}, {acc}, {t1}"
-            );
-        }
-        out
-    }
 
     impl<const VNNI: bool> Ymm8<VNNI> {
         /// `s` plus the byte products of `wv` with `av` (weights unsigned and activations signed,
@@ -2367,8 +2222,8 @@ pub(crate) mod tiled {
         one_q4k_sum::<S>(i, j, h, a, v);
     }
 
-    /// [`one_q4k_nibbles`] through [`Isa::nibble_dot8`]: the columns of Q8Block `j0 + e` from
-    /// `p`, the interleaved layout's.
+    /// [`one_q4k_nibbles`] through [`Isa::nibble_dot8`]: Q8Block `j`'s columns (its low
+    /// nibbles, or with `HI` its high ones) from `p`, the interleaved layout's.
     #[inline(always)]
     unsafe fn one_q4k_nibbles_at<S: Isa, const H: i32, const HI: bool>(
         p: *const u8,
@@ -2478,8 +2333,8 @@ pub(crate) mod tiled {
                     // load (see `one_q4k`), rather than hold 16 registers of them: cache-resident
                     // one-token tile 41 -> 36.5 ns per row of 1024 columns, 125 -> 114 at 3072,
                     // streaming 23 MiB 150 -> 146 (`bench_gemm_ns_per_pair`, 5 alternated runs).
+                    let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
                     if S::ASM_ONE_TOKEN && R::RELOAD && R::RECODED {
-                        let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
                         let (ql, qh) = (src.col_ptr::<S>(64 * h + 32 * kk), src.col_ptr::<S>(128 + 32 * h));
                         let (lo, hi) = (S::set1_i32(b[0] as i32), S::set1_i32(b[2] as i32));
                         let (lo, hi) = match k {
@@ -2499,7 +2354,6 @@ pub(crate) mod tiled {
                         for g in 0..8 {
                             cols[g] = q6k_col::<S, R>(k, ql[g], qh[g]);
                         }
-                        let (b, q) = (&offs[4 * (j / 2) + j % 2..], (*a.add(j)).qs.as_ptr() as *const u8);
                         let lo_cols: [S::I; 4] = std::array::from_fn(|g| cols[g]);
                         let hi_cols: [S::I; 4] = std::array::from_fn(|g| cols[4 + g]);
                         let lo = S::dot_cols::<4, 2, false>(S::set1_i32(b[0] as i32), &lo_cols, q);
